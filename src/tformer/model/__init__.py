@@ -1,0 +1,19 @@
+"""The Transformer itself. Imports only torch (and tformer.config): never training, data or decoding."""
+
+from tformer.model.attention import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
+from tformer.model.cache import DecoderCache, LayerCache
+from tformer.model.transformer import AttentionMaps, Transformer, count_parameters, model_flops_per_pair
+
+__all__ = [
+    "AttentionMaps",
+    "CrossAttention",
+    "DecoderCache",
+    "LayerCache",
+    "SelfAttention",
+    "Transformer",
+    "attention_fused",
+    "attention_loop",
+    "attention_matrix",
+    "count_parameters",
+    "model_flops_per_pair",
+]

@@ -1,0 +1,198 @@
+"""Scaled dot-product attention in three interchangeable forms, and multi-head attention.
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V          (paper, eq. 1)
+
+1. `attention_loop`: one query at a time, one key at a time, exactly as taught: a score q.k / sqrt(d_k)
+   per key, a softmax over the scores, and the weighted sum of the value vectors.
+2. `attention_matrix`: the same in matrix form; returns the weights so they can be plotted.
+3. `attention_fused`: torch's `scaled_dot_product_attention` (flash / memory-efficient kernels),
+   the default for training and inference.
+
+All three take the boolean "may attend" mask of `tformer.model.masks` and agree to float64 precision
+(tests/test_attention.py).
+
+Shape legend: B batch, H heads, T query length, S key length, K head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.model.masks import additive_mask, causal_mask
+
+
+def attention_loop(q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The teaching form: loop over queries and keys, vectorised only over batch and heads."""
+    B, H, T, K = q_BHTK.shape
+    S = k_BHSK.shape[2]
+    bias = additive_mask(mask, q_BHTK.dtype)
+    bias_BHTS = None if bias is None else bias.expand(B, H, T, S)
+    outputs = []
+    for t in range(T):
+        query_BHK = q_BHTK[:, :, t]
+        scores = []
+        for s in range(S):
+            score_BH = (query_BHK * k_BHSK[:, :, s]).sum(dim=-1) / math.sqrt(K)
+            if bias_BHTS is not None:
+                score_BH = score_BH + bias_BHTS[:, :, t, s]
+            scores.append(score_BH)
+        scores_BHS = torch.stack(scores, dim=-1)
+        # softmax, written out: subtract the max for stability, exponentiate, normalise
+        exp_BHS = torch.exp(scores_BHS - scores_BHS.max(dim=-1, keepdim=True).values)
+        weights_BHS = exp_BHS / exp_BHS.sum(dim=-1, keepdim=True)
+        weighted_sum_BHK = sum(weights_BHS[:, :, s, None] * v_BHSK[:, :, s] for s in range(S))
+        outputs.append(weighted_sum_BHK)
+    return torch.stack(outputs, dim=2)
+
+
+def attention_matrix(
+    q_BHTK: Tensor,
+    k_BHSK: Tensor,
+    v_BHSK: Tensor,
+    mask: Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k) + mask) V, returning (output_BHTK, weights_BHTS)."""
+    scores_BHTS = q_BHTK @ k_BHSK.transpose(-2, -1) / math.sqrt(q_BHTK.shape[-1])
+    bias = additive_mask(mask, scores_BHTS.dtype)
+    if bias is not None:
+        scores_BHTS = scores_BHTS + bias
+    weights_BHTS = torch.softmax(scores_BHTS, dim=-1)
+    dropped_BHTS = F.dropout(weights_BHTS, p=dropout_p) if dropout_p > 0 else weights_BHTS
+    return dropped_BHTS @ v_BHSK, weights_BHTS
+
+
+def attention_fused(
+    q_BHTK: Tensor,
+    k_BHSK: Tensor,
+    v_BHSK: Tensor,
+    mask: Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> Tensor:
+    """torch's fused kernel. `is_causal` (with no mask) lets it pick the flash kernel for decoder
+    self-attention; note that torch aligns it top-left, so it is only right when T == S."""
+    return F.scaled_dot_product_attention(
+        q_BHTK,
+        k_BHSK,
+        v_BHSK,
+        attn_mask=additive_mask(mask, q_BHTK.dtype),
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+    )
+
+
+def split_heads(x_BTD: Tensor, n_heads: int) -> Tensor:
+    B, T, D = x_BTD.shape
+    return x_BTD.view(B, T, n_heads, D // n_heads).transpose(1, 2)  # B H T K
+
+
+def merge_heads(x_BHTK: Tensor) -> Tensor:
+    B, H, T, K = x_BHTK.shape
+    return x_BHTK.transpose(1, 2).reshape(B, T, H * K)  # B T D
+
+
+def attend(
+    q_BHTK: Tensor,
+    k_BHSK: Tensor,
+    v_BHSK: Tensor,
+    mask: Tensor | None,
+    *,
+    dropout_p: float,
+    need_weights: bool,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The fused kernel, or the matrix form when the caller wants the weights back."""
+    if need_weights:
+        if is_causal:
+            mask = causal_mask(q_BHTK.shape[2], k_BHSK.shape[2], device=q_BHTK.device)
+        return attention_matrix(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p)
+    output = attention_fused(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p, is_causal=is_causal)
+    return output, None
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused Q/K/V projection.
+
+    With a `LayerCache` it appends the new keys and values and attends over all positions so far,
+    which is what incremental decoding needs.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(
+        self,
+        x_BTD: Tensor,
+        *,
+        mask: Tensor | None,
+        is_causal: bool = False,
+        cache=None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        q_BTD, k_BTD, v_BTD = self.qkv_proj(x_BTD).chunk(3, dim=-1)
+        q_BHTK = split_heads(q_BTD, self.n_heads)
+        k_BHSK = split_heads(k_BTD, self.n_heads)
+        v_BHSK = split_heads(v_BTD, self.n_heads)
+        if cache is not None:
+            k_BHSK, v_BHSK = cache.append(k_BHSK, v_BHSK)
+        output_BHTK, weights = attend(
+            q_BHTK,
+            k_BHSK,
+            v_BHSK,
+            mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+            is_causal=is_causal,
+        )
+        return self.out_proj(merge_heads(output_BHTK)), weights
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from decoder queries to encoder memory (separate Q and fused K/V projections).
+
+    `project_memory` computes the memory's keys and values; a decoder computes them once per source
+    sentence and reuses them at every step.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def project_memory(self, memory_BSD: Tensor) -> tuple[Tensor, Tensor]:
+        k_BSD, v_BSD = self.kv_proj(memory_BSD).chunk(2, dim=-1)
+        return split_heads(k_BSD, self.n_heads), split_heads(v_BSD, self.n_heads)
+
+    def forward(
+        self,
+        x_BTD: Tensor,
+        *,
+        memory_kv: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        q_BHTK = split_heads(self.q_proj(x_BTD), self.n_heads)
+        k_BHSK, v_BHSK = memory_kv
+        output_BHTK, weights = attend(
+            q_BHTK,
+            k_BHSK,
+            v_BHSK,
+            mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+        )
+        return self.out_proj(merge_heads(output_BHTK)), weights

@@ -1,0 +1,72 @@
+"""Word embeddings and positional encodings.
+
+The paper multiplies token embeddings by sqrt(d_model) and adds a fixed sinusoidal encoding:
+
+    PE(pos, 2i)   = sin(pos / 10000^(2i / d_model))
+    PE(pos, 2i+1) = cos(pos / 10000^(2i / d_model))
+
+"interleaved" is that layout; "concatenated" puts the d_model/2 sines first and the cosines after them
+(Hugging Face's Marian). Learned positions are an option, as in the paper's Table 3 row (E).
+
+Shape legend: B batch, T length, D model dim, V vocabulary, P positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def sinusoidal_table(n_positions: int, d_model: int, layout: str = "interleaved") -> Tensor:
+    """The fixed encoding for positions 0..n_positions-1, shape (P, D), computed in float64."""
+    positions_P1 = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    # 10000^(2i / d_model) for i = 0 .. ceil(d_model/2)-1
+    inverse_frequency = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles_PI = positions_P1 * inverse_frequency[None, :]
+    sines, cosines = torch.sin(angles_PI), torch.cos(angles_PI)
+    table_PD = torch.empty(n_positions, d_model, dtype=torch.float64)
+    if layout == "interleaved":
+        table_PD[:, 0::2] = sines
+        table_PD[:, 1::2] = cosines[:, : d_model // 2]
+    elif layout == "concatenated":
+        n_sines = sines.shape[1]
+        table_PD[:, :n_sines] = sines
+        table_PD[:, n_sines:] = cosines[:, : d_model - n_sines]
+    else:
+        raise ValueError(f"unknown sinusoidal layout {layout!r}; use interleaved or concatenated")
+    return table_PD
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed positional encoding; a non-persistent buffer, so checkpoints do not store it."""
+
+    def __init__(self, max_positions: int, d_model: int, layout: str) -> None:
+        super().__init__()
+        self.register_buffer("table_PD", sinusoidal_table(max_positions, d_model, layout).float(), persistent=False)
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        return self.table_PD[offset : offset + length]  # T D
+
+
+class LearnedPositions(nn.Module):
+    def __init__(self, max_positions: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_positions, d_model))
+
+    def forward(self, length: int, offset: int = 0) -> Tensor:
+        return self.weight[offset : offset + length]  # T D
+
+
+class TokenEmbedding(nn.Module):
+    """Token vectors multiplied by sqrt(d_model) (paper section 3.4). The padding row stays zero."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, pad_id: int, scale: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.pad_id = pad_id
+        self.scale = math.sqrt(d_model) if scale else 1.0
+
+    def forward(self, ids_BT: Tensor) -> Tensor:
+        return nn.functional.embedding(ids_BT, self.weight, padding_idx=self.pad_id) * self.scale  # B T D

@@ -1,0 +1,299 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need" (Vaswani et al., 2017).
+
+    memory = encode(source)                       # N encoder blocks over the embedded source
+    logits = decode(target prefix, memory)        # N decoder blocks, then the output projection
+
+`encode` and `decode` are separate so that decoding can run the encoder once and the decoder once per
+new token (with a `DecoderCache`). Masks follow `tformer.model.masks`: True means "may attend"; for
+`src_pad_mask` and `tgt_pad_mask` that is True for real tokens and False for padding.
+
+Shape legend: B batch, S source length, T target length, D model dim, H heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tformer.config import ModelConfig
+from tformer.model.cache import DecoderCache
+from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
+from tformer.model.layers import DecoderLayer, EncoderLayer
+from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
+
+
+@dataclass
+class AttentionMaps:
+    """Attention weights of every layer, returned (never stored on modules) for plotting."""
+
+    encoder_self: list[Tensor] = field(default_factory=list)  # per layer: B H S S
+    decoder_self: list[Tensor] = field(default_factory=list)  # per layer: B H T T(+cached)
+    cross: list[Tensor] = field(default_factory=list)  # per layer: B H T S
+
+
+def build_positions(config: ModelConfig) -> nn.Module:
+    if config.positional_encoding == "learned":
+        return LearnedPositions(config.max_positions, config.d_model)
+    return SinusoidalPositions(config.max_positions, config.d_model, config.sinusoidal_layout)
+
+
+def projection_blocks(linear: nn.Linear, d_model: int) -> list[Tensor]:
+    """The D x D blocks of a fused projection (Q|K|V or K|V), or the whole weight of any other."""
+    weight = linear.weight
+    is_fused = linear.in_features == d_model and weight.shape[0] in (2 * d_model, 3 * d_model)
+    return list(weight.split(d_model, dim=0)) if is_fused else [weight]
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ModelConfig, embedding: TokenEmbedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.positions = build_positions(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
+        self.final_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
+        )
+
+    def forward(self, src_ids_BS: Tensor, *, src_pad_mask_BS: Tensor, need_weights: bool) -> tuple[Tensor, list]:
+        x_BSD = self.dropout(self.embedding(src_ids_BS) + self.positions(src_ids_BS.shape[1]))
+        mask = None if bool(src_pad_mask_BS.all()) else key_mask(src_pad_mask_BS)
+        weights = []
+        for layer in self.layers:
+            x_BSD, layer_weights = layer(x_BSD, mask=mask, need_weights=need_weights)
+            weights.append(layer_weights)
+        if self.final_norm is not None:
+            x_BSD = self.final_norm(x_BSD)
+        return x_BSD, weights
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig, embedding: TokenEmbedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.positions = build_positions(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
+        self.final_norm = (
+            nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
+        )
+
+    def forward(
+        self,
+        tgt_ids_BT: Tensor,
+        *,
+        memory_kv: list[tuple[Tensor, Tensor]],
+        src_pad_mask_BS: Tensor | None,
+        tgt_pad_mask: Tensor | None,
+        cache: DecoderCache | None,
+        need_weights: bool,
+    ) -> tuple[Tensor, list, list]:
+        T = tgt_ids_BT.shape[1]
+        offset = 0 if cache is None else cache.length
+        x_BTD = self.dropout(self.embedding(tgt_ids_BT) + self.positions(T, offset))
+        # Without a cache, queries and keys are the same T positions and torch's causal flag is exact.
+        # With one, the T queries are the last of offset + T keys, so the mask is built explicitly.
+        is_causal = cache is None and tgt_pad_mask is None
+        self_mask = None
+        if not is_causal and (T > 1 or tgt_pad_mask is not None):
+            pad = None if tgt_pad_mask is None else key_mask(tgt_pad_mask)
+            self_mask = combine(causal_mask(T, offset + T, device=tgt_ids_BT.device), pad)
+        memory_mask = None if src_pad_mask_BS is None else key_mask(src_pad_mask_BS)
+        self_weights, cross_weights = [], []
+        for index, layer in enumerate(self.layers):
+            x_BTD, layer_self, layer_cross = layer(
+                x_BTD,
+                self_mask=self_mask,
+                self_is_causal=is_causal,
+                memory_kv=memory_kv[index],
+                memory_mask=memory_mask,
+                layer_cache=None if cache is None else cache.layers[index],
+                need_weights=need_weights,
+            )
+            self_weights.append(layer_self)
+            cross_weights.append(layer_cross)
+        if self.final_norm is not None:
+            x_BTD = self.final_norm(x_BTD)
+        return x_BTD, self_weights, cross_weights
+
+
+class Transformer(nn.Module):
+    """Encoder, decoder and output projection, with the embedding sharing the config asks for."""
+
+    def __init__(self, config: ModelConfig, *, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.src_embedding = TokenEmbedding(
+            config.src_vocab_size, config.d_model, pad_id=config.pad_id, scale=config.scale_embeddings
+        )
+        self.tgt_embedding = (
+            self.src_embedding
+            if config.share_embeddings
+            else TokenEmbedding(
+                config.tgt_vocab_size, config.d_model, pad_id=config.pad_id, scale=config.scale_embeddings
+            )
+        )
+        self.encoder = Encoder(config, self.src_embedding)
+        self.decoder = Decoder(config, self.tgt_embedding)
+        self.output_projection = (
+            None if config.tie_output else nn.Linear(config.d_model, config.tgt_vocab_size, bias=False)
+        )
+        self.final_logits_bias = nn.Parameter(torch.zeros(config.tgt_vocab_size)) if config.final_logits_bias else None
+        self.reset_parameters(seed)
+
+    # ---------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Xavier-uniform for every projection matrix (each of the fused Q, K, V blocks on its own),
+        zero biases, N(0, d_model^-1/2) for embeddings (unit variance after the sqrt(d_model) scale)
+        with a zero padding row, and LayerNorm at identity. The same seed gives the same weights,
+        independent of torch's global random state."""
+        generator = torch.Generator().manual_seed(seed)
+        std = self.config.d_model**-0.5
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                for block in projection_blocks(module, self.config.d_model):
+                    nn.init.xavier_uniform_(block, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, TokenEmbedding | LearnedPositions):
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                if isinstance(module, TokenEmbedding):
+                    module.weight[module.pad_id].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        if self.final_logits_bias is not None:
+            self.final_logits_bias.zero_()
+
+    # ---------------------------------------------------------------- the public API
+    def encode(
+        self, src_ids: Tensor, *, src_pad_mask: Tensor | None = None, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """memory_BSD for src_ids_BS; with `return_attention`, also the per-layer B H S S weights."""
+        self._check_length(src_ids.shape[1], "source")
+        if src_pad_mask is None:
+            src_pad_mask = padding_mask(src_ids, self.config.pad_id)
+        memory_BSD, weights = self.encoder(src_ids, src_pad_mask_BS=src_pad_mask, need_weights=return_attention)
+        return (memory_BSD, weights) if return_attention else memory_BSD
+
+    def decode(
+        self,
+        tgt_ids: Tensor,
+        *,
+        memory: Tensor | None,
+        src_pad_mask: Tensor | None,
+        tgt_pad_mask: Tensor | None = None,
+        cache: DecoderCache | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor], list[Tensor]]:
+        """logits_BTV for the target prefix tgt_ids_BT, attending to `memory` (B S D).
+
+        With a `cache` (see `new_cache`), tgt_ids holds only the new tokens; keys and values of earlier
+        positions and of the memory come from the cache, and `memory` may be None. `tgt_pad_mask`
+        then covers every key position so far, shape (B, cache.length + T).
+        """
+        offset = 0 if cache is None else cache.length
+        self._check_length(offset + tgt_ids.shape[1], "target")
+        if cache is not None and cache.memory_kv:
+            memory_kv = cache.memory_kv
+        else:
+            if memory is None:
+                raise ValueError("decode needs `memory` unless the cache already holds the memory's keys/values")
+            memory_kv = self.project_memory(memory)
+            if cache is not None:
+                cache.memory_kv = memory_kv
+        hidden_BTD, self_weights, cross_weights = self.decoder(
+            tgt_ids,
+            memory_kv=memory_kv,
+            src_pad_mask_BS=src_pad_mask,
+            tgt_pad_mask=tgt_pad_mask,
+            cache=cache,
+            need_weights=return_attention,
+        )
+        logits_BTV = self.project_output(hidden_BTD)
+        return (logits_BTV, self_weights, cross_weights) if return_attention else logits_BTV
+
+    def forward(
+        self,
+        src_ids: Tensor,
+        tgt_ids: Tensor,
+        *,
+        src_pad_mask: Tensor | None = None,
+        tgt_pad_mask: Tensor | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, AttentionMaps]:
+        """Teacher-forced logits_BTV: position t predicts token t+1 of the target."""
+        if src_pad_mask is None:
+            src_pad_mask = padding_mask(src_ids, self.config.pad_id)
+        encoded = self.encode(src_ids, src_pad_mask=src_pad_mask, return_attention=return_attention)
+        memory_BSD, encoder_weights = encoded if return_attention else (encoded, [])
+        decoded = self.decode(
+            tgt_ids,
+            memory=memory_BSD,
+            src_pad_mask=src_pad_mask,
+            tgt_pad_mask=tgt_pad_mask,
+            return_attention=return_attention,
+        )
+        if not return_attention:
+            return decoded
+        logits_BTV, self_weights, cross_weights = decoded
+        return logits_BTV, AttentionMaps(encoder_self=encoder_weights, decoder_self=self_weights, cross=cross_weights)
+
+    # ---------------------------------------------------------------- pieces used by decoding
+    def project_memory(self, memory_BSD: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Cross-attention keys and values of every decoder layer, computed once per source."""
+        return [layer.cross_attention.project_memory(memory_BSD) for layer in self.decoder.layers]
+
+    def project_output(self, hidden_BTD: Tensor) -> Tensor:
+        weight_VD = self.tgt_embedding.weight if self.output_projection is None else self.output_projection.weight
+        logits_BTV = F.linear(hidden_BTD, weight_VD)
+        if self.final_logits_bias is not None:
+            logits_BTV = logits_BTV + self.final_logits_bias
+        return logits_BTV
+
+    def new_cache(self, *, batch_size: int, capacity: int, memory: Tensor | None = None) -> DecoderCache:
+        """An empty decoder cache for `capacity` target positions (and the memory's keys/values if given)."""
+        reference = self.tgt_embedding.weight
+        cache = DecoderCache.allocate(
+            n_layers=self.config.n_decoder_layers,
+            batch_size=batch_size,
+            n_heads=self.config.n_heads,
+            head_dim=self.config.head_dim,
+            capacity=min(capacity, self.config.max_positions),
+            dtype=reference.dtype if memory is None else memory.dtype,
+            device=reference.device,
+        )
+        if memory is not None:
+            cache.memory_kv = self.project_memory(memory)
+        return cache
+
+    def _check_length(self, length: int, side: str) -> None:
+        if length > self.config.max_positions:
+            raise ValueError(
+                f"{side} length {length} exceeds max_positions={self.config.max_positions}; "
+                "shorten the input or raise model.max_positions"
+            )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_flops_per_pair(config: ModelConfig, source_length: int, target_length: int) -> float:
+    """Training FLOPs for one sentence pair (forward + backward), as in ../shared/BENCHMARKS.md."""
+    d, f = config.d_model, config.d_ff
+    n_e = config.n_encoder_layers * (4 * d * d + 2 * d * f)
+    n_d = config.n_decoder_layers * (8 * d * d + 2 * d * f)
+    n_o = d * config.tgt_vocab_size
+    S, T = source_length, target_length
+    return (
+        6 * (n_e * S + (n_d + n_o) * T)
+        + 12 * config.n_encoder_layers * d * S * S
+        + 6 * config.n_decoder_layers * d * T * T
+        + 12 * config.n_decoder_layers * d * S * T
+    )
