@@ -1,0 +1,1 @@
+"""The `tformer` command line: one module per subcommand, each with `add_arguments` and `run`."""

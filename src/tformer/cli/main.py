@@ -1,0 +1,48 @@
+"""Entry point of the `tformer` command. No logic here: each subcommand module parses its own
+arguments and calls the library. User errors become one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+from tformer import __version__
+from tformer.cli import info
+
+# Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int.
+COMMANDS: list[tuple[str, ModuleType]] = [
+    ("info", info),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tformer",
+        description="The Transformer of 'Attention Is All You Need': train, translate, evaluate, explain, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"tformer {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS:
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:  # user errors: one line, no traceback
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
