@@ -81,6 +81,44 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
+LengthNormalization = Literal["gnmt", "average", "none"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """How to turn a trained model into output tokens: greedy, beam search or sampling.
+
+    beam_size=1 without sampling is greedy search. The maximum output length is
+    max_len_a * source_length + max_len_b tokens (eos excluded). See docs/decoding.md for the exact
+    length-penalty formulas.
+    """
+
+    beam_size: int = 4
+    nbest: int = 1
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    min_len: int = 0
+    length_penalty: float = 0.6
+    length_normalization: LengthNormalization = "gnmt"
+    no_repeat_ngram_size: int = 0
+    coverage_penalty: float = 0.0
+    sampling: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ConfigError(f"nbest must be between 1 and beam_size ({self.beam_size}), got {self.nbest}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
 # The paper's Table 3 shapes (base, big) and two smaller ones. Vocabulary sizes are set from the
 # tokenizer when a model is built for data; the preset only fixes the architecture.
 PRESETS: dict[str, dict[str, Any]] = {
