@@ -48,9 +48,10 @@ def projection_blocks(linear: nn.Linear, d_model: int) -> list[Tensor]:
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: ModelConfig, embedding: TokenEmbedding) -> None:
+    """Positions and dropout on the embedded source, then N encoder blocks."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embedding = embedding
         self.positions = build_positions(config)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
@@ -58,8 +59,8 @@ class Encoder(nn.Module):
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
         )
 
-    def forward(self, src_ids_BS: Tensor, *, src_pad_mask_BS: Tensor, need_weights: bool) -> tuple[Tensor, list]:
-        x_BSD = self.dropout(self.embedding(src_ids_BS) + self.positions(src_ids_BS.shape[1]))
+    def forward(self, tokens_BSD: Tensor, *, src_pad_mask_BS: Tensor, need_weights: bool) -> tuple[Tensor, list]:
+        x_BSD = self.dropout(tokens_BSD + self.positions(tokens_BSD.shape[1]))
         mask = None if bool(src_pad_mask_BS.all()) else key_mask(src_pad_mask_BS)
         weights = []
         for layer in self.layers:
@@ -71,9 +72,10 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig, embedding: TokenEmbedding) -> None:
+    """Positions and dropout on the embedded target prefix, then N decoder blocks."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embedding = embedding
         self.positions = build_positions(config)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
@@ -83,7 +85,7 @@ class Decoder(nn.Module):
 
     def forward(
         self,
-        tgt_ids_BT: Tensor,
+        tokens_BTD: Tensor,
         *,
         memory_kv: list[tuple[Tensor, Tensor]],
         src_pad_mask_BS: Tensor | None,
@@ -91,16 +93,16 @@ class Decoder(nn.Module):
         cache: DecoderCache | None,
         need_weights: bool,
     ) -> tuple[Tensor, list, list]:
-        T = tgt_ids_BT.shape[1]
+        T = tokens_BTD.shape[1]
         offset = 0 if cache is None else cache.length
-        x_BTD = self.dropout(self.embedding(tgt_ids_BT) + self.positions(T, offset))
+        x_BTD = self.dropout(tokens_BTD + self.positions(T, offset))
         # Without a cache, queries and keys are the same T positions and torch's causal flag is exact.
         # With one, the T queries are the last of offset + T keys, so the mask is built explicitly.
         is_causal = cache is None and tgt_pad_mask is None
         self_mask = None
         if not is_causal and (T > 1 or tgt_pad_mask is not None):
             pad = None if tgt_pad_mask is None else key_mask(tgt_pad_mask)
-            self_mask = combine(causal_mask(T, offset + T, device=tgt_ids_BT.device), pad)
+            self_mask = combine(causal_mask(T, offset + T, device=tokens_BTD.device), pad)
         memory_mask = None if src_pad_mask_BS is None else key_mask(src_pad_mask_BS)
         self_weights, cross_weights = [], []
         for index, layer in enumerate(self.layers):
@@ -129,20 +131,25 @@ class Transformer(nn.Module):
         self.src_embedding = TokenEmbedding(
             config.src_vocab_size, config.d_model, pad_id=config.pad_id, scale=config.scale_embeddings
         )
-        self.tgt_embedding = (
-            self.src_embedding
+        # With a joint vocabulary the target side reads the source embedding: one tensor, one state-dict key.
+        self.separate_tgt_embedding = (
+            None
             if config.share_embeddings
             else TokenEmbedding(
                 config.tgt_vocab_size, config.d_model, pad_id=config.pad_id, scale=config.scale_embeddings
             )
         )
-        self.encoder = Encoder(config, self.src_embedding)
-        self.decoder = Decoder(config, self.tgt_embedding)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
         self.output_projection = (
             None if config.tie_output else nn.Linear(config.d_model, config.tgt_vocab_size, bias=False)
         )
         self.final_logits_bias = nn.Parameter(torch.zeros(config.tgt_vocab_size)) if config.final_logits_bias else None
         self.reset_parameters(seed)
+
+    @property
+    def tgt_embedding(self) -> TokenEmbedding:
+        return self.src_embedding if self.separate_tgt_embedding is None else self.separate_tgt_embedding
 
     # ---------------------------------------------------------------- initialisation
     @torch.no_grad()
@@ -177,7 +184,9 @@ class Transformer(nn.Module):
         self._check_length(src_ids.shape[1], "source")
         if src_pad_mask is None:
             src_pad_mask = padding_mask(src_ids, self.config.pad_id)
-        memory_BSD, weights = self.encoder(src_ids, src_pad_mask_BS=src_pad_mask, need_weights=return_attention)
+        memory_BSD, weights = self.encoder(
+            self.src_embedding(src_ids), src_pad_mask_BS=src_pad_mask, need_weights=return_attention
+        )
         return (memory_BSD, weights) if return_attention else memory_BSD
 
     def decode(
@@ -207,7 +216,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 cache.memory_kv = memory_kv
         hidden_BTD, self_weights, cross_weights = self.decoder(
-            tgt_ids,
+            self.tgt_embedding(tgt_ids),
             memory_kv=memory_kv,
             src_pad_mask_BS=src_pad_mask,
             tgt_pad_mask=tgt_pad_mask,

@@ -1,0 +1,1 @@
+"""Converters between tformer and other toolkits (Hugging Face Marian, CTranslate2)."""

@@ -1,0 +1,116 @@
+"""The three forms of scaled dot-product attention agree with each other and with torch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tformer.model import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
+from tformer.model.masks import additive_mask, causal_mask, key_mask
+
+B, H, T, S, K = 2, 3, 5, 7, 4
+
+
+def random_qkv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, K, generator=generator, dtype=torch.float64)
+    k = torch.randn(B, H, S, K, generator=generator, dtype=torch.float64)
+    v = torch.randn(B, H, S, K, generator=generator, dtype=torch.float64)
+    return q, k, v
+
+
+def padding(lengths: list[int], total: int) -> torch.Tensor:
+    return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
+
+
+MASKS = {
+    "none": None,
+    "padding": key_mask(padding([7, 4], S)),
+    "causal": causal_mask(T, S),  # queries are the last T of S positions
+    "padding_and_causal": key_mask(padding([7, 4], S)) & causal_mask(T, S),
+}
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_three_forms_agree_in_float64(mask_name: str) -> None:
+    q, k, v = random_qkv()
+    mask = MASKS[mask_name]
+    loop = attention_loop(q, k, v, mask)
+    matrix, weights = attention_matrix(q, k, v, mask)
+    fused = attention_fused(q, k, v, mask)
+    torch.testing.assert_close(loop, matrix, atol=1e-10, rtol=0)
+    torch.testing.assert_close(fused, matrix, atol=1e-10, rtol=0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, T, dtype=torch.float64), atol=1e-12, rtol=0)
+    if mask is not None:
+        assert torch.all(weights.masked_select(~mask.expand_as(weights)) == 0)
+
+
+def test_causal_flag_equals_explicit_causal_mask() -> None:
+    q, k, v = random_qkv()
+    k, v = k[:, :, :T], v[:, :, :T]
+    flagged = attention_fused(q, k, v, is_causal=True)
+    explicit, _ = attention_matrix(q, k, v, causal_mask(T))
+    torch.testing.assert_close(flagged, explicit, atol=1e-10, rtol=0)
+
+
+def test_fully_masked_row_stays_finite() -> None:
+    q, k, v = random_qkv()
+    mask = torch.zeros(1, 1, T, S, dtype=torch.bool)
+    mask[..., 1:, :3] = True  # query 0 may attend to nothing
+    for output in (attention_loop(q, k, v, mask), attention_matrix(q, k, v, mask)[0], attention_fused(q, k, v, mask)):
+        assert torch.isfinite(output).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        q32, k32, v32 = (x.to(dtype) for x in (q, k, v))
+        assert torch.isfinite(attention_fused(q32, k32, v32, mask)).all()
+
+
+def test_additive_mask_polarity() -> None:
+    mask = torch.tensor([True, False])
+    bias = additive_mask(mask, torch.float32)
+    assert bias[0] == 0 and bias[1] == torch.finfo(torch.float32).min
+
+
+def torch_mha(d_model: int, n_heads: int) -> torch.nn.MultiheadAttention:
+    return torch.nn.MultiheadAttention(d_model, n_heads, batch_first=True, dtype=torch.float64).eval()
+
+
+def test_self_attention_matches_torch_multihead_attention() -> None:
+    torch.manual_seed(0)
+    d_model, n_heads = 12, 3
+    ours = SelfAttention(d_model, n_heads, dropout=0.0).double().eval()
+    reference = torch_mha(d_model, n_heads)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(ours.qkv_proj.weight)
+        reference.in_proj_bias.copy_(ours.qkv_proj.bias)
+        reference.out_proj.weight.copy_(ours.out_proj.weight)
+        reference.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(2, 6, d_model, dtype=torch.float64)
+    keep = padding([6, 3], 6)
+    expected, expected_weights = reference(x, x, x, key_padding_mask=~keep, average_attn_weights=False)
+    fused, _ = ours(x, mask=key_mask(keep))
+    matrix, weights = ours(x, mask=key_mask(keep), need_weights=True)
+    torch.testing.assert_close(fused, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(matrix, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-10, rtol=0)
+
+    causal_expected, _ = reference(x, x, x, attn_mask=~causal_mask(6)[0, 0])
+    causal_ours, _ = ours(x, mask=None, is_causal=True)
+    torch.testing.assert_close(causal_ours, causal_expected, atol=1e-10, rtol=0)
+
+
+def test_cross_attention_matches_torch_multihead_attention() -> None:
+    torch.manual_seed(1)
+    d_model, n_heads = 12, 4
+    ours = CrossAttention(d_model, n_heads, dropout=0.0).double().eval()
+    reference = torch_mha(d_model, n_heads)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.kv_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.kv_proj.bias]))
+        reference.out_proj.weight.copy_(ours.out_proj.weight)
+        reference.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(2, 4, d_model, dtype=torch.float64)
+    memory = torch.randn(2, 9, d_model, dtype=torch.float64)
+    keep = padding([9, 5], 9)
+    expected, _ = reference(x, memory, memory, key_padding_mask=~keep)
+    ours_out, _ = ours(x, memory_kv=ours.project_memory(memory), mask=key_mask(keep))
+    torch.testing.assert_close(ours_out, expected, atol=1e-10, rtol=0)

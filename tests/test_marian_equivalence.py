@@ -1,0 +1,68 @@
+"""tformer computes exactly what Hugging Face's MarianMTModel computes, given the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import perturbed
+
+from tformer.config import preset
+from tformer.interop.marian import SpecialIds, from_marian, to_marian
+from tformer.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+IDS = SpecialIds(bos_id=1, eos_id=2, pad_id=0)
+
+
+def padded_batch(vocab: int, lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (len(lengths), max(lengths)), generator=generator)
+    keep = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return ids.masked_fill(~keep, 0), keep
+
+
+CASES = {
+    "paper_shared_relu": dict(),
+    "separate_vocab_swish_bias": dict(
+        share_embeddings=False, tgt_vocab_size=37, activation="swish", final_logits_bias=True
+    ),
+    "gelu_unscaled": dict(activation="gelu", scale_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_marian_on_padded_batch(case: str) -> None:
+    overrides = dict(src_vocab_size=45, tgt_vocab_size=45, sinusoidal_layout="concatenated", n_heads=4) | CASES[case]
+    ours = perturbed(Transformer(preset("tiny", **overrides), seed=3), seed=4).eval()
+    theirs = to_marian(ours, IDS)
+    src, src_keep = padded_batch(ours.config.src_vocab_size, [9, 5, 2], seed=5)
+    tgt, tgt_keep = padded_batch(ours.config.tgt_vocab_size, [4, 7, 6], seed=6)
+    with torch.no_grad():
+        expected = theirs(
+            input_ids=src, attention_mask=src_keep.long(), decoder_input_ids=tgt, decoder_attention_mask=tgt_keep.long()
+        ).logits
+        actual = ours(src, tgt, src_pad_mask=src_keep, tgt_pad_mask=tgt_keep)
+    real = tgt_keep[..., None].expand_as(actual)
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-5, rtol=0)
+    # without a target padding mask the rows of real tokens are unchanged (padding sits on the right)
+    with torch.no_grad():
+        causal_only = ours(src, tgt, src_pad_mask=src_keep)
+    torch.testing.assert_close(causal_only[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_marian_round_trip_is_exact() -> None:
+    config = preset(
+        "tiny", src_vocab_size=30, tgt_vocab_size=33, share_embeddings=False, sinusoidal_layout="concatenated"
+    )
+    ours = perturbed(Transformer(config, seed=7), seed=8).eval()
+    back, ids = from_marian(to_marian(ours, IDS))
+    assert ids == IDS
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_paper_layout_is_refused_with_a_reason() -> None:
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30))
+    with pytest.raises(ValueError, match="sinusoidal_layout must be concatenated"):
+        to_marian(model, IDS)

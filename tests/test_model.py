@@ -1,0 +1,200 @@
+"""Properties the Transformer must have: causality, padding invariance, gradients, capacity, size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tformer.config import ConfigError, ModelConfig, config_from_dict, preset
+from tformer.model import Transformer, count_parameters
+from tformer.model.embeddings import sinusoidal_table
+
+
+def test_changing_future_target_tokens_leaves_earlier_logits_unchanged(tiny_model: Transformer) -> None:
+    src = torch.randint(4, 40, (2, 6))
+    tgt = torch.randint(4, 40, (2, 8))
+    changed = tgt.clone()
+    t = 4
+    changed[:, t + 1 :] = torch.randint(4, 40, (2, 8 - t - 1))
+    with torch.no_grad():
+        before, after = tiny_model(src, tgt), tiny_model(src, changed)
+    torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], atol=1e-6, rtol=0)
+    assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
+
+
+def test_sentence_alone_equals_sentence_in_padded_batch(tiny_model: Transformer) -> None:
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 40, (3, 9), generator=generator)
+    tgt = torch.randint(4, 40, (3, 7), generator=generator)
+    src_lengths, tgt_lengths = [9, 4, 6], [7, 3, 5]
+    for row, (s, t) in enumerate(zip(src_lengths, tgt_lengths, strict=True)):
+        src[row, s:] = 0
+        tgt[row, t:] = 0
+    tgt_keep = tgt != 0
+    with torch.no_grad():
+        batched = tiny_model(src, tgt, tgt_pad_mask=tgt_keep)
+        for row, (s, t) in enumerate(zip(src_lengths, tgt_lengths, strict=True)):
+            alone = tiny_model(src[row : row + 1, :s], tgt[row : row + 1, :t])
+            torch.testing.assert_close(batched[row : row + 1, :t], alone, atol=1e-5, rtol=0)
+
+
+def test_all_padding_source_gives_finite_logits(tiny_model: Transformer) -> None:
+    src = torch.zeros(2, 5, dtype=torch.long)
+    src[0, :3] = 7
+    with torch.no_grad():
+        logits = tiny_model(src, torch.randint(4, 40, (2, 4)))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_gradcheck_in_float64(norm_position: str) -> None:
+    config = preset(
+        "tiny", src_vocab_size=11, tgt_vocab_size=11, d_model=8, n_heads=2, d_ff=12, norm_position=norm_position
+    )
+    model = Transformer(config, seed=2).double()
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    tgt = torch.tensor([[1, 4, 5], [1, 6, 0]])
+    parameters = [
+        model.encoder.layers[0].self_attention.qkv_proj.weight,
+        model.decoder.layers[1].cross_attention.q_proj.weight,
+    ]
+
+    def loss(*weights: torch.Tensor) -> torch.Tensor:
+        state = dict(zip(["a", "b"], weights, strict=True))
+        return (
+            torch.func.functional_call(
+                model,
+                {
+                    "encoder.layers.0.self_attention.qkv_proj.weight": state["a"],
+                    "decoder.layers.1.cross_attention.q_proj.weight": state["b"],
+                },
+                (src, tgt),
+            )
+            .square()
+            .mean()
+        )
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in parameters)
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5)
+
+    embedded = model.src_embedding(src).detach().requires_grad_(True)
+
+    def encoder_only(x: torch.Tensor) -> torch.Tensor:
+        return model.encoder(x, src_pad_mask_BS=src != 0, need_weights=False)[0]
+
+    assert torch.autograd.gradcheck(encoder_only, (embedded,), eps=1e-6, atol=1e-5)
+
+
+def test_tiny_model_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", src_vocab_size=20, tgt_vocab_size=20, d_model=64, d_ff=128), seed=0)
+    src = torch.randint(4, 20, (8, 7))
+    tgt_out = torch.cat([src.flip(1), torch.full((8, 1), 2)], dim=1)  # reverse, then eos
+    tgt_in = torch.cat([torch.full((8, 1), 1), tgt_out[:, :-1]], dim=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.02
+
+
+@pytest.mark.parametrize(("name", "paper_millions"), [("base", 65), ("big", 213)])
+def test_paper_parameter_counts(name: str, paper_millions: float) -> None:
+    """Paper Table 3 with a 37k joint vocabulary; built on the meta device, so no memory is used."""
+    with torch.device("meta"):
+        model = Transformer(preset(name, src_vocab_size=37000, tgt_vocab_size=37000))
+    assert abs(count_parameters(model) / 1e6 - paper_millions) / paper_millions < 0.05
+
+
+def test_same_seed_same_weights_regardless_of_global_rng() -> None:
+    config = preset("tiny", src_vocab_size=30, tgt_vocab_size=30)
+    torch.manual_seed(1)
+    first = Transformer(config, seed=5)
+    torch.manual_seed(2)
+    second = Transformer(config, seed=5)
+    third = Transformer(config, seed=6)
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert not torch.equal(first.src_embedding.weight, third.src_embedding.weight)
+
+
+def test_initialisation_is_as_documented() -> None:
+    config = preset("small", src_vocab_size=1000, tgt_vocab_size=1000)
+    model = Transformer(config, seed=0)
+    embedding = model.src_embedding.weight
+    assert torch.all(embedding[config.pad_id] == 0)
+    assert abs(embedding[1:].std().item() - config.d_model**-0.5) < 0.002
+    q_block = model.encoder.layers[0].self_attention.qkv_proj.weight[: config.d_model]
+    bound = math.sqrt(6 / (2 * config.d_model))  # Xavier uniform for a D x D block
+    assert q_block.abs().max() <= bound and q_block.abs().max() > 0.95 * bound
+    assert torch.all(model.encoder.layers[0].self_attention.qkv_proj.bias == 0)
+
+
+def test_sinusoidal_layouts() -> None:
+    table = sinusoidal_table(50, 6, "interleaved")
+    pos, i = 7, 1
+    assert table[pos, 2 * i] == pytest.approx(math.sin(pos / 10000 ** (2 * i / 6)), abs=1e-12)
+    assert table[pos, 2 * i + 1] == pytest.approx(math.cos(pos / 10000 ** (2 * i / 6)), abs=1e-12)
+    concatenated = sinusoidal_table(50, 6, "concatenated")
+    torch.testing.assert_close(concatenated, table[:, [0, 2, 4, 1, 3, 5]], atol=0, rtol=0)
+
+
+def test_attention_maps_are_returned_not_stored(tiny_model: Transformer) -> None:
+    src, tgt = torch.randint(4, 40, (2, 6)), torch.randint(4, 40, (2, 5))
+    with torch.no_grad():
+        logits, maps = tiny_model(src, tgt, return_attention=True)
+        plain = tiny_model(src, tgt)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    n_heads = tiny_model.config.n_heads
+    assert [m.shape for m in maps.encoder_self] == [(2, n_heads, 6, 6)] * 2
+    assert [m.shape for m in maps.decoder_self] == [(2, n_heads, 5, 5)] * 2
+    assert [m.shape for m in maps.cross] == [(2, n_heads, 5, 6)] * 2
+    assert torch.all(maps.decoder_self[0].triu(1) == 0)  # masked self-attention never looks ahead
+    assert not any(isinstance(v, torch.Tensor) and v.dim() == 4 for m in tiny_model.modules() for v in vars(m).values())
+
+
+def test_cached_decoding_equals_full_forward(tiny_model: Transformer) -> None:
+    src = torch.randint(4, 40, (2, 6))
+    tgt = torch.randint(4, 40, (2, 7))
+    with torch.no_grad():
+        memory = tiny_model.encode(src)
+        full = tiny_model.decode(tgt, memory=memory, src_pad_mask=src != 0)
+        cache = tiny_model.new_cache(batch_size=2, capacity=7, memory=memory)
+        first = tiny_model.decode(tgt[:, :3], memory=None, src_pad_mask=src != 0, cache=cache)
+        steps = [
+            tiny_model.decode(tgt[:, t : t + 1], memory=None, src_pad_mask=src != 0, cache=cache) for t in range(3, 7)
+        ]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(norm_position="pre"), dict(positional_encoding="learned"), dict(activation="gelu"), dict(tie_output=False)],
+)
+def test_variants_run_and_train(overrides: dict) -> None:
+    model = Transformer(preset("tiny", src_vocab_size=20, tgt_vocab_size=20, **overrides))
+    logits = model(torch.randint(4, 20, (2, 5)), torch.randint(4, 20, (2, 4)))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_strict_config_loading() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) d_modle.*valid keys: src_vocab_size"):
+        config_from_dict(ModelConfig, {"d_modle": 5})
+    with pytest.raises(ConfigError, match="activation must be one of relu, gelu, silu, swish"):
+        config_from_dict(ModelConfig, {"activation": "tanh"})
+    with pytest.raises(ConfigError, match="divisible"):
+        preset("tiny", n_heads=3)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("huge")
+    assert config_from_dict(ModelConfig, {"dropout": 0}).dropout == 0.0
+
+
+def test_too_long_input_is_a_clear_error(tiny_model: Transformer) -> None:
+    too_long = torch.full((1, tiny_model.config.max_positions + 1), 5)
+    with pytest.raises(ValueError, match="exceeds max_positions"):
+        tiny_model.encode(too_long)
