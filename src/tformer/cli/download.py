@@ -1,0 +1,40 @@
+"""Download a public parallel corpus (at present: Multi30k task 1 raw text) into a directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tformer.data.download import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, download_multi30k
+
+HELP = "download a public parallel corpus (multi30k)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", choices=["multi30k"], help="which corpus to fetch")
+    parser.add_argument("--out", required=True, help="directory to write train.L, val.L, test2016.L into")
+    parser.add_argument("--base-url", default=MULTI30K_BASE_URL, help="mirror URL (http(s):// or file://)")
+    parser.add_argument(
+        "--languages",
+        default=",".join(MULTI30K_LANGUAGES),
+        help=f"comma-separated languages (default: {','.join(MULTI30K_LANGUAGES)})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the known content")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+
+
+def run(args: argparse.Namespace) -> int:
+    languages = [language.strip() for language in args.languages.split(",") if language.strip()]
+    written = download_multi30k(
+        args.out,
+        base_url=args.base_url,
+        languages=languages,
+        overwrite=args.overwrite,
+        checksums=None if args.no_verify else MULTI30K_SHA256,
+        timeout=args.timeout,
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    for path in written:
+        print(path)
+    return 0

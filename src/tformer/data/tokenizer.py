@@ -1,0 +1,243 @@
+"""Subword tokenization with sentencepiece: one joint model, or separate source and target models.
+
+Normalisation happens here, in Python, in one visible function (`normalize`): NFKC, U+2581 (the
+character sentencepiece uses to mark spaces) turned into a space, and every run of whitespace collapsed
+to one space. Sentencepiece itself is trained with the "identity" rule, so it never changes a character
+behind our back. The guarantee is `decode(encode(x)) == normalize(x)` for any text whose characters
+all occurred in the training data (others become <unk>, decoded as " ⁇ ").
+
+Special ids are fixed for every tokenizer tformer trains: pad=0, bos=1, eos=2, unk=3. Encoding returns
+plain pieces without bos/eos; `tformer.data.batching` adds them where the conventions say.
+
+Training runs in memory (no temporary files), is quiet, and is deterministic for the same data, seed
+and `num_threads`: sentencepiece's result depends on its thread count, so that is a fixed argument,
+never the machine's core count.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece as spm
+
+ModelType = Literal["bpe", "unigram"]
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+JOINT_FILE = "spm.model"
+SRC_FILE = "spm.src.model"
+TGT_FILE = "spm.tgt.model"
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be trained or loaded as asked; the message says why in one line."""
+
+
+def normalize(text: str) -> str:
+    """The canonical form of `text` that encoding then decoding reproduces exactly."""
+    text = unicodedata.normalize("NFKC", text).replace("\u2581", " ")
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+class Tokenizer:
+    """One sentencepiece model shared by both languages (`joint`) or one per side."""
+
+    def __init__(self, source: spm.SentencePieceProcessor, target: spm.SentencePieceProcessor | None = None) -> None:
+        self._src = source
+        self._tgt = target if target is not None else source
+        self._joint = target is None
+        src_ids = _special_ids(self._src)
+        if src_ids != _special_ids(self._tgt):
+            raise TokenizerError(
+                f"source and target models disagree on special ids: {src_ids} vs {_special_ids(self._tgt)}"
+            )
+
+    # ---- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        sources: Sequence[str],
+        targets: Sequence[str],
+        *,
+        vocab_size: int,
+        model_type: ModelType = "bpe",
+        joint: bool = True,
+        seed: int = 0,
+        num_threads: int = 1,
+    ) -> Tokenizer:
+        """Train on the given sentences. `vocab_size` is an upper bound: tiny corpora get fewer pieces
+        (`hard_vocab_limit=False`); read `src_vocab_size` / `tgt_vocab_size` for the real sizes."""
+        if model_type not in ("bpe", "unigram"):
+            raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        if vocab_size < 5:
+            raise TokenizerError(f"vocab_size must be at least 5 (4 special ids + 1 piece), got {vocab_size}")
+        options = dict(vocab_size=vocab_size, model_type=model_type, seed=seed, num_threads=num_threads)
+        if joint:
+            return cls(_train_model([*sources, *targets], name="joint", **options))
+        return cls(_train_model(sources, name="source", **options), _train_model(targets, name="target", **options))
+
+    @classmethod
+    def from_files(cls, directory: str | Path) -> Tokenizer:
+        """Load what `to_files` wrote: `spm.model` (joint) or `spm.src.model` + `spm.tgt.model`."""
+        directory = Path(directory)
+        joint, src, tgt = (directory / name for name in (JOINT_FILE, SRC_FILE, TGT_FILE))
+        if joint.exists() and (src.exists() or tgt.exists()):
+            raise TokenizerError(f"{directory} holds both {JOINT_FILE} and {SRC_FILE}/{TGT_FILE}; keep one kind")
+        if joint.exists():
+            return cls(_load_model(joint))
+        if src.exists() and tgt.exists():
+            return cls(_load_model(src), _load_model(tgt))
+        raise TokenizerError(f"no tokenizer in {directory}: expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE}")
+
+    def to_files(self, directory: str | Path) -> list[Path]:
+        """Write the model file(s) into `directory` (created if needed) and return their paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self._joint:
+            models = [(directory / JOINT_FILE, self._src)]
+        else:
+            models = [(directory / SRC_FILE, self._src), (directory / TGT_FILE, self._tgt)]
+        for path, model in models:
+            path.write_bytes(model.serialized_model_proto())
+        return [path for path, _ in models]
+
+    # ---- properties ---------------------------------------------------------------------------------
+
+    @property
+    def joint(self) -> bool:
+        return self._joint
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self._src.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self._tgt.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self._src.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._src.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._src.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._src.unk_id()
+
+    # ---- encoding and decoding ----------------------------------------------------------------------
+
+    def encode_source(self, text: str) -> list[int]:
+        return self._src.encode(normalize(text))
+
+    def encode_target(self, text: str) -> list[int]:
+        return self._tgt.encode(normalize(text))
+
+    def encode_sources(self, texts: Iterable[str]) -> list[list[int]]:
+        """Batch encoding: one call into sentencepiece for the whole list is several times faster."""
+        return self._src.encode([normalize(text) for text in texts])
+
+    def encode_targets(self, texts: Iterable[str]) -> list[list[int]]:
+        return self._tgt.encode([normalize(text) for text in texts])
+
+    def decode_source(self, ids: Iterable[int]) -> str:
+        return self._decode(self._src, ids)
+
+    def decode_target(self, ids: Iterable[int]) -> str:
+        """Text of the ids; pad, bos and eos are dropped wherever they occur."""
+        return self._decode(self._tgt, ids)
+
+    def decode_targets(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self._decode(self._tgt, ids) for ids in batch]
+
+    def source_pieces(self, text: str) -> list[str]:
+        """The subword strings of `encode_source(text)`, one per id (axis labels for attention maps)."""
+        return self._src.encode(normalize(text), out_type=str)
+
+    def target_pieces(self, text: str) -> list[str]:
+        return self._tgt.encode(normalize(text), out_type=str)
+
+    def id_to_source_piece(self, ids: Iterable[int]) -> list[str]:
+        return [self._src.id_to_piece(i) for i in self._checked(self._src, ids)]
+
+    def id_to_target_piece(self, ids: Iterable[int]) -> list[str]:
+        """Piece strings of generated ids (specials included), e.g. to label a decoder attention axis."""
+        return [self._tgt.id_to_piece(i) for i in self._checked(self._tgt, ids)]
+
+    def _decode(self, model: spm.SentencePieceProcessor, ids: Iterable[int]) -> str:
+        skip = {self.pad_id, self.bos_id, self.eos_id}
+        return model.decode([i for i in self._checked(model, ids) if i not in skip])
+
+    @staticmethod
+    def _checked(model: spm.SentencePieceProcessor, ids: Iterable[int]) -> list[int]:
+        values = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        size = model.get_piece_size()
+        bad = [i for i in values if not 0 <= i < size]
+        if bad:
+            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of size {size}")
+        return values
+
+    def __repr__(self) -> str:
+        kind = "joint" if self._joint else "separate"
+        return f"Tokenizer({kind}, src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size})"
+
+
+def _train_model(
+    sentences: Sequence[str], *, name: str, vocab_size: int, model_type: str, seed: int, num_threads: int
+) -> spm.SentencePieceProcessor:
+    texts = [text for text in (normalize(s) for s in sentences) if text]
+    if not texts:
+        raise TokenizerError(f"cannot train the {name} tokenizer: no non-empty sentences")
+    # Sentencepiece silently skips sentences longer than max_sentence_length bytes; allow the longest.
+    longest = max(len(text.encode("utf-8")) for text in texts)
+    writer = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            normalization_rule_name="identity",
+            max_sentence_length=max(4192, longest + 1),
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0].split("] ")[-1].split(" Increase vocab_size")[0]
+        raise TokenizerError(f"cannot train the {name} tokenizer with vocab_size={vocab_size}: {reason}") from None
+    return spm.SentencePieceProcessor(model_proto=writer.getvalue())
+
+
+def _load_model(path: Path) -> spm.SentencePieceProcessor:
+    try:
+        proto = path.read_bytes()
+    except OSError as error:
+        raise TokenizerError(f"cannot read tokenizer model {path}: {error.strerror or error}") from None
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError:
+        raise TokenizerError(f"{path} is not a valid sentencepiece model (corrupt or truncated)") from None
+
+
+def _special_ids(model: spm.SentencePieceProcessor) -> tuple[int, int, int, int]:
+    return model.pad_id(), model.bos_id(), model.eos_id(), model.unk_id()

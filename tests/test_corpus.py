@@ -1,0 +1,130 @@
+"""Reading parallel text: alignment, gzip by content, UTF-8 errors with line numbers, skip accounting."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from tformer.data.corpus import CorpusError, CorpusReport, read_lines, read_parallel, read_tsv
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_reads_aligned_files_and_strips_lines(tmp_path: Path) -> None:
+    src = write(tmp_path / "a.en", ["  Hello world ", "Two\tmen\r"])
+    tgt = write(tmp_path / "a.de", ["Hallo Welt", " Zwei Männer"])
+    corpus = read_parallel(src, tgt)
+    assert corpus.sources == ["Hello world", "Two\tmen"]
+    assert corpus.targets == ["Hallo Welt", "Zwei Männer"]
+    assert len(corpus) == 2
+    assert corpus.report == CorpusReport(total_lines=2, kept=2, skipped_empty=0, skipped_long=0)
+    assert corpus.report.summary() == "kept all 2 pairs"
+
+
+def test_gzip_is_recognised_by_content_not_suffix(tmp_path: Path) -> None:
+    plain = write(tmp_path / "b.de", ["eins", "zwei"])
+    compressed = tmp_path / "b.en"  # gzip data under a name without .gz
+    compressed.write_bytes(gzip.compress(b"one\ntwo\n"))
+    corpus = read_parallel(compressed, plain)
+    assert corpus.sources == ["one", "two"]
+    assert read_lines(compressed) == ["one", "two"]
+
+
+def test_unicode_line_separators_do_not_split_lines(tmp_path: Path) -> None:
+    src = write(tmp_path / "c.en", ["a\u2028b", "c\x85d"])
+    tgt = write(tmp_path / "c.de", ["x", "y"])
+    assert read_parallel(src, tgt).sources == ["a\u2028b", "c\x85d"]
+
+
+def test_byte_order_mark_and_missing_final_newline(tmp_path: Path) -> None:
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufefffirst\nsecond".encode())
+    assert read_lines(path) == ["first", "second"]
+
+
+def test_line_count_mismatch_names_both_files_and_counts(tmp_path: Path) -> None:
+    src = write(tmp_path / "d.en", ["a", "b", "c"])
+    tgt = write(tmp_path / "d.de", ["x", "y"])
+    with pytest.raises(CorpusError, match=r"d\.en has 3 lines but .*d\.de has 2"):
+        read_parallel(src, tgt)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.en"
+    path.write_bytes(b"fine\nalso fine\nbroken \xff here\n")
+    with pytest.raises(CorpusError, match=r"bad\.en:3: invalid UTF-8"):
+        read_lines(path)
+
+
+def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match=r"file not found: .*nope\.en"):
+        read_lines(tmp_path / "nope.en")
+    with pytest.raises(CorpusError, match="directory"):
+        read_lines(tmp_path)
+
+
+def test_corrupt_gzip_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "trunc.gz"
+    path.write_bytes(gzip.compress(b"some text\n" * 50)[:20])
+    with pytest.raises(CorpusError, match="corrupt gzip"):
+        read_lines(path)
+
+
+def test_empty_and_long_pairs_are_skipped_and_counted(tmp_path: Path) -> None:
+    src = write(tmp_path / "e.en", ["keep", "", "x" * 11, "ok", "fine"])
+    tgt = write(tmp_path / "e.de", ["behalten", "leer", "kurz", "  ", "gut"])
+    corpus = read_parallel(src, tgt, max_chars=10)
+    assert corpus.sources == ["keep", "fine"]
+    assert corpus.report == CorpusReport(total_lines=5, kept=2, skipped_empty=2, skipped_long=1)
+    assert "kept 2 of 5" in corpus.report.summary()
+
+
+def test_strict_mode_names_the_offending_line(tmp_path: Path) -> None:
+    src = write(tmp_path / "f.en", ["keep", "also"])
+    tgt = write(tmp_path / "f.de", ["behalten", ""])
+    with pytest.raises(CorpusError, match=r"f\.de:2: empty sentence"):
+        read_parallel(src, tgt, strict=True)
+    long_src = write(tmp_path / "g.en", ["keep", "x" * 30])
+    with pytest.raises(CorpusError, match=r"g\.en:2: sentence of 30 characters exceeds max_chars=20"):
+        read_parallel(long_src, write(tmp_path / "g.de", ["a", "b"]), max_chars=20, strict=True)
+
+
+def test_nothing_kept_is_an_error(tmp_path: Path) -> None:
+    src = write(tmp_path / "h.en", ["", ""])
+    tgt = write(tmp_path / "h.de", ["a", "b"])
+    with pytest.raises(CorpusError, match="no usable pairs out of 2 lines"):
+        read_parallel(src, tgt)
+    empty = tmp_path / "empty.en"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="no usable pairs out of 0 lines"):
+        read_parallel(empty, empty)
+
+
+def test_tsv_reads_pairs_and_rejects_wrong_tab_counts(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.tsv", ["Hello\tHallo", "", " Two \t Zwei "])
+    corpus = read_tsv(path)
+    assert corpus.sources == ["Hello", "Two"]
+    assert corpus.targets == ["Hallo", "Zwei"]
+    assert corpus.report.skipped_empty == 1
+    for bad, tabs in (("no tab here", 0), ("a\tb\tc", 2)):
+        bad_path = write(tmp_path / "bad.tsv", ["ok\tfine", bad])
+        with pytest.raises(CorpusError, match=rf"bad\.tsv:2: expected exactly one tab .* found {tabs}"):
+            read_tsv(bad_path)
+
+
+def test_read_lines_keeps_empty_lines_for_alignment(tmp_path: Path) -> None:
+    path = write(tmp_path / "mono.en", ["one", "", "three"])
+    assert read_lines(path) == ["one", "", "three"]
+
+
+def test_errors_are_one_line_value_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        read_parallel(tmp_path / "x", tmp_path / "y")
+    assert "\n" not in str(info.value)
+    with pytest.raises(CorpusError, match="max_chars must be at least 1"):
+        read_tsv(tmp_path / "x", max_chars=0)

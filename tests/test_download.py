@@ -1,0 +1,104 @@
+"""Multi30k download against a local file:// mirror: names, verification, atomicity, CLI errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tformer.cli.main import main
+from tformer.data.download import MULTI30K_SPLITS, DownloadError, download_multi30k, write_atomic
+
+LINES = {"en": ["A dog runs.", "Two men talk."], "de": ["Ein Hund rennt.", "Zwei Männer reden."]}
+
+
+def make_mirror(root: Path, lines: dict[str, list[str]] = LINES) -> str:
+    """Upstream layout: <stem>.<lang>.gz for every split; returns the file:// base URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stem in MULTI30K_SPLITS.values():
+        for language, text in lines.items():
+            payload = "".join(f"{stem}: {line}\n" for line in text).encode()
+            (root / f"{stem}.{language}.gz").write_bytes(gzip.compress(payload))
+    return root.as_uri() + "/"
+
+
+def test_downloads_decompresses_and_renames(tmp_path: Path) -> None:
+    base = make_mirror(tmp_path / "mirror")
+    written = download_multi30k(tmp_path / "out", base_url=base, languages=["en", "de"], checksums=None)
+    names = sorted(p.name for p in written)
+    assert names == sorted(f"{s}.{lang}" for s in ("train", "val", "test2016") for lang in ("en", "de"))
+    assert (tmp_path / "out" / "test2016.de").read_text(encoding="utf-8") == (
+        "test_2016_flickr: Ein Hund rennt.\ntest_2016_flickr: Zwei Männer reden.\n"
+    )
+    assert not list((tmp_path / "out").glob(".*part"))  # no temporary files left behind
+
+
+def test_checksums_are_verified(tmp_path: Path) -> None:
+    base = make_mirror(tmp_path / "mirror")
+    good = hashlib.sha256(b"train: A dog runs.\ntrain: Two men talk.\n").hexdigest()
+    download_multi30k(tmp_path / "ok", base_url=base, languages=["en"], checksums={"train.en": good})
+    with pytest.raises(DownloadError, match=r"train\.en\.gz: SHA-256 .* differs"):
+        download_multi30k(tmp_path / "bad", base_url=base, languages=["en"], checksums={"train.en": "0" * 64})
+    assert not (tmp_path / "bad").exists()  # nothing written when any check fails
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+    base = make_mirror(tmp_path / "mirror")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val.en").write_text("keep me\n")
+    with pytest.raises(DownloadError, match=r"val\.en already exists .*--overwrite"):
+        download_multi30k(out, base_url=base, languages=["en"], checksums=None)
+    assert (out / "val.en").read_text() == "keep me\n"
+    download_multi30k(out, base_url=base, languages=["en"], checksums=None, overwrite=True)
+    assert (out / "val.en").read_text().startswith("val: A dog")
+
+
+def test_failures_are_one_line_errors_and_write_nothing(tmp_path: Path) -> None:
+    base = make_mirror(tmp_path / "mirror")
+    (tmp_path / "mirror" / "val.de.gz").unlink()
+    with pytest.raises(DownloadError, match=r"could not download .*val\.de\.gz") as info:
+        download_multi30k(tmp_path / "out", base_url=base, languages=["en", "de"], checksums=None)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "mirror" / "val.de.gz").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DownloadError, match="did not return gzip data"):
+        download_multi30k(tmp_path / "out", base_url=base, languages=["en", "de"], checksums=None)
+
+    uneven = make_mirror(tmp_path / "uneven", {"en": ["a", "b"], "de": ["c"]})
+    with pytest.raises(DownloadError, match=r"different line counts \(en=2, de=1\)"):
+        download_multi30k(tmp_path / "out", base_url=uneven, languages=["en", "de"], checksums=None)
+
+    with pytest.raises(DownloadError, match="unknown language"):
+        download_multi30k(tmp_path / "out", base_url=base, languages=["xx"])
+
+
+def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    write_atomic(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_cli_downloads_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = make_mirror(tmp_path / "mirror")
+    out = tmp_path / "data"
+    args = ["download", "multi30k", "--out", str(out), "--base-url", base, "--languages", "en,de", "--no-verify"]
+    assert main(args) == 0
+    assert (out / "train.en").exists() and str(out / "train.de") in capsys.readouterr().out
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    new = str(tmp_path / "new")
+    assert main(["download", "multi30k", "--out", new, "--base-url", (tmp_path / "nowhere").as_uri()]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: could not download")
+    assert main(["download", "multi30k", "--out", new, "--base-url", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: base URL must start with https://, http:// or file://, got {str(tmp_path)!r}\n"
+    )

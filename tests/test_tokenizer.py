@@ -1,0 +1,126 @@
+"""The sentencepiece wrapper: fixed special ids, exact round trips, determinism and serialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyzäöüßABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÜ0123456789.,;:!?'\"()-"
+SOURCES = [
+    "Two young, White males are outside near many bushes.",
+    "Several men in hard hats are operating a giant pulley system!",
+    'A little girl climbing into a wooden playhouse; (quickly) "yes" - 0123456789?',
+    "The quick brown fox jumps over the lazy dog: QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
+]
+TARGETS = [
+    "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",
+    "Mehrere Männer mit Schutzhelmen bedienen ein Antriebsradsystem.",
+    "Ein kleines Mädchen klettert in ein Spielhaus aus Holz. ÄÖÜ äöü ß",
+    "Falsches Üben von Xylophonmusik quält jeden größeren Zwerg",
+]
+
+
+@pytest.fixture(scope="module")
+def joint() -> Tokenizer:
+    return Tokenizer.train([*SOURCES * 3, " ".join(ALPHABET)], TARGETS * 3, vocab_size=120)
+
+
+def test_special_ids_are_fixed(joint: Tokenizer) -> None:
+    assert (joint.pad_id, joint.bos_id, joint.eos_id, joint.unk_id) == (0, 1, 2, 3)
+    assert joint.id_to_target_piece([0, 1, 2, 3]) == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert joint.joint
+    assert joint.src_vocab_size == joint.tgt_vocab_size <= 120
+
+
+def test_encoding_has_no_specials_and_pieces_align_with_ids(joint: Tokenizer) -> None:
+    text = "Two young men near the playhouse."
+    ids = joint.encode_source(text)
+    assert ids and not {0, 1, 2} & set(ids)
+    assert len(joint.source_pieces(text)) == len(ids)
+    assert joint.id_to_source_piece(ids) == joint.source_pieces(text)
+    assert joint.encode_sources([text, "Ein Mädchen"]) == [ids, joint.encode_source("Ein Mädchen")]
+    assert joint.encode_targets(["Ein Mädchen"]) == [joint.encode_target("Ein Mädchen")]
+
+
+def test_decode_drops_pad_bos_eos(joint: Tokenizer) -> None:
+    ids = joint.encode_target("Zwei Männer")
+    assert joint.decode_target([1, *ids, 2, 0, 0]) == "Zwei Männer"
+    assert joint.decode_target(torch.tensor([1, *ids, 2])) == "Zwei Männer"
+    assert joint.decode_targets([[1, *ids, 2], ids]) == ["Zwei Männer"] * 2
+    assert joint.decode_source(joint.encode_source("Two men")) == "Two men"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=ALPHABET + " \t\n", max_size=60))
+def test_round_trip_is_exact_for_normalised_text(joint: Tokenizer, text: str) -> None:
+    assert joint.decode_target(joint.encode_target(text)) == normalize(text)
+    assert joint.decode_source(joint.encode_source(text)) == normalize(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_normalize_is_idempotent(text: str) -> None:
+    once = normalize(text)
+    assert normalize(once) == once
+    assert "\u2581" not in once and "  " not in once
+
+
+def test_normalize_folds_compatibility_forms_and_whitespace() -> None:
+    assert normalize("  ﬁne\u00a0\tday \u2581 x ") == "fine day x"
+
+
+def test_unseen_characters_become_unk(joint: Tokenizer) -> None:
+    assert joint.unk_id in joint.encode_source("€")
+
+
+def test_training_is_deterministic_and_files_round_trip(tmp_path: Path, joint: Tokenizer) -> None:
+    again = Tokenizer.train([*SOURCES * 3, " ".join(ALPHABET)], TARGETS * 3, vocab_size=120)
+    first = [p.read_bytes() for p in joint.to_files(tmp_path / "a")]
+    second = [p.read_bytes() for p in again.to_files(tmp_path / "b")]
+    assert first == second
+    loaded = Tokenizer.from_files(tmp_path / "a")
+    assert loaded.joint and loaded.encode_source(SOURCES[0]) == joint.encode_source(SOURCES[0])
+
+
+def test_separate_vocabularies_serialise_as_two_files(tmp_path: Path) -> None:
+    tokenizer = Tokenizer.train(SOURCES, TARGETS, vocab_size=80, joint=False, model_type="unigram")
+    paths = tokenizer.to_files(tmp_path)
+    assert [p.name for p in paths] == ["spm.src.model", "spm.tgt.model"]
+    loaded = Tokenizer.from_files(tmp_path)
+    assert not loaded.joint
+    assert loaded.src_vocab_size == tokenizer.src_vocab_size
+    assert loaded.tgt_vocab_size == tokenizer.tgt_vocab_size
+    assert loaded.encode_target(TARGETS[2]) == tokenizer.encode_target(TARGETS[2])
+    assert loaded.decode_target(loaded.encode_target(TARGETS[2])) == TARGETS[2]
+
+
+def test_tiny_corpus_gets_a_smaller_vocabulary_than_asked() -> None:
+    tokenizer = Tokenizer.train(["ab ba"], ["abc"], vocab_size=1000)
+    assert tokenizer.src_vocab_size < 1000
+    assert tokenizer.decode_target(tokenizer.encode_target("ab cab")) == "ab cab"
+
+
+def test_training_errors_are_one_line() -> None:
+    with pytest.raises(TokenizerError, match="vocab_size=6") as info:
+        Tokenizer.train(["abcdefghij"], ["klmnop"], vocab_size=6)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TokenizerError, match="no non-empty sentences"):
+        Tokenizer.train(["  "], [""], vocab_size=50)
+    with pytest.raises(TokenizerError, match="model_type"):
+        Tokenizer.train(["a"], ["b"], vocab_size=50, model_type="word")  # type: ignore[arg-type]
+
+
+def test_bad_files_are_reported(tmp_path: Path, joint: Tokenizer) -> None:
+    with pytest.raises(TokenizerError, match="no tokenizer in"):
+        Tokenizer.from_files(tmp_path)
+    (tmp_path / "spm.model").write_bytes(b"this is not a model")
+    with pytest.raises(TokenizerError, match="not a valid sentencepiece model"):
+        Tokenizer.from_files(tmp_path)
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        joint.decode_target([joint.tgt_vocab_size])
