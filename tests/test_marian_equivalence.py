@@ -28,6 +28,7 @@ CASES = {
         share_embeddings=False, tgt_vocab_size=37, activation="swish", final_logits_bias=True
     ),
     "gelu_unscaled": dict(activation="gelu", scale_embeddings=False),
+    "paper_interleaved_positions": dict(sinusoidal_layout="interleaved"),
 }
 
 
@@ -62,7 +63,7 @@ def test_marian_round_trip_is_exact() -> None:
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
-def test_paper_layout_is_refused_with_a_reason() -> None:
-    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30))
-    with pytest.raises(ValueError, match="sinusoidal_layout must be concatenated"):
+def test_what_marian_cannot_express_is_refused_with_a_reason() -> None:
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30, norm_position="pre"))
+    with pytest.raises(ValueError, match="norm_position must be post"):
         to_marian(model, IDS)

@@ -3,6 +3,11 @@
 Marian is the paper's Transformer with post-norm, sines-then-cosines positional encoding and
 sqrt(d_model)-scaled embeddings, so a tformer model with `sinusoidal_layout="concatenated"` maps onto it
 exactly: the fused Q|K|V (or K|V) projections are split into Marian's separate ones, the rest is renamed.
+
+A model with the paper's interleaved sin/cos layout is exported too: the interleaved table is the
+concatenated one with its D columns permuted, and permuting the model dimension everywhere it appears
+(embedding columns, the inputs of projections that read the residual stream, the outputs of those that
+write it, layer-norm parameters) leaves every logit unchanged (`permute_model_dim`).
 `transformers` is imported lazily: it is needed only by whoever calls these functions.
 """
 
@@ -41,8 +46,6 @@ def check_exportable(config: ModelConfig) -> None:
         problems.append("norm_position must be post")
     if config.positional_encoding != "sinusoidal":
         problems.append("positional_encoding must be sinusoidal")
-    if config.sinusoidal_layout != "concatenated":
-        problems.append("sinusoidal_layout must be concatenated")
     if not config.tie_output:
         problems.append("tie_output must be true")
     if problems:
@@ -145,8 +148,34 @@ def _layer_names(config: ModelConfig) -> list[tuple[str, str, dict[str, str]]]:
     return encoder + decoder
 
 
+# Parameters whose rows (axis 0) or columns (axis 1) run along the residual stream's D dimension.
+_READS_RESIDUAL = ("qkv_proj.weight", "q_proj.weight", "kv_proj.weight", "fc1.weight")
+_WRITES_RESIDUAL = ("out_proj.weight", "out_proj.bias", "fc2.weight", "fc2.bias", "norm.weight", "norm.bias")
+_EMBEDDINGS = ("src_embedding.weight", "separate_tgt_embedding.weight", "output_projection.weight")
+
+
+def interleaved_to_concatenated(d_model: int) -> Tensor:
+    """perm with interleaved_table[:, perm] == concatenated_table: the sine columns, then the cosines."""
+    return torch.cat([torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)])
+
+
+def permute_model_dim(state: dict[str, Tensor], perm: Tensor) -> dict[str, Tensor]:
+    """The same function with its residual stream's coordinates reordered by `perm` (h' = h[perm])."""
+    out = {}
+    for name, tensor in state.items():
+        if name in _EMBEDDINGS or name.endswith(_READS_RESIDUAL):
+            out[name] = tensor[:, perm]
+        elif name.endswith(_WRITES_RESIDUAL):
+            out[name] = tensor[perm]
+        else:
+            out[name] = tensor
+    return out
+
+
 def tformer_to_marian_state(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Rename and split a tformer state dict into Marian's layout."""
+    """Rename and split a tformer state dict into Marian's layout (positions sines-then-cosines)."""
+    if config.sinusoidal_layout == "interleaved":
+        state = permute_model_dim(state, interleaved_to_concatenated(config.d_model))
     out: dict[str, Tensor] = {}
     for ours, theirs, names in _layer_names(config):
         for our_name, their_name in names.items():
