@@ -10,6 +10,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -117,6 +118,9 @@ class DecodeConfig:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("max_len_a", "max_len_b", "min_len", "no_repeat_ngram_size", "coverage_penalty", "top_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
 
 
 # The paper's Table 3 shapes (base, big) and two smaller ones. Vocabulary sizes are set from the
@@ -213,3 +217,159 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{key}{where} must be a string; got {value!r}")
         return value
     return value
+
+
+# ---------------------------------------------------------------------------- experiments (training runs)
+TokenizerModel = Literal["bpe", "unigram"]
+ScheduleName = Literal["inverse_sqrt", "peak"]
+StopMetric = Literal["bleu", "chrf", "loss"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the training and validation text comes from, and how it becomes tokens.
+
+    `tokenizer` names a directory written by `Tokenizer.to_files`; when it is None a tokenizer of
+    `vocab_size` pieces is trained on the training data (joint over both sides when `joint_vocab`).
+    """
+
+    data_dir: str | None = None  # relative data paths below are taken from here (default: working directory)
+    train_src: str | None = None
+    train_tgt: str | None = None
+    valid_src: str | None = None
+    valid_tgt: str | None = None
+    tokenizer: str | None = None
+    vocab_size: int = 8000
+    tokenizer_model: TokenizerModel = "bpe"
+    joint_vocab: bool = True
+    max_chars: int = 2000
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.valid_src is None) != (self.valid_tgt is None):
+            raise ConfigError("give both data.valid_src and data.valid_tgt, or neither")
+        if self.vocab_size < 8:
+            raise ConfigError(f"data.vocab_size must be at least 8, got {self.vocab_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation, validation, checkpointing and stopping of one training run.
+
+    lr: "inverse_sqrt" is the paper's lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5);
+    "peak" warms up linearly to `peak_lr`, then decays as peak_lr * sqrt(warmup / step).
+    A step is one optimizer update over `accumulate` micro-batches of about `max_tokens` tokens each.
+    Limits (`max_steps`, `max_epochs`, `max_time_s`, `clip_norm`, `patience`, `bleu_every`) are off at 0.
+    """
+
+    max_tokens: int = 4096
+    accumulate: int = 1
+    max_steps: int = 100_000
+    max_epochs: int = 0
+    max_time_s: float = 0.0
+    schedule: ScheduleName = "inverse_sqrt"
+    lr_scale: float = 1.0
+    peak_lr: float = 7e-4
+    warmup_steps: int = 4000
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0
+    seed: int = 0
+    log_every: int = 100
+    valid_every: int = 1000
+    bleu_every: int = 0
+    bleu_max_sentences: int = 500
+    save_every: int = 1000
+    keep_last: int = 5
+    stop_metric: StopMetric = "loss"
+    patience: int = 0
+    device: str = "auto"
+    precision: Precision = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "accumulate", "warmup_steps", "log_every", "valid_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_epochs", "max_time_s", "clip_norm", "patience", "bleu_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.max_epochs == 0 and self.max_time_s == 0:
+            raise ConfigError("set at least one of train.max_steps, train.max_epochs, train.max_time_s")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.lr_scale <= 0 or self.peak_lr <= 0:
+            raise ConfigError("train.lr_scale and train.peak_lr must be positive")
+        if self.stop_metric in ("bleu", "chrf") and self.bleu_every == 0:
+            raise ConfigError(f"train.stop_metric={self.stop_metric} needs train.bleu_every > 0")
+        if self.bleu_max_sentences < 1:
+            raise ConfigError(f"train.bleu_max_sentences must be at least 1, got {self.bleu_max_sentences}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """Everything a training run needs: one section per component, each component sees only its own."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+
+
+EXPERIMENT_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "decode": DecodeConfig,
+}
+
+
+def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
+    """An ExperimentConfig from nested tables; `[model] preset = "tiny"` picks the base shape."""
+    unknown = sorted(set(values) - set(EXPERIMENT_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(EXPERIMENT_SECTIONS)}")
+    sections: dict[str, Any] = {}
+    for name, cls in EXPERIMENT_SECTIONS.items():
+        table = values.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table of key = value pairs, got {table!r}")
+        if name == "model" and "preset" in table:
+            table = dict(table)
+            base = table.pop("preset")
+            if base not in PRESETS:
+                raise ConfigError(f"unknown preset {base!r} in [model]; choose one of: {', '.join(PRESETS)}")
+            table = {**PRESETS[base], **table}
+        sections[name] = config_from_dict(cls, table, section=name)
+    return ExperimentConfig(**sections)
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of nested `values` with each `section.key=value` set (e.g. `train.max_steps=100`)."""
+    result = {name: dict(table) if isinstance(table, dict) else table for name, table in values.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) != 2 or not all(keys):
+            raise ConfigError(
+                f"--set expects section.key=value (sections: {', '.join(EXPERIMENT_SECTIONS)}); got {text!r}"
+            )
+        section, key = keys
+        if section not in EXPERIMENT_SECTIONS:
+            raise ConfigError(
+                f"unknown section {section!r} in --set {text}; valid sections: {', '.join(EXPERIMENT_SECTIONS)}"
+            )
+        result.setdefault(section, {})[key] = value
+    return result
+
+
+def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """An ExperimentConfig from a TOML file (or defaults when `path` is None) and `--set` overrides."""
+    values = load_toml(path) if path is not None else {}
+    return experiment_from_dict(apply_overrides(values, list(overrides)))
+
+
+def experiment_to_dict(experiment: ExperimentConfig) -> dict[str, Any]:
+    return {name: config_to_dict(getattr(experiment, name)) for name in EXPERIMENT_SECTIONS}

@@ -4,15 +4,38 @@ arguments and calls the library. User errors become one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from types import ModuleType
 
 from tformer import __version__
-from tformer.cli import info
+from tformer.cli import (
+    align,
+    attention,
+    average,
+    demo,
+    download,
+    evaluate,
+    explain,
+    info,
+    plot,
+    train,
+    translate,
+)
 
 # Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int.
 COMMANDS: list[tuple[str, ModuleType]] = [
+    ("demo", demo),
+    ("train", train),
+    ("translate", translate),
+    ("evaluate", evaluate),
+    ("average", average),
+    ("download", download),
     ("info", info),
+    ("explain", explain),
+    ("attention", attention),
+    ("align", align),
+    ("plot", plot),
 ]
 
 
@@ -38,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except (ValueError, OSError) as error:  # user errors: one line, no traceback
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -3,7 +3,12 @@
 Decoder self-attention keys and values are written into buffers preallocated for the longest output,
 so a step costs one small write instead of recomputing or concatenating the whole prefix.
 Cross-attention keys and values depend only on the source, so they are computed once and kept.
-Beam search reorders hypotheses with `reorder`, an index_select along the batch dimension.
+
+Beam search reorders hypotheses with `reorder`: an index_select of the *filled* positions only, written
+into a second preallocated buffer that then becomes the live one (double buffering), so a step never
+allocates and never copies the empty tail. Rows of one sentence share their source, so beam search
+reorders within a sentence with `include_memory=False`; `select` drops or duplicates whole rows
+(finished sentences leaving the batch) and reallocates.
 
 Shape legend: B batch (sentences x beams), H heads, L cache capacity, S source length, K head dim.
 """
@@ -23,6 +28,8 @@ class LayerCache:
     k_BHLK: Tensor
     v_BHLK: Tensor
     length: int = 0
+    spare_k_BHLK: Tensor | None = None  # the second buffer of the double-buffered reorder
+    spare_v_BHLK: Tensor | None = None
 
     def append(self, k_BHTK: Tensor, v_BHTK: Tensor) -> tuple[Tensor, Tensor]:
         """Write the new positions and return keys and values of every position so far."""
@@ -33,6 +40,27 @@ class LayerCache:
         self.v_BHLK[:, :, self.length : end] = v_BHTK
         self.length = end
         return self.k_BHLK[:, :, :end], self.v_BHLK[:, :, :end]
+
+    def reorder(self, indices_B: Tensor) -> None:
+        """Row i takes what row indices_B[i] had, for the filled positions, without allocating."""
+        if self.spare_k_BHLK is None or self.spare_v_BHLK is None:
+            self.spare_k_BHLK = torch.empty_like(self.k_BHLK)
+            self.spare_v_BHLK = torch.empty_like(self.v_BHLK)
+        n = self.length
+        torch.index_select(self.k_BHLK[:, :, :n], 0, indices_B, out=self.spare_k_BHLK[:, :, :n])
+        torch.index_select(self.v_BHLK[:, :, :n], 0, indices_B, out=self.spare_v_BHLK[:, :, :n])
+        self.k_BHLK, self.spare_k_BHLK = self.spare_k_BHLK, self.k_BHLK
+        self.v_BHLK, self.spare_v_BHLK = self.spare_v_BHLK, self.v_BHLK
+
+    def select(self, indices_B: Tensor) -> None:
+        """Keep rows indices_B (any number of them), in fresh buffers of the new batch size."""
+        k_BHLK = self.k_BHLK.new_empty((len(indices_B), *self.k_BHLK.shape[1:]))
+        v_BHLK = torch.empty_like(k_BHLK)
+        n = self.length
+        k_BHLK[:, :, :n] = self.k_BHLK[:, :, :n].index_select(0, indices_B)
+        v_BHLK[:, :, :n] = self.v_BHLK[:, :, :n].index_select(0, indices_B)
+        self.k_BHLK, self.v_BHLK = k_BHLK, v_BHLK
+        self.spare_k_BHLK = self.spare_v_BHLK = None
 
 
 @dataclass
@@ -66,9 +94,22 @@ class DecoderCache:
         """How many target positions have been decoded (the position of the next token)."""
         return self.layers[0].length
 
-    def reorder(self, indices_B: Tensor) -> None:
-        """Keep, for row i of the batch, what row indices_B[i] had (beam search's reordering)."""
+    def reorder(self, indices_B: Tensor, *, include_memory: bool = True) -> None:
+        """Keep, for row i of the batch, what row indices_B[i] had (beam search's reordering).
+
+        `include_memory=False` leaves the memory keys/values alone: right when every row is replaced by
+        a row of the same sentence (beams of one source), and it saves copying them at every step.
+        """
+        if len(indices_B) != self.layers[0].k_BHLK.shape[0]:
+            self.select(indices_B)
+            return
         for layer in self.layers:
-            layer.k_BHLK = layer.k_BHLK.index_select(0, indices_B)
-            layer.v_BHLK = layer.v_BHLK.index_select(0, indices_B)
+            layer.reorder(indices_B)
+        if include_memory:
+            self.memory_kv = [(k.index_select(0, indices_B), v.index_select(0, indices_B)) for k, v in self.memory_kv]
+
+    def select(self, indices_B: Tensor) -> None:
+        """Keep rows indices_B, memory included; the batch size may change (finished sentences leave)."""
+        for layer in self.layers:
+            layer.select(indices_B)
         self.memory_kv = [(k.index_select(0, indices_B), v.index_select(0, indices_B)) for k, v in self.memory_kv]

@@ -61,7 +61,7 @@ class Encoder(nn.Module):
 
     def forward(self, tokens_BSD: Tensor, *, src_pad_mask_BS: Tensor, need_weights: bool) -> tuple[Tensor, list]:
         x_BSD = self.dropout(tokens_BSD + self.positions(tokens_BSD.shape[1]))
-        mask = None if bool(src_pad_mask_BS.all()) else key_mask(src_pad_mask_BS)
+        mask = key_mask(src_pad_mask_BS)  # always applied: checking for "no padding" would sync the device
         weights = []
         for layer in self.layers:
             x_BSD, layer_weights = layer(x_BSD, mask=mask, need_weights=need_weights)
@@ -251,6 +251,30 @@ class Transformer(nn.Module):
             return decoded
         logits_BTV, self_weights, cross_weights = decoded
         return logits_BTV, AttentionMaps(encoder_self=encoder_weights, decoder_self=self_weights, cross=cross_weights)
+
+    def decoder_states(
+        self,
+        src_ids: Tensor,
+        tgt_ids: Tensor,
+        *,
+        src_pad_mask: Tensor | None = None,
+        tgt_pad_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Teacher-forced final decoder states hidden_BTD: `forward` without the output projection, so
+        that a training loss can project to the vocabulary a chunk of positions at a time."""
+        if src_pad_mask is None:
+            src_pad_mask = padding_mask(src_ids, self.config.pad_id)
+        memory_BSD = self.encode(src_ids, src_pad_mask=src_pad_mask)
+        self._check_length(tgt_ids.shape[1], "target")
+        hidden_BTD, _, _ = self.decoder(
+            self.tgt_embedding(tgt_ids),
+            memory_kv=self.project_memory(memory_BSD),
+            src_pad_mask_BS=src_pad_mask,
+            tgt_pad_mask=tgt_pad_mask,
+            cache=None,
+            need_weights=False,
+        )
+        return hidden_BTD
 
     # ---------------------------------------------------------------- pieces used by decoding
     def project_memory(self, memory_BSD: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -1,0 +1,226 @@
+"""Decoding speed of tformer against Hugging Face MarianMTModel.generate and CTranslate2.
+
+Same work for everyone (../../shared/BENCHMARKS.md rule 1): one random-weight model (tformer's, copied
+into Marian with `to_marian`, then converted to CTranslate2), the same random sources, batch size, beam
+size, and a fixed output length (minimum = maximum new tokens), so every system does the same number
+of decoder steps. fp32 on CPU with the same thread count for all; bf16 on GPU.
+
+    python benchmarks/decode.py --device cpu --preset small [--quick] [--record auto]
+
+Prints one JSON line per figure: target_tokens_per_s and sentences_per_s per system and search, then
+ratio_vs_hf and ratio_vs_ctranslate2 for tformer (on target tokens/s).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    common_arguments,
+    emit,
+    environment,
+    interleaved_medians,
+    median,
+    record_path,
+    write_record,
+)
+
+from tformer.config import DecodeConfig, preset
+from tformer.decoding import generate
+from tformer.interop.marian import SpecialIds, to_marian
+from tformer.model import Transformer
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+
+def parse_args():
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--sentences", type=int, default=None, help="default: 64 on CPU, 512 on GPU")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--src-len", type=int, default=None, help="default: 32 on CPU, 64 on GPU")
+    parser.add_argument("--tgt-len", type=int, default=None, help="new tokens, fixed (default: as --src-len)")
+    parser.add_argument("--beams", default="1,4", help="comma-separated beam sizes (1 = greedy)")
+    parser.add_argument("--systems", default="tformer,hf,ctranslate2", help="comma-separated systems to run")
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.sentences = args.sentences or (args.batch if args.quick else 512 if gpu else 64)
+    args.src_len = args.src_len or (16 if args.quick else 64 if gpu else 32)
+    args.tgt_len = args.tgt_len or args.src_len
+    if args.quick:
+        args.repeats = 1
+    return args
+
+
+def build_model(args) -> Transformer:
+    config = preset(
+        args.preset,
+        src_vocab_size=args.vocab_size,
+        tgt_vocab_size=args.vocab_size,
+        sinusoidal_layout="concatenated",
+        max_positions=max(512, args.tgt_len + 1),
+    )
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return Transformer(config, seed=0).to(device=args.device, dtype=dtype).eval()
+
+
+def tformer_system(model, batches, args, beam: int):
+    config = DecodeConfig(
+        beam_size=beam, nbest=1, max_len_a=0.0, max_len_b=args.tgt_len, min_len=args.tgt_len, length_penalty=1.0,
+        length_normalization="average",
+    )  # fmt: skip
+
+    def run() -> list[int]:
+        lengths = []
+        for src in batches:
+            for hyps in generate(model, src, src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=config):
+                lengths.append(len(hyps[0].tokens))
+        return lengths
+
+    return run
+
+
+def hf_system(hf_model, batches, args, beam: int):
+    def run() -> list[int]:
+        lengths = []
+        with torch.inference_mode():
+            for src in batches:
+                out = hf_model.generate(
+                    input_ids=src, attention_mask=torch.ones_like(src), num_beams=beam, do_sample=False,
+                    max_new_tokens=args.tgt_len, min_new_tokens=args.tgt_len, length_penalty=1.0, early_stopping=False,
+                )  # fmt: skip
+                lengths += [out.shape[1] - 1] * out.shape[0]  # minus the decoder start token
+        return lengths
+
+    return run
+
+
+class _VocabularyOnly:
+    """The least a CTranslate2 converter needs from a tokenizer: the vocabulary and two special tokens."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens = tokens
+        self.eos_token, self.unk_token = tokens[EOS], tokens[UNK]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {token: index for index, token in enumerate(self.tokens)}
+
+
+def ct2_system(hf_model, batches, args, beam: int, workdir: Path, tokens: list[str]):
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    target = workdir / "ct2"
+    if not target.exists():
+        hf_dir = workdir / "hf"
+        hf_model.save_pretrained(hf_dir)
+
+        class Converter(TransformersConverter):
+            def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+                return _VocabularyOnly(tokens)
+
+        Converter(str(hf_dir)).convert(str(target), force=True)
+    gpu = args.device == "cuda"
+    translator = ctranslate2.Translator(
+        str(target), device=args.device, compute_type="bfloat16" if gpu else "float32",
+        intra_threads=0 if gpu else args.threads, inter_threads=1,
+    )  # fmt: skip
+    sources = [[[tokens[i] for i in row] for row in src.tolist()] for src in batches]
+
+    def run() -> list[int]:
+        lengths = []
+        for source in sources:
+            results = translator.translate_batch(
+                source, beam_size=beam, max_batch_size=args.batch, max_decoding_length=args.tgt_len,
+                min_decoding_length=args.tgt_len, length_penalty=1.0, num_hypotheses=1,
+            )  # fmt: skip
+            lengths += [len(result.hypotheses[0]) for result in results]
+        return lengths
+
+    return run
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    systems = args.systems.split(",")
+    model = build_model(args)
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, args.vocab_size - 1, (args.sentences, args.src_len), generator=generator)
+    src[:, -1] = EOS
+    batches = [chunk.to(args.device) for chunk in src.split(args.batch)]
+    hf_model = (
+        to_marian(model, SpecialIds(bos_id=BOS, eos_id=EOS, pad_id=PAD)).to(args.device)
+        if "hf" in systems or "ctranslate2" in systems
+        else None
+    )
+    # CTranslate2's Marian loader drops the last vocabulary row (Hugging Face's appended <pad>): name it so,
+    # and never use it in sources. CTranslate2 thus projects onto V - 1 tokens, 1/V less output work.
+    tokens = ["<blank>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, args.vocab_size - 1)] + ["<pad>"]
+    common: dict[str, Any] = dict(bench="decode", preset=args.preset, device=args.device, batch=args.batch)
+    lines = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for beam in (int(b) for b in args.beams.split(",")):
+            runs = {}
+            if "tformer" in systems:
+                runs["tformer"] = tformer_system(model, batches, args, beam)
+            if "hf" in systems:
+                runs["hf"] = hf_system(hf_model, batches, args, beam)
+            if "ctranslate2" in systems:
+                runs["ctranslate2"] = ct2_system(hf_model, batches, args, beam, Path(workdir), tokens)
+            for name, run in runs.items():  # same work: every system must produce exactly tgt_len tokens
+                lengths = set(run())
+                if lengths != {args.tgt_len}:
+                    raise SystemExit(f"{name} beam {beam} produced lengths {sorted(lengths)}, expected {args.tgt_len}")
+            times = interleaved_medians(runs, repeats=args.repeats, warmup=0, device=args.device)
+            rates = {}
+            for name, seconds in times.items():
+                rates[name] = args.sentences * args.tgt_len / median(seconds)
+                shared = dict(common, system=name, beam=beam, sentences=args.sentences, src_len=args.src_len,
+                              tgt_len=args.tgt_len)  # fmt: skip
+                lines.append(emit(**shared, metric="target_tokens_per_s", value=round(rates[name], 1)))
+                lines.append(emit(**shared, metric="sentences_per_s", value=round(args.sentences / median(seconds), 2)))
+                lines.append(emit(**shared, metric="seconds_all_repeats", value=[round(s, 3) for s in seconds]))
+            if args.device == "cuda":  # peak memory of the torch systems, one more run each
+                for name in ("tformer", "hf"):
+                    if name in runs:
+                        torch.cuda.reset_peak_memory_stats()
+                        runs[name]()
+                        peak = torch.cuda.max_memory_allocated() / 2**20
+                        lines.append(
+                            emit(**common, system=name, beam=beam, metric="peak_memory_mb", value=round(peak, 1))
+                        )
+            for rival in ("hf", "ctranslate2"):
+                if "tformer" in rates and rival in rates:
+                    lines.append(emit(**common, system="tformer", beam=beam, metric=f"ratio_vs_{rival}",
+                                      value=round(rates["tformer"] / rates[rival], 3)))  # fmt: skip
+    path = record_path("decode", args.device, args.record)
+    if path is not None:
+        notes = (
+            f"Random-weight `{args.preset}` model, vocabulary {args.vocab_size}, {args.sentences} sentences of "
+            f"{args.src_len} source tokens, batch {args.batch}, exactly {args.tgt_len} new tokens per sentence "
+            f"(min = max), {'bf16' if args.device == 'cuda' else f'fp32, {args.threads} threads for every system'}. "
+            f"Median of {args.repeats} interleaved repeats after one untimed warm-up run per system (the length "
+            "check); each timed run starts after 1 s idle, so threads a previous system left spinning are idle. "
+            "HF: MarianMTModel.generate(num_beams, max_new_tokens=min_new_tokens, length_penalty=1.0); "
+            f"attention implementation {getattr(hf_model.config, '_attn_implementation', '?') if hf_model else '-'}. "
+            "CTranslate2: the same Marian weights converted with TransformersConverter (a vocabulary-only "
+            "tokenizer), translate_batch with max_decoding_length = min_decoding_length. CTranslate2's Marian "
+            "decoder starts from a zero embedding instead of the bos embedding, which changes no amount of work; its "
+            "Marian loader drops the last vocabulary row, so it projects onto V - 1 tokens."
+        )
+        write_record(path, title=f"Decoding speed, {args.device}, {args.preset}", env=environment(args.device),
+                     lines=lines, notes=notes)  # fmt: skip
+        print(f"record written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Training speed of tformer against Hugging Face MarianMTModel and torch.nn.Transformer.
+
+Same work for everyone (../../shared/BENCHMARKS.md rule 1): the same architecture (tformer's random
+weights copied into Marian with `to_marian`; nn.Transformer with tied embeddings and output projection),
+the same batch of random token ids of fixed lengths (no padding), the same dtype. One training step is
+forward, loss, backward and an AdamW step for every system; tformer's step is `train_step` itself
+(label-smoothed loss, gradient clipping at 1.0, AdamW), Marian's is `model(labels=...)` + AdamW,
+nn.Transformer's is cross-entropy with label smoothing + AdamW. fp32 on CPU with the same number of
+threads; bf16 autocast (fp32 weights) on GPU, with fused AdamW for every system.
+
+    python benchmarks/train.py --device cpu --preset small [--batch 64x32x32] [--quick] [--compile] [--record auto]
+
+`--compile` compiles every encoder and decoder layer in place (tformer: `tformer.runtime.compile_layers`;
+Marian: the same per-layer `nn.Module.compile`); compile time is reported apart. Prints one JSON line
+per figure: tokens_per_s (source + target), target_tokens_per_s, mfu (GPU), peak_memory_mb (GPU),
+compile_s (with --compile), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import common_arguments, emit, environment, interleaved_medians, median, record_path, write_record
+
+from tformer.config import TrainConfig, preset
+from tformer.data.batching import Batch
+from tformer.interop.marian import SpecialIds, to_marian
+from tformer.model import Transformer, model_flops_per_pair
+from tformer.runtime import compile_layers, configure_backends, peak_flops
+from tformer.training.optimizer import build_optimizer
+from tformer.training.step import train_step
+
+PAD, BOS, EOS = 0, 1, 2
+SMOOTHING, CLIP = 0.1, 1.0
+
+
+def parse_args():
+    parser = common_arguments(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--batch", default=None, help="SENTENCESxSRC_LENxTGT_LEN (default: 64x32x32 CPU, 128x64x64 GPU)"
+    )
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=None, help="training steps per timed run (default: 2 CPU, 20 GPU)")
+    parser.add_argument("--compile", action="store_true", help="per-layer torch.compile for tformer and Marian")
+    parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
+    parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.batch = args.batch or ("16x16x16" if args.quick else "128x64x64" if gpu else "64x32x32")
+    try:
+        args.sentences, args.src_len, args.tgt_len = (int(part) for part in args.batch.lower().split("x"))
+    except ValueError:
+        parser.error(f"--batch must look like 64x32x32, got {args.batch!r}")
+    args.steps = args.steps or (1 if args.quick else 20 if gpu else 2)
+    if args.quick:
+        args.repeats = 1
+    return args
+
+
+def random_batch(args, generator: torch.Generator) -> Batch:
+    B, S, T = args.sentences, args.src_len, args.tgt_len
+    src = torch.randint(4, args.vocab_size, (B, S), generator=generator)
+    tgt = torch.randint(4, args.vocab_size, (B, T + 1), generator=generator)
+    src[:, -1] = EOS
+    tgt[:, 0], tgt[:, -1] = BOS, EOS
+    return Batch(src, tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous(), torch.arange(B), B * S, B * T)
+
+
+def tformer_system(model: Transformer, batch: Batch, args) -> Any:
+    device = torch.device(args.device)
+    optimizer = build_optimizer(model, TrainConfig(), device=device)
+    autocast = torch.bfloat16 if args.device == "cuda" else None
+    on_device = batch.to(device)
+
+    def run() -> None:
+        for _ in range(args.steps):
+            train_step(
+                model, optimizer, [on_device], lr=1e-4, smoothing=SMOOTHING, pad_id=PAD, clip_norm=CLIP,
+                device=device, autocast_dtype=autocast, loss_chunk=args.loss_chunk,
+            )  # fmt: skip
+
+    return run
+
+
+def adamw(model: nn.Module, device: str) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=device == "cuda")
+
+
+def autocast_context(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def hf_system(hf_model: nn.Module, batch: Batch, args) -> Any:
+    optimizer = adamw(hf_model, args.device)
+    src, tgt_in, labels = (tensor.to(args.device) for tensor in (batch.src_ids, batch.tgt_in, batch.tgt_out))
+    mask = torch.ones_like(src)
+
+    def run() -> None:
+        for _ in range(args.steps):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context(args.device):
+                loss = hf_model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+class TorchTransformer(nn.Module):
+    """torch.nn.Transformer with scaled, tied embeddings, sinusoidal positions and a tied output projection."""
+
+    def __init__(self, config, vocab_size: int) -> None:
+        super().__init__()
+        d = config.d_model
+        self.embedding = nn.Embedding(vocab_size, d, padding_idx=PAD)
+        self.core = nn.Transformer(
+            d_model=d, nhead=config.n_heads, num_encoder_layers=config.n_encoder_layers,
+            num_decoder_layers=config.n_decoder_layers, dim_feedforward=config.d_ff, dropout=config.dropout,
+            batch_first=True,
+        )  # fmt: skip
+        positions = torch.arange(config.max_positions)[:, None] * torch.exp(
+            torch.arange(0, d, 2) * (-math.log(10000.0) / d)
+        )
+        table = torch.cat([positions.sin(), positions.cos()], dim=1)
+        self.register_buffer("positions", table, persistent=False)
+        self.scale = math.sqrt(d)
+
+    def embed(self, ids):
+        return self.embedding(ids) * self.scale + self.positions[: ids.shape[1]]
+
+    def forward(self, src, tgt_in):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], device=tgt_in.device)
+        hidden = self.core(self.embed(src), self.embed(tgt_in), tgt_mask=causal, tgt_is_causal=True)
+        return F.linear(hidden, self.embedding.weight)
+
+
+def torch_system(model: TorchTransformer, batch: Batch, args) -> Any:
+    optimizer = adamw(model, args.device)
+    src, tgt_in, tgt_out = (tensor.to(args.device) for tensor in (batch.src_ids, batch.tgt_in, batch.tgt_out))
+
+    def run() -> None:
+        for _ in range(args.steps):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast_context(args.device):
+                logits = model(src, tgt_in)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), label_smoothing=SMOOTHING)
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
+def compile_hf_layers(hf_model: nn.Module) -> None:
+    for layer in [*hf_model.model.encoder.layers, *hf_model.model.decoder.layers]:
+        layer.compile()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    configure_backends(torch.device(args.device))
+    torch.manual_seed(0)
+    systems = args.systems.split(",")
+    config = preset(
+        args.preset,
+        src_vocab_size=args.vocab_size,
+        tgt_vocab_size=args.vocab_size,
+        sinusoidal_layout="concatenated",
+        max_positions=max(512, args.src_len + 1, args.tgt_len + 1),
+    )
+    model = Transformer(config, seed=0)
+    batch = random_batch(args, torch.Generator().manual_seed(0))
+    runs: dict[str, Any] = {}
+    compile_s: dict[str, float] = {}
+    if "hf" in systems:
+        hf_model = to_marian(model, SpecialIds(bos_id=BOS, eos_id=EOS, pad_id=PAD))
+        if hasattr(hf_model, "set_attn_implementation"):
+            hf_model.set_attn_implementation("sdpa")
+        hf_model = hf_model.to(args.device).train()
+        if args.compile:
+            compile_hf_layers(hf_model)
+        runs["hf"] = hf_system(hf_model, batch, args)
+    if "tformer" in systems:
+        model = model.to(args.device).train()
+        if args.compile:
+            compile_layers(model)
+        runs["tformer"] = tformer_system(model, batch, args)
+    if "torch" in systems:
+        torch.manual_seed(0)
+        runs["torch"] = torch_system(TorchTransformer(config, args.vocab_size).to(args.device).train(), batch, args)
+    for name, run in runs.items():  # the first call (compilation when --compile) is timed apart
+        start = time.perf_counter()
+        run()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        compile_s[name] = time.perf_counter() - start
+    times = interleaved_medians(runs, repeats=args.repeats, warmup=1, device=args.device)
+    common: dict[str, Any] = dict(
+        bench="train", preset=args.preset, device=args.device, batch=args.batch, compile=args.compile,
+        dtype="bf16-autocast" if args.device == "cuda" else "fp32",
+    )  # fmt: skip
+    lines, rates = [], {}
+    peak = peak_flops(torch.device(args.device))
+    flops_per_step = model_flops_per_pair(config, args.src_len, args.tgt_len) * args.sentences
+    for name, seconds in times.items():
+        step_s = median(seconds) / args.steps
+        rates[name] = args.sentences * (args.src_len + args.tgt_len) / step_s
+        lines.append(emit(**common, system=name, metric="tokens_per_s", value=round(rates[name], 1)))
+        lines.append(
+            emit(**common, system=name, metric="target_tokens_per_s", value=round(batch.n_tgt_tokens / step_s, 1))
+        )
+        lines.append(
+            emit(**common, system=name, metric="step_s_all_repeats", value=[round(s / args.steps, 4) for s in seconds])
+        )
+        if args.compile or args.device == "cuda":
+            lines.append(emit(**common, system=name, metric="first_call_s", value=round(compile_s[name], 2)))
+        if peak is not None:
+            lines.append(emit(**common, system=name, metric="mfu", value=round(flops_per_step / step_s / peak, 4)))
+    if args.device == "cuda":  # peak memory, one more run each
+        for name, run in runs.items():
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            megabytes = torch.cuda.max_memory_allocated() / 2**20
+            lines.append(emit(**common, system=name, metric="peak_memory_mb", value=round(megabytes, 1)))
+    for rival in ("hf", "torch"):
+        if "tformer" in rates and rival in rates:
+            value = round(rates["tformer"] / rates[rival], 3)
+            lines.append(emit(**common, system="tformer", metric=f"ratio_vs_{rival}", value=value))
+    path = record_path("train", args.device, args.record)
+    if path is not None:
+        precision = "bf16 autocast, fp32 weights, fused AdamW" if args.device == "cuda" else "fp32"
+        notes = (
+            f"Random-weight `{args.preset}` model, vocabulary {args.vocab_size}, one batch of {args.sentences} "
+            f"sentences x {args.src_len} source x {args.tgt_len} target random token ids (no padding), {precision}, "
+            f"{args.threads if args.device == 'cpu' else '-'} CPU threads. A timed run is {args.steps} full training "
+            f"steps; median of {args.repeats} interleaved repeats after one untimed warm-up round (and the untimed "
+            "first call, reported as first_call_s with --compile or on GPU); each timed run starts after 1 s idle. "
+            "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). HF: MarianMTModel from tformer's weights "
+            "(to_marian), forward with labels (plain cross-entropy), backward, AdamW. torch: nn.Transformer, tied "
+            "embeddings and output projection, cross-entropy with label smoothing 0.1, AdamW; its single dropout "
+            "also applies to attention weights and the FFN activation. Dropout 0.1 on residuals everywhere. "
+            f"Peak for MFU: {peak if peak else 'n/a (CPU)'} FLOP/s."
+        )
+        write_record(path, title=f"Training speed, {args.device}, {args.preset}", env=environment(args.device),
+                     lines=lines, notes=notes)  # fmt: skip
+        print(f"record written to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Word alignments from cross-attention, in Pharaoh format (`i-j`: source word i to target word j, 0-based).
+
+For each sentence pair the model reads the source and the *given* target (teacher forcing, one batched
+forward pass) and returns its cross-attention. Then:
+
+1. one T x S matrix: the chosen decoder layer (default: the penultimate one, which Garg et al. 2019,
+   "Jointly Learning to Align and Translate with Transformer Models", found the most alignment-like;
+   the only one in a one-layer decoder), averaged over all its heads. Row j is the step that *predicts*
+   target piece j (its decoder input is piece j-1), so it shows where the model looked to write it;
+2. the source </s> column and the final </s> row are dropped;
+3. subwords to words: words are the whitespace tokens of the (normalised) sentence; a piece starting
+   with "▁" begins a word. Attention is *summed* over the pieces of a source word (how much of the
+   row goes to that word) and *averaged* over the pieces of a target word;
+4. hard alignment: each target word is linked to the source word it attends to most.
+
+Shape legend: B batch, L layers, H heads, S source pieces, T target pieces, I source words, J target words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tformer.data.tokenizer import normalize
+from tformer.model import Transformer
+
+WORD_START = "\u2581"
+BATCH_SIZE = 32
+
+
+class AlignmentError(ValueError):
+    """Inputs that cannot be aligned as given; the message says which file or line."""
+
+
+def piece_words(pieces: Sequence[str]) -> list[int]:
+    """The word index of each piece: a piece starting with "▁" begins a new word."""
+    words, current = [], -1
+    for piece in pieces:
+        if piece.startswith(WORD_START) or current < 0:
+            current += 1
+        words.append(current)
+    return words
+
+
+def word_scores(cross_TS: np.ndarray, src_words_S: Sequence[int], tgt_words_T: Sequence[int]) -> np.ndarray:
+    """Word-level attention J x I: summed over a source word's pieces, averaged over a target word's."""
+    n_src, n_tgt = max(src_words_S) + 1, max(tgt_words_T) + 1
+    summed_TI = np.zeros((cross_TS.shape[0], n_src))
+    np.add.at(summed_TI.T, np.asarray(src_words_S), cross_TS.T)
+    scores_JI = np.zeros((n_tgt, n_src))
+    np.add.at(scores_JI, np.asarray(tgt_words_T), summed_TI)
+    counts_J = np.bincount(np.asarray(tgt_words_T), minlength=n_tgt)
+    return scores_JI / counts_J[:, None]
+
+
+def hard_alignment(scores_JI: np.ndarray) -> list[tuple[int, int]]:
+    """(source word, target word) pairs: each target word to its highest-scoring source word."""
+    return sorted((int(np.argmax(row)), j) for j, row in enumerate(scores_JI))
+
+
+def pharaoh(pairs: Sequence[tuple[int, int]]) -> str:
+    return " ".join(f"{i}-{j}" for i, j in pairs)
+
+
+def layer_index(n_layers: int, layer: int | None) -> int:
+    """The chosen decoder layer; None means the penultimate one (the only one if there is one)."""
+    if layer is None:
+        return max(n_layers - 2, 0)
+    if not -n_layers <= layer < n_layers:
+        raise AlignmentError(f"layer {layer} does not exist; the decoder has layers 0..{n_layers - 1}")
+    return layer % n_layers
+
+
+@torch.no_grad()
+def cross_attention_batch(
+    model: Transformer, src: list[list[int]], tgt_in: list[list[int]], *, layer: int, pad_id: int
+) -> list[np.ndarray]:
+    """Head-averaged cross-attention of `layer`, one (T_b x S_b) array per pair, padding cut away."""
+    device = next(model.parameters()).device
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(row) for row in rows)
+        return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+
+    src_BS, tgt_BT = padded(src), padded(tgt_in)
+    tgt_lengths = torch.tensor([len(row) for row in tgt_in], device=device)
+    tgt_pad_mask_BT = torch.arange(tgt_BT.shape[1], device=device)[None, :] < tgt_lengths[:, None]
+    _, maps = model(src_BS, tgt_BT, src_pad_mask=src_BS != pad_id, tgt_pad_mask=tgt_pad_mask_BT, return_attention=True)
+    cross_BTS = maps.cross[layer].float().mean(dim=1).cpu().numpy()
+    return [cross_BTS[b, : len(tgt_in[b]), : len(src[b])] for b in range(len(src))]
+
+
+def align_pairs(
+    model: Transformer, tokenizer, pairs: Sequence[tuple[str, str]], *, layer: int | None = None
+) -> list[list[tuple[int, int]]]:
+    """Hard word alignments of each (source, target) sentence pair; an empty side gives no links."""
+    chosen = layer_index(model.config.n_decoder_layers, layer)
+    was_training = model.training
+    model.eval()
+    results: list[list[tuple[int, int]]] = []
+    try:
+        for start in range(0, len(pairs), BATCH_SIZE):
+            batch = [(normalize(s), normalize(t)) for s, t in pairs[start : start + BATCH_SIZE]]
+            src = [[*tokenizer.encode_source(s), tokenizer.eos_id] for s, _ in batch]
+            tgt_in = [[tokenizer.bos_id, *tokenizer.encode_target(t)] for _, t in batch]
+            maps = cross_attention_batch(model, src, tgt_in, layer=chosen, pad_id=tokenizer.pad_id)
+            for (source, target), cross_TS in zip(batch, maps, strict=True):
+                if not source or not target:
+                    results.append([])
+                    continue
+                src_words = piece_words(tokenizer.source_pieces(source))
+                tgt_words = piece_words(tokenizer.target_pieces(target))
+                if src_words[-1] + 1 != len(source.split(" ")) or tgt_words[-1] + 1 != len(target.split(" ")):
+                    raise AlignmentError(
+                        f"pair {start + len(results)}: subword pieces do not map onto whitespace words"
+                    )
+                # drop the source </s> column and the row that predicts the target </s>
+                scores_JI = word_scores(cross_TS[:-1, :-1], src_words, tgt_words)
+                results.append(hard_alignment(scores_JI))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise AlignmentError(f"no such file: {path}")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def align_files(
+    model: Transformer, tokenizer, src_path: str | Path, tgt_path: str | Path, *, layer: int | None = None
+) -> Iterator[str]:
+    """One Pharaoh line per sentence pair of the two parallel files."""
+    sources, targets = read_lines(src_path), read_lines(tgt_path)
+    if len(sources) != len(targets):
+        raise AlignmentError(
+            f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}; give parallel files"
+        )
+    for start in range(0, len(sources), BATCH_SIZE):
+        chunk = list(zip(sources[start : start + BATCH_SIZE], targets[start : start + BATCH_SIZE], strict=True))
+        for links in align_pairs(model, tokenizer, chunk, layer=layer):
+            yield pharaoh(links)

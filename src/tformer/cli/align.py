@@ -1,0 +1,45 @@
+"""Word alignments from cross-attention for a file of sentence pairs, in Pharaoh format.
+
+One line per pair: `i-j` links, source word i to target word j, 0-based, words being whitespace tokens.
+The model reads each given target (teacher forcing); subword attention is summed over a source word's
+pieces and averaged over a target word's; each target word links to the source word it attends to most.
+The attention used is the average of all heads of one decoder layer: the penultimate by default
+(`--layer` picks another; negative counts from the end). See docs/explain.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tformer.align import align_files
+from tformer.training.checkpoint import load_run
+from tformer.training.loop import resolve_device
+
+HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
+    parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
+    parser.add_argument("--tgt", type=Path, required=True, help="target sentences, aligned with --src")
+    parser.add_argument("--out", type=Path, help="write the alignments here (default: standard output)")
+    parser.add_argument("--layer", type=int, help="decoder layer to read (default: the penultimate)")
+    parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device))
+    lines = align_files(loaded.model, loaded.tokenizer, args.src, args.tgt, layer=args.layer)
+    if args.out is None:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(line + "\n" for line in lines)
+    args.out.write_text(text, encoding="utf-8")
+    print(args.out)
+    return 0

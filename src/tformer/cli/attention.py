@@ -1,0 +1,52 @@
+"""Translate one sentence and draw the attention maps of every layer and head: encoder self-attention,
+decoder (masked) self-attention and cross-attention, with the subword tokens on the axes.
+
+The output format follows the file name: .png draws one grid (a row per kind and layer, a column per
+head); .html writes one self-contained page (every head its own embedded PNG, no external files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from tformer.training.checkpoint import load_run
+from tformer.training.loop import resolve_device
+from tformer.viz.attention_maps import KINDS, AttentionPlotError, save_attention_png, sentence_attention
+from tformer.viz.html import save_attention_html
+
+HELP = "draw every layer and head of attention for one translated sentence (PNG or HTML)"
+FORMATS = (".png", ".html")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
+    parser.add_argument("sentence", help="the source sentence to translate")
+    parser.add_argument("--out", type=Path, required=True, help="FILE.png or FILE.html")
+    parser.add_argument("--target", help="draw attention for this translation instead of decoding one")
+    parser.add_argument("--layer", type=int, help="only this layer (0-based; negative counts from the end)")
+    parser.add_argument("--head", type=int, help="only this head (0-based)")
+    parser.add_argument("--kind", choices=KINDS, action="append", help="only these kinds of attention (repeatable)")
+    parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
+    parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    suffix = args.out.suffix.lower()
+    if suffix not in FORMATS:
+        raise AttentionPlotError(f"--out must end in .png or .html, got {args.out.name!r}")
+    loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device))
+    decode = loaded.experiment.decode
+    if args.beam is not None:
+        decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
+    attention = sentence_attention(
+        loaded.model, loaded.tokenizer, args.sentence, target_text=args.target, decode_config=decode
+    )
+    kinds = tuple(args.kind) if args.kind else KINDS
+    save = save_attention_html if suffix == ".html" else save_attention_png
+    path = save(attention, args.out, kinds=kinds, layer=args.layer, head=args.head)
+    print(f"translation: {attention.translation}")
+    print(path)
+    return 0

@@ -1,0 +1,29 @@
+"""Average the weights of a run's last K checkpoints into a new checkpoint directory.
+
+The paper averages the last 5 checkpoints of its base models (and 20 of its big ones). The result is a
+self-describing checkpoint that `translate` and `evaluate` accept like any other; nothing existing is
+modified or overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tformer.training.average import average_checkpoints
+
+HELP = "average the weights of a run's last K checkpoints"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run directory")
+    parser.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest checkpoints")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="new checkpoint directory (default: inside RUN_DIR/checkpoints)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    path = average_checkpoints(args.run_dir, last=args.last, out=args.out)
+    print(path)
+    return 0

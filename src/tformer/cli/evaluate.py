@@ -1,0 +1,53 @@
+"""Translate a test set with a trained run and score it against references with sacreBLEU.
+
+Prints cased BLEU with its signature, lowercased BLEU and chrF; --json prints one JSON object instead.
+Decoding uses the run's [decode] settings unless --beam is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from tformer.data.corpus import CorpusError, read_lines
+from tformer.evaluation import score
+from tformer.training.checkpoint import load_run
+from tformer.training.loop import resolve_device
+
+HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
+    parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
+    parser.add_argument("--ref", type=Path, required=True, help="reference translations, aligned with --src")
+    parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
+    parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
+    parser.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tformer.decoding.pipeline import Translator
+
+    sources, references = read_lines(args.src), read_lines(args.ref)
+    if len(sources) != len(references):
+        raise CorpusError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
+    device = resolve_device(args.device)
+    loaded = load_run(args.run_dir, which=args.which, device=device)
+    decode = loaded.experiment.decode
+    if args.beam is not None:
+        decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
+    translator = Translator(
+        loaded.model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens
+    )
+    scores = score(translator.translate_texts(sources), references)
+    if args.json:
+        print(json.dumps({"checkpoint": str(loaded.checkpoint_dir), "step": loaded.step, **scores.to_dict()}))
+    else:
+        print(f"checkpoint {loaded.checkpoint_dir} (step {loaded.step})")
+        print(scores.summary())
+    return 0

@@ -1,0 +1,28 @@
+"""A walk-through of self-attention on a tiny example (4 tokens, d_model 8, 2 heads), every number
+computed by tformer's own modules: input vectors, q/k/v, scores, softmax, weighted sums, the matrix
+form, heads, one encoder block, the causal mask, cross-attention and the cross-entropy of a training
+step, each checked against the module that computes it in the real model. --out also writes figures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tformer.explain import walkthrough
+from tformer.explain_report import render, save_figures
+
+HELP = "walk through attention on a tiny example, step by step, with every number printed"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="seed of the toy model's weights (default: 0)")
+    parser.add_argument("--out", type=Path, help="directory to write the figures (PNG) into")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = walkthrough(args.seed)
+    print(render(result), end="")
+    if args.out is not None:
+        for path in save_figures(result, args.out):
+            print(path)
+    return 0

@@ -1,0 +1,21 @@
+"""Plot a run's training curves from RUN_DIR/metrics.jsonl: training and validation loss, BLEU and
+chrF, and the learning rate, over optimizer steps (top row) and wall-clock training time (bottom row)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tformer.viz.curves import save_curves_png
+
+HELP = "plot loss, BLEU/chrF and learning rate of a run over steps and wall-clock time"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its metrics.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(save_curves_png(args.run_dir, args.out))
+    return 0

@@ -1,0 +1,126 @@
+"""Train a translation model from parallel text.
+
+Configuration comes from a TOML file (--config), then the plain flags, then --set section.key=value
+(later wins); see configs/tiny_copy.toml. A tokenizer is trained on the training data unless
+data.tokenizer names one. RUN_DIR receives checkpoints and metrics.jsonl.
+
+--out must be empty or absent unless one of:
+  --resume     continue RUN_DIR from its last checkpoint: repeat the original command with --resume
+               (model and data must match), or give only --max-steps/--max-time/... and --set
+               train.*/decode.* to change those. On CPU the result equals an uninterrupted run bit
+               for bit.
+  --overwrite  replace RUN_DIR. The new run is written next to it (a hidden .NAME.overwrite-PID
+               directory) and takes RUN_DIR's place only when training ends, so a failed or
+               interrupted new run never destroys the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
+from tformer.training.run import check_new_run_dir, resume_run, start_run
+
+HELP = "train a translation model (new run, --resume, or --overwrite)"
+
+# flag -> (section, key): plain flags are shorthands for --set section.key=value
+FLAG_KEYS: dict[str, tuple[str, str]] = {
+    "data_dir": ("data", "data_dir"),
+    "train_src": ("data", "train_src"),
+    "train_tgt": ("data", "train_tgt"),
+    "valid_src": ("data", "valid_src"),
+    "valid_tgt": ("data", "valid_tgt"),
+    "tokenizer": ("data", "tokenizer"),
+    "vocab_size": ("data", "vocab_size"),
+    "preset": ("model", "preset"),
+    "max_tokens": ("train", "max_tokens"),
+    "max_steps": ("train", "max_steps"),
+    "max_epochs": ("train", "max_epochs"),
+    "max_time": ("train", "max_time_s"),
+    "device": ("train", "device"),
+}
+RESUMABLE_FLAGS = ("max_steps", "max_epochs", "max_time", "device")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="experiment TOML file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR once the new one ends")
+    parser.add_argument("--data-dir", help="directory that relative data paths are read from (data.data_dir)")
+    parser.add_argument("--train-src", help="training source text, one sentence per line")
+    parser.add_argument("--train-tgt", help="training target text, aligned with --train-src")
+    parser.add_argument("--valid-src", help="validation source text")
+    parser.add_argument("--valid-tgt", help="validation target text")
+    parser.add_argument("--tokenizer", help="directory of an existing tokenizer (default: train one)")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size of the tokenizer trained here")
+    parser.add_argument("--preset", choices=list(PRESETS), help="model shape preset")
+    parser.add_argument("--max-tokens", type=int, help="token budget of one micro-batch (padded slots)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many updates (0: no limit)")
+    parser.add_argument("--max-epochs", type=int, help="stop after this many epochs (0: no limit)")
+    parser.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training budget")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if args.resume:
+        return _resume(args)
+    experiment = _experiment(args)
+    if not args.overwrite or not out.exists():
+        result = start_run(experiment, out, quiet=args.quiet).train()
+        print(f"run {out}: step {result.step}, {result.stop_reason}")
+        return 0
+    if not out.is_dir():
+        raise ConfigError(f"--overwrite replaces a run directory, but {out} is a file")
+    staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
+    check_new_run_dir(staging)
+    result = start_run(experiment, staging, quiet=args.quiet).train()
+    retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    os.replace(out, retired)
+    os.replace(staging, out)
+    shutil.rmtree(retired)
+    print(f"run {out} (replaced the previous run): step {result.step}, {result.stop_reason}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> ExperimentConfig:
+    """Config file, then plain flags, then --set overrides."""
+    values = load_toml(args.config) if args.config is not None else {}
+    values = apply_overrides(values, [])  # a copy with every table as a dict
+    for flag, (section, key) in FLAG_KEYS.items():
+        value: Any = getattr(args, flag)
+        if value is not None:
+            values.setdefault(section, {})[key] = value
+    return experiment_from_dict(apply_overrides(values, args.set))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """The same command with --resume appended continues the run (its model and data must match);
+    --resume with only --max-steps/--max-epochs/--max-time/--device/--set train.*,decode.* changes just those."""
+    full_command = args.config is not None or any(
+        getattr(args, flag) is not None for flag in FLAG_KEYS if flag not in RESUMABLE_FLAGS
+    )
+    if full_command:
+        trainer = resume_run(args.out, expected=_experiment(args), quiet=args.quiet)
+    else:
+        overrides = [
+            f"{FLAG_KEYS[flag][0]}.{FLAG_KEYS[flag][1]}={_toml(getattr(args, flag))}"
+            for flag in RESUMABLE_FLAGS
+            if getattr(args, flag) is not None
+        ]
+        trainer = resume_run(args.out, overrides=[*overrides, *args.set], quiet=args.quiet)
+    result = trainer.train()
+    print(f"run {args.out}: step {result.step}, {result.stop_reason}")
+    return 0
+
+
+def _toml(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)

@@ -1,0 +1,254 @@
+"""Batched beam search with per-sentence termination, n-best lists and length/coverage penalties.
+
+Each step, for every sentence (all tensors, no Python loop over hypotheses):
+1. add the next-token log-probabilities of its N beams to the beams' scores and take the best 2N of the
+   N x V continuations (2N, so that N survive even if N of them end with eos);
+2. candidates among the first N that end (eos, or the sentence's maximum length) join the finished list,
+   scored log_prob / lp(length) (+ coverage penalty); the N best finished are kept;
+3. the N best candidates that did not end become the beams; the KV cache is reordered by index;
+4. the sentence is done when its maximum length is reached, or when it holds N finished hypotheses and
+   the best running beam, normalised at its current length, no longer beats the worst of them.
+This is Hugging Face's algorithm (`early_stopping=False`), so with `length_normalization="average"` the
+outputs match `generate(num_beams=N, length_penalty=alpha)` token for token. Done sentences leave the
+batch at the periodic "all finished?" check, the loop's only host synchronisation.
+
+Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabulary, H history
+(bos + T steps), T steps, S source length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tformer.config import DecodeConfig
+from tformer.decoding.constraints import StepConstraints, prefix_tensor
+from tformer.decoding.greedy import CHECK_EVERY
+from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
+from tformer.decoding.lengths import length_penalty, max_output_lengths
+from tformer.decoding.search_types import Hypothesis
+
+NEG_INF = -float("inf")
+
+
+@dataclass
+class BeamState:
+    sentence: Tensor  # B      original sentence index
+    max_len: Tensor  # B
+    src_mask: Tensor  # B S
+    done: Tensor  # B
+    history: Tensor  # B N H  running beams: bos, then tokens
+    scores: Tensor  # B N    their log-probabilities
+    coverage: Tensor  # B N S  summed cross-attention (coverage penalty only)
+    attention: Tensor  # B N T S (return_attention only)
+    fin_history: Tensor  # B N H  finished hypotheses, best first
+    fin_scores: Tensor  # B N    normalised scores (-inf: empty slot)
+    fin_log_probs: Tensor  # B N
+    fin_n_tokens: Tensor  # B N    tokens, eos excluded
+    fin_eos: Tensor  # B N    ended with eos
+    fin_attention: Tensor  # B N T S
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Any,
+    src_ids: Tensor,
+    *,
+    src_pad_mask: Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    config: DecodeConfig,
+    prefix: list[list[int]] | None = None,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """The `config.nbest` best of `config.beam_size` beams per sentence, best first."""
+    src_pad_mask = check_inputs(model, src_ids, src_pad_mask)
+    B, S = src_ids.shape
+    N = config.beam_size
+    device = src_ids.device
+    src_lengths_B = src_pad_mask.sum(dim=1)
+    max_len_B = max_output_lengths(src_lengths_B, config, limit=model.config.max_positions)
+    T = int(max_len_B.max())
+    use_coverage = config.coverage_penalty > 0
+    want_attention = return_attention or use_coverage
+    decoder = IncrementalDecoder(
+        model,
+        src_ids,
+        src_pad_mask,
+        rows_per_sentence=1,  # all beams are bos at step 0: one row per sentence, widened after it
+        capacity=decoding_capacity(model, T),
+        want_attention=want_attention,
+    )
+    constraints = StepConstraints(
+        config,
+        eos_id=eos_id,
+        prefix_RP=prefix_tensor(
+            prefix,
+            n_sentences=B,
+            rows_per_sentence=N,
+            eos_id=eos_id,
+            vocab_size=model.config.tgt_vocab_size,
+            device=device,
+        ),
+    )
+    state = _start(B, N, S, T, bos_id, max_len_B, src_pad_mask, use_coverage, return_attention, device)
+    results: list[list[Hypothesis]] = [[] for _ in range(B)]
+    last_R = state.history[:, :, 0].reshape(-1)
+    for t in range(T):
+        if t == 0:  # one row per sentence, then every beam gets a copy of its cache row
+            log_probs_BV, attention_BS = decoder.step(last_R[::N])
+            widen_R = torch.arange(B, device=device).repeat_interleave(N)
+            decoder.select(widen_R)
+            log_probs_RV = log_probs_BV.index_select(0, widen_R)
+            attention_RS = None if attention_BS is None else attention_BS.index_select(0, widen_R)
+        else:
+            log_probs_RV, attention_RS = decoder.step(last_R)
+        Bc = state.scores.shape[0]
+        log_probs_RV = constraints.apply(log_probs_RV, t, state.history.view(Bc * N, -1)[:, : t + 1])
+        last_R = _step(state, log_probs_RV, attention_RS, t, eos_id, config, decoder)
+        if (t + 1) % CHECK_EVERY == 0 and t + 1 < T:
+            done = state.done.tolist()  # the periodic host synchronisation
+            if all(done):
+                break
+            if any(done):
+                state, last_R = _leave(state, done, last_R, results, config, decoder, constraints)
+    _collect(state, results, config)
+    return results
+
+
+def _leave(state, done, last_R, results, config, decoder, constraints) -> tuple[BeamState, Tensor]:
+    """Collect the done sentences and drop them (and their beams' rows) from the batch."""
+    N = config.beam_size
+    device = last_R.device
+    _collect(take_rows(state, torch.tensor([i for i, d in enumerate(done) if d], device=device)), results, config)
+    keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
+    rows = (keep[:, None] * N + torch.arange(N, device=device)).reshape(-1)
+    decoder.select(rows)
+    constraints.select(rows)
+    return take_rows(state, keep), last_R.index_select(0, rows)
+
+
+def _start(B, N, S, T, bos_id, max_len_B, src_mask_BS, use_coverage, return_attention, device) -> BeamState:
+    history_BNH = torch.zeros((B, N, T + 1), dtype=torch.long, device=device)
+    history_BNH[:, :, 0] = bos_id
+    scores_BN = torch.zeros((B, N), device=device)
+    scores_BN[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
+    attention_shape = (B, N, T, S) if return_attention else (B, N, 0, 0)
+    return BeamState(
+        sentence=torch.arange(B, device=device),
+        max_len=max_len_B,
+        src_mask=src_mask_BS,
+        done=torch.zeros(B, dtype=torch.bool, device=device),
+        history=history_BNH,
+        scores=scores_BN,
+        coverage=torch.zeros((B, N, S) if use_coverage else (B, N, 0), device=device),
+        attention=torch.zeros(attention_shape, device=device),
+        fin_history=history_BNH.clone(),
+        fin_scores=torch.full((B, N), NEG_INF, device=device),
+        fin_log_probs=torch.zeros((B, N), device=device),
+        fin_n_tokens=torch.zeros((B, N), dtype=torch.long, device=device),
+        fin_eos=torch.zeros((B, N), dtype=torch.bool, device=device),
+        fin_attention=torch.zeros(attention_shape, device=device),
+    )
+
+
+def _gather_beams(x_BN_: Tensor, index_BK: Tensor) -> Tensor:
+    """x[b, index[b, k], ...] for every b, k."""
+    index = index_BK.view(*index_BK.shape, *([1] * (x_BN_.dim() - 2))).expand(-1, -1, *x_BN_.shape[2:])
+    return x_BN_.gather(1, index)
+
+
+def _step(
+    state: BeamState,
+    log_probs_RV: Tensor,
+    attention_RS: Tensor | None,
+    t: int,
+    eos_id: int,
+    config: DecodeConfig,
+    decoder: IncrementalDecoder,
+) -> Tensor:
+    """One beam-search step on `state` (updated in place); returns the next input tokens (R,)."""
+    B, N = state.scores.shape
+    V = log_probs_RV.shape[1]
+    # 1. the best 2N continuations of each sentence: per beam first (the beam's score shifts its whole
+    # row, so it is added after the top-k), then across its beams
+    per_beam_log_probs_BNK, per_beam_tokens_BNK = log_probs_RV.view(B, N, V).topk(min(2 * N, V), dim=-1)
+    per_beam_scores_BNK = per_beam_log_probs_BNK + state.scores[:, :, None]
+    cand_scores_BK, flat_BK = per_beam_scores_BNK.view(B, -1).topk(2 * N, dim=-1)
+    cand_beam_BK = torch.div(flat_BK, per_beam_scores_BNK.shape[2], rounding_mode="floor")
+    cand_token_BK = per_beam_tokens_BNK.view(B, -1).gather(1, flat_BK)
+    cand_history_BKH = _gather_beams(state.history, cand_beam_BK)
+    cand_history_BKH[:, :, t + 1] = cand_token_BK
+    # 2. candidates that end here
+    is_eos_BK = cand_token_BK == eos_id
+    ends_BK = is_eos_BK | (t + 1 >= state.max_len)[:, None]
+    rank_K = torch.arange(2 * N, device=flat_BK.device)
+    finalise_BK = ends_BK & (rank_K < N) & (cand_scores_BK > NEG_INF) & ~state.done[:, None]
+    penalised_BK = cand_scores_BK / length_penalty(float(t + 1), config)
+    cand_attention = None
+    if attention_RS is not None:
+        parent_attention_BNS = attention_RS.view(B, N, -1)
+        if config.coverage_penalty > 0:
+            coverage_BNS = state.coverage + parent_attention_BNS
+            penalised_BK = penalised_BK + _coverage_penalty(_gather_beams(coverage_BNS, cand_beam_BK), state, config)
+            state.coverage = coverage_BNS
+        if state.attention.shape[2] > 0:
+            state.attention[:, :, t] = parent_attention_BNS
+            cand_attention = _gather_beams(state.attention, cand_beam_BK)
+    merged_BM = torch.cat([state.fin_scores, penalised_BK.masked_fill(~finalise_BK, NEG_INF)], dim=1)
+    state.fin_scores, keep_BN = merged_BM.topk(N, dim=1)
+    state.fin_history = _gather_beams(torch.cat([state.fin_history, cand_history_BKH], dim=1), keep_BN)
+    state.fin_log_probs = torch.cat([state.fin_log_probs, cand_scores_BK], dim=1).gather(1, keep_BN)
+    state.fin_n_tokens = torch.cat([state.fin_n_tokens, t + 1 - is_eos_BK.long()], dim=1).gather(1, keep_BN)
+    state.fin_eos = torch.cat([state.fin_eos, is_eos_BK], dim=1).gather(1, keep_BN)
+    if cand_attention is not None:
+        state.fin_attention = _gather_beams(torch.cat([state.fin_attention, cand_attention], dim=1), keep_BN)
+    # 3. the N best continuations that go on become the beams
+    running_scores_BN, chosen_BN = cand_scores_BK.masked_fill(ends_BK, NEG_INF).topk(N, dim=1)
+    parent_BN = cand_beam_BK.gather(1, chosen_BN)
+    rows_R = (parent_BN + torch.arange(B, device=parent_BN.device)[:, None] * N).view(-1)
+    decoder.reorder(rows_R)
+    state.history = _gather_beams(cand_history_BKH, chosen_BN)
+    state.scores = running_scores_BN
+    if state.coverage.shape[2] > 0:
+        state.coverage = _gather_beams(state.coverage, parent_BN)
+    if state.attention.shape[2] > 0:
+        state.attention = _gather_beams(state.attention, parent_BN)
+    # 4. per-sentence termination
+    best_running_B = running_scores_BN[:, 0] / length_penalty(float(t + 1), config)
+    full_B = state.fin_scores[:, -1] > NEG_INF
+    no_better_B = full_B & (best_running_B <= state.fin_scores[:, -1])
+    state.done |= (t + 1 >= state.max_len) | no_better_B
+    return cand_token_BK.gather(1, chosen_BN).view(-1)
+
+
+def _coverage_penalty(coverage_BKS: Tensor, state: BeamState, config: DecodeConfig) -> Tensor:
+    """beta * sum over real source tokens of log(min(coverage, 1)) (GNMT), floored at log(1e-6) each."""
+    logs_BKS = coverage_BKS.clamp(min=1e-6, max=1.0).log()
+    return config.coverage_penalty * logs_BKS.masked_fill(~state.src_mask[:, None, :], 0.0).sum(dim=-1)
+
+
+def _collect(state: BeamState, results: list[list[Hypothesis]], config: DecodeConfig) -> None:
+    """Turn the finished lists of `state`'s sentences into Hypothesis objects, best first."""
+    sentences = state.sentence.tolist()
+    scores, log_probs = state.fin_scores.tolist(), state.fin_log_probs.tolist()
+    n_tokens, ended = state.fin_n_tokens.tolist(), state.fin_eos.tolist()
+    src_lengths = state.src_mask.sum(dim=1).tolist()
+    history = state.fin_history.cpu()
+    attention = state.fin_attention.cpu() if state.fin_attention.shape[2] > 0 else None
+    for b, sentence in enumerate(sentences):
+        for k in range(config.nbest):
+            if scores[b][k] == NEG_INF:
+                break
+            steps = n_tokens[b][k] + int(ended[b][k])
+            results[sentence].append(
+                Hypothesis(
+                    tokens=history[b, k, 1 : 1 + n_tokens[b][k]].tolist(),
+                    score=scores[b][k],
+                    log_prob=log_probs[b][k],
+                    attention=None if attention is None else attention[b, k, :steps, : src_lengths[b]].clone(),
+                )
+            )

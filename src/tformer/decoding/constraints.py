@@ -1,0 +1,82 @@
+"""Per-step restrictions on the next token, applied to log-probabilities before any search picks.
+
+All of them work on whole (R, V) tensors with no host synchronisation: banned tokens get -inf, and the
+log-probabilities of allowed tokens are not renormalised (as in fairseq and Hugging Face).
+
+- min_len: eos is banned while fewer than `min_len` tokens have been predicted;
+- prefix: while a row's forced prefix lasts, every other token is banned;
+- no_repeat_ngram_size n: a token that would complete an n-gram already present in the history
+  (bos included, as in Hugging Face) is banned.
+
+Shape legend: R rows, V vocabulary, T history length (bos + tokens so far), P longest prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tformer.config import DecodeConfig
+from tformer.decoding.search_types import DecodingError
+
+
+def prefix_tensor(
+    prefix: list[list[int]] | None, *, n_sentences: int, rows_per_sentence: int, eos_id: int, vocab_size: int, device
+) -> Tensor | None:
+    """Forced first tokens per row, -1 where a sentence's prefix has ended; None without prefixes."""
+    if prefix is None:
+        return None
+    if len(prefix) != n_sentences:
+        raise DecodingError(f"prefix has {len(prefix)} entries for {n_sentences} sentences; give one list per sentence")
+    longest = max((len(tokens) for tokens in prefix), default=0)
+    if longest == 0:
+        return None
+    for tokens in prefix:
+        if any(token == eos_id or not 0 <= token < vocab_size for token in tokens):
+            raise DecodingError(f"prefix tokens must be in [0, {vocab_size}) and not eos ({eos_id}); got {tokens}")
+    table_BP = torch.full((n_sentences, longest), -1, dtype=torch.long)
+    for row, tokens in enumerate(prefix):
+        table_BP[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return table_BP.repeat_interleave(rows_per_sentence, dim=0).to(device)
+
+
+class StepConstraints:
+    """The restrictions of one decoding call; `apply` is called once per step."""
+
+    def __init__(self, config: DecodeConfig, *, eos_id: int, prefix_RP: Tensor | None) -> None:
+        self.min_len = config.min_len
+        self.ngram = config.no_repeat_ngram_size
+        self.eos_id = eos_id
+        self.prefix_RP = prefix_RP
+
+    def apply(self, log_probs_RV: Tensor, step: int, history_RT: Tensor) -> Tensor:
+        """Restrict the log-probabilities of step `step` (0-based); history_RT is bos + `step` tokens.
+        May modify `log_probs_RV` in place."""
+        if step < self.min_len:
+            log_probs_RV[:, self.eos_id] = -float("inf")
+        if self.ngram > 0 and history_RT.shape[1] >= self.ngram:
+            log_probs_RV = log_probs_RV.masked_fill(
+                repeated_ngram_mask(history_RT, self.ngram, log_probs_RV.shape[1]), -float("inf")
+            )
+        if self.prefix_RP is not None and step < self.prefix_RP.shape[1]:
+            forced_R = self.prefix_RP[:, step]
+            vocab_V = torch.arange(log_probs_RV.shape[1], device=log_probs_RV.device)
+            banned_RV = (forced_R[:, None] >= 0) & (vocab_V[None, :] != forced_R[:, None])
+            log_probs_RV = log_probs_RV.masked_fill(banned_RV, -float("inf"))
+        return log_probs_RV
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the constraints of these rows only (finished rows left the batch)."""
+        if self.prefix_RP is not None:
+            self.prefix_RP = self.prefix_RP.index_select(0, rows)
+
+
+def repeated_ngram_mask(history_RT: Tensor, n: int, vocab_size: int) -> Tensor:
+    """(R, V) True for tokens that would repeat an n-gram of the history."""
+    windows_RWn = history_RT.unfold(1, n, 1)  # every n-gram so far
+    context_R1m = history_RT[:, history_RT.shape[1] - (n - 1) :][:, None, :]  # the last n-1 tokens
+    match_RW = (windows_RWn[:, :, : n - 1] == context_R1m).all(dim=-1)
+    banned_RW = torch.where(match_RW, windows_RWn[:, :, -1], vocab_size)  # vocab_size: a dummy column
+    mask = torch.zeros(history_RT.shape[0], vocab_size + 1, dtype=torch.bool, device=history_RT.device)
+    mask.scatter_(1, banned_RW, True)
+    return mask[:, :vocab_size]

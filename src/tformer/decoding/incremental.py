@@ -1,0 +1,108 @@
+"""Run a model one target token at a time: encode once, project the memory once, keep the KV cache.
+
+`IncrementalDecoder` owns the cache and the per-row source mask. Every search (greedy, beam, sampling)
+drives it the same way: `step(tokens_R)` for the next log-probabilities, `reorder(rows_R)` when beams
+swap histories, `select(rows)` when finished sentences leave the batch.
+
+The model needs only this surface (a `Transformer`, or an `EnsembleModel`): `encode(src, *,
+src_pad_mask)`, `project_memory(memory)`, `new_cache(*, batch_size, capacity)` returning a cache with
+`memory_kv`, `reorder(indices, *, include_memory)` and `select(indices)`, `decode(tokens, *, memory,
+src_pad_mask, cache, return_attention)`, and `config.max_positions` / `config.pad_id`.
+
+Shape legend: B sentences, R rows (sentences x rows per sentence), S source length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tformer.decoding.search_types import DecodingError
+
+
+def repeat_rows(tree: Any, repeats: int) -> Any:
+    """Repeat every tensor of a nested list/tuple along dim 0 (row b -> rows b*repeats .. +repeats-1)."""
+    if isinstance(tree, Tensor):
+        return tree if repeats == 1 else tree.repeat_interleave(repeats, dim=0)
+    return type(tree)(repeat_rows(item, repeats) for item in tree)
+
+
+class IncrementalDecoder:
+    """The model, its cache and the source mask of the rows being decoded."""
+
+    def __init__(
+        self,
+        model: Any,
+        src_ids_BS: Tensor,
+        src_pad_mask_BS: Tensor,
+        *,
+        rows_per_sentence: int,
+        capacity: int,
+        want_attention: bool,
+    ) -> None:
+        self.model = model
+        self.want_attention = want_attention
+        memory = model.encode(src_ids_BS, src_pad_mask=src_pad_mask_BS)
+        rows = src_ids_BS.shape[0] * rows_per_sentence
+        self.cache = model.new_cache(batch_size=rows, capacity=capacity)
+        # keys/values of the memory for each sentence, computed once, then shared by its rows
+        self.cache.memory_kv = repeat_rows(model.project_memory(memory), rows_per_sentence)
+        # one host sync before the loop: without padding, attention needs no mask at all
+        self.mask_RS = None if bool(src_pad_mask_BS.all()) else repeat_rows(src_pad_mask_BS, rows_per_sentence)
+
+    def step(self, tokens_R: Tensor) -> tuple[Tensor, Tensor | None]:
+        """fp32 log-probabilities of the next token (R, V) and, if wanted, the cross-attention (R, S)."""
+        out = self.model.decode(
+            tokens_R[:, None],
+            memory=None,
+            src_pad_mask=self.mask_RS,
+            cache=self.cache,
+            return_attention=self.want_attention,
+        )
+        logits_R1V = out[0] if self.want_attention else out
+        log_probs_RV = torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
+        attention_RS = out[2][-1][:, :, -1].float().mean(dim=1) if self.want_attention else None
+        return log_probs_RV, attention_RS
+
+    def reorder(self, rows_R: Tensor) -> None:
+        """Row r continues the history of row rows_R[r], always a row of the same sentence."""
+        self.cache.reorder(rows_R, include_memory=False)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (finished sentences leave the batch)."""
+        self.cache.select(rows)
+        if self.mask_RS is not None:
+            self.mask_RS = self.mask_RS.index_select(0, rows)
+
+
+def decoding_capacity(model: Any, max_len: int) -> int:
+    """Cache positions needed for `max_len` steps (bos and every token but the last are fed back)."""
+    return min(max_len, model.config.max_positions)
+
+
+def take_rows(state: Any, index: Tensor) -> Any:
+    """A copy of a dataclass of per-row (or per-sentence) tensors, keeping rows `index` of each."""
+    changes = {
+        item.name: getattr(state, item.name).index_select(0, index)
+        for item in dataclasses.fields(state)
+        if isinstance(getattr(state, item.name), Tensor)
+    }
+    return dataclasses.replace(state, **changes)
+
+
+def check_inputs(model: Any, src_ids_BS: Tensor, src_pad_mask_BS: Tensor | None) -> Tensor:
+    """The source mask to use (from the model's pad id when not given); refuse a model in training mode."""
+    if getattr(model, "training", False):
+        raise DecodingError("the model is in training mode (dropout on); call model.eval() before decoding")
+    if src_ids_BS.dim() != 2 or src_ids_BS.shape[0] == 0:
+        raise DecodingError(f"src_ids must be a non-empty (batch, length) tensor; got shape {tuple(src_ids_BS.shape)}")
+    if src_pad_mask_BS is None:
+        return src_ids_BS != model.config.pad_id
+    if src_pad_mask_BS.shape != src_ids_BS.shape:
+        raise DecodingError(
+            f"src_pad_mask shape {tuple(src_pad_mask_BS.shape)} differs from src_ids {tuple(src_ids_BS.shape)}"
+        )
+    return src_pad_mask_BS

@@ -1,0 +1,117 @@
+"""Text in, text out: tokenize, batch by length, decode, detokenize, in input order, streaming.
+
+`Translator.translate` reads its input lazily in chunks of `chunk_lines` lines. Within a chunk the
+sentences are sorted by length and cut into batches of at most `max_batch_tokens` source tokens
+(padding included), so little work is spent on padding; results come back in input order, one chunk
+at a time, so a long or endless input is translated with bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Protocol
+
+import torch
+
+from tformer.config import DecodeConfig
+from tformer.decoding import generate
+from tformer.decoding.search_types import DecodingError
+
+
+class TokenizerLike(Protocol):
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode_source(self, text: str) -> list[int]: ...
+
+    def decode_target(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class Translation:
+    text: str
+    tokens: list[int]
+    score: float
+
+
+class Translator:
+    """A model, its tokenizer and a DecodeConfig, ready to translate lines of text."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: TokenizerLike,
+        config: DecodeConfig,
+        *,
+        device: str | torch.device = "cpu",
+        max_batch_tokens: int = 4096,
+        chunk_lines: int = 256,
+    ) -> None:
+        if max_batch_tokens < 1 or chunk_lines < 1:
+            raise DecodingError(
+                f"max_batch_tokens and chunk_lines must be positive; got {max_batch_tokens}, {chunk_lines}"
+            )
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = torch.device(device)
+        self.max_batch_tokens = max_batch_tokens
+        self.chunk_lines = chunk_lines
+
+    def translate(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
+        """The n-best list of every line, in input order, produced chunk by chunk."""
+        iterator = iter(lines)
+        first_line = 0
+        while chunk := list(islice(iterator, self.chunk_lines)):
+            yield from self._translate_chunk(chunk, first_line)
+            first_line += len(chunk)
+
+    def translate_texts(self, lines: Sequence[str]) -> list[str]:
+        """The best translation of every line."""
+        return [translations[0].text for translations in self.translate(lines)]
+
+    def _translate_chunk(self, chunk: list[str], first_line: int) -> list[list[Translation]]:
+        eos_id = self.tokenizer.eos_id
+        limit = self.model.config.max_positions
+        encoded = [[*self.tokenizer.encode_source(line), eos_id] for line in chunk]
+        for index, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise DecodingError(
+                    f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
+                )
+        results: list[list[Translation]] = [[] for _ in chunk]
+        for batch in self._batches(encoded):
+            width = len(encoded[batch[-1]])  # sorted by length: the last is the longest
+            src = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
+            for row, index in enumerate(batch):
+                src[row, : len(encoded[index])] = torch.tensor(encoded[index])
+            mask = torch.arange(width)[None, :] < torch.tensor([len(encoded[i]) for i in batch])[:, None]
+            hypotheses = generate(
+                self.model,
+                src.to(self.device),
+                src_pad_mask=mask.to(self.device),
+                bos_id=self.tokenizer.bos_id,
+                eos_id=eos_id,
+                config=self.config,
+            )
+            for index, nbest in zip(batch, hypotheses, strict=True):
+                results[index] = [
+                    Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score)
+                    for h in nbest
+                ]
+        return results
+
+    def _batches(self, encoded: list[list[int]]) -> Iterator[list[int]]:
+        """Indices of `encoded`, shortest first, in batches of at most max_batch_tokens padded tokens."""
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        batch: list[int] = []
+        for index in order:
+            if batch and (len(batch) + 1) * len(encoded[index]) > self.max_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch

@@ -1,0 +1,224 @@
+"""Showing a `tformer.explain.Walkthrough`: small plain-text tables for the terminal, and PNG figures.
+
+Nothing here computes the model: every number comes from the Walkthrough's tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import patheffects
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from tformer.explain import Walkthrough
+from tformer.viz.positional import save_positional_png
+
+
+# ---------------------------------------------------------------------------------------------- text
+def table(values: Tensor, row_labels: Sequence[str], col_labels: Sequence[str], *, decimals: int = 3) -> str:
+    """A right-aligned text table of a 2-D tensor."""
+    cells = [[f"{float(v):.{decimals}f}" for v in row] for row in values.tolist()]
+    width = max(len(c) for c in [*col_labels, *(c for row in cells for c in row)])
+    label_width = max(len(label) for label in row_labels)
+    lines = [" " * label_width + "  " + " ".join(c.rjust(width) for c in col_labels)]
+    for label, row in zip(row_labels, cells, strict=True):
+        lines.append(label.ljust(label_width) + "  " + " ".join(c.rjust(width) for c in row))
+    return "\n".join(lines)
+
+
+def dims(n: int, prefix: str = "d") -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def heading(number: int | str, title: str) -> str:
+    return f"\n== {number}. {title} " + "=" * max(3, 72 - len(title))
+
+
+def worked_score(w: Walkthrough, head: int = 0, query: int = 1, key: int = 0) -> str:
+    """One score written out term by term, so a reader can redo it by hand."""
+    a = w.attention
+    q, k = a.q_HSK[head, query], a.k_HSK[head, key]
+    terms = " + ".join(f"({float(x):.3f})({float(y):.3f})" for x, y in zip(q, k, strict=True))
+    head_dim = q.shape[0]
+    return (
+        f"worked example, head {head}, query {w.source_tokens[query]!r}, key {w.source_tokens[key]!r}:\n"
+        f"  q·k / sqrt({head_dim}) = [{terms}] / {head_dim**0.5:.0f} = {float(a.scores_HSS[head, query, key]):.3f}"
+    )
+
+
+def render(w: Walkthrough) -> str:
+    """The whole walk-through as text."""
+    c, a, b = w.config, w.attention, w.encoder_block
+    src, tin, tout = w.source_tokens, w.decoder_inputs, w.decoder_targets
+    H, K = c.n_heads, c.head_dim
+    out = [
+        f"A Transformer with d_model={c.d_model}, {H} heads of {K} dimensions, d_ff={c.d_ff}, "
+        f"one encoder and one decoder layer, weights from seed {w.seed}.",
+        f"Source: {' '.join(src)}    target: {' '.join(tout)}",
+        heading(1, f"input vectors: token embedding x sqrt({c.d_model}) + sinusoidal position"),
+        "token embedding:",
+        table(w.embeddings_SD, src, dims(c.d_model)),
+        "position (sinusoidal_table):",
+        table(w.positions_SD, src, dims(c.d_model)),
+        "x = embedding + position:",
+        table(b.input_SD, src, dims(c.d_model)),
+        heading(2, f"queries, keys, values: SelfAttention.qkv_proj, split into {H} heads of {K}"),
+    ]
+    for h in range(H):
+        for name, values in (("q", a.q_HSK), ("k", a.k_HSK), ("v", a.v_HSK)):
+            out += [f"head {h} {name}:", table(values[h], src, dims(K, name))]
+    out.append(heading(3, f"scores q·k / sqrt({K}): one row per query, one column per key"))
+    out.append(worked_score(w))
+    for h in range(H):
+        out += [f"head {h} scores:", table(a.scores_HSS[h], src, src)]
+    out.append(heading(4, "softmax of each row: how much each query takes from each key"))
+    for h in range(H):
+        out += [f"head {h} weights (rows sum to 1):", table(a.weights_HSS[h], src, src)]
+    out.append(heading(5, "weighted sum of the value vectors: each query's output"))
+    for h in range(H):
+        out += [f"head {h} output:", table(a.heads_HSK[h], src, dims(K, "o"))]
+    out += [
+        heading(6, "matrix form softmax(Q K^T / sqrt(d_k)) V, heads concatenated and projected"),
+        "concat of the heads (merge_heads):",
+        table(a.concat_SD, src, dims(c.d_model)),
+        "out_proj(concat) = the self-attention output:",
+        table(a.output_SD, src, dims(c.d_model)),
+        heading(7, "one encoder block: x + attention -> layer norm -> x + feed-forward -> layer norm"),
+        "after the attention residual and layer norm:",
+        table(b.after_attention_SD, src, dims(c.d_model)),
+        "feed-forward output fc2(relu(fc1(.))):",
+        table(b.feed_forward_SD, src, dims(c.d_model)),
+        "block output (the encoder's memory):",
+        table(b.output_SD, src, dims(c.d_model)),
+        heading(8, "masked decoder self-attention: position t reads decoder inputs 0..t"),
+        "causal mask (1 = may attend):",
+        table(w.causal.mask_TT.double(), tin, tin, decimals=0),
+    ]
+    for h in range(H):
+        out += [f"head {h} weights (zero above the diagonal):", table(w.causal.weights_HTT[h], tin, tin)]
+    out.append(heading(9, "cross-attention: decoder queries, keys and values from the encoder output"))
+    for h in range(H):
+        out += [f"head {h} weights (rows: decoder inputs, columns: source):", table(w.cross.weights_HTS[h], tin, src)]
+    loss = w.loss
+    rows = np.stack([loss.target_probability_T.numpy(), loss.nll_T.numpy()], axis=1)
+    out += [
+        heading(10, "cross-entropy of one training step (teacher forcing)"),
+        "at each position: the probability of the correct next token, and -log of it:",
+        table(Tensor(rows), [f"{i} -> {t}" for i, t in zip(tin, tout, strict=True)], ["p(next)", "-log p"]),
+        f"loss = mean(-log p) = {loss.loss:.4f}   (a uniform guess over {c.tgt_vocab_size} tokens: "
+        f"{np.log(c.tgt_vocab_size):.4f})",
+        f"after one Adam step (lr {loss.learning_rate}) on this pair the loss is {loss.loss_after_step:.4f}",
+        heading("checks", "each step equals what tformer's modules compute (max |difference|)"),
+    ]
+    out += [f"  {value:.1e}  {name}" for name, value in w.checks.items()]
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- figures
+OUTLINED = [patheffects.withStroke(linewidth=2, foreground="black")]  # white text readable on any colour
+
+
+def annotated(
+    ax: Axes, values: Tensor, rows: Sequence[str], cols: Sequence[str], title: str, *, decimals: int = 2, **imshow
+) -> None:
+    data = values.detach().double().numpy()
+    ax.imshow(data, aspect="auto", interpolation="nearest", **imshow)
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=90 if len(cols) > 4 else 0, fontsize=8)
+    ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    if data.size <= 64:
+        for (i, j), value in np.ndenumerate(data):
+            ax.text(
+                j,
+                i,
+                f"{value:.{decimals}f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+                path_effects=OUTLINED,
+            )
+
+
+def figure_grid(n_rows: int, n_cols: int, title: str, *, panel: float = 3.2) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=(panel * n_cols, panel * n_rows + 0.6), layout="constrained")
+    figure.suptitle(title)
+    return figure, figure.subplots(n_rows, n_cols, squeeze=False)
+
+
+def self_attention_figure(w: Walkthrough) -> Figure:
+    a, src = w.attention, w.source_tokens
+    figure, axes = figure_grid(w.config.n_heads, 2, "encoder self-attention: scores, then softmax")
+    for h in range(w.config.n_heads):
+        annotated(axes[h, 0], a.scores_HSS[h], src, src, f"head {h}: q·k / sqrt(d_k)", cmap="coolwarm")
+        annotated(axes[h, 1], a.weights_HSS[h], src, src, f"head {h}: softmax", cmap="viridis", vmin=0, vmax=1)
+    return figure
+
+
+def encoder_block_figure(w: Walkthrough) -> Figure:
+    b, src, labels = w.encoder_block, w.source_tokens, dims(w.config.d_model)
+    stages = (
+        ("x = embedding + position", b.input_SD),
+        ("self-attention output", b.attention_SD),
+        ("layer norm(x + attention)", b.after_attention_SD),
+        ("feed-forward output", b.feed_forward_SD),
+        ("block output", b.output_SD),
+    )
+    figure, axes = figure_grid(1, len(stages), "one encoder block, vector by vector", panel=3.4)
+    for ax, (title, values) in zip(axes[0], stages, strict=True):
+        annotated(ax, values, src, labels, title, cmap="coolwarm", vmin=-3, vmax=3)
+    return figure
+
+
+def decoder_figure(w: Walkthrough) -> Figure:
+    tin, src, H = w.decoder_inputs, w.source_tokens, w.config.n_heads
+    figure, axes = figure_grid(2, H + 1, "decoder: causal mask, masked self-attention, cross-attention")
+    annotated(
+        axes[0, 0], w.causal.mask_TT.double(), tin, tin, "causal mask (1 = may attend)", cmap="Greys_r", decimals=0
+    )
+    axes[1, 0].axis("off")
+    for h in range(H):
+        annotated(axes[0, h + 1], w.causal.weights_HTT[h], tin, tin, f"masked self-attn, head {h}", vmin=0, vmax=1)
+        annotated(axes[1, h + 1], w.cross.weights_HTS[h], tin, src, f"cross-attention, head {h}", vmin=0, vmax=1)
+    return figure
+
+
+def loss_figure(w: Walkthrough) -> Figure:
+    loss = w.loss
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = figure.subplots()
+    labels = [f"{i} → {t}" for i, t in zip(w.decoder_inputs, w.decoder_targets, strict=True)]
+    bars = ax.bar(labels, loss.target_probability_T.numpy(), color="tab:blue")
+    for bar, nll in zip(bars, loss.nll_T.numpy(), strict=True):
+        ax.annotate(
+            f"-log p = {nll:.2f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.axhline(1 / w.config.tgt_vocab_size, color="gray", linestyle="--", label="uniform guess")
+    ax.set_ylim(0, max(0.3, 1.25 * float(loss.target_probability_T.max())))
+    ax.set_ylabel("p(correct next token)")
+    ax.set_title(f"cross-entropy {loss.loss:.3f}; after one Adam step {loss.loss_after_step:.3f}", fontsize=10)
+    ax.legend(fontsize=8)
+    return figure
+
+
+def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [save_positional_png(out_dir / "positional_encoding.png")]
+    for name, make in (
+        ("self_attention.png", self_attention_figure),
+        ("encoder_block.png", encoder_block_figure),
+        ("decoder_attention.png", decoder_figure),
+        ("cross_entropy.png", loss_figure),
+    ):
+        make(w).savefig(out_dir / name, dpi=100, format="png")
+        written.append(out_dir / name)
+    return written

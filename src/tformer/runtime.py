@@ -1,0 +1,122 @@
+"""Where and how a model runs: device, backend flags, per-layer compilation, and data parallelism.
+
+The model stays pure (torchtitan, gpt-fast): everything here is applied to a built model from the
+outside, and never changes its state-dict keys. `compile_layers` compiles each encoder and decoder
+layer in place (`nn.Module.compile` keeps the module and its parameters where they were); data
+parallelism wraps the training objective, not the model, in DistributedDataParallel.
+
+Processes are started by `torchrun`, which sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR /
+MASTER_PORT); `init_distributed` reads them. Without them there is one process and nothing to set up.
+Global torch flags are set by `configure_backends`, called when a run starts, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tformer.config import ConfigError
+
+# Peak dense bf16 FLOP/s by device name (../shared/BENCHMARKS.md), for MFU. PCIe before the generic H100.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12))
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the data-parallel processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes checkpoints, metrics and log lines."""
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """The sum over processes, in place (a no-op for one process)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_float(self, value: float, device: torch.device) -> float:
+        """Rank 0's value on every process (a host sync: use it sparingly)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU).
+
+    `device_name` is train.device; with several processes on GPUs each uses cuda:LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def resolve_device(name: str, distributed: Distributed | None = None) -> torch.device:
+    """train.device as a torch.device; "auto" picks CUDA when present. Each process of a multi-GPU run
+    takes the GPU of its local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    if device.type == "cuda" and distributed is not None and distributed.enabled:
+        device = torch.device("cuda", distributed.local_rank)
+    return device
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast math where it is the norm: TF32 for any fp32 matmul left on the GPU (bf16 autocast covers
+    most), cuDNN autotuning off (shapes change with every token-budget batch). Nothing on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
+
+
+def compile_layers(model: nn.Module) -> nn.Module:
+    """`torch.compile` each encoder and decoder layer in place; keys and parameters stay the same.
+
+    Per-layer compilation (as torchtitan does) compiles one small graph per layer type and keeps the
+    rest of the model (masks, embeddings, the loss) eager, so a compile failure stays local and
+    compile time stays short. Shapes change with every batch, so they are compiled as dynamic."""
+    for stack in (model.encoder.layers, model.decoder.layers):
+        for layer in stack:
+            layer.compile(dynamic=True)
+    return model
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of the device, for MFU; None when unknown (CPUs, other GPUs)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)

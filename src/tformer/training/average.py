@@ -1,0 +1,56 @@
+"""Checkpoint averaging (paper section 6.1: the base model averages its last 5 checkpoints).
+
+The average of the last K step checkpoints of a run is written as a new, self-describing checkpoint
+directory (experiment, tokenizer, weights; no trainer state). Existing checkpoints are never touched
+and an existing output directory is never overwritten. Sums are taken in float64.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tformer.model import Transformer
+from tformer.training import checkpoint as ckpt
+
+
+def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | None = None) -> Path:
+    """Average the weights of RUN_DIR's last `last` checkpoints into `out` (default: a new
+    RUN_DIR/checkpoints/averaged-last{K}-step-{N} directory). Returns the new directory."""
+    run_dir = Path(run_dir)
+    if last < 1:
+        raise ckpt.CheckpointError(f"--last must be at least 1, got {last}")
+    if not run_dir.is_dir() or not ckpt.is_run_dir(run_dir):
+        raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no {ckpt.CHECKPOINTS_DIR}/)")
+    available = ckpt.step_checkpoints(run_dir)
+    if len(available) < last:
+        raise ckpt.CheckpointError(
+            f"{run_dir} has {len(available)} step checkpoints; ask for --last {len(available)} or fewer"
+        )
+    chosen = available[-last:]
+    experiment, step = ckpt.read_experiment(chosen[-1])
+    out = Path(out) if out is not None else run_dir / ckpt.CHECKPOINTS_DIR / f"averaged-last{last}-{chosen[-1].name}"
+    if out.exists():
+        raise ckpt.CheckpointError(f"{out} already exists; averaging never overwrites, choose another --out")
+    model = Transformer(experiment.model)
+    totals: dict[str, torch.Tensor] = {}
+    for directory in chosen:
+        other, _ = ckpt.read_experiment(directory)
+        if other.model != experiment.model:
+            raise ckpt.CheckpointError(f"{directory} has a different model configuration than {chosen[-1]}")
+        ckpt.load_weights(model, directory)
+        for name, tensor in model.state_dict().items():
+            totals[name] = totals.get(name, 0) + tensor.double()
+    reference = model.state_dict()
+    model.load_state_dict({name: (total / last).to(reference[name].dtype) for name, total in totals.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return ckpt.write_checkpoint(
+        out,
+        experiment=experiment,
+        tokenizer=ckpt.load_tokenizer(chosen[-1]),
+        model=model,
+        step=step,
+        trainer_state=None,
+        extra={"averaged_from": [directory.name for directory in chosen]},
+    )

@@ -1,0 +1,294 @@
+"""Self-describing checkpoints, written atomically, and loading a run for inference or resumption.
+
+A run directory:
+
+    RUN_DIR/
+      latest, best                  pointer files: the name of a checkpoint directory, one line
+      metrics.jsonl                 one JSON object per logged step (see metrics_log.py)
+      checkpoints/step-00001000/
+        experiment.json             format_version, tformer version, step, the ExperimentConfig
+        tokenizer/                  Tokenizer.to_files
+        model.safetensors           weights, every shared (tied) tensor stored once
+        trainer_state.pt            optimizer, step, RNG states, data position, early stopping
+
+A checkpoint is first written into a hidden sibling (`checkpoints/.tmp-...`), every file is fsynced,
+and only then renamed into place; pointers are replaced with `os.replace`. A crash at any moment
+leaves either the old or the new checkpoint, never a half-written one under a real name. Nothing a
+user may receive from someone else is unpickled: weights are safetensors and the trainer state is read
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from tformer import __version__
+from tformer.config import ExperimentConfig, experiment_from_dict, experiment_to_dict
+from tformer.data.tokenizer import Tokenizer
+from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
+from tformer.interop.marian_tokenizer import VocabTokenizer
+from tformer.model import Transformer
+
+FORMAT_VERSION = 1
+EXPERIMENT_FILE = "experiment.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+POINTERS = ("latest", "best")
+
+
+class CheckpointError(ValueError):
+    """A run or checkpoint cannot be read or written as asked; the message names the file."""
+
+
+@dataclass
+class LoadedRun:
+    model: Transformer
+    tokenizer: Tokenizer | VocabTokenizer
+    experiment: ExperimentConfig
+    step: int
+    run_dir: Path | None
+    checkpoint_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    *,
+    experiment: ExperimentConfig,
+    tokenizer: Tokenizer,
+    model: Transformer,
+    step: int,
+    trainer_state: dict[str, Any] | None,
+) -> Path:
+    """Write checkpoint `name` under RUN_DIR/checkpoints atomically; an existing one of that name
+    (left by a run that crashed before moving its pointer) is replaced only once the new one is complete."""
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / name
+    return write_checkpoint(
+        final, experiment=experiment, tokenizer=tokenizer, model=model, step=step, trainer_state=trainer_state
+    )
+
+
+def write_checkpoint(
+    final: Path,
+    *,
+    experiment: ExperimentConfig,
+    tokenizer: Tokenizer,
+    model: Transformer,
+    step: int,
+    trainer_state: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at `final` via a fsynced temporary sibling and a rename."""
+    parent, name = final.parent, final.name
+    temporary = parent / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
+    tokenizer.to_files(temporary / TOKENIZER_DIR)
+    save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    if trainer_state is not None:
+        torch.save(trainer_state, temporary / STATE_FILE)
+    for path in temporary.rglob("*"):
+        if path.is_file():
+            _fsync_file(path)
+    _fsync_dir(temporary / TOKENIZER_DIR)
+    _fsync_dir(temporary)
+    if final.exists():
+        trash = parent / f".old-{name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(temporary, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(temporary, final)
+    _fsync_dir(parent)
+    return final
+
+
+def write_experiment(
+    path: Path, experiment: ExperimentConfig, *, step: int, extra: dict[str, Any] | None = None
+) -> None:
+    document = {
+        "format_version": FORMAT_VERSION,
+        "tformer_version": __version__,
+        "step": step,
+        **(extra or {}),
+        "experiment": experiment_to_dict(experiment),
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def write_pointer(run_dir: Path, which: str, name: str) -> None:
+    """Point RUN_DIR/<which> at checkpoint `name`, atomically."""
+    assert which in POINTERS, which
+    run_dir = Path(run_dir)
+    temporary = run_dir / f".{which}.tmp"
+    temporary.write_text(name + "\n", encoding="utf-8")
+    _fsync_file(temporary)
+    os.replace(temporary, run_dir / which)
+    _fsync_dir(run_dir)
+
+
+def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
+    """Delete step checkpoints beyond the newest `keep_last` (0 keeps all), never one a pointer names,
+    and any temporary directory a crashed writer left behind. Returns what was deleted."""
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    if not parent.is_dir():
+        return []
+    protected = {read_pointer_name(run_dir, which) for which in POINTERS} - {None}
+    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-"))]
+    steps = step_checkpoints(run_dir)
+    if keep_last > 0:
+        removed += [path for path in steps[:-keep_last] if path.name not in protected]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step-* directories, oldest first."""
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    if not parent.is_dir():
+        return []
+    return sorted(path for path in parent.iterdir() if path.is_dir() and path.name.startswith("step-"))
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "latest").is_file() or (Path(path) / CHECKPOINTS_DIR).is_dir()
+
+
+def read_pointer_name(run_dir: Path, which: str) -> str | None:
+    path = Path(run_dir) / which
+    if not path.is_file():
+        return None
+    name = path.read_text(encoding="utf-8").strip()
+    if not name or "/" in name or name.startswith("."):
+        raise CheckpointError(f"{path}: corrupt pointer file (expected a checkpoint directory name)")
+    return name
+
+
+def resolve_checkpoint(path: str | Path, *, which: str = "best") -> tuple[Path, Path | None]:
+    """(checkpoint dir, run dir or None) for a run dir (via its `which` pointer) or a checkpoint dir.
+
+    A run without a `best` checkpoint (no validation set) resolves "best" to its last checkpoint."""
+    if which not in ("best", "last"):
+        raise CheckpointError(f"which must be 'best' or 'last', got {which!r}")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint directory: {path}")
+    if (path / EXPERIMENT_FILE).exists():
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None
+        return path, run_dir
+    if not is_run_dir(path):
+        raise CheckpointError(f"{path} is neither a run directory nor a checkpoint (no {EXPERIMENT_FILE})")
+    name = read_pointer_name(path, "best") if which == "best" else None
+    name = name or read_pointer_name(path, "latest")
+    if name is None:
+        raise CheckpointError(f"{path} holds no finished checkpoint yet (no 'latest' pointer)")
+    checkpoint = path / CHECKPOINTS_DIR / name
+    if not (checkpoint / EXPERIMENT_FILE).exists():
+        raise CheckpointError(f"{path}: pointer names {name}, but {checkpoint / EXPERIMENT_FILE} is missing")
+    return checkpoint, path
+
+
+def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
+    """The ExperimentConfig and step recorded in a checkpoint, after checking its format version."""
+    path = Path(checkpoint_dir) / EXPERIMENT_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
+    if not isinstance(document, dict) or "format_version" not in document:
+        raise CheckpointError(f"{path}: not a tformer checkpoint description (no format_version)")
+    version = document["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version} (written by tformer {document.get('tformer_version')}) "
+            f"is not supported; this tformer {__version__} reads format_version {FORMAT_VERSION}"
+        )
+    try:
+        return experiment_from_dict(document["experiment"]), int(document["step"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: invalid experiment description: {error}") from None
+
+
+def load_tokenizer(checkpoint_dir: Path) -> Tokenizer | VocabTokenizer:
+    directory = Path(checkpoint_dir) / TOKENIZER_DIR
+    if not directory.is_dir():
+        raise CheckpointError(f"missing checkpoint directory: {directory}")
+    if (directory / VOCAB_TOKENIZER_MARKER).is_file():  # an imported Marian tokenizer (tformer.interop)
+        return VocabTokenizer.from_files(directory)
+    return Tokenizer.from_files(directory)
+
+
+def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
+    """Fill `model` from model.safetensors; every key must match (shared tensors stored once)."""
+    path = Path(checkpoint_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    try:
+        load_model(model, path, strict=True)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:200]
+        raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
+
+
+def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file; all mean the same here
+        raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a trainer state of format_version {FORMAT_VERSION}")
+    return state
+
+
+def load_run(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Model (in eval mode), tokenizer and experiment of a run dir (its best or last checkpoint) or of
+    one checkpoint dir; everything needed to translate, nothing else."""
+    checkpoint, run_dir = resolve_checkpoint(path, which=which)
+    experiment, step = read_experiment(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    model = Transformer(experiment.model)
+    load_weights(model, checkpoint)
+    return LoadedRun(model.to(device).eval(), tokenizer, experiment, step, run_dir, checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- fsync
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,410 @@
+"""The training loop: steps, logging, validation, early stopping, checkpoints and stopping criteria.
+
+The hot path (`train_step`) never waits for the device. Losses of recent steps stay on the device in
+a list and are read in one transfer by `_flush`, which runs only at logging steps, before validation
+and before every checkpoint; it is also where a non-finite loss is caught, so a checkpoint is never
+written from a diverged model and the error names the first bad step.
+
+Order at the end of step n: log (every log_every) -> validation loss (every valid_every) and
+BLEU/chrF (every bleu_every) -> stopping criteria -> checkpoint (every save_every, when the stopping
+metric improved, and when the run stops). Every checkpoint is written after everything that may touch
+the random generators at that step, so a run resumed from it continues exactly as the original did.
+
+Data parallelism (processes started by torchrun, see docs/training.md): each process reads its own
+share of the batches (BatchStream rank/world_size) and runs the TrainingObjective wrapped in
+DistributedDataParallel; every process validates the same full validation set on identical weights,
+so all reach the same decisions without messages; only rank 0 logs and writes checkpoints. The data
+position is stored as a global batch index within the epoch (see `stream_state`), so a run may be
+resumed with a different number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from tformer.config import ExperimentConfig
+from tformer.data.batching import Batch, BatchStream
+from tformer.data.tokenizer import Tokenizer
+from tformer.evaluation import Scores
+from tformer.model import Transformer
+from tformer.runtime import Distributed, compile_layers, configure_backends, resolve_device
+from tformer.training import checkpoint as ckpt
+from tformer.training.metrics_log import MetricsLog
+from tformer.training.optimizer import build_optimizer
+from tformer.training.prefetch import BatchSource
+from tformer.training.progress import Progress
+from tformer.training.schedule import learning_rate
+from tformer.training.step import TrainingObjective, train_step
+from tformer.training.validation import EarlyStopping, validation_loss, validation_scores
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainingData:
+    """Encoded training pairs as a resumable stream, plus the validation set in two forms."""
+
+    stream: BatchStream
+    valid_batches: list[Batch] = field(default_factory=list)  # for validation loss
+    valid_sources: list[str] = field(default_factory=list)  # raw text, for BLEU/chrF
+    valid_references: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    stop_reason: str
+    best_metric: float | None
+    best_step: int
+    last_checkpoint: Path
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        experiment: ExperimentConfig,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        data: TrainingData,
+        run_dir: Path,
+        quiet: bool = False,
+        distributed: Distributed | None = None,
+        compile_model: bool = False,
+        loss_chunk: int = 0,
+    ) -> None:
+        """`compile_model` compiles each layer in place (runtime.compile_layers); `loss_chunk` > 0 computes
+        the loss that many target positions at a time (loss.chunked_label_smoothed_loss)."""
+        self.experiment, self.train_config = experiment, experiment.train
+        self.tokenizer, self.data, self.run_dir = tokenizer, data, Path(run_dir)
+        self.distributed = distributed or Distributed()
+        self.quiet = quiet or not self.distributed.is_main
+        self.device = resolve_device(self.train_config.device, self.distributed)
+        configure_backends(self.device)
+        cuda = self.device.type == "cuda"
+        precision = self.train_config.precision
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda) else None
+        self.model = model.to(self.device).train()
+        if compile_model:
+            compile_layers(self.model)
+        self.loss_chunk = loss_chunk
+        # DDP wraps the objective, never the model: the model's state-dict keys stay the same.
+        self.ddp = (
+            DistributedDataParallel(TrainingObjective(self.model), device_ids=[self.device.index] if cuda else None)
+            if self.distributed.enabled
+            else None
+        )
+        self.optimizer = build_optimizer(self.model, self.train_config, device=self.device)
+        self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
+        self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
+        self.step = 0
+        self.elapsed_s = 0.0  # training wall time, summed over resumptions
+        self._epoch_lengths: dict[int, int] = {}
+        self._position = data.stream.state_dict()  # the stream state after the last batch trained on
+        self._pending: list[tuple[int, Tensor, Tensor, int, Tensor | None]] = []
+        self._window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "grad_norm": None}
+        self._window_start = time.monotonic()
+        self._last_saved_step = -1
+        self._shown_signature = False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "optimizer": self.optimizer.state_dict(),
+            "stream": self.stream_state(),
+            "early_stopping": self.early_stopping.state_dict(),
+            "rng": {
+                "python": _python_state_to_lists(random.getstate()),
+                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_stream_state(state["stream"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        rng = state["rng"]
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.distributed.rank > 0:  # the checkpoint holds rank 0's generators; others must differ
+            torch.manual_seed(hash((self.train_config.seed, self.distributed.rank, self.step)) % 2**63)
+        self._last_saved_step = self.step
+
+    def stream_state(self) -> dict[str, int]:
+        """The data position as {"epoch", "index"}: `index` counts the *global* batches of the epoch's
+        plan already trained on (over all processes), which means the same for any number of processes."""
+        return {"epoch": self._position["epoch"], "index": self._position["index"] * self.distributed.world_size}
+
+    def load_stream_state(self, state: dict[str, int]) -> None:
+        """Continue at global batch `index` of the epoch. Rank r of W reads global batches r, r + W, ...;
+        when W does not divide `index` (the process count changed), the next multiple of W is used, so
+        up to W - 1 batches of that epoch are skipped and none is read twice."""
+        world_size = self.distributed.world_size
+        local = {"epoch": int(state["epoch"]), "index": math.ceil(int(state["index"]) / world_size)}
+        self.data.stream.load_state_dict(local)
+        self._position = self.data.stream.state_dict()
+
+    def restore(self, checkpoint_dir: Path) -> None:
+        """Continue from a checkpoint of this run: weights, optimizer, data position, RNG, metrics log."""
+        ckpt.load_weights(self.model, checkpoint_dir)
+        try:
+            self.load_state_dict(ckpt.load_trainer_state(checkpoint_dir))
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, ckpt.CheckpointError):
+                raise
+            path = Path(checkpoint_dir) / ckpt.STATE_FILE
+            raise ckpt.CheckpointError(f"{path}: trainer state does not fit this run ({error})") from None
+        if self.distributed.is_main:
+            self.metrics.truncate_after(self.step)
+
+    def effective_batch(self) -> str:
+        """One line: processes x token budget x accumulation = padded token slots per update."""
+        config, world_size = self.train_config, self.distributed.world_size
+        total = world_size * config.max_tokens * config.accumulate
+        return (
+            f"effective batch: {world_size} process(es) x {config.max_tokens} tokens (train.max_tokens) x "
+            f"{config.accumulate} (train.accumulate) = up to {total:,} padded token slots per update"
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        config = self.train_config
+        progress = Progress(total_steps=config.max_steps or None, initial_step=self.step, quiet=self.quiet)
+        cuda = self.device.type == "cuda"
+        batches = BatchSource(self.data.stream, background=cuda, pin_memory=cuda)
+        progress.message(self.effective_batch())
+        started = time.monotonic() - self.elapsed_s
+        self._window_start = time.monotonic()
+        stop_reason = self._stop_reason() if self.step > 0 else None
+        try:
+            while stop_reason is None:
+                micro_batches = [next(batches) for _ in range(config.accumulate)]
+                self._position = batches.position
+                self.step += 1
+                lr = learning_rate(self.step, config, d_model=self.experiment.model.d_model)
+                result = train_step(
+                    self.model,
+                    self.optimizer,
+                    micro_batches,
+                    lr=lr,
+                    smoothing=config.label_smoothing,
+                    pad_id=self.tokenizer.pad_id,
+                    clip_norm=config.clip_norm,
+                    device=self.device,
+                    autocast_dtype=self.autocast_dtype,
+                    loss_chunk=self.loss_chunk,
+                    ddp=self.ddp,
+                    distributed=self.distributed,
+                )
+                self._pending.append(
+                    (self.step, result.loss_sum, result.nll_sum, result.n_tgt_tokens, result.grad_norm)
+                )
+                self.elapsed_s = time.monotonic() - started
+                progress.step()
+                improved = self._end_of_step(lr, progress)
+                self.elapsed_s = time.monotonic() - started  # validation counts against max_time_s
+                stop_reason = self._stop_reason()
+                due = self.step % config.save_every == 0 or improved or stop_reason is not None
+                if due and self._last_saved_step != self.step:
+                    self.save(best=improved)
+        finally:
+            batches.close()
+            progress.close()
+        self.distributed.barrier()  # rank 0 has written the last checkpoint before any process returns
+        last = self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
+        progress.message(f"stopped at step {self.step}: {stop_reason}; last checkpoint {last}")
+        best = self.early_stopping
+        return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
+
+    def _end_of_step(self, lr: float, progress: Progress) -> bool:
+        """Log and validate as scheduled; True when the stopping metric reached a new best."""
+        config = self.train_config
+        row: dict[str, Any] = {}
+        if self.step % config.log_every == 0:
+            row.update(self._flush())
+            row["lr"] = lr
+            progress.show({"step": self.step, **row})
+        improved = False
+        has_valid = bool(self.data.valid_batches)
+        validation_started = time.monotonic()
+        if has_valid and self.step % config.valid_every == 0:
+            self._flush()
+            row.update(self._validation_loss())
+            if config.stop_metric == "loss":
+                improved = self.early_stopping.update(row["valid_loss"], self.step)
+        if has_valid and config.bleu_every > 0 and self.step % config.bleu_every == 0:
+            self._flush()
+            scores = self._validation_scores()
+            row.update(bleu=scores.bleu, bleu_lowercase=scores.bleu_lowercase, chrf=scores.chrf)
+            if not self._shown_signature:
+                progress.message(f"validation BLEU signature: {scores.bleu_signature}")
+                progress.message(f"validation chrF signature: {scores.chrf_signature}")
+                self._shown_signature = True
+            if config.stop_metric in ("bleu", "chrf"):
+                improved = self.early_stopping.update(row[config.stop_metric], self.step)
+        self._window_start += time.monotonic() - validation_started  # tokens/s counts training time only
+        if any(key.startswith("valid_") or key == "bleu" for key in row):
+            shown = {
+                key: round(value, 3)
+                for key, value in row.items()
+                if key.startswith("valid_") or key in ("bleu", "chrf")
+            }
+            progress.message(f"step {self.step} validation: {shown}{' (best)' if improved else ''}")
+        if row:
+            epoch = self._position["epoch"]
+            if self.distributed.is_main:
+                self.metrics.append({"step": self.step, "epoch": epoch, "wall_s": self.elapsed_s, **row})
+        return improved
+
+    def _validation_loss(self) -> dict[str, float]:
+        return validation_loss(
+            self.model,
+            self.data.valid_batches,
+            smoothing=self.train_config.label_smoothing,
+            pad_id=self.tokenizer.pad_id,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
+
+    def _validation_scores(self) -> Scores:
+        limit = self.train_config.bleu_max_sentences
+        return validation_scores(
+            self.model,
+            self.tokenizer,
+            self.data.valid_sources[:limit],
+            self.data.valid_references[:limit],
+            decode=self.experiment.decode,
+            device=self.device,
+            max_batch_tokens=self.train_config.max_tokens,
+        )
+
+    def _flush(self) -> dict[str, float]:
+        """Read pending step losses from the device in one go; fail on the first non-finite one.
+
+        Returns the logging window's averages (and resets it) when called at a logging step."""
+        if self._pending:
+            steps = [entry[0] for entry in self._pending]
+            tokens = torch.tensor([float(entry[3]) for entry in self._pending], dtype=torch.float64)
+            sums = torch.stack(
+                [
+                    torch.stack([entry[1] for entry in self._pending]).double(),
+                    torch.stack([entry[2] for entry in self._pending]).double(),
+                    tokens.to(self.device),
+                ]
+            )
+            losses, nlls, counts = self.distributed.all_reduce_sum(sums).tolist()  # every process's sums
+            norms = [entry[4] for entry in self._pending if entry[4] is not None]
+            for step, loss in zip(steps, losses, strict=True):
+                if not np.isfinite(loss):
+                    self._diverged(step)
+            self._window["loss"] += sum(losses)
+            self._window["nll"] += sum(nlls)
+            self._window["tokens"] += int(sum(counts))
+            if norms:
+                self._window["grad_norm"] = float(norms[-1])
+            self._pending.clear()
+        if self.step % self.train_config.log_every != 0 or self._window["tokens"] == 0:
+            return {}
+        now = time.monotonic()
+        window = self._window
+        row = {
+            "train_loss": window["loss"] / window["tokens"],
+            "train_nll": window["nll"] / window["tokens"],
+            "tokens_per_s": window["tokens"] / max(now - self._window_start, 1e-9),
+        }
+        if window["grad_norm"] is not None:
+            row["grad_norm"] = window["grad_norm"]
+        self._window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "grad_norm": None}
+        self._window_start = now
+        return row
+
+    def _diverged(self, step: int) -> None:
+        name = ckpt.read_pointer_name(self.run_dir, "latest")
+        where = (
+            f"the last good checkpoint is {self.run_dir / ckpt.CHECKPOINTS_DIR / name}"
+            if name
+            else "no checkpoint was saved"
+        )
+        raise TrainingDivergedError(
+            f"training diverged: the loss became non-finite at step {step}; {where}; "
+            "lower the learning rate or set train.clip_norm"
+        )
+
+    def _stop_reason(self) -> str | None:
+        config = self.train_config
+        if config.max_steps and self.step >= config.max_steps:
+            return f"reached max_steps={config.max_steps}"
+        if config.max_epochs and self._epochs_done() >= config.max_epochs:
+            return f"reached max_epochs={config.max_epochs}"
+        if config.max_time_s and self._elapsed_agreed() >= config.max_time_s:
+            return f"reached max_time_s={config.max_time_s:g}"
+        if self.early_stopping.should_stop:
+            return (
+                f"early stopping: {config.stop_metric} did not improve for {config.patience} evaluations "
+                f"(best {self.early_stopping.best:.4g} at step {self.early_stopping.best_step})"
+            )
+        return None
+
+    def _elapsed_agreed(self) -> float:
+        """Training time as rank 0 measured it, so that every process stops at the same step."""
+        return self.distributed.broadcast_float(self.elapsed_s, self.device)
+
+    def _epochs_done(self) -> int:
+        epoch, index = self._position["epoch"], self._position["index"]
+        if epoch not in self._epoch_lengths:
+            self._epoch_lengths = {epoch: len(self.data.stream.plan(epoch))}
+        return epoch + (1 if index >= self._epoch_lengths[epoch] else 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, *, best: bool) -> Path:
+        """Write the checkpoint of the current step, move the pointers, prune old checkpoints.
+
+        Every process calls it (the flush is collective); only rank 0 writes."""
+        self._flush()
+        name = ckpt.step_name(self.step)
+        self._last_saved_step = self.step
+        if not self.distributed.is_main:
+            return self.run_dir / ckpt.CHECKPOINTS_DIR / name
+        path = ckpt.save_checkpoint(
+            self.run_dir,
+            name,
+            experiment=self.experiment,
+            tokenizer=self.tokenizer,
+            model=self.model,
+            step=self.step,
+            trainer_state=self.state_dict(),
+        )
+        ckpt.write_pointer(self.run_dir, "latest", name)
+        if best:
+            ckpt.write_pointer(self.run_dir, "best", name)
+        ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
+        return path
+
+
+def _python_state_to_lists(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]

@@ -1,0 +1,84 @@
+"""Label-smoothed cross-entropy over the target tokens, padding ignored (paper section 5.4).
+
+With smoothing eps over a vocabulary of V, the target distribution puts 1 - eps on the reference token
+and eps / V on every token (the reference included), which is what
+`torch.nn.functional.cross_entropy(label_smoothing=eps)` computes:
+
+    loss_t = (1 - eps) * -log p(y_t) + eps * mean_v -log p(v)
+
+The loss comes back as a *sum* with its token count, never a mean, so that gradient accumulation
+over micro-batches and averaging across processes divide once by the true total and stay exact.
+
+`chunked_label_smoothed_loss` computes the same sums from the final hidden states, projecting to the
+vocabulary `chunk` positions at a time. Each chunk runs under activation checkpointing: its logits are
+freed as soon as its loss is summed and recomputed during backward, so at most one chunk's N x V
+logits (and their gradient) exist at any moment instead of the whole batch's.
+
+Shape legend: B batch, T target length, D model dim, V vocabulary, N = B * T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class LossSums:
+    """Scalars on the logits' device: smoothed loss, plain negative log-likelihood, real tokens."""
+
+    loss_sum: Tensor
+    nll_sum: Tensor
+    n_tokens: Tensor
+
+
+def label_smoothed_loss(logits_BTV: Tensor, target_BT: Tensor, *, smoothing: float, pad_id: int) -> LossSums:
+    """Summed smoothed loss and NLL over the positions whose target is not `pad_id`, in float32 or wider."""
+    assert logits_BTV.shape[:2] == target_BT.shape, (logits_BTV.shape, target_BT.shape)
+    dtype = torch.promote_types(logits_BTV.dtype, torch.float32)
+    log_probs_NV = F.log_softmax(logits_BTV.flatten(0, 1).to(dtype), dim=-1)
+    target_N = target_BT.flatten()
+    keep_N = target_N != pad_id
+    nll_N = -log_probs_NV.gather(1, target_N.clamp(min=0)[:, None]).squeeze(1)
+    uniform_N = -log_probs_NV.mean(dim=-1)
+    loss_N = (1.0 - smoothing) * nll_N + smoothing * uniform_N
+    zero = log_probs_NV.new_zeros(())
+    # where(), not multiplication by the mask: a non-finite value at a padded position must not leak.
+    return LossSums(
+        loss_sum=torch.where(keep_N, loss_N, zero).sum(),
+        nll_sum=torch.where(keep_N, nll_N, zero).sum(),
+        n_tokens=keep_N.sum(),
+    )
+
+
+def chunked_label_smoothed_loss(
+    hidden_BTD: Tensor,
+    project: Callable[[Tensor], Tensor],
+    target_BT: Tensor,
+    *,
+    smoothing: float,
+    pad_id: int,
+    chunk: int,
+) -> LossSums:
+    """`label_smoothed_loss(project(hidden_BTD), target_BT)` without ever holding all the logits."""
+    assert chunk > 0 and hidden_BTD.shape[:2] == target_BT.shape, (chunk, hidden_BTD.shape, target_BT.shape)
+    hidden_ND, target_N = hidden_BTD.flatten(0, 1), target_BT.flatten()
+    loss_sum = nll_sum = None
+    for hidden_CD, target_C in zip(hidden_ND.split(chunk), target_N.split(chunk), strict=True):
+        loss_C, nll_C = checkpoint(_chunk_sums, hidden_CD, target_C, project, smoothing, pad_id, use_reentrant=False)
+        loss_sum = loss_C if loss_sum is None else loss_sum + loss_C
+        nll_sum = nll_C if nll_sum is None else nll_sum + nll_C
+    assert loss_sum is not None and nll_sum is not None
+    return LossSums(loss_sum=loss_sum, nll_sum=nll_sum, n_tokens=(target_N != pad_id).sum())
+
+
+def _chunk_sums(
+    hidden_CD: Tensor, target_C: Tensor, project: Callable[[Tensor], Tensor], smoothing: float, pad_id: int
+) -> tuple[Tensor, Tensor]:
+    sums = label_smoothed_loss(project(hidden_CD)[None], target_C[None], smoothing=smoothing, pad_id=pad_id)
+    return sums.loss_sum, sums.nll_sum

@@ -1,0 +1,55 @@
+"""Training metrics as JSON lines in RUN_DIR/metrics.jsonl: one object per logged step.
+
+Keys (present when measured at that step): step, epoch, wall_s (training seconds, summed over
+resumptions), train_loss (label-smoothed, per target token), train_nll, lr, tokens_per_s (target
+tokens), grad_norm, valid_loss, valid_nll, valid_ppl, bleu, bleu_lowercase, chrf.
+
+Each row is flushed as soon as it is written, so a killed run loses nothing it had logged; a resumed
+run first drops the rows past the checkpoint it continues from, so the file reads as one clean run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def append(self, row: dict[str, Any]) -> None:
+        clean = {key: _json_number(value) for key, value in row.items()}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(clean) + "\n")
+            handle.flush()
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text(encoding="utf-8").split("\n"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # blank, or a line cut short by a crash
+        return rows
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows up to `step` (atomically), e.g. when resuming from the checkpoint at `step`."""
+        if not self.path.exists():
+            return
+        kept = [row for row in self.rows() if row.get("step", 0) <= step]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+
+def _json_number(value: Any) -> Any:
+    """NaN and infinities are not JSON; write them as strings that say what they were."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

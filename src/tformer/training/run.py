@@ -1,0 +1,279 @@
+"""Setting up a training run: read the text, get a tokenizer, encode, build the model and Trainer;
+or rebuild all of that from a run's last checkpoint to resume it.
+
+A new run seeds python's, numpy's and torch's generators from `train.seed`, so the same
+configuration and data give the same run; a resumed run restores the generators from its checkpoint.
+With several processes (torchrun) every process builds the same tokenizer, model and batch plan from
+the same seed; torch's generator (dropout) is then offset by the rank so the processes' masks differ.
+Data paths are stored absolute, so a run can be resumed from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tformer.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    apply_overrides,
+    experiment_from_dict,
+    experiment_to_dict,
+)
+from tformer.data.batching import BatchStream, filter_overlong, sorted_batches
+from tformer.data.corpus import read_parallel
+from tformer.data.tokenizer import Tokenizer
+from tformer.model import Transformer, count_parameters
+from tformer.runtime import Distributed
+from tformer.training import checkpoint as ckpt
+from tformer.training.loop import Trainer, TrainingData
+
+Say = Callable[[str], None]
+
+
+class RunDirectoryError(ValueError):
+    """The output directory cannot be used as asked (it holds a run, or holds nothing to resume)."""
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a run in a directory that already holds anything."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        kind = "a run" if ckpt.is_run_dir(run_dir) else "files"
+        raise RunDirectoryError(
+            f"{run_dir} already holds {kind}; pass --resume to continue it or --overwrite to replace it"
+        )
+
+
+def start_run(
+    experiment: ExperimentConfig,
+    run_dir: Path,
+    *,
+    quiet: bool = False,
+    checked: bool = False,
+    distributed: Distributed | None = None,
+    compile_model: bool = False,
+    loss_chunk: int = 0,
+) -> Trainer:
+    """A Trainer for a new run in `run_dir`, which must be empty or absent (`checked=True`: the caller
+    has already checked that, and may have put files there since, such as the demo's generated data).
+
+    `distributed`, `compile_model` and `loss_chunk` are how it runs, not what it computes (see Trainer)."""
+    distributed = distributed or Distributed()
+    say = _sayer(quiet or not distributed.is_main)
+    if not checked:
+        check_new_run_dir(run_dir)
+    distributed.barrier()  # every process has checked before rank 0 creates anything
+    data = _absolute_paths(experiment.data)
+    if data.train_src is None or data.train_tgt is None:
+        raise ConfigError("no training data: set data.train_src and data.train_tgt (or --train-src/--train-tgt)")
+    if experiment.train.patience > 0 and data.valid_src is None:
+        raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
+    corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
+    say(f"training data: {corpus.report.summary()}")
+    if data.tokenizer is not None:
+        tokenizer = Tokenizer.from_files(data.tokenizer)
+    else:
+        tokenizer = Tokenizer.train(
+            corpus.sources,
+            corpus.targets,
+            vocab_size=data.vocab_size,
+            model_type=data.tokenizer_model,
+            joint=data.joint_vocab,
+            seed=experiment.train.seed,
+        )
+    say(f"tokenizer: {tokenizer!r}")
+    model_config = dataclasses.replace(
+        experiment.model,
+        src_vocab_size=tokenizer.src_vocab_size,
+        tgt_vocab_size=tokenizer.tgt_vocab_size,
+        pad_id=tokenizer.pad_id,
+    )
+    experiment = dataclasses.replace(experiment, model=model_config, data=data)
+    _seed_everything(experiment.train.seed)
+    model = Transformer(model_config, seed=experiment.train.seed)  # its own generator: the same on every rank
+    if distributed.rank > 0:
+        torch.manual_seed(experiment.train.seed + distributed.rank)
+    say(f"model: {count_parameters(model):,} parameters")
+    training_data = prepare_data(
+        experiment, tokenizer, say=say, train_corpus=(corpus.sources, corpus.targets), distributed=distributed
+    )
+    if distributed.is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return Trainer(
+        experiment=experiment,
+        model=model,
+        tokenizer=tokenizer,
+        data=training_data,
+        run_dir=run_dir,
+        quiet=quiet,
+        distributed=distributed,
+        compile_model=compile_model,
+        loss_chunk=loss_chunk,
+    )
+
+
+def resume_run(
+    run_dir: Path,
+    *,
+    overrides: Sequence[str] = (),
+    expected: ExperimentConfig | None = None,
+    quiet: bool = False,
+    distributed: Distributed | None = None,
+    compile_model: bool = False,
+    loss_chunk: int = 0,
+) -> Trainer:
+    """A Trainer that continues `run_dir` from its last checkpoint.
+
+    Either `overrides` change train.* and decode.* keys of the stored experiment (e.g. a larger
+    train.max_steps), or `expected` is the experiment of the command that started the run, repeated:
+    its model and data must match the run's, and its train and decode sections are used. The number
+    of processes may differ from the run's (see Trainer.load_stream_state)."""
+    distributed = distributed or Distributed()
+    say = _sayer(quiet or not distributed.is_main)
+    if not Path(run_dir).is_dir():
+        raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
+    if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
+        raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint")
+    checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
+    experiment, step = ckpt.read_experiment(checkpoint)
+    if expected is not None:
+        _check_same_run(experiment, expected)
+        experiment = dataclasses.replace(experiment, train=expected.train, decode=expected.decode)
+    experiment = _resume_overrides(experiment, overrides)
+    tokenizer = ckpt.load_tokenizer(checkpoint)
+    model = Transformer(experiment.model)
+    training_data = prepare_data(experiment, tokenizer, say=say, distributed=distributed)
+    trainer = Trainer(
+        experiment=experiment,
+        model=model,
+        tokenizer=tokenizer,
+        data=training_data,
+        run_dir=run_dir,
+        quiet=quiet,
+        distributed=distributed,
+        compile_model=compile_model,
+        loss_chunk=loss_chunk,
+    )
+    trainer.restore(checkpoint)
+    say(f"resuming {run_dir} from {checkpoint.name} (step {step})")
+    return trainer
+
+
+def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:
+    """Refuse to resume with a different model or data than the run was started with."""
+    filled = dataclasses.replace(
+        given.model,
+        src_vocab_size=stored.model.src_vocab_size,
+        tgt_vocab_size=stored.model.tgt_vocab_size,
+        pad_id=stored.model.pad_id,
+    )
+    pairs = [("model", stored.model, filled), ("data", stored.data, _absolute_paths(given.data))]
+    for section, old, new in pairs:
+        for key, value in dataclasses.asdict(old).items():
+            if getattr(new, key) != value:
+                raise ConfigError(
+                    f"--resume: {section}.{key} is {getattr(new, key)!r} but the run has {value!r}; "
+                    "a resumed run keeps its model and data (only train.* and decode.* may change)"
+                )
+
+
+def prepare_data(
+    experiment: ExperimentConfig,
+    tokenizer: Tokenizer,
+    *,
+    say: Say,
+    train_corpus: tuple[list[str], list[str]] | None = None,
+    distributed: Distributed | None = None,
+) -> TrainingData:
+    """Encode the training pairs into a BatchStream (this process's share of the batches) and the
+    validation pairs into fixed batches (all of them, on every process)."""
+    distributed = distributed or Distributed()
+    data, train = experiment.data, experiment.train
+    if train_corpus is None:
+        assert data.train_src is not None and data.train_tgt is not None
+        corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
+        train_corpus = (corpus.sources, corpus.targets)
+    special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    pairs, _ = _encode(tokenizer, *train_corpus, max_positions=experiment.model.max_positions, say=say, name="train")
+    kept, _ = filter_overlong([(len(src), len(tgt)) for src, tgt in pairs], train.max_tokens)
+    if not kept:
+        shortest = min(max(len(src), len(tgt)) + 1 for src, tgt in pairs)
+        raise ConfigError(
+            f"every training pair needs more than train.max_tokens={train.max_tokens} token slots "
+            f"(the shortest needs {shortest}); raise train.max_tokens"
+        )
+    stream = BatchStream(
+        pairs,
+        max_tokens=train.max_tokens,
+        seed=train.seed,
+        drop_overlong=True,
+        rank=distributed.rank,
+        world_size=distributed.world_size,
+        **special,
+    )
+    if stream.dropped:
+        say(f"train: skipped {len(stream.dropped)} pairs longer than train.max_tokens={train.max_tokens}")
+    if data.valid_src is None or data.valid_tgt is None:
+        return TrainingData(stream=stream)
+    valid = read_parallel(data.valid_src, data.valid_tgt, max_chars=data.max_chars, strict=data.strict)
+    valid_pairs, kept = _encode(
+        tokenizer, valid.sources, valid.targets, max_positions=experiment.model.max_positions, say=say, name="valid"
+    )
+    return TrainingData(
+        stream=stream,
+        valid_batches=sorted_batches(valid_pairs, max_tokens=train.max_tokens, drop_overlong=True, **special),
+        valid_sources=[valid.sources[i] for i in kept],
+        valid_references=[valid.targets[i] for i in kept],
+    )
+
+
+def _encode(
+    tokenizer: Tokenizer, sources: list[str], targets: list[str], *, max_positions: int, say: Say, name: str
+) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """Token pairs that fit the model (with eos/bos added, at most max_positions), and their indices."""
+    src_ids, tgt_ids = tokenizer.encode_sources(sources), tokenizer.encode_targets(targets)
+    kept = [i for i in range(len(src_ids)) if max(len(src_ids[i]), len(tgt_ids[i])) + 1 <= max_positions]
+    if len(kept) < len(src_ids):
+        say(f"{name}: skipped {len(src_ids) - len(kept)} pairs longer than model.max_positions={max_positions}")
+    if not kept:
+        raise ConfigError(f"{name}: no pair fits model.max_positions={max_positions}; raise it")
+    return [(src_ids[i], tgt_ids[i]) for i in kept], kept
+
+
+def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    for text in overrides:
+        if not text.strip().startswith(("train.", "decode.")):
+            raise ConfigError(f"--resume keeps the run's model and data; only train.* and decode.* may change: {text}")
+    return experiment_from_dict(apply_overrides(experiment_to_dict(experiment), overrides))
+
+
+def _absolute_paths(data: DataConfig) -> DataConfig:
+    """Resolve relative paths against data.data_dir (or the working directory), once, at the start."""
+    base = Path(data.data_dir) if data.data_dir is not None else Path.cwd()
+    fields = ("train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer")
+    absolute = {name: str((base / getattr(data, name)).resolve()) for name in fields if getattr(data, name) is not None}
+    if data.data_dir is not None:
+        absolute["data_dir"] = str(base.resolve())
+    return dataclasses.replace(data, **absolute)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _sayer(quiet: bool) -> Say:
+    def say(text: str) -> None:
+        if not quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    return say

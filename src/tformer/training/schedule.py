@@ -1,0 +1,35 @@
+"""Learning-rate schedules. `step` counts optimizer updates from 1.
+
+inverse_sqrt (paper, eq. 3):  lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+peak:                         lr = peak * step / warmup           for step <= warmup
+                              lr = peak * sqrt(warmup / step)     afterwards
+
+Both rise linearly for `warmup` steps and then decay with the inverse square root of the step; the
+peak form states the top learning rate directly instead of deriving it from d_model. Both are
+continuous at step = warmup, where they reach their maximum.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tformer.config import TrainConfig
+
+
+def inverse_sqrt_lr(step: int, *, d_model: int, warmup: int, scale: float = 1.0) -> float:
+    assert step >= 1 and warmup >= 1, (step, warmup)
+    return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+
+
+def peak_lr(step: int, *, peak: float, warmup: int) -> float:
+    assert step >= 1 and warmup >= 1, (step, warmup)
+    if step <= warmup:
+        return peak * step / warmup
+    return peak * math.sqrt(warmup / step)
+
+
+def learning_rate(step: int, train: TrainConfig, *, d_model: int) -> float:
+    """The configured schedule's learning rate for update number `step` (from 1)."""
+    if train.schedule == "peak":
+        return peak_lr(step, peak=train.peak_lr, warmup=train.warmup_steps)
+    return inverse_sqrt_lr(step, d_model=d_model, warmup=train.warmup_steps, scale=train.lr_scale)

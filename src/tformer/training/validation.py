@@ -1,0 +1,109 @@
+"""Validation during training: loss on the validation pairs, BLEU/chrF of beam-search translations,
+and early stopping on one chosen metric.
+
+Both measurements run the model in eval mode (no dropout) under `torch.no_grad` and put it back in
+train mode afterwards; neither draws from the global random generators unless decoding samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tformer.config import DecodeConfig
+from tformer.data.batching import Batch
+from tformer.data.tokenizer import Tokenizer
+from tformer.evaluation import Scores, score
+from tformer.training.loss import label_smoothed_loss
+from tformer.training.step import autocast_context
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    *,
+    smoothing: float,
+    pad_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, float]:
+    """valid_loss (label-smoothed, per token), valid_nll and valid_ppl = exp(valid_nll)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    nll_sum = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = 0
+    for batch in batches:
+        on_device = batch.to(device)
+        with autocast_context(device, autocast_dtype):
+            logits_BTV = model(on_device.src_ids, on_device.tgt_in)
+        sums = label_smoothed_loss(logits_BTV, on_device.tgt_out, smoothing=smoothing, pad_id=pad_id)
+        loss_sum += sums.loss_sum
+        nll_sum += sums.nll_sum
+        tokens += batch.n_tgt_tokens
+    model.train(was_training)
+    nll = nll_sum.item() / tokens
+    return {"valid_loss": loss_sum.item() / tokens, "valid_nll": nll, "valid_ppl": math.exp(min(nll, 700.0))}
+
+
+@torch.no_grad()
+def validation_scores(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sources: Sequence[str],
+    references: Sequence[str],
+    *,
+    decode: DecodeConfig,
+    device: torch.device,
+    max_batch_tokens: int,
+) -> Scores:
+    """BLEU and chrF of the model's translations of `sources` (beam search as `decode` says)."""
+    from tformer.decoding.pipeline import Translator  # decoding imports training-free modules only
+
+    was_training = model.training
+    model.eval()
+    translator = Translator(model, tokenizer, decode, device=device, max_batch_tokens=max_batch_tokens)
+    hypotheses = translator.translate_texts(list(sources))
+    model.train(was_training)
+    return score(hypotheses, list(references))
+
+
+@dataclass
+class EarlyStopping:
+    """Best value of `metric` so far and how many evaluations in a row failed to beat it."""
+
+    metric: str  # bleu | chrf | loss (higher is better for bleu and chrf)
+    patience: int  # stop after this many evaluations without improvement; 0 never stops
+    best: float | None = None
+    best_step: int = 0
+    bad_evaluations: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Record a new measurement; True if it is the best so far."""
+        better = (
+            self.best is None
+            or (self.metric == "loss" and value < self.best)
+            or (self.metric != "loss" and value > self.best)
+        )
+        if better:
+            self.best, self.best_step, self.bad_evaluations = value, step, 0
+        else:
+            self.bad_evaluations += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evaluations >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = None if state["best"] is None else float(state["best"])
+        self.best_step, self.bad_evaluations = int(state["best_step"]), int(state["bad_evaluations"])

@@ -1,0 +1,225 @@
+"""Attention maps of one sentence pair: every layer and head of the three kinds of attention, as arrays
+and as pictures with the subword tokens on the axes.
+
+The maps come from ONE teacher-forced pass `model(src, [bos] + target, return_attention=True)`, which
+is exact: attention at a position depends only on the tokens before it, so it equals what the decoder
+computed while it generated those tokens one at a time.
+
+Axes. Every row is a query, every column a key; rows sum to 1.
+- encoder self-attention: source pieces (with </s>) on both axes;
+- decoder self-attention: rows are the tokens being predicted (target pieces, then </s>), columns the
+  decoder inputs they may read (<s> and the target pieces), so the causal mask shows as an empty upper
+  triangle;
+- cross-attention: rows are the tokens being predicted, columns the source pieces.
+
+Shape legend (numpy arrays): L layers, H heads, S source length, T target length (decoder inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from tformer.config import DecodeConfig
+from tformer.decoding import generate
+from tformer.model import Transformer
+
+KINDS = ("encoder_self", "decoder_self", "cross")
+KIND_TITLES = {
+    "encoder_self": "encoder self-attention",
+    "decoder_self": "decoder masked self-attention",
+    "cross": "cross-attention (decoder → source)",
+}
+
+
+class AttentionPlotError(ValueError):
+    """A layer, head or kind of attention that the model does not have; the message lists valid ones."""
+
+
+@dataclass
+class SentenceAttention:
+    """Attention maps of one (source, target) pair, with the token labels of each axis."""
+
+    source_labels: list[str]  # S pieces, </s> included
+    input_labels: list[str]  # T decoder inputs: <s> and the target pieces
+    output_labels: list[str]  # T predicted tokens: the target pieces and </s>
+    encoder_self: np.ndarray  # L H S S
+    decoder_self: np.ndarray  # L H T T
+    cross: np.ndarray  # L H T S
+    translation: str = ""
+
+    def maps(self, kind: str) -> np.ndarray:
+        if kind not in KINDS:
+            raise AttentionPlotError(f"unknown attention kind {kind!r}; choose one of: {', '.join(KINDS)}")
+        return getattr(self, kind)
+
+    def axis_labels(self, kind: str) -> tuple[list[str], list[str]]:
+        """(row labels, column labels) of the maps of `kind`."""
+        if kind == "encoder_self":
+            return self.source_labels, self.source_labels
+        if kind == "decoder_self":
+            return self.output_labels, self.input_labels
+        return self.output_labels, self.source_labels
+
+
+@torch.no_grad()
+def teacher_forced_attention(
+    model: Transformer, src_ids: Sequence[int], tgt_ids: Sequence[int], *, bos_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(encoder_self LHSS, decoder_self LHTT, cross LHTS) for one pair.
+
+    `src_ids` is the full source (eos included); `tgt_ids` the target tokens without bos and eos.
+    """
+    parameter = next(model.parameters())
+    src_1S = torch.tensor([list(src_ids)], dtype=torch.long, device=parameter.device)
+    tgt_in_1T = torch.tensor([[bos_id, *tgt_ids]], dtype=torch.long, device=parameter.device)
+    was_training = model.training
+    model.eval()
+    try:
+        _, maps = model(src_1S, tgt_in_1T, return_attention=True)
+    finally:
+        model.train(was_training)
+
+    def stack(per_layer: list[torch.Tensor]) -> np.ndarray:
+        return torch.stack([weights[0] for weights in per_layer]).float().cpu().numpy()
+
+    return stack(maps.encoder_self), stack(maps.decoder_self), stack(maps.cross)
+
+
+def translate_ids(model: Transformer, tokenizer, source_text: str, decode_config: DecodeConfig | None) -> list[int]:
+    """The best hypothesis's tokens (no bos/eos) for one sentence, by tformer's decoding."""
+    src_ids = [*tokenizer.encode_source(source_text), tokenizer.eos_id]
+    parameter = next(model.parameters())
+    src_1S = torch.tensor([src_ids], dtype=torch.long, device=parameter.device)
+    with torch.no_grad():
+        hypotheses = generate(
+            model,
+            src_1S,
+            src_pad_mask=src_1S != tokenizer.pad_id,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            config=decode_config or DecodeConfig(beam_size=1),
+        )
+    return list(hypotheses[0][0].tokens)
+
+
+def sentence_attention(
+    model: Transformer,
+    tokenizer,
+    source_text: str,
+    *,
+    target_text: str | None = None,
+    decode_config: DecodeConfig | None = None,
+) -> SentenceAttention:
+    """Attention maps for `source_text` and its translation (decoded), or the given `target_text`."""
+    src_ids = [*tokenizer.encode_source(source_text), tokenizer.eos_id]
+    if target_text is None:
+        tgt_ids = translate_ids(model, tokenizer, source_text, decode_config)
+    else:
+        tgt_ids = tokenizer.encode_target(target_text)
+    encoder_self, decoder_self, cross = teacher_forced_attention(model, src_ids, tgt_ids, bos_id=tokenizer.bos_id)
+    return SentenceAttention(
+        source_labels=tokenizer.id_to_source_piece(src_ids),
+        input_labels=tokenizer.id_to_target_piece([tokenizer.bos_id, *tgt_ids]),
+        output_labels=tokenizer.id_to_target_piece([*tgt_ids, tokenizer.eos_id]),
+        encoder_self=encoder_self,
+        decoder_self=decoder_self,
+        cross=cross,
+        translation=tokenizer.decode_target(tgt_ids),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+def select_indices(count: int, wanted: int | None, what: str) -> list[int]:
+    """All of range(count), or the one index asked for (negative counts from the end)."""
+    if wanted is None:
+        return list(range(count))
+    if not -count <= wanted < count:
+        raise AttentionPlotError(f"{what} {wanted} does not exist; this model has {what}s 0..{count - 1}")
+    return [wanted % count]
+
+
+def draw_heatmap(
+    ax: Axes, weights: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str
+) -> None:
+    """One attention matrix: rows are queries, columns keys, colour 0..1."""
+    ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    size = max(5.0, min(9.0, 160.0 / max(len(row_labels), len(col_labels), 1)))
+    ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=90, fontsize=size)
+    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=size)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=9)
+
+
+def panel_inches(attention: SentenceAttention, kinds: Sequence[str]) -> tuple[float, float]:
+    longest = max(max(len(labels) for labels in attention.axis_labels(kind)) for kind in kinds)
+    side = max(2.4, 0.22 * longest + 1.1)
+    return side, side
+
+
+def attention_figure(
+    attention: SentenceAttention,
+    *,
+    kinds: Sequence[str] = KINDS,
+    layer: int | None = None,
+    head: int | None = None,
+) -> Figure:
+    """A grid with one row per (kind, layer) and one column per head."""
+    for kind in kinds:
+        attention.maps(kind)
+    rows = [(kind, index) for kind in kinds for index in select_indices(attention.maps(kind).shape[0], layer, "layer")]
+    heads = select_indices(attention.maps(kinds[0]).shape[1], head, "head")
+    width, height = panel_inches(attention, kinds)
+    figure = Figure(figsize=(max(5.5, width * len(heads)), (height + 0.4) * len(rows) + 0.7), layout="constrained")
+    for subfigure, (kind, layer_index) in zip(figure.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, strict=True):
+        subfigure.suptitle(f"{KIND_TITLES[kind]}, layer {layer_index}", fontsize=10, weight="bold")
+        row_labels, col_labels = attention.axis_labels(kind)
+        axes = subfigure.subplots(1, len(heads), squeeze=False)[0]
+        for ax, head_index in zip(axes, heads, strict=True):
+            weights = attention.maps(kind)[layer_index, head_index]
+            draw_heatmap(ax, weights, row_labels, col_labels, f"head {head_index}")
+    source = "".join(attention.source_labels).replace("\u2581", " ").replace("</s>", "").strip()
+    figure.suptitle(
+        f"{source}  →  {attention.translation}\nrows: queries, columns: keys; colour: weight 0 (dark) to 1 (yellow)",
+        fontsize=10,
+    )
+    return figure
+
+
+def save_figure(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
+    """Write a PNG. Figures are built with matplotlib's object API (no pyplot), so no backend or
+    global figure registry is involved and nothing needs closing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def save_attention_png(
+    attention: SentenceAttention,
+    path: str | Path,
+    *,
+    kinds: Sequence[str] = KINDS,
+    layer: int | None = None,
+    head: int | None = None,
+) -> Path:
+    return save_figure(attention_figure(attention, kinds=kinds, layer=layer, head=head), path)
+
+
+def save_cross_attention_png(
+    model: Transformer,
+    tokenizer,
+    source_text: str,
+    path: str | Path,
+    *,
+    decode_config: DecodeConfig | None = None,
+) -> Path:
+    """Translate `source_text` and save the cross-attention of every layer and head (for `tformer demo`)."""
+    attention = sentence_attention(model, tokenizer, source_text, decode_config=decode_config)
+    return save_attention_png(attention, path, kinds=("cross",))

@@ -1,0 +1,94 @@
+"""A single self-contained HTML page of attention maps: one PNG per (kind, layer, head), embedded as a
+base64 data URI, with inline CSS and no script, so the file works offline and can be mailed around."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from tformer.viz.attention_maps import (
+    KIND_TITLES,
+    KINDS,
+    SentenceAttention,
+    draw_heatmap,
+    panel_inches,
+    select_indices,
+)
+
+STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; } h3 { font-size: 0.95em; }
+.layer { display: flex; flex-wrap: wrap; gap: 0.8em; }
+figure { margin: 0; } figcaption { font-size: 0.8em; text-align: center; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+def png_data_uri(figure: Figure, *, dpi: int = 90) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def head_figure(attention: SentenceAttention, kind: str, layer: int, head: int) -> Figure:
+    width, height = panel_inches(attention, [kind])
+    figure = Figure(figsize=(width + 0.4, height + 0.4), layout="constrained")
+    row_labels, col_labels = attention.axis_labels(kind)
+    draw_heatmap(
+        figure.subplots(), attention.maps(kind)[layer, head], row_labels, col_labels, f"layer {layer}, head {head}"
+    )
+    return figure
+
+
+def attention_html(
+    attention: SentenceAttention,
+    *,
+    kinds: Sequence[str] = KINDS,
+    layer: int | None = None,
+    head: int | None = None,
+) -> str:
+    """The page as a string: a section per kind, a row of head figures per layer."""
+    source = " ".join(attention.source_labels)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>tformer attention</title>',
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>Attention maps</h1>",
+        f"<p>Source pieces: <code>{html.escape(source)}</code><br>",
+        f"Translation: <code>{html.escape(attention.translation)}</code></p>",
+        "<p>Rows are queries, columns keys; each row sums to 1. Decoder rows are the tokens being predicted.</p>",
+    ]
+    for kind in kinds:
+        maps = attention.maps(kind)
+        parts.append(f"<h2>{html.escape(KIND_TITLES[kind])}</h2>")
+        for layer_index in select_indices(maps.shape[0], layer, "layer"):
+            parts.append(f"<h3>layer {layer_index}</h3><div class='layer'>")
+            for head_index in select_indices(maps.shape[1], head, "head"):
+                uri = png_data_uri(head_figure(attention, kind, layer_index, head_index))
+                caption = f"{KIND_TITLES[kind]}, layer {layer_index}, head {head_index}"
+                parts.append(
+                    f"<figure class='head'><img src='{uri}' alt='{html.escape(caption)}'>"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+            parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def save_attention_html(
+    attention: SentenceAttention,
+    path: str | Path,
+    *,
+    kinds: Sequence[str] = KINDS,
+    layer: int | None = None,
+    head: int | None = None,
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(attention_html(attention, kinds=kinds, layer=layer, head=head), encoding="utf-8")
+    return path

@@ -1,0 +1,114 @@
+"""Word alignments from cross-attention: subword pieces to words, Pharaoh output, and the identity
+alignment of a model trained to copy its input."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tformer.align import (
+    AlignmentError,
+    align_files,
+    align_pairs,
+    hard_alignment,
+    layer_index,
+    pharaoh,
+    piece_words,
+    word_scores,
+)
+from tformer.config import preset
+from tformer.data.tokenizer import Tokenizer
+from tformer.model import Transformer
+
+WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "abc", "fed", "hij", "mop"]
+
+
+def test_pieces_map_to_whitespace_words() -> None:
+    assert piece_words(["▁m", "n", "▁ab", "▁", "ij", "▁x"]) == [0, 0, 1, 2, 2, 3]
+    assert piece_words(["ab", "c", "▁d"]) == [0, 0, 1]  # a first piece without ▁ still starts word 0
+
+
+def test_word_scores_sum_source_pieces_and_average_target_pieces() -> None:
+    cross_TS = np.array(
+        [
+            [0.1, 0.2, 0.7],  # target piece 0 (word 0)
+            [0.3, 0.3, 0.4],  # target piece 1 (word 0)
+            [0.6, 0.3, 0.1],  # target piece 2 (word 1)
+        ]
+    )
+    scores_JI = word_scores(cross_TS, src_words_S=[0, 0, 1], tgt_words_T=[0, 0, 1])
+    np.testing.assert_allclose(scores_JI, [[(0.3 + 0.6) / 2, (0.7 + 0.4) / 2], [0.9, 0.1]])
+    assert hard_alignment(scores_JI) == [(0, 1), (1, 0)]
+    assert pharaoh([(0, 1), (1, 0)]) == "0-1 1-0"
+
+
+def test_layer_choice_defaults_to_the_penultimate() -> None:
+    assert layer_index(6, None) == 4
+    assert layer_index(1, None) == 0
+    assert layer_index(6, -1) == 5
+    with pytest.raises(AlignmentError, match=r"layers 0\.\.5"):
+        layer_index(6, 6)
+
+
+def random_sentences(rng: random.Random, count: int) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def copy_model() -> tuple[Transformer, Tokenizer]:
+    """A one-layer, one-head model trained to copy its input, over a tokenizer that splits some words."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models train faster on one thread than on two contended ones
+    try:
+        rng = random.Random(0)
+        sentences = random_sentences(rng, 400)
+        tokenizer = Tokenizer.train(sentences, sentences, vocab_size=26)
+        size = tokenizer.src_vocab_size
+        config = preset(
+            "tiny", src_vocab_size=size, tgt_vocab_size=size, n_heads=1, n_encoder_layers=1, n_decoder_layers=1
+        )
+        model = Transformer(config, seed=0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        encoded = tokenizer.encode_sources(sentences)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(500):
+            batch = [encoded[i] for i in torch.randint(len(encoded), (32,), generator=generator).tolist()]
+            width = max(len(ids) for ids in batch) + 1
+            src = torch.tensor([ids + [2] + [0] * (width - len(ids) - 1) for ids in batch])
+            tgt_in = torch.tensor([[1, *ids] + [0] * (width - len(ids) - 1) for ids in batch])
+            loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), src.flatten(), ignore_index=0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(before)
+    return model.eval(), tokenizer
+
+
+def test_a_copy_model_aligns_every_word_to_itself(copy_model: tuple[Transformer, Tokenizer]) -> None:
+    model, tokenizer = copy_model
+    sentences = random_sentences(random.Random(1), 20)
+    assert any(len(tokenizer.source_pieces(s)) > len(s.split()) for s in sentences)  # subwords are exercised
+    alignments = align_pairs(model, tokenizer, [(s, s) for s in sentences])
+    for sentence, links in zip(sentences, alignments, strict=True):
+        assert links == [(i, i) for i in range(len(sentence.split()))], sentence
+
+
+def test_align_files_writes_one_pharaoh_line_per_pair(
+    copy_model: tuple[Transformer, Tokenizer], tmp_path: Path
+) -> None:
+    model, tokenizer = copy_model
+    lines = ["ab cd ef", "", "mop  hij"]  # an empty pair and a double space
+    (tmp_path / "src").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "tgt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert list(align_files(model, tokenizer, tmp_path / "src", tmp_path / "tgt")) == ["0-0 1-1 2-2", "", "0-0 1-1"]
+    (tmp_path / "short").write_text("ab\n", encoding="utf-8")
+    with pytest.raises(AlignmentError, match="has 3 lines but"):
+        list(align_files(model, tokenizer, tmp_path / "src", tmp_path / "short"))
+    with pytest.raises(AlignmentError, match="no such file"):
+        list(align_files(model, tokenizer, tmp_path / "missing", tmp_path / "tgt"))

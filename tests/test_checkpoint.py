@@ -1,0 +1,158 @@
+"""Checkpoint directories: round trip, tied tensors, damaged files, pointers, pruning, averaging."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.training import CheckpointError, load_run, resume_run, start_run
+from tformer.training import checkpoint as ckpt
+from tformer.training.average import average_checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run with checkpoints at steps 2, 4 and 6 (read-only: copy it to damage it)."""
+    directory = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(directory, n_train=60)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    experiment = tiny_experiment(corpus, "train.max_steps=6", "train.save_every=2", "train.valid_every=2")
+    start_run(experiment, directory / "run", quiet=True).train()
+    torch.set_num_threads(before)
+    return directory / "run"
+
+
+@pytest.fixture
+def run_copy(trained: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def test_round_trip_and_tied_tensors_stored_once(trained: Path) -> None:
+    loaded = load_run(trained, which="last")
+    assert loaded.step == 6 and loaded.run_dir == trained and not loaded.model.training
+    assert loaded.checkpoint_dir == trained / "checkpoints" / "step-00000006"
+    assert loaded.model.src_embedding.weight is loaded.model.tgt_embedding.weight
+    assert loaded.experiment.model.src_vocab_size == loaded.tokenizer.src_vocab_size
+    with safe_open(loaded.checkpoint_dir / ckpt.WEIGHTS_FILE, "pt") as weights:
+        keys = list(weights.keys())
+    assert sum(key.endswith("embedding.weight") for key in keys) == 1
+    direct = load_run(loaded.checkpoint_dir)  # a checkpoint directory works as well as a run directory
+    for a, b in zip(loaded.model.state_dict().values(), direct.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    best = load_run(trained)
+    assert best.checkpoint_dir.name == ckpt.read_pointer_name(trained, "best")
+
+
+def _damage_weights(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    return str(path)
+
+
+def _remove_weights(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.WEIGHTS_FILE
+    path.unlink()
+    return str(path)
+
+
+def _future_version(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "format_version": 99}))
+    return "format_version 99"
+
+
+def _corrupt_experiment(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    path.write_text('{"format_version": 1, "experi')
+    return str(path)
+
+
+def _other_shape(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    document = json.loads(path.read_text())
+    document["experiment"]["model"]["d_ff"] = 48
+    path.write_text(json.dumps(document))
+    return "weights do not match"
+
+
+def _dangling_pointer(run: Path) -> str:
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    return "step-00000006"
+
+
+@pytest.mark.parametrize(
+    "damage", [_damage_weights, _remove_weights, _future_version, _corrupt_experiment, _other_shape, _dangling_pointer]
+)
+def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:
+    expected = damage(run_copy)
+    with pytest.raises(CheckpointError) as error:
+        load_run(run_copy, which="last")
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+
+
+def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
+    path = run_copy / "checkpoints" / "step-00000006" / ckpt.STATE_FILE
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: corrupt or truncated"):
+        resume_run(run_copy, quiet=True)
+
+
+def test_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such run or checkpoint directory"):
+        load_run(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a run directory nor a checkpoint"):
+        load_run(tmp_path / "empty")
+
+
+def test_interrupted_writes_are_invisible_and_cleaned_up(run_copy: Path) -> None:
+    leftover = run_copy / "checkpoints" / ".tmp-step-00000008-12345"
+    leftover.mkdir()
+    (leftover / ckpt.WEIGHTS_FILE).write_bytes(b"half a file")
+    assert load_run(run_copy, which="last").step == 6
+    assert ckpt.step_checkpoints(run_copy)[-1].name == "step-00000006"
+    ckpt.prune_checkpoints(run_copy, keep_last=0)
+    assert not leftover.exists()
+
+
+def test_rewriting_an_existing_checkpoint_name_replaces_it_whole(run_copy: Path) -> None:
+    loaded = load_run(run_copy, which="last")
+    with torch.no_grad():
+        loaded.model.encoder.layers[0].feed_forward.fc1.bias.fill_(0.5)
+    ckpt.save_checkpoint(
+        run_copy,
+        "step-00000006",
+        experiment=loaded.experiment,
+        tokenizer=loaded.tokenizer,
+        model=loaded.model,
+        step=6,
+        trainer_state=None,
+    )
+    reloaded = load_run(run_copy, which="last")
+    assert torch.all(reloaded.model.encoder.layers[0].feed_forward.fc1.bias == 0.5)
+    assert not any(path.name.startswith((".tmp-", ".old-")) for path in (run_copy / "checkpoints").iterdir())
+
+
+def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
+    out = average_checkpoints(run_copy, last=2)
+    assert out == run_copy / "checkpoints" / "averaged-last2-step-00000006"
+    averaged = load_run(out)
+    four, six = (load_run(run_copy / "checkpoints" / f"step-0000000{n}") for n in (4, 6))
+    for name, tensor in averaged.model.state_dict().items():
+        expected = ((four.model.state_dict()[name].double() + six.model.state_dict()[name].double()) / 2).float()
+        assert torch.equal(tensor, expected), name
+    assert json.loads((out / ckpt.EXPERIMENT_FILE).read_text())["averaged_from"] == ["step-00000004", "step-00000006"]
+    assert load_run(run_copy, which="last").step == 6  # the run itself is untouched
+    with pytest.raises(CheckpointError, match="already exists; averaging never overwrites"):
+        average_checkpoints(run_copy, last=2)
+    with pytest.raises(CheckpointError, match="has 3 step checkpoints; ask for --last 3 or fewer"):
+        average_checkpoints(run_copy, last=4, out=run_copy.parent / "avg")

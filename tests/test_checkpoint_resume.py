@@ -1,0 +1,102 @@
+"""Resuming reproduces the uninterrupted run bit for bit on CPU: losses, validation and weights.
+
+Dropout is on, so the random generators must be restored exactly; accumulation is on, so the data
+position must be restored between micro-batches of the same epoch plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.cli.main import main
+from tformer.training import checkpoint as ckpt
+from tformer.training import load_run, resume_run, start_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SETTINGS = ("model.dropout=0.2", "train.accumulate=2", "train.max_steps=10", "train.save_every=3")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / ckpt.METRICS_FILE).read_text().splitlines()]
+
+
+def _assert_same_weights(run_a: Path, run_b: Path) -> None:
+    a, b = load_run(run_a, which="last"), load_run(run_b, which="last")
+    assert a.step == b.step
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("wall_s", "tokens_per_s")} for row in rows]
+
+
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    experiment = tiny_experiment(corpus, *SETTINGS)
+    start_run(experiment, tmp_path / "whole", quiet=True).train()
+
+    interrupted = start_run(experiment, tmp_path / "cut", quiet=True)
+    calls = {"n": 0}
+
+    def interrupt_in_step_8(module: torch.nn.Module, inputs: tuple) -> None:
+        calls["n"] += module.training
+        if calls["n"] > 2 * 7 + 1:  # two micro-batches per step: stop inside step 8
+            raise KeyboardInterrupt
+
+    interrupted.model.register_forward_pre_hook(interrupt_in_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert ckpt.read_pointer_name(tmp_path / "cut", "latest") == "step-00000006"
+    assert _rows(tmp_path / "cut")[-1]["step"] == 7  # logged past the checkpoint: dropped on resume
+
+    resumed = resume_run(tmp_path / "cut", quiet=True)
+    assert resumed.step == 6
+    resumed.train()
+    whole, cut = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
+    assert [row["step"] for row in cut] == list(range(1, 11))
+    assert _without_timing(cut) == _without_timing(whole)  # train and valid losses, exactly
+    _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_sigkilled_training_process_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    arguments = [
+        "train",
+        "--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"]),
+        "--valid-src", str(corpus["valid_src"]), "--valid-tgt", str(corpus["valid_tgt"]),
+        "--preset", "tiny", "--vocab-size", "48", "--max-tokens", "256", "--max-steps", "120", "--device", "cpu",
+        "--set", "train.save_every=5", "--set", "train.valid_every=20", "--set", "model.dropout=0.1",
+        "--set", "train.warmup_steps=10", "--quiet",
+    ]  # fmt: skip
+    killed = tmp_path / "killed"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tformer.cli.main", *arguments, "--out", str(killed)],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not (killed / "latest").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()
+    saved = load_run(killed, which="last").step
+    assert 5 <= saved < 120
+
+    assert main([*arguments, "--out", str(killed), "--resume"]) == 0
+    assert main([*arguments, "--out", str(tmp_path / "whole")]) == 0
+    _assert_same_weights(killed, tmp_path / "whole")

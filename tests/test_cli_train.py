@@ -1,0 +1,197 @@
+"""End to end through the command line: train -> translate -> evaluate -> average, and every bad
+input giving exit status 2, one line on stderr, no traceback, and nothing saved lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import write_corpus
+
+from tformer.cli.main import main
+from tformer.training import checkpoint as ckpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONFIG = """
+[model]
+preset = "tiny"
+max_positions = 64
+[data]
+vocab_size = 48
+[train]
+max_tokens = 256
+max_steps = 6
+schedule = "peak"
+peak_lr = 5e-3
+warmup_steps = 3
+log_every = 2
+valid_every = 2
+bleu_every = 3
+stop_metric = "bleu"
+save_every = 2
+device = "cpu"
+[decode]
+beam_size = 2
+max_len_b = 8
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("cli")
+    paths = write_corpus(directory, n_train=80, n_valid=6)
+    paths["config"] = directory / "tiny.toml"
+    paths["config"].write_text(CONFIG)
+    paths["dir"] = directory
+    return paths
+
+
+def _train_args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--config", str(ws["config"]), "--out", str(out),
+        "--train-src", str(ws["train_src"]), "--train-tgt", str(ws["train_tgt"]),
+        "--valid-src", str(ws["valid_src"]), "--valid-tgt", str(ws["valid_tgt"]), "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(workspace: dict[str, Path]) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = workspace["dir"] / "run"
+    assert main(_train_args(workspace, out)) == 0
+    torch.set_num_threads(before)
+    return out
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _fails_cleanly(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+def test_train_translate_evaluate_average(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rows = {row["step"]: row for row in map(json.loads, (trained / ckpt.METRICS_FILE).read_text().splitlines())}
+    assert sorted(rows) == [2, 3, 4, 6]  # logged at 2, 4, 6; BLEU at 3 and 6
+    assert {"bleu", "chrf", "bleu_lowercase"} <= set(rows[3]) & set(rows[6]) and "valid_loss" in rows[2]
+    assert ckpt.read_pointer_name(trained, "best") is not None
+
+    output = tmp_path / "hyp.txt"
+    assert main(["translate", str(trained), "--input", str(workspace["valid_src"]), "--output", str(output)]) == 0
+    assert len(output.read_text().splitlines()) == len(workspace["valid_src"].read_text().splitlines())
+
+    capsys.readouterr()
+    evaluate = ["evaluate", str(trained), "--src", str(workspace["valid_src"]), "--ref", str(workspace["valid_tgt"])]
+    assert main(evaluate) == 0
+    text = capsys.readouterr().out
+    assert "BLEU " in text and "nrefs:1|case:mixed|eff:no|tok:13a" in text and "chrF " in text
+    assert "BLEU lowercase" in text
+    assert main([*evaluate, "--json", "--beam", "1"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert {"bleu", "bleu_lowercase", "chrf", "bleu_signature", "chrf_signature", "step"} <= set(scores)
+
+    copy = Path(shutil.copytree(trained, tmp_path / "run"))
+    assert main(["average", str(copy), "--last", "2"]) == 0
+    averaged = Path(capsys.readouterr().out.strip())
+    assert averaged.parent == copy / "checkpoints" and (averaged / ckpt.WEIGHTS_FILE).is_file()
+    assert (
+        main(["evaluate", str(averaged), "--src", str(workspace["valid_src"]), "--ref", str(workspace["valid_tgt"])])
+        == 0
+    )
+
+
+def test_bad_training_inputs(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = _digest(trained)
+    short = tmp_path / "short.tgt"
+    short.write_text("cat dog\n")
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text("[optimizer]\nlr = 1\n")
+    new = tmp_path / "new"
+    cases = [
+        (_train_args(workspace, new, "--train-src", str(tmp_path / "missing.src")), "file not found"),
+        (_train_args(workspace, new, "--train-tgt", str(short)), "has 1; the files must be aligned"),
+        (_train_args(workspace, new, "--set", "train.max_step=3"), "unknown key(s) max_step in [train]"),
+        (["train", "--config", str(bad_config), "--out", str(new)], "unknown section(s) optimizer"),
+        (_train_args(workspace, trained), "already holds a run; pass --resume to continue it or --overwrite"),
+        (["train", "--out", str(tmp_path / "none"), "--resume"], "nothing to resume"),
+        (_train_args(workspace, trained, "--resume", "--set", "model.d_model=64"), "model.d_model is 64"),
+        (["train", "--out", str(trained), "--resume", "--set", "model.dropout=0.5"], "only train.* and decode.*"),
+    ]
+    for argv, message in cases:
+        _fails_cleanly(capsys, argv, message)
+    assert not new.exists()
+    assert _digest(trained) == before
+
+
+def test_bad_checkpoints_and_evaluation_inputs(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    src, ref = str(workspace["valid_src"]), str(workspace["valid_tgt"])
+    _fails_cleanly(capsys, ["evaluate", str(run), "--src", src, "--ref", str(workspace["train_tgt"])], "lines but")
+    _fails_cleanly(capsys, ["average", str(run), "--last", "9"], "ask for --last")
+    _fails_cleanly(capsys, ["average", str(run), "--last", "1", "--out", str(workspace["dir"])], "already exists")
+
+    last = run / "checkpoints" / ckpt.read_pointer_name(run, "latest")
+    weights = last / ckpt.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:64])
+    argv = ["evaluate", str(run), "--which", "last", "--src", src, "--ref", ref]
+    _fails_cleanly(capsys, argv, f"{weights}: corrupt or truncated weights")
+    _fails_cleanly(capsys, ["train", "--out", str(run), "--resume"], f"{weights}: corrupt or truncated")
+    shutil.copy(trained / "checkpoints" / last.name / ckpt.WEIGHTS_FILE, weights)
+
+    description = last / ckpt.EXPERIMENT_FILE
+    description.write_text(json.dumps({**json.loads(description.read_text()), "format_version": 0}))
+    _fails_cleanly(capsys, argv, "format_version 0 (written by tformer")
+    state = last / ckpt.STATE_FILE
+    state.write_bytes(b"not a torch file")
+    _fails_cleanly(capsys, ["train", "--out", str(run), "--resume"], "format_version 0")
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    before = _digest(run)
+    failing = _train_args(workspace, run, "--overwrite", "--set", "train.max_tokens=3")  # every pair overlong
+    _fails_cleanly(capsys, failing, "raise train.max_tokens")
+    assert _digest(run) == before
+    assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
+    assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
+
+
+def test_plain_flags_and_resume_with_a_larger_budget(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "flags"
+    argv = [
+        "train", "--train-src", str(workspace["train_src"]), "--train-tgt", str(workspace["train_tgt"]),
+        "--preset", "tiny", "--vocab-size", "40", "--max-tokens", "200", "--max-steps", "2", "--device", "cpu",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "step 2, reached max_steps=2" in capsys.readouterr().out
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--quiet"]) == 0
+    assert "step 3, reached max_steps=3" in capsys.readouterr().out
+    assert main([*argv[:-3], "--max-steps", "4", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert "step 4, reached max_steps=4" in capsys.readouterr().out

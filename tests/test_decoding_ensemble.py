@@ -1,0 +1,62 @@
+"""Ensembles: one member decodes like the model alone; two members average their log-probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_decoding_equivalence import BOS, EOS, padded_batch, peaked_model
+
+from tformer.config import DecodeConfig
+from tformer.decoding import EnsembleModel, generate
+from tformer.decoding.incremental import IncrementalDecoder
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_ensemble_of_one_equals_the_model(beam):
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5], seed=2)
+    config = DecodeConfig(beam_size=beam, nbest=beam)
+    alone = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    ensemble = generate(EnsembleModel([model]), src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    assert [[h.tokens for h in n] for n in ensemble] == [[h.tokens for h in n] for n in alone]
+    assert [h.score for n in ensemble for h in n] == pytest.approx([h.score for n in alone for h in n], abs=1e-4)
+
+
+def test_two_members_average_log_probabilities_at_every_step():
+    first, second = peaked_model(), peaked_model(eos_bias=0.0)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.mul_(0.9)
+    src, mask = padded_batch([6, 3, 8], seed=4)
+    tgt = torch.randint(3, 40, (3, 5), generator=torch.Generator().manual_seed(1))
+    tgt[:, 0] = BOS
+    ensemble = EnsembleModel([first, second])
+    with torch.no_grad():
+        mean = (
+            F.log_softmax(first(src, tgt, src_pad_mask=mask), -1)
+            + F.log_softmax(second(src, tgt, src_pad_mask=mask), -1)
+        ) / 2
+        decoder = IncrementalDecoder(ensemble, src, mask, rows_per_sentence=1, capacity=5, want_attention=False)
+        for t in range(5):
+            log_probs, _ = decoder.step(tgt[:, t])
+            torch.testing.assert_close(log_probs, F.log_softmax(mean[:, t], -1), atol=1e-5, rtol=0)
+    result = generate(
+        ensemble,
+        src,
+        src_pad_mask=mask,
+        bos_id=BOS,
+        eos_id=EOS,
+        config=DecodeConfig(beam_size=2),
+        return_attention=True,
+    )
+    assert all(n[0].attention.shape[1] == length for n, length in zip(result, [6, 3, 8], strict=True))
+
+
+def test_ensemble_members_must_share_the_vocabulary():
+    from tformer.config import preset
+    from tformer.model import Transformer
+
+    other = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).eval()
+    with pytest.raises(ValueError, match="vocabulary"):
+        EnsembleModel([peaked_model(), other])

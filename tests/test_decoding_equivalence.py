@@ -1,0 +1,224 @@
+"""Cached decoding equals uncached decoding, step logits equal the full forward pass, and a sentence
+decodes the same alone or in any batch with any padding (greedy and beam)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import perturbed
+
+from tformer.config import DecodeConfig, preset
+from tformer.decoding import generate
+from tformer.decoding.greedy import CHECK_EVERY
+from tformer.decoding.incremental import IncrementalDecoder
+from tformer.model import Transformer
+
+BOS, EOS, PAD = 1, 2, 0
+VOCAB = 40
+
+
+def peaked_model(eos_bias: float = 13.0) -> Transformer:
+    """Random weights made peaked (top-1 / top-2 log-prob gap >= ~0.9 on the tested inputs) so float
+    noise cannot flip a choice; eos is biased up so that some outputs end early."""
+    config = preset(
+        "tiny",
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
+        sinusoidal_layout="concatenated",
+        final_logits_bias=True,
+        max_positions=64,
+    )
+    model = perturbed(Transformer(config, seed=1), scale=0.5).eval()
+    with torch.no_grad():
+        model.src_embedding.weight.mul_(2.0)
+        model.final_logits_bias[EOS] += eos_bias
+    return model
+
+
+def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random sources (tokens + eos) of the given lengths, right-padded, and their mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    src = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        src[row, : length - 1] = torch.randint(4, VOCAB, (length - 1,), generator=generator)
+        src[row, length - 1] = EOS
+    return src, src != PAD
+
+
+class HistoryCache:
+    """A 'cache' that only remembers the tokens, so every step recomputes the whole prefix."""
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+        self.memory_kv: list[torch.Tensor] = []
+
+    @property
+    def length(self) -> int:
+        return 0 if self.tokens is None else self.tokens.shape[1]
+
+    def reorder(self, indices: torch.Tensor, *, include_memory: bool = True) -> None:
+        self.tokens = self.tokens.index_select(0, indices)
+        if include_memory:
+            self.memory_kv = [m.index_select(0, indices) for m in self.memory_kv]
+
+    def select(self, indices: torch.Tensor) -> None:
+        self.reorder(indices, include_memory=True)
+
+
+class UncachedModel:
+    """The reference decoder: the same model, run without a KV cache over the full prefix each step."""
+
+    training = False
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.config = model.config
+
+    def encode(self, src_ids, *, src_pad_mask):
+        return self.model.encode(src_ids, src_pad_mask=src_pad_mask)
+
+    def project_memory(self, memory):
+        return [memory]  # the raw memory rides in the cache, reordered and selected with the rows
+
+    def new_cache(self, *, batch_size: int, capacity: int) -> HistoryCache:
+        return HistoryCache()
+
+    def decode(self, tgt_ids, *, memory, src_pad_mask, cache, return_attention=False):
+        cache.tokens = tgt_ids if cache.tokens is None else torch.cat([cache.tokens, tgt_ids], dim=1)
+        out = self.model.decode(
+            cache.tokens, memory=cache.memory_kv[0], src_pad_mask=src_pad_mask, return_attention=return_attention
+        )
+        if not return_attention:
+            return out[:, -1:]
+        logits, self_weights, cross_weights = out
+        return logits[:, -1:], self_weights, [w[:, :, -1:] for w in cross_weights]
+
+
+def test_step_logits_match_full_forward_including_after_a_reorder():
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5])
+    tgt = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(3))
+    tgt[:, 0] = BOS
+    permutation = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        full = model(src, tgt, src_pad_mask=mask)
+        full_permuted = model(src[permutation], tgt[permutation], src_pad_mask=mask[permutation])
+        decoder = IncrementalDecoder(model, src, mask, rows_per_sentence=1, capacity=8, want_attention=False)
+        for t in range(8):
+            if t == 4:  # rows swap histories half-way, as beams do; memory moves too since sentences differ
+                decoder.cache.reorder(permutation, include_memory=True)
+                decoder.mask_RS = decoder.mask_RS[permutation]
+            log_probs, _ = decoder.step(tgt[:, t] if t < 4 else tgt[permutation, t])
+            expected = full[:, t] if t < 4 else full_permuted[:, t]
+            torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_raw_cached_decode_matches_forward_logits():
+    model = peaked_model()
+    src, mask = padded_batch([6, 3, 8])
+    tgt = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(src, tgt, src_pad_mask=mask)
+        memory = model.encode(src, src_pad_mask=mask)
+        cache = model.new_cache(batch_size=3, capacity=6, memory=memory)
+        for t in range(6):
+            step = model.decode(tgt[:, t : t + 1], memory=None, src_pad_mask=mask, cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=0)
+
+
+CONFIGS = {
+    "greedy": DecodeConfig(beam_size=1, max_len_a=1.0, max_len_b=4),
+    "beam": DecodeConfig(beam_size=3, nbest=3, max_len_a=1.0, max_len_b=4),
+    "beam-ngram-minlen": DecodeConfig(beam_size=4, nbest=2, no_repeat_ngram_size=2, min_len=3, max_len_b=12),
+    "beam-coverage-gnmt": DecodeConfig(beam_size=2, coverage_penalty=0.3, length_penalty=1.0, max_len_b=10),
+    "greedy-ngram": DecodeConfig(beam_size=1, no_repeat_ngram_size=2, max_len_b=14, max_len_a=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_search_gives_the_tokens_of_uncached_search(name):
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5, 2])
+    prefix = [[5], [], [7, 8], [], []]
+    for use_prefix in (False, True):
+        kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=CONFIGS[name], return_attention=True)
+        kwargs["prefix"] = prefix if use_prefix else None
+        cached = generate(model, src, **kwargs)
+        uncached = generate(UncachedModel(model), src, **kwargs)
+        for ours, reference in zip(cached, uncached, strict=True):
+            assert [h.tokens for h in ours] == [h.tokens for h in reference]
+            for a, b in zip(ours, reference, strict=True):
+                assert a.score == pytest.approx(b.score, abs=1e-4)
+                torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=0)
+        if use_prefix:
+            for hypotheses, forced in zip(cached, prefix, strict=True):
+                assert all(h.tokens[: len(forced)] == forced for h in hypotheses)
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam", "beam-ngram-minlen", "greedy-ngram"])
+def test_sentence_decodes_the_same_alone_and_in_any_batch(name):
+    config = CONFIGS[name]
+    model = peaked_model()
+    lengths = [7, 4, 9, 5, 2, 8]
+    src, _ = padded_batch(lengths, seed=5)
+    alone = []
+    for row, length in enumerate(lengths):
+        result = generate(model, src[row : row + 1, :length], src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=config)
+        alone.append(result[0])
+    outputs = {len(h.tokens) for hypotheses in alone for h in hypotheses}
+    assert len(outputs) > 1, "the test model should give outputs of several lengths"
+    generator = torch.Generator().manual_seed(0)
+    for batch_size in (2, 3, 6):
+        order = torch.randperm(len(lengths), generator=generator)[:batch_size]
+        extra_padding = torch.full((batch_size, 3), PAD, dtype=torch.long)  # more padding than needed
+        batch_src = torch.cat([src[order], extra_padding], dim=1)
+        batch = generate(model, batch_src, src_pad_mask=batch_src != PAD, bos_id=BOS, eos_id=EOS, config=config)
+        for index, hypotheses in zip(order.tolist(), batch, strict=True):
+            assert [h.tokens for h in hypotheses] == [h.tokens for h in alone[index]]
+            assert [h.score for h in hypotheses] == pytest.approx([h.score for h in alone[index]], abs=1e-4)
+
+
+def test_compaction_and_early_exit_do_not_change_results(monkeypatch):
+    """Long and short outputs in one batch: short ones leave the batch at the periodic check."""
+    selected = []
+    original_select = IncrementalDecoder.select
+
+    def counting_select(self, rows):
+        selected.append(len(rows))
+        original_select(self, rows)
+
+    monkeypatch.setattr(IncrementalDecoder, "select", counting_select)
+    model = peaked_model()
+    src, mask = padded_batch([2, 9, 3, 9], seed=7)
+    config = DecodeConfig(beam_size=2, nbest=2, max_len_a=2.0, max_len_b=1)
+    together = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    reference = generate(UncachedModel(model), src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    assert [[h.tokens for h in n] for n in together] == [[h.tokens for h in n] for n in reference]
+    lengths = [len(n[0].tokens) for n in together]
+    assert max(lengths) - min(lengths) > CHECK_EVERY, lengths
+    assert any(rows < 4 * 2 for rows in selected), "finished sentences should have left the batch"
+
+
+def test_decoding_refuses_a_model_in_training_mode():
+    model = peaked_model().train()
+    src, mask = padded_batch([3])
+    with pytest.raises(ValueError, match="eval"):
+        generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=1))
+
+
+def test_max_length_follows_a_and_b():
+    model = peaked_model()
+    with torch.no_grad():
+        model.final_logits_bias[EOS] = -100.0  # never ends by itself
+    src, mask = padded_batch([3, 6])
+    config = DecodeConfig(beam_size=2, max_len_a=1.5, max_len_b=2)
+    result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    assert [len(n[0].tokens) for n in result] == [int(1.5 * 3) + 2, int(1.5 * 6) + 2]
+    greedy = generate(
+        model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=dataclasses.replace(config, beam_size=1)
+    )
+    assert [len(n[0].tokens) for n in greedy] == [6, 11]

@@ -1,0 +1,74 @@
+"""The Translator: tokenize, batch by length, decode, detokenize, in input order, chunk by chunk."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from test_decoding_equivalence import BOS, EOS, PAD, peaked_model
+
+from tformer.config import DecodeConfig
+from tformer.decoding import generate
+from tformer.decoding.pipeline import Translation, Translator
+
+ALPHABET = string.ascii_lowercase + " "  # ids 4 .. 30; a vocabulary of 40 covers them
+
+
+class CharTokenizer:
+    """A stand-in with the real tokenizer's interface: one id per character."""
+
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+    def encode_source(self, text: str) -> list[int]:
+        return [4 + ALPHABET.index(char) for char in text]
+
+    def decode_target(self, ids: list[int]) -> str:
+        return "".join(ALPHABET[i - 4] if 4 <= i < 4 + len(ALPHABET) else f"<{i}>" for i in ids)
+
+
+LINES = ["hello world", "a", "", "the quick brown fox", "abc", "zz top", "decoding is fun", "x"]
+
+
+def reference(model, line: str, config: DecodeConfig) -> list[tuple[list[int], float]]:
+    ids = torch.tensor([[*CharTokenizer().encode_source(line), EOS]])
+    (hypotheses,) = generate(model, ids, src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=config)
+    return [(h.tokens, h.score) for h in hypotheses]
+
+
+@pytest.mark.parametrize(("max_batch_tokens", "chunk_lines"), [(4096, 256), (20, 3), (1, 1)])
+def test_results_come_back_in_input_order_and_match_single_sentence_decoding(max_batch_tokens, chunk_lines):
+    model = peaked_model()
+    config = DecodeConfig(beam_size=3, nbest=2, max_len_b=6)
+    translator = Translator(model, CharTokenizer(), config, max_batch_tokens=max_batch_tokens, chunk_lines=chunk_lines)
+    results = list(translator.translate(iter(LINES)))
+    assert len(results) == len(LINES)
+    for line, translations in zip(LINES, results, strict=True):
+        assert all(isinstance(t, Translation) for t in translations)
+        expected = reference(model, line, config)
+        assert [t.tokens for t in translations] == [tokens for tokens, _ in expected]
+        assert [t.score for t in translations] == pytest.approx([score for _, score in expected], abs=1e-4)
+        assert [t.text for t in translations] == [CharTokenizer().decode_target(tokens) for tokens, _ in expected]
+
+
+def test_translate_is_lazy_and_translate_texts_gives_the_best():
+    model = peaked_model()
+    translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2, nbest=2), chunk_lines=2)
+    consumed = []
+
+    def lines():
+        for line in LINES:
+            consumed.append(line)
+            yield line
+
+    stream = translator.translate(lines())
+    next(stream)
+    assert len(consumed) == 2  # only the first chunk was read
+    best = translator.translate_texts(LINES)
+    assert best == [t[0].text for t in Translator(model, CharTokenizer(), DecodeConfig(beam_size=2)).translate(LINES)]
+
+
+def test_too_long_line_is_a_value_error_naming_the_line():
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
+    with pytest.raises(ValueError, match="line 2 has 71 tokens"):
+        list(translator.translate(["ok", "a" * 70]))

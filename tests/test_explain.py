@@ -1,0 +1,104 @@
+"""The explain walk-through: every number it shows equals what tformer's modules compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_viz_attention import assert_png
+
+from tformer.cli.main import main
+from tformer.explain import VOCABULARY, Walkthrough, toy_config, walkthrough
+from tformer.explain_report import render, save_figures
+from tformer.model import Transformer
+
+
+@pytest.fixture(scope="module")
+def result() -> Walkthrough:
+    return walkthrough(seed=3)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    """The same model the walk-through built, rebuilt independently from the same seed."""
+    return Transformer(toy_config(), seed=3).double().eval()
+
+
+def test_the_example_is_four_tokens_of_eight_dimensions_in_two_heads(result: Walkthrough) -> None:
+    assert result.source_tokens == ["the", "cat", "sat", "</s>"]
+    assert result.config.d_model == 8 and result.config.n_heads == 2
+    assert result.attention.q_HSK.shape == (2, 4, 4)
+    assert result.attention.scores_HSS.shape == (2, 4, 4)
+
+
+def test_step_by_step_self_attention_equals_the_module(result: Walkthrough, model: Transformer) -> None:
+    layer = model.encoder.layers[0]
+    src = torch.tensor([[VOCABULARY.index(token) for token in result.source_tokens]])
+    with torch.no_grad():
+        x = model.src_embedding(src) + model.encoder.positions(src.shape[1])
+        expected, _ = layer.self_attention(x, mask=None)
+        block, _ = layer(x, mask=None)
+    torch.testing.assert_close(result.embeddings_SD + result.positions_SD, x[0], atol=1e-12, rtol=0)
+    # the hand-computed weighted sums, concatenated and projected, are SelfAttention.forward
+    by_hand = layer.self_attention.out_proj(result.attention.heads_HSK.transpose(0, 1).reshape(4, 8))
+    torch.testing.assert_close(by_hand.detach(), expected[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.attention.output_SD, expected[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.encoder_block.output_SD, block[0], atol=1e-6, rtol=0)
+
+
+def test_scores_are_scaled_dot_products_and_weights_their_softmax(result: Walkthrough) -> None:
+    a = result.attention
+    head, query, key = 1, 2, 0
+    assert float(a.scores_HSS[head, query, key]) == pytest.approx(float(a.q_HSK[head, query] @ a.k_HSK[head, key]) / 2)
+    torch.testing.assert_close(a.weights_HSS.sum(dim=-1), torch.ones(2, 4, dtype=torch.float64))
+    torch.testing.assert_close(a.weights_HSS, a.matrix_weights_HSS, atol=1e-12, rtol=0)
+
+
+def test_every_check_agrees_to_float64_precision(result: Walkthrough) -> None:
+    assert len(result.checks) >= 9
+    assert all(difference < 1e-10 for difference in result.checks.values()), result.checks
+
+
+def test_causal_and_cross_attention(result: Walkthrough) -> None:
+    causal = result.causal
+    assert torch.equal(causal.mask_TT, torch.ones(4, 4, dtype=torch.bool).tril())
+    assert torch.all(causal.weights_HTT.triu(diagonal=1) == 0)
+    torch.testing.assert_close(causal.weights_HTT[:, 0, 0], torch.ones(2, dtype=torch.float64))  # <s> sees itself
+    assert result.cross.weights_HTS.shape == (2, 4, 4)
+    torch.testing.assert_close(result.cross.memory_SD, result.encoder_block.output_SD)
+
+
+def test_cross_entropy_is_the_mean_negative_log_probability_and_a_step_lowers_it(result: Walkthrough) -> None:
+    loss = result.loss
+    assert loss.loss == pytest.approx(float(loss.nll_T.mean()))
+    assert loss.loss == pytest.approx(loss.module_loss)
+    assert loss.loss_after_step < loss.loss
+
+
+def test_seed_changes_the_numbers_and_is_reproducible(result: Walkthrough) -> None:
+    assert torch.equal(walkthrough(seed=3).attention.scores_HSS, result.attention.scores_HSS)
+    assert not torch.equal(walkthrough(seed=4).attention.scores_HSS, result.attention.scores_HSS)
+
+
+def test_report_prints_every_step_and_figures_decode(result: Walkthrough, tmp_path: Path) -> None:
+    text = render(result)
+    for step in ("== 1.", "== 3.", "== 6.", "== 8.", "== 9.", "== 10.", "worked example", "== checks"):
+        assert step in text
+    paths = save_figures(result, tmp_path)
+    assert [path.name for path in paths] == [
+        "positional_encoding.png",
+        "self_attention.png",
+        "encoder_block.png",
+        "decoder_attention.png",
+        "cross_entropy.png",
+    ]
+    for path in paths:
+        assert_png(path, min_width=500, min_height=300)
+
+
+def test_cli_prints_the_walkthrough_and_writes_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["explain", "--seed", "1", "--out", str(tmp_path / "figs")]) == 0
+    output = capsys.readouterr().out
+    assert "q·k / sqrt(4)" in output and "softmax" in output
+    assert len(list((tmp_path / "figs").glob("*.png"))) == 5

@@ -1,0 +1,66 @@
+"""Loading an ExperimentConfig from TOML and --set overrides, strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tformer.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    experiment_from_dict,
+    experiment_to_dict,
+    load_experiment,
+)
+
+
+def test_preset_selects_the_model_and_other_keys_override_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text('[model]\npreset = "small"\ndropout = 0.2\n[train]\nmax_steps = 50\n[decode]\nbeam_size = 2\n')
+    experiment = load_experiment(path, ["train.peak_lr=1e-3", "model.activation=gelu", "data.train_src=a.txt"])
+    assert experiment.model.d_model == PRESETS["small"]["d_model"]
+    assert experiment.model.dropout == 0.2 and experiment.model.activation == "gelu"
+    assert experiment.train.max_steps == 50 and experiment.train.peak_lr == 1e-3
+    assert experiment.decode.beam_size == 2 and experiment.data.train_src == "a.txt"
+
+
+def test_defaults_and_round_trip_through_a_dict() -> None:
+    experiment = load_experiment(None, ["model.preset=tiny"])
+    assert experiment_from_dict(experiment_to_dict(experiment)) == experiment
+    assert ExperimentConfig().train.adam_beta2 == 0.98
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.max_steps=3"], "unknown section 'training'.*valid sections: model, data, train, decode"),
+        (["train.max_step=3"], r"unknown key\(s\) max_step in \[train\]; valid keys: max_tokens"),
+        (["model.preset=huge"], "unknown preset 'huge'"),
+        (["train.max_steps=many"], "max_steps in .train. must be an integer"),
+        (["train.stop_metric=bleu"], "needs train.bleu_every > 0"),
+        (["train.max_steps=0"], "set at least one of"),
+        (["data.valid_src=v.txt"], "give both data.valid_src and data.valid_tgt"),
+        (["max_steps=3"], "expects section.key=value"),
+    ],
+)
+def test_bad_settings_are_config_errors_naming_the_fix(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(None, overrides)
+
+
+def test_unknown_section_in_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[optimizer]\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section.*optimizer.*valid sections"):
+        load_experiment(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_experiment(tmp_path / "missing.toml")
+
+
+def test_shipped_tiny_config_loads() -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_copy.toml"
+    experiment = load_experiment(config)
+    assert experiment.model.d_model == PRESETS["tiny"]["d_model"]
+    assert experiment.train.max_time_s > 0

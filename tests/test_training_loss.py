@@ -1,0 +1,97 @@
+"""Loss, learning-rate schedules and optimizer settings against their definitions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tformer.config import TrainConfig, preset
+from tformer.model import Transformer
+from tformer.training.loss import label_smoothed_loss
+from tformer.training.optimizer import build_optimizer
+from tformer.training.schedule import inverse_sqrt_lr, learning_rate, peak_lr
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_loss_matches_torch_cross_entropy_with_ignore_index(smoothing: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits_BTV = torch.randn(3, 5, 11, generator=generator, dtype=torch.float64) * 3
+    target_BT = torch.randint(1, 11, (3, 5), generator=generator)
+    target_BT[0, 3:] = 0  # padding
+    target_BT[2, 1:] = 0
+    sums = label_smoothed_loss(logits_BTV, target_BT, smoothing=smoothing, pad_id=0)
+    expected = F.cross_entropy(
+        logits_BTV.flatten(0, 1), target_BT.flatten(), ignore_index=0, label_smoothing=smoothing, reduction="sum"
+    )
+    expected_nll = F.cross_entropy(logits_BTV.flatten(0, 1), target_BT.flatten(), ignore_index=0, reduction="sum")
+    assert sums.loss_sum.dtype == torch.float64
+    torch.testing.assert_close(sums.loss_sum, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sums.nll_sum, expected_nll, rtol=1e-12, atol=1e-12)
+    assert int(sums.n_tokens) == int((target_BT != 0).sum()) == 15 - 2 - 4
+
+
+def test_loss_ignores_non_finite_logits_at_padding() -> None:
+    logits_BTV = torch.zeros(1, 3, 4)
+    logits_BTV[0, 2] = float("nan")
+    target_BT = torch.tensor([[1, 2, 0]])
+    sums = label_smoothed_loss(logits_BTV, target_BT, smoothing=0.1, pad_id=0)
+    assert math.isclose(float(sums.loss_sum), 2 * math.log(4), rel_tol=1e-6)
+    assert float(sums.loss_sum.float()) == pytest.approx(float(sums.nll_sum))  # uniform: smoothing changes nothing
+
+
+def test_loss_sums_add_up_across_micro_batches() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits_BTV = torch.randn(4, 6, 9, generator=generator, dtype=torch.float64)
+    target_BT = torch.randint(0, 9, (4, 6), generator=generator)
+    whole = label_smoothed_loss(logits_BTV, target_BT, smoothing=0.1, pad_id=0)
+    halves = [label_smoothed_loss(logits_BTV[i : i + 2], target_BT[i : i + 2], smoothing=0.1, pad_id=0) for i in (0, 2)]
+    torch.testing.assert_close(whole.loss_sum, halves[0].loss_sum + halves[1].loss_sum)
+    assert int(whole.n_tokens) == int(halves[0].n_tokens + halves[1].n_tokens)
+
+
+def test_inverse_sqrt_schedule_is_the_papers_formula() -> None:
+    d_model, warmup = 512, 4000
+    for step in (1, 10, 3999, 4000, 4001, 100_000):
+        expected = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+        assert inverse_sqrt_lr(step, d_model=d_model, warmup=warmup) == pytest.approx(expected, rel=1e-15)
+    assert inverse_sqrt_lr(4000, d_model=512, warmup=4000, scale=2.0) == pytest.approx(2 * 512**-0.5 * 4000**-0.5)
+    # linear warm-up, peak at warmup, then the inverse square root of the step
+    assert inverse_sqrt_lr(2000, d_model=512, warmup=4000) == pytest.approx(
+        inverse_sqrt_lr(4000, d_model=512, warmup=4000) / 2
+    )
+    assert inverse_sqrt_lr(16000, d_model=512, warmup=4000) == pytest.approx(
+        inverse_sqrt_lr(4000, d_model=512, warmup=4000) / 2
+    )
+
+
+def test_peak_schedule_warms_up_linearly_then_decays() -> None:
+    assert peak_lr(1, peak=1e-3, warmup=100) == pytest.approx(1e-5)
+    assert peak_lr(50, peak=1e-3, warmup=100) == pytest.approx(5e-4)
+    assert peak_lr(100, peak=1e-3, warmup=100) == pytest.approx(1e-3)
+    assert peak_lr(400, peak=1e-3, warmup=100) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "peak"])
+def test_schedules_are_continuous_and_peak_at_warmup(schedule: str) -> None:
+    config = TrainConfig(schedule=schedule, warmup_steps=1000, peak_lr=7e-4)
+    values = [learning_rate(step, config, d_model=256) for step in range(1, 3000)]
+    peak_index = max(range(len(values)), key=values.__getitem__)
+    assert peak_index + 1 == 1000
+    jumps = [abs(b - a) for a, b in itertools.pairwise(values)]
+    assert max(jumps) <= values[peak_index] / 1000 + 1e-12  # no step larger than one warm-up increment
+
+
+def test_optimizer_is_adam_with_the_papers_settings() -> None:
+    model = Transformer(preset("tiny", src_vocab_size=20, tgt_vocab_size=20))
+    optimizer = build_optimizer(model, TrainConfig(), device=torch.device("cpu"))
+    group = optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-9 and group["weight_decay"] == 0.0
+    counted = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert counted == sum(p.numel() for p in model.parameters())  # the tied embedding once
+    decayed = build_optimizer(model, TrainConfig(weight_decay=0.01), device=torch.device("cpu"))
+    assert all(p.dim() >= 2 for p in decayed.param_groups[0]["params"])
+    assert decayed.param_groups[1]["weight_decay"] == 0.0

@@ -1,0 +1,128 @@
+"""Attention maps: exact values from one teacher-forced pass, and PNG / HTML files that show them."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from tformer.config import preset
+from tformer.data.tokenizer import Tokenizer
+from tformer.model import Transformer
+from tformer.viz.attention_maps import (
+    AttentionPlotError,
+    SentenceAttention,
+    attention_figure,
+    save_attention_png,
+    save_cross_attention_png,
+    sentence_attention,
+    teacher_forced_attention,
+)
+from tformer.viz.html import attention_html, save_attention_html
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BOS, EOS = 1, 2
+
+
+def assert_png(path: Path, *, min_width: int = 100, min_height: int = 100) -> tuple[int, int]:
+    """The file is a PNG that decodes, at least this large; returns (width, height)."""
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width >= min_width and height >= min_height, (width, height)
+    return width, height
+
+
+def fake_attention(model: Transformer, src: list[int], tgt: list[int]) -> SentenceAttention:
+    encoder_self, decoder_self, cross = teacher_forced_attention(model, src, tgt, bos_id=BOS)
+    return SentenceAttention(
+        source_labels=[f"s{i}" for i in src],
+        input_labels=["<s>", *(f"t{i}" for i in tgt)],
+        output_labels=[*(f"t{i}" for i in tgt), "</s>"],
+        encoder_self=encoder_self,
+        decoder_self=decoder_self,
+        cross=cross,
+        translation="fake",
+    )
+
+
+def test_teacher_forced_maps_have_every_layer_and_head_and_are_distributions(tiny_model: Transformer) -> None:
+    encoder_self, decoder_self, cross = teacher_forced_attention(tiny_model, [5, 6, 7, 8, EOS], [9, 10, 11], bos_id=BOS)
+    config = tiny_model.config
+    assert encoder_self.shape == (config.n_encoder_layers, config.n_heads, 5, 5)
+    assert decoder_self.shape == (config.n_decoder_layers, config.n_heads, 4, 4)
+    assert cross.shape == (config.n_decoder_layers, config.n_heads, 4, 5)
+    for maps in (encoder_self, decoder_self, cross):
+        np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(decoder_self, k=1) == 0.0)  # the causal mask: nothing above the diagonal
+
+
+def test_teacher_forced_cross_attention_equals_step_by_step_decoding(tiny_model: Transformer) -> None:
+    src, tgt = [5, 6, 7, 8, EOS], [9, 10, 11]
+    _, _, cross = teacher_forced_attention(tiny_model, src, tgt, bos_id=BOS)
+    src_1S = torch.tensor([src])
+    with torch.no_grad():
+        memory = tiny_model.encode(src_1S)
+        cache = tiny_model.new_cache(batch_size=1, capacity=8, memory=memory)
+        for t, token in enumerate([BOS, *tgt]):
+            _, _, step_cross = tiny_model.decode(
+                torch.tensor([[token]]), memory=None, src_pad_mask=None, cache=cache, return_attention=True
+            )
+            for layer, weights in enumerate(step_cross):
+                np.testing.assert_allclose(weights[0, :, 0].numpy(), cross[layer, :, t], atol=1e-6)
+
+
+def test_png_grid_has_a_panel_per_layer_and_head_and_zooms(tiny_model: Transformer, tmp_path: Path) -> None:
+    attention = fake_attention(tiny_model, [5, 6, 7, EOS], [9, 10])
+    figure = attention_figure(attention)
+    config = tiny_model.config
+    n_rows = config.n_encoder_layers + 2 * config.n_decoder_layers
+    assert len(figure.axes) == n_rows * config.n_heads
+    assert len(attention_figure(attention, kinds=("cross",), layer=-1, head=2).axes) == 1
+    full = assert_png(save_attention_png(attention, tmp_path / "all.png"), min_width=600, min_height=1000)
+    zoom = assert_png(save_attention_png(attention, tmp_path / "one.png", layer=0, head=1), min_width=300)
+    assert zoom[1] < full[1]
+
+
+def test_asking_for_a_missing_layer_head_or_kind_is_a_user_error(tiny_model: Transformer) -> None:
+    attention = fake_attention(tiny_model, [5, EOS], [9])
+    with pytest.raises(AttentionPlotError, match="head 4 does not exist"):
+        attention_figure(attention, head=4)
+    with pytest.raises(AttentionPlotError, match="layer 2 does not exist"):
+        attention_figure(attention, layer=2)
+    with pytest.raises(AttentionPlotError, match="unknown attention kind"):
+        attention_figure(attention, kinds=("decoder_cross",))
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
+
+
+def test_html_is_self_contained_with_one_figure_per_requested_head(tiny_model: Transformer, tmp_path: Path) -> None:
+    attention = fake_attention(tiny_model, [5, 6, EOS], [9, 10])
+    config = tiny_model.config
+    page = save_attention_html(attention, tmp_path / "maps.html").read_text(encoding="utf-8")
+    n_layers = config.n_encoder_layers + 2 * config.n_decoder_layers
+    assert page.count("<figure") == len(embedded_pngs(page)) == n_layers * config.n_heads
+    assert all(png.startswith(PNG_SIGNATURE) for png in embedded_pngs(page))
+    assert "http" not in page and "<script" not in page and "<link" not in page  # nothing to fetch
+    zoomed = attention_html(attention, kinds=("cross", "encoder_self"), layer=1, head=0)
+    assert zoomed.count("<figure") == 2
+    assert "cross-attention (decoder → source), layer 1, head 0" in zoomed
+
+
+def test_save_cross_attention_png_translates_and_labels_with_pieces(tmp_path: Path) -> None:
+    sentences = ["one two three", "three two one", "two two one three"] * 5
+    tokenizer = Tokenizer.train(sentences, sentences, vocab_size=20)
+    size = tokenizer.src_vocab_size
+    model = Transformer(preset("tiny", src_vocab_size=size, tgt_vocab_size=size), seed=0).eval()
+    path = save_cross_attention_png(model, tokenizer, "one two", tmp_path / "demo" / "cross.png")
+    assert_png(path, min_width=300, min_height=200)
+    attention = sentence_attention(model, tokenizer, "one two", target_text="two one")
+    assert attention.source_labels == [*tokenizer.source_pieces("one two"), "</s>"]
+    assert attention.output_labels == [*tokenizer.target_pieces("two one"), "</s>"]
+    assert attention.input_labels == ["<s>", *tokenizer.target_pieces("two one")]

@@ -1,0 +1,78 @@
+"""End to end: train a tiny run with `tformer train`, then `tformer attention`, `plot` and `align` on it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from test_viz_attention import assert_png, embedded_pngs
+from training_helpers import write_corpus
+
+from tformer.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    directory = tmp_path_factory.mktemp("viz_cli")
+    corpus = write_corpus(directory)
+    arguments = [
+        "train",
+        "--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"]),
+        "--valid-src", str(corpus["valid_src"]), "--valid-tgt", str(corpus["valid_tgt"]),
+        "--preset", "tiny", "--vocab-size", "48", "--max-tokens", "256", "--max-steps", "40", "--device", "cpu",
+        "--quiet", "--out", str(directory / "run"),
+        "--set", "train.valid_every=20", "--set", "train.bleu_every=20", "--set", "train.log_every=5",
+        "--set", "train.warmup_steps=10", "--set", "train.schedule=peak", "--set", "train.peak_lr=0.005",
+        "--set", "decode.beam_size=2", "--set", "decode.max_len_b=6",
+    ]  # fmt: skip
+    assert main(arguments) == 0
+    return directory / "run", corpus
+
+
+def test_attention_png_and_html(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path, capsys) -> None:
+    run, _ = trained_run
+    assert main(["attention", str(run), "ka lo mi", "--out", str(tmp_path / "maps.png")]) == 0
+    assert capsys.readouterr().out.startswith("translation: ")
+    assert_png(tmp_path / "maps.png", min_width=800, min_height=1500)  # 6 rows (kind x layer) of 4 heads
+    assert main(["attention", str(run), "ka lo mi", "--out", str(tmp_path / "maps.html"), "--layer", "1"]) == 0
+    page = (tmp_path / "maps.html").read_text(encoding="utf-8")
+    assert len(embedded_pngs(page)) == page.count("<figure") == 3 * 4  # 3 kinds x 4 heads of layer 1
+    arguments = ["attention", str(run), "ka", "--out", str(tmp_path / "one.html"), "--kind", "cross", "--head", "0"]
+    assert main([*arguments, "--target", "cat"]) == 0
+    assert len(re.findall("<figure", (tmp_path / "one.html").read_text(encoding="utf-8"))) == 2  # 2 layers
+
+
+def test_attention_user_errors(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path, capsys) -> None:
+    run, _ = trained_run
+    assert main(["attention", str(run), "ka", "--out", str(tmp_path / "maps.svg")]) == 2
+    assert main(["attention", str(run), "ka", "--out", str(tmp_path / "maps.png"), "--head", "7"]) == 2
+    assert "head 7 does not exist" in capsys.readouterr().err
+
+
+def test_plot(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    run, _ = trained_run
+    assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0
+    assert_png(tmp_path / "curves.png", min_width=1000, min_height=600)
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "none.png")]) == 2
+
+
+def test_align(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    run, corpus = trained_run
+    out = tmp_path / "align.txt"
+    assert (
+        main(
+            ["align", str(run), "--src", str(corpus["valid_src"]), "--tgt", str(corpus["valid_tgt"]), "--out", str(out)]
+        )
+        == 0
+    )
+    lines = out.read_text(encoding="utf-8").splitlines()
+    targets = corpus["valid_tgt"].read_text(encoding="utf-8").splitlines()
+    sources = corpus["valid_src"].read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(targets)
+    for line, source, target in zip(lines, sources, targets, strict=True):
+        links = [tuple(map(int, link.split("-"))) for link in line.split()]
+        assert sorted(j for _, j in links) == list(range(len(target.split())))  # each target word once
+        assert all(0 <= i < len(source.split()) for i, _ in links)
