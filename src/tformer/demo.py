@@ -42,7 +42,6 @@ class DemoResult:
     run_dir: Path
     exact_match: float
     chrf: float
-    bleu: float
     n_test: int
     train_seconds: float
     total_seconds: float
@@ -87,9 +86,7 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"
-    splits = make_number_splits(
-        n_train=config.n_train, n_valid=config.n_valid, n_test=config.n_test, seed=config.seed
-    )
+    splits = make_number_splits(n_train=config.n_train, n_valid=config.n_valid, n_test=config.n_test, seed=config.seed)
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
     check_new_run_dir(run_dir)
     write_number_corpus(splits, data_dir)
@@ -112,7 +109,6 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
         run_dir=run_dir,
         exact_match=exact,
         chrf=scores.chrf,
-        bleu=scores.bleu,
         n_test=len(references),
         train_seconds=train_seconds,
         total_seconds=time.monotonic() - started,
@@ -132,7 +128,8 @@ def _save_attention(run, source: str, path: Path, say) -> Path | None:
 
 def _report(result: DemoResult, test, hypotheses: list[str], n_examples: int) -> None:
     print(f"held-out numbers: {result.n_test:,}")
-    print(f"exact match: {100 * result.exact_match:.2f}%   chrF: {result.chrf:.2f}   BLEU: {result.bleu:.2f}")
+    # BLEU is left out on purpose: each output is a single German word, which has no 4-grams to match.
+    print(f"exact match: {100 * result.exact_match:.2f}%   chrF: {result.chrf:.2f}")
     print(f"training: {result.train_seconds:.0f} s   whole demo: {result.total_seconds:.0f} s")
     print("examples (number | English | model's German | correct?):")
     for (number, english, german), hypothesis in list(zip(test, hypotheses, strict=True))[:n_examples]:

@@ -9,6 +9,10 @@ data.tokenizer names one. RUN_DIR receives checkpoints and metrics.jsonl.
                (model and data must match), or give only --max-steps/--max-time/... and --set
                train.*/decode.* to change those. On CPU the result equals an uninterrupted run bit
                for bit.
+Several processes (one per GPU, on one or many machines) are started with torchrun, e.g.
+  torchrun --nproc-per-node 8 -m tformer.cli.main train --config run.toml --out RUN_DIR
+(see docs/training.md); only rank 0 writes RUN_DIR.
+
   --overwrite  replace RUN_DIR. The new run is written next to it (a hidden .NAME.overwrite-PID
                directory) and takes RUN_DIR's place only when training ends, so a failed or
                interrupted new run never destroys the old one.
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
+from tformer.runtime import Distributed, init_distributed
 from tformer.training.run import check_new_run_dir, resume_run, start_run
 
 HELP = "train a translation model (new run, --resume, or --overwrite)"
@@ -67,22 +72,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training budget")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each encoder/decoder layer in place")
+    parser.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compute the output projection and loss N target positions at a time, recomputed in backward "
+        "(saves the memory of the full logits; 0: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
+    if args.loss_chunk < 0:
+        raise ConfigError(f"--loss-chunk must be 0 (off) or positive, got {args.loss_chunk}")
     if args.resume:
         return _resume(args)
     experiment = _experiment(args)
+    options = _runtime(args, experiment.train.device)
     if not args.overwrite or not out.exists():
-        result = start_run(experiment, out, quiet=args.quiet).train()
+        result = start_run(experiment, out, quiet=args.quiet, **options).train()
         print(f"run {out}: step {result.step}, {result.stop_reason}")
         return 0
     if not out.is_dir():
         raise ConfigError(f"--overwrite replaces a run directory, but {out} is a file")
+    if options["distributed"].enabled:
+        raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
     staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
     check_new_run_dir(staging)
-    result = start_run(experiment, staging, quiet=args.quiet).train()
+    result = start_run(experiment, staging, quiet=args.quiet, **options).train()
     retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
     os.replace(out, retired)
     os.replace(staging, out)
@@ -109,17 +128,26 @@ def _resume(args: argparse.Namespace) -> int:
         getattr(args, flag) is not None for flag in FLAG_KEYS if flag not in RESUMABLE_FLAGS
     )
     if full_command:
-        trainer = resume_run(args.out, expected=_experiment(args), quiet=args.quiet)
+        expected = _experiment(args)
+        options = _runtime(args, expected.train.device)
+        trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
     else:
         overrides = [
             f"{FLAG_KEYS[flag][0]}.{FLAG_KEYS[flag][1]}={_toml(getattr(args, flag))}"
             for flag in RESUMABLE_FLAGS
             if getattr(args, flag) is not None
         ]
-        trainer = resume_run(args.out, overrides=[*overrides, *args.set], quiet=args.quiet)
+        options = _runtime(args, args.device or "auto")
+        trainer = resume_run(args.out, overrides=[*overrides, *args.set], quiet=args.quiet, **options)
     result = trainer.train()
     print(f"run {args.out}: step {result.step}, {result.stop_reason}")
     return 0
+
+
+def _runtime(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """How the run executes (not what it computes): process group, compilation, loss chunking."""
+    distributed: Distributed = init_distributed(device)
+    return {"distributed": distributed, "compile_model": args.compile, "loss_chunk": args.loss_chunk}
 
 
 def _toml(value: Any) -> str:

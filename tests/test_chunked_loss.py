@@ -1,0 +1,64 @@
+"""The chunked cross-entropy equals the plain one: loss, NLL and every gradient, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tformer.config import preset
+from tformer.model import Transformer
+from tformer.training.loss import chunked_label_smoothed_loss, label_smoothed_loss
+from tformer.training.step import TrainingObjective
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_loss_and_gradients_equal_the_unchunked_ones(chunk: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    target = torch.randint(1, 50, (3, 11), generator=generator)
+    target[0, 8:] = 0  # padding
+    target[2, 5:] = 0
+
+    def project(h: torch.Tensor) -> torch.Tensor:
+        return h @ weight.T
+
+    plain = label_smoothed_loss(project(hidden), target, smoothing=0.1, pad_id=0)
+    plain_grads = torch.autograd.grad(plain.loss_sum, (hidden, weight))
+    chunked = chunked_label_smoothed_loss(hidden, project, target, smoothing=0.1, pad_id=0, chunk=chunk)
+    chunked_grads = torch.autograd.grad(chunked.loss_sum, (hidden, weight))
+    torch.testing.assert_close(chunked.loss_sum, plain.loss_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.nll_sum, plain.nll_sum, rtol=1e-12, atol=1e-12)
+    assert int(chunked.n_tokens) == int(plain.n_tokens) == 33 - 3 - 6
+    for a, b in zip(chunked_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_model_objective_with_chunks_equals_the_plain_objective() -> None:
+    config = preset("tiny", src_vocab_size=30, tgt_vocab_size=30, final_logits_bias=True)
+    model = Transformer(config, seed=2).double()
+    with torch.no_grad():  # a non-zero bias, so the projection's every term is exercised
+        model.final_logits_bias.uniform_(-1, 1)
+    twin = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    src = torch.randint(4, 30, (4, 9), generator=generator)
+    tgt = torch.randint(4, 30, (4, 8), generator=generator)
+    src[1, 6:], tgt[3, 5:] = 0, 0
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    plain_loss, plain_nll = TrainingObjective(model)(src, tgt_in, tgt_out, smoothing=0.1, pad_id=0)
+    chunk_loss, chunk_nll = TrainingObjective(twin)(src, tgt_in, tgt_out, smoothing=0.1, pad_id=0, loss_chunk=5)
+    plain_loss.backward()
+    chunk_loss.backward()
+    torch.testing.assert_close(chunk_loss, plain_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunk_nll, plain_nll, rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(twin.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_decoder_states_project_to_the_forward_logits(tiny_model: Transformer) -> None:
+    src = torch.randint(4, 40, (2, 6))
+    tgt = torch.randint(4, 40, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model.project_output(tiny_model.decoder_states(src, tgt)), tiny_model(src, tgt))

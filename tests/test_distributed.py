@@ -1,0 +1,70 @@
+"""Data parallelism on CPU (gloo): two processes equal one process with the same global batch, and a
+run resumes with a different number of processes.
+
+Two processes with accumulate=1 read global batches (0, 1), (2, 3), ... of each epoch's plan, one each;
+one process with accumulate=2 reads the same pairs as its two micro-batches. The model has no dropout,
+so the runs must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.runtime import init_distributed
+from tformer.training import load_run, resume_run, start_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SETTINGS = ("train.max_steps=4", "train.save_every=2", "train.log_every=2", "model.dropout=0.0")
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, corpus: dict, run_dir: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(world_size)
+    torch.set_num_threads(1)
+    distributed = init_distributed("cpu")
+    try:
+        experiment = tiny_experiment(corpus, *SETTINGS, valid=False)
+        start_run(experiment, run_dir, quiet=True, distributed=distributed).train()
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_close_weights(run_a: Path, run_b: Path) -> None:
+    a, b = load_run(run_a, which="last"), load_run(run_b, which="last")
+    assert a.step == b.step
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    mp.spawn(_worker, args=(2, _free_port(), corpus, tmp_path / "ddp"), nprocs=2, join=True)
+    start_run(
+        tiny_experiment(corpus, *SETTINGS, "train.accumulate=2", valid=False), tmp_path / "one", quiet=True
+    ).train()
+    _assert_close_weights(tmp_path / "ddp", tmp_path / "one")
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
+    assert state["stream"] == {"epoch": 0, "index": 8}  # global batches, whatever the process count
+
+    # Resume the two-process run in one process (accumulating 2 to keep the global batch): it goes on
+    # exactly as the one-process run does.
+    resume_run(tmp_path / "ddp", overrides=["train.max_steps=6", "train.accumulate=2"], quiet=True).train()
+    resume_run(tmp_path / "one", overrides=["train.max_steps=6"], quiet=True).train()
+    _assert_close_weights(tmp_path / "ddp", tmp_path / "one")
+    rows = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3  # steps 2, 4 and 6, logged once (by rank 0 only)
