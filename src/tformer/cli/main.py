@@ -17,8 +17,11 @@ from tformer.cli import (
     download,
     evaluate,
     explain,
+    export,
+    import_hf,
     info,
     plot,
+    serve,
     train,
     translate,
 )
@@ -36,6 +39,9 @@ COMMANDS: list[tuple[str, ModuleType]] = [
     ("attention", attention),
     ("align", align),
     ("plot", plot),
+    ("serve", serve),
+    ("export", export),
+    ("import-hf", import_hf),
 ]
 
 

@@ -1,0 +1,30 @@
+"""Export a run for other toolkits.
+
+--to hf writes a Hugging Face MarianMT directory (config.json, model.safetensors, generation_config.json,
+source.spm, target.spm, vocab.json, tokenizer_config.json) that `MarianMTModel.from_pretrained` and
+`MarianTokenizer.from_pretrained` load. --to ctranslate2 converts that directory with CTranslate2's
+TransformersConverter. Models Marian cannot express (pre-norm, learned positions, untied output) are
+refused. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run (or checkpoint) directory")
+    parser.add_argument("--to", required=True, choices=["hf", "ctranslate2"], help="output format")
+    parser.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint (default: best)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tformer.interop.hf_export import export_ctranslate2, export_hf
+
+    export = export_hf if args.to == "hf" else export_ctranslate2
+    out = export(args.run_dir, args.out, which=args.which)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,29 @@
+"""Import a Hugging Face MarianMT directory (an OPUS-MT model, for instance) as a tformer run.
+
+    huggingface-cli download Helsinki-NLP/opus-mt-en-de --local-dir opus-mt-en-de
+    tformer import-hf opus-mt-en-de --out runs/opus-en-de
+    echo "How are you?" | tformer translate runs/opus-en-de
+
+The directory needs config.json, model.safetensors or pytorch_model.bin (read without unpickling),
+source.spm, target.spm and vocab.json; decoding settings come from generation_config.json. See
+docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run directory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", metavar="HF_DIR", help="a local Hugging Face MarianMT model directory")
+    parser.add_argument("--out", required=True, help="run directory to create (must not exist, or be empty)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tformer.interop.hf_import import import_hf
+
+    out = import_hf(args.hf_dir, args.out)
+    print(f"wrote {out}")
+    return 0

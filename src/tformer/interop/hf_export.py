@@ -1,0 +1,113 @@
+"""Export a tformer run as a Hugging Face MarianMT directory, or as a CTranslate2 model made from one.
+
+The Hugging Face directory holds config.json, model.safetensors, generation_config.json and Marian's
+tokenizer files (source.spm, target.spm, vocab.json, tokenizer_config.json; target_vocab.json for
+separate vocabularies). The sentencepiece models are tformer's own and every piece keeps its id, so
+`MarianTokenizer` produces tformer's ids, with one difference: tformer's Python `normalize()` (NFKC,
+U+2581 read as a space) is not part of the files, so the two agree on NFKC-normalised text (whitespace
+is collapsed by sentencepiece itself in both).
+
+CTranslate2's Marian loader assumes OPUS-MT's layout: decoding starts from a zero embedding and the
+last vocabulary entry is a padding token it drops. A tformer model starts from its bos embedding and
+its last entry is a real piece, so the conversion uses the loader CTranslate2 uses for BART (start
+token from the config, full vocabulary) with Marian's settings (post-norm, no embedding layer norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tformer.config import DecodeConfig
+from tformer.interop.directories import fresh_directory, written_atomically
+from tformer.interop.marian import SpecialIds, check_exportable, to_marian
+from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
+from tformer.training.checkpoint import load_run
+
+
+def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
+    """Write the run's model and tokenizer as a MarianMT directory at `out` (which must not exist or be
+    empty); returns `out`. Models Marian cannot express are refused with a one-line ValueError."""
+    loaded = load_run(run, which=which)
+    check_exportable(loaded.model.config)
+    out = fresh_directory(out)
+    tokenizer = loaded.tokenizer
+    if not isinstance(tokenizer, VocabTokenizer):
+        tokenizer = VocabTokenizer.from_tokenizer(tokenizer)
+    ids = SpecialIds(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    hf_model = to_marian(loaded.model, ids)
+    hf_model.generation_config = generation_config(loaded.experiment.decode, ids, loaded.model.config.max_positions)
+    with written_atomically(out) as temporary:
+        hf_model.save_pretrained(temporary)
+        tokenizer.write_marian_files(temporary, model_max_length=loaded.model.config.max_positions)
+    return out
+
+
+def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
+    """Export the run to Hugging Face format in a temporary directory, then convert that with
+    `ctranslate2.converters.TransformersConverter`; the sentencepiece models are copied alongside."""
+    loaded = load_run(run, which=which)
+    check_exportable(loaded.model.config)
+    if not loaded.tokenizer.joint or not loaded.model.config.share_embeddings:
+        raise ValueError("CTranslate2's Marian converter needs one vocabulary shared by source and target")
+    out = fresh_directory(out)
+    from ctranslate2.converters import TransformersConverter
+
+    with tempfile.TemporaryDirectory() as hf_dir, written_atomically(out) as temporary:
+        export_hf(run, Path(hf_dir) / "hf", which=which)
+        with _start_token_loader():
+            TransformersConverter(str(Path(hf_dir) / "hf"), copy_files=[SOURCE_SPM, TARGET_SPM]).convert(
+                str(temporary), force=True
+            )
+    return out
+
+
+def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int) -> Any:
+    """The run's decode settings where Hugging Face has the same ones. HF's length penalty is tformer's
+    `length_normalization="average"`; its max_length is absolute (decoder start included)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        decoder_start_token_id=ids.bos_id,
+        bos_token_id=ids.bos_id,
+        eos_token_id=ids.eos_id,
+        pad_token_id=ids.pad_id,
+        num_beams=decode.beam_size,
+        length_penalty=decode.length_penalty if decode.length_normalization == "average" else 1.0,
+        no_repeat_ngram_size=decode.no_repeat_ngram_size,
+        max_length=max_positions,
+    )
+
+
+@contextlib.contextmanager
+def _start_token_loader() -> Iterator[None]:
+    """While converting, read MarianConfig with a loader that keeps the start token and the vocabulary."""
+    from ctranslate2.converters import transformers as ct2_transformers
+
+    bart, marian = ct2_transformers.BartLoader, ct2_transformers.MarianMTLoader
+
+    class StartTokenMarianLoader(marian):
+        def get_model_spec(self, model: Any) -> Any:
+            model.config.normalize_before = False
+            model.config.normalize_embedding = False
+            return bart.get_model_spec(self, model)
+
+        def set_decoder(self, spec: Any, decoder: Any) -> None:
+            bart.set_decoder(self, spec, decoder)
+
+        def get_vocabulary(self, model: Any, tokenizer: Any) -> list[str]:
+            return bart.get_vocabulary(self, model, tokenizer)
+
+        def set_config(self, config: Any, model: Any, tokenizer: Any) -> None:
+            bart.set_config(self, config, model, tokenizer)
+
+    loaders = ct2_transformers._MODEL_LOADERS
+    original = loaders["MarianConfig"]
+    loaders["MarianConfig"] = StartTokenMarianLoader()
+    try:
+        yield
+    finally:
+        loaders["MarianConfig"] = original

@@ -1,0 +1,152 @@
+"""Import a Hugging Face MarianMT directory (as published for OPUS-MT) into a tformer run directory.
+
+    huggingface-cli download Helsinki-NLP/opus-mt-en-de --local-dir opus-mt-en-de
+    tformer import-hf opus-mt-en-de --out runs/opus-en-de
+    echo "Hello world" | tformer translate runs/opus-en-de
+
+Read: config.json, the weights (model.safetensors, or pytorch_model.bin loaded with
+`torch.load(weights_only=True)`, so nothing is unpickled), generation_config.json when present, and the
+tokenizer files (see `VocabTokenizer`). Written: a run directory with one checkpoint, `step-00000000`,
+that `load_run` and every tformer command read like a trained one.
+
+Decoding settings come from generation_config.json: num_beams, length_penalty (tformer's "average"
+normalisation is Hugging Face's), no_repeat_ngram_size, min_length and max_length (both count the
+decoder start token in HF; tformer's limits count output tokens only). HF's `bad_words_ids` of single
+tokens (OPUS-MT bans its pad token, which is also the decoder start token and scores 0) have no decoding
+option in tformer; the import gives those tokens a final-logits bias of -1e4 instead, so they are never
+picked. Greedy output is then identical; in beam search HF normalises before banning, so scores differ by
+log(1 - p(banned)), negligible for a trained model. With `forced_eos_token_id` HF replaces the last token
+of a hypothesis that reaches max_length by eos; the import sets the output limit one lower, which gives
+the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tformer.config import DecodeConfig, ExperimentConfig, ModelConfig
+from tformer.interop.directories import fresh_directory, written_atomically
+from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian
+from tformer.interop.marian_tokenizer import VocabTokenizer
+from tformer.model import Transformer
+from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name, write_checkpoint, write_pointer
+
+BANNED_BIAS = -1.0e4  # exp(-1e4) is 0 in every float format: a banned token never wins, and stays finite
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Write a tformer run directory at `out` (new or empty) holding the Marian model of `hf_dir`."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    out = fresh_directory(out)
+    from transformers import MarianConfig
+
+    raw = _read_json(hf_dir / "config.json")
+    if raw.get("model_type") != "marian":
+        raise ValueError(f"{hf_dir / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'marian'")
+    hf_config = MarianConfig.from_pretrained(hf_dir)
+    config = model_config_from_marian(hf_config)
+    generation = dict(raw)
+    if _has(hf_dir, "generation_config.json"):
+        generation.update(_read_json(hf_dir / "generation_config.json"))
+    try:
+        state = marian_to_tformer_state(_with_tied_embeddings(_read_weights(hf_dir), config), config)
+    except KeyError as error:
+        raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
+    banned = sorted({words[0] for words in generation.get("bad_words_ids") or [] if len(words) == 1})
+    state["final_logits_bias"] = state["final_logits_bias"].clone()
+    state["final_logits_bias"][banned] = BANNED_BIAS
+    model = Transformer(config)
+    model.load_state_dict(state, strict=True)
+    tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=hf_config.decoder_start_token_id)
+    if tokenizer.eos_id != hf_config.eos_token_id or tokenizer.pad_id != hf_config.pad_token_id:
+        raise ValueError(
+            f"{hf_dir}: the tokenizer's eos/pad ids ({tokenizer.eos_id}, {tokenizer.pad_id}) differ from "
+            f"config.json's ({hf_config.eos_token_id}, {hf_config.pad_token_id})"
+        )
+    if tokenizer.src_vocab_size > config.src_vocab_size or tokenizer.tgt_vocab_size > config.tgt_vocab_size:
+        raise ValueError(f"{hf_dir}: the vocabulary files hold more ids than the model's embeddings")
+    experiment = ExperimentConfig(model=config, decode=decode_config(generation, config.max_positions))
+    source = {"format": "hf-marian", "path": str(hf_dir.resolve()), "banned_token_ids": banned}
+    with written_atomically(out) as temporary:
+        name = step_name(0)
+        (temporary / CHECKPOINTS_DIR).mkdir()
+        write_checkpoint(
+            temporary / CHECKPOINTS_DIR / name,
+            experiment=experiment,
+            tokenizer=tokenizer,
+            model=model.eval(),
+            step=0,
+            trainer_state=None,
+            extra={"imported_from": source},
+        )
+        write_pointer(temporary, "latest", name)
+    return out
+
+
+def decode_config(generation: dict[str, Any], max_positions: int) -> DecodeConfig:
+    """tformer's DecodeConfig for Hugging Face generation settings (see the module docstring)."""
+    max_length = int(generation.get("max_length") or 512)
+    forced_eos = generation.get("forced_eos_token_id") is not None
+    beams = int(generation.get("num_beams") or 1)
+    return DecodeConfig(
+        beam_size=beams,
+        nbest=1,
+        max_len_a=0.0,
+        max_len_b=max(1, min(max_length - (2 if forced_eos else 1), max_positions)),
+        min_len=max(0, int(generation.get("min_length") or 0) - 1),
+        length_normalization="average",
+        length_penalty=float(generation.get("length_penalty", 1.0)),
+        no_repeat_ngram_size=int(generation.get("no_repeat_ngram_size") or 0),
+    )
+
+
+def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
+    if _has(hf_dir, "model.safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(hf_dir / "model.safetensors")
+    if _has(hf_dir, "pytorch_model.bin"):
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a damaged or unsafe file
+            reason = type(error).__name__
+            raise ValueError(f"{hf_dir / 'pytorch_model.bin'}: cannot be read safely ({reason})") from None
+    raise ValueError(f"{hf_dir} holds no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """Every embedding name Marian ties, filled from whichever one the file stored (files keep one copy)."""
+    state = dict(state)
+    if config.share_embeddings:
+        names = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
+        names.append("lm_head.weight")
+        stored = next((state[name] for name in names if name in state), None)
+        if stored is not None:
+            for name in names:
+                state.setdefault(name, stored)
+    else:
+        for ours, fallback in (("encoder", "model.shared.weight"), ("decoder", "lm_head.weight")):
+            if fallback in state:
+                state.setdefault(f"model.{ours}.embed_tokens.weight", state[fallback])
+    return state
+
+
+def _has(directory: Path, name: str) -> bool:
+    return (directory / name).is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return document

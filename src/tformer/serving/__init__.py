@@ -1,0 +1,9 @@
+"""Serving a model over HTTP: a FastAPI app (`create_app`) in front of a request batcher (`Batcher`).
+
+See docs/serving.md for the API, the limits and the batching window.
+"""
+
+from tformer.serving.app import ServeConfig, create_app
+from tformer.serving.batcher import Batcher, BatcherClosedError
+
+__all__ = ["Batcher", "BatcherClosedError", "ServeConfig", "create_app"]

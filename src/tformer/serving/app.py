@@ -1,0 +1,208 @@
+"""The HTTP API: `POST /translate`, `GET /health`, OpenAPI docs at /docs, on FastAPI.
+
+Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON 400, a body
+of the wrong shape or impossible decode settings 422, too many sentences, a sentence too long (in
+characters or in tokens) or a body too large 413; 503 while shutting down. An unexpected failure while
+decoding is a 500 for the requests of that window only; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tformer import __version__
+from tformer.config import DecodeConfig
+from tformer.decoding.pipeline import TokenizerLike
+from tformer.serving.batcher import Batcher, BatcherClosedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Limits on what one request may ask, and the batching window."""
+
+    max_sentences: int = 64
+    max_chars: int = 1000
+    max_beam: int = 8
+    max_batch_tokens: int = 4096
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Room for max_sentences sentences of max_chars 4-byte characters, JSON-escaped, and options."""
+        return self.max_sentences * (self.max_chars * 4 * 2 + 8) + 4096
+
+
+class TranslateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sentences: list[str] = Field(description="the sentences to translate, one string each")
+    beam: int | None = Field(None, ge=1, description="beam size (1: greedy); default: the run's")
+    nbest: int | None = Field(None, ge=1, description="translations returned per sentence (at most beam)")
+    max_length: int | None = Field(None, ge=1, description="at most this many output tokens per sentence")
+
+
+class Candidate(BaseModel):
+    text: str
+    score: float
+
+
+class SentenceTranslation(BaseModel):
+    text: str = Field(description="the best translation")
+    score: float = Field(description="its score: log-probability over the length penalty")
+    nbest: list[Candidate] = Field(description="the n best, best first (the first is `text`)")
+
+
+class TranslateResponse(BaseModel):
+    translations: list[SentenceTranslation]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(
+    model: Any,
+    tokenizer: TokenizerLike,
+    decode: DecodeConfig,
+    *,
+    config: ServeConfig | None = None,
+    device: str = "cpu",
+    name: str = "tformer",
+) -> FastAPI:
+    """A FastAPI app serving `model`; its lifespan starts and stops the batcher."""
+    config = config or ServeConfig()
+    batcher = Batcher(
+        model, tokenizer, device=device, max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms
+    )
+    max_positions = model.config.max_positions
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        yield
+        await batcher.stop()  # after the server stopped taking requests: in-flight ones finish first
+
+    app = FastAPI(
+        title="tformer translation",
+        version=__version__,
+        description="Translate sentences with a tformer model; concurrent requests are decoded together.",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        if any(problem.get("type") == "json_invalid" for problem in problems):
+            return JSONResponse({"error": "the request body is not valid JSON"}, status_code=400)
+        parts = []
+        for problem in problems[:3]:
+            where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+            parts.append(f"{where}: {problem.get('msg', 'invalid')}")
+        return JSONResponse({"error": "; ".join(parts)}, status_code=422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
+            message = f"the request body is larger than {config.max_body_bytes} bytes"
+            return JSONResponse({"error": message}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and load: the model's name, the jobs waiting and the windows decoded so far."""
+        return {"status": "ok", "model": name, "pending": batcher.pending, "windows": batcher.windows}
+
+    @app.post(
+        "/translate",
+        response_model=TranslateResponse,
+        responses={status: {"description": text} for status, text in _ERRORS.items()},
+    )
+    async def translate(request: TranslateRequest) -> TranslateResponse:
+        """Translate every sentence; the response lists them in request order."""
+        _check_limits(request.sentences, config)
+        settings = _decode_config(decode, request, config, max_positions)
+        n_tokens = 0
+        for index, sentence in enumerate(request.sentences):
+            length = len(tokenizer.encode_source(sentence)) + 1  # + eos
+            if length > max_positions:
+                raise ApiError(413, f"sentence {index} has {length} tokens; the model accepts at most {max_positions}")
+            n_tokens += length
+        try:
+            results = await batcher.translate(request.sentences, settings, n_tokens=n_tokens)
+        except BatcherClosedError as error:
+            raise ApiError(503, str(error)) from None
+        except ValueError as error:  # a DecodingError: the request cannot be decoded as asked
+            raise ApiError(422, str(error).splitlines()[0]) from None
+        return TranslateResponse(
+            translations=[
+                SentenceTranslation(
+                    text=nbest[0].text,
+                    score=nbest[0].score,
+                    nbest=[Candidate(text=t.text, score=t.score) for t in nbest],
+                )
+                for nbest in results
+            ]
+        )
+
+    return app
+
+
+_ERRORS = {
+    400: "the body is not valid JSON",
+    413: "too many sentences, a sentence too long, or a body too large",
+    422: "a body of the wrong shape, or decode settings that cannot be honoured",
+    503: "the server is shutting down",
+}
+
+
+def _check_limits(sentences: list[str], config: ServeConfig) -> None:
+    if not sentences:
+        raise ApiError(422, "sentences: give at least one sentence")
+    if len(sentences) > config.max_sentences:
+        raise ApiError(413, f"{len(sentences)} sentences in one request; the limit is {config.max_sentences}")
+    for index, sentence in enumerate(sentences):
+        if len(sentence) > config.max_chars:
+            raise ApiError(413, f"sentence {index} has {len(sentence)} characters; the limit is {config.max_chars}")
+
+
+def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeConfig, limit: int) -> DecodeConfig:
+    """The run's decode settings with the request's beam, nbest and max_length applied."""
+    changes: dict[str, Any] = {}
+    if request.beam is not None:
+        if request.beam > config.max_beam:
+            raise ApiError(422, f"beam: at most {config.max_beam}, got {request.beam}")
+        changes.update(beam_size=request.beam, nbest=min(base.nbest, request.beam))
+    if request.nbest is not None:
+        changes["nbest"] = request.nbest
+    if request.max_length is not None:
+        if request.max_length > limit:
+            raise ApiError(422, f"max_length: at most {limit} (the model's max_positions), got {request.max_length}")
+        changes.update(max_len_a=0.0, max_len_b=request.max_length)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as error:  # e.g. nbest > beam_size
+        raise ApiError(422, str(error).splitlines()[0]) from None

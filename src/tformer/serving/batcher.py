@@ -1,0 +1,167 @@
+"""Batch concurrent translation requests together: an asyncio queue, one worker that owns the model.
+
+Each request becomes a job (its sentences, its decode settings, a future) on an asyncio queue. The
+scheduler task takes the first waiting job, then keeps collecting for at most `max_wait_ms`, or until
+the jobs collected hold `max_batch_tokens` source tokens, and hands the whole window to a single worker
+thread, the only one that touches the model. There, jobs with the same decode settings are translated
+by one `Translator` call (sorted by length, cut into batches of at most `max_batch_tokens` padded
+tokens); the results go back to each job's future in input order. While the worker decodes, new jobs
+wait in the queue and form the next window.
+
+Batching never changes a result: decoding is independent of the batch a sentence shares (the decoding
+module's guarantee, checked by tests/test_serve.py against offline translation).
+
+`stop()` lets every job already queued finish, then ends the scheduler and the worker; jobs submitted
+after it are refused with `BatcherClosedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tformer.config import DecodeConfig
+from tformer.decoding.pipeline import TokenizerLike, Translation, Translator
+
+
+class BatcherClosedError(RuntimeError):
+    """The server is shutting down and accepts no new work."""
+
+
+@dataclass
+class _Job:
+    sentences: list[str]
+    config: DecodeConfig
+    n_tokens: int
+    future: asyncio.Future
+
+
+_STOP = None  # the sentinel that ends the scheduler, queued behind every earlier job
+
+
+class Batcher:
+    """The model's only user while serving: requests in from the event loop, translations out."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: TokenizerLike,
+        *,
+        device: str | torch.device = "cpu",
+        max_batch_tokens: int = 4096,
+        max_wait_ms: float = 5.0,
+    ) -> None:
+        if max_batch_tokens < 1 or max_wait_ms < 0:
+            raise ValueError(
+                f"max_batch_tokens must be positive and max_wait_ms >= 0; got {max_batch_tokens}, {max_wait_ms}"
+            )
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Job | None] | None = None
+        self._scheduler: asyncio.Task | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._closing = False
+        self.windows = 0  # decoding windows run so far (for /health and tests)
+
+    @property
+    def pending(self) -> int:
+        return 0 if self._queue is None else self._queue.qsize()
+
+    async def start(self) -> None:
+        """Create the queue, the worker and the scheduler task in the running event loop."""
+        self._queue = asyncio.Queue()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tformer-decode")
+        self._scheduler = asyncio.create_task(self._schedule(), name="tformer-batcher")
+
+    async def stop(self) -> None:
+        """Finish every queued job, then end the scheduler and the worker."""
+        if self._scheduler is None or self._closing:
+            return
+        self._closing = True
+        await self._queue.put(_STOP)
+        await self._scheduler
+        self._worker.shutdown(wait=True)
+
+    async def translate(self, sentences: list[str], config: DecodeConfig, *, n_tokens: int) -> list[list[Translation]]:
+        """The n-best list of every sentence, decoded in a window with whatever else is waiting."""
+        if self._closing or self._queue is None:
+            raise BatcherClosedError("the server is shutting down")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(sentences, config, n_tokens, future))
+        return await future
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            jobs, stop = await self._collect(first)
+            outcomes = await loop.run_in_executor(self._worker, self._decode, jobs)
+            self.windows += 1
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if job.future.done():  # the client went away and its request was cancelled
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    async def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The jobs of one window, and whether the stop sentinel was met."""
+        loop = asyncio.get_running_loop()
+        jobs, tokens = [first], first.n_tokens
+        deadline = loop.time() + self.max_wait_s
+        while tokens < self.max_batch_tokens:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if job is _STOP:
+                return jobs, True
+            jobs.append(job)
+            tokens += job.n_tokens
+        return jobs, False
+
+    def _decode(self, jobs: list[_Job]) -> list[list[list[Translation]] | BaseException]:
+        """Runs on the worker thread: one Translator call per distinct DecodeConfig in the window."""
+        groups: dict[DecodeConfig, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.config, []).append(index)
+        outcomes: list[Any] = [None] * len(jobs)
+        for config, members in groups.items():
+            lines = [sentence for index in members for sentence in jobs[index].sentences]
+            try:
+                translator = Translator(
+                    self.model,
+                    self.tokenizer,
+                    config,
+                    device=self.device,
+                    max_batch_tokens=self.max_batch_tokens,
+                    chunk_lines=max(1, len(lines)),
+                )
+                results = list(translator.translate(lines))
+            except Exception as error:  # reported to these requests only; the server keeps serving
+                for index in members:
+                    outcomes[index] = error
+                continue
+            start = 0
+            for index in members:
+                count = len(jobs[index].sentences)
+                outcomes[index] = results[start : start + count]
+                start += count
+        return outcomes

@@ -1,0 +1,157 @@
+"""`tformer export`: a Hugging Face MarianMT directory whose tokenizer and `generate()` agree with tformer
+token for token (greedy and beam), and a CTranslate2 model whose greedy output agrees too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import perturbed
+
+from tformer.cli.main import main
+from tformer.config import DecodeConfig, ExperimentConfig, preset
+from tformer.data.tokenizer import Tokenizer
+from tformer.decoding import generate
+from tformer.model import Transformer
+from tformer.training.checkpoint import LoadedRun, load_run, save_checkpoint, step_name, write_pointer
+
+transformers = pytest.importorskip("transformers")
+
+SOURCES = [
+    "the cat sat on the mat", "a dog runs in the park", "hello world how are you", "one two three four five",
+    "the quick brown fox jumps over the lazy dog", "we translate sentences with a small model",
+]  # fmt: skip
+TARGETS = [
+    "die katze sass auf der matte", "ein hund rennt im park", "hallo welt wie geht es dir", "eins zwei drei vier",
+    "der schnelle braune fuchs springt", "wir uebersetzen saetze mit einem kleinen modell",
+]  # fmt: skip
+SENTENCES = ["the cat runs", "hello dog", "a quick model jumps over the mat", "one", "we sat in the park today"]
+MAX_NEW = 10
+
+
+def make_run(directory: Path, *, joint: bool = True, decode: DecodeConfig | None = None, **overrides) -> Path:
+    """A run directory holding a random, peaked tiny model and a tokenizer trained on a few sentences."""
+    tokenizer = Tokenizer.train(SOURCES, TARGETS, vocab_size=70, joint=joint)
+    options = dict(sinusoidal_layout="concatenated", final_logits_bias=True, max_positions=64, share_embeddings=joint)
+    config = preset(
+        "tiny", src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, **options | overrides
+    )
+    model = perturbed(Transformer(config, seed=2), seed=2, scale=0.2).eval()
+    if model.final_logits_bias is not None:
+        with torch.no_grad():
+            model.final_logits_bias[tokenizer.eos_id] += 2.0  # some outputs end before the length limit
+    decode = decode or DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average")
+    name = step_name(1)
+    save_checkpoint(
+        directory,
+        name,
+        experiment=ExperimentConfig(model=config, decode=decode),
+        tokenizer=tokenizer,
+        model=model,
+        step=1,
+        trainer_state=None,
+    )
+    write_pointer(directory, "latest", name)
+    return directory
+
+
+def tformer_outputs(loaded: LoadedRun, config: DecodeConfig) -> list[list[int]]:
+    tokenizer = loaded.tokenizer
+    outputs = []
+    for sentence in SENTENCES:  # one at a time: no padding on either side
+        src = torch.tensor([[*tokenizer.encode_source(sentence), tokenizer.eos_id]])
+        (nbest,) = generate(
+            loaded.model, src, src_pad_mask=None, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, config=config
+        )
+        outputs.append(nbest[0].tokens)
+    return outputs
+
+
+def hf_outputs(model, tokenizer, *, beams: int, alpha: float = 1.0, ngram: int = 0) -> list[list[int]]:
+    outputs = []
+    for sentence in SENTENCES:
+        inputs = tokenizer([sentence], return_tensors="pt")
+        with torch.no_grad():
+            sequence = model.generate(
+                **inputs, num_beams=beams, do_sample=False, max_new_tokens=MAX_NEW, length_penalty=alpha,
+                early_stopping=False, no_repeat_ngram_size=ngram,
+            )[0].tolist()  # fmt: skip
+        tokens = sequence[1:]  # without the decoder start token, and from eos on
+        eos = model.config.eos_token_id
+        outputs.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"sinusoidal_layout": "interleaved", "activation": "swish"}, {"joint": False}], ids=str
+)
+def test_hf_export_loads_tokenizes_and_generates_like_tformer(tmp_path, overrides):
+    run = make_run(tmp_path / "run", **overrides)
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf_dir = tmp_path / "hf"
+    expected = {"config.json", "model.safetensors", "generation_config.json", "source.spm", "target.spm"}
+    assert expected | {"vocab.json", "tokenizer_config.json"} <= {path.name for path in hf_dir.iterdir()}
+    loaded = load_run(run)
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    for sentence in SENTENCES:
+        ids = loaded.tokenizer.encode_source(sentence)
+        assert hf_tokenizer(sentence).input_ids == [*ids, loaded.tokenizer.eos_id]
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    greedy = tformer_outputs(loaded, DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW))
+    assert greedy == hf_outputs(hf_model, hf_tokenizer, beams=1)
+    if not overrides:
+        assert {len(tokens) < MAX_NEW for tokens in greedy} == {True, False}, "cover outputs ending with eos, and cut"
+    for ngram in (0, 2):  # the n-gram ban makes the outputs of these random models varied
+        beam = DecodeConfig(
+            beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average", length_penalty=0.6,
+            no_repeat_ngram_size=ngram,
+        )  # fmt: skip
+        assert tformer_outputs(loaded, beam) == hf_outputs(hf_model, hf_tokenizer, beams=3, alpha=0.6, ngram=ngram)
+    texts = hf_tokenizer.batch_decode(greedy, skip_special_tokens=True)
+    unk = loaded.tokenizer.unk_id
+    for tokens, text in zip(greedy, texts, strict=True):
+        if unk not in tokens:  # HF drops <unk> when skipping special tokens; tformer keeps it as ⁇
+            assert text == loaded.tokenizer.decode_target(tokens)
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    assert generation["decoder_start_token_id"] == loaded.tokenizer.bos_id and generation["num_beams"] == 3
+
+
+def test_ctranslate2_export_matches_greedy_decoding(tmp_path):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    run = make_run(tmp_path / "run", sinusoidal_layout="interleaved")
+    assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
+    loaded = load_run(run)
+    tokenizer = loaded.tokenizer
+    sources = [[*tokenizer.source_pieces(s), tokenizer.id_to_source_piece([tokenizer.eos_id])[0]] for s in SENTENCES]
+    results = translator.translate_batch(sources, beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
+    expected = tformer_outputs(loaded, DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW))
+    assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(tokens) for tokens in expected]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"norm_position": "pre"}, "norm_position must be post"),
+        ({"positional_encoding": "learned"}, "positional_encoding must be sinusoidal"),
+        ({"tie_output": False}, "tie_output must be true"),
+    ],
+)
+def test_what_marian_cannot_express_is_refused_in_one_line(tmp_path, capsys, overrides, message):
+    run = make_run(tmp_path / "run", **overrides)
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot express this model as Hugging Face Marian") and message in error
+    assert error.count("\n") == 1 and not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_non_empty_output_and_ctranslate2_refuses_separate_vocabularies(tmp_path, capsys):
+    run = make_run(tmp_path / "run", joint=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 2
+    assert "one vocabulary shared" in capsys.readouterr().err

@@ -1,0 +1,141 @@
+"""`tformer import-hf`: a MarianMT directory laid out like OPUS-MT's (separate source/target sentencepiece
+models, one vocab.json whose ids differ from the models' own, eos = 0, unk = 1, pad = decoder start =
+the last id, swish, a final-logits bias, pad banned by bad_words_ids) becomes a run that tokenizes like
+`MarianTokenizer` and translates token for token like `generate()`, greedy and beam."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from tformer.cli.main import main
+from tformer.decoding.pipeline import Translator
+from tformer.interop.hf_import import BANNED_BIAS
+from tformer.interop.marian_tokenizer import VocabTokenizer
+from tformer.training.checkpoint import load_run
+
+transformers = pytest.importorskip("transformers")
+
+SOURCES = ["the cat sat on the mat", "a dog runs in the park", "hello world how are you", "we like small models"]
+TARGETS = ["die katze sass auf der matte", "ein hund rennt im park", "hallo welt wie geht es", "wir moegen modelle"]
+SENTENCES = ["the cat runs", "hello dog", "a small model sat in the park", "we", "how are you world"]
+MAX_LENGTH = 12  # generation_config max_length: decoder start + 10 tokens + forced eos
+EOS_BOOST = 3.0  # eos: some outputs end before max_length, some reach it
+
+
+def train_spm(sentences: list[str], vocab_size: int) -> bytes:
+    """A sentencepiece model with Marian's own special ids (unk 0, bos 1, eos 2)."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 3), model_writer=writer, vocab_size=vocab_size, model_type="unigram",
+        hard_vocab_limit=False, minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    return writer.getvalue()
+
+
+def write_marian_dir(directory: Path, *, weights: str, pad_bias: float = -30.0) -> Path:
+    """A random MarianMT model with OPUS-MT's file layout and conventions."""
+    directory.mkdir()
+    protos = {"source.spm": train_spm(SOURCES, 40), "target.spm": train_spm(TARGETS, 40)}
+    vocab = {"</s>": 0, "<unk>": 1}
+    for proto in protos.values():
+        model = spm.SentencePieceProcessor(model_proto=proto)
+        for index in range(model.get_piece_size()):
+            if not model.is_control(index) and not model.is_unknown(index):
+                vocab.setdefault(model.id_to_piece(index), len(vocab))
+    vocab["<pad>"] = pad = len(vocab)
+    config = transformers.MarianConfig(
+        vocab_size=pad + 1, decoder_vocab_size=pad + 1, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        activation_function="swish", max_position_embeddings=64, pad_token_id=pad, eos_token_id=0,
+        decoder_start_token_id=pad, forced_eos_token_id=0, scale_embedding=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "embed_positions" not in name:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+        model.final_logits_bias.normal_(0.0, 1.0)
+        model.final_logits_bias[0, 0] += EOS_BOOST
+        model.final_logits_bias[0, pad] = pad_bias  # > 0: pad would win most steps if it were not banned
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=pad, eos_token_id=0, pad_token_id=pad, forced_eos_token_id=0, bad_words_ids=[[pad]],
+        num_beams=3, max_length=MAX_LENGTH, no_repeat_ngram_size=2,
+    )  # fmt: skip
+    model.save_pretrained(directory)
+    if weights == "bin":  # the older format: read with torch.load(weights_only=True)
+        (directory / "model.safetensors").unlink()
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    for name, proto in protos.items():
+        (directory / name).write_bytes(proto)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"separate_vocabs": False}), encoding="utf-8")
+    return directory
+
+
+def hf_generate(model, tokenizer, **options) -> list[list[int]]:
+    outputs = []
+    for sentence in SENTENCES:
+        with torch.no_grad():
+            sequence = model.generate(**tokenizer([sentence], return_tensors="pt"), **options)[0].tolist()
+        tokens = sequence[1:]
+        outputs.append(tokens[: tokens.index(0)] if 0 in tokens else tokens)
+    return outputs
+
+
+# pad_bias -30: pad as improbable as in a trained OPUS-MT model, where beam search agrees too (HF bans pad
+# after normalising, tformer's bias before: scores differ by log(1 - p(pad))). pad_bias 8: greedy agrees
+# and never emits pad, though pad would win most steps unbanned.
+@pytest.mark.parametrize(("weights", "pad_bias"), [("safetensors", -30.0), ("bin", 8.0)])
+def test_imported_run_tokenizes_and_translates_like_generate(tmp_path, weights, pad_bias):
+    hf_dir = write_marian_dir(tmp_path / "opus-mt-xx-yy", weights=weights, pad_bias=pad_bias)
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_run(tmp_path / "run")
+    tokenizer = loaded.tokenizer
+    assert isinstance(tokenizer, VocabTokenizer)
+    pad = loaded.model.config.pad_id
+    assert (tokenizer.eos_id, tokenizer.unk_id, tokenizer.pad_id, tokenizer.bos_id) == (0, 1, pad, pad)
+    assert loaded.model.final_logits_bias[pad].item() == BANNED_BIAS
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    for sentence in SENTENCES:
+        assert hf_tokenizer(sentence).input_ids == [*tokenizer.encode_source(sentence), tokenizer.eos_id]
+
+    decode = loaded.experiment.decode
+    assert (decode.beam_size, decode.max_len_b, decode.length_normalization) == (3, MAX_LENGTH - 2, "average")
+    greedy_config = dataclasses.replace(decode, beam_size=1)
+    greedy = [t[0].tokens for t in Translator(loaded.model, tokenizer, greedy_config).translate(SENTENCES)]
+    assert greedy == hf_generate(hf_model, hf_tokenizer, num_beams=1)
+    assert {len(tokens) < MAX_LENGTH - 2 for tokens in greedy} == {True, False}, "cover eos endings and cut ones"
+    assert pad not in {token for tokens in greedy for token in tokens}
+    if pad_bias > 0:
+        return
+    beam = [t[0].tokens for t in Translator(loaded.model, tokenizer, decode).translate(SENTENCES)]
+    assert beam == hf_generate(hf_model, hf_tokenizer)  # the generation_config's settings: 3 beams
+
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    arguments = ["translate", str(tmp_path / "run"), "--input", str(tmp_path / "in.txt")]
+    assert main([*arguments, "--output", str(tmp_path / "out.txt")]) == 0
+    expected = hf_tokenizer.batch_decode(hf_generate(hf_model, hf_tokenizer), skip_special_tokens=True)
+    lines = (tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()
+    for line, text, tokens in zip(lines, expected, beam, strict=True):
+        if tokenizer.unk_id not in tokens:  # HF drops <unk> when skipping special tokens
+            assert line == text
+
+
+def test_import_refuses_what_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["import-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    (hf_dir / "model.safetensors").unlink()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    assert "holds no weights" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

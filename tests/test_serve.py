@@ -1,0 +1,129 @@
+"""`tformer serve`: the HTTP API under concurrent load from another process (every response equal to the
+offline translation with the same settings, so batching changes nothing), clear 4xx answers to bad input
+without the server dying, and a graceful shutdown that finishes the requests in flight."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from test_export_hf import SENTENCES, make_run
+
+from tformer.decoding.pipeline import Translator
+from tformer.serving.load import send_all, server_process
+from tformer.training.checkpoint import load_run
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+OPTIONS = ["--max-sentences", "4", "--max-chars", "80", "--max-wait-ms", "20", "--max-beam", "4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("serve") / "run")
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    with server_process(run, options=OPTIONS) as (url, process):
+        yield url, process
+
+
+def offline(loaded, body: dict) -> list[list[tuple[str, float]]]:
+    """What `tformer translate` gives for the body's sentences with the body's settings."""
+    config = loaded.experiment.decode
+    if "beam" in body:
+        config = dataclasses.replace(config, beam_size=body["beam"], nbest=min(config.nbest, body["beam"]))
+    if "nbest" in body:
+        config = dataclasses.replace(config, nbest=body["nbest"])
+    if "max_length" in body:
+        config = dataclasses.replace(config, max_len_a=0.0, max_len_b=body["max_length"])
+    results = Translator(loaded.model, loaded.tokenizer, config).translate(body["sentences"])
+    return [[(t.text, t.score) for t in nbest] for nbest in results]
+
+
+def bodies(count: int) -> list[dict]:
+    settings = [{}, {"beam": 1}, {"beam": 3, "nbest": 2}, {"beam": 2, "max_length": 4}]
+    return [
+        {"sentences": [SENTENCES[(i + k) % len(SENTENCES)] for k in range(1 + i % 3)], **settings[i % len(settings)]}
+        for i in range(count)
+    ]
+
+
+def test_concurrent_requests_are_batched_and_equal_offline_translation(run, server):
+    url, _ = server
+    windows_before = httpx.get(f"{url}/health").json()["windows"]
+    report = send_all(url, bodies(32), concurrency=8, timeout_s=30)
+    assert report.errors == 0
+    loaded = load_run(run)
+    for reply in report.replies:
+        expected = offline(loaded, reply.body)
+        got = [[(c["text"], c["score"]) for c in t["nbest"]] for t in reply.response["translations"]]
+        assert [[text for text, _ in nbest] for nbest in got] == [[text for text, _ in nbest] for nbest in expected]
+        for got_nbest, expected_nbest in zip(got, expected, strict=True):
+            assert [s for _, s in got_nbest] == pytest.approx([s for _, s in expected_nbest], abs=1e-4)
+        assert [t["text"] for t in reply.response["translations"]] == [nbest[0][0] for nbest in expected]
+    windows = httpx.get(f"{url}/health").json()["windows"] - windows_before
+    assert windows < len(report.replies), "concurrent requests should share decoding windows"
+    assert 0 < report.latency_percentile(50) <= report.latency_percentile(99)
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "message"),
+    [
+        ('{"sentences": ["a"', 400, "not valid JSON"),
+        ('{"sentences": "hello"}', 422, "sentences: Input should be a valid list"),
+        ("{}", 422, "sentences: Field required"),
+        ('{"sentences": ["a"], "colour": 1}', 422, "colour: Extra inputs are not permitted"),
+        ('{"sentences": []}', 422, "at least one sentence"),
+        ('{"sentences": ["a", "b", "c", "d", "e"]}', 413, "5 sentences in one request; the limit is 4"),
+        ('{"sentences": ["' + "x" * 81 + '"]}', 413, "sentence 0 has 81 characters; the limit is 80"),
+        ('{"sentences": ["a"], "beam": 0}', 422, "beam: Input should be greater than or equal to 1"),
+        ('{"sentences": ["a"], "beam": 9}', 422, "beam: at most 4"),
+        ('{"sentences": ["a"], "beam": 2, "nbest": 3}', 422, "nbest must be between 1 and beam_size"),
+        ('{"sentences": ["a"], "max_length": 100000}', 422, "max_length: at most 64"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_the_server_lives_on(server, content, status, message):
+    url, process = server
+    response = httpx.post(f"{url}/translate", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert message in response.json()["error"]
+    assert "\n" not in response.json()["error"]
+    assert httpx.get(f"{url}/health").status_code == 200 and process.poll() is None
+
+
+def test_oversized_body_is_refused_and_docs_are_served(server):
+    url, _ = server
+    response = httpx.post(f"{url}/translate", content=b"x" * 200_000, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["error"]
+    schema = httpx.get(f"{url}/openapi.json").json()
+    assert "/translate" in schema["paths"] and "/health" in schema["paths"]
+    assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_sigterm_finishes_requests_in_flight(run):
+    # a 300 ms batching window keeps the requests in flight when the signal arrives
+    with server_process(run, options=["--max-wait-ms", "300"]) as (url, process):
+        results = {}
+
+        def load() -> None:
+            results["report"] = send_all(url, bodies(6), concurrency=6, timeout_s=30)
+
+        sender = threading.Thread(target=load)
+        sender.start()
+        time.sleep(0.15)
+        process.send_signal(signal.SIGTERM)
+        sender.join(timeout=30)
+        # uvicorn re-raises the signal once shut down, so the exit status says "terminated by SIGTERM"
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    report = results["report"]
+    assert report.errors == 0 and len(report.replies) == 6
+    loaded = load_run(run)
+    for reply in report.replies:
+        assert [t["text"] for t in reply.response["translations"]] == [n[0][0] for n in offline(loaded, reply.body)]
