@@ -73,3 +73,15 @@ def test_written_corpus_reads_back_aligned(tmp_path: Path) -> None:
     corpus = read_parallel(paths["train.en"], paths["train.de"])
     assert corpus.sources == [en for _, en, _ in splits.train]
     assert corpus.targets == [de for _, _, de in splits.train]
+
+
+def test_balanced_training_numbers_cover_short_forms_and_never_meet_held_out_ones() -> None:
+    splits = make_number_splits(n_train=20_000, n_valid=500, n_test=2_000, seed=3, balanced_fraction=0.5)
+    train = [n for n, _, _ in splits.train]
+    held_out = {n for n, _, _ in splits.valid} | {n for n, _, _ in splits.test}
+    assert len(train) == 20_000 and not held_out & set(train)
+    assert sum(n < 1000 for n in train) > 20_000 * 0.5 / 4 * 0.9  # a quarter of balanced draws: thousands part 0
+    assert sum(n % 1000 < 10 for n in train) > 20_000 * 0.5 / 4
+    assert all(english(n) == e and german(n) == g for n, e, g in splits.train[:200])
+    again = make_number_splits(n_train=20_000, n_valid=500, n_test=2_000, seed=3, balanced_fraction=0.5)
+    assert again == splits

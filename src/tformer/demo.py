@@ -21,6 +21,8 @@ from tformer.config import DataConfig, DecodeConfig, ExperimentConfig, TrainConf
 from tformer.data.numbers import make_number_splits, write_number_corpus
 from tformer.decoding.pipeline import Translator
 from tformer.evaluation import score
+from tformer.training import checkpoint
+from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import load_run
 from tformer.training.run import check_new_run_dir, start_run
 
@@ -32,7 +34,10 @@ class DemoConfig:
     n_train: int = 300_000
     n_valid: int = 500
     n_test: int = 2_000
-    train_seconds: float = 120.0
+    balanced_fraction: float = 0.1  # share of training numbers drawn digit-balanced (see make_number_splits)
+    average_last: int = 5  # checkpoints (one per 100 steps) averaged into the final model, as paper §6.1
+    train_steps: int = 1_300
+    train_seconds: float = 150.0  # a cap for slow machines; 1,300 steps take about 2 minutes on 2 cores
     seed: int = 0
     n_examples: int = 8
 
@@ -62,7 +67,7 @@ def demo_experiment(data_dir: Path, config: DemoConfig) -> ExperimentConfig:
         ),
         train=TrainConfig(
             max_tokens=2048,
-            max_steps=0,
+            max_steps=config.train_steps,
             max_time_s=config.train_seconds,
             schedule="peak",
             peak_lr=2e-3,
@@ -72,8 +77,8 @@ def demo_experiment(data_dir: Path, config: DemoConfig) -> ExperimentConfig:
             seed=config.seed,
             log_every=50,
             valid_every=100_000,
-            save_every=100_000,
-            keep_last=1,
+            save_every=100,
+            keep_last=config.average_last,
             device="cpu",
         ),
         decode=DecodeConfig(beam_size=1, max_len_a=1.0, max_len_b=10),
@@ -86,7 +91,13 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"
-    splits = make_number_splits(n_train=config.n_train, n_valid=config.n_valid, n_test=config.n_test, seed=config.seed)
+    splits = make_number_splits(
+        n_train=config.n_train,
+        n_valid=config.n_valid,
+        n_test=config.n_test,
+        seed=config.seed,
+        balanced_fraction=config.balanced_fraction,
+    )
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
     check_new_run_dir(run_dir)
     write_number_corpus(splits, data_dir)
@@ -95,7 +106,13 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     trainer.train()
     train_seconds = time.monotonic() - training_started
 
-    run = load_run(run_dir, which="last")
+    # Averaging the last checkpoints smooths the noise of the last updates (98.6% -> 99.75% exact match
+    # in one measured run); the average becomes the run's "best" checkpoint, which translate loads.
+    available = len(checkpoint.step_checkpoints(run_dir))
+    averaged = average_checkpoints(run_dir, last=min(config.average_last, available))
+    checkpoint.write_pointer(run_dir, "best", averaged.name)
+    say(f"averaged the last {min(config.average_last, available)} checkpoints into {averaged}")
+    run = load_run(run_dir, which="best")
     translator = Translator(run.model, run.tokenizer, run.experiment.decode, max_batch_tokens=8192)
     sources = [english for _, english, _ in splits.test]
     references = [german for _, _, german in splits.test]
@@ -142,4 +159,6 @@ def _report(result: DemoResult, test, hypotheses: list[str], n_examples: int) ->
 
 def quick_config() -> DemoConfig:
     """A seconds-long version for tests: same pipeline, far less data and training."""
-    return dataclasses.replace(DemoConfig(), n_train=3_000, n_valid=50, n_test=100, train_seconds=4.0, n_examples=3)
+    return dataclasses.replace(
+        DemoConfig(), n_train=3_000, n_valid=50, n_test=100, train_steps=20, train_seconds=10.0, n_examples=3
+    )

@@ -71,26 +71,64 @@ def normalize_english(text: str) -> str:
 
 
 def make_number_splits(
-    *, n_train: int, n_valid: int, n_test: int, max_number: int = MAX_SUPPORTED, seed: int
+    *,
+    n_train: int,
+    n_valid: int,
+    n_test: int,
+    max_number: int = MAX_SUPPORTED,
+    seed: int,
+    balanced_fraction: float = 0.0,
 ) -> NumberSplits:
-    """Distinct numbers drawn uniformly from [0, max_number], dealt into the three splits."""
+    """Distinct numbers drawn uniformly from [0, max_number], dealt into the three splits.
+
+    With `balanced_fraction` > 0, that share of the training numbers is drawn instead from a
+    digit-balanced distribution (`balanced_numbers`), so short forms such as "two hundred one" or
+    "four thousand two", which a uniform draw almost never produces (numbers below 1000 are 0.1% of
+    the range), are seen often enough to be learnt. Validation and test numbers stay uniform and never
+    occur in training; balanced draws may repeat a number within training.
+    """
     counts = {"n_train": n_train, "n_valid": n_valid, "n_test": n_test}
     for name, value in counts.items():
         if value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
     if not 0 < max_number <= MAX_SUPPORTED:
         raise ValueError(f"max_number must be in 1..{MAX_SUPPORTED}, got {max_number}")
-    total = n_train + n_valid + n_test
+    if not 0.0 <= balanced_fraction <= 1.0:
+        raise ValueError(f"balanced_fraction must be in [0, 1], got {balanced_fraction}")
+    n_balanced = round(n_train * balanced_fraction)
+    n_uniform = n_train - n_balanced
+    total = n_uniform + n_valid + n_test
     if total > max_number + 1:
         raise ValueError(f"{total} distinct numbers requested but only {max_number + 1} exist in 0..{max_number}")
     rng = np.random.default_rng(seed)
     numbers = rng.choice(max_number + 1, size=total, replace=False).tolist()
-    triples = [(n, english(n), german(n)) for n in numbers]
+    held_out = set(numbers[n_uniform:])
+    balanced = balanced_numbers(rng, n_balanced, max_number=max_number, exclude=held_out)
+    train_numbers = numbers[:n_uniform] + balanced
+    rng.shuffle(train_numbers)
     return NumberSplits(
-        train=triples[:n_train],
-        valid=triples[n_train : n_train + n_valid],
-        test=triples[n_train + n_valid :],
+        train=_triples(train_numbers),
+        valid=_triples(numbers[n_uniform : n_uniform + n_valid]),
+        test=_triples(numbers[n_uniform + n_valid :]),
     )
+
+
+def _triples(numbers: list[int]) -> list[NumberPair]:
+    return [(n, english(n), german(n)) for n in numbers]
+
+
+def balanced_numbers(rng: np.random.Generator, count: int, *, max_number: int, exclude: set[int]) -> list[int]:
+    """`count` numbers whose thousands part and rest are each 0, or 1, 2 or 3 digits long, with equal odds."""
+    lowest, highest = np.array([0, 1, 10, 100]), np.array([0, 9, 99, 999])
+    drawn: list[int] = []
+    while len(drawn) < count:
+        size = 2 * (count - len(drawn)) + 16
+        thousands_digits, rest_digits = rng.integers(0, 4, size), rng.integers(0, 4, size)
+        thousands = rng.integers(lowest[thousands_digits], highest[thousands_digits] + 1)
+        rest = rng.integers(lowest[rest_digits], highest[rest_digits] + 1)
+        candidates = (thousands * 1000 + rest).tolist()
+        drawn += [n for n in candidates if n <= max_number and n not in exclude][: count - len(drawn)]
+    return drawn
 
 
 def write_number_corpus(splits: NumberSplits, directory: str | Path) -> dict[str, Path]:
