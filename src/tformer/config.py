@@ -102,6 +102,7 @@ class DecodeConfig:
     length_penalty: float = 0.6
     length_normalization: LengthNormalization = "gnmt"
     no_repeat_ngram_size: int = 0
+    banned_ids: tuple[int, ...] = ()  # tokens never produced (Hugging Face's single-token bad_words_ids)
     coverage_penalty: float = 0.0
     sampling: bool = False
     temperature: float = 1.0
@@ -121,6 +122,10 @@ class DecodeConfig:
         for name in ("max_len_a", "max_len_b", "min_len", "no_repeat_ngram_size", "coverage_penalty", "top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
+        banned = self.banned_ids
+        if not isinstance(banned, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in banned):
+            raise ConfigError(f"banned_ids must be a list of token ids (integers >= 0), got {banned!r}")
+        object.__setattr__(self, "banned_ids", tuple(banned))  # from TOML/JSON it arrives as a list
 
 
 # The paper's Table 3 shapes (base, big) and two smaller ones. Vocabulary sizes are set from the

@@ -3,6 +3,7 @@
 All of them work on whole (R, V) tensors with no host synchronisation: banned tokens get -inf, and the
 log-probabilities of allowed tokens are not renormalised (as in fairseq and Hugging Face).
 
+- banned_ids: these tokens are never predicted (Hugging Face's single-token `bad_words_ids`);
 - min_len: eos is banned while fewer than `min_len` tokens have been predicted;
 - prefix: while a row's forced prefix lasts, every other token is banned;
 - no_repeat_ngram_size n: a token that would complete an n-gram already present in the history
@@ -45,6 +46,7 @@ class StepConstraints:
 
     def __init__(self, config: DecodeConfig, *, eos_id: int, prefix_RP: Tensor | None) -> None:
         self.min_len = config.min_len
+        self.banned_ids = list(config.banned_ids)
         self.ngram = config.no_repeat_ngram_size
         self.eos_id = eos_id
         self.prefix_RP = prefix_RP
@@ -52,6 +54,8 @@ class StepConstraints:
     def apply(self, log_probs_RV: Tensor, step: int, history_RT: Tensor) -> Tensor:
         """Restrict the log-probabilities of step `step` (0-based); history_RT is bos + `step` tokens.
         May modify `log_probs_RV` in place."""
+        if self.banned_ids:
+            log_probs_RV[:, self.banned_ids] = -float("inf")
         if step < self.min_len:
             log_probs_RV[:, self.eos_id] = -float("inf")
         if self.ngram > 0 and history_RT.shape[1] >= self.ngram:

@@ -12,12 +12,10 @@ that `load_run` and every tformer command read like a trained one.
 Decoding settings come from generation_config.json: num_beams, length_penalty (tformer's "average"
 normalisation is Hugging Face's), no_repeat_ngram_size, min_length and max_length (both count the
 decoder start token in HF; tformer's limits count output tokens only). HF's `bad_words_ids` of single
-tokens (OPUS-MT bans its pad token, which is also the decoder start token and scores 0) have no decoding
-option in tformer; the import gives those tokens a final-logits bias of -1e4 instead, so they are never
-picked. Greedy output is then identical; in beam search HF normalises before banning, so scores differ by
-log(1 - p(banned)), negligible for a trained model. With `forced_eos_token_id` HF replaces the last token
-of a hypothesis that reaches max_length by eos; the import sets the output limit one lower, which gives
-the same greedy tokens.
+tokens (OPUS-MT bans its pad token, which is also the decoder start token) become `decode.banned_ids`,
+banned after the softmax as HF does, so greedy and beam search give HF's tokens and scores. With
+`forced_eos_token_id` HF replaces the last token of a hypothesis that reaches max_length by eos; the
+import sets the output limit one lower, which gives the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -35,8 +33,6 @@ from tformer.interop.marian import marian_to_tformer_state, model_config_from_ma
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
 from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name, write_checkpoint, write_pointer
-
-BANNED_BIAS = -1.0e4  # exp(-1e4) is 0 in every float format: a banned token never wins, and stays finite
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
@@ -60,8 +56,6 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     except KeyError as error:
         raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
     banned = sorted({words[0] for words in generation.get("bad_words_ids") or [] if len(words) == 1})
-    state["final_logits_bias"] = state["final_logits_bias"].clone()
-    state["final_logits_bias"][banned] = BANNED_BIAS
     model = Transformer(config)
     model.load_state_dict(state, strict=True)
     tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=hf_config.decoder_start_token_id)
@@ -72,7 +66,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         )
     if tokenizer.src_vocab_size > config.src_vocab_size or tokenizer.tgt_vocab_size > config.tgt_vocab_size:
         raise ValueError(f"{hf_dir}: the vocabulary files hold more ids than the model's embeddings")
-    experiment = ExperimentConfig(model=config, decode=decode_config(generation, config.max_positions))
+    experiment = ExperimentConfig(model=config, decode=decode_config(generation, config.max_positions, banned))
     source = {"format": "hf-marian", "path": str(hf_dir.resolve()), "banned_token_ids": banned}
     with written_atomically(out) as temporary:
         name = step_name(0)
@@ -90,7 +84,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def decode_config(generation: dict[str, Any], max_positions: int) -> DecodeConfig:
+def decode_config(generation: dict[str, Any], max_positions: int, banned_ids: list[int]) -> DecodeConfig:
     """tformer's DecodeConfig for Hugging Face generation settings (see the module docstring)."""
     max_length = int(generation.get("max_length") or 512)
     forced_eos = generation.get("forced_eos_token_id") is not None
@@ -104,6 +98,7 @@ def decode_config(generation: dict[str, Any], max_positions: int) -> DecodeConfi
         length_normalization="average",
         length_penalty=float(generation.get("length_penalty", 1.0)),
         no_repeat_ngram_size=int(generation.get("no_repeat_ngram_size") or 0),
+        banned_ids=tuple(banned_ids),
     )
 
 
