@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tformer.model import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
+from tformer.model.attention import attention_loop_steps
 from tformer.model.masks import additive_mask, causal_mask, key_mask
 
 B, H, T, S, K = 2, 3, 5, 7, 4
@@ -39,6 +40,11 @@ def test_three_forms_agree_in_float64(mask_name: str) -> None:
     matrix, weights = attention_matrix(q, k, v, mask)
     fused = attention_fused(q, k, v, mask)
     torch.testing.assert_close(loop, matrix, atol=1e-10, rtol=0)
+    loop_scores, loop_weights, _ = attention_loop_steps(q, k, v, mask)
+    torch.testing.assert_close(loop_weights, weights, atol=1e-12, rtol=0)
+    expected_scores = q @ k.transpose(-2, -1) / K**0.5
+    real = torch.ones_like(loop_scores, dtype=torch.bool) if mask is None else mask.expand_as(loop_scores)
+    torch.testing.assert_close(loop_scores[real], expected_scores[real], atol=1e-12, rtol=0)
     torch.testing.assert_close(fused, matrix, atol=1e-10, rtol=0)
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, H, T, dtype=torch.float64), atol=1e-12, rtol=0)
     if mask is not None:

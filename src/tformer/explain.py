@@ -27,7 +27,6 @@ V vocabulary.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +35,14 @@ from torch import Tensor
 
 from tformer.config import ModelConfig
 from tformer.model import Transformer
-from tformer.model.attention import attention_fused, attention_loop, attention_matrix, merge_heads, split_heads
+from tformer.model.attention import (
+    attention_fused,
+    attention_loop,
+    attention_loop_steps,
+    attention_matrix,
+    merge_heads,
+    split_heads,
+)
 from tformer.model.masks import causal_mask
 from tformer.training.loss import label_smoothed_loss
 
@@ -152,19 +158,6 @@ def ids(words: tuple[str, ...] | list[str]) -> Tensor:
     return torch.tensor([[VOCABULARY.index(word) for word in words]], dtype=torch.long)  # 1 x length
 
 
-def step_by_step(q_HSK: Tensor, k_HSK: Tensor, v_HSK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The hand computation: for each head and query, scores against every key, softmax, weighted sum."""
-    head_dim = q_HSK.shape[-1]
-    scores, weights, sums = [], [], []
-    for q_SK, k_SK, v_SK in zip(q_HSK, k_HSK, v_HSK, strict=True):
-        head_scores = torch.stack([torch.stack([q_t @ k_s / math.sqrt(head_dim) for k_s in k_SK]) for q_t in q_SK])
-        head_weights = torch.softmax(head_scores, dim=-1)
-        scores.append(head_scores)
-        weights.append(head_weights)
-        sums.append(torch.stack([(row[:, None] * v_SK).sum(dim=0) for row in head_weights]))
-    return torch.stack(scores), torch.stack(weights), torch.stack(sums)
-
-
 @torch.no_grad()
 def encoder_steps(model: Transformer, src_1S: Tensor) -> tuple[Tensor, Tensor, SelfAttentionSteps, EncoderBlockSteps]:
     layer = model.encoder.layers[0]
@@ -175,7 +168,7 @@ def encoder_steps(model: Transformer, src_1S: Tensor) -> tuple[Tensor, Tensor, S
     read_1SD = layer.self_attention_residual.before(x_1SD)
     q_1SD, k_1SD, v_1SD = attention.qkv_proj(read_1SD).chunk(3, dim=-1)
     q_1HSK, k_1HSK, v_1HSK = (split_heads(t, attention.n_heads) for t in (q_1SD, k_1SD, v_1SD))
-    scores, weights, sums = step_by_step(q_1HSK[0], k_1HSK[0], v_1HSK[0])
+    scores_1HSS, weights_1HSS, sums_1HSK = attention_loop_steps(q_1HSK, k_1HSK, v_1HSK)
     matrix_1HSK, matrix_weights_1HSS = attention_matrix(q_1HSK, k_1HSK, v_1HSK)
     concat_1SD = merge_heads(matrix_1HSK)
     output_1SD = attention.out_proj(concat_1SD)
@@ -184,9 +177,9 @@ def encoder_steps(model: Transformer, src_1S: Tensor) -> tuple[Tensor, Tensor, S
         q_HSK=q_1HSK[0],
         k_HSK=k_1HSK[0],
         v_HSK=v_1HSK[0],
-        scores_HSS=scores,
-        weights_HSS=weights,
-        heads_HSK=sums,
+        scores_HSS=scores_1HSS[0],
+        weights_HSS=weights_1HSS[0],
+        heads_HSK=sums_1HSK[0],
         loop_HSK=attention_loop(q_1HSK, k_1HSK, v_1HSK)[0],
         matrix_HSK=matrix_1HSK[0],
         matrix_weights_HSS=matrix_weights_1HSS[0],
@@ -305,7 +298,6 @@ def walkthrough(seed: int = 0) -> Walkthrough:
         "softmax(scores) = attention_matrix weights": max_difference(
             attention.weights_HSS, attention.matrix_weights_HSS
         ),
-        "weighted sums = attention_loop": max_difference(attention.heads_HSK, attention.loop_HSK),
         "attention_loop = attention_matrix": max_difference(attention.loop_HSK, attention.matrix_HSK),
         "attention_matrix = attention_fused": max_difference(attention.matrix_HSK, fused_BHSK),
         "out_proj(concat) = SelfAttention.forward": max_difference(attention.output_SD, attention.module_output_SD),

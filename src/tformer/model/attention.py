@@ -27,11 +27,20 @@ from tformer.model.masks import additive_mask, causal_mask
 
 def attention_loop(q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor | None = None) -> Tensor:
     """The teaching form: loop over queries and keys, vectorised only over batch and heads."""
+    return attention_loop_steps(q_BHTK, k_BHSK, v_BHSK, mask)[2]
+
+
+def attention_loop_steps(
+    q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`attention_loop` with its intermediate numbers: (scores_BHTS, weights_BHTS, output_BHTK).
+
+    The scores include the mask (most negative finite value where a key may not be seen)."""
     B, H, T, K = q_BHTK.shape
     S = k_BHSK.shape[2]
     bias = additive_mask(mask, q_BHTK.dtype)
     bias_BHTS = None if bias is None else bias.expand(B, H, T, S)
-    outputs = []
+    all_scores, all_weights, outputs = [], [], []
     for t in range(T):
         query_BHK = q_BHTK[:, :, t]
         scores = []
@@ -45,8 +54,10 @@ def attention_loop(q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor 
         exp_BHS = torch.exp(scores_BHS - scores_BHS.max(dim=-1, keepdim=True).values)
         weights_BHS = exp_BHS / exp_BHS.sum(dim=-1, keepdim=True)
         weighted_sum_BHK = sum(weights_BHS[:, :, s, None] * v_BHSK[:, :, s] for s in range(S))
+        all_scores.append(scores_BHS)
+        all_weights.append(weights_BHS)
         outputs.append(weighted_sum_BHK)
-    return torch.stack(outputs, dim=2)
+    return torch.stack(all_scores, dim=2), torch.stack(all_weights, dim=2), torch.stack(outputs, dim=2)
 
 
 def attention_matrix(
