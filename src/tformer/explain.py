@@ -37,7 +37,6 @@ from tformer.config import ModelConfig
 from tformer.model import Transformer
 from tformer.model.attention import (
     attention_fused,
-    attention_loop,
     attention_loop_steps,
     attention_matrix,
     merge_heads,
@@ -79,8 +78,7 @@ class SelfAttentionSteps:
     v_HSK: Tensor
     scores_HSS: Tensor  # q·k / sqrt(d_k), one query row at a time
     weights_HSS: Tensor  # softmax of each score row
-    heads_HSK: Tensor  # weighted sums of the values
-    loop_HSK: Tensor  # attention_loop
+    heads_HSK: Tensor  # weighted sums of the values (attention_loop_steps)
     matrix_HSK: Tensor  # attention_matrix: output ...
     matrix_weights_HSS: Tensor  # ... and weights
     concat_SD: Tensor  # merge_heads
@@ -180,7 +178,6 @@ def encoder_steps(model: Transformer, src_1S: Tensor) -> tuple[Tensor, Tensor, S
         scores_HSS=scores_1HSS[0],
         weights_HSS=weights_1HSS[0],
         heads_HSK=sums_1HSK[0],
-        loop_HSK=attention_loop(q_1HSK, k_1HSK, v_1HSK)[0],
         matrix_HSK=matrix_1HSK[0],
         matrix_weights_HSS=matrix_weights_1HSS[0],
         concat_SD=concat_1SD[0],
@@ -298,7 +295,7 @@ def walkthrough(seed: int = 0) -> Walkthrough:
         "softmax(scores) = attention_matrix weights": max_difference(
             attention.weights_HSS, attention.matrix_weights_HSS
         ),
-        "attention_loop = attention_matrix": max_difference(attention.loop_HSK, attention.matrix_HSK),
+        "attention_loop = attention_matrix": max_difference(attention.heads_HSK, attention.matrix_HSK),
         "attention_matrix = attention_fused": max_difference(attention.matrix_HSK, fused_BHSK),
         "out_proj(concat) = SelfAttention.forward": max_difference(attention.output_SD, attention.module_output_SD),
         "block steps = EncoderLayer.forward": max_difference(block.output_SD, block.module_output_SD),
