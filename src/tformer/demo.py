@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tformer.config import DataConfig, DecodeConfig, ExperimentConfig, TrainConfig, preset
 from tformer.data.numbers import make_number_splits, write_number_corpus
 from tformer.decoding.pipeline import Translator
@@ -25,6 +23,7 @@ from tformer.training import checkpoint
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import load_run
 from tformer.training.run import check_new_run_dir, start_run
+from tformer.viz.attention_maps import save_cross_attention_png
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +49,7 @@ class DemoResult:
     n_test: int
     train_seconds: float
     total_seconds: float
-    attention_png: Path | None
+    attention_png: Path
 
 
 def demo_experiment(data_dir: Path, config: DemoConfig) -> ExperimentConfig:
@@ -108,20 +107,22 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
 
     # Averaging the last checkpoints smooths the noise of the last updates (98.6% -> 99.75% exact match
     # in one measured run); the average becomes the run's "best" checkpoint, which translate loads.
-    available = len(checkpoint.step_checkpoints(run_dir))
-    averaged = average_checkpoints(run_dir, last=min(config.average_last, available))
+    n_averaged = min(config.average_last, len(checkpoint.step_checkpoints(run_dir)))
+    averaged = average_checkpoints(run_dir, last=n_averaged)
     checkpoint.write_pointer(run_dir, "best", averaged.name)
-    say(f"averaged the last {min(config.average_last, available)} checkpoints into {averaged}")
+    say(f"averaged the last {n_averaged} checkpoints into {averaged}")
     run = load_run(run_dir, which="best")
     translator = Translator(run.model, run.tokenizer, run.experiment.decode, max_batch_tokens=8192)
     sources = [english for _, english, _ in splits.test]
     references = [german for _, _, german in splits.test]
-    with torch.inference_mode():
-        hypotheses = translator.translate_texts(sources)
+    hypotheses = translator.translate_texts(sources)  # the searches run under torch.inference_mode
     exact = sum(h == r for h, r in zip(hypotheses, references, strict=True)) / len(references)
     scores = score(hypotheses, references)
 
-    attention_png = _save_attention(run, sources[0], run_dir / "cross_attention.png", say)
+    attention_png = save_cross_attention_png(
+        run.model, run.tokenizer, sources[0], run_dir / "cross_attention.png", decode_config=run.experiment.decode
+    )
+    say(f"cross-attention of {sources[0]!r} saved to {attention_png}")
     result = DemoResult(
         run_dir=run_dir,
         exact_match=exact,
@@ -135,14 +136,6 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     return result
 
 
-def _save_attention(run, source: str, path: Path, say) -> Path | None:
-    from tformer.viz.attention_maps import save_cross_attention_png
-
-    saved = save_cross_attention_png(run.model, run.tokenizer, source, path, decode_config=run.experiment.decode)
-    say(f"cross-attention of {source!r} saved to {saved}")
-    return saved
-
-
 def _report(result: DemoResult, test, hypotheses: list[str], n_examples: int) -> None:
     print(f"held-out numbers: {result.n_test:,}")
     # BLEU is left out on purpose: each output is a single German word, which has no 4-grams to match.
@@ -153,8 +146,7 @@ def _report(result: DemoResult, test, hypotheses: list[str], n_examples: int) ->
         mark = "ok" if hypothesis == german else f"expected {german}"
         print(f"  {number:>7} | {english} | {hypothesis} | {mark}")
     print(f"run saved in {result.run_dir}: try  tformer translate {result.run_dir}")
-    if result.attention_png is not None:
-        print(f"cross-attention map: {result.attention_png}")
+    print(f"cross-attention map: {result.attention_png}")
 
 
 def quick_config() -> DemoConfig:
