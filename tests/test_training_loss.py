@@ -85,6 +85,17 @@ def test_schedules_are_continuous_and_peak_at_warmup(schedule: str) -> None:
     assert max(jumps) <= values[peak_index] / 1000 + 1e-12  # no step larger than one warm-up increment
 
 
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "peak"])
+def test_without_the_ramp_the_peak_holds_from_the_first_step(schedule: str) -> None:
+    ramped = TrainConfig(schedule=schedule, warmup_steps=500, peak_lr=1e-3)
+    flat = TrainConfig(schedule=schedule, warmup_steps=500, peak_lr=1e-3, warmup_ramp=False)
+    peak = learning_rate(500, ramped, d_model=256)
+    assert [learning_rate(step, flat, d_model=256) for step in (1, 2, 250, 500)] == [peak] * 4
+    assert learning_rate(1, ramped, d_model=256) == pytest.approx(peak / 500)
+    for step in (501, 2000, 40_000):  # the same decay once the warm-up would have ended
+        assert learning_rate(step, flat, d_model=256) == learning_rate(step, ramped, d_model=256)
+
+
 def test_optimizer_is_adam_with_the_papers_settings() -> None:
     model = Transformer(preset("tiny", src_vocab_size=20, tgt_vocab_size=20))
     optimizer = build_optimizer(model, TrainConfig(), device=torch.device("cpu"))

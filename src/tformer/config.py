@@ -264,6 +264,8 @@ class TrainConfig:
 
     lr: "inverse_sqrt" is the paper's lr_scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5);
     "peak" warms up linearly to `peak_lr`, then decays as peak_lr * sqrt(warmup / step).
+    `warmup_ramp = false` holds the schedule's peak for the first `warmup_steps` updates instead of
+    rising to it (the same decay afterwards): the "no warm-up" ablation.
     A step is one optimizer update over `accumulate` micro-batches of about `max_tokens` tokens each.
     Limits (`max_steps`, `max_epochs`, `max_time_s`, `clip_norm`, `patience`, `bleu_every`) are off at 0.
     """
@@ -277,6 +279,7 @@ class TrainConfig:
     lr_scale: float = 1.0
     peak_lr: float = 7e-4
     warmup_steps: int = 4000
+    warmup_ramp: bool = True
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_eps: float = 1e-9

@@ -6,7 +6,8 @@ peak:                         lr = peak * step / warmup           for step <= wa
 
 Both rise linearly for `warmup` steps and then decay with the inverse square root of the step; the
 peak form states the top learning rate directly instead of deriving it from d_model. Both are
-continuous at step = warmup, where they reach their maximum.
+continuous at step = warmup, where they reach their maximum. Without the ramp (train.warmup_ramp =
+false, the "no warm-up" ablation) the rate holds that maximum from step 1 until step = warmup.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def peak_lr(step: int, *, peak: float, warmup: int) -> float:
 
 def learning_rate(step: int, train: TrainConfig, *, d_model: int) -> float:
     """The configured schedule's learning rate for update number `step` (from 1)."""
+    if not train.warmup_ramp:
+        step = max(step, train.warmup_steps)  # the peak until the warm-up would have ended
     if train.schedule == "peak":
         return peak_lr(step, peak=train.peak_lr, warmup=train.warmup_steps)
     return inverse_sqrt_lr(step, d_model=d_model, warmup=train.warmup_steps, scale=train.lr_scale)
