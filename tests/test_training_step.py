@@ -16,7 +16,7 @@ from tformer.model import Transformer
 from tformer.training import TrainingDivergedError, load_run, start_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.optimizer import build_optimizer
-from tformer.training.step import train_step
+from tformer.training.step import needs_pinning, train_step
 from tformer.training.validation import EarlyStopping
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,6 +32,16 @@ def _pairs(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
         )
         for s, t in lengths
     ]
+
+
+def test_only_pageable_host_batches_bound_for_a_gpu_are_pinned() -> None:
+    host = collate(_pairs(3, seed=1), [0, 1, 2], pad_id=0, bos_id=1, eos_id=2)
+    assert needs_pinning(host, torch.device("cuda"))
+    assert not needs_pinning(host, torch.device("cpu"))
+    # A batch the caller already moved to a device (benchmarks/train.py does) must not be pinned:
+    # pinning a device tensor raises. The meta device stands in for the GPU on a CPU-only machine.
+    on_device = host.to(torch.device("meta"))
+    assert not needs_pinning(on_device, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("clip_norm", [0.0, 0.5])

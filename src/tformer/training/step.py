@@ -68,6 +68,12 @@ class TrainingObjective(nn.Module):
         return sums.loss_sum, sums.nll_sum
 
 
+def needs_pinning(batch: Batch, device: torch.device) -> bool:
+    """True for a host batch bound for a GPU in pageable memory: pinned host memory makes the copy truly
+    asynchronous, so the host can queue the next kernels. A batch already on a device is used as is."""
+    return device.type == "cuda" and batch.src_ids.device.type == "cpu" and not batch.src_ids.is_pinned()
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -97,8 +103,7 @@ def train_step(
     nll_sum = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
     for index, batch in enumerate(micro_batches):
-        # Pinned host memory makes the copy truly asynchronous, so the host can queue the next kernels.
-        pinned = batch if device.type != "cuda" or batch.src_ids.is_pinned() else batch.pin_memory()
+        pinned = batch.pin_memory() if needs_pinning(batch, device) else batch
         on_device = pinned.to(device, non_blocking=True)
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
