@@ -48,6 +48,9 @@ def parse_args():
     parser.add_argument("--tgt-len", type=int, default=None, help="new tokens, fixed (default: as --src-len)")
     parser.add_argument("--beams", default="1,4", help="comma-separated beam sizes (1 = greedy)")
     parser.add_argument("--systems", default="tformer,hf,ctranslate2", help="comma-separated systems to run")
+    parser.add_argument(
+        "--static-step", action="store_true", help="tformer: the fixed-shape step, a CUDA graph on GPU (static_step)"
+    )
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.sentences = args.sentences or (args.batch if args.quick else 512 if gpu else 64)
@@ -73,7 +76,7 @@ def build_model(args) -> Transformer:
 def tformer_system(model, batches, args, beam: int):
     config = DecodeConfig(
         beam_size=beam, nbest=1, max_len_a=0.0, max_len_b=args.tgt_len, min_len=args.tgt_len, length_penalty=1.0,
-        length_normalization="average",
+        length_normalization="average", static_step=args.static_step,
     )  # fmt: skip
 
     def run() -> list[int]:
@@ -166,6 +169,8 @@ def main() -> None:
     # and never use it in sources. CTranslate2 thus projects onto V - 1 tokens, 1/V less output work.
     tokens = ["<blank>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, args.vocab_size - 1)] + ["<pad>"]
     common: dict[str, Any] = dict(bench="decode", preset=args.preset, device=args.device, batch=args.batch)
+    if args.static_step:
+        common["tformer_static_step"] = True
     lines = []
     with tempfile.TemporaryDirectory() as workdir:
         for beam in (int(b) for b in args.beams.split(",")):
@@ -217,6 +222,11 @@ def main() -> None:
             "decoder starts from a zero embedding instead of the bos embedding, which changes no amount of work; its "
             "Marian loader drops the last vocabulary row, so it projects onto V - 1 tokens."
         )
+        if args.static_step:
+            notes += (
+                " tformer ran with DecodeConfig.static_step: a fixed-shape step (static cache, no rows dropped), "
+                "captured as a CUDA graph once per batch on GPU (the capture is inside the timed run)."
+            )
         write_record(path, title=f"Decoding speed, {args.device}, {args.preset}", env=environment(args.device),
                      lines=lines, notes=notes)  # fmt: skip
         print(f"record written to {path}", file=sys.stderr)

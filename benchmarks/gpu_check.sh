@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
-#   bash benchmarks/gpu_check.sh eager|compiled|all [DEST]
+#   bash benchmarks/gpu_check.sh eager|tests|compiled|all [DEST]
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
-#        decoding base and small (tformer, HF generate), about 4 minutes on one H200;
+#        decoding base (default and CUDA-graph step) and small (tformer, HF generate), about 5 minutes on one H200;
 # compiled: training base 512x64x64 and 128x64x64 with per-layer torch.compile (tformer, HF), and the
 #        chunked loss, about 4 minutes.
 # JSON lines, logs and markdown records go to DEST (default $OUT, else benchmarks/results). A benchmark
@@ -41,9 +41,14 @@ train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = eager ] || [ "$STAGE" = all ]; then
   run train_cuda_base_512x64x64 100 "${train[@]}" --preset base --batch 512x64x64 --steps 10
   run decode_cuda_base 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
+  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step
   run train_cuda_base_128x64x64 80 "${train[@]}" --preset base --batch 128x64x64 --steps 20
   run train_cuda_small_128x64x64 80 "${train[@]}" --preset small --batch 128x64x64 --steps 20
   run decode_cuda_small 100 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf
+fi
+if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then  # the tests that only run on a GPU
+  echo "== pytest (GPU tests)"
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_distributed.py 2>&1 | tail -n 5
 fi
 if [ "$STAGE" = compiled ] || [ "$STAGE" = all ]; then
   run train_cuda_base_512x64x64_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --compile --systems tformer,hf

@@ -96,6 +96,10 @@ def test_train_translate_evaluate_average(
     output = tmp_path / "hyp.txt"
     assert main(["translate", str(trained), "--input", str(workspace["valid_src"]), "--output", str(output)]) == 0
     assert len(output.read_text().splitlines()) == len(workspace["valid_src"].read_text().splitlines())
+    static = tmp_path / "hyp_static.txt"
+    translate = ["translate", str(trained), "--input", str(workspace["valid_src"]), "--output", str(static)]
+    assert main([*translate, "--static-step"]) == 0
+    assert static.read_text() == output.read_text()
 
     capsys.readouterr()
     evaluate = ["evaluate", str(trained), "--src", str(workspace["valid_src"]), "--ref", str(workspace["valid_tgt"])]
@@ -105,6 +109,8 @@ def test_train_translate_evaluate_average(
     assert "BLEU lowercase" in text
     assert main([*evaluate, "--json", "--beam", "1"]) == 0
     scores = json.loads(capsys.readouterr().out)
+    assert main([*evaluate, "--json", "--beam", "1", "--static-step"]) == 0
+    assert json.loads(capsys.readouterr().out) == scores
     assert {"bleu", "bleu_lowercase", "chrf", "bleu_signature", "chrf_signature", "step"} <= set(scores)
 
     copy = Path(shutil.copytree(trained, tmp_path / "run"))

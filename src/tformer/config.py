@@ -109,6 +109,7 @@ class DecodeConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    static_step: bool = False  # fixed-shape step, replayed as a CUDA graph on GPU (docs/decoding.md)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:

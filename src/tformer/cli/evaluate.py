@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--static-step",
+        action="store_true",
+        help="fixed-shape decoding step, replayed as a CUDA graph on a GPU (decode.static_step; same output)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     decode = loaded.experiment.decode
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
+    if args.static_step:
+        decode = dataclasses.replace(decode, static_step=True)
     translator = Translator(
         loaded.model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens
     )

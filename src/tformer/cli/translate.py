@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nbest", type=int, default=None, help="print the K best as 'index ||| text ||| score'")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--static-step",
+        action="store_true",
+        help="fixed-shape decoding step, replayed as a CUDA graph on a GPU (decode.static_step; same output)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
         config = dataclasses.replace(config, nbest=args.nbest)
+    if args.static_step:
+        config = dataclasses.replace(config, static_step=True)
     translator = Translator(
         loaded.model, loaded.tokenizer, config, device=args.device, max_batch_tokens=args.max_batch_tokens
     )

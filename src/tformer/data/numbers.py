@@ -25,7 +25,6 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from num2words import num2words
 
 MAX_SUPPORTED = 999_999
 
@@ -149,11 +148,17 @@ def _check_range(n: int) -> None:
         raise ValueError(f"number {n} is outside 0..{MAX_SUPPORTED}")
 
 
+# num2words is imported where it is used: only the number-words task needs it, and `tformer.data` (which
+# every training run imports) must not fail where it is missing.
 @cache
 def _english_below_thousand() -> tuple[str, ...]:
+    from num2words import num2words
+
     return tuple(normalize_english(num2words(n, lang="en")) for n in range(1000))
 
 
 @cache
 def _german_below_thousand() -> tuple[str, ...]:
+    from num2words import num2words
+
     return tuple(num2words(n, lang="de") for n in range(1000))

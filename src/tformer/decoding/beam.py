@@ -10,7 +10,8 @@ Each step, for every sentence (all tensors, no Python loop over hypotheses):
    the best running beam, normalised at its current length, no longer beats the worst of them.
 This is Hugging Face's algorithm (`early_stopping=False`), so with `length_normalization="average"` the
 outputs match `generate(num_beams=N, length_penalty=alpha)` token for token. Done sentences leave the
-batch at the periodic "all finished?" check, the loop's only host synchronisation.
+batch at the periodic "all finished?" check, the loop's only host synchronisation (with
+`DecodeConfig.static_step` they stay, see decoding/static_step.py).
 
 Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabulary, H history
 (bos + T steps), T steps, S source length.
@@ -30,6 +31,7 @@ from tformer.decoding.greedy import CHECK_EVERY
 from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
 from tformer.decoding.lengths import length_penalty, max_output_lengths
 from tformer.decoding.search_types import Hypothesis
+from tformer.decoding.static_step import StaticStepDecoder, make_decoder, uses_static_step
 
 NEG_INF = -float("inf")
 
@@ -74,13 +76,16 @@ def beam_search(
     T = int(max_len_B.max())
     use_coverage = config.coverage_penalty > 0
     want_attention = return_attention or use_coverage
-    decoder = IncrementalDecoder(
+    static = uses_static_step(model, config, want_attention=want_attention)
+    decoder = make_decoder(
         model,
         src_ids,
         src_pad_mask,
-        rows_per_sentence=1,  # all beams are bos at step 0: one row per sentence, widened after it
+        # all beams are bos at step 0: one row per sentence, widened after it (a static step keeps N rows)
+        rows_per_sentence=N if static else 1,
         capacity=decoding_capacity(model, T),
         want_attention=want_attention,
+        static=static,
     )
     constraints = StepConstraints(
         config,
@@ -98,7 +103,7 @@ def beam_search(
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
     last_R = state.history[:, :, 0].reshape(-1)
     for t in range(T):
-        if t == 0:  # one row per sentence, then every beam gets a copy of its cache row
+        if t == 0 and not static:  # one row per sentence, then every beam gets a copy of its cache row
             log_probs_BV, attention_BS = decoder.step(last_R[::N])
             widen_R = torch.arange(B, device=device).repeat_interleave(N)
             decoder.select(widen_R)
@@ -113,7 +118,7 @@ def beam_search(
             done = state.done.tolist()  # the periodic host synchronisation
             if all(done):
                 break
-            if any(done):
+            if any(done) and decoder.can_drop_rows:
                 state, last_R = _leave(state, done, last_R, results, config, decoder, constraints)
     _collect(state, results, config)
     return results
@@ -168,7 +173,7 @@ def _step(
     t: int,
     eos_id: int,
     config: DecodeConfig,
-    decoder: IncrementalDecoder,
+    decoder: IncrementalDecoder | StaticStepDecoder,
 ) -> Tensor:
     """One beam-search step on `state` (updated in place); returns the next input tokens (R,)."""
     B, N = state.scores.shape

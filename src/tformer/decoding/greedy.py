@@ -19,9 +19,10 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.constraints import StepConstraints, prefix_tensor
-from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
+from tformer.decoding.incremental import check_inputs, decoding_capacity, take_rows
 from tformer.decoding.lengths import length_penalty, max_output_lengths
 from tformer.decoding.search_types import Hypothesis
+from tformer.decoding.static_step import make_decoder, uses_static_step
 
 CHECK_EVERY = 4  # steps between "all finished?" checks, the loop's only host synchronisations
 
@@ -87,13 +88,14 @@ def decode_paths(
     src_lengths_B = src_pad_mask.sum(dim=1)
     max_len_R = max_output_lengths(src_lengths_B, config, limit=model.config.max_positions).repeat_interleave(n)
     T = int(max_len_R.max())
-    decoder = IncrementalDecoder(
+    decoder = make_decoder(
         model,
         src_ids,
         src_pad_mask,
         rows_per_sentence=n,
         capacity=decoding_capacity(model, T),
         want_attention=return_attention,
+        static=uses_static_step(model, config, want_attention=return_attention),
     )
     vocab_size = model.config.tgt_vocab_size
     constraints = StepConstraints(
@@ -135,7 +137,7 @@ def decode_paths(
             finished = state.finished.tolist()  # the periodic host synchronisation
             if all(finished):
                 break
-            if any(finished):
+            if any(finished) and decoder.can_drop_rows:
                 keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device)
                 leave = torch.tensor([i for i, f in enumerate(finished) if f], device=device)
                 done.append(take_rows(state, leave))

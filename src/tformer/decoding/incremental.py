@@ -33,6 +33,8 @@ def repeat_rows(tree: Any, repeats: int) -> Any:
 class IncrementalDecoder:
     """The model, its cache and the source mask of the rows being decoded."""
 
+    can_drop_rows = True  # finished sentences may leave the batch (see StaticStepDecoder for one that cannot)
+
     def __init__(
         self,
         model: Any,

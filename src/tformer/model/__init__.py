@@ -1,7 +1,7 @@
 """The Transformer itself. Imports only torch (and tformer.config): never training, data or decoding."""
 
 from tformer.model.attention import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
-from tformer.model.cache import DecoderCache, LayerCache
+from tformer.model.cache import DecoderCache, LayerCache, StaticDecoderCache
 from tformer.model.transformer import AttentionMaps, Transformer, count_parameters, model_flops_per_pair
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "DecoderCache",
     "LayerCache",
     "SelfAttention",
+    "StaticDecoderCache",
     "Transformer",
     "attention_fused",
     "attention_loop",

@@ -10,6 +10,11 @@ allocates and never copies the empty tail. Rows of one sentence share their sour
 reorders within a sentence with `include_memory=False`; `select` drops or duplicates whole rows
 (finished sentences leaving the batch) and reallocates.
 
+`StaticDecoderCache` is the fixed-shape variant for a decoding step that is captured once and replayed
+(a CUDA graph): its tensors never move or change shape, the position of the next token is a tensor on
+the device that the step itself advances, and every step attends over all `capacity` positions with a
+mask that hides the ones not yet written.
+
 Shape legend: B batch (sentences x beams), H heads, L cache capacity, S source length, K head dim.
 """
 
@@ -113,3 +118,70 @@ class DecoderCache:
         for layer in self.layers:
             layer.select(indices_B)
         self.memory_kv = [(k.index_select(0, indices_B), v.index_select(0, indices_B)) for k, v in self.memory_kv]
+
+
+@dataclass
+class StaticLayerCache:
+    """Self-attention keys and values of one decoder layer, at fixed addresses and full capacity."""
+
+    k_BHLK: Tensor
+    v_BHLK: Tensor
+    position_1: Tensor  # shared with the StaticDecoderCache: where the next token's key and value go
+
+    def append(self, k_BH1K: Tensor, v_BH1K: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the one new position at `position_1` and return the whole buffers (the decoder's
+        `StaticDecoderCache.visible_keys` mask hides the positions not yet written)."""
+        self.k_BHLK.index_copy_(2, self.position_1, k_BH1K)
+        self.v_BHLK.index_copy_(2, self.position_1, v_BH1K)
+        return self.k_BHLK, self.v_BHLK
+
+    def reorder(self, indices_B: Tensor) -> None:
+        """Row i takes what row indices_B[i] had, copied back into the same storage."""
+        self.k_BHLK.copy_(self.k_BHLK.index_select(0, indices_B))
+        self.v_BHLK.copy_(self.v_BHLK.index_select(0, indices_B))
+
+
+@dataclass
+class StaticDecoderCache:
+    """A decoder cache whose tensors keep their addresses and shapes for a whole search."""
+
+    layers: list[StaticLayerCache]
+    position_1: Tensor  # (1,) long: the position of the next token, advanced in place by each step
+    key_positions_L: Tensor  # 0 .. L-1
+    memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> StaticDecoderCache:
+        shape = (batch_size, n_heads, capacity, head_dim)
+        position_1 = torch.zeros(1, dtype=torch.long, device=device)
+        def zeros() -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        layers = [StaticLayerCache(zeros(), zeros(), position_1) for _ in range(n_layers)]
+        return cls(layers=layers, position_1=position_1, key_positions_L=torch.arange(capacity, device=device))
+
+    def visible_keys(self) -> Tensor:
+        """(1, 1, 1, L) "may attend" mask of the new token: every position up to its own."""
+        return (self.key_positions_L <= self.position_1)[None, None, None, :]
+
+    def advance(self) -> None:
+        self.position_1.add_(1)
+
+    def reorder(self, indices_B: Tensor, *, include_memory: bool = True) -> None:
+        """As `DecoderCache.reorder`, but the rows are copied back into the same tensors."""
+        for layer in self.layers:
+            layer.reorder(indices_B)
+        if include_memory:
+            for k, v in self.memory_kv:
+                k.copy_(k.index_select(0, indices_B))
+                v.copy_(v.index_select(0, indices_B))

@@ -49,6 +49,10 @@ class SinusoidalPositions(nn.Module):
     def forward(self, length: int, offset: int = 0) -> Tensor:
         return self.table_PD[offset : offset + length]  # T D
 
+    def at(self, positions_T: Tensor) -> Tensor:
+        """The encodings of positions held in a tensor (T D), e.g. on the device for a captured step."""
+        return self.table_PD.index_select(0, positions_T)
+
 
 class LearnedPositions(nn.Module):
     def __init__(self, max_positions: int, d_model: int) -> None:
@@ -57,6 +61,9 @@ class LearnedPositions(nn.Module):
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
         return self.weight[offset : offset + length]  # T D
+
+    def at(self, positions_T: Tensor) -> Tensor:
+        return self.weight.index_select(0, positions_T)  # T D
 
 
 class TokenEmbedding(nn.Module):

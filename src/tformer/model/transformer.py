@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ModelConfig
-from tformer.model.cache import DecoderCache
+from tformer.model.cache import DecoderCache, StaticDecoderCache
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
@@ -90,19 +90,25 @@ class Decoder(nn.Module):
         memory_kv: list[tuple[Tensor, Tensor]],
         src_pad_mask_BS: Tensor | None,
         tgt_pad_mask: Tensor | None,
-        cache: DecoderCache | None,
+        cache: DecoderCache | StaticDecoderCache | None,
         need_weights: bool,
     ) -> tuple[Tensor, list, list]:
         T = tokens_BTD.shape[1]
-        offset = 0 if cache is None else cache.length
-        x_BTD = self.dropout(tokens_BTD + self.positions(T, offset))
-        # Without a cache, queries and keys are the same T positions and torch's causal flag is exact.
-        # With one, the T queries are the last of offset + T keys, so the mask is built explicitly.
-        is_causal = cache is None and tgt_pad_mask is None
-        self_mask = None
-        if not is_causal and (T > 1 or tgt_pad_mask is not None):
-            pad = None if tgt_pad_mask is None else key_mask(tgt_pad_mask)
-            self_mask = combine(causal_mask(T, offset + T, device=tokens_BTD.device), pad)
+        static = isinstance(cache, StaticDecoderCache)
+        if static:  # one new token whose position is a device tensor; keys span the whole capacity
+            assert T == 1 and tgt_pad_mask is None, "a static cache decodes one token at a time, unpadded"
+            x_BTD = self.dropout(tokens_BTD + self.positions.at(cache.position_1))
+            is_causal, self_mask = False, cache.visible_keys()
+        else:
+            offset = 0 if cache is None else cache.length
+            x_BTD = self.dropout(tokens_BTD + self.positions(T, offset))
+            # Without a cache, queries and keys are the same T positions and torch's causal flag is exact.
+            # With one, the T queries are the last of offset + T keys, so the mask is built explicitly.
+            is_causal = cache is None and tgt_pad_mask is None
+            self_mask = None
+            if not is_causal and (T > 1 or tgt_pad_mask is not None):
+                pad = None if tgt_pad_mask is None else key_mask(tgt_pad_mask)
+                self_mask = combine(causal_mask(T, offset + T, device=tokens_BTD.device), pad)
         memory_mask = None if src_pad_mask_BS is None else key_mask(src_pad_mask_BS)
         self_weights, cross_weights = [], []
         for index, layer in enumerate(self.layers):
@@ -117,6 +123,8 @@ class Decoder(nn.Module):
             )
             self_weights.append(layer_self)
             cross_weights.append(layer_cross)
+        if static:
+            cache.advance()
         if self.final_norm is not None:
             x_BTD = self.final_norm(x_BTD)
         return x_BTD, self_weights, cross_weights
@@ -196,17 +204,20 @@ class Transformer(nn.Module):
         memory: Tensor | None,
         src_pad_mask: Tensor | None,
         tgt_pad_mask: Tensor | None = None,
-        cache: DecoderCache | None = None,
+        cache: DecoderCache | StaticDecoderCache | None = None,
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor], list[Tensor]]:
         """logits_BTV for the target prefix tgt_ids_BT, attending to `memory` (B S D).
 
         With a `cache` (see `new_cache`), tgt_ids holds only the new tokens; keys and values of earlier
         positions and of the memory come from the cache, and `memory` may be None. `tgt_pad_mask`
-        then covers every key position so far, shape (B, cache.length + T).
+        then covers every key position so far, shape (B, cache.length + T). A `StaticDecoderCache`
+        (see `new_static_cache`) takes one token per row and no `tgt_pad_mask`; its capacity bounds
+        the length.
         """
-        offset = 0 if cache is None else cache.length
-        self._check_length(offset + tgt_ids.shape[1], "target")
+        if not isinstance(cache, StaticDecoderCache):
+            offset = 0 if cache is None else cache.length
+            self._check_length(offset + tgt_ids.shape[1], "target")
         if cache is not None and cache.memory_kv:
             memory_kv = cache.memory_kv
         else:
@@ -303,6 +314,19 @@ class Transformer(nn.Module):
         if memory is not None:
             cache.memory_kv = self.project_memory(memory)
         return cache
+
+    def new_static_cache(self, *, batch_size: int, capacity: int) -> StaticDecoderCache:
+        """A fixed-shape decoder cache for a decoding step captured once and replayed (CUDA graphs)."""
+        reference = self.tgt_embedding.weight
+        return StaticDecoderCache.allocate(
+            n_layers=self.config.n_decoder_layers,
+            batch_size=batch_size,
+            n_heads=self.config.n_heads,
+            head_dim=self.config.head_dim,
+            capacity=min(capacity, self.config.max_positions),
+            dtype=reference.dtype,
+            device=reference.device,
+        )
 
     def _check_length(self, length: int, side: str) -> None:
         if length > self.config.max_positions:

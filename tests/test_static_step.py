@@ -1,0 +1,124 @@
+"""The fixed-shape decoding step (DecodeConfig.static_step, replayed as a CUDA graph on a GPU) computes
+exactly what the default step computes. On this CPU-only machine the step runs eagerly; the graph
+capture itself needs a GPU (benchmarks/decode.py --static-step measures it there)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import perturbed
+from test_decoding_equivalence import BOS, EOS, PAD, VOCAB, padded_batch, peaked_model
+
+from tformer.config import DecodeConfig, preset
+from tformer.decoding import EnsembleModel, generate
+from tformer.decoding.static_step import StaticStepDecoder, make_decoder, uses_static_step
+from tformer.model import Transformer
+
+
+def test_static_step_log_probs_match_the_full_forward_pass_including_after_a_reorder():
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5])
+    tgt = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(3))
+    tgt[:, 0] = BOS
+    swap = torch.tensor([1, 0, 3, 2])  # rows 0/1 and 2/3 are the two beams of sentences 0 and 1
+    src2, mask2 = src[[0, 0, 1, 1]], mask[[0, 0, 1, 1]]
+    with torch.no_grad():
+        full = model(src2, tgt, src_pad_mask=mask2)
+        full_swapped = model(src2, tgt[swap], src_pad_mask=mask2)
+        decoder = StaticStepDecoder(model, src[:2], mask[:2], rows_per_sentence=2, capacity=12)
+        for t in range(8):
+            if t == 5:  # beams of one sentence swap histories, as beam search does
+                decoder.reorder(swap)
+            log_probs, attention = decoder.step(tgt[:, t] if t < 5 else tgt[swap, t])
+            expected = full[:, t] if t < 5 else full_swapped[:, t]
+            torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=0)
+            assert attention is None
+        assert int(decoder.cache.position_1) == 8  # the step advances its own position
+
+
+CONFIGS = {
+    "greedy": DecodeConfig(beam_size=1, max_len_a=1.0, max_len_b=4),
+    "beam": DecodeConfig(beam_size=3, nbest=3, max_len_a=1.0, max_len_b=4),
+    "beam-ngram-minlen-banned": DecodeConfig(
+        beam_size=4, nbest=2, no_repeat_ngram_size=2, min_len=3, max_len_b=12, banned_ids=(5,)
+    ),
+    "beam-average": DecodeConfig(beam_size=2, length_normalization="average", length_penalty=1.0, max_len_b=10),
+    "sampling": DecodeConfig(sampling=True, nbest=3, beam_size=3, top_k=5, seed=11, max_len_b=8),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_step_search_gives_the_tokens_and_scores_of_the_default_step(name):
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5, 2])
+    prefix = [[5], [], [7, 8], [], []]
+    default = CONFIGS[name]
+    static = dataclasses.replace(default, static_step=True)
+    for use_prefix in (False, True):
+        kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS, prefix=prefix if use_prefix else None)
+        expected = generate(model, src, config=default, **kwargs)
+        got = generate(model, src, config=static, **kwargs)
+        for ours, reference in zip(got, expected, strict=True):
+            assert [h.tokens for h in ours] == [h.tokens for h in reference]
+            assert [h.score for h in ours] == pytest.approx([h.score for h in reference], abs=1e-5)
+            assert [h.log_prob for h in ours] == pytest.approx([h.log_prob for h in reference], abs=1e-5)
+    lengths = {len(h.tokens) for hypotheses in expected for h in hypotheses}
+    assert len(lengths) > 1, "some sentences should finish early and stay in the static batch"
+
+
+@pytest.mark.parametrize("variant", [dict(norm_position="pre"), dict(positional_encoding="learned")])
+def test_static_step_follows_the_model_variants(variant):
+    config = preset("tiny", src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, max_positions=64, **variant)
+    model = perturbed(Transformer(config, seed=2), scale=0.5).eval()
+    src, mask = padded_batch([6, 3, 8], seed=4)
+    for beam in (1, 4):
+        default = DecodeConfig(beam_size=beam, max_len_b=9)
+        expected = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=default)
+        static = dataclasses.replace(default, static_step=True)
+        got = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static)
+        assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+
+
+def test_attention_maps_and_ensembles_use_the_default_step():
+    model = peaked_model()
+    static = DecodeConfig(beam_size=2, static_step=True)
+    assert uses_static_step(model, static, want_attention=False)
+    assert not uses_static_step(model, static, want_attention=True)
+    assert not uses_static_step(EnsembleModel([model, model]), static, want_attention=False)
+    assert not uses_static_step(model, DecodeConfig(beam_size=2), want_attention=False)
+    src, mask = padded_batch([5, 3])
+    with_maps = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static, return_attention=True)
+    assert all(h.attention is not None for n in with_maps for h in n)
+    ensemble = generate(EnsembleModel([model, model]), src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static)
+    assert [len(n) for n in ensemble] == [1, 1]
+
+
+def test_a_static_step_never_drops_rows():
+    model = peaked_model()
+    src, mask = padded_batch([5, 3])
+    decoder = make_decoder(model, src, mask, rows_per_sentence=2, capacity=6, want_attention=False, static=True)
+    assert not decoder.can_drop_rows
+    with pytest.raises(RuntimeError, match="keeps every row"):
+        decoder.select(torch.tensor([0, 1]))
+    padded = torch.cat([src, torch.full((2, 2), PAD)], dim=1)  # extra padding changes nothing
+    assert [h.tokens for n in generate(
+        model, padded, src_pad_mask=padded != PAD, bos_id=BOS, eos_id=EOS, config=DecodeConfig(static_step=True)
+    ) for h in n] == [h.tokens for n in generate(
+        model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig()
+    ) for h in n]  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
+def test_the_cuda_graph_replays_give_the_tokens_of_the_default_step_on_the_gpu():
+    model = peaked_model().cuda()
+    src, mask = padded_batch([7, 4, 9, 5, 2])
+    src, mask = src.cuda(), mask.cuda()
+    for default in (CONFIGS["greedy"], CONFIGS["beam-ngram-minlen-banned"]):
+        kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS)
+        expected = generate(model, src, config=default, **kwargs)
+        got = generate(model, src, config=dataclasses.replace(default, static_step=True), **kwargs)
+        assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+        assert [h.score for n in got for h in n] == pytest.approx([h.score for n in expected for h in n], abs=1e-4)
