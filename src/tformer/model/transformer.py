@@ -301,24 +301,21 @@ class Transformer(nn.Module):
 
     def new_cache(self, *, batch_size: int, capacity: int, memory: Tensor | None = None) -> DecoderCache:
         """An empty decoder cache for `capacity` target positions (and the memory's keys/values if given)."""
-        reference = self.tgt_embedding.weight
-        cache = DecoderCache.allocate(
-            n_layers=self.config.n_decoder_layers,
-            batch_size=batch_size,
-            n_heads=self.config.n_heads,
-            head_dim=self.config.head_dim,
-            capacity=min(capacity, self.config.max_positions),
-            dtype=reference.dtype if memory is None else memory.dtype,
-            device=reference.device,
-        )
+        layout = self._cache_layout(batch_size, capacity)
+        if memory is not None:
+            layout["dtype"] = memory.dtype
+        cache = DecoderCache.allocate(**layout)
         if memory is not None:
             cache.memory_kv = self.project_memory(memory)
         return cache
 
     def new_static_cache(self, *, batch_size: int, capacity: int) -> StaticDecoderCache:
         """A fixed-shape decoder cache for a decoding step captured once and replayed (CUDA graphs)."""
+        return StaticDecoderCache.allocate(**self._cache_layout(batch_size, capacity))
+
+    def _cache_layout(self, batch_size: int, capacity: int) -> dict:
         reference = self.tgt_embedding.weight
-        return StaticDecoderCache.allocate(
+        return dict(
             n_layers=self.config.n_decoder_layers,
             batch_size=batch_size,
             n_heads=self.config.n_heads,
