@@ -36,6 +36,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per system (median reported)")
     parser.add_argument("--record", default=None, help="write a markdown record here ('auto': benchmarks/results/)")
+    parser.add_argument(
+        "--profile", action="store_true", help="after timing, print each system's top operators to stderr"
+    )
     return parser
 
 
@@ -48,6 +51,21 @@ def emit(**fields: Any) -> dict[str, Any]:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def print_profiles(systems: dict[str, Callable[[], Any]], device: str, *, rows: int = 25) -> None:
+    """One more call of each system under torch's profiler; its operators by self time on the device
+    (CUDA kernels on a GPU, else CPU time), printed to stderr. Not part of any timed figure."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_by = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    for name, run in systems.items():
+        with torch.profiler.profile(activities=activities) as profile:
+            run()
+            synchronize(device)
+        print(f"== profile: {name}", file=sys.stderr)
+        print(profile.key_averages().table(sort_by=sort_by, row_limit=rows), file=sys.stderr)
 
 
 def interleaved_medians(

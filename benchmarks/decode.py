@@ -27,6 +27,7 @@ from common import (
     environment,
     interleaved_medians,
     median,
+    print_profiles,
     record_path,
     write_record,
 )
@@ -186,6 +187,8 @@ def main() -> None:
                 if lengths != {args.tgt_len}:
                     raise SystemExit(f"{name} beam {beam} produced lengths {sorted(lengths)}, expected {args.tgt_len}")
             times = interleaved_medians(runs, repeats=args.repeats, warmup=0, device=args.device)
+            if args.profile:
+                print_profiles(runs, args.device)
             rates = {}
             for name, seconds in times.items():
                 rates[name] = args.sentences * args.tgt_len / median(seconds)

@@ -5,6 +5,7 @@
 #        decoding base (default and CUDA-graph step) and small (tformer, HF generate), about 5 minutes on one H200;
 # compiled: training base 512x64x64 and 128x64x64 with per-layer torch.compile (tformer, HF), and the
 #        chunked loss, about 4 minutes.
+# The --profile runs print the top CUDA kernels of each system into their .log files (where the time goes).
 # JSON lines, logs and markdown records go to DEST (default $OUT, else benchmarks/results). A benchmark
 # that could not finish before $DEADLINE (epoch seconds, if set) is skipped and says so.
 set -uo pipefail
@@ -39,9 +40,9 @@ PY
 
 train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = eager ] || [ "$STAGE" = all ]; then
-  run train_cuda_base_512x64x64 100 "${train[@]}" --preset base --batch 512x64x64 --steps 10
+  run train_cuda_base_512x64x64 100 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --profile
   run decode_cuda_base 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
-  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step
+  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
   run train_cuda_base_128x64x64 80 "${train[@]}" --preset base --batch 128x64x64 --steps 20
   run train_cuda_small_128x64x64 80 "${train[@]}" --preset small --batch 128x64x64 --steps 20
   run decode_cuda_small 100 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf

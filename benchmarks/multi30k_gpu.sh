@@ -4,7 +4,8 @@
 # test2016. Selection is by validation BLEU; test2016 is only reported.
 #   bash benchmarks/multi30k_gpu.sh DATA_DIR DEST [TRAIN_SECONDS]
 # DATA_DIR holds train/val/test2016 .en/.de; DEST receives logs, metrics.jsonl files and scores (JSON);
-# the checkpoints go to $RUNS_DIR (default /tmp/m30k-runs). EXTRA_SET adds --set flags to every run and
+# the checkpoints go to $RUNS_DIR (default /tmp/m30k-runs). VARIANTS="en-de-reg de-en-reg ..." runs only
+# those (fewer runs share the GPU, so each takes more steps). EXTRA_SET adds --set flags to every run and
 # TEST_LINES cuts the test sets (both for a quick CPU rehearsal of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,9 @@ tiny=(--set model.d_model=128 --set model.d_ff=256 --set model.n_encoder_layers=
 reg=(--set model.attention_dropout=0.1 --set model.activation_dropout=0.1 --set train.max_tokens=4096)
 keep=(--set train.save_every=500 --set train.keep_last=6)
 
-train() {  # train NAME CONFIG ARGS...: one run in the background
+train() {  # train NAME CONFIG ARGS...: one run in the background (if VARIANTS is unset or names it)
   local name="$1" config="$2"; shift 2
+  [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $name "* ]] || return 0
   timeout $((TRAIN_S + 300)) "$PY" -m tformer.cli.main train --config "$config" --data-dir "$DATA" \
     --out "$RUNS/$name" --max-time "$TRAIN_S" --quiet "${keep[@]}" "$@" "${EXTRA[@]}" \
     > "$DEST/$name.train.log" 2>&1 &

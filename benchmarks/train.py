@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import common_arguments, emit, environment, interleaved_medians, median, record_path, write_record
+from common import (
+    common_arguments,
+    emit,
+    environment,
+    interleaved_medians,
+    median,
+    print_profiles,
+    record_path,
+    write_record,
+)
 
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import Batch
@@ -206,6 +215,8 @@ def main() -> None:
             torch.cuda.synchronize()
         compile_s[name] = time.perf_counter() - start
     times = interleaved_medians(runs, repeats=args.repeats, warmup=1, device=args.device)
+    if args.profile:
+        print_profiles(runs, args.device)
     common: dict[str, Any] = dict(
         bench="train", preset=args.preset, device=args.device, batch=args.batch, compile=args.compile,
         dtype="bf16-autocast" if args.device == "cuda" else "fp32",
