@@ -14,6 +14,7 @@ from test_decoding_equivalence import BOS, EOS, PAD, VOCAB, padded_batch, peaked
 
 from tformer.config import DecodeConfig, preset
 from tformer.decoding import EnsembleModel, generate
+from tformer.decoding.incremental import IncrementalDecoder
 from tformer.decoding.static_step import StaticStepDecoder, make_decoder, uses_static_step
 from tformer.model import Transformer
 
@@ -28,7 +29,7 @@ def test_static_step_log_probs_match_the_full_forward_pass_including_after_a_reo
     with torch.no_grad():
         full = model(src2, tgt, src_pad_mask=mask2)
         full_swapped = model(src2, tgt[swap], src_pad_mask=mask2)
-        decoder = StaticStepDecoder(model, src[:2], mask[:2], rows_per_sentence=2, capacity=12)
+        decoder = StaticStepDecoder(model, src[:2], mask[:2], rows_per_sentence=2, capacity=12, reorders_rows=True)
         for t in range(8):
             if t == 5:  # beams of one sentence swap histories, as beam search does
                 decoder.reorder(swap)
@@ -37,6 +38,27 @@ def test_static_step_log_probs_match_the_full_forward_pass_including_after_a_reo
             torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=0)
             assert attention is None
         assert int(decoder.cache.position_1) == 8  # the step advances its own position
+
+
+def test_pending_reorders_compose_like_immediate_ones():
+    """A static step applies `reorder` at the start of the next step; two reorders before a step must
+    act as the default decoder's two immediate ones (rows of one sentence shuffled among themselves)."""
+    model = peaked_model()
+    src, mask = padded_batch([6, 4])
+    generator = torch.Generator().manual_seed(8)
+    tokens = torch.randint(3, VOCAB, (6, 6), generator=generator)
+    tokens[:, 0] = BOS
+    with torch.no_grad():
+        default = IncrementalDecoder(model, src, mask, rows_per_sentence=3, capacity=8, want_attention=False)
+        static = StaticStepDecoder(model, src, mask, rows_per_sentence=3, capacity=8, reorders_rows=True)
+        for t in range(6):
+            expected, _ = default.step(tokens[:, t])
+            got, _ = static.step(tokens[:, t])
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            for _ in range(1 + t % 2):  # one reorder after even steps, two after odd ones
+                rows = torch.cat([torch.randperm(3, generator=generator), 3 + torch.randperm(3, generator=generator)])
+                default.reorder(rows)
+                static.reorder(rows)
 
 
 CONFIGS = {
@@ -99,7 +121,9 @@ def test_attention_maps_and_ensembles_use_the_default_step():
 def test_a_static_step_never_drops_rows():
     model = peaked_model()
     src, mask = padded_batch([5, 3])
-    decoder = make_decoder(model, src, mask, rows_per_sentence=2, capacity=6, want_attention=False, static=True)
+    decoder = make_decoder(
+        model, src, mask, rows_per_sentence=2, capacity=6, want_attention=False, static=True, reorders_rows=True
+    )
     assert not decoder.can_drop_rows
     with pytest.raises(RuntimeError, match="keeps every row"):
         decoder.select(torch.tensor([0, 1]))

@@ -86,6 +86,7 @@ def beam_search(
         capacity=decoding_capacity(model, T),
         want_attention=want_attention,
         static=static,
+        reorders_rows=True,
     )
     constraints = StepConstraints(
         config,

@@ -96,6 +96,7 @@ def decode_paths(
         capacity=decoding_capacity(model, T),
         want_attention=return_attention,
         static=uses_static_step(model, config, want_attention=return_attention),
+        reorders_rows=False,
     )
     vocab_size = model.config.tgt_vocab_size
     constraints = StepConstraints(

@@ -9,7 +9,9 @@ that, every tensor the step reads or writes must keep its address and shape from
   device and advanced by the step itself, a mask over the positions not yet written);
 - the step reads its tokens from one fixed buffer and writes its log-probabilities into another;
 - sentences never leave the batch (a finished row keeps computing; the search ignores its output),
-  and beam search gives every beam its own row from the first step on.
+  and beam search gives every beam its own row from the first step on;
+- beam search's reordering of the cache is part of the step: `reorder` only records which rows to
+  take (composing with any reorder still pending), and the next step applies it before decoding.
 
 On the CPU the same fixed-shape step runs eagerly. It is slower there than the default step (it attends
 over the whole capacity every time) and exists so that tests can show it computes exactly what the
@@ -44,10 +46,18 @@ def make_decoder(
     capacity: int,
     want_attention: bool,
     static: bool,
+    reorders_rows: bool,
 ) -> IncrementalDecoder | StaticStepDecoder:
+    """The decoder a search drives: the static step when `static`, else the default incremental one.
+    `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it."""
     if static:
         return StaticStepDecoder(
-            model, src_ids_BS, src_pad_mask_BS, rows_per_sentence=rows_per_sentence, capacity=capacity
+            model,
+            src_ids_BS,
+            src_pad_mask_BS,
+            rows_per_sentence=rows_per_sentence,
+            capacity=capacity,
+            reorders_rows=reorders_rows,
         )
     return IncrementalDecoder(
         model,
@@ -72,8 +82,10 @@ class StaticStepDecoder:
         *,
         rows_per_sentence: int,
         capacity: int,
+        reorders_rows: bool,
     ) -> None:
         self.model = model
+        self.reorders_rows = reorders_rows
         memory = model.encode(src_ids_BS, src_pad_mask=src_pad_mask_BS)
         rows = src_ids_BS.shape[0] * rows_per_sentence
         self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
@@ -82,6 +94,8 @@ class StaticStepDecoder:
         ]
         self.mask_RS = repeat_rows(src_pad_mask_BS, rows_per_sentence)  # always a mask: no data-dependent shapes
         self.tokens_R = torch.zeros(rows, dtype=torch.long, device=src_ids_BS.device)
+        self.identity_R = torch.arange(rows, device=src_ids_BS.device)
+        self.rows_R = self.identity_R.clone()  # the reorder the next step applies first
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_log_probs_RV: Tensor | None = None
 
@@ -90,20 +104,28 @@ class StaticStepDecoder:
         graph's output buffer, valid until the next step."""
         self.tokens_R.copy_(tokens_R)
         if self.tokens_R.device.type != "cuda":
-            return self._forward(), None
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.graph_log_probs_RV, None
+            log_probs_RV = self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            log_probs_RV = self.graph_log_probs_RV
+        if self.reorders_rows:
+            self.rows_R.copy_(self.identity_R)  # applied; the next step keeps the rows unless told otherwise
+        return log_probs_RV, None
 
     def reorder(self, rows_R: Tensor) -> None:
-        """Row r continues the history of row rows_R[r], always a row of the same sentence."""
-        self.cache.reorder(rows_R, include_memory=False)
+        """Row r continues the history of row rows_R[r] (a row of the same sentence), from the next step."""
+        if not self.reorders_rows:
+            raise RuntimeError("this static step was built without reordering (reorders_rows=False)")
+        self.rows_R.copy_(self.rows_R.index_select(0, rows_R))  # after a pending reorder p: row r takes p[rows_R[r]]
 
     def select(self, rows: Tensor) -> None:
         raise RuntimeError("a static decoding step keeps every row; finished rows stay in the batch")
 
     def _forward(self) -> Tensor:
+        if self.reorders_rows:
+            self.cache.reorder(self.rows_R, include_memory=False)
         logits_R1V = self.model.decode(self.tokens_R[:, None], memory=None, src_pad_mask=self.mask_RS, cache=self.cache)
         return torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
 
@@ -111,8 +133,10 @@ class StaticStepDecoder:
         """Warm up on a side stream (library handles, workspaces), then record one step as a graph.
 
         The warm-up steps write keys and values at the current position and advance it; the position is
-        put back afterwards, and the first replay overwrites what they wrote."""
-        position_1 = self.cache.position_1.clone()
+        put back afterwards, and the first replay overwrites what they wrote. They run without the pending
+        reorder (identity rows), so that the first replay applies it exactly once."""
+        position_1, rows_R = self.cache.position_1.clone(), self.rows_R.clone()
+        self.rows_R.copy_(self.identity_R)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -120,7 +144,7 @@ class StaticStepDecoder:
                 self._forward()
                 self.cache.position_1.copy_(position_1)
         torch.cuda.current_stream().wait_stream(side)
+        self.rows_R.copy_(rows_R)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # records the kernels without running them
             self.graph_log_probs_RV = self._forward()
-        self.cache.position_1.copy_(position_1)  # capture only records; this restates where the next step writes
