@@ -5,7 +5,9 @@
 #   bash benchmarks/multi30k_gpu.sh DATA_DIR DEST [TRAIN_SECONDS]
 # DATA_DIR holds train/val/test2016 .en/.de; DEST receives logs, metrics.jsonl files and scores (JSON);
 # the checkpoints go to $RUNS_DIR (default /tmp/m30k-runs). VARIANTS="en-de-reg de-en-reg ..." runs only
-# those (fewer runs share the GPU, so each takes more steps). EXTRA_SET adds --set flags to every run and
+# those (fewer runs share the GPU, so each takes more steps). DECODE_SWEEP="4:0.6 6:1.0" also scores every
+# recipe run's best and averaged checkpoints with those beam:alpha settings on val and test, and names the
+# setting validation BLEU chooses. EXTRA_SET adds --set flags to every run and
 # TEST_LINES cuts the test sets (both for a quick CPU rehearsal of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,16 @@ score_run() {  # score_run NAME FULL: best (beam 4) on test; FULL adds last, gre
     evaluate "$RUNS/$name.avg5" "$src" "$tgt" test2016 "$DEST/$name.avg5.test.json"
     evaluate "$RUNS/$name.avg5" "$src" "$tgt" val "$DEST/$name.avg5.val.json"
   fi
+  local setting beam alpha
+  for setting in ${DECODE_SWEEP:-}; do  # e.g. "4:0.6 4:1.0 6:1.0": beam:alpha, each on val and test
+    beam="${setting%%:*}"; alpha="${setting#*:}"
+    for split in val test2016; do
+      evaluate "$RUNS/$name" "$src" "$tgt" "$split" "$DEST/$name.best-b${beam}a${alpha}.${split%2016}.json" \
+        --which best --beam "$beam" --length-penalty "$alpha"
+      [ -d "$RUNS/$name.avg5" ] && evaluate "$RUNS/$name.avg5" "$src" "$tgt" "$split" \
+        "$DEST/$name.avg5-b${beam}a${alpha}.${split%2016}.json" --beam "$beam" --length-penalty "$alpha"
+    done
+  done
 }
 
 for name in en-de-small en-de-tiny en-de-reg de-en-small de-en-tiny de-en-reg; do score_run "$name" full & done
@@ -92,6 +104,16 @@ for path in sorted(dest.glob("*.json")):
     except ValueError:
         continue
     print(f"{path.stem:45s} step {row['step']:6d}  BLEU {row['bleu']:5.2f}  lc {row['bleu_lowercase']:5.2f}  chrF {row['chrf']:5.2f}")
+# Decoding settings chosen on validation BLEU (DECODE_SWEEP): per run, the val-best checkpoint/setting's test.
+by_run = {}
+for path in dest.glob("*-b*a*.val.json"):
+    run, setting = path.name[: -len(".val.json")].split(".", 1)
+    by_run.setdefault(run, []).append((json.loads(path.read_text())["bleu"], setting))
+for run, options in sorted(by_run.items()):
+    val_bleu, setting = max(options)
+    test = json.loads((dest / f"{run}.{setting}.test.json").read_text())
+    print(f"{run}: chosen on val {setting} (val BLEU {val_bleu:.2f}) -> test BLEU {test['bleu']:.2f} "
+          f"lc {test['bleu_lowercase']:.2f} chrF {test['chrf']:.2f}")
 for path in sorted(dest.glob("*.metrics.jsonl")):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     bleu = [(r["bleu"], r["step"]) for r in rows if "bleu" in r]

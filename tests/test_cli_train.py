@@ -111,6 +111,15 @@ def test_train_translate_evaluate_average(
     scores = json.loads(capsys.readouterr().out)
     assert main([*evaluate, "--json", "--beam", "1", "--static-step"]) == 0
     assert json.loads(capsys.readouterr().out) == scores
+    assert main([*evaluate, "--json", "--beam", "3", "--length-penalty", "0.0"]) == 0
+    assert "bleu" in json.loads(capsys.readouterr().out)
+    scored = {}
+    for alpha in ("0.0", "2.0"):  # GNMT: score = log-prob / ((5 + length) / 6) ** alpha
+        out = tmp_path / f"nbest_{alpha}.txt"
+        nbest = ["--beam", "3", "--nbest", "1", "--length-penalty", alpha]
+        assert main([*translate[:-2], "--output", str(out), *nbest]) == 0
+        scored[alpha] = [float(line.rsplit("|||", 1)[1]) for line in out.read_text().splitlines()]
+    assert scored["0.0"] != scored["2.0"]  # alpha reaches the search
     assert {"bleu", "bleu_lowercase", "chrf", "bleu_signature", "chrf_signature", "step"} <= set(scores)
 
     copy = Path(shutil.copytree(trained, tmp_path / "run"))
