@@ -102,6 +102,14 @@ def test_oversized_body_is_refused_and_docs_are_served(server):
     url, _ = server
     response = httpx.post(f"{url}/translate", content=b"x" * 200_000, headers={"content-type": "application/json"})
     assert response.status_code == 413 and "larger than" in response.json()["error"]
+
+    def chunks():  # no Content-Length: Transfer-Encoding chunked, 200 kB in 2 kB pieces
+        for _ in range(100):
+            yield b" " * 2000
+
+    chunked = httpx.post(f"{url}/translate", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]
+    assert httpx.get(f"{url}/nowhere").json() == {"error": "Not Found"}  # every error in the one format
     schema = httpx.get(f"{url}/openapi.json").json()
     assert "/translate" in schema["paths"] and "/health" in schema["paths"]
     assert httpx.get(f"{url}/docs").status_code == 200

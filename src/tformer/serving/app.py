@@ -18,11 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tformer import __version__
 from tformer.config import DecodeConfig
 from tformer.decoding.pipeline import TokenizerLike
 from tformer.serving.batcher import Batcher, BatcherClosedError
+from tformer.serving.body_limit import BodySizeLimit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,13 +125,12 @@ def create_app(
             parts.append(f"{where}: {problem.get('msg', 'invalid')}")
         return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            message = f"the request body is larger than {config.max_body_bytes} bytes"
-            return JSONResponse({"error": message}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (404, 405, a body over the limit) in the API's one-field format."""
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
