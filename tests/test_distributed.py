@@ -18,8 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from training_helpers import tiny_experiment, write_corpus
 
-from tformer.runtime import init_distributed
+from tformer.config import ConfigError
+from tformer.data.tokenizer import Tokenizer
+from tformer.runtime import Distributed, init_distributed
 from tformer.training import load_run, resume_run, start_run
+from tformer.training.run import check_same_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,3 +71,22 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Pa
     _assert_close_weights(tmp_path / "ddp", tmp_path / "one")
     rows = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3  # steps 2, 4 and 6, logged once (by rank 0 only)
+
+
+class _Disagreeing(Distributed):
+    """Two processes in which rank 0 broadcasts another tokenizer fingerprint than this process has."""
+
+    def broadcast_float(self, value: float, device: torch.device) -> float:
+        return value + 1.0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * self.world_size
+
+
+def test_processes_with_different_tokenizers_refuse_to_train(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    sources, targets = (corpus[name].read_text().splitlines() for name in ("train_src", "train_tgt"))
+    tokenizer = Tokenizer.train(sources, targets, vocab_size=60)
+    check_same_tokenizer(tokenizer, Distributed(), torch.device("cpu"))  # one process: nothing to compare
+    with pytest.raises(ConfigError, match=r"different tokenizers.*--tokenizer DIR"):
+        check_same_tokenizer(tokenizer, _Disagreeing(rank=1, world_size=2), torch.device("cpu"))

@@ -86,6 +86,9 @@ def test_training_is_deterministic_and_files_round_trip(tmp_path: Path, joint: T
     assert first == second
     loaded = Tokenizer.from_files(tmp_path / "a")
     assert loaded.joint and loaded.encode_source(SOURCES[0]) == joint.encode_source(SOURCES[0])
+    assert again.fingerprint() == joint.fingerprint() == loaded.fingerprint()
+    smaller = Tokenizer.train([*SOURCES * 3, " ".join(ALPHABET)], TARGETS * 3, vocab_size=110)
+    assert smaller.fingerprint() != joint.fingerprint()
 
 
 def test_separate_vocabularies_serialise_as_two_files(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -189,6 +190,11 @@ class Tokenizer:
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of size {size}")
         return values
+
+    def fingerprint(self) -> int:
+        """A CRC-32 of the model file(s): equal for tokenizers that split every text the same way."""
+        checksum = zlib.crc32(self._src.serialized_model_proto())
+        return checksum if self._joint else zlib.crc32(self._tgt.serialized_model_proto(), checksum)
 
     def __repr__(self) -> str:
         kind = "joint" if self._joint else "separate"

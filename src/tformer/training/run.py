@@ -31,7 +31,7 @@ from tformer.data.batching import BatchStream, filter_overlong, sorted_batches
 from tformer.data.corpus import read_parallel
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer, count_parameters
-from tformer.runtime import Distributed
+from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training.loop import Trainer, TrainingData
 
@@ -90,6 +90,7 @@ def start_run(
             seed=experiment.train.seed,
         )
     say(f"tokenizer: {tokenizer!r}")
+    check_same_tokenizer(tokenizer, distributed, resolve_device(experiment.train.device, distributed))
     model_config = dataclasses.replace(
         experiment.model,
         src_vocab_size=tokenizer.src_vocab_size,
@@ -118,6 +119,20 @@ def start_run(
         compile_model=compile_model,
         loss_chunk=loss_chunk,
     )
+
+
+def check_same_tokenizer(tokenizer: Tokenizer, distributed: Distributed, device: torch.device) -> None:
+    """Each process trains its own tokenizer (deterministic: one thread, the run's seed); refuse to go on
+    if any of them differs from rank 0's, since its ids would then name other pieces."""
+    if not distributed.enabled:
+        return
+    mine = float(tokenizer.fingerprint())  # < 2**32: exact in float64
+    differs = torch.tensor([float(distributed.broadcast_float(mine, device) != mine)], device=device)
+    if distributed.all_reduce_sum(differs).item() > 0:
+        raise ConfigError(
+            "the processes built different tokenizers from the training data; train one first "
+            "(e.g. a one-process run) and give it to every process with --tokenizer DIR"
+        )
 
 
 def resume_run(
