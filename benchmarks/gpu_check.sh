@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_check.sh eager|tests|compiled|all [DEST]
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
 #        decoding base (default and CUDA-graph step) and small (tformer, HF generate), about 5 minutes on one H200;
-# compiled: training base 512x64x64 and 128x64x64 with per-layer torch.compile (tformer, HF), and the
-#        chunked loss, about 4 minutes.
+# compiled: training base 128x64x64 and 512x64x64 with the whole model compiled (CUDA graphs), then with
+#        per-layer torch.compile (tformer, HF), and the chunked loss, about 6 minutes.
 # The --profile runs print the top CUDA kernels of each system into their .log files (where the time goes).
 # JSON lines, logs and markdown records go to DEST (default $OUT, else benchmarks/results). A benchmark
 # that could not finish before $DEADLINE (epoch seconds, if set) is skipped and says so.
@@ -52,6 +52,8 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then  # the tests that only run o
   timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_distributed.py 2>&1 | tail -n 5
 fi
 if [ "$STAGE" = compiled ] || [ "$STAGE" = all ]; then
+  run train_cuda_base_128x64x64_compiled_model 200 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --compile model --systems tformer,hf
+  run train_cuda_base_512x64x64_compiled_model 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --compile model --systems tformer,hf
   run train_cuda_base_512x64x64_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --compile --systems tformer,hf
   run train_cuda_base_128x64x64_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --compile --systems tformer,hf
   run train_cuda_base_512x64x64_chunk1024 60 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --loss-chunk 1024 --systems tformer

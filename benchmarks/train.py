@@ -8,10 +8,12 @@ forward, loss, backward and an AdamW step for every system; tformer's step is `t
 nn.Transformer's is cross-entropy with label smoothing + AdamW. fp32 on CPU with the same number of
 threads; bf16 autocast (fp32 weights) on GPU; fused AdamW for every system on both devices.
 
-    python benchmarks/train.py --device cpu --preset small [--batch 64x32x32] [--quick] [--compile] [--record auto]
+    python benchmarks/train.py --device cpu --preset small [--batch 64x32x32] [--quick] [--compile [model]]
 
 `--compile` compiles every encoder and decoder layer in place (tformer: `tformer.runtime.compile_layers`;
-Marian: the same per-layer `nn.Module.compile`); compile time is reported apart. Prints one JSON line
+Marian: the same per-layer `nn.Module.compile`); `--compile model` compiles the whole model and loss, on a
+GPU with mode "reduce-overhead" (CUDA graphs): tformer's `runtime.compile_objective`, Marian's whole
+`torch.compile(model, mode=...)`. Compile time is reported apart.
 per figure: tokens_per_s (source + target), target_tokens_per_s, mfu (GPU), peak_memory_mb (GPU),
 compile_s (with --compile), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
 """
@@ -44,9 +46,9 @@ from tformer.config import TrainConfig, preset
 from tformer.data.batching import Batch
 from tformer.interop.marian import SpecialIds, to_marian
 from tformer.model import Transformer, model_flops_per_pair
-from tformer.runtime import compile_layers, configure_backends, peak_flops
+from tformer.runtime import compile_layers, compile_objective, configure_backends, peak_flops
 from tformer.training.optimizer import build_optimizer
-from tformer.training.step import train_step
+from tformer.training.step import TrainingObjective, train_step
 
 PAD, BOS, EOS = 0, 1, 2
 SMOOTHING, CLIP = 0.1, 1.0
@@ -59,7 +61,14 @@ def parse_args():
     )
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=None, help="training steps per timed run (default: 2 CPU, 20 GPU)")
-    parser.add_argument("--compile", action="store_true", help="per-layer torch.compile for tformer and Marian")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="layers",
+        default=None,
+        choices=["layers", "model"],
+        help="torch.compile for tformer and Marian: each layer (layers, default) or the whole model (CUDA graphs)",
+    )
     parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
     parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
     args = parser.parse_args()
@@ -89,12 +98,13 @@ def tformer_system(model: Transformer, batch: Batch, args) -> Any:
     optimizer = build_optimizer(model, TrainConfig(), device=device)
     autocast = torch.bfloat16 if args.device == "cuda" else None
     on_device = batch.to(device)
+    objective = compile_objective(TrainingObjective(model), device) if args.compile == "model" else None
 
     def run() -> None:
         for _ in range(args.steps):
             train_step(
                 model, optimizer, [on_device], lr=1e-4, smoothing=SMOOTHING, pad_id=PAD, clip_norm=CLIP,
-                device=device, autocast_dtype=autocast, loss_chunk=args.loss_chunk,
+                device=device, autocast_dtype=autocast, loss_chunk=args.loss_chunk, objective=objective,
             )  # fmt: skip
 
     return run
@@ -197,12 +207,14 @@ def main() -> None:
         if hasattr(hf_model, "set_attn_implementation"):
             hf_model.set_attn_implementation("sdpa")
         hf_model = hf_model.to(args.device).train()
-        if args.compile:
+        if args.compile == "layers":
             compile_hf_layers(hf_model)
+        elif args.compile == "model":
+            hf_model = torch.compile(hf_model, mode="reduce-overhead" if args.device == "cuda" else None)
         runs["hf"] = hf_system(hf_model, batch, args)
     if "tformer" in systems:
         model = model.to(args.device).train()
-        if args.compile:
+        if args.compile == "layers":
             compile_layers(model)
         runs["tformer"] = tformer_system(model, batch, args)
     if "torch" in systems:

@@ -3,6 +3,7 @@ input giving exit status 2, one line on stderr, no traceback, and nothing saved 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -12,6 +13,7 @@ import pytest
 import torch
 from training_helpers import write_corpus
 
+from tformer.cli import train as train_cli
 from tformer.cli.main import main
 from tformer.training import checkpoint as ckpt
 
@@ -210,3 +212,12 @@ def test_plain_flags_and_resume_with_a_larger_budget(
     assert "step 3, reached max_steps=3" in capsys.readouterr().out
     assert main([*argv[:-3], "--max-steps", "4", "--out", str(out), "--resume", "--quiet"]) == 0
     assert "step 4, reached max_steps=4" in capsys.readouterr().out
+
+
+def test_compile_flag_takes_an_optional_mode() -> None:
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    out = ["--out", "run"]
+    assert parser.parse_args(out).compile == "none"
+    assert parser.parse_args([*out, "--compile"]).compile == "layers"
+    assert parser.parse_args([*out, "--compile", "model"]).compile == "model"

@@ -1,4 +1,5 @@
-"""Per-layer torch.compile: the model keeps its state-dict keys, and compiled steps train like eager ones."""
+"""torch.compile per layer or of the whole objective: the model keeps its state-dict keys, and compiled steps
+train like eager ones."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import collate
 from tformer.model import Transformer
-from tformer.runtime import compile_layers
+from tformer.runtime import compile_layers, compile_objective
 from tformer.training.optimizer import build_optimizer
-from tformer.training.step import train_step
+from tformer.training.step import TrainingObjective, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,3 +52,27 @@ def test_compiled_steps_give_the_eager_losses() -> None:
         expected = train_step(eager, eager_opt, [batch], **options).loss_sum
         got = train_step(compiled, compiled_opt, [batch], **options).loss_sum
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C compiler"
+)
+def test_a_compiled_objective_trains_like_the_eager_one() -> None:
+    """`compile_objective` (the whole model and loss as one graph; CUDA graphs on a GPU) in train_step."""
+    config = preset("tiny", src_vocab_size=30, tgt_vocab_size=30)
+    eager, compiled = Transformer(config, seed=2), Transformer(config, seed=2)
+    keys = list(compiled.state_dict())
+    cpu = torch.device("cpu")
+    objective = compile_objective(TrainingObjective(compiled), cpu)
+    generator = torch.Generator().manual_seed(1)
+    special = dict(pad_id=0, bos_id=1, eos_id=2)
+    options = dict(lr=1e-3, smoothing=0.1, pad_id=0, clip_norm=1.0, device=cpu)
+    train = TrainConfig()
+    eager_opt, compiled_opt = build_optimizer(eager, train, device=cpu), build_optimizer(compiled, train, device=cpu)
+    for _ in range(3):
+        pairs = [(torch.randint(4, 30, (5,), generator=generator).tolist(),) * 2 for _ in range(3)]
+        batch = collate(pairs, list(range(3)), **special)
+        expected = train_step(eager, eager_opt, [batch], **options).loss_sum
+        got = train_step(compiled, compiled_opt, [batch], **options, objective=objective).loss_sum
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert list(compiled.state_dict()) == keys  # the model itself is not wrapped

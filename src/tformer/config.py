@@ -230,6 +230,7 @@ TokenizerModel = Literal["bpe", "unigram"]
 ScheduleName = Literal["inverse_sqrt", "peak"]
 StopMetric = Literal["bleu", "chrf", "loss"]
 Precision = Literal["auto", "fp32", "bf16"]
+CompileMode = Literal["none", "layers", "model"]  # how training compiles (runtime.compile_*), not a config key
 
 
 @dataclass(frozen=True, kw_only=True)

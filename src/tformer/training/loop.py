@@ -32,12 +32,12 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tformer.config import ExperimentConfig
+from tformer.config import CompileMode, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
 from tformer.evaluation import Scores
 from tformer.model import Transformer
-from tformer.runtime import Distributed, compile_layers, configure_backends, resolve_device
+from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
@@ -82,10 +82,11 @@ class Trainer:
         run_dir: Path,
         quiet: bool = False,
         distributed: Distributed | None = None,
-        compile_model: bool = False,
+        compile_mode: CompileMode = "none",
         loss_chunk: int = 0,
     ) -> None:
-        """`compile_model` compiles each layer in place (runtime.compile_layers); `loss_chunk` > 0 computes
+        """`compile_mode` "layers" compiles each layer in place (runtime.compile_layers), "model" the whole
+        training objective with CUDA graphs on a GPU (runtime.compile_objective); `loss_chunk` > 0 computes
         the loss that many target positions at a time (loss.chunked_label_smoothed_loss)."""
         self.experiment, self.train_config = experiment, experiment.train
         self.tokenizer, self.data, self.run_dir = tokenizer, data, Path(run_dir)
@@ -97,15 +98,14 @@ class Trainer:
         precision = self.train_config.precision
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda) else None
         self.model = model.to(self.device).train()
-        if compile_model:
+        if compile_mode == "layers":
             compile_layers(self.model)
         self.loss_chunk = loss_chunk
-        # DDP wraps the objective, never the model: the model's state-dict keys stay the same.
-        self.ddp = (
-            DistributedDataParallel(TrainingObjective(self.model), device_ids=[self.device.index] if cuda else None)
-            if self.distributed.enabled
-            else None
-        )
+        # DDP and torch.compile wrap the objective, never the model: its state-dict keys stay the same.
+        objective: torch.nn.Module = TrainingObjective(self.model)
+        if self.distributed.enabled:
+            objective = DistributedDataParallel(objective, device_ids=[self.device.index] if cuda else None)
+        self.objective = compile_objective(objective, self.device) if compile_mode == "model" else objective
         self.optimizer = build_optimizer(self.model, self.train_config, device=self.device)
         self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
@@ -217,7 +217,7 @@ class Trainer:
                     device=self.device,
                     autocast_dtype=self.autocast_dtype,
                     loss_chunk=self.loss_chunk,
-                    ddp=self.ddp,
+                    objective=self.objective,
                     distributed=self.distributed,
                 )
                 self._pending.append(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tformer.config import (
+    CompileMode,
     ConfigError,
     DataConfig,
     ExperimentConfig,
@@ -59,13 +60,13 @@ def start_run(
     quiet: bool = False,
     checked: bool = False,
     distributed: Distributed | None = None,
-    compile_model: bool = False,
+    compile_mode: CompileMode = "none",
     loss_chunk: int = 0,
 ) -> Trainer:
     """A Trainer for a new run in `run_dir`, which must be empty or absent (`checked=True`: the caller
     has already checked that, and may have put files there since, such as the demo's generated data).
 
-    `distributed`, `compile_model` and `loss_chunk` are how it runs, not what it computes (see Trainer)."""
+    `distributed`, `compile_mode` and `loss_chunk` are how it runs, not what it computes (see Trainer)."""
     distributed = distributed or Distributed()
     say = _sayer(quiet or not distributed.is_main)
     if not checked:
@@ -116,7 +117,7 @@ def start_run(
         run_dir=run_dir,
         quiet=quiet,
         distributed=distributed,
-        compile_model=compile_model,
+        compile_mode=compile_mode,
         loss_chunk=loss_chunk,
     )
 
@@ -142,7 +143,7 @@ def resume_run(
     expected: ExperimentConfig | None = None,
     quiet: bool = False,
     distributed: Distributed | None = None,
-    compile_model: bool = False,
+    compile_mode: CompileMode = "none",
     loss_chunk: int = 0,
 ) -> Trainer:
     """A Trainer that continues `run_dir` from its last checkpoint.
@@ -174,7 +175,7 @@ def resume_run(
         run_dir=run_dir,
         quiet=quiet,
         distributed=distributed,
-        compile_model=compile_model,
+        compile_mode=compile_mode,
         loss_chunk=loss_chunk,
     )
     trainer.restore(checkpoint)

@@ -5,7 +5,7 @@ loss is divided by the target tokens of *all* k (known on the host from collatio
 accumulated gradient is the gradient of the per-token mean over the whole step. The summed loss,
 NLL and token count stay on the device; the caller reads them when it logs.
 
-With data parallelism (`ddp`, a DistributedDataParallel around a `TrainingObjective`) the divisor is
+With data parallelism (`objective` a DistributedDataParallel around a `TrainingObjective`) the divisor is
 the target-token count of the *global* step, all-reduced on the device, and each process's loss is
 multiplied by the number of processes, because DDP averages gradients: the update is then the one a
 single process would make with every process's micro-batches. Gradients are synchronised only on
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from tformer.data.batching import Batch
 from tformer.runtime import Distributed
@@ -86,17 +87,20 @@ def train_step(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     loss_chunk: int = 0,
-    ddp: nn.Module | None = None,
+    objective: nn.Module | None = None,
     distributed: Distributed | None = None,
 ) -> StepResult:
     """Forward and backward every micro-batch, clip, and apply one update at learning rate `lr`.
 
-    `ddp` (with `distributed`) is the DistributedDataParallel-wrapped `TrainingObjective(model)`."""
+    `objective` computes the summed loss and NLL of a batch: `TrainingObjective(model)` by default, or
+    that module wrapped by DistributedDataParallel (with `distributed`) or compiled (`compile_objective`)."""
     assert micro_batches, "a step needs at least one micro-batch"
     total_tokens = sum(batch.n_tgt_tokens for batch in micro_batches)
-    objective = TrainingObjective(model) if ddp is None else ddp
+    objective = TrainingObjective(model) if objective is None else objective
+    uncompiled = getattr(objective, "_orig_mod", objective)  # what torch.compile wrapped, if it did
+    data_parallel = isinstance(uncompiled, DistributedDataParallel)
     divisor: Tensor | float = total_tokens
-    if ddp is not None and distributed is not None and distributed.enabled:
+    if data_parallel and distributed is not None and distributed.enabled:
         global_tokens = distributed.all_reduce_sum(torch.tensor(float(total_tokens), device=device))
         divisor = global_tokens / distributed.world_size  # DDP's average then divides by world_size
     loss_sum = torch.zeros((), device=device)
@@ -106,7 +110,7 @@ def train_step(
         pinned = batch.pin_memory() if needs_pinning(batch, device) else batch
         on_device = pinned.to(device, non_blocking=True)
         last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+        sync = uncompiled.no_sync() if data_parallel and not last else contextlib.nullcontext()
         with sync:
             # The loss runs under autocast too: it upcasts the logits to float32 itself, so nothing changes.
             with autocast_context(device, autocast_dtype):
