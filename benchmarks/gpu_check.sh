@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
-#   bash benchmarks/gpu_check.sh eager|tests|compiled|all [DEST]
+#   bash benchmarks/gpu_check.sh new|eager|tests|compiled|all [DEST]
+# new: the GPU test of the CUDA-graph decoding step, its speed (base) and the whole-model compiled
+#        training step at 128x64x64, about 4 minutes;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
-#        decoding base (default and CUDA-graph step) and small (tformer, HF generate), about 5 minutes on one H200;
-# compiled: training base 128x64x64 and 512x64x64 with the whole model compiled (CUDA graphs), then with
-#        per-layer torch.compile (tformer, HF), and the chunked loss, about 6 minutes.
+#        decoding base and small (tformer, HF generate), about 4 minutes on one H200;
+# compiled: training base 512x64x64 with the whole model compiled (CUDA graphs), then base 512x64x64 and
+#        128x64x64 with per-layer torch.compile (tformer, HF), and the chunked loss, about 5 minutes.
 # The --profile runs print the top CUDA kernels of each system into their .log files (where the time goes).
 # JSON lines, logs and markdown records go to DEST (default $OUT, else benchmarks/results). A benchmark
 # that could not finish before $DEADLINE (epoch seconds, if set) is skipped and says so.
@@ -39,10 +41,15 @@ PY
 }
 
 train=(benchmarks/train.py --device cuda --repeats 3)
+if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
+  echo "== pytest: the CUDA-graph decoding step against the default one"
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py -k cuda 2>&1 | tail -n 3
+  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
+  run train_cuda_base_128x64x64_compiled_model 200 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --compile model --systems tformer,hf
+fi
 if [ "$STAGE" = eager ] || [ "$STAGE" = all ]; then
   run train_cuda_base_512x64x64 100 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --profile
   run decode_cuda_base 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
-  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
   run train_cuda_base_128x64x64 80 "${train[@]}" --preset base --batch 128x64x64 --steps 20
   run train_cuda_small_128x64x64 80 "${train[@]}" --preset small --batch 128x64x64 --steps 20
   run decode_cuda_small 100 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf
@@ -52,7 +59,6 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then  # the tests that only run o
   timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_distributed.py 2>&1 | tail -n 5
 fi
 if [ "$STAGE" = compiled ] || [ "$STAGE" = all ]; then
-  run train_cuda_base_128x64x64_compiled_model 200 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --compile model --systems tformer,hf
   run train_cuda_base_512x64x64_compiled_model 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --compile model --systems tformer,hf
   run train_cuda_base_512x64x64_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --compile --systems tformer,hf
   run train_cuda_base_128x64x64_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --compile --systems tformer,hf

@@ -3,13 +3,13 @@
 # speed benchmarks (benchmarks/gpu_check.sh) while time remains. Results are packed into
 # $OUT/results.tar.gz after each stage, so a call cut short still returns what finished.
 #   OUT=DIR bash benchmarks/gpu_session.sh DATA_DIR [TRAIN_SECONDS] [BUDGET_SECONDS] [STAGES]
-# STAGES: any of multi30k, eager, tests, compiled (default: multi30k,eager,tests,compiled).
+# STAGES: any of multi30k, new, eager, tests, compiled (default: multi30k,new,eager,tests,compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="$(realpath "${1:?data directory}")"
 TRAIN_S="${2:-300}"
 BUDGET="${3:-570}"
-STAGES="${4:-multi30k,eager,tests,compiled}"
+STAGES="${4:-multi30k,new,eager,tests,compiled}"
 OUT="${OUT:-/tmp/gpu_session_out}"
 export DEADLINE=$(( $(date +%s) + BUDGET ))
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg PYTHONUNBUFFERED=1
@@ -51,7 +51,7 @@ if [[ "$STAGES" == *multi30k* ]]; then
   fi
   pack
 fi
-for stage in eager tests compiled; do
+for stage in new eager tests compiled; do
   if [[ "$STAGES" == *$stage* ]]; then
     say "benchmarks: $stage"
     bash benchmarks/gpu_check.sh "$stage" "$WORK/bench" 2>&1 | tee -a "$LOG"
