@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.data.corpus import CorpusError, read_lines
 from tformer.evaluation import score
 from tformer.training.checkpoint import load_run
@@ -27,18 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=None,
-        metavar="ALPHA",
-        help="beam search's length penalty (default: the run's decode.length_penalty; docs/decoding.md)",
-    )
-    parser.add_argument(
-        "--static-step",
-        action="store_true",
-        help="fixed-shape decoding step, replayed as a CUDA graph on a GPU (decode.static_step; same output)",
-    )
+    add_decode_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -53,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
     decode = loaded.experiment.decode
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
-    if args.static_step:
-        decode = dataclasses.replace(decode, static_step=True)
-    if args.length_penalty is not None:
-        decode = dataclasses.replace(decode, length_penalty=args.length_penalty)
+    decode = apply_decode_arguments(decode, args)
     translator = Translator(
         loaded.model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens
     )

@@ -12,6 +12,8 @@ import dataclasses
 import sys
 from contextlib import ExitStack
 
+from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+
 HELP = "translate text with a trained run (stdin to stdout by default)"
 
 
@@ -23,18 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nbest", type=int, default=None, help="print the K best as 'index ||| text ||| score'")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument(
-        "--length-penalty",
-        type=float,
-        default=None,
-        metavar="ALPHA",
-        help="beam search's length penalty (default: the run's decode.length_penalty; docs/decoding.md)",
-    )
-    parser.add_argument(
-        "--static-step",
-        action="store_true",
-        help="fixed-shape decoding step, replayed as a CUDA graph on a GPU (decode.static_step; same output)",
-    )
+    add_decode_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
         config = dataclasses.replace(config, nbest=args.nbest)
-    if args.static_step:
-        config = dataclasses.replace(config, static_step=True)
-    if args.length_penalty is not None:
-        config = dataclasses.replace(config, length_penalty=args.length_penalty)
+    config = apply_decode_arguments(config, args)
     translator = Translator(
         loaded.model, loaded.tokenizer, config, device=args.device, max_batch_tokens=args.max_batch_tokens
     )

@@ -1,0 +1,32 @@
+"""Decoding flags shared by the commands that decode a trained run (translate, evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from tformer.config import DecodeConfig
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="beam search's length penalty (default: the run's decode.length_penalty; docs/decoding.md)",
+    )
+    parser.add_argument(
+        "--static-step",
+        action="store_true",
+        help="fixed-shape decoding step, replayed as a CUDA graph on a GPU (decode.static_step; same output)",
+    )
+
+
+def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
+    """The run's decode settings with the flags of `add_decode_arguments` applied."""
+    if args.static_step:
+        config = dataclasses.replace(config, static_step=True)
+    if args.length_penalty is not None:
+        config = dataclasses.replace(config, length_penalty=args.length_penalty)
+    return config
