@@ -30,6 +30,13 @@ def repeat_rows(tree: Any, repeats: int) -> Any:
     return type(tree)(repeat_rows(item, repeats) for item in tree)
 
 
+def memory_for_rows(model: Any, src_ids_BS: Tensor, src_pad_mask_BS: Tensor, rows_per_sentence: int) -> Any:
+    """Encode the sources once and compute the memory's keys/values for every decoder layer once per
+    sentence, then give each of a sentence's rows its copy."""
+    memory = model.encode(src_ids_BS, src_pad_mask=src_pad_mask_BS)
+    return repeat_rows(model.project_memory(memory), rows_per_sentence)
+
+
 class IncrementalDecoder:
     """The model, its cache and the source mask of the rows being decoded."""
 
@@ -47,11 +54,9 @@ class IncrementalDecoder:
     ) -> None:
         self.model = model
         self.want_attention = want_attention
-        memory = model.encode(src_ids_BS, src_pad_mask=src_pad_mask_BS)
         rows = src_ids_BS.shape[0] * rows_per_sentence
         self.cache = model.new_cache(batch_size=rows, capacity=capacity)
-        # keys/values of the memory for each sentence, computed once, then shared by its rows
-        self.cache.memory_kv = repeat_rows(model.project_memory(memory), rows_per_sentence)
+        self.cache.memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
         # one host sync before the loop: without padding, attention needs no mask at all
         self.mask_RS = None if bool(src_pad_mask_BS.all()) else repeat_rows(src_pad_mask_BS, rows_per_sentence)
 

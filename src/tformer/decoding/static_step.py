@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from tformer.config import DecodeConfig
-from tformer.decoding.incremental import IncrementalDecoder, repeat_rows
+from tformer.decoding.incremental import IncrementalDecoder, memory_for_rows, repeat_rows
 
 
 def uses_static_step(model: Any, config: DecodeConfig, *, want_attention: bool) -> bool:
@@ -86,12 +86,9 @@ class StaticStepDecoder:
     ) -> None:
         self.model = model
         self.reorders_rows = reorders_rows
-        memory = model.encode(src_ids_BS, src_pad_mask=src_pad_mask_BS)
         rows = src_ids_BS.shape[0] * rows_per_sentence
         self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
-        self.cache.memory_kv = [
-            (k.contiguous(), v.contiguous()) for k, v in repeat_rows(model.project_memory(memory), rows_per_sentence)
-        ]
+        self.cache.memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
         self.mask_RS = repeat_rows(src_pad_mask_BS, rows_per_sentence)  # always a mask: no data-dependent shapes
         self.tokens_R = torch.zeros(rows, dtype=torch.long, device=src_ids_BS.device)
         self.identity_R = torch.arange(rows, device=src_ids_BS.device)
