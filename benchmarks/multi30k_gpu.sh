@@ -26,13 +26,12 @@ tiny=(--set model.d_model=128 --set model.d_ff=256 --set model.n_encoder_layers=
       --set model.attention_dropout=0.0 --set model.activation_dropout=0.0
       --set train.max_tokens=4096 --set train.peak_lr=5e-3 --set train.warmup_steps=2000)
 reg=(--set model.attention_dropout=0.1 --set model.activation_dropout=0.1 --set train.max_tokens=4096)
-keep=(--set train.save_every=500 --set train.keep_last=6)
 
 train() {  # train NAME CONFIG ARGS...: one run in the background (if VARIANTS is unset or names it)
   local name="$1" config="$2"; shift 2
   [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $name "* ]] || return 0
   timeout $((TRAIN_S + 300)) "$PY" -m tformer.cli.main train --config "$config" --data-dir "$DATA" \
-    --out "$RUNS/$name" --max-time "$TRAIN_S" --quiet "${keep[@]}" "$@" "${EXTRA[@]}" \
+    --out "$RUNS/$name" --max-time "$TRAIN_S" --quiet "$@" "${EXTRA[@]}" \
     > "$DEST/$name.train.log" 2>&1 &
 }
 
