@@ -221,3 +221,35 @@ def test_compile_flag_takes_an_optional_mode() -> None:
     assert parser.parse_args(out).compile == "none"
     assert parser.parse_args([*out, "--compile"]).compile == "layers"
     assert parser.parse_args([*out, "--compile", "model"]).compile == "model"
+
+
+def test_ensembles_in_translate_and_evaluate(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--ensemble decodes with the average of the members' log-probabilities: a model with itself
+    scores as the model alone, another checkpoint changes the scores; a member with another tokenizer
+    is refused in one line."""
+    first = trained / "checkpoints" / "step-00000002"
+    translate = ["translate", str(trained), "--input", str(workspace["valid_src"]), "--nbest", "2", "--beam", "2"]
+
+    def nbest(*extra: str) -> list[tuple[str, float]]:
+        output = tmp_path / "nbest.txt"
+        assert main([*translate, "--output", str(output), *extra]) == 0
+        rows = [line.split(" ||| ") for line in output.read_text().splitlines()]
+        return [(text, float(score)) for _, text, score in rows]
+
+    alone = nbest()
+    with_itself = nbest("--ensemble", str(trained))
+    assert [text for text, _ in with_itself] == [text for text, _ in alone]
+    assert [score for _, score in with_itself] == pytest.approx([score for _, score in alone], abs=2e-4)
+    assert [score for _, score in nbest("--ensemble", str(first))] != [score for _, score in alone]
+
+    capsys.readouterr()
+    evaluate = ["evaluate", str(trained), "--src", str(workspace["valid_src"]), "--ref", str(workspace["valid_tgt"])]
+    assert main([*evaluate, "--json", "--ensemble", str(first), str(trained)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["ensemble"] == [str(first), str(trained)] and "bleu" in row
+
+    other = tmp_path / "other"
+    assert main(_train_args(workspace, other, "--vocab-size", "40", "--set", "train.max_steps=2")) == 0
+    _fails_cleanly(capsys, [*evaluate, "--ensemble", str(other)], "trained with a different tokenizer")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.data.corpus import CorpusError, read_lines
 from tformer.evaluation import score
 from tformer.training.checkpoint import load_run
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_decode_arguments(parser)
+    add_ensemble_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -44,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
     decode = apply_decode_arguments(decode, args)
-    translator = Translator(
-        loaded.model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens
-    )
+    model = model_with_ensemble(loaded, args, device)
+    translator = Translator(model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens)
     scores = score(translator.translate_texts(sources), references)
     if args.json:
-        print(json.dumps({"checkpoint": str(loaded.checkpoint_dir), "step": loaded.step, **scores.to_dict()}))
+        members = [str(path) for path in args.ensemble]
+        header = {"checkpoint": str(loaded.checkpoint_dir), "step": loaded.step, "ensemble": members}
+        print(json.dumps({**header, **scores.to_dict()}))
     else:
         print(f"checkpoint {loaded.checkpoint_dir} (step {loaded.step})")
+        if args.ensemble:
+            print("ensemble with " + ", ".join(str(path) for path in args.ensemble))
         print(scores.summary())
     return 0

@@ -13,6 +13,7 @@ import sys
 from contextlib import ExitStack
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_decode_arguments(parser)
+    add_ensemble_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nbest is not None:
         config = dataclasses.replace(config, nbest=args.nbest)
     config = apply_decode_arguments(config, args)
-    translator = Translator(
-        loaded.model, loaded.tokenizer, config, device=args.device, max_batch_tokens=args.max_batch_tokens
-    )
+    model = model_with_ensemble(loaded, args, args.device)
+    translator = Translator(model, loaded.tokenizer, config, device=args.device, max_batch_tokens=args.max_batch_tokens)
     with ExitStack() as stack:
         source = stack.enter_context(open(args.input, encoding="utf-8")) if args.input else sys.stdin
         target = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout

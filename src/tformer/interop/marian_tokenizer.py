@@ -19,6 +19,7 @@ In a checkpoint's tokenizer directory the files keep Marian's names, plus `vocab
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,15 @@ class VocabTokenizer:
 
     def id_to_target_piece(self, ids: Iterable[int]) -> list[str]:
         return [self._tgt_pieces[i] for i in _checked(self._tgt_pieces, ids)]
+
+    def fingerprint(self) -> int:
+        """A CRC-32 of the sentencepiece models, the id tables and the special ids: equal for tokenizers
+        that turn every text into the same ids."""
+        checksum = zlib.crc32(self._src.serialized_model_proto())
+        checksum = zlib.crc32(self._tgt.serialized_model_proto(), checksum)
+        tables = [sorted(self._src_vocab.items()), sorted(self._tgt_vocab.items())]
+        specials = [self.bos_id, self.eos_id, self.pad_id, self.unk_id]
+        return zlib.crc32(json.dumps([tables, specials]).encode(), checksum)
 
     def _encode(self, model: spm.SentencePieceProcessor, vocab: dict[str, int], text: str) -> list[int]:
         code: list[str] = []

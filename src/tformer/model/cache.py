@@ -164,6 +164,7 @@ class StaticDecoderCache:
     ) -> StaticDecoderCache:
         shape = (batch_size, n_heads, capacity, head_dim)
         position_1 = torch.zeros(1, dtype=torch.long, device=device)
+
         def zeros() -> Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
