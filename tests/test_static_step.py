@@ -146,3 +146,40 @@ def test_the_cuda_graph_replays_give_the_tokens_of_the_default_step_on_the_gpu()
         got = generate(model, src, config=dataclasses.replace(default, static_step=True), **kwargs)
         assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
         assert [h.score for n in got for h in n] == pytest.approx([h.score for n in expected for h in n], abs=1e-4)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_batches_of_one_shape_reuse_the_captured_step_and_decode_as_the_default_step(device):
+    """The buffers (and on a GPU the graph) of a shape are kept and reused: each new batch loads its own
+    memory and mask and starts from position 0; shapes interleave; only the last few shapes are kept."""
+    from tformer.decoding import static_step
+
+    model = peaked_model().to(device)
+    beam = DecodeConfig(beam_size=3, nbest=2, max_len_b=6)
+    static = dataclasses.replace(beam, static_step=True)
+    lengths = [[7, 4, 9], [9, 2, 5], [3, 6]]
+    batches = [tuple(t.to(device) for t in padded_batch(item, seed=seed)) for seed, item in enumerate(lengths)]
+    tolerance = 1e-5 if device == "cpu" else 1e-4
+    batches.append(batches[0])  # the first shape again, after another shape
+    for src, mask in batches:
+        expected = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=beam)
+        got = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static)
+        assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+        scores = [h.score for n in got for h in n]
+        assert scores == pytest.approx([h.score for n in expected for h in n], abs=tolerance)
+    kept = static_step._CAPTURED[model]
+    assert len(kept) == 2  # (9 rows, source 9) served three batches; (6 rows, source 6) one
+    with torch.no_grad():  # weights changed in place are seen by the kept step
+        for parameter in model.decoder.parameters():
+            parameter.mul_(0.9)
+    src, mask = batches[0]
+    expected = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=beam)
+    got = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static)
+    assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+    for width in range(10, 10 + static_step.SHAPES_KEPT + 1):
+        src, mask = (t.to(device) for t in padded_batch([width, 3], seed=width))
+        generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static)
+    assert len(static_step._CAPTURED[model]) == static_step.SHAPES_KEPT

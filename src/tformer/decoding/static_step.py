@@ -13,6 +13,13 @@ that, every tensor the step reads or writes must keep its address and shape from
 - beam search's reordering of the cache is part of the step: `reorder` only records which rows to
   take (composing with any reorder still pending), and the next step applies it before decoding.
 
+Capturing a graph costs a few eager steps, so the buffers and the graph of a shape (rows, source length,
+cache capacity) are kept with the model (`CapturedStep`, the last few shapes) and reused by the next
+batch of that shape: a batch copies its memory keys/values and source mask into the buffers, puts the
+position back to 0 and replays the same graph. (Shapes are not rounded up to share graphs: padding the
+source would change the attention's summation order, and the step would no longer match the default
+step to the last bit it does now.)
+
 On the CPU the same fixed-shape step runs eagerly. It is slower there than the default step (it attends
 over the whole capacity every time) and exists so that tests can show it computes exactly what the
 default step computes. Attention maps (`return_attention`, the coverage penalty) and ensembles use the
@@ -23,6 +30,8 @@ Shape legend: B sentences, R rows (sentences x rows per sentence), S source leng
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -30,6 +39,8 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.incremental import IncrementalDecoder, memory_for_rows, repeat_rows
+
+SHAPES_KEPT = 4  # captured steps kept per model (least recently used dropped first)
 
 
 def uses_static_step(model: Any, config: DecodeConfig, *, want_attention: bool) -> bool:
@@ -69,6 +80,53 @@ def make_decoder(
     )
 
 
+class CapturedStep:
+    """The fixed buffers of one step shape and, on CUDA, the graph that replays a step over them.
+
+    It holds no reference to the model (it is kept in a weak dictionary keyed by the model); the graph
+    reads the model's parameters at their addresses, so in-place weight updates are seen, new tensors
+    are not (the key holds the parameters' address and dtype)."""
+
+    def __init__(self, model: Any, *, rows: int, source_length: int, capacity: int, memory_kv: Any) -> None:
+        device = model.tgt_embedding.weight.device
+        self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
+        self.cache.memory_kv = [tuple(torch.zeros_like(item) for item in layer) for layer in memory_kv]
+        self.mask_RS = torch.zeros((rows, source_length), dtype=torch.bool, device=device)
+        self.tokens_R = torch.zeros(rows, dtype=torch.long, device=device)
+        self.identity_R = torch.arange(rows, device=device)
+        self.rows_R = self.identity_R.clone()  # the reorder the next step applies first
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_log_probs_RV: Tensor | None = None
+
+    def load(self, memory_kv: Any, mask_RS: Tensor) -> None:
+        """Start a new batch: its memory and mask into the buffers, the position back to 0, no pending
+        reorder. The cache keeps the last batch's keys and values: the mask hides them until overwritten."""
+        for (k_buffer, v_buffer), (k, v) in zip(self.cache.memory_kv, memory_kv, strict=True):
+            k_buffer.copy_(k)
+            v_buffer.copy_(v)
+        self.mask_RS.copy_(mask_RS)
+        self.cache.position_1.zero_()
+        self.rows_R.copy_(self.identity_R)
+
+
+_CAPTURED: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, CapturedStep]] = weakref.WeakKeyDictionary()
+
+
+def captured_step(model: Any, *, rows: int, source_length: int, capacity: int, memory_kv: Any) -> CapturedStep:
+    """The model's CapturedStep of this shape, made if new."""
+    capacity = min(capacity, model.config.max_positions)
+    reference = model.tgt_embedding.weight
+    key = (rows, source_length, capacity, reference.device, reference.dtype, reference.data_ptr())
+    steps = _CAPTURED.setdefault(model, OrderedDict())
+    if key in steps:
+        steps.move_to_end(key)
+    else:
+        while len(steps) >= SHAPES_KEPT:
+            steps.popitem(last=False)
+        steps[key] = CapturedStep(model, rows=rows, source_length=source_length, capacity=capacity, memory_kv=memory_kv)
+    return steps[key]
+
+
 class StaticStepDecoder:
     """`IncrementalDecoder`'s interface over a fixed-shape step; rows can be reordered, never dropped."""
 
@@ -86,44 +144,51 @@ class StaticStepDecoder:
     ) -> None:
         self.model = model
         self.reorders_rows = reorders_rows
-        rows = src_ids_BS.shape[0] * rows_per_sentence
-        self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
-        self.cache.memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
-        self.mask_RS = repeat_rows(src_pad_mask_BS, rows_per_sentence)  # always a mask: no data-dependent shapes
-        self.tokens_R = torch.zeros(rows, dtype=torch.long, device=src_ids_BS.device)
-        self.identity_R = torch.arange(rows, device=src_ids_BS.device)
-        self.rows_R = self.identity_R.clone()  # the reorder the next step applies first
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_log_probs_RV: Tensor | None = None
+        memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
+        self.step_buffers = captured_step(
+            model,
+            rows=src_ids_BS.shape[0] * rows_per_sentence,
+            source_length=src_ids_BS.shape[1],
+            capacity=capacity,
+            memory_kv=memory_kv,
+        )
+        self.step_buffers.load(memory_kv, repeat_rows(src_pad_mask_BS, rows_per_sentence))
+        self.cache = self.step_buffers.cache
 
     def step(self, tokens_R: Tensor) -> tuple[Tensor, None]:
         """fp32 log-probabilities of the next token (R, V); no attention maps. On CUDA the result is the
         graph's output buffer, valid until the next step."""
-        self.tokens_R.copy_(tokens_R)
-        if self.tokens_R.device.type != "cuda":
+        buffers = self.step_buffers
+        buffers.tokens_R.copy_(tokens_R)
+        if buffers.tokens_R.device.type != "cuda":
             log_probs_RV = self._forward()
         else:
-            if self.graph is None:
+            if buffers.graph is None:
                 self._capture()
-            self.graph.replay()
-            log_probs_RV = self.graph_log_probs_RV
+            buffers.graph.replay()
+            log_probs_RV = buffers.graph_log_probs_RV
         if self.reorders_rows:
-            self.rows_R.copy_(self.identity_R)  # applied; the next step keeps the rows unless told otherwise
+            buffers.rows_R.copy_(buffers.identity_R)  # applied; the next step keeps the rows unless told otherwise
         return log_probs_RV, None
 
     def reorder(self, rows_R: Tensor) -> None:
         """Row r continues the history of row rows_R[r] (a row of the same sentence), from the next step."""
         if not self.reorders_rows:
             raise RuntimeError("this static step was built without reordering (reorders_rows=False)")
-        self.rows_R.copy_(self.rows_R.index_select(0, rows_R))  # after a pending reorder p: row r takes p[rows_R[r]]
+        rows = self.step_buffers.rows_R
+        rows.copy_(rows.index_select(0, rows_R))  # after a pending reorder p: row r takes p[rows_R[r]]
 
     def select(self, rows: Tensor) -> None:
         raise RuntimeError("a static decoding step keeps every row; finished rows stay in the batch")
 
     def _forward(self) -> Tensor:
-        if self.reorders_rows:
-            self.cache.reorder(self.rows_R, include_memory=False)
-        logits_R1V = self.model.decode(self.tokens_R[:, None], memory=None, src_pad_mask=self.mask_RS, cache=self.cache)
+        """The step. It always applies the pending reorder (the identity when there is none), so that
+        one captured graph serves the searches that reorder and those that do not."""
+        buffers = self.step_buffers
+        buffers.cache.reorder(buffers.rows_R, include_memory=False)
+        logits_R1V = self.model.decode(
+            buffers.tokens_R[:, None], memory=None, src_pad_mask=buffers.mask_RS, cache=buffers.cache
+        )
         return torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
 
     def _capture(self) -> None:
@@ -132,16 +197,17 @@ class StaticStepDecoder:
         The warm-up steps write keys and values at the current position and advance it; the position is
         put back afterwards, and the first replay overwrites what they wrote. They run without the pending
         reorder (identity rows), so that the first replay applies it exactly once."""
-        position_1, rows_R = self.cache.position_1.clone(), self.rows_R.clone()
-        self.rows_R.copy_(self.identity_R)
+        buffers = self.step_buffers
+        position_1, rows_R = buffers.cache.position_1.clone(), buffers.rows_R.clone()
+        buffers.rows_R.copy_(buffers.identity_R)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._forward()
-                self.cache.position_1.copy_(position_1)
+                buffers.cache.position_1.copy_(position_1)
         torch.cuda.current_stream().wait_stream(side)
-        self.rows_R.copy_(rows_R)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them
-            self.graph_log_probs_RV = self._forward()
+        buffers.rows_R.copy_(rows_R)
+        buffers.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(buffers.graph):  # records the kernels without running them
+            buffers.graph_log_probs_RV = self._forward()
