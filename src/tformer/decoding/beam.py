@@ -11,7 +11,8 @@ Each step, for every sentence (all tensors, no Python loop over hypotheses):
 This is Hugging Face's algorithm (`early_stopping=False`), so with `length_normalization="average"` the
 outputs match `generate(num_beams=N, length_penalty=alpha)` token for token. Done sentences leave the
 batch at the periodic "all finished?" check, the loop's only host synchronisation (with
-`DecodeConfig.static_step` they stay, see decoding/static_step.py).
+`DecodeConfig.static_step` they stay, see decoding/static_step.py, and without an n-gram ban or a
+prefix the whole step is one function of fixed buffers, replayed as one CUDA graph on a GPU).
 
 Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabulary, H history
 (bos + T steps), T steps, S source length.
@@ -19,6 +20,7 @@ Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabul
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.constraints import StepConstraints, prefix_tensor
+from tformer.decoding.graphed import GraphedFunction
 from tformer.decoding.greedy import CHECK_EVERY
 from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
 from tformer.decoding.lengths import length_penalty, max_output_lengths
@@ -102,7 +105,11 @@ def beam_search(
     )
     state = _start(B, N, S, T, bos_id, max_len_B, src_pad_mask, use_coverage, return_attention, device)
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
+    if static and constraints.without_history:
+        _collect(_search_in_whole_steps(decoder, constraints, state, T, eos_id, config), results, config)
+        return results
     last_R = state.history[:, :, 0].reshape(-1)
+    length_1 = torch.zeros(1, dtype=torch.long, device=device)  # t + 1 during step t, on the device
     for t in range(T):
         if t == 0 and not static:  # one row per sentence, then every beam gets a copy of its cache row
             log_probs_BV, attention_BS = decoder.step(last_R[::N])
@@ -114,7 +121,8 @@ def beam_search(
             log_probs_RV, attention_RS = decoder.step(last_R)
         Bc = state.scores.shape[0]
         log_probs_RV = constraints.apply(log_probs_RV, t, state.history.view(Bc * N, -1)[:, : t + 1])
-        last_R = _step(state, log_probs_RV, attention_RS, t, eos_id, config, decoder)
+        length_1.add_(1)
+        last_R = _step(state, log_probs_RV, attention_RS, length_1, eos_id, config, decoder)
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T:
             done = state.done.tolist()  # the periodic host synchronisation
             if all(done):
@@ -123,6 +131,61 @@ def beam_search(
                 state, last_R = _leave(state, done, last_R, results, config, decoder, constraints)
     _collect(state, results, config)
     return results
+
+
+@dataclass
+class WholeStepSearch:
+    """The fixed buffers of a beam search whose whole step runs as one function (one CUDA graph): kept
+    with the decoder's CapturedStep and reused by the next batch of the same shape and settings."""
+
+    state: BeamState
+    length_1: Tensor  # (1,) t + 1 during step t
+    graph: GraphedFunction | None = None
+
+
+def _search_in_whole_steps(
+    decoder: StaticStepDecoder,
+    constraints: StepConstraints,
+    fresh: BeamState,
+    T: int,
+    eos_id: int,
+    config: DecodeConfig,
+) -> BeamState:
+    """Beam search on the static step in which one step is a single function of fixed buffers: the
+    decoder, the constraints, the beam update and the next tokens. On a GPU it is recorded once as a
+    CUDA graph and each step is one replay; the host only checks "all finished?" every CHECK_EVERY steps.
+    Returns the state that holds the finished lists."""
+    buffers = decoder.step_buffers
+    key = (*fresh.history.shape, eos_id, config.length_penalty, config.length_normalization, config.min_len)
+    key += tuple(config.banned_ids)
+    search = buffers.searches.get(key)
+    if search is None:
+        search = buffers.searches[key] = WholeStepSearch(
+            fresh, torch.zeros(1, dtype=torch.long, device=fresh.done.device)
+        )
+    for item in dataclasses.fields(BeamState):  # a new batch: its start state into the buffers
+        getattr(search.state, item.name).copy_(getattr(fresh, item.name))
+    search.length_1.zero_()
+    buffers.tokens_R.copy_(fresh.history[:, :, 0].reshape(-1))  # bos
+
+    def whole_step() -> None:
+        search.length_1.add_(1)
+        log_probs_RV = constraints.apply_at(decoder.step_in_place(), search.length_1)
+        buffers.tokens_R.copy_(_step(search.state, log_probs_RV, None, search.length_1, eos_id, config, decoder))
+
+    on_gpu = buffers.tokens_R.device.type == "cuda"
+    if on_gpu and search.graph is None:
+        state_tensors = [getattr(search.state, item.name) for item in dataclasses.fields(BeamState)]
+        mutable = [*state_tensors, search.length_1, buffers.tokens_R, *buffers.mutable()]
+        search.graph = GraphedFunction(whole_step, mutable=mutable)
+    for t in range(T):
+        if on_gpu:
+            search.graph.replay()
+        else:
+            whole_step()
+        if (t + 1) % CHECK_EVERY == 0 and t + 1 < T and all(search.state.done.tolist()):
+            break
+    return search.state
 
 
 def _leave(state, done, last_R, results, config, decoder, constraints) -> tuple[BeamState, Tensor]:
@@ -171,12 +234,13 @@ def _step(
     state: BeamState,
     log_probs_RV: Tensor,
     attention_RS: Tensor | None,
-    t: int,
+    length_1: Tensor,
     eos_id: int,
     config: DecodeConfig,
     decoder: IncrementalDecoder | StaticStepDecoder,
 ) -> Tensor:
-    """One beam-search step on `state` (updated in place); returns the next input tokens (R,)."""
+    """One beam-search step t on `state`, whose tensors are updated in place (they may be the fixed
+    buffers of a CUDA graph); `length_1` holds t + 1 on the device. Returns the next input tokens (R,)."""
     B, N = state.scores.shape
     V = log_probs_RV.shape[1]
     # 1. the best 2N continuations of each sentence: per beam first (the beam's score shifts its whole
@@ -187,47 +251,50 @@ def _step(
     cand_beam_BK = torch.div(flat_BK, per_beam_scores_BNK.shape[2], rounding_mode="floor")
     cand_token_BK = per_beam_tokens_BNK.view(B, -1).gather(1, flat_BK)
     cand_history_BKH = _gather_beams(state.history, cand_beam_BK)
-    cand_history_BKH[:, :, t + 1] = cand_token_BK
+    cand_history_BKH.index_copy_(2, length_1, cand_token_BK[:, :, None])
     # 2. candidates that end here
     is_eos_BK = cand_token_BK == eos_id
-    ends_BK = is_eos_BK | (t + 1 >= state.max_len)[:, None]
+    ends_BK = is_eos_BK | (state.max_len <= length_1)[:, None]
     rank_K = torch.arange(2 * N, device=flat_BK.device)
     finalise_BK = ends_BK & (rank_K < N) & (cand_scores_BK > NEG_INF) & ~state.done[:, None]
-    penalised_BK = cand_scores_BK / length_penalty(float(t + 1), config)
+    penalty_1 = length_penalty(length_1, config)
+    penalised_BK = cand_scores_BK / penalty_1
     cand_attention = None
     if attention_RS is not None:
         parent_attention_BNS = attention_RS.view(B, N, -1)
         if config.coverage_penalty > 0:
             coverage_BNS = state.coverage + parent_attention_BNS
             penalised_BK = penalised_BK + _coverage_penalty(_gather_beams(coverage_BNS, cand_beam_BK), state, config)
-            state.coverage = coverage_BNS
+            state.coverage.copy_(coverage_BNS)
         if state.attention.shape[2] > 0:
-            state.attention[:, :, t] = parent_attention_BNS
+            state.attention.index_copy_(2, length_1 - 1, parent_attention_BNS[:, :, None])
             cand_attention = _gather_beams(state.attention, cand_beam_BK)
     merged_BM = torch.cat([state.fin_scores, penalised_BK.masked_fill(~finalise_BK, NEG_INF)], dim=1)
-    state.fin_scores, keep_BN = merged_BM.topk(N, dim=1)
-    state.fin_history = _gather_beams(torch.cat([state.fin_history, cand_history_BKH], dim=1), keep_BN)
-    state.fin_log_probs = torch.cat([state.fin_log_probs, cand_scores_BK], dim=1).gather(1, keep_BN)
-    state.fin_n_tokens = torch.cat([state.fin_n_tokens, t + 1 - is_eos_BK.long()], dim=1).gather(1, keep_BN)
-    state.fin_eos = torch.cat([state.fin_eos, is_eos_BK], dim=1).gather(1, keep_BN)
+    fin_scores_BN, keep_BN = merged_BM.topk(N, dim=1)
+    state.fin_scores.copy_(fin_scores_BN)
+    state.fin_history.copy_(_gather_beams(torch.cat([state.fin_history, cand_history_BKH], dim=1), keep_BN))
+    state.fin_log_probs.copy_(torch.cat([state.fin_log_probs, cand_scores_BK], dim=1).gather(1, keep_BN))
+    n_tokens_BK = length_1 - is_eos_BK.long()
+    state.fin_n_tokens.copy_(torch.cat([state.fin_n_tokens, n_tokens_BK], dim=1).gather(1, keep_BN))
+    state.fin_eos.copy_(torch.cat([state.fin_eos, is_eos_BK], dim=1).gather(1, keep_BN))
     if cand_attention is not None:
-        state.fin_attention = _gather_beams(torch.cat([state.fin_attention, cand_attention], dim=1), keep_BN)
+        state.fin_attention.copy_(_gather_beams(torch.cat([state.fin_attention, cand_attention], dim=1), keep_BN))
     # 3. the N best continuations that go on become the beams
     running_scores_BN, chosen_BN = cand_scores_BK.masked_fill(ends_BK, NEG_INF).topk(N, dim=1)
     parent_BN = cand_beam_BK.gather(1, chosen_BN)
     rows_R = (parent_BN + torch.arange(B, device=parent_BN.device)[:, None] * N).view(-1)
     decoder.reorder(rows_R)
-    state.history = _gather_beams(cand_history_BKH, chosen_BN)
-    state.scores = running_scores_BN
+    state.history.copy_(_gather_beams(cand_history_BKH, chosen_BN))
+    state.scores.copy_(running_scores_BN)
     if state.coverage.shape[2] > 0:
-        state.coverage = _gather_beams(state.coverage, parent_BN)
+        state.coverage.copy_(_gather_beams(state.coverage, parent_BN))
     if state.attention.shape[2] > 0:
-        state.attention = _gather_beams(state.attention, parent_BN)
+        state.attention.copy_(_gather_beams(state.attention, parent_BN))
     # 4. per-sentence termination
-    best_running_B = running_scores_BN[:, 0] / length_penalty(float(t + 1), config)
+    best_running_B = running_scores_BN[:, 0] / penalty_1
     full_B = state.fin_scores[:, -1] > NEG_INF
     no_better_B = full_B & (best_running_B <= state.fin_scores[:, -1])
-    state.done |= (t + 1 >= state.max_len) | no_better_B
+    state.done |= (state.max_len <= length_1) | no_better_B
     return cand_token_BK.gather(1, chosen_BN).view(-1)
 
 

@@ -69,6 +69,21 @@ class StepConstraints:
             log_probs_RV = log_probs_RV.masked_fill(banned_RV, -float("inf"))
         return log_probs_RV
 
+    @property
+    def without_history(self) -> bool:
+        """Whether `apply_at` can apply them: no n-gram ban and no prefix, so nothing depends on the
+        history or on the step as a host number (a search step recorded as a CUDA graph)."""
+        return self.ngram == 0 and self.prefix_RP is None
+
+    def apply_at(self, log_probs_RV: Tensor, length_1: Tensor) -> Tensor:
+        """`apply` for constraints `without_history`, in place, with the number of tokens predicted once
+        this step is done (t + 1) held on the device as a (1,) tensor: no host value, no new index tensor."""
+        for token in self.banned_ids:
+            log_probs_RV[:, token] = -float("inf")
+        if self.min_len > 0:
+            log_probs_RV[:, self.eos_id].masked_fill_(length_1 <= self.min_len, -float("inf"))
+        return log_probs_RV
+
     def select(self, rows: Tensor) -> None:
         """Keep the constraints of these rows only (finished rows left the batch)."""
         if self.prefix_RP is not None:

@@ -20,6 +20,11 @@ position back to 0 and replays the same graph. (Shapes are not rounded up to sha
 source would change the attention's summation order, and the step would no longer match the default
 step to the last bit it does now.)
 
+Beam search goes further when its constraints do not depend on the history (no n-gram ban, no forced
+prefix): its whole step (this decoding step, the constraints, the choice of beams, the finished lists,
+the next tokens) is one function of fixed buffers, recorded as one graph (decoding/beam.py,
+`_search_in_whole_steps`), so a step costs one launch instead of one per tensor operation.
+
 On the CPU the same fixed-shape step runs eagerly. It is slower there than the default step (it attends
 over the whole capacity every time) and exists so that tests can show it computes exactly what the
 default step computes. Attention maps (`return_attention`, the coverage penalty) and ensembles use the
@@ -38,6 +43,7 @@ import torch
 from torch import Tensor
 
 from tformer.config import DecodeConfig
+from tformer.decoding.graphed import GraphedFunction
 from tformer.decoding.incremental import IncrementalDecoder, memory_for_rows, repeat_rows
 
 SHAPES_KEPT = 4  # captured steps kept per model (least recently used dropped first)
@@ -95,8 +101,16 @@ class CapturedStep:
         self.tokens_R = torch.zeros(rows, dtype=torch.long, device=device)
         self.identity_R = torch.arange(rows, device=device)
         self.rows_R = self.identity_R.clone()  # the reorder the next step applies first
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_log_probs_RV: Tensor | None = None
+        self.graph: GraphedFunction | None = None  # the decoding step alone (CUDA)
+        self.searches: dict[tuple, Any] = {}  # whole search steps over these buffers (decoding/beam.py)
+
+    def mutable(self) -> list[Tensor]:
+        """What a step writes: the position, the pending reorder, the cache's keys and values."""
+        return [
+            self.cache.position_1,
+            self.rows_R,
+            *(t for layer in self.cache.layers for t in (layer.k_BHLK, layer.v_BHLK)),
+        ]
 
     def load(self, memory_kv: Any, mask_RS: Tensor) -> None:
         """Start a new batch: its memory and mask into the buffers, the position back to 0, no pending
@@ -161,15 +175,21 @@ class StaticStepDecoder:
         buffers = self.step_buffers
         buffers.tokens_R.copy_(tokens_R)
         if buffers.tokens_R.device.type != "cuda":
-            log_probs_RV = self._forward()
-        else:
-            if buffers.graph is None:
-                self._capture()
-            buffers.graph.replay()
-            log_probs_RV = buffers.graph_log_probs_RV
-        if self.reorders_rows:
-            buffers.rows_R.copy_(buffers.identity_R)  # applied; the next step keeps the rows unless told otherwise
-        return log_probs_RV, None
+            return self.step_in_place(), None
+        if buffers.graph is None:
+            buffers.graph = GraphedFunction(self.step_in_place, mutable=buffers.mutable())
+        return buffers.graph.replay(), None
+
+    def step_in_place(self) -> Tensor:
+        """The step on the tokens already in the input buffer, run eagerly (what a graph records): apply
+        the pending reorder (the identity when there is none), decode, advance the position."""
+        buffers = self.step_buffers
+        buffers.cache.reorder(buffers.rows_R, include_memory=False)
+        logits_R1V = self.model.decode(
+            buffers.tokens_R[:, None], memory=None, src_pad_mask=buffers.mask_RS, cache=buffers.cache
+        )
+        buffers.rows_R.copy_(buffers.identity_R)  # applied; the next step keeps the rows unless told otherwise
+        return torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
 
     def reorder(self, rows_R: Tensor) -> None:
         """Row r continues the history of row rows_R[r] (a row of the same sentence), from the next step."""
@@ -180,34 +200,3 @@ class StaticStepDecoder:
 
     def select(self, rows: Tensor) -> None:
         raise RuntimeError("a static decoding step keeps every row; finished rows stay in the batch")
-
-    def _forward(self) -> Tensor:
-        """The step. It always applies the pending reorder (the identity when there is none), so that
-        one captured graph serves the searches that reorder and those that do not."""
-        buffers = self.step_buffers
-        buffers.cache.reorder(buffers.rows_R, include_memory=False)
-        logits_R1V = self.model.decode(
-            buffers.tokens_R[:, None], memory=None, src_pad_mask=buffers.mask_RS, cache=buffers.cache
-        )
-        return torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
-
-    def _capture(self) -> None:
-        """Warm up on a side stream (library handles, workspaces), then record one step as a graph.
-
-        The warm-up steps write keys and values at the current position and advance it; the position is
-        put back afterwards, and the first replay overwrites what they wrote. They run without the pending
-        reorder (identity rows), so that the first replay applies it exactly once."""
-        buffers = self.step_buffers
-        position_1, rows_R = buffers.cache.position_1.clone(), buffers.rows_R.clone()
-        buffers.rows_R.copy_(buffers.identity_R)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward()
-                buffers.cache.position_1.copy_(position_1)
-        torch.cuda.current_stream().wait_stream(side)
-        buffers.rows_R.copy_(rows_R)
-        buffers.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(buffers.graph):  # records the kernels without running them
-            buffers.graph_log_probs_RV = self._forward()
