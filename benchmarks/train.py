@@ -13,7 +13,9 @@ threads; bf16 autocast (fp32 weights) on GPU; fused AdamW for every system on bo
 `--compile` compiles every encoder and decoder layer in place (tformer: `tformer.runtime.compile_layers`;
 Marian: the same per-layer `nn.Module.compile`); `--compile model` compiles the whole model and loss, on a
 GPU with mode "reduce-overhead" (CUDA graphs): tformer's `runtime.compile_objective`, Marian's whole
-`torch.compile(model, mode=...)`. Compile time is reported apart.
+`torch.compile(model, mode=...)`. Compile time is reported apart. `--graph` runs tformer's step as
+`training.graphed_step.GraphedTrainStep` (the eager kernels of forward, loss, backward, clipping and AdamW
+recorded once as one CUDA graph, no compiler); `--compile` then applies to Marian alone.
 per figure: tokens_per_s (source + target), target_tokens_per_s, mfu (GPU), peak_memory_mb (GPU),
 compile_s (with --compile), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
 """
@@ -47,6 +49,7 @@ from tformer.data.batching import Batch
 from tformer.interop.marian import SpecialIds, to_marian
 from tformer.model import Transformer, model_flops_per_pair
 from tformer.runtime import compile_layers, compile_objective, configure_backends, peak_flops
+from tformer.training.graphed_step import GraphedTrainStep
 from tformer.training.optimizer import build_optimizer
 from tformer.training.step import TrainingObjective, train_step
 
@@ -68,6 +71,12 @@ def parse_args():
         default=None,
         choices=["layers", "model"],
         help="torch.compile for tformer and Marian: each layer (layers, default) or the whole model (CUDA graphs)",
+    )
+    parser.add_argument(
+        "--graph",
+        action="store_true",
+        help="tformer: the whole step recorded as one CUDA graph (training.graphed_step; not compiled, so "
+        "--compile then applies to Marian only)",
     )
     parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
     parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
@@ -98,6 +107,17 @@ def tformer_system(model: Transformer, batch: Batch, args) -> Any:
     optimizer = build_optimizer(model, TrainConfig(), device=device)
     autocast = torch.bfloat16 if args.device == "cuda" else None
     on_device = batch.to(device)
+    if args.graph:
+        graphed = GraphedTrainStep(
+            model, optimizer, batch_shape=(args.sentences, args.src_len, args.tgt_len), smoothing=SMOOTHING,
+            pad_id=PAD, clip_norm=CLIP, device=device, autocast_dtype=autocast,
+        )  # fmt: skip
+
+        def run_graphed() -> None:
+            for _ in range(args.steps):
+                graphed(on_device, lr=1e-4)
+
+        return run_graphed
     objective = compile_objective(TrainingObjective(model), device) if args.compile == "model" else None
 
     def run() -> None:
@@ -214,7 +234,7 @@ def main() -> None:
         runs["hf"] = hf_system(hf_model, batch, args)
     if "tformer" in systems:
         model = model.to(args.device).train()
-        if args.compile == "layers":
+        if args.compile == "layers" and not args.graph:
             compile_layers(model)
         runs["tformer"] = tformer_system(model, batch, args)
     if "torch" in systems:
@@ -231,6 +251,7 @@ def main() -> None:
         print_profiles(runs, args.device)
     common: dict[str, Any] = dict(
         bench="train", preset=args.preset, device=args.device, batch=args.batch, compile=args.compile,
+        tformer_graph=args.graph,
         dtype="bf16-autocast" if args.device == "cuda" else "fp32",
     )  # fmt: skip
     lines, rates = [], {}
@@ -269,7 +290,13 @@ def main() -> None:
             f"{args.threads if args.device == 'cpu' else '-'} CPU threads. A timed run is {args.steps} full training "
             f"steps; median of {args.repeats} interleaved repeats after one untimed warm-up round (and the untimed "
             "first call, reported as first_call_s with --compile or on GPU); each timed run starts after 1 s idle. "
-            "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). HF: MarianMTModel from tformer's weights "
+            + (
+                "tformer: GraphedTrainStep, the same step as train_step (label smoothing 0.1, clip 1.0, AdamW, "
+                "capturable) recorded once as a CUDA graph after 3 eager steps and replayed. "
+                if args.graph
+                else "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). "
+            )
+            + "HF: MarianMTModel from tformer's weights "
             "(to_marian), forward with labels (plain cross-entropy), backward, AdamW. torch: nn.Transformer, tied "
             "embeddings and output projection, cross-entropy with label smoothing 0.1, AdamW; its single dropout "
             "also applies to attention weights and the FFN activation. Dropout 0.1 on residuals everywhere. "
