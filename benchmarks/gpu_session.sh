@@ -17,7 +17,7 @@ WORK=/tmp/gpu_session
 mkdir -p "$WORK" "$OUT"
 LOG="$WORK/session.log"
 
-pack() { tar czf "$OUT/results.tar.gz" -C "$WORK" . && cp "$LOG" "$OUT/session.log"; }
+pack() { tar czf "$OUT/results.tar.gz.part" -C "$WORK" . 2> /dev/null; mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"; cp "$LOG" "$OUT/session.log"; }
 say() { echo "[$(( $(date +%s) - DEADLINE + BUDGET )) s] $*" | tee -a "$LOG"; }
 
 {
@@ -25,6 +25,8 @@ say() { echo "[$(( $(date +%s) - DEADLINE + BUDGET )) s] $*" | tee -a "$LOG"; }
   python3 -c "import torch, transformers, sentencepiece, sacrebleu; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'sacrebleu', sacrebleu.__version__)"
   nproc; git rev-parse HEAD 2>/dev/null || true
 } 2>&1 | tee "$WORK/environment.txt" | tee -a "$LOG"
+(while sleep 60; do pack; done) > /dev/null 2>&1 &  # a call cut short still returns what a minute before had
+packer=$!
 
 if [[ "$STAGES" == *multi30k* ]]; then
   # CUDA MPS lets the ten small training processes run kernels side by side; without it they take turns.
@@ -59,4 +61,5 @@ for stage in new eager tests compiled; do
   fi
 done
 say "done"
+pkill -P "$packer" 2> /dev/null; kill "$packer" 2> /dev/null
 pack

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Multi30k on one GPU: three recipes in each direction and the four one-change ablations, trained side
-# by side (ten processes sharing one GPU, each with the same wall-clock budget), then every run scored on
-# test2016. Selection is by validation BLEU; test2016 is only reported.
+# Multi30k on one GPU: three recipes in each direction, the reg recipe again with another seed, and the
+# four one-change ablations, trained side by side (processes sharing one GPU, each with the same wall-clock
+# budget), then scored. Selection is by validation BLEU; test2016 is only reported.
 #   bash benchmarks/multi30k_gpu.sh DATA_DIR DEST [TRAIN_SECONDS]
 # DATA_DIR holds train/val/test2016 .en/.de; DEST receives logs, metrics.jsonl files and scores (JSON);
 # the checkpoints go to $RUNS_DIR (default /tmp/m30k-runs). VARIANTS="en-de-reg de-en-reg ..." runs only
-# those (fewer runs share the GPU, so each takes more steps). DECODE_SWEEP="4:0.6 6:1.0" also scores every
-# recipe run's best and averaged checkpoints with those beam:alpha settings on val and test, and names the
-# setting validation BLEU chooses. EXTRA_SET adds --set flags to every run and
-# TEST_LINES cuts the test sets (both for a quick CPU rehearsal of this script).
+# those (fewer runs share the GPU, so each takes more steps). Every recipe run is scored on test2016 (best
+# checkpoint, last, greedy, average of the last 5 on val too); DECODE_SWEEP="4:1.0 6:1.0" adds those
+# beam:alpha settings on val and test; the two seeds of a reg recipe are also decoded as an ensemble
+# (evaluate --ensemble). The summary names, per direction, the candidate validation BLEU chooses (and the
+# best single model). PARALLEL evaluations run at once (default 8). EXTRA_SET adds --set flags to every
+# run and TEST_LINES cuts the test sets (both for a quick CPU rehearsal of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:?data directory}"
@@ -42,6 +44,10 @@ train en-de-reg configs/multi30k_en_de.toml "${reg[@]}"
 train de-en-small configs/multi30k_de_en.toml "${small[@]}"
 train de-en-tiny configs/multi30k_de_en.toml "${tiny[@]}"
 train de-en-reg configs/multi30k_de_en.toml "${reg[@]}"
+# the same recipes with another seed (initialisation, dropout, batch order; the tokenizer is the same),
+# for the ensembles of two runs (ENSEMBLES below)
+train en-de-reg-seed2 configs/multi30k_en_de.toml "${reg[@]}" --set train.seed=2
+train de-en-reg-seed2 configs/multi30k_de_en.toml "${reg[@]}" --set train.seed=2
 train en-de-small-no-smoothing configs/multi30k_en_de.toml "${small[@]}" --set train.label_smoothing=0.0
 train en-de-small-no-warmup configs/multi30k_en_de.toml "${small[@]}" --set train.warmup_ramp=false
 train en-de-small-pre-norm configs/multi30k_en_de.toml "${small[@]}" --set model.norm_position=pre
@@ -62,35 +68,67 @@ evaluate() {  # evaluate RUN_OR_CHECKPOINT SRC TGT SPLIT OUT_JSON ARGS...
     > "$out" 2>> "$DEST/evaluate.log" || echo "!! evaluate $target $* failed" >> "$DEST/evaluate.log"
 }
 
-score_run() {  # score_run NAME FULL: best (beam 4) on test; FULL adds last, greedy and the average
-  local name="$1" full="$2" src tgt
-  src="${name%%-*}"; tgt="${name#*-}"; tgt="${tgt%%-*}"
+queue() {  # queue COMMAND...: run in the background, at most $PARALLEL (default 8) at a time
+  while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-8}" ]; do wait -n; done
+  "$@" &
+}
+
+pair() {  # pair NAME: the source and target language of a run name (en-de-...)
+  local tgt="${1#*-}"
+  echo "${1%%-*} ${tgt%%-*}"
+}
+
+score_run() {  # score_run NAME LEVEL: best (beam 4) on test; select adds the average of the last 5 on
+  # val and test and the DECODE_SWEEP settings; full adds the last checkpoint and greedy decoding
+  local name="$1" level="$2" src tgt setting beam alpha
+  read -r src tgt <<< "$(pair "$name")"
   [ -d "$RUNS/$name" ] || return 0
   cp "$RUNS/$name/metrics.jsonl" "$DEST/$name.metrics.jsonl" 2>/dev/null
-  evaluate "$RUNS/$name" "$src" "$tgt" test2016 "$DEST/$name.best.test.json" --which best
-  [ "$full" = full ] || return 0
-  evaluate "$RUNS/$name" "$src" "$tgt" test2016 "$DEST/$name.last.test.json" --which last
-  evaluate "$RUNS/$name" "$src" "$tgt" test2016 "$DEST/$name.best-greedy.test.json" --which best --beam 1
-  if "$PY" -m tformer.cli.main average "$RUNS/$name" --last 5 --out "$RUNS/$name.avg5" >> "$DEST/evaluate.log" 2>&1; then
-    evaluate "$RUNS/$name.avg5" "$src" "$tgt" test2016 "$DEST/$name.avg5.test.json"
-    evaluate "$RUNS/$name.avg5" "$src" "$tgt" val "$DEST/$name.avg5.val.json"
+  queue evaluate "$RUNS/$name" "$src" "$tgt" test2016 "$DEST/$name.best.test.json" --which best
+  [ "$level" = best ] && return 0
+  if [ -d "$RUNS/$name.avg5" ]; then
+    queue evaluate "$RUNS/$name.avg5" "$src" "$tgt" test2016 "$DEST/$name.avg5.test.json"
+    queue evaluate "$RUNS/$name.avg5" "$src" "$tgt" val "$DEST/$name.avg5.val.json"
   fi
-  local setting beam alpha
-  for setting in ${DECODE_SWEEP:-}; do  # e.g. "4:0.6 4:1.0 6:1.0": beam:alpha, each on val and test
+  for setting in ${DECODE_SWEEP:-}; do  # e.g. "4:1.0 6:1.0": beam:alpha, each on val and test
     beam="${setting%%:*}"; alpha="${setting#*:}"
     for split in val test2016; do
-      evaluate "$RUNS/$name" "$src" "$tgt" "$split" "$DEST/$name.best-b${beam}a${alpha}.${split%2016}.json" \
+      queue evaluate "$RUNS/$name" "$src" "$tgt" "$split" "$DEST/$name.best-b${beam}a${alpha}.${split%2016}.json" \
         --which best --beam "$beam" --length-penalty "$alpha"
-      [ -d "$RUNS/$name.avg5" ] && evaluate "$RUNS/$name.avg5" "$src" "$tgt" "$split" \
+      [ -d "$RUNS/$name.avg5" ] && queue evaluate "$RUNS/$name.avg5" "$src" "$tgt" "$split" \
         "$DEST/$name.avg5-b${beam}a${alpha}.${split%2016}.json" --beam "$beam" --length-penalty "$alpha"
     done
   done
+  [ "$level" = full ] || return 0
+  queue evaluate "$RUNS/$name" "$src" "$tgt" test2016 "$DEST/$name.last.test.json" --which last
+  queue evaluate "$RUNS/$name" "$src" "$tgt" test2016 "$DEST/$name.best-greedy.test.json" --which best --beam 1
 }
 
-for name in en-de-small en-de-tiny en-de-reg de-en-small de-en-tiny de-en-reg; do score_run "$name" full & done
-for name in en-de-small-no-smoothing en-de-small-no-warmup en-de-small-pre-norm en-de-small-learned-positions; do
-  score_run "$name" best &
+score_ensemble() {  # score_ensemble FIRST SECOND: the two runs' best checkpoints, and their averages, decoded
+  # together (evaluate --ensemble), on val and test
+  local first="$1" second="$2" src tgt split
+  read -r src tgt <<< "$(pair "$first")"
+  [ -d "$RUNS/$first" ] && [ -d "$RUNS/$second" ] || return 0
+  for split in val test2016; do
+    queue evaluate "$RUNS/$first" "$src" "$tgt" "$split" "$DEST/$first+$second.best.${split%2016}.json" \
+      --which best --ensemble "$RUNS/$second"
+    [ -d "$RUNS/$first.avg5" ] && [ -d "$RUNS/$second.avg5" ] && queue evaluate "$RUNS/$first.avg5" "$src" "$tgt" \
+      "$split" "$DEST/$first+$second.avg5.${split%2016}.json" --ensemble "$RUNS/$second.avg5"
+  done
+}
+
+recipes="en-de-small en-de-tiny en-de-reg de-en-small de-en-tiny de-en-reg"
+for name in $recipes en-de-reg-seed2 de-en-reg-seed2; do  # the averages first (CPU, seconds)
+  [ -d "$RUNS/$name" ] && "$PY" -m tformer.cli.main average "$RUNS/$name" --last 5 --out "$RUNS/$name.avg5" \
+    >> "$DEST/evaluate.log" 2>&1
 done
+for name in $recipes; do score_run "$name" full; done
+for name in en-de-reg-seed2 de-en-reg-seed2; do score_run "$name" select; done
+for name in en-de-small-no-smoothing en-de-small-no-warmup en-de-small-pre-norm en-de-small-learned-positions; do
+  score_run "$name" best
+done
+score_ensemble en-de-reg en-de-reg-seed2
+score_ensemble de-en-reg de-en-reg-seed2
 wait
 rm -rf "$TEST"
 echo "training + scoring wall time: $(( $(date +%s) - started )) s"
@@ -103,16 +141,30 @@ for path in sorted(dest.glob("*.json")):
     except ValueError:
         continue
     print(f"{path.stem:45s} step {row['step']:6d}  BLEU {row['bleu']:5.2f}  lc {row['bleu_lowercase']:5.2f}  chrF {row['chrf']:5.2f}")
-# Decoding settings chosen on validation BLEU (DECODE_SWEEP): per run, the val-best checkpoint/setting's test.
-by_run = {}
-for path in dest.glob("*-b*a*.val.json"):
-    run, setting = path.name[: -len(".val.json")].split(".", 1)
-    by_run.setdefault(run, []).append((json.loads(path.read_text())["bleu"], setting))
-for run, options in sorted(by_run.items()):
-    val_bleu, setting = max(options)
-    test = json.loads((dest / f"{run}.{setting}.test.json").read_text())
-    print(f"{run}: chosen on val {setting} (val BLEU {val_bleu:.2f}) -> test BLEU {test['bleu']:.2f} "
-          f"lc {test['bleu_lowercase']:.2f} chrF {test['chrf']:.2f}")
+# Selection on validation BLEU, per direction: every candidate scored on val (a run's best checkpoint, by
+# the BLEU its training measured on val with the recipe's beam 4 / alpha 0.6; averages, DECODE_SWEEP
+# settings, ensembles, from their .val.json) is ranked, and the winner's test2016 scores are reported; the
+# best single model (no ensemble) likewise.
+candidates = {}
+for path in dest.glob("*.val.json"):
+    name = path.name[: -len(".val.json")]
+    if (dest / f"{name}.test.json").exists():
+        candidates[name] = json.loads(path.read_text())["bleu"]
+for path in dest.glob("*.metrics.jsonl"):
+    run = path.name[: -len(".metrics.jsonl")]
+    bleu = [json.loads(line).get("bleu") for line in path.read_text().splitlines()]
+    bleu = [value for value in bleu if value is not None]
+    if bleu and (dest / f"{run}.best.test.json").exists():
+        candidates[f"{run}.best"] = max(bleu)
+for direction in ("en-de", "de-en"):
+    ranked = sorted(((v, n) for n, v in candidates.items() if n.startswith(direction)), reverse=True)
+    singles = [(v, n) for v, n in ranked if "+" not in n]
+    for label, pool in (("any", ranked), ("single model", singles)):
+        if pool:
+            val_bleu, name = pool[0]
+            test = json.loads((dest / f"{name}.test.json").read_text())
+            print(f"{direction} chosen on val ({label}): {name} (val BLEU {val_bleu:.2f}) -> test BLEU {test['bleu']:.2f} "
+                  f"lc {test['bleu_lowercase']:.2f} chrF {test['chrf']:.2f}")
 for path in sorted(dest.glob("*.metrics.jsonl")):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     bleu = [(r["bleu"], r["step"]) for r in rows if "bleu" in r]
