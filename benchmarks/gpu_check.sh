@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
-#   bash benchmarks/gpu_check.sh new|eager|tests|compiled|all [DEST]
-# new: the GPU tests of the CUDA graphs (decoding step, whole beam step, training step), decoding speed with
-#        them (base, small), the graphed training step at 128x64x64 and 512x64x64 against Marian eager, then
-#        at 512x64x64 against Marian compiled whole (reduce-overhead), about 4-6 minutes;
+#   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
+# new: the GPU tests of the CUDA graphs, then what no GPU has measured: the graphed training step with
+#        compiled layers against Marian compiled per layer (512x64x64, 128x64x64) and against Marian
+#        compiled whole, and a kernel profile of static-step decoding, about 6-10 minutes (compile times);
+# graphs: the CUDA-graph runs of session 3 again (decoding base/small, graphed training step), ~3 minutes;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
 #        decoding base and small (tformer, HF generate), about 4 minutes on one H200;
 # compiled: training base 512x64x64 with the whole model compiled (CUDA graphs), then base 512x64x64 and
@@ -45,11 +46,16 @@ train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
   echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager"
   timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
+  run train_cuda_base_128x64x64_graph_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile --systems tformer,hf
+  run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
+  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
+fi
+if [ "$STAGE" = graphs ] || [ "$STAGE" = all ]; then  # measured once (session 3): the CUDA-graph paths
   run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step
   run train_cuda_base_128x64x64_graph 60 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --systems tformer,hf
   run train_cuda_base_512x64x64_graph 80 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --systems tformer,hf
   run decode_cuda_small_static 90 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf --static-step
-  run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
 fi
 if [ "$STAGE" = eager ] || [ "$STAGE" = all ]; then
   run train_cuda_base_512x64x64 100 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --profile

@@ -14,8 +14,9 @@ threads; bf16 autocast (fp32 weights) on GPU; fused AdamW for every system on bo
 Marian: the same per-layer `nn.Module.compile`); `--compile model` compiles the whole model and loss, on a
 GPU with mode "reduce-overhead" (CUDA graphs): tformer's `runtime.compile_objective`, Marian's whole
 `torch.compile(model, mode=...)`. Compile time is reported apart. `--graph` runs tformer's step as
-`training.graphed_step.GraphedTrainStep` (the eager kernels of forward, loss, backward, clipping and AdamW
-recorded once as one CUDA graph, no compiler); `--compile` then applies to Marian alone.
+`training.graphed_step.GraphedTrainStep` (the kernels of forward, loss, backward, clipping and AdamW
+recorded once as one CUDA graph); with `--compile` (per layer) tformer's compiled layers are what the graph
+records (fused element-wise kernels, no launches), with `--compile model` only Marian is compiled.
 per figure: tokens_per_s (source + target), target_tokens_per_s, mfu (GPU), peak_memory_mb (GPU),
 compile_s (with --compile), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
 """
@@ -75,8 +76,8 @@ def parse_args():
     parser.add_argument(
         "--graph",
         action="store_true",
-        help="tformer: the whole step recorded as one CUDA graph (training.graphed_step; not compiled, so "
-        "--compile then applies to Marian only)",
+        help="tformer: the whole step recorded as one CUDA graph (training.graphed_step); with --compile "
+        "(layers) the compiled layers are recorded, with --compile model only Marian is compiled",
     )
     parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
     parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
@@ -234,7 +235,7 @@ def main() -> None:
         runs["hf"] = hf_system(hf_model, batch, args)
     if "tformer" in systems:
         model = model.to(args.device).train()
-        if args.compile == "layers" and not args.graph:
+        if args.compile == "layers":  # with --graph too: the compiled layers' kernels are recorded in the graph
             compile_layers(model)
         runs["tformer"] = tformer_system(model, batch, args)
     if "torch" in systems:
@@ -292,7 +293,8 @@ def main() -> None:
             "first call, reported as first_call_s with --compile or on GPU); each timed run starts after 1 s idle. "
             + (
                 "tformer: GraphedTrainStep, the same step as train_step (label smoothing 0.1, clip 1.0, AdamW, "
-                "capturable) recorded once as a CUDA graph after 3 eager steps and replayed. "
+                "capturable) recorded once as a CUDA graph after 3 eager steps and replayed"
+                + (", its layers compiled (torch.compile per layer). " if args.compile == "layers" else ". ")
                 if args.graph
                 else "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). "
             )
