@@ -52,6 +52,9 @@ def parse_args():
     parser.add_argument(
         "--static-step", action="store_true", help="tformer: the fixed-shape step, a CUDA graph on GPU (static_step)"
     )
+    parser.add_argument(
+        "--compile-step", action="store_true", help="tformer: the static step compiled before it is recorded"
+    )
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.sentences = args.sentences or (args.batch if args.quick else 512 if gpu else 64)
@@ -77,7 +80,8 @@ def build_model(args) -> Transformer:
 def tformer_system(model, batches, args, beam: int):
     config = DecodeConfig(
         beam_size=beam, nbest=1, max_len_a=0.0, max_len_b=args.tgt_len, min_len=args.tgt_len, length_penalty=1.0,
-        length_normalization="average", static_step=args.static_step,
+        length_normalization="average", static_step=args.static_step or args.compile_step,
+        compile_step=args.compile_step,
     )  # fmt: skip
 
     def run() -> list[int]:
@@ -170,8 +174,10 @@ def main() -> None:
     # and never use it in sources. CTranslate2 thus projects onto V - 1 tokens, 1/V less output work.
     tokens = ["<blank>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, args.vocab_size - 1)] + ["<pad>"]
     common: dict[str, Any] = dict(bench="decode", preset=args.preset, device=args.device, batch=args.batch)
-    if args.static_step:
+    if args.static_step or args.compile_step:
         common["tformer_static_step"] = True
+    if args.compile_step:
+        common["tformer_compile_step"] = True
     lines = []
     with tempfile.TemporaryDirectory() as workdir:
         for beam in (int(b) for b in args.beams.split(",")):
@@ -225,11 +231,14 @@ def main() -> None:
             "decoder starts from a zero embedding instead of the bos embedding, which changes no amount of work; its "
             "Marian loader drops the last vocabulary row, so it projects onto V - 1 tokens."
         )
-        if args.static_step:
+        if args.static_step or args.compile_step:
             notes += (
-                " tformer ran with DecodeConfig.static_step: a fixed-shape step (static cache, no rows dropped), "
-                "captured as a CUDA graph once per batch on GPU (the capture is inside the timed run)."
+                " tformer ran with DecodeConfig.static_step: a fixed-shape step (static cache, no rows dropped); "
+                "on GPU each shape's step (for beam search the whole search step) is recorded as a CUDA graph once "
+                "and kept, so the recording happens in the untimed warm-up run and the timed runs replay it."
             )
+        if args.compile_step:
+            notes += " The step was compiled (torch.compile) before it was recorded (DecodeConfig.compile_step)."
         write_record(path, title=f"Decoding speed, {args.device}, {args.preset}", env=environment(args.device),
                      lines=lines, notes=notes)  # fmt: skip
         print(f"record written to {path}", file=sys.stderr)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
-# new: the GPU tests of the CUDA graphs, then what no GPU has measured: the graphed training step with
-#        compiled layers against Marian compiled per layer (512x64x64, 128x64x64) and against Marian
-#        compiled whole, and a kernel profile of static-step decoding, about 6-10 minutes (compile times);
+# new: the GPU tests of the CUDA graphs, then what no GPU has measured: decoding with the compiled static
+#        step (--compile-step), the graphed training step with compiled layers against Marian compiled per
+#        layer (512x64x64, 128x64x64), a kernel profile of static-step decoding, the graphed step against
+#        Marian compiled whole; about 10-15 minutes (compile times), so over two calls (DEADLINE skips);
 # graphs: the CUDA-graph runs of session 3 again (decoding base/small, graphed training step), ~3 minutes;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
 #        decoding base and small (tformer, HF generate), about 4 minutes on one H200;
@@ -11,7 +12,8 @@
 #        128x64x64 with per-layer torch.compile (tformer, HF), and the chunked loss, about 5 minutes.
 # The --profile runs print the top CUDA kernels of each system into their .log files (where the time goes).
 # JSON lines, logs and markdown records go to DEST (default $OUT, else benchmarks/results). A benchmark
-# that could not finish before $DEADLINE (epoch seconds, if set) is skipped and says so.
+# that could not finish before $DEADLINE (epoch seconds, if set) is skipped and says so; SKIP="NAME ..."
+# skips benchmarks by name (those a first call already ran).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE="${1:-all}"
@@ -23,6 +25,7 @@ mkdir -p "$DEST"
 
 run() {  # run NAME LIMIT_SECONDS SCRIPT ARGS...
   local name="$1" limit="$2"; shift 2
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "-- $name skipped (SKIP)"; return; fi
   if [ "$DEADLINE" -gt 0 ] && [ $(( $(date +%s) + limit )) -gt "$DEADLINE" ]; then
     echo "-- $name skipped: it may need ${limit} s and the deadline is $(( DEADLINE - $(date +%s) )) s away"
     return
@@ -45,11 +48,12 @@ PY
 train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
   echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager"
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
   run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
   run train_cuda_base_128x64x64_graph_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile --systems tformer,hf
+  run decode_cuda_base_static_profile 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
   run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
-  run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
 fi
 if [ "$STAGE" = graphs ] || [ "$STAGE" = all ]; then  # measured once (session 3): the CUDA-graph paths
   run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step

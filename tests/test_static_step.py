@@ -185,3 +185,44 @@ def test_batches_of_one_shape_reuse_the_captured_step_and_decode_as_the_default_
         src, mask = (t.to(device) for t in padded_batch([width, 3], seed=width))
         generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=static)
     assert len(static_step._CAPTURED[model]) == static_step.SHAPES_KEPT
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_the_compiled_static_step_decodes_as_the_default_step(device, monkeypatch):
+    """DecodeConfig.compile_step: the static step (for beam search the whole search step) compiled with
+    torch.compile gives the default step's tokens and scores (on a GPU the compiled kernels are recorded)."""
+    compiled_functions = []
+    real_compile = torch.compile
+
+    def counting_compile(function, **options):
+        compiled_functions.append(getattr(function, "__name__", ""))
+        return real_compile(function, **options)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    model = peaked_model().to(device)
+    src, mask = (t.to(device) for t in padded_batch([7, 4, 9, 5, 2]))
+    for default in (CONFIGS["greedy"], CONFIGS["beam-minlen-banned"]):
+        kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS)
+        expected = generate(model, src, config=default, **kwargs)
+        compiled = dataclasses.replace(default, static_step=True, compile_step=True)
+        got = generate(model, src, config=compiled, **kwargs)
+        assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+        scores = [h.score for n in got for h in n]
+        assert scores == pytest.approx([h.score for n in expected for h in n], abs=1e-4, rel=1e-6)
+    assert {"step_in_place", "whole_step"} <= set(compiled_functions)
+
+
+def test_compile_step_needs_the_static_step_and_the_flags_set_both():
+    import argparse
+
+    from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+    from tformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set static_step = true"):
+        DecodeConfig(compile_step=True)
+    parser = argparse.ArgumentParser()
+    add_decode_arguments(parser)
+    config = apply_decode_arguments(DecodeConfig(), parser.parse_args(["--compile-step"]))
+    assert config.static_step and config.compile_step
+    config = apply_decode_arguments(DecodeConfig(), parser.parse_args(["--static-step"]))
+    assert config.static_step and not config.compile_step

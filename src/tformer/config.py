@@ -110,6 +110,7 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     static_step: bool = False  # fixed-shape step, replayed as a CUDA graph on GPU (docs/decoding.md)
+    compile_step: bool = False  # with static_step: torch.compile the step before it is recorded (docs/decoding.md)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -123,6 +124,8 @@ class DecodeConfig:
         for name in ("max_len_a", "max_len_b", "min_len", "no_repeat_ngram_size", "coverage_penalty", "top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if self.compile_step and not self.static_step:
+            raise ConfigError("compile_step compiles the static step: set static_step = true as well")
         banned = self.banned_ids
         if not isinstance(banned, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in banned):
             raise ConfigError(f"banned_ids must be a list of token ids (integers >= 0), got {banned!r}")

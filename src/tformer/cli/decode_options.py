@@ -21,12 +21,18 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fixed-shape decoding step, replayed as a CUDA graph on a GPU (decode.static_step; same output)",
     )
+    parser.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="--static-step, compiled with torch.compile before it is recorded (decode.compile_step; the first "
+        "batch of each shape waits for the compiler)",
+    )
 
 
 def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
     """The run's decode settings with the flags of `add_decode_arguments` applied."""
-    if args.static_step:
-        config = dataclasses.replace(config, static_step=True)
+    if args.static_step or args.compile_step:
+        config = dataclasses.replace(config, static_step=True, compile_step=args.compile_step or config.compile_step)
     if args.length_penalty is not None:
         config = dataclasses.replace(config, length_penalty=args.length_penalty)
     return config

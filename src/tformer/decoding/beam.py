@@ -90,6 +90,7 @@ def beam_search(
         want_attention=want_attention,
         static=static,
         reorders_rows=True,
+        compile_step=config.compile_step,
     )
     constraints = StepConstraints(
         config,
@@ -173,16 +174,18 @@ def _search_in_whole_steps(
         log_probs_RV = constraints.apply_at(decoder.step_in_place(), search.length_1)
         buffers.tokens_R.copy_(_step(search.state, log_probs_RV, None, search.length_1, eos_id, config, decoder))
 
+    # compiled: the decoder's and the search's element-wise work fused into fewer kernels
+    step_function = torch.compile(whole_step, dynamic=False) if config.compile_step else whole_step
     on_gpu = buffers.tokens_R.device.type == "cuda"
     if on_gpu and search.graph is None:
         state_tensors = [getattr(search.state, item.name) for item in dataclasses.fields(BeamState)]
         mutable = [*state_tensors, search.length_1, buffers.tokens_R, *buffers.mutable()]
-        search.graph = GraphedFunction(whole_step, mutable=mutable)
+        search.graph = GraphedFunction(step_function, mutable=mutable)
     for t in range(T):
         if on_gpu:
             search.graph.replay()
         else:
-            whole_step()
+            step_function()
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T and all(search.state.done.tolist()):
             break
     return search.state

@@ -97,6 +97,7 @@ def decode_paths(
         want_attention=return_attention,
         static=uses_static_step(model, config, want_attention=return_attention),
         reorders_rows=False,
+        compile_step=config.compile_step,
     )
     vocab_size = model.config.tgt_vocab_size
     constraints = StepConstraints(

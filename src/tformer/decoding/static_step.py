@@ -64,9 +64,11 @@ def make_decoder(
     want_attention: bool,
     static: bool,
     reorders_rows: bool,
+    compile_step: bool = False,
 ) -> IncrementalDecoder | StaticStepDecoder:
     """The decoder a search drives: the static step when `static`, else the default incremental one.
-    `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it."""
+    `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it;
+    `compile_step`: the static step is compiled (torch.compile) before it runs or is recorded."""
     if static:
         return StaticStepDecoder(
             model,
@@ -75,6 +77,7 @@ def make_decoder(
             rows_per_sentence=rows_per_sentence,
             capacity=capacity,
             reorders_rows=reorders_rows,
+            compile_step=compile_step,
         )
     return IncrementalDecoder(
         model,
@@ -155,9 +158,12 @@ class StaticStepDecoder:
         rows_per_sentence: int,
         capacity: int,
         reorders_rows: bool,
+        compile_step: bool = False,
     ) -> None:
         self.model = model
         self.reorders_rows = reorders_rows
+        # compiled: residual adds, layer norms and the like fused into fewer kernels (recorded once on a GPU)
+        self.step_function = torch.compile(self.step_in_place, dynamic=False) if compile_step else self.step_in_place
         memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
         self.step_buffers = captured_step(
             model,
@@ -175,9 +181,9 @@ class StaticStepDecoder:
         buffers = self.step_buffers
         buffers.tokens_R.copy_(tokens_R)
         if buffers.tokens_R.device.type != "cuda":
-            return self.step_in_place(), None
+            return self.step_function(), None
         if buffers.graph is None:
-            buffers.graph = GraphedFunction(self.step_in_place, mutable=buffers.mutable())
+            buffers.graph = GraphedFunction(self.step_function, mutable=buffers.mutable())
         return buffers.graph.replay(), None
 
     def step_in_place(self) -> Tensor:
