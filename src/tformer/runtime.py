@@ -60,6 +60,12 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def shutdown(self) -> None:
+        """Leave the process group once every process is done (NCCL and gloo want it destroyed before exit)."""
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_distributed(device_name: str) -> Distributed:
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU).

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     options = _runtime(args, experiment.train.device)
     if not args.overwrite or not out.exists():
         result = start_run(experiment, out, quiet=args.quiet, **options).train()
+        options["distributed"].shutdown()  # after a failure the process just exits: a barrier could hang
         print(f"run {out}: step {result.step}, {result.stop_reason}")
         return 0
     if not out.is_dir():
@@ -148,6 +149,7 @@ def _resume(args: argparse.Namespace) -> int:
         options = _runtime(args, args.device or "auto")
         trainer = resume_run(args.out, overrides=[*overrides, *args.set], quiet=args.quiet, **options)
     result = trainer.train()
+    options["distributed"].shutdown()
     print(f"run {args.out}: step {result.step}, {result.stop_reason}")
     return 0
 
