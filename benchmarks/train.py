@@ -111,7 +111,7 @@ def tformer_system(model: Transformer, batch: Batch, args) -> Any:
     if args.graph:
         graphed = GraphedTrainStep(
             model, optimizer, batch_shape=(args.sentences, args.src_len, args.tgt_len), smoothing=SMOOTHING,
-            pad_id=PAD, clip_norm=CLIP, device=device, autocast_dtype=autocast,
+            special_ids=(PAD, BOS, EOS), clip_norm=CLIP, device=device, autocast_dtype=autocast,
         )  # fmt: skip
 
         def run_graphed() -> None:

@@ -4,6 +4,7 @@ On the CPU it runs the same function eagerly; the CUDA test records and replays 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import Batch
 from tformer.model import Transformer
-from tformer.training.graphed_step import WARMUP_STEPS, GraphedTrainStep
+from tformer.training.graphed_step import WARMUP_STEPS, GraphedSteps, GraphedTrainStep
 from tformer.training.optimizer import build_optimizer
 from tformer.training.step import train_step
 
@@ -39,7 +40,7 @@ def _compare(device: torch.device, dtype: torch.dtype, autocast: torch.dtype | N
     eager_optimizer = build_optimizer(eager, train, device=device)
     step = GraphedTrainStep(
         graphed, build_optimizer(graphed, train, device=device), batch_shape=(4, 6, 5), smoothing=0.1,
-        pad_id=PAD, clip_norm=0.5, device=device, autocast_dtype=autocast,
+        special_ids=(PAD, BOS, EOS), clip_norm=0.5, device=device, autocast_dtype=autocast,
     )  # fmt: skip
     for index in range(WARMUP_STEPS + 3):  # eager warm-up steps, the recorded step, two replays
         batch = _batch(index)
@@ -71,7 +72,88 @@ def test_a_batch_of_another_shape_is_refused():
     cpu = torch.device("cpu")
     step = GraphedTrainStep(
         model, build_optimizer(model, TrainConfig(), device=cpu), batch_shape=(4, 6, 5), smoothing=0.1,
-        pad_id=PAD, clip_norm=0.0, device=cpu, autocast_dtype=None,
+        special_ids=(PAD, BOS, EOS), clip_norm=0.0, device=cpu, autocast_dtype=None,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="takes batches of source"):
+    with pytest.raises(ValueError, match="takes batches of at most source"):
         step(_batch(0, shape=(4, 7, 5)), lr=1e-3)
+
+
+def _compare_shapes(device: torch.device, dtype: torch.dtype, tolerance: float) -> None:
+    """GraphedSteps pads batches of many shapes into a few rounded ones (one graph each on a GPU); the
+    updates are train_step's on the unpadded batches."""
+    config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
+    eager = Transformer(config, seed=7).to(device=device, dtype=dtype).train()
+    graphed = copy.deepcopy(eager)
+    eager_optimizer = build_optimizer(eager, TrainConfig(), device=device)
+    steps = GraphedSteps(
+        graphed, build_optimizer(graphed, TrainConfig(), device=device), smoothing=0.1,
+        special_ids=(PAD, BOS, EOS), clip_norm=1.0, device=device, autocast_dtype=None,
+    )  # fmt: skip
+    shapes = [(4, 6, 5), (3, 9, 7), (4, 6, 5), (5, 3, 8), (2, 6, 5)] * 2  # (2, 6, 5) pads rows too
+    for index, shape in enumerate(shapes):
+        batch = _batch(100 + index, shape=shape)
+        options = dict(lr=2e-3, smoothing=0.1, pad_id=PAD, clip_norm=1.0, device=device)
+        expected = train_step(eager, eager_optimizer, [batch.to(device)], **options)
+        got = steps(batch, lr=2e-3)
+        torch.testing.assert_close(got.loss_sum, expected.loss_sum, rtol=tolerance, atol=tolerance)
+    assert sorted(steps.steps) == [(32, 8, 8), (32, 16, 8)]
+    for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_batches_of_any_shape_are_padded_into_a_few_graphed_shapes():
+    _compare_shapes(torch.device("cpu"), torch.float64, 1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
+def test_batches_of_any_shape_are_padded_into_a_few_graphed_shapes_on_the_gpu():
+    _compare_shapes(torch.device("cuda"), torch.float32, 1e-4)
+
+
+def test_the_trainer_with_cuda_graphs_trains_like_the_eager_trainer(tmp_path):
+    """train.cuda_graphs: the Trainer's steps go through GraphedSteps (eager on the CPU, padded to rounded
+    shapes); without dropout the run ends with the weights and losses of the eager run."""
+    from training_helpers import tiny_experiment, write_corpus
+
+    from tformer.training import load_run, resume_run, start_run
+
+    corpus = write_corpus(tmp_path)
+    runs = {}
+    for graphs in (False, True):
+        experiment = tiny_experiment(corpus, "model.dropout=0.0", f"train.cuda_graphs={str(graphs).lower()}")
+        trainer = start_run(experiment, tmp_path / f"run-{graphs}", quiet=True)
+        trainer.train()
+        assert (trainer.graphed_steps is not None) == graphs
+        runs[graphs] = tmp_path / f"run-{graphs}"
+    eager, graphed = load_run(runs[False], which="last"), load_run(runs[True], which="last")
+    for (name, a), b in zip(graphed.model.state_dict().items(), eager.model.state_dict().values(), strict=True):
+        # key biases get a gradient that is 0 in exact arithmetic (softmax does not see them): Adam turns its
+        # rounding noise into steps of +-lr, so they are left out
+        if name.endswith("qkv_proj.bias"):
+            a, b = a.view(3, -1)[0::2], b.view(3, -1)[0::2]  # query and value biases
+        elif name.endswith("kv_proj.bias"):
+            a, b = a.view(2, -1)[1], b.view(2, -1)[1]  # value bias
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    losses = [
+        [json.loads(line).get("train_loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (runs[False], runs[True])
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # a graphed run resumes (the loaded AdamW state is made capturable again), with or without graphs
+    assert resume_run(runs[True], overrides=["train.max_steps=10"], quiet=True).train().step == 10
+    off = ["train.max_steps=12", "train.cuda_graphs=false"]
+    assert resume_run(runs[True], overrides=off, quiet=True).train().step == 12
+
+
+def test_cuda_graphs_refuse_what_they_cannot_record(tmp_path):
+    from training_helpers import tiny_experiment, write_corpus
+
+    from tformer.config import ConfigError
+    from tformer.training import start_run
+
+    corpus = write_corpus(tmp_path)
+    with pytest.raises(ConfigError, match=r"set train\.accumulate = 1"):
+        tiny_experiment(corpus, "train.cuda_graphs=true", "train.accumulate=2")
+    experiment = tiny_experiment(corpus, "train.cuda_graphs=true")
+    with pytest.raises(ConfigError, match="without --loss-chunk"):
+        start_run(experiment, tmp_path / "run", quiet=True, loss_chunk=4)

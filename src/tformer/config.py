@@ -302,8 +302,11 @@ class TrainConfig:
     patience: int = 0
     device: str = "auto"
     precision: Precision = "auto"
+    cuda_graphs: bool = False  # each batch shape's step recorded as a CUDA graph (docs/training.md)
 
     def __post_init__(self) -> None:
+        if self.cuda_graphs and self.accumulate != 1:
+            raise ConfigError("train.cuda_graphs records one micro-batch per step: set train.accumulate = 1")
         for name in ("max_tokens", "accumulate", "warmup_steps", "log_every", "valid_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -32,13 +32,14 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tformer.config import CompileMode, ExperimentConfig
+from tformer.config import CompileMode, ConfigError, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
 from tformer.evaluation import Scores
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.training import checkpoint as ckpt
+from tformer.training.graphed_step import GraphedSteps
 from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
 from tformer.training.prefetch import BatchSource
@@ -107,6 +108,9 @@ class Trainer:
             objective = DistributedDataParallel(objective, device_ids=[self.device.index] if cuda else None)
         self.objective = compile_objective(objective, self.device) if compile_mode == "model" else objective
         self.optimizer = build_optimizer(self.model, self.train_config, device=self.device)
+        if self.train_config.cuda_graphs and (self.distributed.enabled or compile_mode == "model" or loss_chunk):
+            raise ConfigError("train.cuda_graphs runs in one process, without --compile model and without --loss-chunk")
+        self.graphed_steps: GraphedSteps | None = None  # made when training starts (after a restore)
         self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step = 0
@@ -206,23 +210,10 @@ class Trainer:
                 self._position = batches.position
                 self.step += 1
                 lr = learning_rate(self.step, config, d_model=self.experiment.model.d_model)
-                result = train_step(
-                    self.model,
-                    self.optimizer,
-                    micro_batches,
-                    lr=lr,
-                    smoothing=config.label_smoothing,
-                    pad_id=self.tokenizer.pad_id,
-                    clip_norm=config.clip_norm,
-                    device=self.device,
-                    autocast_dtype=self.autocast_dtype,
-                    loss_chunk=self.loss_chunk,
-                    objective=self.objective,
-                    distributed=self.distributed,
-                )
-                self._pending.append(
-                    (self.step, result.loss_sum, result.nll_sum, result.n_tgt_tokens, result.grad_norm)
-                )
+                if config.cuda_graphs:
+                    self._pending.append((self.step, *self._graphed_step(micro_batches[0], lr)))
+                else:
+                    self._pending.append((self.step, *self._eager_step(micro_batches, lr)))
                 self.elapsed_s = time.monotonic() - started
                 progress.step()
                 improved = self._end_of_step(lr, progress)
@@ -239,6 +230,43 @@ class Trainer:
         progress.message(f"stopped at step {self.step}: {stop_reason}; last checkpoint {last}")
         best = self.early_stopping
         return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
+
+    def _eager_step(self, micro_batches: list[Batch], lr: float) -> tuple[Tensor, Tensor, int, Tensor | None]:
+        """One update by `train_step`: (loss sum, NLL sum, target tokens, gradient norm), on the device."""
+        config = self.train_config
+        result = train_step(
+            self.model,
+            self.optimizer,
+            micro_batches,
+            lr=lr,
+            smoothing=config.label_smoothing,
+            pad_id=self.tokenizer.pad_id,
+            clip_norm=config.clip_norm,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+            loss_chunk=self.loss_chunk,
+            objective=self.objective,
+            distributed=self.distributed,
+        )
+        return result.loss_sum, result.nll_sum, result.n_tgt_tokens, result.grad_norm
+
+    def _graphed_step(self, batch: Batch, lr: float) -> tuple[Tensor, Tensor, int, Tensor | None]:
+        """One update by the CUDA graph of the batch's (rounded) shape (training/graphed_step.py); its
+        loss buffers are copied, since the next replay overwrites them."""
+        if self.graphed_steps is None:
+            config, tokenizer = self.train_config, self.tokenizer
+            self.graphed_steps = GraphedSteps(
+                self.model,
+                self.optimizer,
+                smoothing=config.label_smoothing,
+                special_ids=(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id),
+                clip_norm=config.clip_norm,
+                device=self.device,
+                autocast_dtype=self.autocast_dtype,
+            )
+        result = self.graphed_steps(batch, lr=lr)
+        grad_norm = None if result.grad_norm is None else result.grad_norm.clone()
+        return result.loss_sum.clone(), result.nll_sum.clone(), result.n_tgt_tokens, grad_norm
 
     def _end_of_step(self, lr: float, progress: Progress) -> bool:
         """Log and validate as scheduled; True when the stopping metric reached a new best."""
