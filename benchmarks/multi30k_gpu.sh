@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi30k on one GPU: three recipes in each direction, the reg recipe again with another seed, and the
+# Multi30k on one GPU: three recipes in each direction, the reg recipe again with another seed (and once
+# with train.cuda_graphs), and the
 # four one-change ablations, trained side by side (processes sharing one GPU, each with the same wall-clock
 # budget), then scored. Selection is by validation BLEU; test2016 is only reported.
 #   bash benchmarks/multi30k_gpu.sh DATA_DIR DEST [TRAIN_SECONDS]
@@ -48,6 +49,8 @@ train de-en-reg configs/multi30k_de_en.toml "${reg[@]}"
 # for the ensembles of two runs (ENSEMBLES below)
 train en-de-reg-seed2 configs/multi30k_en_de.toml "${reg[@]}" --set train.seed=2
 train de-en-reg-seed2 configs/multi30k_de_en.toml "${reg[@]}" --set train.seed=2
+# the reg recipe trained with CUDA graphs (train.cuda_graphs): steps and quality in the same time
+train en-de-reg-graphs configs/multi30k_en_de.toml "${reg[@]}" --set train.cuda_graphs=true
 train en-de-small-no-smoothing configs/multi30k_en_de.toml "${small[@]}" --set train.label_smoothing=0.0
 train en-de-small-no-warmup configs/multi30k_en_de.toml "${small[@]}" --set train.warmup_ramp=false
 train en-de-small-pre-norm configs/multi30k_en_de.toml "${small[@]}" --set model.norm_position=pre
@@ -118,12 +121,12 @@ score_ensemble() {  # score_ensemble FIRST SECOND: the two runs' best checkpoint
 }
 
 recipes="en-de-small en-de-tiny en-de-reg de-en-small de-en-tiny de-en-reg"
-for name in $recipes en-de-reg-seed2 de-en-reg-seed2; do  # the averages first (CPU, seconds)
+for name in $recipes en-de-reg-seed2 de-en-reg-seed2 en-de-reg-graphs; do  # the averages first (CPU, seconds)
   [ -d "$RUNS/$name" ] && "$PY" -m tformer.cli.main average "$RUNS/$name" --last 5 --out "$RUNS/$name.avg5" \
     >> "$DEST/evaluate.log" 2>&1
 done
 for name in $recipes; do score_run "$name" full; done
-for name in en-de-reg-seed2 de-en-reg-seed2; do score_run "$name" select; done
+for name in en-de-reg-seed2 de-en-reg-seed2 en-de-reg-graphs; do score_run "$name" select; done
 for name in en-de-small-no-smoothing en-de-small-no-warmup en-de-small-pre-norm en-de-small-learned-positions; do
   score_run "$name" best
 done
