@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Multi30k on one GPU: three recipes in each direction, the reg recipe again with another seed (and once
-# with train.cuda_graphs), and the
-# four one-change ablations, trained side by side (processes sharing one GPU, each with the same wall-clock
-# budget), then scored. Selection is by validation BLEU; test2016 is only reported.
+# with train.cuda_graphs), and the four one-change ablations, trained side by side (processes sharing one
+# GPU, each with the same wall-clock budget), then scored. Selection is by validation BLEU; test2016 is only reported.
 #   bash benchmarks/multi30k_gpu.sh DATA_DIR DEST [TRAIN_SECONDS]
 # DATA_DIR holds train/val/test2016 .en/.de; DEST receives logs, metrics.jsonl files and scores (JSON);
 # the checkpoints go to $RUNS_DIR (default /tmp/m30k-runs). VARIANTS="en-de-reg de-en-reg ..." runs only
