@@ -253,3 +253,18 @@ def test_ensembles_in_translate_and_evaluate(
     other = tmp_path / "other"
     assert main(_train_args(workspace, other, "--vocab-size", "40", "--set", "train.max_steps=2")) == 0
     _fails_cleanly(capsys, [*evaluate, "--ensemble", str(other)], "trained with a different tokenizer")
+
+
+def test_train_and_resume_leave_the_process_group_after_success(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tformer train` ends a (torchrun) run by Distributed.shutdown: a barrier, then the process group is
+    destroyed, as NCCL and gloo expect before the processes exit; a resumed run too."""
+    from tformer.runtime import Distributed
+
+    calls = []
+    monkeypatch.setattr(Distributed, "shutdown", lambda self: calls.append(self.world_size))
+    out = tmp_path / "run"
+    assert main(_train_args(workspace, out, "--set", "train.max_steps=2")) == 0
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--quiet"]) == 0
+    assert calls == [1, 1]
