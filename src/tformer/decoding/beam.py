@@ -174,18 +174,19 @@ def _search_in_whole_steps(
         log_probs_RV = constraints.apply_at(decoder.step_in_place(), search.length_1)
         buffers.tokens_R.copy_(_step(search.state, log_probs_RV, None, search.length_1, eos_id, config, decoder))
 
-    # compiled: the decoder's and the search's element-wise work fused into fewer kernels
-    step_function = torch.compile(whole_step, dynamic=False) if config.compile_step else whole_step
     on_gpu = buffers.tokens_R.device.type == "cuda"
-    if on_gpu and search.graph is None:
-        state_tensors = [getattr(search.state, item.name) for item in dataclasses.fields(BeamState)]
-        mutable = [*state_tensors, search.length_1, buffers.tokens_R, *buffers.mutable()]
-        search.graph = GraphedFunction(step_function, mutable=mutable)
-    for t in range(T):
+    if on_gpu and search.graph is not None:  # this shape's step is recorded: replay it
+        run_step = search.graph.replay
+    else:
+        # compiled: the decoder's and the search's element-wise work fused into fewer kernels
+        run_step = torch.compile(whole_step, dynamic=False) if config.compile_step else whole_step
         if on_gpu:
-            search.graph.replay()
-        else:
-            step_function()
+            state_tensors = [getattr(search.state, item.name) for item in dataclasses.fields(BeamState)]
+            mutable = [*state_tensors, search.length_1, buffers.tokens_R, *buffers.mutable()]
+            search.graph = GraphedFunction(run_step, mutable=mutable)
+            run_step = search.graph.replay
+    for t in range(T):
+        run_step()
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T and all(search.state.done.tolist()):
             break
     return search.state

@@ -54,8 +54,7 @@ class StepConstraints:
     def apply(self, log_probs_RV: Tensor, step: int, history_RT: Tensor) -> Tensor:
         """Restrict the log-probabilities of step `step` (0-based); history_RT is bos + `step` tokens.
         May modify `log_probs_RV` in place."""
-        if self.banned_ids:
-            log_probs_RV[:, self.banned_ids] = -float("inf")
+        self._ban_tokens(log_probs_RV)
         if step < self.min_len:
             log_probs_RV[:, self.eos_id] = -float("inf")
         if self.ngram > 0 and history_RT.shape[1] >= self.ngram:
@@ -78,11 +77,16 @@ class StepConstraints:
     def apply_at(self, log_probs_RV: Tensor, length_1: Tensor) -> Tensor:
         """`apply` for constraints `without_history`, in place, with the number of tokens predicted once
         this step is done (t + 1) held on the device as a (1,) tensor: no host value, no new index tensor."""
-        for token in self.banned_ids:
-            log_probs_RV[:, token] = -float("inf")
+        self._ban_tokens(log_probs_RV)
         if self.min_len > 0:
             log_probs_RV[:, self.eos_id].masked_fill_(length_1 <= self.min_len, -float("inf"))
         return log_probs_RV
+
+    def _ban_tokens(self, log_probs_RV: Tensor) -> None:
+        """-inf for the banned ids, one column fill each: no index tensor is built and copied to the device
+        at every step (and a CUDA graph can record it)."""
+        for token in self.banned_ids:
+            log_probs_RV[:, token] = -float("inf")
 
     def select(self, rows: Tensor) -> None:
         """Keep the constraints of these rows only (finished rows left the batch)."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -162,8 +163,8 @@ class StaticStepDecoder:
     ) -> None:
         self.model = model
         self.reorders_rows = reorders_rows
-        # compiled: residual adds, layer norms and the like fused into fewer kernels (recorded once on a GPU)
-        self.step_function = torch.compile(self.step_in_place, dynamic=False) if compile_step else self.step_in_place
+        self.compile_step = compile_step
+        self._step_function: Callable[[], Tensor] | None = None  # made by _runnable_step when first needed
         memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
         self.step_buffers = captured_step(
             model,
@@ -181,10 +182,19 @@ class StaticStepDecoder:
         buffers = self.step_buffers
         buffers.tokens_R.copy_(tokens_R)
         if buffers.tokens_R.device.type != "cuda":
-            return self.step_function(), None
+            return self._runnable_step()(), None
         if buffers.graph is None:
-            buffers.graph = GraphedFunction(self.step_function, mutable=buffers.mutable())
+            buffers.graph = GraphedFunction(self._runnable_step(), mutable=buffers.mutable())
         return buffers.graph.replay(), None
+
+    def _runnable_step(self) -> Callable[[], Tensor]:
+        """`step_in_place`, compiled with `compile_step` (residual adds, layer norms and the like fused into
+        fewer kernels). Made only when it will run: wrapping a function in torch.compile costs ~20 ms, and a
+        batch whose shape already has a graph only replays it."""
+        if self._step_function is None:
+            step = self.step_in_place
+            self._step_function = torch.compile(step, dynamic=False) if self.compile_step else step
+        return self._step_function
 
     def step_in_place(self) -> Tensor:
         """The step on the tokens already in the input buffer, run eagerly (what a graph records): apply

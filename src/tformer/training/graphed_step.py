@@ -200,7 +200,7 @@ class GraphedSteps:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
     ) -> None:
-        self.model, self.optimizer = model, make_capturable(optimizer, device)
+        self.model, self.optimizer = model, optimizer  # each GraphedTrainStep makes it capturable
         self.options = dict(
             smoothing=smoothing, special_ids=special_ids, clip_norm=clip_norm, device=device,
             autocast_dtype=autocast_dtype,
