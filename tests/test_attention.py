@@ -120,3 +120,28 @@ def test_cross_attention_matches_torch_multihead_attention() -> None:
     expected, _ = reference(x, memory, memory, key_padding_mask=~keep)
     ours_out, _ = ours(x, memory_kv=ours.project_memory(memory), mask=key_mask(keep))
     torch.testing.assert_close(ours_out, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_rows_sharing_a_memory_row_get_what_rows_with_their_own_copy_get(need_weights: bool) -> None:
+    """Beams of one sentence read one memory row (their queries folded into one attention call):
+    outputs and weights equal those of every row holding its own copy of the memory (float64)."""
+    torch.manual_seed(2)
+    d_model, n_heads, beams = 12, 4, 3
+    attention = CrossAttention(d_model, n_heads, dropout=0.0).double().eval()
+    memory = torch.randn(2, 9, d_model, dtype=torch.float64)
+    keep = padding([9, 5], 9)
+    x = torch.randn(2 * beams, 2, d_model, dtype=torch.float64)
+    shared = attention(x, memory_kv=attention.project_memory(memory), mask=key_mask(keep), need_weights=need_weights)
+    own = attention(
+        x,
+        memory_kv=attention.project_memory(memory.repeat_interleave(beams, dim=0)),
+        mask=key_mask(keep.repeat_interleave(beams, dim=0)),
+        need_weights=need_weights,
+    )
+    torch.testing.assert_close(shared[0], own[0], atol=1e-12, rtol=0)
+    if need_weights:
+        assert shared[1].shape == (2 * beams, n_heads, 2, 9)
+        torch.testing.assert_close(shared[1], own[1], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="cannot share"):
+        attention(x[:5], memory_kv=attention.project_memory(memory), mask=None)

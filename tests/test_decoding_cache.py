@@ -17,30 +17,31 @@ def filled_cache(batch: int = 4, length: int = 3) -> DecoderCache:
     return cache
 
 
-def test_reorder_moves_filled_positions_and_keeps_memory_unless_asked():
+def test_reorder_moves_filled_positions_and_keeps_memory():
     cache = filled_cache()
     before = [(layer.k_BHLK[:, :, :3].clone(), layer.v_BHLK[:, :, :3].clone()) for layer in cache.layers]
     memory_before = [k.clone() for k, _ in cache.memory_kv]
     index = torch.tensor([2, 2, 0, 1])
     for _ in range(2):  # twice, so both buffers of the double buffer are exercised
-        cache.reorder(index, include_memory=False)
+        cache.reorder(index)
         before = [(k[index], v[index]) for k, v in before]
     for layer, (k, v) in zip(cache.layers, before, strict=True):
         torch.testing.assert_close(layer.k_BHLK[:, :, :3], k, rtol=0, atol=0)
         torch.testing.assert_close(layer.v_BHLK[:, :, :3], v, rtol=0, atol=0)
     assert all(torch.equal(k, m) for (k, _), m in zip(cache.memory_kv, memory_before, strict=True))
-    cache.reorder(index)  # memory included
-    assert all(torch.equal(k, m[index]) for (k, _), m in zip(cache.memory_kv, memory_before, strict=True))
     appended_k, _ = cache.layers[0].append(torch.ones(4, 2, 1, 3), torch.ones(4, 2, 1, 3))
     assert appended_k.shape[2] == 4 and cache.length == 4
 
 
-def test_select_changes_the_batch_size():
+def test_select_changes_the_batch_size_and_select_memory_keeps_entries():
     cache = filled_cache()
     keep = torch.tensor([3, 1])
     expected = cache.layers[1].k_BHLK[keep, :, :3].clone()
+    memory_expected = cache.memory_kv[0][0][keep].clone()
     cache.select(keep)
-    assert cache.layers[1].k_BHLK.shape[0] == 2 and cache.memory_kv[0][0].shape[0] == 2
+    assert cache.layers[1].k_BHLK.shape[0] == 2 and cache.memory_kv[0][0].shape[0] == 4  # memory: its own call
     torch.testing.assert_close(cache.layers[1].k_BHLK[:, :, :3], expected, rtol=0, atol=0)
+    cache.select_memory(keep)
+    assert torch.equal(cache.memory_kv[0][0], memory_expected)
     cache.reorder(torch.tensor([1, 1]))  # reorder works on the new size
     torch.testing.assert_close(cache.layers[1].k_BHLK[:, :, :3], expected[[1, 1]], rtol=0, atol=0)

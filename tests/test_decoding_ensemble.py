@@ -37,7 +37,9 @@ def test_two_members_average_log_probabilities_at_every_step():
             F.log_softmax(first(src, tgt, src_pad_mask=mask), -1)
             + F.log_softmax(second(src, tgt, src_pad_mask=mask), -1)
         ) / 2
-        decoder = IncrementalDecoder(ensemble, src, mask, rows_per_sentence=1, capacity=5, want_attention=False)
+        decoder = IncrementalDecoder(
+            ensemble, src, mask, rows_per_sentence=1, capacity=5, want_attention=False, shared_memory=True
+        )
         for t in range(5):
             log_probs, _ = decoder.step(tgt[:, t])
             torch.testing.assert_close(log_probs, F.log_softmax(mean[:, t], -1), atol=1e-5, rtol=0)

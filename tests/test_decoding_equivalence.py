@@ -60,13 +60,14 @@ class HistoryCache:
     def length(self) -> int:
         return 0 if self.tokens is None else self.tokens.shape[1]
 
-    def reorder(self, indices: torch.Tensor, *, include_memory: bool = True) -> None:
+    def reorder(self, indices: torch.Tensor) -> None:
         self.tokens = self.tokens.index_select(0, indices)
-        if include_memory:
-            self.memory_kv = [m.index_select(0, indices) for m in self.memory_kv]
 
     def select(self, indices: torch.Tensor) -> None:
-        self.reorder(indices, include_memory=True)
+        self.reorder(indices)
+
+    def select_memory(self, indices: torch.Tensor) -> None:
+        self.memory_kv = [m.index_select(0, indices) for m in self.memory_kv]
 
 
 class UncachedModel:
@@ -107,14 +108,46 @@ def test_step_logits_match_full_forward_including_after_a_reorder():
     with torch.no_grad():
         full = model(src, tgt, src_pad_mask=mask)
         full_permuted = model(src[permutation], tgt[permutation], src_pad_mask=mask[permutation])
-        decoder = IncrementalDecoder(model, src, mask, rows_per_sentence=1, capacity=8, want_attention=False)
+        decoder = IncrementalDecoder(
+            model, src, mask, rows_per_sentence=1, capacity=8, want_attention=False, shared_memory=True
+        )
         for t in range(8):
             if t == 4:  # rows swap histories half-way, as beams do; memory moves too since sentences differ
-                decoder.cache.reorder(permutation, include_memory=True)
-                decoder.mask_RS = decoder.mask_RS[permutation]
+                decoder.cache.reorder(permutation)
+                decoder.cache.select_memory(permutation)
+                decoder.mask_MS = decoder.mask_MS[permutation]
             log_probs, _ = decoder.step(tgt[:, t] if t < 4 else tgt[permutation, t])
             expected = full[:, t] if t < 4 else full_permuted[:, t]
             torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_beams_share_their_sentence_memory_and_step_like_rows_with_copies():
+    """shared_memory keeps one memory entry per sentence (not per row); steps, reorders and a sentence
+    leaving give the log-probabilities of the decoder that copies the memory to every row."""
+    model = peaked_model().double()
+    src, mask = padded_batch([7, 4, 9])
+    tokens = torch.randint(3, VOCAB, (9, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        shared, copied = (
+            IncrementalDecoder(model, src, mask, rows_per_sentence=3, capacity=5, want_attention=True, shared_memory=s)
+            for s in (True, False)
+        )
+        assert shared.cache.memory_kv[0][0].shape[0] == 3 and copied.cache.memory_kv[0][0].shape[0] == 9
+        for t in range(5):
+            if t == 2:  # beams swap within their sentences
+                rows = torch.tensor([2, 0, 0, 4, 3, 5, 8, 8, 6])
+                shared.reorder(rows)
+                copied.reorder(rows)
+            if t == 3:  # the middle sentence leaves
+                keep = torch.tensor([0, 1, 2, 6, 7, 8])
+                shared.select(keep)
+                copied.select(keep)
+                tokens = tokens[keep]
+            ours, ours_attention = shared.step(tokens[:, t])
+            reference, reference_attention = copied.step(tokens[:, t])
+            torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+            torch.testing.assert_close(ours_attention, reference_attention, atol=1e-12, rtol=0)
+        assert shared.cache.memory_kv[0][0].shape[0] == 2
 
 
 def test_raw_cached_decode_matches_forward_logits():

@@ -42,13 +42,14 @@ class FakeCache:
     def length(self) -> int:
         return 0 if self.tokens is None else self.tokens.shape[1]
 
-    def reorder(self, indices, *, include_memory=True):
+    def reorder(self, indices):
         self.tokens = self.tokens.index_select(0, indices)
-        if include_memory:
-            self.memory_kv = [m.index_select(0, indices) for m in self.memory_kv]
 
     def select(self, indices):
         self.reorder(indices)
+
+    def select_memory(self, indices):
+        self.memory_kv = [m.index_select(0, indices) for m in self.memory_kv]
 
 
 class TableModel:
@@ -69,7 +70,8 @@ class TableModel:
     def decode(self, tgt_ids, *, memory, src_pad_mask, cache, return_attention=False):
         cache.tokens = tgt_ids if cache.tokens is None else torch.cat([cache.tokens, tgt_ids], dim=1)
         rows = []
-        for table_id, history in zip(cache.memory_kv[0][:, 0].tolist(), cache.tokens.tolist(), strict=True):
+        tables = cache.memory_kv[0][:, 0].repeat_interleave(len(cache.tokens) // len(cache.memory_kv[0]))
+        for table_id, history in zip(tables.tolist(), cache.tokens.tolist(), strict=True):
             probs = TABLES[table_id].get(tuple(history[1:]), {EOS: 1.0})
             rows.append([math.log(probs[token]) if token in probs else -math.inf for token in range(V)])
         return torch.tensor(rows, dtype=torch.float64)[:, None, :]

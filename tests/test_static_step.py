@@ -49,12 +49,14 @@ def test_pending_reorders_compose_like_immediate_ones():
     tokens = torch.randint(3, VOCAB, (6, 6), generator=generator)
     tokens[:, 0] = BOS
     with torch.no_grad():
-        default = IncrementalDecoder(model, src, mask, rows_per_sentence=3, capacity=8, want_attention=False)
+        default = IncrementalDecoder(
+            model, src, mask, rows_per_sentence=3, capacity=8, want_attention=False, shared_memory=True
+        )
         static = StaticStepDecoder(model, src, mask, rows_per_sentence=3, capacity=8, reorders_rows=True)
         for t in range(6):
             expected, _ = default.step(tokens[:, t])
             got, _ = static.step(tokens[:, t])
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-6)  # log-probs reach ~-25 here
             for _ in range(1 + t % 2):  # one reorder after even steps, two after odd ones
                 rows = torch.cat([torch.randperm(3, generator=generator), 3 + torch.randperm(3, generator=generator)])
                 default.reorder(rows)

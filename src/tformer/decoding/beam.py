@@ -114,10 +114,9 @@ def beam_search(
     for t in range(T):
         if t == 0 and not static:  # one row per sentence, then every beam gets a copy of its cache row
             log_probs_BV, attention_BS = decoder.step(last_R[::N])
-            widen_R = torch.arange(B, device=device).repeat_interleave(N)
-            decoder.select(widen_R)
-            log_probs_RV = log_probs_BV.index_select(0, widen_R)
-            attention_RS = None if attention_BS is None else attention_BS.index_select(0, widen_R)
+            decoder.widen(N)
+            log_probs_RV = log_probs_BV.repeat_interleave(N, dim=0)
+            attention_RS = None if attention_BS is None else attention_BS.repeat_interleave(N, dim=0)
         else:
             log_probs_RV, attention_RS = decoder.step(last_R)
         Bc = state.scores.shape[0]

@@ -42,13 +42,17 @@ class EnsembleCache:
     def length(self) -> int:
         return self.caches[0].length
 
-    def reorder(self, indices_B: Tensor, *, include_memory: bool = True) -> None:
+    def reorder(self, indices_B: Tensor) -> None:
         for cache in self.caches:
-            cache.reorder(indices_B, include_memory=include_memory)
+            cache.reorder(indices_B)
 
     def select(self, indices_B: Tensor) -> None:
         for cache in self.caches:
             cache.select(indices_B)
+
+    def select_memory(self, indices_M: Tensor) -> None:
+        for cache in self.caches:
+            cache.select_memory(indices_M)
 
 
 class EnsembleModel(nn.Module):

@@ -1,15 +1,22 @@
 """Run a model one target token at a time: encode once, project the memory once, keep the KV cache.
 
-`IncrementalDecoder` owns the cache and the per-row source mask. Every search (greedy, beam, sampling)
-drives it the same way: `step(tokens_R)` for the next log-probabilities, `reorder(rows_R)` when beams
-swap histories, `select(rows)` when finished sentences leave the batch.
+`IncrementalDecoder` owns the cache and the source mask. Every search (greedy, beam, sampling) drives it
+the same way: `step(tokens_R)` for the next log-probabilities, `reorder(rows_R)` when beams swap
+histories, `widen(n)` when each row becomes n beams, `select(rows)` when finished sentences leave.
+
+The memory's keys/values (and the source mask) have one row per memory entry, and n adjacent decoder
+rows read each entry. Beam search shares one entry among a sentence's beams (`shared_memory=True`:
+the memory is stored and read once per sentence, not once per beam); searches whose rows finish one at
+a time (several sampled paths per sentence) give every row its own copy.
 
 The model needs only this surface (a `Transformer`, or an `EnsembleModel`): `encode(src, *,
 src_pad_mask)`, `project_memory(memory)`, `new_cache(*, batch_size, capacity)` returning a cache with
-`memory_kv`, `reorder(indices, *, include_memory)` and `select(indices)`, `decode(tokens, *, memory,
-src_pad_mask, cache, return_attention)`, and `config.max_positions` / `config.pad_id`.
+`memory_kv`, `reorder(indices)`, `select(indices)` and `select_memory(indices)`, `decode(tokens, *,
+memory, src_pad_mask, cache, return_attention)` whose query rows are a multiple of the memory's, and
+`config.max_positions` / `config.pad_id`.
 
-Shape legend: B sentences, R rows (sentences x rows per sentence), S source length, V vocabulary.
+Shape legend: B sentences, R rows (sentences x rows per sentence), M memory entries, S source length,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ def repeat_rows(tree: Any, repeats: int) -> Any:
     return type(tree)(repeat_rows(item, repeats) for item in tree)
 
 
-def memory_for_rows(model: Any, src_ids_BS: Tensor, src_pad_mask_BS: Tensor, rows_per_sentence: int) -> Any:
+def encoded_memory(model: Any, src_ids_BS: Tensor, src_pad_mask_BS: Tensor, copies: int = 1) -> Any:
     """Encode the sources once and compute the memory's keys/values for every decoder layer once per
-    sentence, then give each of a sentence's rows its copy."""
+    sentence; with `copies` > 1 every sentence's entry is repeated (one per row that needs its own)."""
     memory = model.encode(src_ids_BS, src_pad_mask=src_pad_mask_BS)
-    return repeat_rows(model.project_memory(memory), rows_per_sentence)
+    return repeat_rows(model.project_memory(memory), copies)
 
 
 class IncrementalDecoder:
@@ -51,21 +58,25 @@ class IncrementalDecoder:
         rows_per_sentence: int,
         capacity: int,
         want_attention: bool,
+        shared_memory: bool,
     ) -> None:
         self.model = model
         self.want_attention = want_attention
-        rows = src_ids_BS.shape[0] * rows_per_sentence
-        self.cache = model.new_cache(batch_size=rows, capacity=capacity)
-        self.cache.memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
+        self.device = src_ids_BS.device
+        self.rows = src_ids_BS.shape[0] * rows_per_sentence
+        copies = 1 if shared_memory else rows_per_sentence
+        self.rows_per_memory = rows_per_sentence // copies  # adjacent rows reading one memory entry
+        self.cache = model.new_cache(batch_size=self.rows, capacity=capacity)
+        self.cache.memory_kv = encoded_memory(model, src_ids_BS, src_pad_mask_BS, copies)
         # one host sync before the loop: without padding, attention needs no mask at all
-        self.mask_RS = None if bool(src_pad_mask_BS.all()) else repeat_rows(src_pad_mask_BS, rows_per_sentence)
+        self.mask_MS = None if bool(src_pad_mask_BS.all()) else repeat_rows(src_pad_mask_BS, copies)
 
     def step(self, tokens_R: Tensor) -> tuple[Tensor, Tensor | None]:
         """fp32 log-probabilities of the next token (R, V) and, if wanted, the cross-attention (R, S)."""
         out = self.model.decode(
             tokens_R[:, None],
             memory=None,
-            src_pad_mask=self.mask_RS,
+            src_pad_mask=self.mask_MS,
             cache=self.cache,
             return_attention=self.want_attention,
         )
@@ -76,13 +87,23 @@ class IncrementalDecoder:
 
     def reorder(self, rows_R: Tensor) -> None:
         """Row r continues the history of row rows_R[r], always a row of the same sentence."""
-        self.cache.reorder(rows_R, include_memory=False)
+        self.cache.reorder(rows_R)
+
+    def widen(self, n: int) -> None:
+        """Every row becomes n adjacent rows with its history, all reading its memory entry."""
+        self.cache.select(torch.arange(self.rows, device=self.device).repeat_interleave(n))
+        self.rows *= n
+        self.rows_per_memory *= n
 
     def select(self, rows: Tensor) -> None:
-        """Keep only these rows (finished sentences leave the batch)."""
+        """Keep only these rows (finished sentences leave the batch): whole groups of the rows that read
+        one memory entry, in order, whose entries are kept too."""
         self.cache.select(rows)
-        if self.mask_RS is not None:
-            self.mask_RS = self.mask_RS.index_select(0, rows)
+        self.rows = len(rows)
+        entries = rows if self.rows_per_memory == 1 else rows[:: self.rows_per_memory] // self.rows_per_memory
+        self.cache.select_memory(entries)
+        if self.mask_MS is not None:
+            self.mask_MS = self.mask_MS.index_select(0, entries)
 
 
 def decoding_capacity(model: Any, max_len: int) -> int:

@@ -18,6 +18,7 @@ import torch
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.decoding.search_types import DecodingError
+from tformer.model.packed import packed_weights
 
 
 class TokenizerLike(Protocol):
@@ -83,26 +84,30 @@ class Translator:
                     f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
                 )
         results: list[list[Translation]] = [[] for _ in chunk]
-        for batch in self._batches(encoded):
-            width = len(encoded[batch[-1]])  # sorted by length: the last is the longest
-            src = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
-            for row, index in enumerate(batch):
-                src[row, : len(encoded[index])] = torch.tensor(encoded[index])
-            mask = torch.arange(width)[None, :] < torch.tensor([len(encoded[i]) for i in batch])[:, None]
-            hypotheses = generate(
-                self.model,
-                src.to(self.device),
-                src_pad_mask=mask.to(self.device),
-                bos_id=self.tokenizer.bos_id,
-                eos_id=eos_id,
-                config=self.config,
-            )
-            for index, nbest in zip(batch, hypotheses, strict=True):
-                results[index] = [
-                    Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score)
-                    for h in nbest
-                ]
+        with packed_weights(self.model):  # once for the chunk's batches (generate would pack per batch)
+            for batch in self._batches(encoded):
+                self._translate_batch(batch, encoded, results)
         return results
+
+    def _translate_batch(self, batch: list[int], encoded: list[list[int]], results: list[list[Translation]]) -> None:
+        """Decode the sentences `batch` (indices into `encoded`) and store their n-best lists in `results`."""
+        width = len(encoded[batch[-1]])  # sorted by length: the last is the longest
+        src = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
+        for row, index in enumerate(batch):
+            src[row, : len(encoded[index])] = torch.tensor(encoded[index])
+        mask = torch.arange(width)[None, :] < torch.tensor([len(encoded[i]) for i in batch])[:, None]
+        hypotheses = generate(
+            self.model,
+            src.to(self.device),
+            src_pad_mask=mask.to(self.device),
+            bos_id=self.tokenizer.bos_id,
+            eos_id=self.tokenizer.eos_id,
+            config=self.config,
+        )
+        for index, nbest in zip(batch, hypotheses, strict=True):
+            results[index] = [
+                Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score) for h in nbest
+            ]
 
     def _batches(self, encoded: list[list[int]]) -> Iterator[list[int]]:
         """Indices of `encoded`, shortest first, in batches of at most max_batch_tokens padded tokens."""

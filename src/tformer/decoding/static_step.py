@@ -45,7 +45,7 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.graphed import GraphedFunction
-from tformer.decoding.incremental import IncrementalDecoder, memory_for_rows, repeat_rows
+from tformer.decoding.incremental import IncrementalDecoder, encoded_memory
 
 SHAPES_KEPT = 4  # captured steps kept per model (least recently used dropped first)
 
@@ -68,8 +68,10 @@ def make_decoder(
     compile_step: bool = False,
 ) -> IncrementalDecoder | StaticStepDecoder:
     """The decoder a search drives: the static step when `static`, else the default incremental one.
-    `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it;
-    `compile_step`: the static step is compiled (torch.compile) before it runs or is recorded."""
+    `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it, and the
+    rows of a sentence stay together, so they share one memory entry (the static step always shares:
+    its rows never leave); `compile_step`: the static step is compiled (torch.compile) before it runs or
+    is recorded."""
     if static:
         return StaticStepDecoder(
             model,
@@ -87,6 +89,7 @@ def make_decoder(
         rows_per_sentence=rows_per_sentence,
         capacity=capacity,
         want_attention=want_attention,
+        shared_memory=reorders_rows,
     )
 
 
@@ -97,11 +100,11 @@ class CapturedStep:
     reads the model's parameters at their addresses, so in-place weight updates are seen, new tensors
     are not (the key holds the parameters' address and dtype)."""
 
-    def __init__(self, model: Any, *, rows: int, source_length: int, capacity: int, memory_kv: Any) -> None:
+    def __init__(self, model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor) -> None:
         device = model.tgt_embedding.weight.device
         self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
         self.cache.memory_kv = [tuple(torch.zeros_like(item) for item in layer) for layer in memory_kv]
-        self.mask_RS = torch.zeros((rows, source_length), dtype=torch.bool, device=device)
+        self.mask_MS = torch.zeros_like(mask_MS)  # one memory entry per sentence, shared by its rows
         self.tokens_R = torch.zeros(rows, dtype=torch.long, device=device)
         self.identity_R = torch.arange(rows, device=device)
         self.rows_R = self.identity_R.clone()  # the reorder the next step applies first
@@ -116,13 +119,13 @@ class CapturedStep:
             *(t for layer in self.cache.layers for t in (layer.k_BHLK, layer.v_BHLK)),
         ]
 
-    def load(self, memory_kv: Any, mask_RS: Tensor) -> None:
+    def load(self, memory_kv: Any, mask_MS: Tensor) -> None:
         """Start a new batch: its memory and mask into the buffers, the position back to 0, no pending
         reorder. The cache keeps the last batch's keys and values: the mask hides them until overwritten."""
         for (k_buffer, v_buffer), (k, v) in zip(self.cache.memory_kv, memory_kv, strict=True):
             k_buffer.copy_(k)
             v_buffer.copy_(v)
-        self.mask_RS.copy_(mask_RS)
+        self.mask_MS.copy_(mask_MS)
         self.cache.position_1.zero_()
         self.rows_R.copy_(self.identity_R)
 
@@ -130,18 +133,18 @@ class CapturedStep:
 _CAPTURED: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, CapturedStep]] = weakref.WeakKeyDictionary()
 
 
-def captured_step(model: Any, *, rows: int, source_length: int, capacity: int, memory_kv: Any) -> CapturedStep:
+def captured_step(model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor) -> CapturedStep:
     """The model's CapturedStep of this shape, made if new."""
     capacity = min(capacity, model.config.max_positions)
     reference = model.tgt_embedding.weight
-    key = (rows, source_length, capacity, reference.device, reference.dtype, reference.data_ptr())
+    key = (rows, *mask_MS.shape, capacity, reference.device, reference.dtype, reference.data_ptr())
     steps = _CAPTURED.setdefault(model, OrderedDict())
     if key in steps:
         steps.move_to_end(key)
     else:
         while len(steps) >= SHAPES_KEPT:
             steps.popitem(last=False)
-        steps[key] = CapturedStep(model, rows=rows, source_length=source_length, capacity=capacity, memory_kv=memory_kv)
+        steps[key] = CapturedStep(model, rows=rows, capacity=capacity, memory_kv=memory_kv, mask_MS=mask_MS)
     return steps[key]
 
 
@@ -165,15 +168,15 @@ class StaticStepDecoder:
         self.reorders_rows = reorders_rows
         self.compile_step = compile_step
         self._step_function: Callable[[], Tensor] | None = None  # made by _runnable_step when first needed
-        memory_kv = memory_for_rows(model, src_ids_BS, src_pad_mask_BS, rows_per_sentence)
+        memory_kv = encoded_memory(model, src_ids_BS, src_pad_mask_BS)
         self.step_buffers = captured_step(
             model,
             rows=src_ids_BS.shape[0] * rows_per_sentence,
-            source_length=src_ids_BS.shape[1],
             capacity=capacity,
             memory_kv=memory_kv,
+            mask_MS=src_pad_mask_BS,
         )
-        self.step_buffers.load(memory_kv, repeat_rows(src_pad_mask_BS, rows_per_sentence))
+        self.step_buffers.load(memory_kv, src_pad_mask_BS)
         self.cache = self.step_buffers.cache
 
     def step(self, tokens_R: Tensor) -> tuple[Tensor, None]:
@@ -200,9 +203,9 @@ class StaticStepDecoder:
         """The step on the tokens already in the input buffer, run eagerly (what a graph records): apply
         the pending reorder (the identity when there is none), decode, advance the position."""
         buffers = self.step_buffers
-        buffers.cache.reorder(buffers.rows_R, include_memory=False)
+        buffers.cache.reorder(buffers.rows_R)
         logits_R1V = self.model.decode(
-            buffers.tokens_R[:, None], memory=None, src_pad_mask=buffers.mask_RS, cache=buffers.cache
+            buffers.tokens_R[:, None], memory=None, src_pad_mask=buffers.mask_MS, cache=buffers.cache
         )
         buffers.rows_R.copy_(buffers.identity_R)  # applied; the next step keeps the rows unless told otherwise
         return torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.model.masks import additive_mask, causal_mask
+from tformer.model.packed import Linear
 
 
 def attention_loop(q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -139,8 +140,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.qkv_proj = Linear(d_model, 3 * d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def forward(
         self,
@@ -173,37 +174,57 @@ class CrossAttention(nn.Module):
     """Multi-head attention from decoder queries to encoder memory (separate Q and fused K/V projections).
 
     `project_memory` computes the memory's keys and values; a decoder computes them once per source
-    sentence and reuses them at every step.
+    sentence and reuses them at every step. The queries may have n times as many rows as the memory
+    (n adjacent rows, the beams of one sentence, share one memory row): they are then folded into one
+    attention call per memory row of n x T queries, so the memory is stored and read once per
+    sentence instead of once per beam. Each query's result is the same either way.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, dropout: float) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, d_model)
+        self.kv_proj = Linear(d_model, 2 * d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def project_memory(self, memory_BSD: Tensor) -> tuple[Tensor, Tensor]:
         k_BSD, v_BSD = self.kv_proj(memory_BSD).chunk(2, dim=-1)
-        return split_heads(k_BSD, self.n_heads), split_heads(v_BSD, self.n_heads)
+        # contiguous once per source, so every step's attention reads them without a copy
+        return split_heads(k_BSD, self.n_heads).contiguous(), split_heads(v_BSD, self.n_heads).contiguous()
 
     def forward(
         self,
-        x_BTD: Tensor,
+        x_RTD: Tensor,
         *,
         memory_kv: tuple[Tensor, Tensor],
         mask: Tensor | None,
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        q_BHTK = split_heads(self.q_proj(x_BTD), self.n_heads)
-        k_BHSK, v_BHSK = memory_kv
-        output_BHTK, weights = attend(
-            q_BHTK,
-            k_BHSK,
-            v_BHSK,
+        """x_RTD: R = M x n rows for M memory rows; `mask` is per memory row (M, 1, 1, S) or None."""
+        k_MHSK, v_MHSK = memory_kv
+        q_RHTK = split_heads(self.q_proj(x_RTD), self.n_heads)
+        R, H, T, K = q_RHTK.shape
+        M = k_MHSK.shape[0]
+        if R % M != 0:
+            raise ValueError(f"{R} query rows cannot share {M} memory rows evenly")
+        n = R // M
+        # fold: the n rows of a memory row become n x T queries of it
+        q_MHQK = q_RHTK if n == 1 else q_RHTK.view(M, n, H, T, K).transpose(1, 2).reshape(M, H, n * T, K)
+        output_MHQK, weights_MHQS = attend(
+            q_MHQK,
+            k_MHSK,
+            v_MHSK,
             mask,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
         )
-        return self.out_proj(merge_heads(output_BHTK)), weights
+        if n == 1:
+            return self.out_proj(merge_heads(output_MHQK)), weights_MHQS
+        # unfold straight into the merged-heads layout: (M, H, n, T, K) -> (M, n, T, H, K) -> (R, T, D)
+        output_RTD = output_MHQK.view(M, H, n, T, K).permute(0, 2, 3, 1, 4).reshape(R, T, H * K)
+        weights_RHTS = None
+        if weights_MHQS is not None:
+            S = weights_MHQS.shape[-1]
+            weights_RHTS = weights_MHQS.view(M, H, n, T, S).transpose(1, 2).reshape(R, H, T, S)
+        return self.out_proj(output_RTD), weights_RHTS

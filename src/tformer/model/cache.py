@@ -2,13 +2,15 @@
 
 Decoder self-attention keys and values are written into buffers preallocated for the longest output,
 so a step costs one small write instead of recomputing or concatenating the whole prefix.
-Cross-attention keys and values depend only on the source, so they are computed once and kept.
+Cross-attention keys and values depend only on the source, so they are computed once and kept, one
+row per memory entry (a sentence); the decoder's rows may be a multiple n of them, n adjacent rows (a
+sentence's beams) sharing one (see `CrossAttention`).
 
 Beam search reorders hypotheses with `reorder`: an index_select of the *filled* positions only, written
 into a second preallocated buffer that then becomes the live one (double buffering), so a step never
-allocates and never copies the empty tail. Rows of one sentence share their source, so beam search
-reorders within a sentence with `include_memory=False`; `select` drops or duplicates whole rows
-(finished sentences leaving the batch) and reallocates.
+allocates and never copies the empty tail. Beams never change sentence, so the memory is not reordered.
+`select` drops or duplicates whole rows (finished sentences leaving the batch, a sentence's first row
+becoming its beams) and reallocates; `select_memory` keeps the memory entries of the sentences that stay.
 
 `StaticDecoderCache` is the fixed-shape variant for a decoding step that is captured once and replayed
 (a CUDA graph): its tensors never move or change shape, the position of the next token is a tensor on
@@ -99,25 +101,23 @@ class DecoderCache:
         """How many target positions have been decoded (the position of the next token)."""
         return self.layers[0].length
 
-    def reorder(self, indices_B: Tensor, *, include_memory: bool = True) -> None:
-        """Keep, for row i of the batch, what row indices_B[i] had (beam search's reordering).
-
-        `include_memory=False` leaves the memory keys/values alone: right when every row is replaced by
-        a row of the same sentence (beams of one source), and it saves copying them at every step.
-        """
+    def reorder(self, indices_B: Tensor) -> None:
+        """Keep, for row i of the batch, what row indices_B[i] had (beam search's reordering, always a row
+        of the same sentence, so the memory stays as it is)."""
         if len(indices_B) != self.layers[0].k_BHLK.shape[0]:
             self.select(indices_B)
             return
         for layer in self.layers:
             layer.reorder(indices_B)
-        if include_memory:
-            self.memory_kv = [(k.index_select(0, indices_B), v.index_select(0, indices_B)) for k, v in self.memory_kv]
 
     def select(self, indices_B: Tensor) -> None:
-        """Keep rows indices_B, memory included; the batch size may change (finished sentences leave)."""
+        """Keep rows indices_B of the self-attention keys/values; the batch size may change."""
         for layer in self.layers:
             layer.select(indices_B)
-        self.memory_kv = [(k.index_select(0, indices_B), v.index_select(0, indices_B)) for k, v in self.memory_kv]
+
+    def select_memory(self, indices_M: Tensor) -> None:
+        """Keep memory entries indices_M (the sentences that stay in the batch)."""
+        self.memory_kv = [(k.index_select(0, indices_M), v.index_select(0, indices_M)) for k, v in self.memory_kv]
 
 
 @dataclass
@@ -178,11 +178,7 @@ class StaticDecoderCache:
     def advance(self) -> None:
         self.position_1.add_(1)
 
-    def reorder(self, indices_B: Tensor, *, include_memory: bool = True) -> None:
+    def reorder(self, indices_B: Tensor) -> None:
         """As `DecoderCache.reorder`, but the rows are copied back into the same tensors."""
         for layer in self.layers:
             layer.reorder(indices_B)
-        if include_memory:
-            for k, v in self.memory_kv:
-                k.copy_(k.index_select(0, indices_B))
-                v.copy_(v.index_select(0, indices_B))

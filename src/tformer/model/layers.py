@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tformer.config import ModelConfig
 from tformer.model.attention import CrossAttention, SelfAttention
+from tformer.model.packed import Linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
 
@@ -22,8 +23,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.d_model, config.d_ff)
-        self.fc2 = nn.Linear(config.d_ff, config.d_model)
+        self.fc1 = Linear(config.d_model, config.d_ff)
+        self.fc2 = Linear(config.d_ff, config.d_model)
         self.activation = ACTIVATIONS[config.activation]
         self.activation_dropout = nn.Dropout(config.activation_dropout)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tformer.config import ModelConfig
@@ -23,6 +22,7 @@ from tformer.model.cache import DecoderCache, StaticDecoderCache
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
+from tformer.model.packed import Linear, linear
 
 
 @dataclass
@@ -150,8 +150,9 @@ class Transformer(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.output_projection = (
-            None if config.tie_output else nn.Linear(config.d_model, config.tgt_vocab_size, bias=False)
+            None if config.tie_output else Linear(config.d_model, config.tgt_vocab_size, bias=False)
         )
+        self.packed: Tensor | None = None  # the tied output weight, packed inside `packed_weights(model)`
         self.final_logits_bias = nn.Parameter(torch.zeros(config.tgt_vocab_size)) if config.final_logits_bias else None
         self.reset_parameters(seed)
 
@@ -292,9 +293,15 @@ class Transformer(nn.Module):
         """Cross-attention keys and values of every decoder layer, computed once per source."""
         return [layer.cross_attention.project_memory(memory_BSD) for layer in self.decoder.layers]
 
+    def packable_weight(self) -> Tensor | None:
+        """The tied output projection's weight, for `packed_weights` (an untied one is a `Linear` of its own)."""
+        return self.tgt_embedding.weight if self.output_projection is None else None
+
     def project_output(self, hidden_BTD: Tensor) -> Tensor:
-        weight_VD = self.tgt_embedding.weight if self.output_projection is None else self.output_projection.weight
-        logits_BTV = F.linear(hidden_BTD, weight_VD)
+        if self.output_projection is None:  # tied: the target embedding, transposed
+            logits_BTV = linear(hidden_BTD, self.tgt_embedding.weight, None, self.packed)
+        else:
+            logits_BTV = self.output_projection(hidden_BTD)
         if self.final_logits_bias is not None:
             logits_BTV = logits_BTV + self.final_logits_bias
         return logits_BTV

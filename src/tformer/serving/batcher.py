@@ -11,6 +11,9 @@ wait in the queue and form the next window.
 Batching never changes a result: decoding is independent of the batch a sentence shares (the decoding
 module's guarantee, checked by tests/test_serve.py against offline translation).
 
+On CPU in fp32 the model's weights are packed for oneDNN once, at `start()`, and kept until `stop()`
+(tformer.model.packed; a server's weights never change), instead of once per window.
+
 `stop()` lets every job already queued finish, then ends the scheduler and the worker; jobs submitted
 after it are refused with `BatcherClosedError`.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +30,7 @@ import torch
 
 from tformer.config import DecodeConfig
 from tformer.decoding.pipeline import TokenizerLike, Translation, Translator
+from tformer.model.packed import packed_weights
 
 
 class BatcherClosedError(RuntimeError):
@@ -68,6 +73,7 @@ class Batcher:
         self._scheduler: asyncio.Task | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._closing = False
+        self._packing = ExitStack()  # holds the packed weights from start() to stop()
         self.windows = 0  # decoding windows run so far (for /health and tests)
 
     @property
@@ -76,6 +82,7 @@ class Batcher:
 
     async def start(self) -> None:
         """Create the queue, the worker and the scheduler task in the running event loop."""
+        self._packing.enter_context(packed_weights(self.model))
         self._queue = asyncio.Queue()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tformer-decode")
         self._scheduler = asyncio.create_task(self._schedule(), name="tformer-batcher")
@@ -88,6 +95,7 @@ class Batcher:
         await self._queue.put(_STOP)
         await self._scheduler
         self._worker.shutdown(wait=True)
+        self._packing.close()
 
     async def translate(self, sentences: list[str], config: DecodeConfig, *, n_tokens: int) -> list[list[Translation]]:
         """The n-best list of every sentence, decoded in a window with whatever else is waiting."""

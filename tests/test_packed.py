@@ -1,0 +1,110 @@
+"""oneDNN-packed weights (tformer.model.packed): the same numbers as nn.Linear, only inside the block,
+only without autograd, and a row's result independent of the batch it is in."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch import nn
+
+from tformer.config import DecodeConfig, preset
+from tformer.decoding import generate
+from tformer.model import Transformer
+from tformer.model.packed import Linear, can_pack, packed_weights
+from tformer.serving.batcher import Batcher
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this torch has no oneDNN")
+
+
+def small_model(**changes) -> Transformer:
+    config = preset("tiny", src_vocab_size=50, tgt_vocab_size=60, share_embeddings=False, **changes)
+    return Transformer(config, seed=3).eval()
+
+
+def packed_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, "packed", None) is not None]
+
+
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_packed_forward_equals_the_plain_one_and_packing_ends_with_the_block(tie_output: bool) -> None:
+    model = small_model(tie_output=tie_output)
+    src = torch.randint(4, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    tgt = torch.randint(4, 60, (3, 5), generator=torch.Generator().manual_seed(1))
+    keys = list(model.state_dict())
+    n_linears = sum(isinstance(m, Linear) for m in model.modules())
+    with torch.no_grad():
+        plain = model(src, tgt)
+        with packed_weights(model) as packed:
+            assert packed
+            assert len(packed_modules(model)) == n_linears + tie_output  # + the tied output projection
+            with packed_weights(model) as again:  # nested: the outer block owns the copies
+                assert not again
+            assert len(packed_modules(model)) == n_linears + tie_output
+            ours = model(src, tgt)
+    assert not packed_modules(model)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_weights_are_not_used_with_autograd_on() -> None:
+    """Training inside the block still gets gradients for every weight (the packed copy has none)."""
+    model = small_model().train()
+    src = torch.randint(4, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    tgt = torch.randint(4, 60, (2, 4), generator=torch.Generator().manual_seed(1))
+    with packed_weights(model):
+        model(src, tgt).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it() -> None:
+    """Bit for bit: the property that makes decoding with packed weights batch-invariant in its arithmetic."""
+    layer = Linear(64, 96)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), packed_weights(layer):
+        together = layer(x)
+        for rows in (1, 4, 5):
+            assert torch.equal(layer(x[:rows]), together[:rows])
+
+
+def test_other_dtypes_are_left_alone() -> None:
+    model = small_model().to(torch.bfloat16)
+    with packed_weights(model) as packed:
+        assert not packed and not packed_modules(model)
+
+
+def test_generate_packs_for_the_call_and_decodes_as_without_packing(monkeypatch) -> None:
+    model = small_model()
+    src = torch.randint(4, 50, (4, 6), generator=torch.Generator().manual_seed(5))
+    config = DecodeConfig(beam_size=3, max_len_a=1.0, max_len_b=3)
+    seen = []
+    decode = model.decode
+
+    def watching_decode(*args, **kwargs):
+        seen.append(len(packed_modules(model)))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "decode", watching_decode)
+    ours = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=config)
+    assert seen and all(count > 0 for count in seen) and not packed_modules(model)
+    monkeypatch.setattr("tformer.decoding.packed_weights", lambda model: nullcontext(False))  # nn.Linear's own
+    reference = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=config)
+    assert [[h.tokens for h in n] for n in ours] == [[h.tokens for h in n] for n in reference]
+    for a, b in zip(ours, reference, strict=True):
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+
+
+def test_the_server_packs_once_for_its_life() -> None:
+    model = small_model()
+    batcher = Batcher(model, tokenizer=None)
+
+    async def life() -> int:
+        await batcher.start()
+        during = len(packed_modules(model))
+        await batcher.stop()
+        return during
+
+    assert asyncio.run(life()) > 0
+    assert not packed_modules(model)
