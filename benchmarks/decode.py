@@ -13,6 +13,8 @@ ratio_vs_hf and ratio_vs_ctranslate2 for tformer (on target tokens/s).
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -120,9 +122,30 @@ class _VocabularyOnly:
         return {token: index for index, token in enumerate(self.tokens)}
 
 
-def ct2_system(hf_model, batches, args, beam: int, workdir: Path, tokens: list[str]):
-    import ctranslate2
-    from ctranslate2.converters import TransformersConverter
+class Ct2Process:
+    """CTranslate2 decoding in a worker process of its own (benchmarks/ct2_worker.py explains why):
+    each call asks it to translate every batch once and returns the lengths; `close` ends it."""
+
+    def __init__(self, settings_path: Path) -> None:
+        worker = Path(__file__).resolve().parent / "ct2_worker.py"
+        self.process = subprocess.Popen(
+            [sys.executable, str(worker), str(settings_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        if self.process.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the CTranslate2 worker did not start (exit code {self.process.wait()})")
+
+    def __call__(self) -> list[int]:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def ct2_system(hf_model, batches, args, beam: int, workdir: Path, tokens: list[str]) -> Ct2Process:
+    from ctranslate2.converters import TransformersConverter  # converting runs no OpenMP work here
 
     target = workdir / "ct2"
     if not target.exists():
@@ -135,23 +158,14 @@ def ct2_system(hf_model, batches, args, beam: int, workdir: Path, tokens: list[s
 
         Converter(str(hf_dir)).convert(str(target), force=True)
     gpu = args.device == "cuda"
-    translator = ctranslate2.Translator(
-        str(target), device=args.device, compute_type="bfloat16" if gpu else "float32",
-        intra_threads=0 if gpu else args.threads, inter_threads=1,
+    settings = dict(
+        model_dir=str(target), device=args.device, compute_type="bfloat16" if gpu else "float32",
+        intra_threads=0 if gpu else args.threads, beam=beam, batch=args.batch, length=args.tgt_len,
+        batches=[[[tokens[i] for i in row] for row in src.tolist()] for src in batches],
     )  # fmt: skip
-    sources = [[[tokens[i] for i in row] for row in src.tolist()] for src in batches]
-
-    def run() -> list[int]:
-        lengths = []
-        for source in sources:
-            results = translator.translate_batch(
-                source, beam_size=beam, max_batch_size=args.batch, max_decoding_length=args.tgt_len,
-                min_decoding_length=args.tgt_len, length_penalty=1.0, num_hypotheses=1,
-            )  # fmt: skip
-            lengths += [len(result.hypotheses[0]) for result in results]
-        return lengths
-
-    return run
+    settings_path = workdir / f"ct2_beam{beam}.json"
+    settings_path.write_text(json.dumps(settings))
+    return Ct2Process(settings_path)
 
 
 def main() -> None:
@@ -194,7 +208,9 @@ def main() -> None:
                     raise SystemExit(f"{name} beam {beam} produced lengths {sorted(lengths)}, expected {args.tgt_len}")
             times = interleaved_medians(runs, repeats=args.repeats, warmup=0, device=args.device)
             if args.profile:
-                print_profiles(runs, args.device)
+                print_profiles({name: run for name, run in runs.items() if name != "ctranslate2"}, args.device)
+            if "ctranslate2" in runs:
+                runs["ctranslate2"].close()
             rates = {}
             for name, seconds in times.items():
                 rates[name] = args.sentences * args.tgt_len / median(seconds)
@@ -227,7 +243,9 @@ def main() -> None:
             "HF: MarianMTModel.generate(num_beams, max_new_tokens=min_new_tokens, length_penalty=1.0); "
             f"attention implementation {getattr(hf_model.config, '_attn_implementation', '?') if hf_model else '-'}. "
             "CTranslate2: the same Marian weights converted with TransformersConverter (a vocabulary-only "
-            "tokenizer), translate_batch with max_decoding_length = min_decoding_length. CTranslate2's Marian "
+            "tokenizer), translate_batch with max_decoding_length = min_decoding_length, in a worker process of "
+            "its own (benchmarks/ct2_worker.py: in torch's process its OpenMP calls bind to torch's libgomp and "
+            "slow down the torch systems timed after it), timed from here like the others. CTranslate2's Marian "
             "decoder starts from a zero embedding instead of the bos embedding, which changes no amount of work; its "
             "Marian loader drops the last vocabulary row, so it projects onto V - 1 tokens."
         )
