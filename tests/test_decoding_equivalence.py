@@ -15,6 +15,7 @@ from tformer.decoding import generate
 from tformer.decoding.greedy import CHECK_EVERY
 from tformer.decoding.incremental import IncrementalDecoder
 from tformer.model import Transformer
+from tformer.model.cache import BeamDecoderCache
 
 BOS, EOS, PAD = 1, 2, 0
 VOCAB = 40
@@ -150,6 +151,38 @@ def test_beams_share_their_sentence_memory_and_step_like_rows_with_copies():
         assert shared.cache.memory_kv[0][0].shape[0] == 2
 
 
+def test_beam_cache_steps_like_a_reordered_cache():
+    """The beam cache never moves keys and values (an ancestry table follows the beams): through steps,
+    reorders within sentences and a sentence leaving, its log-probabilities are those of the cache
+    that copies every reordered row (float64)."""
+    model = peaked_model().double()
+    src, mask = padded_batch([7, 4, 9])
+    tokens = torch.randint(3, VOCAB, (9, 6), generator=torch.Generator().manual_seed(9))
+    generator = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        beam, moved = (
+            IncrementalDecoder(
+                model, src, mask, rows_per_sentence=3, capacity=6, want_attention=False, shared_memory=True,
+                beam_cache=flag,
+            )
+            for flag in (True, False)
+        )  # fmt: skip
+        assert isinstance(beam.cache, BeamDecoderCache) and not isinstance(moved.cache, BeamDecoderCache)
+        rows = 9
+        for t in range(6):
+            if t == 4:  # the middle sentence leaves
+                keep = torch.tensor([0, 1, 2, 6, 7, 8])
+                beam.select(keep)
+                moved.select(keep)
+                tokens, rows = tokens[keep], 6
+            ours, _ = beam.step(tokens[:, t])
+            reference, _ = moved.step(tokens[:, t])
+            torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+            within = torch.randint(0, 3, (rows,), generator=generator) + torch.arange(rows) // 3 * 3
+            beam.reorder(within)
+            moved.reorder(within)
+
+
 def test_raw_cached_decode_matches_forward_logits():
     model = peaked_model()
     src, mask = padded_batch([6, 3, 8])
@@ -177,8 +210,9 @@ def test_cached_search_gives_the_tokens_of_uncached_search(name):
     model = peaked_model()
     src, mask = padded_batch([7, 4, 9, 5, 2])
     prefix = [[5], [], [7, 8], [], []]
-    for use_prefix in (False, True):
-        kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=CONFIGS[name], return_attention=True)
+    # without attention maps beam search runs on the beam cache (never reordered), with them on the default
+    for use_prefix, attention in ((False, True), (True, True), (False, False), (True, False)):
+        kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=CONFIGS[name], return_attention=attention)
         kwargs["prefix"] = prefix if use_prefix else None
         cached = generate(model, src, **kwargs)
         uncached = generate(UncachedModel(model), src, **kwargs)
@@ -186,7 +220,8 @@ def test_cached_search_gives_the_tokens_of_uncached_search(name):
             assert [h.tokens for h in ours] == [h.tokens for h in reference]
             for a, b in zip(ours, reference, strict=True):
                 assert a.score == pytest.approx(b.score, abs=1e-4)
-                torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=0)
+                if attention:
+                    torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=0)
         if use_prefix:
             for hypotheses, forced in zip(cached, prefix, strict=True):
                 assert all(h.tokens[: len(forced)] == forced for h in hypotheses)

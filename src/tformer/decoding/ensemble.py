@@ -81,6 +81,11 @@ class EnsembleModel(nn.Module):
     def new_cache(self, *, batch_size: int, capacity: int) -> EnsembleCache:
         return EnsembleCache([model.new_cache(batch_size=batch_size, capacity=capacity) for model in self.models])
 
+    def new_beam_cache(self, *, sentences: int, beams: int, capacity: int) -> EnsembleCache:
+        return EnsembleCache(
+            [model.new_beam_cache(sentences=sentences, beams=beams, capacity=capacity) for model in self.models]
+        )
+
     def decode(
         self,
         tgt_ids: Tensor,

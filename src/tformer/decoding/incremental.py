@@ -2,7 +2,9 @@
 
 `IncrementalDecoder` owns the cache and the source mask. Every search (greedy, beam, sampling) drives it
 the same way: `step(tokens_R)` for the next log-probabilities, `reorder(rows_R)` when beams swap
-histories, `widen(n)` when each row becomes n beams, `select(rows)` when finished sentences leave.
+histories, `select(rows)` when finished sentences leave. Beam search asks for the model's beam cache
+(`beam_cache=True`: a `BeamDecoderCache`, whose reorder moves an ancestry table instead of every
+layer's keys and values), unless attention maps are wanted or the model has none.
 
 The memory's keys/values (and the source mask) have one row per memory entry, and n adjacent decoder
 rows read each entry. Beam search shares one entry among a sentence's beams (`shared_memory=True`:
@@ -11,8 +13,9 @@ a time (several sampled paths per sentence) give every row its own copy.
 
 The model needs only this surface (a `Transformer`, or an `EnsembleModel`): `encode(src, *,
 src_pad_mask)`, `project_memory(memory)`, `new_cache(*, batch_size, capacity)` returning a cache with
-`memory_kv`, `reorder(indices)`, `select(indices)` and `select_memory(indices)`, `decode(tokens, *,
-memory, src_pad_mask, cache, return_attention)` whose query rows are a multiple of the memory's, and
+`memory_kv`, `reorder(indices)`, `select(indices)` and `select_memory(indices)` (optionally
+`new_beam_cache(*, sentences, beams, capacity)` returning one like it), `decode(tokens, *, memory,
+src_pad_mask, cache, return_attention)` whose query rows are a multiple of the memory's, and
 `config.max_positions` / `config.pad_id`.
 
 Shape legend: B sentences, R rows (sentences x rows per sentence), M memory entries, S source length,
@@ -59,14 +62,17 @@ class IncrementalDecoder:
         capacity: int,
         want_attention: bool,
         shared_memory: bool,
+        beam_cache: bool = False,
     ) -> None:
         self.model = model
         self.want_attention = want_attention
-        self.device = src_ids_BS.device
         self.rows = src_ids_BS.shape[0] * rows_per_sentence
         copies = 1 if shared_memory else rows_per_sentence
         self.rows_per_memory = rows_per_sentence // copies  # adjacent rows reading one memory entry
-        self.cache = model.new_cache(batch_size=self.rows, capacity=capacity)
+        if beam_cache and shared_memory and not want_attention and hasattr(model, "new_beam_cache"):
+            self.cache = model.new_beam_cache(sentences=src_ids_BS.shape[0], beams=rows_per_sentence, capacity=capacity)
+        else:
+            self.cache = model.new_cache(batch_size=self.rows, capacity=capacity)
         self.cache.memory_kv = encoded_memory(model, src_ids_BS, src_pad_mask_BS, copies)
         # one host sync before the loop: without padding, attention needs no mask at all
         self.mask_MS = None if bool(src_pad_mask_BS.all()) else repeat_rows(src_pad_mask_BS, copies)
@@ -88,12 +94,6 @@ class IncrementalDecoder:
     def reorder(self, rows_R: Tensor) -> None:
         """Row r continues the history of row rows_R[r], always a row of the same sentence."""
         self.cache.reorder(rows_R)
-
-    def widen(self, n: int) -> None:
-        """Every row becomes n adjacent rows with its history, all reading its memory entry."""
-        self.cache.select(torch.arange(self.rows, device=self.device).repeat_interleave(n))
-        self.rows *= n
-        self.rows_per_memory *= n
 
     def select(self, rows: Tensor) -> None:
         """Keep only these rows (finished sentences leave the batch): whole groups of the rows that read

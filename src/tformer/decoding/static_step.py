@@ -90,6 +90,7 @@ def make_decoder(
         capacity=capacity,
         want_attention=want_attention,
         shared_memory=reorders_rows,
+        beam_cache=reorders_rows,
     )
 
 

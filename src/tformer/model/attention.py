@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from tformer.model.masks import additive_mask, causal_mask
 from tformer.model.packed import Linear
 
+FEW_QUERIES = 16  # on the CPU, at most this many folded queries use the matrix form (see `attend_rows`)
+
 
 def attention_loop(q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor | None = None) -> Tensor:
     """The teaching form: loop over queries and keys, vectorised only over batch and heads."""
@@ -119,21 +121,68 @@ def attend(
     dropout_p: float,
     need_weights: bool,
     is_causal: bool = False,
+    matrix_form: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The fused kernel, or the matrix form when the caller wants the weights back."""
-    if need_weights:
+    """The fused kernel, or the matrix form when the caller wants the weights back (or `matrix_form`)."""
+    if need_weights or matrix_form:
         if is_causal:
             mask = causal_mask(q_BHTK.shape[2], k_BHSK.shape[2], device=q_BHTK.device)
-        return attention_matrix(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p)
+        output, weights = attention_matrix(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p)
+        return output, weights if need_weights else None
     output = attention_fused(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p, is_causal=is_causal)
     return output, None
+
+
+def attend_rows(
+    q_RHTK: Tensor,
+    k_MHSK: Tensor,
+    v_MHSK: Tensor,
+    mask: Tensor | None,
+    *,
+    dropout_p: float,
+    need_weights: bool,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """`attend` where the R query rows may be n times the M key rows: n adjacent query rows (the beams
+    of one sentence) share one row of keys and values, and their n x T queries are folded into one
+    attention call over it (`mask` then has one row per key row, and n x T query positions if it has
+    more than one). Each query's result is the one it would get from its own copy of the keys.
+    Returns the heads merged, (R, T, D), and the weights (R, H, T, S) if asked for."""
+    R, H, T, K = q_RHTK.shape
+    M = k_MHSK.shape[0]
+    if R % M != 0:
+        raise ValueError(f"{R} query rows cannot share {M} key rows evenly")
+    n = R // M
+    if n == 1:
+        output_RHTK, weights_RHTS = attend(
+            q_RHTK, k_MHSK, v_MHSK, mask, dropout_p=dropout_p, need_weights=need_weights, is_causal=is_causal
+        )
+        return merge_heads(output_RHTK), weights_RHTS
+    if is_causal:
+        raise ValueError("folded query rows take an explicit mask, not is_causal")
+    q_MHQK = q_RHTK.view(M, n, H, T, K).transpose(1, 2).reshape(M, H, n * T, K)  # Q = n x T queries
+    # On the CPU the few folded queries of a decoding step take the matrix form: torch's fused kernel has
+    # a fixed cost of ~100 us per call there, more than the work (4 beams x 128 heads over 32 memory keys
+    # on 2 cores: 274 us fused, 97 us as matrices; with a beam cache's ancestry mask the gap is wider).
+    few_cpu_queries = q_MHQK.device.type == "cpu" and n * T <= FEW_QUERIES
+    output_MHQK, weights_MHQS = attend(
+        q_MHQK, k_MHSK, v_MHSK, mask, dropout_p=dropout_p, need_weights=need_weights, matrix_form=few_cpu_queries
+    )
+    # unfold straight into the merged-heads layout: (M, H, n, T, K) -> (M, n, T, H, K) -> (R, T, D)
+    output_RTD = output_MHQK.view(M, H, n, T, K).permute(0, 2, 3, 1, 4).reshape(R, T, H * K)
+    weights_RHTS = None
+    if weights_MHQS is not None:
+        S = weights_MHQS.shape[-1]
+        weights_RHTS = weights_MHQS.view(M, H, n, T, S).transpose(1, 2).reshape(R, H, T, S)
+    return output_RTD, weights_RHTS
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused Q/K/V projection.
 
     With a `LayerCache` it appends the new keys and values and attends over all positions so far,
-    which is what incremental decoding needs.
+    which is what incremental decoding needs. A `BeamLayerCache` returns its keys per sentence, shared by
+    the sentence's beams, whose queries are then folded (`attend_rows`) under the cache's ancestry mask.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, dropout: float) -> None:
@@ -158,7 +207,7 @@ class SelfAttention(nn.Module):
         v_BHSK = split_heads(v_BTD, self.n_heads)
         if cache is not None:
             k_BHSK, v_BHSK = cache.append(k_BHSK, v_BHSK)
-        output_BHTK, weights = attend(
+        output_BTD, weights = attend_rows(
             q_BHTK,
             k_BHSK,
             v_BHSK,
@@ -167,7 +216,7 @@ class SelfAttention(nn.Module):
             need_weights=need_weights,
             is_causal=is_causal,
         )
-        return self.out_proj(merge_heads(output_BHTK)), weights
+        return self.out_proj(output_BTD), weights
 
 
 class CrossAttention(nn.Module):
@@ -202,29 +251,14 @@ class CrossAttention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x_RTD: R = M x n rows for M memory rows; `mask` is per memory row (M, 1, 1, S) or None."""
-        k_MHSK, v_MHSK = memory_kv
         q_RHTK = split_heads(self.q_proj(x_RTD), self.n_heads)
-        R, H, T, K = q_RHTK.shape
-        M = k_MHSK.shape[0]
-        if R % M != 0:
-            raise ValueError(f"{R} query rows cannot share {M} memory rows evenly")
-        n = R // M
-        # fold: the n rows of a memory row become n x T queries of it
-        q_MHQK = q_RHTK if n == 1 else q_RHTK.view(M, n, H, T, K).transpose(1, 2).reshape(M, H, n * T, K)
-        output_MHQK, weights_MHQS = attend(
-            q_MHQK,
+        k_MHSK, v_MHSK = memory_kv
+        output_RTD, weights_RHTS = attend_rows(
+            q_RHTK,
             k_MHSK,
             v_MHSK,
             mask,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
         )
-        if n == 1:
-            return self.out_proj(merge_heads(output_MHQK)), weights_MHQS
-        # unfold straight into the merged-heads layout: (M, H, n, T, K) -> (M, n, T, H, K) -> (R, T, D)
-        output_RTD = output_MHQK.view(M, H, n, T, K).permute(0, 2, 3, 1, 4).reshape(R, T, H * K)
-        weights_RHTS = None
-        if weights_MHQS is not None:
-            S = weights_MHQS.shape[-1]
-            weights_RHTS = weights_MHQS.view(M, H, n, T, S).transpose(1, 2).reshape(R, H, T, S)
         return self.out_proj(output_RTD), weights_RHTS

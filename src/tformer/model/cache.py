@@ -182,3 +182,107 @@ class StaticDecoderCache:
         """As `DecoderCache.reorder`, but the rows are copied back into the same tensors."""
         for layer in self.layers:
             layer.reorder(indices_B)
+
+
+@dataclass
+class BeamLayerCache:
+    """Self-attention keys and values of one decoder layer for beam search, never moved: beam j of
+    sentence b writes position p at [b, :, p, j]. Positions come first, so the filled part of a sentence
+    is one contiguous block of (length x N) keys that all its beams' queries read at once."""
+
+    k_BHLNK: Tensor
+    v_BHLNK: Tensor
+    length: int = 0
+
+    def append(self, k_RHTK: Tensor, v_RHTK: Tensor) -> tuple[Tensor, Tensor]:
+        """Write each beam's key and value of the new position (R = B x N rows, one position) and return
+        every sentence's keys and values so far, (B, H, P, K) with P = length x N, position-major."""
+        B, H, L, N, K = self.k_BHLNK.shape
+        t = self.length
+        if k_RHTK.shape[2] != 1:
+            raise ValueError("a beam cache takes one position per step")
+        if t >= L:
+            raise ValueError(f"decoder cache holds {L} positions; asked for {t + 1}")
+        self.k_BHLNK[:, :, t] = k_RHTK.view(B, N, H, K).transpose(1, 2)
+        self.v_BHLNK[:, :, t] = v_RHTK.view(B, N, H, K).transpose(1, 2)
+        self.length = t + 1
+        return (
+            self.k_BHLNK[:, :, : t + 1].reshape(B, H, (t + 1) * N, K),
+            self.v_BHLNK[:, :, : t + 1].reshape(B, H, (t + 1) * N, K),
+        )
+
+    def select(self, sentences_B: Tensor) -> None:
+        self.k_BHLNK = self.k_BHLNK.index_select(0, sentences_B)
+        self.v_BHLNK = self.v_BHLNK.index_select(0, sentences_B)
+
+
+@dataclass
+class BeamDecoderCache:
+    """A decoder cache for beam search that reorders beams without copying keys and values.
+
+    Beam search's reorder (row i continues the history of row parent(i)) would copy every layer's keys
+    and values of every filled position at every step. Here they stay where they were written, and
+    `ancestry_BNL[b, i, p]` records which beam slot holds position p of beam i's history; a reorder
+    only gathers that small integer table. Each step, beam i's query attends to its sentence's keys of
+    all slots, masked to the slot of its own ancestor at each position (`start_step`): the same keys and
+    values as a reordered cache, at the cost of N times more (tiny) attention products instead of
+    copying the cache. Memory keys/values are one entry per sentence, as in `DecoderCache`.
+    """
+
+    layers: list[BeamLayerCache]
+    ancestry_BNL: Tensor  # long: the beam slot holding each position of each beam's history
+    memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def allocate(
+        cls,
+        *,
+        n_layers: int,
+        sentences: int,
+        beams: int,
+        n_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> BeamDecoderCache:
+        shape = (sentences, n_heads, capacity, beams, head_dim)
+
+        def empty() -> Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        layers = [BeamLayerCache(empty(), empty()) for _ in range(n_layers)]
+        ancestry_BNL = torch.zeros((sentences, beams, capacity), dtype=torch.long, device=device)
+        return cls(layers=layers, ancestry_BNL=ancestry_BNL)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def start_step(self) -> Tensor:
+        """Mark the new position as each beam's own slot and return the (B, 1, N, P) "may attend" mask
+        of the beams' queries over the P = (length + 1) x N keys of their sentence."""
+        B, N, _ = self.ancestry_BNL.shape
+        t = self.length
+        slots_N = torch.arange(N, device=self.ancestry_BNL.device)
+        self.ancestry_BNL[:, :, t] = slots_N
+        return (self.ancestry_BNL[:, :, : t + 1, None] == slots_N).view(B, 1, N, (t + 1) * N)
+
+    def reorder(self, indices_R: Tensor) -> None:
+        """Row i (beam i % N of sentence i // N) continues the history of row indices_R[i], a row of the
+        same sentence: only the ancestry table moves."""
+        B, N, _ = self.ancestry_BNL.shape
+        t = self.length
+        parent_BN = indices_R.view(B, N) % N
+        self.ancestry_BNL[:, :, :t] = self.ancestry_BNL[:, :, :t].gather(1, parent_BN[:, :, None].expand(B, N, t))
+
+    def select(self, indices_R: Tensor) -> None:
+        """Keep rows indices_R: whole sentences (all N rows of each, in order), as when they leave."""
+        N = self.ancestry_BNL.shape[1]
+        sentences_B = indices_R[::N] // N
+        for layer in self.layers:
+            layer.select(sentences_B)
+        self.ancestry_BNL = self.ancestry_BNL.index_select(0, sentences_B)
+
+    def select_memory(self, indices_M: Tensor) -> None:
+        self.memory_kv = [(k.index_select(0, indices_M), v.index_select(0, indices_M)) for k, v in self.memory_kv]

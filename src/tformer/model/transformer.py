@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ModelConfig
-from tformer.model.cache import DecoderCache, StaticDecoderCache
+from tformer.model.cache import BeamDecoderCache, DecoderCache, StaticDecoderCache
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
@@ -90,7 +90,7 @@ class Decoder(nn.Module):
         memory_kv: list[tuple[Tensor, Tensor]],
         src_pad_mask_BS: Tensor | None,
         tgt_pad_mask: Tensor | None,
-        cache: DecoderCache | StaticDecoderCache | None,
+        cache: DecoderCache | StaticDecoderCache | BeamDecoderCache | None,
         need_weights: bool,
     ) -> tuple[Tensor, list, list]:
         T = tokens_BTD.shape[1]
@@ -99,6 +99,10 @@ class Decoder(nn.Module):
             assert T == 1 and tgt_pad_mask is None, "a static cache decodes one token at a time, unpadded"
             x_BTD = self.dropout(tokens_BTD + self.positions.at(cache.position_1))
             is_causal, self_mask = False, cache.visible_keys()
+        elif isinstance(cache, BeamDecoderCache):  # one new token per beam; keys of every slot, masked
+            assert T == 1 and tgt_pad_mask is None, "a beam cache decodes one token at a time, unpadded"
+            x_BTD = self.dropout(tokens_BTD + self.positions(T, cache.length))
+            is_causal, self_mask = False, cache.start_step()
         else:
             offset = 0 if cache is None else cache.length
             x_BTD = self.dropout(tokens_BTD + self.positions(T, offset))
@@ -315,6 +319,12 @@ class Transformer(nn.Module):
         if memory is not None:
             cache.memory_kv = self.project_memory(memory)
         return cache
+
+    def new_beam_cache(self, *, sentences: int, beams: int, capacity: int) -> BeamDecoderCache:
+        """A decoder cache for beam search whose beams are reordered without moving keys and values."""
+        layout = self._cache_layout(sentences, capacity)
+        del layout["batch_size"]
+        return BeamDecoderCache.allocate(sentences=sentences, beams=beams, **layout)
 
     def new_static_cache(self, *, batch_size: int, capacity: int) -> StaticDecoderCache:
         """A fixed-shape decoder cache for a decoding step captured once and replayed (CUDA graphs)."""
