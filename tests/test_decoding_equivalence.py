@@ -152,9 +152,10 @@ def test_beams_share_their_sentence_memory_and_step_like_rows_with_copies():
 
 
 def test_beam_cache_steps_like_a_reordered_cache():
-    """The beam cache never moves keys and values (an ancestry table follows the beams): through steps,
-    reorders within sentences and a sentence leaving, its log-probabilities are those of the cache
-    that copies every reordered row (float64)."""
+    """The beam cache never moves keys and values (an ancestry table follows the beams): through a first
+    step with one row per sentence (written to every slot), widening to 3 beams, steps, reorders within
+    sentences and a sentence leaving, its log-probabilities are those of the cache that copies every
+    reordered row (float64)."""
     model = peaked_model().double()
     src, mask = padded_batch([7, 4, 9])
     tokens = torch.randint(3, VOCAB, (9, 6), generator=torch.Generator().manual_seed(9))
@@ -162,14 +163,21 @@ def test_beam_cache_steps_like_a_reordered_cache():
     with torch.no_grad():
         beam, moved = (
             IncrementalDecoder(
-                model, src, mask, rows_per_sentence=3, capacity=6, want_attention=False, shared_memory=True,
-                beam_cache=flag,
+                model, src, mask, rows_per_sentence=1, capacity=6, want_attention=False, shared_memory=True,
+                beam_slots=slots,
             )
-            for flag in (True, False)
+            for slots in (3, 0)
         )  # fmt: skip
         assert isinstance(beam.cache, BeamDecoderCache) and not isinstance(moved.cache, BeamDecoderCache)
+        first, _ = beam.step(tokens[::3, 0])
+        torch.testing.assert_close(first, moved.step(tokens[::3, 0])[0], atol=1e-12, rtol=0)
+        beam.widen(3)
+        moved.widen(3)
         rows = 9
-        for t in range(6):
+        for t in range(1, 6):
+            within = torch.randint(0, 3, (rows,), generator=generator) + torch.arange(rows) // 3 * 3
+            beam.reorder(within)
+            moved.reorder(within)
             if t == 4:  # the middle sentence leaves
                 keep = torch.tensor([0, 1, 2, 6, 7, 8])
                 beam.select(keep)
@@ -178,9 +186,6 @@ def test_beam_cache_steps_like_a_reordered_cache():
             ours, _ = beam.step(tokens[:, t])
             reference, _ = moved.step(tokens[:, t])
             torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
-            within = torch.randint(0, 3, (rows,), generator=generator) + torch.arange(rows) // 3 * 3
-            beam.reorder(within)
-            moved.reorder(within)
 
 
 def test_raw_cached_decode_matches_forward_logits():

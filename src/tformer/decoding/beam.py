@@ -84,7 +84,9 @@ def beam_search(
         model,
         src_ids,
         src_pad_mask,
-        rows_per_sentence=N,  # all beams are bos at step 0; only the first may expand (scores below)
+        # all beams are bos at step 0: one row per sentence, widened after it (a static step keeps N rows)
+        rows_per_sentence=N if static else 1,
+        beams=N,
         capacity=decoding_capacity(model, T),
         want_attention=want_attention,
         static=static,
@@ -111,7 +113,13 @@ def beam_search(
     last_R = state.history[:, :, 0].reshape(-1)
     length_1 = torch.zeros(1, dtype=torch.long, device=device)  # t + 1 during step t, on the device
     for t in range(T):
-        log_probs_RV, attention_RS = decoder.step(last_R)
+        if t == 0 and not static:  # one row per sentence, then every beam continues it
+            log_probs_BV, attention_BS = decoder.step(last_R[::N])
+            decoder.widen(N)
+            log_probs_RV = log_probs_BV.repeat_interleave(N, dim=0)
+            attention_RS = None if attention_BS is None else attention_BS.repeat_interleave(N, dim=0)
+        else:
+            log_probs_RV, attention_RS = decoder.step(last_R)
         Bc = state.scores.shape[0]
         log_probs_RV = constraints.apply(log_probs_RV, t, state.history.view(Bc * N, -1)[:, : t + 1])
         length_1.add_(1)

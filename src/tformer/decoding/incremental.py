@@ -2,9 +2,10 @@
 
 `IncrementalDecoder` owns the cache and the source mask. Every search (greedy, beam, sampling) drives it
 the same way: `step(tokens_R)` for the next log-probabilities, `reorder(rows_R)` when beams swap
-histories, `select(rows)` when finished sentences leave. Beam search asks for the model's beam cache
-(`beam_cache=True`: a `BeamDecoderCache`, whose reorder moves an ancestry table instead of every
-layer's keys and values), unless attention maps are wanted or the model has none.
+histories, `widen(n)` when each row becomes n beams, `select(rows)` when finished sentences leave. Beam
+search asks for the model's beam cache (`beam_slots=N`: a `BeamDecoderCache` with N slots per sentence,
+whose reorder moves an ancestry table instead of every layer's keys and values), unless attention maps
+are wanted or the model has none.
 
 The memory's keys/values (and the source mask) have one row per memory entry, and n adjacent decoder
 rows read each entry. Beam search shares one entry among a sentence's beams (`shared_memory=True`:
@@ -62,15 +63,17 @@ class IncrementalDecoder:
         capacity: int,
         want_attention: bool,
         shared_memory: bool,
-        beam_cache: bool = False,
+        beam_slots: int = 0,
     ) -> None:
         self.model = model
         self.want_attention = want_attention
         self.rows = src_ids_BS.shape[0] * rows_per_sentence
+        self.mask_device = src_ids_BS.device
         copies = 1 if shared_memory else rows_per_sentence
         self.rows_per_memory = rows_per_sentence // copies  # adjacent rows reading one memory entry
-        if beam_cache and shared_memory and not want_attention and hasattr(model, "new_beam_cache"):
-            self.cache = model.new_beam_cache(sentences=src_ids_BS.shape[0], beams=rows_per_sentence, capacity=capacity)
+        self.beam_cache = beam_slots > 0 and shared_memory and not want_attention and hasattr(model, "new_beam_cache")
+        if self.beam_cache:
+            self.cache = model.new_beam_cache(sentences=src_ids_BS.shape[0], beams=beam_slots, capacity=capacity)
         else:
             self.cache = model.new_cache(batch_size=self.rows, capacity=capacity)
         self.cache.memory_kv = encoded_memory(model, src_ids_BS, src_pad_mask_BS, copies)
@@ -94,6 +97,14 @@ class IncrementalDecoder:
     def reorder(self, rows_R: Tensor) -> None:
         """Row r continues the history of row rows_R[r], always a row of the same sentence."""
         self.cache.reorder(rows_R)
+
+    def widen(self, n: int) -> None:
+        """Every row becomes n adjacent rows with its history, all reading its memory entry (a beam cache
+        has written the first position into all its slots already)."""
+        if not self.beam_cache:
+            self.cache.select(torch.arange(self.rows, device=self.mask_device).repeat_interleave(n))
+        self.rows *= n
+        self.rows_per_memory *= n
 
     def select(self, rows: Tensor) -> None:
         """Keep only these rows (finished sentences leave the batch): whole groups of the rows that read

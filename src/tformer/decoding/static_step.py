@@ -65,12 +65,14 @@ def make_decoder(
     want_attention: bool,
     static: bool,
     reorders_rows: bool,
+    beams: int = 1,
     compile_step: bool = False,
 ) -> IncrementalDecoder | StaticStepDecoder:
     """The decoder a search drives: the static step when `static`, else the default incremental one.
     `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it, and the
     rows of a sentence stay together, so they share one memory entry (the static step always shares:
-    its rows never leave); `compile_step`: the static step is compiled (torch.compile) before it runs or
+    its rows never leave) and the default step keeps `beams` slots per sentence in a beam cache;
+    `compile_step`: the static step is compiled (torch.compile) before it runs or
     is recorded."""
     if static:
         return StaticStepDecoder(
@@ -90,7 +92,7 @@ def make_decoder(
         capacity=capacity,
         want_attention=want_attention,
         shared_memory=reorders_rows,
-        beam_cache=reorders_rows,
+        beam_slots=beams if reorders_rows else 0,
     )
 
 

@@ -195,16 +195,18 @@ class BeamLayerCache:
     length: int = 0
 
     def append(self, k_RHTK: Tensor, v_RHTK: Tensor) -> tuple[Tensor, Tensor]:
-        """Write each beam's key and value of the new position (R = B x N rows, one position) and return
-        every sentence's keys and values so far, (B, H, P, K) with P = length x N, position-major."""
+        """Write each beam's key and value of the new position (R = B x N rows, one position; or R = B,
+        one row per sentence, written to all its slots: the first step, when every beam is the same) and
+        return every sentence's keys and values so far, (B, H, P, K) with P = length x N, position-major."""
         B, H, L, N, K = self.k_BHLNK.shape
         t = self.length
         if k_RHTK.shape[2] != 1:
             raise ValueError("a beam cache takes one position per step")
         if t >= L:
             raise ValueError(f"decoder cache holds {L} positions; asked for {t + 1}")
-        self.k_BHLNK[:, :, t] = k_RHTK.view(B, N, H, K).transpose(1, 2)
-        self.v_BHLNK[:, :, t] = v_RHTK.view(B, N, H, K).transpose(1, 2)
+        n = k_RHTK.shape[0] // B  # N, or 1 (broadcast to every slot)
+        self.k_BHLNK[:, :, t] = k_RHTK.view(B, n, H, K).transpose(1, 2)
+        self.v_BHLNK[:, :, t] = v_RHTK.view(B, n, H, K).transpose(1, 2)
         self.length = t + 1
         return (
             self.k_BHLNK[:, :, : t + 1].reshape(B, H, (t + 1) * N, K),
@@ -259,14 +261,16 @@ class BeamDecoderCache:
     def length(self) -> int:
         return self.layers[0].length
 
-    def start_step(self) -> Tensor:
-        """Mark the new position as each beam's own slot and return the (B, 1, N, P) "may attend" mask
-        of the beams' queries over the P = (length + 1) x N keys of their sentence."""
+    def start_step(self, rows: int) -> Tensor:
+        """Mark the new position as each beam's own slot and return the (B, 1, n, P) "may attend" mask of
+        the n = rows / B queries of each sentence (N, or 1 in the first step: beam 0 stands for all) over
+        the P = (length + 1) x N keys of their sentence."""
         B, N, _ = self.ancestry_BNL.shape
+        n = rows // B
         t = self.length
         slots_N = torch.arange(N, device=self.ancestry_BNL.device)
         self.ancestry_BNL[:, :, t] = slots_N
-        return (self.ancestry_BNL[:, :, : t + 1, None] == slots_N).view(B, 1, N, (t + 1) * N)
+        return (self.ancestry_BNL[:, :n, : t + 1, None] == slots_N).view(B, 1, n, (t + 1) * N)
 
     def reorder(self, indices_R: Tensor) -> None:
         """Row i (beam i % N of sentence i // N) continues the history of row indices_R[i], a row of the

@@ -102,7 +102,7 @@ class Decoder(nn.Module):
         elif isinstance(cache, BeamDecoderCache):  # one new token per beam; keys of every slot, masked
             assert T == 1 and tgt_pad_mask is None, "a beam cache decodes one token at a time, unpadded"
             x_BTD = self.dropout(tokens_BTD + self.positions(T, cache.length))
-            is_causal, self_mask = False, cache.start_step()
+            is_causal, self_mask = False, cache.start_step(tokens_BTD.shape[0])
         else:
             offset = 0 if cache is None else cache.length
             x_BTD = self.dropout(tokens_BTD + self.positions(T, offset))
