@@ -122,9 +122,24 @@ def test_step_logits_match_full_forward_including_after_a_reorder():
             torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=0)
 
 
+def step_alike(ours, reference, tokens_R, *, reorder=None, keep=None) -> None:
+    """Reorder rows and keep sentences alike in both decoders, step both, compare everything (float64)."""
+    for decoder in (ours, reference):
+        if reorder is not None:
+            decoder.reorder(reorder)
+        if keep is not None:
+            decoder.select(keep)
+    for got, expected in zip(ours.step(tokens_R), reference.step(tokens_R), strict=True):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+MIDDLE_SENTENCE_LEAVES = torch.tensor([0, 1, 2, 6, 7, 8])  # rows kept of 3 sentences x 3 beams
+
+
 def test_beams_share_their_sentence_memory_and_step_like_rows_with_copies():
     """shared_memory keeps one memory entry per sentence (not per row); steps, reorders and a sentence
-    leaving give the log-probabilities of the decoder that copies the memory to every row."""
+    leaving give the log-probabilities and attention of the decoder that copies the memory to every row."""
     model = peaked_model().double()
     src, mask = padded_batch([7, 4, 9])
     tokens = torch.randint(3, VOCAB, (9, 5), generator=torch.Generator().manual_seed(6))
@@ -134,20 +149,12 @@ def test_beams_share_their_sentence_memory_and_step_like_rows_with_copies():
             for s in (True, False)
         )
         assert shared.cache.memory_kv[0][0].shape[0] == 3 and copied.cache.memory_kv[0][0].shape[0] == 9
-        for t in range(5):
-            if t == 2:  # beams swap within their sentences
-                rows = torch.tensor([2, 0, 0, 4, 3, 5, 8, 8, 6])
-                shared.reorder(rows)
-                copied.reorder(rows)
-            if t == 3:  # the middle sentence leaves
-                keep = torch.tensor([0, 1, 2, 6, 7, 8])
-                shared.select(keep)
-                copied.select(keep)
-                tokens = tokens[keep]
-            ours, ours_attention = shared.step(tokens[:, t])
-            reference, reference_attention = copied.step(tokens[:, t])
-            torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
-            torch.testing.assert_close(ours_attention, reference_attention, atol=1e-12, rtol=0)
+        step_alike(shared, copied, tokens[:, 0])
+        step_alike(shared, copied, tokens[:, 1])
+        step_alike(shared, copied, tokens[:, 2], reorder=torch.tensor([2, 0, 0, 4, 3, 5, 8, 8, 6]))
+        tokens = tokens[MIDDLE_SENTENCE_LEAVES]
+        step_alike(shared, copied, tokens[:, 3], keep=MIDDLE_SENTENCE_LEAVES)
+        step_alike(shared, copied, tokens[:, 4])
         assert shared.cache.memory_kv[0][0].shape[0] == 2
 
 
@@ -169,23 +176,16 @@ def test_beam_cache_steps_like_a_reordered_cache():
             for slots in (3, 0)
         )  # fmt: skip
         assert isinstance(beam.cache, BeamDecoderCache) and not isinstance(moved.cache, BeamDecoderCache)
-        first, _ = beam.step(tokens[::3, 0])
-        torch.testing.assert_close(first, moved.step(tokens[::3, 0])[0], atol=1e-12, rtol=0)
+        step_alike(beam, moved, tokens[::3, 0])
         beam.widen(3)
         moved.widen(3)
-        rows = 9
         for t in range(1, 6):
+            rows = len(tokens)  # before a sentence leaves: the reorder comes first
             within = torch.randint(0, 3, (rows,), generator=generator) + torch.arange(rows) // 3 * 3
-            beam.reorder(within)
-            moved.reorder(within)
-            if t == 4:  # the middle sentence leaves
-                keep = torch.tensor([0, 1, 2, 6, 7, 8])
-                beam.select(keep)
-                moved.select(keep)
-                tokens, rows = tokens[keep], 6
-            ours, _ = beam.step(tokens[:, t])
-            reference, _ = moved.step(tokens[:, t])
-            torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+            keep = MIDDLE_SENTENCE_LEAVES if t == 4 else None
+            if keep is not None:
+                tokens = tokens[keep]
+            step_alike(beam, moved, tokens[:, t], reorder=within, keep=keep)
 
 
 def test_raw_cached_decode_matches_forward_logits():
