@@ -68,7 +68,7 @@ class IncrementalDecoder:
         self.model = model
         self.want_attention = want_attention
         self.rows = src_ids_BS.shape[0] * rows_per_sentence
-        self.mask_device = src_ids_BS.device
+        self.device = src_ids_BS.device
         copies = 1 if shared_memory else rows_per_sentence
         self.rows_per_memory = rows_per_sentence // copies  # adjacent rows reading one memory entry
         self.beam_cache = beam_slots > 0 and shared_memory and not want_attention and hasattr(model, "new_beam_cache")
@@ -102,7 +102,7 @@ class IncrementalDecoder:
         """Every row becomes n adjacent rows with its history, all reading its memory entry (a beam cache
         has written the first position into all its slots already)."""
         if not self.beam_cache:
-            self.cache.select(torch.arange(self.rows, device=self.mask_device).repeat_interleave(n))
+            self.cache.select(torch.arange(self.rows, device=self.device).repeat_interleave(n))
         self.rows *= n
         self.rows_per_memory *= n
 

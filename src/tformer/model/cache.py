@@ -12,12 +12,17 @@ allocates and never copies the empty tail. Beams never change sentence, so the m
 `select` drops or duplicates whole rows (finished sentences leaving the batch, a sentence's first row
 becoming its beams) and reallocates; `select_memory` keeps the memory entries of the sentences that stay.
 
+`BeamDecoderCache` is beam search's cache that is never reordered: each beam's keys and values stay in
+its own slot of its sentence, an ancestry table says which slot holds each position of each beam's
+history, and attention masks by it (so a reorder moves a small integer table, not the cache).
+
 `StaticDecoderCache` is the fixed-shape variant for a decoding step that is captured once and replayed
 (a CUDA graph): its tensors never move or change shape, the position of the next token is a tensor on
 the device that the step itself advances, and every step attends over all `capacity` positions with a
 mask that hides the ones not yet written.
 
-Shape legend: B batch (sentences x beams), H heads, L cache capacity, S source length, K head dim.
+Shape legend: B batch (sentences x beams; in the beam cache, sentences), N beams, H heads, L cache
+capacity, P filled positions x beams, S source length, K head dim, R rows, M memory entries.
 """
 
 from __future__ import annotations
