@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
-# new: the GPU tests of the CUDA graphs, then what no GPU has measured: decoding with the compiled static
-#        step (--compile-step), the graphed training step with compiled layers against Marian compiled per
+# new: the GPU tests of the CUDA graphs, then what no GPU has measured: the default decoding step since
+#        session 4 (beams share their sentence's memory; beam search on the never-reordered beam cache),
+#        decoding with the compiled static step (--compile-step), the graphed training step with compiled layers against Marian compiled per
 #        layer (512x64x64, 128x64x64), a kernel profile of static-step decoding, the graphed step against
 #        Marian compiled whole; about 10-15 minutes (compile times), so over two calls (DEADLINE skips);
 # graphs: the CUDA-graph runs of session 3 again (decoding base/small, graphed training step), ~3 minutes;
@@ -49,6 +50,7 @@ train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
   echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager"
   timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  run decode_cuda_base_beam_cache 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
   run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
   run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
   run train_cuda_base_128x64x64_graph_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile --systems tformer,hf
