@@ -72,8 +72,7 @@ def make_decoder(
     `reorders_rows`: the search calls `reorder` (beam search), so a static step must apply it, and the
     rows of a sentence stay together, so they share one memory entry (the static step always shares:
     its rows never leave) and the default step keeps `beams` slots per sentence in a beam cache;
-    `compile_step`: the static step is compiled (torch.compile) before it runs or
-    is recorded."""
+    `compile_step`: the static step is compiled (torch.compile) before it runs or is recorded."""
     if static:
         return StaticStepDecoder(
             model,
