@@ -160,7 +160,9 @@ def attend_rows(
         return merge_heads(output_RHTK), weights_RHTS
     if is_causal:
         raise ValueError("folded query rows take an explicit mask, not is_causal")
-    q_MHQK = q_RHTK.view(M, n, H, T, K).transpose(1, 2).reshape(M, H, n * T, K)  # Q = n x T queries
+    # Q = n x T queries per key row: (R, H, T, K) -> (R, T, H, K) -> (M, Q, H, K) -> (M, H, Q, K), a view
+    # when the heads were split from a projection's output (as they are), so no copy on the way in
+    q_MHQK = q_RHTK.transpose(1, 2).reshape(M, n * T, H, K).transpose(1, 2)
     # On the CPU the few folded queries of a decoding step take the matrix form: torch's fused kernel has
     # a fixed cost of ~100 us per call there, more than the work (4 beams x 128 heads over 32 memory keys
     # on 2 cores: 274 us fused, 97 us as matrices; with a beam cache's ancestry mask the gap is wider).
