@@ -69,6 +69,16 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it() -> None:
             assert torch.equal(layer(x[:rows]), together[:rows])
 
 
+def test_a_torch_that_cannot_pack_decodes_without_packing(monkeypatch) -> None:
+    def failing_pack(weight):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr("tformer.model.packed.pack", failing_pack)
+    model = small_model()
+    with pytest.warns(UserWarning, match="packing failed"), packed_weights(model) as packed:
+        assert not packed and not packed_modules(model)
+
+
 def test_other_dtypes_are_left_alone() -> None:
     model = small_model().to(torch.bfloat16)
     with packed_weights(model) as packed:

@@ -17,6 +17,7 @@ Shape legend: I input features (any leading dims), O output features.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -73,8 +74,14 @@ def packed_weights(model: object) -> Iterator[bool]:
         if weight is not None and module.packed is None and can_pack(weight):
             modules.append((module, weight))
     try:
-        for module, weight in modules:
-            module.packed = pack(weight)
+        try:
+            for module, weight in modules:
+                module.packed = pack(weight)
+        except RuntimeError as error:  # a oneDNN build that cannot pack here: compute as nn.Linear does
+            warnings.warn(f"oneDNN weight packing failed, decoding without it: {error}", stacklevel=3)
+            for module, _ in modules:
+                module.packed = None
+            modules = []
         yield bool(modules)
     finally:
         for module, _ in modules:
