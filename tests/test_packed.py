@@ -118,3 +118,17 @@ def test_the_server_packs_once_for_its_life() -> None:
 
     assert asyncio.run(life()) > 0
     assert not packed_modules(model)
+
+
+def test_a_compiled_step_inside_a_packing_block_ignores_the_packed_copies() -> None:
+    """torch.compile traces `F.linear` even when the caller holds packed weights (a compiled graph
+    cannot hold oneDNN's opaque copies); the tokens are those of the eager step."""
+    model = small_model()
+    src = torch.randint(4, 50, (2, 5), generator=torch.Generator().manual_seed(6))
+    eager = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=3, static_step=True)
+    compiled = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=3, static_step=True, compile_step=True)
+    expected = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=eager)
+    with packed_weights(model) as packed:
+        assert packed
+        got = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=compiled)
+    assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]

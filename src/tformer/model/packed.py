@@ -44,8 +44,10 @@ def pack(weight_OI: Tensor) -> Tensor:
 
 
 def linear(x_I: Tensor, weight_OI: Tensor, bias_O: Tensor | None, packed: Tensor | None) -> Tensor:
-    """x W^T + b: with the packed weight when there is one and it applies, else `F.linear`."""
-    if packed is None or torch.is_grad_enabled() or x_I.device.type != "cpu" or x_I.dtype != torch.float32:
+    """x W^T + b: with the packed weight when there is one and it applies, else `F.linear` (also while
+    torch.compile traces: a compiled graph chooses its own kernels and cannot hold the opaque packed copy)."""
+    eager_cpu_fp32 = x_I.device.type == "cpu" and x_I.dtype == torch.float32 and not torch.compiler.is_compiling()
+    if packed is None or torch.is_grad_enabled() or not eager_cpu_fp32:
         return F.linear(x_I, weight_OI, bias_O)
     return torch.ops.mkldnn._linear_pointwise(x_I, packed, bias_O, "none", [], "")
 
