@@ -6,9 +6,10 @@ Cross-attention keys and values depend only on the source, so they are computed 
 row per memory entry (a sentence); the decoder's rows may be a multiple n of them, n adjacent rows (a
 sentence's beams) sharing one (see `CrossAttention`).
 
-Beam search reorders hypotheses with `reorder`: an index_select of the *filled* positions only, written
-into a second preallocated buffer that then becomes the live one (double buffering), so a step never
-allocates and never copies the empty tail. Beams never change sentence, so the memory is not reordered.
+`DecoderCache.reorder` moves hypotheses by index (beam search with attention maps; without them it uses
+the `BeamDecoderCache` below): an index_select of the *filled* positions only, written into a second
+preallocated buffer that then becomes the live one (double buffering), so a step never allocates and
+never copies the empty tail. Beams never change sentence, so the memory is not reordered.
 `select` drops or duplicates whole rows (finished sentences leaving the batch, a sentence's first row
 becoming its beams) and reallocates; `select_memory` keeps the memory entries of the sentences that stay.
 
