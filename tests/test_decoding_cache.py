@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from tformer.model.cache import DecoderCache
+from tformer.model.cache import CacheLayout, DecoderCache
 
 
 def filled_cache(batch: int = 4, length: int = 3) -> DecoderCache:
-    cache = DecoderCache.allocate(
-        n_layers=2, batch_size=batch, n_heads=2, head_dim=3, capacity=8, dtype=torch.float32, device=torch.device("cpu")
-    )
+    layout = CacheLayout(n_layers=2, n_heads=2, head_dim=3, capacity=8, dtype=torch.float32, device=torch.device("cpu"))
+    cache = DecoderCache.allocate(layout, batch_size=batch)
     for layer in cache.layers:
         layer.append(torch.randn(batch, 2, length, 3), torch.randn(batch, 2, length, 3))
     cache.memory_kv = [(torch.randn(batch, 2, 5, 3), torch.randn(batch, 2, 5, 3)) for _ in range(2)]

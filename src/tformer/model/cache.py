@@ -34,6 +34,26 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class CacheLayout:
+    """What every decoder cache is sized by: the decoder's depth and heads, the longest output, dtype, device."""
+
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    capacity: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def key_value_buffers(self, shape: tuple[int, ...], *, zeros: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """One (keys, values) pair of `shape` per layer, uninitialised or zeroed."""
+        make = torch.zeros if zeros else torch.empty
+        return [
+            (make(shape, dtype=self.dtype, device=self.device), make(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.n_layers)
+        ]
+
+
 @dataclass
 class LayerCache:
     """Self-attention keys and values of one decoder layer, filled up to `length`."""
@@ -84,23 +104,9 @@ class DecoderCache:
     memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
-    def allocate(
-        cls,
-        *,
-        n_layers: int,
-        batch_size: int,
-        n_heads: int,
-        head_dim: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> DecoderCache:
-        shape = (batch_size, n_heads, capacity, head_dim)
-        layers = [
-            LayerCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-            for _ in range(n_layers)
-        ]
-        return cls(layers=layers)
+    def allocate(cls, layout: CacheLayout, *, batch_size: int) -> DecoderCache:
+        shape = (batch_size, layout.n_heads, layout.capacity, layout.head_dim)
+        return cls(layers=[LayerCache(k, v) for k, v in layout.key_value_buffers(shape)])
 
     @property
     def length(self) -> int:
@@ -157,25 +163,12 @@ class StaticDecoderCache:
     memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
-    def allocate(
-        cls,
-        *,
-        n_layers: int,
-        batch_size: int,
-        n_heads: int,
-        head_dim: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> StaticDecoderCache:
-        shape = (batch_size, n_heads, capacity, head_dim)
-        position_1 = torch.zeros(1, dtype=torch.long, device=device)
-
-        def zeros() -> Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        layers = [StaticLayerCache(zeros(), zeros(), position_1) for _ in range(n_layers)]
-        return cls(layers=layers, position_1=position_1, key_positions_L=torch.arange(capacity, device=device))
+    def allocate(cls, layout: CacheLayout, *, batch_size: int) -> StaticDecoderCache:
+        shape = (batch_size, layout.n_heads, layout.capacity, layout.head_dim)
+        position_1 = torch.zeros(1, dtype=torch.long, device=layout.device)
+        layers = [StaticLayerCache(k, v, position_1) for k, v in layout.key_value_buffers(shape, zeros=True)]
+        key_positions_L = torch.arange(layout.capacity, device=layout.device)
+        return cls(layers=layers, position_1=position_1, key_positions_L=key_positions_L)
 
     def visible_keys(self) -> Tensor:
         """(1, 1, 1, L) "may attend" mask of the new token: every position up to its own."""
@@ -242,25 +235,10 @@ class BeamDecoderCache:
     memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
-    def allocate(
-        cls,
-        *,
-        n_layers: int,
-        sentences: int,
-        beams: int,
-        n_heads: int,
-        head_dim: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> BeamDecoderCache:
-        shape = (sentences, n_heads, capacity, beams, head_dim)
-
-        def empty() -> Tensor:
-            return torch.empty(shape, dtype=dtype, device=device)
-
-        layers = [BeamLayerCache(empty(), empty()) for _ in range(n_layers)]
-        ancestry_BNL = torch.zeros((sentences, beams, capacity), dtype=torch.long, device=device)
+    def allocate(cls, layout: CacheLayout, *, sentences: int, beams: int) -> BeamDecoderCache:
+        shape = (sentences, layout.n_heads, layout.capacity, beams, layout.head_dim)
+        layers = [BeamLayerCache(k, v) for k, v in layout.key_value_buffers(shape)]
+        ancestry_BNL = torch.zeros((sentences, beams, layout.capacity), dtype=torch.long, device=layout.device)
         return cls(layers=layers, ancestry_BNL=ancestry_BNL)
 
     @property

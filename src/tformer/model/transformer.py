@@ -12,13 +12,14 @@ Shape legend: B batch, S source length, T target length, D model dim, H heads, V
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from tformer.config import ModelConfig
-from tformer.model.cache import BeamDecoderCache, DecoderCache, StaticDecoderCache
+from tformer.model.cache import BeamDecoderCache, CacheLayout, DecoderCache, StaticDecoderCache
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
@@ -312,29 +313,26 @@ class Transformer(nn.Module):
 
     def new_cache(self, *, batch_size: int, capacity: int, memory: Tensor | None = None) -> DecoderCache:
         """An empty decoder cache for `capacity` target positions (and the memory's keys/values if given)."""
-        layout = self._cache_layout(batch_size, capacity)
+        layout = self._cache_layout(capacity)
         if memory is not None:
-            layout["dtype"] = memory.dtype
-        cache = DecoderCache.allocate(**layout)
+            layout = dataclasses.replace(layout, dtype=memory.dtype)
+        cache = DecoderCache.allocate(layout, batch_size=batch_size)
         if memory is not None:
             cache.memory_kv = self.project_memory(memory)
         return cache
 
     def new_beam_cache(self, *, sentences: int, beams: int, capacity: int) -> BeamDecoderCache:
         """A decoder cache for beam search whose beams are reordered without moving keys and values."""
-        layout = self._cache_layout(sentences, capacity)
-        del layout["batch_size"]
-        return BeamDecoderCache.allocate(sentences=sentences, beams=beams, **layout)
+        return BeamDecoderCache.allocate(self._cache_layout(capacity), sentences=sentences, beams=beams)
 
     def new_static_cache(self, *, batch_size: int, capacity: int) -> StaticDecoderCache:
         """A fixed-shape decoder cache for a decoding step captured once and replayed (CUDA graphs)."""
-        return StaticDecoderCache.allocate(**self._cache_layout(batch_size, capacity))
+        return StaticDecoderCache.allocate(self._cache_layout(capacity), batch_size=batch_size)
 
-    def _cache_layout(self, batch_size: int, capacity: int) -> dict:
+    def _cache_layout(self, capacity: int) -> CacheLayout:
         reference = self.tgt_embedding.weight
-        return dict(
+        return CacheLayout(
             n_layers=self.config.n_decoder_layers,
-            batch_size=batch_size,
             n_heads=self.config.n_heads,
             head_dim=self.config.head_dim,
             capacity=min(capacity, self.config.max_positions),
