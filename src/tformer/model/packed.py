@@ -4,9 +4,10 @@ On CPU, `nn.Linear` multiplies with MKL's sgemm. oneDNN, given each weight once 
 blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does when it
 freezes a model's weights), computes the same products faster on this project's CPUs (AMD EPYC with
 AVX-512): the `small` output projection at 128 rows takes 2.4 ms instead of 3.7 ms, and beam search
-runs 15% faster end to end (docs/performance.md). Its result for a row does not depend on how many rows
-the batch has, bit for bit; MKL's does (1 or 5 rows give other last bits than 4), so decoding with packed
-weights is also exactly batch-invariant in its arithmetic.
+ran 15% faster end to end in a development A/B (recorded ratios against the rivals: docs/performance.md).
+Its result for a row does not depend on how many rows the batch has, bit for bit; MKL's does (1 or 5 rows
+give other last bits than 4), so decoding with packed weights is also exactly batch-invariant in its
+arithmetic.
 
 Packed copies are only valid while the weights do not change and carry no gradient, so they exist only
 inside `with packed_weights(model):`, and are used only with autograd off (`torch.no_grad` or
