@@ -62,3 +62,15 @@ def test_ensemble_members_must_share_the_vocabulary():
     other = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).eval()
     with pytest.raises(ValueError, match="vocabulary"):
         EnsembleModel([peaked_model(), other])
+
+
+def test_an_ensemble_refuses_to_decode_once_a_member_is_put_in_training_mode():
+    first, second = peaked_model(), peaked_model(eos_bias=0.0)
+    ensemble = EnsembleModel([first, second])
+    second.train()  # after the ensemble was built
+    src, mask = padded_batch([4])
+    with pytest.raises(ValueError, match="eval"):
+        generate(ensemble, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=1))
+    ensemble.eval()
+    assert not first.training and not second.training
+    generate(ensemble, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=1))

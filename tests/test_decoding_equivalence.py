@@ -295,3 +295,11 @@ def test_max_length_follows_a_and_b():
         model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=dataclasses.replace(config, beam_size=1)
     )
     assert [len(n[0].tokens) for n in greedy] == [6, 11]
+
+
+@pytest.mark.parametrize(("a", "length", "expected"), [(1.3, 90, 117), (2.1, 30, 63), (1.3, 170, 221), (1.2, 10, 12)])
+def test_max_length_floors_a_times_the_source_length_exactly(a, length, expected):
+    from tformer.decoding import max_output_lengths
+
+    config = DecodeConfig(max_len_a=a, max_len_b=0)
+    assert max_output_lengths(torch.tensor([length]), config, limit=10**6).tolist() == [expected]

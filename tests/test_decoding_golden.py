@@ -6,6 +6,7 @@ bos); the first source token picks the table, so sentences of one batch can foll
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -169,3 +170,15 @@ def test_decode_config_rejects_negative_values():
         DecodeConfig(min_len=-1)
     with pytest.raises(ValueError, match="nbest"):
         DecodeConfig(beam_size=2, nbest=3)
+
+
+@pytest.mark.parametrize("search", [greedy_search, beam_search])
+def test_a_forced_prefix_wins_over_banned_ids_and_the_ngram_ban(search):
+    """The user forces "b" although it is banned (or would repeat an n-gram): it is kept, with the
+    model's log-probability, and the bans apply again once the prefix has ended."""
+    config = beam_config(beam_size=1 if search is greedy_search else 2, nbest=1, length_normalization="none")
+    (banned,) = run(search, dataclasses.replace(config, banned_ids=(B,)), prefix=[[B]])
+    check(banned, [([B, C], 0.288, math.log(0.288))])
+    # "a a" repeats the 1-gram "a": forced anyway (p .9 x .8); after "a a" the table knows only eos
+    (repeated,) = run(search, dataclasses.replace(config, no_repeat_ngram_size=1), tables=(2,), prefix=[[A, A]])
+    check(repeated, [([A, A], 0.72, math.log(0.72))])

@@ -20,7 +20,7 @@ def sampling(**overrides) -> DecodeConfig:
 
 
 def shaped(**overrides) -> torch.Tensor:
-    return Sampler(sampling(**overrides), torch.device("cpu")).shaped_log_probs(PROBS.log()).exp()
+    return Sampler(sampling(**overrides), torch.device("cpu"), rows=1).shaped_log_probs(PROBS.log()).exp()
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
@@ -63,9 +63,27 @@ def test_temperature_top_k_top_p_shapes():
 
 
 def test_draws_follow_the_shaped_distribution():
-    sampler = Sampler(sampling(top_k=3, seed=1), torch.device("cpu"))
-    draws = sampler(PROBS.log().expand(20000, -1).contiguous())
+    sampler = Sampler(sampling(top_k=3, seed=1), torch.device("cpu"), rows=20000)
+    draws = sampler(PROBS.log().expand(20000, -1).contiguous(), torch.arange(20000))
     frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
     expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
     assert torch.allclose(frequencies, expected, atol=0.015), frequencies
     assert math.isclose(frequencies[3].item(), 0.0)
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows_in_the_batch():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    config = sampling(seed=4, temperature=2.0)
+    all_rows = Sampler(config, torch.device("cpu"), rows=6)(logits, torch.arange(6))
+    some = torch.tensor([1, 4, 5])
+    fewer_rows = Sampler(config, torch.device("cpu"), rows=6)(logits[some], some)
+    assert torch.equal(fewer_rows, all_rows[some])
+
+
+def test_draws_never_pick_a_token_that_top_k_cut():
+    """Inverting the cumulative distribution lands only on tokens with a probability: never on the cut
+    first token (cumulative 0) nor on the cut last one (its cumulative equals the one before)."""
+    sampler = Sampler(sampling(top_k=2, seed=0), torch.device("cpu"), rows=4000)
+    log_probs = torch.tensor([[0.1, 0.6, 0.3, 1e-9]]).log().expand(4000, -1).contiguous()
+    draws = sampler(log_probs, torch.arange(4000))
+    assert set(draws.tolist()) == {1, 2}

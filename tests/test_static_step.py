@@ -228,3 +228,39 @@ def test_compile_step_needs_the_static_step_and_the_flags_set_both():
     assert config.static_step and config.compile_step
     config = apply_decode_arguments(DecodeConfig(), parser.parse_args(["--static-step"]))
     assert config.static_step and not config.compile_step
+
+
+def test_a_later_batch_of_the_same_shape_leaves_the_first_callers_mask_and_results_alone():
+    """The whole-step beam search keeps its buffers for the next batch of the same shape: it must own
+    them, not write the next batch's mask into the tensor the first caller passed."""
+    model = peaked_model()
+    config = DecodeConfig(beam_size=2, static_step=True, max_len_a=0.0, max_len_b=8)
+    src_a, mask_a = padded_batch([7, 3], seed=5)
+    src_b, mask_b = padded_batch([2, 7], seed=6)
+    kept_mask_a = mask_a.clone()
+
+    def run(src, mask):
+        result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+        return [[(h.tokens, h.score) for h in n] for n in result]
+
+    first = run(src_a, mask_a)
+    run(src_b, mask_b)
+    assert torch.equal(mask_a, kept_mask_a)
+    assert run(src_a, mask_a) == first
+
+
+def test_sampling_on_the_static_step_draws_what_the_default_step_draws_when_paths_end_apart():
+    """On the default step finished paths leave the batch, on the static step they stay: a path's draws
+    must not depend on which other paths are still there."""
+    model = peaked_model(eos_bias=9.0)
+    src, mask = padded_batch([7, 4, 9, 5, 3], seed=2)
+    config = DecodeConfig(sampling=True, beam_size=3, nbest=3, seed=3, top_k=5, temperature=1.3, max_len_b=12)
+
+    def run(config):
+        result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+        return [[h.tokens for h in n] for n in result]
+
+    default = run(config)
+    lengths = {len(tokens) for n in default for tokens in n}
+    assert max(lengths) - min(lengths) > 4, "paths should end at different periodic checks"
+    assert run(dataclasses.replace(config, static_step=True)) == default

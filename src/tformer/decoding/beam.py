@@ -161,8 +161,11 @@ def _search_in_whole_steps(
     key += tuple(config.banned_ids)
     search = buffers.searches.get(key)
     if search is None:
+        # the search owns its buffers: `fresh` may hold the caller's tensors (the source mask), which the
+        # next batch of this shape must not overwrite
+        owned = BeamState(**{item.name: getattr(fresh, item.name).clone() for item in dataclasses.fields(BeamState)})
         search = buffers.searches[key] = WholeStepSearch(
-            fresh, torch.zeros(1, dtype=torch.long, device=fresh.done.device)
+            owned, torch.zeros(1, dtype=torch.long, device=fresh.done.device)
         )
     for item in dataclasses.fields(BeamState):  # a new batch: its start state into the buffers
         getattr(search.state, item.name).copy_(getattr(fresh, item.name))

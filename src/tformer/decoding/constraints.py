@@ -5,9 +5,10 @@ log-probabilities of allowed tokens are not renormalised (as in fairseq and Hugg
 
 - banned_ids: these tokens are never predicted (Hugging Face's single-token `bad_words_ids`);
 - min_len: eos is banned while fewer than `min_len` tokens have been predicted;
-- prefix: while a row's forced prefix lasts, every other token is banned;
 - no_repeat_ngram_size n: a token that would complete an n-gram already present in the history
-  (bos included, as in Hugging Face) is banned.
+  (bos included, as in Hugging Face) is banned;
+- prefix: while a row's forced prefix lasts, every other token is banned, and the forced token keeps the
+  model's log-probability even if one of the bans above would exclude it (the user asked for it).
 
 Shape legend: R rows, V vocabulary, T history length (bos + tokens so far), P longest prefix.
 """
@@ -54,6 +55,11 @@ class StepConstraints:
     def apply(self, log_probs_RV: Tensor, step: int, history_RT: Tensor) -> Tensor:
         """Restrict the log-probabilities of step `step` (0-based); history_RT is bos + `step` tokens.
         May modify `log_probs_RV` in place."""
+        forced_R = None
+        if self.prefix_RP is not None and step < self.prefix_RP.shape[1]:
+            forced_R = self.prefix_RP[:, step]  # -1: this row's prefix has ended
+            forced_column_R1 = forced_R.clamp(min=0)[:, None]
+            forced_log_prob_R1 = log_probs_RV.gather(1, forced_column_R1)  # before any ban
         self._ban_tokens(log_probs_RV)
         if step < self.min_len:
             log_probs_RV[:, self.eos_id] = -float("inf")
@@ -61,11 +67,12 @@ class StepConstraints:
             log_probs_RV = log_probs_RV.masked_fill(
                 repeated_ngram_mask(history_RT, self.ngram, log_probs_RV.shape[1]), -float("inf")
             )
-        if self.prefix_RP is not None and step < self.prefix_RP.shape[1]:
-            forced_R = self.prefix_RP[:, step]
+        if forced_R is not None:
+            forcing_R1 = forced_R[:, None] >= 0
             vocab_V = torch.arange(log_probs_RV.shape[1], device=log_probs_RV.device)
-            banned_RV = (forced_R[:, None] >= 0) & (vocab_V[None, :] != forced_R[:, None])
-            log_probs_RV = log_probs_RV.masked_fill(banned_RV, -float("inf"))
+            log_probs_RV = log_probs_RV.masked_fill(forcing_R1 & (vocab_V[None, :] != forced_R[:, None]), -float("inf"))
+            kept_R1 = torch.where(forcing_R1, forced_log_prob_R1, log_probs_RV.gather(1, forced_column_R1))
+            log_probs_RV = log_probs_RV.scatter(1, forced_column_R1, kept_R1)
         return log_probs_RV
 
     @property

@@ -66,11 +66,22 @@ class EnsembleModel(nn.Module):
         if len(vocab) != 1:
             raise DecodingError(f"ensemble members disagree on the target vocabulary size: {sorted(vocab)}")
         self.models = nn.ModuleList(models)
-        self.training = any(model.training for model in models)  # in eval mode when every member is
         # the shortest member bounds the output length
         self.config = dataclasses.replace(
             models[0].config, max_positions=min(model.config.max_positions for model in models)
         )
+
+    @property
+    def training(self) -> bool:
+        """In training mode (dropout on) while any member is, asked each time: a member may be switched
+        after the ensemble is built, and decoding must then refuse it as it refuses that member alone."""
+        members = self.__dict__.get("_modules", {}).get("models")
+        return members is not None and any(model.training for model in members)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        """nn.Module sets the flag in __init__ and train(); the members' own flags are what count (train()
+        and eval() pass the mode on to them)."""
 
     def encode(self, src_ids: Tensor, *, src_pad_mask: Tensor | None = None) -> list[Tensor]:
         return [model.encode(src_ids, src_pad_mask=src_pad_mask) for model in self.models]

@@ -1,9 +1,9 @@
 """Greedy search, and the single-path loop that sampling shares with it.
 
 Every row follows one path: at each step a `choose` function picks one token per row (argmax for
-greedy, a draw for sampling). Finished rows keep running until the periodic check, where the loop ends
-if every row is finished, and otherwise finished rows leave the batch. That check is the loop's only
-host synchronisation.
+greedy, a draw for sampling), told which original rows are still in the batch. Finished rows keep
+running until the periodic check, where the loop ends if every row is finished, and otherwise finished
+rows leave the batch. That check is the loop's only host synchronisation.
 
 Shape legend: B sentences, R rows (sentences x samples), T steps, H history (bos + T), S source, V vocab.
 """
@@ -61,7 +61,7 @@ def greedy_search(
         prefix=prefix,
         return_attention=return_attention,
         paths_per_sentence=1,
-        choose=lambda log_probs_RV: log_probs_RV.argmax(dim=-1),
+        choose=lambda log_probs_RV, rows_R: log_probs_RV.argmax(dim=-1),
     )
 
 
@@ -77,7 +77,7 @@ def decode_paths(
     prefix: list[list[int]] | None,
     return_attention: bool,
     paths_per_sentence: int,
-    choose: Callable[[Tensor], Tensor],
+    choose: Callable[[Tensor, Tensor], Tensor],
 ) -> list[list[Hypothesis]]:
     """Follow `paths_per_sentence` independent paths per sentence, each token picked by `choose`."""
     src_pad_mask = check_inputs(model, src_ids, src_pad_mask)
@@ -124,7 +124,7 @@ def decode_paths(
     for t in range(T):
         log_probs_RV, attention_RS = decoder.step(last_R)
         log_probs_RV = constraints.apply(log_probs_RV, t, state.history[:, : t + 1])
-        token_R = choose(log_probs_RV)
+        token_R = choose(log_probs_RV, state.row)
         active_R = ~state.finished
         is_eos_R = token_R == eos_id
         state.log_prob += torch.where(active_R, log_probs_RV.gather(1, token_R[:, None])[:, 0], 0.0)

@@ -35,5 +35,6 @@ def max_output_lengths(src_lengths_B: Tensor, config: DecodeConfig, *, limit: in
 
     The source length counts the source's real tokens, its eos included.
     """
-    lengths_B = (config.max_len_a * src_lengths_B.float()).floor().long() + config.max_len_b
+    # in float64: max_len_a in float32 (1.3 -> 1.29999995) would floor 1.3 x 90 to 116, not 117
+    lengths_B = (config.max_len_a * src_lengths_B.double()).floor().long() + config.max_len_b
     return lengths_B.clamp(min=1, max=limit)

@@ -2,8 +2,11 @@
 
 Each sentence gets `config.nbest` independent samples, best score first. Draws come from a
 `torch.Generator` seeded with `config.seed`, never from torch's global random state, so the same batch
-with the same seed gives the same samples. Temperature, top-k and top-p shape only the distribution a
-token is drawn from; `Hypothesis.log_prob` is the model's (unscaled) log-probability of what was drawn.
+with the same seed gives the same samples. Every step draws one uniform number for each of the batch's
+original rows, and a row takes its own, so a path's draws do not depend on which other paths have
+finished and left the batch (the default step) or stayed in it (the static step). Temperature, top-k
+and top-p shape only the distribution a token is drawn from; `Hypothesis.log_prob` is the model's
+(unscaled) log-probability of what was drawn.
 
 Shape legend: R rows (sentences x samples), V vocabulary.
 """
@@ -21,12 +24,14 @@ from tformer.decoding.search_types import Hypothesis
 
 
 class Sampler:
-    """Draws one token per row from the shaped distribution."""
+    """Draws one token per row from the shaped distribution, by inverting its cumulative distribution at
+    the row's own uniform draw of the step."""
 
-    def __init__(self, config: DecodeConfig, device: torch.device) -> None:
+    def __init__(self, config: DecodeConfig, device: torch.device, *, rows: int) -> None:
         self.temperature = config.temperature
         self.top_k = config.top_k
         self.top_p = config.top_p
+        self.rows = rows  # the batch's original rows: each step draws one number for each
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
 
     def shaped_log_probs(self, logits_RV: Tensor) -> Tensor:
@@ -44,9 +49,16 @@ class Sampler:
             logits_RV = logits_RV.scatter(1, order_RV, sorted_RV.masked_fill(drop_RV, -float("inf")))
         return logits_RV.log_softmax(dim=-1)
 
-    def __call__(self, logits_RV: Tensor) -> Tensor:
-        probs_RV = self.shaped_log_probs(logits_RV).exp()
-        return torch.multinomial(probs_RV, 1, generator=self.generator)[:, 0]
+    def __call__(self, logits_RV: Tensor, rows_R: Tensor) -> Tensor:
+        """One token for each row; rows_R: which of the original rows they are."""
+        cumulative_RV = self.shaped_log_probs(logits_RV).exp().cumsum(dim=-1)
+        uniform_R = torch.rand(self.rows, generator=self.generator, device=logits_RV.device)[rows_R]
+        target_R1 = uniform_R[:, None] * cumulative_RV[:, -1:]
+        # the first token whose cumulative probability passes the target: it has a probability > 0
+        token_R = torch.searchsorted(cumulative_RV, target_R1, right=True)[:, 0]
+        # rounding may put the target at the total: then the last token with a probability > 0
+        last_possible_R = cumulative_RV.argmax(dim=-1)
+        return torch.minimum(token_R, last_possible_R)
 
 
 def sample(
@@ -71,5 +83,5 @@ def sample(
         prefix=prefix,
         return_attention=return_attention,
         paths_per_sentence=config.nbest,
-        choose=Sampler(config, src_ids.device),
+        choose=Sampler(config, src_ids.device, rows=src_ids.shape[0] * config.nbest),
     )
