@@ -35,6 +35,7 @@ from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decod
 from tformer.decoding.lengths import length_penalty, max_output_lengths
 from tformer.decoding.search_types import Hypothesis
 from tformer.decoding.static_step import StaticStepDecoder, make_decoder, uses_static_step
+from tformer.decoding.top_k import top_k
 
 NEG_INF = -float("inf")
 
@@ -252,7 +253,9 @@ def _step(
     V = log_probs_RV.shape[1]
     # 1. the best 2N continuations of each sentence: per beam first (the beam's score shifts its whole
     # row, so it is added after the top-k), then across its beams
-    per_beam_log_probs_BNK, per_beam_tokens_BNK = log_probs_RV.view(B, N, V).topk(min(2 * N, V), dim=-1)
+    per_beam_log_probs_RK, per_beam_tokens_RK = top_k(log_probs_RV, min(2 * N, V))
+    per_beam_log_probs_BNK = per_beam_log_probs_RK.view(B, N, -1)
+    per_beam_tokens_BNK = per_beam_tokens_RK.view(B, N, -1)
     per_beam_scores_BNK = per_beam_log_probs_BNK + state.scores[:, :, None]
     cand_scores_BK, flat_BK = per_beam_scores_BNK.view(B, -1).topk(2 * N, dim=-1)
     cand_beam_BK = torch.div(flat_BK, per_beam_scores_BNK.shape[2], rounding_mode="floor")
