@@ -83,17 +83,24 @@ def init_distributed(device_name: str) -> Distributed:
     return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-def resolve_device(name: str, distributed: Distributed | None = None) -> torch.device:
-    """train.device as a torch.device; "auto" picks CUDA when present. Each process of a multi-GPU run
-    takes the GPU of its local rank."""
+def resolve_device(name: str, distributed: Distributed | None = None, *, setting: str = "train.device") -> torch.device:
+    """A device name as a torch.device; "auto" picks CUDA when present. Each process of a multi-GPU run
+    takes the GPU of its local rank. `setting` names where the value came from, for the error message
+    (train.device in a config, --device on the command line)."""
+    given = f"{setting}={name}" if not setting.startswith("--") else f"{setting} {name}"
+    cpu = f"{setting}=cpu" if not setting.startswith("--") else f"{setting} cpu"
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{given} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{given}: tformer runs on the CPU or CUDA; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+        raise ConfigError(f"{given} but no CUDA device is available; use {cpu}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{given}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "cuda" and distributed is not None and distributed.enabled:
         device = torch.device("cuda", distributed.local_rank)
     return device

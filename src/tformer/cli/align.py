@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device))
+    loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     lines = align_files(loaded.model, loaded.tokenizer, args.src, args.tgt, layer=args.layer)
     if args.out is None:
         for line in lines:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     suffix = args.out.suffix.lower()
     if suffix not in FORMATS:
         raise AttentionPlotError(f"--out must end in .png or .html, got {args.out.name!r}")
-    loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device))
+    loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     decode = loaded.experiment.decode
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)

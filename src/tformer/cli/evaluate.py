@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     sources, references = read_lines(args.src), read_lines(args.ref)
     if len(sources) != len(references):
         raise CorpusError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
     decode = loaded.experiment.decode
     if args.beam is not None:
