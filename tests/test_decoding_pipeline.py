@@ -45,7 +45,7 @@ def test_results_come_back_in_input_order_and_match_single_sentence_decoding(max
     assert len(results) == len(LINES)
     for line, translations in zip(LINES, results, strict=True):
         assert all(isinstance(t, Translation) for t in translations)
-        expected = reference(model, line, config)
+        expected = reference(model, line, config) if line else [([], 0.0)]  # an empty line is not decoded
         assert [t.tokens for t in translations] == [tokens for tokens, _ in expected]
         assert [t.score for t in translations] == pytest.approx([score for _, score in expected], abs=1e-4)
         assert [t.text for t in translations] == [CharTokenizer().decode_target(tokens) for tokens, _ in expected]
@@ -72,3 +72,20 @@ def test_too_long_line_is_a_value_error_naming_the_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
     with pytest.raises(ValueError, match="line 2 has 71 tokens"):
         list(translator.translate(["ok", "a" * 70]))
+
+
+def test_an_empty_line_translates_to_an_empty_line_without_decoding(monkeypatch):
+    calls = []
+    monkeypatch.setattr("tformer.decoding.pipeline.generate", lambda *args, **kwargs: calls.append(1))
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=2))
+    assert [t[0].text for t in translator.translate(["", "", ""])] == ["", "", ""]
+    assert calls == []
+
+
+def test_translate_chunks_keeps_input_order_across_chunks_of_any_size():
+    model = peaked_model()
+    config = DecodeConfig(beam_size=2, max_len_b=6)
+    translator = Translator(model, CharTokenizer(), config)
+    whole = [t[0].tokens for t in translator.translate(LINES)]
+    chunked = translator.translate_chunks([LINES[:1], LINES[1:6], LINES[6:]])
+    assert [t[0].tokens for t in chunked] == whole

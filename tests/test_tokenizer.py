@@ -56,6 +56,15 @@ def test_decode_drops_pad_bos_eos(joint: Tokenizer) -> None:
     assert joint.decode_source(joint.encode_source("Two men")) == "Two men"
 
 
+def test_an_output_cut_after_a_word_boundary_piece_has_no_trailing_space(joint: Tokenizer) -> None:
+    """A hypothesis cut at the maximum length may end in the lone word-boundary piece "▁"."""
+    boundary = joint._tgt.piece_to_id("▁")
+    assert boundary != joint.unk_id, "the tokenizer should have the lone boundary piece"
+    ids = joint.encode_target("Zwei Männer")
+    assert joint.decode_target([*ids, boundary]) == "Zwei Männer"
+    assert joint.decode_target([boundary, *ids]) == "Zwei Männer"
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet=ALPHABET + " \t\n", max_size=60))
 def test_round_trip_is_exact_for_normalised_text(joint: Tokenizer, text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import select
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,41 @@ def test_align(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path) -> Non
         links = [tuple(map(int, link.split("-"))) for link in line.split()]
         assert sorted(j for _, j in links) == list(range(len(target.split())))  # each target word once
         assert all(0 <= i < len(source.split()) for i, _ in links)
+
+
+def test_plot_refuses_a_file_name_it_would_not_write_as_named(tmp_path: Path, capsys) -> None:
+    """The image is a PNG: --out curves.svg would hold PNG bytes under an SVG name."""
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "curves.svg")]) == 2
+    assert "ending in .png" in capsys.readouterr().err
+    assert not (tmp_path / "curves.svg").exists()
+
+
+def test_explain_refuses_a_seed_torch_cannot_take(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--seed", "99999999999999999999"])
+    assert exit_info.value.code == 2
+    assert "a seed is an integer from 0 to 2**63 - 1" in capsys.readouterr().err
+
+
+def test_translate_answers_each_line_of_a_pipe_that_stays_open(trained_run: tuple[Path, dict[str, Path]]) -> None:
+    """An interactive filter: a line sent through a pipe is translated before more input or its end."""
+    import subprocess
+    import sys
+
+    run, _ = trained_run
+    command = [sys.executable, "-m", "tformer.cli.main", "translate", str(run), "--which", "last", "--beam", "1"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in (b"ka lo mi\n", b"\n"):
+            process.stdin.write(line)
+            process.stdin.flush()
+            ready = select.select([process.stdout], [], [], 60)[0]
+            assert ready, "no translation came back while the pipe stayed open"
+            answer = process.stdout.readline()
+            assert answer.endswith(b"\n") and (answer.strip() or line == b"\n")
+            assert answer.rstrip(b"\n") == answer.rstrip(b"\n").strip()  # no stray spaces
+        assert answer == b"\n"  # an empty line gives an empty line
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()

@@ -17,5 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: plot writes a PNG image; give a file name ending in .png")
     print(save_curves_png(args.run_dir, args.out))
     return 0

@@ -1,25 +1,37 @@
 """Translate text with a trained run: one line in, one line out (stdin to stdout by default).
 
-Input is read and translated in chunks, and each translation is written (and flushed) as soon as its
-chunk is done, so the command works in a pipe. With --nbest K, each input line gives K lines
-`index ||| text ||| score` (index counts input lines from 0).
+Input is read and translated in chunks of the lines that are ready (at most 256), and each translation
+is written (and flushed) as soon as its chunk is done, so the command works in a pipe and interactively:
+a line is translated as soon as it arrives. Input must be UTF-8; an empty line gives an empty line.
+With --nbest K, each input line gives K lines `index ||| text ||| score` (index counts input lines
+from 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import os
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
+from typing import IO
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
+from tformer.cli.line_input import ready_chunks
+
+CHUNK_LINES = 256  # the most lines translated together (sorted by length into batches)
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
+    parser.add_argument(
+        "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
+    )
     parser.add_argument("--input", default=None, help="input text file, one sentence per line (default: stdin)")
     parser.add_argument("--output", default=None, help="output file (default: stdout)")
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode config)")
@@ -32,25 +44,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.decoding.pipeline import Translator
+    from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
-    loaded = load_run(args.run_dir, device=args.device)
+    if args.input and args.output and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
+        raise ValueError(f"--output {args.output} is the --input file: writing would erase it; choose another file")
+    device = resolve_device(args.device, setting="--device")
+    loaded = load_run(args.run_dir, which=args.which, device=device)
     config = loaded.experiment.decode
     if args.beam is not None:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
         config = dataclasses.replace(config, nbest=args.nbest)
     config = apply_decode_arguments(config, args)
-    model = model_with_ensemble(loaded, args, args.device)
-    translator = Translator(model, loaded.tokenizer, config, device=args.device, max_batch_tokens=args.max_batch_tokens)
+    model = model_with_ensemble(loaded, args, device)
+    translator = Translator(model, loaded.tokenizer, config, device=device, max_batch_tokens=args.max_batch_tokens)
     with ExitStack() as stack:
-        source = stack.enter_context(open(args.input, encoding="utf-8")) if args.input else sys.stdin
+        source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
         target = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
-        lines = (line.rstrip("\r\n") for line in source)
-        for index, translations in enumerate(translator.translate(lines)):
+        for index, translations in enumerate(translator.translate_chunks(_input_chunks(source))):
             if args.nbest is None:
                 target.write(translations[0].text + "\n")
             else:
                 target.writelines(f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations)
             target.flush()
     return 0
+
+
+def _input_chunks(source: IO) -> Iterator[list[str]]:
+    """Chunks of the lines that are ready, read from the file descriptor; a stream without one (stdin
+    replaced by a string buffer, as in tests or an embedding program) is read in fixed chunks."""
+    try:
+        fd = source.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        lines = (line.rstrip("\r\n") for line in source)
+        return iter(lambda: list(itertools.islice(lines, CHUNK_LINES)), [])
+    return ready_chunks(fd, CHUNK_LINES)

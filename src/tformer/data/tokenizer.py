@@ -180,7 +180,8 @@ class Tokenizer:
 
     def _decode(self, model: spm.SentencePieceProcessor, ids: Iterable[int]) -> str:
         skip = {self.pad_id, self.bos_id, self.eos_id}
-        return model.decode([i for i in self._checked(model, ids) if i not in skip])
+        # strip: an output cut at the maximum length may end in a lone word-boundary piece (a space)
+        return model.decode([i for i in self._checked(model, ids) if i not in skip]).strip()
 
     @staticmethod
     def _checked(model: spm.SentencePieceProcessor, ids: Iterable[int]) -> list[int]:

@@ -1,9 +1,11 @@
 """Text in, text out: tokenize, batch by length, decode, detokenize, in input order, streaming.
 
-`Translator.translate` reads its input lazily in chunks of `chunk_lines` lines. Within a chunk the
+`Translator.translate` reads its input lazily in chunks of `chunk_lines` lines (`translate_chunks` takes
+chunks cut by the caller, e.g. whatever lines an interactive pipe has ready). Within a chunk the
 sentences are sorted by length and cut into batches of at most `max_batch_tokens` source tokens
 (padding included), so little work is spent on padding; results come back in input order, one chunk
-at a time, so a long or endless input is translated with bounded memory.
+at a time, so a long or endless input is translated with bounded memory. An empty (or blank) line
+translates to an empty line, without decoding.
 """
 
 from __future__ import annotations
@@ -65,8 +67,12 @@ class Translator:
     def translate(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
         """The n-best list of every line, in input order, produced chunk by chunk."""
         iterator = iter(lines)
+        yield from self.translate_chunks(iter(lambda: list(islice(iterator, self.chunk_lines)), []))
+
+    def translate_chunks(self, chunks: Iterable[list[str]]) -> Iterator[list[Translation]]:
+        """`translate` for input already cut into chunks (each translated as a whole, then yielded)."""
         first_line = 0
-        while chunk := list(islice(iterator, self.chunk_lines)):
+        for chunk in chunks:
             yield from self._translate_chunk(chunk, first_line)
             first_line += len(chunk)
 
@@ -83,10 +89,12 @@ class Translator:
                 raise DecodingError(
                     f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
                 )
-        results: list[list[Translation]] = [[] for _ in chunk]
-        with packed_weights(self.model):  # once for the chunk's batches (generate would pack per batch)
-            for batch in self._batches(encoded):
-                self._translate_batch(batch, encoded, results)
+        results: list[list[Translation]] = [[Translation(text="", tokens=[], score=0.0)] for _ in chunk]
+        sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
+        if sentences:
+            with packed_weights(self.model):  # once for the chunk's batches (generate would pack per batch)
+                for batch in self._batches(encoded, sentences):
+                    self._translate_batch(batch, encoded, results)
         return results
 
     def _translate_batch(self, batch: list[int], encoded: list[list[int]], results: list[list[Translation]]) -> None:
@@ -109,9 +117,9 @@ class Translator:
                 Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score) for h in nbest
             ]
 
-    def _batches(self, encoded: list[list[int]]) -> Iterator[list[int]]:
-        """Indices of `encoded`, shortest first, in batches of at most max_batch_tokens padded tokens."""
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    def _batches(self, encoded: list[list[int]], indices: list[int]) -> Iterator[list[int]]:
+        """`indices` into `encoded`, shortest first, in batches of at most max_batch_tokens padded tokens."""
+        order = sorted(indices, key=lambda i: len(encoded[i]))
         batch: list[int] = []
         for index in order:
             if batch and (len(batch) + 1) * len(encoded[index]) > self.max_batch_tokens:

@@ -44,7 +44,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
-        raise MetricsError(f"no metrics file at {path}; point at a run directory written by `tformer train`")
+        raise MetricsError(
+            f"no metrics file at {path}: `tformer train` writes it as it logs (a run imported with import-hf "
+            "has none); point at a trained run directory or its metrics.jsonl"
+        )
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

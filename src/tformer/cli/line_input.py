@@ -1,0 +1,52 @@
+"""Lines of UTF-8 text from a file descriptor, in chunks of whatever is ready: translate them now, not
+after `chunk_lines` more lines or the end of input.
+
+A fixed chunk (read 256 lines, then translate) makes `tformer translate` useless as an interactive
+filter: a line typed or sent through a pipe waits for 255 more. Here a chunk ends when no more input is
+ready (checked with select, without blocking) or when it holds `max_lines`; a file, always ready, gives
+full chunks. Bytes are read from the descriptor directly (a buffered text stream could hold lines that
+select cannot see), split on newlines and decoded strictly, so invalid UTF-8 is reported with its line.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from collections.abc import Iterator
+
+READ_BYTES = 1 << 16
+
+
+def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
+    """Chunks of at most `max_lines` lines (without their line ends) read from `fd`, each yielded as soon
+    as the input has no further line ready; the last line may lack its newline."""
+    lines: list[str] = []
+    pending = b""  # the start of a line whose newline has not arrived
+    number = 0  # lines decoded so far
+    at_end = False
+    while not at_end or lines:
+        # read while there is room; block for input only while there is nothing to translate
+        if not at_end and len(lines) < max_lines and select.select([fd], [], [], None if not lines else 0)[0]:
+            data = os.read(fd, READ_BYTES)
+            if data:
+                *complete, pending = (pending + data).split(b"\n")
+                for raw in complete:
+                    number += 1
+                    lines.append(_decoded(raw, number))
+                continue
+            at_end = True
+            if pending:
+                lines.append(_decoded(pending, number + 1))
+        if lines:
+            yield lines[:max_lines]
+            del lines[:max_lines]
+
+
+def _decoded(raw: bytes, number: int) -> str:
+    try:
+        return raw.rstrip(b"\r").decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"input line {number} is not valid UTF-8 (byte {error.start + 1}: {raw[error.start : error.start + 1]!r}); "
+            "convert the input to UTF-8 (e.g. with iconv)"
+        ) from None

@@ -1,0 +1,74 @@
+"""`tformer translate`'s input reader: a chunk is whatever lines are ready, so a pipe gets its answers
+line by line instead of after 256 lines or the end of input."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tformer.cli.line_input import ready_chunks
+from tformer.cli.main import main
+
+
+def next_chunk_within(chunks, seconds: float = 10.0) -> list[str]:
+    """The next chunk, failing (instead of hanging the suite) if it does not come in time."""
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(next(chunks)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert box, "no chunk arrived although complete lines were ready"
+    return box[0]
+
+
+def test_ready_lines_come_out_before_the_writer_closes_the_pipe() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        chunks = ready_chunks(read_end, max_lines=256)
+        first = "ein Satz\r\nzwei\nsch\u00f6n".encode()
+        os.write(write_end, first[:-2])  # the line "schön" cut inside its two-byte "ö"
+        assert next_chunk_within(chunks) == ["ein Satz", "zwei"]
+        os.write(write_end, first[-2:] + b"e Zeile\nvier\n")
+        assert next_chunk_within(chunks) == ["sch\u00f6ne Zeile", "vier"]
+        os.write(write_end, b"ohne Zeilenende")
+        os.close(write_end)
+        write_end = -1
+        assert next_chunk_within(chunks) == ["ohne Zeilenende"]
+        assert list(chunks) == []
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_a_file_is_read_in_full_chunks_of_at_most_max_lines(tmp_path: Path) -> None:
+    path = tmp_path / "input.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(7)) + "\n", encoding="utf-8")
+    with open(path, "rb") as source:
+        chunks = list(ready_chunks(source.fileno(), max_lines=3))
+    assert [len(chunk) for chunk in chunks] == [3, 3, 2]
+    assert chunks[-1] == ["line 6", ""]
+
+
+def test_invalid_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("gut\nschön\n".encode("latin-1"))
+    with open(path, "rb") as source, pytest.raises(ValueError, match="input line 2 is not valid UTF-8"):
+        list(ready_chunks(source.fileno(), max_lines=10))
+
+
+def test_translate_refuses_to_write_over_its_input_and_leaves_it_alone(tmp_path: Path, capsys) -> None:
+    text = tmp_path / "same.txt"
+    text.write_text("a sentence\n", encoding="utf-8")
+    assert main(["translate", str(tmp_path / "no-run"), "--input", str(text), "--output", str(text)]) == 2
+    assert "is the --input file" in capsys.readouterr().err
+    assert text.read_text(encoding="utf-8") == "a sentence\n"
+
+
+@pytest.mark.parametrize("device", ["foo", "mps"])
+def test_translate_refuses_an_unknown_device_in_one_line(tmp_path: Path, capsys, device: str) -> None:
+    assert main(["translate", str(tmp_path / "no-run"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device") and len(err.strip().splitlines()) == 1
