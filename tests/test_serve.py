@@ -1,24 +1,32 @@
 """`tformer serve`: the HTTP API under concurrent load from another process (every response equal to the
 offline translation with the same settings, so batching changes nothing), clear 4xx answers to bad input
-without the server dying, and a graceful shutdown that finishes the requests in flight."""
+without the server dying, a graceful shutdown that finishes the requests in flight, one startup line, and
+one-line errors (exit 2) for a bad device, a busy port or an unknown host."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import select
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
+import torch
 from test_export_hf import SENTENCES, make_run
 
+from tformer.cli.main import main
 from tformer.decoding.pipeline import Translator
 from tformer.serving.load import send_all, server_process
 from tformer.training.checkpoint import load_run
 
 pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+uvicorn = pytest.importorskip("uvicorn")
 
 OPTIONS = ["--max-sentences", "4", "--max-chars", "80", "--max-wait-ms", "20", "--max-beam", "4"]
 
@@ -87,6 +95,11 @@ def test_concurrent_requests_are_batched_and_equal_offline_translation(run, serv
         ('{"sentences": ["a"], "beam": 9}', 422, "beam: at most 4"),
         ('{"sentences": ["a"], "beam": 2, "nbest": 3}', 422, "nbest must be between 1 and beam_size"),
         ('{"sentences": ["a"], "max_length": 100000}', 422, "max_length: at most 64"),
+        # numbers are strict: no true -> 1, "2" -> 2 or 4.0 -> 4
+        ('{"sentences": ["a"], "beam": true}', 422, "beam: Input should be a valid integer"),
+        ('{"sentences": ["a"], "beam": "2"}', 422, "beam: Input should be a valid integer"),
+        ('{"sentences": ["a"], "nbest": "1"}', 422, "nbest: Input should be a valid integer"),
+        ('{"sentences": ["a"], "max_length": 4.0}', 422, "max_length: Input should be a valid integer"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_lives_on(server, content, status, message):
@@ -135,3 +148,97 @@ def test_sigterm_finishes_requests_in_flight(run):
     loaded = load_run(run)
     for reply in report.replies:
         assert [t["text"] for t in reply.response["translations"]] == [n[0][0] for n in offline(loaded, reply.body)]
+
+
+def test_default_beam_is_capped_by_max_beam(run):
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    decode = dataclasses.replace(loaded.experiment.decode, nbest=3)  # the run: beam 3, 3-best
+    capped = dataclasses.replace(decode, beam_size=2, nbest=2)
+    expected = Translator(loaded.model, loaded.tokenizer, capped).translate(SENTENCES[:2])
+    app = create_app(loaded.model, loaded.tokenizer, decode, config=ServeConfig(max_beam=2))
+    with TestClient(app) as client:
+        response = client.post("/translate", json={"sentences": SENTENCES[:2]})
+        too_many = client.post("/translate", json={"sentences": SENTENCES[:1], "nbest": 3})
+    assert response.status_code == 200
+    got = [[c["text"] for c in t["nbest"]] for t in response.json()["translations"]]
+    assert got == [[t.text for t in nbest] for nbest in expected]  # 2 candidates each: beam 2, not 3
+    assert too_many.status_code == 422 and "beam_size (2)" in too_many.json()["error"]
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """Fail, instead of serving until killed, if a test that expects an error reaches uvicorn."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("uvicorn was started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", refuse)
+
+
+def assert_one_error_line(capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("options", "fragments"),
+    [
+        pytest.param(["--device", "foo"], ["--device foo is not a device"], id="unknown-device"),
+        pytest.param(
+            ["--device", "cuda"],
+            ["no CUDA device is available; use --device cpu"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+            id="cuda-without-cuda",
+        ),
+        pytest.param(
+            ["--graceful-timeout", "-1"],
+            ["--graceful-timeout must be at least 0 seconds, got -1.0"],
+            id="negative-graceful-timeout",
+        ),
+        pytest.param(
+            ["--graceful-timeout", "nan"], ["--graceful-timeout must be at least 0"], id="nan-graceful-timeout"
+        ),
+    ],
+)
+def test_bad_options_are_one_line_errors(run, no_server, capsys, options, fragments):
+    assert main(["serve", str(run), "--port", "0", *options]) == 2
+    assert_one_error_line(capsys, *fragments)
+
+
+def test_busy_port_and_unknown_host_are_one_line_errors(run, no_server, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run), "--port", str(port)]) == 2
+    assert_one_error_line(capsys, f"error: cannot listen on 127.0.0.1:{port}: ", "choose another --port")
+    assert main(["serve", str(run), "--host", "999.1.1.1", "--port", "0"]) == 2
+    assert_one_error_line(capsys, "error: cannot listen on 999.1.1.1:0: ", "check --host")
+
+
+def read_line(stream, timeout_s: float) -> str:
+    """The next line of a child's pipe, or "" if none comes within timeout_s (instead of blocking)."""
+    readable, _, _ = select.select([stream], [], [], timeout_s)
+    return stream.readline() if readable else ""
+
+
+def test_startup_line_gives_the_url_and_the_real_port(run):
+    command = [sys.executable, "-m", "tformer.cli.main", "serve", str(run), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = read_line(process.stderr, timeout_s=60)
+        pattern = rf"serving {re.escape(str(run))} on (http://127\.0\.0\.1:(\d+)) "
+        pattern += r"\(POST /translate, GET /health, /docs; Ctrl-C to stop\)\n"
+        match = re.fullmatch(pattern, line)
+        assert match is not None and int(match[2]) > 0, line
+        assert httpx.get(f"{match[1]}/health").json()["status"] == "ok"  # ready when the line is printed
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        process.stderr.close()

@@ -1,8 +1,9 @@
 """Serve a run over HTTP: POST /translate, GET /health, OpenAPI docs at /docs (FastAPI on uvicorn).
 
-Binds to 127.0.0.1 unless --host says otherwise. Concurrent requests are decoded together in windows
-of at most --max-batch-tokens source tokens, collected for at most --max-wait-ms. Ctrl-C or SIGTERM stops
-taking new connections, finishes the requests in flight, then exits. See docs/serving.md.
+Binds to 127.0.0.1 unless --host says otherwise, before loading the model, and prints one line on stderr
+once it accepts connections. Concurrent requests are decoded together in windows of at most
+--max-batch-tokens source tokens, collected for at most --max-wait-ms. Ctrl-C or SIGTERM stops taking new
+connections, finishes the requests in flight, then exits. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run (or checkpoint) directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (default: 8000; 0: any free port, printed at startup)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per window (default: 4096)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a window (default: 5)")
     parser.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default: 64)")
@@ -28,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from tformer.runtime import resolve_device
     from tformer.serving import ServeConfig, create_app
+    from tformer.serving.server import bind, host_port, serve
     from tformer.training.checkpoint import load_run
 
     config = ServeConfig(
@@ -40,16 +43,25 @@ def run(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms,
     )
+    _check_listen_options(args)
+    device = resolve_device(args.device, setting="--device")  # before loading: a bad device is one line
+    with bind(args.host, args.port) as listener:  # before loading too: a busy port fails at once
+        if args.host not in LOOPBACK:
+            print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+        loaded = load_run(args.run_dir, device=device)
+        name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
+        app = create_app(
+            loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config, device=device, name=name
+        )
+        address = host_port(args.host, listener.getsockname()[1])  # the real port, also for --port 0
+        ready = f"serving {args.run_dir} on http://{address} (POST /translate, GET /health, /docs; Ctrl-C to stop)"
+        serve(app, listener, graceful_timeout=args.graceful_timeout, ready_line=ready)
+    return 0
+
+
+def _check_listen_options(args: argparse.Namespace) -> None:
+    """Refuse a port or a shutdown delay that uvicorn would take without complaint and misuse."""
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    loaded = load_run(args.run_dir, device=args.device)
-    name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
-    app = create_app(
-        loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config, device=args.device, name=name
-    )
-    if args.host not in LOOPBACK:
-        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout
-    )
-    return 0
+    if not args.graceful_timeout >= 0:  # also refuses nan
+        raise ValueError(f"--graceful-timeout must be at least 0 seconds, got {args.graceful_timeout}")

@@ -1,4 +1,5 @@
-"""Serving a model over HTTP: a FastAPI app (`create_app`) in front of a request batcher (`Batcher`).
+"""Serving a model over HTTP: a FastAPI app (`create_app`) in front of a request batcher (`Batcher`),
+run on uvicorn from a socket bound beforehand (`tformer.serving.server`).
 
 See docs/serving.md for the API, the limits and the batching window.
 """

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -54,9 +55,12 @@ class TranslateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sentences: list[str] = Field(description="the sentences to translate, one string each")
-    beam: int | None = Field(None, ge=1, description="beam size (1: greedy); default: the run's")
-    nbest: int | None = Field(None, ge=1, description="translations returned per sentence (at most beam)")
-    max_length: int | None = Field(None, ge=1, description="at most this many output tokens per sentence")
+    # strict: pydantic would otherwise read true as 1 and "2" as 2, hiding a client's mistake
+    beam: int | None = Field(
+        None, ge=1, strict=True, description="beam size (1: greedy); default: the run's, at most the server's limit"
+    )
+    nbest: int | None = Field(None, ge=1, strict=True, description="translations returned per sentence (at most beam)")
+    max_length: int | None = Field(None, ge=1, strict=True, description="at most this many output tokens per sentence")
 
 
 class Candidate(BaseModel):
@@ -86,7 +90,7 @@ def create_app(
     decode: DecodeConfig,
     *,
     config: ServeConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     name: str = "tformer",
 ) -> FastAPI:
     """A FastAPI app serving `model`; its lifespan starts and stops the batcher."""
@@ -192,11 +196,8 @@ def _check_limits(sentences: list[str], config: ServeConfig) -> None:
 
 def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeConfig, limit: int) -> DecodeConfig:
     """The run's decode settings with the request's beam, nbest and max_length applied."""
-    changes: dict[str, Any] = {}
-    if request.beam is not None:
-        if request.beam > config.max_beam:
-            raise ApiError(422, f"beam: at most {config.max_beam}, got {request.beam}")
-        changes.update(beam_size=request.beam, nbest=min(base.nbest, request.beam))
+    beam = _beam(base, request, config)
+    changes: dict[str, Any] = {"beam_size": beam, "nbest": min(base.nbest, beam)}
     if request.nbest is not None:
         changes["nbest"] = request.nbest
     if request.max_length is not None:
@@ -207,3 +208,13 @@ def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeC
         return dataclasses.replace(base, **changes)
     except ValueError as error:  # e.g. nbest > beam_size
         raise ApiError(422, str(error).splitlines()[0]) from None
+
+
+def _beam(base: DecodeConfig, request: TranslateRequest, config: ServeConfig) -> int:
+    """The request's beam, else the run's capped at max_beam: the limit bounds the decoding cost of every
+    request, including those that leave the beam to the server."""
+    if request.beam is None:
+        return min(base.beam_size, config.max_beam)
+    if request.beam > config.max_beam:
+        raise ApiError(422, f"beam: at most {config.max_beam}, got {request.beam}")
+    return request.beam

@@ -1,0 +1,76 @@
+"""Run the app on uvicorn from a socket bound here, so that a bad --host or a busy port is one clear line.
+
+Left to itself, uvicorn binds after the model is loaded and, when binding fails, logs
+`ERROR: [Errno 98] ...` and exits with status 3, past the CLI's error handling. `bind` binds first and
+raises an OSError whose message names the address and the option to change (the CLI prints it as
+`error: ...` and exits 2); `serve` then hands that socket to uvicorn and prints one line once the server
+accepts connections, with the real port (so `--port 0` is usable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+
+# What to change when binding fails, by errno; anything else gets DEFAULT_HINT.
+BIND_HINTS = {
+    errno.EADDRINUSE: "choose another --port (another program is listening on it)",
+    errno.EACCES: "choose a --port above 1023, or run with the rights to bind this one",
+    errno.EADDRNOTAVAIL: "--host must be an address of this machine (127.0.0.1, or 0.0.0.0 for every interface)",
+}
+DEFAULT_HINT = "choose another --port (or --host)"
+UNKNOWN_HOST_HINT = "check --host: give an address or name of this machine (127.0.0.1, 0.0.0.0, localhost)"
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as it goes in a URL: an IPv6 address needs brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not yet listening (uvicorn listens on it); OSError with an
+    actionable one-line message when the host does not resolve or the address cannot be bound."""
+    where = host_port(host, port)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise OSError(f"cannot listen on {where}: {error.strerror}; {UNKNOWN_HOST_HINT}") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart at once after a stop
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot listen on {where}: {reason}; {BIND_HINTS.get(error.errno, DEFAULT_HINT)}") from None
+    return listener
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, printing `ready_line` on stderr once it accepts connections: uvicorn logs its own
+    "running on" line neither for sockets passed in nor at log level warning, so users saw nothing."""
+
+    def __init__(self, config: uvicorn.Config, *, ready_line: str) -> None:
+        super().__init__(config)
+        self.ready_line = ready_line
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.ready_line, file=sys.stderr, flush=True)
+
+
+def serve(app: Any, listener: socket.socket, *, graceful_timeout: float, ready_line: str) -> None:
+    """Serve `app` on the bound `listener` until Ctrl-C or SIGTERM, then finish the requests in flight."""
+    host, port = listener.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
+    server = _AnnouncingServer(config, ready_line=ready_line)
+    with contextlib.suppress(KeyboardInterrupt):  # the Ctrl-C uvicorn handled, re-raised once it shut down
+        server.run(sockets=[listener])
