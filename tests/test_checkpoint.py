@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,28 @@ def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
         average_checkpoints(run_copy, last=2)
     with pytest.raises(CheckpointError, match="has 3 step checkpoints; ask for --last 3 or fewer"):
         average_checkpoints(run_copy, last=4, out=run_copy.parent / "avg")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_get_the_mode_open_gives(run_copy: Path, umask: int) -> None:
+    """safetensors writes 0600 files; a checkpoint's weights must be as readable as the files beside them."""
+    loaded = load_run(run_copy, which="last")
+    previous = os.umask(umask)
+    try:
+        (run_copy / "probe").write_text("")  # what a plain open() gives under this umask
+        written = ckpt.save_checkpoint(
+            run_copy,
+            "step-00000008",
+            experiment=loaded.experiment,
+            tokenizer=loaded.tokenizer,
+            model=loaded.model,
+            step=8,
+            trainer_state={"format_version": ckpt.FORMAT_VERSION},
+        )
+        averaged = average_checkpoints(run_copy, last=2)
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((run_copy / "probe").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for path in (written / ckpt.WEIGHTS_FILE, written / ckpt.STATE_FILE, averaged / ckpt.WEIGHTS_FILE):
+        assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(expected), path

@@ -192,6 +192,10 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     failing = _train_args(workspace, run, "--overwrite", "--set", "train.max_tokens=3")  # every pair overlong
     _fails_cleanly(capsys, failing, "raise train.max_tokens")
     assert _digest(run) == before
+    diverging = _train_args(workspace, run, "--overwrite", "--set", "train.peak_lr=1e30")  # fails while training
+    _fails_cleanly(capsys, diverging, "training diverged")
+    assert _digest(run) == before
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]  # staging removed
     assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
     assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
@@ -268,3 +272,61 @@ def test_train_and_resume_leave_the_process_group_after_success(
     assert main(_train_args(workspace, out, "--set", "train.max_steps=2")) == 0
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--quiet"]) == 0
     assert calls == [1, 1]
+
+
+def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--resume lays what the command gives over the run's own settings, not over the defaults: a data
+    flag repeated with its value is accepted, and a really different value is named, key and values."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    resume = ["train", "--out", str(run), "--resume", "--quiet"]
+    assert main([*resume, "--train-src", str(workspace["train_src"]), "--max-steps", "7"]) == 0
+    assert "step 7, reached max_steps=7" in capsys.readouterr().out
+    assert main([*resume, "--vocab-size", "48", "--preset", "tiny", "--max-steps", "8"]) == 0
+    assert "step 8, reached max_steps=8" in capsys.readouterr().out
+    before = _digest(run)
+    cases = [
+        (["--vocab-size", "200"], "error: --resume: data.vocab_size is 200 but the run has 48; a resumed run keeps"),
+        (["--preset", "base"], "error: --resume: model.d_model is 512 but the run has 32"),
+        (["--train-src", str(workspace["valid_src"])], "error: --resume: data.train_src is '"),
+        (["--set", "model.nonsense=1"], "unknown key(s) nonsense in [model]; valid keys: preset, "),
+    ]
+    for extra, message in cases:
+        _fails_cleanly(capsys, [*resume, *extra], message)
+    assert _digest(run) == before
+
+
+def test_train_help_keeps_the_layout_of_its_description(capsys: pytest.CaptureFixture) -> None:
+    """The --resume/--overwrite explanation is a list; argparse's default formatter would join it up."""
+    parser = argparse.ArgumentParser(description=train_cli.__doc__)
+    train_cli.add_arguments(parser)
+    for text in (parser.format_help(), _help_of("train", capsys)):
+        assert "\n  --resume     continue RUN_DIR from its last checkpoint" in text
+        assert "\n  --overwrite  replace RUN_DIR." in text
+        assert "\n\nSeveral processes" in text
+
+
+def _help_of(command: str, capsys: pytest.CaptureFixture) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_non_finite_numbers_are_one_line_errors_naming_the_key(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    new = tmp_path / "new"
+    cases = [
+        (_train_args(workspace, new, "--max-time", "nan"), "train.max_time_s must be a finite number, got nan"),
+        (_train_args(workspace, new, "--set", "train.peak_lr=nan"), "train.peak_lr must be a finite number"),
+        (_train_args(workspace, new, "--set", "decode.length_penalty=nan"), "decode.length_penalty must be a finite"),
+        (
+            ["translate", str(trained), "--input", str(workspace["valid_src"]), "--length-penalty", "inf"],
+            "decode.length_penalty must be a finite number, got inf",
+        ),
+    ]
+    for argv, message in cases:
+        _fails_cleanly(capsys, argv, message)
+    assert not new.exists()

@@ -40,5 +40,38 @@ def test_quick_demo_trains_evaluates_and_saves_a_usable_run(tmp_path: Path, monk
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(run_dir)]) == 2
-    assert "already holds" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds a run; choose another --out, or delete it" in err and "--resume" not in err, err
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train-steps", "-5"], "error: train.max_steps must be 0 (off) or positive, got -5"),
+        (["--train-seconds", "nan"], "error: train.max_time_s must be a finite number, got nan"),
+        (["--seed", "-1"], "error: train.seed must be in [0, 2**32), got -1"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """A refused command must leave --out as it was, so that the corrected command can use it."""
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--quiet", "--out", str(run_dir), *flags]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not run_dir.exists()
+
+
+def test_a_used_out_directory_is_refused_with_advice_that_demo_can_follow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """demo has no --resume or --overwrite: the advice must not name them. Nothing is generated first."""
+    run_dir = tmp_path / "demo"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine\n")
+    assert main(["demo", "--quick", "--out", str(run_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {run_dir} already holds files; choose another --out, or delete it to run the demo there again\n"
+    )
+    assert [path.name for path in run_dir.iterdir()] == ["notes.txt"]

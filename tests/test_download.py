@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,38 @@ def test_cli_downloads_and_reports_errors(tmp_path: Path, capsys: pytest.Capture
         capsys.readouterr().err
         == f"error: base URL must start with https://, http:// or file://, got {str(tmp_path)!r}\n"
     )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_get_the_mode_open_gives(tmp_path: Path, umask: int) -> None:
+    """Not mkstemp's 0600: downloaded data is as readable as any file the user writes."""
+    base = make_mirror(tmp_path / "mirror")
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "probe").write_text("")
+        written = download_multi30k(tmp_path / "out", base_url=base, languages=["en"], checksums=None)
+        write_atomic(tmp_path / "f.txt", b"data")
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "probe").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for path in [*written, tmp_path / "f.txt"]:
+        assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(expected), path
+
+
+def test_bad_out_and_timeout_fail_before_any_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The mirror does not exist: an error about it would mean a download was tried first."""
+    nowhere = (tmp_path / "nowhere").as_uri()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me\n")
+    cases = [
+        (["--out", str(a_file)], f"error: --out {a_file}: not a directory; choose a directory"),
+        (["--out", str(a_file / "sub")], f"error: --out {a_file / 'sub'}: not a directory ({a_file})"),
+        (["--out", str(tmp_path / "new"), "--timeout", "0"], "error: --timeout must be a positive number"),
+        (["--out", str(tmp_path / "new"), "--timeout", "nan"], "error: --timeout must be a positive number"),
+    ]
+    for extra, message in cases:
+        assert main(["download", "multi30k", "--base-url", nowhere, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert a_file.read_text() == "keep me\n" and not (tmp_path / "new").exists()

@@ -93,6 +93,8 @@ def test_hf_export_loads_tokenizes_and_generates_like_tformer(tmp_path, override
     hf_dir = tmp_path / "hf"
     expected = {"config.json", "model.safetensors", "generation_config.json", "source.spm", "target.spm"}
     assert expected | {"vocab.json", "tokenizer_config.json"} <= {path.name for path in hf_dir.iterdir()}
+    # the weights are as readable as every other file (safetensors alone would leave them 0600)
+    assert (hf_dir / "model.safetensors").stat().st_mode & 0o777 == (hf_dir / "config.json").stat().st_mode & 0o777
     loaded = load_run(run)
     hf_tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
     for sentence in SENTENCES:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,9 @@ import pytest
 from tformer.config import (
     PRESETS,
     ConfigError,
+    DecodeConfig,
     ExperimentConfig,
+    TrainConfig,
     experiment_from_dict,
     experiment_to_dict,
     load_experiment,
@@ -64,3 +69,52 @@ def test_shipped_tiny_config_loads() -> None:
     experiment = load_experiment(config)
     assert experiment.model.d_model == PRESETS["tiny"]["d_model"]
     assert experiment.train.max_time_s > 0
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "decode.length_penalty=nan",
+        "decode.max_len_a=nan",
+        "decode.temperature=nan",
+        "train.peak_lr=nan",
+        "train.lr_scale=-inf",
+        "train.max_time_s=inf",
+        "train.clip_norm=nan",
+        "model.dropout=nan",
+        "model.layer_norm_eps=inf",
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(override: str) -> None:
+    """NaN passes comparisons such as `x <= 0` (they are all false), so it must be refused by name."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got"):
+        load_experiment(None, [override])
+
+
+def test_non_finite_numbers_are_refused_when_a_config_is_changed_in_code() -> None:
+    """The checks run in __post_init__, so dataclasses.replace (how decoding flags are applied) is covered."""
+    with pytest.raises(ConfigError, match=r"decode\.length_penalty must be a finite number, got inf"):
+        dataclasses.replace(DecodeConfig(), length_penalty=math.inf)
+    with pytest.raises(ConfigError, match=r"train\.max_time_s must be a finite number, got nan"):
+        TrainConfig(max_time_s=math.nan)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.peak_lr=0", "train.peak_lr must be positive, got 0.0"),
+        ("train.lr_scale=-1", "train.lr_scale must be positive, got -1.0"),
+        ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
+        ("train.seed=4294967296", r"train.seed must be in \[0, 2\*\*32\)"),
+    ],
+)
+def test_range_errors_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(None, [override])
+
+
+def test_the_list_of_valid_model_keys_includes_preset() -> None:
+    """The error for an unknown key is how users discover the keys: it must list every accepted one."""
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) nonsense in \[model\]; valid keys: preset, src_vocab"):
+        load_experiment(None, ["model.nonsense=1"])

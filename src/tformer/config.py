@@ -7,6 +7,8 @@ message that lists the valid ones, so a typo never silently falls back to a defa
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import tomllib
 import types
 import typing
@@ -23,6 +25,25 @@ SinusoidalLayout = Literal["interleaved", "concatenated"]
 
 class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message says how to fix it."""
+
+
+def check_finite(config: Any, section: str) -> None:
+    """Refuse NaN and infinities in every float field of a config dataclass.
+
+    No float setting here gives inf a meaning, and NaN passes every range check written as a comparison
+    (`nan <= 0` is false), so it would reach training or decoding and fail there, or silently do nothing.
+    Runs first in each `__post_init__`, so that the range checks after it only ever see real numbers."""
+    for name in _float_fields(type(config)):
+        value = getattr(config, name)
+        if isinstance(value, int | float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{name} must be a finite number, got {value}")
+
+
+@functools.cache
+def _float_fields(cls: type) -> tuple[str, ...]:
+    """Names of the fields annotated `float` (cached: configs are rebuilt by dataclasses.replace often)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(field.name for field in dataclasses.fields(cls) if hints[field.name] is float)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +79,7 @@ class ModelConfig:
     pad_id: int = 0
 
     def __post_init__(self) -> None:
+        check_finite(self, "model")
         if self.d_model % self.n_heads != 0:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -113,6 +135,7 @@ class DecodeConfig:
     compile_step: bool = False  # with static_step: torch.compile the step before it is recorded (docs/decoding.md)
 
     def __post_init__(self) -> None:
+        check_finite(self, "decode")
         if self.beam_size < 1:
             raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
         if not 1 <= self.nbest <= self.beam_size:
@@ -156,9 +179,14 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def config_from_dict(cls: type[ConfigT], values: dict[str, Any], *, section: str = "") -> ConfigT:
-    """Build a config dataclass, refusing unknown keys and values of the wrong type."""
-    valid = field_names(cls)
+def config_from_dict(
+    cls: type[ConfigT], values: dict[str, Any], *, section: str = "", also_valid: Sequence[str] = ()
+) -> ConfigT:
+    """Build a config dataclass, refusing unknown keys and values of the wrong type.
+
+    `also_valid` names keys the caller has already taken out of `values` (such as [model] preset), so
+    that the list of valid keys in the error is every key a user may write."""
+    valid = [*also_valid, *field_names(cls)]
     where = f" in [{section}]" if section else ""
     unknown = sorted(set(values) - set(valid))
     if unknown:
@@ -305,6 +333,7 @@ class TrainConfig:
     cuda_graphs: bool = False  # each batch shape's step recorded as a CUDA graph (docs/training.md)
 
     def __post_init__(self) -> None:
+        check_finite(self, "train")
         if self.cuda_graphs and self.accumulate != 1:
             raise ConfigError("train.cuda_graphs records one micro-batch per step: set train.accumulate = 1")
         for name in ("max_tokens", "accumulate", "warmup_steps", "log_every", "valid_every", "save_every"):
@@ -317,8 +346,11 @@ class TrainConfig:
             raise ConfigError("set at least one of train.max_steps, train.max_epochs, train.max_time_s")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.lr_scale <= 0 or self.peak_lr <= 0:
-            raise ConfigError("train.lr_scale and train.peak_lr must be positive")
+        for name in ("lr_scale", "peak_lr"):
+            if not getattr(self, name) > 0:  # written so that NaN fails too
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # the tokenizer trainer and numpy take unsigned 32-bit seeds
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.stop_metric in ("bleu", "chrf") and self.bleu_every == 0:
             raise ConfigError(f"train.stop_metric={self.stop_metric} needs train.bleu_every > 0")
         if self.bleu_max_sentences < 1:
@@ -353,14 +385,22 @@ def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
         table = values.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"[{name}] must be a table of key = value pairs, got {table!r}")
-        if name == "model" and "preset" in table:
-            table = dict(table)
-            base = table.pop("preset")
-            if base not in PRESETS:
-                raise ConfigError(f"unknown preset {base!r} in [model]; choose one of: {', '.join(PRESETS)}")
-            table = {**PRESETS[base], **table}
-        sections[name] = config_from_dict(cls, table, section=name)
+        also_valid: tuple[str, ...] = ()
+        if name == "model":
+            table, also_valid = expand_preset(table), ("preset",)
+        sections[name] = config_from_dict(cls, table, section=name, also_valid=also_valid)
     return ExperimentConfig(**sections)
+
+
+def expand_preset(model_table: dict[str, Any]) -> dict[str, Any]:
+    """A [model] table with its `preset` key replaced by that preset's values (the table's own keys win)."""
+    if "preset" not in model_table:
+        return model_table
+    table = dict(model_table)
+    base = table.pop("preset")
+    if base not in PRESETS:
+        raise ConfigError(f"unknown preset {base!r} in [model]; choose one of: {', '.join(PRESETS)}")
+    return {**PRESETS[base], **table}
 
 
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

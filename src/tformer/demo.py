@@ -84,12 +84,20 @@ def demo_experiment(data_dir: Path, config: DemoConfig) -> ExperimentConfig:
     )
 
 
+# the demo has no --resume or --overwrite: a used directory is left alone and another one chosen
+DEMO_RUN_DIR_ADVICE = "choose another --out, or delete it to run the demo there again"
+
+
 def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = False) -> DemoResult:
     """Generate the data, train, evaluate on held-out numbers, save the run and one attention map."""
     started = time.monotonic()
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     data_dir = run_dir / "data"
+    # every setting and the directory are checked before anything is generated or written: a failure
+    # found later would leave files that make the corrected command refuse the directory
+    experiment = demo_experiment(data_dir, config)
+    check_new_run_dir(run_dir, advice=DEMO_RUN_DIR_ADVICE)
     splits = make_number_splits(
         n_train=config.n_train,
         n_valid=config.n_valid,
@@ -98,9 +106,8 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
         balanced_fraction=config.balanced_fraction,
     )
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
-    check_new_run_dir(run_dir)
     write_number_corpus(splits, data_dir)
-    trainer = start_run(demo_experiment(data_dir, config), run_dir, quiet=quiet, checked=True)
+    trainer = start_run(experiment, run_dir, quiet=quiet, checked=True)
     training_started = time.monotonic()
     trainer.train()
     train_seconds = time.monotonic() - training_started

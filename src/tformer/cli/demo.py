@@ -23,11 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    run_demo(args.out, _demo_config(args), quiet=args.quiet)  # checks everything before writing
+    return 0
+
+
+def _demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The demo's sizes: --quick's or the full ones, with the flags given applied."""
     config = quick_config() if args.quick else DemoConfig()
     config = dataclasses.replace(config, seed=args.seed)
     if args.train_steps is not None:
         config = dataclasses.replace(config, train_steps=args.train_steps)
     if args.train_seconds is not None:
         config = dataclasses.replace(config, train_seconds=args.train_seconds)
-    run_demo(args.out, config, quiet=args.quiet)
-    return 0
+    return config

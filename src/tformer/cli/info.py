@@ -1,23 +1,53 @@
-"""Show a preset's (or a config file's) model shape and parameter count."""
+"""Show a preset's (or a config file's) model shape and parameter count.
+
+--config FILE reads the [model] section of an experiment TOML file (as `tformer train --config` does);
+the vocabulary size comes from --vocab-size, else the file's data.vocab_size (the size of the tokenizer
+a run trains: an upper bound, since a small corpus may give fewer pieces)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from pathlib import Path
 
-from tformer.config import PRESETS, config_to_dict, preset
+from tformer.config import PRESETS, ConfigError, ModelConfig, config_to_dict, load_experiment, preset
 from tformer.model import Transformer, count_parameters
 
-HELP = "show the shape and parameter count of a model preset"
+HELP = "show the shape and parameter count of a model preset or of a config file's [model]"
+
+DEFAULT_PRESET = "base"
+DEFAULT_VOCAB_SIZE = 37000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="base", choices=list(PRESETS), help="model preset (default: base)")
-    parser.add_argument("--vocab-size", type=int, default=37000, help="joint vocabulary size (default: 37000)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=list(PRESETS), help=f"model preset (default: {DEFAULT_PRESET})")
+    source.add_argument("--config", type=Path, metavar="FILE", help="experiment TOML file: show its [model]")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help=f"joint vocabulary size (default: the config's data.vocab_size, else {DEFAULT_VOCAB_SIZE})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    config = preset(args.preset, src_vocab_size=args.vocab_size, tgt_vocab_size=args.vocab_size)
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
+    if args.config is not None:
+        config, described = _config_file_model(args.config, args.vocab_size), {"config": str(args.config)}
+    else:
+        name = args.preset or DEFAULT_PRESET
+        vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
+        config, described = preset(name, src_vocab_size=vocab_size, tgt_vocab_size=vocab_size), {"preset": name}
     model = Transformer(config)
-    print(json.dumps({"preset": args.preset, "parameters": count_parameters(model), **config_to_dict(config)}))
+    print(json.dumps({**described, "parameters": count_parameters(model), **config_to_dict(config)}))
     return 0
+
+
+def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
+    """The [model] of an experiment file, with the vocabulary a run of it would get (training sets the
+    vocabulary sizes from its tokenizer, so the file's own model.*_vocab_size are not what a run uses)."""
+    experiment = load_experiment(path)
+    size = experiment.data.vocab_size if vocab_size is None else vocab_size
+    return dataclasses.replace(experiment.model, src_vocab_size=size, tgt_vocab_size=size)

@@ -5,17 +5,17 @@ Configuration comes from a TOML file (--config), then the plain flags, then --se
 data.tokenizer names one. RUN_DIR receives checkpoints and metrics.jsonl.
 
 --out must be empty or absent unless one of:
-  --resume     continue RUN_DIR from its last checkpoint: repeat the original command with --resume
-               (model and data must match), or give only --max-steps/--max-time/... and --set
-               train.*/decode.* to change those. On CPU the result equals an uninterrupted run bit
-               for bit.
+  --resume     continue RUN_DIR from its last checkpoint: repeat the original command with --resume,
+               or give only what changes (--max-steps/--max-time/..., --set train.*/decode.*).
+               Settings not given keep the run's values; a model or data setting given must equal
+               the run's. On CPU the result equals an uninterrupted run bit for bit.
+  --overwrite  replace RUN_DIR. The new run is written next to it (a hidden .NAME.overwrite-PID
+               directory) and takes RUN_DIR's place only when training ends, so a failed or
+               interrupted new run never destroys the old one (and its hidden directory is removed).
+
 Several processes (one per GPU, on one or many machines) are started with torchrun, e.g.
   torchrun --nproc-per-node 8 -m tformer.cli.main train --config run.toml --out RUN_DIR
 (see docs/training.md); only rank 0 writes RUN_DIR.
-
-  --overwrite  replace RUN_DIR. The new run is written next to it (a hidden .NAME.overwrite-PID
-               directory) and takes RUN_DIR's place only when training ends, so a failed or
-               interrupted new run never destroys the old one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 from tformer.runtime import Distributed, init_distributed
-from tformer.training.run import check_new_run_dir, resume_run, start_run
+from tformer.training.loop import TrainResult
+from tformer.training.run import check_new_run_dir, resume_run, resumed_experiment, start_run
 
 HELP = "train a translation model (new run, --resume, or --overwrite)"
 
@@ -48,10 +49,10 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "max_time": ("train", "max_time_s"),
     "device": ("train", "device"),
 }
-RESUMABLE_FLAGS = ("max_steps", "max_epochs", "max_time", "device")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the description's lists keep their lines
     parser.add_argument("--config", type=Path, help="experiment TOML file")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
     staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
     check_new_run_dir(staging)
-    result = start_run(experiment, staging, quiet=args.quiet, **options).train()
+    result = _train_staged(experiment, staging, quiet=args.quiet, options=options)
     retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
     os.replace(out, retired)
     os.replace(staging, out)
@@ -119,35 +120,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_staged(experiment: ExperimentConfig, staging: Path, *, quiet: bool, options: dict[str, Any]) -> TrainResult:
+    """Train the replacing run in `staging`; if it fails or is interrupted, remove what it wrote there,
+    so that the old run stays and nothing hidden is left beside it."""
+    try:
+        return start_run(experiment, staging, quiet=quiet, **options).train()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
-    """Config file, then plain flags, then --set overrides."""
+    """Config file, then plain flags, then --set overrides, over the defaults."""
+    return experiment_from_dict(_given_settings(args))
+
+
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The nested tables that the command itself sets: config file, then plain flags, then --set."""
     values = load_toml(args.config) if args.config is not None else {}
     values = apply_overrides(values, [])  # a copy with every table as a dict
     for flag, (section, key) in FLAG_KEYS.items():
         value: Any = getattr(args, flag)
         if value is not None:
             values.setdefault(section, {})[key] = value
-    return experiment_from_dict(apply_overrides(values, args.set))
+    return apply_overrides(values, args.set)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    """The same command with --resume appended continues the run (its model and data must match);
-    --resume with only --max-steps/--max-epochs/--max-time/--device/--set train.*,decode.* changes just those."""
-    full_command = args.config is not None or any(
-        getattr(args, flag) is not None for flag in FLAG_KEYS if flag not in RESUMABLE_FLAGS
-    )
-    if full_command:
-        expected = _experiment(args)
-        options = _runtime(args, expected.train.device)
-        trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
-    else:
-        overrides = [
-            f"{FLAG_KEYS[flag][0]}.{FLAG_KEYS[flag][1]}={_toml(getattr(args, flag))}"
-            for flag in RESUMABLE_FLAGS
-            if getattr(args, flag) is not None
-        ]
-        options = _runtime(args, args.device or "auto")
-        trainer = resume_run(args.out, overrides=[*overrides, *args.set], quiet=args.quiet, **options)
+    """Whatever the command sets is laid over the run's own experiment: repeating the original command
+    and giving only what changes both work, and a model or data setting that differs is named."""
+    expected = resumed_experiment(args.out, _given_settings(args))
+    options = _runtime(args, expected.train.device)
+    trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
     result = trainer.train()
     options["distributed"].shutdown()
     print(f"run {args.out}: step {result.step}, {result.stop_reason}")
@@ -158,7 +162,3 @@ def _runtime(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """How the run executes (not what it computes): process group, compilation, loss chunking."""
     distributed: Distributed = init_distributed(device)
     return {"distributed": distributed, "compile_mode": args.compile, "loss_chunk": args.loss_chunk}
-
-
-def _toml(value: Any) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
-import tempfile
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -68,7 +69,10 @@ def download_multi30k(
         raise DownloadError(f"unknown language(s) {', '.join(unknown)}; choose from {', '.join(MULTI30K_LANGUAGES)}")
     if urllib.parse.urlsplit(base_url).scheme not in ("http", "https", "file"):
         raise DownloadError(f"base URL must start with https://, http:// or file://, got {base_url!r}")
+    if not (math.isfinite(timeout) and timeout > 0):  # 0 would make every request fail at once
+        raise DownloadError(f"--timeout must be a positive number of seconds, got {timeout}")
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     names = [f"{split}.{language}" for split in MULTI30K_SPLITS for language in languages]
     existing = [name for name in names if (out_dir / name).exists()]
     if existing and not overwrite:
@@ -109,10 +113,25 @@ def fetch(url: str, *, timeout: float) -> bytes:
         raise DownloadError(f"could not download {url}: {error}") from None
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that cannot be created (it, or a parent, is a file) before any download,
+    rather than after fetching everything."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out_dir else f" ({path})"
+                raise DownloadError(f"--out {out_dir}: not a directory{where}; choose a directory for the corpus")
+            return
+
+
 def write_atomic(path: Path, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it into place: readers see either
-    the old file or the complete new one, never a partial write."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    the old file or the complete new one, never a partial write.
+
+    The temporary file is created with mode 0666 less the umask, as open() would create `path`
+    (tempfile.mkstemp's 0600 would make downloaded data private to its owner)."""
+    temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)

@@ -16,6 +16,7 @@ token from the config, full vocabulary) with Marian's settings (post-norm, no em
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,9 @@ def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
     hf_model.generation_config = generation_config(loaded.experiment.decode, ids, loaded.model.config.max_positions)
     with written_atomically(out) as temporary:
         hf_model.save_pretrained(temporary)
+        # safetensors writes its file private (0600): give it the mode config.json got from a plain open()
+        weights = Path(temporary) / "model.safetensors"
+        os.chmod(weights, (Path(temporary) / "config.json").stat().st_mode & 0o777)
         tokenizer.write_marian_files(temporary, model_max_length=loaded.model.config.max_positions)
     return out
 

@@ -101,6 +101,7 @@ def write_checkpoint(
     write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
     tokenizer.to_files(temporary / TOKENIZER_DIR)
     save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    _give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
     if trainer_state is not None:
         torch.save(trainer_state, temporary / STATE_FILE)
     for path in temporary.rglob("*"):
@@ -278,6 +279,17 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     model = Transformer(experiment.model)
     load_weights(model, checkpoint)
     return LoadedRun(model.to(device).eval(), tokenizer, experiment, step, run_dir, checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _give_plain_mode(path: Path, *, like: Path) -> None:
+    """Give `path` the permission bits of `like`, a file written by a plain open() in the same directory.
+
+    safetensors writes a private temporary file (mode 0600) and renames it into place, so without this
+    the weights alone would be unreadable to the group and others that can read the rest of the run.
+    Copying a sibling's mode gives exactly what open() gives (umask and any default ACL) without
+    changing the process's umask, which other threads may rely on at the same moment."""
+    os.chmod(path, like.stat().st_mode & 0o777)
 
 
 # ---------------------------------------------------------------------------------------------- fsync

@@ -15,6 +15,7 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from tformer.config import (
     DataConfig,
     ExperimentConfig,
     apply_overrides,
+    expand_preset,
     experiment_from_dict,
     experiment_to_dict,
 )
@@ -43,14 +45,18 @@ class RunDirectoryError(ValueError):
     """The output directory cannot be used as asked (it holds a run, or holds nothing to resume)."""
 
 
-def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to start a run in a directory that already holds anything."""
+NEW_RUN_ADVICE = "pass --resume to continue it or --overwrite to replace it"
+
+
+def check_new_run_dir(run_dir: Path, *, advice: str = NEW_RUN_ADVICE) -> None:
+    """Refuse to start a run in a directory that already holds anything.
+
+    `advice` ends the message: the default names `tformer train`'s flags, which a command without
+    them (such as `tformer demo`) replaces with its own way out."""
     run_dir = Path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         kind = "a run" if ckpt.is_run_dir(run_dir) else "files"
-        raise RunDirectoryError(
-            f"{run_dir} already holds {kind}; pass --resume to continue it or --overwrite to replace it"
-        )
+        raise RunDirectoryError(f"{run_dir} already holds {kind}; {advice}")
 
 
 def start_run(
@@ -154,11 +160,7 @@ def resume_run(
     of processes may differ from the run's (see Trainer.load_stream_state)."""
     distributed = distributed or Distributed()
     say = _sayer(quiet or not distributed.is_main)
-    if not Path(run_dir).is_dir():
-        raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
-    if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
-        raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint")
-    checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
+    checkpoint = _last_checkpoint(run_dir)
     experiment, step = ckpt.read_experiment(checkpoint)
     if expected is not None:
         _check_same_run(experiment, expected)
@@ -181,6 +183,34 @@ def resume_run(
     trainer.restore(checkpoint)
     say(f"resuming {run_dir} from {checkpoint.name} (step {step})")
     return trainer
+
+
+def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig:
+    """The experiment that a `--resume` command describes: the run's own, with the command's settings
+    (nested tables from its config file, flags and --set) laid over it.
+
+    A command that gives only what changes, or repeats the one that started the run, thus describes
+    the run without the defaults of keys it leaves out. A [model] preset stands for its values, so a
+    different preset is a changed model. Pass the result to `resume_run(expected=...)`, which refuses
+    a model or data that differ from the run's and takes the train and decode sections."""
+    stored, _ = ckpt.read_experiment(_last_checkpoint(run_dir))
+    values = experiment_to_dict(stored)
+    for section, table in given.items():
+        if section not in values or not isinstance(table, dict):
+            values[section] = table  # experiment_from_dict names what is wrong with it
+            continue
+        values[section] = {**values[section], **(expand_preset(table) if section == "model" else table)}
+    return experiment_from_dict(values)
+
+
+def _last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a resumed run continues from, or a one-line error saying why there is none."""
+    if not Path(run_dir).is_dir():
+        raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
+    if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
+        raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint")
+    checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
+    return checkpoint
 
 
 def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:

@@ -1,0 +1,53 @@
+"""Commands that need no trained run: `info` on presets and config files, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tformer.cli.main import main
+from tformer.config import PRESETS
+
+TINY_COPY = Path(__file__).resolve().parents[1] / "configs" / "tiny_copy.toml"
+
+
+def _info(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
+    capsys.readouterr()
+    assert main(["info", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_shows_the_model_of_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--config reads [model] (preset included) as `train --config` does; the vocabulary is the file's
+    data.vocab_size unless --vocab-size says otherwise."""
+    shown = _info(capsys, "--config", str(TINY_COPY))
+    assert shown["config"] == str(TINY_COPY)
+    assert shown["d_model"] == PRESETS["tiny"]["d_model"] and shown["max_positions"] == 256
+    assert shown["src_vocab_size"] == shown["tgt_vocab_size"] == 1000
+    smaller = _info(capsys, "--config", str(TINY_COPY), "--vocab-size", "100")
+    assert smaller["src_vocab_size"] == 100 and smaller["parameters"] < shown["parameters"]
+    same_shape = _info(capsys, "--preset", "tiny", "--vocab-size", "1000")  # sinusoidal positions: no parameters
+    assert same_shape["parameters"] == shown["parameters"]
+    assert _info(capsys)["preset"] == "base"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--config", "missing.toml"], "error: config file not found: missing.toml"),
+        (["--vocab-size", "0"], "error: --vocab-size must be positive, got 0"),
+    ],
+)
+def test_info_errors_are_one_line(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", *flags]) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_info_config_file_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[model]\npreset = "tiny"\nd_modle = 64\n')
+    assert main(["info", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key(s) d_modle in [model]; valid keys: preset, ") and err.count("\n") == 1
