@@ -107,6 +107,13 @@ def test_non_finite_numbers_are_refused_when_a_config_is_changed_in_code() -> No
         ("train.lr_scale=-1", "train.lr_scale must be positive, got -1.0"),
         ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
         ("train.seed=4294967296", r"train.seed must be in \[0, 2\*\*32\)"),
+        ("train.adam_beta2=1.0", r"train.adam_beta2 must be in \[0, 1\), got 1.0"),
+        ("train.adam_beta1=-0.1", r"train.adam_beta1 must be in \[0, 1\)"),
+        ("train.adam_eps=0", "train.adam_eps must be positive"),
+        ("train.weight_decay=-0.01", "train.weight_decay must be 0 .off. or positive"),
+        ("model.layer_norm_eps=0", "layer_norm_eps must be positive"),
+        ("decode.seed=9223372036854775808", r"seed must be in \[0, 2\*\*63\)"),
+        ("decode.seed=-2", r"seed must be in \[0, 2\*\*63\), got -2"),
     ],
 )
 def test_range_errors_name_the_key(override: str, message: str) -> None:

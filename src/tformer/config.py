@@ -98,6 +98,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.pad_id < min(self.src_vocab_size, self.tgt_vocab_size):
             raise ConfigError(f"pad_id {self.pad_id} is outside the vocabulary")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
 
     @property
     def head_dim(self) -> int:
@@ -149,6 +151,8 @@ class DecodeConfig:
                 raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.compile_step and not self.static_step:
             raise ConfigError("compile_step compiles the static step: set static_step = true as well")
+        if not 0 <= self.seed < 2**63:  # torch.Generator takes a signed 64-bit seed
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         banned = self.banned_ids
         if not isinstance(banned, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in banned):
             raise ConfigError(f"banned_ids must be a list of token ids (integers >= 0), got {banned!r}")
@@ -351,6 +355,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:  # the tokenizer trainer and numpy take unsigned 32-bit seeds
             raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"train.adam_eps must be positive, got {self.adam_eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be 0 (off) or positive, got {self.weight_decay}")
         if self.stop_metric in ("bleu", "chrf") and self.bleu_every == 0:
             raise ConfigError(f"train.stop_metric={self.stop_metric} needs train.bleu_every > 0")
         if self.bleu_max_sentences < 1:
