@@ -201,6 +201,8 @@ def assert_one_error_line(capsys, *fragments: str) -> None:
             ["--graceful-timeout must be at least 0 seconds, got -1.0"],
             id="negative-graceful-timeout",
         ),
+        pytest.param(["--max-wait-ms", "nan"], ["max_wait_ms (--max-wait-ms) must be >= 0"], id="nan-max-wait"),
+        pytest.param(["--max-beam", "0"], ["max_beam (--max-beam) must be at least 1, got 0"], id="zero-max-beam"),
         pytest.param(
             ["--graceful-timeout", "nan"], ["--graceful-timeout must be at least 0"], id="nan-graceful-timeout"
         ),

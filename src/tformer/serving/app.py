@@ -39,11 +39,12 @@ class ServeConfig:
     max_wait_ms: float = 5.0
 
     def __post_init__(self) -> None:
+        # each limit is also the `tformer serve` flag of the same name
         for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
+        if not self.max_wait_ms >= 0:  # written so that NaN fails too
+            raise ValueError(f"max_wait_ms (--max-wait-ms) must be >= 0, got {self.max_wait_ms}")
 
     @property
     def max_body_bytes(self) -> int:
