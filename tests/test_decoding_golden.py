@@ -182,3 +182,18 @@ def test_a_forced_prefix_wins_over_banned_ids_and_the_ngram_ban(search):
     # "a a" repeats the 1-gram "a": forced anyway (p .9 x .8); after "a a" the table knows only eos
     (repeated,) = run(search, dataclasses.replace(config, no_repeat_ngram_size=1), tables=(2,), prefix=[[A, A]])
     check(repeated, [([A, A], 0.72, math.log(0.72))])
+
+
+@pytest.mark.parametrize("search", [greedy_search, beam_search])
+def test_forced_eos_ends_every_hypothesis_at_the_limit_with_eos_at_no_cost(search):
+    """Table 1 never ends by itself at step 2 ("a" is followed by "b" or "c"); with forced_eos and a limit of 2
+    the second token is eos, at probability 1 by force, and counts for the length penalty."""
+    config = beam_config(
+        beam_size=1 if search is greedy_search else 2, nbest=1, max_len_b=2, forced_eos=True,
+        length_normalization="average", length_penalty=1.0,
+    )  # fmt: skip
+    (hypotheses,) = run(search, config, tables=(1,))
+    check(hypotheses, [([A], 0.5, math.log(0.5) / 2)])
+    # without it: "a b" (p .3) is cut at the limit, two tokens and no eos
+    (cut,) = run(search, dataclasses.replace(config, forced_eos=False), tables=(1,))
+    check(cut, [([A, B], 0.3, math.log(0.3) / 2)])

@@ -72,6 +72,11 @@ CONFIGS = {
     "beam-minlen-banned": DecodeConfig(beam_size=3, nbest=2, min_len=4, max_len_b=9, banned_ids=(21, 9)),
     "beam-average": DecodeConfig(beam_size=2, length_normalization="average", length_penalty=1.0, max_len_b=10),
     "sampling": DecodeConfig(sampling=True, nbest=3, beam_size=3, top_k=5, seed=11, max_len_b=8),
+    # per-sentence limits (max_len_a) with a forced eos at each one, and early stopping
+    "beam-forced-eos-early": DecodeConfig(
+        beam_size=3, nbest=2, max_len_a=1.0, max_len_b=1, forced_eos=True, early_stopping=True
+    ),
+    "greedy-forced-eos": DecodeConfig(beam_size=1, max_len_a=1.0, max_len_b=1, forced_eos=True),
 }
 
 

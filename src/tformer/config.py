@@ -127,6 +127,12 @@ class DecodeConfig:
     length_normalization: LengthNormalization = "gnmt"
     no_repeat_ngram_size: int = 0
     banned_ids: tuple[int, ...] = ()  # tokens never produced (Hugging Face's single-token bad_words_ids)
+    # at a sentence's last step (its maximum length) eos is forced with log-probability 0, so every
+    # hypothesis ends with eos and the eos counts in its length (Hugging Face's forced_eos_token_id)
+    forced_eos: bool = False
+    # beam search: a sentence is done as soon as it holds beam_size finished hypotheses (Hugging Face's
+    # early_stopping=True); by default it goes on while its best running beam could still win
+    early_stopping: bool = False
     coverage_penalty: float = 0.0
     sampling: bool = False
     temperature: float = 1.0

@@ -7,9 +7,10 @@ Each step, for every sentence (all tensors, no Python loop over hypotheses):
    scored log_prob / lp(length) (+ coverage penalty); the N best finished are kept;
 3. the N best candidates that did not end become the beams; the KV cache is reordered by index;
 4. the sentence is done when its maximum length is reached, or when it holds N finished hypotheses and
-   the best running beam, normalised at its current length, no longer beats the worst of them.
-This is Hugging Face's algorithm (`early_stopping=False`), so with `length_normalization="average"` the
-outputs match `generate(num_beams=N, length_penalty=alpha)` token for token. Done sentences leave the
+   the best running beam, normalised at its current length, no longer beats the worst of them (with
+   `early_stopping`, as soon as it holds N finished hypotheses).
+This is Hugging Face's algorithm (`early_stopping=False`, or True), so with `length_normalization="average"`
+the outputs match `generate(num_beams=N, length_penalty=alpha)` token for token. Done sentences leave the
 batch at the periodic "all finished?" check, the loop's only host synchronisation (with
 `DecodeConfig.static_step` they stay, see decoding/static_step.py, and without an n-gram ban or a
 prefix the whole step is one function of fixed buffers, replayed as one CUDA graph on a GPU).
@@ -122,7 +123,8 @@ def beam_search(
         else:
             log_probs_RV, attention_RS = decoder.step(last_R)
         Bc = state.scores.shape[0]
-        log_probs_RV = constraints.apply(log_probs_RV, t, state.history.view(Bc * N, -1)[:, : t + 1])
+        max_len_R = state.max_len[:, None].expand(Bc, N).reshape(-1)
+        log_probs_RV = constraints.apply(log_probs_RV, t, state.history.view(Bc * N, -1)[:, : t + 1], max_len_R)
         length_1.add_(1)
         last_R = _step(state, log_probs_RV, attention_RS, length_1, eos_id, config, decoder)
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T:
@@ -159,6 +161,7 @@ def _search_in_whole_steps(
     Returns the state that holds the finished lists."""
     buffers = decoder.step_buffers
     key = (*fresh.history.shape, eos_id, config.length_penalty, config.length_normalization, config.min_len)
+    key += (config.forced_eos, config.early_stopping)
     key += tuple(config.banned_ids)
     search = buffers.searches.get(key)
     if search is None:
@@ -175,7 +178,9 @@ def _search_in_whole_steps(
 
     def whole_step() -> None:
         search.length_1.add_(1)
-        log_probs_RV = constraints.apply_at(decoder.step_in_place(), search.length_1)
+        B, N = search.state.scores.shape
+        max_len_R = search.state.max_len[:, None].expand(B, N).reshape(-1)
+        log_probs_RV = constraints.apply_at(decoder.step_in_place(), search.length_1, max_len_R)
         buffers.tokens_R.copy_(_step(search.state, log_probs_RV, None, search.length_1, eos_id, config, decoder))
 
     on_gpu = buffers.tokens_R.device.type == "cuda"
@@ -303,8 +308,8 @@ def _step(
     # 4. per-sentence termination
     best_running_B = running_scores_BN[:, 0] / penalty_1
     full_B = state.fin_scores[:, -1] > NEG_INF
-    no_better_B = full_B & (best_running_B <= state.fin_scores[:, -1])
-    state.done |= (state.max_len <= length_1) | no_better_B
+    settled_B = full_B if config.early_stopping else full_B & (best_running_B <= state.fin_scores[:, -1])
+    state.done |= (state.max_len <= length_1) | settled_B
     return cand_token_BK.gather(1, chosen_BN).view(-1)
 
 

@@ -8,7 +8,9 @@ log-probabilities of allowed tokens are not renormalised (as in fairseq and Hugg
 - no_repeat_ngram_size n: a token that would complete an n-gram already present in the history
   (bos included, as in Hugging Face) is banned;
 - prefix: while a row's forced prefix lasts, every other token is banned, and the forced token keeps the
-  model's log-probability even if one of the bans above would exclude it (the user asked for it).
+  model's log-probability even if one of the bans above would exclude it (the user asked for it);
+- forced_eos: at a row's last step (its maximum length) eos is the only token, with log-probability 0
+  (Hugging Face's forced_eos_token_id), whatever the other restrictions say.
 
 Shape legend: R rows, V vocabulary, T history length (bos + tokens so far), P longest prefix.
 """
@@ -51,10 +53,11 @@ class StepConstraints:
         self.ngram = config.no_repeat_ngram_size
         self.eos_id = eos_id
         self.prefix_RP = prefix_RP
+        self.forced_eos = config.forced_eos
 
-    def apply(self, log_probs_RV: Tensor, step: int, history_RT: Tensor) -> Tensor:
-        """Restrict the log-probabilities of step `step` (0-based); history_RT is bos + `step` tokens.
-        May modify `log_probs_RV` in place."""
+    def apply(self, log_probs_RV: Tensor, step: int, history_RT: Tensor, max_len_R: Tensor) -> Tensor:
+        """Restrict the log-probabilities of step `step` (0-based); history_RT is bos + `step` tokens,
+        max_len_R each row's maximum length. May modify `log_probs_RV` in place."""
         forced_R = None
         if self.prefix_RP is not None and step < self.prefix_RP.shape[1]:
             forced_R = self.prefix_RP[:, step]  # -1: this row's prefix has ended
@@ -73,6 +76,8 @@ class StepConstraints:
             log_probs_RV = log_probs_RV.masked_fill(forcing_R1 & (vocab_V[None, :] != forced_R[:, None]), -float("inf"))
             kept_R1 = torch.where(forcing_R1, forced_log_prob_R1, log_probs_RV.gather(1, forced_column_R1))
             log_probs_RV = log_probs_RV.scatter(1, forced_column_R1, kept_R1)
+        if self.forced_eos:
+            self._force_eos(log_probs_RV, max_len_R == step + 1)
         return log_probs_RV
 
     @property
@@ -81,13 +86,21 @@ class StepConstraints:
         history or on the step as a host number (a search step recorded as a CUDA graph)."""
         return self.ngram == 0 and self.prefix_RP is None
 
-    def apply_at(self, log_probs_RV: Tensor, length_1: Tensor) -> Tensor:
+    def apply_at(self, log_probs_RV: Tensor, length_1: Tensor, max_len_R: Tensor) -> Tensor:
         """`apply` for constraints `without_history`, in place, with the number of tokens predicted once
         this step is done (t + 1) held on the device as a (1,) tensor: no host value, no new index tensor."""
         self._ban_tokens(log_probs_RV)
         if self.min_len > 0:
             log_probs_RV[:, self.eos_id].masked_fill_(length_1 <= self.min_len, -float("inf"))
+        if self.forced_eos:
+            self._force_eos(log_probs_RV, max_len_R == length_1)
         return log_probs_RV
+
+    def _force_eos(self, log_probs_RV: Tensor, last_step_R: Tensor) -> None:
+        """In place: the rows at their last step may only end, with eos at log-probability 0."""
+        eos_R = torch.where(last_step_R, 0.0, log_probs_RV[:, self.eos_id])
+        log_probs_RV.masked_fill_(last_step_R[:, None], -float("inf"))
+        log_probs_RV[:, self.eos_id] = eos_R
 
     def _ban_tokens(self, log_probs_RV: Tensor) -> None:
         """-inf for the banned ids, one column fill each: no index tensor is built and copied to the device

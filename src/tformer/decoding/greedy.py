@@ -123,7 +123,7 @@ def decode_paths(
     last_R = state.history[:, 0]
     for t in range(T):
         log_probs_RV, attention_RS = decoder.step(last_R)
-        log_probs_RV = constraints.apply(log_probs_RV, t, state.history[:, : t + 1])
+        log_probs_RV = constraints.apply(log_probs_RV, t, state.history[:, : t + 1], state.max_len)
         token_R = choose(log_probs_RV, state.row)
         active_R = ~state.finished
         is_eos_R = token_R == eos_id
