@@ -70,6 +70,34 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path: Path) -> Non
     _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
 
 
+def test_resume_between_logging_steps_writes_the_same_metrics(tmp_path: Path) -> None:
+    """The checkpoint keeps the logging window: the first row after a resume averages the steps
+    before the checkpoint too, as the uninterrupted run's row does."""
+    corpus = write_corpus(tmp_path, n_train=60)
+    settings = ("train.log_every=4", "train.save_every=3", "train.valid_every=8", "train.max_steps=8")
+    experiment = tiny_experiment(corpus, *settings)
+    start_run(experiment, tmp_path / "whole", quiet=True).train()
+
+    interrupted = start_run(experiment, tmp_path / "cut", quiet=True)
+    calls = {"n": 0}
+
+    def interrupt_in_step_5(module: torch.nn.Module, inputs: tuple) -> None:
+        calls["n"] += module.training
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+
+    interrupted.model.register_forward_pre_hook(interrupt_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert ckpt.read_pointer_name(tmp_path / "cut", "latest") == "step-00000003"  # steps 1-3 not yet logged
+
+    resume_run(tmp_path / "cut", quiet=True).train()
+
+    whole, cut = _without_timing(_rows(tmp_path / "whole")), _without_timing(_rows(tmp_path / "cut"))
+    assert [row["step"] for row in whole] == [4, 8] and "train_loss" in whole[0] and "valid_loss" in whole[1]
+    assert cut == whole
+
+
 def test_sigkilled_training_process_resumes_to_the_same_weights(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path)
     arguments = [

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import write_corpus
+from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli import train as train_cli
 from tformer.cli.main import main
+from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
+from tformer.training.loop import TrainResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -330,3 +332,26 @@ def test_non_finite_numbers_are_one_line_errors_naming_the_key(
     for argv, message in cases:
         _fails_cleanly(capsys, argv, message)
     assert not new.exists()
+
+
+class _FakeTrainer:
+    def train(self) -> TrainResult:
+        return TrainResult(3, "reached max_steps=3", None, 0, Path("unused"))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_prints_the_closing_line(
+    rank: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Every process of a torchrun run ends `tformer train`; only rank 0 prints "run DIR: step N, ..."
+    (a fake rank of a 2-process group stands in for torchrun; training is faked too)."""
+    monkeypatch.setattr(train_cli, "init_distributed", lambda device: Distributed(rank=rank, world_size=2))
+    monkeypatch.setattr(train_cli, "start_run", lambda *args, **kwargs: _FakeTrainer())
+    monkeypatch.setattr(train_cli, "resume_run", lambda *args, **kwargs: _FakeTrainer())
+    monkeypatch.setattr(train_cli, "resumed_experiment", lambda run_dir, given: tiny_experiment(write_corpus(tmp_path)))
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    expected = f"run {out}: step 3, reached max_steps=3\n"
+    assert printed == (2 * expected if rank == 0 else "")

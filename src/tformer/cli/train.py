@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.overwrite or not out.exists():
         result = start_run(experiment, out, quiet=args.quiet, **options).train()
         options["distributed"].shutdown()  # after a failure the process just exits: a barrier could hang
-        print(f"run {out}: step {result.step}, {result.stop_reason}")
+        _report(options["distributed"], f"run {out}: step {result.step}, {result.stop_reason}")
         return 0
     if not out.is_dir():
         raise ConfigError(f"--overwrite replaces a run directory, but {out} is a file")
@@ -154,8 +154,14 @@ def _resume(args: argparse.Namespace) -> int:
     trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
     result = trainer.train()
     options["distributed"].shutdown()
-    print(f"run {args.out}: step {result.step}, {result.stop_reason}")
+    _report(options["distributed"], f"run {args.out}: step {result.step}, {result.stop_reason}")
     return 0
+
+
+def _report(distributed: Distributed, line: str) -> None:
+    """The run's closing line, printed once: by rank 0 (the only process that writes log lines)."""
+    if distributed.is_main:
+        print(line)
 
 
 def _runtime(args: argparse.Namespace, device: str) -> dict[str, Any]:

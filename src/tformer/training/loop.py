@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ class Trainer:
         self._epoch_lengths: dict[int, int] = {}
         self._position = data.stream.state_dict()  # the stream state after the last batch trained on
         self._pending: list[tuple[int, Tensor, Tensor, int, Tensor | None]] = []
-        self._window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "grad_norm": None}
+        self._window = _log_window(None)
         self._window_start = time.monotonic()
         self._last_saved_step = -1
         self._shown_signature = False
@@ -133,6 +134,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "stream": self.stream_state(),
             "early_stopping": self.early_stopping.state_dict(),
+            "log_window": dict(self._window),  # steps since the last logged row, averaged into the next one
             "rng": {
                 "python": _python_state_to_lists(random.getstate()),
                 "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
@@ -145,7 +147,15 @@ class Trainer:
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_stream_state(state["stream"])
-        self.early_stopping.load_state_dict(state["early_stopping"])
+        replaced = self.early_stopping.load_state_dict(state["early_stopping"])
+        if replaced is not None and not self.quiet:
+            print(
+                f"train.stop_metric changed from {replaced} to {self.early_stopping.metric}: early stopping "
+                f"starts afresh (the best {replaced} so far does not count)",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._window = _log_window(state.get("log_window"))  # absent in older checkpoints: an empty window
         rng = state["rng"]
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -366,7 +376,7 @@ class Trainer:
         }
         if window["grad_norm"] is not None:
             row["grad_norm"] = window["grad_norm"]
-        self._window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "grad_norm": None}
+        self._window = _log_window(None)
         self._window_start = now
         return row
 
@@ -431,6 +441,19 @@ class Trainer:
             ckpt.write_pointer(self.run_dir, "best", name)
         ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
         return path
+
+
+def _log_window(state: dict[str, Any] | None) -> dict[str, Any]:
+    """The sums of the steps since the last logged row: empty, or as a checkpoint stored them."""
+    if state is None:
+        return {"loss": 0.0, "nll": 0.0, "tokens": 0, "grad_norm": None}
+    grad_norm = state["grad_norm"]
+    return {
+        "loss": float(state["loss"]),
+        "nll": float(state["nll"]),
+        "tokens": int(state["tokens"]),
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+    }
 
 
 def _python_state_to_lists(state: tuple) -> list:

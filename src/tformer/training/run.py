@@ -83,10 +83,13 @@ def start_run(
         raise ConfigError("no training data: set data.train_src and data.train_tgt (or --train-src/--train-tgt)")
     if experiment.train.patience > 0 and data.valid_src is None:
         raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
+    if data.tokenizer is None:
+        check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
     corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
     say(f"training data: {corpus.report.summary()}")
     if data.tokenizer is not None:
         tokenizer = Tokenizer.from_files(data.tokenizer)
+        check_embedding_sharing(experiment.model.share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
     else:
         tokenizer = Tokenizer.train(
             corpus.sources,
@@ -125,6 +128,23 @@ def start_run(
         distributed=distributed,
         compile_mode=compile_mode,
         loss_chunk=loss_chunk,
+    )
+
+
+def check_embedding_sharing(share_embeddings: bool, *, joint: bool, tokenizer_dir: str | None = None) -> None:
+    """Refuse one embedding matrix for separate vocabularies: source id i and target id i name unrelated
+    pieces, yet would train the same row (equal sizes pass ModelConfig's own check)."""
+    if not share_embeddings or joint:
+        return
+    if tokenizer_dir is None:
+        raise ConfigError(
+            "data.joint_vocab=false trains separate source and target vocabularies, but model.share_embeddings=true "
+            "would give both one embedding matrix; set model.share_embeddings=false, or data.joint_vocab=true"
+        )
+    raise ConfigError(
+        f"the tokenizer in {tokenizer_dir} has separate source and target vocabularies, but "
+        "model.share_embeddings=true would give both one embedding matrix; set model.share_embeddings=false, "
+        "or use a joint tokenizer"
     )
 
 
@@ -273,6 +293,18 @@ def prepare_data(
     valid_pairs, kept = _encode(
         tokenizer, valid.sources, valid.targets, max_positions=experiment.model.max_positions, say=say, name="valid"
     )
+    fitting, overlong = filter_overlong([(len(src), len(tgt)) for src, tgt in valid_pairs], train.max_tokens)
+    if not fitting:
+        shortest = min(max(len(src), len(tgt)) + 1 for src, tgt in valid_pairs)
+        raise ConfigError(
+            f"every validation pair needs more than train.max_tokens={train.max_tokens} token slots "
+            f"(the shortest needs {shortest}), so nothing would be validated; raise train.max_tokens"
+        )
+    if overlong:
+        say(
+            f"valid: skipped {len(overlong)} pairs longer than train.max_tokens={train.max_tokens} "
+            "in the validation loss (BLEU/chrF still translate them)"
+        )
     return TrainingData(
         stream=stream,
         valid_batches=sorted_batches(valid_pairs, max_tokens=train.max_tokens, drop_overlong=True, **special),

@@ -102,8 +102,21 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_evaluations >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations}
+        return {
+            "metric": self.metric,
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evaluations": self.bad_evaluations,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> str | None:
+        """Restore the state of the same metric and return None; a state of another metric (the run was
+        resumed with a new train.stop_metric) says nothing about this one, so start afresh and return
+        the stored metric's name. A state without a name (older checkpoints) counts as this metric's."""
+        stored = str(state.get("metric", self.metric))
+        if stored != self.metric:
+            self.best, self.best_step, self.bad_evaluations = None, 0, 0
+            return stored
         self.best = None if state["best"] is None else float(state["best"])
         self.best_step, self.bad_evaluations = int(state["best_step"]), int(state["bad_evaluations"])
+        return None

@@ -1,0 +1,138 @@
+"""Defects found by the training audit, each pinned by a test: separate vocabularies with shared
+embeddings, validation pairs over the token budget, and a changed stopping metric on resume (the
+logging window across a resume is in test_checkpoint_resume.py, the closing line of a multi-process
+run in test_cli_train.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.cli.main import main
+from tformer.config import ConfigError
+from tformer.data.tokenizer import Tokenizer
+from tformer.training import checkpoint as ckpt
+from tformer.training import resume_run, start_run
+from tformer.training.validation import EarlyStopping
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHARED_WITH_SEPARATE = "set model.share_embeddings=false, or data.joint_vocab=true"
+
+
+# ---------------------------------------------------------------- 1: separate vocabularies, one embedding
+def test_separate_vocabularies_refuse_shared_embeddings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = write_corpus(tmp_path, n_train=40)
+    with pytest.raises(ConfigError, match=SHARED_WITH_SEPARATE):
+        start_run(tiny_experiment(corpus, "data.joint_vocab=false"), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+    argv = [
+        "train", "--out", str(tmp_path / "cli"), "--train-src", str(corpus["train_src"]),
+        "--train-tgt", str(corpus["train_tgt"]), "--vocab-size", "48", "--set", "data.joint_vocab=false", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.joint_vocab=false") and SHARED_WITH_SEPARATE in err
+    assert len(err.strip().splitlines()) == 1
+
+    # a tokenizer directory with separate vocabularies, given with the default share_embeddings=true
+    lines = [corpus["train_src"].read_text().splitlines(), corpus["train_tgt"].read_text().splitlines()]
+    Tokenizer.train(*lines, vocab_size=48, joint=False).to_files(tmp_path / "tok")
+    with_tokenizer = tiny_experiment(corpus, f"data.tokenizer='{tmp_path / 'tok'}'")
+    with pytest.raises(ConfigError, match=r"separate source and target vocabularies.*share_embeddings=false"):
+        start_run(with_tokenizer, tmp_path / "run", quiet=True)
+
+
+def test_separate_vocabularies_train_with_separate_embeddings(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path, n_train=40)
+    settings = ("data.joint_vocab=false", "model.share_embeddings=false", "train.max_steps=1")
+    trainer = start_run(tiny_experiment(corpus, *settings, valid=False), tmp_path / "run", quiet=True)
+    assert not trainer.tokenizer.joint
+    assert (
+        trainer.model.state_dict().keys()
+        != start_run(tiny_experiment(corpus, "train.max_steps=1", valid=False), tmp_path / "joint", quiet=True)
+        .model.state_dict()
+        .keys()
+    )  # two embedding matrices, not one
+
+
+# ---------------------------------------------------------------- 2: validation pairs over train.max_tokens
+def _long_valid(tmp_path: Path, corpus: dict[str, Path], *, short: int) -> dict[str, Path]:
+    """Validation files of `short` short pairs and two long ones (30 words a side)."""
+    sources = ["ka lo"] * short + [" ".join(["ka lo mi"] * 10)] * 2
+    targets = ["cat dog"] * short + [" ".join(["cat dog sun"] * 10)] * 2
+    paths = dict(corpus)
+    for side, lines in (("src", sources), ("tgt", targets)):
+        paths[f"valid_{side}"] = tmp_path / f"long_valid_{short}.{side}"
+        paths[f"valid_{side}"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def test_validation_pairs_over_the_token_budget_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = _long_valid(tmp_path, write_corpus(tmp_path, n_train=40), short=3)
+    trainer = start_run(tiny_experiment(corpus, "train.max_tokens=24"), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "valid: skipped 2 pairs longer than train.max_tokens=24" in err
+    assert sum(len(batch.indices) for batch in trainer.data.valid_batches) == 3
+
+
+def test_validation_set_with_no_pair_in_the_token_budget_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    corpus = _long_valid(tmp_path, write_corpus(tmp_path, n_train=40), short=0)
+    with pytest.raises(ConfigError, match=r"every validation pair needs more than train.max_tokens=24 .*raise"):
+        start_run(tiny_experiment(corpus, "train.max_tokens=24", "train.patience=2"), tmp_path / "run", quiet=True)
+    argv = [
+        "train", "--out", str(tmp_path / "cli"), "--train-src", str(corpus["train_src"]),
+        "--train-tgt", str(corpus["train_tgt"]), "--valid-src", str(corpus["valid_src"]),
+        "--valid-tgt", str(corpus["valid_tgt"]), "--vocab-size", "48", "--max-tokens", "24", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: every validation pair needs more than train.max_tokens=24")
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- 3: a new stopping metric on resume
+def test_early_stopping_state_names_its_metric() -> None:
+    loss = EarlyStopping("loss", patience=2)
+    loss.update(3.0, 1), loss.update(3.5, 2)
+    bleu = EarlyStopping("bleu", patience=2)
+    assert bleu.load_state_dict(loss.state_dict()) == "loss"
+    assert (bleu.best, bleu.best_step, bleu.bad_evaluations) == (None, 0, 0)
+    assert bleu.update(0.5, 3)  # any BLEU is a first best, not compared with a loss of 3.0
+
+    old_format = {key: value for key, value in loss.state_dict().items() if key != "metric"}
+    restored = EarlyStopping("loss", patience=2)
+    assert restored.load_state_dict(old_format) is None and restored == loss
+
+
+def test_resume_with_a_new_stop_metric_starts_early_stopping_afresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    corpus = write_corpus(tmp_path, n_train=40)
+    start_run(tiny_experiment(corpus, "train.max_steps=4"), tmp_path / "run", quiet=True).train()
+    same = resume_run(tmp_path / "run", overrides=["train.max_steps=8"])
+    assert same.early_stopping.best is not None and same.early_stopping.best_step == 4
+    assert "early stopping starts afresh" not in capsys.readouterr().err
+
+    changed = resume_run(tmp_path / "run", overrides=["train.stop_metric=chrf", "train.bleu_every=4"])
+    assert changed.early_stopping.metric == "chrf" and changed.early_stopping.best is None
+    err = capsys.readouterr().err
+    assert "train.stop_metric changed from loss to chrf: early stopping starts afresh" in err
+
+
+def test_checkpoints_without_the_new_trainer_state_keys_still_resume(tmp_path: Path) -> None:
+    """Checkpoints written before the stopping metric's name and the logging window were stored."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    start_run(tiny_experiment(corpus, "train.max_steps=4"), tmp_path / "run", quiet=True).train()
+    path = tmp_path / "run" / ckpt.CHECKPOINTS_DIR / ckpt.step_name(4) / ckpt.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    assert state["early_stopping"].pop("metric") == "loss" and state.pop("log_window")["tokens"] == 0
+    torch.save(state, path)
+    resumed = resume_run(tmp_path / "run", overrides=["train.max_steps=6"], quiet=True)
+    assert resumed.early_stopping.best_step == 4 and resumed.train().step == 6
