@@ -21,9 +21,11 @@ from tformer.align import (
     piece_words,
     word_scores,
 )
-from tformer.config import preset
+from tformer.cli.main import main
+from tformer.config import ExperimentConfig, preset
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
+from tformer.training.checkpoint import save_checkpoint, step_name, write_pointer
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "abc", "fed", "hij", "mop"]
 
@@ -112,3 +114,22 @@ def test_align_files_writes_one_pharaoh_line_per_pair(
         list(align_files(model, tokenizer, tmp_path / "src", tmp_path / "short"))
     with pytest.raises(AlignmentError, match="no such file"):
         list(align_files(model, tokenizer, tmp_path / "missing", tmp_path / "tgt"))
+
+
+def test_align_command_splits_lines_on_newline_only(copy_model: tuple[Transformer, Tokenizer], tmp_path: Path) -> None:
+    """U+2028, U+0085 and a form feed are whitespace inside a sentence, not line breaks (str.splitlines
+    would break on them and shift every later pair)."""
+    model, tokenizer = copy_model
+    name = step_name(1)
+    experiment = ExperimentConfig(model=model.config)
+    save_checkpoint(
+        tmp_path / "run", name, experiment=experiment, tokenizer=tokenizer, model=model, step=1, trainer_state=None
+    )
+    write_pointer(tmp_path / "run", "latest", name)
+    lines = ["ab cd\u2028ef", "gh\x85ij", "kl mn\x0cop", "abc fed\r"]
+    for side in ("src", "tgt"):
+        (tmp_path / side).write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
+    arguments = ["align", str(tmp_path / "run"), "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt")]
+    assert main([*arguments, "--out", str(tmp_path / "out")]) == 0
+    written = (tmp_path / "out").read_text(encoding="utf-8")
+    assert written == "0-0 1-1 2-2\n0-0 1-1\n0-0 1-1 2-2\n0-0 1-1\n"

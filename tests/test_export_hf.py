@@ -3,7 +3,10 @@ token for token (greedy and beam), and a CTranslate2 model whose greedy output a
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from tformer.cli.main import main
 from tformer.config import DecodeConfig, ExperimentConfig, preset
 from tformer.data.tokenizer import Tokenizer
 from tformer.decoding import generate
+from tformer.interop.hf_export import export_hf, generation_config
+from tformer.interop.marian import SpecialIds
 from tformer.model import Transformer
 from tformer.training.checkpoint import LoadedRun, load_run, save_checkpoint, step_name, write_pointer
 
@@ -85,7 +90,15 @@ def hf_outputs(model, tokenizer, *, beams: int, alpha: float = 1.0, ngram: int =
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"sinusoidal_layout": "interleaved", "activation": "swish"}, {"joint": False}], ids=str
+    "overrides",
+    [
+        {},
+        {"sinusoidal_layout": "interleaved", "activation": "swish"},
+        {"joint": False},
+        {"tie_output": False},
+        {"tie_output": False, "joint": False, "sinusoidal_layout": "interleaved"},
+    ],
+    ids=str,
 )
 def test_hf_export_loads_tokenizes_and_generates_like_tformer(tmp_path, overrides):
     run = make_run(tmp_path / "run", **overrides)
@@ -120,9 +133,10 @@ def test_hf_export_loads_tokenizes_and_generates_like_tformer(tmp_path, override
     assert generation["decoder_start_token_id"] == loaded.tokenizer.bos_id and generation["num_beams"] == 3
 
 
-def test_ctranslate2_export_matches_greedy_decoding(tmp_path):
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output):
     ctranslate2 = pytest.importorskip("ctranslate2")
-    run = make_run(tmp_path / "run", sinusoidal_layout="interleaved")
+    run = make_run(tmp_path / "run", sinusoidal_layout="interleaved", tie_output=tie_output)
     assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
     translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
     loaded = load_run(run)
@@ -138,7 +152,7 @@ def test_ctranslate2_export_matches_greedy_decoding(tmp_path):
     [
         ({"norm_position": "pre"}, "norm_position must be post"),
         ({"positional_encoding": "learned"}, "positional_encoding must be sinusoidal"),
-        ({"tie_output": False}, "tie_output must be true"),
+        ({"layer_norm_eps": 1e-6}, "layer_norm_eps must be 1e-05 (got 1e-06)"),
     ],
 )
 def test_what_marian_cannot_express_is_refused_in_one_line(tmp_path, capsys, overrides, message):
@@ -157,3 +171,67 @@ def test_export_refuses_a_non_empty_output_and_ctranslate2_refuses_separate_voca
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 2
     assert "one vocabulary shared" in capsys.readouterr().err
+
+
+def configured_outputs(model, tokenizer, **options) -> list[list[int]]:
+    """generate() with the exported generation_config's settings (only the length limit is given)."""
+    outputs = []
+    for sentence in SENTENCES:
+        with torch.no_grad():
+            sequence = model.generate(**tokenizer([sentence], return_tensors="pt"), max_new_tokens=MAX_NEW, **options)
+        tokens = sequence[0].tolist()[1:]
+        eos = model.config.eos_token_id
+        outputs.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+    return outputs
+
+
+def test_exported_generation_config_bans_tokens_and_keeps_the_minimum_length(tmp_path):
+    plain = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average")
+    unconstrained = tformer_outputs(
+        load_run(make_run(tmp_path / "plain", decode=plain)), dataclasses.replace(plain, beam_size=1)
+    )
+    banned = Counter(token for tokens in unconstrained for token in tokens).most_common(1)[0][0]
+    decode = dataclasses.replace(plain, banned_ids=(banned,), min_len=min(len(tokens) for tokens in unconstrained) + 2)
+    run = make_run(tmp_path / "run", decode=decode)
+    export_hf(run, tmp_path / "hf")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["bad_words_ids"] == [[banned]] and generation["min_length"] == decode.min_len + 1
+    loaded = load_run(run)
+    hf_model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    greedy = tformer_outputs(loaded, dataclasses.replace(decode, beam_size=1))
+    assert greedy != unconstrained
+    assert greedy == configured_outputs(hf_model, hf_tokenizer, num_beams=1)
+    assert tformer_outputs(loaded, decode) == configured_outputs(hf_model, hf_tokenizer)
+
+
+def test_no_length_normalisation_is_hf_length_penalty_zero(tmp_path):
+    decode = DecodeConfig(
+        beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="none", no_repeat_ngram_size=2
+    )
+    run = make_run(tmp_path / "run", decode=decode)
+    export_hf(run, tmp_path / "hf")
+    loaded = load_run(run)
+    beam = tformer_outputs(loaded, decode)
+    average = dataclasses.replace(decode, length_normalization="average", length_penalty=1.0)
+    assert beam != tformer_outputs(loaded, average), "the normalisation must matter for these sentences"
+    hf_model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    assert beam == configured_outputs(hf_model, hf_tokenizer)
+
+
+def test_gnmt_beam_search_is_exported_with_a_warning(tmp_path):
+    gnmt = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="gnmt")
+    with pytest.warns(UserWarning, match="no GNMT length penalty.*beam outputs will differ"):
+        export_hf(make_run(tmp_path / "run", decode=gnmt), tmp_path / "hf")
+    greedy = dataclasses.replace(gnmt, beam_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_hf(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "hf-greedy")
+
+
+def test_forced_eos_is_exported_as_hf_forced_eos_token_id():
+    ids = SpecialIds(bos_id=1, eos_id=2, pad_id=0)
+    forced = DecodeConfig(beam_size=3, length_normalization="average", forced_eos=True)
+    assert generation_config(forced, ids, max_positions=64).forced_eos_token_id == 2
+    assert generation_config(DecodeConfig(beam_size=1), ids, max_positions=64).forced_eos_token_id is None

@@ -38,8 +38,9 @@ def train_spm(sentences: list[str], vocab_size: int) -> bytes:
     return writer.getvalue()
 
 
-def write_marian_dir(directory: Path, *, weights: str, pad_bias: float = -30.0) -> Path:
-    """A random MarianMT model with OPUS-MT's file layout and conventions."""
+def write_marian_dir(directory: Path, *, weights: str, pad_bias: float = -30.0, tie: bool = True) -> Path:
+    """A random MarianMT model with OPUS-MT's file layout and conventions (`tie=False`: Hugging Face's
+    untied model, whose encoder embeddings, decoder embeddings and lm_head are three matrices)."""
     directory.mkdir()
     protos = {"source.spm": train_spm(SOURCES, 40), "target.spm": train_spm(TARGETS, 40)}
     vocab = {"</s>": 0, "<unk>": 1}
@@ -53,7 +54,7 @@ def write_marian_dir(directory: Path, *, weights: str, pad_bias: float = -30.0) 
         vocab_size=pad + 1, decoder_vocab_size=pad + 1, d_model=32, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
         activation_function="swish", max_position_embeddings=64, pad_token_id=pad, eos_token_id=0,
-        decoder_start_token_id=pad, forced_eos_token_id=0, scale_embedding=True,
+        decoder_start_token_id=pad, forced_eos_token_id=0, scale_embedding=True, tie_word_embeddings=tie,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.MarianMTModel(config).eval()
@@ -107,7 +108,8 @@ def test_imported_run_tokenizes_and_translates_like_generate(tmp_path, weights, 
         assert hf_tokenizer(sentence).input_ids == [*tokenizer.encode_source(sentence), tokenizer.eos_id]
 
     decode = loaded.experiment.decode
-    assert (decode.beam_size, decode.max_len_b, decode.length_normalization) == (3, MAX_LENGTH - 2, "average")
+    assert (decode.beam_size, decode.max_len_b, decode.length_normalization) == (3, MAX_LENGTH - 1, "average")
+    assert decode.forced_eos and not decode.early_stopping
     greedy_config = dataclasses.replace(decode, beam_size=1)
     greedy = [t[0].tokens for t in Translator(loaded.model, tokenizer, greedy_config).translate(SENTENCES)]
     assert greedy == hf_generate(hf_model, hf_tokenizer, num_beams=1)
@@ -124,6 +126,26 @@ def test_imported_run_tokenizes_and_translates_like_generate(tmp_path, weights, 
     for line, text, tokens in zip(lines, expected, beam, strict=True):
         if tokenizer.unk_id not in tokens:  # HF drops <unk> when skipping special tokens
             assert line == text
+
+
+def test_an_untied_output_projection_is_imported_as_one(tmp_path):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors", tie=False)
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_run(tmp_path / "run")
+    config = loaded.model.config
+    assert not config.tie_output and not config.share_embeddings and config.layer_norm_eps == 1e-5
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    assert not torch.equal(hf_model.lm_head.weight, hf_model.model.decoder.embed_tokens.weight)
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    src = hf_tokenizer(SENTENCES[2:3], return_tensors="pt").input_ids
+    tgt = torch.tensor([[config.pad_id, 5, 9, 3, 7, 12]])  # the decoder start token, then any tokens
+    with torch.no_grad():
+        expected = hf_model(input_ids=src, decoder_input_ids=tgt).logits
+        actual = loaded.model(src, tgt)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    greedy_config = dataclasses.replace(loaded.experiment.decode, beam_size=1)
+    greedy = [t[0].tokens for t in Translator(loaded.model, loaded.tokenizer, greedy_config).translate(SENTENCES)]
+    assert greedy == hf_generate(hf_model, hf_tokenizer, num_beams=1)
 
 
 def test_import_refuses_what_it_cannot_read(tmp_path, capsys):

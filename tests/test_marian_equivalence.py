@@ -29,6 +29,10 @@ CASES = {
     ),
     "gelu_unscaled": dict(activation="gelu", scale_embeddings=False),
     "paper_interleaved_positions": dict(sinusoidal_layout="interleaved"),
+    "untied_output_shared_vocab": dict(tie_output=False, final_logits_bias=True),
+    "untied_output_separate_vocab_interleaved": dict(
+        tie_output=False, share_embeddings=False, tgt_vocab_size=37, sinusoidal_layout="interleaved"
+    ),
 }
 
 
@@ -52,10 +56,12 @@ def test_logits_match_marian_on_padded_batch(case: str) -> None:
     torch.testing.assert_close(causal_only[real], expected[real], atol=1e-5, rtol=0)
 
 
-def test_marian_round_trip_is_exact() -> None:
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_marian_round_trip_is_exact(tie_output: bool) -> None:
     config = preset(
-        "tiny", src_vocab_size=30, tgt_vocab_size=33, share_embeddings=False, sinusoidal_layout="concatenated"
-    )
+        "tiny", src_vocab_size=30, tgt_vocab_size=33, share_embeddings=False, sinusoidal_layout="concatenated",
+        tie_output=tie_output,
+    )  # fmt: skip
     ours = perturbed(Transformer(config, seed=7), seed=8).eval()
     back, ids = from_marian(to_marian(ours, IDS))
     assert ids == IDS
@@ -66,4 +72,8 @@ def test_marian_round_trip_is_exact() -> None:
 def test_what_marian_cannot_express_is_refused_with_a_reason() -> None:
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30, norm_position="pre"))
     with pytest.raises(ValueError, match="norm_position must be post"):
+        to_marian(model, IDS)
+    # Marian's LayerNorm epsilon is fixed at 1e-5: another one changes every logit
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30, layer_norm_eps=1e-6))
+    with pytest.raises(ValueError, match=r"layer_norm_eps must be 1e-05 \(got 1e-06\)"):
         to_marian(model, IDS)

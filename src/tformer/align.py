@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tformer.data import corpus
 from tformer.data.tokenizer import normalize
 from tformer.model import Transformer
 
@@ -126,10 +127,12 @@ def align_pairs(
 
 
 def read_lines(path: str | Path) -> list[str]:
+    """The file's lines, split on "\n" only as every command reads text (str.splitlines would also split
+    on U+2028 or a form feed inside a sentence and shift the pairs)."""
     path = Path(path)
     if not path.is_file():
         raise AlignmentError(f"no such file: {path}")
-    return path.read_text(encoding="utf-8").splitlines()
+    return corpus.read_lines(path)
 
 
 def align_files(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,18 +72,38 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
 
 def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int) -> Any:
     """The run's decode settings where Hugging Face has the same ones. HF's length penalty is tformer's
-    `length_normalization="average"`; its max_length is absolute (decoder start included)."""
+    `length_normalization="average"` (and "none" is its length_penalty 0); GNMT's penalty has no HF
+    counterpart. HF's lengths count the decoder start token: max_length is max_len_b + 1 when the limit
+    is fixed (max_len_a = 0; else the model's max_positions), min_length is tformer's min_len + 1.
+    Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them."""
     from transformers import GenerationConfig
 
+    if decode.length_normalization == "gnmt" and decode.beam_size > 1:
+        warnings.warn(
+            "Hugging Face has no GNMT length penalty: the export uses its average normalisation "
+            f"(length_penalty={decode.length_penalty}), so its beam outputs will differ from tformer's",
+            stacklevel=3,
+        )
+    beam_only: dict[str, Any] = {}  # HF refuses to save a beam setting in a greedy config
+    if decode.beam_size > 1:
+        beam_only["length_penalty"] = 0.0 if decode.length_normalization == "none" else decode.length_penalty
+        beam_only["early_stopping"] = decode.early_stopping
+    # a fixed limit (max_len_a = 0) is HF's max_length, decoder start included; one that grows with the
+    # source has no HF counterpart, so the model's own limit is written
+    fixed = decode.max_len_a == 0
+    max_length = min(decode.max_len_b + 1, max_positions) if fixed else max_positions
     return GenerationConfig(
         decoder_start_token_id=ids.bos_id,
         bos_token_id=ids.bos_id,
         eos_token_id=ids.eos_id,
         pad_token_id=ids.pad_id,
+        forced_eos_token_id=ids.eos_id if decode.forced_eos else None,
         num_beams=decode.beam_size,
-        length_penalty=decode.length_penalty if decode.length_normalization == "average" else 1.0,
         no_repeat_ngram_size=decode.no_repeat_ngram_size,
-        max_length=max_positions,
+        bad_words_ids=[[token] for token in decode.banned_ids] or None,
+        min_length=decode.min_len + 1,
+        max_length=max_length,
+        **beam_only,
     )
 
 

@@ -6,16 +6,17 @@
 
 Read: config.json, the weights (model.safetensors, or pytorch_model.bin loaded with
 `torch.load(weights_only=True)`, so nothing is unpickled), generation_config.json when present, and the
-tokenizer files (see `VocabTokenizer`). Written: a run directory with one checkpoint, `step-00000000`,
+tokenizer files (see `VocabTokenizer`). A model with `tie_word_embeddings=False` keeps its own lm_head
+(tformer's untied output projection). Written: a run directory with one checkpoint, `step-00000000`,
 that `load_run` and every tformer command read like a trained one.
 
 Decoding settings come from generation_config.json: num_beams, length_penalty (tformer's "average"
 normalisation is Hugging Face's), no_repeat_ngram_size, min_length and max_length (both count the
 decoder start token in HF; tformer's limits count output tokens only). HF's `bad_words_ids` of single
 tokens (OPUS-MT bans its pad token, which is also the decoder start token) become `decode.banned_ids`,
-banned after the softmax as HF does, so greedy and beam search give HF's tokens and scores. With
-`forced_eos_token_id` HF replaces the last token of a hypothesis that reaches max_length by eos; the
-import sets the output limit one lower, which gives the same greedy tokens.
+banned after the softmax as HF does, so greedy and beam search give HF's tokens and scores. HF's
+`forced_eos_token_id` (at the last step eos is the only token, at log-probability 0) becomes
+`decode.forced_eos`, and `early_stopping` (true or false) `decode.early_stopping`.
 """
 
 from __future__ import annotations
@@ -89,11 +90,20 @@ def decode_config(generation: dict[str, Any], max_positions: int, banned_ids: li
     max_length = int(generation.get("max_length") or 512)
     forced_eos = generation.get("forced_eos_token_id") is not None
     beams = int(generation.get("num_beams") or 1)
+    early_stopping = generation.get("early_stopping", False)
+    if early_stopping not in (True, False):  # "never": HF's exact-but-slow stopping rule
+        raise ValueError(
+            f"generation_config.json: early_stopping={early_stopping!r} is not supported; tformer's beam search "
+            "stops as Hugging Face's early_stopping=false or true (set one of them)"
+        )
     return DecodeConfig(
         beam_size=beams,
         nbest=1,
         max_len_a=0.0,
-        max_len_b=max(1, min(max_length - (2 if forced_eos else 1), max_positions)),
+        # HF's max_length counts the decoder start token; a forced eos is the last of the tokens after it
+        max_len_b=max(1, min(max_length - 1, max_positions)),
+        forced_eos=forced_eos,
+        early_stopping=bool(early_stopping),
         min_len=max(0, int(generation.get("min_length") or 0) - 1),
         length_normalization="average",
         length_penalty=float(generation.get("length_penalty", 1.0)),
@@ -117,9 +127,10 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
 
 
 def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Every embedding name Marian ties, filled from whichever one the file stored (files keep one copy)."""
+    """Every embedding name Marian ties, filled from whichever one the file stored (files keep one copy).
+    An untied `lm_head.weight` is a matrix of its own: it stands in for no embedding."""
     state = dict(state)
-    if config.share_embeddings:
+    if config.share_embeddings:  # shared and tied (see model_config_from_marian)
         names = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
         names.append("lm_head.weight")
         stored = next((state[name] for name in names if name in state), None)
@@ -127,7 +138,10 @@ def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig) -> dict
             for name in names:
                 state.setdefault(name, stored)
     else:
-        for ours, fallback in (("encoder", "model.shared.weight"), ("decoder", "lm_head.weight")):
+        fallbacks = [("encoder", "model.shared.weight")]
+        if config.tie_output:
+            fallbacks.append(("decoder", "lm_head.weight"))
+        for ours, fallback in fallbacks:
             if fallback in state:
                 state.setdefault(f"model.{ours}.embed_tokens.weight", state[fallback])
     return state

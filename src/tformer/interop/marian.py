@@ -39,15 +39,19 @@ def _activation_to_marian(activation: str) -> str:
     return {"relu": "relu", "gelu": "gelu", "silu": "swish", "swish": "swish"}[activation]
 
 
+# Marian's LayerNorms are `nn.LayerNorm(d_model)`: the epsilon is not in its config.
+MARIAN_LAYER_NORM_EPS = 1e-5
+
+
 def check_exportable(config: ModelConfig) -> None:
-    """Marian has no pre-norm, learned positions or interleaved sinusoids; refuse them with a reason."""
+    """Marian has no pre-norm, learned positions or other layer-norm epsilon; refuse them with a reason."""
     problems = []
     if config.norm_position != "post":
         problems.append("norm_position must be post")
     if config.positional_encoding != "sinusoidal":
         problems.append("positional_encoding must be sinusoidal")
-    if not config.tie_output:
-        problems.append("tie_output must be true")
+    if config.layer_norm_eps != MARIAN_LAYER_NORM_EPS:
+        problems.append(f"layer_norm_eps must be {MARIAN_LAYER_NORM_EPS} (got {config.layer_norm_eps})")
     if problems:
         raise ValueError("cannot express this model as Hugging Face Marian: " + "; ".join(problems))
 
@@ -61,7 +65,7 @@ def marian_config(config: ModelConfig, ids: SpecialIds) -> MarianConfig:
         vocab_size=config.src_vocab_size,
         decoder_vocab_size=config.tgt_vocab_size,
         share_encoder_decoder_embeddings=config.share_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_output,
         d_model=config.d_model,
         encoder_layers=config.n_encoder_layers,
         decoder_layers=config.n_decoder_layers,
@@ -83,9 +87,14 @@ def marian_config(config: ModelConfig, ids: SpecialIds) -> MarianConfig:
 
 
 def model_config_from_marian(hf_config: MarianConfig) -> ModelConfig:
-    """The tformer ModelConfig that reproduces a Marian checkpoint."""
-    shared = bool(hf_config.share_encoder_decoder_embeddings)
-    decoder_vocab = hf_config.vocab_size if shared else (hf_config.decoder_vocab_size or hf_config.vocab_size)
+    """The tformer ModelConfig that reproduces a Marian checkpoint.
+
+    With `tie_word_embeddings=False` Hugging Face ties nothing, not even the shared embeddings: the encoder,
+    the decoder and `lm_head` each have their own matrix, so tformer gets separate source and target
+    embeddings (of the one vocabulary's size) and an untied output projection."""
+    shared_vocab = bool(hf_config.share_encoder_decoder_embeddings)
+    tied = bool(hf_config.tie_word_embeddings)
+    decoder_vocab = hf_config.vocab_size if shared_vocab else (hf_config.decoder_vocab_size or hf_config.vocab_size)
     if hf_config.encoder_attention_heads != hf_config.decoder_attention_heads:
         raise ValueError("tformer needs the same number of heads in encoder and decoder")
     if hf_config.encoder_ffn_dim != hf_config.decoder_ffn_dim:
@@ -109,10 +118,11 @@ def model_config_from_marian(hf_config: MarianConfig) -> ModelConfig:
         positional_encoding="sinusoidal",
         sinusoidal_layout="concatenated",
         max_positions=hf_config.max_position_embeddings,
-        share_embeddings=shared,
-        tie_output=True,
+        share_embeddings=shared_vocab and tied,
+        tie_output=tied,
         scale_embeddings=bool(hf_config.scale_embedding),
         final_logits_bias=True,
+        layer_norm_eps=MARIAN_LAYER_NORM_EPS,
         pad_id=hf_config.pad_token_id,
     )
 
@@ -193,7 +203,7 @@ def tformer_to_marian_state(state: dict[str, Tensor], config: ModelConfig) -> di
         out["model.shared.weight"] = source
     out["model.encoder.embed_tokens.weight"] = source
     out["model.decoder.embed_tokens.weight"] = target
-    out["lm_head.weight"] = target
+    out["lm_head.weight"] = state.get("output_projection.weight", target)
     bias = state.get("final_logits_bias")
     out["final_logits_bias"] = (bias if bias is not None else torch.zeros(config.tgt_vocab_size))[None, :]
     return out
@@ -216,6 +226,8 @@ def marian_to_tformer_state(state: dict[str, Tensor], config: ModelConfig) -> di
     else:
         out["src_embedding.weight"] = state["model.encoder.embed_tokens.weight"]
         out["separate_tgt_embedding.weight"] = state["model.decoder.embed_tokens.weight"]
+    if not config.tie_output:
+        out["output_projection.weight"] = state["lm_head.weight"]
     out["final_logits_bias"] = state["final_logits_bias"].reshape(-1)
     return out
 

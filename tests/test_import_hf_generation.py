@@ -1,0 +1,73 @@
+"""Hugging Face generation settings carried by an import: forced eos and early stopping give generate()'s
+beams token for token, also when beams reach the maximum length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_import_hf import SENTENCES, hf_generate, write_marian_dir
+
+from tformer.decoding.pipeline import Translator
+from tformer.interop.hf_import import import_hf
+from tformer.training.checkpoint import load_run
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=4, max_length=20),  # forced eos: beams reach the limit and end with the forced eos
+        dict(num_beams=4, max_length=12, length_penalty=2.0),
+        dict(num_beams=4, max_length=20, forced_eos_token_id=None, early_stopping=True),
+        dict(num_beams=3, max_length=9, early_stopping=True),
+        dict(num_beams=1, max_length=7),
+    ],
+    ids=["forced-eos", "forced-eos-alpha-2", "early-stopping", "both", "greedy-forced-eos"],
+)
+def test_imported_beams_equal_generate_at_the_length_limit(tmp_path, settings):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    generation.update(settings)
+    (hf_dir / "generation_config.json").write_text(json.dumps(generation))
+    import_hf(hf_dir, tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    decode = loaded.experiment.decode
+    assert decode.forced_eos == (generation.get("forced_eos_token_id") is not None)
+    assert decode.early_stopping == bool(generation.get("early_stopping", False))
+    ours = [t[0].tokens for t in Translator(loaded.model, loaded.tokenizer, decode).translate(SENTENCES)]
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    assert ours == hf_generate(hf_model, hf_tokenizer)
+
+
+def test_an_early_stopping_rule_tformer_lacks_is_refused_in_one_line(tmp_path):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    generation["early_stopping"] = "never"
+    (hf_dir / "generation_config.json").write_text(json.dumps(generation))
+    with pytest.raises(ValueError, match="early_stopping='never' is not supported"):
+        import_hf(hf_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("early_stopping", [False, True])
+def test_import_then_export_keeps_the_generation_settings(tmp_path, early_stopping):
+    """Re-exported, an OPUS-MT-style model decodes in generate() as the original did: banned pad,
+    forced eos, early stopping and the length limit survive the round trip."""
+    from tformer.interop.hf_export import export_hf
+
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors", pad_bias=8.0)
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    generation.update(num_beams=4, max_length=16, early_stopping=early_stopping)
+    (hf_dir / "generation_config.json").write_text(json.dumps(generation))
+    import_hf(hf_dir, tmp_path / "run")
+    export_hf(tmp_path / "run", tmp_path / "again", which="last")
+    exported = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+    for key in ("num_beams", "max_length", "forced_eos_token_id", "bad_words_ids", "early_stopping"):
+        assert exported.get(key) == generation.get(key), key
+    tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    original = hf_generate(transformers.MarianMTModel.from_pretrained(hf_dir).eval(), tokenizer)
+    again = hf_generate(transformers.MarianMTModel.from_pretrained(tmp_path / "again").eval(), tokenizer)
+    assert again == original
