@@ -119,7 +119,9 @@ def test_step_logits_match_full_forward_including_after_a_reorder():
                 decoder.mask_MS = decoder.mask_MS[permutation]
             log_probs, _ = decoder.step(tgt[:, t] if t < 4 else tgt[permutation, t])
             expected = full[:, t] if t < 4 else full_permuted[:, t]
-            torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=0)
+            # the peaked model's log-probabilities reach ~-31, where one fp32 step is 1.9e-6: 1e-5 absolute
+            # plus 1e-6 relative (the raw logits are held to 1e-5 alone in the test below)
+            torch.testing.assert_close(log_probs, F.log_softmax(expected, dim=-1), atol=1e-5, rtol=1e-6)
 
 
 def step_alike(ours, reference, tokens_R, *, reorder=None, keep=None) -> None:

@@ -198,3 +198,27 @@ def test_too_long_input_is_a_clear_error(tiny_model: Transformer) -> None:
     too_long = torch.full((1, tiny_model.config.max_positions + 1), 5)
     with pytest.raises(ValueError, match="exceeds max_positions"):
         tiny_model.encode(too_long)
+
+
+def test_xavier_bounds_follow_the_fused_mark_not_the_shape() -> None:
+    """tiny has d_ff = 2 x d_model, the shape of a fused K|V projection: its feed-forward layer must still
+    be initialised as one matrix, and only the fused Q|K|V and K|V projections block by block."""
+    config = preset("tiny", src_vocab_size=64, tgt_vocab_size=64, tie_output=False, share_embeddings=False)
+    assert config.d_ff == 2 * config.d_model and config.tgt_vocab_size == 2 * config.d_model
+    model = Transformer(config, seed=0)
+    D = config.d_model
+
+    def bound(rows: int, columns: int) -> float:
+        return math.sqrt(6 / (rows + columns))
+
+    for whole in (model.encoder.layers[0].feed_forward.fc1, model.output_projection):
+        rows, columns = whole.weight.shape
+        assert whole.weight.abs().max() <= bound(rows, columns)
+    fused_projections = [
+        (model.encoder.layers[0].self_attention.qkv_proj, 3),
+        (model.decoder.layers[0].cross_attention.kv_proj, 2),
+    ]
+    for fused, n in fused_projections:
+        blocks = fused.weight.split(D, dim=0)
+        assert len(blocks) == n and all(block.abs().max() <= bound(D, D) for block in blocks)
+        assert fused.weight.abs().max() > bound(n * D, D)  # initialised block by block, not as one matrix

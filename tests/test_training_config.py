@@ -12,8 +12,10 @@ import pytest
 from tformer.config import (
     PRESETS,
     ConfigError,
+    DataConfig,
     DecodeConfig,
     ExperimentConfig,
+    ModelConfig,
     TrainConfig,
     experiment_from_dict,
     experiment_to_dict,
@@ -125,3 +127,20 @@ def test_the_list_of_valid_model_keys_includes_preset() -> None:
     """The error for an unknown key is how users discover the keys: it must list every accepted one."""
     with pytest.raises(ConfigError, match=r"unknown key\(s\) nonsense in \[model\]; valid keys: preset, src_vocab"):
         load_experiment(None, ["model.nonsense=1"])
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: ModelConfig(norm_position="Pre"), r"model.norm_position must be one of 'post', 'pre'; got 'Pre'"),
+        (lambda: ModelConfig(positional_encoding="learnt"), "model.positional_encoding must be one of"),
+        (lambda: ModelConfig(activation="tanh"), "model.activation must be one of"),
+        (lambda: DecodeConfig(length_normalization="avg"), "decode.length_normalization must be one of"),
+        (lambda: TrainConfig(schedule="cosine"), "train.schedule must be one of"),
+        (lambda: DataConfig(tokenizer_model="wordpiece"), "data.tokenizer_model must be one of"),
+    ],
+)
+def test_configs_built_in_python_refuse_values_outside_their_choices(build, message: str) -> None:
+    """A typo must not silently build the default architecture (norm_position="Pre" gave post-norm)."""
+    with pytest.raises(ConfigError, match=message):
+        build()

@@ -39,6 +39,27 @@ def check_finite(config: Any, section: str) -> None:
             raise ConfigError(f"{section}.{name} must be a finite number, got {value}")
 
 
+def check_choices(config: Any, section: str) -> None:
+    """Refuse a value outside its field's Literal choices. Configs read from files are checked when they
+    are read (`config_from_dict`); this covers configs built in Python, where a typo such as
+    norm_position="Pre" would otherwise silently build the default architecture."""
+    for name, choices in _choice_fields(type(config)).items():
+        value = getattr(config, name)
+        if value not in choices:
+            raise ConfigError(f"{section}.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The fields annotated with a Literal, and their allowed values."""
+    hints = typing.get_type_hints(cls)
+    return {
+        field.name: typing.get_args(hints[field.name])
+        for field in dataclasses.fields(cls)
+        if typing.get_origin(hints[field.name]) is Literal
+    }
+
+
 @functools.cache
 def _float_fields(cls: type) -> tuple[str, ...]:
     """Names of the fields annotated `float` (cached: configs are rebuilt by dataclasses.replace often)."""
@@ -80,6 +101,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, "model")
+        check_choices(self, "model")
         if self.d_model % self.n_heads != 0:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -144,6 +166,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, "decode")
+        check_choices(self, "decode")
         if self.beam_size < 1:
             raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
         if not 1 <= self.nbest <= self.beam_size:
@@ -295,6 +318,7 @@ class DataConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_choices(self, "data")
         if (self.valid_src is None) != (self.valid_tgt is None):
             raise ConfigError("give both data.valid_src and data.valid_tgt, or neither")
         if self.vocab_size < 8:
@@ -344,6 +368,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_finite(self, "train")
+        check_choices(self, "train")
         if self.cuda_graphs and self.accumulate != 1:
             raise ConfigError("train.cuda_graphs records one micro-batch per step: set train.accumulate = 1")
         for name in ("max_tokens", "accumulate", "warmup_steps", "log_every", "valid_every", "save_every"):

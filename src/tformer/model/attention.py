@@ -192,6 +192,7 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.dropout = dropout
         self.qkv_proj = Linear(d_model, 3 * d_model)
+        self.qkv_proj.blocks = 3
         self.out_proj = Linear(d_model, d_model)
 
     def forward(
@@ -237,6 +238,7 @@ class CrossAttention(nn.Module):
         self.dropout = dropout
         self.q_proj = Linear(d_model, d_model)
         self.kv_proj = Linear(d_model, 2 * d_model)
+        self.kv_proj.blocks = 2
         self.out_proj = Linear(d_model, d_model)
 
     def project_memory(self, memory_BSD: Tensor) -> tuple[Tensor, Tensor]:

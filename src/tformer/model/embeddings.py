@@ -67,7 +67,8 @@ class LearnedPositions(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """Token vectors multiplied by sqrt(d_model) (paper section 3.4). The padding row stays zero."""
+    """Token vectors multiplied by sqrt(d_model) (paper section 3.4). The padding row starts at zero and
+    the lookup sends it no gradient; tied to the output projection it is trained there (docs/architecture.md)."""
 
     def __init__(self, vocab_size: int, d_model: int, *, pad_id: int, scale: bool) -> None:
         super().__init__()

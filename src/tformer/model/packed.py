@@ -57,6 +57,7 @@ class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same state-dict keys) that multiplies with `packed` when it is set."""
 
     packed: Tensor | None = None
+    blocks: int = 1  # a fused projection (Q|K|V: 3, K|V: 2) of `blocks` stacked matrices, initialised one by one
 
     def packable_weight(self) -> Tensor | None:
         return self.weight

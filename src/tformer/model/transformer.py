@@ -41,11 +41,11 @@ def build_positions(config: ModelConfig) -> nn.Module:
     return SinusoidalPositions(config.max_positions, config.d_model, config.sinusoidal_layout)
 
 
-def projection_blocks(linear: nn.Linear, d_model: int) -> list[Tensor]:
-    """The D x D blocks of a fused projection (Q|K|V or K|V), or the whole weight of any other."""
-    weight = linear.weight
-    is_fused = linear.in_features == d_model and weight.shape[0] in (2 * d_model, 3 * d_model)
-    return list(weight.split(d_model, dim=0)) if is_fused else [weight]
+def projection_blocks(linear: nn.Linear) -> list[Tensor]:
+    """The D x D blocks of a fused projection (Q|K|V or K|V, marked by its `blocks`), or the whole weight
+    of any other: told by the mark, not the shape (a feed-forward layer with d_ff = 2 or 3 x d_model has
+    the shape of a fused one)."""
+    return list(linear.weight.chunk(getattr(linear, "blocks", 1), dim=0))
 
 
 class Encoder(nn.Module):
@@ -176,7 +176,7 @@ class Transformer(nn.Module):
         std = self.config.d_model**-0.5
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                for block in projection_blocks(module, self.config.d_model):
+                for block in projection_blocks(module):
                     nn.init.xavier_uniform_(block, generator=generator)
                 if module.bias is not None:
                     module.bias.zero_()
