@@ -100,6 +100,8 @@ def test_concurrent_requests_are_batched_and_equal_offline_translation(run, serv
         ('{"sentences": ["a"], "beam": "2"}', 422, "beam: Input should be a valid integer"),
         ('{"sentences": ["a"], "nbest": "1"}', 422, "nbest: Input should be a valid integer"),
         ('{"sentences": ["a"], "max_length": 4.0}', 422, "max_length: Input should be a valid integer"),
+        # valid JSON, not text: a lone surrogate (the tokenizer could not take it: a plain-text 500 before)
+        ('{"sentences": ["\\ud800 the cat"]}', 422, "sentence 0 holds an unpaired surrogate (U+D800)"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_lives_on(server, content, status, message):
@@ -244,3 +246,45 @@ def test_startup_line_gives_the_url_and_the_real_port(run):
         process.terminate()
         process.wait(timeout=30)
         process.stderr.close()
+
+
+def test_sentences_at_every_limit_fit_the_body_limit_however_json_escapes_them(run):
+    """4 sentences of 80 emoji are within --max-sentences and --max-chars; json.dumps escapes each emoji as
+    a 12-byte surrogate pair, which the body limit must allow (it allowed 8 bytes per character)."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    config = ServeConfig(max_sentences=4, max_chars=80)
+    body = json.dumps({"sentences": ["\U0001f600" * 80] * 4}).encode()
+    assert len(body) > 4 * 80 * 8
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config)
+    with TestClient(app) as client:
+        response = client.post("/translate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+def test_a_failure_while_decoding_is_a_json_500_and_the_server_goes_on(run, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import tformer.serving.batcher as batcher_module
+    from tformer.serving import ServeConfig, create_app
+
+    class FailingOnBoom(batcher_module.Translator):
+        def translate(self, lines):
+            if any("boom" in line for line in lines):
+                raise RuntimeError("simulated failure\nwith a second line")
+            return super().translate(lines)
+
+    monkeypatch.setattr(batcher_module, "Translator", FailingOnBoom)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        failed = client.post("/translate", json={"sentences": ["boom"]})
+        fine = client.post("/translate", json={"sentences": [SENTENCES[0]]})
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "decoding failed: RuntimeError: simulated failure"}
+    assert fine.status_code == 200

@@ -48,8 +48,10 @@ class ServeConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        """Room for max_sentences sentences of max_chars 4-byte characters, JSON-escaped, and options."""
-        return self.max_sentences * (self.max_chars * 4 * 2 + 8) + 4096
+        """Room for max_sentences sentences of max_chars characters at their longest in JSON (12 bytes: a
+        character outside the Basic Multilingual Plane escaped as a surrogate pair, "\\ud83d\\ude00", as
+        Python's json.dumps writes emoji by default), quotes and commas, and the options."""
+        return self.max_sentences * (self.max_chars * 12 + 8) + 4096
 
 
 class TranslateRequest(BaseModel):
@@ -163,6 +165,9 @@ def create_app(
             raise ApiError(503, str(error)) from None
         except ValueError as error:  # a DecodingError: the request cannot be decoded as asked
             raise ApiError(422, str(error).splitlines()[0]) from None
+        except Exception as error:  # a failure while decoding (out of memory, a bug): still the API's format
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise ApiError(500, f"decoding failed: {type(error).__name__}: {reason}") from None
         return TranslateResponse(
             translations=[
                 SentenceTranslation(
@@ -180,7 +185,8 @@ def create_app(
 _ERRORS = {
     400: "the body is not valid JSON",
     413: "too many sentences, a sentence too long, or a body too large",
-    422: "a body of the wrong shape, or decode settings that cannot be honoured",
+    422: "a body of the wrong shape, text that is not valid Unicode, or decode settings that cannot be honoured",
+    500: "decoding failed (the requests decoded with the same settings in that window get it too)",
     503: "the server is shutting down",
 }
 
@@ -193,6 +199,12 @@ def _check_limits(sentences: list[str], config: ServeConfig) -> None:
     for index, sentence in enumerate(sentences):
         if len(sentence) > config.max_chars:
             raise ApiError(413, f"sentence {index} has {len(sentence)} characters; the limit is {config.max_chars}")
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError as error:  # valid JSON ("\ud800") but not text: a lone surrogate
+            code = ord(sentence[error.start])
+            message = f"sentence {index} holds an unpaired surrogate (U+{code:04X}); send valid Unicode"
+            raise ApiError(422, message) from None
 
 
 def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeConfig, limit: int) -> DecodeConfig:
