@@ -45,7 +45,7 @@ def test_results_come_back_in_input_order_and_match_single_sentence_decoding(max
     assert len(results) == len(LINES)
     for line, translations in zip(LINES, results, strict=True):
         assert all(isinstance(t, Translation) for t in translations)
-        expected = reference(model, line, config) if line else [([], 0.0)]  # an empty line is not decoded
+        expected = reference(model, line, config) if line else [([], 0.0)] * 2  # not decoded: nbest empty ones
         assert [t.tokens for t in translations] == [tokens for tokens, _ in expected]
         assert [t.score for t in translations] == pytest.approx([score for _, score in expected], abs=1e-4)
         assert [t.text for t in translations] == [CharTokenizer().decode_target(tokens) for tokens, _ in expected]
@@ -77,8 +77,9 @@ def test_too_long_line_is_a_value_error_naming_the_line():
 def test_an_empty_line_translates_to_an_empty_line_without_decoding(monkeypatch):
     calls = []
     monkeypatch.setattr("tformer.decoding.pipeline.generate", lambda *args, **kwargs: calls.append(1))
-    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=2))
-    assert [t[0].text for t in translator.translate(["", "", ""])] == ["", "", ""]
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=3, nbest=2))
+    results = list(translator.translate(["", "", ""]))
+    assert [[t.text for t in nbest] for nbest in results] == [["", ""]] * 3  # nbest lines for each, as for text
     assert calls == []
 
 

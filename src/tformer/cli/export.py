@@ -3,8 +3,8 @@
 --to hf writes a Hugging Face MarianMT directory (config.json, model.safetensors, generation_config.json,
 source.spm, target.spm, vocab.json, tokenizer_config.json) that `MarianMTModel.from_pretrained` and
 `MarianTokenizer.from_pretrained` load. --to ctranslate2 converts that directory with CTranslate2's
-TransformersConverter. Models Marian cannot express (pre-norm, learned positions, untied output) are
-refused. See docs/interop.md.
+TransformersConverter. Models Marian cannot express (pre-norm, learned positions, a layer-norm epsilon
+other than 1e-5) are refused. See docs/interop.md.
 """
 
 from __future__ import annotations

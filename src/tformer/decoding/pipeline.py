@@ -5,7 +5,8 @@ chunks cut by the caller, e.g. whatever lines an interactive pipe has ready). Wi
 sentences are sorted by length and cut into batches of at most `max_batch_tokens` source tokens
 (padding included), so little work is spent on padding; results come back in input order, one chunk
 at a time, so a long or endless input is translated with bounded memory. An empty (or blank) line
-translates to an empty line, without decoding.
+translates to `nbest` empty translations, without decoding (so every line has an n-best list of the same
+length).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Translator:
                 raise DecodingError(
                     f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
                 )
-        results: list[list[Translation]] = [[Translation(text="", tokens=[], score=0.0)] for _ in chunk]
+        empty = [Translation(text="", tokens=[], score=0.0)] * self.config.nbest
+        results: list[list[Translation]] = [list(empty) for _ in chunk]
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
         if sentences:
             with packed_weights(self.model):  # once for the chunk's batches (generate would pack per batch)
