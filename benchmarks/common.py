@@ -107,7 +107,8 @@ def environment(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain")),
+        # tracked files only: the record of the run before (not yet committed) does not make the code dirty
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }
     for package in ("transformers", "ctranslate2"):
         try:

@@ -13,6 +13,7 @@ except through output lengths: fixed here with --max-length and an eos-free rand
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 import tempfile
@@ -38,7 +39,12 @@ def parse_args():
     parser.add_argument("--beam", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=24, help="output tokens per sentence")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.device != "cpu":
+        parser.error("the load test serves on the CPU (the server runs in a child process); leave out --device")
+    if args.repeats != parser.get_default("repeats"):
+        parser.error("the load test runs once (its latencies are per request); leave out --repeats")
+    return args
 
 
 def random_run(directory: Path, preset_name: str) -> Path:
@@ -68,6 +74,7 @@ def main() -> None:
         }
         for _ in range(args.requests // 10 if args.quick else args.requests)
     ]
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server child's torch threads (--threads)
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(args.run) if args.run else random_run(Path(scratch) / "run", args.preset)
         loaded = load_run(run)
@@ -84,7 +91,8 @@ def main() -> None:
         or [t["text"] for t in reply.response["translations"]] != translator.translate_texts(reply.body["sentences"])
         for reply in report.replies
     )
-    common = dict(bench="serve", preset=args.preset if not args.run else "run", device="cpu", beam=args.beam)
+    common = dict(bench="serve", preset=args.preset if not args.run else "run", device="cpu", system="tformer")
+    common |= dict(threads=args.threads, beam=args.beam)
     common |= dict(requests=len(bodies), concurrency=args.concurrency, max_wait_ms=args.max_wait_ms)
     lines = [
         emit(**common, metric="requests_per_s", value=round(report.requests_per_s, 2)),
