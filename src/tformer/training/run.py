@@ -269,13 +269,7 @@ def prepare_data(
         train_corpus = (corpus.sources, corpus.targets)
     special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     pairs, _ = _encode(tokenizer, *train_corpus, max_positions=experiment.model.max_positions, say=say, name="train")
-    kept, _ = filter_overlong([(len(src), len(tgt)) for src, tgt in pairs], train.max_tokens)
-    if not kept:
-        shortest = min(max(len(src), len(tgt)) + 1 for src, tgt in pairs)
-        raise ConfigError(
-            f"every training pair needs more than train.max_tokens={train.max_tokens} token slots "
-            f"(the shortest needs {shortest}); raise train.max_tokens"
-        )
+    _fitting_pairs(pairs, train.max_tokens, what="training")
     stream = BatchStream(
         pairs,
         max_tokens=train.max_tokens,
@@ -293,13 +287,8 @@ def prepare_data(
     valid_pairs, kept = _encode(
         tokenizer, valid.sources, valid.targets, max_positions=experiment.model.max_positions, say=say, name="valid"
     )
-    fitting, overlong = filter_overlong([(len(src), len(tgt)) for src, tgt in valid_pairs], train.max_tokens)
-    if not fitting:
-        shortest = min(max(len(src), len(tgt)) + 1 for src, tgt in valid_pairs)
-        raise ConfigError(
-            f"every validation pair needs more than train.max_tokens={train.max_tokens} token slots "
-            f"(the shortest needs {shortest}), so nothing would be validated; raise train.max_tokens"
-        )
+    nothing_validated = ", so nothing would be validated"
+    _, overlong = _fitting_pairs(valid_pairs, train.max_tokens, what="validation", then=nothing_validated)
     if overlong:
         say(
             f"valid: skipped {len(overlong)} pairs longer than train.max_tokens={train.max_tokens} "
@@ -311,6 +300,23 @@ def prepare_data(
         valid_sources=[valid.sources[i] for i in kept],
         valid_references=[valid.targets[i] for i in kept],
     )
+
+
+def _fitting_pairs(
+    pairs: list[tuple[list[int], list[int]]], max_tokens: int, *, what: str, then: str = ""
+) -> tuple[list[int], list[int]]:
+    """Indices of the pairs that fit a batch of max_tokens token slots, and of those that do not; refused
+    in one line when none fits."""
+    if not pairs:
+        raise ConfigError(f"no {what} pair is left: every one is longer than model.max_positions allows")
+    fitting, overlong = filter_overlong([(len(src), len(tgt)) for src, tgt in pairs], max_tokens)
+    if not fitting:
+        shortest = min(max(len(src), len(tgt)) + 1 for src, tgt in pairs)
+        raise ConfigError(
+            f"every {what} pair needs more than train.max_tokens={max_tokens} token slots "
+            f"(the shortest needs {shortest}){then}; raise train.max_tokens"
+        )
+    return fitting, overlong
 
 
 def _encode(
