@@ -51,3 +51,19 @@ def test_info_config_file_errors_name_the_key(tmp_path: Path, capsys: pytest.Cap
     assert main(["info", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown key(s) d_modle in [model]; valid keys: preset, ") and err.count("\n") == 1
+
+
+def test_info_on_a_model_too_large_to_build_here_is_one_line(capsys) -> None:
+    from tformer.cli.main import main
+
+    assert main(["info", "--preset", "tiny", "--vocab-size", "100000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build this model here") and err.count("\n") == 1
+
+
+def test_resume_of_a_file_says_it_is_a_file(tmp_path, capsys) -> None:
+    from tformer.cli.main import main
+
+    (tmp_path / "a.txt").write_text("not a run\n")
+    assert main(["train", "--out", str(tmp_path / "a.txt"), "--resume"]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err

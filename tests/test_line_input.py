@@ -72,3 +72,12 @@ def test_translate_refuses_an_unknown_device_in_one_line(tmp_path: Path, capsys,
     assert main(["translate", str(tmp_path / "no-run"), "--device", device]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device") and len(err.strip().splitlines()) == 1
+
+
+def test_translate_with_standard_input_closed_says_so_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`tformer translate RUN <&-` leaves sys.stdin None (it crashed in a loop over None)."""
+    from tformer.cli import translate
+
+    monkeypatch.setattr("sys.stdin", None)
+    with pytest.raises(ValueError, match="there is no standard input"):
+        list(translate._input_chunks(None))

@@ -81,7 +81,8 @@ def test_shipped_tiny_config_loads() -> None:
         "decode.temperature=nan",
         "train.peak_lr=nan",
         "train.lr_scale=-inf",
-        "train.max_time_s=inf",
+        "train.max_time_s=-inf",
+        "train.max_time_s=nan",
         "train.clip_norm=nan",
         "model.dropout=nan",
         "model.layer_norm_eps=inf",
@@ -144,3 +145,13 @@ def test_configs_built_in_python_refuse_values_outside_their_choices(build, mess
     """A typo must not silently build the default architecture (norm_position="Pre" gave post-norm)."""
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_an_unlimited_time_stored_as_infinity_still_loads() -> None:
+    """Earlier versions accepted --max-time inf and wrote Infinity into experiment.json; such runs must keep
+    loading (inf means no limit, as 0 does)."""
+    import json
+
+    stored = json.loads(json.dumps(experiment_to_dict(load_experiment(None, ["train.max_time_s=inf"]))))
+    assert stored["train"]["max_time_s"] == float("inf")
+    assert experiment_from_dict(stored).train.max_time_s == float("inf")

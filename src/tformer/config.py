@@ -27,16 +27,25 @@ class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message says how to fix it."""
 
 
-def check_finite(config: Any, section: str) -> None:
-    """Refuse NaN and infinities in every float field of a config dataclass.
+# Float settings for which infinity means something: no limit (as 0 does). Earlier versions accepted
+# `--max-time inf` and stored it, so such runs must keep loading.
+UNLIMITED_BY_INF = frozenset({"max_time_s"})
 
-    No float setting here gives inf a meaning, and NaN passes every range check written as a comparison
-    (`nan <= 0` is false), so it would reach training or decoding and fail there, or silently do nothing.
-    Runs first in each `__post_init__`, so that the range checks after it only ever see real numbers."""
+
+def check_finite(config: Any, section: str) -> None:
+    """Refuse NaN in every float field of a config dataclass, and infinities except where they mean
+    "no limit" (UNLIMITED_BY_INF).
+
+    NaN passes every range check written as a comparison (`nan <= 0` is false), so it would reach
+    training or decoding and fail there, or silently do nothing; an infinite learning rate or length
+    penalty means nothing. Runs first in each `__post_init__`, so the range checks after it see numbers."""
     for name in _float_fields(type(config)):
         value = getattr(config, name)
-        if isinstance(value, int | float) and not math.isfinite(value):
-            raise ConfigError(f"{section}.{name} must be a finite number, got {value}")
+        if not isinstance(value, int | float) or math.isfinite(value):
+            continue
+        if math.isinf(value) and value > 0 and name in UNLIMITED_BY_INF:
+            continue
+        raise ConfigError(f"{section}.{name} must be a finite number, got {value}")
 
 
 def check_choices(config: Any, section: str) -> None:

@@ -15,8 +15,10 @@ HELP = "train and evaluate the built-in English -> German number-words translato
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
-    parser.add_argument("--train-steps", type=int, help="optimizer steps (default: 1300)")
-    parser.add_argument("--train-seconds", type=float, help="cap on training time, for slow machines (default: 150)")
+    parser.add_argument("--train-steps", type=int, help="optimizer steps (default: 1300; 0: no step limit)")
+    parser.add_argument(
+        "--train-seconds", type=float, help="cap on training time, for slow machines (default: 150; 0: no cap)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the data, the model and the batches")
     parser.add_argument("--quick", action="store_true", help="a seconds-long run with little data (a smoke test)")
     parser.add_argument("--quiet", action="store_true", help="print only the results")

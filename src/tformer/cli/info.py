@@ -40,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
         name = args.preset or DEFAULT_PRESET
         vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
         config, described = preset(name, src_vocab_size=vocab_size, tgt_vocab_size=vocab_size), {"preset": name}
-    model = Transformer(config)
+    try:
+        model = Transformer(config)
+    except (RuntimeError, MemoryError) as error:  # e.g. an embedding of 10^11 rows: the allocator refuses
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"cannot build this model here to count its parameters: {reason}") from None
     print(json.dumps({**described, "parameters": count_parameters(model), **config_to_dict(config)}))
     return 0
 

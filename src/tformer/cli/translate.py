@@ -74,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
 def _input_chunks(source: IO) -> Iterator[list[str]]:
     """Chunks of the lines that are ready, read from the file descriptor; a stream without one (stdin
     replaced by a string buffer, as in tests or an embedding program) is read in fixed chunks."""
+    if source is None:  # started with standard input closed (`<&-`)
+        raise ValueError("there is no standard input: give --input FILE, or pipe text into tformer translate")
     try:
         fd = source.fileno()
     except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError

@@ -225,6 +225,8 @@ def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig
 
 def _last_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a resumed run continues from, or a one-line error saying why there is none."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise RunDirectoryError(f"nothing to resume: {run_dir} is a file, not a run directory")
     if not Path(run_dir).is_dir():
         raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
     if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
