@@ -1,7 +1,7 @@
-"""Defects found by the training audit, each pinned by a test: separate vocabularies with shared
-embeddings, validation pairs over the token budget, and a changed stopping metric on resume (the
-logging window across a resume is in test_checkpoint_resume.py, the closing line of a multi-process
-run in test_cli_train.py)."""
+"""What a run refuses or reports before it trains on something other than what was asked: separate
+vocabularies with shared embeddings, validation pairs over the token budget, and a changed stopping
+metric on resume (the logging window across a resume is in test_checkpoint_resume.py, the closing line
+of a multi-process run in test_cli_train.py)."""
 
 from __future__ import annotations
 
