@@ -5,7 +5,8 @@
 
 1. input vectors: token embedding (times sqrt(d_model)) plus the sinusoidal position;
 2. q, k, v of every position from the encoder's `SelfAttention.qkv_proj`, split into heads;
-3. per query, one head at a time: the scores q·k/sqrt(d_k), their softmax, the weighted sum of values;
+3. one query and one key at a time (all heads together): the scores q·k/sqrt(d_k), their softmax, the
+   weighted sum of values;
 4. the same in matrix form (`attention_matrix`) and in the loop form (`attention_loop`), checked equal;
 5. heads concatenated (`merge_heads`) and projected (`out_proj`), checked equal to `SelfAttention.forward`;
 6. one encoder block from `EncoderLayer`'s submodules (attention, residual + layer norm, feed-forward),
@@ -16,8 +17,9 @@
 9. the cross-entropy of the teacher-forced prediction, checked against `training.loss`, and the loss
    again after one Adam step.
 
-Step 3 is the only arithmetic written here (the dot products and softmax a reader follows by hand);
-the checks in `Walkthrough.checks` show they equal the modules' own results. Everything runs in float64
+Step 3's arithmetic (the dot products and softmax a reader follows by hand) is written out in
+`tformer.model.attention.attention_loop_steps`, called here; the checks in `Walkthrough.checks` show it
+equals the modules' own results. Everything runs in float64
 so that the checks hold to ~1e-12. Printing and figures live in `tformer.explain_report`.
 
 Shape legend: S source length, T target length, D model dim, H heads, K head dim, F feed-forward dim,

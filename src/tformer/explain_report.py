@@ -87,7 +87,7 @@ def render(w: Walkthrough) -> str:
         table(a.concat_SD, src, dims(c.d_model)),
         "out_proj(concat) = the self-attention output:",
         table(a.output_SD, src, dims(c.d_model)),
-        heading(7, "one encoder block: x + attention -> layer norm -> x + feed-forward -> layer norm"),
+        heading(7, "one encoder block: h = layer norm(x + attention(x)), then layer norm(h + feed-forward(h))"),
         "after the attention residual and layer norm:",
         table(b.after_attention_SD, src, dims(c.d_model)),
         "feed-forward output fc2(relu(fc1(.))):",

@@ -8,7 +8,7 @@ The paper multiplies token embeddings by sqrt(d_model) and adds a fixed sinusoid
 "interleaved" is that layout; "concatenated" puts the d_model/2 sines first and the cosines after them
 (Hugging Face's Marian). Learned positions are an option, as in the paper's Table 3 row (E).
 
-Shape legend: B batch, T length, D model dim, V vocabulary, P positions.
+Shape legend: B batch, T length, D model dim, V vocabulary, P positions, I frequencies (i = 0 .. D/2).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 def sinusoidal_table(n_positions: int, d_model: int, layout: str = "interleaved") -> Tensor:
     """The fixed encoding for positions 0..n_positions-1, shape (P, D), computed in float64."""
     positions_P1 = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    # 10000^(2i / d_model) for i = 0 .. ceil(d_model/2)-1
+    # 1 / 10000^(2i / d_model) for i = 0 .. ceil(d_model/2)-1
     inverse_frequency = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
     angles_PI = positions_P1 * inverse_frequency[None, :]
     sines, cosines = torch.sin(angles_PI), torch.cos(angles_PI)

@@ -3,9 +3,9 @@
 Convention: a boolean mask where True means "this query may attend to this key". Masks broadcast to
 attention scores of shape (B, H, T, S): a padding mask is (B, 1, 1, S), a causal mask (1, 1, T, S).
 
-Attention code never sees booleans: `additive_mask` turns them into 0 / most-negative-finite values,
-added to the scores before the softmax. A row whose keys are all masked therefore gets a uniform (finite)
-distribution instead of the NaN that -inf would give.
+The scores never meet a boolean: each attention function passes the mask through `additive_mask`,
+which turns it into 0 / most-negative-finite values, added to the scores before the softmax. A row whose
+keys are all masked therefore gets a uniform (finite) distribution instead of the NaN that -inf would give.
 
 Shape legend: B batch, S source (key) length, T target (query) length, H heads.
 """

@@ -252,7 +252,8 @@ class Transformer(nn.Module):
         tgt_pad_mask: Tensor | None = None,
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, AttentionMaps]:
-        """Teacher-forced logits_BTV: position t predicts token t+1 of the target."""
+        """Teacher-forced logits_BTV: position t, having read tgt_ids up to t, predicts the next token,
+        tgt_out[t] (docs/CONVENTIONS.md)."""
         if src_pad_mask is None:
             src_pad_mask = padding_mask(src_ids, self.config.pad_id)
         encoded = self.encode(src_ids, src_pad_mask=src_pad_mask, return_attention=return_attention)
