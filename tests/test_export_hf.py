@@ -235,3 +235,26 @@ def test_forced_eos_is_exported_as_hf_forced_eos_token_id():
     forced = DecodeConfig(beam_size=3, length_normalization="average", forced_eos=True)
     assert generation_config(forced, ids, max_positions=64).forced_eos_token_id == 2
     assert generation_config(DecodeConfig(beam_size=1), ids, max_positions=64).forced_eos_token_id is None
+
+
+def test_a_limit_that_grows_with_the_source_is_exported_with_a_one_line_warning(tmp_path):
+    import subprocess
+    import sys
+
+    growing = DecodeConfig(beam_size=1, max_len_a=1.2, max_len_b=10)
+    run = make_run(tmp_path / "run", decode=growing)
+    command = [sys.executable, "-m", "tformer.cli.main", "export", str(run), "--to", "hf"]
+    command += ["--out", str(tmp_path / "hf")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    # the command line prints a warning as one line, like an error: no file name, no source line
+    warned = [line for line in done.stderr.splitlines() if "length limit" in line or "export(" in line]
+    assert warned == [
+        "warning: Hugging Face has no length limit that grows with the source: generate() stops at "
+        "max_length=64, not at tformer's 1.2 x source length + 10; outputs that reach tformer's limit differ "
+        "unless you pass generate() that max_new_tokens"
+    ]
+    fixed = dataclasses.replace(growing, max_len_a=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_hf(make_run(tmp_path / "fixed", decode=fixed), tmp_path / "hf-fixed")

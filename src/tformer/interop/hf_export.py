@@ -84,6 +84,13 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
             f"(length_penalty={decode.length_penalty}), so its beam outputs will differ from tformer's",
             stacklevel=3,
         )
+    if decode.max_len_a != 0:
+        warnings.warn(
+            f"Hugging Face has no length limit that grows with the source: generate() stops at max_length="
+            f"{max_positions}, not at tformer's {decode.max_len_a} x source length + {decode.max_len_b}; outputs that "
+            "reach tformer's limit differ unless you pass generate() that max_new_tokens",
+            stacklevel=3,
+        )
     beam_only: dict[str, Any] = {}  # HF refuses to save a beam setting in a greedy config
     if decode.beam_size > 1:
         beam_only["length_penalty"] = 0.0 if decode.length_normalization == "none" else decode.length_penalty

@@ -190,7 +190,8 @@ def read_pointer_name(run_dir: Path, which: str) -> str | None:
 def resolve_checkpoint(path: str | Path, *, which: str = "best") -> tuple[Path, Path | None]:
     """(checkpoint dir, run dir or None) for a run dir (via its `which` pointer) or a checkpoint dir.
 
-    A run without a `best` checkpoint (no validation set) resolves "best" to its last checkpoint."""
+    A run without a `best` checkpoint (no validation set, or none measured yet when it stopped: the best is
+    chosen at validation) resolves "best" to its last checkpoint."""
     if which not in ("best", "last"):
         raise CheckpointError(f"which must be 'best' or 'last', got {which!r}")
     path = Path(path)
