@@ -80,4 +80,4 @@ def test_translate_with_standard_input_closed_says_so_in_one_line(tmp_path: Path
 
     monkeypatch.setattr("sys.stdin", None)
     with pytest.raises(ValueError, match="there is no standard input"):
-        list(translate._input_chunks(None))
+        translate._translations(object(), None)

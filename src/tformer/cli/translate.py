@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import IO
+from typing import IO, Any
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.line_input import ready_chunks
-
-CHUNK_LINES = 256  # the most lines translated together (sorted by length into batches)
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 
@@ -62,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
         target = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
-        for index, translations in enumerate(translator.translate_chunks(_input_chunks(source))):
+        for index, translations in enumerate(_translations(translator, source)):
             if args.nbest is None:
                 target.write(translations[0].text + "\n")
             else:
@@ -71,14 +68,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _input_chunks(source: IO) -> Iterator[list[str]]:
-    """Chunks of the lines that are ready, read from the file descriptor; a stream without one (stdin
-    replaced by a string buffer, as in tests or an embedding program) is read in fixed chunks."""
+def _translations(translator: Any, source: IO | None) -> Iterator[list[Any]]:
+    """The n-best lists of the input's lines, translated in chunks of the lines that are ready on its file
+    descriptor (at most the translator's chunk_lines); a stream without one (stdin replaced by a string
+    buffer, as in tests or an embedding program) is read in the translator's fixed chunks."""
     if source is None:  # started with standard input closed (`<&-`)
         raise ValueError("there is no standard input: give --input FILE, or pipe text into tformer translate")
     try:
         fd = source.fileno()
     except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
-        lines = (line.rstrip("\r\n") for line in source)
-        return iter(lambda: list(itertools.islice(lines, CHUNK_LINES)), [])
-    return ready_chunks(fd, CHUNK_LINES)
+        return translator.translate(line.rstrip("\r\n") for line in source)
+    return translator.translate_chunks(ready_chunks(fd, translator.chunk_lines))

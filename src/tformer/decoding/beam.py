@@ -123,8 +123,8 @@ def beam_search(
         else:
             log_probs_RV, attention_RS = decoder.step(last_R)
         Bc = state.scores.shape[0]
-        max_len_R = state.max_len[:, None].expand(Bc, N).reshape(-1)
-        log_probs_RV = constraints.apply(log_probs_RV, t, state.history.view(Bc * N, -1)[:, : t + 1], max_len_R)
+        history_RT = state.history.view(Bc * N, -1)[:, : t + 1]
+        log_probs_RV = constraints.apply(log_probs_RV, t, history_RT, _max_len_per_row(state))
         length_1.add_(1)
         last_R = _step(state, log_probs_RV, attention_RS, length_1, eos_id, config, decoder)
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T:
@@ -178,8 +178,7 @@ def _search_in_whole_steps(
 
     def whole_step() -> None:
         search.length_1.add_(1)
-        B, N = search.state.scores.shape
-        max_len_R = search.state.max_len[:, None].expand(B, N).reshape(-1)
+        max_len_R = _max_len_per_row(search.state)
         log_probs_RV = constraints.apply_at(decoder.step_in_place(), search.length_1, max_len_R)
         buffers.tokens_R.copy_(_step(search.state, log_probs_RV, None, search.length_1, eos_id, config, decoder))
 
@@ -235,6 +234,12 @@ def _start(B, N, S, T, bos_id, max_len_B, src_mask_BS, use_coverage, return_atte
         fin_eos=torch.zeros((B, N), dtype=torch.bool, device=device),
         fin_attention=torch.zeros(attention_shape, device=device),
     )
+
+
+def _max_len_per_row(state: BeamState) -> Tensor:
+    """(R,) each beam's maximum length: its sentence's, for the step constraints (which work on rows)."""
+    B, N = state.scores.shape
+    return state.max_len[:, None].expand(B, N).reshape(-1)
 
 
 def _gather_beams(x_BN_: Tensor, index_BK: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ token from the config, full vocabulary) with Marian's settings (post-norm, no em
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from tformer.config import DecodeConfig
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.marian import SpecialIds, check_exportable, to_marian
 from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
-from tformer.training.checkpoint import load_run
+from tformer.training.checkpoint import give_plain_mode, load_run
 
 
 def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
@@ -44,9 +43,7 @@ def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
     hf_model.generation_config = generation_config(loaded.experiment.decode, ids, loaded.model.config.max_positions)
     with written_atomically(out) as temporary:
         hf_model.save_pretrained(temporary)
-        # safetensors writes its file private (0600): give it the mode config.json got from a plain open()
-        weights = Path(temporary) / "model.safetensors"
-        os.chmod(weights, (Path(temporary) / "config.json").stat().st_mode & 0o777)
+        give_plain_mode(Path(temporary) / "model.safetensors", like=Path(temporary) / "config.json")
         tokenizer.write_marian_files(temporary, model_max_length=loaded.model.config.max_positions)
     return out
 

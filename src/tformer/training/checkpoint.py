@@ -101,7 +101,7 @@ def write_checkpoint(
     write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
     tokenizer.to_files(temporary / TOKENIZER_DIR)
     save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    _give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
+    give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
     if trainer_state is not None:
         torch.save(trainer_state, temporary / STATE_FILE)
     for path in temporary.rglob("*"):
@@ -283,7 +283,7 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _give_plain_mode(path: Path, *, like: Path) -> None:
+def give_plain_mode(path: Path, *, like: Path) -> None:
     """Give `path` the permission bits of `like`, a file written by a plain open() in the same directory.
 
     safetensors writes a private temporary file (mode 0600) and renames it into place, so without this
