@@ -48,18 +48,23 @@ def test_quick_demo_trains_evaluates_and_saves_a_usable_run(tmp_path: Path, monk
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--train-steps", "-5"], "error: train.max_steps must be 0 (off) or positive, got -5"),
-        (["--train-seconds", "nan"], "error: train.max_time_s must be a finite number, got nan"),
-        (["--seed", "-1"], "error: train.seed must be in [0, 2**32), got -1"),
+        (["--train-steps", "-5"], "argument --train-steps: 0 (no limit) or a positive number of steps; got -5"),
+        (["--train-seconds", "nan"], "argument --train-seconds: 0 (no cap) or a positive number of seconds; got nan"),
+        (["--train-seconds", "-1"], "argument --train-seconds: 0 (no cap) or a positive number of seconds; got -1"),
+        (["--seed", "-1"], "argument --seed: a seed is an integer from 0 to 2**32 - 1; got -1"),
+        (["--seed", str(2**32)], f"argument --seed: a seed is an integer from 0 to 2**32 - 1; got {2**32}"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
 ) -> None:
-    """A refused command must leave --out as it was, so that the corrected command can use it."""
+    """A refused command must leave --out as it was, so that the corrected command can use it; the error
+    names the demo's own flag (not the train.* setting it sets)."""
     run_dir = tmp_path / "demo"
-    assert main(["demo", "--quick", "--quiet", "--out", str(run_dir), *flags]) == 2
-    assert capsys.readouterr().err == message + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--quiet", "--out", str(run_dir), *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "tformer demo: error: " + message
     assert not run_dir.exists()
 
 
