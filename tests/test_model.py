@@ -143,6 +143,18 @@ def test_sinusoidal_layouts() -> None:
     torch.testing.assert_close(concatenated, table[:, [0, 2, 4, 1, 3, 5]], atol=0, rtol=0)
 
 
+def test_a_float64_model_has_the_float64_positional_encoding() -> None:
+    """The table is built as float32; `.double()` must give the formula's float64 values, not float32's
+    cast up (off by ~3e-8), or float64 comparisons with a reference fail for that reason alone."""
+    config = preset("tiny", src_vocab_size=20, tgt_vocab_size=20, max_positions=40)
+    model = Transformer(config, seed=0).double()
+    for positions in (model.encoder.positions, model.decoder.positions):
+        assert positions.table_PD.dtype == torch.float64
+        assert torch.equal(positions.table_PD, sinusoidal_table(40, config.d_model, config.sinusoidal_layout))
+    table = sinusoidal_table(40, config.d_model, config.sinusoidal_layout)
+    assert torch.equal(model.float().encoder.positions.table_PD, table.float())
+
+
 def test_attention_maps_are_returned_not_stored(tiny_model: Transformer) -> None:
     src, tgt = torch.randint(4, 40, (2, 6)), torch.randint(4, 40, (2, 5))
     with torch.no_grad():

@@ -44,7 +44,16 @@ class SinusoidalPositions(nn.Module):
 
     def __init__(self, max_positions: int, d_model: int, layout: str) -> None:
         super().__init__()
+        self.layout = layout
         self.register_buffer("table_PD", sinusoidal_table(max_positions, d_model, layout).float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """After a cast to float64 (`.double()`), the table is the formula's float64 values again, not the
+        float32 table cast up (3e-8 off: enough to spoil a float64 comparison with a reference)."""
+        super()._apply(fn, recurse)
+        if self.table_PD.dtype == torch.float64:
+            self.table_PD = sinusoidal_table(*self.table_PD.shape, self.layout).to(self.table_PD.device)
+        return self
 
     def forward(self, length: int, offset: int = 0) -> Tensor:
         return self.table_PD[offset : offset + length]  # T D
