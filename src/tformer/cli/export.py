@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from tformer.cli.extras import require
+
 HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model"
 
 
@@ -22,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.to == "hf":
+        require(["transformers"], command="export --to hf", extra="hf")
+    else:
+        require(["transformers", "ctranslate2"], command="export --to ctranslate2", extra="ctranslate2")
     from tformer.interop.hf_export import export_ctranslate2, export_hf
 
     export = export_hf if args.to == "hf" else export_ctranslate2

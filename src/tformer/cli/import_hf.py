@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from tformer.cli.extras import require
+
 HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run directory"
 
 
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require(["transformers"], command="import-hf", extra="hf")
     from tformer.interop.hf_import import import_hf
 
     out = import_hf(args.hf_dir, args.out)

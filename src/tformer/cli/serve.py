@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tformer.cli.extras import require
+
 HELP = "serve a run over HTTP (POST /translate, GET /health)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require(["fastapi", "uvicorn"], command="serve", extra="serve")  # before importing tformer.serving
     from tformer.runtime import resolve_device
     from tformer.serving import ServeConfig, create_app
     from tformer.serving.server import bind, host_port, serve
