@@ -22,7 +22,8 @@ read -r -a EXTRA <<< "${EXTRA_SET:-}"
 mkdir -p "$DEST" "$RUNS"
 
 # Each variant states every setting in which the recipes differ, so the sweep does not depend on which of
-# them configs/multi30k_*.toml hold (both the reg recipe, the winner on validation BLEU).
+# them the recipes multi30k_en_de and multi30k_de_en (src/tformer/configs/) hold (both the reg recipe, the
+# winner on validation BLEU).
 small=(--set model.attention_dropout=0.0 --set model.activation_dropout=0.0 --set train.max_tokens=8192)
 tiny=(--set model.d_model=128 --set model.d_ff=256 --set model.n_encoder_layers=4 --set model.n_decoder_layers=4
       --set model.attention_dropout=0.0 --set model.activation_dropout=0.0
@@ -38,22 +39,22 @@ train() {  # train NAME CONFIG ARGS...: one run in the background (if VARIANTS i
 }
 
 started=$(date +%s)
-train en-de-small configs/multi30k_en_de.toml "${small[@]}"
-train en-de-tiny configs/multi30k_en_de.toml "${tiny[@]}"
-train en-de-reg configs/multi30k_en_de.toml "${reg[@]}"
-train de-en-small configs/multi30k_de_en.toml "${small[@]}"
-train de-en-tiny configs/multi30k_de_en.toml "${tiny[@]}"
-train de-en-reg configs/multi30k_de_en.toml "${reg[@]}"
+train en-de-small multi30k_en_de "${small[@]}"
+train en-de-tiny multi30k_en_de "${tiny[@]}"
+train en-de-reg multi30k_en_de "${reg[@]}"
+train de-en-small multi30k_de_en "${small[@]}"
+train de-en-tiny multi30k_de_en "${tiny[@]}"
+train de-en-reg multi30k_de_en "${reg[@]}"
 # the same recipes with another seed (initialisation, dropout, batch order; the tokenizer is the same),
 # for the ensembles of two runs (ENSEMBLES below)
-train en-de-reg-seed2 configs/multi30k_en_de.toml "${reg[@]}" --set train.seed=2
-train de-en-reg-seed2 configs/multi30k_de_en.toml "${reg[@]}" --set train.seed=2
+train en-de-reg-seed2 multi30k_en_de "${reg[@]}" --set train.seed=2
+train de-en-reg-seed2 multi30k_de_en "${reg[@]}" --set train.seed=2
 # the reg recipe trained with CUDA graphs (train.cuda_graphs): steps and quality in the same time
-train en-de-reg-graphs configs/multi30k_en_de.toml "${reg[@]}" --set train.cuda_graphs=true
-train en-de-small-no-smoothing configs/multi30k_en_de.toml "${small[@]}" --set train.label_smoothing=0.0
-train en-de-small-no-warmup configs/multi30k_en_de.toml "${small[@]}" --set train.warmup_ramp=false
-train en-de-small-pre-norm configs/multi30k_en_de.toml "${small[@]}" --set model.norm_position=pre
-train en-de-small-learned-positions configs/multi30k_en_de.toml "${small[@]}" --set model.positional_encoding=learned
+train en-de-reg-graphs multi30k_en_de "${reg[@]}" --set train.cuda_graphs=true
+train en-de-small-no-smoothing multi30k_en_de "${small[@]}" --set train.label_smoothing=0.0
+train en-de-small-no-warmup multi30k_en_de "${small[@]}" --set train.warmup_ramp=false
+train en-de-small-pre-norm multi30k_en_de "${small[@]}" --set model.norm_position=pre
+train en-de-small-learned-positions multi30k_en_de "${small[@]}" --set model.positional_encoding=learned
 wait
 echo "training wall time (all runs, side by side, tokenizers included): $(( $(date +%s) - started )) s"
 

@@ -9,8 +9,9 @@ import pytest
 
 from tformer.cli.main import main
 from tformer.config import PRESETS
+from tformer.recipes import RECIPES_DIR, recipe_names
 
-TINY_COPY = Path(__file__).resolve().parents[1] / "configs" / "tiny_copy.toml"
+TINY_COPY = RECIPES_DIR / "tiny_copy.toml"
 
 
 def _info(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
@@ -36,7 +37,11 @@ def test_info_shows_the_model_of_a_config_file(tmp_path: Path, capsys: pytest.Ca
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--config", "missing.toml"], "error: config file not found: missing.toml"),
+        (
+            ["--config", "missing.toml"],
+            "error: config file not found: missing.toml; or give one of tformer's own recipes by name:"
+            f" {', '.join(recipe_names())} (files in {RECIPES_DIR})",
+        ),
         (["--vocab-size", "0"], "error: --vocab-size must be positive, got 0"),
     ],
 )

@@ -1,16 +1,56 @@
-"""What a user of the installed package meets before any model is trained: the ways to start the command,
-and the commands whose libraries are optional extras."""
+"""What a user of the installed package meets before any model is trained: what the wheel holds, the
+ways to start the command, and the commands whose libraries are optional extras."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from tformer import __version__
 from tformer.cli.main import main
+from tformer.recipes import recipe_names
+
+REPO = Path(__file__).resolve().parents[1]
+NOT_SOURCES = shutil.ignore_patterns(
+    ".git", "__pycache__", "*.egg-info", "build", "dist", "runs", ".venv", ".pytest_cache", ".ruff_cache", ".hypothesis"
+)
+
+
+def _build(tmp_path: Path, hook: str) -> Path:
+    """Build a wheel (hook build_wheel) or sdist (build_sdist) of a copy of the source tree, since a build
+    writes egg-info beside the sources, with the installed setuptools: no network."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=NOT_SOURCES)
+    out = tmp_path / "dist"
+    out.mkdir()
+    code = f"from setuptools import build_meta; print(build_meta.{hook}({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / done.stdout.strip().splitlines()[-1]
+
+
+def test_the_wheel_holds_the_recipes_and_runs_them_outside_the_source_tree(tmp_path: Path) -> None:
+    """`tformer train --config multi30k_en_de` as the README shows it, from an installed wheel: the recipes
+    were a folder of the source checkout, missing from the wheel."""
+    wheel = _build(tmp_path, "build_wheel")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "installed")
+    assert {f"tformer/configs/{name}.toml" for name in recipe_names()} <= names
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path / "installed")}
+    command = [sys.executable, "-m", "tformer.cli.main", "info", "--config", "multi30k_en_de"]
+    done = subprocess.run(command, cwd=elsewhere, env=environment, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["src_vocab_size"] == 8000
 
 
 def test_python_dash_m_tformer_runs_the_command() -> None:

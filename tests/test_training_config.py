@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tformer.cli import train as train_command
 from tformer.config import (
     PRESETS,
     ConfigError,
@@ -21,6 +22,7 @@ from tformer.config import (
     experiment_to_dict,
     load_experiment,
 )
+from tformer.recipes import RECIPES_DIR, recipe_names
 
 
 def test_preset_selects_the_model_and_other_keys_override_it(tmp_path: Path) -> None:
@@ -67,10 +69,34 @@ def test_unknown_section_in_a_file(tmp_path: Path) -> None:
 
 
 def test_shipped_tiny_config_loads() -> None:
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_copy.toml"
-    experiment = load_experiment(config)
+    experiment = load_experiment(RECIPES_DIR / "tiny_copy.toml")
     assert experiment.model.d_model == PRESETS["tiny"]["d_model"]
     assert experiment.train.max_time_s > 0
+
+
+def test_recipes_load_by_name_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipes ship inside the package, so an installed tformer has them: `--config multi30k_en_de`
+    (and the docs' earlier `configs/multi30k_en_de.toml`) work where no such file exists. They were a
+    folder of the source checkout, and `--config configs/...` failed for everyone else."""
+    monkeypatch.chdir(tmp_path)
+    names = recipe_names()
+    assert {"tiny_copy", "multi30k_en_de", "multi30k_de_en", "multi30k_en_de_cpu"} <= set(names)
+    assert all(name in " ".join((train_command.__doc__ or "").split()) for name in names)  # train --help lists them
+    for name in names:
+        shipped = load_experiment(RECIPES_DIR / f"{name}.toml")
+        for given in (name, f"{name}.toml", f"configs/{name}.toml"):
+            assert load_experiment(given) == shipped, given
+    for not_a_recipe in ("elsewhere/tiny_copy.toml", "tiny_copy.json", "missing"):
+        with pytest.raises(ConfigError, match=r"config file not found: .*tformer's own recipes by name: .*tiny_copy"):
+            load_experiment(not_a_recipe)
+
+
+def test_a_file_wins_over_the_recipe_of_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny_copy.toml").write_text("[model]\npreset = 'small'\n")
+    assert load_experiment("configs/tiny_copy.toml").model.d_model == PRESETS["small"]["d_model"]
+    assert load_experiment("tiny_copy").model.d_model == PRESETS["tiny"]["d_model"]
 
 
 @pytest.mark.parametrize(

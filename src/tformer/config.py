@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from tformer.recipes import RECIPES_DIR, recipe_names, recipe_path
+
 Activation = Literal["relu", "gelu", "silu", "swish"]
 NormPosition = Literal["post", "pre"]
 PositionalEncoding = Literal["sinusoidal", "learned"]
@@ -243,13 +245,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file, turning syntax errors into one-line ConfigErrors."""
+    """Read a TOML file, turning syntax errors into one-line ConfigErrors. A path that does not exist
+    but names one of the recipes shipped with tformer (`multi30k_en_de`, `configs/tiny_copy.toml`) reads
+    that recipe."""
     path = Path(path)
+    if not path.exists():
+        path = recipe_path(path) or path
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        recipes = ", ".join(recipe_names())
+        raise ConfigError(
+            f"config file not found: {path}; or give one of tformer's own recipes by name: {recipes}"
+            f" (files in {RECIPES_DIR})"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 

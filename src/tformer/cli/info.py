@@ -23,7 +23,12 @@ DEFAULT_VOCAB_SIZE = 37000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(PRESETS), help=f"model preset (default: {DEFAULT_PRESET})")
-    source.add_argument("--config", type=Path, metavar="FILE", help="experiment TOML file: show its [model]")
+    source.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="experiment TOML file (or a shipped recipe's name): show its [model]",
+    )
     parser.add_argument(
         "--vocab-size",
         type=int,

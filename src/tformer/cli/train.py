@@ -1,8 +1,9 @@
 """Train a translation model from parallel text.
 
 Configuration comes from a TOML file (--config), then the plain flags, then --set section.key=value
-(later wins); see configs/tiny_copy.toml. A tokenizer is trained on the training data unless
-data.tokenizer names one. RUN_DIR receives checkpoints and metrics.jsonl.
+(later wins). --config takes a file or the name of a recipe that ships with tformer: tiny_copy,
+multi30k_en_de, multi30k_de_en or multi30k_en_de_cpu (see docs/training.md). A tokenizer is trained
+on the training data unless data.tokenizer names one. RUN_DIR receives checkpoints and metrics.jsonl.
 
 --out must be empty or absent unless one of:
   --resume     continue RUN_DIR from its last checkpoint: repeat the original command with --resume,
@@ -53,7 +54,11 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the description's lists keep their lines
-    parser.add_argument("--config", type=Path, help="experiment TOML file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="experiment TOML file, or the name of a recipe shipped with tformer (e.g. tiny_copy)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
     mode = parser.add_mutually_exclusive_group()
