@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -51,6 +52,24 @@ def test_the_wheel_holds_the_recipes_and_runs_them_outside_the_source_tree(tmp_p
     done = subprocess.run(command, cwd=elsewhere, env=environment, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["src_vocab_size"] == 8000
+
+
+def test_the_sdist_holds_the_tests_with_their_helpers_the_docs_and_the_benchmarks(tmp_path: Path) -> None:
+    """Every file of tests/, docs/, benchmarks/ and src/ is in the sdist: setuptools alone took only
+    tests/test_*.py, so the tests of an unpacked sdist failed for want of conftest.py and helpers.py."""
+    sdist = _build(tmp_path, "build_sdist")
+    with tarfile.open(sdist) as archive:
+        root = archive.getnames()[0].split("/")[0]
+        names = {name.removeprefix(root + "/") for name in archive.getnames()}
+    copied = tmp_path / "source"
+    expected = {
+        path.relative_to(copied).as_posix()
+        for top in ("tests", "docs", "benchmarks", "src")
+        for path in (copied / top).rglob("*")
+        if path.is_file() and ".egg-info" not in path.as_posix()  # the build's own, next to the sources
+    }
+    assert {"tests/conftest.py", "tests/helpers.py", "docs/training.md", "benchmarks/decode.py"} <= expected
+    assert sorted(expected - names) == []
 
 
 def test_python_dash_m_tformer_runs_the_command() -> None:
