@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -125,3 +126,11 @@ def test_a_missing_extra_is_one_line_naming_what_to_install(
     install = f"which tformer does not install by itself: pip install 'tformer[{extra}]'"
     assert capsys.readouterr().err == f"error: {what}, {install}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_the_serve_extra_requires_the_pydantic_the_api_is_written_for() -> None:
+    """fastapi >= 0.110 also installs with pydantic 1, which ignores `model_config = ConfigDict(extra=
+    "forbid")` and `Field(strict=True)`: the server then answered 200 to an unknown field and to
+    `"beam": "2"` or `true`, which docs/serving.md says are refused (422)."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "pydantic>=2" in [requirement.replace(" ", "") for requirement in extras["serve"]]
