@@ -20,6 +20,8 @@ from tformer.cli.main import main
 from tformer.recipes import recipe_names
 
 REPO = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+BUILD_REQUIRES = next(name for name in PROJECT["build-system"]["requires"] if name.startswith("setuptools"))
 NOT_SOURCES = shutil.ignore_patterns(
     ".git", "__pycache__", "*.egg-info", "build", "dist", "runs", ".venv", ".pytest_cache", ".ruff_cache", ".hypothesis"
 )
@@ -27,7 +29,9 @@ NOT_SOURCES = shutil.ignore_patterns(
 
 def _build(tmp_path: Path, hook: str) -> Path:
     """Build a wheel (hook build_wheel) or sdist (build_sdist) of a copy of the source tree, since a build
-    writes egg-info beside the sources, with the installed setuptools: no network."""
+    writes egg-info beside the sources, with the installed setuptools: no network. The dev extra installs a
+    setuptools that can read pyproject.toml; elsewhere (a bare venv) the build tests are skipped."""
+    pytest.importorskip("setuptools", minversion=BUILD_REQUIRES.split(">=")[1], reason="the build tests need it")
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=NOT_SOURCES)
     out = tmp_path / "dist"
@@ -132,5 +136,11 @@ def test_the_serve_extra_requires_the_pydantic_the_api_is_written_for() -> None:
     """fastapi >= 0.110 also installs with pydantic 1, which ignores `model_config = ConfigDict(extra=
     "forbid")` and `Field(strict=True)`: the server then answered 200 to an unknown field and to
     `"beam": "2"` or `true`, which docs/serving.md says are refused (422)."""
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = PROJECT["project"]["optional-dependencies"]
     assert "pydantic>=2" in [requirement.replace(" ", "") for requirement in extras["serve"]]
+
+
+def test_the_dev_extra_installs_the_setuptools_the_build_tests_use() -> None:
+    """The tests above build the wheel and sdist with the environment's setuptools; the setuptools of a
+    fresh Python 3.11 venv (65.5) cannot read this pyproject.toml, and Python 3.12's venvs have none."""
+    assert BUILD_REQUIRES in PROJECT["project"]["optional-dependencies"]["dev"]
