@@ -45,8 +45,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         path = path / METRICS_FILE
     if not path.is_file():
         raise MetricsError(
-            f"no metrics file at {path}: `tformer train` writes it as it logs (a run imported with import-hf "
-            "has none); point at a trained run directory or its metrics.jsonl"
+            f"no metrics file at {path}: `tformer train` writes a line every train.log_every steps, so a run "
+            "that stopped before its first log (or one imported with import-hf) has none; train longer or point "
+            "at another run directory or metrics.jsonl"
         )
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
