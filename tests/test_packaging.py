@@ -54,6 +54,7 @@ def test_the_wheel_holds_the_recipes_and_runs_them_outside_the_source_tree(tmp_p
     assert {f"tformer/configs/{name}.toml" for name in recipe_names()} <= names
     metadata = (tmp_path / "installed" / f"tformer-{__version__}.dist-info" / "METADATA").read_text()
     assert "License-Expression: MIT" in metadata.splitlines()
+    assert f"tformer-{__version__}.dist-info/licenses/LICENSE" in names
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     environment = {**os.environ, "PYTHONPATH": str(tmp_path / "installed")}
