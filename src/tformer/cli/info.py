@@ -1,4 +1,7 @@
-"""Show a preset's (or a config file's) model shape and parameter count.
+"""Show a preset's, a config file's or a trained run's model shape and parameter count.
+
+RUN_DIR (a run directory or one of its checkpoints) shows the model the run trained, with the step of the
+checkpoint read (--which: best or last) and the run's checkpoints.
 
 --config FILE reads the [model] section of an experiment TOML file (as `tformer train --config` does);
 the vocabulary size comes from --vocab-size, else the file's data.vocab_size (the size of the tokenizer
@@ -10,17 +13,31 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ModelConfig, config_to_dict, load_experiment, preset
 from tformer.model import Transformer, count_parameters
+from tformer.training.checkpoint import (
+    POINTERS,
+    read_experiment,
+    read_pointer_name,
+    resolve_checkpoint,
+    step_checkpoints,
+)
 
-HELP = "show the shape and parameter count of a model preset or of a config file's [model]"
+HELP = "show the shape and parameter count of a model preset, a config file's [model] or a trained run"
 
 DEFAULT_PRESET = "base"
 DEFAULT_VOCAB_SIZE = 37000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a run directory or checkpoint: show its model"
+    )
+    parser.add_argument(
+        "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=list(PRESETS), help=f"model preset (default: {DEFAULT_PRESET})")
     source.add_argument(
@@ -37,9 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.vocab_size is not None and args.vocab_size < 1:
+    if args.run_dir is not None:
+        if args.preset or args.config or args.vocab_size is not None:
+            raise ConfigError("give a RUN_DIR, or --preset / --config (with --vocab-size), not both")
+        config, described = _run_model(args.run_dir, args.which)
+    elif args.vocab_size is not None and args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
-    if args.config is not None:
+    elif args.config is not None:
         config, described = _config_file_model(args.config, args.vocab_size), {"config": str(args.config)}
     else:
         name = args.preset or DEFAULT_PRESET
@@ -60,3 +81,15 @@ def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
     experiment = load_experiment(path)
     size = experiment.data.vocab_size if vocab_size is None else vocab_size
     return dataclasses.replace(experiment.model, src_vocab_size=size, tgt_vocab_size=size)
+
+
+def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model a run trained (its vocabulary sizes are the tokenizer's), and where it was read from."""
+    checkpoint, run_dir = resolve_checkpoint(path, which=which)
+    experiment, step = read_experiment(checkpoint)
+    described: dict[str, Any] = {"checkpoint": str(checkpoint), "step": step}
+    if run_dir is not None:
+        described["run"] = str(run_dir)
+        described["checkpoints"] = [directory.name for directory in step_checkpoints(run_dir)]
+        described.update({pointer: read_pointer_name(run_dir, pointer) for pointer in POINTERS})
+    return experiment.model, described

@@ -1,0 +1,70 @@
+"""`tformer info RUN_DIR`: the model a trained run holds, the step read and the run's checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.cli.main import main
+from tformer.model import Transformer, count_parameters
+from tformer.training import load_run, start_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("info")
+    corpus = write_corpus(directory, n_train=40)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    experiment = tiny_experiment(corpus, "train.max_steps=4", "train.save_every=2", "train.valid_every=2")
+    start_run(experiment, directory / "run", quiet=True).train()
+    torch.set_num_threads(before)
+    return directory / "run"
+
+
+def _info(capsys: pytest.CaptureFixture[str], *arguments: str) -> dict:
+    capsys.readouterr()
+    assert main(["info", *arguments]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_of_a_run_shows_the_model_it_trained(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The vocabulary sizes are the run's tokenizer's, the parameters those of the loaded model."""
+    loaded = load_run(trained, which="last")
+    shown = _info(capsys, str(trained), "--which", "last")
+    assert shown["run"] == str(trained) and shown["step"] == 4
+    assert shown["checkpoint"] == str(trained / "checkpoints" / "step-00000004")
+    assert shown["checkpoints"] == ["step-00000002", "step-00000004"] and shown["latest"] == "step-00000004"
+    assert shown["best"] in shown["checkpoints"]
+    assert shown["src_vocab_size"] == loaded.tokenizer.src_vocab_size
+    assert shown["d_model"] == loaded.experiment.model.d_model
+    assert shown["parameters"] == count_parameters(loaded.model)
+    assert _info(capsys, str(trained))["checkpoint"] == str(trained / "checkpoints" / shown["best"])
+    checkpoint = _info(capsys, shown["checkpoint"])  # a checkpoint directory works too
+    assert checkpoint["step"] == 4 and checkpoint["parameters"] == count_parameters(
+        Transformer(loaded.experiment.model)
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--preset", "tiny"], "error: give a RUN_DIR, or --preset / --config (with --vocab-size), not both"),
+        (["--vocab-size", "10"], "error: give a RUN_DIR, or --preset / --config (with --vocab-size), not both"),
+    ],
+)
+def test_info_of_a_run_refuses_model_flags(
+    trained: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    assert main(["info", str(trained), *arguments]) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_info_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path} is neither a run directory nor a checkpoint (no experiment.json)\n"
