@@ -77,6 +77,12 @@ def _corrupt_experiment(run: Path) -> str:
     return str(path)
 
 
+def _experiment_not_a_table(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "experiment": []}))
+    return f"{path}: invalid experiment description"
+
+
 def _other_shape(run: Path) -> str:
     path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
     document = json.loads(path.read_text())
@@ -91,7 +97,16 @@ def _dangling_pointer(run: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "damage", [_damage_weights, _remove_weights, _future_version, _corrupt_experiment, _other_shape, _dangling_pointer]
+    "damage",
+    [
+        _damage_weights,
+        _remove_weights,
+        _future_version,
+        _corrupt_experiment,
+        _experiment_not_a_table,
+        _other_shape,
+        _dangling_pointer,
+    ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:
     expected = damage(run_copy)

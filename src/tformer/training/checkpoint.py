@@ -229,6 +229,8 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
             f"{path}: checkpoint format_version {version} (written by tformer {document.get('tformer_version')}) "
             f"is not supported; this tformer {__version__} reads format_version {FORMAT_VERSION}"
         )
+    if not isinstance(document.get("experiment"), dict):
+        raise CheckpointError(f"{path}: invalid experiment description: 'experiment' must be a table of sections")
     try:
         return experiment_from_dict(document["experiment"]), int(document["step"])
     except (KeyError, TypeError, ValueError) as error:
