@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize
+from tformer.interop.marian_tokenizer import VocabTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzäöüßABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÜ0123456789.,;:!?'\"()-"
 SOURCES = [
@@ -134,5 +135,13 @@ def test_bad_files_are_reported(tmp_path: Path, joint: Tokenizer) -> None:
     (tmp_path / "spm.model").write_bytes(b"this is not a model")
     with pytest.raises(TokenizerError, match="not a valid sentencepiece model"):
         Tokenizer.from_files(tmp_path)
+    (tmp_path / "spm.model").write_bytes(b"")  # what a crash or a full disk leaves: sentencepiece reads "no model"
+    with pytest.raises(TokenizerError, match="is empty: not a valid sentencepiece model"):
+        Tokenizer.from_files(tmp_path)
+    marian = tmp_path / "marian"
+    VocabTokenizer.from_tokenizer(joint).to_files(marian)
+    (marian / "source.spm").write_bytes(b"")
+    with pytest.raises(TokenizerError, match=r"source\.spm is empty: not a valid sentencepiece model"):
+        VocabTokenizer.from_files(marian)
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         joint.decode_target([joint.tgt_vocab_size])

@@ -240,6 +240,8 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
         proto = path.read_bytes()
     except OSError as error:
         raise TokenizerError(f"cannot read tokenizer model {path}: {error.strerror or error}") from None
+    if not proto:  # sentencepiece takes empty bytes for "no model" and fails at the first use instead
+        raise TokenizerError(f"{path} is empty: not a valid sentencepiece model (corrupt or truncated)")
     try:
         return spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError:

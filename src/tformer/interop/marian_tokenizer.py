@@ -253,9 +253,13 @@ def _model_proto(tokenizer: Tokenizer, side: str) -> bytes:
 
 def _load_spm(path: Path) -> spm.SentencePieceProcessor:
     try:
-        return spm.SentencePieceProcessor(model_proto=path.read_bytes())
+        proto = path.read_bytes()
     except OSError as error:
         raise TokenizerError(f"cannot read sentencepiece model {path}: {error.strerror or error}") from None
+    if not proto:  # sentencepiece takes empty bytes for "no model" and fails at the first use instead
+        raise TokenizerError(f"{path} is empty: not a valid sentencepiece model (corrupt or truncated)")
+    try:
+        return spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError:
         raise TokenizerError(f"{path} is not a valid sentencepiece model (corrupt or truncated)") from None
 
