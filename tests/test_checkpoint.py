@@ -123,6 +123,14 @@ def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
         resume_run(run_copy, quiet=True)
 
 
+def test_damaged_metrics_lines_are_dropped_when_resuming(run_copy: Path) -> None:
+    metrics = run_copy / ckpt.METRICS_FILE
+    logged = metrics.read_bytes()
+    metrics.write_bytes(logged + b'\xbf\xff garbage\n[1, 2]\n"text"\n{"step": "7"}\n{"step": 5, "train_lo')
+    resume_run(run_copy, quiet=True)  # drops the rows past the checkpoint, and the unreadable ones
+    assert metrics.read_bytes() == logged
+
+
 def test_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such run or checkpoint directory"):
         load_run(tmp_path / "nothing")

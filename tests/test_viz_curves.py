@@ -38,6 +38,13 @@ def test_reading_skips_cut_lines_and_turns_nan_strings_into_floats(tmp_path: Pat
     assert series(rows, "bleu").steps == [20]
 
 
+def test_reading_skips_lines_that_are_not_objects_or_not_utf8(tmp_path: Path) -> None:
+    run = write_metrics(tmp_path / "run", ROWS)
+    with (run / "metrics.jsonl").open("ab") as handle:
+        handle.write(b'\xbf\xff damaged\n[1, 2]\n"text"\n')
+    assert read_metrics(run) == ROWS
+
+
 def test_plot_draws_every_metric_over_steps_and_wall_time(tmp_path: Path) -> None:
     figure = curves_figure(read_metrics(write_metrics(tmp_path / "run", ROWS)))
     assert len(figure.axes) == 6

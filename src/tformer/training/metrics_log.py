@@ -28,24 +28,33 @@ class MetricsLog:
             handle.flush()
 
     def rows(self) -> list[dict[str, Any]]:
+        """The logged rows; lines that are not a JSON object (blank, cut short by a crash, or damaged
+        into bytes that are not even UTF-8) are skipped."""
         if not self.path.exists():
             return []
         rows = []
-        for line in self.path.read_text(encoding="utf-8").split("\n"):
+        for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # blank, or a line cut short by a crash
+            if isinstance(row, dict):
+                rows.append(row)
         return rows
 
     def truncate_after(self, step: int) -> None:
-        """Keep only rows up to `step` (atomically), e.g. when resuming from the checkpoint at `step`."""
+        """Keep only rows up to `step` (atomically), e.g. when resuming from the checkpoint at `step`;
+        a row whose step is not a number cannot be placed, and is dropped too."""
         if not self.path.exists():
             return
-        kept = [row for row in self.rows() if row.get("step", 0) <= step]
+        kept = [row for row in self.rows() if _step_at_most(row.get("step", 0), step)]
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
         os.replace(temporary, self.path)
+
+
+def _step_at_most(value: Any, step: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value <= step
 
 
 def _json_number(value: Any) -> Any:

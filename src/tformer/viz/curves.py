@@ -50,7 +50,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             "at another run directory or metrics.jsonl"
         )
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # damaged bytes: skipped lines
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
