@@ -91,6 +91,11 @@ def _other_shape(run: Path) -> str:
     return "weights do not match"
 
 
+def _binary_pointer(run: Path) -> str:
+    (run / "latest").write_bytes(b"\x81\xfe\x00step")
+    return f"{run / 'latest'}: corrupt pointer file"
+
+
 def _dangling_pointer(run: Path) -> str:
     shutil.rmtree(run / "checkpoints" / "step-00000006")
     return "step-00000006"
@@ -106,6 +111,7 @@ def _dangling_pointer(run: Path) -> str:
         _experiment_not_a_table,
         _other_shape,
         _dangling_pointer,
+        _binary_pointer,
     ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:

@@ -181,7 +181,10 @@ def read_pointer_name(run_dir: Path, which: str) -> str | None:
     path = Path(run_dir) / which
     if not path.is_file():
         return None
-    name = path.read_text(encoding="utf-8").strip()
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
     if not name or "/" in name or name.startswith("."):
         raise CheckpointError(f"{path}: corrupt pointer file (expected a checkpoint directory name)")
     return name
