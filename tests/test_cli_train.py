@@ -145,8 +145,13 @@ def test_bad_training_inputs(
     bad_config = tmp_path / "bad.toml"
     bad_config.write_text("[optimizer]\nlr = 1\n")
     new = tmp_path / "new"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    missing_src = str(tmp_path / "missing.src")
     cases = [
-        (_train_args(workspace, new, "--train-src", str(tmp_path / "missing.src")), "file not found"),
+        (_train_args(workspace, new, "--train-src", missing_src), "file not found"),
+        # an unusable --out is found before the data is read (and a tokenizer trained on it, for minutes)
+        (_train_args(workspace, a_file / "run", "--train-src", missing_src), "cannot create the run directory"),
         (_train_args(workspace, new, "--train-tgt", str(short)), "has 1; the files must be aligned"),
         (_train_args(workspace, new, "--set", "train.max_step=3"), "unknown key(s) max_step in [train]"),
         (["train", "--config", str(bad_config), "--out", str(new)], "unknown section(s) optimizer"),

@@ -10,6 +10,7 @@ Data paths are stored absolute, so a run can be resumed from any working directo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import sys
@@ -74,10 +75,48 @@ def start_run(
 
     `distributed`, `compile_mode` and `loss_chunk` are how it runs, not what it computes (see Trainer)."""
     distributed = distributed or Distributed()
-    say = _sayer(quiet or not distributed.is_main)
     if not checked:
         check_new_run_dir(run_dir)
     distributed.barrier()  # every process has checked before rank 0 creates anything
+    run_dir = Path(run_dir)
+    created = distributed.is_main and _create_run_dir(run_dir)
+    try:
+        return _new_trainer(
+            experiment,
+            run_dir,
+            quiet=quiet,
+            distributed=distributed,
+            compile_mode=compile_mode,
+            loss_chunk=loss_chunk,
+        )
+    except BaseException:
+        if created:  # a failed setup leaves no directory behind, as when it was created at the end
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile; leave it
+                run_dir.rmdir()
+        raise
+
+
+def _create_run_dir(run_dir: Path) -> bool:
+    """Create the run directory before any long setup (reading the data, training the tokenizer), so
+    that an unusable --out (read-only, under a file) fails at once. True when it did not exist before."""
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirectoryError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
+    return not existed
+
+
+def _new_trainer(
+    experiment: ExperimentConfig,
+    run_dir: Path,
+    *,
+    quiet: bool,
+    distributed: Distributed,
+    compile_mode: CompileMode,
+    loss_chunk: int,
+) -> Trainer:
+    say = _sayer(quiet or not distributed.is_main)
     data = _absolute_paths(experiment.data)
     if data.train_src is None or data.train_tgt is None:
         raise ConfigError("no training data: set data.train_src and data.train_tgt (or --train-src/--train-tgt)")
@@ -116,8 +155,6 @@ def start_run(
     training_data = prepare_data(
         experiment, tokenizer, say=say, train_corpus=(corpus.sources, corpus.targets), distributed=distributed
     )
-    if distributed.is_main:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
     return Trainer(
         experiment=experiment,
         model=model,
