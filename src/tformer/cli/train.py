@@ -31,6 +31,7 @@ from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrid
 from tformer.runtime import Distributed, init_distributed
 from tformer.training.loop import TrainResult
 from tformer.training.run import check_new_run_dir, resume_run, resumed_experiment, start_run
+from tformer.training.run_lock import RunLock
 
 HELP = "train a translation model (new run, --resume, or --overwrite)"
 
@@ -116,11 +117,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
     staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
     check_new_run_dir(staging)
-    result = _train_staged(experiment, staging, quiet=args.quiet, options=options)
-    retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    os.replace(out, retired)
-    os.replace(staging, out)
-    shutil.rmtree(retired)
+    old_run = RunLock(out)  # a run that another process is still training is not replaced under it
+    try:
+        result = _train_staged(experiment, staging, quiet=args.quiet, options=options)
+        retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired)
+    finally:
+        old_run.release()
     print(f"run {out} (replaced the previous run): step {result.step}, {result.stop_reason}")
     return 0
 

@@ -5,6 +5,7 @@ A run directory:
     RUN_DIR/
       latest, best                  pointer files: the name of a checkpoint directory, one line
       metrics.jsonl                 one JSON object per logged step (see metrics_log.py)
+      .lock                         locked while a process trains into the run (see run_lock.py)
       checkpoints/step-00001000/
         experiment.json             format_version, tformer version, step, the ExperimentConfig
         tokenizer/                  Tokenizer.to_files

@@ -45,6 +45,7 @@ from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
 from tformer.training.prefetch import BatchSource
 from tformer.training.progress import Progress
+from tformer.training.run_lock import RunLock
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
 from tformer.training.validation import EarlyStopping, validation_loss, validation_scores
@@ -86,10 +87,13 @@ class Trainer:
         distributed: Distributed | None = None,
         compile_mode: CompileMode = "none",
         loss_chunk: int = 0,
+        lock: RunLock | None = None,
     ) -> None:
         """`compile_mode` "layers" compiles each layer in place (runtime.compile_layers), "model" the whole
         training objective with CUDA graphs on a GPU (runtime.compile_objective); `loss_chunk` > 0 computes
-        the loss that many target positions at a time (loss.chunked_label_smoothed_loss)."""
+        the loss that many target positions at a time (loss.chunked_label_smoothed_loss). `lock` (taken by
+        start_run and resume_run) keeps other processes out of `run_dir` and is released when `train` ends."""
+        self.lock = lock
         self.experiment, self.train_config = experiment, experiment.train
         self.tokenizer, self.data, self.run_dir = tokenizer, data, Path(run_dir)
         self.distributed = distributed or Distributed()
@@ -235,6 +239,8 @@ class Trainer:
         finally:
             batches.close()
             progress.close()
+            if self.lock is not None:
+                self.lock.release()
         self.distributed.barrier()  # rank 0 has written the last checkpoint before any process returns
         last = self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
         progress.message(f"stopped at step {self.step}: {stop_reason}; last checkpoint {last}")

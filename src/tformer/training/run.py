@@ -38,6 +38,7 @@ from tformer.model import Transformer, count_parameters
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training.loop import Trainer, TrainingData
+from tformer.training.run_lock import LOCK_FILE, RunLock
 
 Say = Callable[[str], None]
 
@@ -55,7 +56,7 @@ def check_new_run_dir(run_dir: Path, *, advice: str = NEW_RUN_ADVICE) -> None:
     `advice` ends the message: the default names `tformer train`'s flags, which a command without
     them (such as `tformer demo`) replaces with its own way out."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or any(path.name != LOCK_FILE for path in run_dir.iterdir())):
         kind = "a run" if ckpt.is_run_dir(run_dir) else "files"
         raise RunDirectoryError(f"{run_dir} already holds {kind}; {advice}")
 
@@ -80,19 +81,20 @@ def start_run(
     distributed.barrier()  # every process has checked before rank 0 creates anything
     run_dir = Path(run_dir)
     created = distributed.is_main and _create_run_dir(run_dir)
+    lock = _lock_new_run_dir(run_dir, checked=checked) if distributed.is_main else None
     try:
         return _new_trainer(
             experiment,
             run_dir,
+            lock=lock,
             quiet=quiet,
             distributed=distributed,
             compile_mode=compile_mode,
             loss_chunk=loss_chunk,
         )
     except BaseException:
-        if created:  # a failed setup leaves no directory behind, as when it was created at the end
-            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile; leave it
-                run_dir.rmdir()
+        if lock is not None:
+            _remove_unused(run_dir, lock, created=created)
         raise
 
 
@@ -107,10 +109,36 @@ def _create_run_dir(run_dir: Path) -> bool:
     return not existed
 
 
+def _lock_new_run_dir(run_dir: Path, *, checked: bool) -> RunLock:
+    """Lock the new run's directory, so that a second process given the same --out is refused; then
+    check again that it is empty, since another run may have filled it between the first check and the
+    lock. On failure the directory is another run's: nothing in it is touched."""
+    lock = RunLock(run_dir)
+    if not checked:
+        try:
+            check_new_run_dir(run_dir)
+        except RunDirectoryError:
+            lock.release()
+            raise
+    return lock
+
+
+def _remove_unused(run_dir: Path, lock: RunLock, *, created: bool) -> None:
+    """After a failed setup: remove the lock file (while still holding it) and release it, then the
+    directory if this run created it (a failed setup leaves no directory behind); one that is not
+    empty, something else put there, stays."""
+    (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    lock.release()
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
 def _new_trainer(
     experiment: ExperimentConfig,
     run_dir: Path,
     *,
+    lock: RunLock | None,
     quiet: bool,
     distributed: Distributed,
     compile_mode: CompileMode,
@@ -165,6 +193,7 @@ def _new_trainer(
         distributed=distributed,
         compile_mode=compile_mode,
         loss_chunk=loss_chunk,
+        lock=lock,
     )
 
 
@@ -216,8 +245,39 @@ def resume_run(
     its model and data must match the run's, and its train and decode sections are used. The number
     of processes may differ from the run's (see Trainer.load_stream_state)."""
     distributed = distributed or Distributed()
-    say = _sayer(quiet or not distributed.is_main)
     checkpoint = _last_checkpoint(run_dir)
+    lock = RunLock(run_dir) if distributed.is_main else None
+    try:
+        return _resumed_trainer(
+            run_dir,
+            checkpoint,
+            overrides=overrides,
+            expected=expected,
+            lock=lock,
+            quiet=quiet,
+            distributed=distributed,
+            compile_mode=compile_mode,
+            loss_chunk=loss_chunk,
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _resumed_trainer(
+    run_dir: Path,
+    checkpoint: Path,
+    *,
+    overrides: Sequence[str],
+    expected: ExperimentConfig | None,
+    lock: RunLock | None,
+    quiet: bool,
+    distributed: Distributed,
+    compile_mode: CompileMode,
+    loss_chunk: int,
+) -> Trainer:
+    say = _sayer(quiet or not distributed.is_main)
     experiment, step = ckpt.read_experiment(checkpoint)
     if expected is not None:
         _check_same_run(experiment, expected)
@@ -236,6 +296,7 @@ def resume_run(
         distributed=distributed,
         compile_mode=compile_mode,
         loss_chunk=loss_chunk,
+        lock=lock,
     )
     trainer.restore(checkpoint)
     say(f"resuming {run_dir} from {checkpoint.name} (step {step})")

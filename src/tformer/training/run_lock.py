@@ -1,0 +1,55 @@
+"""One training process per run directory: an exclusive lock on RUN_DIR/.lock while it trains.
+
+Two `tformer train --out DIR` started at once (or a `--resume`, or an `--overwrite`, of a run that is
+still training) would interleave their metrics rows and replace or prune each other's checkpoints. The
+lock is a POSIX record lock (`lockf`) on a hidden file: it belongs to the process, so Trainers made one
+after another in one program do not shut each other out, it works on NFS, and the kernel releases it
+when the process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock.
+The file stays (deleting it would let a third process lock a fresh file while a second still holds the
+old one). Where files cannot be locked (no `fcntl`, or a filesystem that refuses locks) the run goes on
+unlocked, as it did before locks.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks of this kind
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_FILE = ".lock"
+
+
+class RunInUseError(ValueError):
+    """Another process is training into the run directory."""
+
+
+class RunLock:
+    """Held from construction until `release()` (or until the process ends)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._handle: IO[bytes] | None = None
+        if fcntl is None:
+            return
+        handle = open(self.run_dir / LOCK_FILE, "ab")  # noqa: SIM115 (held open for as long as the lock)
+        try:
+            fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.close()
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunInUseError(
+                    f"{self.run_dir} is in use: another tformer process is training into it; "
+                    "wait for it to end, or choose another --out"
+                ) from None
+            return  # locks unsupported here (e.g. ENOLCK): go on unlocked
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the process's lock on it
+            self._handle = None

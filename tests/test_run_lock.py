@@ -1,0 +1,96 @@
+"""One training process per run directory: a second one given the same directory is refused in one
+line and changes nothing; the lock goes with the process that held it, however it ended."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.cli.main import main
+from tformer.training import resume_run, start_run
+from tformer.training.run_lock import LOCK_FILE, RunInUseError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+@contextmanager
+def _held_by_another_process(run_dir: Path) -> Iterator[None]:
+    """RUN_DIR locked, as a training process locks it, by a process that is then SIGKILLed."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tformer.training.run_lock import RunLock; "
+            "lock = RunLock(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_run_another_process_trains_is_refused_and_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corpus = write_corpus(tmp_path, n_train=40)
+    experiment = tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2", valid=False)
+    run = tmp_path / "run"
+    start_run(experiment, run, quiet=True).train()
+    (run / "checkpoints" / "step-00000002" / "model.safetensors").unlink()  # would fail a resume that ran
+    before = _digest(run)
+    arguments = ["train", "--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"])]
+    arguments += ["--preset", "tiny", "--vocab-size", "48", "--max-steps", "2", "--device", "cpu", "--quiet"]
+    in_use = f"error: {run} is in use: another tformer process is training into it; "
+    in_use += "wait for it to end, or choose another --out\n"
+    with _held_by_another_process(run):
+        for mode in ("--resume", "--overwrite"):
+            capsys.readouterr()
+            assert main([*arguments, "--out", str(run), mode]) == 2
+            assert capsys.readouterr().err == in_use
+        with pytest.raises(RunInUseError):
+            resume_run(run, quiet=True)
+    assert _digest(run) == before
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]  # no staging left
+
+
+def test_two_new_runs_into_one_directory(tmp_path: Path) -> None:
+    """Both find the directory empty; the second to lock it is refused, and removes nothing of the first's."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    run = tmp_path / "run"
+    run.mkdir()
+    with _held_by_another_process(run):
+        with pytest.raises(RunInUseError):
+            start_run(tiny_experiment(corpus, valid=False), run, quiet=True)
+        assert [path.name for path in run.iterdir()] == [LOCK_FILE]
+    # the lock went with the killed holder: nothing stale is left to refuse the next run
+    assert start_run(tiny_experiment(corpus, "train.max_steps=1", valid=False), run, quiet=True).train().step == 1
+
+
+def test_a_directory_holding_only_a_lock_file_takes_a_new_run(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path, n_train=40)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).touch()  # what a run killed before it wrote anything leaves
+    experiment = tiny_experiment(corpus, "train.max_steps=1", valid=False)
+    assert start_run(experiment, run, quiet=True).train().step == 1
