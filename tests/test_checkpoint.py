@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,14 +147,36 @@ def test_not_a_run(tmp_path: Path) -> None:
         load_run(tmp_path / "empty")
 
 
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
 def test_interrupted_writes_are_invisible_and_cleaned_up(run_copy: Path) -> None:
-    leftover = run_copy / "checkpoints" / ".tmp-step-00000008-12345"
+    leftover = run_copy / "checkpoints" / f".tmp-step-00000008-{_dead_pid()}"
     leftover.mkdir()
     (leftover / ckpt.WEIGHTS_FILE).write_bytes(b"half a file")
     assert load_run(run_copy, which="last").step == 6
     assert ckpt.step_checkpoints(run_copy)[-1].name == "step-00000006"
     ckpt.prune_checkpoints(run_copy, keep_last=0)
     assert not leftover.exists()
+
+
+def test_pruning_leaves_what_a_live_process_is_writing(run_copy: Path) -> None:
+    """`tformer average` writes into the checkpoints directory of a run that may be training meanwhile."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        averaging = run_copy / "checkpoints" / f".tmp-averaged-last2-step-00000006-{writer.pid}"
+        replacing = run_copy / "checkpoints" / f".old-step-00000006-{writer.pid}"
+        for directory in (averaging, replacing):
+            directory.mkdir()
+        assert ckpt.prune_checkpoints(run_copy, keep_last=0) == []
+        assert averaging.is_dir() and replacing.is_dir()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sorted(ckpt.prune_checkpoints(run_copy, keep_last=0)) == sorted([averaging, replacing])
 
 
 def test_rewriting_an_existing_checkpoint_name_replaces_it_whole(run_copy: Path) -> None:

@@ -147,18 +147,34 @@ def write_pointer(run_dir: Path, which: str, name: str) -> None:
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     """Delete step checkpoints beyond the newest `keep_last` (0 keeps all), never one a pointer names,
-    and any temporary directory a crashed writer left behind. Returns what was deleted."""
+    and any temporary directory a crashed writer left behind (not one that a live process, such as a
+    `tformer average` run meanwhile, is writing). Returns what was deleted."""
     parent = Path(run_dir) / CHECKPOINTS_DIR
     if not parent.is_dir():
         return []
     protected = {read_pointer_name(run_dir, which) for which in POINTERS} - {None}
-    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-"))]
+    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-")) and _abandoned(path)]
     steps = step_checkpoints(run_dir)
     if keep_last > 0:
         removed += [path for path in steps[:-keep_last] if path.name not in protected]
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def _abandoned(temporary: Path) -> bool:
+    """Whether the writer of a `.tmp-NAME-PID` or `.old-NAME-PID` directory is gone (or is this process,
+    which is writing nothing now)."""
+    pid = temporary.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return False  # it exists, under another user
+    except (ProcessLookupError, OverflowError):
+        return True
+    return False
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
