@@ -17,6 +17,7 @@ from tformer.cli import train as train_cli
 from tformer.cli.main import main
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
+from tformer.training import loop
 from tformer.training.loop import TrainResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,6 +207,49 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
     assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
+
+
+def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Ctrl-C arrives while the loop computes the learning rate of `step`."""
+    schedule = loop.learning_rate
+
+    def learning_rate(at: int, *args: object, **kwargs: object) -> float:
+        if at == step:
+            raise KeyboardInterrupt
+        return schedule(at, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "learning_rate", learning_rate)
+
+
+def test_ctrl_c_says_what_the_run_kept(
+    trained: Path,
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    run = tmp_path / "run"
+    _interrupt_at_step(monkeypatch, 5)
+    capsys.readouterr()
+    assert main(_train_args(workspace, run)) == 130
+    kept = run / "checkpoints" / "step-00000004"
+    resume = f"tformer train --out {run} --resume"
+    assert (
+        capsys.readouterr().err
+        == f"interrupted: the run keeps its last checkpoint, {kept}; continue it with: {resume}\n"
+    )
+
+    _interrupt_at_step(monkeypatch, 1)
+    assert main(_train_args(workspace, tmp_path / "early")) == 130
+    nothing_kept = f"no checkpoint of {tmp_path / 'early'} was saved yet, so nothing to resume"
+    assert capsys.readouterr().err == f"interrupted: {nothing_kept}: start afresh with --overwrite\n"
+
+    replaced = Path(shutil.copytree(trained, tmp_path / "replaced"))
+    before = _digest(replaced)
+    assert main(_train_args(workspace, replaced, "--overwrite")) == 130
+    expected = f"interrupted: the new run was discarded; {replaced} keeps the previous run unchanged\n"
+    assert capsys.readouterr().err == expected
+    assert _digest(replaced) == before
 
 
 def test_plain_flags_and_resume_with_a_larger_budget(

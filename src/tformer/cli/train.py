@@ -29,7 +29,7 @@ from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 from tformer.runtime import Distributed, init_distributed
-from tformer.training.loop import TrainResult
+from tformer.training.loop import TrainingInterrupted, TrainResult
 from tformer.training.run import check_new_run_dir, resume_run, resumed_experiment, start_run
 from tformer.training.run_lock import RunLock
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     check_new_run_dir(staging)
     old_run = RunLock(out)  # a run that another process is still training is not replaced under it
     try:
-        result = _train_staged(experiment, staging, quiet=args.quiet, options=options)
+        result = _train_staged(experiment, staging, out, quiet=args.quiet, options=options)
         retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
         os.replace(out, retired)
         os.replace(staging, out)
@@ -130,11 +130,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_staged(experiment: ExperimentConfig, staging: Path, *, quiet: bool, options: dict[str, Any]) -> TrainResult:
+def _train_staged(
+    experiment: ExperimentConfig, staging: Path, out: Path, *, quiet: bool, options: dict[str, Any]
+) -> TrainResult:
     """Train the replacing run in `staging`; if it fails or is interrupted, remove what it wrote there,
-    so that the old run stays and nothing hidden is left beside it."""
+    so that the old run in `out` stays and nothing hidden is left beside it."""
     try:
         return start_run(experiment, staging, quiet=quiet, **options).train()
+    except KeyboardInterrupt as interrupt:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingInterrupted(f"the new run was discarded; {out} keeps the previous run unchanged") from interrupt
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

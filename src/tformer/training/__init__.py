@@ -6,7 +6,7 @@ run = load_run(run_dir)                       # model (eval mode), tokenizer, ex
 """
 
 from tformer.training.checkpoint import CheckpointError, LoadedRun, load_run
-from tformer.training.loop import Trainer, TrainingData, TrainingDivergedError, TrainResult
+from tformer.training.loop import Trainer, TrainingData, TrainingDivergedError, TrainingInterrupted, TrainResult
 from tformer.training.loss import LossSums, label_smoothed_loss
 from tformer.training.run import RunDirectoryError, resume_run, start_run
 from tformer.training.schedule import inverse_sqrt_lr, learning_rate, peak_lr
@@ -20,6 +20,7 @@ __all__ = [
     "Trainer",
     "TrainingData",
     "TrainingDivergedError",
+    "TrainingInterrupted",
     "inverse_sqrt_lr",
     "label_smoothed_loss",
     "learning_rate",

@@ -55,6 +55,10 @@ class TrainingDivergedError(ValueError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; the message (rank 0's; empty on other ranks) says what the run kept."""
+
+
 @dataclass
 class TrainingData:
     """Encoded training pairs as a resumable stream, plus the validation set in two forms."""
@@ -236,6 +240,8 @@ class Trainer:
                 due = self.step % config.save_every == 0 or improved or stop_reason is not None
                 if due and self._last_saved_step != self.step:
                     self.save(best=improved)
+        except KeyboardInterrupt as interrupt:
+            raise TrainingInterrupted(self._what_was_kept() if self.distributed.is_main else "") from interrupt
         finally:
             batches.close()
             progress.close()
@@ -385,6 +391,19 @@ class Trainer:
         self._window = _log_window(None)
         self._window_start = now
         return row
+
+    def _what_was_kept(self) -> str:
+        """What an interrupted run leaves: its last complete checkpoint, which a resume continues from."""
+        try:
+            name = ckpt.read_pointer_name(self.run_dir, "latest")
+        except (OSError, ckpt.CheckpointError):
+            name = None
+        if name is None:
+            return f"no checkpoint of {self.run_dir} was saved yet, so nothing to resume: start afresh with --overwrite"
+        return (
+            f"the run keeps its last checkpoint, {self.run_dir / ckpt.CHECKPOINTS_DIR / name}; "
+            f"continue it with: tformer train --out {self.run_dir} --resume"
+        )
 
     def _diverged(self, step: int) -> None:
         name = ckpt.read_pointer_name(self.run_dir, "latest")
