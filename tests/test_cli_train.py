@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -250,6 +255,31 @@ def test_ctrl_c_says_what_the_run_kept(
     expected = f"interrupted: the new run was discarded; {replaced} keeps the previous run unchanged\n"
     assert capsys.readouterr().err == expected
     assert _digest(replaced) == before
+
+
+def test_sigterm_during_an_overwrite_keeps_the_old_run_and_leaves_nothing_hidden(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    before = _digest(run)
+    argv = _train_args(workspace, run, "--overwrite", "--max-steps", "100000")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tformer.cli.main", *argv],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    staging = tmp_path / f".run.overwrite-{process.pid}"
+    deadline = time.monotonic() + 120
+    while not (staging / "latest").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # a checkpoint of the new run exists: it is well under way
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr == f"interrupted: the new run was discarded; {run} keeps the previous run unchanged\n"
+    assert _digest(run) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
 
 
 def test_plain_flags_and_resume_with_a_larger_budget(

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process takes SIGTERM (what schedulers, `timeout` and `kill` send) like Ctrl-C: the run says
+    what it kept and an --overwrite removes its hidden directory. Under torchrun the default stays: the
+    launcher stops its processes itself, and a handler could not run while one waits in a collective."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if args.loss_chunk < 0:
         raise ConfigError(f"--loss-chunk must be 0 (off) or positive, got {args.loss_chunk}")
