@@ -154,7 +154,13 @@ def test_bad_training_inputs(
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory\n")
     missing_src = str(tmp_path / "missing.src")
+    killed_early = tmp_path / "killed_early"  # what a run killed before its first checkpoint leaves
+    killed_early.mkdir()
+    (killed_early / ckpt.METRICS_FILE).write_text('{"step": 1, "train_loss": 4.0}\n')
     cases = [
+        (_train_args(workspace, a_file), f"{a_file} is a file, not a directory; choose another --out"),
+        (_train_args(workspace, killed_early), "holds files; no checkpoint to resume: pass --overwrite to replace"),
+        (["train", "--out", str(killed_early), "--resume"], "no finished checkpoint; start afresh with --overwrite"),
         (_train_args(workspace, new, "--train-src", missing_src), "file not found"),
         # an unusable --out is found before the data is read (and a tokenizer trained on it, for minutes)
         (_train_args(workspace, a_file / "run", "--train-src", missing_src), "cannot create the run directory"),

@@ -48,17 +48,23 @@ class RunDirectoryError(ValueError):
 
 
 NEW_RUN_ADVICE = "pass --resume to continue it or --overwrite to replace it"
+NEW_RUN_FILES_ADVICE = "no checkpoint to resume: pass --overwrite to replace them, or choose another --out"
 
 
-def check_new_run_dir(run_dir: Path, *, advice: str = NEW_RUN_ADVICE) -> None:
-    """Refuse to start a run in a directory that already holds anything.
+def check_new_run_dir(run_dir: Path, *, advice: str = NEW_RUN_ADVICE, files_advice: str = NEW_RUN_FILES_ADVICE) -> None:
+    """Refuse to start a run in a directory that already holds anything, or at a path that is a file.
 
-    `advice` ends the message: the default names `tformer train`'s flags, which a command without
-    them (such as `tformer demo`) replaces with its own way out."""
+    `advice` ends the message about a run that can be resumed, `files_advice` the one about other files
+    (such as what a run killed before its first checkpoint leaves: nothing to resume). The defaults name
+    `tformer train`'s flags, which a command without them (such as `tformer demo`) replaces with its own
+    way out."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(path.name != LOCK_FILE for path in run_dir.iterdir())):
-        kind = "a run" if ckpt.is_run_dir(run_dir) else "files"
-        raise RunDirectoryError(f"{run_dir} already holds {kind}; {advice}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"{run_dir} is a file, not a directory; choose another --out")
+    if run_dir.exists() and any(path.name != LOCK_FILE for path in run_dir.iterdir()):
+        if (run_dir / "latest").is_file():
+            raise RunDirectoryError(f"{run_dir} already holds a run; {advice}")
+        raise RunDirectoryError(f"{run_dir} already holds files; {files_advice}")
 
 
 def start_run(
@@ -328,7 +334,9 @@ def _last_checkpoint(run_dir: Path) -> Path:
     if not Path(run_dir).is_dir():
         raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
     if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
-        raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint")
+        raise RunDirectoryError(
+            f"nothing to resume in {run_dir}: it holds no finished checkpoint; start afresh with --overwrite"
+        )
     checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
     return checkpoint
 
