@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 from training_helpers import tiny_experiment, write_corpus
 
+from tformer.data.tokenizer import Tokenizer
 from tformer.training import CheckpointError, load_run, resume_run, start_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.average import average_checkpoints
@@ -211,6 +213,21 @@ def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
         average_checkpoints(run_copy, last=2)
     with pytest.raises(CheckpointError, match="has 3 step checkpoints; ask for --last 3 or fewer"):
         average_checkpoints(run_copy, last=4, out=run_copy.parent / "avg")
+
+
+def test_average_refuses_checkpoints_with_another_tokenizer(run_copy: Path) -> None:
+    """Same model shape and vocabulary size, other pieces (a checkpoint of another run copied in)."""
+    loaded = load_run(run_copy, which="last")
+    rng = random.Random(1)
+    words = ["".join(rng.choice("qwxyzjkh") for _ in range(rng.randint(3, 7))) for _ in range(300)]
+    lines = [" ".join(rng.choices(words, k=6)) for _ in range(400)]
+    size = loaded.tokenizer.src_vocab_size
+    other = Tokenizer.train(lines, lines, vocab_size=size, model_type="bpe", joint=True, seed=0)
+    assert other.src_vocab_size == size
+    other.to_files(run_copy / "checkpoints" / "step-00000004" / ckpt.TOKENIZER_DIR)
+    with pytest.raises(CheckpointError, match=r"step-00000004 has a different tokenizer than .*step-00000006"):
+        average_checkpoints(run_copy, last=2)
+    assert not (run_copy / "checkpoints" / "averaged-last2-step-00000006").exists()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])

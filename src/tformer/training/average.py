@@ -35,10 +35,13 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         raise ckpt.CheckpointError(f"{out} already exists; averaging never overwrites, choose another --out")
     model = Transformer(experiment.model)
     totals: dict[str, torch.Tensor] = {}
+    tokenizer = _tokenizer_files(chosen[-1])
     for directory in chosen:
         other, _ = ckpt.read_experiment(directory)
         if other.model != experiment.model:
             raise ckpt.CheckpointError(f"{directory} has a different model configuration than {chosen[-1]}")
+        if _tokenizer_files(directory) != tokenizer:  # ids that name other pieces: an average of unrelated rows
+            raise ckpt.CheckpointError(f"{directory} has a different tokenizer than {chosen[-1]}")
         ckpt.load_weights(model, directory)
         for name, tensor in model.state_dict().items():
             totals[name] = totals.get(name, 0) + tensor.double()
@@ -54,3 +57,11 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         trainer_state=None,
         extra={"averaged_from": [directory.name for directory in chosen]},
     )
+
+
+def _tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
+    """The files of a checkpoint's tokenizer directory, by name: equal for checkpoints of one run."""
+    directory = checkpoint / ckpt.TOKENIZER_DIR
+    if not directory.is_dir():
+        raise ckpt.CheckpointError(f"missing checkpoint directory: {directory}")
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
