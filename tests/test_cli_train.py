@@ -220,6 +220,27 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_overwrite_refuses_a_directory_that_holds_no_run(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"  # e.g. --out given the data directory by mistake
+    data.mkdir()
+    for name in ("train.src", "train.tgt"):
+        shutil.copy(workspace[name.replace(".", "_")], data / name)
+    (data / "notes.txt").write_text("mine\n")
+    before = _digest(data)
+    argv = [*_train_args(workspace, data, "--overwrite"), "--train-src", str(data / "train.src")]
+    _fails_cleanly(capsys, argv, f"--overwrite replaces a run, but {data} holds no run (it holds notes.txt and 2 more)")
+    assert _digest(data) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["data"]
+
+    killed_early = tmp_path / "killed_early"  # a run killed before its first checkpoint: replaced
+    killed_early.mkdir()
+    (killed_early / ckpt.METRICS_FILE).write_text('{"step": 1, "train_loss": 4.0}\n')
+    assert main(_train_args(workspace, killed_early, "--overwrite", "--max-steps", "2")) == 0
+    assert ckpt.read_pointer_name(killed_early, "latest") == "step-00000002"
+
+
 def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Ctrl-C arrives while the loop computes the learning rate of `step`."""
     schedule = loop.learning_rate
