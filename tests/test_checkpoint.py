@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from training_helpers import tiny_experiment, write_corpus
 
+import tformer
 from tformer.data.tokenizer import Tokenizer
 from tformer.training import CheckpointError, load_run, resume_run, start_run
 from tformer.training import checkpoint as ckpt
@@ -81,6 +82,16 @@ def _corrupt_experiment(run: Path) -> str:
     return str(path)
 
 
+def _newer_writer(run: Path) -> str:
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    document = json.loads(path.read_text())
+    document["experiment"]["model"]["rotary"] = True  # a key that a later tformer added
+    path.write_text(json.dumps({**document, "tformer_version": "9.0.0"}))
+    return (
+        f"{path}: written by tformer 9.0.0, which this tformer {tformer.__version__} cannot read: unknown key(s) rotary"
+    )
+
+
 def _experiment_not_a_table(run: Path) -> str:
     path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
     path.write_text(json.dumps({**json.loads(path.read_text()), "experiment": []}))
@@ -111,6 +122,7 @@ def _dangling_pointer(run: Path) -> str:
         _damage_weights,
         _remove_weights,
         _future_version,
+        _newer_writer,
         _corrupt_experiment,
         _experiment_not_a_table,
         _other_shape,

@@ -254,6 +254,11 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
     try:
         return experiment_from_dict(document["experiment"]), int(document["step"])
     except (KeyError, TypeError, ValueError) as error:
+        writer = document.get("tformer_version")
+        if writer is not None and writer != __version__:  # e.g. a key that a newer tformer added
+            raise CheckpointError(
+                f"{path}: written by tformer {writer}, which this tformer {__version__} cannot read: {error}"
+            ) from None
         raise CheckpointError(f"{path}: invalid experiment description: {error}") from None
 
 
