@@ -81,3 +81,15 @@ def test_translate_with_standard_input_closed_says_so_in_one_line(tmp_path: Path
     monkeypatch.setattr("sys.stdin", None)
     with pytest.raises(ValueError, match="there is no standard input"):
         translate._translations(object(), None)
+
+
+def test_a_byte_order_mark_at_the_start_of_the_input_is_dropped(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with U+FEFF; the corpus reader drops it from training text, so
+    `tformer translate --input` must too (kept, it made the first word an unknown piece)."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffthe cat\r\n\ufeffkept inside\n".encode())
+    with open(path, "rb") as source:
+        assert list(ready_chunks(source.fileno(), max_lines=10)) == [["the cat", "\ufeffkept inside"]]
+    path.write_bytes("\ufeffno newline".encode())
+    with open(path, "rb") as source:
+        assert list(ready_chunks(source.fileno(), max_lines=10)) == [["no newline"]]

@@ -6,6 +6,9 @@ filter: a line typed or sent through a pipe waits for 255 more. Here a chunk end
 ready (checked with select, without blocking) or when it holds `max_lines`; a file, always ready, gives
 full chunks. Bytes are read from the descriptor directly (a buffered text stream could hold lines that
 select cannot see), split on newlines and decoded strictly, so invalid UTF-8 is reported with its line.
+A UTF-8 byte-order mark at the start of the input (as Windows editors write) is dropped, as the corpus
+reader drops it from training text: it is an encoding artefact, and if kept it would make the first
+line's first word an unknown piece and change its translation.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import select
 from collections.abc import Iterator
 
 READ_BYTES = 1 << 16
+BOM = "\ufeff"
 
 
 def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
@@ -44,7 +48,8 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
 
 def _decoded(raw: bytes, number: int) -> str:
     try:
-        return raw.rstrip(b"\r").decode("utf-8")
+        text = raw.rstrip(b"\r").decode("utf-8")
+        return text.removeprefix(BOM) if number == 1 else text
     except UnicodeDecodeError as error:
         raise ValueError(
             f"input line {number} is not valid UTF-8 (byte {error.start + 1}: {raw[error.start : error.start + 1]!r}); "
