@@ -126,3 +126,22 @@ def test_save_cross_attention_png_translates_and_labels_with_pieces(tmp_path: Pa
     assert attention.source_labels == [*tokenizer.source_pieces("one two"), "</s>"]
     assert attention.output_labels == [*tokenizer.target_pieces("two one"), "</s>"]
     assert attention.input_labels == ["<s>", *tokenizer.target_pieces("two one")]
+
+
+def test_dollar_signs_in_tokens_and_sentences_are_drawn_as_text(tmp_path: Path) -> None:
+    """Matplotlib reads text between two "$" as TeX: "$^$" stopped the drawing with an error whose first
+    line was empty, and "costs $5 or $10" was drawn as maths without its spaces."""
+    labels = ["▁costs", "▁$5", "▁or", "▁$10", "▁$^$", "</s>"]
+    n = len(labels)
+    attention = SentenceAttention(
+        source_labels=labels,
+        input_labels=["<s>", "▁$x_"],
+        output_labels=["▁$x_", "</s>"],
+        encoder_self=np.full((1, 1, n, n), 1 / n),
+        decoder_self=np.full((1, 1, 2, 2), 0.5),
+        cross=np.full((1, 1, 2, n), 1 / n),
+        translation="kostet $5 oder $10",
+    )
+    assert_png(save_attention_png(attention, tmp_path / "dollars.png"))
+    assert "kostet $5 oder $10" in attention_figure(attention).get_suptitle()
+    assert "<img" in attention_html(attention)

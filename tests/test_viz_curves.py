@@ -82,3 +82,9 @@ def test_positional_figure_draws_the_model_table(tmp_path: Path) -> None:
         assert waves[0].get_label() == "dim 0 (sin)"
         assert waves[1].get_label() == "dim 9 (cos)"
     assert_png(save_positional_png(tmp_path / "positions.png"), min_width=1000, min_height=400)
+
+
+def test_a_dollar_sign_in_the_run_path_is_drawn_as_text(tmp_path: Path) -> None:
+    """The title is the run's path; matplotlib read "$^$" in it as TeX and stopped with an error."""
+    run = write_metrics(tmp_path / "run$^$", ROWS)
+    assert_png(save_curves_png(run, tmp_path / "curves.png"))

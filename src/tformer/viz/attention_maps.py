@@ -13,6 +13,9 @@ Axes. Every row is a query, every column a key; rows sum to 1.
 - cross-attention: rows are the tokens being predicted, columns the source pieces.
 
 Shape legend (numpy arrays): L layers, H heads, S source length, T target length (decoder inputs).
+
+Tokens and sentences are drawn as plain text (`parse_math=False`): matplotlib would otherwise read the
+text between two "$" as TeX, so "costs $5 or $10" lost its spaces and "$^$" stopped the drawing.
 """
 
 from __future__ import annotations
@@ -151,10 +154,10 @@ def draw_heatmap(
     """One attention matrix: rows are queries, columns keys, colour 0..1."""
     ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     size = max(5.0, min(9.0, 160.0 / max(len(row_labels), len(col_labels), 1)))
-    ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=90, fontsize=size)
-    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=size)
+    ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=90, fontsize=size, parse_math=False)
+    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=size, parse_math=False)
     ax.tick_params(length=0)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=9, parse_math=False)
 
 
 def panel_inches(attention: SentenceAttention, kinds: Sequence[str]) -> tuple[float, float]:
@@ -188,6 +191,7 @@ def attention_figure(
     figure.suptitle(
         f"{source}  →  {attention.translation}\nrows: queries, columns: keys; colour: weight 0 (dark) to 1 (yellow)",
         fontsize=10,
+        parse_math=False,
     )
     return figure
 

@@ -127,7 +127,7 @@ def curves_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
             curves = [series(rows, key) for key in keys]
             draw_panel(axes[row_index, column], curves, over_wall=over_wall, title=panel_title, ylabel=ylabel)
     if title:
-        figure.suptitle(title)
+        figure.suptitle(title, parse_math=False)  # a path, not TeX: "$" in it is a dollar sign
     return figure
 
 
