@@ -15,7 +15,8 @@ Axes. Every row is a query, every column a key; rows sum to 1.
 Shape legend (numpy arrays): L layers, H heads, S source length, T target length (decoder inputs).
 
 Tokens and sentences are drawn as plain text (`parse_math=False`): matplotlib would otherwise read the
-text between two "$" as TeX, so "costs $5 or $10" lost its spaces and "$^$" stopped the drawing.
+text between two "$" as TeX, so "costs $5 or $10" lost its spaces and "$^$" stopped the drawing. They
+are drawn in the default font with fallbacks for the scripts it lacks (`tformer.viz.fonts`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from matplotlib.figure import Figure
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.model import Transformer
+from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing
 
 KINDS = ("encoder_self", "decoder_self", "cross")
 KIND_TITLES = {
@@ -149,15 +151,29 @@ def select_indices(count: int, wanted: int | None, what: str) -> list[int]:
 
 
 def draw_heatmap(
-    ax: Axes, weights: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], title: str
+    ax: Axes,
+    weights: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    *,
+    families: Sequence[str] | None = None,
 ) -> None:
-    """One attention matrix: rows are queries, columns keys, colour 0..1."""
+    """One attention matrix: rows are queries, columns keys, colour 0..1. `families`: the fonts of the
+    labels (`label_fonts(...).families`; None: matplotlib's default font only)."""
     ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     size = max(5.0, min(9.0, 160.0 / max(len(row_labels), len(col_labels), 1)))
-    ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=90, fontsize=size, parse_math=False)
-    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=size, parse_math=False)
+    text = {"parse_math": False, "fontfamily": list(families) if families else None}
+    ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=90, fontsize=size, **text)
+    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=size, **text)
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=9, parse_math=False)
+
+
+def label_fonts(attention: SentenceAttention) -> TextFonts:
+    """The fonts that draw every label and the translation, and the characters none can draw."""
+    labels = (*attention.source_labels, *attention.input_labels, *attention.output_labels)
+    return fonts_for([*labels, attention.translation])
 
 
 def panel_inches(attention: SentenceAttention, kinds: Sequence[str]) -> tuple[float, float]:
@@ -172,8 +188,10 @@ def attention_figure(
     kinds: Sequence[str] = KINDS,
     layer: int | None = None,
     head: int | None = None,
+    fonts: TextFonts | None = None,
 ) -> Figure:
-    """A grid with one row per (kind, layer) and one column per head."""
+    """A grid with one row per (kind, layer) and one column per head (`fonts`: `label_fonts(attention)`)."""
+    fonts = fonts or label_fonts(attention)
     for kind in kinds:
         attention.maps(kind)
     rows = [(kind, index) for kind in kinds for index in select_indices(attention.maps(kind).shape[0], layer, "layer")]
@@ -186,22 +204,25 @@ def attention_figure(
         axes = subfigure.subplots(1, len(heads), squeeze=False)[0]
         for ax, head_index in zip(axes, heads, strict=True):
             weights = attention.maps(kind)[layer_index, head_index]
-            draw_heatmap(ax, weights, row_labels, col_labels, f"head {head_index}")
+            draw_heatmap(ax, weights, row_labels, col_labels, f"head {head_index}", families=fonts.families)
     source = "".join(attention.source_labels).replace("\u2581", " ").replace("</s>", "").strip()
     figure.suptitle(
         f"{source}  →  {attention.translation}\nrows: queries, columns: keys; colour: weight 0 (dark) to 1 (yellow)",
         fontsize=10,
         parse_math=False,
+        fontfamily=fonts.families,
     )
     return figure
 
 
 def save_figure(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     """Write a PNG. Figures are built with matplotlib's object API (no pyplot), so no backend or
-    global figure registry is involved and nothing needs closing."""
+    global figure registry is involved and nothing needs closing. Characters without a glyph are
+    reported by the caller, once (`warn_missing`), not by matplotlib once each."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, format="png")
+    with no_glyph_warnings():
+        figure.savefig(path, dpi=dpi, format="png")
     return path
 
 
@@ -213,7 +234,10 @@ def save_attention_png(
     layer: int | None = None,
     head: int | None = None,
 ) -> Path:
-    return save_figure(attention_figure(attention, kinds=kinds, layer=layer, head=head), path)
+    fonts = label_fonts(attention)
+    figure = attention_figure(attention, kinds=kinds, layer=layer, head=head, fonts=fonts)
+    warn_missing(fonts.missing)
+    return save_figure(figure, path)
 
 
 def save_cross_attention_png(

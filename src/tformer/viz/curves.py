@@ -17,6 +17,8 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tformer.viz.fonts import fonts_for, no_glyph_warnings, warn_missing
+
 METRICS_FILE = "metrics.jsonl"
 WALL_KEYS = ("wall_s", "wall_time", "elapsed_s", "elapsed")
 PANELS = (  # (title, y label, keys drawn in it)
@@ -126,8 +128,10 @@ def curves_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
         for column, (panel_title, ylabel, keys) in enumerate(PANELS):
             curves = [series(rows, key) for key in keys]
             draw_panel(axes[row_index, column], curves, over_wall=over_wall, title=panel_title, ylabel=ylabel)
-    if title:
-        figure.suptitle(title, parse_math=False)  # a path, not TeX: "$" in it is a dollar sign
+    if title:  # a path, in any script; not TeX: "$" in it is a dollar sign
+        fonts = fonts_for([title])
+        warn_missing(fonts.missing)
+        figure.suptitle(title, parse_math=False, fontfamily=fonts.families)
     return figure
 
 
@@ -136,5 +140,6 @@ def save_curves_png(run_dir_or_file: str | Path, path: str | Path) -> Path:
     figure = curves_figure(rows, title=f"{Path(run_dir_or_file)} ({len(rows)} rows)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, format="png")
+    with no_glyph_warnings():
+        figure.savefig(path, dpi=100, format="png")
     return path

@@ -16,9 +16,11 @@ from tformer.viz.attention_maps import (
     KINDS,
     SentenceAttention,
     draw_heatmap,
+    label_fonts,
     panel_inches,
     select_indices,
 )
+from tformer.viz.fonts import no_glyph_warnings, warn_missing
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -31,17 +33,19 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 
 def png_data_uri(figure: Figure, *, dpi: int = 90) -> str:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    with no_glyph_warnings():  # the page's caller reports characters without a glyph once
+        figure.savefig(buffer, format="png", dpi=dpi)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def head_figure(attention: SentenceAttention, kind: str, layer: int, head: int) -> Figure:
+def head_figure(
+    attention: SentenceAttention, kind: str, layer: int, head: int, *, families: Sequence[str] | None = None
+) -> Figure:
     width, height = panel_inches(attention, [kind])
     figure = Figure(figsize=(width + 0.4, height + 0.4), layout="constrained")
     row_labels, col_labels = attention.axis_labels(kind)
-    draw_heatmap(
-        figure.subplots(), attention.maps(kind)[layer, head], row_labels, col_labels, f"layer {layer}, head {head}"
-    )
+    weights = attention.maps(kind)[layer, head]
+    draw_heatmap(figure.subplots(), weights, row_labels, col_labels, f"layer {layer}, head {head}", families=families)
     return figure
 
 
@@ -53,6 +57,8 @@ def attention_html(
     head: int | None = None,
 ) -> str:
     """The page as a string: a section per kind, a row of head figures per layer."""
+    fonts = label_fonts(attention)
+    warn_missing(fonts.missing)
     source = " ".join(attention.source_labels)
     parts = [
         "<!DOCTYPE html>",
@@ -69,7 +75,7 @@ def attention_html(
         for layer_index in select_indices(maps.shape[0], layer, "layer"):
             parts.append(f"<h3>layer {layer_index}</h3><div class='layer'>")
             for head_index in select_indices(maps.shape[1], head, "head"):
-                uri = png_data_uri(head_figure(attention, kind, layer_index, head_index))
+                uri = png_data_uri(head_figure(attention, kind, layer_index, head_index, families=fonts.families))
                 caption = f"{KIND_TITLES[kind]}, layer {layer_index}, head {head_index}"
                 parts.append(
                     f"<figure class='head'><img src='{uri}' alt='{html.escape(caption)}'>"
