@@ -131,6 +131,8 @@ def test_train_translate_evaluate_average(
         scored[alpha] = [float(line.rsplit("|||", 1)[1]) for line in out.read_text().splitlines()]
     assert scored["0.0"] != scored["2.0"]  # alpha reaches the search
     assert {"bleu", "bleu_lowercase", "chrf", "bleu_signature", "chrf_signature", "step"} <= set(scores)
+    assert main([*evaluate, "--json", "--tokenize", "char"]) == 0  # for text written without spaces
+    assert "|tok:char|" in json.loads(capsys.readouterr().out)["bleu_signature"]
 
     copy = Path(shutil.copytree(trained, tmp_path / "run"))
     assert main(["average", str(copy), "--last", "2"]) == 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import sacrebleu
 
-from tformer.evaluation import EvaluationError, score
+from tformer import evaluation
+from tformer.config import ConfigError, TrainConfig, experiment_from_dict
+from tformer.evaluation import EvaluationError, bleu_metric, score, tokenization_advice
 
 HYPOTHESES = ["The cat sat on the mat.", "a dog barks loudly", "It is raining today"]
 REFERENCES = ["The cat sat on the mat.", "A dog barks loudly.", "Today it rains."]
@@ -34,3 +36,44 @@ def test_misaligned_or_empty_inputs_are_user_errors() -> None:
     with pytest.raises(EvaluationError, match="nothing to score"):
         score([], [])
     assert issubclass(EvaluationError, ValueError)
+
+
+JAPANESE = ["猫が座る", "犬が走る", "お茶が好きです"]
+
+
+def test_bleu_tokenisation_for_text_written_without_spaces() -> None:
+    """Under 13a a Japanese or Chinese sentence is one word: a perfect translation scored BLEU 0, and a
+    run that stopped or picked its best checkpoint on BLEU did so on noise."""
+    assert score(JAPANESE, JAPANESE).bleu == 0.0
+    for tokenize in ("zh", "char"):
+        scores = score(JAPANESE, JAPANESE, tokenize=tokenize)
+        assert scores.bleu == pytest.approx(100.0) and f"tok:{tokenize}|" in scores.bleu_signature
+    hypotheses = ["猫が走る", "犬が走る", "お茶が嫌いです"]
+    expected = sacrebleu.corpus_bleu(hypotheses, [JAPANESE], tokenize="zh").score
+    assert score(hypotheses, JAPANESE, tokenize="zh").bleu == pytest.approx(expected)
+    with pytest.raises(EvaluationError, match="unknown BLEU tokenisation 'flores200'"):
+        score(JAPANESE, JAPANESE, tokenize="flores200")
+
+
+def test_advice_when_references_are_written_without_spaces() -> None:
+    assert "zh (Chinese), ja-mecab (Japanese) or char" in tokenization_advice(JAPANESE, "13a")
+    assert "\n" not in tokenization_advice(JAPANESE, "intl")
+    assert tokenization_advice(JAPANESE, "zh") == ""
+    assert tokenization_advice(REFERENCES, "13a") == ""
+    assert tokenization_advice(["Das ist gut, 猫."], "13a") == ""  # a few such characters in Latin text
+
+
+def test_a_tokenisation_whose_packages_are_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def without_mecab(**options):
+        raise RuntimeError("\nJapanese tokenization requires extra dependencies, but you do not have them installed.")
+
+    monkeypatch.setattr(evaluation, "BLEU", without_mecab)
+    with pytest.raises(EvaluationError, match=r"^BLEU tokenisation ja-mecab needs .*pip install 'sacrebleu\[ja\]'$"):
+        bleu_metric("ja-mecab")
+
+
+def test_training_config_takes_a_bleu_tokenisation() -> None:
+    assert TrainConfig(bleu_tokenize="zh").bleu_tokenize == "zh"
+    assert TrainConfig().bleu_tokenize == "13a"
+    with pytest.raises(ConfigError, match="bleu_tokenize"):
+        experiment_from_dict({"train": {"bleu_tokenize": "flores200"}})

@@ -312,6 +312,8 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
 TokenizerModel = Literal["bpe", "unigram"]
 ScheduleName = Literal["inverse_sqrt", "peak"]
 StopMetric = Literal["bleu", "chrf", "loss"]
+# sacreBLEU's word splitting for BLEU (tformer.evaluation); those that download a model at run time are left out
+BleuTokenize = Literal["13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none"]
 Precision = Literal["auto", "fp32", "bf16"]
 CompileMode = Literal["none", "layers", "model"]  # how training compiles (runtime.compile_*), not a config key
 
@@ -377,6 +379,7 @@ class TrainConfig:
     valid_every: int = 1000
     bleu_every: int = 0
     bleu_max_sentences: int = 500
+    bleu_tokenize: BleuTokenize = "13a"  # zh, ja-mecab, ko-mecab or char for text written without spaces
     save_every: int = 1000
     keep_last: int = 5
     stop_metric: StopMetric = "loss"

@@ -1,15 +1,28 @@
-"""Corpus-level translation quality with sacreBLEU: cased BLEU (13a tokenisation), lowercased BLEU
-and chrF, each reported with its signature so that numbers can be compared across papers and runs.
+"""Corpus-level translation quality with sacreBLEU: cased BLEU, lowercased BLEU and chrF, each
+reported with its signature so that numbers can be compared across papers and runs.
 
 Scores are computed on detokenized text against one reference per segment, as sacreBLEU intends.
+BLEU splits text into words with sacreBLEU's `13a` tokenisation by default; text written without
+spaces needs another (`zh` for Chinese, `ja-mecab` for Japanese, `ko-mecab` for Korean, `char`):
+under `13a` a whole Chinese or Japanese sentence is one word, so even a perfect translation can score
+0. `tokenization_advice` says so when the references look like such text. chrF reads characters and
+needs no tokenisation.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, get_args
 
 from sacrebleu.metrics import BLEU, CHRF
+
+from tformer.config import BleuTokenize
+
+BLEU_TOKENIZE: tuple[str, ...] = get_args(BleuTokenize)
+EXTRAS = {"ja-mecab": "ja", "ko-mecab": "ko"}  # tokenisations that need `pip install 'sacrebleu[XX]'`
+UNSPACED_SCRIPTS = ("CJK UNIFIED IDEOGRAPH", "HIRAGANA", "KATAKANA", "THAI")  # written without spaces
+UNSPACED_SHARE = 0.5  # of the references' letters, above which `13a`/`intl` BLEU means little
 
 
 class EvaluationError(ValueError):
@@ -35,19 +48,50 @@ class Scores:
         )
 
 
-def score(hypotheses: list[str], references: list[str]) -> Scores:
-    """BLEU, lowercased BLEU and chrF of `hypotheses` against aligned `references`."""
+def score(hypotheses: list[str], references: list[str], *, tokenize: str = "13a") -> Scores:
+    """BLEU (words split by sacreBLEU's `tokenize`), lowercased BLEU and chrF of `hypotheses` against
+    aligned `references`."""
     if len(hypotheses) != len(references):
         raise EvaluationError(
             f"{len(hypotheses)} hypotheses but {len(references)} references; they must be aligned line by line"
         )
     if not references:
         raise EvaluationError("nothing to score: no references")
-    bleu, bleu_lower, chrf = BLEU(), BLEU(lowercase=True), CHRF()
+    bleu, bleu_lower = bleu_metric(tokenize), bleu_metric(tokenize, lowercase=True)
+    chrf = CHRF()
     return Scores(
         bleu=bleu.corpus_score(hypotheses, [references]).score,
         bleu_lowercase=bleu_lower.corpus_score(hypotheses, [references]).score,
         chrf=chrf.corpus_score(hypotheses, [references]).score,
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
+    )
+
+
+def bleu_metric(tokenize: str, *, lowercase: bool = False) -> BLEU:
+    """sacreBLEU's BLEU with one of BLEU_TOKENIZE; a missing optional package is a one-line error."""
+    if tokenize not in BLEU_TOKENIZE:
+        raise EvaluationError(f"unknown BLEU tokenisation {tokenize!r}; choose one of: {', '.join(BLEU_TOKENIZE)}")
+    try:
+        return BLEU(tokenize=tokenize, lowercase=lowercase)
+    except (RuntimeError, ImportError):  # sacreBLEU's MeCab tokenisers without their packages
+        raise EvaluationError(
+            f"BLEU tokenisation {tokenize} needs packages that are not installed: "
+            f"pip install 'sacrebleu[{EXTRAS.get(tokenize, tokenize)}]'"
+        ) from None
+
+
+def tokenization_advice(references: list[str], tokenize: str) -> str:
+    """A one-line warning when most of the references' letters are Chinese, Japanese or Thai and
+    `tokenize` is one that splits words at spaces (13a, intl); "" otherwise."""
+    if tokenize not in ("13a", "intl"):
+        return ""
+    letters = [c for text in references for c in text if unicodedata.category(c)[0] == "L"]
+    unspaced = sum(unicodedata.name(c, "").startswith(UNSPACED_SCRIPTS) for c in letters)
+    if not letters or unspaced <= UNSPACED_SHARE * len(letters):
+        return ""
+    return (
+        f"the references are mostly Chinese, Japanese or Thai, written without spaces, which BLEU's {tokenize} "
+        "tokenisation reads as one word per sentence (near 0 even for good translations): score BLEU with "
+        "zh (Chinese), ja-mecab (Japanese) or char (--tokenize, or train.bleu_tokenize while training)"
     )

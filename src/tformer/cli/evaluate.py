@@ -2,6 +2,11 @@
 
 Prints cased BLEU with its signature, lowercased BLEU and chrF; --json prints one JSON object instead.
 Decoding uses the run's [decode] settings unless --beam is given.
+
+BLEU splits words with sacreBLEU's --tokenize (default: the run's train.bleu_tokenize, 13a unless set).
+Text written without spaces needs zh (Chinese), ja-mecab (Japanese, pip install 'sacrebleu[ja]'),
+ko-mecab (Korean, 'sacrebleu[ko]') or char: under 13a a Chinese or Japanese sentence is one word, and
+the command warns when the references look like that.
 """
 
 from __future__ import annotations
@@ -9,12 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.data.corpus import CorpusError, read_lines
-from tformer.evaluation import score
+from tformer.evaluation import BLEU_TOKENIZE, bleu_metric, score, tokenization_advice
 from tformer.training.checkpoint import load_run
 from tformer.training.loop import resolve_device
 
@@ -31,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_decode_arguments(parser)
     add_ensemble_argument(parser)
+    parser.add_argument(
+        "--tokenize",
+        choices=BLEU_TOKENIZE,
+        help="sacreBLEU's word splitting for BLEU (default: the run's train.bleu_tokenize, 13a unless set); "
+        "zh, ja-mecab, ko-mecab or char for text written without spaces",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -42,13 +54,18 @@ def run(args: argparse.Namespace) -> int:
         raise CorpusError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
+    tokenize = args.tokenize or loaded.experiment.train.bleu_tokenize
+    bleu_metric(tokenize)  # a missing MeCab is reported before translating
+    advice = tokenization_advice(references, tokenize)
+    if advice:
+        warnings.warn(advice, UserWarning, stacklevel=1)
     decode = loaded.experiment.decode
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
     decode = apply_decode_arguments(decode, args)
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens)
-    scores = score(translator.translate_texts(sources), references)
+    scores = score(translator.translate_texts(sources), references, tokenize=tokenize)
     if args.json:
         members = [str(path) for path in args.ensemble]
         header = {"checkpoint": str(loaded.checkpoint_dir), "step": loaded.step, "ensemble": members}

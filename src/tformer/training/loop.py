@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tformer.config import CompileMode, ConfigError, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
-from tformer.evaluation import Scores
+from tformer.evaluation import Scores, bleu_metric, tokenization_advice
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.training import checkpoint as ckpt
@@ -121,6 +121,8 @@ class Trainer:
             raise ConfigError("train.cuda_graphs runs in one process, without --compile model and without --loss-chunk")
         self.graphed_steps: GraphedSteps | None = None  # made when training starts (after a restore)
         self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
+        if self.train_config.bleu_every > 0 and data.valid_references:
+            bleu_metric(self.train_config.bleu_tokenize)  # a missing MeCab fails now, not at the first BLEU
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step = 0
         self.elapsed_s = 0.0  # training wall time, summed over resumptions
@@ -313,6 +315,10 @@ class Trainer:
             if not self._shown_signature:
                 progress.message(f"validation BLEU signature: {scores.bleu_signature}")
                 progress.message(f"validation chrF signature: {scores.chrf_signature}")
+                references = self.data.valid_references[: config.bleu_max_sentences]
+                advice = tokenization_advice(list(references), config.bleu_tokenize)
+                if advice:
+                    progress.message(f"warning: {advice}")
                 self._shown_signature = True
             if config.stop_metric in ("bleu", "chrf"):
                 improved = self.early_stopping.update(row[config.stop_metric], self.step)
@@ -350,6 +356,7 @@ class Trainer:
             decode=self.experiment.decode,
             device=self.device,
             max_batch_tokens=self.train_config.max_tokens,
+            tokenize=self.train_config.bleu_tokenize,
         )
 
     def _flush(self) -> dict[str, float]:

@@ -62,8 +62,10 @@ def validation_scores(
     decode: DecodeConfig,
     device: torch.device,
     max_batch_tokens: int,
+    tokenize: str = "13a",
 ) -> Scores:
-    """BLEU and chrF of the model's translations of `sources` (beam search as `decode` says)."""
+    """BLEU (sacreBLEU's `tokenize`) and chrF of the model's translations of `sources` (beam search as
+    `decode` says)."""
     from tformer.decoding.pipeline import Translator  # decoding imports training-free modules only
 
     was_training = model.training
@@ -71,7 +73,7 @@ def validation_scores(
     translator = Translator(model, tokenizer, decode, device=device, max_batch_tokens=max_batch_tokens)
     hypotheses = translator.translate_texts(list(sources))
     model.train(was_training)
-    return score(hypotheses, list(references))
+    return score(hypotheses, list(references), tokenize=tokenize)
 
 
 @dataclass
