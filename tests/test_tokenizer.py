@@ -145,3 +145,22 @@ def test_bad_files_are_reported(tmp_path: Path, joint: Tokenizer) -> None:
         VocabTokenizer.from_files(marian)
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         joint.decode_target([joint.tgt_vocab_size])
+
+
+def test_a_model_trained_with_sentencepieces_default_ids_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Sentencepiece's own defaults give no pad piece (pad_id=-1): `--tokenizer DIR` with such a model
+    failed as 'pad_id -1 is outside the vocabulary', naming neither the file nor the way out."""
+    import io
+
+    import sentencepiece as spm
+
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SOURCES * 3), model_writer=writer, vocab_size=100, minloglevel=2
+    )  # unk=0, bos=1, eos=2, pad=-1
+    (tmp_path / "spm.model").write_bytes(writer.getvalue())
+    with pytest.raises(TokenizerError) as error:
+        Tokenizer.from_files(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'spm.model'} has no pad piece (pad_id=-1)") and "\n" not in message
+    assert "--pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3" in message

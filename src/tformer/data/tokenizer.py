@@ -6,8 +6,11 @@ to one space. Sentencepiece itself is trained with the "identity" rule, so it ne
 behind our back. The guarantee is `decode(encode(x)) == normalize(x)` for any text whose characters
 all occurred in the training data (others become <unk>, decoded as " ⁇ ").
 
-Special ids are fixed for every tokenizer tformer trains: pad=0, bos=1, eos=2, unk=3. Encoding returns
-plain pieces without bos/eos; `tformer.data.batching` adds them where the conventions say.
+Special ids are fixed for every tokenizer tformer trains: pad=0, bos=1, eos=2, unk=3. A model trained
+elsewhere (`--tokenizer DIR`) may use other ids but must have all four pieces: sentencepiece's own
+default has no pad piece (pad_id=-1), and loading such a model is a one-line error saying how to retrain
+it. Encoding returns plain pieces without bos/eos; `tformer.data.batching` adds them where the
+conventions say.
 
 Training runs in memory (no temporary files), is quiet, and is deterministic for the same data, seed
 and `num_threads`: sentencepiece's result depends on its thread count, so that is a fixed argument,
@@ -243,9 +246,17 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
     if not proto:  # sentencepiece takes empty bytes for "no model" and fails at the first use instead
         raise TokenizerError(f"{path} is empty: not a valid sentencepiece model (corrupt or truncated)")
     try:
-        return spm.SentencePieceProcessor(model_proto=proto)
+        model = spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError:
         raise TokenizerError(f"{path} is not a valid sentencepiece model (corrupt or truncated)") from None
+    absent = [name for name, i in zip(("pad", "bos", "eos", "unk"), _special_ids(model), strict=True) if i < 0]
+    if absent:
+        raise TokenizerError(
+            f"{path} has no {'/'.join(absent)} piece ({', '.join(f'{name}_id=-1' for name in absent)}); tformer needs "
+            f"pad, bos, eos and unk: retrain it with --pad_id={PAD_ID} --bos_id={BOS_ID} --eos_id={EOS_ID} "
+            f"--unk_id={UNK_ID}, or leave out the tokenizer directory and let tformer train one"
+        )
+    return model
 
 
 def _special_ids(model: spm.SentencePieceProcessor) -> tuple[int, int, int, int]:
