@@ -145,3 +145,18 @@ def test_dollar_signs_in_tokens_and_sentences_are_drawn_as_text(tmp_path: Path) 
     assert_png(save_attention_png(attention, tmp_path / "dollars.png"))
     assert "kostet $5 oder $10" in attention_figure(attention).get_suptitle()
     assert "<img" in attention_html(attention)
+
+
+def test_a_picture_too_large_to_draw_is_refused_before_drawing(tmp_path: Path) -> None:
+    """Every layer and head of a base-sized model (6 layers, 8 heads) for a 160-piece sentence is a
+    29040 x 66130 pixel PNG: it took over five minutes and gigabytes of memory to draw."""
+    n, layers, heads = 160, 6, 8
+    labels = [f"▁w{i}" for i in range(n)]
+    maps = np.full((layers, heads, n, n), 1 / n, dtype=np.float32)
+    attention = SentenceAttention(labels, labels, labels, maps, maps, maps, translation="x")
+    with pytest.raises(AttentionPlotError, match=r"29040 x 66130 pixels \(144 panel\(s\)\), too large to draw"):
+        save_attention_png(attention, tmp_path / "all.png")
+    assert not (tmp_path / "all.png").exists()
+    assert len(attention_figure(attention, kinds=("cross",), layer=0, head=0).axes) == 1  # one panel is fine
+    with pytest.raises(AttentionPlotError, match="too large to draw"):
+        attention_html(SentenceAttention(labels * 4, labels, labels, maps, maps, maps), kinds=("encoder_self",))

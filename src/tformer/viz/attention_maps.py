@@ -36,6 +36,11 @@ from tformer.model import Transformer
 from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing
 
 KINDS = ("encoder_self", "decoder_self", "cross")
+PNG_DPI = 100
+# Larger pictures take minutes and gigabytes to lay out and draw (4 bytes a pixel), and few viewers open
+# them; older matplotlib versions cannot draw 2**16 pixels or more on a side at all.
+MAX_PIXELS = 2**27
+MAX_SIDE_PIXELS = 2**16 - 1
 KIND_TITLES = {
     "encoder_self": "encoder self-attention",
     "decoder_self": "decoder masked self-attention",
@@ -176,6 +181,16 @@ def label_fonts(attention: SentenceAttention) -> TextFonts:
     return fonts_for([*labels, attention.translation])
 
 
+def check_picture_size(width_inches: float, height_inches: float, dpi: int, *, panels: int) -> None:
+    """Refuse, before any drawing, a picture too large to draw in reasonable time and memory."""
+    width, height = round(width_inches * dpi), round(height_inches * dpi)
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE_PIXELS:
+        raise AttentionPlotError(
+            f"the picture would be {width} x {height} pixels ({panels} panel(s)), too large to draw: "
+            "draw fewer panels with --layer, --head and --kind (.html draws one image per head), or a shorter sentence"
+        )
+
+
 def panel_inches(attention: SentenceAttention, kinds: Sequence[str]) -> tuple[float, float]:
     longest = max(max(len(labels) for labels in attention.axis_labels(kind)) for kind in kinds)
     side = max(2.4, 0.22 * longest + 1.1)
@@ -197,7 +212,9 @@ def attention_figure(
     rows = [(kind, index) for kind in kinds for index in select_indices(attention.maps(kind).shape[0], layer, "layer")]
     heads = select_indices(attention.maps(kinds[0]).shape[1], head, "head")
     width, height = panel_inches(attention, kinds)
-    figure = Figure(figsize=(max(5.5, width * len(heads)), (height + 0.4) * len(rows) + 0.7), layout="constrained")
+    figsize = (max(5.5, width * len(heads)), (height + 0.4) * len(rows) + 0.7)
+    check_picture_size(*figsize, PNG_DPI, panels=len(rows) * len(heads))
+    figure = Figure(figsize=figsize, layout="constrained")
     for subfigure, (kind, layer_index) in zip(figure.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, strict=True):
         subfigure.suptitle(f"{KIND_TITLES[kind]}, layer {layer_index}", fontsize=10, weight="bold")
         row_labels, col_labels = attention.axis_labels(kind)
@@ -215,7 +232,7 @@ def attention_figure(
     return figure
 
 
-def save_figure(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
+def save_figure(figure: Figure, path: str | Path, *, dpi: int = PNG_DPI) -> Path:
     """Write a PNG. Figures are built with matplotlib's object API (no pyplot), so no backend or
     global figure registry is involved and nothing needs closing. Characters without a glyph are
     reported by the caller, once (`warn_missing`), not by matplotlib once each."""

@@ -15,6 +15,7 @@ from tformer.viz.attention_maps import (
     KIND_TITLES,
     KINDS,
     SentenceAttention,
+    check_picture_size,
     draw_heatmap,
     label_fonts,
     panel_inches,
@@ -31,7 +32,10 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 """
 
 
-def png_data_uri(figure: Figure, *, dpi: int = 90) -> str:
+HTML_DPI = 90
+
+
+def png_data_uri(figure: Figure, *, dpi: int = HTML_DPI) -> str:
     buffer = io.BytesIO()
     with no_glyph_warnings():  # the page's caller reports characters without a glyph once
         figure.savefig(buffer, format="png", dpi=dpi)
@@ -42,6 +46,7 @@ def head_figure(
     attention: SentenceAttention, kind: str, layer: int, head: int, *, families: Sequence[str] | None = None
 ) -> Figure:
     width, height = panel_inches(attention, [kind])
+    check_picture_size(width + 0.4, height + 0.4, HTML_DPI, panels=1)
     figure = Figure(figsize=(width + 0.4, height + 0.4), layout="constrained")
     row_labels, col_labels = attention.axis_labels(kind)
     weights = attention.maps(kind)[layer, head]
