@@ -93,3 +93,13 @@ def test_a_byte_order_mark_at_the_start_of_the_input_is_dropped(tmp_path: Path) 
     path.write_bytes("\ufeffno newline".encode())
     with open(path, "rb") as source:
         assert list(ready_chunks(source.fileno(), max_lines=10)) == [["no newline"]]
+
+
+def test_gzip_input_is_refused_with_advice_to_decompress(tmp_path: Path) -> None:
+    """evaluate, align and train read .gz files; translate's reader said 'not valid UTF-8 ... iconv'."""
+    import gzip
+
+    path = tmp_path / "test.en.gz"
+    path.write_bytes(gzip.compress(b"a sentence\n"))
+    with open(path, "rb") as source, pytest.raises(ValueError, match=r"^the input is gzip-compressed: .*zcat"):
+        list(ready_chunks(source.fileno(), max_lines=10))

@@ -8,7 +8,8 @@ full chunks. Bytes are read from the descriptor directly (a buffered text stream
 select cannot see), split on newlines and decoded strictly, so invalid UTF-8 is reported with its line.
 A UTF-8 byte-order mark at the start of the input (as Windows editors write) is dropped, as the corpus
 reader drops it from training text: it is an encoding artefact, and if kept it would make the first
-line's first word an unknown piece and change its translation.
+line's first word an unknown piece and change its translation. Gzip-compressed input is refused with
+advice to decompress it (the corpus reader, which reads whole files, takes it as it is).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import os
 import select
 from collections.abc import Iterator
+
+from tformer.data.corpus import GZIP_MAGIC
 
 READ_BYTES = 1 << 16
 BOM = "\ufeff"
@@ -51,6 +54,10 @@ def _decoded(raw: bytes, number: int) -> str:
         text = raw.rstrip(b"\r").decode("utf-8")
         return text.removeprefix(BOM) if number == 1 else text
     except UnicodeDecodeError as error:
+        if number == 1 and raw.startswith(GZIP_MAGIC):
+            raise ValueError(
+                "the input is gzip-compressed: decompress it first, e.g. zcat FILE.gz | tformer translate RUN_DIR"
+            ) from None
         raise ValueError(
             f"input line {number} is not valid UTF-8 (byte {error.start + 1}: {raw[error.start : error.start + 1]!r}); "
             "convert the input to UTF-8 (e.g. with iconv)"
