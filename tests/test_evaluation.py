@@ -77,3 +77,13 @@ def test_training_config_takes_a_bleu_tokenisation() -> None:
     assert TrainConfig().bleu_tokenize == "13a"
     with pytest.raises(ConfigError, match="bleu_tokenize"):
         experiment_from_dict({"train": {"bleu_tokenize": "flores200"}})
+
+
+def test_tokenized_hypotheses_give_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
+    """SacreBLEU logged three lines for each BLEU it computed (two per `score`, each validation)."""
+    hypotheses = ["a man is riding a bike ."] * 100
+    with pytest.warns(UserWarning, match=r"^100 or more translations end in a tokenized period") as caught:
+        scores = score(hypotheses, hypotheses)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert caplog.records == []
+    assert scores.bleu == pytest.approx(100.0) and "tok:13a" in scores.bleu_signature
