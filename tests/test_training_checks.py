@@ -80,6 +80,19 @@ def test_validation_pairs_over_the_token_budget_are_counted(tmp_path: Path, caps
     assert sum(len(batch.indices) for batch in trainer.data.valid_batches) == 3
 
 
+def test_validation_pairs_with_an_empty_side_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The training data's report was printed, the validation data's not: a development set with empty
+    lines was validated and scored on fewer pairs than it has, silently."""
+    corpus = dict(write_corpus(tmp_path, n_train=40))
+    for side, lines in (("src", ["ka lo", "", "mi nu", "pe"]), ("tgt", ["cat dog", "sun", "moon", "   "])):
+        corpus[f"valid_{side}"] = tmp_path / f"gappy.{side}"
+        corpus[f"valid_{side}"].write_text("\n".join(lines) + "\n")
+    trainer = start_run(tiny_experiment(corpus), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "validation data: kept 2 of 4 pairs (skipped 2 with an empty side, 0 over the length limit)" in err
+    assert trainer.data.valid_references == ["cat dog", "moon"]
+
+
 def test_validation_set_with_no_pair_in_the_token_budget_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -392,6 +392,8 @@ def prepare_data(
     if data.valid_src is None or data.valid_tgt is None:
         return TrainingData(stream=stream)
     valid = read_parallel(data.valid_src, data.valid_tgt, max_chars=data.max_chars, strict=data.strict)
+    if valid.report.kept < valid.report.total_lines:  # pairs skipped here are neither validated nor scored
+        say(f"validation data: {valid.report.summary()}")
     valid_pairs, kept = _encode(
         tokenizer, valid.sources, valid.targets, max_positions=experiment.model.max_positions, say=say, name="valid"
     )
