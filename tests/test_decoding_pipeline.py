@@ -70,8 +70,23 @@ def test_translate_is_lazy_and_translate_texts_gives_the_best():
 
 def test_too_long_line_is_a_value_error_naming_the_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
-    with pytest.raises(ValueError, match="line 2 has 71 tokens"):
+    with pytest.raises(ValueError, match="line 2 has 71 tokens.*translate its first .* with --truncate"):
         list(translator.translate(["ok", "a" * 70]))
+
+
+def test_truncate_translates_a_too_long_line_cut_to_the_model_and_warns():
+    """With truncate, a long line no longer stops the job: it is translated as its first max_positions - 1
+    pieces and eos, and the lines after it are translated too."""
+    model = peaked_model()
+    limit = model.config.max_positions
+    config = DecodeConfig(beam_size=2, max_len_b=5)
+    long_line = "ab" * limit
+    translator = Translator(model, CharTokenizer(), config, truncate=True)
+    with pytest.warns(UserWarning, match=f"line 2 has {2 * limit + 1} tokens.*translated its first {limit - 1}"):
+        results = list(translator.translate(["ok", long_line, "x"]))
+    assert len(results) == 3
+    for line, translations in zip(["ok", long_line[: limit - 1], "x"], results, strict=True):
+        assert [translations[0].tokens] == [tokens for tokens, _ in reference(model, line, config)[:1]]
 
 
 def test_an_empty_line_translates_to_an_empty_line_without_decoding(monkeypatch):

@@ -27,6 +27,12 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         help="--static-step, compiled with torch.compile before it is recorded (decode.compile_step; the first "
         "batch of each shape waits for the compiler)",
     )
+    parser.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut a line longer than the model accepts (model.max_positions pieces) to its first pieces, with a "
+        "warning, instead of stopping with an error",
+    )
 
 
 def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:

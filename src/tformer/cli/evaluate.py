@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
     decode = apply_decode_arguments(decode, args)
     model = model_with_ensemble(loaded, args, device)
-    translator = Translator(model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens)
+    translator = Translator(
+        model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
+    )
     scores = score(translator.translate_texts(sources), references, tokenize=tokenize)
     if args.json:
         members = [str(path) for path in args.ensemble]

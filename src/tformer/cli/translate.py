@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, nbest=args.nbest)
     config = apply_decode_arguments(config, args)
     model = model_with_ensemble(loaded, args, device)
-    translator = Translator(model, loaded.tokenizer, config, device=device, max_batch_tokens=args.max_batch_tokens)
+    translator = Translator(
+        model, loaded.tokenizer, config, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
+    )
     with ExitStack() as stack:
         source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
         target = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout

@@ -11,6 +11,7 @@ length).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -53,7 +54,10 @@ class Translator:
         device: str | torch.device = "cpu",
         max_batch_tokens: int = 4096,
         chunk_lines: int = 256,
+        truncate: bool = False,
     ) -> None:
+        """`truncate`: a line longer than the model accepts is cut to its first pieces (with a warning)
+        instead of stopping the job with a DecodingError."""
         if max_batch_tokens < 1 or chunk_lines < 1:
             raise DecodingError(
                 f"max_batch_tokens and chunk_lines must be positive; got {max_batch_tokens}, {chunk_lines}"
@@ -64,6 +68,7 @@ class Translator:
         self.device = torch.device(device)
         self.max_batch_tokens = max_batch_tokens
         self.chunk_lines = chunk_lines
+        self.truncate = truncate
 
     def translate(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
         """The n-best list of every line, in input order, produced chunk by chunk."""
@@ -86,10 +91,13 @@ class Translator:
         limit = self.model.config.max_positions
         encoded = [[*self.tokenizer.encode_source(line), eos_id] for line in chunk]
         for index, ids in enumerate(encoded):
-            if len(ids) > limit:
-                raise DecodingError(
-                    f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
-                )
+            if len(ids) <= limit:
+                continue
+            where = f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
+            if not self.truncate:
+                raise DecodingError(f"{where}: shorten it, or translate its first {limit} with --truncate")
+            warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=2)
+            encoded[index] = [*ids[: limit - 1], eos_id]
         empty = [Translation(text="", tokens=[], score=0.0)] * self.config.nbest
         results: list[list[Translation]] = [list(empty) for _ in chunk]
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
