@@ -66,6 +66,12 @@ def test_the_recorded_graph_updates_like_train_step_on_the_gpu():
     _compare(torch.device("cuda"), torch.float32, torch.bfloat16, 2e-2)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_the_recorded_graph_updates_like_train_step_on_a_second_gpu():
+    """cuda:1 while cuda:0 is current: the graph must be recorded on cuda:1 (tests/test_cuda_capture.py)."""
+    _compare(torch.device("cuda", 1), torch.float32, None, 1e-4)
+
+
 def test_a_batch_of_another_shape_is_refused():
     config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40)
     model = Transformer(config).train()

@@ -144,11 +144,18 @@ def test_a_static_step_never_drops_rows():
     ) for h in n]  # fmt: skip
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
-def test_the_cuda_graph_replays_give_the_tokens_of_the_default_step_on_the_gpu():
-    model = peaked_model().cuda()
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+        # cuda:1 while cuda:0 is current: the graphs must be recorded on cuda:1 (tests/test_cuda_capture.py)
+        pytest.param("cuda:1", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")),
+    ],
+)
+def test_the_cuda_graph_replays_give_the_tokens_of_the_default_step_on_the_gpu(device):
+    model = peaked_model().to(device)
     src, mask = padded_batch([7, 4, 9, 5, 2])
-    src, mask = src.cuda(), mask.cuda()
+    src, mask = src.to(device), mask.to(device)
     for default in (CONFIGS[name] for name in ("greedy", "beam", "beam-minlen-banned", "beam-ngram-minlen-banned")):
         kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS)
         expected = generate(model, src, config=default, **kwargs)

@@ -138,6 +138,15 @@ def compile_objective(objective: nn.Module, device: torch.device) -> nn.Module:
     return torch.compile(objective, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+def recording(graph: torch.cuda.CUDAGraph, device: torch.device, *, pool: tuple | None = None) -> torch.cuda.graph:
+    """`torch.cuda.graph(graph, pool=pool)` for work on `device`, recorded on a capture stream of that device.
+
+    torch's default capture stream belongs to whichever GPU was current when it was first made (cuda:0 unless
+    a process sets another): kernels for tensors on cuda:1 would then go to cuda:1's own stream, run once
+    eagerly, and leave an empty graph whose replays do nothing."""
+    return torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device))
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of the device, for MFU; None when unknown (CPUs, other GPUs)."""
     if device.type != "cuda" or not torch.cuda.is_available():

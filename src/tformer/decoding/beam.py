@@ -191,7 +191,7 @@ def _search_in_whole_steps(
         if on_gpu:
             state_tensors = [getattr(search.state, item.name) for item in dataclasses.fields(BeamState)]
             mutable = [*state_tensors, search.length_1, buffers.tokens_R, *buffers.mutable()]
-            search.graph = GraphedFunction(run_step, mutable=mutable)
+            search.graph = GraphedFunction(run_step, mutable=mutable, device=buffers.tokens_R.device)
             run_step = search.graph.replay
     for t in range(T):
         run_step()

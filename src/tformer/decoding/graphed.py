@@ -17,13 +17,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from tformer.runtime import recording
+
 
 class GraphedFunction:
     """`function` recorded on first `replay` and replayed from then on (CUDA only)."""
 
-    def __init__(self, function: Callable[[], object], *, mutable: Sequence[Tensor]) -> None:
+    def __init__(self, function: Callable[[], object], *, mutable: Sequence[Tensor], device: torch.device) -> None:
+        """`device`: the GPU that `function` computes on (its streams and the graph must be that GPU's)."""
         self.function: Callable[[], object] | None = function
         self.mutable = list(mutable)
+        self.device = device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: object = None  # what `function` returned while recorded; rewritten by each replay
 
@@ -36,16 +40,16 @@ class GraphedFunction:
     def _capture(self) -> None:
         assert self.function is not None
         saved = [tensor.clone() for tensor in self.mutable]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.function()
                 for tensor, copy in zip(self.mutable, saved, strict=True):
                     tensor.copy_(copy)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them
+        with recording(self.graph, self.device):  # records the kernels without running them
             self.outputs = self.function()
         self.function = None  # the graph replays without it (and holds no reference to the model)
         self.mutable = []

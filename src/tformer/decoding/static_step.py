@@ -189,7 +189,8 @@ class StaticStepDecoder:
         if buffers.tokens_R.device.type != "cuda":
             return self._runnable_step()(), None
         if buffers.graph is None:
-            buffers.graph = GraphedFunction(self._runnable_step(), mutable=buffers.mutable())
+            device = buffers.tokens_R.device
+            buffers.graph = GraphedFunction(self._runnable_step(), mutable=buffers.mutable(), device=device)
         return buffers.graph.replay(), None
 
     def _runnable_step(self) -> Callable[[], Tensor]:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from tformer.data.batching import Batch
+from tformer.runtime import recording
 from tformer.training.step import StepResult, TrainingObjective
 
 WARMUP_STEPS = 3
@@ -123,7 +124,7 @@ class GraphedTrainStep:
             if self.graph is None:
                 self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it keeps
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, pool=self.pool):  # records; the replay below runs it
+                with recording(self.graph, self.device, pool=self.pool):  # records; the replay below runs it
                     self._forward_backward_update()
             self.graph.replay()
         self.calls += 1

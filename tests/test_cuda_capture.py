@@ -1,0 +1,62 @@
+"""How the CUDA graphs of training (training/graphed_step.py) and decoding (decoding/graphed.py) are
+recorded, checked on the CPU against a stand-in for torch.cuda's streams and graphs (tests/fake_cuda.py):
+the kernels are not recorded, but the GPU, stream and capture mode each capture asks for are."""
+
+from __future__ import annotations
+
+import torch
+from fake_cuda import FakeStream, fake_cuda  # noqa: F401  (a fixture)
+
+from tformer.config import TrainConfig, preset
+from tformer.data.batching import Batch
+from tformer.decoding.graphed import GraphedFunction
+from tformer.model import Transformer
+from tformer.training.graphed_step import WARMUP_STEPS, GraphedTrainStep
+from tformer.training.optimizer import build_optimizer
+
+SECOND_GPU = torch.device("cuda", 1)
+
+
+def _batch() -> Batch:
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(3, 40, (4, 6), generator=generator)
+    tgt = torch.randint(3, 40, (4, 6), generator=generator)
+    return Batch(src, tgt[:, :-1].contiguous(), tgt[:, 1:].contiguous(), torch.arange(4), 24, 20)
+
+
+def test_a_decoding_graph_is_recorded_on_the_gpu_its_tensors_are_on(fake_cuda):  # noqa: F811
+    """With tensors on cuda:1 and cuda:0 current, torch's default capture stream is cuda:0's: the kernels
+    would run on cuda:1's own stream, outside the capture, and every replay would do nothing."""
+    counter = torch.zeros(1)
+
+    def function() -> torch.Tensor:
+        counter.add_(1)
+        return counter * 2
+
+    graphed = GraphedFunction(function, mutable=[counter], device=SECOND_GPU)
+    graphed.replay()
+    graphed.replay()
+    (graph,) = fake_cuda.graphs
+    assert graph.captured_on == SECOND_GPU
+    assert graph.replays == 2
+    assert fake_cuda.current == 0  # the current GPU is given back
+
+
+def test_the_training_graph_is_recorded_on_the_gpu_it_trains_on(fake_cuda, monkeypatch):  # noqa: F811
+    """GraphedTrainStep on cuda:1 (train.device = cuda:1, one process: cuda:0 stays current) records on
+    a stream of cuda:1. The step itself runs on the CPU here; its CUDA branch is entered by giving it the
+    device and side stream it would have on cuda:1."""
+    config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
+    model = Transformer(config, seed=0).train()
+    cpu = torch.device("cpu")
+    step = GraphedTrainStep(
+        model, build_optimizer(model, TrainConfig(), device=cpu), batch_shape=(4, 6, 5), smoothing=0.1,
+        special_ids=(0, 1, 2), clip_norm=1.0, device=cpu, autocast_dtype=None,
+    )  # fmt: skip
+    step.device, step.side_stream = SECOND_GPU, FakeStream(SECOND_GPU)
+    monkeypatch.setattr(Batch, "to", lambda batch, device, non_blocking=False: batch)  # stays on the CPU
+    for _ in range(WARMUP_STEPS + 2):  # eager warm-up steps, the recorded step, one more replay
+        step(_batch(), lr=1e-3)
+    (graph,) = fake_cuda.graphs
+    assert graph.captured_on == SECOND_GPU
+    assert graph.replays == 2
