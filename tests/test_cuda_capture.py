@@ -42,10 +42,9 @@ def test_a_decoding_graph_is_recorded_on_the_gpu_its_tensors_are_on(fake_cuda): 
     assert fake_cuda.current == 0  # the current GPU is given back
 
 
-def test_the_training_graph_is_recorded_on_the_gpu_it_trains_on(fake_cuda, monkeypatch):  # noqa: F811
-    """GraphedTrainStep on cuda:1 (train.device = cuda:1, one process: cuda:0 stays current) records on
-    a stream of cuda:1. The step itself runs on the CPU here; its CUDA branch is entered by giving it the
-    device and side stream it would have on cuda:1."""
+def _step_posing_on(device: torch.device, monkeypatch) -> GraphedTrainStep:
+    """A GraphedTrainStep that computes on the CPU but takes its CUDA branch, as on `device`: it is given
+    the device and side stream it would have there, and batches stay where they are."""
     config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
     model = Transformer(config, seed=0).train()
     cpu = torch.device("cpu")
@@ -53,10 +52,28 @@ def test_the_training_graph_is_recorded_on_the_gpu_it_trains_on(fake_cuda, monke
         model, build_optimizer(model, TrainConfig(), device=cpu), batch_shape=(4, 6, 5), smoothing=0.1,
         special_ids=(0, 1, 2), clip_norm=1.0, device=cpu, autocast_dtype=None,
     )  # fmt: skip
-    step.device, step.side_stream = SECOND_GPU, FakeStream(SECOND_GPU)
-    monkeypatch.setattr(Batch, "to", lambda batch, device, non_blocking=False: batch)  # stays on the CPU
+    step.device, step.side_stream = device, FakeStream(device)
+    monkeypatch.setattr(Batch, "to", lambda batch, device, non_blocking=False: batch)
+    return step
+
+
+def test_the_training_graph_is_recorded_on_the_gpu_it_trains_on(fake_cuda, monkeypatch):  # noqa: F811
+    """GraphedTrainStep on cuda:1 (train.device = cuda:1, one process: cuda:0 stays current) records on
+    a stream of cuda:1."""
+    step = _step_posing_on(SECOND_GPU, monkeypatch)
     for _ in range(WARMUP_STEPS + 2):  # eager warm-up steps, the recorded step, one more replay
         step(_batch(), lr=1e-3)
     (graph,) = fake_cuda.graphs
     assert graph.captured_on == SECOND_GPU
     assert graph.replays == 2
+
+
+def test_captures_leave_other_threads_free_to_pin_memory(fake_cuda, monkeypatch):  # noqa: F811
+    """The training loop's prefetch thread pins batches while a step (or, at validation, a decoding step)
+    is recorded; in torch's default "global" capture mode its page-locked allocations and event queries
+    break the capture (and raise in that thread). Both captures are thread-local."""
+    GraphedFunction(lambda: torch.zeros(1), mutable=[], device=torch.device("cuda", 0)).replay()
+    step = _step_posing_on(torch.device("cuda", 0), monkeypatch)
+    for _ in range(WARMUP_STEPS + 1):
+        step(_batch(), lr=1e-3)
+    assert [graph.capture_error_mode for graph in fake_cuda.graphs] == ["thread_local", "thread_local"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 
 import pytest
 import torch
@@ -64,6 +65,31 @@ def test_the_graphed_step_updates_like_train_step_on_the_cpu():
 def test_the_recorded_graph_updates_like_train_step_on_the_gpu():
     _compare(torch.device("cuda"), torch.float32, None, 1e-4)
     _compare(torch.device("cuda"), torch.float32, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
+def test_a_step_is_recorded_while_another_thread_pins_memory_on_the_gpu():
+    """The Trainer's prefetch thread pins batches while steps are recorded (torch.cuda.graph empties the
+    host cache first, so pinning then allocates): in global capture mode that breaks the capture."""
+    stop, errors = threading.Event(), []
+
+    def pin() -> None:
+        size = 1
+        try:
+            while not stop.is_set():
+                torch.empty(size, dtype=torch.uint8).pin_memory()
+                size = 1 if size >= 2**22 else size * 2
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=pin, daemon=True)
+    thread.start()
+    try:
+        _compare(torch.device("cuda"), torch.float32, None, 1e-4)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")

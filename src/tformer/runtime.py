@@ -143,8 +143,13 @@ def recording(graph: torch.cuda.CUDAGraph, device: torch.device, *, pool: tuple 
 
     torch's default capture stream belongs to whichever GPU was current when it was first made (cuda:0 unless
     a process sets another): kernels for tensors on cuda:1 would then go to cuda:1's own stream, run once
-    eagerly, and leave an empty graph whose replays do nothing."""
-    return torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device))
+    eagerly, and leave an empty graph whose replays do nothing.
+
+    The capture is thread-local: other threads may call CUDA meanwhile. The training loop's prefetch thread
+    pins the next batches (training/prefetch.py), and pinning allocates page-locked memory and queries
+    events, which torch's default global mode forbids to every thread while a capture is under way: the
+    capture would fail, and the prefetch thread with it. Nothing that thread does belongs in the graph."""
+    return torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device), capture_error_mode="thread_local")
 
 
 def peak_flops(device: torch.device) -> float | None:
