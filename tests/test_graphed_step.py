@@ -4,6 +4,7 @@ On the CPU it runs the same function eagerly; the CUDA test records and replays 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import threading
 
@@ -13,7 +14,7 @@ import torch
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import Batch
 from tformer.model import Transformer
-from tformer.training.graphed_step import WARMUP_STEPS, GraphedSteps, GraphedTrainStep
+from tformer.training.graphed_step import WARMUP_STEPS, GraphedSteps, GraphedTrainStep, make_capturable
 from tformer.training.optimizer import build_optimizer
 from tformer.training.step import train_step
 
@@ -33,14 +34,29 @@ def _batch(seed: int, shape: tuple[int, int, int] = (4, 6, 5)) -> Batch:
     )
 
 
-def _compare(device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None, tolerance: float) -> None:
+def _resumed_optimizer(model: Transformer, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """A fresh optimizer that loaded a graphed run's optimizer state as a resumed run does (via the CPU):
+    its learning rate is then a CPU tensor."""
+    saved = make_capturable(build_optimizer(model, train, device=device), device).state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    optimizer = build_optimizer(model, train, device=device)
+    optimizer.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+    return optimizer
+
+
+def _compare(
+    device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None, tolerance: float, *, resumed: bool = False
+) -> None:
     config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
     eager = Transformer(config, seed=5).to(device=device, dtype=dtype).train()
     graphed = copy.deepcopy(eager)
     train = TrainConfig(weight_decay=0.01)
     eager_optimizer = build_optimizer(eager, train, device=device)
+    make_optimizer = _resumed_optimizer if resumed else build_optimizer
     step = GraphedTrainStep(
-        graphed, build_optimizer(graphed, train, device=device), batch_shape=(4, 6, 5), smoothing=0.1,
+        graphed, make_optimizer(graphed, train, device=device), batch_shape=(4, 6, 5), smoothing=0.1,
         special_ids=(PAD, BOS, EOS), clip_norm=0.5, device=device, autocast_dtype=autocast,
     )  # fmt: skip
     for index in range(WARMUP_STEPS + 3):  # eager warm-up steps, the recorded step, two replays
@@ -96,6 +112,25 @@ def test_a_step_is_recorded_while_another_thread_pins_memory_on_the_gpu():
 def test_the_recorded_graph_updates_like_train_step_on_a_second_gpu():
     """cuda:1 while cuda:0 is current: the graph must be recorded on cuda:1 (tests/test_cuda_capture.py)."""
     _compare(torch.device("cuda", 1), torch.float32, None, 1e-4)
+
+
+def test_a_loaded_learning_rate_tensor_is_moved_to_the_device():
+    """A graphed run's checkpoint stores the learning rate as a tensor, loaded on the CPU; left there, the
+    fused kernel on a GPU reads it once, when the step is recorded, and the replays keep that learning
+    rate whatever the schedule says (the GPU test below). The meta device stands in for the GPU."""
+    model = Transformer(preset("tiny", src_vocab_size=40, tgt_vocab_size=40))
+    optimizer = _resumed_optimizer(model, TrainConfig(), torch.device("cpu"))
+    make_capturable(optimizer, torch.device("meta"))
+    assert {group["lr"].device.type for group in optimizer.param_groups} == {"meta"}
+
+
+def test_a_resumed_graphed_step_follows_the_learning_rate_on_the_cpu():
+    _compare(torch.device("cpu"), torch.float64, None, 1e-9, resumed=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
+def test_a_resumed_graphed_step_follows_the_learning_rate_on_the_gpu():
+    _compare(torch.device("cuda"), torch.float32, None, 1e-4, resumed=True)
 
 
 def test_a_batch_of_another_shape_is_refused():

@@ -48,10 +48,16 @@ ROW_MULTIPLE = 32  # and the number of sentences to this
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
     """Let AdamW run inside a CUDA graph: the learning rate a device tensor (filled before each step) and,
     on a GPU, `capturable=True` with its step counters on the device. Works before the first step and
-    after a checkpoint's state was loaded; a second call changes nothing."""
+    after a checkpoint's state was loaded; a second call changes nothing.
+
+    A graphed run's checkpoint holds the learning rate as a tensor, which loading puts on the CPU: it is
+    moved to the device, since the fused kernel reads a host learning rate once, when the step is recorded,
+    and every replay would then keep that one value."""
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), dtype=group["params"][0].dtype, device=device)
+        elif group["lr"].device != device:
+            group["lr"] = group["lr"].to(device)
         if device.type == "cuda":
             group["capturable"] = True
     if device.type == "cuda":
