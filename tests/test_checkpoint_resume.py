@@ -128,3 +128,27 @@ def test_sigkilled_training_process_resumes_to_the_same_weights(tmp_path: Path) 
     assert main([*arguments, "--out", str(killed), "--resume"]) == 0
     assert main([*arguments, "--out", str(tmp_path / "whole")]) == 0
     _assert_same_weights(killed, tmp_path / "whole")
+
+
+def test_a_run_from_a_machine_with_more_gpus_resumes_with_the_generators_of_the_gpus_here(tmp_path, monkeypatch):
+    """The trainer state holds one CUDA generator state per GPU of the machine that saved it; resumed on a
+    machine with fewer (two saved, one here), each GPU here gets its own index's state, and the others are
+    left out (torch.cuda.set_rng_state_all indexes past the last GPU and fails). The CPU stands in for the
+    GPU machine: torch.cuda is replaced by what it would answer there."""
+    trainer = start_run(tiny_experiment(write_corpus(tmp_path)), tmp_path / "run", quiet=True)
+    state = trainer.state_dict()
+    saved = [torch.full((16,), index, dtype=torch.uint8) for index in range(2)]
+    state["rng"]["cuda"] = saved
+    restored: list[torch.Tensor] = []
+
+    def set_rng_state_all(states: list[torch.Tensor]) -> None:  # as torch's, for one GPU
+        for index, generator_state in enumerate(states):
+            if index >= torch.cuda.device_count():
+                raise IndexError("tuple index out of range")
+            restored.append(generator_state)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    trainer.load_state_dict(state)
+    assert len(restored) == 1 and restored[0] is saved[0]

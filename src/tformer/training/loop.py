@@ -172,8 +172,7 @@ class Trainer:
         kind, keys, *rest = rng["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_cuda_rng(rng["cuda"])
         if self.distributed.rank > 0:  # the checkpoint holds rank 0's generators; others must differ
             torch.manual_seed(hash((self.train_config.seed, self.distributed.rank, self.step)) % 2**63)
         self._last_saved_step = self.step
@@ -473,6 +472,16 @@ class Trainer:
             ckpt.write_pointer(self.run_dir, "best", name)
         ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
         return path
+
+
+def restore_cuda_rng(states: list[Tensor]) -> None:
+    """Give each GPU of this machine the generator state saved for the GPU of the same index.
+
+    A checkpoint holds one state per GPU of the machine that wrote it (none from a machine without CUDA).
+    Resumed where there are fewer GPUs, the states of GPUs this machine lacks are left out:
+    `torch.cuda.set_rng_state_all` would index past the last GPU and fail."""
+    if states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
 
 
 def _log_window(state: dict[str, Any] | None) -> dict[str, Any]:
