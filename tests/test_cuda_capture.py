@@ -4,6 +4,7 @@ the kernels are not recorded, but the GPU, stream and capture mode each capture 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from fake_cuda import FakeStream, fake_cuda  # noqa: F401  (a fixture)
 
@@ -77,3 +78,15 @@ def test_captures_leave_other_threads_free_to_pin_memory(fake_cuda, monkeypatch)
     for _ in range(WARMUP_STEPS + 1):
         step(_batch(), lr=1e-3)
     assert [graph.capture_error_mode for graph in fake_cuda.graphs] == ["thread_local", "thread_local"]
+
+
+def test_a_failed_decoding_capture_is_retried_by_the_next_replay(fake_cuda):  # noqa: F811
+    """A capture can fail (out of memory, say). The decoding graphs are kept with the model for every later
+    batch of their shape (the server's worker decodes on after an error): a graph whose recording failed
+    must not be kept, or each of those batches fails on replaying it."""
+    graphed = GraphedFunction(lambda: torch.zeros(1), mutable=[], device=torch.device("cuda", 0))
+    fake_cuda.fail_captures = 1
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        graphed.replay()
+    graphed.replay()
+    assert [graph.replays for graph in fake_cuda.graphs if graph.captured_on is not None] == [1]

@@ -48,8 +48,11 @@ class GraphedFunction:
                 for tensor, copy in zip(self.mutable, saved, strict=True):
                     tensor.copy_(copy)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with recording(self.graph, self.device):  # records the kernels without running them
-            self.outputs = self.function()
+        graph = torch.cuda.CUDAGraph()
+        with recording(graph, self.device):  # records the kernels without running them
+            outputs = self.function()
+        # kept only once recorded: after a failed capture (out of memory, say) the next replay records again,
+        # instead of replaying an unrecorded graph for every later batch of this shape (a server's worker)
+        self.graph, self.outputs = graph, outputs
         self.function = None  # the graph replays without it (and holds no reference to the model)
         self.mutable = []
