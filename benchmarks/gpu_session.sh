@@ -17,7 +17,12 @@ WORK=/tmp/gpu_session
 mkdir -p "$WORK" "$OUT"
 LOG="$WORK/session.log"
 
-pack() { tar czf "$OUT/results.tar.gz.part" -C "$WORK" . 2> /dev/null; mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"; cp "$LOG" "$OUT/session.log"; }
+# The background packer below and the packing after each stage may run at once: each writes its own
+# partial file (one shared name would interleave two archives into one corrupt file), then renames it.
+pack() {
+  local part="$OUT/.results.tar.gz.$BASHPID"
+  tar czf "$part" -C "$WORK" . 2> /dev/null; mv "$part" "$OUT/results.tar.gz"; cp "$LOG" "$OUT/session.log"
+}
 say() { echo "[$(( $(date +%s) - DEADLINE + BUDGET )) s] $*" | tee -a "$LOG"; }
 
 {
@@ -62,4 +67,6 @@ for stage in new graphs eager tests compiled; do
 done
 say "done"
 pkill -P "$packer" 2> /dev/null; kill "$packer" 2> /dev/null
+wait "$packer" 2> /dev/null
+rm -f "$OUT"/.results.tar.gz.*  # what a packer stopped mid-write left
 pack
