@@ -212,6 +212,35 @@ def test_the_trainer_with_cuda_graphs_trains_like_the_eager_trainer(tmp_path):
     assert resume_run(runs[True], overrides=off, quiet=True).train().step == 12
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_a_run_with_cuda_graphs_trains_and_resumes_like_an_eager_run(tmp_path, monkeypatch, device):
+    """The Trainer with train.cuda_graphs, on a GPU: batches prefetched and pinned by a background thread
+    while steps are recorded, one graph per rounded shape, then a resumed run (the optimizer state loaded
+    from the checkpoint, the learning rate still scheduled). In fp32 without TF32, the losses are the
+    eager run's to rounding (padding changes only the order of sums)."""
+    from training_helpers import tiny_experiment, write_corpus
+
+    from tformer.training import loop, resume_run, start_run
+
+    monkeypatch.setattr(loop, "configure_backends", lambda device: None)  # no TF32: both runs in plain fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # whatever an earlier test set
+    corpus = write_corpus(tmp_path)
+    losses = {}
+    for graphs in (False, True):
+        run = tmp_path / f"run-{graphs}"
+        settings = [f"train.device={device}", "train.precision=fp32", "model.dropout=0.0", "train.max_steps=6"]
+        experiment = tiny_experiment(corpus, *settings, f"train.cuda_graphs={str(graphs).lower()}")
+        start_run(experiment, run, quiet=True).train()
+        assert resume_run(run, overrides=["train.max_steps=14"], quiet=True).train().step == 14
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[graphs] = [row["train_loss"] for row in rows if "train_loss" in row]
+    assert len(losses[True]) == 14
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_cuda_graphs_refuse_what_they_cannot_record(tmp_path):
     from training_helpers import tiny_experiment, write_corpus
 
