@@ -70,7 +70,7 @@ def test_translate_is_lazy_and_translate_texts_gives_the_best():
 
 def test_too_long_line_is_a_value_error_naming_the_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
-    with pytest.raises(ValueError, match="line 2 has 71 tokens.*translate its first .* with --truncate"):
+    with pytest.raises(ValueError, match=r"line 2 has 71 tokens.*translate its first .* with --truncate"):
         list(translator.translate(["ok", "a" * 70]))
 
 
