@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tformer.align import align_files
+from tformer.cli.output_paths import check_output_file
 from tformer.training.checkpoint import load_run
 from tformer.training.loop import resolve_device
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_output_file(args.out)
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     lines = align_files(loaded.model, loaded.tokenizer, args.src, args.tgt, layer=args.layer)
     if args.out is None:

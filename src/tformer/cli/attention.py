@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from tformer.cli.output_paths import check_output_file
 from tformer.training.checkpoint import load_run
 from tformer.training.loop import resolve_device
 from tformer.viz.attention_maps import KINDS, AttentionPlotError, save_attention_png, sentence_attention
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     suffix = args.out.suffix.lower()
     if suffix not in FORMATS:
         raise AttentionPlotError(f"--out must end in .png or .html, got {args.out.name!r}")
+    check_output_file(args.out)
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     decode = loaded.experiment.decode
     if args.beam is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.output_paths import check_output_dir
 from tformer.explain import walkthrough
 from tformer.explain_report import render, save_figures
 
@@ -20,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_output_dir(args.out)
     result = walkthrough(args.seed)
     print(render(result), end="")
     if args.out is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.output_paths import check_output_file
 from tformer.viz.curves import save_curves_png
 
 HELP = "plot loss, BLEU/chrF and learning rate of a run over steps and wall-clock time"
@@ -19,5 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: plot writes a PNG image; give a file name ending in .png")
+    check_output_file(args.out)
     print(save_curves_png(args.run_dir, args.out))
     return 0

@@ -1,0 +1,32 @@
+"""Checks of an output path before the work that fills it, so that a path that cannot be written fails at
+once, in one line that names the flag, instead of after translating or drawing with an errno message."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory this process may write into."""
+    for ancestor in path.absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: cannot write into {ancestor} (permission denied)")
+            return
+
+
+def check_output_file(path: Path, flag: str = "--out") -> None:
+    """`path` can be written as a file: it is not a directory, and its folder exists or can be made."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name")
+    _check_parents(path, flag)
+
+
+def check_output_dir(path: Path, flag: str = "--out") -> None:
+    """`path` can be a directory to write files into: it is not a file, and it exists or can be made."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a directory")
+    _check_parents(path, flag)

@@ -1,0 +1,49 @@
+"""Commands that write a file or a folder check the path first: a path under a file, or a directory where
+a file is wanted, is one line naming --out, before any run is loaded or anything is computed (the run
+directory given here does not even exist: the old order reported it, or failed after the work with an
+errno message)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tformer.cli.main import main
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["attention", "{missing}", "seven", "--out", "{blocker}/x.png"],
+        ["plot", "{missing}", "--out", "{blocker}/x.png"],
+        ["align", "{missing}", "--src", "{missing}", "--tgt", "{missing}", "--out", "{blocker}/x.txt"],
+        ["explain", "--out", "{blocker}/figures"],
+    ],
+)
+def test_an_output_path_under_a_file_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine\n")
+    missing = tmp_path / "no_run"
+    arguments = [part.format(blocker=blocker, missing=missing) for part in command]
+    capsys.readouterr()
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --out {arguments[-1]}: {blocker} is a file, not a directory\n"
+    assert captured.out == ""  # explain printed its walk-through before failing on the figures
+    assert blocker.read_text() == "mine\n"
+
+
+def test_a_directory_where_a_file_is_wanted_and_a_file_where_a_folder_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "picture.png"
+    folder.mkdir()
+    assert main(["attention", str(tmp_path / "no_run"), "seven", "--out", str(folder)]) == 2
+    assert capsys.readouterr().err == f"error: --out {folder} is a directory; give a file name\n"
+    afile = tmp_path / "figures"
+    afile.write_text("mine\n")
+    assert main(["explain", "--out", str(afile)]) == 2
+    assert capsys.readouterr().err == f"error: --out {afile} is a file; give a directory\n"
