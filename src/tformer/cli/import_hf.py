@@ -1,6 +1,6 @@
 """Import a Hugging Face MarianMT directory (an OPUS-MT model, for instance) as a tformer run.
 
-    huggingface-cli download Helsinki-NLP/opus-mt-en-de --local-dir opus-mt-en-de
+    hf download Helsinki-NLP/opus-mt-en-de --local-dir opus-mt-en-de
     tformer import-hf opus-mt-en-de --out runs/opus-en-de
     echo "How are you?" | tformer translate runs/opus-en-de
 

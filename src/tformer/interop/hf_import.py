@@ -1,6 +1,6 @@
 """Import a Hugging Face MarianMT directory (as published for OPUS-MT) into a tformer run directory.
 
-    huggingface-cli download Helsinki-NLP/opus-mt-en-de --local-dir opus-mt-en-de
+    hf download Helsinki-NLP/opus-mt-en-de --local-dir opus-mt-en-de
     tformer import-hf opus-mt-en-de --out runs/opus-en-de
     echo "Hello world" | tformer translate runs/opus-en-de
 
