@@ -90,8 +90,21 @@ def test_strict_mode_names_the_offending_line(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=r"f\.de:2: empty sentence"):
         read_parallel(src, tgt, strict=True)
     long_src = write(tmp_path / "g.en", ["keep", "x" * 30])
-    with pytest.raises(CorpusError, match=r"g\.en:2: sentence of 30 characters exceeds max_chars=20"):
+    with pytest.raises(CorpusError, match=r"g\.en:2: sentence of 30 characters exceeds data\.max_chars=20"):
         read_parallel(long_src, write(tmp_path / "g.de", ["a", "b"]), max_chars=20, strict=True)
+
+
+def test_strict_mode_advice_names_the_settings_not_a_flag(tmp_path: Path) -> None:
+    """Strict mode is the data.strict setting (no command has a --strict flag): the advice names it."""
+    src = write(tmp_path / "s.en", ["keep", "also"])
+    with pytest.raises(CorpusError) as empty:
+        read_parallel(src, write(tmp_path / "s.de", ["behalten", ""]), strict=True)
+    with pytest.raises(CorpusError) as long:
+        read_parallel(src, write(tmp_path / "t.de", ["a", "x" * 30]), max_chars=20, strict=True)
+    for error in (empty, long):
+        assert "--strict" not in str(error.value)
+        assert "set data.strict = false" in str(error.value)
+    assert "raise data.max_chars" in str(long.value)
 
 
 def test_nothing_kept_is_an_error(tmp_path: Path) -> None:

@@ -149,12 +149,18 @@ def _filter_pairs(
         if not source or not target:
             if strict:
                 side = src_where if not source else tgt_where
-                raise CorpusError(f"{side}: empty sentence (strict mode); remove the pair or drop --strict")
+                raise CorpusError(
+                    f"{side}: empty sentence (data.strict = true); remove the pair, or set data.strict = false "
+                    "to skip such pairs"
+                )
             skipped_empty += 1
         elif len(source) > max_chars or len(target) > max_chars:
             if strict:
                 side, n = (src_where, len(source)) if len(source) > max_chars else (tgt_where, len(target))
-                raise CorpusError(f"{side}: sentence of {n} characters exceeds max_chars={max_chars} (strict mode)")
+                raise CorpusError(
+                    f"{side}: sentence of {n} characters exceeds data.max_chars={max_chars} (data.strict = true); "
+                    "raise data.max_chars, or set data.strict = false to skip such pairs"
+                )
             skipped_long += 1
         else:
             sources.append(source)
