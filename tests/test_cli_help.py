@@ -1,10 +1,13 @@
-"""Every command's --help works and shows its description with the line breaks it was written with."""
+"""Every command's --help works, shows its description with the line breaks it was written with, and states
+the default of every option that has one."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from tformer.cli.main import COMMANDS, main
+from tformer.cli.main import COMMANDS, build_parser, main
 
 
 @pytest.mark.parametrize(("name", "module"), COMMANDS, ids=[name for name, _ in COMMANDS])
@@ -17,3 +20,18 @@ def test_help_keeps_the_description_lines(name, module, capsys) -> None:
     assert written, f"{name} should have a description"
     for line in written:
         assert line.rstrip() in shown, f"{name} --help lost the line {line!r}"
+
+
+def test_every_option_with_a_default_states_it() -> None:
+    """An option that takes a value when it is not given says so in its --help ("default: ...")."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    silent = []
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            no_value = action.default is None or action.default is False or action.default == []
+            if not action.option_strings or no_value or action.default == argparse.SUPPRESS:
+                continue
+            if "default" not in (action.help or ""):
+                silent.append(f"tformer {name} {action.option_strings[-1]} (default {action.default!r})")
+    assert not silent, "options whose --help does not state their default: " + ", ".join(silent)

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tgt", type=Path, required=True, help="target sentences, aligned with --src")
     parser.add_argument("--out", type=Path, help="write the alignments here (default: standard output)")
     parser.add_argument("--layer", type=int, help="decoder layer to read (default: the penultimate)")
-    parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
+    parser.add_argument(
+        "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
+    )
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
 
 

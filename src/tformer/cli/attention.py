@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", type=int, help="only this head (0-based)")
     parser.add_argument("--kind", choices=KINDS, action="append", help="only these kinds of attention (repeatable)")
     parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
-    parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
+    parser.add_argument(
+        "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
+    )
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
 
 

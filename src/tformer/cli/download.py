@@ -13,7 +13,11 @@ HELP = "download a public parallel corpus (multi30k)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=["multi30k"], help="which corpus to fetch")
     parser.add_argument("--out", required=True, help="directory to write train.L, val.L, test2016.L into")
-    parser.add_argument("--base-url", default=MULTI30K_BASE_URL, help="mirror URL (http(s):// or file://)")
+    parser.add_argument(
+        "--base-url",
+        default=MULTI30K_BASE_URL,
+        help="mirror URL (http(s):// or file://; default: the multi30k/dataset repository on GitHub)",
+    )
     parser.add_argument(
         "--languages",
         default=",".join(MULTI30K_LANGUAGES),

@@ -32,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
     parser.add_argument("--ref", type=Path, required=True, help="reference translations, aligned with --src")
     parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
-    parser.add_argument("--which", choices=["best", "last"], default="best", help="checkpoint of a run directory")
-    parser.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch (default: 4096)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     add_decode_arguments(parser)
     add_ensemble_argument(parser)
     parser.add_argument(

@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default: 64)")
     parser.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default: 1000)")
     parser.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask (default: 8)")
-    parser.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on exit")
+    parser.add_argument(
+        "--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on exit (default: 30)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ Configuration comes from a TOML file (--config), then the plain flags, then --se
 (later wins). --config takes a file or the name of a recipe that ships with tformer: tiny_copy,
 multi30k_en_de, multi30k_de_en or multi30k_en_de_cpu (see docs/training.md). A tokenizer is trained
 on the training data unless data.tokenizer names one. RUN_DIR receives checkpoints and metrics.jsonl.
+A default below applies where neither the config file nor --set gives the key (with --resume: the run's).
 
 --out must be empty or absent unless one of:
   --resume     continue RUN_DIR from its last checkpoint: repeat the original command with --resume,
@@ -77,13 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid-src", help="validation source text")
     parser.add_argument("--valid-tgt", help="validation target text")
     parser.add_argument("--tokenizer", help="directory of an existing tokenizer (default: train one)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary size of the tokenizer trained here")
-    parser.add_argument("--preset", choices=list(PRESETS), help="model shape preset")
-    parser.add_argument("--max-tokens", type=int, help="token budget of one micro-batch (padded slots)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many updates (0: no limit)")
-    parser.add_argument("--max-epochs", type=int, help="stop after this many epochs (0: no limit)")
-    parser.add_argument("--max-time", type=float, metavar="SECONDS", help="wall-clock training budget")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size of the tokenizer trained here (default: 8000)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="model shape preset (default: base's shape)")
+    parser.add_argument("--max-tokens", type=int, help="token budget of one micro-batch (padded slots; default: 4096)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many updates (default: 100000; 0: no limit)")
+    parser.add_argument("--max-epochs", type=int, help="stop after this many epochs (default: 0, no limit)")
+    parser.add_argument(
+        "--max-time", type=float, metavar="SECONDS", help="wall-clock training budget (default: 0, no limit)"
+    )
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     parser.add_argument(
         "--compile",
@@ -91,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="layers",
         default="none",
         choices=["layers", "model"],
-        help="torch.compile each encoder/decoder layer in place (layers, the default), or the whole model and "
-        "loss with CUDA graphs on a GPU (model: fastest when batch shapes repeat)",
+        help="torch.compile each encoder/decoder layer in place (--compile alone, or layers), or the whole model "
+        "and loss with CUDA graphs on a GPU (model: fastest when batch shapes repeat); default: no compilation",
     )
     parser.add_argument(
         "--loss-chunk",
@@ -100,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="compute the output projection and loss N target positions at a time, recomputed in backward "
-        "(saves the memory of the full logits; 0: off)",
+        "(saves the memory of the full logits; default: 0, off)",
     )
 
 
