@@ -25,7 +25,7 @@ HELP = "translate text with a trained run (stdin to stdout by default)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or one checkpoint directory")
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )
