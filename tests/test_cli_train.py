@@ -222,6 +222,25 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_overwrite_is_advised_only_for_a_directory_it_replaces(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--overwrite refuses a directory of files that are no run's, so a plain start or a --resume refused
+    there must not send the user to --overwrite (both did, for any directory holding files)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    refusals = [
+        (_train_args(workspace, mine), f"{mine} already holds files; no run is there to resume or replace"),
+        (["train", "--out", str(mine), "--resume"], "it holds no finished checkpoint, nor anything of a run"),
+    ]
+    for argv, message in refusals:
+        _fails_cleanly(capsys, argv, message)
+        assert main(argv) == 2 and "--overwrite" not in capsys.readouterr().err
+    _fails_cleanly(capsys, _train_args(workspace, mine, "--overwrite"), "--overwrite replaces a run, but")
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]
+
+
 def test_overwrite_refuses_a_directory_that_holds_no_run(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

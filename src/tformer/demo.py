@@ -97,7 +97,8 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     # every setting and the directory are checked before anything is generated or written: a failure
     # found later would leave files that make the corrected command refuse the directory
     experiment = demo_experiment(data_dir, config)
-    check_new_run_dir(run_dir, advice=DEMO_RUN_DIR_ADVICE, files_advice=DEMO_RUN_DIR_ADVICE)
+    advice = DEMO_RUN_DIR_ADVICE
+    check_new_run_dir(run_dir, advice=advice, files_advice=advice, others_advice=advice)
     splits = make_number_splits(
         n_train=config.n_train,
         n_valid=config.n_valid,

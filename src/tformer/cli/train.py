@@ -32,15 +32,18 @@ from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 from tformer.runtime import Distributed, init_distributed
-from tformer.training import checkpoint as ckpt
 from tformer.training.loop import TrainingInterrupted, TrainResult
-from tformer.training.run import check_new_run_dir, resume_run, resumed_experiment, start_run
-from tformer.training.run_lock import LOCK_FILE, RunLock
+from tformer.training.run import (
+    check_new_run_dir,
+    foreign_files,
+    replaceable,
+    resume_run,
+    resumed_experiment,
+    start_run,
+)
+from tformer.training.run_lock import RunLock
 
 HELP = "train a translation model (new run, --resume, or --overwrite)"
-
-# What a run directory holds before its first checkpoint (or after a crash in its first save).
-RUN_LEFTOVERS = {ckpt.METRICS_FILE, LOCK_FILE, ckpt.CHECKPOINTS_DIR, ".latest.tmp", ".best.tmp", "metrics.jsonl.tmp"}
 
 # flag -> (section, key): plain flags are shorthands for --set section.key=value
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -161,10 +164,8 @@ def _check_replaceable(out: Path) -> None:
     """--overwrite deletes RUN_DIR once the new run ends: refuse a directory that is no run (a data
     directory, a home directory given by mistake), unless it holds only what a run killed before its
     first checkpoint leaves."""
-    if ckpt.is_run_dir(out):
-        return
-    others = sorted(path.name for path in out.iterdir() if path.name not in RUN_LEFTOVERS)
-    if others:
+    if not replaceable(out):
+        others = foreign_files(out)
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
         raise ConfigError(
             f"--overwrite replaces a run, but {out} holds no run (it holds {others[0]}{more}), and would be "

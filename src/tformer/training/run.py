@@ -49,13 +49,38 @@ class RunDirectoryError(ValueError):
 
 NEW_RUN_ADVICE = "pass --resume to continue it or --overwrite to replace it"
 NEW_RUN_FILES_ADVICE = "no checkpoint to resume: pass --overwrite to replace them, or choose another --out"
+NEW_RUN_OTHERS_ADVICE = "no run is there to resume or replace: choose another --out, or remove the files yourself"
+
+# What a run directory holds before its first checkpoint (or after a crash in its first save): what
+# --overwrite replaces although the directory holds no run to resume.
+RUN_LEFTOVERS = frozenset(
+    {ckpt.METRICS_FILE, LOCK_FILE, ckpt.CHECKPOINTS_DIR, ".latest.tmp", ".best.tmp", "metrics.jsonl.tmp"}
+)
 
 
-def check_new_run_dir(run_dir: Path, *, advice: str = NEW_RUN_ADVICE, files_advice: str = NEW_RUN_FILES_ADVICE) -> None:
+def foreign_files(run_dir: Path) -> list[str]:
+    """The names in the directory `run_dir` that no run leaves there, sorted."""
+    return sorted(path.name for path in Path(run_dir).iterdir() if path.name not in RUN_LEFTOVERS)
+
+
+def replaceable(run_dir: Path) -> bool:
+    """Whether `tformer train --overwrite` replaces the directory `run_dir`: it holds a run, or only what
+    a run killed before its first checkpoint leaves (a data or home directory given by mistake is not)."""
+    return ckpt.is_run_dir(run_dir) or not foreign_files(run_dir)
+
+
+def check_new_run_dir(
+    run_dir: Path,
+    *,
+    advice: str = NEW_RUN_ADVICE,
+    files_advice: str = NEW_RUN_FILES_ADVICE,
+    others_advice: str = NEW_RUN_OTHERS_ADVICE,
+) -> None:
     """Refuse to start a run in a directory that already holds anything, or at a path that is a file.
 
-    `advice` ends the message about a run that can be resumed, `files_advice` the one about other files
-    (such as what a run killed before its first checkpoint leaves: nothing to resume). The defaults name
+    `advice` ends the message about a run that can be resumed, `files_advice` the one about what a run
+    killed before its first checkpoint leaves (nothing to resume, but --overwrite replaces it), and
+    `others_advice` the one about files of no run (which --overwrite refuses to delete). The defaults name
     `tformer train`'s flags, which a command without them (such as `tformer demo`) replaces with its own
     way out."""
     run_dir = Path(run_dir)
@@ -64,7 +89,9 @@ def check_new_run_dir(run_dir: Path, *, advice: str = NEW_RUN_ADVICE, files_advi
     if run_dir.exists() and any(path.name != LOCK_FILE for path in run_dir.iterdir()):
         if (run_dir / "latest").is_file():
             raise RunDirectoryError(f"{run_dir} already holds a run; {advice}")
-        raise RunDirectoryError(f"{run_dir} already holds files; {files_advice}")
+        raise RunDirectoryError(
+            f"{run_dir} already holds files; {files_advice if replaceable(run_dir) else others_advice}"
+        )
 
 
 def start_run(
@@ -334,9 +361,8 @@ def _last_checkpoint(run_dir: Path) -> Path:
     if not Path(run_dir).is_dir():
         raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
     if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
-        raise RunDirectoryError(
-            f"nothing to resume in {run_dir}: it holds no finished checkpoint; start afresh with --overwrite"
-        )
+        way_out = "; start afresh with --overwrite" if replaceable(run_dir) else ", nor anything of a run: check --out"
+        raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
     checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
     return checkpoint
 
