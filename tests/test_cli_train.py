@@ -180,6 +180,20 @@ def test_bad_training_inputs(
     assert _digest(trained) == before
 
 
+def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The run directory is made (with its parents) before the data is read; a setup that then fails
+    removes what it made, parents included, as when nothing was made before the data was read."""
+    out = tmp_path / "runs" / "today" / "run"
+    _fails_cleanly(capsys, _train_args(workspace, out, "--train-src", str(tmp_path / "missing.src")), "file not found")
+    assert not (tmp_path / "runs").exists()
+    kept = tmp_path / "kept"  # a parent that existed before stays
+    kept.mkdir()
+    _fails_cleanly(capsys, _train_args(workspace, kept / "run", "--train-src", str(tmp_path / "missing.src")), "found")
+    assert [path.name for path in kept.iterdir()] == []
+
+
 def test_bad_checkpoints_and_evaluation_inputs(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -113,7 +113,7 @@ def start_run(
         check_new_run_dir(run_dir)
     distributed.barrier()  # every process has checked before rank 0 creates anything
     run_dir = Path(run_dir)
-    created = distributed.is_main and _create_run_dir(run_dir)
+    created = _create_run_dir(run_dir) if distributed.is_main else []
     lock = _lock_new_run_dir(run_dir, checked=checked) if distributed.is_main else None
     try:
         return _new_trainer(
@@ -131,15 +131,20 @@ def start_run(
         raise
 
 
-def _create_run_dir(run_dir: Path) -> bool:
+def _create_run_dir(run_dir: Path) -> list[Path]:
     """Create the run directory before any long setup (reading the data, training the tokenizer), so
-    that an unusable --out (read-only, under a file) fails at once. True when it did not exist before."""
-    existed = run_dir.exists()
+    that an unusable --out (read-only, under a file) fails at once. Returns the directories it created:
+    the run directory and any missing parents, deepest first."""
+    missing = []
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            break
+        missing.append(path)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunDirectoryError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
-    return not existed
+    return missing
 
 
 def _lock_new_run_dir(run_dir: Path, *, checked: bool) -> RunLock:
@@ -156,15 +161,15 @@ def _lock_new_run_dir(run_dir: Path, *, checked: bool) -> RunLock:
     return lock
 
 
-def _remove_unused(run_dir: Path, lock: RunLock, *, created: bool) -> None:
+def _remove_unused(run_dir: Path, lock: RunLock, *, created: list[Path]) -> None:
     """After a failed setup: remove the lock file (while still holding it) and release it, then the
-    directory if this run created it (a failed setup leaves no directory behind); one that is not
-    empty, something else put there, stays."""
+    directories this run created, parents of --out included (a failed setup leaves no directory
+    behind); one that is not empty, something else put there, stays."""
     (run_dir / LOCK_FILE).unlink(missing_ok=True)
     lock.release()
-    if created:
+    for directory in created:
         with contextlib.suppress(OSError):
-            run_dir.rmdir()
+            directory.rmdir()
 
 
 def _new_trainer(
