@@ -14,6 +14,7 @@ import torch
 from tformer.config import preset
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
+from tformer.viz import attention_maps
 from tformer.viz.attention_maps import (
     AttentionPlotError,
     SentenceAttention,
@@ -159,4 +160,23 @@ def test_a_picture_too_large_to_draw_is_refused_before_drawing(tmp_path: Path) -
     assert not (tmp_path / "all.png").exists()
     assert len(attention_figure(attention, kinds=("cross",), layer=0, head=0).axes) == 1  # one panel is fine
     with pytest.raises(AttentionPlotError, match="too large to draw"):
-        attention_html(SentenceAttention(labels * 4, labels, labels, maps, maps, maps), kinds=("encoder_self",))
+        attention_html(SentenceAttention(labels * 8, labels, labels, maps, maps, maps), kinds=("encoder_self",))
+
+
+def test_every_layer_and_head_of_a_base_model_for_an_everyday_sentence_is_drawn(monkeypatch) -> None:
+    """A 40-piece sentence (25 to 30 words) and a base-sized model (6 layers, 8 heads) make a 7920 x 18610
+    pixel grid, which drew in under a minute with about 1 GB; a limit of 2**27 pixels refused it."""
+    n, layers, heads = 40, 6, 8
+    labels = [f"▁w{i}" for i in range(n)]
+    maps = np.full((layers, heads, n, n), 1 / n, dtype=np.float32)
+    attention = SentenceAttention(labels, labels, labels, maps, maps, maps, translation="x")
+
+    class AcceptedError(Exception):  # the size check passed and the figure is being made (slow: stop there)
+        pass
+
+    def figure(*, figsize: tuple[float, float], **_: object) -> None:
+        raise AcceptedError(figsize)
+
+    monkeypatch.setattr(attention_maps, "Figure", figure)
+    with pytest.raises(AcceptedError):
+        attention_figure(attention)
