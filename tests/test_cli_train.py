@@ -236,6 +236,28 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_overwrite_removes_the_hidden_directories_of_earlier_overwrites_whose_process_is_gone(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """An --overwrite killed outright (SIGKILL, or the OOM killer) leaves its hidden staging directory, a
+    whole run; the next --overwrite of that RUN_DIR removes it, but not one whose process still lives."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    gone = Path(shutil.copytree(trained, tmp_path / f".run.overwrite-{finished.pid}"))
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as living:
+        alive = tmp_path / f".run.overwrite-{living.pid}"
+        alive.mkdir()
+        other_run = Path(shutil.copytree(trained, tmp_path / f".other.overwrite-{finished.pid}"))
+        try:
+            assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
+        finally:
+            living.kill()
+    assert not gone.exists()
+    assert alive.is_dir() and other_run.is_dir()  # a live writer's, and another RUN_DIR's
+    assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
+
+
 def test_overwrite_is_advised_only_for_a_directory_it_replaces(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -13,7 +13,8 @@ A default below applies where neither the config file nor --set gives the key (w
                the run's. On CPU the result equals an uninterrupted run bit for bit.
   --overwrite  replace RUN_DIR. The new run is written next to it (a hidden .NAME.overwrite-PID
                directory) and takes RUN_DIR's place only when training ends, so a failed or
-               interrupted new run never destroys the old one (and its hidden directory is removed).
+               interrupted new run never destroys the old one (and its hidden directory is removed;
+               those of processes killed outright are removed by the next --overwrite).
 
 Several processes (one per GPU, on one or many machines) are started with torchrun, e.g.
   torchrun --nproc-per-node 8 -m tformer.cli.main train --config run.toml --out RUN_DIR
@@ -23,6 +24,7 @@ Several processes (one per GPU, on one or many machines) are started with torchr
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import signal
@@ -32,6 +34,7 @@ from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 from tformer.runtime import Distributed, init_distributed
+from tformer.training.checkpoint import abandoned
 from tformer.training.loop import TrainingInterrupted, TrainResult
 from tformer.training.run import (
     check_new_run_dir,
@@ -145,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_replaceable(out)
     if options["distributed"].enabled:
         raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
+    _remove_abandoned_stagings(out, quiet=args.quiet)
     staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
     check_new_run_dir(staging)
     old_run = RunLock(out)  # a run that another process is still training is not replaced under it
@@ -158,6 +162,17 @@ def _run(args: argparse.Namespace) -> int:
         old_run.release()
     print(f"run {out} (replaced the previous run): step {result.step}, {result.stop_reason}")
     return 0
+
+
+def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
+    """Hidden directories of earlier --overwrite runs of RUN_DIR whose process is gone (killed with
+    SIGKILL, or by SIGTERM during a step that could not be interrupted) hold a whole run each that nothing
+    else will ever use: remove them before staging a new one."""
+    for staging in sorted(out.parent.glob(f".{glob.escape(out.name)}.overwrite-*")):
+        if staging.is_dir() and abandoned(staging):
+            shutil.rmtree(staging)
+            if not quiet:
+                print(f"removed {staging}: the hidden directory of an earlier --overwrite whose process is gone")
 
 
 def _check_replaceable(out: Path) -> None:

@@ -153,7 +153,7 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     if not parent.is_dir():
         return []
     protected = {read_pointer_name(run_dir, which) for which in POINTERS} - {None}
-    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-")) and _abandoned(path)]
+    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-")) and abandoned(path)]
     steps = step_checkpoints(run_dir)
     if keep_last > 0:
         removed += [path for path in steps[:-keep_last] if path.name not in protected]
@@ -162,7 +162,7 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     return removed
 
 
-def _abandoned(temporary: Path) -> bool:
+def abandoned(temporary: Path) -> bool:
     """Whether the writer of a `.tmp-NAME-PID` or `.old-NAME-PID` directory is gone (or is this process,
     which is writing nothing now)."""
     pid = temporary.name.rsplit("-", 1)[-1]
