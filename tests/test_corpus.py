@@ -61,6 +61,19 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
         read_lines(path)
 
 
+def test_utf16_or_binary_files_are_refused_naming_the_line(tmp_path: Path) -> None:
+    """UTF-16 text without a byte-order mark decodes as valid UTF-8 with NULs between the letters, and
+    trained as that; a NUL byte now stops the reader at the first line that holds one."""
+    path = tmp_path / "utf16.en"
+    path.write_bytes("one\ntwo\n".encode("utf-16-le"))
+    with pytest.raises(CorpusError, match=r"utf16\.en:1: a NUL byte: the file looks like UTF-16"):
+        read_lines(path)
+    binary = tmp_path / "mixed.en"
+    binary.write_bytes(b"text\nmore text\nbad\x00line\n")
+    with pytest.raises(CorpusError, match=r"mixed\.en:3: a NUL byte"):
+        read_lines(binary)
+
+
 def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=r"file not found: .*nope\.en"):
         read_lines(tmp_path / "nope.en")

@@ -59,6 +59,15 @@ def test_invalid_utf8_names_its_line(tmp_path: Path) -> None:
         list(ready_chunks(source.fileno(), max_lines=10))
 
 
+def test_utf16_input_is_refused_not_translated_as_text_with_nuls(tmp_path: Path) -> None:
+    """UTF-16 without a byte-order mark decodes as valid UTF-8 with a NUL beside every letter: it was
+    translated as that garbage."""
+    path = tmp_path / "utf16.txt"
+    path.write_bytes("hello\nworld\n".encode("utf-16-le"))
+    with open(path, "rb") as source, pytest.raises(ValueError, match=r"input line 1 holds a NUL byte.*UTF-16"):
+        list(ready_chunks(source.fileno(), max_lines=10))
+
+
 def test_translate_refuses_to_write_over_its_input_and_leaves_it_alone(tmp_path: Path, capsys) -> None:
     text = tmp_path / "same.txt"
     text.write_text("a sentence\n", encoding="utf-8")

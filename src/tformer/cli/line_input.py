@@ -52,7 +52,6 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
 def _decoded(raw: bytes, number: int) -> str:
     try:
         text = raw.rstrip(b"\r").decode("utf-8")
-        return text.removeprefix(BOM) if number == 1 else text
     except UnicodeDecodeError as error:
         if number == 1 and raw.startswith(GZIP_MAGIC):
             raise ValueError(
@@ -62,3 +61,9 @@ def _decoded(raw: bytes, number: int) -> str:
             f"input line {number} is not valid UTF-8 (byte {error.start + 1}: {raw[error.start : error.start + 1]!r}); "
             "convert the input to UTF-8 (e.g. with iconv)"
         ) from None
+    if "\x00" in text:  # UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
+        raise ValueError(
+            f"input line {number} holds a NUL byte: the input looks like UTF-16 or binary data, not UTF-8 text; "
+            "convert it (e.g. iconv -f UTF-16 -t UTF-8)"
+        )
+    return text.removeprefix(BOM) if number == 1 else text

@@ -80,6 +80,12 @@ def read_text(path: str | Path) -> str:
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise CorpusError(f"{path}:{line}: invalid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
+    if "\x00" in text:  # UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise CorpusError(
+            f"{path}:{line}: a NUL byte: the file looks like UTF-16 or binary data, not UTF-8 text; "
+            "convert it (e.g. iconv -f UTF-16 -t UTF-8)"
+        )
     return text.removeprefix("\ufeff")  # a byte-order mark is an encoding artefact, not text
 
 
