@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from tformer.cli.argument_types import integer, seed_below
 from tformer.demo import DemoConfig, quick_config, run_demo
 
 HELP = "train and evaluate the built-in English -> German number-words translator (no download)"
@@ -20,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-seconds", type=seconds, help="cap on training time, for slow machines (default: 150; 0: no cap)"
     )
-    parser.add_argument(
-        "--seed", type=seed_value, default=0, help="seed for the data, the model and the batches (default: 0)"
+    parser.add_argument(  # the data generator and the tokenizer trainer take unsigned 32-bit seeds
+        "--seed", type=seed_below(32), default=0, help="seed for the data, the model and the batches (default: 0)"
     )
     parser.add_argument("--quick", action="store_true", help="a seconds-long run with little data (a smoke test)")
     parser.add_argument("--quiet", action="store_true", help="print only the results")
@@ -29,10 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def step_count(text: str) -> int:
     """A number of steps: 0 (no limit) or more. Checked here so the error names the flag, not the setting."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"0 (no limit) or a positive number of steps; got {text}")
     return value
@@ -46,17 +44,6 @@ def seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"0 (no cap) or a positive number of seconds; got {text}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """A seed the data generator and the tokenizer trainer take: an integer in [0, 2**32)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**32 - 1; got {text}")
     return value
 
 

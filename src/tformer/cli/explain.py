@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.argument_types import seed_below
 from tformer.cli.output_paths import check_output_dir
 from tformer.explain import walkthrough
 from tformer.explain_report import render, save_figures
@@ -16,7 +17,8 @@ HELP = "walk through attention on a tiny example, step by step, with every numbe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the toy model's weights (default: 0)")
+    # torch.Generator takes a signed 64-bit seed
+    parser.add_argument("--seed", type=seed_below(63), default=0, help="seed of the toy model's weights (default: 0)")
     parser.add_argument("--out", type=Path, help="directory to write the figures (PNG) into")
 
 
@@ -29,14 +31,3 @@ def run(args: argparse.Namespace) -> int:
         for path in save_figures(result, args.out):
             print(path)
     return 0
-
-
-def seed_value(text: str) -> int:
-    """A seed torch accepts: an integer in [0, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**63 - 1; got {text}")
-    return value

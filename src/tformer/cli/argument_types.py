@@ -1,0 +1,26 @@
+"""argparse types shared by commands: the value is checked while the arguments are parsed, so an error
+names the flag (`argument --seed: ...`) rather than the setting the flag sets."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def seed_below(bits: int) -> Callable[[str], int]:
+    """The type of a seed flag whose consumers take seeds in [0, 2**bits)."""
+
+    def seed_value(text: str) -> int:
+        value = integer(text)
+        if not 0 <= value < 2**bits:
+            raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**{bits} - 1; got {text}")
+        return value
+
+    return seed_value
