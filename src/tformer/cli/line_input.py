@@ -18,10 +18,9 @@ import os
 import select
 from collections.abc import Iterator
 
-from tformer.data.corpus import GZIP_MAGIC
+from tformer.data.corpus import BOM, GZIP_MAGIC, NUL_BYTE_ADVICE
 
 READ_BYTES = 1 << 16
-BOM = "\ufeff"
 
 
 def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
@@ -61,9 +60,6 @@ def _decoded(raw: bytes, number: int) -> str:
             f"input line {number} is not valid UTF-8 (byte {error.start + 1}: {raw[error.start : error.start + 1]!r}); "
             "convert the input to UTF-8 (e.g. with iconv)"
         ) from None
-    if "\x00" in text:  # UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
-        raise ValueError(
-            f"input line {number} holds a NUL byte: the input looks like UTF-16 or binary data, not UTF-8 text; "
-            "convert it (e.g. iconv -f UTF-16 -t UTF-8)"
-        )
+    if "\x00" in text:
+        raise ValueError(f"input line {number} holds a NUL byte: the input {NUL_BYTE_ADVICE}")
     return text.removeprefix(BOM) if number == 1 else text

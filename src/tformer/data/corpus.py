@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GZIP_MAGIC = b"\x1f\x8b"
+BOM = "\ufeff"  # a byte-order mark: an encoding artefact, not text
+# why a NUL byte in text is refused: UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
+NUL_BYTE_ADVICE = "looks like UTF-16 or binary data, not UTF-8 text; convert it (e.g. iconv -f UTF-16 -t UTF-8)"
 
 
 class CorpusError(ValueError):
@@ -80,13 +83,10 @@ def read_text(path: str | Path) -> str:
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise CorpusError(f"{path}:{line}: invalid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
-    if "\x00" in text:  # UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
+    if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
-        raise CorpusError(
-            f"{path}:{line}: a NUL byte: the file looks like UTF-16 or binary data, not UTF-8 text; "
-            "convert it (e.g. iconv -f UTF-16 -t UTF-8)"
-        )
-    return text.removeprefix("\ufeff")  # a byte-order mark is an encoding artefact, not text
+        raise CorpusError(f"{path}:{line}: a NUL byte: the file {NUL_BYTE_ADVICE}")
+    return text.removeprefix(BOM)
 
 
 def split_lines(text: str) -> list[str]:
