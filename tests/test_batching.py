@@ -34,7 +34,8 @@ def cost_of(batch: list[int], lengths: list[tuple[int, int]]) -> int:
 
 
 def test_collate_follows_the_conventions() -> None:
-    batch = collate([([5, 6, 7], [8]), ([9], [10, 11, 12, 13])], [4, 0], pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    pairs = [([9], [10, 11, 12, 13]), ([1], [1]), ([2], [2]), ([3], [3]), ([5, 6, 7], [8])]
+    batch = collate(pairs, [4, 0], pad_id=PAD, bos_id=BOS, eos_id=EOS)
     assert batch.src_ids.tolist() == [[5, 6, 7, EOS], [9, EOS, PAD, PAD]]
     assert batch.tgt_in.tolist() == [[BOS, 8, PAD, PAD, PAD], [BOS, 10, 11, 12, 13]]
     assert batch.tgt_out.tolist() == [[8, EOS, PAD, PAD, PAD], [10, 11, 12, 13, EOS]]
@@ -45,7 +46,7 @@ def test_collate_follows_the_conventions() -> None:
 
 
 def test_to_keeps_counts_and_indices_on_the_host() -> None:
-    batch = collate([([5], [6])], [3], pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    batch = collate([([4], [4])] * 3 + [([5], [6])], [3], pad_id=PAD, bos_id=BOS, eos_id=EOS)
     moved = batch.to("cpu", non_blocking=True)
     assert isinstance(moved, Batch) and moved.n_src_tokens == 2 and moved.indices.device.type == "cpu"
     assert torch.equal(moved.tgt_out, batch.tgt_out)
@@ -57,8 +58,10 @@ def test_to_keeps_counts_and_indices_on_the_host() -> None:
 def test_collate_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="empty batch"):
         collate([], [], pad_id=PAD, bos_id=BOS, eos_id=EOS)
-    with pytest.raises(ValueError, match="1 pairs but 2 indices"):
+    with pytest.raises(ValueError, match=r"rows 0\.\.1 of 1 pairs"):
         collate([([1], [1])], [0, 1], pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match=r"rows -1\.\.0 of 1 pairs"):  # numpy would wrap -1 to the last row
+        collate([([1], [1])], [-1, 0], pad_id=PAD, bos_id=BOS, eos_id=EOS)
 
 
 @settings(max_examples=80, deadline=None)

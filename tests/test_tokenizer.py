@@ -8,9 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from training_helpers import tiny_experiment, write_corpus
 
-from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize
+from tformer.config import ConfigError, DataConfig
+from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize, sample_pairs
 from tformer.interop.marian_tokenizer import VocabTokenizer
+from tformer.training import start_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyzäöüßABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÜ0123456789.,;:!?'\"()-"
 SOURCES = [
@@ -164,3 +167,23 @@ def test_a_model_trained_with_sentencepieces_default_ids_is_refused_in_one_line(
     message = str(error.value)
     assert message.startswith(f"{tmp_path / 'spm.model'} has no pad piece (pad_id=-1)") and "\n" not in message
     assert "--pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3" in message
+
+
+def test_a_tokenizer_sample_is_aligned_ordered_and_fixed_by_the_seed() -> None:
+    sources = [f"s{i}" for i in range(100)]
+    targets = [f"t{i}" for i in range(100)]
+    assert sample_pairs(sources, targets, max_pairs=0, seed=1) == (sources, targets)
+    assert sample_pairs(sources, targets, max_pairs=100, seed=1) == (sources, targets)
+    src, tgt = sample_pairs(sources, targets, max_pairs=10, seed=1)
+    assert len(src) == 10 and [s[1:] for s in src] == [t[1:] for t in tgt]  # still aligned
+    assert sorted(src, key=lambda s: int(s[1:])) == src  # in corpus order
+    assert sample_pairs(sources, targets, max_pairs=10, seed=1) == (src, tgt)
+    assert sample_pairs(sources, targets, max_pairs=10, seed=2)[0] != src
+
+
+def test_a_run_trains_its_tokenizer_on_at_most_tokenizer_max_pairs(tmp_path: Path, capsys) -> None:
+    corpus = write_corpus(tmp_path, n_train=200)
+    start_run(tiny_experiment(corpus, "data.tokenizer_max_pairs=20", "train.max_steps=1"), tmp_path / "run")
+    assert "tokenizer: trained on 20 of 200 pairs (data.tokenizer_max_pairs)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_max_pairs must be 0"):
+        DataConfig(tokenizer_max_pairs=-1)

@@ -323,7 +323,9 @@ class DataConfig:
     """Where the training and validation text comes from, and how it becomes tokens.
 
     `tokenizer` names a directory written by `Tokenizer.to_files`; when it is None a tokenizer of
-    `vocab_size` pieces is trained on the training data (joint over both sides when `joint_vocab`).
+    `vocab_size` pieces is trained on the training data (joint over both sides when `joint_vocab`), on
+    at most `tokenizer_max_pairs` of its pairs drawn at random by train.seed (0: all; Marian's default
+    is the same 2 million lines), since sentencepiece's time and memory grow with every line it reads.
     """
 
     data_dir: str | None = None  # relative data paths below are taken from here (default: working directory)
@@ -335,6 +337,7 @@ class DataConfig:
     vocab_size: int = 8000
     tokenizer_model: TokenizerModel = "bpe"
     joint_vocab: bool = True
+    tokenizer_max_pairs: int = 2_000_000
     max_chars: int = 2000
     strict: bool = False
 
@@ -344,6 +347,8 @@ class DataConfig:
             raise ConfigError("give both data.valid_src and data.valid_tgt, or neither")
         if self.vocab_size < 8:
             raise ConfigError(f"data.vocab_size must be at least 8, got {self.vocab_size}")
+        if self.tokenizer_max_pairs < 0:
+            raise ConfigError(f"data.tokenizer_max_pairs must be 0 (all pairs) or more, got {self.tokenizer_max_pairs}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tformer.data.encoded import EncodedPairs
+
 Pair = tuple[Sequence[int], Sequence[int]]
 
 
@@ -73,28 +75,23 @@ class Batch:
         )
 
 
-def collate(pairs: Sequence[Pair], indices: Sequence[int], *, pad_id: int, bos_id: int, eos_id: int) -> Batch:
-    """Pad a list of (source ids, target ids) into a Batch; ids come without bos/eos."""
-    if not pairs:
+def collate(
+    pairs: EncodedPairs | Sequence[Pair], rows: Sequence[int] | np.ndarray, *, pad_id: int, bos_id: int, eos_id: int
+) -> Batch:
+    """Pad pairs `rows` of `pairs` (ids without bos/eos) into a Batch whose `indices` are those rows."""
+    pairs = as_encoded(pairs)
+    rows_B = np.asarray(rows, dtype=np.int64)
+    if len(rows_B) == 0:
         raise ValueError("cannot collate an empty batch")
-    if len(pairs) != len(indices):
-        raise ValueError(f"collate got {len(pairs)} pairs but {len(indices)} indices")
-    sources = [[*src, eos_id] for src, _ in pairs]
-    tgt_in = [[bos_id, *tgt] for _, tgt in pairs]
-    tgt_out = [[*tgt, eos_id] for _, tgt in pairs]
-    src_ids, n_src = _pad(sources, pad_id)
-    tgt_in_ids, n_tgt = _pad(tgt_in, pad_id)
-    tgt_out_ids, _ = _pad(tgt_out, pad_id)
-    return Batch(src_ids, tgt_in_ids, tgt_out_ids, torch.as_tensor(list(indices), dtype=torch.int64), n_src, n_tgt)
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, int]:
-    """Right-pad rows into one B x L int64 tensor with a single scatter; also return the token count."""
-    lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
-    out_BL = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.int64)
-    real_BL = torch.arange(out_BL.shape[1]) < lengths[:, None]
-    out_BL[real_BL] = torch.tensor([token for row in rows for token in row], dtype=torch.int64)
-    return out_BL, int(lengths.sum())
+    if rows_B.min() < 0 or rows_B.max() >= len(pairs):
+        raise ValueError(f"collate asked for rows {rows_B.min()}..{rows_B.max()} of {len(pairs)} pairs")
+    src_ids = pairs.sources.padded(rows_B, first=None, last=eos_id, pad_id=pad_id)
+    tgt_in = pairs.targets.padded(rows_B, first=bos_id, last=None, pad_id=pad_id)
+    tgt_out = pairs.targets.padded(rows_B, first=None, last=eos_id, pad_id=pad_id)
+    # real (non-pad) positions: each row's ids plus its eos (source) or its bos / eos (target)
+    n_src = int(pairs.sources.row_lengths(rows_B).sum()) + len(rows_B)
+    n_tgt = int(pairs.targets.row_lengths(rows_B).sum()) + len(rows_B)
+    return Batch(src_ids, tgt_in, tgt_out, torch.from_numpy(rows_B.copy()), n_src, n_tgt)
 
 
 def batch_cost(n_sentences: int, max_src_len: int, max_tgt_len: int) -> int:
@@ -196,7 +193,7 @@ class BatchStream:
 
     def __init__(
         self,
-        pairs: Sequence[Pair],
+        pairs: EncodedPairs | Sequence[Pair],
         *,
         max_tokens: int,
         seed: int,
@@ -207,10 +204,10 @@ class BatchStream:
         world_size: int = 1,
         drop_overlong: bool = False,
     ) -> None:
-        if not pairs:
+        if len(pairs) == 0:
             raise ValueError("BatchStream needs at least one pair")
-        self.pairs = pairs
-        self.lengths = np.array([(len(src), len(tgt)) for src, tgt in pairs], dtype=np.int64).reshape(-1, 2)
+        self.pairs = as_encoded(pairs)
+        self.lengths = self.pairs.lengths_R2
         self.max_tokens, self.seed = max_tokens, seed
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.rank, self.world_size = rank, world_size
@@ -237,14 +234,7 @@ class BatchStream:
             batches = self.plan(self.epoch)
             while self.index < len(batches):
                 index = self.index
-                chosen = batches[index]
-                batch = collate(
-                    [self.pairs[i] for i in chosen],
-                    chosen,
-                    pad_id=self.pad_id,
-                    bos_id=self.bos_id,
-                    eos_id=self.eos_id,
-                )
+                batch = collate(self.pairs, batches[index], pad_id=self.pad_id, bos_id=self.bos_id, eos_id=self.eos_id)
                 self.index += 1
                 yield self.epoch, index, batch
             self.epoch, self.index = self.epoch + 1, 0
@@ -260,9 +250,20 @@ class BatchStream:
 
 
 def sorted_batches(
-    pairs: Sequence[Pair], *, max_tokens: int, pad_id: int, bos_id: int, eos_id: int, drop_overlong: bool = False
+    pairs: EncodedPairs | Sequence[Pair],
+    *,
+    max_tokens: int,
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    drop_overlong: bool = False,
 ) -> list[Batch]:
     """All pairs once, length-sorted and unshuffled: a fixed set of batches for validation loss."""
-    lengths = [(len(src), len(tgt)) for src, tgt in pairs]
-    plan = plan_sorted(lengths, max_tokens=max_tokens, drop_overlong=drop_overlong)
-    return [collate([pairs[i] for i in chosen], chosen, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id) for chosen in plan]
+    encoded = as_encoded(pairs)
+    plan = plan_sorted(encoded.lengths_R2, max_tokens=max_tokens, drop_overlong=drop_overlong)
+    return [collate(encoded, chosen, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id) for chosen in plan]
+
+
+def as_encoded(pairs: EncodedPairs | Sequence[Pair]) -> EncodedPairs:
+    """Pairs in flat arrays, converted once from lists of ids if they are not already."""
+    return pairs if isinstance(pairs, EncodedPairs) else EncodedPairs.from_pairs(pairs)

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import sentencepiece as spm
 
 ModelType = Literal["bpe", "unigram"]
@@ -203,6 +204,17 @@ class Tokenizer:
     def __repr__(self) -> str:
         kind = "joint" if self._joint else "separate"
         return f"Tokenizer({kind}, src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size})"
+
+
+def sample_pairs(
+    sources: Sequence[str], targets: Sequence[str], *, max_pairs: int, seed: int
+) -> tuple[Sequence[str], Sequence[str]]:
+    """At most `max_pairs` of the aligned pairs (all of them when 0 or when there are no more), drawn
+    without replacement by `seed` and kept in corpus order: what a tokenizer is trained on."""
+    if max_pairs == 0 or len(sources) <= max_pairs:
+        return sources, targets
+    chosen = np.sort(np.random.default_rng(seed).choice(len(sources), size=max_pairs, replace=False))
+    return [sources[i] for i in chosen], [targets[i] for i in chosen]
 
 
 def _train_model(

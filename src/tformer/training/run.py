@@ -33,10 +33,12 @@ from tformer.config import (
 )
 from tformer.data.batching import BatchStream, filter_overlong, sorted_batches
 from tformer.data.corpus import read_parallel
-from tformer.data.tokenizer import Tokenizer
+from tformer.data.encoded import EncodedPairs, encode_rows
+from tformer.data.tokenizer import Tokenizer, sample_pairs
 from tformer.model import Transformer, count_parameters
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
+from tformer.training import encoded_cache
 from tformer.training.loop import Trainer, TrainingData
 from tformer.training.run_lock import LOCK_FILE, RunLock
 
@@ -54,7 +56,15 @@ NEW_RUN_OTHERS_ADVICE = "no run is there to resume or replace: choose another --
 # What a run directory holds before its first checkpoint (or after a crash in its first save): what
 # --overwrite replaces although the directory holds no run to resume.
 RUN_LEFTOVERS = frozenset(
-    {ckpt.METRICS_FILE, LOCK_FILE, ckpt.CHECKPOINTS_DIR, ".latest.tmp", ".best.tmp", "metrics.jsonl.tmp"}
+    {
+        ckpt.METRICS_FILE,
+        LOCK_FILE,
+        ckpt.CHECKPOINTS_DIR,
+        encoded_cache.CACHE_DIR,
+        ".latest.tmp",
+        ".best.tmp",
+        "metrics.jsonl.tmp",
+    }
 )
 
 
@@ -196,9 +206,14 @@ def _new_trainer(
         tokenizer = Tokenizer.from_files(data.tokenizer)
         check_embedding_sharing(experiment.model.share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
     else:
+        sources, targets = sample_pairs(
+            corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=experiment.train.seed
+        )
+        if len(sources) < len(corpus.sources):
+            say(f"tokenizer: trained on {len(sources):,} of {len(corpus.sources):,} pairs (data.tokenizer_max_pairs)")
         tokenizer = Tokenizer.train(
-            corpus.sources,
-            corpus.targets,
+            sources,
+            targets,
             vocab_size=data.vocab_size,
             model_type=data.tokenizer_model,
             joint=data.joint_vocab,
@@ -219,7 +234,12 @@ def _new_trainer(
         torch.manual_seed(experiment.train.seed + distributed.rank)
     say(f"model: {count_parameters(model):,} parameters")
     training_data = prepare_data(
-        experiment, tokenizer, say=say, train_corpus=(corpus.sources, corpus.targets), distributed=distributed
+        experiment,
+        tokenizer,
+        say=say,
+        run_dir=run_dir,
+        train_corpus=(corpus.sources, corpus.targets),
+        distributed=distributed,
     )
     return Trainer(
         experiment=experiment,
@@ -323,7 +343,7 @@ def _resumed_trainer(
     experiment = _resume_overrides(experiment, overrides)
     tokenizer = ckpt.load_tokenizer(checkpoint)
     model = Transformer(experiment.model)
-    training_data = prepare_data(experiment, tokenizer, say=say, distributed=distributed)
+    training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)
     trainer = Trainer(
         experiment=experiment,
         model=model,
@@ -395,19 +415,20 @@ def prepare_data(
     tokenizer: Tokenizer,
     *,
     say: Say,
+    run_dir: Path | None = None,
     train_corpus: tuple[list[str], list[str]] | None = None,
     distributed: Distributed | None = None,
 ) -> TrainingData:
     """Encode the training pairs into a BatchStream (this process's share of the batches) and the
-    validation pairs into fixed batches (all of them, on every process)."""
+    validation pairs into fixed batches (all of them, on every process). With `run_dir` the training
+    pairs come from its encoded cache when it matches (see `tformer.training.encoded_cache`), and the
+    main process caches them there when it does not; `train_corpus` is the training text already read."""
     distributed = distributed or Distributed()
     data, train = experiment.data, experiment.train
-    if train_corpus is None:
-        assert data.train_src is not None and data.train_tgt is not None
-        corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
-        train_corpus = (corpus.sources, corpus.targets)
     special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    pairs, _ = _encode(tokenizer, *train_corpus, max_positions=experiment.model.max_positions, say=say, name="train")
+    pairs = _training_pairs(
+        experiment, tokenizer, say=say, run_dir=run_dir, train_corpus=train_corpus, write_cache=distributed.is_main
+    )
     _fitting_pairs(pairs, train.max_tokens, what="training")
     stream = BatchStream(
         pairs,
@@ -443,16 +464,55 @@ def prepare_data(
     )
 
 
-def _fitting_pairs(
-    pairs: list[tuple[list[int], list[int]]], max_tokens: int, *, what: str, then: str = ""
-) -> tuple[list[int], list[int]]:
+def _training_pairs(
+    experiment: ExperimentConfig,
+    tokenizer: Tokenizer,
+    *,
+    say: Say,
+    run_dir: Path | None,
+    train_corpus: tuple[list[str], list[str]] | None,
+    write_cache: bool,
+) -> EncodedPairs:
+    """The encoded training pairs: from `run_dir`'s cache when the corpus files, the tokenizer and the
+    settings are those it was made from; else read (unless given), encoded, and cached if `write_cache`."""
+    data, max_positions = experiment.data, experiment.model.max_positions
+    assert data.train_src is not None and data.train_tgt is not None
+    key = None
+    if run_dir is not None:
+        key = encoded_cache.CorpusKey(
+            source_digest=encoded_cache.file_digest(data.train_src),
+            target_digest=encoded_cache.file_digest(data.train_tgt),
+            tokenizer=tokenizer.fingerprint(),
+            max_chars=data.max_chars,
+            strict=data.strict,
+            max_positions=max_positions,
+        )
+        cached = encoded_cache.load(run_dir, key)
+        if cached is not None:
+            if cached.skipped_overlong:
+                say(f"train: skipped {cached.skipped_overlong} pairs longer than model.max_positions={max_positions}")
+            return cached.pairs
+    if train_corpus is None:
+        corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
+        train_corpus = (corpus.sources, corpus.targets)
+    pairs, kept = _encode(tokenizer, *train_corpus, max_positions=max_positions, say=say, name="train")
+    if key is not None and write_cache:
+        cached = encoded_cache.CachedCorpus(pairs, skipped_overlong=len(train_corpus[0]) - len(kept))
+        problem = encoded_cache.save(run_dir, key, cached)
+        if problem is not None:
+            say(f"warning: the encoded training data could not be saved ({problem}); a resume will encode it again")
+    return pairs
+
+
+def _fitting_pairs(pairs: EncodedPairs, max_tokens: int, *, what: str, then: str = "") -> tuple[list[int], list[int]]:
     """Indices of the pairs that fit a batch of max_tokens token slots, and of those that do not; refused
     in one line when none fits."""
-    if not pairs:
+    if len(pairs) == 0:
         raise ConfigError(f"no {what} pair is left: every one is longer than model.max_positions allows")
-    fitting, overlong = filter_overlong([(len(src), len(tgt)) for src, tgt in pairs], max_tokens)
+    lengths_R2 = pairs.lengths_R2
+    fitting, overlong = filter_overlong(lengths_R2, max_tokens)
     if not fitting:
-        shortest = min(max(len(src), len(tgt)) + 1 for src, tgt in pairs)
+        shortest = int(lengths_R2.max(axis=1).min()) + 1
         raise ConfigError(
             f"every {what} pair needs more than train.max_tokens={max_tokens} token slots "
             f"(the shortest needs {shortest}){then}; raise train.max_tokens"
@@ -462,15 +522,19 @@ def _fitting_pairs(
 
 def _encode(
     tokenizer: Tokenizer, sources: list[str], targets: list[str], *, max_positions: int, say: Say, name: str
-) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+) -> tuple[EncodedPairs, list[int]]:
     """Token pairs that fit the model (with eos/bos added, at most max_positions), and their indices."""
-    src_ids, tgt_ids = tokenizer.encode_sources(sources), tokenizer.encode_targets(targets)
-    kept = [i for i in range(len(src_ids)) if max(len(src_ids[i]), len(tgt_ids[i])) + 1 <= max_positions]
-    if len(kept) < len(src_ids):
-        say(f"{name}: skipped {len(src_ids) - len(kept)} pairs longer than model.max_positions={max_positions}")
-    if not kept:
+    encoded = EncodedPairs(
+        encode_rows(tokenizer.encode_sources, sources), encode_rows(tokenizer.encode_targets, targets)
+    )
+    fits_R = encoded.lengths_R2.max(axis=1) + 1 <= max_positions
+    if fits_R.all():
+        return encoded, list(range(len(encoded)))
+    kept = np.flatnonzero(fits_R)
+    say(f"{name}: skipped {len(encoded) - len(kept)} pairs longer than model.max_positions={max_positions}")
+    if len(kept) == 0:
         raise ConfigError(f"{name}: no pair fits model.max_positions={max_positions}; raise it")
-    return [(src_ids[i], tgt_ids[i]) for i in kept], kept
+    return encoded.take(kept), kept.tolist()
 
 
 def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:

@@ -1,0 +1,162 @@
+"""Encoded pairs in flat arrays, and the run's cache of them: same batches as lists of ids, a resume
+that reads the cache instead of encoding, and a miss whenever what the pairs depend on changed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from training_helpers import tiny_experiment, write_corpus
+
+from tformer.data import encoded as encoded_module
+from tformer.data.batching import BatchStream, collate
+from tformer.data.encoded import EncodedPairs, TokenRows, encode_rows, id_dtype
+from tformer.training import encoded_cache, load_run, resume_run, start_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+rows_strategy = st.lists(st.lists(st.integers(0, 70_000), max_size=12), max_size=30)
+
+
+@given(rows=rows_strategy, data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_token_rows_hold_exactly_the_lists(rows: list[list[int]], data: st.DataObject) -> None:
+    token_rows = TokenRows.from_lists(rows)
+    assert len(token_rows) == len(rows)
+    assert [token_rows[i].tolist() for i in range(len(rows))] == rows
+    assert token_rows.lengths_R.tolist() == [len(row) for row in rows]
+    if rows:
+        chosen = data.draw(st.lists(st.integers(0, len(rows) - 1), max_size=10))
+        assert [row.tolist() for row in (token_rows.take(chosen)[i] for i in range(len(chosen)))] == [
+            rows[i] for i in chosen
+        ]
+        split = data.draw(st.integers(0, len(rows)))
+        joined = TokenRows.concatenate([TokenRows.from_lists(rows[:split]), TokenRows.from_lists(rows[split:])])
+        assert [joined[i].tolist() for i in range(len(rows))] == rows
+
+
+def test_ids_take_two_bytes_when_the_vocabulary_allows() -> None:
+    assert TokenRows.from_lists([[5, 65_535]]).ids_N.dtype == np.uint16
+    assert TokenRows.from_lists([[5, 65_536]]).ids_N.dtype == np.int32
+    assert id_dtype(31_999) == np.uint16
+    mixed = TokenRows.concatenate([TokenRows.from_lists([[1]]), TokenRows.from_lists([[70_000]])])
+    assert mixed.ids_N.dtype == np.int32 and mixed[1].tolist() == [70_000]
+    with pytest.raises(ValueError, match="non-negative"):
+        TokenRows.from_lists([[1, -2]])
+
+
+def test_padded_rows_follow_the_conventions() -> None:
+    rows = TokenRows.from_lists([[5, 6, 7], [], [9]])
+    assert rows.padded([2, 0, 1], first=1, last=None, pad_id=0).tolist() == [[1, 9, 0, 0], [1, 5, 6, 7], [1, 0, 0, 0]]
+    assert rows.padded([1, 2], first=None, last=2, pad_id=0).tolist() == [[2, 0], [9, 2]]
+
+
+def test_encoding_in_chunks_equals_encoding_at_once() -> None:
+    texts = [f"sentence {i}" for i in range(11)]
+
+    def encode(batch):
+        return [[len(text), *map(ord, text[-2:])] for text in batch]
+
+    whole = encode(texts)
+    for chunk in (1, 3, 11, 50):
+        rows = encode_rows(encode, texts, chunk=chunk)
+        assert [rows[i].tolist() for i in range(len(texts))] == whole
+
+
+def test_batches_from_arrays_equal_batches_from_lists() -> None:
+    rng = np.random.default_rng(0)
+    pairs = [
+        (rng.integers(4, 40, rng.integers(0, 9)).tolist(), rng.integers(4, 40, rng.integers(1, 9)).tolist())
+        for _ in range(50)
+    ]
+    special = dict(pad_id=0, bos_id=1, eos_id=2)
+    for rows in ([3], [7, 1, 49, 0], list(range(50))):
+        batch = collate(EncodedPairs.from_pairs(pairs), rows, **special)
+        for b, i in enumerate(rows):
+            src, tgt = pairs[i]
+            assert (
+                batch.src_ids[b, : len(src) + 1].tolist() == [*src, 2] and (batch.src_ids[b, len(src) + 1 :] == 0).all()
+            )
+            assert batch.tgt_in[b, : len(tgt) + 1].tolist() == [1, *tgt]
+            assert batch.tgt_out[b, : len(tgt) + 1].tolist() == [*tgt, 2]
+        assert batch.n_src_tokens == int((batch.src_ids != 0).sum())
+        assert batch.n_tgt_tokens == int((batch.tgt_out != 0).sum())
+    stream = BatchStream(pairs, max_tokens=40, seed=0, **special)
+    assert isinstance(stream.pairs, EncodedPairs) and stream.pairs.sources.ids_N.dtype == np.uint16
+
+
+def _cached_dirs(run: Path) -> list[str]:
+    return sorted(path.name for path in (run / encoded_cache.CACHE_DIR).iterdir())
+
+
+def test_a_resume_reads_the_encoded_cache_and_trains_the_same(tmp_path: Path, monkeypatch) -> None:
+    corpus = write_corpus(tmp_path)
+    experiment = tiny_experiment(corpus, "train.max_steps=8", "train.save_every=4")
+    start_run(experiment, tmp_path / "whole", quiet=True).train()
+    cut = start_run(
+        dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, max_steps=4)),
+        tmp_path / "cut",
+        quiet=True,
+    )
+    cut.train()
+    assert len(_cached_dirs(tmp_path / "cut")) == 1
+
+    encoded_sizes = []
+    real = encoded_module.encode_rows
+    monkeypatch.setattr(
+        "tformer.training.run.encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
+    )
+    resumed = resume_run(tmp_path / "cut", overrides=["train.max_steps=8"], quiet=True)
+    assert encoded_sizes == [12, 12]  # the validation set only: the 200 training pairs come from the cache
+    assert isinstance(resumed.data.stream.pairs.sources.ids_N, np.memmap)
+    resumed.train()
+    whole, again = (
+        torch.load(run / "checkpoints" / "step-00000008" / "trainer_state.pt", weights_only=False)
+        for run in (tmp_path / "whole", tmp_path / "cut")
+    )
+    assert whole["stream"] == again["stream"]
+    for x, y in zip(
+        load_run(tmp_path / "whole").model.state_dict().values(),
+        load_run(tmp_path / "cut").model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(x, y)
+
+
+def test_a_changed_corpus_file_is_encoded_again(tmp_path: Path, monkeypatch) -> None:
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2"), run, quiet=True).train()
+    before = _cached_dirs(run)
+    lines = corpus["train_tgt"].read_text(encoding="utf-8").splitlines()
+    lines[0] += " cat"  # same line count, one target longer
+    corpus["train_tgt"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    calls = []
+    real = encoded_module.encode_rows
+    monkeypatch.setattr("tformer.training.run.encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = resume_run(run, overrides=["train.max_steps=3"], quiet=True)
+    assert calls and resumed.data.stream.pairs.targets[0].tolist()[-1] == resumed.tokenizer.encode_target("cat")[-1]
+    after = _cached_dirs(run)
+    assert len(after) == 1 and after != before  # the stale cache is replaced, not kept beside
+
+
+def test_a_damaged_cache_is_a_miss_and_a_failed_save_only_warns(tmp_path: Path) -> None:
+    pairs = EncodedPairs.from_pairs([([5, 6], [7]), ([8], [9, 10, 11])])
+    key = encoded_cache.CorpusKey("a" * 8, "b" * 8, tokenizer=1, max_chars=10, strict=False, max_positions=64)
+    assert encoded_cache.save(tmp_path, key, encoded_cache.CachedCorpus(pairs, skipped_overlong=3)) is None
+    loaded = encoded_cache.load(tmp_path, key)
+    assert loaded is not None and loaded.skipped_overlong == 3
+    assert [loaded.pairs[i][1].tolist() for i in range(2)] == [[7], [9, 10, 11]]
+    assert encoded_cache.load(tmp_path, dataclasses.replace(key, max_positions=32)) is None
+    offsets = tmp_path / encoded_cache.CACHE_DIR / key.directory_name() / "targets.offsets.npy"
+    offsets.write_bytes(offsets.read_bytes()[:-8])  # truncated
+    assert encoded_cache.load(tmp_path, key) is None
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    problem = encoded_cache.save(blocked, key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0))
+    assert problem is not None and blocked.read_text() == "not a directory"
