@@ -258,3 +258,26 @@ def test_a_limit_that_grows_with_the_source_is_exported_with_a_one_line_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_hf(make_run(tmp_path / "fixed", decode=fixed), tmp_path / "hf-fixed")
+
+
+def test_an_imported_opus_model_converts_to_a_ctranslate2_model_that_translates_like_it(tmp_path):
+    """OPUS-MT starts decoding from pad and has no bos token of its own: the conversion names the start
+    token as CTranslate2's bos (a null one made the model unloadable)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from test_import_hf import SENTENCES as OPUS_SENTENCES
+    from test_import_hf import write_marian_dir
+
+    from tformer.decoding.pipeline import Translator
+
+    hf_dir = write_marian_dir(tmp_path / "opus", weights="safetensors")
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
+    loaded = load_run(tmp_path / "run")
+    tokenizer = loaded.tokenizer
+    greedy = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW, banned_ids=(tokenizer.pad_id,))
+    expected = [t[0].tokens for t in Translator(loaded.model, tokenizer, greedy).translate(OPUS_SENTENCES)]
+    eos = tokenizer.id_to_source_piece([tokenizer.eos_id])[0]
+    sources = [[*tokenizer.source_pieces(sentence), eos] for sentence in OPUS_SENTENCES]
+    results = translator.translate_batch(sources, beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
+    assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(tokens) for tokens in expected]

@@ -132,6 +132,10 @@ def _start_token_loader() -> Iterator[None]:
 
         def set_config(self, config: Any, model: Any, tokenizer: Any) -> None:
             bart.set_config(self, config, model, tokenizer)
+            # no bos token of its own (an imported OPUS-MT model starts from pad): CTranslate2 cannot
+            # load a null bos_token, and with add_source_bos off it only names the start token
+            if config.bos_token is None:
+                config.bos_token = config.decoder_start_token
 
     loaders = ct2_transformers._MODEL_LOADERS
     original = loaders["MarianConfig"]
