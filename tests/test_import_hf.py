@@ -157,3 +157,16 @@ def test_import_refuses_what_it_cannot_read(tmp_path, capsys):
     assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
     assert "holds no weights" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_safetensors_file_is_refused_in_one_line(tmp_path, capsys, damage):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    weights = hf_dir / "model.safetensors"
+    damaged = {"garbage": b"not a safetensors file", "truncated": weights.read_bytes()[:4000], "empty": b""}
+    weights.write_bytes(damaged[damage])
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {weights}: corrupt or truncated") and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()

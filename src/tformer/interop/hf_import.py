@@ -114,9 +114,13 @@ def decode_config(generation: dict[str, Any], max_positions: int, banned_ids: li
 
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
     if _has(hf_dir, "model.safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(hf_dir / "model.safetensors")
+        try:
+            return load_file(hf_dir / "model.safetensors")
+        except SafetensorError as error:  # a damaged file: its header or data does not add up
+            raise ValueError(f"{hf_dir / 'model.safetensors'}: corrupt or truncated ({error})") from None
     if _has(hf_dir, "pytorch_model.bin"):
         try:
             return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
