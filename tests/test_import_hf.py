@@ -170,3 +170,17 @@ def test_a_damaged_safetensors_file_is_refused_in_one_line(tmp_path, capsys, dam
     error = capsys.readouterr().err
     assert error.startswith(f"error: {weights}: corrupt or truncated") and error.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("setting", "value"), [("vocab_size", 60), ("decoder_ffn_dim", 48)])
+def test_weights_that_do_not_fit_config_json_are_refused_in_one_line(tmp_path, capsys, setting, value):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config[setting] = value
+    config["encoder_ffn_dim"] = config["decoder_ffn_dim"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {hf_dir}: the weights do not fit config.json: ") and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()

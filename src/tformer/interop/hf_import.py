@@ -58,6 +58,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
     banned = sorted({words[0] for words in generation.get("bad_words_ids") or [] if len(words) == 1})
     model = Transformer(config)
+    _check_shapes(state, model.state_dict(), hf_dir)
     model.load_state_dict(state, strict=True)
     tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=hf_config.decoder_start_token_id)
     if tokenizer.eos_id != hf_config.eos_token_id or tokenizer.pad_id != hf_config.pad_token_id:
@@ -128,6 +129,16 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
             reason = type(error).__name__
             raise ValueError(f"{hf_dir / 'pytorch_model.bin'}: cannot be read safely ({reason})") from None
     raise ValueError(f"{hf_dir} holds no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor], hf_dir: Path) -> None:
+    """Weights saved for another config.json (vocabulary or sizes edited) are refused by name."""
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{hf_dir}: the weights do not fit config.json: {name} has shape {tuple(tensor.shape)}, "
+                f"config.json makes it {tuple(expected[name].shape)}"
+            )
 
 
 def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
