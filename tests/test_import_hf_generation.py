@@ -71,3 +71,36 @@ def test_import_then_export_keeps_the_generation_settings(tmp_path, early_stoppi
     original = hf_generate(transformers.MarianMTModel.from_pretrained(hf_dir).eval(), tokenizer)
     again = hf_generate(transformers.MarianMTModel.from_pretrained(tmp_path / "again").eval(), tokenizer)
     assert again == original
+
+
+def rewrite(path, **changes) -> dict:
+    document = json.loads(path.read_text())
+    document.update(changes)
+    path.write_text(json.dumps(document))
+    return document
+
+
+@pytest.mark.parametrize("layout", ["file-overrides-config", "config-only", "start-token"])
+def test_the_imported_decoder_uses_the_settings_generate_uses(tmp_path, layout):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    if layout == "file-overrides-config":  # generate() reads no generation key of config.json then
+        generation = json.loads((hf_dir / "generation_config.json").read_text())
+        del generation["no_repeat_ngram_size"]
+        (hf_dir / "generation_config.json").write_text(json.dumps(generation))
+        rewrite(hf_dir / "config.json", no_repeat_ngram_size=1, min_length=6, bad_words_ids=[[5]], length_penalty=3.0)
+    elif layout == "config-only":  # config.json's keys as written: no MarianConfig default (forced eos 0)
+        config = json.loads((hf_dir / "config.json").read_text())
+        del config["forced_eos_token_id"]
+        (hf_dir / "config.json").write_text(json.dumps({**config, "num_beams": 2, "max_length": 9}))
+        (hf_dir / "generation_config.json").unlink()
+    else:  # generate() starts from generation_config.json's decoder start token, not config.json's
+        rewrite(hf_dir / "generation_config.json", decoder_start_token_id=1)
+    import_hf(hf_dir, tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    if layout == "config-only":
+        assert hf_model.generation_config.forced_eos_token_id is None and not loaded.experiment.decode.forced_eos
+    ours = [
+        t[0].tokens for t in Translator(loaded.model, loaded.tokenizer, loaded.experiment.decode).translate(SENTENCES)
+    ]
+    assert ours == hf_generate(hf_model, transformers.MarianTokenizer.from_pretrained(hf_dir))

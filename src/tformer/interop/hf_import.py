@@ -10,13 +10,10 @@ tokenizer files (see `VocabTokenizer`). A model with `tie_word_embeddings=False`
 (tformer's untied output projection). Written: a run directory with one checkpoint, `step-00000000`,
 that `load_run` and every tformer command read like a trained one.
 
-Decoding settings come from generation_config.json: num_beams, length_penalty (tformer's "average"
-normalisation is Hugging Face's), no_repeat_ngram_size, min_length and max_length (both count the
-decoder start token in HF; tformer's limits count output tokens only). HF's `bad_words_ids` of single
-tokens (OPUS-MT bans its pad token, which is also the decoder start token) become `decode.banned_ids`,
-banned after the softmax as HF does, so greedy and beam search give HF's tokens and scores. HF's
-`forced_eos_token_id` (at the last step eos is the only token, at log-probability 0) becomes
-`decode.forced_eos`, and `early_stopping` (true or false) `decode.early_stopping`.
+Decoding settings are the ones generate() uses (generation_config.json, else config.json's), mapped
+and checked by `tformer.interop.hf_generation`: HF's `bad_words_ids` of single tokens (OPUS-MT bans its
+pad token, which is also the decoder start token) become `decode.banned_ids`, banned after the softmax
+as HF does, so greedy and beam search give HF's tokens and scores.
 """
 
 from __future__ import annotations
@@ -28,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tformer.config import DecodeConfig, ExperimentConfig, ModelConfig
+from tformer.config import ExperimentConfig, ModelConfig
 from tformer.interop.directories import fresh_directory, written_atomically
+from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decoder_start_id, generation_settings
 from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
@@ -49,18 +47,16 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{hf_dir / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'marian'")
     hf_config = MarianConfig.from_pretrained(hf_dir)
     config = model_config_from_marian(hf_config)
-    generation = dict(raw)
-    if _has(hf_dir, "generation_config.json"):
-        generation.update(_read_json(hf_dir / "generation_config.json"))
+    has_file = _has(hf_dir, GENERATION_FILE)
+    generation = generation_settings(_read_json(hf_dir / GENERATION_FILE) if has_file else None, raw)
     try:
         state = marian_to_tformer_state(_with_tied_embeddings(_read_weights(hf_dir), config), config)
     except KeyError as error:
         raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
-    banned = sorted({words[0] for words in generation.get("bad_words_ids") or [] if len(words) == 1})
     model = Transformer(config)
     _check_shapes(state, model.state_dict(), hf_dir)
     model.load_state_dict(state, strict=True)
-    tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=hf_config.decoder_start_token_id)
+    tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=decoder_start_id(generation, hf_config))
     if tokenizer.eos_id != hf_config.eos_token_id or tokenizer.pad_id != hf_config.pad_token_id:
         raise ValueError(
             f"{hf_dir}: the tokenizer's eos/pad ids ({tokenizer.eos_id}, {tokenizer.pad_id}) differ from "
@@ -68,8 +64,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         )
     if tokenizer.src_vocab_size > config.src_vocab_size or tokenizer.tgt_vocab_size > config.tgt_vocab_size:
         raise ValueError(f"{hf_dir}: the vocabulary files hold more ids than the model's embeddings")
-    experiment = ExperimentConfig(model=config, decode=decode_config(generation, config.max_positions, banned))
-    source = {"format": "hf-marian", "path": str(hf_dir.resolve()), "banned_token_ids": banned}
+    named = hf_dir / (GENERATION_FILE if has_file else "config.json")
+    decode = decode_config(generation, max_positions=config.max_positions, eos_id=tokenizer.eos_id, source=str(named))
+    experiment = ExperimentConfig(model=config, decode=decode)
+    source = {"format": "hf-marian", "path": str(hf_dir.resolve()), "banned_token_ids": list(decode.banned_ids)}
     with written_atomically(out) as temporary:
         name = step_name(0)
         (temporary / CHECKPOINTS_DIR).mkdir()
@@ -84,33 +82,6 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         )
         write_pointer(temporary, "latest", name)
     return out
-
-
-def decode_config(generation: dict[str, Any], max_positions: int, banned_ids: list[int]) -> DecodeConfig:
-    """tformer's DecodeConfig for Hugging Face generation settings (see the module docstring)."""
-    max_length = int(generation.get("max_length") or 512)
-    forced_eos = generation.get("forced_eos_token_id") is not None
-    beams = int(generation.get("num_beams") or 1)
-    early_stopping = generation.get("early_stopping", False)
-    if early_stopping not in (True, False):  # "never": HF's exact-but-slow stopping rule
-        raise ValueError(
-            f"generation_config.json: early_stopping={early_stopping!r} is not supported; tformer's beam search "
-            "stops as Hugging Face's early_stopping=false or true (set one of them)"
-        )
-    return DecodeConfig(
-        beam_size=beams,
-        nbest=1,
-        max_len_a=0.0,
-        # HF's max_length counts the decoder start token; a forced eos is the last of the tokens after it
-        max_len_b=max(1, min(max_length - 1, max_positions)),
-        forced_eos=forced_eos,
-        early_stopping=bool(early_stopping),
-        min_len=max(0, int(generation.get("min_length") or 0) - 1),
-        length_normalization="average",
-        length_penalty=float(generation.get("length_penalty", 1.0)),
-        no_repeat_ngram_size=int(generation.get("no_repeat_ngram_size") or 0),
-        banned_ids=tuple(banned_ids),
-    )
 
 
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
