@@ -104,3 +104,53 @@ def test_the_imported_decoder_uses_the_settings_generate_uses(tmp_path, layout):
         t[0].tokens for t in Translator(loaded.model, loaded.tokenizer, loaded.experiment.decode).translate(SENTENCES)
     ]
     assert ours == hf_generate(hf_model, transformers.MarianTokenizer.from_pretrained(hf_dir))
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        (dict(repetition_penalty=1.3), "repetition_penalty=1.3"),
+        (dict(forced_bos_token_id=5), "forced_bos_token_id=5"),
+        (dict(do_sample=True), "do_sample=True"),
+        (dict(num_beam_groups=3, diversity_penalty=0.5), "num_beam_groups=3"),
+        (dict(encoder_no_repeat_ngram_size=2), "encoder_no_repeat_ngram_size=2"),
+        (dict(suppress_tokens=[7]), "suppress_tokens=[7]"),
+        (dict(bad_words_ids=[[43], [5, 6]]), "bad_words_ids entry [5, 6]"),
+        (dict(eos_token_id=[0, 5]), "eos_token_id=[0, 5]"),
+        (dict(forced_eos_token_id=5), "forced_eos_token_id=5"),
+    ],
+    ids=lambda value: value.split("=")[0].split()[0] if isinstance(value, str) else "setting",
+)
+def test_settings_tformer_cannot_reproduce_are_refused_in_one_line(tmp_path, capsys, changes, named):
+    from tformer.cli.main import main
+
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    rewrite(hf_dir / "generation_config.json", **changes)
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {hf_dir / 'generation_config.json'}: {named}") and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # neutral values, and sampling parameters that generate() ignores without do_sample
+        dict(repetition_penalty=1.0, num_beam_groups=1, do_sample=False, temperature=0.5, top_k=3, eos_token_id=[0]),
+        dict(max_new_tokens=6, max_length=20),  # max_new_tokens wins over max_length
+        dict(num_beams=1, min_new_tokens=8, max_length=12),
+        dict(min_length=9, min_new_tokens=4, max_length=12),  # min_new_tokens wins over min_length
+    ],
+    ids=["neutral", "max-new-tokens", "min-new-tokens", "min-new-tokens-wins"],
+)
+def test_accepted_settings_decode_like_generate(tmp_path, changes):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    rewrite(hf_dir / "generation_config.json", **changes)
+    import_hf(hf_dir, tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    ours = [
+        t[0].tokens for t in Translator(loaded.model, loaded.tokenizer, loaded.experiment.decode).translate(SENTENCES)
+    ]
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    assert ours == hf_generate(hf_model, transformers.MarianTokenizer.from_pretrained(hf_dir))

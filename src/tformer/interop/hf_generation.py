@@ -6,8 +6,12 @@ them (no MarianConfig default is added). `generation_settings` follows that rule
 
 How they map: num_beams, length_penalty (tformer's "average" normalisation is Hugging Face's),
 no_repeat_ngram_size, early_stopping (true or false); min_length and max_length count the decoder start
-token in HF, so tformer's limits are one less; single-token `bad_words_ids` become `banned_ids`,
-`forced_eos_token_id` `forced_eos`. generate() starts from the settings' decoder start token.
+token in HF, so tformer's limits are one less (min_new_tokens and max_new_tokens are tformer's as they
+are, and win over min_length and max_length as in HF); single-token `bad_words_ids` become
+`banned_ids`, `forced_eos_token_id` `forced_eos`. A setting that changes generate()'s output and has
+no tformer counterpart (sampling, repetition penalties, a forced first token, several eos tokens,
+multi-token bans, ...) is refused in one line naming it, rather than imported as a different decoder.
+Sampling parameters (temperature, top_k, ...) are ignored as generate() ignores them without do_sample.
 """
 
 from __future__ import annotations
@@ -20,6 +24,32 @@ if TYPE_CHECKING:
     from transformers import MarianConfig
 
 GENERATION_FILE = "generation_config.json"
+
+# settings tformer cannot reproduce -> the values with which generate() behaves as if they were unset
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "do_sample": (False,),
+    "repetition_penalty": (1.0,),
+    "encoder_repetition_penalty": (1.0,),
+    "encoder_no_repeat_ngram_size": (0,),
+    "num_beam_groups": (1,),
+    "diversity_penalty": (0.0,),
+    "penalty_alpha": (),
+    "forced_bos_token_id": (),
+    "forced_decoder_ids": ([],),
+    "suppress_tokens": ([],),
+    "begin_suppress_tokens": ([],),
+    "sequence_bias": ({},),
+    "exponential_decay_length_penalty": (),
+    "renormalize_logits": (False,),
+    "constraints": ([],),
+    "force_words_ids": ([],),
+    "guidance_scale": (1.0,),
+    "max_time": (),
+    "stop_strings": ([],),
+    "token_healing": (False,),
+    "dola_layers": (),
+    "watermarking_config": (),
+}
 
 
 def generation_settings(file_settings: dict[str, Any] | None, model_config: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +69,7 @@ def decoder_start_id(settings: dict[str, Any], hf_config: MarianConfig) -> int:
 
 def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, source: str) -> DecodeConfig:
     """tformer's DecodeConfig for generate()'s `settings`; `source` names them in errors."""
+    _refuse_what_tformer_lacks(settings, eos_id=eos_id, source=source)
     early_stopping = settings.get("early_stopping", False)
     if early_stopping not in (True, False):  # "never": HF's exact-but-slow stopping rule
         raise ValueError(
@@ -46,8 +77,8 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
             "stops as Hugging Face's early_stopping=false or true (set one of them)"
         )
     # HF's max_length counts the decoder start token; a forced eos is the last of the tokens after it
-    max_new = int(settings.get("max_length", 512)) - 1
-    min_new = int(settings.get("min_length", 0)) - 1
+    max_new = settings.get("max_new_tokens", int(settings.get("max_length", 512)) - 1)
+    min_new = settings.get("min_new_tokens", int(settings.get("min_length", 0)) - 1)
     return DecodeConfig(
         beam_size=int(settings.get("num_beams", 1)),
         nbest=1,
@@ -55,7 +86,7 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
         max_len_b=max(1, min(int(max_new), max_positions)),
         forced_eos=settings.get("forced_eos_token_id") is not None,
         early_stopping=bool(early_stopping),
-        min_len=max(0, min_new),
+        min_len=max(0, int(min_new)),
         length_normalization="average",
         length_penalty=float(settings.get("length_penalty", 1.0)),
         no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size", 0)),
@@ -64,4 +95,27 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
 
 
 def banned_ids(settings: dict[str, Any]) -> list[int]:
-    return sorted({words[0] for words in settings.get("bad_words_ids", []) if len(words) == 1})
+    return sorted({words[0] for words in settings.get("bad_words_ids", [])})
+
+
+def _refuse_what_tformer_lacks(settings: dict[str, Any], *, eos_id: int, source: str) -> None:
+    for key, neutral in _NEUTRAL.items():
+        if key in settings and settings[key] not in neutral:
+            fix = f"remove it (or set it to {neutral[0]!r})" if neutral else "remove it"
+            raise ValueError(
+                f"{source}: {key}={settings[key]!r} changes generate()'s output and tformer has no such "
+                f"setting; {fix} to import this model"
+            )
+    for words in settings.get("bad_words_ids", []):
+        if len(words) != 1:
+            raise ValueError(
+                f"{source}: bad_words_ids entry {words!r} bans a sequence of tokens; tformer bans single "
+                "tokens only (remove the entry to import this model)"
+            )
+    for key in ("eos_token_id", "forced_eos_token_id"):
+        value = settings.get(key, eos_id)
+        if (value if isinstance(value, list) else [value]) != [eos_id]:
+            raise ValueError(
+                f"{source}: {key}={value!r}, but tformer ends sentences with one eos token, the tokenizer's "
+                f"({eos_id}); set {key} to {eos_id} to import this model"
+            )

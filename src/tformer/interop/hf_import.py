@@ -13,7 +13,8 @@ that `load_run` and every tformer command read like a trained one.
 Decoding settings are the ones generate() uses (generation_config.json, else config.json's), mapped
 and checked by `tformer.interop.hf_generation`: HF's `bad_words_ids` of single tokens (OPUS-MT bans its
 pad token, which is also the decoder start token) become `decode.banned_ids`, banned after the softmax
-as HF does, so greedy and beam search give HF's tokens and scores.
+as HF does, so greedy and beam search give HF's tokens and scores; settings tformer cannot reproduce
+are refused in one line.
 """
 
 from __future__ import annotations
