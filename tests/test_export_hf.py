@@ -281,3 +281,27 @@ def test_an_imported_opus_model_converts_to_a_ctranslate2_model_that_translates_
     sources = [[*tokenizer.source_pieces(sentence), eos] for sentence in OPUS_SENTENCES]
     results = translator.translate_batch(sources, beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
     assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(tokens) for tokens in expected]
+
+
+def test_a_sampling_run_is_exported_as_hf_sampling_from_the_same_distribution(tmp_path):
+    """generate()'s warpers built from the exported settings shape the logits as tformer's sampler does."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from tformer.decoding.sampling import Sampler
+
+    decode = DecodeConfig(beam_size=2, sampling=True, temperature=0.7, top_k=6, top_p=0.8, max_len_a=0.0)
+    export_hf(make_run(tmp_path / "run", decode=decode), tmp_path / "hf")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.do_sample and generation.num_beams == 1
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    warped = logits
+    for warper in (
+        TemperatureLogitsWarper(generation.temperature),
+        TopKLogitsWarper(generation.top_k),
+        TopPLogitsWarper(generation.top_p),
+    ):
+        warped = warper(None, warped)
+    expected = warped.log_softmax(dim=-1)
+    actual = Sampler(decode, torch.device("cpu"), rows=5).shaped_log_probs(logits)
+    assert torch.equal(actual.isinf(), expected.isinf())
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)

@@ -72,10 +72,13 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
     `length_normalization="average"` (and "none" is its length_penalty 0); GNMT's penalty has no HF
     counterpart. HF's lengths count the decoder start token: max_length is max_len_b + 1 when the limit
     is fixed (max_len_a = 0; else the model's max_positions), min_length is tformer's min_len + 1.
-    Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them."""
+    Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them.
+    Sampling is HF's do_sample with the same temperature, top-k (0: none) and top-p, applied in that
+    order in both."""
     from transformers import GenerationConfig
 
-    if decode.length_normalization == "gnmt" and decode.beam_size > 1:
+    beam_search = decode.beam_size > 1 and not decode.sampling
+    if decode.length_normalization == "gnmt" and beam_search:
         warnings.warn(
             "Hugging Face has no GNMT length penalty: the export uses its average normalisation "
             f"(length_penalty={decode.length_penalty}), so its beam outputs will differ from tformer's",
@@ -88,10 +91,13 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
             "reach tformer's limit differ unless you pass generate() that max_new_tokens",
             stacklevel=3,
         )
-    beam_only: dict[str, Any] = {}  # HF refuses to save a beam setting in a greedy config
-    if decode.beam_size > 1:
-        beam_only["length_penalty"] = 0.0 if decode.length_normalization == "none" else decode.length_penalty
-        beam_only["early_stopping"] = decode.early_stopping
+    search: dict[str, Any] = {"num_beams": 1}  # HF refuses to save a beam setting in a greedy config
+    if decode.sampling:  # tformer's sampling draws one path per sample whatever beam_size says
+        search.update(do_sample=True, temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p)
+    elif beam_search:
+        search["num_beams"] = decode.beam_size
+        search["length_penalty"] = 0.0 if decode.length_normalization == "none" else decode.length_penalty
+        search["early_stopping"] = decode.early_stopping
     # a fixed limit (max_len_a = 0) is HF's max_length, decoder start included; one that grows with the
     # source has no HF counterpart, so the model's own limit is written
     fixed = decode.max_len_a == 0
@@ -102,12 +108,11 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
         eos_token_id=ids.eos_id,
         pad_token_id=ids.pad_id,
         forced_eos_token_id=ids.eos_id if decode.forced_eos else None,
-        num_beams=decode.beam_size,
         no_repeat_ngram_size=decode.no_repeat_ngram_size,
         bad_words_ids=[[token] for token in decode.banned_ids] or None,
         min_length=decode.min_len + 1,
         max_length=max_length,
-        **beam_only,
+        **search,
     )
 
 
