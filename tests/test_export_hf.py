@@ -220,11 +220,14 @@ def test_no_length_normalisation_is_hf_length_penalty_zero(tmp_path):
     assert beam == configured_outputs(hf_model, hf_tokenizer)
 
 
-def test_gnmt_beam_search_is_exported_with_a_warning(tmp_path):
+def test_gnmt_or_coverage_penalised_beam_search_is_exported_with_a_warning(tmp_path):
     gnmt = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="gnmt")
     with pytest.warns(UserWarning, match="no GNMT length penalty.*beam outputs will differ"):
         export_hf(make_run(tmp_path / "run", decode=gnmt), tmp_path / "hf")
-    greedy = dataclasses.replace(gnmt, beam_size=1)
+    coverage = dataclasses.replace(gnmt, length_normalization="average", coverage_penalty=0.2)
+    with pytest.warns(UserWarning, match="no coverage penalty.*coverage_penalty=0.2.*beam outputs will differ"):
+        export_hf(make_run(tmp_path / "coverage", decode=coverage), tmp_path / "hf-coverage")
+    greedy = dataclasses.replace(gnmt, beam_size=1, coverage_penalty=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_hf(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "hf-greedy")

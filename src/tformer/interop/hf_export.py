@@ -84,6 +84,12 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
             f"(length_penalty={decode.length_penalty}), so its beam outputs will differ from tformer's",
             stacklevel=3,
         )
+    if decode.coverage_penalty > 0 and beam_search:
+        warnings.warn(
+            f"Hugging Face has no coverage penalty: the export leaves out tformer's coverage_penalty="
+            f"{decode.coverage_penalty}, so its beam outputs will differ from tformer's",
+            stacklevel=3,
+        )
     if decode.max_len_a != 0:
         warnings.warn(
             f"Hugging Face has no length limit that grows with the source: generate() stops at max_length="
