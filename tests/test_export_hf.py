@@ -133,10 +133,14 @@ def test_hf_export_loads_tokenizes_and_generates_like_tformer(tmp_path, override
     assert generation["decoder_start_token_id"] == loaded.tokenizer.bos_id and generation["num_beams"] == 3
 
 
-@pytest.mark.parametrize("tie_output", [True, False])
-def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output):
+# one vocabulary with separate source and target embeddings (share_embeddings=false) converts too
+@pytest.mark.parametrize(
+    ("tie_output", "share_embeddings"), [(True, True), (False, True), (True, False), (False, False)]
+)
+def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output, share_embeddings):
     ctranslate2 = pytest.importorskip("ctranslate2")
-    run = make_run(tmp_path / "run", sinusoidal_layout="interleaved", tie_output=tie_output)
+    overrides = dict(sinusoidal_layout="interleaved", tie_output=tie_output, share_embeddings=share_embeddings)
+    run = make_run(tmp_path / "run", **overrides)
     assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
     translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
     loaded = load_run(run)

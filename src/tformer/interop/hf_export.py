@@ -53,7 +53,7 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
     `ctranslate2.converters.TransformersConverter`; the sentencepiece models are copied alongside."""
     loaded = load_run(run, which=which)
     check_exportable(loaded.model.config)
-    if not loaded.tokenizer.joint or not loaded.model.config.share_embeddings:
+    if not loaded.tokenizer.joint:
         raise ValueError("CTranslate2's Marian converter needs one vocabulary shared by source and target")
     out = fresh_directory(out)
     from ctranslate2.converters import TransformersConverter
