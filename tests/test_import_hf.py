@@ -184,3 +184,25 @@ def test_weights_that_do_not_fit_config_json_are_refused_in_one_line(tmp_path, c
     error = capsys.readouterr().err
     assert error.startswith(f"error: {hf_dir}: the weights do not fit config.json: ") and error.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"activation_function": "gelu_new"},
+            "activation_function='gelu_new' has no tformer counterpart (tformer has ",
+        ),
+        ({"decoder_attention_heads": 2}, "encoder_attention_heads=4 but decoder_attention_heads=2"),
+        ({"decoder_ffn_dim": 32}, "encoder_ffn_dim=64 but decoder_ffn_dim=32"),
+    ],
+)
+def test_an_architecture_tformer_lacks_is_refused_naming_the_setting(tmp_path, capsys, changes, message):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, **changes}))
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot import: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -95,13 +95,22 @@ def model_config_from_marian(hf_config: MarianConfig) -> ModelConfig:
     shared_vocab = bool(hf_config.share_encoder_decoder_embeddings)
     tied = bool(hf_config.tie_word_embeddings)
     decoder_vocab = hf_config.vocab_size if shared_vocab else (hf_config.decoder_vocab_size or hf_config.vocab_size)
-    if hf_config.encoder_attention_heads != hf_config.decoder_attention_heads:
-        raise ValueError("tformer needs the same number of heads in encoder and decoder")
-    if hf_config.encoder_ffn_dim != hf_config.decoder_ffn_dim:
-        raise ValueError("tformer needs the same feed-forward size in encoder and decoder")
-    activation = {"relu": "relu", "gelu": "gelu", "swish": "silu", "silu": "silu"}.get(hf_config.activation_function)
+    for encoder, decoder in (
+        ("encoder_attention_heads", "decoder_attention_heads"),
+        ("encoder_ffn_dim", "decoder_ffn_dim"),
+    ):
+        if getattr(hf_config, encoder) != getattr(hf_config, decoder):
+            raise ValueError(
+                f"cannot import: {encoder}={getattr(hf_config, encoder)} but {decoder}={getattr(hf_config, decoder)}; "
+                "tformer's encoder and decoder share one head count and one feed-forward size"
+            )
+    activations = {"relu": "relu", "gelu": "gelu", "swish": "silu", "silu": "silu"}
+    activation = activations.get(hf_config.activation_function)
     if activation is None:
-        raise ValueError(f"unsupported Marian activation {hf_config.activation_function!r}")
+        raise ValueError(
+            f"cannot import: activation_function={hf_config.activation_function!r} has no tformer counterpart "
+            f"(tformer has {', '.join(activations)})"
+        )
     return ModelConfig(
         src_vocab_size=hf_config.vocab_size,
         tgt_vocab_size=decoder_vocab,
