@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from training_helpers import tiny_experiment, write_corpus
 
+import tformer
 from tformer.config import ConfigError
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed, init_distributed
@@ -96,3 +99,54 @@ def test_processes_with_different_tokenizers_refuse_to_train(tmp_path: Path) -> 
     check_same_tokenizer(tokenizer, Distributed(), torch.device("cpu"))  # one process: nothing to compare
     with pytest.raises(ConfigError, match=r"different tokenizers.*--tokenizer DIR"):
         check_same_tokenizer(tokenizer, _Disagreeing(rank=1, world_size=2), torch.device("cpu"))
+
+
+def _launch(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """`tformer` processes of one torchrun-style job, process r given argvs[r] (as if the machines were
+    given different commands); returns each one's exit status and output."""
+    port, world_size = _free_port(), len(argvs)
+    source = str(Path(tformer.__file__).resolve().parents[1])
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tformer.cli.main", *argv],
+            cwd=cwd,
+            env={
+                **os.environ,
+                "PYTHONPATH": source,
+                "OMP_NUM_THREADS": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, argv in enumerate(argvs)
+    ]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+def _train_argv(corpus: dict, out: Path, *extra: str) -> list[str]:
+    experiment = ["--set", "model.preset=tiny", "--vocab-size", "48", "--max-tokens", "256", "--device", "cpu"]
+    data = ["--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"])]
+    return ["train", *data, *experiment, "--max-steps", "4", "--quiet", "--out", str(out), *extra]
+
+
+def test_when_one_process_fails_the_others_say_so_in_one_line(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    broken = _train_argv(corpus, out, "--train-src", str(tmp_path / "missing.src"))
+    healthy, failing = _launch([_train_argv(corpus, out), broken], cwd=tmp_path)
+    assert (failing.returncode, failing.stderr) == (2, f"error: file not found: {tmp_path / 'missing.src'}\n")
+    assert healthy.returncode == 1
+    assert healthy.stderr == (
+        "error: process 0 stops: another process of this run failed or was stopped (its own message says why)\n"
+    )
+    assert not out.exists()  # rank 0 created it, and removed it when the setup failed

@@ -67,6 +67,14 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is the process group's report that a collective could not complete because the
+    other end is gone or silent: gloo raises a plain RuntimeError that carries its source path
+    (".../gloo/transport/tcp/pair.cc: Connection closed by peer"), NCCL and the store a DistError. In a
+    multi-process run this nearly always follows another process's failure, which that process reports."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo/transport/" in str(error))
+
+
 def init_distributed(device_name: str) -> Distributed:
     """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU).
 

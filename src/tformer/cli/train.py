@@ -28,12 +28,13 @@ import glob
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
-from tformer.runtime import Distributed, init_distributed
+from tformer.runtime import Distributed, init_distributed, lost_contact
 from tformer.training.checkpoint import abandoned
 from tformer.training.loop import TrainingInterrupted, TrainResult
 from tformer.training.run import (
@@ -117,13 +118,31 @@ def run(args: argparse.Namespace) -> int:
     """One process takes SIGTERM (what schedulers, `timeout` and `kill` send) like Ctrl-C: the run says
     what it kept and an --overwrite removes its hidden directory. Under torchrun the default stays: the
     launcher stops its processes itself, and a handler could not run while one waits in a collective."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_one_of_several(args)
+    if threading.current_thread() is not threading.main_thread():
         return _run(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _run_one_of_several(args: argparse.Namespace) -> int:
+    """Under torchrun, a process that fails says why and exits; the others learn of it only when their
+    next collective fails. They say so in one line, not with the transport's traceback."""
+    try:
+        return _run(args)
+    except RuntimeError as error:
+        if not lost_contact(error):
+            raise
+        print(
+            f"error: process {os.environ.get('RANK', '?')} stops: another process of this run failed or was "
+            "stopped (its own message says why)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _interrupt(signum: int, frame: object) -> None:
