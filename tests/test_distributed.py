@@ -25,6 +25,7 @@ from tformer.config import ConfigError
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed, init_distributed
 from tformer.training import load_run, resume_run, start_run
+from tformer.training.agreement import check_same_experiment
 from tformer.training.run import check_same_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,13 +84,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Pa
 
 
 class _Disagreeing(Distributed):
-    """Two processes in which rank 0 broadcasts another tokenizer fingerprint than this process has."""
+    """Two processes in which rank 0 has other values than this process has."""
 
-    def broadcast_float(self, value: float, device: torch.device) -> float:
-        return value + 1.0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor * self.world_size
+    def differs_from_main(self, values: list[float], device: torch.device) -> list[bool]:
+        return [True] * len(values)
 
 
 def test_processes_with_different_tokenizers_refuse_to_train(tmp_path: Path) -> None:
@@ -102,13 +100,14 @@ def test_processes_with_different_tokenizers_refuse_to_train(tmp_path: Path) -> 
 
 
 def _launch(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.CompletedProcess]:
-    """`tformer` processes of one torchrun-style job, process r given argvs[r] (as if the machines were
-    given different commands); returns each one's exit status and output."""
+    """Python processes of one torchrun-style job, process r given argvs[r] (`-m tformer.cli.main ...`,
+    or a program that runs it; as if each machine were given its own command); returns each one's exit
+    status and output."""
     port, world_size = _free_port(), len(argvs)
     source = str(Path(tformer.__file__).resolve().parents[1])
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "tformer.cli.main", *argv],
+            [sys.executable, *argv],
             cwd=cwd,
             env={
                 **os.environ,
@@ -127,9 +126,15 @@ def _launch(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.CompletedPr
         for rank, argv in enumerate(argvs)
     ]
     results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=120)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=60)  # a few seconds, unless the processes hang
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     return results
 
 
@@ -139,14 +144,77 @@ def _train_argv(corpus: dict, out: Path, *extra: str) -> list[str]:
     return ["train", *data, *experiment, "--max-steps", "4", "--quiet", "--out", str(out), *extra]
 
 
+# `python -c FAILING_AT_STEP_3 train ...`: tformer train, failing in its third step (as out of memory would)
+FAILING_AT_STEP_3 = """
+import sys
+import tformer.training.loop as loop
+from tformer.cli.main import main
+real, calls = loop.train_step, []
+def failing(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 3:
+        raise ValueError("simulated failure in step 3")
+    return real(*args, **kwargs)
+loop.train_step = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_when_one_process_fails_the_others_say_so_in_one_line(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path)
     out = tmp_path / "run"
-    broken = _train_argv(corpus, out, "--train-src", str(tmp_path / "missing.src"))
-    healthy, failing = _launch([_train_argv(corpus, out), broken], cwd=tmp_path)
-    assert (failing.returncode, failing.stderr) == (2, f"error: file not found: {tmp_path / 'missing.src'}\n")
+    argv = _train_argv(corpus, out, "--set", "train.save_every=2")
+    healthy, failing = _launch([["-m", "tformer.cli.main", *argv], ["-c", FAILING_AT_STEP_3, *argv]], cwd=tmp_path)
+    assert (failing.returncode, failing.stderr) == (2, "error: simulated failure in step 3\n")
     assert healthy.returncode == 1
     assert healthy.stderr == (
         "error: process 0 stops: another process of this run failed or was stopped (its own message says why)\n"
     )
-    assert not out.exists()  # rank 0 created it, and removed it when the setup failed
+    assert (out / "latest").read_text().strip() == "step-00000002"  # the checkpoint before the failure stays
+    assert load_run(out, which="last").step == 2
+
+
+def test_processes_given_different_settings_refuse_to_train_naming_the_setting(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    argvs = [_train_argv(corpus, out), _train_argv(corpus, out, "--max-steps", "3")]
+    results = _launch([["-m", "tformer.cli.main", *argv] for argv in argvs], cwd=tmp_path)
+    for rank, (result, here) in enumerate(zip(results, (4, 3), strict=True)):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (
+            f"error: process {rank}: train.max_steps differs between the processes of this run (here {here}); "
+            "give every machine the same command, and the same files at the same paths\n"
+        )
+    assert not out.exists()
+
+
+_SENT: list[list[float]] = []  # what _Recording broadcast, in order
+
+
+class _Recording(Distributed):
+    """Rank 0 of two: records the values it would broadcast."""
+
+    def differs_from_main(self, values: list[float], device: torch.device) -> list[bool]:
+        _SENT.append(list(values))
+        return [False] * len(values)
+
+
+class _Comparing(Distributed):
+    """Rank 1 of two: compares its values with those `_Recording` sent."""
+
+    def differs_from_main(self, values: list[float], device: torch.device) -> list[bool]:
+        main = _SENT.pop(0)
+        return [mine != theirs for mine, theirs in zip(values, main, strict=True)]
+
+
+def test_processes_reading_different_data_at_the_same_path_refuse_to_train(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    experiment = tiny_experiment(corpus)
+    cpu = torch.device("cpu")
+    check_same_experiment(experiment, _Recording(rank=0, world_size=2), cpu)
+    check_same_experiment(experiment, _Comparing(rank=1, world_size=2), cpu)  # the same files: no error
+    check_same_experiment(experiment, _Recording(rank=0, world_size=2), cpu)
+    corpus["valid_tgt"].write_text("another copy\n", encoding="utf-8")
+    message = rf"process 1: the file of data.valid_tgt differs .*\(here {corpus['valid_tgt']}: 13 bytes, crc32"
+    with pytest.raises(ConfigError, match=message):
+        check_same_experiment(experiment, _Comparing(rank=1, world_size=2), cpu)

@@ -13,6 +13,7 @@ Global torch flags are set by `configure_backends`, called when a run starts, ne
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,18 @@ class Distributed:
         tensor = torch.tensor([value], dtype=torch.float64, device=device)
         dist.broadcast(tensor, src=0)
         return float(tensor.item())
+
+    def differs_from_main(self, values: Sequence[float], device: torch.device) -> list[bool]:
+        """For each value, whether some process holds another than rank 0: the same answer on every
+        process, so that all of them stop together. Every process passes as many values."""
+        if not self.enabled:
+            return [False] * len(values)
+        mine = torch.tensor(values, dtype=torch.float64, device=device)
+        main = mine.clone()
+        dist.broadcast(main, src=0)
+        differs = (mine != main).double()
+        dist.all_reduce(differs, op=dist.ReduceOp.SUM)
+        return [count > 0 for count in differs.tolist()]
 
     def barrier(self) -> None:
         if self.enabled:

@@ -39,6 +39,7 @@ from tformer.model import Transformer, count_parameters
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training import encoded_cache
+from tformer.training.agreement import check_same_experiment
 from tformer.training.loop import Trainer, TrainingData
 from tformer.training.run_lock import LOCK_FILE, RunLock
 
@@ -194,6 +195,8 @@ def _new_trainer(
 ) -> Trainer:
     say = _sayer(quiet or not distributed.is_main)
     data = _absolute_paths(experiment.data)
+    device = resolve_device(experiment.train.device, distributed)
+    check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
     if data.train_src is None or data.train_tgt is None:
         raise ConfigError("no training data: set data.train_src and data.train_tgt (or --train-src/--train-tgt)")
     if experiment.train.patience > 0 and data.valid_src is None:
@@ -220,7 +223,7 @@ def _new_trainer(
             seed=experiment.train.seed,
         )
     say(f"tokenizer: {tokenizer!r}")
-    check_same_tokenizer(tokenizer, distributed, resolve_device(experiment.train.device, distributed))
+    check_same_tokenizer(tokenizer, distributed, device)
     model_config = dataclasses.replace(
         experiment.model,
         src_vocab_size=tokenizer.src_vocab_size,
@@ -277,9 +280,7 @@ def check_same_tokenizer(tokenizer: Tokenizer, distributed: Distributed, device:
     if any of them differs from rank 0's, since its ids would then name other pieces."""
     if not distributed.enabled:
         return
-    mine = float(tokenizer.fingerprint())  # < 2**32: exact in float64
-    differs = torch.tensor([float(distributed.broadcast_float(mine, device) != mine)], device=device)
-    if distributed.all_reduce_sum(differs).item() > 0:
+    if distributed.differs_from_main([float(tokenizer.fingerprint())], device)[0]:  # < 2**32: exact in float64
         raise ConfigError(
             "the processes built different tokenizers from the training data; train one first "
             "(e.g. a one-process run) and give it to every process with --tokenizer DIR"
@@ -341,6 +342,8 @@ def _resumed_trainer(
         _check_same_run(experiment, expected)
         experiment = dataclasses.replace(experiment, train=expected.train, decode=expected.decode)
     experiment = _resume_overrides(experiment, overrides)
+    device = resolve_device(experiment.train.device, distributed)
+    check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
     tokenizer = ckpt.load_tokenizer(checkpoint)
     model = Transformer(experiment.model)
     training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)
