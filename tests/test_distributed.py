@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from training_helpers import tiny_experiment, write_corpus
 
 import tformer
+from tformer.cli.main import main
 from tformer.config import ConfigError
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed, init_distributed
@@ -218,3 +219,22 @@ def test_processes_reading_different_data_at_the_same_path_refuse_to_train(tmp_p
     message = rf"process 1: the file of data.valid_tgt differs .*\(here {corpus['valid_tgt']}: 13 bytes, crc32"
     with pytest.raises(ConfigError, match=message):
         check_same_experiment(experiment, _Comparing(rank=1, world_size=2), cpu)
+
+
+def _cli_worker(rank: int, port: int, argvs: list[list[str]], report: Path) -> None:
+    """`tformer` as process `rank` of a torchrun job; writes its exit status and whether it is still in
+    the process group when `main` returns."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(len(argvs))
+    torch.set_num_threads(1)
+    status = main(argvs[rank])
+    (report / f"rank{rank}").write_text(f"{status} {dist.is_initialized()}")
+    os._exit(0)
+
+
+def test_a_process_that_stops_on_an_error_leaves_the_process_group_before_it_exits(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    argvs = [_train_argv(corpus, out), _train_argv(corpus, out, "--max-steps", "3")]
+    mp.spawn(_cli_worker, args=(_free_port(), argvs, tmp_path), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["2 False", "2 False"]

@@ -80,6 +80,15 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def leave_process_group() -> None:
+    """Destroy the process group, if this process is in one, without waiting for the others: what a
+    process that stops on an error does before it exits. Left to the interpreter's exit, gloo's threads
+    are torn down while running, and about one exit in three then aborts ("terminate called without an
+    active exception", SIGABRT)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def lost_contact(error: BaseException) -> bool:
     """Whether `error` is the process group's report that a collective could not complete because the
     other end is gone or silent: gloo raises a plain RuntimeError that carries its source path

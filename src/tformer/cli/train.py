@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
-from tformer.runtime import Distributed, init_distributed, lost_contact
+from tformer.runtime import Distributed, init_distributed, leave_process_group, lost_contact
 from tformer.training.checkpoint import abandoned
 from tformer.training.loop import TrainingInterrupted, TrainResult
 from tformer.training.run import (
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_one_of_several(args: argparse.Namespace) -> int:
     """Under torchrun, a process that fails says why and exits; the others learn of it only when their
-    next collective fails. They say so in one line, not with the transport's traceback."""
+    next collective fails. They say so in one line, not with the transport's traceback. However it
+    ends, the process leaves the process group before it exits."""
     try:
         return _run(args)
     except RuntimeError as error:
@@ -143,6 +144,8 @@ def _run_one_of_several(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        leave_process_group()
 
 
 def _interrupt(signum: int, frame: object) -> None:
