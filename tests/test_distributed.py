@@ -238,3 +238,29 @@ def test_a_process_that_stops_on_an_error_leaves_the_process_group_before_it_exi
     argvs = [_train_argv(corpus, out), _train_argv(corpus, out, "--max-steps", "3")]
     mp.spawn(_cli_worker, args=(_free_port(), argvs, tmp_path), nprocs=2, join=True)
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["2 False", "2 False"]
+
+
+# `python -c VALIDATING_OTHERWISE train ...`: tformer train whose validation loss only grows (as if this
+# process's GPU computed it a little differently, enough to tip early stopping)
+VALIDATING_OTHERWISE = """
+import sys
+import tformer.training.loop as loop
+from tformer.cli.main import main
+real, calls = loop.validation_loss, []
+def growing(*args, **kwargs):
+    calls.append(None)
+    return {**real(*args, **kwargs), "valid_loss": 100.0 + len(calls)}
+loop.validation_loss = growing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_every_process_takes_rank_0s_validation_so_they_stop_at_the_same_step(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    data = ["--valid-src", str(corpus["valid_src"]), "--valid-tgt", str(corpus["valid_tgt"])]
+    stopping = ["--set", "train.valid_every=1", "--set", "train.patience=1", "--set", "train.stop_metric=loss"]
+    argv = _train_argv(corpus, out, *data, *stopping)
+    results = _launch([["-m", "tformer.cli.main", *argv], ["-c", VALIDATING_OTHERWISE, *argv]], cwd=tmp_path)
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
+    assert results[0].stdout == f"run {out}: step 4, reached max_steps=4\n"  # rank 0's loss kept improving

@@ -51,11 +51,15 @@ class Distributed:
 
     def broadcast_float(self, value: float, device: torch.device) -> float:
         """Rank 0's value on every process (a host sync: use it sparingly)."""
+        return self.broadcast_floats([value], device)[0]
+
+    def broadcast_floats(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """Rank 0's values on every process, in one broadcast. Every process passes as many."""
         if not self.enabled:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.broadcast(tensor, src=0)
-        return float(tensor.item())
+        return tensor.tolist()
 
     def differs_from_main(self, values: Sequence[float], device: torch.device) -> list[bool]:
         """For each value, whether some process holds another than rank 0: the same answer on every

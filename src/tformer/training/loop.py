@@ -12,8 +12,9 @@ the random generators at that step, so a run resumed from it continues exactly a
 
 Data parallelism (processes started by torchrun, see docs/training.md): each process reads its own
 share of the batches (BatchStream rank/world_size) and runs the TrainingObjective wrapped in
-DistributedDataParallel; every process validates the same full validation set on identical weights,
-so all reach the same decisions without messages; only rank 0 logs and writes checkpoints. The data
+DistributedDataParallel; every process validates the same full validation set on identical weights
+and takes rank 0's measurements (one small broadcast), so all reach the same decisions even where
+kernels differ in the last bits; only rank 0 logs and writes checkpoints. The data
 position is stored as a global batch index within the epoch (see `stream_state`), so a run may be
 resumed with a different number of processes.
 """
@@ -24,7 +25,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +337,8 @@ class Trainer:
         return improved
 
     def _validation_loss(self) -> dict[str, float]:
-        return validation_loss(
+        """Rank 0's validation loss, on every process (see `_validation_scores`)."""
+        measured = validation_loss(
             self.model,
             self.data.valid_batches,
             smoothing=self.train_config.label_smoothing,
@@ -344,8 +346,19 @@ class Trainer:
             device=self.device,
             autocast_dtype=self.autocast_dtype,
         )
+        return dict(zip(measured, self.distributed.broadcast_floats(list(measured.values()), self.device), strict=True))
 
     def _validation_scores(self) -> Scores:
+        """Rank 0's BLEU and chrF, on every process. Every process validates the same sentences on the same
+        weights, but kernels need not give bit-identical results on different GPUs, and early stopping must
+        decide alike everywhere: a process that stops alone leaves the others waiting in a collective."""
+        scores = self._own_validation_scores()
+        bleu, bleu_lowercase, chrf = self.distributed.broadcast_floats(
+            [scores.bleu, scores.bleu_lowercase, scores.chrf], self.device
+        )
+        return replace(scores, bleu=bleu, bleu_lowercase=bleu_lowercase, chrf=chrf)
+
+    def _own_validation_scores(self) -> Scores:
         limit = self.train_config.bleu_max_sentences
         return validation_scores(
             self.model,
