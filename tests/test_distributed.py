@@ -264,3 +264,23 @@ def test_every_process_takes_rank_0s_validation_so_they_stop_at_the_same_step(tm
     results = _launch([["-m", "tformer.cli.main", *argv], ["-c", VALIDATING_OTHERWISE, *argv]], cwd=tmp_path)
     assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
     assert results[0].stdout == f"run {out}: step 4, reached max_steps=4\n"  # rank 0's loss kept improving
+
+
+@pytest.mark.parametrize("elsewhere", ["absent", "made on each machine"])
+def test_a_run_directory_another_machine_cannot_see_is_refused_at_the_start(tmp_path: Path, elsewhere: str) -> None:
+    corpus = write_corpus(tmp_path)
+    out, other_machines = tmp_path / "run", tmp_path / "other" / "run"  # where process 1 looks: not shared
+    if elsewhere != "absent":
+        other_machines.mkdir(parents=True)
+    argvs = [_train_argv(corpus, out), _train_argv(corpus, other_machines)]
+    results = _launch([["-m", "tformer.cli.main", *argv] for argv in argvs], cwd=tmp_path)
+    advice = "with several machines, --out must be on a filesystem they all share"
+    assert [result.returncode for result in results] == [2, 2]
+    assert results[0].stderr == (
+        f"error: process 0: {out} is where process 0 writes the run, but another process cannot see it: {advice}\n"
+    )
+    assert results[1].stderr == (
+        f"error: process 1: {other_machines} is where process 0 writes the run, but it is not there on this "
+        f"machine: {advice}\n"
+    )
+    assert not out.exists()

@@ -18,6 +18,7 @@ import torch
 
 from tformer.config import ConfigError, ExperimentConfig, experiment_to_dict
 from tformer.runtime import Distributed
+from tformer.training.run_lock import LOCK_FILE
 
 DATA_FILES = ("train_src", "train_tgt", "valid_src", "valid_tgt")
 ADVICE = "give every machine the same command, and the same files at the same paths"
@@ -42,6 +43,23 @@ def check_same_experiment(
                 f"process {distributed.rank}: {name} differs between the processes of this run "
                 f"(here {_shown(text)}); {ADVICE}"
             )
+
+
+def check_shared_run_dir(run_dir: Path, distributed: Distributed, device: torch.device) -> None:
+    """Refuse a run directory that some process cannot see: rank 0 alone writes it, but a resume reads
+    its checkpoint on every process, so on several machines it must be on a filesystem they all share.
+    Checked when a run starts (not after days of training, at its first resume), once rank 0 has created
+    RUN_DIR and its lock file: call it after a collective that follows their creation."""
+    if not distributed.enabled:
+        return
+    run_dir = Path(run_dir)
+    here = run_dir.is_dir() and (run_dir / LOCK_FILE).exists()  # an empty directory made on each machine is not it
+    if distributed.differs_from_main([float(here)], device)[0]:
+        who = "it is not there on this machine" if not here else "another process cannot see it"
+        raise ConfigError(
+            f"process {distributed.rank}: {run_dir} is where process 0 writes the run, but {who}: with "
+            "several machines, --out must be on a filesystem they all share"
+        )
 
 
 def _setting_entries(experiment: ExperimentConfig) -> dict[str, str]:

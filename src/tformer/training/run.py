@@ -39,7 +39,7 @@ from tformer.model import Transformer, count_parameters
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training import encoded_cache
-from tformer.training.agreement import check_same_experiment
+from tformer.training.agreement import check_same_experiment, check_shared_run_dir
 from tformer.training.loop import Trainer, TrainingData
 from tformer.training.run_lock import LOCK_FILE, RunLock
 
@@ -197,6 +197,7 @@ def _new_trainer(
     data = _absolute_paths(experiment.data)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
+    check_shared_run_dir(run_dir, distributed, device)  # rank 0 created it before the check's collectives
     if data.train_src is None or data.train_tgt is None:
         raise ConfigError("no training data: set data.train_src and data.train_tgt (or --train-src/--train-tgt)")
     if experiment.train.patience > 0 and data.valid_src is None:
