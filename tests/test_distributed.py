@@ -9,9 +9,11 @@ so the runs must agree to float32 rounding.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,9 +106,13 @@ def _launch(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.CompletedPr
     """Python processes of one torchrun-style job, process r given argvs[r] (`-m tformer.cli.main ...`,
     or a program that runs it; as if each machine were given its own command); returns each one's exit
     status and output."""
+    return _finish(_start(argvs, cwd=cwd))
+
+
+def _start(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.Popen]:
     port, world_size = _free_port(), len(argvs)
     source = str(Path(tformer.__file__).resolve().parents[1])
-    processes = [
+    return [
         subprocess.Popen(
             [sys.executable, *argv],
             cwd=cwd,
@@ -126,6 +132,9 @@ def _launch(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.CompletedPr
         )
         for rank, argv in enumerate(argvs)
     ]
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     results = []
     try:
         for process in processes:
@@ -284,3 +293,25 @@ def test_a_run_directory_another_machine_cannot_see_is_refused_at_the_start(tmp_
         f"machine: {advice}\n"
     )
     assert not out.exists()
+
+
+def test_sigterm_passed_on_by_torchrun_ends_the_run_with_the_line_naming_its_checkpoint(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    argv = ["-m", "tformer.cli.main", *_train_argv(corpus, out, "--max-steps", "100000", "--set", "train.save_every=2")]
+    processes = _start([argv, argv], cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not (out / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # a checkpoint exists: training is under way
+    for process in processes:  # what torchrun does with the SIGTERM it receives
+        process.send_signal(signal.SIGTERM)
+    main_process, other = _finish(processes)
+    last = out / "checkpoints" / (out / "latest").read_text().strip()
+    assert main_process.returncode == 130, main_process.stderr
+    assert main_process.stderr == (
+        f"interrupted: the run keeps its last checkpoint, {last}; "
+        f"continue it with: tformer train --out {out} --resume\n"
+    )
+    lost = "error: process 1 stops: another process of this run failed or was stopped (its own message says why)\n"
+    assert (other.returncode, other.stderr) in ((130, "interrupted\n"), (1, lost))
+    assert load_run(out, which="last").checkpoint_dir == last

@@ -115,18 +115,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """One process takes SIGTERM (what schedulers, `timeout` and `kill` send) like Ctrl-C: the run says
-    what it kept and an --overwrite removes its hidden directory. Under torchrun the default stays: the
-    launcher stops its processes itself, and a handler could not run while one waits in a collective."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _run_one_of_several(args)
+    """SIGTERM (what schedulers, `timeout` and `kill` send; torchrun passes it on to its processes) is
+    taken like Ctrl-C: the run says what it kept and an --overwrite removes its hidden directory. A
+    process waiting in a collective takes it when the collective returns, which it does as soon as
+    another process has stopped (torchrun kills any left after 30 s)."""
     if threading.current_thread() is not threading.main_thread():
-        return _run(args)
+        return _run_either(args)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run(args)
+        return _run_either(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _run_either(args: argparse.Namespace) -> int:
+    return _run_one_of_several(args) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else _run(args)
 
 
 def _run_one_of_several(args: argparse.Namespace) -> int:
