@@ -225,7 +225,7 @@ def test_processes_reading_different_data_at_the_same_path_refuse_to_train(tmp_p
     check_same_experiment(experiment, _Comparing(rank=1, world_size=2), cpu)  # the same files: no error
     check_same_experiment(experiment, _Recording(rank=0, world_size=2), cpu)
     corpus["valid_tgt"].write_text("another copy\n", encoding="utf-8")
-    message = rf"process 1: the file of data.valid_tgt differs .*\(here {corpus['valid_tgt']}: 13 bytes, crc32"
+    message = rf"process 1: the file of data.valid_tgt differs .*\(here {corpus['valid_tgt']}: 13 bytes, BLAKE2b"
     with pytest.raises(ConfigError, match=message):
         check_same_experiment(experiment, _Comparing(rank=1, world_size=2), cpu)
 

@@ -16,6 +16,7 @@ separators that occur inside real sentences and would silently misalign the two 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -183,3 +184,9 @@ def _filter_pairs(
 def _check_max_chars(max_chars: int) -> None:
     if max_chars < 1:
         raise CorpusError(f"max_chars must be at least 1, got {max_chars}")
+
+
+def file_digest(path: str | Path) -> str:
+    """BLAKE2b of a file's bytes (hex): whether two copies of a corpus, or one file at two times, are the same."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()

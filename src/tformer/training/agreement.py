@@ -4,8 +4,8 @@ Each machine starts its processes with its own command and reads its own copy of
 difference would not fail but hang or mislead: a process given another train.max_steps stops alone
 while the others wait for it in a collective, and one that reads other data runs epochs of another
 length and validates on other sentences. So every process takes a fingerprint (crc32) of each setting
-of the experiment and of each data file, compares them with rank 0's, and any difference stops every
-process with a one-line error naming the first setting or file that differs.
+of the experiment and of each data file (its size and digest), compares them with rank 0's, and any
+difference stops every process with a one-line error naming the first setting or file that differs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from tformer.config import ConfigError, ExperimentConfig, experiment_to_dict
+from tformer.data.corpus import file_digest
 from tformer.runtime import Distributed
 from tformer.training.run_lock import LOCK_FILE
 
@@ -71,7 +72,7 @@ def _setting_entries(experiment: ExperimentConfig) -> dict[str, str]:
 
 
 def _file_entries(experiment: ExperimentConfig) -> dict[str, str]:
-    """Path, size and crc32 of each data file (or "missing"), named without the path: a path that
+    """Path, size and digest of each data file (or "missing"), named without the path: a path that
     differs is named as the setting it is."""
     entries = {}
     for key in DATA_FILES:
@@ -84,11 +85,7 @@ def _file_entries(experiment: ExperimentConfig) -> dict[str, str]:
 def _file_fingerprint(path: Path) -> str:
     if not path.is_file():
         return "missing"
-    crc = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return f"{path.stat().st_size:,} bytes, crc32 {crc:08x}"
+    return f"{path.stat().st_size:,} bytes, BLAKE2b {file_digest(path)[:16]}"
 
 
 def _shown(text: str) -> str:

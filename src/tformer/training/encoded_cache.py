@@ -55,11 +55,6 @@ class CachedCorpus:
     skipped_overlong: int
 
 
-def file_digest(path: str | Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "blake2b").hexdigest()
-
-
 def load(run_dir: Path, key: CorpusKey) -> CachedCorpus | None:
     """The cached pairs for `key`, memory-mapped; None when there are none, or they are damaged."""
     directory = Path(run_dir) / CACHE_DIR / key.directory_name()

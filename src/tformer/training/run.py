@@ -32,7 +32,7 @@ from tformer.config import (
     experiment_to_dict,
 )
 from tformer.data.batching import BatchStream, filter_overlong, sorted_batches
-from tformer.data.corpus import read_parallel
+from tformer.data.corpus import file_digest, read_parallel
 from tformer.data.encoded import EncodedPairs, encode_rows
 from tformer.data.tokenizer import Tokenizer, sample_pairs
 from tformer.model import Transformer, count_parameters
@@ -484,8 +484,8 @@ def _training_pairs(
     key = None
     if run_dir is not None:
         key = encoded_cache.CorpusKey(
-            source_digest=encoded_cache.file_digest(data.train_src),
-            target_digest=encoded_cache.file_digest(data.train_tgt),
+            source_digest=file_digest(data.train_src),
+            target_digest=file_digest(data.train_tgt),
             tokenizer=tokenizer.fingerprint(),
             max_chars=data.max_chars,
             strict=data.strict,
