@@ -4,9 +4,9 @@
 chunks cut by the caller, e.g. whatever lines an interactive pipe has ready). Within a chunk the
 sentences are sorted by length and cut into batches of at most `max_batch_tokens` source tokens
 (padding included), so little work is spent on padding; results come back in input order, one chunk
-at a time, so a long or endless input is translated with bounded memory. An empty (or blank) line
-translates to `nbest` empty translations, without decoding (so every line has an n-best list of the same
-length).
+at a time, so a long or endless input is translated with bounded memory (the heap's free pages are given
+back after each chunk: tformer.decoding.heap). An empty (or blank) line translates to `nbest` empty
+translations, without decoding (so every line has an n-best list of the same length).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
+from tformer.decoding.heap import release_free_memory
 from tformer.decoding.search_types import DecodingError
 from tformer.model.packed import packed_weights
 
@@ -79,7 +80,9 @@ class Translator:
         """`translate` for input already cut into chunks (each translated as a whole, then yielded)."""
         first_line = 0
         for chunk in chunks:
-            yield from self._translate_chunk(chunk, first_line)
+            results = self._translate_chunk(chunk, first_line)
+            release_free_memory()  # the chunk's tensors are freed: keep a long job's footprint flat
+            yield from results
             first_line += len(chunk)
 
     def translate_texts(self, lines: Sequence[str]) -> list[str]:
