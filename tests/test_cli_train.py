@@ -403,7 +403,7 @@ def test_ensembles_in_translate_and_evaluate(
 
     def nbest(*extra: str) -> list[tuple[str, float]]:
         output = tmp_path / "nbest.txt"
-        assert main([*translate, "--output", str(output), *extra]) == 0
+        assert main([*translate, "--output", str(output), "--overwrite", *extra]) == 0
         rows = [line.split(" ||| ") for line in output.read_text().splitlines()]
         return [(text, float(score)) for _, text, score in rows]
 

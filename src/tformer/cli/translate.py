@@ -5,6 +5,11 @@ is written (and flushed) as soon as its chunk is done, so the command works in a
 a line is translated as soon as it arrives. Input must be UTF-8; an empty line gives an empty line.
 With --nbest K, each input line gives K lines `index ||| text ||| score` (index counts input lines
 from 0).
+
+--output FILE is written as FILE.partial, renamed to FILE once every line is translated: a job that
+stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the lines before it,
+whole lines only, and never a FILE that looks complete. An existing FILE (or FILE.partial) is kept
+unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import IO, Any
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.line_input import ready_chunks
+from tformer.cli.output_paths import check_output_file
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
+PARTIAL = ".partial"  # suffix of --output while it is written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )
     parser.add_argument("--input", default=None, help="input text file, one sentence per line (default: stdin)")
-    parser.add_argument("--output", default=None, help="output file (default: stdout)")
+    parser.add_argument(
+        "--output", default=None, help="output file, written as OUTPUT.partial until complete (default: stdout)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode config)")
     parser.add_argument("--nbest", type=int, default=None, help="print the K best as 'index ||| text ||| score'")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
@@ -44,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
-    if args.input and args.output and os.path.exists(args.output) and os.path.samefile(args.input, args.output):
-        raise ValueError(f"--output {args.output} is the --input file: writing would erase it; choose another file")
+    output, partial = _output_files(args)
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
     config = loaded.experiment.decode
@@ -58,16 +68,50 @@ def run(args: argparse.Namespace) -> int:
     translator = Translator(
         model, loaded.tokenizer, config, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
     )
-    with ExitStack() as stack:
-        source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
-        target = stack.enter_context(open(args.output, "w", encoding="utf-8")) if args.output else sys.stdout
-        for index, translations in enumerate(_translations(translator, source)):
-            if args.nbest is None:
-                target.write(translations[0].text + "\n")
-            else:
-                target.writelines(f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations)
-            target.flush()
+    written = 0  # input lines whose translations are written
+    try:
+        with ExitStack() as stack:
+            source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
+            target = stack.enter_context(open(partial or output, "w", encoding="utf-8")) if output else sys.stdout
+            for index, translations in enumerate(_translations(translator, source)):
+                if args.nbest is None:
+                    target.write(translations[0].text + "\n")
+                else:
+                    target.writelines(f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations)
+                target.flush()
+                written = index + 1
+    except (KeyboardInterrupt, ValueError, OSError) as error:
+        if partial is None:
+            raise
+        if written == 0:  # nothing to keep
+            partial.unlink(missing_ok=True)
+            raise
+        kept = f"the translations of the first {written} input lines are in {partial}"
+        if isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(kept) from None
+        raise ValueError(f"{str(error).splitlines()[0]}; {kept}") from None
+    if partial:
+        os.replace(partial, output)
     return 0
+
+
+def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """--output and the OUTPUT.partial written until it is complete, after the checks that need no model;
+    (None, None) for stdout. A device or a pipe (/dev/stdout, a FIFO) is written in place, without
+    OUTPUT.partial: it holds nothing to keep."""
+    if args.output is None:
+        return None, None
+    output = Path(args.output)
+    if args.input and output.exists() and os.path.samefile(args.input, output):
+        raise ValueError(f"--output {output} is the --input file: writing would erase it; choose another file")
+    check_output_file(output, "--output")
+    if output.exists() and not output.is_file():
+        return output, None
+    partial = output.with_name(output.name + PARTIAL)
+    for path in (output, partial):
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"--output: {path} exists; pass --overwrite to replace it, or choose another file")
+    return output, partial
 
 
 def _translations(translator: Any, source: IO | None) -> Iterator[list[Any]]:

@@ -1,0 +1,70 @@
+"""`tformer translate --output FILE`: written as FILE.partial and renamed once complete, so a job that stops
+leaves its whole translated lines under a name that says so; an existing FILE is never replaced unasked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_export_hf import SENTENCES, make_run
+
+from tformer.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("translate") / "run")
+
+
+def test_a_job_that_stops_leaves_its_translated_lines_in_output_partial_not_in_output(
+    run, tmp_path, capsys, monkeypatch
+):
+    from tformer.cli import line_input, translate
+
+    monkeypatch.setattr(translate, "ready_chunks", lambda fd, max_lines: line_input.ready_chunks(fd, 4))
+    lines = [SENTENCES[i % len(SENTENCES)] for i in range(12)]
+    lines[9] = "the cat " * 40  # over the model's 64 positions: stops the job in the third chunk of 4 lines
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    translate = ["translate", str(run), "--input", str(source), "--output", str(output), "--beam", "1"]
+    assert main(translate) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: input line 10 has") and err.count("\n") == 1, err
+    assert f"the translations of the first 8 input lines are in {output}.partial" in err
+    assert not output.exists()  # a prefix never looks like the whole translation
+    kept = (tmp_path / "out.txt.partial").read_text(encoding="utf-8")
+    assert kept.endswith("\n") and len(kept.splitlines()) == 8
+
+    source.write_text("\n".join(lines[:9] + lines[10:]) + "\n", encoding="utf-8")
+    assert main([*translate, "--overwrite"]) == 0
+    assert len(output.read_text(encoding="utf-8").splitlines()) == 11
+    assert output.read_text(encoding="utf-8").splitlines()[:8] == kept.splitlines()  # the same lines
+    assert not (tmp_path / "out.txt.partial").exists()
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(run, tmp_path, capsys):
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    output.write_text("translations saved before\n", encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --output: {output} exists; pass --overwrite to replace it, or choose another file\n"
+    assert output.read_text(encoding="utf-8") == "translations saved before\n"
+
+    output.unlink()
+    (tmp_path / "out.txt.partial").write_text("lines of a stopped job\n", encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output)]) == 2
+    assert f"{output}.partial exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out.txt.partial").read_text(encoding="utf-8") == "lines of a stopped job\n"
+
+    output.write_text("translations saved before\n", encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output), "--overwrite"]) == 0
+    assert len(output.read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+    assert not (tmp_path / "out.txt.partial").exists()
+
+
+def test_a_bad_input_path_leaves_no_partial_output(run, tmp_path, capsys):
+    output = tmp_path / "out.txt"
+    assert main(["translate", str(run), "--input", str(tmp_path / "missing.txt"), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
