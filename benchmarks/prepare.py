@@ -52,36 +52,18 @@ def main() -> None:
             for code, src in codes.items():
                 resume = ["--out", str(runs[code]), "--resume", "--max-steps", str(repeat + 2), "--quiet"]
                 figures[code]["resume"].append(_timed(src, resume))
-        for code in codes:
-            for phase in ("new", "resume"):
-                seconds = common.median([s for s, _ in figures[code][phase]])
-                peak_mib = max(m for _, m in figures[code][phase])
-                for metric, value in (("wall_s", round(seconds, 2)), ("peak_rss_mib", round(peak_mib))):
-                    lines.append(
-                        common.emit(
-                            bench="prepare",
-                            system="tformer",
-                            code=code,
-                            phase=phase,
-                            pairs=pairs,
-                            metric=metric,
-                            value=value,
-                        )
-                    )
+        emitted = dict(bench="prepare", system="tformer", pairs=pairs)
+        summaries = {(code, phase): _summary(figures[code][phase]) for code in codes for phase in ("new", "resume")}
+        for (code, phase), (seconds, peak_mib) in summaries.items():
+            lines.append(common.emit(**emitted, code=code, phase=phase, metric="wall_s", value=round(seconds, 2)))
+            lines.append(common.emit(**emitted, code=code, phase=phase, metric="peak_rss_mib", value=round(peak_mib)))
         if "baseline" in codes:
             for phase in ("new", "resume"):
+                current, baseline = summaries["current", phase], summaries["baseline", phase]
                 for metric, pick in (("time", 0), ("memory", 1)):
-                    current = common.median([f[pick] for f in figures["current"][phase]])
-                    baseline = common.median([f[pick] for f in figures["baseline"][phase]])
+                    ratio = round(baseline[pick] / current[pick], 2)
                     lines.append(
-                        common.emit(
-                            bench="prepare",
-                            system="tformer",
-                            phase=phase,
-                            pairs=pairs,
-                            metric=f"{metric}_ratio_baseline_over_current",
-                            value=round(baseline / current, 2),
-                        )
+                        common.emit(**emitted, phase=phase, metric=f"{metric}_ratio_baseline_over_current", value=ratio)
                     )
     path = common.record_path("prepare", "cpu", args.record)
     if path is not None:
@@ -94,6 +76,11 @@ def main() -> None:
         common.write_record(
             path, title="Setup cost on a large corpus, cpu", env=common.environment("cpu"), lines=lines, notes=notes
         )
+
+
+def _summary(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median wall seconds, largest peak MiB) of one code's runs of one phase."""
+    return common.median([seconds for seconds, _ in runs]), max(peak for _, peak in runs)
 
 
 def _repeated_corpus(directory: Path, src: Path, tgt: Path, copies: int, *, limit: int | None) -> tuple[Path, Path]:
