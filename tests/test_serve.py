@@ -288,3 +288,53 @@ def test_a_failure_while_decoding_is_a_json_500_and_the_server_goes_on(run, monk
     assert failed.status_code == 500
     assert failed.json() == {"error": "decoding failed: RuntimeError: simulated failure"}
     assert fine.status_code == 200
+
+
+def test_a_request_cancelled_by_the_shutdown_gets_a_json_503(run, monkeypatch):
+    """When --graceful-timeout runs out, uvicorn cancels the requests still decoding; the cancellation used
+    to reach uvicorn, whose answer was a plain-text 500. Driven here at the ASGI level as uvicorn does it."""
+    import asyncio
+    import json
+
+    import tformer.serving.batcher as batcher_module
+    from tformer.serving import ServeConfig, create_app
+
+    decoding, release = threading.Event(), threading.Event()
+
+    class Slow(batcher_module.Translator):
+        def translate(self, lines):
+            decoding.set()
+            release.wait(30)
+            return super().translate(lines)
+
+    monkeypatch.setattr(batcher_module, "Translator", Slow)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    body = json.dumps({"sentences": [SENTENCES[0]]}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/translate", "raw_path": b"/translate", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def shutdown_while_decoding():
+        async with app.router.lifespan_context(app):
+            request = asyncio.create_task(app(scope, receive, send))
+            assert await asyncio.to_thread(decoding.wait, 30)
+            request.cancel()  # what uvicorn does to each request in flight when --graceful-timeout runs out
+            await request
+            release.set()  # the decode in the worker thread ends; the lifespan's exit waits for it
+
+    asyncio.run(shutdown_while_decoding())
+    start = next(message for message in sent if message["type"] == "http.response.start")
+    payload = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
+    assert start["status"] == 503
+    assert json.loads(payload) == {"error": "the server shut down before this request was decoded"}

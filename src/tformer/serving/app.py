@@ -8,6 +8,7 @@ decoding is a 500 for the requests of that window only; the server keeps serving
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -163,6 +164,10 @@ def create_app(
             results = await batcher.translate(request.sentences, settings, n_tokens=n_tokens)
         except BatcherClosedError as error:
             raise ApiError(503, str(error)) from None
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when --graceful-timeout runs out; uncaught, the
+            # cancellation reached uvicorn, which answered with a plain-text 500. The API's 503 instead.
+            raise ApiError(503, "the server shut down before this request was decoded") from None
         except ValueError as error:  # a DecodingError: the request cannot be decoded as asked
             raise ApiError(422, str(error).splitlines()[0]) from None
         except Exception as error:  # a failure while decoding (out of memory, a bug): still the API's format
