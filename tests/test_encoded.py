@@ -160,3 +160,21 @@ def test_a_damaged_cache_is_a_miss_and_a_failed_save_only_warns(tmp_path: Path) 
     blocked.write_text("not a directory")
     problem = encoded_cache.save(blocked, key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0))
     assert problem is not None and blocked.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("key.json", lambda path: path.write_text("[]", encoding="utf-8")),
+        ("sources.ids.npy", lambda path: path.write_bytes(b"")),
+        ("targets.offsets.npy", lambda path: np.save(path, np.load(path).astype(np.float64))),
+        ("sources.offsets.npy", lambda path: np.save(path, np.array([0, 3, 1, 3], dtype=np.int64))),
+        ("targets.ids.npy", lambda path: np.save(path, np.load(path).astype(np.float32))),
+    ],
+)
+def test_a_cache_damaged_yet_loadable_is_a_miss(tmp_path: Path, name: str, damage) -> None:
+    pairs = EncodedPairs.from_pairs([([5, 6], [7]), ([8], [9, 10, 11]), ([], [12])])
+    key = encoded_cache.CorpusKey("a" * 8, "b" * 8, tokenizer=1, max_chars=10, strict=False, max_positions=64)
+    assert encoded_cache.save(tmp_path, key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0)) is None
+    damage(tmp_path / encoded_cache.CACHE_DIR / key.directory_name() / name)
+    assert encoded_cache.load(tmp_path, key) is None

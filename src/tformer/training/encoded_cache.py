@@ -60,18 +60,29 @@ def load(run_dir: Path, key: CorpusKey) -> CachedCorpus | None:
     directory = Path(run_dir) / CACHE_DIR / key.directory_name()
     try:
         meta = json.loads((directory / "key.json").read_text(encoding="utf-8"))
-        if meta.get("key") != asdict(key):
+        if not isinstance(meta, dict) or meta.get("key") != asdict(key):
             return None
         arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
         pairs = EncodedPairs(
             TokenRows(arrays["sources.ids"], arrays["sources.offsets"]),
             TokenRows(arrays["targets.ids"], arrays["targets.offsets"]),
         )
-        if len(pairs) != meta["pairs"]:
+        if len(pairs) != meta["pairs"] or not (_well_formed(pairs.sources) and _well_formed(pairs.targets)):
             return None
         return CachedCorpus(pairs, skipped_overlong=int(meta["skipped_overlong"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, EOFError, ValueError, KeyError, TypeError):  # EOFError: np.load of an empty file
         return None
+
+
+def _well_formed(rows: TokenRows) -> bool:
+    """Whether damaged arrays that still load (another dtype, offsets out of order, as after a crash or a
+    hand edit) would be read as sentences: they would fail in the middle of training instead."""
+    offsets_R1 = rows.offsets_R1
+    if rows.ids_N.ndim != 1 or rows.ids_N.dtype not in (np.uint16, np.int32) or offsets_R1.dtype != np.int64:
+        return False
+    return bool((offsets_R1[1:] >= offsets_R1[:-1]).all()) and (
+        rows.ids_N.dtype == np.uint16 or rows.ids_N.min(initial=0) >= 0
+    )
 
 
 def save(run_dir: Path, key: CorpusKey, corpus: CachedCorpus) -> str | None:
