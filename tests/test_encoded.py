@@ -178,3 +178,22 @@ def test_a_cache_damaged_yet_loadable_is_a_miss(tmp_path: Path, name: str, damag
     assert encoded_cache.save(tmp_path, key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0)) is None
     damage(tmp_path / encoded_cache.CACHE_DIR / key.directory_name() / name)
     assert encoded_cache.load(tmp_path, key) is None
+
+
+def test_a_failed_save_names_the_path_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    pairs = EncodedPairs.from_pairs([([5, 6], [7])])
+    key = encoded_cache.CorpusKey("a" * 8, "b" * 8, tokenizer=1, max_chars=10, strict=False, max_positions=64)
+    in_the_way = tmp_path / encoded_cache.CACHE_DIR / key.directory_name()
+    in_the_way.parent.mkdir()
+    in_the_way.write_text("someone's file")
+    problem = encoded_cache.save(tmp_path, key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0))
+    assert problem is not None and str(in_the_way) in problem and in_the_way.read_text() == "someone's file"
+
+    def disk_full(path: Path, array: np.ndarray) -> None:
+        Path(path).write_bytes(b"\x93NUMPY")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(encoded_cache.np, "save", disk_full)
+    problem = encoded_cache.save(tmp_path / "run", key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0))
+    assert problem == f"{tmp_path / 'run' / encoded_cache.CACHE_DIR}: No space left on device"
+    assert list((tmp_path / "run" / encoded_cache.CACHE_DIR).iterdir()) == []

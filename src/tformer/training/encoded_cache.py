@@ -87,7 +87,7 @@ def _well_formed(rows: TokenRows) -> bool:
 
 def save(run_dir: Path, key: CorpusKey, corpus: CachedCorpus) -> str | None:
     """Write the cache for `key` and remove the caches of other keys; returns why it could not be
-    written (to warn about), or None."""
+    written (the path and the error, to warn about), or None."""
     root = Path(run_dir) / CACHE_DIR
     final = root / key.directory_name()
     temporary = root / f".tmp-{key.directory_name()}-{os.getpid()}"
@@ -112,7 +112,7 @@ def save(run_dir: Path, key: CorpusKey, corpus: CachedCorpus) -> str | None:
         temporary.rename(final)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        return error.strerror or str(error)
+        return f"{error.filename or root}: {error.strerror or error}"  # the path: what the user must look at
     for other in root.iterdir():
         if other != final and other.name.startswith(("train-", ".tmp-")):
             with contextlib.suppress(OSError):
