@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,12 @@ def test_the_dev_extra_installs_the_setuptools_the_build_tests_use() -> None:
     """The tests above build the wheel and sdist with the environment's setuptools; the setuptools of a
     fresh Python 3.11 venv (65.5) cannot read this pyproject.toml, and Python 3.12's venvs have none."""
     assert BUILD_REQUIRES in PROJECT["project"]["optional-dependencies"]["dev"]
+
+
+def test_every_benchmark_record_the_docs_cite_exists() -> None:
+    cited = {
+        name
+        for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+        for name in re.findall(r"benchmarks/results/[\w.-]*\w\.md", path.read_text(encoding="utf-8"))
+    }
+    assert cited and sorted(name for name in cited if not (REPO / name).is_file()) == []
