@@ -205,6 +205,7 @@ def assert_one_error_line(capsys, *fragments: str) -> None:
         ),
         pytest.param(["--max-wait-ms", "nan"], ["max_wait_ms (--max-wait-ms) must be >= 0"], id="nan-max-wait"),
         pytest.param(["--max-beam", "0"], ["max_beam (--max-beam) must be at least 1, got 0"], id="zero-max-beam"),
+        pytest.param(["--max-queue", "0"], ["max_queue (--max-queue) must be at least 1, got 0"], id="zero-max-queue"),
         pytest.param(
             ["--graceful-timeout", "nan"], ["--graceful-timeout must be at least 0"], id="nan-graceful-timeout"
         ),
@@ -288,6 +289,64 @@ def test_a_failure_while_decoding_is_a_json_500_and_the_server_goes_on(run, monk
     assert failed.status_code == 500
     assert failed.json() == {"error": "decoding failed: RuntimeError: simulated failure"}
     assert fine.status_code == 200
+
+
+class Held:
+    """A Translator stand-in for batcher.py that holds the worker in `translate` until `release` is set."""
+
+    def __init__(self, monkeypatch):
+        import tformer.serving.batcher as batcher_module
+
+        self.decoding, self.release = threading.Event(), threading.Event()
+        self.lines: list[str] = []  # every line decoded, in order
+        held = self
+
+        class Slow(batcher_module.Translator):
+            def translate(self, lines):
+                held.lines.extend(lines)
+                held.decoding.set()
+                held.release.wait(30)
+                return super().translate(lines)
+
+        monkeypatch.setattr(batcher_module, "Translator", Slow)
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_request_beyond_max_queue_gets_a_json_503_with_retry_after(run, monkeypatch):
+    """The queue had no bound: under overload requests piled up without limit instead of being refused."""
+    import asyncio
+
+    from tformer.serving import ServeConfig, create_app
+
+    held = Held(monkeypatch)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig(max_queue=1))
+    body = {"sentences": [SENTENCES[0]]}
+
+    async def overload():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                decoding = asyncio.create_task(client.post("/translate", json=body))
+                assert await asyncio.to_thread(held.decoding.wait, 30)
+                waiting = asyncio.create_task(client.post("/translate", json=body))
+                await until(lambda: app.state.batcher.pending == 1)
+                refused = await client.post("/translate", json=body)
+                held.release.set()
+                return refused, await decoding, await waiting
+
+    refused, decoded, waited = asyncio.run(overload())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": "the server is busy (1 requests waiting); retry shortly"}
+    assert decoded.status_code == 200 and waited.status_code == 200
 
 
 def test_a_request_cancelled_by_the_shutdown_gets_a_json_503(run, monkeypatch):

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default: 1000)")
     parser.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask (default: 8)")
     parser.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting; more get 503 + Retry-After (default: 256)"
+    )
+    parser.add_argument(
         "--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on exit (default: 30)"
     )
 
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         max_beam=args.max_beam,
         max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
     )
     _check_listen_options(args)
     device = resolve_device(args.device, setting="--device")  # before loading: a bad device is one line

@@ -2,7 +2,8 @@
 
 Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON 400, a body
 of the wrong shape or impossible decode settings 422, too many sentences, a sentence too long (in
-characters or in tokens) or a body too large 413; 503 while shutting down. An unexpected failure while
+characters or in tokens) or a body too large 413; 503 while shutting down, and 503 with `Retry-After` when
+`max_queue` requests are waiting already. An unexpected failure while
 decoding is a 500 for the requests of that window only; the server keeps serving.
 """
 
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tformer import __version__
 from tformer.config import DecodeConfig
 from tformer.decoding.pipeline import TokenizerLike
-from tformer.serving.batcher import Batcher, BatcherClosedError
+from tformer.serving.batcher import Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
 
 
@@ -38,10 +39,11 @@ class ServeConfig:
     max_beam: int = 8
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
+    max_queue: int = 256
 
     def __post_init__(self) -> None:
         # each limit is also the `tformer serve` flag of the same name
-        for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens"):
+        for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
         if not self.max_wait_ms >= 0:  # written so that NaN fails too
@@ -83,9 +85,13 @@ class TranslateResponse(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
+
+
+RETRY_AFTER_S = 1  # what a busy server asks a client (or a load balancer) to wait before trying again
 
 
 def create_app(
@@ -100,7 +106,12 @@ def create_app(
     """A FastAPI app serving `model`; its lifespan starts and stops the batcher."""
     config = config or ServeConfig()
     batcher = Batcher(
-        model, tokenizer, device=device, max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms
+        model,
+        tokenizer,
+        device=device,
+        max_batch_tokens=config.max_batch_tokens,
+        max_wait_ms=config.max_wait_ms,
+        max_queue=config.max_queue,
     )
     max_positions = model.config.max_positions
 
@@ -120,7 +131,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, status_code=error.status)
+        return JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -164,6 +175,8 @@ def create_app(
             results = await batcher.translate(request.sentences, settings, n_tokens=n_tokens)
         except BatcherClosedError as error:
             raise ApiError(503, str(error)) from None
+        except BatcherBusyError as error:
+            raise ApiError(503, str(error), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when --graceful-timeout runs out; uncaught, the
             # cancellation reached uvicorn, which answered with a plain-text 500. The API's 503 instead.
@@ -192,7 +205,7 @@ _ERRORS = {
     413: "too many sentences, a sentence too long, or a body too large",
     422: "a body of the wrong shape, text that is not valid Unicode, or decode settings that cannot be honoured",
     500: "decoding failed (the requests decoded with the same settings in that window get it too)",
-    503: "the server is shutting down",
+    503: "the server is shutting down, or busy: --max-queue requests waiting (with Retry-After)",
 }
 
 

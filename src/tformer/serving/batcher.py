@@ -14,6 +14,10 @@ module's guarantee, checked by tests/test_serve.py against offline translation).
 On CPU in fp32 the model's weights are packed for oneDNN once, at `start()`, and kept until `stop()`
 (tformer.model.packed; a server's weights never change), instead of once per window.
 
+At most `max_queue` jobs wait in the queue (the window being decoded not counted); one more is refused
+with `BatcherBusyError`, so that under overload a client is told at once to come back, instead of waiting
+behind a queue that only grows.
+
 `stop()` lets every job already queued finish, then ends the scheduler and the worker; jobs submitted
 after it are refused with `BatcherClosedError`.
 """
@@ -35,6 +39,10 @@ from tformer.model.packed import packed_weights
 
 class BatcherClosedError(RuntimeError):
     """The server is shutting down and accepts no new work."""
+
+
+class BatcherBusyError(RuntimeError):
+    """The queue holds `max_queue` jobs already."""
 
 
 @dataclass
@@ -59,16 +67,19 @@ class Batcher:
         device: str | torch.device = "cpu",
         max_batch_tokens: int = 4096,
         max_wait_ms: float = 5.0,
+        max_queue: int = 256,
     ) -> None:
-        if max_batch_tokens < 1 or max_wait_ms < 0:
+        if max_batch_tokens < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError(
-                f"max_batch_tokens must be positive and max_wait_ms >= 0; got {max_batch_tokens}, {max_wait_ms}"
+                "max_batch_tokens and max_queue must be positive and max_wait_ms >= 0; "
+                f"got {max_batch_tokens}, {max_queue}, {max_wait_ms}"
             )
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
         self._queue: asyncio.Queue[_Job | None] | None = None
         self._scheduler: asyncio.Task | None = None
         self._worker: ThreadPoolExecutor | None = None
@@ -101,6 +112,8 @@ class Batcher:
         """The n-best list of every sentence, decoded in a window with whatever else is waiting."""
         if self._closing or self._queue is None:
             raise BatcherClosedError("the server is shutting down")
+        if self.pending >= self.max_queue:
+            raise BatcherBusyError(f"the server is busy ({self.pending} requests waiting); retry shortly")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(sentences, config, n_tokens, future))
         return await future
