@@ -349,51 +349,104 @@ def test_a_request_beyond_max_queue_gets_a_json_503_with_retry_after(run, monkey
     assert decoded.status_code == 200 and waited.status_code == 200
 
 
+class AsgiRequest:
+    """One POST /translate driven at the ASGI level, as uvicorn drives it: the body, then nothing until the
+    client disconnects (`leave()`); what the app sends is kept in `sent`."""
+
+    def __init__(self, body: dict) -> None:
+        import asyncio
+        import json
+
+        self.body = json.dumps(body).encode()
+        self.scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/translate", "raw_path": b"/translate", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        self.sent: list[dict] = []
+        self.left = asyncio.Event()
+        self.body_sent = False
+
+    def leave(self) -> None:
+        self.left.set()
+
+    async def receive(self) -> dict:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    def __call__(self, app):
+        return app(self.scope, self.receive, self.send)
+
+    @property
+    def status(self) -> int:
+        return next(message for message in self.sent if message["type"] == "http.response.start")["status"]
+
+    def json(self) -> dict:
+        import json
+
+        return json.loads(b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body"))
+
+
+def test_a_request_whose_client_left_while_queued_is_not_decoded(run, monkeypatch):
+    """The batcher decoded every queued job, also those whose client had gone away; such a job is now
+    dropped before its window, and its request ends as soon as the client leaves."""
+    import asyncio
+
+    from tformer.serving import ServeConfig, create_app
+
+    held = Held(monkeypatch)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    gone = AsgiRequest({"sentences": [SENTENCES[1]]})
+
+    async def leave_while_queued():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                decoding = asyncio.create_task(client.post("/translate", json={"sentences": [SENTENCES[0]]}))
+                assert await asyncio.to_thread(held.decoding.wait, 30)
+                leaving = asyncio.create_task(gone(app))
+                await until(lambda: app.state.batcher.pending == 1)
+                gone.leave()
+                await asyncio.wait_for(leaving, 5)  # ends while the worker is still held
+                assert app.state.batcher.pending == 0  # its job no longer counts against --max-queue
+                held.release.set()
+                staying = await client.post("/translate", json={"sentences": [SENTENCES[2]]})
+                return await decoding, staying
+
+    decoded, staying = asyncio.run(leave_while_queued())
+    assert decoded.status_code == 200 and staying.status_code == 200
+    assert held.lines == [SENTENCES[0], SENTENCES[2]]  # never SENTENCES[1]
+    assert gone.status == 499 and "closed the connection" in gone.json()["error"]
+
+
 def test_a_request_cancelled_by_the_shutdown_gets_a_json_503(run, monkeypatch):
     """When --graceful-timeout runs out, uvicorn cancels the requests still decoding; the cancellation used
     to reach uvicorn, whose answer was a plain-text 500. Driven here at the ASGI level as uvicorn does it."""
     import asyncio
-    import json
 
-    import tformer.serving.batcher as batcher_module
     from tformer.serving import ServeConfig, create_app
 
-    decoding, release = threading.Event(), threading.Event()
-
-    class Slow(batcher_module.Translator):
-        def translate(self, lines):
-            decoding.set()
-            release.wait(30)
-            return super().translate(lines)
-
-    monkeypatch.setattr(batcher_module, "Translator", Slow)
+    held = Held(monkeypatch)
     loaded = load_run(run)
     app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
-    body = json.dumps({"sentences": [SENTENCES[0]]}).encode()
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/translate", "raw_path": b"/translate", "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-    }  # fmt: skip
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
+    request = AsgiRequest({"sentences": [SENTENCES[0]]})
 
     async def shutdown_while_decoding():
         async with app.router.lifespan_context(app):
-            request = asyncio.create_task(app(scope, receive, send))
-            assert await asyncio.to_thread(decoding.wait, 30)
-            request.cancel()  # what uvicorn does to each request in flight when --graceful-timeout runs out
-            await request
-            release.set()  # the decode in the worker thread ends; the lifespan's exit waits for it
+            task = asyncio.create_task(request(app))
+            assert await asyncio.to_thread(held.decoding.wait, 30)
+            task.cancel()  # what uvicorn does to each request in flight when --graceful-timeout runs out
+            await task
+            held.release.set()  # the decode in the worker thread ends; the lifespan's exit waits for it
 
     asyncio.run(shutdown_while_decoding())
-    start = next(message for message in sent if message["type"] == "http.response.start")
-    payload = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
-    assert start["status"] == 503
-    assert json.loads(payload) == {"error": "the server shut down before this request was decoded"}
+    assert request.status == 503
+    assert request.json() == {"error": "the server shut down before this request was decoded"}

@@ -3,7 +3,8 @@
 Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON 400, a body
 of the wrong shape or impossible decode settings 422, too many sentences, a sentence too long (in
 characters or in tokens) or a body too large 413; 503 while shutting down, and 503 with `Retry-After` when
-`max_queue` requests are waiting already. An unexpected failure while
+`max_queue` requests are waiting already. A request whose client disconnects before its decoding window
+starts is dropped from the queue (its answer, 499, goes nowhere). An unexpected failure while
 decoding is a 500 for the requests of that window only; the server keeps serving.
 """
 
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -91,6 +92,7 @@ class ApiError(Exception):
         self.headers = headers
 
 
+T = TypeVar("T")
 RETRY_AFTER_S = 1  # what a busy server asks a client (or a load balancer) to wait before trying again
 
 
@@ -161,7 +163,7 @@ def create_app(
         response_model=TranslateResponse,
         responses={status: {"description": text} for status, text in _ERRORS.items()},
     )
-    async def translate(request: TranslateRequest) -> TranslateResponse:
+    async def translate(request: TranslateRequest, http: Request) -> TranslateResponse:
         """Translate every sentence; the response lists them in request order."""
         _check_limits(request.sentences, config)
         settings = _decode_config(decode, request, config, max_positions)
@@ -172,7 +174,10 @@ def create_app(
                 raise ApiError(413, f"sentence {index} has {length} tokens; the model accepts at most {max_positions}")
             n_tokens += length
         try:
-            results = await batcher.translate(request.sentences, settings, n_tokens=n_tokens)
+            work = batcher.translate(request.sentences, settings, n_tokens=n_tokens)
+            results = await _unless_client_leaves(work, http.receive)
+        except ClientGoneError:
+            raise ApiError(499, "the client closed the connection before its request was decoded") from None
         except BatcherClosedError as error:
             raise ApiError(503, str(error)) from None
         except BatcherBusyError as error:
@@ -207,6 +212,34 @@ _ERRORS = {
     500: "decoding failed (the requests decoded with the same settings in that window get it too)",
     503: "the server is shutting down, or busy: --max-queue requests waiting (with Retry-After)",
 }
+
+
+class ClientGoneError(Exception):
+    """The client disconnected while its request waited."""
+
+
+async def _unless_client_leaves(work: Awaitable[T], receive: Callable[[], Awaitable[dict]]) -> T:
+    """`work`'s result, or ClientGoneError once the client disconnects first: `work` is then cancelled, which
+    drops its job from the queue, so that a request nobody waits for any more is not decoded."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # this request was cancelled itself (the shutdown's --graceful-timeout)
+        job.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not job.done():
+        job.cancel()
+        raise ClientGoneError
+    return job.result()
+
+
+async def _disconnect(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns when the client disconnects: once the body is read, the server's next message is that."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _check_limits(sentences: list[str], config: ServeConfig) -> None:

@@ -6,7 +6,8 @@ the jobs collected hold `max_batch_tokens` source tokens, and hands the whole wi
 thread, the only one that touches the model. There, jobs with the same decode settings are translated
 by one `Translator` call (sorted by length, cut into batches of at most `max_batch_tokens` padded
 tokens); the results go back to each job's future in input order. While the worker decodes, new jobs
-wait in the queue and form the next window.
+wait in the queue and form the next window. A job cancelled before its window starts (its client went
+away) is dropped from the window, not decoded.
 
 Batching never changes a result: decoding is independent of the batch a sentence shares (the decoding
 module's guarantee, checked by tests/test_serve.py against offline translation).
@@ -16,7 +17,7 @@ On CPU in fp32 the model's weights are packed for oneDNN once, at `start()`, and
 
 At most `max_queue` jobs wait in the queue (the window being decoded not counted); one more is refused
 with `BatcherBusyError`, so that under overload a client is told at once to come back, instead of waiting
-behind a queue that only grows.
+behind a queue that only grows. A cancelled job (its client went away) stops counting at once.
 
 `stop()` lets every job already queued finish, then ends the scheduler and the worker; jobs submitted
 after it are refused with `BatcherClosedError`.
@@ -81,6 +82,7 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self._queue: asyncio.Queue[_Job | None] | None = None
+        self._waiting: set[asyncio.Future] = set()  # futures of the queued jobs not yet cancelled
         self._scheduler: asyncio.Task | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._closing = False
@@ -89,7 +91,8 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        return 0 if self._queue is None else self._queue.qsize()
+        """Jobs waiting for a window; a job whose client left no longer counts, though still queued."""
+        return len(self._waiting)
 
     async def start(self) -> None:
         """Create the queue, the worker and the scheduler task in the running event loop."""
@@ -115,6 +118,8 @@ class Batcher:
         if self.pending >= self.max_queue:
             raise BatcherBusyError(f"the server is busy ({self.pending} requests waiting); retry shortly")
         future = asyncio.get_running_loop().create_future()
+        self._waiting.add(future)
+        future.add_done_callback(self._waiting.discard)
         await self._queue.put(_Job(sentences, config, n_tokens, future))
         return await future
 
@@ -126,10 +131,14 @@ class Batcher:
             if first is _STOP:
                 return
             jobs, stop = await self._collect(first)
+            self._waiting.difference_update(job.future for job in jobs)
+            jobs = [job for job in jobs if not job.future.done()]  # cancelled while waiting: the client left
+            if not jobs:
+                continue
             outcomes = await loop.run_in_executor(self._worker, self._decode, jobs)
             self.windows += 1
             for job, outcome in zip(jobs, outcomes, strict=True):
-                if job.future.done():  # the client went away and its request was cancelled
+                if job.future.done():  # cancelled while its window was decoding
                     continue
                 if isinstance(outcome, BaseException):
                     job.future.set_exception(outcome)
