@@ -171,6 +171,29 @@ def test_default_beam_is_capped_by_max_beam(run):
     assert too_many.status_code == 422 and "beam_size (2)" in too_many.json()["error"]
 
 
+def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_front(run):
+    """Nothing bounded a request's decoding work: 16 long sentences at beam 8 held the one worker, and every
+    other client, for minutes. Now its worst case (sentences x beam x max output length) must fit."""
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)  # decodes at beam 3, at most 10 output tokens per sentence
+    config = ServeConfig(max_decode_tokens=60)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config)
+    with TestClient(app) as client:
+        at_the_limit = client.post("/translate", json={"sentences": SENTENCES[:2]})  # 2 x 3 x 10
+        over = client.post("/translate", json={"sentences": SENTENCES[:3]})  # 3 x 3 x 10
+        smaller_beam = client.post("/translate", json={"sentences": SENTENCES[:3], "beam": 2})
+        shorter = client.post("/translate", json={"sentences": SENTENCES[:4], "max_length": 5})
+    assert at_the_limit.status_code == 200 and smaller_beam.status_code == 200 and shorter.status_code == 200
+    assert over.status_code == 413
+    assert over.json() == {
+        "error": "this request may decode up to 90 tokens (3 sentences x beam 3 x up to 10 output tokens); "
+        "the limit is 60 (--max-decode-tokens): send fewer sentences, a smaller beam or a max_length"
+    }
+
+
 @pytest.fixture
 def no_server(monkeypatch):
     """Fail, instead of serving until killed, if a test that expects an error reaches uvicorn."""
@@ -205,6 +228,11 @@ def assert_one_error_line(capsys, *fragments: str) -> None:
         ),
         pytest.param(["--max-wait-ms", "nan"], ["max_wait_ms (--max-wait-ms) must be >= 0"], id="nan-max-wait"),
         pytest.param(["--max-beam", "0"], ["max_beam (--max-beam) must be at least 1, got 0"], id="zero-max-beam"),
+        pytest.param(
+            ["--max-decode-tokens", "0"],
+            ["max_decode_tokens (--max-decode-tokens) must be at least 1, got 0"],
+            id="zero-max-decode-tokens",
+        ),
         pytest.param(["--max-queue", "0"], ["max_queue (--max-queue) must be at least 1, got 0"], id="zero-max-queue"),
         pytest.param(
             ["--graceful-timeout", "nan"], ["--graceful-timeout must be at least 0"], id="nan-graceful-timeout"

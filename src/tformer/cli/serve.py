@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default: 1000)")
     parser.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask (default: 8)")
     parser.add_argument(
+        "--max-decode-tokens",
+        type=int,
+        default=16384,
+        help="worst case per request, sentences x beam x max output length; more get 413 (default: 16384)",
+    )
+    parser.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting; more get 503 + Retry-After (default: 256)"
     )
     parser.add_argument(
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_decode_tokens=args.max_decode_tokens,
     )
     _check_listen_options(args)
     device = resolve_device(args.device, setting="--device")  # before loading: a bad device is one line

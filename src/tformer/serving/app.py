@@ -2,10 +2,11 @@
 
 Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON 400, a body
 of the wrong shape or impossible decode settings 422, too many sentences, a sentence too long (in
-characters or in tokens) or a body too large 413; 503 while shutting down, and 503 with `Retry-After` when
-`max_queue` requests are waiting already. A request whose client disconnects before its decoding window
-starts is dropped from the queue (its answer, 499, goes nowhere). An unexpected failure while
-decoding is a 500 for the requests of that window only; the server keeps serving.
+characters or in tokens), a body too large or a worst-case decode over `max_decode_tokens` 413; 503
+while shutting down, and 503 with `Retry-After` when `max_queue` requests are waiting already. A request
+whose client disconnects before its decoding window starts is dropped from the queue (its answer, 499,
+goes nowhere). An unexpected failure while decoding is a 500 for the requests of that window only; the
+server keeps serving.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tformer import __version__
 from tformer.config import DecodeConfig
+from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.pipeline import TokenizerLike
 from tformer.serving.batcher import Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
@@ -41,10 +43,11 @@ class ServeConfig:
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
     max_queue: int = 256
+    max_decode_tokens: int = 16384
 
     def __post_init__(self) -> None:
         # each limit is also the `tformer serve` flag of the same name
-        for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens", "max_queue"):
+        for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens", "max_queue", "max_decode_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
         if not self.max_wait_ms >= 0:  # written so that NaN fails too
@@ -167,12 +170,14 @@ def create_app(
         """Translate every sentence; the response lists them in request order."""
         _check_limits(request.sentences, config)
         settings = _decode_config(decode, request, config, max_positions)
-        n_tokens = 0
+        lengths = []
         for index, sentence in enumerate(request.sentences):
             length = len(tokenizer.encode_source(sentence)) + 1  # + eos
             if length > max_positions:
                 raise ApiError(413, f"sentence {index} has {length} tokens; the model accepts at most {max_positions}")
-            n_tokens += length
+            lengths.append(length)
+        _check_decode_budget(lengths, settings, config, max_positions)
+        n_tokens = sum(lengths)
         try:
             work = batcher.translate(request.sentences, settings, n_tokens=n_tokens)
             results = await _unless_client_leaves(work, http.receive)
@@ -207,7 +212,7 @@ def create_app(
 
 _ERRORS = {
     400: "the body is not valid JSON",
-    413: "too many sentences, a sentence too long, or a body too large",
+    413: "too many sentences, a sentence too long, a body too large, or a worst case over --max-decode-tokens",
     422: "a body of the wrong shape, text that is not valid Unicode, or decode settings that cannot be honoured",
     500: "decoding failed (the requests decoded with the same settings in that window get it too)",
     503: "the server is shutting down, or busy: --max-queue requests waiting (with Retry-After)",
@@ -256,6 +261,20 @@ def _check_limits(sentences: list[str], config: ServeConfig) -> None:
             code = ord(sentence[error.start])
             message = f"sentence {index} holds an unpaired surrogate (U+{code:04X}); send valid Unicode"
             raise ApiError(422, message) from None
+
+
+def _check_decode_budget(src_lengths: list[int], settings: DecodeConfig, config: ServeConfig, limit: int) -> None:
+    """Refuse a request whose worst case (every hypothesis of every sentence reaching its maximum length)
+    would hold the one decoding worker, and every other client, for too long."""
+    max_lengths = max_output_lengths(torch.tensor(src_lengths), settings, limit=limit)
+    worst = settings.beam_size * int(max_lengths.sum())
+    if worst > config.max_decode_tokens:
+        raise ApiError(
+            413,
+            f"this request may decode up to {worst} tokens ({len(src_lengths)} sentences x beam {settings.beam_size} "
+            f"x up to {int(max_lengths.max())} output tokens); the limit is {config.max_decode_tokens} "
+            "(--max-decode-tokens): send fewer sentences, a smaller beam or a max_length",
+        )
 
 
 def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeConfig, limit: int) -> DecodeConfig:
