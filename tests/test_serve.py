@@ -194,6 +194,34 @@ def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_fron
     }
 
 
+def test_ready_is_200_while_the_batcher_takes_requests_and_503_before_and_after(run):
+    """/health was the only probe: a load balancer could not tell a live server from one ready to serve."""
+    import asyncio
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+
+    async def probe():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            before = await client.get("/ready")
+            async with app.router.lifespan_context(app):
+                serving = await client.get("/ready")
+                await app.state.batcher.stop()  # what the lifespan's exit does once uvicorn shuts down
+                stopping = await client.get("/ready")
+                alive = await client.get("/health")
+        return before, serving, stopping, alive
+
+    before, serving, stopping, alive = asyncio.run(probe())
+    assert serving.status_code == 200 and serving.json() == {"status": "ready"}
+    for response in (before, stopping):
+        assert response.status_code == 503
+        assert response.json() == {"error": "not ready: the server is starting or shutting down"}
+    assert alive.status_code == 200
+
+
 @pytest.fixture
 def no_server(monkeypatch):
     """Fail, instead of serving until killed, if a test that expects an error reaches uvicorn."""

@@ -1,4 +1,4 @@
-"""Serve a run over HTTP: POST /translate, GET /health, OpenAPI docs at /docs (FastAPI on uvicorn).
+"""Serve a run over HTTP: POST /translate, GET /health, GET /ready, OpenAPI docs at /docs (FastAPI on uvicorn).
 
 Binds to 127.0.0.1 unless --host says otherwise, before loading the model, and prints one line on stderr
 once it accepts connections. Concurrent requests are decoded together in windows of at most
@@ -13,7 +13,7 @@ import sys
 
 from tformer.cli.extras import require
 
-HELP = "serve a run over HTTP (POST /translate, GET /health)"
+HELP = "serve a run over HTTP (POST /translate, GET /health, GET /ready)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 

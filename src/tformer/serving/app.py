@@ -1,4 +1,4 @@
-"""The HTTP API: `POST /translate`, `GET /health`, OpenAPI docs at /docs, on FastAPI.
+"""The HTTP API: `POST /translate`, `GET /health` (liveness), `GET /ready` (readiness), docs at /docs.
 
 Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON 400, a body
 of the wrong shape or impossible decode settings 422, too many sentences, a sentence too long (in
@@ -160,6 +160,14 @@ def create_app(
     async def health() -> dict[str, Any]:
         """Liveness and load: the model's name, the jobs waiting and the windows decoded so far."""
         return {"status": "ok", "model": name, "pending": batcher.pending, "windows": batcher.windows}
+
+    @app.get("/ready", responses={503: {"description": "not ready: starting or shutting down"}})
+    async def ready() -> dict[str, str]:
+        """Readiness, for a load balancer: 200 once the model is loaded and the batcher takes requests,
+        503 before that and while shutting down (/health is liveness: 200 whenever the process answers)."""
+        if not batcher.accepting:
+            raise ApiError(503, "not ready: the server is starting or shutting down")
+        return {"status": "ready"}
 
     @app.post(
         "/translate",

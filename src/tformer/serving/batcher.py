@@ -94,6 +94,11 @@ class Batcher:
         """Jobs waiting for a window; a job whose client left no longer counts, though still queued."""
         return len(self._waiting)
 
+    @property
+    def accepting(self) -> bool:
+        """Started and not stopping: a job submitted now will be decoded."""
+        return self._scheduler is not None and not self._closing
+
     async def start(self) -> None:
         """Create the queue, the worker and the scheduler task in the running event loop."""
         self._packing.enter_context(packed_weights(self.model))
