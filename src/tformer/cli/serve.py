@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-decode-tokens",
         type=int,
-        default=16384,
-        help="worst case per request, sentences x beam x max output length; more get 413 (default: 16384)",
+        default=65536,
+        help="worst case per request, sentences x beam x max output length; more get 413 (default: 65536)",
     )
     parser.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting; more get 503 + Retry-After (default: 256)"

@@ -43,7 +43,7 @@ class ServeConfig:
     max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
     max_queue: int = 256
-    max_decode_tokens: int = 16384
+    max_decode_tokens: int = 65536
 
     def __post_init__(self) -> None:
         # each limit is also the `tformer serve` flag of the same name
