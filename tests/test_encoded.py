@@ -17,6 +17,7 @@ from tformer.data import encoded as encoded_module
 from tformer.data.batching import BatchStream, collate
 from tformer.data.encoded import EncodedPairs, TokenRows, encode_rows, id_dtype
 from tformer.training import encoded_cache, load_run, resume_run, start_run
+from tformer.training import run as run_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,3 +198,27 @@ def test_a_failed_save_names_the_path_and_leaves_nothing_behind(tmp_path: Path, 
     problem = encoded_cache.save(tmp_path / "run", key, encoded_cache.CachedCorpus(pairs, skipped_overlong=0))
     assert problem == f"{tmp_path / 'run' / encoded_cache.CACHE_DIR}: No space left on device"
     assert list((tmp_path / "run" / encoded_cache.CACHE_DIR).iterdir()) == []
+
+
+def test_a_file_edited_while_a_new_run_sets_up_is_not_cached_under_its_new_bytes(tmp_path: Path, monkeypatch) -> None:
+    """The cache's key is the digest of the bytes read: a corpus file rewritten after it was read (while the
+    tokenizer trains, minutes on a large corpus) must make the next resume encode the text again."""
+    corpus = write_corpus(tmp_path)
+    real_read = run_module.read_parallel
+
+    def read_then_edit(src_path, tgt_path, **kwargs):
+        read = real_read(src_path, tgt_path, **kwargs)
+        if tgt_path == str(corpus["train_tgt"]):  # the training text, not the validation set read later
+            lines = corpus["train_tgt"].read_text(encoding="utf-8").splitlines()
+            corpus["train_tgt"].write_text("\n".join([lines[0] + " cat", *lines[1:]]) + "\n", encoding="utf-8")
+        return read
+
+    monkeypatch.setattr(run_module, "read_parallel", read_then_edit)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2"), run, quiet=True).train()
+    monkeypatch.setattr(run_module, "read_parallel", real_read)
+    encoded_sizes = []
+    real = encoded_module.encode_rows
+    monkeypatch.setattr(run_module, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts))
+    resume_run(run, overrides=["train.max_steps=3"], quiet=True)
+    assert 200 in encoded_sizes  # the edited text was encoded again, not taken from the cache of the old text

@@ -204,8 +204,8 @@ def _new_trainer(
         raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
     if data.tokenizer is None:
         check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
-    corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
-    say(f"training data: {corpus.report.summary()}")
+    corpus = read_training_text(data)
+    say(f"training data: {corpus.summary}")
     if data.tokenizer is not None:
         tokenizer = Tokenizer.from_files(data.tokenizer)
         check_embedding_sharing(experiment.model.share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
@@ -242,7 +242,7 @@ def _new_trainer(
         tokenizer,
         say=say,
         run_dir=run_dir,
-        train_corpus=(corpus.sources, corpus.targets),
+        train_text=corpus,
         distributed=distributed,
     )
     return Trainer(
@@ -420,18 +420,18 @@ def prepare_data(
     *,
     say: Say,
     run_dir: Path | None = None,
-    train_corpus: tuple[list[str], list[str]] | None = None,
+    train_text: TrainingText | None = None,
     distributed: Distributed | None = None,
 ) -> TrainingData:
     """Encode the training pairs into a BatchStream (this process's share of the batches) and the
     validation pairs into fixed batches (all of them, on every process). With `run_dir` the training
     pairs come from its encoded cache when it matches (see `tformer.training.encoded_cache`), and the
-    main process caches them there when it does not; `train_corpus` is the training text already read."""
+    main process caches them there when it does not; `train_text` is the training text already read."""
     distributed = distributed or Distributed()
     data, train = experiment.data, experiment.train
     special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     pairs = _training_pairs(
-        experiment, tokenizer, say=say, run_dir=run_dir, train_corpus=train_corpus, write_cache=distributed.is_main
+        experiment, tokenizer, say=say, run_dir=run_dir, train_text=train_text, write_cache=distributed.is_main
     )
     _fitting_pairs(pairs, train.max_tokens, what="training")
     stream = BatchStream(
@@ -474,38 +474,73 @@ def _training_pairs(
     *,
     say: Say,
     run_dir: Path | None,
-    train_corpus: tuple[list[str], list[str]] | None,
+    train_text: TrainingText | None,
     write_cache: bool,
 ) -> EncodedPairs:
     """The encoded training pairs: from `run_dir`'s cache when the corpus files, the tokenizer and the
     settings are those it was made from; else read (unless given), encoded, and cached if `write_cache`."""
     data, max_positions = experiment.data, experiment.model.max_positions
     assert data.train_src is not None and data.train_tgt is not None
-    key = None
-    if run_dir is not None:
-        key = encoded_cache.CorpusKey(
-            source_digest=file_digest(data.train_src),
-            target_digest=file_digest(data.train_tgt),
-            tokenizer=tokenizer.fingerprint(),
-            max_chars=data.max_chars,
-            strict=data.strict,
-            max_positions=max_positions,
-        )
-        cached = encoded_cache.load(run_dir, key)
+    digests = _digests(data) if run_dir is not None and train_text is None else None
+    if digests is not None:
+        cached = encoded_cache.load(run_dir, _corpus_key(experiment, tokenizer, digests))
         if cached is not None:
             if cached.skipped_overlong:
                 say(f"train: skipped {cached.skipped_overlong} pairs longer than model.max_positions={max_positions}")
             return cached.pairs
-    if train_corpus is None:
-        corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
-        train_corpus = (corpus.sources, corpus.targets)
-    pairs, kept = _encode(tokenizer, *train_corpus, max_positions=max_positions, say=say, name="train")
-    if key is not None and write_cache:
-        cached = encoded_cache.CachedCorpus(pairs, skipped_overlong=len(train_corpus[0]) - len(kept))
-        problem = encoded_cache.save(run_dir, key, cached)
+    if train_text is None:
+        train_text = read_training_text(data)
+    pairs, kept = _encode(
+        tokenizer, train_text.sources, train_text.targets, max_positions=max_positions, say=say, name="train"
+    )
+    if run_dir is not None and write_cache:
+        cached = encoded_cache.CachedCorpus(pairs, skipped_overlong=len(train_text.sources) - len(kept))
+        problem = encoded_cache.save(run_dir, _corpus_key(experiment, tokenizer, train_text.digests), cached)
         if problem is not None:
             say(f"warning: the encoded training data could not be saved ({problem}); a resume will encode it again")
     return pairs
+
+
+def _corpus_key(
+    experiment: ExperimentConfig, tokenizer: Tokenizer, digests: tuple[str, str]
+) -> encoded_cache.CorpusKey:
+    return encoded_cache.CorpusKey(
+        source_digest=digests[0],
+        target_digest=digests[1],
+        tokenizer=tokenizer.fingerprint(),
+        max_chars=experiment.data.max_chars,
+        strict=experiment.data.strict,
+        max_positions=experiment.model.max_positions,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingText:
+    """The training corpus as read, with its files' digests taken before reading them: an encoded cache
+    is then keyed by the bytes that were read, even if a file changes while the tokenizer trains."""
+
+    sources: list[str]
+    targets: list[str]
+    digests: tuple[str, str]
+    summary: str  # what reading kept and skipped
+
+
+def read_training_text(data: DataConfig) -> TrainingText:
+    digests = _digests(data)
+    assert data.train_src is not None and data.train_tgt is not None
+    corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
+    if digests is None:  # read after all: the file appeared after its digest was tried
+        digests = (file_digest(data.train_src), file_digest(data.train_tgt))
+    return TrainingText(corpus.sources, corpus.targets, digests, corpus.report.summary())
+
+
+def _digests(data: DataConfig) -> tuple[str, str] | None:
+    """The digests of the two training files, or None when one cannot be read (reading it says why)."""
+    assert data.train_src is not None and data.train_tgt is not None
+    try:
+        return file_digest(data.train_src), file_digest(data.train_tgt)
+    except OSError:
+        return None
 
 
 def _fitting_pairs(pairs: EncodedPairs, max_tokens: int, *, what: str, then: str = "") -> tuple[list[int], list[int]]:
