@@ -158,7 +158,7 @@ def _train_argv(corpus: dict, out: Path, *extra: str) -> list[str]:
 FAILING_AT_STEP_3 = """
 import sys
 import tformer.training.loop as loop
-from tformer.cli.main import main
+from tformer.cli.main import program
 real, calls = loop.train_step, []
 def failing(*args, **kwargs):
     calls.append(None)
@@ -166,7 +166,7 @@ def failing(*args, **kwargs):
         raise ValueError("simulated failure in step 3")
     return real(*args, **kwargs)
 loop.train_step = failing
-sys.exit(main(sys.argv[1:]))
+program(sys.argv[1:])
 """
 
 
