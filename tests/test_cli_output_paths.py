@@ -19,6 +19,8 @@ from tformer.cli.main import main
         ["plot", "{missing}", "--out", "{blocker}/x.png"],
         ["align", "{missing}", "--src", "{missing}", "--tgt", "{missing}", "--out", "{blocker}/x.txt"],
         ["explain", "--out", "{blocker}/figures"],
+        ["export", "{missing}", "--to", "hf", "--out", "{blocker}/exported"],
+        ["import-hf", "{missing}", "--out", "{blocker}/imported"],
     ],
 )
 def test_an_output_path_under_a_file_is_refused_first(

@@ -10,8 +10,10 @@ other than 1e-5) are refused. See docs/interop.md.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tformer.cli.extras import require
+from tformer.cli.output_paths import check_output_dir
 
 HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model"
 
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(Path(args.out))  # before loading anything: a path under a file is one line
     if args.to == "hf":
         require(["transformers"], command="export --to hf", extra="hf")
     else:

@@ -12,8 +12,10 @@ docs/interop.md.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tformer.cli.extras import require
+from tformer.cli.output_paths import check_output_dir
 
 HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run directory"
 
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(Path(args.out))  # before loading anything: a path under a file is one line
     require(["transformers"], command="import-hf", extra="hf")
     from tformer.interop.hf_import import import_hf
 
