@@ -526,8 +526,8 @@ class TrainingText:
 
 
 def read_training_text(data: DataConfig) -> TrainingText:
-    digests = _digests(data)
     assert data.train_src is not None and data.train_tgt is not None
+    digests = _digests(data)
     corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
     if digests is None:  # read after all: the file appeared after its digest was tried
         digests = (file_digest(data.train_src), file_digest(data.train_tgt))
@@ -561,19 +561,18 @@ def _fitting_pairs(pairs: EncodedPairs, max_tokens: int, *, what: str, then: str
 
 def _encode(
     tokenizer: Tokenizer, sources: list[str], targets: list[str], *, max_positions: int, say: Say, name: str
-) -> tuple[EncodedPairs, list[int]]:
+) -> tuple[EncodedPairs, np.ndarray]:
     """Token pairs that fit the model (with eos/bos added, at most max_positions), and their indices."""
     encoded = EncodedPairs(
         encode_rows(tokenizer.encode_sources, sources), encode_rows(tokenizer.encode_targets, targets)
     )
-    fits_R = encoded.lengths_R2.max(axis=1) + 1 <= max_positions
-    if fits_R.all():
-        return encoded, list(range(len(encoded)))
-    kept = np.flatnonzero(fits_R)
-    say(f"{name}: skipped {len(encoded) - len(kept)} pairs longer than model.max_positions={max_positions}")
-    if len(kept) == 0:
+    kept_R = np.flatnonzero(encoded.lengths_R2.max(axis=1) + 1 <= max_positions)
+    if len(kept_R) == len(encoded):
+        return encoded, kept_R
+    say(f"{name}: skipped {len(encoded) - len(kept_R)} pairs longer than model.max_positions={max_positions}")
+    if len(kept_R) == 0:
         raise ConfigError(f"{name}: no pair fits model.max_positions={max_positions}; raise it")
-    return encoded.take(kept), kept.tolist()
+    return encoded.take(kept_R), kept_R
 
 
 def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
