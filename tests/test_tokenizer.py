@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,51 @@ def test_a_run_trains_its_tokenizer_on_at_most_tokenizer_max_pairs(tmp_path: Pat
     assert "tokenizer: trained on 20 of 200 pairs (data.tokenizer_max_pairs)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"data\.tokenizer_max_pairs must be 0"):
         DataConfig(tokenizer_max_pairs=-1)
+
+
+def _zipf_characters(n_sentences: int, alphabet: int, seed: int = 0) -> list[str]:
+    """Sentences of CJK characters drawn with Zipfian frequencies, as in Chinese text: a few hundred
+    common characters and a long tail of rare ones."""
+    rng = random.Random(seed)
+    characters = [chr(0x4E00 + i) for i in range(alphabet)]
+    weights = [1.0 / (rank + 1) ** 1.6 for rank in range(alphabet)]
+    return ["".join(rng.choices(characters, weights=weights, k=30)) for _ in range(n_sentences)]
+
+
+def test_character_coverage_leaves_the_rarest_characters_out() -> None:
+    sentences = _zipf_characters(3000, alphabet=3000)
+    counts: dict[str, int] = {}
+    for sentence in sentences:
+        for character in sentence:
+            counts[character] = counts.get(character, 0) + 1
+    once = next(character for character, count in counts.items() if count == 1)
+    # every character a piece: more distinct characters than the vocabulary holds, refused in one line
+    # that names the setting to change
+    with pytest.raises(TokenizerError, match=r"character_coverage=1\.0 .* lower character_coverage") as info:
+        Tokenizer.train(sentences, sentences, vocab_size=1000)
+    assert "\n" not in str(info.value)
+    # 98%: the rarest characters are left out and become <unk>, the common ones still round-trip
+    tokenizer = Tokenizer.train(sentences, sentences, vocab_size=1000, character_coverage=0.98)
+    assert tokenizer.src_vocab_size <= 1000
+    assert tokenizer.encode_source(once)[-1] == tokenizer.unk_id
+    common = max(counts, key=counts.__getitem__)
+    assert tokenizer.decode_source(tokenizer.encode_source(common * 3)) == common * 3
+    with pytest.raises(TokenizerError, match=r"character_coverage must be between 0\.98 and 1\.0"):
+        Tokenizer.train(sentences, sentences, vocab_size=1000, character_coverage=0.9)
+
+
+def test_a_run_trains_its_tokenizer_with_data_character_coverage(tmp_path: Path) -> None:
+    sources = _zipf_characters(400, alphabet=600)
+    targets = _zipf_characters(400, alphabet=600, seed=1)
+    corpus = {"train_src": tmp_path / "train.zh", "train_tgt": tmp_path / "train.ja"}
+    corpus["train_src"].write_text("\n".join(sources) + "\n", encoding="utf-8")
+    corpus["train_tgt"].write_text("\n".join(targets) + "\n", encoding="utf-8")
+    settings = ("data.vocab_size=300", "train.max_steps=1", "train.max_tokens=1024")
+    with pytest.raises(TokenizerError, match="lower character_coverage"):
+        start_run(tiny_experiment(corpus, *settings, valid=False), tmp_path / "full")
+    trainer = start_run(
+        tiny_experiment(corpus, *settings, "data.character_coverage=0.98", valid=False), tmp_path / "run"
+    )
+    assert trainer.tokenizer.src_vocab_size <= 300
+    with pytest.raises(ConfigError, match=r"data\.character_coverage must be between 0\.98 and 1\.0"):
+        DataConfig(character_coverage=1.5)

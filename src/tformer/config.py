@@ -326,6 +326,10 @@ class DataConfig:
     `vocab_size` pieces is trained on the training data (joint over both sides when `joint_vocab`), on
     at most `tokenizer_max_pairs` of its pairs drawn at random by train.seed (0: all; Marian's default
     is the same 2 million lines), since sentencepiece's time and memory grow with every line it reads.
+    `character_coverage` is the share of the text's characters the vocabulary must hold as pieces; the
+    rarest characters beyond it become <unk>. 1.0 keeps every character (right for alphabets);
+    sentencepiece advises 0.9995 for Chinese or Japanese, whose thousands of rare characters would
+    otherwise take up the vocabulary or exceed it.
     """
 
     data_dir: str | None = None  # relative data paths below are taken from here (default: working directory)
@@ -338,6 +342,7 @@ class DataConfig:
     tokenizer_model: TokenizerModel = "bpe"
     joint_vocab: bool = True
     tokenizer_max_pairs: int = 2_000_000
+    character_coverage: float = 1.0
     max_chars: int = 2000
     strict: bool = False
 
@@ -349,6 +354,8 @@ class DataConfig:
             raise ConfigError(f"data.vocab_size must be at least 8, got {self.vocab_size}")
         if self.tokenizer_max_pairs < 0:
             raise ConfigError(f"data.tokenizer_max_pairs must be 0 (all pairs) or more, got {self.tokenizer_max_pairs}")
+        if not 0.98 <= self.character_coverage <= 1.0:  # sentencepiece's own bounds
+            raise ConfigError(f"data.character_coverage must be between 0.98 and 1.0, got {self.character_coverage}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,8 @@ SRC_FILE = "spm.src.model"
 TGT_FILE = "spm.tgt.model"
 
 _WHITESPACE = re.compile(r"\s+")
+# sentencepiece's refusal when the characters to keep outnumber the vocabulary ("1000 vs 3005.")
+_TOO_MANY_CHARACTERS = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
 
 
 class TokenizerError(ValueError):
@@ -76,14 +78,25 @@ class Tokenizer:
         joint: bool = True,
         seed: int = 0,
         num_threads: int = 1,
+        character_coverage: float = 1.0,
     ) -> Tokenizer:
         """Train on the given sentences. `vocab_size` is an upper bound: tiny corpora get fewer pieces
-        (`hard_vocab_limit=False`); read `src_vocab_size` / `tgt_vocab_size` for the real sizes."""
+        (`hard_vocab_limit=False`); read `src_vocab_size` / `tgt_vocab_size` for the real sizes.
+        `character_coverage`: the share of the text's characters that must be pieces of their own; the
+        rarest characters beyond it are left out (encoded as <unk>). 1.0 keeps them all."""
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
         if vocab_size < 5:
             raise TokenizerError(f"vocab_size must be at least 5 (4 special ids + 1 piece), got {vocab_size}")
-        options = dict(vocab_size=vocab_size, model_type=model_type, seed=seed, num_threads=num_threads)
+        if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own bounds
+            raise TokenizerError(f"character_coverage must be between 0.98 and 1.0, got {character_coverage}")
+        options = dict(
+            vocab_size=vocab_size,
+            model_type=model_type,
+            seed=seed,
+            num_threads=num_threads,
+            character_coverage=character_coverage,
+        )
         if joint:
             return cls(_train_model([*sources, *targets], name="joint", **options))
         return cls(_train_model(sources, name="source", **options), _train_model(targets, name="target", **options))
@@ -218,7 +231,14 @@ def sample_pairs(
 
 
 def _train_model(
-    sentences: Sequence[str], *, name: str, vocab_size: int, model_type: str, seed: int, num_threads: int
+    sentences: Sequence[str],
+    *,
+    name: str,
+    vocab_size: int,
+    model_type: str,
+    seed: int,
+    num_threads: int,
+    character_coverage: float,
 ) -> spm.SentencePieceProcessor:
     texts = [text for text in (normalize(s) for s in sentences) if text]
     if not texts:
@@ -237,7 +257,7 @@ def _train_model(
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             unk_id=UNK_ID,
-            character_coverage=1.0,
+            character_coverage=character_coverage,
             hard_vocab_limit=False,
             normalization_rule_name="identity",
             max_sentence_length=max(4192, longest + 1),
@@ -246,6 +266,13 @@ def _train_model(
         )
     except RuntimeError as error:
         reason = str(error).splitlines()[0].split("] ")[-1].split(" Increase vocab_size")[0]
+        too_many_characters = _TOO_MANY_CHARACTERS.search(reason)
+        if too_many_characters:
+            reason = (
+                f"the characters that make up character_coverage={character_coverage} of the text need "
+                f"{too_many_characters[1]} pieces; raise vocab_size above that, or lower character_coverage "
+                "(0.9995 suits Chinese or Japanese) to leave the rarest characters out as <unk>"
+            )
         raise TokenizerError(f"cannot train the {name} tokenizer with vocab_size={vocab_size}: {reason}") from None
     return spm.SentencePieceProcessor(model_proto=writer.getvalue())
 

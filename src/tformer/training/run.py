@@ -221,6 +221,7 @@ def _new_trainer(
             vocab_size=data.vocab_size,
             model_type=data.tokenizer_model,
             joint=data.joint_vocab,
+            character_coverage=data.character_coverage,
             seed=experiment.train.seed,
         )
     say(f"tokenizer: {tokenizer!r}")
