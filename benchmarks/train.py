@@ -6,7 +6,8 @@ the same batch of random token ids of fixed lengths (no padding), the same dtype
 forward, loss, backward and an AdamW step for every system; tformer's step is `train_step` itself
 (label-smoothed loss, gradient clipping at 1.0, AdamW), Marian's is `model(labels=...)` + AdamW,
 nn.Transformer's is cross-entropy with label smoothing + AdamW. fp32 on CPU with the same number of
-threads; bf16 autocast (fp32 weights) on GPU; fused AdamW for every system on both devices.
+threads; bf16 autocast (fp32 weights) on GPU, and on CPU with `--precision bf16`; fused AdamW for every
+system on both devices.
 
     python benchmarks/train.py --device cpu --preset small [--batch 64x32x32] [--quick] [--compile [model]]
 
@@ -81,8 +82,15 @@ def parse_args():
     )
     parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
     parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="every system: fp32, or bf16 autocast with fp32 weights (default: bf16 on GPU, fp32 on CPU)",
+    )
     args = parser.parse_args()
     gpu = args.device == "cuda"
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.batch = args.batch or ("16x16x16" if args.quick else "128x64x64" if gpu else "64x32x32")
     try:
         args.sentences, args.src_len, args.tgt_len = (int(part) for part in args.batch.lower().split("x"))
@@ -106,7 +114,7 @@ def random_batch(args, generator: torch.Generator) -> Batch:
 def tformer_system(model: Transformer, batch: Batch, args) -> Any:
     device = torch.device(args.device)
     optimizer = build_optimizer(model, TrainConfig(), device=device)
-    autocast = torch.bfloat16 if args.device == "cuda" else None
+    autocast = torch.bfloat16 if args.precision == "bf16" else None
     on_device = batch.to(device)
     if args.graph:
         graphed = GraphedTrainStep(
@@ -136,8 +144,8 @@ def adamw(model: nn.Module, device: str) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
 
 
-def autocast_context(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+def autocast_context(args):
+    return torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def smoothed_loss_step(model: nn.Module, optimizer: torch.optim.Optimizer, logits: Tensor, targets: Tensor) -> None:
@@ -157,7 +165,7 @@ def hf_system(hf_model: nn.Module, batch: Batch, args) -> Any:
     def run() -> None:
         for _ in range(args.steps):
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(args.device):
+            with autocast_context(args):
                 logits = hf_model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in).logits
             smoothed_loss_step(hf_model, optimizer, logits, labels)
 
@@ -208,7 +216,7 @@ def torch_system(model: TorchTransformer, batch: Batch, args) -> Any:
     def run() -> None:
         for _ in range(args.steps):
             optimizer.zero_grad(set_to_none=True)
-            with autocast_context(args.device):
+            with autocast_context(args):
                 logits = model(src, tgt_in)
             smoothed_loss_step(model, optimizer, logits, tgt_out)
 
@@ -274,7 +282,7 @@ def main() -> None:
     common: dict[str, Any] = dict(
         bench="train", preset=args.preset, device=args.device, batch=args.batch, compile=args.compile,
         tformer_graph=args.graph,
-        dtype="bf16-autocast" if args.device == "cuda" else "fp32",
+        dtype="bf16-autocast" if args.precision == "bf16" else "fp32",
     )  # fmt: skip
     lines, rates = [], {}
     peak = peak_flops(torch.device(args.device))
@@ -307,7 +315,7 @@ def main() -> None:
             lines.append(emit(**common, system="tformer", metric=f"ratio_vs_{rival}", value=value))
     path = record_path("train", args.device, args.record)
     if path is not None:
-        precision = "bf16 autocast, fp32 weights" if args.device == "cuda" else "fp32"
+        precision = "bf16 autocast, fp32 weights" if args.precision == "bf16" else "fp32"
         notes = (
             f"Random-weight `{args.preset}` model, vocabulary {args.vocab_size}, one batch of {args.sentences} "
             f"sentences x {args.src_len} source x {args.tgt_len} target random token ids (no padding), {precision}, "
