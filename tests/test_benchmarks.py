@@ -1,5 +1,5 @@
-"""The decoding benchmark runs end to end (a --quick run): every system, CTranslate2 in its worker
-process, produces the fixed output length, and the JSON lines carry the ratios against both rivals."""
+"""The decoding and training benchmarks run end to end (--quick runs): every system (CTranslate2 in its
+worker process) runs, decoding produces the fixed output length, and the JSON lines carry the ratios."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def test_quick_decoding_benchmark_reports_ratios_against_both_rivals() -> None:
     ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
     assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2)
     assert ratios["ratio_vs_ctranslate2"] == pytest.approx(rates["tformer"] / rates["ctranslate2"], rel=1e-2)
+
+
+def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train.py"), "--device", "cpu", "--quick", "--precision", "bf16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines and all(line["dtype"] == "bf16-autocast" for line in lines)
+    rates = {line["system"]: line["value"] for line in lines if line["metric"] == "tokens_per_s"}
+    assert set(rates) == {"tformer", "hf", "torch"} and all(rate > 0 for rate in rates.values())
+    ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
+    assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2)
