@@ -23,6 +23,21 @@ def test_scores_equal_sacrebleu_called_directly() -> None:
     assert scores.chrf_signature.startswith("nrefs:1")
 
 
+SECOND_REFERENCES = ["A cat sat on the mat.", "a dog barks loudly", "It is raining today."]
+
+
+def test_several_references_equal_sacrebleus_multi_reference_scores() -> None:
+    scores = score(HYPOTHESES, REFERENCES, SECOND_REFERENCES)
+    both = [REFERENCES, SECOND_REFERENCES]
+    assert scores.bleu == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, both).score)
+    assert scores.bleu_lowercase == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, both, lowercase=True).score)
+    assert scores.chrf == pytest.approx(sacrebleu.corpus_chrf(HYPOTHESES, both).score)
+    assert scores.bleu > score(HYPOTHESES, REFERENCES).bleu  # the second set matches lines 2 and 3 better
+    assert "nrefs:2" in scores.bleu_signature and scores.chrf_signature.startswith("nrefs:2")
+    with pytest.raises(EvaluationError, match="3 hypotheses but reference set 2 has 2 references"):
+        score(HYPOTHESES, REFERENCES, SECOND_REFERENCES[:2])
+
+
 def test_perfect_and_zero_scores() -> None:
     perfect = score(REFERENCES, REFERENCES)
     assert perfect.bleu == pytest.approx(100.0) and perfect.chrf == pytest.approx(100.0)

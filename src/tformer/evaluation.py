@@ -1,7 +1,8 @@
 """Corpus-level translation quality with sacreBLEU: cased BLEU, lowercased BLEU and chrF, each
 reported with its signature so that numbers can be compared across papers and runs.
 
-Scores are computed on detokenized text against one reference per segment, as sacreBLEU intends.
+Scores are computed on detokenized text against one reference per segment, or several (each set of
+references aligned with the hypotheses, as in sacreBLEU's multi-reference scoring), as sacreBLEU intends.
 BLEU splits text into words with sacreBLEU's `13a` tokenisation by default; text written without
 spaces needs another (`zh` for Chinese, `ja-mecab` for Japanese, `ko-mecab` for Korean, `char`):
 under `13a` a whole Chinese or Japanese sentence is one word, so even a perfect translation can score
@@ -57,13 +58,16 @@ class Scores:
         )
 
 
-def score(hypotheses: list[str], references: list[str], *, tokenize: str = "13a") -> Scores:
+def score(hypotheses: list[str], references: list[str], *more_references: list[str], tokenize: str = "13a") -> Scores:
     """BLEU (words split by sacreBLEU's `tokenize`), lowercased BLEU and chrF of `hypotheses` against
-    aligned `references`."""
-    if len(hypotheses) != len(references):
-        raise EvaluationError(
-            f"{len(hypotheses)} hypotheses but {len(references)} references; they must be aligned line by line"
-        )
+    aligned `references`, and against every further set of aligned references given (multi-reference)."""
+    reference_sets = [references, *more_references]
+    for number, aligned in enumerate(reference_sets, start=1):
+        if len(hypotheses) != len(aligned):
+            references_found = f"reference set {number} has {len(aligned)}" if more_references else len(aligned)
+            raise EvaluationError(
+                f"{len(hypotheses)} hypotheses but {references_found} references; they must be aligned line by line"
+            )
     if not references:
         raise EvaluationError("nothing to score: no references")
     bleu, bleu_lower = bleu_metric(tokenize), bleu_metric(tokenize, lowercase=True)
@@ -71,9 +75,9 @@ def score(hypotheses: list[str], references: list[str], *, tokenize: str = "13a"
     if sum(hypothesis.endswith(" .") for hypothesis in hypotheses) >= TOKENIZED_LINES:
         warnings.warn(TOKENIZED_WARNING, UserWarning, stacklevel=2)
     return Scores(
-        bleu=bleu.corpus_score(hypotheses, [references]).score,
-        bleu_lowercase=bleu_lower.corpus_score(hypotheses, [references]).score,
-        chrf=chrf.corpus_score(hypotheses, [references]).score,
+        bleu=bleu.corpus_score(hypotheses, reference_sets).score,
+        bleu_lowercase=bleu_lower.corpus_score(hypotheses, reference_sets).score,
+        chrf=chrf.corpus_score(hypotheses, reference_sets).score,
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
     )
