@@ -314,6 +314,7 @@ ScheduleName = Literal["inverse_sqrt", "peak"]
 StopMetric = Literal["bleu", "chrf", "loss"]
 # sacreBLEU's word splitting for BLEU (tformer.evaluation); those that download a model at run time are left out
 BleuTokenize = Literal["13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none"]
+BLEU_TOKENIZE: tuple[str, ...] = typing.get_args(BleuTokenize)  # `evaluate --tokenize` lists them
 Precision = Literal["auto", "fp32", "bf16"]
 CompileMode = Literal["none", "layers", "model"]  # how training compiles (runtime.compile_*), not a config key
 

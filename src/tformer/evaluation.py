@@ -18,13 +18,12 @@ from __future__ import annotations
 import unicodedata
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, get_args
+from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
-from tformer.config import BleuTokenize
+from tformer.config import BLEU_TOKENIZE
 
-BLEU_TOKENIZE: tuple[str, ...] = get_args(BleuTokenize)
 EXTRAS = {"ja-mecab": "ja", "ko-mecab": "ko"}  # tokenisations that need `pip install 'sacrebleu[XX]'`
 UNSPACED_SCRIPTS = ("CJK UNIFIED IDEOGRAPH", "HIRAGANA", "KATAKANA", "THAI")  # written without spaces
 UNSPACED_SHARE = 0.5  # of the references' letters, above which `13a`/`intl` BLEU means little

@@ -33,9 +33,9 @@ from matplotlib.figure import Figure
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.model import Transformer
+from tformer.viz.attention_kinds import KINDS
 from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing
 
-KINDS = ("encoder_self", "decoder_self", "cross")
 PNG_DPI = 100
 # Larger pictures take minutes and gigabytes to lay out and draw (4 bytes a pixel), and few viewers open
 # them; older matplotlib versions cannot draw 2**16 pixels or more on a side at all. Every layer and head
