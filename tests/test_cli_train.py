@@ -18,11 +18,13 @@ import pytest
 import torch
 from training_helpers import tiny_experiment, write_corpus
 
+from tformer import runtime
 from tformer.cli import train as train_cli
 from tformer.cli.main import main
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
 from tformer.training import loop
+from tformer.training import run as training_run
 from tformer.training.loop import TrainResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -508,10 +510,12 @@ def test_only_rank_0_prints_the_closing_line(
 ) -> None:
     """Every process of a torchrun run ends `tformer train`; only rank 0 prints "run DIR: step N, ..."
     (a fake rank of a 2-process group stands in for torchrun; training is faked too)."""
-    monkeypatch.setattr(train_cli, "init_distributed", lambda device: Distributed(rank=rank, world_size=2))
-    monkeypatch.setattr(train_cli, "start_run", lambda *args, **kwargs: _FakeTrainer())
-    monkeypatch.setattr(train_cli, "resume_run", lambda *args, **kwargs: _FakeTrainer())
-    monkeypatch.setattr(train_cli, "resumed_experiment", lambda run_dir, given: tiny_experiment(write_corpus(tmp_path)))
+    monkeypatch.setattr(runtime, "init_distributed", lambda device: Distributed(rank=rank, world_size=2))
+    monkeypatch.setattr(training_run, "start_run", lambda *args, **kwargs: _FakeTrainer())
+    monkeypatch.setattr(training_run, "resume_run", lambda *args, **kwargs: _FakeTrainer())
+    monkeypatch.setattr(
+        training_run, "resumed_experiment", lambda run_dir, given: tiny_experiment(write_corpus(tmp_path))
+    )
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--quiet"]) == 0
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0

@@ -19,9 +19,10 @@ def run(tmp_path_factory) -> Path:
 def test_a_job_that_stops_leaves_its_translated_lines_in_output_partial_not_in_output(
     run, tmp_path, capsys, monkeypatch
 ):
-    from tformer.cli import line_input, translate
+    from tformer.cli import line_input
 
-    monkeypatch.setattr(translate, "ready_chunks", lambda fd, max_lines: line_input.ready_chunks(fd, 4))
+    ready_chunks = line_input.ready_chunks
+    monkeypatch.setattr(line_input, "ready_chunks", lambda fd, max_lines: ready_chunks(fd, 4))
     lines = [SENTENCES[i % len(SENTENCES)] for i in range(12)]
     lines[9] = "the cat " * 40  # over the model's 64 positions: stops the job in the third chunk of 4 lines
     source, output = tmp_path / "in.txt", tmp_path / "out.txt"

@@ -13,10 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tformer.align import align_files
 from tformer.cli.output_paths import check_output_file
-from tformer.training.checkpoint import load_run
-from tformer.training.loop import resolve_device
 
 HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
 
@@ -34,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.align import align_files
+    from tformer.training.checkpoint import load_run
+    from tformer.training.loop import resolve_device
+
     if args.out is not None:
         check_output_file(args.out)
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))

@@ -12,10 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from tformer.cli.output_paths import check_output_file
-from tformer.training.checkpoint import load_run
-from tformer.training.loop import resolve_device
-from tformer.viz.attention_maps import KINDS, AttentionPlotError, save_attention_png, sentence_attention
-from tformer.viz.html import save_attention_html
+from tformer.viz.attention_kinds import KINDS
 
 HELP = "draw every layer and head of attention for one translated sentence (PNG or HTML)"
 FORMATS = (".png", ".html")
@@ -37,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.training.checkpoint import load_run
+    from tformer.training.loop import resolve_device
+    from tformer.viz.attention_maps import AttentionPlotError, save_attention_png, sentence_attention
+    from tformer.viz.html import save_attention_html
+
     suffix = args.out.suffix.lower()
     if suffix not in FORMATS:
         raise AttentionPlotError(f"--out must end in .png or .html, got {args.out.name!r}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tformer.training.average import average_checkpoints
-
 HELP = "average the weights of a run's last K checkpoints"
 
 
@@ -24,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.training.average import average_checkpoints
+
     path = average_checkpoints(args.run_dir, last=args.last, out=args.out)
     print(path)
     return 0

@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tformer.cli.argument_types import integer, seed_below
-from tformer.demo import DemoConfig, quick_config, run_demo
+
+if TYPE_CHECKING:
+    from tformer.demo import DemoConfig
 
 HELP = "train and evaluate the built-in English -> German number-words translator (no download)"
 
@@ -48,12 +51,16 @@ def seconds(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.demo import run_demo
+
     run_demo(args.out, _demo_config(args), quiet=args.quiet)  # checks everything before writing
     return 0
 
 
 def _demo_config(args: argparse.Namespace) -> DemoConfig:
     """The demo's sizes: --quick's or the full ones, with the flags given applied."""
+    from tformer.demo import DemoConfig, quick_config
+
     config = quick_config() if args.quick else DemoConfig()
     config = dataclasses.replace(config, seed=args.seed)
     if args.train_steps is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tformer.data.download import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, download_multi30k
+from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256
 
 HELP = "download a public parallel corpus (multi30k)"
 
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.data.download import download_multi30k
+
     languages = [language.strip() for language in args.languages.split(",") if language.strip()]
     written = download_multi30k(
         args.out,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from tformer.training.checkpoint import LoadedRun, load_run
+    from tformer.training.checkpoint import LoadedRun
 
 
 def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def model_with_ensemble(loaded: LoadedRun, args: argparse.Namespace, device: str
     if not args.ensemble:
         return loaded.model
     from tformer.decoding.ensemble import EnsembleModel
+    from tformer.training.checkpoint import load_run
 
     which = getattr(args, "which", "best")
     members = [loaded.model]

@@ -19,10 +19,7 @@ from pathlib import Path
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.data.corpus import CorpusError, read_lines
-from tformer.evaluation import BLEU_TOKENIZE, bleu_metric, score, tokenization_advice
-from tformer.training.checkpoint import load_run
-from tformer.training.loop import resolve_device
+from tformer.config import BLEU_TOKENIZE
 
 HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
 
@@ -51,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.data.corpus import CorpusError, read_lines
     from tformer.decoding.pipeline import Translator
+    from tformer.evaluation import bleu_metric, score, tokenization_advice
+    from tformer.training.checkpoint import load_run
+    from tformer.training.loop import resolve_device
 
     sources, references = read_lines(args.src), read_lines(args.ref)
     if len(sources) != len(references):

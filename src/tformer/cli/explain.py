@@ -10,8 +10,6 @@ from pathlib import Path
 
 from tformer.cli.argument_types import seed_below
 from tformer.cli.output_paths import check_output_dir
-from tformer.explain import walkthrough
-from tformer.explain_report import render, save_figures
 
 HELP = "walk through attention on a tiny example, step by step, with every number printed"
 
@@ -23,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.explain import walkthrough
+    from tformer.explain_report import render, save_figures
+
     if args.out is not None:
         check_output_dir(args.out)
     result = walkthrough(args.seed)

@@ -16,14 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from tformer.config import PRESETS, ConfigError, ModelConfig, config_to_dict, load_experiment, preset
-from tformer.model import Transformer, count_parameters
-from tformer.training.checkpoint import (
-    POINTERS,
-    read_experiment,
-    read_pointer_name,
-    resolve_checkpoint,
-    step_checkpoints,
-)
 
 HELP = "show the shape and parameter count of a model preset, a config file's [model] or a trained run"
 
@@ -54,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.model import Transformer, count_parameters
+
     if args.run_dir is not None:
         if args.preset or args.config or args.vocab_size is not None:
             raise ConfigError("give a RUN_DIR, or --preset / --config (with --vocab-size), not both")
@@ -85,6 +79,14 @@ def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
 
 def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
     """The model a run trained (its vocabulary sizes are the tokenizer's), and where it was read from."""
+    from tformer.training.checkpoint import (
+        POINTERS,
+        read_experiment,
+        read_pointer_name,
+        resolve_checkpoint,
+        step_checkpoints,
+    )
+
     checkpoint, run_dir = resolve_checkpoint(path, which=which)
     experiment, step = read_experiment(checkpoint)
     described: dict[str, Any] = {"checkpoint": str(checkpoint), "step": step}

@@ -28,7 +28,8 @@ from tformer.cli import (
     translate,
 )
 
-# Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int.
+# Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int;
+# importing it and building its parser loads no heavy library (run imports what the command needs).
 COMMANDS: list[tuple[str, ModuleType]] = [
     ("demo", demo),
     ("train", train),

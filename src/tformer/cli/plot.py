@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from tformer.cli.output_paths import check_output_file
-from tformer.viz.curves import save_curves_png
 
 HELP = "plot loss, BLEU/chrF and learning rate of a run over steps and wall-clock time"
 
@@ -18,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.viz.curves import save_curves_png
+
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: plot writes a PNG image; give a file name ending in .png")
     check_output_file(args.out)

@@ -31,21 +31,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
-from tformer.runtime import Distributed, init_distributed, leave_process_group, lost_contact
-from tformer.training.checkpoint import abandoned
-from tformer.training.loop import TrainingInterrupted, TrainResult
-from tformer.training.run import (
-    check_new_run_dir,
-    foreign_files,
-    replaceable,
-    resume_run,
-    resumed_experiment,
-    start_run,
-)
-from tformer.training.run_lock import RunLock
+
+if TYPE_CHECKING:
+    from tformer.runtime import Distributed
+    from tformer.training.loop import TrainResult
 
 HELP = "train a translation model (new run, --resume, or --overwrite)"
 
@@ -136,6 +128,8 @@ def _run_one_of_several(args: argparse.Namespace) -> int:
     """Under torchrun, a process that fails says why and exits; the others learn of it only when their
     next collective fails. They say so in one line, not with the transport's traceback. However it
     ends, the process leaves the process group before it exits."""
+    from tformer.runtime import leave_process_group, lost_contact
+
     try:
         return _run(args)
     except RuntimeError as error:
@@ -156,6 +150,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tformer.training.run import check_new_run_dir, start_run
+    from tformer.training.run_lock import RunLock
+
     out: Path = args.out
     if args.loss_chunk < 0:
         raise ConfigError(f"--loss-chunk must be 0 (off) or positive, got {args.loss_chunk}")
@@ -193,6 +190,8 @@ def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
     """Hidden directories of earlier --overwrite runs of RUN_DIR whose process is gone (killed with
     SIGKILL, or by SIGTERM during a step that could not be interrupted) hold a whole run each that nothing
     else will ever use: remove them before staging a new one."""
+    from tformer.training.checkpoint import abandoned
+
     for staging in sorted(out.parent.glob(f".{glob.escape(out.name)}.overwrite-*")):
         if staging.is_dir() and abandoned(staging):
             shutil.rmtree(staging)
@@ -204,6 +203,8 @@ def _check_replaceable(out: Path) -> None:
     """--overwrite deletes RUN_DIR once the new run ends: refuse a directory that is no run (a data
     directory, a home directory given by mistake), unless it holds only what a run killed before its
     first checkpoint leaves."""
+    from tformer.training.run import foreign_files, replaceable
+
     if not replaceable(out):
         others = foreign_files(out)
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
@@ -218,6 +219,9 @@ def _train_staged(
 ) -> TrainResult:
     """Train the replacing run in `staging`; if it fails or is interrupted, remove what it wrote there,
     so that the old run in `out` stays and nothing hidden is left beside it."""
+    from tformer.training.loop import TrainingInterrupted
+    from tformer.training.run import start_run
+
     try:
         return start_run(experiment, staging, quiet=quiet, **options).train()
     except KeyboardInterrupt as interrupt:
@@ -247,6 +251,8 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _resume(args: argparse.Namespace) -> int:
     """Whatever the command sets is laid over the run's own experiment: repeating the original command
     and giving only what changes both work, and a model or data setting that differs is named."""
+    from tformer.training.run import resume_run, resumed_experiment
+
     expected = resumed_experiment(args.out, _given_settings(args))
     options = _runtime(args, expected.train.device)
     trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
@@ -264,5 +270,7 @@ def _report(distributed: Distributed, line: str) -> None:
 
 def _runtime(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """How the run executes (not what it computes): process group, compilation, loss chunking."""
+    from tformer.runtime import init_distributed
+
     distributed: Distributed = init_distributed(device)
     return {"distributed": distributed, "compile_mode": args.compile, "loss_chunk": args.loss_chunk}

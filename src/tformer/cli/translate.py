@@ -25,7 +25,6 @@ from typing import IO, Any
 
 from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.cli.line_input import ready_chunks
 from tformer.cli.output_paths import check_output_file
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
@@ -118,6 +117,8 @@ def _translations(translator: Any, source: IO | None) -> Iterator[list[Any]]:
     """The n-best lists of the input's lines, translated in chunks of the lines that are ready on its file
     descriptor (at most the translator's chunk_lines); a stream without one (stdin replaced by a string
     buffer, as in tests or an embedding program) is read in the translator's fixed chunks."""
+    from tformer.cli.line_input import ready_chunks
+
     if source is None:  # started with standard input closed (`<&-`)
         raise ValueError("there is no standard input: give --input FILE, or pipe text into tformer translate")
     try:
