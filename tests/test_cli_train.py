@@ -221,6 +221,70 @@ def test_bad_checkpoints_and_evaluation_inputs(
     _fails_cleanly(capsys, ["train", "--out", str(run), "--resume"], "format_version 0")
 
 
+def test_evaluate_scores_several_references_and_keeps_its_translations(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import sacrebleu
+
+    src, ref = workspace["valid_src"], workspace["valid_tgt"]
+    second = tmp_path / "second.tgt"  # another reference per line: every line with its words reversed
+    second.write_text("".join(" ".join(line.split()[::-1]) + "\n" for line in ref.read_text().splitlines()))
+    output = tmp_path / "out" / "hyp.txt"
+    evaluate = ["evaluate", str(trained), "--src", str(src), "--json"]
+    capsys.readouterr()
+    assert main([*evaluate, "--ref", str(ref), str(second), "--output", str(output)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    hypotheses = output.read_text().splitlines()
+    assert len(hypotheses) == len(src.read_text().splitlines())
+    references = [ref.read_text().splitlines(), second.read_text().splitlines()]
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, references).score)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, references).score)
+    assert scores["bleu_signature"].startswith("nrefs:2|")
+    # the translations are the ones translate gives, and the file is kept unless --overwrite
+    translated = tmp_path / "translated.txt"
+    assert main(["translate", str(trained), "--input", str(src), "--output", str(translated)]) == 0
+    assert translated.read_text() == output.read_text()
+    kept = output.read_bytes()
+    _fails_cleanly(capsys, [*evaluate, "--ref", str(ref), "--output", str(output)], "pass --overwrite")
+    _fails_cleanly(capsys, [*evaluate, "--ref", str(ref), "--output", str(ref)], "is the --ref file")
+    assert output.read_bytes() == kept
+    assert main([*evaluate, "--ref", str(ref), "--output", str(output), "--overwrite", "--beam", "1"]) == 0
+    short = tmp_path / "short.tgt"
+    short.write_text("cat\n")
+    _fails_cleanly(capsys, [*evaluate, "--ref", str(ref), str(short)], f"but {short} has 1")
+
+
+def test_decoding_settings_from_the_command_line(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = workspace["valid_src"]
+
+    def translate(*flags: str) -> list[str]:
+        capsys.readouterr()
+        assert main(["translate", str(trained), "--input", str(src), *flags]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    greedy = translate("--beam", "1")
+    sampled = translate("--set", "decode.sampling=true", "--set", "decode.temperature=5.0", "--set", "decode.seed=3")
+    assert sampled != greedy  # a hot temperature: not the most probable tokens
+    assert translate("--set", "decode.sampling=true", "--set", "decode.temperature=5.0", "--set", "decode.seed=3") == (
+        sampled
+    )  # the seed makes it reproducible
+    # an output length bound of the run's config changed for this command only: one token at most
+    for line in translate("--set", "decode.max_len_a=0", "--set", "decode.max_len_b=1"):
+        assert len(line.split()) <= 1
+    # the command's own flags come after --set
+    assert translate("--set", "decode.beam_size=3", "--beam", "1") == greedy
+    for bad, message in (
+        ("model.d_model=8", "--set takes decoding settings"),
+        ("decode.topk=3", "unknown key(s) topk in [decode]"),
+        ("decode.temperature=0", "temperature must be positive"),
+    ):
+        _fails_cleanly(capsys, ["translate", str(trained), "--input", str(src), "--set", bad], message)
+        evaluate = ["evaluate", str(trained), "--src", str(src), "--ref", str(workspace["valid_tgt"])]
+        _fails_cleanly(capsys, [*evaluate, "--set", bad], message)
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

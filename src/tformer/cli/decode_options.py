@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 
-from tformer.config import DecodeConfig
+from tformer.config import ConfigError, DecodeConfig, config_from_dict, config_to_dict, parse_override
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="decode_settings",
+        metavar="decode.KEY=VALUE",
+        help="change one of the run's [decode] settings for this command (any key, docs/decoding.md), e.g. "
+        "--set decode.sampling=true --set decode.top_k=10; repeatable; the other decoding flags apply after it",
+    )
     parser.add_argument(
         "--length-penalty",
         type=float,
@@ -35,8 +45,27 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def decode_settings(settings: Sequence[str]) -> dict[str, object]:
+    """The `decode.KEY=VALUE` settings of --set by key (their values checked against the run's later)."""
+    values = {}
+    for text in settings:
+        keys, value = parse_override(text)
+        if len(keys) != 2 or keys[0] != "decode" or not keys[1]:
+            raise ConfigError(
+                f"--set takes decoding settings, decode.KEY=VALUE (the model and its training are fixed); got {text!r}"
+            )
+        values[keys[1]] = value
+    return values
+
+
+def apply_decode_settings(config: DecodeConfig, settings: dict[str, object]) -> DecodeConfig:
+    """The run's decode settings with those of --set (`decode_settings`) in their place."""
+    return config_from_dict(DecodeConfig, {**config_to_dict(config), **settings}, section="decode")
+
+
 def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
-    """The run's decode settings with the flags of `add_decode_arguments` applied."""
+    """The run's decode settings with the flags of `add_decode_arguments` applied (--set is applied before,
+    with `apply_decode_settings`, so that the commands' own --beam and --nbest come after it too)."""
     if args.static_step or args.compile_step:
         config = dataclasses.replace(config, static_step=True, compile_step=args.compile_step or config.compile_step)
     if args.length_penalty is not None:

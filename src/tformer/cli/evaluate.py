@@ -1,7 +1,10 @@
 """Translate a test set with a trained run and score it against references with sacreBLEU.
 
 Prints cased BLEU with its signature, lowercased BLEU and chrF; --json prints one JSON object instead.
-Decoding uses the run's [decode] settings unless --beam is given.
+Decoding uses the run's [decode] settings, changed by --set decode.KEY=VALUE, --beam and the flags below.
+Several --ref files score against several references per line (sacreBLEU's multi-reference BLEU and
+chrF). --output keeps the translations, one line per source line (written once all are translated;
+an existing file is kept unless --overwrite).
 
 BLEU splits words with sacreBLEU's --tokenize (default: the run's train.bleu_tokenize, 13a unless set).
 Text written without spaces needs zh (Chinese), ja-mecab (Japanese, pip install 'sacrebleu[ja]'),
@@ -14,11 +17,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import warnings
 from pathlib import Path
 
-from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+from tformer.cli.decode_options import (
+    add_decode_arguments,
+    apply_decode_arguments,
+    apply_decode_settings,
+    decode_settings,
+)
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
+from tformer.cli.output_paths import check_output_file
 from tformer.config import BLEU_TOKENIZE
 
 HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
@@ -27,7 +37,13 @@ HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
     parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
-    parser.add_argument("--ref", type=Path, required=True, help="reference translations, aligned with --src")
+    parser.add_argument(
+        "--ref",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="reference translations, aligned with --src; several files: several references per line",
+    )
     parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
@@ -45,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "zh, ja-mecab, ko-mecab or char for text written without spaces",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--output", type=Path, help="also write the translations to this file, one per --src line")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,17 +72,22 @@ def run(args: argparse.Namespace) -> int:
     from tformer.training.checkpoint import load_run
     from tformer.training.loop import resolve_device
 
-    sources, references = read_lines(args.src), read_lines(args.ref)
-    if len(sources) != len(references):
-        raise CorpusError(f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}")
+    settings = decode_settings(args.decode_settings)
+    if args.output is not None:
+        _check_output(args)
+    sources = read_lines(args.src)
+    reference_sets = [read_lines(path) for path in args.ref]
+    for path, references in zip(args.ref, reference_sets, strict=True):
+        if len(sources) != len(references):
+            raise CorpusError(f"{args.src} has {len(sources)} lines but {path} has {len(references)}")
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
     tokenize = args.tokenize or loaded.experiment.train.bleu_tokenize
     bleu_metric(tokenize)  # a missing MeCab is reported before translating
-    advice = tokenization_advice(references, tokenize)
+    advice = tokenization_advice(reference_sets[0], tokenize)
     if advice:
         warnings.warn(advice, UserWarning, stacklevel=1)
-    decode = loaded.experiment.decode
+    decode = apply_decode_settings(loaded.experiment.decode, settings)
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
     decode = apply_decode_arguments(decode, args)
@@ -72,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
     translator = Translator(
         model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
     )
-    scores = score(translator.translate_texts(sources), references, tokenize=tokenize)
+    hypotheses = translator.translate_texts(sources)
+    if args.output is not None:
+        _write_lines(args.output, hypotheses)
+    scores = score(hypotheses, *reference_sets, tokenize=tokenize)
     if args.json:
         members = [str(path) for path in args.ensemble]
         header = {"checkpoint": str(loaded.checkpoint_dir), "step": loaded.step, "ensemble": members}
@@ -83,3 +109,25 @@ def run(args: argparse.Namespace) -> int:
             print("ensemble with " + ", ".join(str(path) for path in args.ensemble))
         print(scores.summary())
     return 0
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """--output can be written and holds nothing to keep: checked before any translating."""
+    output = args.output
+    check_output_file(output, "--output")
+    for flag, path in (("--src", args.src), *(("--ref", path) for path in args.ref)):
+        if output.exists() and path.exists() and os.path.samefile(output, path):
+            raise ValueError(f"--output {output} is the {flag} file: writing would erase it; choose another file")
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"--output: {output} exists; pass --overwrite to replace it, or choose another file")
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """`lines` into `path`, which appears only once complete (written beside it, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -23,7 +23,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
-from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+from tformer.cli.decode_options import (
+    add_decode_arguments,
+    apply_decode_arguments,
+    apply_decode_settings,
+    decode_settings,
+)
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_output_file
 
@@ -54,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
+    settings = decode_settings(args.decode_settings)
     output, partial = _output_files(args)
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
-    config = loaded.experiment.decode
+    config = apply_decode_settings(loaded.experiment.decode, settings)
     if args.beam is not None:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
