@@ -295,7 +295,7 @@ def test_startup_line_gives_the_url_and_the_real_port(run):
     try:
         line = read_line(process.stderr, timeout_s=60)
         pattern = rf"serving {re.escape(str(run))} on (http://127\.0\.0\.1:(\d+)) "
-        pattern += r"\(POST /translate, GET /health, /docs; Ctrl-C to stop\)\n"
+        pattern += r"\(POST /translate, GET /health, GET /ready, /docs; Ctrl-C to stop\)\n"
         match = re.fullmatch(pattern, line)
         assert match is not None and int(match[2]) > 0, line
         assert httpx.get(f"{match[1]}/health").json()["status"] == "ok"  # ready when the line is printed
