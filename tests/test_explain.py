@@ -56,7 +56,7 @@ def test_scores_are_scaled_dot_products_and_weights_their_softmax(result: Walkth
 
 
 def test_every_check_agrees_to_float64_precision(result: Walkthrough) -> None:
-    assert len(result.checks) >= 9
+    assert len(result.checks) >= 10
     assert all(difference < 1e-10 for difference in result.checks.values()), result.checks
 
 
@@ -76,6 +76,21 @@ def test_cross_entropy_is_the_mean_negative_log_probability_and_a_step_lowers_it
     assert loss.loss_after_step < loss.loss
 
 
+def test_autoregressive_decoding_feeds_back_each_choice_and_equals_the_cached_search(result: Walkthrough) -> None:
+    d = result.decoding
+    assert d.loss_after_training < result.loss.loss_after_step < result.loss.loss
+    assert d.chosen == ["le", "chat", "s'assit", "</s>"]  # the trained copy translates the pair it learned
+    for step, prefix in enumerate(d.prefixes):  # each step reads <s> and every token chosen before it
+        assert prefix == ["<s>", *d.chosen[:step]]
+        assert VOCABULARY[int(d.probabilities_NV[step].argmax())] == d.chosen[step]
+    torch.testing.assert_close(d.probabilities_NV.sum(dim=-1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(d.cached_probabilities_NV, d.probabilities_NV, atol=1e-12, rtol=0)
+    chosen_ids = torch.tensor([VOCABULARY.index(token) for token in d.chosen])
+    assert d.log_prob == pytest.approx(float(d.probabilities_NV.gather(1, chosen_ids[:, None]).log().sum()))
+    assert d.module_tokens == d.chosen[:-1]  # greedy_search: the same tokens (eos left out) ...
+    assert d.module_log_prob == pytest.approx(d.log_prob, abs=1e-6)  # ... and log-probability (float32)
+
+
 def test_seed_changes_the_numbers_and_is_reproducible(result: Walkthrough) -> None:
     assert torch.equal(walkthrough(seed=3).attention.scores_HSS, result.attention.scores_HSS)
     assert not torch.equal(walkthrough(seed=4).attention.scores_HSS, result.attention.scores_HSS)
@@ -83,7 +98,7 @@ def test_seed_changes_the_numbers_and_is_reproducible(result: Walkthrough) -> No
 
 def test_report_prints_every_step_and_figures_decode(result: Walkthrough, tmp_path: Path) -> None:
     text = render(result)
-    for step in ("== 1.", "== 3.", "== 6.", "== 8.", "== 9.", "== 10.", "worked example", "== checks"):
+    for step in ("== 1.", "== 3.", "== 6.", "== 8.", "== 9.", "== 10.", "== 11.", "worked example", "== checks"):
         assert step in text
     paths = save_figures(result, tmp_path)
     assert [path.name for path in paths] == [
@@ -92,6 +107,7 @@ def test_report_prints_every_step_and_figures_decode(result: Walkthrough, tmp_pa
         "encoder_block.png",
         "decoder_attention.png",
         "cross_entropy.png",
+        "decoding.png",
     ]
     for path in paths:
         assert_png(path, min_width=500, min_height=300)
@@ -101,4 +117,4 @@ def test_cli_prints_the_walkthrough_and_writes_figures(tmp_path: Path, capsys: p
     assert main(["explain", "--seed", "1", "--out", str(tmp_path / "figs")]) == 0
     output = capsys.readouterr().out
     assert "q·k / sqrt(4)" in output and "softmax" in output
-    assert len(list((tmp_path / "figs").glob("*.png"))) == 5
+    assert len(list((tmp_path / "figs").glob("*.png"))) == 6

@@ -15,7 +15,12 @@
 8. cross-attention: decoder queries against the keys/values `CrossAttention.project_memory` makes from
    the encoder output, checked equal to `CrossAttention.forward`;
 9. the cross-entropy of the teacher-forced prediction, checked against `training.loss`, and the loss
-   again after one Adam step.
+   again after one Adam step;
+10. autoregressive decoding: a copy of the model trained on the pair translates the source one token at
+    a time, each step a full forward pass over the tokens chosen so far, taking the most probable next
+    token until </s>; checked against the same steps with a KV cache (`Transformer.new_cache`: each step
+    feeds only the newest token and reads earlier positions' keys and values from the cache) and
+    against `tformer.decoding.greedy_search`.
 
 Step 3's arithmetic (the dot products and softmax a reader follows by hand) is written out in
 `tformer.model.attention.attention_loop_steps`, called here; the checks in `Walkthrough.checks` show it
@@ -35,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tformer.config import ModelConfig
+from tformer.config import DecodeConfig, ModelConfig
+from tformer.decoding import greedy_search
 from tformer.model import Transformer
 from tformer.model.attention import (
     attention_fused,
@@ -52,6 +58,8 @@ SOURCE_WORDS = ("the", "cat", "sat")
 TARGET_WORDS = ("le", "chat", "s'assit")
 PAD, BOS, EOS = 0, 1, 2
 LEARNING_RATE = 0.01
+TRAINING_STEPS = 60  # Adam steps on the one pair before it is translated: enough to learn it (step 10)
+MAX_NEW_TOKENS = 8
 
 
 def toy_config() -> ModelConfig:
@@ -138,6 +146,22 @@ class LossSteps:
 
 
 @dataclass
+class DecodingSteps:
+    """Greedy autoregressive decoding of the source by a copy of the model trained on the pair: one full
+    forward pass per new token over <s> and the tokens chosen so far (N steps, the last choosing </s>)."""
+
+    training_steps: int
+    loss_after_training: float
+    prefixes: list[list[str]]  # the decoder input of each step
+    probabilities_NV: Tensor  # the next-token distribution each step
+    cached_probabilities_NV: Tensor  # the same from one new token a step with a KV cache
+    chosen: list[str]  # the most probable next token each step
+    log_prob: float  # sum of log p(chosen) over the steps
+    module_tokens: list[str]  # tformer.decoding.greedy_search on the trained copy (eos excluded)
+    module_log_prob: float  # its Hypothesis.log_prob (eos included; search keeps log-probabilities in float32)
+
+
+@dataclass
 class Walkthrough:
     seed: int
     config: ModelConfig
@@ -151,6 +175,7 @@ class Walkthrough:
     causal: CausalSteps
     cross: CrossSteps
     loss: LossSteps
+    decoding: DecodingSteps
     checks: dict[str, float] = field(default_factory=dict)  # name -> max |difference|
 
 
@@ -265,6 +290,52 @@ def loss_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T
     )
 
 
+def decoding_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor) -> DecodingSteps:
+    """Train a copy of `model` on the pair, then translate the source with it one token at a time."""
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE)
+    for _ in range(TRAINING_STEPS):
+        optimizer.zero_grad()
+        F.cross_entropy(trained(src_1S, tgt_in_1T)[0], tgt_out_1T[0]).backward()
+        optimizer.step()
+    trained.eval()
+    decoded = [BOS]
+    probabilities = []
+    with torch.no_grad():
+        loss_after = F.cross_entropy(trained(src_1S, tgt_in_1T)[0], tgt_out_1T[0])
+        prefixes = []
+        while decoded[-1] != EOS and len(decoded) <= MAX_NEW_TOKENS:
+            prefixes.append([VOCABULARY[i] for i in decoded])
+            logits_1TV = trained(src_1S, torch.tensor([decoded]))  # every position again: no cache here
+            probabilities_V = torch.softmax(logits_1TV[0, -1], dim=-1)  # the last position predicts the next
+            probabilities.append(probabilities_V)
+            decoded.append(int(probabilities_V.argmax()))
+        # the same steps with a KV cache: each feeds one token; keys and values of earlier positions
+        # (and the memory's) are read from the cache instead of being computed again
+        cache = trained.new_cache(batch_size=1, capacity=len(decoded), memory=trained.encode(src_1S))
+        cached = [
+            torch.softmax(
+                trained.decode(torch.tensor([[token]]), memory=None, src_pad_mask=None, cache=cache)[0, -1], -1
+            )
+            for token in decoded[:-1]
+        ]
+    probabilities_NV = torch.stack(probabilities)
+    chosen_N = torch.tensor(decoded[1:])
+    config = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW_TOKENS)
+    best = greedy_search(trained, src_1S, src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=config)[0][0]
+    return DecodingSteps(
+        training_steps=TRAINING_STEPS,
+        loss_after_training=float(loss_after),
+        prefixes=prefixes,
+        probabilities_NV=probabilities_NV,
+        cached_probabilities_NV=torch.stack(cached),
+        chosen=[VOCABULARY[i] for i in decoded[1:]],
+        log_prob=float(probabilities_NV.gather(1, chosen_N[:, None]).log().sum()),
+        module_tokens=[VOCABULARY[i] for i in best.tokens],
+        module_log_prob=best.log_prob,
+    )
+
+
 def max_difference(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max())
 
@@ -278,6 +349,7 @@ def walkthrough(seed: int = 0) -> Walkthrough:
     embeddings_SD, positions_SD, attention, block = encoder_steps(model, src_1S)
     causal, cross = decoder_steps(model, tgt_in_1T, block.encode_SD[None])
     loss = loss_steps(model, src_1S, tgt_in_1T, tgt_out_1T)
+    decoding = decoding_steps(model, src_1S, tgt_in_1T, tgt_out_1T)
     result = Walkthrough(
         seed=seed,
         config=model.config,
@@ -291,6 +363,7 @@ def walkthrough(seed: int = 0) -> Walkthrough:
         causal=causal,
         cross=cross,
         loss=loss,
+        decoding=decoding,
     )
     fused_BHSK = attention_fused(attention.q_HSK[None], attention.k_HSK[None], attention.v_HSK[None])[0]
     result.checks = {
@@ -305,5 +378,8 @@ def walkthrough(seed: int = 0) -> Walkthrough:
         "masked matrix form = fused causal kernel": max_difference(causal.output_TD, causal.module_output_TD),
         "cross steps = CrossAttention.forward": max_difference(cross.output_TD, cross.module_output_TD),
         "cross-entropy = training.loss": abs(loss.loss - loss.module_loss),
+        "decoding, full forward each step = KV-cached step": max_difference(
+            decoding.probabilities_NV, decoding.cached_probabilities_NV
+        ),
     }
     return result

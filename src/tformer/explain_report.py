@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from tformer.explain import Walkthrough
+from tformer.explain import VOCABULARY, Walkthrough
 from tformer.viz.positional import save_positional_png
 
 
@@ -112,10 +112,39 @@ def render(w: Walkthrough) -> str:
         f"loss = mean(-log p) = {loss.loss:.4f}   (a uniform guess over {c.tgt_vocab_size} tokens: "
         f"{np.log(c.tgt_vocab_size):.4f})",
         f"after one Adam step (lr {loss.learning_rate}) on this pair the loss is {loss.loss_after_step:.4f}",
+        *decoding_lines(w),
         heading("checks", "each step equals what tformer's modules compute (max |difference|)"),
     ]
     out += [f"  {value:.1e}  {name}" for name, value in w.checks.items()]
     return "\n".join(out) + "\n"
+
+
+def decoding_lines(w: Walkthrough) -> list[str]:
+    """Step 11: the trained copy translating the source, one token at a time."""
+    d, source = w.decoding, " ".join(w.source_tokens[:-1])
+    lines = [
+        heading(11, "autoregressive decoding: one token at a time, each step reads the tokens chosen so far"),
+        f"a copy of the model after {d.training_steps} Adam steps on this pair (loss {w.loss.loss:.4f} -> "
+        f"{d.loss_after_training:.4f}) translates {source!r}.",
+        "Each step runs the decoder on <s> and the tokens chosen so far; the last position's softmax is the",
+        "next token's distribution; greedy search takes the most probable token, until </s>:",
+    ]
+    width = max(len(" ".join(prefix)) for prefix in d.prefixes)
+    for step, (prefix, probabilities_V) in enumerate(zip(d.prefixes, d.probabilities_NV, strict=True), start=1):
+        top = probabilities_V.topk(3)
+        candidates = "  ".join(f"{VOCABULARY[i]} {float(p):.3f}" for p, i in zip(top.values, top.indices, strict=True))
+        lines.append(
+            f"  step {step}  input: {' '.join(prefix).ljust(width)}  next: {candidates}  -> {d.chosen[step - 1]}"
+        )
+    lines += [
+        f"translation: {' '.join(token for token in d.chosen if token != '</s>')}   "
+        f"(log-probability {d.log_prob:.4f}, the sum of log p(chosen))",
+        "with a KV cache each step feeds only its newest token: the keys and values of earlier positions",
+        "are kept from the steps before, so a step costs one position, not all of them (same numbers: checks).",
+        f"tformer.decoding.greedy_search gives: {' '.join(d.module_tokens)}   (log-probability "
+        f"{d.module_log_prob:.4f}, accumulated in float32)",
+    ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -209,6 +238,17 @@ def loss_figure(w: Walkthrough) -> Figure:
     return figure
 
 
+def decoding_figure(w: Walkthrough) -> Figure:
+    d = w.decoding
+    figure = Figure(figsize=(7.5, 1.2 + 0.6 * len(d.prefixes)), layout="constrained")
+    ax = figure.subplots()
+    rows = [f"{' '.join(prefix)} → {chosen}" for prefix, chosen in zip(d.prefixes, d.chosen, strict=True)]
+    annotated(
+        ax, d.probabilities_NV, rows, list(VOCABULARY), "greedy decoding: p(next token) at each step", vmin=0, vmax=1
+    )
+    return figure
+
+
 def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +258,7 @@ def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
         ("encoder_block.png", encoder_block_figure),
         ("decoder_attention.png", decoder_figure),
         ("cross_entropy.png", loss_figure),
+        ("decoding.png", decoding_figure),
     ):
         make(w).savefig(out_dir / name, dpi=100, format="png")
         written.append(out_dir / name)

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config, device=device, name=name
         )
         address = host_port(args.host, listener.getsockname()[1])  # the real port, also for --port 0
-        ready = f"serving {args.run_dir} on http://{address} (POST /translate, GET /health, GET /ready, /docs; Ctrl-C to stop)"
+        endpoints = "POST /translate, GET /health, GET /ready, /docs"
+        ready = f"serving {args.run_dir} on http://{address} ({endpoints}; Ctrl-C to stop)"
         serve(app, listener, graceful_timeout=args.graceful_timeout, ready_line=ready)
     return 0
 
