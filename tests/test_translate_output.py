@@ -69,3 +69,17 @@ def test_a_bad_input_path_leaves_no_partial_output(run, tmp_path, capsys):
     assert main(["translate", str(run), "--input", str(tmp_path / "missing.txt"), "--output", str(output)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nbest_above_the_beam_names_the_flag_to_change(run, tmp_path, capsys):
+    """The run decodes with beam 3: `--nbest 4` alone is one line naming --beam, not DecodeConfig's beam_size."""
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    translate = ["translate", str(run), "--input", str(source), "--nbest", "4"]
+    assert main(translate) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --nbest 4 needs a beam of at least 4, not the run's decode.beam_size 3: give --beam 4\n"
+    assert main([*translate, "--beam", "2"]) == 2
+    assert capsys.readouterr().err == "error: --nbest 4 needs a beam of at least 4, not --beam 2: give --beam 4\n"
+    assert main([*translate, "--beam", "4"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4 * len(SENTENCES)

@@ -47,7 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode config)")
-    parser.add_argument("--nbest", type=int, default=None, help="print the K best as 'index ||| text ||| score'")
+    parser.add_argument(
+        "--nbest",
+        type=int,
+        default=None,
+        help="print the K best as 'index ||| text ||| score' (a beam of K or more; default: the best alone, as text)",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_decode_arguments(parser)
@@ -67,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if args.beam is not None:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
+        if args.nbest > config.beam_size:  # DecodeConfig's own error names beam_size, not the flag to change
+            beam = f"--beam {args.beam}" if args.beam is not None else f"the run's decode.beam_size {config.beam_size}"
+            raise ValueError(
+                f"--nbest {args.nbest} needs a beam of at least {args.nbest}, not {beam}: give --beam {args.nbest}"
+            )
         config = dataclasses.replace(config, nbest=args.nbest)
     config = apply_decode_arguments(config, args)
     model = model_with_ensemble(loaded, args, device)
