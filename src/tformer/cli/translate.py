@@ -7,9 +7,9 @@ With --nbest K, each input line gives K lines `index ||| text ||| score` (index 
 from 0).
 
 --output FILE is written as FILE.partial, renamed to FILE once every line is translated: a job that
-stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the lines before it,
-whole lines only, and never a FILE that looks complete. An existing FILE (or FILE.partial) is kept
-unless --overwrite is given.
+stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the chunks finished
+before it (up to 256 lines each), whole lines only, and never a FILE that looks complete. An existing FILE
+(or FILE.partial) is kept unless --overwrite is given.
 """
 
 from __future__ import annotations
