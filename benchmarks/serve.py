@@ -34,11 +34,11 @@ from tformer.training.checkpoint import load_run, save_checkpoint, step_name, wr
 def parse_args():
     parser = common_arguments(__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="serve this run (default: a random-weight model)")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--beam", type=int, default=1)
-    parser.add_argument("--max-length", type=int, default=24, help="output tokens per sentence")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--requests", type=int, default=200, help="requests to send (default: 200)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (default: 16)")
+    parser.add_argument("--beam", type=int, default=1, help="beam size of every request (default: 1, greedy)")
+    parser.add_argument("--max-length", type=int, default=24, help="output tokens per sentence (default: 24)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms (default: 5)")
     args = parser.parse_args()
     if args.device != "cpu":
         parser.error("the load test serves on the CPU (the server runs in a child process); leave out --device")

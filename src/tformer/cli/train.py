@@ -66,7 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="experiment TOML file, or the name of a recipe shipped with tformer (e.g. tiny_copy)",
     )
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key, e.g. train.max_steps=100 (the value is TOML; repeatable)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
@@ -83,7 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many updates (default: 100000; 0: no limit)")
     parser.add_argument("--max-epochs", type=int, help="stop after this many epochs (default: 0, no limit)")
     parser.add_argument(
-        "--max-time", type=float, metavar="SECONDS", help="wall-clock training budget (default: 0, no limit)"
+        "--max-time",
+        type=float,
+        metavar="SECONDS",
+        help="wall-clock training budget of the whole run, resumptions included (default: 0, no limit)",
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
