@@ -194,6 +194,11 @@ def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     kept.mkdir()
     _fails_cleanly(capsys, _train_args(workspace, kept / "run", "--train-src", str(tmp_path / "missing.src")), "found")
     assert [path.name for path in kept.iterdir()] == []
+    # a setup that fails after the encoded training data was saved (no pair fits train.max_tokens) leaves
+    # nothing either: the same command gives the same error again, not "already holds files"
+    for _ in range(2):
+        _fails_cleanly(capsys, _train_args(workspace, out, "--set", "train.max_tokens=3"), "raise train.max_tokens")
+        assert not (tmp_path / "runs").exists()
 
 
 def test_bad_checkpoints_and_evaluation_inputs(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -173,9 +174,12 @@ def _lock_new_run_dir(run_dir: Path, *, checked: bool) -> RunLock:
 
 
 def _remove_unused(run_dir: Path, lock: RunLock, *, created: list[Path]) -> None:
-    """After a failed setup: remove the lock file (while still holding it) and release it, then the
-    directories this run created, parents of --out included (a failed setup leaves no directory
-    behind); one that is not empty, something else put there, stays."""
+    """After a failed setup: remove the encoded training data this run saved (the directory held no
+    cache when the run started: it was empty), the lock file (while still holding it) and release it,
+    then the directories this run created, parents of --out included (a failed setup leaves no
+    directory behind, so the same command can be run again); one that is not empty, something else
+    put there, stays."""
+    shutil.rmtree(run_dir / encoded_cache.CACHE_DIR, ignore_errors=True)
     (run_dir / LOCK_FILE).unlink(missing_ok=True)
     lock.release()
     for directory in created:
