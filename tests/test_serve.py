@@ -265,11 +265,30 @@ def assert_one_error_line(capsys, *fragments: str) -> None:
         pytest.param(
             ["--graceful-timeout", "nan"], ["--graceful-timeout must be at least 0"], id="nan-graceful-timeout"
         ),
+        pytest.param(["--set", "model.d_model=8"], ["--set takes decoding settings"], id="set-not-decode"),
+        pytest.param(["--set", "decode.topk=3"], ["unknown key(s) topk in [decode]"], id="set-unknown-key"),
     ],
 )
 def test_bad_options_are_one_line_errors(run, no_server, capsys, options, fragments):
     assert main(["serve", str(run), "--port", "0", *options]) == 2
     assert_one_error_line(capsys, *fragments)
+
+
+def test_set_changes_the_decoding_settings_the_server_starts_with(run, monkeypatch):
+    import tformer.serving
+
+    started_with = []
+
+    def capture(model, tokenizer, decode, **options):
+        started_with.append(decode)
+        raise OSError("stop here")  # instead of serving: an error the command reports in one line
+
+    monkeypatch.setattr(tformer.serving, "create_app", capture)
+    settings = ["--set", "decode.no_repeat_ngram_size=2", "--set", "decode.max_len_b=3"]
+    assert main(["serve", str(run), "--port", "0", *settings]) != 0
+    (decode,) = started_with
+    assert decode.no_repeat_ngram_size == 2 and decode.max_len_b == 3
+    assert decode.beam_size == load_run(run).experiment.decode.beam_size  # the rest is the run's
 
 
 def test_busy_port_and_unknown_host_are_one_line_errors(run, no_server, capsys):

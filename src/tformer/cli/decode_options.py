@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from tformer.config import ConfigError, DecodeConfig, config_from_dict, config_to_dict, parse_override
 
 
-def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+def add_decode_settings_argument(parser: argparse.ArgumentParser) -> None:
+    """--set decode.KEY=VALUE (repeatable), read by `decode_settings`."""
     parser.add_argument(
         "--set",
         action="append",
@@ -19,6 +20,10 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         help="change one of the run's [decode] settings for this command (any key, docs/decoding.md), e.g. "
         "--set decode.sampling=true --set decode.top_k=10; repeatable; the other decoding flags apply after it",
     )
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    add_decode_settings_argument(parser)
     parser.add_argument(
         "--length-penalty",
         type=float,

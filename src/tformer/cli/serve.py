@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tformer.cli.decode_options import add_decode_settings_argument, apply_decode_settings, decode_settings
 from tformer.cli.extras import require
 
 HELP = "serve a run over HTTP (POST /translate, GET /health, GET /ready)"
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on exit (default: 30)"
     )
+    add_decode_settings_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,15 +62,15 @@ def run(args: argparse.Namespace) -> int:
         max_decode_tokens=args.max_decode_tokens,
     )
     _check_listen_options(args)
+    settings = decode_settings(args.decode_settings)
     device = resolve_device(args.device, setting="--device")  # before loading: a bad device is one line
     with bind(args.host, args.port) as listener:  # before loading too: a busy port fails at once
         if args.host not in LOOPBACK:
             print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
         loaded = load_run(args.run_dir, device=device)
         name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
-        app = create_app(
-            loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config, device=device, name=name
-        )
+        decode = apply_decode_settings(loaded.experiment.decode, settings)  # what a request does not choose
+        app = create_app(loaded.model, loaded.tokenizer, decode, config=config, device=device, name=name)
         address = host_port(args.host, listener.getsockname()[1])  # the real port, also for --port 0
         endpoints = "POST /translate, GET /health, GET /ready, /docs"
         ready = f"serving {args.run_dir} on http://{address} ({endpoints}; Ctrl-C to stop)"
