@@ -93,7 +93,7 @@ def test_concurrent_requests_are_batched_and_equal_offline_translation(run, serv
         ('{"sentences": ["' + "x" * 81 + '"]}', 413, "sentence 0 has 81 characters; the limit is 80"),
         ('{"sentences": ["a"], "beam": 0}', 422, "beam: Input should be greater than or equal to 1"),
         ('{"sentences": ["a"], "beam": 9}', 422, "beam: at most 4"),
-        ('{"sentences": ["a"], "beam": 2, "nbest": 3}', 422, "nbest must be between 1 and beam_size"),
+        ('{"sentences": ["a"], "beam": 2, "nbest": 3}', 422, "nbest: at most beam (2, the request's), got 3"),
         ('{"sentences": ["a"], "max_length": 100000}', 422, "max_length: at most 64"),
         # numbers are strict: no true -> 1, "2" -> 2 or 4.0 -> 4
         ('{"sentences": ["a"], "beam": true}', 422, "beam: Input should be a valid integer"),
@@ -168,7 +168,7 @@ def test_default_beam_is_capped_by_max_beam(run):
     assert response.status_code == 200
     got = [[c["text"] for c in t["nbest"]] for t in response.json()["translations"]]
     assert got == [[t.text for t in nbest] for nbest in expected]  # 2 candidates each: beam 2, not 3
-    assert too_many.status_code == 422 and "beam_size (2)" in too_many.json()["error"]
+    assert too_many.status_code == 422 and "nbest: at most beam (2, the server's), got 3" in too_many.json()["error"]
 
 
 def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_front(run):

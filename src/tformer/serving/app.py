@@ -290,6 +290,9 @@ def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeC
     beam = _beam(base, request, config)
     changes: dict[str, Any] = {"beam_size": beam, "nbest": min(base.nbest, beam)}
     if request.nbest is not None:
+        if request.nbest > beam:  # DecodeConfig's own message names beam_size, not the request's field
+            where = "the request's" if request.beam is not None else "the server's"
+            raise ApiError(422, f"nbest: at most beam ({beam}, {where}), got {request.nbest}; send a larger beam")
         changes["nbest"] = request.nbest
     if request.max_length is not None:
         if request.max_length > limit:
