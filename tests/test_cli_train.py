@@ -259,6 +259,23 @@ def test_evaluate_scores_several_references_and_keeps_its_translations(
     _fails_cleanly(capsys, [*evaluate, "--ref", str(ref), str(short)], f"but {short} has 1")
 
 
+def test_evaluate_takes_repeated_ref_flags_as_several_references(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--ref A --ref B` scores against both, as `--ref A B` does (it kept only B: nrefs:1)."""
+    src, ref = workspace["valid_src"], workspace["valid_tgt"]
+    second = tmp_path / "second.tgt"
+    second.write_text("".join(" ".join(line.split()[::-1]) + "\n" for line in ref.read_text().splitlines()))
+    evaluate = ["evaluate", str(trained), "--src", str(src), "--json", "--beam", "1"]
+    capsys.readouterr()
+    assert main([*evaluate, "--ref", str(ref), str(second)]) == 0
+    together = json.loads(capsys.readouterr().out)
+    assert main([*evaluate, "--ref", str(ref), "--ref", str(second)]) == 0
+    repeated = json.loads(capsys.readouterr().out)
+    assert repeated["bleu_signature"].startswith("nrefs:2|")
+    assert repeated == together
+
+
 def test_decoding_settings_from_the_command_line(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

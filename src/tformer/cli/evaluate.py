@@ -41,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ref",
         type=Path,
         nargs="+",
+        action="extend",  # --ref A --ref B as --ref A B: argparse's default would keep only B
         required=True,
-        help="reference translations, aligned with --src; several files: several references per line",
+        help="reference translations, aligned with --src; several files (--ref A B or --ref A --ref B): "
+        "several references per line",
     )
     parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
     parser.add_argument(
