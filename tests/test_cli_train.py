@@ -9,8 +9,10 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -274,6 +276,32 @@ def test_evaluate_takes_repeated_ref_flags_as_several_references(
     repeated = json.loads(capsys.readouterr().out)
     assert repeated["bleu_signature"].startswith("nrefs:2|")
     assert repeated == together
+
+
+def test_evaluate_writes_its_output_into_a_pipe_in_place(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--output /dev/stdout or a FIFO is written into, as translate's --output is: not refused as an
+    existing file, and never replaced by a regular file (as root, os.replace would replace a device)."""
+    src, ref = workspace["valid_src"], workspace["valid_tgt"]
+    expected = tmp_path / "expected.txt"
+    assert main(["translate", str(trained), "--input", str(src), "--output", str(expected)]) == 0
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for extra in ([], ["--overwrite"]):
+        received: list[str] = []
+        reader = threading.Thread(target=lambda into=received: into.append(fifo.read_text()))
+        reader.start()
+        try:
+            code = main(["evaluate", str(trained), "--src", str(src), "--ref", str(ref), "--output", str(fifo), *extra])
+        finally:
+            reader.join(timeout=10)
+            if reader.is_alive():  # nothing was written into the pipe: let the reader go
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                reader.join()
+        assert code == 0, capsys.readouterr().err
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
+        assert received == [expected.read_text()]
 
 
 def test_decoding_settings_from_the_command_line(

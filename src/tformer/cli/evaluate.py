@@ -120,16 +120,24 @@ def _check_output(args: argparse.Namespace) -> None:
     for flag, path in (("--src", args.src), *(("--ref", path) for path in args.ref)):
         if output.exists() and path.exists() and os.path.samefile(output, path):
             raise ValueError(f"--output {output} is the {flag} file: writing would erase it; choose another file")
+    if output.exists() and not output.is_file():  # a device or a pipe (/dev/stdout, a FIFO): holds nothing to keep
+        return
     if output.exists() and not args.overwrite:
         raise ValueError(f"--output: {output} exists; pass --overwrite to replace it, or choose another file")
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    """`lines` into `path`, which appears only once complete (written beside it, then renamed)."""
+    """`lines` into `path`, which appears only once complete (written beside it, then renamed); a device
+    or a pipe is written in place (renaming a file onto /dev/stdout or a FIFO would replace it)."""
+    text = "".join(f"{line}\n" for line in lines)
+    if path.exists() and not path.is_file():
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
