@@ -81,5 +81,9 @@ def test_nbest_above_the_beam_names_the_flag_to_change(run, tmp_path, capsys):
     assert err == "error: --nbest 4 needs a beam of at least 4, not the run's decode.beam_size 3: give --beam 4\n"
     assert main([*translate, "--beam", "2"]) == 2
     assert capsys.readouterr().err == "error: --nbest 4 needs a beam of at least 4, not --beam 2: give --beam 4\n"
+    assert main([*translate, "--set", "decode.beam_size=2"]) == 2  # the beam --set gave, not the run's 3
+    assert capsys.readouterr().err == (
+        "error: --nbest 4 needs a beam of at least 4, not --set decode.beam_size=2: give --beam 4\n"
+    )
     assert main([*translate, "--beam", "4"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4 * len(SENTENCES)

@@ -73,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
         if args.nbest > config.beam_size:  # DecodeConfig's own error names beam_size, not the flag to change
-            beam = f"--beam {args.beam}" if args.beam is not None else f"the run's decode.beam_size {config.beam_size}"
+            if args.beam is not None:
+                beam = f"--beam {args.beam}"
+            elif "beam_size" in settings:
+                beam = f"--set decode.beam_size={config.beam_size}"
+            else:
+                beam = f"the run's decode.beam_size {config.beam_size}"
             raise ValueError(
                 f"--nbest {args.nbest} needs a beam of at least {args.nbest}, not {beam}: give --beam {args.nbest}"
             )
