@@ -87,3 +87,15 @@ def test_nbest_above_the_beam_names_the_flag_to_change(run, tmp_path, capsys):
     )
     assert main([*translate, "--beam", "4"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4 * len(SENTENCES)
+
+
+def test_set_decode_nbest_prints_the_k_best_as_nbest_does(run, tmp_path, capsys):
+    """--set decode.nbest=2 decoded two hypotheses per line but printed only the best, as plain text."""
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    translate = ["translate", str(run), "--input", str(source)]
+    assert main([*translate, "--nbest", "2"]) == 0
+    expected = capsys.readouterr().out
+    assert main([*translate, "--set", "decode.nbest=2"]) == 0
+    assert capsys.readouterr().out == expected
+    assert len(expected.splitlines()) == 2 * len(SENTENCES)

@@ -3,8 +3,8 @@
 Input is read and translated in chunks of the lines that are ready (at most 256), and each translation
 is written (and flushed) as soon as its chunk is done, so the command works in a pipe and interactively:
 a line is translated as soon as it arrives. Input must be UTF-8; an empty line gives an empty line.
-With --nbest K, each input line gives K lines `index ||| text ||| score` (index counts input lines
-from 0).
+With --nbest K (or --set decode.nbest=K), each input line gives K lines `index ||| text ||| score`
+(index counts input lines from 0).
 
 --output FILE is written as FILE.partial, renamed to FILE once every line is translated: a job that
 stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the chunks finished
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             )
         config = dataclasses.replace(config, nbest=args.nbest)
     config = apply_decode_arguments(config, args)
+    nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
         model, loaded.tokenizer, config, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
             target = stack.enter_context(open(partial or output, "w", encoding="utf-8")) if output else sys.stdout
             for index, translations in enumerate(_translations(translator, source)):
-                if args.nbest is None:
+                if not nbest_lines:
                     target.write(translations[0].text + "\n")
                 else:
                     target.writelines(f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations)
