@@ -16,16 +16,21 @@ pytest.importorskip("ctranslate2")
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_quick_decoding_benchmark_reports_ratios_against_both_rivals() -> None:
+def benchmark_lines(script: str, *flags: str) -> list[dict]:
+    """The JSON lines a quick CPU run of benchmarks/`script` prints (it must succeed)."""
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "decode.py"), "--device", "cpu", "--quick", "--beams", "4"],
+        [sys.executable, str(BENCHMARKS / script), "--device", "cpu", "--quick", *flags],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_quick_decoding_benchmark_reports_ratios_against_both_rivals() -> None:
+    lines = benchmark_lines("decode.py", "--beams", "4")
     rates = {line["system"]: line["value"] for line in lines if line["metric"] == "target_tokens_per_s"}
     assert set(rates) == {"tformer", "hf", "ctranslate2"} and all(rate > 0 for rate in rates.values())
     ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
@@ -34,15 +39,7 @@ def test_quick_decoding_benchmark_reports_ratios_against_both_rivals() -> None:
 
 
 def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "train.py"), "--device", "cpu", "--quick", "--precision", "bf16"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    lines = benchmark_lines("train.py", "--precision", "bf16")
     assert lines and all(line["dtype"] == "bf16-autocast" for line in lines)
     rates = {line["system"]: line["value"] for line in lines if line["metric"] == "tokens_per_s"}
     assert set(rates) == {"tformer", "hf", "torch"} and all(rate > 0 for rate in rates.values())
