@@ -268,10 +268,11 @@ def _train_model(
         reason = str(error).splitlines()[0].split("] ")[-1].split(" Increase vocab_size")[0]
         too_many_characters = _TOO_MANY_CHARACTERS.search(reason)
         if too_many_characters:
+            lower = "(0.9995 suits Chinese or Japanese)" if character_coverage > 0.9995 else "further (down to 0.98)"
             reason = (
                 f"the characters that make up character_coverage={character_coverage} of the text need "
-                f"{too_many_characters[1]} pieces; raise vocab_size above that, or lower character_coverage "
-                "(0.9995 suits Chinese or Japanese) to leave the rarest characters out as <unk>"
+                f"{too_many_characters[1]} pieces, the 4 special ones included; raise vocab_size to at least "
+                f"that, or lower character_coverage {lower} to leave the rarest characters out as <unk>"
             )
         raise TokenizerError(f"cannot train the {name} tokenizer with vocab_size={vocab_size}: {reason}") from None
     return spm.SentencePieceProcessor(model_proto=writer.getvalue())
