@@ -35,7 +35,9 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per system (median reported)")
-    parser.add_argument("--record", default=None, help="write a markdown record here ('auto': benchmarks/results/)")
+    parser.add_argument(
+        "--record", default=None, help="write a markdown record here ('auto': a new file in benchmarks/results/)"
+    )
     parser.add_argument(
         "--profile", action="store_true", help="after timing, print each system's top operators to stderr"
     )
@@ -125,13 +127,18 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
 
 
-def record_path(what: str, device: str, requested: str | None) -> Path | None:
-    """Where to save the record: `requested`, or results/<what>_<device>_<date>.md for 'auto'."""
+def record_path(what: str, device: str, requested: str | None, *, results_dir: Path = RESULTS_DIR) -> Path | None:
+    """Where to save the record: `requested`, or for 'auto' results/<what>_<device>_<date>.md, or
+    <...>_run2.md, _run3.md ... when earlier records of the day hold those names (never replaced)."""
     if requested is None:
         return None
-    if requested == "auto":
-        return RESULTS_DIR / f"{what}_{device}_{dt.date.today().isoformat()}.md"
-    return Path(requested)
+    if requested != "auto":
+        return Path(requested)
+    stem = f"{what}_{device}_{dt.date.today().isoformat()}"
+    path, run = results_dir / f"{stem}.md", 2
+    while path.exists():
+        path, run = results_dir / f"{stem}_run{run}.md", run + 1
+    return path
 
 
 def write_record(path: Path, *, title: str, env: dict[str, Any], lines: list[dict[str, Any]], notes: str) -> None:

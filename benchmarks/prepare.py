@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None, help="the src/ directory of another checkout")
     parser.add_argument("--repeats", type=int, default=3, help="resumes timed per checkout (median reported)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
-    parser.add_argument("--record", default=None, help="write a markdown record here ('auto': benchmarks/results/)")
+    parser.add_argument(
+        "--record", default=None, help="write a markdown record here ('auto': a new file in benchmarks/results/)"
+    )
     args = parser.parse_args()
     copies = 1 if args.quick else args.copies
     codes = {"current": REPO / "src"}

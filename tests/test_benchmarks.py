@@ -45,3 +45,22 @@ def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None
     assert set(rates) == {"tformer", "hf", "torch"} and all(rate > 0 for rate in rates.values())
     ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
     assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2)
+
+
+def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Path) -> None:
+    import datetime as dt
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_common", BENCHMARKS / "common.py")
+    assert spec is not None and spec.loader is not None
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    today = dt.date.today().isoformat()
+    names = []
+    for _ in range(3):
+        path = common.record_path("train", "cpu", "auto", results_dir=tmp_path)
+        path.write_text("a record\n")
+        names.append(path.name)
+    assert names == [f"train_cpu_{today}.md", f"train_cpu_{today}_run2.md", f"train_cpu_{today}_run3.md"]
+    assert common.record_path("train", "cpu", str(tmp_path / "x.md")) == tmp_path / "x.md"
+    assert common.record_path("train", "cpu", None) is None
