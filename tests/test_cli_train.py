@@ -323,6 +323,9 @@ def test_decoding_settings_from_the_command_line(
     # an output length bound of the run's config changed for this command only: one token at most
     for line in translate("--set", "decode.max_len_a=0", "--set", "decode.max_len_b=1"):
         assert len(line.split()) <= 1
+    # sampling draws --nbest samples whatever the run's beam (2 here): 3 lines per input line
+    samples = translate("--set", "decode.sampling=true", "--nbest", "3")
+    assert len(samples) == 3 * len(src.read_text().splitlines()) and all(" ||| " in line for line in samples)
     # the command's own flags come after --set
     assert translate("--set", "decode.beam_size=3", "--beam", "1") == greedy
     for bad, message in (

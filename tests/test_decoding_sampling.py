@@ -38,6 +38,23 @@ def test_same_seed_same_samples_other_seed_other_samples():
     assert all(len(n) == 3 for n in first)
 
 
+def test_the_number_of_samples_is_not_bounded_by_the_beam():
+    """Sampling draws nbest paths per sentence; beam_size plays no part, so it does not bound nbest (beam
+    search keeps its bound)."""
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9], seed=3)
+    config = sampling(beam_size=1, nbest=5, temperature=3.0)
+    result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    assert [len(n) for n in result] == [5, 5, 5]
+    beam_5 = sampling(beam_size=5, nbest=5, temperature=3.0)
+    with_beam = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=beam_5)
+    assert [[h.tokens for h in n] for n in result] == [[h.tokens for h in n] for n in with_beam]  # the same draws
+    with pytest.raises(ValueError, match=r"nbest must be between 1 and beam_size \(1\), got 5"):
+        DecodeConfig(beam_size=1, nbest=5)
+    with pytest.raises(ValueError, match="nbest must be at least 1"):
+        sampling(nbest=0)
+
+
 def test_top_k_one_is_greedy():
     model = peaked_model()
     src, mask = padded_batch([7, 4, 9, 5], seed=3)

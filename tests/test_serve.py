@@ -171,6 +171,23 @@ def test_default_beam_is_capped_by_max_beam(run):
     assert too_many.status_code == 422 and "nbest: at most beam (2, the server's), got 3" in too_many.json()["error"]
 
 
+def test_a_sampling_server_draws_nbest_samples_whatever_the_beam(run):
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    sampling = dataclasses.replace(loaded.experiment.decode, sampling=True, beam_size=1, nbest=1)
+    app = create_app(loaded.model, loaded.tokenizer, sampling, config=ServeConfig(max_decode_tokens=200))
+    with TestClient(app) as client:
+        three = client.post("/translate", json={"sentences": SENTENCES[:2], "nbest": 3, "max_length": 8})
+        too_many = client.post("/translate", json={"sentences": SENTENCES[:2], "nbest": 20, "max_length": 8})
+    assert three.status_code == 200, three.json()
+    assert [len(t["nbest"]) for t in three.json()["translations"]] == [3, 3]
+    assert too_many.status_code == 413  # the decode budget counts samples: 2 x 20 x 8 > 200
+    assert "2 sentences x 20 samples x up to 8 output tokens" in too_many.json()["error"]
+
+
 def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_front(run):
     """Nothing bounded a request's decoding work: 16 long sentences at beam 8 held the one worker, and every
     other client, for minutes. Now its worst case (sentences x beam x max output length) must fit."""

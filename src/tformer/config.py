@@ -180,7 +180,9 @@ class DecodeConfig:
         check_choices(self, "decode")
         if self.beam_size < 1:
             raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
-        if not 1 <= self.nbest <= self.beam_size:
+        if self.nbest < 1:
+            raise ConfigError(f"nbest must be at least 1, got {self.nbest}")
+        if self.nbest > self.beam_size and not self.sampling:  # sampling draws nbest paths, whatever the beam
             raise ConfigError(f"nbest must be between 1 and beam_size ({self.beam_size}), got {self.nbest}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")

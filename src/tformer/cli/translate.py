@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nbest",
         type=int,
         default=None,
-        help="print the K best as 'index ||| text ||| score' (a beam of K or more; default: the best alone, as text)",
+        help="print the K best as 'index ||| text ||| score' (beam search: a beam of K or more; sampling: K "
+        "samples; default: the best alone, as text)",
     )
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.beam is not None:
         config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
     if args.nbest is not None:
-        if args.nbest > config.beam_size:  # DecodeConfig's own error names beam_size, not the flag to change
+        # (beam search returns at most beam_size; DecodeConfig's own error names beam_size, not the flag)
+        if args.nbest > config.beam_size and not config.sampling:
             if args.beam is not None:
                 beam = f"--beam {args.beam}"
             elif "beam_size" in settings:

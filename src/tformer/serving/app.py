@@ -275,22 +275,27 @@ def _check_decode_budget(src_lengths: list[int], settings: DecodeConfig, config:
     """Refuse a request whose worst case (every hypothesis of every sentence reaching its maximum length)
     would hold the one decoding worker, and every other client, for too long."""
     max_lengths = max_output_lengths(torch.tensor(src_lengths), settings, limit=limit)
-    worst = settings.beam_size * int(max_lengths.sum())
+    if settings.sampling:  # nbest samples of each sentence
+        paths, per_sentence, fewer = settings.nbest, f"{settings.nbest} samples", "fewer samples (nbest)"
+    else:
+        paths, per_sentence, fewer = settings.beam_size, f"beam {settings.beam_size}", "a smaller beam"
+    worst = paths * int(max_lengths.sum())
     if worst > config.max_decode_tokens:
         raise ApiError(
             413,
-            f"this request may decode up to {worst} tokens ({len(src_lengths)} sentences x beam {settings.beam_size} "
+            f"this request may decode up to {worst} tokens ({len(src_lengths)} sentences x {per_sentence} "
             f"x up to {int(max_lengths.max())} output tokens); the limit is {config.max_decode_tokens} "
-            "(--max-decode-tokens): send fewer sentences, a smaller beam or a max_length",
+            f"(--max-decode-tokens): send fewer sentences, {fewer} or a max_length",
         )
 
 
 def _decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeConfig, limit: int) -> DecodeConfig:
     """The run's decode settings with the request's beam, nbest and max_length applied."""
     beam = _beam(base, request, config)
-    changes: dict[str, Any] = {"beam_size": beam, "nbest": min(base.nbest, beam)}
+    changes: dict[str, Any] = {"beam_size": beam, "nbest": base.nbest if base.sampling else min(base.nbest, beam)}
     if request.nbest is not None:
-        if request.nbest > beam:  # DecodeConfig's own message names beam_size, not the request's field
+        # a sampling server draws nbest samples, whatever the beam; DecodeConfig's own message names beam_size
+        if request.nbest > beam and not base.sampling:
             where = "the request's" if request.beam is not None else "the server's"
             raise ApiError(422, f"nbest: at most beam ({beam}, {where}), got {request.nbest}; send a larger beam")
         changes["nbest"] = request.nbest
