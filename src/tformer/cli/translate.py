@@ -30,7 +30,7 @@ from tformer.cli.decode_options import (
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.cli.output_paths import check_output_file
+from tformer.cli.output_paths import check_replaced_output
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 PARTIAL = ".partial"  # suffix of --output while it is written
@@ -127,14 +127,8 @@ def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     output = Path(args.output)
     if args.input and output.exists() and os.path.samefile(args.input, output):
         raise ValueError(f"--output {output} is the --input file: writing would erase it; choose another file")
-    check_output_file(output, "--output")
-    if output.exists() and not output.is_file():
-        return output, None
     partial = output.with_name(output.name + PARTIAL)
-    for path in (output, partial):
-        if path.exists() and not args.overwrite:
-            raise ValueError(f"--output: {path} exists; pass --overwrite to replace it, or choose another file")
-    return output, partial
+    return output, partial if check_replaced_output(output, overwrite=args.overwrite, beside=(partial,)) else None
 
 
 def _translations(translator: Any, source: IO | None) -> Iterator[list[Any]]:
