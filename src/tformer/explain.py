@@ -264,18 +264,33 @@ def decoder_steps(model: Transformer, tgt_in_1T: Tensor, memory_1SD: Tensor) -> 
     return causal, cross
 
 
-def loss_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor) -> LossSteps:
-    """Cross-entropy of the teacher-forced prediction, and of the same batch after one Adam step."""
+def trained_copy(
+    model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor, *, steps: int
+) -> Transformer:
+    """A copy of `model` after `steps` Adam steps on the pair's cross-entropy, in eval mode."""
     trained = copy.deepcopy(model).train()
     optimizer = torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE)
-    logits_1TV = trained(src_1S, tgt_in_1T)
-    loss = F.cross_entropy(logits_1TV[0], tgt_out_1T[0])
-    sums = label_smoothed_loss(logits_1TV.detach(), tgt_out_1T, smoothing=0.0, pad_id=PAD)
-    loss.backward()
-    optimizer.step()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(trained(src_1S, tgt_in_1T)[0], tgt_out_1T[0]).backward()
+        optimizer.step()
+    return trained.eval()
+
+
+@torch.no_grad()
+def pair_loss(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor) -> float:
+    """The cross-entropy of the teacher-forced prediction of the pair."""
+    return float(F.cross_entropy(model(src_1S, tgt_in_1T)[0], tgt_out_1T[0]))
+
+
+def loss_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor) -> LossSteps:
+    """Cross-entropy of the teacher-forced prediction, and of the same batch after one Adam step."""
     with torch.no_grad():
-        loss_after = F.cross_entropy(trained(src_1S, tgt_in_1T)[0], tgt_out_1T[0])
-    logits_TV = logits_1TV[0].detach()
+        logits_1TV = model(src_1S, tgt_in_1T)
+    loss = F.cross_entropy(logits_1TV[0], tgt_out_1T[0])
+    sums = label_smoothed_loss(logits_1TV, tgt_out_1T, smoothing=0.0, pad_id=PAD)
+    trained = trained_copy(model, src_1S, tgt_in_1T, tgt_out_1T, steps=1)
+    logits_TV = logits_1TV[0]
     probabilities_TV = torch.softmax(logits_TV, dim=-1)
     target_probability_T = probabilities_TV.gather(1, tgt_out_1T[0][:, None])[:, 0]
     return LossSteps(
@@ -283,26 +298,19 @@ def loss_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T
         probabilities_TV=probabilities_TV,
         target_probability_T=target_probability_T,
         nll_T=-torch.log(target_probability_T),
-        loss=float(loss.detach()),
+        loss=float(loss),
         module_loss=float(sums.nll_sum / sums.n_tokens),
-        loss_after_step=float(loss_after),
+        loss_after_step=pair_loss(trained, src_1S, tgt_in_1T, tgt_out_1T),
         learning_rate=LEARNING_RATE,
     )
 
 
 def decoding_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor) -> DecodingSteps:
     """Train a copy of `model` on the pair, then translate the source with it one token at a time."""
-    trained = copy.deepcopy(model).train()
-    optimizer = torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE)
-    for _ in range(TRAINING_STEPS):
-        optimizer.zero_grad()
-        F.cross_entropy(trained(src_1S, tgt_in_1T)[0], tgt_out_1T[0]).backward()
-        optimizer.step()
-    trained.eval()
+    trained = trained_copy(model, src_1S, tgt_in_1T, tgt_out_1T, steps=TRAINING_STEPS)
     decoded = [BOS]
     probabilities = []
     with torch.no_grad():
-        loss_after = F.cross_entropy(trained(src_1S, tgt_in_1T)[0], tgt_out_1T[0])
         prefixes = []
         while decoded[-1] != EOS and len(decoded) <= MAX_NEW_TOKENS:
             prefixes.append([VOCABULARY[i] for i in decoded])
@@ -325,7 +333,7 @@ def decoding_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_ou
     best = greedy_search(trained, src_1S, src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=config)[0][0]
     return DecodingSteps(
         training_steps=TRAINING_STEPS,
-        loss_after_training=float(loss_after),
+        loss_after_training=pair_loss(trained, src_1S, tgt_in_1T, tgt_out_1T),
         prefixes=prefixes,
         probabilities_NV=probabilities_NV,
         cached_probabilities_NV=torch.stack(cached),
