@@ -210,24 +210,9 @@ def _new_trainer(
         check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
     corpus = read_training_text(data)
     say(f"training data: {corpus.summary}")
-    if data.tokenizer is not None:
-        tokenizer = Tokenizer.from_files(data.tokenizer)
-        check_embedding_sharing(experiment.model.share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
-    else:
-        sources, targets = sample_pairs(
-            corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=experiment.train.seed
-        )
-        if len(sources) < len(corpus.sources):
-            say(f"tokenizer: trained on {len(sources):,} of {len(corpus.sources):,} pairs (data.tokenizer_max_pairs)")
-        tokenizer = Tokenizer.train(
-            sources,
-            targets,
-            vocab_size=data.vocab_size,
-            model_type=data.tokenizer_model,
-            joint=data.joint_vocab,
-            character_coverage=data.character_coverage,
-            seed=experiment.train.seed,
-        )
+    tokenizer = _run_tokenizer(
+        data, corpus, share_embeddings=experiment.model.share_embeddings, seed=experiment.train.seed, say=say
+    )
     say(f"tokenizer: {tokenizer!r}")
     check_same_tokenizer(tokenizer, distributed, device)
     model_config = dataclasses.replace(
@@ -261,6 +246,26 @@ def _new_trainer(
         compile_mode=compile_mode,
         loss_chunk=loss_chunk,
         lock=lock,
+    )
+
+
+def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: bool, seed: int, say: Say) -> Tokenizer:
+    """The tokenizer named by data.tokenizer, or one trained on (a sample of) the training text."""
+    if data.tokenizer is not None:
+        tokenizer = Tokenizer.from_files(data.tokenizer)
+        check_embedding_sharing(share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
+        return tokenizer
+    sources, targets = sample_pairs(corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=seed)
+    if len(sources) < len(corpus.sources):
+        say(f"tokenizer: trained on {len(sources):,} of {len(corpus.sources):,} pairs (data.tokenizer_max_pairs)")
+    return Tokenizer.train(
+        sources,
+        targets,
+        vocab_size=data.vocab_size,
+        model_type=data.tokenizer_model,
+        joint=data.joint_vocab,
+        character_coverage=data.character_coverage,
+        seed=seed,
     )
 
 
