@@ -332,7 +332,9 @@ class DataConfig:
     `character_coverage` is the share of the text's characters the vocabulary must hold as pieces; the
     rarest characters beyond it become <unk>. 1.0 keeps every character (right for alphabets);
     sentencepiece advises 0.9995 for Chinese or Japanese, whose thousands of rare characters would
-    otherwise take up the vocabulary or exceed it.
+    otherwise take up the vocabulary or exceed it. `byte_fallback` spells those left out (and any never
+    seen) as their UTF-8 bytes instead, with 256 byte pieces out of `vocab_size`, so the model can read
+    and write every character; false keeps the tokenizers of earlier runs.
     """
 
     data_dir: str | None = None  # relative data paths below are taken from here (default: working directory)
@@ -346,6 +348,7 @@ class DataConfig:
     joint_vocab: bool = True
     tokenizer_max_pairs: int = 2_000_000
     character_coverage: float = 1.0
+    byte_fallback: bool = False
     max_chars: int = 2000
     strict: bool = False
 
@@ -359,6 +362,11 @@ class DataConfig:
             raise ConfigError(f"data.tokenizer_max_pairs must be 0 (all pairs) or more, got {self.tokenizer_max_pairs}")
         if not 0.98 <= self.character_coverage <= 1.0:  # sentencepiece's own bounds
             raise ConfigError(f"data.character_coverage must be between 0.98 and 1.0, got {self.character_coverage}")
+        if self.byte_fallback and self.vocab_size < 4 + 256 + 1:
+            raise ConfigError(
+                f"data.vocab_size must be at least 261 with data.byte_fallback = true (4 special pieces, 256 byte "
+                f"pieces and 1 more), got {self.vocab_size}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

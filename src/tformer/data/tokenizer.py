@@ -4,7 +4,10 @@ Normalisation happens here, in Python, in one visible function (`normalize`): NF
 character sentencepiece uses to mark spaces) turned into a space, and every run of whitespace collapsed
 to one space. Sentencepiece itself is trained with the "identity" rule, so it never changes a character
 behind our back. The guarantee is `decode(encode(x)) == normalize(x)` for any text whose characters
-all occurred in the training data (others become <unk>, decoded as " ⁇ ").
+all occurred in the training data (others become <unk>, decoded as " ⁇ "), and for any text at all when
+the tokenizer was trained with `byte_fallback`: a character that is not a piece is then spelled as its
+UTF-8 bytes, one piece each (`<0xE7>`), which decoding joins back into the character. The 256 byte
+pieces come right after the special ids (ids 4 to 259) and count towards `vocab_size`.
 
 Special ids are fixed for every tokenizer tformer trains: pad=0, bos=1, eos=2, unk=3. A model trained
 elsewhere (`--tokenizer DIR`) may use other ids but must have all four pieces: sentencepiece's own
@@ -40,6 +43,8 @@ TGT_FILE = "spm.tgt.model"
 _WHITESPACE = re.compile(r"\s+")
 # sentencepiece's refusal when the characters to keep outnumber the vocabulary ("1000 vs 3005.")
 _TOO_MANY_CHARACTERS = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
+SPECIAL_PIECES = 4  # pad, bos, eos, unk
+BYTE_PIECES = 256  # one per byte value, with byte_fallback
 
 
 class TokenizerError(ValueError):
@@ -79,15 +84,23 @@ class Tokenizer:
         seed: int = 0,
         num_threads: int = 1,
         character_coverage: float = 1.0,
+        byte_fallback: bool = False,
     ) -> Tokenizer:
         """Train on the given sentences. `vocab_size` is an upper bound: tiny corpora get fewer pieces
         (`hard_vocab_limit=False`); read `src_vocab_size` / `tgt_vocab_size` for the real sizes.
         `character_coverage`: the share of the text's characters that must be pieces of their own; the
-        rarest characters beyond it are left out (encoded as <unk>). 1.0 keeps them all."""
+        rarest characters beyond it are left out (encoded as <unk>). 1.0 keeps them all.
+        `byte_fallback`: 256 more pieces, one per byte value, spell the characters left out (or never
+        seen) as their UTF-8 bytes instead of <unk>, so every text round-trips."""
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-        if vocab_size < 5:
-            raise TokenizerError(f"vocab_size must be at least 5 (4 special ids + 1 piece), got {vocab_size}")
+        smallest = SPECIAL_PIECES + (BYTE_PIECES if byte_fallback else 0) + 1
+        if vocab_size < smallest:
+            byte_pieces = f" + {BYTE_PIECES} byte pieces" if byte_fallback else ""
+            raise TokenizerError(
+                f"vocab_size must be at least {smallest} ({SPECIAL_PIECES} special ids{byte_pieces} + 1 piece), "
+                f"got {vocab_size}"
+            )
         if not 0.98 <= character_coverage <= 1.0:  # sentencepiece's own bounds
             raise TokenizerError(f"character_coverage must be between 0.98 and 1.0, got {character_coverage}")
         options = dict(
@@ -96,6 +109,7 @@ class Tokenizer:
             seed=seed,
             num_threads=num_threads,
             character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
         )
         if joint:
             return cls(_train_model([*sources, *targets], name="joint", **options))
@@ -131,6 +145,11 @@ class Tokenizer:
     @property
     def joint(self) -> bool:
         return self._joint
+
+    @property
+    def byte_fallback(self) -> bool:
+        """Whether characters that are not pieces are spelled as byte pieces (on both sides) rather than <unk>."""
+        return all(model.is_byte(model.piece_to_id("<0x00>")) for model in (self._src, self._tgt))
 
     @property
     def src_vocab_size(self) -> int:
@@ -216,7 +235,9 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         kind = "joint" if self._joint else "separate"
-        return f"Tokenizer({kind}, src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size})"
+        byte_fallback = ", byte_fallback=True" if self.byte_fallback else ""
+        sizes = f"src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}"
+        return f"Tokenizer({kind}, {sizes}{byte_fallback})"
 
 
 def sample_pairs(
@@ -239,6 +260,7 @@ def _train_model(
     seed: int,
     num_threads: int,
     character_coverage: float,
+    byte_fallback: bool,
 ) -> spm.SentencePieceProcessor:
     texts = [text for text in (normalize(s) for s in sentences) if text]
     if not texts:
@@ -258,6 +280,7 @@ def _train_model(
             eos_id=EOS_ID,
             unk_id=UNK_ID,
             character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
             hard_vocab_limit=False,
             normalization_rule_name="identity",
             max_sentence_length=max(4192, longest + 1),
@@ -269,10 +292,13 @@ def _train_model(
         too_many_characters = _TOO_MANY_CHARACTERS.search(reason)
         if too_many_characters:
             lower = "(0.9995 suits Chinese or Japanese)" if character_coverage > 0.9995 else "further (down to 0.98)"
+            included, left_out = f"the {SPECIAL_PIECES} special ones", "<unk>"
+            if byte_fallback:
+                included, left_out = f"{included} and the {BYTE_PIECES} byte pieces", "byte pieces"
             reason = (
                 f"the characters that make up character_coverage={character_coverage} of the text need "
-                f"{too_many_characters[1]} pieces, the 4 special ones included; raise vocab_size to at least "
-                f"that, or lower character_coverage {lower} to leave the rarest characters out as <unk>"
+                f"{too_many_characters[1]} pieces, {included} included; raise vocab_size to at least "
+                f"that, or lower character_coverage {lower} to leave the rarest characters out as {left_out}"
             )
         raise TokenizerError(f"cannot train the {name} tokenizer with vocab_size={vocab_size}: {reason}") from None
     return spm.SentencePieceProcessor(model_proto=writer.getvalue())

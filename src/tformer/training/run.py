@@ -253,6 +253,11 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
     """The tokenizer named by data.tokenizer, or one trained on (a sample of) the training text."""
     if data.tokenizer is not None:
         tokenizer = Tokenizer.from_files(data.tokenizer)
+        if data.byte_fallback and not tokenizer.byte_fallback:
+            raise ConfigError(
+                f"data.byte_fallback = true, but the tokenizer in {data.tokenizer} has no byte pieces: retrain it "
+                "with --byte_fallback=true, or leave out data.tokenizer and let tformer train one"
+            )
         check_embedding_sharing(share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
         return tokenizer
     sources, targets = sample_pairs(corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=seed)
@@ -265,6 +270,7 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
         model_type=data.tokenizer_model,
         joint=data.joint_vocab,
         character_coverage=data.character_coverage,
+        byte_fallback=data.byte_fallback,
         seed=seed,
     )
 
