@@ -36,9 +36,17 @@ SENTENCES = ["the cat runs", "hello dog", "a quick model jumps over the mat", "o
 MAX_NEW = 10
 
 
-def make_run(directory: Path, *, joint: bool = True, decode: DecodeConfig | None = None, **overrides) -> Path:
+def make_run(
+    directory: Path,
+    *,
+    joint: bool = True,
+    decode: DecodeConfig | None = None,
+    byte_fallback: bool = False,
+    **overrides,
+) -> Path:
     """A run directory holding a random, peaked tiny model and a tokenizer trained on a few sentences."""
-    tokenizer = Tokenizer.train(SOURCES, TARGETS, vocab_size=70, joint=joint)
+    vocab_size = 70 + (256 if byte_fallback else 0)
+    tokenizer = Tokenizer.train(SOURCES, TARGETS, vocab_size=vocab_size, joint=joint, byte_fallback=byte_fallback)
     options = dict(sinusoidal_layout="concatenated", final_logits_bias=True, max_positions=64, share_embeddings=joint)
     config = preset(
         "tiny", src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, **options | overrides
@@ -149,6 +157,35 @@ def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output, share_
     results = translator.translate_batch(sources, beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
     expected = tformer_outputs(loaded, DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW))
     assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(tokens) for tokens in expected]
+
+
+def test_byte_pieces_survive_export_to_hf_and_ctranslate2_and_import_back(tmp_path):
+    """A data.byte_fallback tokenizer: MarianTokenizer reads its byte pieces from the same spm files and
+    vocab.json, so unseen characters get tformer's ids and decode back; import-hf keeps them too."""
+    run = make_run(tmp_path / "run", byte_fallback=True, sinusoidal_layout="interleaved")
+    loaded = load_run(run)
+    tokenizer = loaded.tokenizer
+    text = "the cat 😀 猫"  # neither character is in the training sentences
+    ids = tokenizer.encode_source(text)
+    assert tokenizer.id_to_source_piece(ids)[-3:] == ["<0xE7>", "<0x8C>", "<0xAB>"]
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tokenizer(text).input_ids == [*ids, tokenizer.eos_id]
+    assert hf_tokenizer.decode([*ids, tokenizer.eos_id], skip_special_tokens=True) == text
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    imported = load_run(tmp_path / "imported").tokenizer
+    assert imported.encode_source(text) == ids and imported.decode_target(ids) == text
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
+    source = [*tokenizer.source_pieces(text), tokenizer.id_to_source_piece([tokenizer.eos_id])[0]]
+    (result,) = translator.translate_batch([source], beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
+    src = torch.tensor([[*ids, tokenizer.eos_id]])
+    config = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW)
+    (nbest,) = generate(
+        loaded.model, src, src_pad_mask=None, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, config=config
+    )
+    assert result.hypotheses[0] == tokenizer.id_to_target_piece(nbest[0].tokens)
 
 
 @pytest.mark.parametrize(
