@@ -64,6 +64,15 @@ def test_byte_fallback_survives_saving_and_separate_vocabularies(with_bytes: Tok
     assert loaded.byte_fallback and loaded.decode_target(loaded.encode_target(UNSEEN)) == UNSEEN
 
 
+def test_with_bpe_256_more_pieces_give_the_same_subwords_as_without_byte_fallback() -> None:
+    """What docs/training.md promises about the vocabulary cost: the byte pieces take 256 places and
+    leave the rest of a BPE vocabulary as it was."""
+    plain = Tokenizer.train(SOURCES * 3, TARGETS * 3, vocab_size=90)
+    with_bytes = Tokenizer.train(SOURCES * 3, TARGETS * 3, vocab_size=90 + 256, byte_fallback=True)
+    pieces = with_bytes.id_to_source_piece(range(with_bytes.src_vocab_size))
+    assert pieces[:4] + pieces[260:] == plain.id_to_source_piece(range(plain.src_vocab_size))
+
+
 def _zipf_characters(n_sentences: int, alphabet: int) -> list[str]:
     """CJK sentences with Zipfian character frequencies: a few common characters, a long rare tail."""
     rng = random.Random(0)
