@@ -86,6 +86,30 @@ def test_plot_refuses_a_file_name_it_would_not_write_as_named(tmp_path: Path, ca
     assert not (tmp_path / "curves.svg").exists()
 
 
+def test_plot_of_a_diverged_run_names_the_curve_it_left_out_in_one_line(tmp_path: Path, capsys) -> None:
+    import subprocess
+    import sys
+
+    from test_viz_curves import write_metrics
+
+    rows = [{"step": step, "wall_s": step, "train_loss": "nan", "lr": step / 10} for step in (1, 2)]
+    run = write_metrics(tmp_path / "run", rows)
+    command = [sys.executable, "-m", "tformer.cli.main", "plot", str(run), "--out", str(tmp_path / "curves.png")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "warning: train_loss: logged only NaN or infinite values (a diverged run?); not drawn"
+    ]
+    assert_png(tmp_path / "curves.png", min_width=1000, min_height=600)
+    write_metrics(run, [{**row, "lr": "nan"} for row in rows])
+    assert main(["plot", str(run), "--out", str(tmp_path / "nothing.png")]) == 2
+    assert capsys.readouterr().err == (
+        "error: nothing to draw: train_loss, lr logged only NaN or infinite values (a diverged run?) "
+        "and no other curve is logged\n"
+    )
+    assert not (tmp_path / "nothing.png").exists()
+
+
 def test_explain_refuses_a_seed_torch_cannot_take(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["explain", "--seed", "99999999999999999999"])

@@ -72,6 +72,28 @@ def test_missing_or_empty_metrics_is_a_user_error(tmp_path: Path) -> None:
         read_metrics(tmp_path)
 
 
+def test_a_curve_logged_only_as_nan_is_left_out_with_one_warning(tmp_path: Path) -> None:
+    """A diverged run logs its loss as "nan": matplotlib drew an empty panel with a legend, and said nothing."""
+    rows = [{"step": step, "wall_s": step / 2, "train_loss": "nan", "lr": step / 10} for step in (1, 2, 3)]
+    run = write_metrics(tmp_path / "run", rows)
+    with pytest.warns(UserWarning, match=r"^train_loss: logged only NaN or infinite values.*; not drawn$"):
+        figure = curves_figure(read_metrics(run))
+    loss_over_steps, _, lr_over_steps, loss_over_wall = figure.axes[:4]
+    for panel in (loss_over_steps, loss_over_wall):
+        assert panel.get_lines() == [] and panel.get_legend() is None
+        assert [text.get_text() for text in panel.texts] == ["no finite values"]
+    assert [line.get_label() for line in lr_over_steps.get_lines()] == ["lr"]
+    assert [text.get_text() for text in figure.axes[1].texts] == ["not logged"]  # bleu/chrf: never logged
+
+
+def test_a_log_with_no_finite_value_to_draw_is_a_user_error(tmp_path: Path) -> None:
+    rows = [{"step": 1, "train_loss": "nan", "lr": "inf"}, {"step": 2, "train_loss": "-inf", "lr": "nan"}]
+    with pytest.raises(MetricsError, match=r"^nothing to draw: train_loss, lr logged only NaN or infinite values"):
+        curves_figure(read_metrics(write_metrics(tmp_path / "nan", rows)))
+    with pytest.raises(MetricsError, match=r"^nothing to draw: no row logs any of train_loss, valid_loss"):
+        curves_figure(read_metrics(write_metrics(tmp_path / "none", [{"step": 1, "epoch": 0}])))
+
+
 def test_positional_figure_draws_the_model_table(tmp_path: Path) -> None:
     for layout in ("interleaved", "concatenated"):
         figure = positional_figure(50, 16, layout=layout, dimensions=(0, 9))

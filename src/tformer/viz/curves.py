@@ -4,12 +4,16 @@ and over wall-clock training time.
 Reading is tolerant: blank or cut-off lines (a killed run) are skipped, non-finite numbers written as
 strings ("nan", "inf") become floats, and each curve uses only the rows that logged it. The wall-clock
 axis reads `wall_s` (what tformer's trainer writes), or `wall_time` / `elapsed_s` / `elapsed`.
+
+A curve logged only as NaN or infinity (a diverged run's loss) has nothing to draw: it is left out with
+one warning naming it, and a log in which no curve has a finite value is a `MetricsError`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,18 +102,21 @@ def series(rows: list[dict[str, Any]], name: str) -> Series:
     return result
 
 
+def points(curve: Series, *, over_wall: bool) -> list[tuple[float, float]]:
+    """(x, value) where x is finite; a non-finite value stays in, as a gap in the line."""
+    xs = curve.wall if over_wall else curve.steps
+    return [(x, value) for x, value in zip(xs, curve.values, strict=True) if math.isfinite(x)]
+
+
+def drawable(curve: Series, *, over_wall: bool) -> bool:
+    return any(math.isfinite(value) for _, value in points(curve, over_wall=over_wall))
+
+
 def draw_panel(ax: Axes, curves: list[Series], *, over_wall: bool, title: str, ylabel: str) -> None:
-    drawn = 0
-    for curve in curves:
-        points = [
-            (wall if over_wall else step, value)
-            for step, wall, value in zip(curve.steps, curve.wall, curve.values, strict=True)
-            if not (over_wall and math.isnan(wall))
-        ]
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3, label=curve.name)
-            drawn += 1
+    drawn = [curve for curve in curves if drawable(curve, over_wall=over_wall)]
+    for curve in drawn:
+        xs, ys = zip(*points(curve, over_wall=over_wall), strict=True)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=curve.name)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("wall-clock training time (s)" if over_wall else "step")
     ax.set_ylabel(ylabel)
@@ -117,17 +124,38 @@ def draw_panel(ax: Axes, curves: list[Series], *, over_wall: bool, title: str, y
     if drawn:
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        empty = "no finite values" if any(points(curve, over_wall=over_wall) for curve in curves) else "not logged"
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def check_drawable(curves: list[Series]) -> None:
+    """Warn once about the curves logged only as NaN or infinity; refuse a log with nothing to draw."""
+    unfinite = [curve.name for curve in curves if curve.values and not drawable(curve, over_wall=False)]
+    if not any(drawable(curve, over_wall=False) for curve in curves):
+        if unfinite:
+            raise MetricsError(
+                f"nothing to draw: {', '.join(unfinite)} logged only NaN or infinite values (a diverged run?) "
+                "and no other curve is logged"
+            )
+        raise MetricsError(f"nothing to draw: no row logs any of {', '.join(curve.name for curve in curves)}")
+    if unfinite:
+        warnings.warn(
+            f"{', '.join(unfinite)}: logged only NaN or infinite values (a diverged run?); not drawn",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def curves_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
     """Two rows of three panels (loss, BLEU/chrF, learning rate): over steps, then over wall time."""
+    curves = {key: series(rows, key) for _, _, keys in PANELS for key in keys}
+    check_drawable(list(curves.values()))
     figure = Figure(figsize=(15, 8), layout="constrained")
     axes = figure.subplots(2, len(PANELS), squeeze=False)
     for row_index, over_wall in enumerate((False, True)):
         for column, (panel_title, ylabel, keys) in enumerate(PANELS):
-            curves = [series(rows, key) for key in keys]
-            draw_panel(axes[row_index, column], curves, over_wall=over_wall, title=panel_title, ylabel=ylabel)
+            panel = [curves[key] for key in keys]
+            draw_panel(axes[row_index, column], panel, over_wall=over_wall, title=panel_title, ylabel=ylabel)
     if title:  # a path, in any script; not TeX: "$" in it is a dollar sign
         fonts = fonts_for([title])
         warn_missing(fonts.missing)
