@@ -144,6 +144,32 @@ def test_a_static_step_never_drops_rows():
     ) for h in n]  # fmt: skip
 
 
+def test_a_step_past_the_capacity_is_refused_as_by_the_default_cache(monkeypatch):
+    """Past its capacity the static cache's index_copy_ raised a bare IndexError (on a GPU, a device-side
+    assert); the step count is known on the host, so the decoder refuses first, with the default's message."""
+    model = peaked_model()
+    src, mask = padded_batch([5, 3])
+    bos_R = torch.full((2,), BOS)
+    with torch.no_grad():
+        default = IncrementalDecoder(
+            model, src, mask, rows_per_sentence=1, capacity=3, want_attention=False, shared_memory=True
+        )
+        static = StaticStepDecoder(model, src, mask, rows_per_sentence=1, capacity=3, reorders_rows=False)
+        for _ in range(3):
+            torch.testing.assert_close(static.step(bos_R)[0], default.step(bos_R)[0], atol=1e-5, rtol=1e-6)
+        with pytest.raises(ValueError) as expected:
+            default.step(bos_R)
+        with pytest.raises(ValueError, match=r"^decoder cache holds 3 positions; asked for 4$") as refused:
+            static.step(bos_R)
+    assert str(refused.value) == str(expected.value)
+    assert int(static.cache.position_1) == 3  # refused before it ran
+    # beam search's whole step runs without decoder.step: the search checks its number of steps first
+    monkeypatch.setattr("tformer.decoding.beam.decoding_capacity", lambda model, steps: steps - 1)
+    config = DecodeConfig(beam_size=2, static_step=True, max_len_a=0.0, max_len_b=8)
+    with pytest.raises(ValueError, match=r"^decoder cache holds 7 positions; asked for 8$"):
+        generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+
+
 @pytest.mark.parametrize(
     "device",
     [

@@ -159,6 +159,7 @@ def _search_in_whole_steps(
     decoder, the constraints, the beam update and the next tokens. On a GPU it is recorded once as a
     CUDA graph and each step is one replay; the host only checks "all finished?" every CHECK_EVERY steps.
     Returns the state that holds the finished lists."""
+    decoder.check_room(T)  # its steps run in one recorded function, never through decoder.step
     buffers = decoder.step_buffers
     key = (*fresh.history.shape, eos_id, config.length_penalty, config.length_normalization, config.min_len)
     key += (config.forced_eos, config.early_stopping)

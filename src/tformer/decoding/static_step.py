@@ -180,10 +180,21 @@ class StaticStepDecoder:
         )
         self.step_buffers.load(memory_kv, src_pad_mask_BS)
         self.cache = self.step_buffers.cache
+        self.steps = 0  # the steps taken: the cache's position, counted on the host
+
+    def check_room(self, steps: int) -> None:
+        """Refuse, before it runs, a step past the cache's capacity, as the other caches do. The cache
+        cannot: its position is on the device, and reading it would be a host synchronisation in the step
+        a CUDA graph records (past the end, index_copy_ is a bare IndexError on the CPU and a device-side
+        assert, fatal to the process's CUDA context, on a GPU)."""
+        if steps > self.cache.capacity:
+            raise ValueError(f"decoder cache holds {self.cache.capacity} positions; asked for {steps}")
 
     def step(self, tokens_R: Tensor) -> tuple[Tensor, None]:
         """fp32 log-probabilities of the next token (R, V); no attention maps. On CUDA the result is the
         graph's output buffer, valid until the next step."""
+        self.check_room(self.steps + 1)
+        self.steps += 1
         buffers = self.step_buffers
         buffers.tokens_R.copy_(tokens_R)
         if buffers.tokens_R.device.type != "cuda":

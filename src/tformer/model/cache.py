@@ -20,7 +20,9 @@ history, and attention masks by it (so a reorder moves a small integer table, no
 `StaticDecoderCache` is the fixed-shape variant for a decoding step that is captured once and replayed
 (a CUDA graph): its tensors never move or change shape, the position of the next token is a tensor on
 the device that the step itself advances, and every step attends over all `capacity` positions with a
-mask that hides the ones not yet written.
+mask that hides the ones not yet written. It cannot refuse a step past its capacity itself: that would
+read the device's position on the host, a synchronisation inside the step a CUDA graph records. Its
+driver counts steps on the host instead (`StaticStepDecoder.check_room`).
 
 Shape legend: B batch (sentences x beams; in the beam cache, sentences), N beams, H heads, L cache
 capacity, P filled positions x beams, S source length, K head dim, R rows, M memory entries.
@@ -169,6 +171,10 @@ class StaticDecoderCache:
         layers = [StaticLayerCache(k, v, position_1) for k, v in layout.key_value_buffers(shape, zeros=True)]
         key_positions_L = torch.arange(layout.capacity, device=layout.device)
         return cls(layers=layers, position_1=position_1, key_positions_L=key_positions_L)
+
+    @property
+    def capacity(self) -> int:
+        return self.key_positions_L.shape[0]
 
     def visible_keys(self) -> Tensor:
         """(1, 1, 1, L) "may attend" mask of the new token: every position up to its own."""
