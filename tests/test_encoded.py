@@ -4,6 +4,7 @@ that reads the cache instead of encoding, and a miss whenever what the pairs dep
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,24 @@ def test_a_resume_reads_the_encoded_cache_and_trains_the_same(tmp_path: Path, mo
         strict=True,
     ):
         assert torch.equal(x, y)
+
+
+def test_pairs_over_max_positions_are_reported_alike_when_encoded_and_when_cached(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    experiment = tiny_experiment(
+        corpus, "model.max_positions=8", "train.max_steps=1", "train.save_every=1", valid=False
+    )
+    start_run(experiment, run).train()
+    encoded = [line for line in capsys.readouterr().err.splitlines() if "model.max_positions" in line]
+    assert len(encoded) == 1 and re.fullmatch(
+        r"train: skipped [1-9]\d* pairs longer than model.max_positions=8", encoded[0]
+    )
+    monkeypatch.setattr("tformer.training.run.encode_rows", lambda *a, **k: pytest.fail("read from the cache"))
+    resume_run(run, overrides=["train.max_steps=2"])
+    assert [line for line in capsys.readouterr().err.splitlines() if "model.max_positions" in line] == encoded
 
 
 def test_a_changed_corpus_file_is_encoded_again(tmp_path: Path, monkeypatch) -> None:

@@ -502,7 +502,7 @@ def _training_pairs(
         cached = encoded_cache.load(run_dir, _corpus_key(experiment, tokenizer, digests))
         if cached is not None:
             if cached.skipped_overlong:
-                say(f"train: skipped {cached.skipped_overlong} pairs longer than model.max_positions={max_positions}")
+                say(_skipped_over_max_positions("train", cached.skipped_overlong, max_positions))
             return cached.pairs
     if train_text is None:
         train_text = read_training_text(data)
@@ -585,10 +585,15 @@ def _encode(
     kept_R = np.flatnonzero(encoded.lengths_R2.max(axis=1) + 1 <= max_positions)
     if len(kept_R) == len(encoded):
         return encoded, kept_R
-    say(f"{name}: skipped {len(encoded) - len(kept_R)} pairs longer than model.max_positions={max_positions}")
+    say(_skipped_over_max_positions(name, len(encoded) - len(kept_R), max_positions))
     if len(kept_R) == 0:
         raise ConfigError(f"{name}: no pair fits model.max_positions={max_positions}; raise it")
     return encoded.take(kept_R), kept_R
+
+
+def _skipped_over_max_positions(name: str, skipped: int, max_positions: int) -> str:
+    """One line whether the pairs were just encoded or their count comes from the encoded cache."""
+    return f"{name}: skipped {skipped} pairs longer than model.max_positions={max_positions}"
 
 
 def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
