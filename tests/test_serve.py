@@ -308,6 +308,39 @@ def test_set_changes_the_decoding_settings_the_server_starts_with(run, monkeypat
     assert decode.beam_size == load_run(run).experiment.decode.beam_size  # the rest is the run's
 
 
+@pytest.mark.parametrize(
+    ("options", "line"),
+    [
+        (["--max-beam", "2"], "the run's decode.beam_size=3 is over --max-beam 2: {}beam 2"),
+        (["--max-beam", "4", "--set", "decode.beam_size=6"], "--set decode.beam_size=6 is over --max-beam 4: {}beam 4"),
+        (
+            ["--max-beam", "2", "--set", "decode.nbest=3"],
+            "decode.beam_size=3 is over --max-beam 2: {}beam 2 and nbest 2",
+        ),
+        (["--max-beam", "3"], None),
+        (["--max-beam", "2", "--set", "decode.sampling=true"], None),  # samples: no beam to cap
+    ],
+)
+def test_a_beam_over_max_beam_is_capped_with_one_startup_line(run, monkeypatch, capsys, options, line):
+    """The cap was silent: a server started with --set decode.beam_size=16 decoded at --max-beam 8."""
+    import tformer.serving
+
+    def stop(*args, **kwargs):
+        raise OSError("stop here")  # instead of serving: the startup lines are printed by now
+
+    monkeypatch.setattr(tformer.serving, "create_app", stop)
+    assert main(["serve", str(run), "--port", "0", *options]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "error: stop here"
+    if line is None:
+        assert lines == ["error: stop here"]
+    else:
+        (warned,) = lines[:-1]
+        assert warned.startswith("warning: ") and warned.endswith(
+            line.format("a request that sends no beam is decoded with ")
+        )
+
+
 def test_busy_port_and_unknown_host_are_one_line_errors(run, no_server, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import sys
 
 from tformer.cli.decode_options import add_decode_settings_argument, apply_decode_settings, decode_settings
 from tformer.cli.extras import require
+from tformer.config import DecodeConfig
 
 HELP = "serve a run over HTTP (POST /translate, GET /health, GET /ready)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -70,12 +71,28 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_run(args.run_dir, device=device)
         name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
         decode = apply_decode_settings(loaded.experiment.decode, settings)  # what a request does not choose
+        capped = _capped_beam_line(decode, max_beam=config.max_beam, beam_from_set="beam_size" in settings)
+        if capped:
+            print(capped, file=sys.stderr)
         app = create_app(loaded.model, loaded.tokenizer, decode, config=config, device=device, name=name)
         address = host_port(args.host, listener.getsockname()[1])  # the real port, also for --port 0
         endpoints = "POST /translate, GET /health, GET /ready, /docs"
         ready = f"serving {args.run_dir} on http://{address} ({endpoints}; Ctrl-C to stop)"
         serve(app, listener, graceful_timeout=args.graceful_timeout, ready_line=ready)
     return 0
+
+
+def _capped_beam_line(decode: DecodeConfig, *, max_beam: int, beam_from_set: bool) -> str | None:
+    """The startup line saying that a request without a beam gets --max-beam, not the beam asked for (a
+    sampling server has none to cap: it draws nbest samples whatever beam_size)."""
+    if decode.sampling or decode.beam_size <= max_beam:
+        return None
+    whose = "--set decode.beam_size" if beam_from_set else "the run's decode.beam_size"
+    nbest = f" and nbest {max_beam}" if decode.nbest > max_beam else ""
+    return (
+        f"warning: {whose}={decode.beam_size} is over --max-beam {max_beam}: "
+        f"a request that sends no beam is decoded with beam {max_beam}{nbest}"
+    )
 
 
 def _check_listen_options(args: argparse.Namespace) -> None:
