@@ -355,6 +355,39 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_overwrite_takes_the_old_runs_encoded_data_when_it_would_encode_the_same(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """--overwrite encoded the training text again even when the files, the tokenizer and the settings
+    were those of the run it replaced (minutes on a large corpus); it now hard-links that run's cache."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    (old_cache,) = (run / "encoded").iterdir()
+    before = _digest(run)
+    encoded_sizes: list[int] = []
+    real = training_run.encode_rows
+    monkeypatch.setattr(
+        training_run, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
+    )
+    # a new run that fails while training, after taking the cache: the old run keeps every file, unshared
+    _fails_cleanly(capsys, _train_args(workspace, run, "--overwrite", "--set", "train.peak_lr=1e30"), "diverged")
+    assert encoded_sizes == [6, 6]  # the validation set only: the 80 training pairs came from the old run
+    assert _digest(run) == before
+    assert all(path.stat().st_nlink == 1 for path in old_cache.iterdir())  # the links went with the new run
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
+    encoded_sizes.clear()
+    assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
+    assert encoded_sizes == [6, 6]
+    assert [path.name for path in (run / "encoded").iterdir()] == [old_cache.name]
+    assert {name: digest for name, digest in _digest(run).items() if name.startswith("encoded/")} == {
+        name: digest for name, digest in before.items() if name.startswith("encoded/")
+    }
+    # other settings that decide the pairs: encoded again, and the new run keeps only its own cache
+    encoded_sizes.clear()
+    assert main(_train_args(workspace, run, "--overwrite", "--set", "data.max_chars=900")) == 0
+    assert 80 in encoded_sizes
+    assert [path.name for path in (run / "encoded").iterdir()] != [old_cache.name]
+
+
 def test_overwrite_removes_the_hidden_directories_of_earlier_overwrites_whose_process_is_gone(
     trained: Path, workspace: dict[str, Path], tmp_path: Path
 ) -> None:

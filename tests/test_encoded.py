@@ -219,6 +219,32 @@ def test_a_failed_save_names_the_path_and_leaves_nothing_behind(tmp_path: Path, 
     assert list((tmp_path / "run" / encoded_cache.CACHE_DIR).iterdir()) == []
 
 
+def test_adopt_links_or_copies_another_runs_cache_of_the_key_and_otherwise_leaves_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    pairs = EncodedPairs.from_pairs([([5, 6], [7]), ([8], [9, 10, 11])])
+    key = encoded_cache.CorpusKey("a", "b", tokenizer=1, max_chars=10, strict=False, max_positions=64)
+    assert encoded_cache.save(tmp_path / "old", key, encoded_cache.CachedCorpus(pairs, skipped_overlong=2)) is None
+    encoded_cache.adopt(tmp_path / "old", tmp_path / "linked", key)
+    linked = encoded_cache.load(tmp_path / "linked", key)
+    assert linked is not None and linked.skipped_overlong == 2 and linked.pairs.sources[1].tolist() == [8]
+    assert all(path.stat().st_nlink == 2 for path in (tmp_path / "linked" / encoded_cache.CACHE_DIR).rglob("*.npy"))
+    other = dataclasses.replace(key, max_positions=32)
+    encoded_cache.adopt(tmp_path / "old", tmp_path / "other", other)  # no cache of that key: nothing made
+    assert not (tmp_path / "other").exists()
+
+    def no_links(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(encoded_cache.os, "link", no_links)
+    encoded_cache.adopt(tmp_path / "old", tmp_path / "copied", key)
+    assert encoded_cache.load(tmp_path / "copied", key) is not None
+    monkeypatch.setattr(encoded_cache.shutil, "copy2", no_links)  # a full disk: no cache, no temporary left
+    encoded_cache.adopt(tmp_path / "old", tmp_path / "failed", key)
+    assert encoded_cache.load(tmp_path / "failed", key) is None
+    assert list((tmp_path / "failed" / encoded_cache.CACHE_DIR).iterdir()) == []
+
+
 def test_a_file_edited_while_a_new_run_sets_up_is_not_cached_under_its_new_bytes(tmp_path: Path, monkeypatch) -> None:
     """The cache's key is the digest of the bytes read: a corpus file rewritten after it was read (while the
     tokenizer trains, minutes on a large corpus) must make the next resume encode the text again."""

@@ -232,7 +232,8 @@ def _train_staged(
     from tformer.training.run import start_run
 
     try:
-        return start_run(experiment, staging, quiet=quiet, **options).train()
+        # the old run's encoded training data, hard-linked, when the new one would encode the same
+        return start_run(experiment, staging, quiet=quiet, encoded_from=out, **options).train()
     except KeyboardInterrupt as interrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainingInterrupted(f"the new run was discarded; {out} keeps the previous run unchanged") from interrupt

@@ -9,6 +9,11 @@ its hash names the cache's directory, so a changed file or setting simply misses
 The arrays are written into a temporary directory that is then renamed into place, so a reader (another
 process of the run, or a later resume) sees a whole cache or none; a damaged one is a miss. Only the
 main process writes, and a failed write (a full disk) costs a warning, never the run.
+
+A cache's files are never written again once in place (a new key gets a new directory, an old one is
+removed whole), so two runs may share them as hard links: `tformer train --overwrite` gives the new
+run the cache of the run it replaces when the key is the same (`adopt`), and removing either run then
+leaves the other's intact.
 """
 
 from __future__ import annotations
@@ -83,6 +88,27 @@ def _well_formed(rows: TokenRows) -> bool:
     return bool((offsets_R1[1:] >= offsets_R1[:-1]).all()) and (
         rows.ids_N.dtype == np.uint16 or rows.ids_N.min(initial=0) >= 0
     )
+
+
+def adopt(earlier_run: Path, run_dir: Path, key: CorpusKey) -> None:
+    """Give `run_dir` the cache of `key` that `earlier_run` holds, if it holds one: hard links to its files
+    (copies where the file system has no hard links), renamed into place whole like a saved cache. When
+    there is none, or anything fails, nothing is left behind: `load` then misses and the run encodes."""
+    source = Path(earlier_run) / CACHE_DIR / key.directory_name()
+    if not (source / "key.json").is_file():
+        return
+    root = Path(run_dir) / CACHE_DIR
+    temporary = root / f".tmp-{key.directory_name()}-{os.getpid()}"
+    try:
+        temporary.mkdir(parents=True, exist_ok=True)
+        for name in ("key.json", *(f"{array}.npy" for array in _ARRAYS)):
+            try:
+                os.link(source / name, temporary / name)
+            except OSError:
+                shutil.copy2(source / name, temporary / name)
+        temporary.rename(root / key.directory_name())
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def save(run_dir: Path, key: CorpusKey, corpus: CachedCorpus) -> str | None:

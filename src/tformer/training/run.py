@@ -115,11 +115,14 @@ def start_run(
     distributed: Distributed | None = None,
     compile_mode: CompileMode = "none",
     loss_chunk: int = 0,
+    encoded_from: Path | None = None,
 ) -> Trainer:
     """A Trainer for a new run in `run_dir`, which must be empty or absent (`checked=True`: the caller
     has already checked that, and may have put files there since, such as the demo's generated data).
 
-    `distributed`, `compile_mode` and `loss_chunk` are how it runs, not what it computes (see Trainer)."""
+    `distributed`, `compile_mode` and `loss_chunk` are how it runs, not what it computes (see Trainer).
+    `encoded_from`: another run (the one an --overwrite replaces) whose encoded training data this run
+    takes, hard-linked into its own directory, when its files, tokenizer and settings are the same."""
     distributed = distributed or Distributed()
     if not checked:
         check_new_run_dir(run_dir)
@@ -136,6 +139,7 @@ def start_run(
             distributed=distributed,
             compile_mode=compile_mode,
             loss_chunk=loss_chunk,
+            encoded_from=encoded_from,
         )
     except BaseException:
         if lock is not None:
@@ -196,6 +200,7 @@ def _new_trainer(
     distributed: Distributed,
     compile_mode: CompileMode,
     loss_chunk: int,
+    encoded_from: Path | None,
 ) -> Trainer:
     say = _sayer(quiet or not distributed.is_main)
     data = _absolute_paths(experiment.data)
@@ -234,6 +239,7 @@ def _new_trainer(
         run_dir=run_dir,
         train_text=corpus,
         distributed=distributed,
+        encoded_from=encoded_from,
     )
     return Trainer(
         experiment=experiment,
@@ -438,16 +444,24 @@ def prepare_data(
     run_dir: Path | None = None,
     train_text: TrainingText | None = None,
     distributed: Distributed | None = None,
+    encoded_from: Path | None = None,
 ) -> TrainingData:
     """Encode the training pairs into a BatchStream (this process's share of the batches) and the
     validation pairs into fixed batches (all of them, on every process). With `run_dir` the training
-    pairs come from its encoded cache when it matches (see `tformer.training.encoded_cache`), and the
-    main process caches them there when it does not; `train_text` is the training text already read."""
+    pairs come from its encoded cache when it matches (see `tformer.training.encoded_cache`), or from
+    the matching cache of the run `encoded_from` (linked into `run_dir`), and the main process caches
+    them there when neither matches; `train_text` is the training text already read."""
     distributed = distributed or Distributed()
     data, train = experiment.data, experiment.train
     special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     pairs = _training_pairs(
-        experiment, tokenizer, say=say, run_dir=run_dir, train_text=train_text, write_cache=distributed.is_main
+        experiment,
+        tokenizer,
+        say=say,
+        run_dir=run_dir,
+        train_text=train_text,
+        write_cache=distributed.is_main,
+        encoded_from=encoded_from,
     )
     _fitting_pairs(pairs, train.max_tokens, what="training")
     stream = BatchStream(
@@ -492,14 +506,21 @@ def _training_pairs(
     run_dir: Path | None,
     train_text: TrainingText | None,
     write_cache: bool,
+    encoded_from: Path | None = None,
 ) -> EncodedPairs:
-    """The encoded training pairs: from `run_dir`'s cache when the corpus files, the tokenizer and the
-    settings are those it was made from; else read (unless given), encoded, and cached if `write_cache`."""
+    """The encoded training pairs: from `run_dir`'s cache (or `encoded_from`'s, linked into `run_dir` by
+    the main process) when the corpus files, the tokenizer and the settings are those it was made from;
+    else read (unless given), encoded, and cached if `write_cache`."""
     data, max_positions = experiment.data, experiment.model.max_positions
     assert data.train_src is not None and data.train_tgt is not None
-    digests = _digests(data) if run_dir is not None and train_text is None else None
+    digests = None
+    if run_dir is not None:
+        digests = _digests(data) if train_text is None else train_text.digests
     if digests is not None:
-        cached = encoded_cache.load(run_dir, _corpus_key(experiment, tokenizer, digests))
+        key = _corpus_key(experiment, tokenizer, digests)
+        if encoded_from is not None and write_cache:
+            encoded_cache.adopt(encoded_from, run_dir, key)
+        cached = encoded_cache.load(run_dir, key)
         if cached is not None:
             if cached.skipped_overlong:
                 say(_skipped_over_max_positions("train", cached.skipped_overlong, max_positions))
