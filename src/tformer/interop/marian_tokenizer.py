@@ -4,7 +4,7 @@ A Marian (OPUS-MT) checkpoint segments text with two sentencepiece models, one p
 token ids are not the sentencepiece ids: `vocab.json` maps each piece to the model's id (one joint
 vocabulary for both sides, or `target_vocab.json` for the target side when `separate_vocabs`). Its
 special ids differ from tformer's too: typically eos = 0, unk = 1, pad = the last id, and decoding
-starts from pad. `VocabTokenizer` is that arrangement: it has the methods of `tformer.data.Tokenizer`
+starts from pad. `VocabTokenizer` is that arrangement: it has the methods of `tformer.data.tokenizer.Tokenizer`
 that inference uses, and takes its special ids from the files, never from tformer's constants.
 
 Encoding follows `transformers.MarianTokenizer` exactly: a leading language code `>>xx<<` is one token,
