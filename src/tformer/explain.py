@@ -5,30 +5,33 @@
 
 1. input vectors: token embedding (times sqrt(d_model)) plus the sinusoidal position;
 2. q, k, v of every position from the encoder's `SelfAttention.qkv_proj`, split into heads;
-3. one query and one key at a time (all heads together): the scores q·k/sqrt(d_k), their softmax, the
-   weighted sum of values;
-4. the same in matrix form (`attention_matrix`) and in the loop form (`attention_loop`), checked equal;
-5. heads concatenated (`merge_heads`) and projected (`out_proj`), checked equal to `SelfAttention.forward`;
-6. one encoder block from `EncoderLayer`'s submodules (attention, residual + layer norm, feed-forward),
+3. the scores q·k/sqrt(d_k), one query and one key at a time (all heads together);
+4. the softmax of each row of scores;
+5. the weighted sum of the values for each query;
+6. the same in matrix form (`attention_matrix`, checked equal to the loop form `attention_loop` and to
+   the fused kernel), the heads concatenated (`merge_heads`) and projected (`out_proj`), checked equal
+   to `SelfAttention.forward`;
+7. one encoder block from `EncoderLayer`'s submodules (attention, residual + layer norm, feed-forward),
    checked equal to `EncoderLayer.forward` and to `Transformer.encode`;
-7. masked decoder self-attention with `masks.causal_mask`, checked against the fused causal kernel;
-8. cross-attention: decoder queries against the keys/values `CrossAttention.project_memory` makes from
+8. masked decoder self-attention with `masks.causal_mask`, checked against the fused causal kernel;
+9. cross-attention: decoder queries against the keys/values `CrossAttention.project_memory` makes from
    the encoder output, checked equal to `CrossAttention.forward`;
-9. the cross-entropy of the teacher-forced prediction, checked against `training.loss`, and the loss
-   again after one Adam step;
-10. autoregressive decoding: a copy of the model trained on the pair translates the source one token at
+10. the cross-entropy of the teacher-forced prediction, checked against `training.loss`, and the loss
+    again after one Adam step;
+11. autoregressive decoding: a copy of the model trained on the pair translates the source one token at
     a time, each step a full forward pass over the tokens chosen so far, taking the most probable next
     token until </s>; checked against the same steps with a KV cache (`Transformer.new_cache`: each step
     feeds only the newest token and reads earlier positions' keys and values from the cache) and
     against `tformer.decoding.greedy_search`.
 
-Step 3's arithmetic (the dot products and softmax a reader follows by hand) is written out in
+The arithmetic of steps 3-5 (the dot products and softmax a reader follows by hand) is written out in
 `tformer.model.attention.attention_loop_steps`, called here; the checks in `Walkthrough.checks` show it
-equals the modules' own results. Everything runs in float64
-so that the checks hold to ~1e-12. Printing and figures live in `tformer.explain_report`.
+equals the modules' own results. Everything runs in float64, so each check differs by ~1e-16 (the
+tests allow 1e-10). The step numbers are those of the headings `tformer.explain_report.render` prints
+(and of docs/explain.md); printing and figures live in `tformer.explain_report`.
 
 Shape legend: S source length, T target length, D model dim, H heads, K head dim, F feed-forward dim,
-V vocabulary.
+V vocabulary, N decoding steps.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ SOURCE_WORDS = ("the", "cat", "sat")
 TARGET_WORDS = ("le", "chat", "s'assit")
 PAD, BOS, EOS = 0, 1, 2
 LEARNING_RATE = 0.01
-TRAINING_STEPS = 60  # Adam steps on the one pair before it is translated: enough to learn it (step 10)
+TRAINING_STEPS = 60  # Adam steps on the one pair before it is translated: enough to learn it (step 11)
 MAX_NEW_TOKENS = 8
 
 
@@ -373,13 +376,13 @@ def walkthrough(seed: int = 0) -> Walkthrough:
         loss=loss,
         decoding=decoding,
     )
-    fused_BHSK = attention_fused(attention.q_HSK[None], attention.k_HSK[None], attention.v_HSK[None])[0]
+    fused_HSK = attention_fused(attention.q_HSK[None], attention.k_HSK[None], attention.v_HSK[None])[0]
     result.checks = {
         "softmax(scores) = attention_matrix weights": max_difference(
             attention.weights_HSS, attention.matrix_weights_HSS
         ),
         "attention_loop = attention_matrix": max_difference(attention.heads_HSK, attention.matrix_HSK),
-        "attention_matrix = attention_fused": max_difference(attention.matrix_HSK, fused_BHSK),
+        "attention_matrix = attention_fused": max_difference(attention.matrix_HSK, fused_HSK),
         "out_proj(concat) = SelfAttention.forward": max_difference(attention.output_SD, attention.module_output_SD),
         "block steps = EncoderLayer.forward": max_difference(block.output_SD, block.module_output_SD),
         "EncoderLayer.forward = Transformer.encode": max_difference(block.module_output_SD, block.encode_SD),
