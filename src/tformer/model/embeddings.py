@@ -8,7 +8,7 @@ The paper multiplies token embeddings by sqrt(d_model) and adds a fixed sinusoid
 "interleaved" is that layout; "concatenated" puts the d_model/2 sines first and the cosines after them
 (Hugging Face's Marian). Learned positions are an option, as in the paper's Table 3 row (E).
 
-Shape legend: B batch, T length, D model dim, V vocabulary, P positions, I frequencies (i = 0 .. D/2).
+Shape legend: B batch, T length, D model dim, V vocabulary, P positions, I frequencies (i = 0 .. ceil(D/2) - 1).
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
         """Xavier-uniform for every projection matrix (each of the fused Q, K, V blocks on its own),
-        zero biases, N(0, d_model^-1/2) for embeddings (unit variance after the sqrt(d_model) scale)
+        zero biases, normal with std d_model^-1/2 for embeddings (unit variance after the sqrt(d_model) scale)
         with a zero padding row, and LayerNorm at identity. The same seed gives the same weights,
         independent of torch's global random state."""
         generator = torch.Generator().manual_seed(seed)
