@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -141,6 +142,29 @@ def test_sinusoidal_layouts() -> None:
     assert table[pos, 2 * i + 1] == pytest.approx(math.cos(pos / 10000 ** (2 * i / 6)), abs=1e-12)
     concatenated = sinusoidal_table(50, 6, "concatenated")
     torch.testing.assert_close(concatenated, table[:, [0, 2, 4, 1, 3, 5]], atol=0, rtol=0)
+
+
+def test_sinusoidal_table_is_the_papers_formula_at_every_position_and_dimension() -> None:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(the same), written out with `math`."""
+    n_positions, d_model = 30, 10
+    table = sinusoidal_table(n_positions, d_model, "interleaved")
+    expected = [
+        [(math.sin if dim % 2 == 0 else math.cos)(pos / 10000 ** (2 * (dim // 2) / d_model)) for dim in range(d_model)]
+        for pos in range(n_positions)
+    ]
+    torch.testing.assert_close(table, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_token_embedding_is_the_lookup_times_sqrt_d_model() -> None:
+    """Paper section 3.4: "we multiply those weights by sqrt(d_model)"; the padding row is zero."""
+    config = preset("tiny", src_vocab_size=20, tgt_vocab_size=20)
+    model = Transformer(config, seed=0)
+    ids = torch.tensor([[5, 0, 7, 19]])
+    weight = model.src_embedding.weight.detach()
+    torch.testing.assert_close(model.src_embedding(ids).detach(), weight[ids] * math.sqrt(config.d_model))
+    assert torch.all(model.src_embedding(ids)[0, 1] == 0)
+    unscaled = Transformer(dataclasses.replace(config, scale_embeddings=False), seed=0)
+    torch.testing.assert_close(unscaled.src_embedding(ids).detach(), weight[ids], atol=0, rtol=0)
 
 
 def test_a_float64_model_has_the_float64_positional_encoding() -> None:
