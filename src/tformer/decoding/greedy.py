@@ -5,6 +5,11 @@ greedy, a draw for sampling), told which original rows are still in the batch. F
 running until the periodic check, where the loop ends if every row is finished, and otherwise finished
 rows leave the batch. That check is the loop's only host synchronisation.
 
+The textbook loop (run the decoder on <s> and the tokens chosen so far, take the most probable token
+at the last position, stop at </s>) is written out in `tformer.explain.decoding_steps`. This loop makes
+the same choices with one new position per step (`decoder.step`, over a KV cache), for a batch:
+tests/test_decoding_equivalence.py checks it against search without a cache.
+
 Shape legend: B sentences, R rows (sentences x samples), T steps, H history (bos + T), S source, V vocab.
 """
 

@@ -182,6 +182,11 @@ def attend_rows(
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused Q/K/V projection.
 
+    `qkv_proj.weight` stacks the paper's W^Q, W^K and W^V of every head: rows [0, D) are the queries'
+    (head h owns rows h*K .. h*K + K-1), then D rows for the keys and D for the values. `attend_rows`
+    picks the fused kernel or the matrix form (see `attend`); either way it computes the textbook
+    softmax(Q K^T / sqrt(d_k)) V of `attention_matrix` and `attention_loop` (tests/test_attention.py).
+
     With a `LayerCache` it appends the new keys and values and attends over all positions so far,
     which is what incremental decoding needs. A `BeamLayerCache` returns its keys per sentence, shared by
     the sentence's beams, whose queries are then folded (`attend_rows`) under the cache's ancestry mask.

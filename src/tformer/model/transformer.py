@@ -96,6 +96,9 @@ class Decoder(nn.Module):
     ) -> tuple[Tensor, list, list]:
         T = tokens_BTD.shape[1]
         static = isinstance(cache, StaticDecoderCache)
+        # The first two branches serve fast decoding only (the fixed-shape step that CUDA graphs and
+        # torch.compile replay; beam search's never-reordered cache). Training, teacher forcing and plain
+        # cached decoding take the last one.
         if static:  # one new token whose position is a device tensor; keys span the whole capacity
             assert T == 1 and tgt_pad_mask is None, "a static cache decodes one token at a time, unpadded"
             x_BTD = self.dropout(tokens_BTD + self.positions.at(cache.position_1))
