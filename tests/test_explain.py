@@ -76,6 +76,24 @@ def test_cross_entropy_is_the_mean_negative_log_probability_and_a_step_lowers_it
     assert loss.loss_after_step < loss.loss
 
 
+def test_label_smoothing_and_the_learning_rate_are_the_papers(result: Walkthrough) -> None:
+    """Smoothing against its definition (target distribution (1 - eps) one-hot + eps/V, cross-entropy with
+    it), the schedule against the paper's eq. (3), both written out here."""
+    loss, eps, V = result.loss, 0.1, result.config.tgt_vocab_size
+    targets_T = torch.tensor([VOCABULARY.index(token) for token in result.decoder_targets])
+    smoothed_target_TV = torch.full((len(targets_T), V), eps / V, dtype=torch.float64)
+    smoothed_target_TV[torch.arange(len(targets_T)), targets_T] += 1 - eps
+    expected_T = -(smoothed_target_TV * torch.log_softmax(loss.logits_TV, dim=-1)).sum(dim=-1)
+    assert loss.smoothing == eps
+    torch.testing.assert_close(loss.smoothed_T, expected_T, atol=1e-12, rtol=0)
+    assert loss.smoothed_loss == pytest.approx(float(expected_T.mean()), abs=1e-12)
+    assert loss.module_smoothed_loss == pytest.approx(loss.smoothed_loss, abs=1e-12)
+    assert list(loss.schedule) == [1, 1000, 4000, 16_000, 100_000]
+    for step, rate in [*loss.schedule.items(), *loss.schedule_curve_N.tolist()]:
+        assert rate == pytest.approx(512**-0.5 * min(step**-0.5, step * 4000**-1.5), rel=1e-12)
+    assert int(loss.schedule_curve_N[loss.schedule_curve_N[:, 1].argmax(), 0]) == 4000  # the peak ends the warm-up
+
+
 def test_autoregressive_decoding_feeds_back_each_choice_and_equals_the_cached_search(result: Walkthrough) -> None:
     d = result.decoding
     assert d.loss_after_training < result.loss.loss_after_step < result.loss.loss
@@ -98,7 +116,8 @@ def test_seed_changes_the_numbers_and_is_reproducible(result: Walkthrough) -> No
 
 def test_report_prints_every_step_and_figures_decode(result: Walkthrough, tmp_path: Path) -> None:
     text = render(result)
-    for step in ("== 1.", "== 3.", "== 6.", "== 8.", "== 9.", "== 10.", "== 11.", "worked example", "== checks"):
+    steps = ("== 1.", "== 3.", "== 6.", "== 8.", "== 9.", "== 10.", "label smoothing", "warmup", "== 11.", "== checks")
+    for step in (*steps, "worked example"):
         assert step in text
     paths = save_figures(result, tmp_path)
     assert [path.name for path in paths] == [

@@ -16,8 +16,9 @@
 8. masked decoder self-attention with `masks.causal_mask`, checked against the fused causal kernel;
 9. cross-attention: decoder queries against the keys/values `CrossAttention.project_memory` makes from
    the encoder output, checked equal to `CrossAttention.forward`;
-10. the cross-entropy of the teacher-forced prediction, checked against `training.loss`, and the loss
-    again after one Adam step;
+10. the cross-entropy of the teacher-forced prediction, plain and label-smoothed (the paper's eps 0.1),
+    checked against `training.loss`; the loss again after one Adam step; the paper's warm-up learning
+    rate (`training.schedule.inverse_sqrt_lr`) for the base model;
 11. autoregressive decoding: a copy of the model trained on the pair translates the source one token at
     a time, each step a full forward pass over the tokens chosen so far, taking the most probable next
     token until </s>; checked against the same steps with a KV cache (`Transformer.new_cache`: each step
@@ -55,6 +56,7 @@ from tformer.model.attention import (
 )
 from tformer.model.masks import causal_mask
 from tformer.training.loss import label_smoothed_loss
+from tformer.training.schedule import inverse_sqrt_lr
 
 VOCABULARY = ("<pad>", "<s>", "</s>", "<unk>", "the", "cat", "sat", "le", "chat", "s'assit")
 SOURCE_WORDS = ("the", "cat", "sat")
@@ -63,6 +65,9 @@ PAD, BOS, EOS = 0, 1, 2
 LEARNING_RATE = 0.01
 TRAINING_STEPS = 60  # Adam steps on the one pair before it is translated: enough to learn it (step 11)
 MAX_NEW_TOKENS = 8
+LABEL_SMOOTHING = 0.1  # the paper's eps_ls (section 5.4)
+PAPER_D_MODEL, PAPER_WARMUP = 512, 4000  # the base model's schedule (section 5.3), shown in step 10
+SCHEDULE_STEPS = (1, 1000, 4000, 16_000, 100_000)  # the steps whose learning rate is printed
 
 
 def toy_config() -> ModelConfig:
@@ -146,6 +151,12 @@ class LossSteps:
     module_loss: float  # training.loss.label_smoothed_loss(smoothing=0): nll_sum / n_tokens
     loss_after_step: float  # the same batch after one Adam step
     learning_rate: float
+    smoothing: float  # eps
+    smoothed_T: Tensor  # (1 - eps) * -log p(correct) + eps * mean over the vocabulary of -log p(v)
+    smoothed_loss: float  # mean over positions
+    module_smoothed_loss: float  # training.loss.label_smoothed_loss(smoothing=eps): loss_sum / n_tokens
+    schedule: dict[int, float]  # step -> the paper's learning rate for the base model (inverse_sqrt_lr)
+    schedule_curve_N: Tensor  # (step, learning rate) for steps 1 .. 4 x warm-up, for the figure
 
 
 @dataclass
@@ -292,20 +303,36 @@ def loss_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T
         logits_1TV = model(src_1S, tgt_in_1T)
     loss = F.cross_entropy(logits_1TV[0], tgt_out_1T[0])
     sums = label_smoothed_loss(logits_1TV, tgt_out_1T, smoothing=0.0, pad_id=PAD)
+    smoothed_sums = label_smoothed_loss(logits_1TV, tgt_out_1T, smoothing=LABEL_SMOOTHING, pad_id=PAD)
     trained = trained_copy(model, src_1S, tgt_in_1T, tgt_out_1T, steps=1)
     logits_TV = logits_1TV[0]
     probabilities_TV = torch.softmax(logits_TV, dim=-1)
     target_probability_T = probabilities_TV.gather(1, tgt_out_1T[0][:, None])[:, 0]
+    nll_T = -torch.log(target_probability_T)
+    # label smoothing: the target puts 1 - eps on the correct token and eps/V on every token
+    smoothed_T = (1 - LABEL_SMOOTHING) * nll_T + LABEL_SMOOTHING * -torch.log(probabilities_TV).mean(dim=-1)
+    curve_steps = [1, *range(10, 4 * PAPER_WARMUP + 1, 10)]
     return LossSteps(
         logits_TV=logits_TV,
         probabilities_TV=probabilities_TV,
         target_probability_T=target_probability_T,
-        nll_T=-torch.log(target_probability_T),
+        nll_T=nll_T,
         loss=float(loss),
         module_loss=float(sums.nll_sum / sums.n_tokens),
         loss_after_step=pair_loss(trained, src_1S, tgt_in_1T, tgt_out_1T),
         learning_rate=LEARNING_RATE,
+        smoothing=LABEL_SMOOTHING,
+        smoothed_T=smoothed_T,
+        smoothed_loss=float(smoothed_T.mean()),
+        module_smoothed_loss=float(smoothed_sums.loss_sum / smoothed_sums.n_tokens),
+        schedule={step: paper_lr(step) for step in SCHEDULE_STEPS},
+        schedule_curve_N=torch.tensor([(step, paper_lr(step)) for step in curve_steps], dtype=torch.float64),
     )
+
+
+def paper_lr(step: int) -> float:
+    """The learning rate of the paper's base model at `step`: d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
+    return inverse_sqrt_lr(step, d_model=PAPER_D_MODEL, warmup=PAPER_WARMUP)
 
 
 def decoding_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T: Tensor) -> DecodingSteps:
@@ -389,6 +416,7 @@ def walkthrough(seed: int = 0) -> Walkthrough:
         "masked matrix form = fused causal kernel": max_difference(causal.output_TD, causal.module_output_TD),
         "cross steps = CrossAttention.forward": max_difference(cross.output_TD, cross.module_output_TD),
         "cross-entropy = training.loss": abs(loss.loss - loss.module_loss),
+        "label-smoothed cross-entropy = training.loss": abs(loss.smoothed_loss - loss.module_smoothed_loss),
         "decoding, full forward each step = KV-cached step": max_difference(
             decoding.probabilities_NV, decoding.cached_probabilities_NV
         ),

@@ -103,15 +103,23 @@ def render(w: Walkthrough) -> str:
     out.append(heading(9, "cross-attention: decoder queries, keys and values from the encoder output"))
     for h in range(H):
         out += [f"head {h} weights (rows: decoder inputs, columns: source):", table(w.cross.weights_HTS[h], tin, src)]
-    loss = w.loss
-    rows = np.stack([loss.target_probability_T.numpy(), loss.nll_T.numpy()], axis=1)
+    loss, eps, V = w.loss, w.loss.smoothing, c.tgt_vocab_size
+    rows = np.stack([loss.target_probability_T.numpy(), loss.nll_T.numpy(), loss.smoothed_T.numpy()], axis=1)
     out += [
-        heading(10, "cross-entropy of one training step (teacher forcing)"),
-        "at each position: the probability of the correct next token, and -log of it:",
-        table(Tensor(rows), [f"{i} -> {t}" for i, t in zip(tin, tout, strict=True)], ["p(next)", "-log p"]),
-        f"loss = mean(-log p) = {loss.loss:.4f}   (a uniform guess over {c.tgt_vocab_size} tokens: "
-        f"{np.log(c.tgt_vocab_size):.4f})",
+        heading(10, "cross-entropy training: teacher forcing, label smoothing, the learning-rate schedule"),
+        "at each position: the probability of the correct next token, -log of it, and the smoothed loss:",
+        table(Tensor(rows), [f"{i} -> {t}" for i, t in zip(tin, tout, strict=True)], ["p(next)", "-log p", "smoothed"]),
+        f"loss = mean(-log p) = {loss.loss:.4f}   (a uniform guess over {V} tokens: {np.log(V):.4f})",
+        f"label smoothing, eps = {eps} (the paper's): the target puts 1 - eps + eps/V = {1 - eps + eps / V:.2f} "
+        "on the correct",
+        f"token and eps/V = {eps / V:.2f} on each other one, so a position's loss is {1 - eps:g} x (-log p) + "
+        f"{eps:g} x the mean",
+        f"over the vocabulary of -log p(v); their mean is {loss.smoothed_loss:.4f}, what training minimises",
         f"after one Adam step (lr {loss.learning_rate}) on this pair the loss is {loss.loss_after_step:.4f}",
+        "the paper's learning rate, lrate = d_model^-0.5 x min(step^-0.5, step x warmup^-1.5), rises linearly for",
+        "the warm-up steps, then decays as 1/sqrt(step); for the base model (d_model 512, warmup 4000):",
+        "  " + "   ".join(f"step {step}: {rate:.1e}" for step, rate in loss.schedule.items()),
+        "(to keep the toy short, its Adam steps here and in step 11 take plain cross-entropy at a constant lr)",
         *decoding_lines(w),
         heading("checks", "each step equals what tformer's modules compute (max |difference|)"),
     ]
@@ -218,8 +226,8 @@ def decoder_figure(w: Walkthrough) -> Figure:
 
 def loss_figure(w: Walkthrough) -> Figure:
     loss = w.loss
-    figure = Figure(figsize=(6.5, 4), layout="constrained")
-    ax = figure.subplots()
+    figure = Figure(figsize=(12, 4), layout="constrained")
+    ax, schedule_ax = figure.subplots(1, 2)
     labels = [f"{i} → {t}" for i, t in zip(w.decoder_inputs, w.decoder_targets, strict=True)]
     bars = ax.bar(labels, loss.target_probability_T.numpy(), color="tab:blue")
     for bar, nll in zip(bars, loss.nll_T.numpy(), strict=True):
@@ -233,8 +241,20 @@ def loss_figure(w: Walkthrough) -> Figure:
     ax.axhline(1 / w.config.tgt_vocab_size, color="gray", linestyle="--", label="uniform guess")
     ax.set_ylim(0, max(0.3, 1.25 * float(loss.target_probability_T.max())))
     ax.set_ylabel("p(correct next token)")
-    ax.set_title(f"cross-entropy {loss.loss:.3f}; after one Adam step {loss.loss_after_step:.3f}", fontsize=10)
+    ax.set_title(
+        f"cross-entropy {loss.loss:.3f} (label-smoothed {loss.smoothed_loss:.3f}); "
+        f"after one Adam step {loss.loss_after_step:.3f}",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
+    curve = loss.schedule_curve_N.numpy()
+    schedule_ax.plot(curve[:, 0], curve[:, 1], color="tab:orange")
+    shown = [(step, rate) for step, rate in loss.schedule.items() if step <= curve[-1, 0]]  # the printed ones
+    schedule_ax.plot(*zip(*shown, strict=True), "o", color="tab:orange")
+    schedule_ax.set_xlabel("step")
+    schedule_ax.set_ylabel("learning rate")
+    schedule_ax.set_title("the paper's learning rate, base model (d_model 512, warm-up 4000)", fontsize=10)
+    schedule_ax.grid(alpha=0.3)
     return figure
 
 

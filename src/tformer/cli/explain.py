@@ -1,8 +1,8 @@
 """A walk-through of self-attention on a tiny example (4 tokens, d_model 8, 2 heads), every number
 computed by tformer's own modules: input vectors, q/k/v, scores, softmax, weighted sums, the matrix
 form, heads, one encoder block, the causal mask, cross-attention, the cross-entropy of a training
-step and autoregressive decoding, each checked against the module that computes it in the real model.
---out also writes figures."""
+step (plain and label-smoothed) with the paper's learning-rate schedule, and autoregressive decoding,
+each checked against the module that computes it in the real model. --out also writes figures."""
 
 from __future__ import annotations
 
