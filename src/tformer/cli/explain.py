@@ -1,4 +1,4 @@
-"""A walk-through of self-attention on a tiny example (4 tokens, d_model 8, 2 heads), every number
+"""A walk-through of the Transformer on a tiny example (4 tokens, d_model 8, 2 heads), every number
 computed by tformer's own modules: input vectors, q/k/v, scores, softmax, weighted sums, the matrix
 form, heads, one encoder block, the causal mask, cross-attention, the cross-entropy of a training
 step (plain and label-smoothed) with the paper's learning-rate schedule, and autoregressive decoding,
@@ -12,7 +12,7 @@ from pathlib import Path
 from tformer.cli.argument_types import seed_below
 from tformer.cli.output_paths import check_output_dir
 
-HELP = "walk through attention on a tiny example, step by step, with every number printed"
+HELP = "walk through the Transformer on a tiny example, step by step, with every number printed"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
