@@ -11,7 +11,8 @@
 All three take the boolean "may attend" mask of `tformer.model.masks` and agree to float64 precision
 (tests/test_attention.py).
 
-Shape legend: B batch, H heads, T query length, S key length, K head dim, D model dim.
+Shape legend: B batch, H heads, T query length, S key length, K head dim, D model dim; in `attend_rows`,
+R query rows and M key rows (R = n x M: n beams of a sentence share its keys).
 """
 
 from __future__ import annotations
