@@ -3,7 +3,8 @@
 Every row follows one path: at each step a `choose` function picks one token per row (argmax for
 greedy, a draw for sampling), told which original rows are still in the batch. Finished rows keep
 running until the periodic check, where the loop ends if every row is finished, and otherwise finished
-rows leave the batch. That check is the loop's only host synchronisation.
+rows leave the batch (unless the decoder is the fixed-shape static step, whose rows stay to the end).
+That check is the loop's only host synchronisation.
 
 The textbook loop (run the decoder on <s> and the tokens chosen so far, take the most probable token
 at the last position, stop at </s>) is written out in `tformer.explain.decoding_steps`. This loop makes
