@@ -89,9 +89,9 @@ def test_label_smoothing_and_the_learning_rate_are_the_papers(result: Walkthroug
     assert loss.smoothed_loss == pytest.approx(float(expected_T.mean()), abs=1e-12)
     assert loss.module_smoothed_loss == pytest.approx(loss.smoothed_loss, abs=1e-12)
     assert list(loss.schedule) == [1, 1000, 4000, 16_000, 100_000]
-    for step, rate in [*loss.schedule.items(), *loss.schedule_curve_N.tolist()]:
+    for step, rate in [*loss.schedule.items(), *loss.schedule_curve.tolist()]:
         assert rate == pytest.approx(512**-0.5 * min(step**-0.5, step * 4000**-1.5), rel=1e-12)
-    assert int(loss.schedule_curve_N[loss.schedule_curve_N[:, 1].argmax(), 0]) == 4000  # the peak ends the warm-up
+    assert int(loss.schedule_curve[loss.schedule_curve[:, 1].argmax(), 0]) == 4000  # the peak ends the warm-up
 
 
 def test_autoregressive_decoding_feeds_back_each_choice_and_equals_the_cached_search(result: Walkthrough) -> None:

@@ -156,7 +156,7 @@ class LossSteps:
     smoothed_loss: float  # mean over positions
     module_smoothed_loss: float  # training.loss.label_smoothed_loss(smoothing=eps): loss_sum / n_tokens
     schedule: dict[int, float]  # step -> the paper's learning rate for the base model (inverse_sqrt_lr)
-    schedule_curve_N: Tensor  # (step, learning rate) for steps 1 .. 4 x warm-up, for the figure
+    schedule_curve: Tensor  # rows of (step, learning rate) for steps 1 .. 4 x warm-up, for the figure
 
 
 @dataclass
@@ -326,7 +326,7 @@ def loss_steps(model: Transformer, src_1S: Tensor, tgt_in_1T: Tensor, tgt_out_1T
         smoothed_loss=float(smoothed_T.mean()),
         module_smoothed_loss=float(smoothed_sums.loss_sum / smoothed_sums.n_tokens),
         schedule={step: paper_lr(step) for step in SCHEDULE_STEPS},
-        schedule_curve_N=torch.tensor([(step, paper_lr(step)) for step in curve_steps], dtype=torch.float64),
+        schedule_curve=torch.tensor([(step, paper_lr(step)) for step in curve_steps], dtype=torch.float64),
     )
 
 

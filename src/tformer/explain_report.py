@@ -247,7 +247,7 @@ def loss_figure(w: Walkthrough) -> Figure:
         fontsize=10,
     )
     ax.legend(fontsize=8)
-    curve = loss.schedule_curve_N.numpy()
+    curve = loss.schedule_curve.numpy()
     schedule_ax.plot(curve[:, 0], curve[:, 1], color="tab:orange")
     shown = [(step, rate) for step, rate in loss.schedule.items() if step <= curve[-1, 0]]  # the printed ones
     schedule_ax.plot(*zip(*shown, strict=True), "o", color="tab:orange")
