@@ -46,7 +46,7 @@ def worked_score(w: Walkthrough, head: int = 0, query: int = 1, key: int = 0) ->
     head_dim = q.shape[0]
     return (
         f"worked example, head {head}, query {w.source_tokens[query]!r}, key {w.source_tokens[key]!r}:\n"
-        f"  q·k / sqrt({head_dim}) = [{terms}] / {head_dim**0.5:.0f} = {float(a.scores_HSS[head, query, key]):.3f}"
+        f"  q·k / sqrt({head_dim}) = [{terms}] / {head_dim**0.5:g} = {float(a.scores_HSS[head, query, key]):.3f}"
     )
 
 

@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         memory: Tensor | None,
         src_pad_mask: Tensor | None,
         tgt_pad_mask: Tensor | None = None,
-        cache: DecoderCache | StaticDecoderCache | None = None,
+        cache: DecoderCache | StaticDecoderCache | BeamDecoderCache | None = None,
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor], list[Tensor]]:
         """logits_BTV for the target prefix tgt_ids_BT, attending to `memory` (B S D).
@@ -222,7 +222,8 @@ class Transformer(nn.Module):
         positions and of the memory come from the cache, and `memory` may be None. `tgt_pad_mask`
         then covers every key position so far, shape (B, cache.length + T). A `StaticDecoderCache`
         (see `new_static_cache`) takes one token per row and no `tgt_pad_mask`; its capacity bounds
-        the length.
+        the length. A `BeamDecoderCache` (see `new_beam_cache`) takes one token per beam, its rows being
+        sentences x beams, and masks each beam's self-attention to its own ancestors.
         """
         if not isinstance(cache, StaticDecoderCache):
             offset = 0 if cache is None else cache.length
