@@ -116,16 +116,19 @@ def test_align_files_writes_one_pharaoh_line_per_pair(
         list(align_files(model, tokenizer, tmp_path / "missing", tmp_path / "tgt"))
 
 
-def test_align_command_splits_lines_on_newline_only(copy_model: tuple[Transformer, Tokenizer], tmp_path: Path) -> None:
-    """U+2028, U+0085 and a form feed are whitespace inside a sentence, not line breaks (str.splitlines
-    would break on them and shift every later pair)."""
+def saved_run(copy_model: tuple[Transformer, Tokenizer], run_dir: Path) -> Path:
     model, tokenizer = copy_model
     name = step_name(1)
     experiment = ExperimentConfig(model=model.config)
-    save_checkpoint(
-        tmp_path / "run", name, experiment=experiment, tokenizer=tokenizer, model=model, step=1, trainer_state=None
-    )
-    write_pointer(tmp_path / "run", "latest", name)
+    save_checkpoint(run_dir, name, experiment=experiment, tokenizer=tokenizer, model=model, step=1, trainer_state=None)
+    write_pointer(run_dir, "latest", name)
+    return run_dir
+
+
+def test_align_command_splits_lines_on_newline_only(copy_model: tuple[Transformer, Tokenizer], tmp_path: Path) -> None:
+    """U+2028, U+0085 and a form feed are whitespace inside a sentence, not line breaks (str.splitlines
+    would break on them and shift every later pair)."""
+    saved_run(copy_model, tmp_path / "run")
     lines = ["ab cd\u2028ef", "gh\x85ij", "kl mn\x0cop", "abc fed\r"]
     for side in ("src", "tgt"):
         (tmp_path / side).write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
@@ -133,3 +136,21 @@ def test_align_command_splits_lines_on_newline_only(copy_model: tuple[Transforme
     assert main([*arguments, "--out", str(tmp_path / "out")]) == 0
     written = (tmp_path / "out").read_text(encoding="utf-8")
     assert written == "0-0 1-1 2-2\n0-0 1-1\n0-0 1-1 2-2\n0-0 1-1\n"
+
+
+@pytest.mark.parametrize("flag", ["--src", "--tgt"])
+def test_align_refuses_to_write_over_its_input(
+    copy_model: tuple[Transformer, Tokenizer], tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """--out naming the --src or --tgt file would replace the sentences with their alignments."""
+    run = saved_run(copy_model, tmp_path / "run")
+    for side in ("src", "tgt"):
+        (tmp_path / side).write_text("ab cd\n", encoding="utf-8")
+    arguments = ["align", str(run), "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt")]
+    out = tmp_path / flag.removeprefix("--")
+    assert main([*arguments, "--out", str(out)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --out {out} is the {flag} file: writing would erase it; choose another file\n"
+    )
+    assert out.read_text(encoding="utf-8") == "ab cd\n"

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tformer.cli.output_paths import check_output_file
+from tformer.cli.output_paths import check_not_an_input, check_output_file
 
 HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
 
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.training.loop import resolve_device
 
     if args.out is not None:
+        check_not_an_input(args.out, "--out", [("--src", args.src), ("--tgt", args.tgt)])
         check_output_file(args.out)
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     lines = align_files(loaded.model, loaded.tokenizer, args.src, args.tgt, layer=args.layer)

@@ -28,7 +28,7 @@ from tformer.cli.decode_options import (
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.cli.output_paths import check_replaced_output
+from tformer.cli.output_paths import check_not_an_input, check_replaced_output
 from tformer.config import BLEU_TOKENIZE
 
 HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
@@ -115,11 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_output(args: argparse.Namespace) -> None:
     """--output can be written and holds nothing to keep: checked before any translating."""
-    output = args.output
-    for flag, path in (("--src", args.src), *(("--ref", path) for path in args.ref)):
-        if output.exists() and path.exists() and os.path.samefile(output, path):
-            raise ValueError(f"--output {output} is the {flag} file: writing would erase it; choose another file")
-    check_replaced_output(output, overwrite=args.overwrite)
+    check_not_an_input(args.output, "--output", [("--src", args.src), *(("--ref", path) for path in args.ref)])
+    check_replaced_output(args.output, overwrite=args.overwrite)
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:

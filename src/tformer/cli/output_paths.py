@@ -4,6 +4,7 @@ once, in one line that names the flag, instead of after translating or drawing w
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -16,6 +17,16 @@ def _check_parents(path: Path, flag: str) -> None:
             if not os.access(ancestor, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {path}: cannot write into {ancestor} (permission denied)")
             return
+
+
+def check_not_an_input(output: Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """`output` (given as `flag`) is none of the input files, given as (flag, path) pairs: writing it would
+    erase an input before, or while, it is read."""
+    if not output.exists():
+        return
+    for input_flag, path in inputs:
+        if path is not None and Path(path).exists() and os.path.samefile(output, path):
+            raise ValueError(f"{flag} {output} is the {input_flag} file: writing would erase it; choose another file")
 
 
 def check_output_file(path: Path, flag: str = "--out") -> None:

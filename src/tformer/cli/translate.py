@@ -30,7 +30,7 @@ from tformer.cli.decode_options import (
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.cli.output_paths import check_replaced_output
+from tformer.cli.output_paths import check_not_an_input, check_replaced_output
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 PARTIAL = ".partial"  # suffix of --output while it is written
@@ -125,8 +125,7 @@ def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     if args.output is None:
         return None, None
     output = Path(args.output)
-    if args.input and output.exists() and os.path.samefile(args.input, output):
-        raise ValueError(f"--output {output} is the --input file: writing would erase it; choose another file")
+    check_not_an_input(output, "--output", [("--input", args.input)])
     partial = output.with_name(output.name + PARTIAL)
     return output, partial if check_replaced_output(output, overwrite=args.overwrite, beside=(partial,)) else None
 
