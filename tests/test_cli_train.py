@@ -450,6 +450,20 @@ def test_overwrite_refuses_a_directory_that_holds_no_run(
     assert ckpt.read_pointer_name(killed_early, "latest") == "step-00000002"
 
 
+def test_overwrite_refuses_to_delete_the_data_the_new_run_reads(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Training text kept in the run directory would be deleted with the old run, and a --resume of the
+    new one reads it again: --overwrite refuses before training (it deleted it, and the resume failed)."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    for name in ("train.src", "train.tgt"):
+        shutil.copy(workspace[name.replace(".", "_")], run / name)
+    before = _digest(run)
+    argv = [*_train_args(workspace, run, "--overwrite"), "--train-src", str(run / "train.src")]
+    _fails_cleanly(capsys, argv, f"--overwrite would delete {(run / 'train.src').resolve()} (data.train_src)")
+    assert _digest(run) == before
+
+
 def _interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Ctrl-C arrives while the loop computes the learning rate of `step`."""
     schedule = loop.learning_rate

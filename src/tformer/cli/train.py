@@ -177,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     if not out.is_dir():
         raise ConfigError(f"--overwrite replaces a run directory, but {out} is a file")
     _check_replaceable(out)
+    _check_data_outside(experiment, out)
     if options["distributed"].enabled:
         raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
     _remove_abandoned_stagings(out, quiet=args.quiet)
@@ -221,6 +222,21 @@ def _check_replaceable(out: Path) -> None:
             f"--overwrite replaces a run, but {out} holds no run (it holds {others[0]}{more}), and would be "
             "deleted; choose another --out, or remove it yourself"
         )
+
+
+def _check_data_outside(experiment: ExperimentConfig, out: Path) -> None:
+    """--overwrite deletes RUN_DIR once the new run ends: refuse training or validation text kept inside
+    it, which the new run reads (and a --resume of it reads again) but would delete."""
+    from tformer.training.run import absolute_data_paths
+
+    data = absolute_data_paths(experiment.data)
+    for name in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+        path = getattr(data, name)
+        if path is not None and out.resolve() in Path(path).parents:
+            raise ConfigError(
+                f"--overwrite would delete {path} (data.{name}), which the new run reads from inside {out}; "
+                "move it out of the run directory first"
+            )
 
 
 def _train_staged(

@@ -203,7 +203,7 @@ def _new_trainer(
     encoded_from: Path | None,
 ) -> Trainer:
     say = _sayer(quiet or not distributed.is_main)
-    data = _absolute_paths(experiment.data)
+    data = absolute_data_paths(experiment.data)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
     check_shared_run_dir(run_dir, distributed, device)  # rank 0 created it before the check's collectives
@@ -426,7 +426,7 @@ def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:
         tgt_vocab_size=stored.model.tgt_vocab_size,
         pad_id=stored.model.pad_id,
     )
-    pairs = [("model", stored.model, filled), ("data", stored.data, _absolute_paths(given.data))]
+    pairs = [("model", stored.model, filled), ("data", stored.data, absolute_data_paths(given.data))]
     for section, old, new in pairs:
         for key, value in dataclasses.asdict(old).items():
             if getattr(new, key) != value:
@@ -624,7 +624,7 @@ def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) ->
     return experiment_from_dict(apply_overrides(experiment_to_dict(experiment), overrides))
 
 
-def _absolute_paths(data: DataConfig) -> DataConfig:
+def absolute_data_paths(data: DataConfig) -> DataConfig:
     """Resolve relative paths against data.data_dir (or the working directory), once, at the start."""
     base = Path(data.data_dir) if data.data_dir is not None else Path.cwd()
     fields = ("train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer")
