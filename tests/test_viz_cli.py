@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import select
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,47 @@ def test_align(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path) -> Non
         links = [tuple(map(int, link.split("-"))) for link in line.split()]
         assert sorted(j for _, j in links) == list(range(len(target.split())))  # each target word once
         assert all(0 <= i < len(source.split()) for i, _ in links)
+
+
+FULL_DISK = """
+import json, resource, signal, sys
+import tformer.align, tformer.cli.main, tformer.training.checkpoint, tformer.viz.curves, tformer.viz.html
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (32, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+print(json.dumps([tformer.cli.main.main(command) for command in json.loads(sys.argv[1])]))
+"""
+
+
+def test_a_write_that_fails_keeps_the_file_that_was_there(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path):
+    """attention, plot and align wrote their --out in place: a disk that filled up while they wrote left
+    the earlier file truncated. Simulated here with a file-size limit of 32 bytes in a process of its own
+    (every write past it fails, as on a full disk); the earlier file must stay whole, with no leftovers."""
+    run, corpus = trained_run
+    outputs = [tmp_path / name for name in ("maps.png", "maps.html", "curves.png", "links.txt")]
+    for path in outputs:
+        path.write_text("earlier\n")
+    commands = [
+        ["attention", str(run), "ka lo mi", "--out", str(outputs[0])],
+        ["attention", str(run), "ka lo mi", "--out", str(outputs[1])],
+        ["plot", str(run), "--out", str(outputs[2])],
+        [
+            "align",
+            str(run),
+            "--src",
+            str(corpus["valid_src"]),
+            "--tgt",
+            str(corpus["valid_tgt"]),
+            "--out",
+            str(outputs[3]),
+        ],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, json.dumps(commands)], capture_output=True, text=True, timeout=300
+    )
+    assert json.loads(done.stdout.splitlines()[-1]) == [2, 2, 2, 2], done.stderr
+    assert done.stderr.count("error: [Errno 27] File too large") == 4, done.stderr
+    assert [path.read_text() for path in outputs] == ["earlier\n"] * 4
+    assert sorted(tmp_path.iterdir()) == sorted(outputs)
 
 
 def test_plot_refuses_a_file_name_it_would_not_write_as_named(tmp_path: Path, capsys) -> None:

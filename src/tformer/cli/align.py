@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.align import align_files
+    from tformer.atomic_file import write_atomic
     from tformer.training.checkpoint import load_run
     from tformer.training.loop import resolve_device
 
@@ -47,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(line + "\n" for line in lines)
-    args.out.write_text(text, encoding="utf-8")
+    write_atomic(args.out, text.encode("utf-8"))  # a failed write keeps the file that was there
     print(args.out)
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -120,17 +119,8 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    """`lines` into `path`, which appears only once complete (written beside it, then renamed); a device
-    or a pipe is written in place (renaming a file onto /dev/stdout or a FIFO would replace it)."""
-    text = "".join(f"{line}\n" for line in lines)
-    if path.exists() and not path.is_file():
-        with open(path, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        return
+    """`lines` into `path`, which appears only once complete (see `write_atomic`)."""
+    from tformer.atomic_file import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomic(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))

@@ -15,8 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-import os
-import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +22,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from tformer.atomic_file import write_atomic
 from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, MULTI30K_SPLITS
 
 
@@ -103,26 +102,6 @@ def _check_out_dir(out_dir: Path) -> None:
                 where = "" if path == out_dir else f" ({path})"
                 raise DownloadError(f"--out {out_dir}: not a directory{where}; choose a directory for the corpus")
             return
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it into place: readers see either
-    the old file or the complete new one, never a partial write.
-
-    The temporary file is created with mode 0666 less the umask, as open() would create `path`
-    (tempfile.mkstemp's 0600 would make downloaded data private to its owner)."""
-    temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _decompress(data: bytes, url: str) -> bytes:

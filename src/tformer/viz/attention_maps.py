@@ -21,6 +21,7 @@ are drawn in the default font with fallbacks for the scripts it lacks (`tformer.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tformer.atomic_file import write_atomic
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.model import Transformer
@@ -240,9 +242,10 @@ def save_figure(figure: Figure, path: str | Path, *, dpi: int = PNG_DPI) -> Path
     reported by the caller, once (`warn_missing`), not by matplotlib once each."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    image = io.BytesIO()
     with no_glyph_warnings():
-        figure.savefig(path, dpi=dpi, format="png")
-    return path
+        figure.savefig(image, dpi=dpi, format="png")
+    return write_atomic(path, image.getvalue())  # a failed write keeps the file that was there
 
 
 def save_attention_png(

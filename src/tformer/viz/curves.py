@@ -11,6 +11,7 @@ one warning naming it, and a log in which no curve has a finite value is a `Metr
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -21,6 +22,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tformer.atomic_file import write_atomic
 from tformer.viz.fonts import fonts_for, no_glyph_warnings, warn_missing
 
 METRICS_FILE = "metrics.jsonl"
@@ -168,6 +170,7 @@ def save_curves_png(run_dir_or_file: str | Path, path: str | Path) -> Path:
     figure = curves_figure(rows, title=f"{Path(run_dir_or_file)} ({len(rows)} rows)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    image = io.BytesIO()
     with no_glyph_warnings():
-        figure.savefig(path, dpi=100, format="png")
-    return path
+        figure.savefig(image, dpi=100, format="png")
+    return write_atomic(path, image.getvalue())  # a failed write keeps the file that was there

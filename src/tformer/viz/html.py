@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from tformer.atomic_file import write_atomic
 from tformer.viz.attention_maps import (
     KIND_TITLES,
     KINDS,
@@ -101,5 +102,5 @@ def save_attention_html(
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(attention_html(attention, kinds=kinds, layer=layer, head=head), encoding="utf-8")
-    return path
+    page = attention_html(attention, kinds=kinds, layer=layer, head=head)
+    return write_atomic(path, page.encode("utf-8"))  # a failed write keeps the file that was there
