@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tformer.config import ConfigError, DecodeConfig, ExperimentConfig, experiment_from_dict
-from tformer.decoding import generate
+from tformer.decoding import DecodingError, generate
 from tformer.model import Transformer
 
 
@@ -41,3 +41,13 @@ def test_a_banned_token_is_never_produced(tiny_model: Transformer, beam_size: in
         del model.project_output
     assert all(set(hyps[0].tokens) == {favourite} for hyps in free)
     assert all(favourite not in hyps[0].tokens and len(hyps[0].tokens) == 8 for hyps in banned)
+
+
+@pytest.mark.parametrize("config", [DecodeConfig(beam_size=1), DecodeConfig(beam_size=3), DecodeConfig(sampling=True)])
+def test_a_banned_id_outside_the_vocabulary_is_a_decoding_error(tiny_model: Transformer, config: DecodeConfig) -> None:
+    """DecodeConfig knows no vocabulary: translate --set decode.banned_ids=[999] (or a run's own setting)
+    for a model of 40 target ids was an IndexError traceback from the first decoding step."""
+    src = torch.randint(4, 40, (2, 5))
+    outside = dataclasses.replace(config, banned_ids=(3, 40))
+    with pytest.raises(DecodingError, match=r"decode.banned_ids holds 40, outside this model's target vocabulary"):
+        generate(tiny_model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=outside)

@@ -98,6 +98,7 @@ def beam_search(
     constraints = StepConstraints(
         config,
         eos_id=eos_id,
+        vocab_size=model.config.tgt_vocab_size,
         prefix_RP=prefix_tensor(
             prefix,
             n_sentences=B,

@@ -47,7 +47,13 @@ def prefix_tensor(
 class StepConstraints:
     """The restrictions of one decoding call; `apply` is called once per step."""
 
-    def __init__(self, config: DecodeConfig, *, eos_id: int, prefix_RP: Tensor | None) -> None:
+    def __init__(self, config: DecodeConfig, *, eos_id: int, vocab_size: int, prefix_RP: Tensor | None) -> None:
+        outside = [token for token in config.banned_ids if token >= vocab_size]
+        if outside:  # DecodeConfig knows no vocabulary: a run's or a --set's ids are checked here
+            raise DecodingError(
+                f"decode.banned_ids holds {outside[0]}, outside this model's target vocabulary (ids 0 to "
+                f"{vocab_size - 1})"
+            )
         self.min_len = config.min_len
         self.banned_ids = list(config.banned_ids)
         self.ngram = config.no_repeat_ngram_size

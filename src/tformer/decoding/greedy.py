@@ -109,6 +109,7 @@ def decode_paths(
     constraints = StepConstraints(
         config,
         eos_id=eos_id,
+        vocab_size=vocab_size,
         prefix_RP=prefix_tensor(
             prefix, n_sentences=B, rows_per_sentence=n, eos_id=eos_id, vocab_size=vocab_size, device=device
         ),
