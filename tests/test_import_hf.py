@@ -172,6 +172,21 @@ def test_a_damaged_safetensors_file_is_refused_in_one_line(tmp_path, capsys, dam
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("d_model", "32"), ("encoder_layers", None), ("scale_embedding", "yes")]
+)
+def test_a_config_json_field_of_the_wrong_type_is_refused_in_one_line(tmp_path, capsys, setting, value):
+    """transformers (5) checks the fields with an error type of huggingface_hub's: it was a traceback."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, setting: value}))
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and setting in error and error.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("setting", "value"), [("vocab_size", 60), ("decoder_ffn_dim", 48)])
 def test_weights_that_do_not_fit_config_json_are_refused_in_one_line(tmp_path, capsys, setting, value):
     hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")

@@ -46,7 +46,11 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     raw = _read_json(hf_dir / "config.json")
     if raw.get("model_type") != "marian":
         raise ValueError(f"{hf_dir / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'marian'")
-    hf_config = MarianConfig.from_pretrained(hf_dir)
+    try:
+        hf_config = MarianConfig.from_pretrained(hf_dir)
+    except Exception as error:  # transformers checks the fields with errors of its own (and of huggingface_hub)
+        reason = " ".join(str(error).split())  # a message over several lines, as one
+        raise ValueError(f"{hf_dir / 'config.json'}: not a MarianMT configuration ({reason})") from None
     config = model_config_from_marian(hf_config)
     has_file = _has(hf_dir, GENERATION_FILE)
     generation = generation_settings(_read_json(hf_dir / GENERATION_FILE) if has_file else None, raw)
