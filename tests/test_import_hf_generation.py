@@ -154,3 +154,27 @@ def test_accepted_settings_decode_like_generate(tmp_path, changes):
     ]
     hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
     assert ours == hf_generate(hf_model, transformers.MarianTokenizer.from_pretrained(hf_dir))
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        (dict(num_beams=[4]), "num_beams=[4] must be an integer"),
+        (dict(max_length="20"), "max_length='20' must be an integer"),
+        (dict(length_penalty="x"), "length_penalty='x' must be a number"),
+        (dict(bad_words_ids=5), "bad_words_ids=5 must be a list of lists of token ids"),
+        (dict(bad_words_ids=[5]), "bad_words_ids=[5] must be a list of lists of token ids"),
+        (dict(num_beams=0), "beam_size must be at least 1, got 0"),
+    ],
+    ids=["list-beams", "string-length", "string-penalty", "number-bans", "flat-bans", "zero-beams"],
+)
+def test_settings_of_the_wrong_type_are_refused_naming_the_file(tmp_path, capsys, changes, named):
+    """A setting of the wrong type was a TypeError traceback (or an int() message naming no file)."""
+    from tformer.cli.main import main
+
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    rewrite(hf_dir / "generation_config.json", **changes)
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {hf_dir / 'generation_config.json'}: {named}\n"
+    assert not (tmp_path / "run").exists()

@@ -69,6 +69,7 @@ def decoder_start_id(settings: dict[str, Any], hf_config: MarianConfig) -> int:
 
 def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, source: str) -> DecodeConfig:
     """tformer's DecodeConfig for generate()'s `settings`; `source` names them in errors."""
+    _check_types(settings, source=source)
     _refuse_what_tformer_lacks(settings, eos_id=eos_id, source=source)
     early_stopping = settings.get("early_stopping", False)
     if early_stopping not in (True, False):  # "never": HF's exact-but-slow stopping rule
@@ -79,19 +80,41 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
     # HF's max_length counts the decoder start token; a forced eos is the last of the tokens after it
     max_new = settings.get("max_new_tokens", int(settings.get("max_length", 512)) - 1)
     min_new = settings.get("min_new_tokens", int(settings.get("min_length", 0)) - 1)
-    return DecodeConfig(
-        beam_size=int(settings.get("num_beams", 1)),
-        nbest=1,
-        max_len_a=0.0,
-        max_len_b=max(1, min(int(max_new), max_positions)),
-        forced_eos=settings.get("forced_eos_token_id") is not None,
-        early_stopping=bool(early_stopping),
-        min_len=max(0, int(min_new)),
-        length_normalization="average",
-        length_penalty=float(settings.get("length_penalty", 1.0)),
-        no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size", 0)),
-        banned_ids=tuple(banned_ids(settings)),
-    )
+    try:
+        return DecodeConfig(
+            beam_size=int(settings.get("num_beams", 1)),
+            nbest=1,
+            max_len_a=0.0,
+            max_len_b=max(1, min(int(max_new), max_positions)),
+            forced_eos=settings.get("forced_eos_token_id") is not None,
+            early_stopping=bool(early_stopping),
+            min_len=max(0, int(min_new)),
+            length_normalization="average",
+            length_penalty=float(settings.get("length_penalty", 1.0)),
+            no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size", 0)),
+            banned_ids=tuple(banned_ids(settings)),
+        )
+    except ValueError as error:  # a value out of range (num_beams 0, say): DecodeConfig names its own setting
+        raise ValueError(f"{source}: {error}") from None
+
+
+def _check_types(settings: dict[str, Any], *, source: str) -> None:
+    """The settings read below have the types generate() takes (a JSON file may hold anything)."""
+    for key in ("num_beams", "max_length", "min_length", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size"):
+        if key in settings and not _is_integer(settings[key]):
+            raise ValueError(f"{source}: {key}={settings[key]!r} must be an integer")
+    penalty = settings.get("length_penalty", 1.0)
+    if not (_is_integer(penalty) or isinstance(penalty, float)):
+        raise ValueError(f"{source}: length_penalty={penalty!r} must be a number")
+    bad_words = settings.get("bad_words_ids", [])
+    if not (isinstance(bad_words, list) and all(isinstance(words, list) for words in bad_words)) or not all(
+        _is_integer(token) for words in bad_words for token in words
+    ):
+        raise ValueError(f"{source}: bad_words_ids={bad_words!r} must be a list of lists of token ids")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def banned_ids(settings: dict[str, Any]) -> list[int]:
