@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tformer.cli.main import main
 from tformer.config import PRESETS
@@ -72,3 +73,39 @@ def test_resume_of_a_file_says_it_is_a_file(tmp_path, capsys) -> None:
     (tmp_path / "a.txt").write_text("not a run\n")
     assert main(["train", "--out", str(tmp_path / "a.txt"), "--resume"]) == 2
     assert "is a file, not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capacity of ..."),
+        MemoryError(),
+    ],
+    ids=["cpu", "cuda", "python"],
+)
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error: BaseException) -> None:
+    """translate --beam 100000 asks torch's CPU allocator for 40 GB: it was a RuntimeError traceback."""
+    from tformer.cli import info
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(info, "run", run)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and err.endswith("needs less\n") and err.count("\n") == 1
+
+
+def test_another_runtime_error_keeps_its_traceback(monkeypatch) -> None:
+    from tformer.cli import info
+
+    def run(args):
+        raise RuntimeError("shapes do not match")
+
+    monkeypatch.setattr(info, "run", run)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        main(["info"])

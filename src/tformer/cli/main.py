@@ -81,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
+        if not _out_of_memory(error):
+            raise  # a bug: its traceback says where
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"error: out of memory ({reason}); a smaller beam, batch or model needs less", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Python's MemoryError, torch.OutOfMemoryError (a GPU's), or the plain RuntimeError of torch's CPU
+    allocator (recognised by its message: this module imports no torch)."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
