@@ -59,6 +59,23 @@ def test_info_config_file_errors_name_the_key(tmp_path: Path, capsys: pytest.Cap
     assert err.startswith("error: unknown key(s) d_modle in [model]; valid keys: preset, ") and err.count("\n") == 1
 
 
+def test_a_config_file_in_another_encoding_or_a_directory_is_one_line_naming_it(tmp_path: Path, capsys) -> None:
+    """Latin-1 gave the codec's message without the file's name; a directory an errno message."""
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[model]\npreset = "tiny" # café\n'.encode("latin-1"))
+    assert main(["info", "--config", str(latin1)]) == 2
+    assert capsys.readouterr().err == f"error: {latin1}: invalid UTF-8 at byte 30; re-encode the file as UTF-8\n"
+    assert main(["info", "--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: config file {tmp_path} is a directory; give a TOML file\n"
+
+
+def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path: Path, capsys) -> None:
+    """Windows editors start UTF-8 files with a byte-order mark; tomllib called it an invalid statement."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + TINY_COPY.read_bytes())
+    assert _info(capsys, "--config", str(path)) == {**_info(capsys, "--config", str(TINY_COPY)), "config": str(path)}
+
+
 def test_info_on_a_model_too_large_to_build_here_is_one_line(capsys) -> None:
     from tformer.cli.main import main
 

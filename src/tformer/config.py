@@ -254,14 +254,19 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         path = recipe_path(path) or path
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         recipes = ", ".join(recipe_names())
         raise ConfigError(
             f"config file not found: {path}; or give one of tformer's own recipes by name: {recipes}"
             f" (files in {RECIPES_DIR})"
         ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a TOML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: invalid UTF-8 at byte {error.start + 1}; re-encode the file as UTF-8") from None
+    try:  # a byte-order mark (as Windows editors write) is an encoding artefact, dropped as corpus.py drops it
+        return tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 
