@@ -92,6 +92,21 @@ def test_translate_with_standard_input_closed_says_so_in_one_line(tmp_path: Path
         translate._translations(object(), None)
 
 
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [(["translate", "{run}"], "--output"), (["align", "{run}", "--src", "{run}", "--tgt", "{run}"], "--out")],
+)
+def test_a_command_that_writes_to_standard_output_closed_says_so_in_one_line(
+    tmp_path: Path, monkeypatch, capsys, command: list[str], flag: str
+) -> None:
+    """`tformer translate RUN >&-` leaves sys.stdout None: translate and align crashed on it (an
+    AttributeError traceback) once the work was done; they now refuse before loading anything."""
+    monkeypatch.setattr("sys.stdout", None)
+    assert main([part.format(run=tmp_path / "no-run") for part in command]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: there is no standard output: give {flag} FILE") and err.count("\n") == 1
+
+
 def test_a_byte_order_mark_at_the_start_of_the_input_is_dropped(tmp_path: Path) -> None:
     """Windows editors start UTF-8 files with U+FEFF; the corpus reader drops it from training text, so
     `tformer translate --input` must too (kept, it made the first word an unknown piece)."""

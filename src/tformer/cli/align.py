@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from tformer.training.checkpoint import load_run
     from tformer.training.loop import resolve_device
 
+    if args.out is None and sys.stdout is None:  # started with standard output closed (`>&-`)
+        raise ValueError("there is no standard output: give --out FILE, or redirect tformer align's output")
     if args.out is not None:
         check_not_an_input(args.out, "--out", [("--src", args.src), ("--tgt", args.tgt)])
         check_output_file(args.out)

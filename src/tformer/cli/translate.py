@@ -123,6 +123,8 @@ def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     (None, None) for stdout. A device or a pipe (/dev/stdout, a FIFO) is written in place, without
     OUTPUT.partial: it holds nothing to keep."""
     if args.output is None:
+        if sys.stdout is None:  # started with standard output closed (`>&-`)
+            raise ValueError("there is no standard output: give --output FILE, or redirect tformer translate's output")
         return None, None
     output = Path(args.output)
     check_not_an_input(output, "--output", [("--input", args.input)])
