@@ -211,6 +211,22 @@ def test_rewriting_an_existing_checkpoint_name_replaces_it_whole(run_copy: Path)
     assert not any(path.name.startswith((".tmp-", ".old-")) for path in (run_copy / "checkpoints").iterdir())
 
 
+def test_a_failed_average_leaves_nothing_behind(run_copy: Path, tmp_path: Path, monkeypatch) -> None:
+    """A disk that fills up while the average is written left its hidden half-written directory, for
+    good when --out lies outside a run (nothing prunes it there)."""
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_model", full_disk)
+    checkpoints = sorted((run_copy / "checkpoints").iterdir())
+    for out in (None, tmp_path / "elsewhere" / "averaged"):
+        with pytest.raises(OSError, match="No space left on device"):
+            average_checkpoints(run_copy, last=2, out=out)
+    assert sorted((run_copy / "checkpoints").iterdir()) == checkpoints
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
     out = average_checkpoints(run_copy, last=2)
     assert out == run_copy / "checkpoints" / "averaged-last2-step-00000006"

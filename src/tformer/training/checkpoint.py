@@ -99,17 +99,21 @@ def write_checkpoint(
     temporary = parent / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
-    tokenizer.to_files(temporary / TOKENIZER_DIR)
-    save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-    give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
-    if trainer_state is not None:
-        torch.save(trainer_state, temporary / STATE_FILE)
-    for path in temporary.rglob("*"):
-        if path.is_file():
-            _fsync_file(path)
-    _fsync_dir(temporary / TOKENIZER_DIR)
-    _fsync_dir(temporary)
+    try:
+        write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
+        tokenizer.to_files(temporary / TOKENIZER_DIR)
+        save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
+        if trainer_state is not None:
+            torch.save(trainer_state, temporary / STATE_FILE)
+        for path in temporary.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _fsync_dir(temporary / TOKENIZER_DIR)
+        _fsync_dir(temporary)
+    except BaseException:  # a full disk, say: the half-written copy would only take space (outside a run, for good)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if final.exists():
         trash = parent / f".old-{name}-{os.getpid()}"
         os.replace(final, trash)
