@@ -21,6 +21,7 @@ from tformer.cli.main import main
         ["explain", "--out", "{blocker}/figures"],
         ["export", "{missing}", "--to", "hf", "--out", "{blocker}/exported"],
         ["import-hf", "{missing}", "--out", "{blocker}/imported"],
+        ["average", "{missing}", "--last", "1", "--out", "{blocker}/averaged"],
     ],
 )
 def test_an_output_path_under_a_file_is_refused_first(

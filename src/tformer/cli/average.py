@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.output_paths import check_output_dir
+
 HELP = "average the weights of a run's last K checkpoints"
 
 
@@ -24,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tformer.training.average import average_checkpoints
 
+    if args.out is not None:
+        check_output_dir(args.out)  # before reading the checkpoints: a path under a file is one line
     path = average_checkpoints(args.run_dir, last=args.last, out=args.out)
     print(path)
     return 0
