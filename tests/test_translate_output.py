@@ -64,6 +64,15 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(run, tmp_path, cap
     assert not (tmp_path / "out.txt.partial").exists()
 
 
+def test_an_output_in_a_new_folder_is_written_there(run, tmp_path):
+    """evaluate --output and align --out make the folder; translate failed after loading the run, with
+    the errno message of OUTPUT.partial."""
+    source, output = tmp_path / "in.txt", tmp_path / "new" / "folder" / "out.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output)]) == 0
+    assert len(output.read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+
+
 def test_a_bad_input_path_leaves_no_partial_output(run, tmp_path, capsys):
     output = tmp_path / "out.txt"
     assert main(["translate", str(run), "--input", str(tmp_path / "missing.txt"), "--output", str(output)]) == 2

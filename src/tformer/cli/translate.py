@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with ExitStack() as stack:
             source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
+            if partial:  # a new folder is made, as evaluate and align make theirs
+                partial.parent.mkdir(parents=True, exist_ok=True)
             target = stack.enter_context(open(partial or output, "w", encoding="utf-8")) if output else sys.stdout
             for index, translations in enumerate(_translations(translator, source)):
                 if not nbest_lines:
