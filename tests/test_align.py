@@ -3,6 +3,7 @@ alignment of a model trained to copy its input."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -114,6 +115,13 @@ def test_align_files_writes_one_pharaoh_line_per_pair(
         list(align_files(model, tokenizer, tmp_path / "src", tmp_path / "short"))
     with pytest.raises(AlignmentError, match="no such file"):
         list(align_files(model, tokenizer, tmp_path / "missing", tmp_path / "tgt"))
+    with pytest.raises(ValueError, match=f"expected a file but got a directory: {tmp_path}"):  # not "no such file"
+        list(align_files(model, tokenizer, tmp_path, tmp_path / "tgt"))
+    read, write = os.pipe()  # --src /dev/stdin: a pipe, not a regular file
+    os.write(write, b"ab cd ef\n\nmop  hij\n")
+    os.close(write)
+    assert list(align_files(model, tokenizer, f"/dev/fd/{read}", tmp_path / "tgt")) == ["0-0 1-1 2-2", "", "0-0 1-1"]
+    os.close(read)
 
 
 def saved_run(copy_model: tuple[Transformer, Tokenizer], run_dir: Path) -> Path:

@@ -130,7 +130,7 @@ def read_lines(path: str | Path) -> list[str]:
     """The file's lines, split on "\n" only as every command reads text (str.splitlines would also split
     on U+2028 or a form feed inside a sentence and shift the pairs)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a directory is named by corpus.read_lines; a pipe (/dev/stdin) is read
         raise AlignmentError(f"no such file: {path}")
     return corpus.read_lines(path)
 
