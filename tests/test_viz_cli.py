@@ -56,6 +56,19 @@ def test_attention_user_errors(trained_run: tuple[Path, dict[str, Path]], tmp_pa
     assert "head 7 does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [[], ["--target", "cat"]], ids=["sentence", "target"])
+def test_attention_refuses_an_argument_that_is_not_utf8(trained_run, tmp_path: Path, capsys, extra: list[str]) -> None:
+    """A Latin-1 terminal's "é" reaches Python as a lone surrogate: sentencepiece raised a RuntimeError."""
+    run, _ = trained_run
+    latin1 = "ka lo caf\udce9"  # b"caf\xe9" as sys.argv decodes it
+    sentence, target = (latin1, "cat") if not extra else ("ka lo", latin1)
+    arguments = ["attention", str(run), sentence, "--out", str(tmp_path / "maps.png")]
+    assert main([*arguments, *(["--target", target] if extra else [])]) == 2
+    name = "--target" if extra else "the sentence"
+    assert capsys.readouterr().err == f"error: {name} is not valid UTF-8 (character 10); give it in UTF-8\n"
+    assert not (tmp_path / "maps.png").exists()
+
+
 def test_plot(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     run, _ = trained_run
     assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if suffix not in FORMATS:
         raise AttentionPlotError(f"--out must end in .png or .html, got {args.out.name!r}")
     check_output_file(args.out)
+    for name, text in (("the sentence", args.sentence), ("--target", args.target)):
+        if text is not None:
+            _check_utf8(name, text)
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     decode = loaded.experiment.decode
     if args.beam is not None:
@@ -56,3 +59,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"translation: {attention.translation}")
     print(path)
     return 0
+
+
+def _check_utf8(name: str, text: str) -> None:
+    """An argument in another encoding reaches Python with its bytes as lone surrogates (PEP 383), which
+    the tokenizer cannot take (a RuntimeError from sentencepiece's binding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name} is not valid UTF-8 (character {error.start + 1}); give it in UTF-8") from None
