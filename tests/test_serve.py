@@ -272,6 +272,8 @@ def assert_one_error_line(capsys, *fragments: str) -> None:
             id="negative-graceful-timeout",
         ),
         pytest.param(["--max-wait-ms", "nan"], ["max_wait_ms (--max-wait-ms) must be >= 0"], id="nan-max-wait"),
+        # a request that fills no window waited for ever: the server started, and never answered
+        pytest.param(["--max-wait-ms", "inf"], ["--max-wait-ms) must be >= 0 and finite, got inf"], id="inf-max-wait"),
         pytest.param(["--max-beam", "0"], ["max_beam (--max-beam) must be at least 1, got 0"], id="zero-max-beam"),
         pytest.param(
             ["--max-decode-tokens", "0"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,8 +51,8 @@ class ServeConfig:
         for name in ("max_sentences", "max_chars", "max_beam", "max_batch_tokens", "max_queue", "max_decode_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(self, name)}")
-        if not self.max_wait_ms >= 0:  # written so that NaN fails too
-            raise ValueError(f"max_wait_ms (--max-wait-ms) must be >= 0, got {self.max_wait_ms}")
+        if not 0 <= self.max_wait_ms < math.inf:  # written so that NaN fails too; inf: no window would ever close
+            raise ValueError(f"max_wait_ms (--max-wait-ms) must be >= 0 and finite, got {self.max_wait_ms}")
 
     @property
     def max_body_bytes(self) -> int:
