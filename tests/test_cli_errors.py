@@ -100,9 +100,10 @@ def test_resume_of_a_file_says_it_is_a_file(tmp_path, capsys) -> None:
             "allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"
         ),
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capacity of ..."),
+        RuntimeError("Storage size calculation overflowed with sizes=[2, 4, 15, 1000000000000000000, 8]"),
         MemoryError(),
     ],
-    ids=["cpu", "cuda", "python"],
+    ids=["cpu", "cuda", "overflowing-size", "python"],
 )
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error: BaseException) -> None:
     """translate --beam 100000 asks torch's CPU allocator for 40 GB: it was a RuntimeError traceback."""

@@ -21,6 +21,15 @@ def test_banned_ids_load_from_toml_lists_and_reject_bad_values() -> None:
         experiment_from_dict({"decode": {"banned_ids": "5"}})
 
 
+@pytest.mark.parametrize("field", ["beam_size", "max_len_b", "min_len", "top_k"])
+def test_an_integer_beyond_64_bits_is_a_config_error(field: str) -> None:
+    """translate --beam 10**22 or --set decode.max_len_b=10**22 were OverflowError tracebacks from torch."""
+    with pytest.raises(ConfigError, match=rf"decode.{field} must be a 64-bit integer \(below 2\*\*63 in size\)"):
+        DecodeConfig(**{field: 10**22})
+    with pytest.raises(ConfigError, match=r"train.max_steps must be a 64-bit integer"):
+        experiment_from_dict({"train": {"max_steps": 10**22}})
+
+
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_a_banned_token_is_never_produced(tiny_model: Transformer, beam_size: int) -> None:
     favourite, model = 9, tiny_model

@@ -50,6 +50,16 @@ def check_finite(config: Any, section: str) -> None:
         raise ConfigError(f"{section}.{name} must be a finite number, got {value}")
 
 
+def check_int64(config: Any, section: str) -> None:
+    """Refuse an integer field that does not fit in 64 bits, as torch holds it (translate --beam 10**22
+    was an OverflowError traceback from torch). Runs last in each `__post_init__`, after the checks of
+    the field's own range, whose messages say more."""
+    for name in _int_fields(type(config)):
+        value = getattr(config, name)
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{section}.{name} must be a 64-bit integer (below 2**63 in size), got {value}")
+
+
 def check_choices(config: Any, section: str) -> None:
     """Refuse a value outside its field's Literal choices. Configs read from files are checked when they
     are read (`config_from_dict`); this covers configs built in Python, where a typo such as
@@ -69,6 +79,12 @@ def _choice_fields(cls: type) -> dict[str, tuple[Any, ...]]:
         for field in dataclasses.fields(cls)
         if typing.get_origin(hints[field.name]) is Literal
     }
+
+
+@functools.cache
+def _int_fields(cls: type) -> tuple[str, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(field.name for field in dataclasses.fields(cls) if hints[field.name] is int)
 
 
 @functools.cache
@@ -133,6 +149,7 @@ class ModelConfig:
             raise ConfigError(f"pad_id {self.pad_id} is outside the vocabulary")
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+        check_int64(self, "model")
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +216,7 @@ class DecodeConfig:
         if not isinstance(banned, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in banned):
             raise ConfigError(f"banned_ids must be a list of token ids (integers >= 0), got {banned!r}")
         object.__setattr__(self, "banned_ids", tuple(banned))  # from TOML/JSON it arrives as a list
+        check_int64(self, "decode")
 
 
 # The paper's Table 3 shapes (base, big) and two smaller ones. Vocabulary sizes are set from the
@@ -372,6 +390,7 @@ class DataConfig:
                 f"data.vocab_size must be at least 261 with data.byte_fallback = true (4 special pieces, 256 byte "
                 f"pieces and 1 more), got {self.vocab_size}"
             )
+        check_int64(self, "data")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,6 +466,7 @@ class TrainConfig:
             raise ConfigError(f"train.stop_metric={self.stop_metric} needs train.bleu_every > 0")
         if self.bleu_max_sentences < 1:
             raise ConfigError(f"train.bleu_max_sentences must be at least 1, got {self.bleu_max_sentences}")
+        check_int64(self, "train")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,10 @@ from tformer.cli import (
     translate,
 )
 
+# torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
+# check of a tensor whose byte count overflows 64 bits (translate --beam 10**18)
+OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "Storage size calculation overflowed")
+
 # Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int;
 # importing it and building its parser loads no heavy library (run imports what the command needs).
 COMMANDS: list[tuple[str, ModuleType]] = [
@@ -91,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _out_of_memory(error: BaseException) -> bool:
     """Python's MemoryError, torch.OutOfMemoryError (a GPU's), or the plain RuntimeError of torch's CPU
-    allocator (recognised by its message: this module imports no torch)."""
+    allocator, or of a tensor too large to count its bytes (recognised by their messages: this module
+    imports no torch)."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
-    return "DefaultCPUAllocator: can't allocate memory" in str(error)
+    return any(text in str(error) for text in OUT_OF_MEMORY)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
