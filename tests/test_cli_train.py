@@ -25,7 +25,7 @@ from tformer.cli import train as train_cli
 from tformer.cli.main import main
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
-from tformer.training import loop
+from tformer.training import loop, training_text
 from tformer.training import run as training_run
 from tformer.training.loop import TrainResult
 
@@ -364,9 +364,9 @@ def test_overwrite_takes_the_old_runs_encoded_data_when_it_would_encode_the_same
     (old_cache,) = (run / "encoded").iterdir()
     before = _digest(run)
     encoded_sizes: list[int] = []
-    real = training_run.encode_rows
+    real = training_text.encode_rows
     monkeypatch.setattr(
-        training_run, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
+        training_text, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
     )
     # a new run that fails while training, after taking the cache: the old run keeps every file, unshared
     _fails_cleanly(capsys, _train_args(workspace, run, "--overwrite", "--set", "train.peak_lr=1e30"), "diverged")

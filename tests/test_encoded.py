@@ -17,8 +17,7 @@ from training_helpers import tiny_experiment, write_corpus
 from tformer.data import encoded as encoded_module
 from tformer.data.batching import BatchStream, collate
 from tformer.data.encoded import EncodedPairs, TokenRows, encode_rows, id_dtype
-from tformer.training import encoded_cache, load_run, resume_run, start_run
-from tformer.training import run as run_module
+from tformer.training import encoded_cache, load_run, resume_run, start_run, training_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,7 +110,7 @@ def test_a_resume_reads_the_encoded_cache_and_trains_the_same(tmp_path: Path, mo
     encoded_sizes = []
     real = encoded_module.encode_rows
     monkeypatch.setattr(
-        "tformer.training.run.encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
+        training_text, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
     )
     resumed = resume_run(tmp_path / "cut", overrides=["train.max_steps=8"], quiet=True)
     assert encoded_sizes == [12, 12]  # the validation set only: the 200 training pairs come from the cache
@@ -143,7 +142,7 @@ def test_pairs_over_max_positions_are_reported_alike_when_encoded_and_when_cache
     assert len(encoded) == 1 and re.fullmatch(
         r"train: skipped [1-9]\d* pairs longer than model.max_positions=8", encoded[0]
     )
-    monkeypatch.setattr("tformer.training.run.encode_rows", lambda *a, **k: pytest.fail("read from the cache"))
+    monkeypatch.setattr(training_text, "encode_rows", lambda *a, **k: pytest.fail("read from the cache"))
     resume_run(run, overrides=["train.max_steps=2"])
     assert [line for line in capsys.readouterr().err.splitlines() if "model.max_positions" in line] == encoded
 
@@ -158,7 +157,7 @@ def test_a_changed_corpus_file_is_encoded_again(tmp_path: Path, monkeypatch) -> 
     corpus["train_tgt"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     calls = []
     real = encoded_module.encode_rows
-    monkeypatch.setattr("tformer.training.run.encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(training_text, "encode_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = resume_run(run, overrides=["train.max_steps=3"], quiet=True)
     assert calls and resumed.data.stream.pairs.targets[0].tolist()[-1] == resumed.tokenizer.encode_target("cat")[-1]
     after = _cached_dirs(run)
@@ -249,7 +248,7 @@ def test_a_file_edited_while_a_new_run_sets_up_is_not_cached_under_its_new_bytes
     """The cache's key is the digest of the bytes read: a corpus file rewritten after it was read (while the
     tokenizer trains, minutes on a large corpus) must make the next resume encode the text again."""
     corpus = write_corpus(tmp_path)
-    real_read = run_module.read_parallel
+    real_read = training_text.read_parallel
 
     def read_then_edit(src_path, tgt_path, **kwargs):
         read = real_read(src_path, tgt_path, **kwargs)
@@ -258,12 +257,14 @@ def test_a_file_edited_while_a_new_run_sets_up_is_not_cached_under_its_new_bytes
             corpus["train_tgt"].write_text("\n".join([lines[0] + " cat", *lines[1:]]) + "\n", encoding="utf-8")
         return read
 
-    monkeypatch.setattr(run_module, "read_parallel", read_then_edit)
+    monkeypatch.setattr(training_text, "read_parallel", read_then_edit)
     run = tmp_path / "run"
     start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2"), run, quiet=True).train()
-    monkeypatch.setattr(run_module, "read_parallel", real_read)
+    monkeypatch.setattr(training_text, "read_parallel", real_read)
     encoded_sizes = []
     real = encoded_module.encode_rows
-    monkeypatch.setattr(run_module, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts))
+    monkeypatch.setattr(
+        training_text, "encode_rows", lambda e, texts: encoded_sizes.append(len(texts)) or real(e, texts)
+    )
     resume_run(run, overrides=["train.max_steps=3"], quiet=True)
     assert 200 in encoded_sizes  # the edited text was encoded again, not taken from the cache of the old text

@@ -22,7 +22,8 @@ from tformer.evaluation import score
 from tformer.training import checkpoint
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint import load_run
-from tformer.training.run import check_new_run_dir, start_run
+from tformer.training.run import start_run
+from tformer.training.run_directory import check_new_run_dir
 from tformer.viz.attention_maps import save_cross_attention_png
 
 

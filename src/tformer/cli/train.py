@@ -159,7 +159,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tformer.training.run import check_new_run_dir, start_run
+    from tformer.training.run import start_run
+    from tformer.training.run_directory import check_new_run_dir
     from tformer.training.run_lock import RunLock
 
     out: Path = args.out
@@ -213,7 +214,7 @@ def _check_replaceable(out: Path) -> None:
     """--overwrite deletes RUN_DIR once the new run ends: refuse a directory that is no run (a data
     directory, a home directory given by mistake), unless it holds only what a run killed before its
     first checkpoint leaves."""
-    from tformer.training.run import foreign_files, replaceable
+    from tformer.training.run_directory import foreign_files, replaceable
 
     if not replaceable(out):
         others = foreign_files(out)
@@ -227,7 +228,7 @@ def _check_replaceable(out: Path) -> None:
 def _check_data_outside(experiment: ExperimentConfig, out: Path) -> None:
     """--overwrite deletes RUN_DIR once the new run ends: refuse training or validation text kept inside
     it, which the new run reads (and a --resume of it reads again) but would delete."""
-    from tformer.training.run import absolute_data_paths
+    from tformer.training.training_text import absolute_data_paths
 
     data = absolute_data_paths(experiment.data)
     for name in ("train_src", "train_tgt", "valid_src", "valid_tgt"):

@@ -8,7 +8,8 @@ run = load_run(run_dir)                       # model (eval mode), tokenizer, ex
 from tformer.training.checkpoint import CheckpointError, LoadedRun, load_run
 from tformer.training.loop import Trainer, TrainingData, TrainingDivergedError, TrainingInterrupted, TrainResult
 from tformer.training.loss import LossSums, label_smoothed_loss
-from tformer.training.run import RunDirectoryError, resume_run, start_run
+from tformer.training.run import resume_run, start_run
+from tformer.training.run_directory import RunDirectoryError
 from tformer.training.schedule import inverse_sqrt_lr, learning_rate, peak_lr
 
 __all__ = [
