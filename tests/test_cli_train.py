@@ -355,6 +355,21 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_overwrite_names_the_checkpoints_where_the_replacing_run_ends_up(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The replacing run trains in a hidden staging directory renamed to RUN_DIR at the end: its closing
+    line named its last checkpoint inside the staging directory, a path gone by the time it was read."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    capsys.readouterr()
+    args = [arg for arg in _train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2") if arg != "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"last checkpoint {run / ckpt.CHECKPOINTS_DIR / 'step-00000002'}" in err
+    assert ".overwrite-" not in err
+    assert (run / ckpt.CHECKPOINTS_DIR / "step-00000002").is_dir()
+
+
 def test_overwrite_takes_the_old_runs_encoded_data_when_it_would_encode_the_same(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:

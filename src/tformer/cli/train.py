@@ -250,7 +250,9 @@ def _train_staged(
 
     try:
         # the old run's encoded training data, hard-linked, when the new one would encode the same
-        return start_run(experiment, staging, quiet=quiet, encoded_from=out, **options).train()
+        trainer = start_run(experiment, staging, quiet=quiet, encoded_from=out, **options)
+        trainer.final_run_dir = out  # renamed into place once it succeeds: name its checkpoints there
+        return trainer.train()
     except KeyboardInterrupt as interrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainingInterrupted(f"the new run was discarded; {out} keeps the previous run unchanged") from interrupt

@@ -101,6 +101,9 @@ class Trainer:
         self.lock = lock
         self.experiment, self.train_config = experiment, experiment.train
         self.tokenizer, self.data, self.run_dir = tokenizer, data, Path(run_dir)
+        # where the run will be when training ends, for the closing message: `run_dir` itself, except for
+        # a run trained in a staging directory and then renamed into place (train --overwrite)
+        self.final_run_dir = self.run_dir
         self.distributed = distributed or Distributed()
         self.quiet = quiet or not self.distributed.is_main
         self.device = resolve_device(self.train_config.device, self.distributed)
@@ -250,7 +253,7 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
         self.distributed.barrier()  # rank 0 has written the last checkpoint before any process returns
-        last = self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
+        last = self.final_run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
         progress.message(f"stopped at step {self.step}: {stop_reason}; last checkpoint {last}")
         best = self.early_stopping
         return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
