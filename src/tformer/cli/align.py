@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tformer.align import align_files
     from tformer.atomic_file import write_atomic
+    from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
-    from tformer.training.loop import resolve_device
 
     if args.out is None and sys.stdout is None:  # started with standard output closed (`>&-`)
         raise ValueError("there is no standard output: give --out FILE, or redirect tformer align's output")

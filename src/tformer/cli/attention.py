@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
-    from tformer.training.loop import resolve_device
     from tformer.viz.attention_maps import AttentionPlotError, save_attention_png, sentence_attention
     from tformer.viz.html import save_attention_html
 

@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from tformer.data.corpus import CorpusError, read_lines
     from tformer.decoding.pipeline import Translator
     from tformer.evaluation import bleu_metric, score, tokenization_advice
+    from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
-    from tformer.training.loop import resolve_device
 
     settings = decode_settings(args.decode_settings)
     if args.output is not None:
