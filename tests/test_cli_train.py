@@ -355,6 +355,15 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_a_banned_id_outside_the_vocabulary_stops_a_new_run_before_it_trains(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The run trained until its first validation BLEU, then failed there."""
+    run = tmp_path / "banned"
+    _fails_cleanly(capsys, _train_args(workspace, run, "--set", "decode.banned_ids=[99999]"), "decode.banned_ids holds")
+    assert not run.exists()
+
+
 def test_overwrite_names_the_checkpoints_where_the_replacing_run_ends_up(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

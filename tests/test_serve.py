@@ -286,6 +286,11 @@ def assert_one_error_line(capsys, *fragments: str) -> None:
         ),
         pytest.param(["--set", "model.d_model=8"], ["--set takes decoding settings"], id="set-not-decode"),
         pytest.param(["--set", "decode.topk=3"], ["unknown key(s) topk in [decode]"], id="set-unknown-key"),
+        pytest.param(  # the server started, then answered every request with an error
+            ["--set", "decode.banned_ids=[99999]"],
+            ["decode.banned_ids holds 99999, outside this model's target vocabulary"],
+            id="set-banned-id-outside-vocabulary",
+        ),
     ],
 )
 def test_bad_options_are_one_line_errors(run, no_server, capsys, options, fragments):

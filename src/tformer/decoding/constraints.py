@@ -44,16 +44,22 @@ def prefix_tensor(
     return table_BP.repeat_interleave(rows_per_sentence, dim=0).to(device)
 
 
+def check_banned_ids(config: DecodeConfig, vocab_size: int) -> None:
+    """DecodeConfig knows no vocabulary: a run's or a --set's banned ids are checked against the model's
+    here, by every search, and before a server or a training run starts (so neither fails on its first
+    translation)."""
+    outside = [token for token in config.banned_ids if token >= vocab_size]
+    if outside:
+        raise DecodingError(
+            f"decode.banned_ids holds {outside[0]}, outside this model's target vocabulary (ids 0 to {vocab_size - 1})"
+        )
+
+
 class StepConstraints:
     """The restrictions of one decoding call; `apply` is called once per step."""
 
     def __init__(self, config: DecodeConfig, *, eos_id: int, vocab_size: int, prefix_RP: Tensor | None) -> None:
-        outside = [token for token in config.banned_ids if token >= vocab_size]
-        if outside:  # DecodeConfig knows no vocabulary: a run's or a --set's ids are checked here
-            raise DecodingError(
-                f"decode.banned_ids holds {outside[0]}, outside this model's target vocabulary (ids 0 to "
-                f"{vocab_size - 1})"
-            )
+        check_banned_ids(config, vocab_size)
         self.min_len = config.min_len
         self.banned_ids = list(config.banned_ids)
         self.ngram = config.no_repeat_ngram_size

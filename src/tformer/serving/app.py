@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tformer import __version__
 from tformer.config import DecodeConfig
+from tformer.decoding.constraints import check_banned_ids
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.pipeline import TokenizerLike
 from tformer.serving.batcher import Batcher, BatcherBusyError, BatcherClosedError
@@ -111,6 +112,7 @@ def create_app(
 ) -> FastAPI:
     """A FastAPI app serving `model`; its lifespan starts and stops the batcher."""
     config = config or ServeConfig()
+    check_banned_ids(decode, model.config.tgt_vocab_size)  # refused now, not by every request
     batcher = Batcher(
         model,
         tokenizer,

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tformer.config import CompileMode, ConfigError, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
+from tformer.decoding.constraints import check_banned_ids
 from tformer.evaluation import Scores, bleu_metric, tokenization_advice
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
@@ -127,6 +128,7 @@ class Trainer:
         self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
         if self.train_config.bleu_every > 0 and data.valid_references:
             bleu_metric(self.train_config.bleu_tokenize)  # a missing MeCab fails now, not at the first BLEU
+            check_banned_ids(experiment.decode, model.config.tgt_vocab_size)  # nor a banned id out of range
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step = 0
         self.elapsed_s = 0.0  # training wall time, summed over resumptions
