@@ -127,14 +127,16 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
 
 
-def record_path(what: str, device: str, requested: str | None, *, results_dir: Path = RESULTS_DIR) -> Path | None:
-    """Where to save the record: `requested`, or for 'auto' results/<what>_<device>_<date>.md, or
-    <...>_run2.md, _run3.md ... when earlier records of the day hold those names (never replaced)."""
+def record_path(
+    what: str, device: str, requested: str | None, *, preset: str | None = None, results_dir: Path = RESULTS_DIR
+) -> Path | None:
+    """Where to save the record: `requested`, or for 'auto' results/<what>_<device>[_<preset>]_<date>.md,
+    or <...>_run2.md, _run3.md ... when earlier records of the day hold those names (never replaced)."""
     if requested is None:
         return None
     if requested != "auto":
         return Path(requested)
-    stem = f"{what}_{device}_{dt.date.today().isoformat()}"
+    stem = "_".join([what, device, *([preset] if preset else []), dt.date.today().isoformat()])
     path, run = results_dir / f"{stem}.md", 2
     while path.exists():
         path, run = results_dir / f"{stem}_run{run}.md", run + 1

@@ -234,7 +234,7 @@ def main() -> None:
                 if "tformer" in rates and rival in rates:
                     lines.append(emit(**common, system="tformer", beam=beam, metric=f"ratio_vs_{rival}",
                                       value=round(rates["tformer"] / rates[rival], 3)))  # fmt: skip
-    path = record_path("decode", args.device, args.record)
+    path = record_path("decode", args.device, args.record, preset=args.preset)
     if path is not None:
         notes = (
             f"Random-weight `{args.preset}` model, vocabulary {args.vocab_size}, {args.sentences} sentences of "

@@ -313,7 +313,7 @@ def main() -> None:
         if "tformer" in rates and rival in rates:
             value = round(rates["tformer"] / rates[rival], 3)
             lines.append(emit(**common, system="tformer", metric=f"ratio_vs_{rival}", value=value))
-    path = record_path("train", args.device, args.record)
+    path = record_path("train", args.device, args.record, preset=args.preset)
     if path is not None:
         precision = "bf16 autocast, fp32 weights" if args.precision == "bf16" else "fp32"
         notes = (

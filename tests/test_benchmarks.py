@@ -62,5 +62,7 @@ def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Pat
         path.write_text("a record\n")
         names.append(path.name)
     assert names == [f"train_cpu_{today}.md", f"train_cpu_{today}_run2.md", f"train_cpu_{today}_run3.md"]
+    base = common.record_path("decode", "cpu", "auto", preset="base", results_dir=tmp_path)
+    assert base.name == f"decode_cpu_base_{today}.md"  # a base run's record is not named as a small one's run2
     assert common.record_path("train", "cpu", str(tmp_path / "x.md")) == tmp_path / "x.md"
     assert common.record_path("train", "cpu", None) is None
