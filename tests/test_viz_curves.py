@@ -67,6 +67,8 @@ def test_rows_without_wall_time_or_scores_still_plot(tmp_path: Path) -> None:
 def test_missing_or_empty_metrics_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(MetricsError, match=r"no metrics file.*stopped before its first log"):
         read_metrics(tmp_path)
+    with pytest.raises(MetricsError, match=r"runz does not exist; give a run directory"):  # not "train longer"
+        read_metrics(tmp_path / "runz")
     write_metrics(tmp_path, [])
     with pytest.raises(MetricsError, match="holds no metrics rows"):
         read_metrics(tmp_path)

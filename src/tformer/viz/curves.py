@@ -49,6 +49,8 @@ class Series:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl (or of RUN_DIR/metrics.jsonl when given a directory)."""
     path = Path(path)
+    if not path.exists():  # a mistyped path: advice about short runs would mislead
+        raise MetricsError(f"{path} does not exist; give a run directory or its metrics.jsonl")
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
