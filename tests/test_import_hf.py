@@ -187,6 +187,21 @@ def test_a_config_json_field_of_the_wrong_type_is_refused_in_one_line(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_decoder_start_id_outside_the_vocabulary_names_the_setting(tmp_path, capsys):
+    """It said "bos id 99999 is not in the target vocabulary": no file, no setting named."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    for name in ("config.json", "generation_config.json"):
+        if (hf_dir / name).exists():
+            settings = json.loads((hf_dir / name).read_text())
+            (hf_dir / name).write_text(json.dumps({**settings, "decoder_start_token_id": 99999}))
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {hf_dir}: the decoder start id 99999 (decoder_start_token_id")
+    assert error.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("setting", "value"), [("vocab_size", 60), ("decoder_ffn_dim", 48)])
 def test_weights_that_do_not_fit_config_json_are_refused_in_one_line(tmp_path, capsys, setting, value):
     hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")

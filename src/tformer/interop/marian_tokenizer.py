@@ -78,6 +78,12 @@ class VocabTokenizer:
             if piece not in vocab:
                 raise TokenizerError(f"{directory / VOCAB_FILE} has no {name} token {piece!r}")
             ids[f"{name}_id"] = vocab[piece]
+        target_file = directory / (TARGET_VOCAB_FILE if separate else VOCAB_FILE)
+        if bos_id not in (target_vocab or vocab).values():
+            raise TokenizerError(
+                f"{directory}: the decoder start id {bos_id} (decoder_start_token_id in generation_config.json or "
+                f"config.json) is not an id of {target_file.name}"
+            )
         source = _load_spm(directory / SOURCE_SPM)
         target = _load_spm(directory / TARGET_SPM)
         return cls(source, target, vocab, target_vocab, bos_id=bos_id, **ids)
