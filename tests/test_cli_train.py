@@ -4,6 +4,7 @@ input giving exit status 2, one line on stderr, no traceback, and nothing saved 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -362,6 +363,41 @@ def test_a_banned_id_outside_the_vocabulary_stops_a_new_run_before_it_trains(
     run = tmp_path / "banned"
     _fails_cleanly(capsys, _train_args(workspace, run, "--set", "decode.banned_ids=[99999]"), "decode.banned_ids holds")
     assert not run.exists()
+
+
+def test_a_failed_checkpoint_save_names_the_checkpoint_the_run_keeps(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """A full disk during a save was "error: [Errno 28] No space left on device": which checkpoint the run
+    kept, and that --resume continues it, went unsaid (and an --overwrite's staged run is discarded)."""
+    real_save = ckpt.save_checkpoint
+    saves: list[str] = []
+
+    def second_save_fails(run_dir, name, **kwargs):
+        saves.append(name)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(run_dir, name, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", second_save_fails)
+    run = tmp_path / "full"
+    capsys.readouterr()
+    assert main(_train_args(workspace, run)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not save checkpoint {saves[1]} (No space left on device); ")
+    assert f"the run keeps its last checkpoint, {run / ckpt.CHECKPOINTS_DIR / saves[0]}; " in err
+    assert f"continue it with: tformer train --out {run} --resume" in err and err.count("\n") == 1
+    assert ckpt.read_pointer_name(run, "latest") == saves[0]
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert main(_train_args(workspace, run, "--resume")) == 0  # the advice works
+
+    saves.clear()
+    monkeypatch.setattr(ckpt, "save_checkpoint", second_save_fails)
+    old = Path(shutil.copytree(trained, tmp_path / "old"))
+    before = _digest(old)
+    _fails_cleanly(capsys, _train_args(workspace, old, "--overwrite"), f"the new run was discarded; {old} keeps")
+    assert _digest(old) == before
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".old.")]
 
 
 def test_overwrite_names_the_checkpoints_where_the_replacing_run_ends_up(

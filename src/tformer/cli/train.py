@@ -245,7 +245,7 @@ def _train_staged(
 ) -> TrainResult:
     """Train the replacing run in `staging`; if it fails or is interrupted, remove what it wrote there,
     so that the old run in `out` stays and nothing hidden is left beside it."""
-    from tformer.training.loop import TrainingInterrupted
+    from tformer.training.loop import CheckpointSaveError, TrainingInterrupted
     from tformer.training.run import start_run
 
     try:
@@ -256,6 +256,10 @@ def _train_staged(
     except KeyboardInterrupt as interrupt:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainingInterrupted(f"the new run was discarded; {out} keeps the previous run unchanged") from interrupt
+    except CheckpointSaveError as error:  # what the staged run "kept" is removed with it
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = f"the new run was discarded; {out} keeps the previous run unchanged"
+        raise CheckpointSaveError(error.failure, kept) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -57,6 +57,14 @@ class TrainingDivergedError(ValueError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, say); the message names the checkpoint the run keeps."""
+
+    def __init__(self, failure: str, kept: str) -> None:
+        super().__init__(f"{failure}; {kept}")
+        self.failure = failure  # what failed, without what the run kept
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training; the message (rank 0's; empty on other ranks) says what the run kept."""
 
@@ -476,18 +484,23 @@ class Trainer:
         self._last_saved_step = self.step
         if not self.distributed.is_main:
             return self.run_dir / ckpt.CHECKPOINTS_DIR / name
-        path = ckpt.save_checkpoint(
-            self.run_dir,
-            name,
-            experiment=self.experiment,
-            tokenizer=self.tokenizer,
-            model=self.model,
-            step=self.step,
-            trainer_state=self.state_dict(),
-        )
-        ckpt.write_pointer(self.run_dir, "latest", name)
-        if best:
-            ckpt.write_pointer(self.run_dir, "best", name)
+        try:
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                name,
+                experiment=self.experiment,
+                tokenizer=self.tokenizer,
+                model=self.model,
+                step=self.step,
+                trainer_state=self.state_dict(),
+            )
+            ckpt.write_pointer(self.run_dir, "latest", name)
+            if best:
+                ckpt.write_pointer(self.run_dir, "best", name)
+        except OSError as error:  # the pointers still name the last complete checkpoint
+            raise CheckpointSaveError(
+                f"could not save checkpoint {name} ({error.strerror or error})", self._what_was_kept()
+            ) from error
         ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
         return path
 
