@@ -11,10 +11,11 @@ A default below applies where neither the config file nor --set gives the key (w
                or give only what changes (--max-steps/--max-time/..., --set train.*/decode.*).
                Settings not given keep the run's values; a model or data setting given must equal
                the run's. On CPU the result equals an uninterrupted run bit for bit.
-  --overwrite  replace RUN_DIR. The new run is written next to it (a hidden .NAME.overwrite-PID
-               directory) and takes RUN_DIR's place only when training ends, so a failed or
-               interrupted new run never destroys the old one (and its hidden directory is removed;
-               those of processes killed outright are removed by the next --overwrite).
+  --overwrite  replace RUN_DIR, all of it (files you added there too). The new run is written next to
+               it (a hidden .NAME.overwrite-PID directory) and takes RUN_DIR's place only when training
+               ends, so a failed or interrupted new run never destroys the old one (and its hidden
+               directory is removed; those of processes killed outright are removed by the next
+               --overwrite).
 
 Several processes (one per GPU, on one or many machines) are started with torchrun, e.g.
   torchrun --nproc-per-node 8 -m tformer.cli.main train --config run.toml --out RUN_DIR
