@@ -47,6 +47,21 @@ def test_separate_vocabularies_refuse_shared_embeddings(tmp_path: Path, capsys: 
         start_run(with_tokenizer, tmp_path / "run", quiet=True)
 
 
+def test_a_given_tokenizer_says_which_tokenizer_settings_play_no_part(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """data.vocab_size and the other tokenizer-training keys were ignored without a word next to data.tokenizer."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    lines = [corpus["train_src"].read_text().splitlines(), corpus["train_tgt"].read_text().splitlines()]
+    Tokenizer.train(*lines, vocab_size=48).to_files(tmp_path / "tok")
+    settings = (f"data.tokenizer='{tmp_path / 'tok'}'", "data.vocab_size=99", "train.max_steps=1")
+    capsys.readouterr()
+    start_run(tiny_experiment(corpus, *settings, valid=False), tmp_path / "run", quiet=False)
+    err = capsys.readouterr().err
+    # only what differs from the defaults is named
+    assert f"tokenizer: {tmp_path / 'tok'} is used as it is, so data.vocab_size=99 plays no part\n" in err
+
+
 def test_separate_vocabularies_train_with_separate_embeddings(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, n_train=40)
     settings = ("data.joint_vocab=false", "model.share_embeddings=false", "train.max_steps=1")
