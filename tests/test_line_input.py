@@ -94,17 +94,24 @@ def test_translate_with_standard_input_closed_says_so_in_one_line(tmp_path: Path
 
 @pytest.mark.parametrize(
     ("command", "flag"),
-    [(["translate", "{run}"], "--output"), (["align", "{run}", "--src", "{run}", "--tgt", "{run}"], "--out")],
+    [
+        (["translate", "{run}"], "--output"),
+        (["align", "{run}", "--src", "{run}", "--tgt", "{run}"], "--out"),
+        (["info", "--preset", "tiny"], None),  # info, evaluate and explain printed nothing, with exit status 0
+        (["evaluate", "{run}", "--src", "{run}", "--ref", "{run}"], None),
+        (["explain"], None),
+    ],
 )
 def test_a_command_that_writes_to_standard_output_closed_says_so_in_one_line(
-    tmp_path: Path, monkeypatch, capsys, command: list[str], flag: str
+    tmp_path: Path, monkeypatch, capsys, command: list[str], flag: str | None
 ) -> None:
     """`tformer translate RUN >&-` leaves sys.stdout None: translate and align crashed on it (an
     AttributeError traceback) once the work was done; they now refuse before loading anything."""
     monkeypatch.setattr("sys.stdout", None)
     assert main([part.format(run=tmp_path / "no-run") for part in command]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: there is no standard output: give {flag} FILE") and err.count("\n") == 1
+    advice = f"give {flag} FILE, or redirect" if flag else f"redirect tformer {command[0]}'s output"
+    assert err.startswith(f"error: there is no standard output: {advice}") and err.count("\n") == 1
 
 
 def test_a_byte_order_mark_at_the_start_of_the_input_is_dropped(tmp_path: Path) -> None:

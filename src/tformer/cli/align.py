@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tformer.cli.output_paths import check_not_an_input, check_output_file
+from tformer.cli.output_paths import check_not_an_input, check_output_file, check_stdout
 
 HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
 
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
-    if args.out is None and sys.stdout is None:  # started with standard output closed (`>&-`)
-        raise ValueError("there is no standard output: give --out FILE, or redirect tformer align's output")
+    if args.out is None:
+        check_stdout("align", output_flag="--out")
     if args.out is not None:
         check_not_an_input(args.out, "--out", [("--src", args.src), ("--tgt", args.tgt)])
         check_output_file(args.out)

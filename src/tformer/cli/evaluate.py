@@ -27,7 +27,7 @@ from tformer.cli.decode_options import (
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.cli.output_paths import check_not_an_input, check_replaced_output
+from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import BLEU_TOKENIZE
 
 HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
+    check_stdout("evaluate")  # the scores are printed
     settings = decode_settings(args.decode_settings)
     if args.output is not None:
         _check_output(args)

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from tformer.cli.argument_types import seed_below
-from tformer.cli.output_paths import check_output_dir
+from tformer.cli.output_paths import check_output_dir, check_stdout
 
 HELP = "walk through the Transformer on a tiny example, step by step, with every number printed"
 
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.explain import walkthrough
     from tformer.explain_report import render, save_figures
 
+    check_stdout("explain")  # the walk-through is printed
     if args.out is not None:
         check_output_dir(args.out)
     result = walkthrough(args.seed)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tformer.cli.output_paths import check_stdout
 from tformer.config import PRESETS, ConfigError, ModelConfig, config_to_dict, load_experiment, preset
 
 HELP = "show the shape and parameter count of a model preset, a config file's [model] or a trained run"
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tformer.model import Transformer, count_parameters
 
+    check_stdout("info")  # the description is printed
     if args.run_dir is not None:
         if args.preset or args.config or args.vocab_size is not None:
             raise ConfigError("give a RUN_DIR, or --preset / --config (with --vocab-size), not both")

@@ -4,8 +4,17 @@ once, in one line that names the flag, instead of after translating or drawing w
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+
+def check_stdout(command: str, *, output_flag: str | None = None) -> None:
+    """Refuse to start with standard output closed (`>&-`): Python then drops every print, so what the
+    command writes there would be lost with exit status 0 (or crash it once the work is done)."""
+    if sys.stdout is None:
+        give = f"give {output_flag} FILE, or " if output_flag else ""
+        raise ValueError(f"there is no standard output: {give}redirect tformer {command}'s output")
 
 
 def _check_parents(path: Path, flag: str) -> None:

@@ -30,7 +30,7 @@ from tformer.cli.decode_options import (
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
-from tformer.cli.output_paths import check_not_an_input, check_replaced_output
+from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 PARTIAL = ".partial"  # suffix of --output while it is written
@@ -125,8 +125,7 @@ def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     (None, None) for stdout. A device or a pipe (/dev/stdout, a FIFO) is written in place, without
     OUTPUT.partial: it holds nothing to keep."""
     if args.output is None:
-        if sys.stdout is None:  # started with standard output closed (`>&-`)
-            raise ValueError("there is no standard output: give --output FILE, or redirect tformer translate's output")
+        check_stdout("translate", output_flag="--output")
         return None, None
     output = Path(args.output)
     check_not_an_input(output, "--output", [("--input", args.input)])
