@@ -127,3 +127,24 @@ def test_another_runtime_error_keeps_its_traceback(monkeypatch) -> None:
     monkeypatch.setattr(info, "run", run)
     with pytest.raises(RuntimeError, match="shapes do not match"):
         main(["info"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["translate", "run", "--beam", "x"], "tformer translate: argument --beam: invalid int value: 'x'"),
+        (["translate"], "tformer translate: the following arguments are required: RUN_DIR"),
+        ([], "tformer: the following arguments are required: COMMAND"),
+        (["trnslate"], "tformer: argument COMMAND: invalid choice: 'trnslate'"),
+    ],
+)
+def test_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    """argparse printed its whole usage block (nine lines for translate) before the error."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    command = message.split(":")[0]
+    assert err.endswith(f" (see {command} --help)\n")

@@ -64,7 +64,7 @@ def test_bad_settings_are_refused_before_anything_is_written(
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--quick", "--quiet", "--out", str(run_dir), *flags])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "tformer demo: error: " + message
+    assert capsys.readouterr().err == f"error: tformer demo: {message} (see tformer demo --help)\n"
     assert not run_dir.exists()
 
 

@@ -52,8 +52,16 @@ COMMANDS: list[tuple[str, ModuleType]] = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line like every other error of the command (argparse prints
+    the whole usage block first); the subcommands' parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="tformer",
         description="The Transformer of 'Attention Is All You Need': train, translate, evaluate, explain, serve.",
     )
