@@ -694,7 +694,7 @@ def test_train_help_keeps_the_layout_of_its_description(capsys: pytest.CaptureFi
     train_cli.add_arguments(parser)
     for text in (parser.format_help(), _help_of("train", capsys)):
         assert "\n  --resume     continue RUN_DIR from its last checkpoint" in text
-        assert "\n  --overwrite  replace RUN_DIR." in text
+        assert "\n  --overwrite  replace RUN_DIR, all of it" in text
         assert "\n\nSeveral processes" in text
 
 
