@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from tformer.config import ExperimentConfig, ModelConfig
+from tformer.decoding.constraints import check_banned_ids
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decoder_start_id, generation_settings
 from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian
@@ -71,6 +72,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise ValueError(f"{hf_dir}: the vocabulary files hold more ids than the model's embeddings")
     named = hf_dir / (GENERATION_FILE if has_file else "config.json")
     decode = decode_config(generation, max_positions=config.max_positions, eos_id=tokenizer.eos_id, source=str(named))
+    try:  # refused now, naming the file, not by every translation of the imported run
+        check_banned_ids(decode, config.tgt_vocab_size)
+    except ValueError as error:
+        raise ValueError(f"{named}: {error}") from None
     experiment = ExperimentConfig(model=config, decode=decode)
     source = {"format": "hf-marian", "path": str(hf_dir.resolve()), "banned_token_ids": list(decode.banned_ids)}
     with written_atomically(out) as temporary:
