@@ -356,12 +356,16 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+@pytest.mark.parametrize("bleu_every", [None, "0"], ids=["bleu", "no-bleu"])
 def test_a_banned_id_outside_the_vocabulary_stops_a_new_run_before_it_trains(
-    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, bleu_every: str | None
 ) -> None:
-    """The run trained until its first validation BLEU, then failed there."""
+    """The run trained until its first validation BLEU, then failed there; without BLEU it trained to the
+    end and saved checkpoints whose decoding settings no translate, evaluate or serve of them accepts."""
     run = tmp_path / "banned"
-    _fails_cleanly(capsys, _train_args(workspace, run, "--set", "decode.banned_ids=[99999]"), "decode.banned_ids holds")
+    no_bleu = ["--set", f"train.bleu_every={bleu_every}", "--set", "train.stop_metric=loss"] if bleu_every else []
+    argv = _train_args(workspace, run, "--set", "decode.banned_ids=[99999]", *no_bleu)
+    _fails_cleanly(capsys, argv, "decode.banned_ids holds")
     assert not run.exists()
 
 

@@ -136,7 +136,8 @@ class Trainer:
         self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
         if self.train_config.bleu_every > 0 and data.valid_references:
             bleu_metric(self.train_config.bleu_tokenize)  # a missing MeCab fails now, not at the first BLEU
-            check_banned_ids(experiment.decode, model.config.tgt_vocab_size)  # nor a banned id out of range
+        # a banned id out of range neither: the first BLEU would fail on it, and every checkpoint keeps it
+        check_banned_ids(experiment.decode, model.config.tgt_vocab_size)
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step = 0
         self.elapsed_s = 0.0  # training wall time, summed over resumptions
