@@ -5,11 +5,13 @@ errno message)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tformer.cli.main import main
+from tformer.cli.output_paths import check_not_an_input
 
 
 @pytest.mark.parametrize(
@@ -50,3 +52,15 @@ def test_a_directory_where_a_file_is_wanted_and_a_file_where_a_folder_is(
     afile.write_text("mine\n")
     assert main(["explain", "--out", str(afile)]) == 2
     assert capsys.readouterr().err == f"error: --out {afile} is a file; give a directory\n"
+
+
+def test_a_terminal_that_is_both_input_and_output_is_not_refused() -> None:
+    """`--src /dev/stdin --out /dev/stdout` at a terminal name one device: writing to it erases nothing
+    (a device or a pipe is written in place), so it is no reason to refuse the command."""
+    controller, terminal = os.openpty()
+    try:
+        path = Path(os.ttyname(terminal))
+        check_not_an_input(path, "--out", [("--src", path)])
+    finally:
+        os.close(controller)
+        os.close(terminal)

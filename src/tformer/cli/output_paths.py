@@ -30,8 +30,9 @@ def _check_parents(path: Path, flag: str) -> None:
 
 def check_not_an_input(output: Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
     """`output` (given as `flag`) is none of the input files, given as (flag, path) pairs: writing it would
-    erase an input before, or while, it is read."""
-    if not output.exists():
+    erase an input before, or while, it is read. A device or a pipe (/dev/stdout at a terminal that is also
+    /dev/stdin) is written in place and holds nothing to erase."""
+    if not output.is_file():
         return
     for input_flag, path in inputs:
         if path is not None and Path(path).exists() and os.path.samefile(output, path):
