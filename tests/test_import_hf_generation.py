@@ -122,15 +122,7 @@ def test_the_imported_decoder_uses_the_settings_generate_uses(tmp_path, layout):
     ids=lambda value: value.split("=")[0].split()[0] if isinstance(value, str) else "setting",
 )
 def test_settings_tformer_cannot_reproduce_are_refused_in_one_line(tmp_path, capsys, changes, named):
-    from tformer.cli.main import main
-
-    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
-    rewrite(hf_dir / "generation_config.json", **changes)
-    capsys.readouterr()
-    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith(f"error: {hf_dir / 'generation_config.json'}: {named}") and error.count("\n") == 1
-    assert not (tmp_path / "run").exists()
+    _import_is_refused(tmp_path, capsys, changes, named)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +164,12 @@ def test_accepted_settings_decode_like_generate(tmp_path, changes):
 )
 def test_settings_of_the_wrong_type_are_refused_naming_the_file(tmp_path, capsys, changes, named):
     """A setting of the wrong type was a TypeError traceback (or an int() message naming no file)."""
+    _import_is_refused(tmp_path, capsys, changes, named)
+
+
+def _import_is_refused(tmp_path, capsys, changes: dict, named: str) -> None:
+    """import-hf of a directory whose generation_config.json holds `changes` fails in one line that names
+    the file and then `named`, and writes no run."""
     from tformer.cli.main import main
 
     hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
