@@ -14,13 +14,15 @@ def write_atomic(path: Path, data: bytes) -> Path:
     the old file or the complete new one, never a partial write. A device or a pipe (/dev/stdout, a
     FIFO) is written in place: renaming a file onto it would replace it, and it holds nothing to keep.
 
-    The temporary file is created with mode 0666 less the umask, as open() would create `path`
-    (tempfile.mkstemp's 0600 would make the file private to its owner)."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        with open(path, "wb") as stream:
+    A symbolic link is written through: the file it names is replaced, the link stays. The new file
+    keeps the permissions of the file it replaces; a new one gets 0666 less the umask, as open() would
+    create it (tempfile.mkstemp's 0600 would make the file private to its owner)."""
+    given = Path(path)
+    if given.exists() and not given.is_file():
+        with open(given, "wb") as stream:
             stream.write(data)
-        return path
+        return given
+    path = given.resolve() if given.is_symlink() else given
     temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -28,8 +30,10 @@ def write_atomic(path: Path, data: bytes) -> Path:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        if path.is_file():
+            os.chmod(temporary, path.stat().st_mode & 0o7777)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+    return given

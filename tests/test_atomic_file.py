@@ -1,0 +1,47 @@
+"""write_atomic: the file appears whole or not at all, through symbolic links and with its permissions."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tformer import atomic_file
+from tformer.atomic_file import write_atomic
+
+
+def test_a_symbolic_link_is_written_through_and_kept(tmp_path: Path) -> None:
+    """The rename replaced the link itself with a plain file, leaving the file it named unchanged."""
+    target = tmp_path / "plots" / "curves.png"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.png"
+    link.symlink_to(target)
+    assert write_atomic(link, b"new") == link
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert [path.name for path in target.parent.iterdir()] == ["curves.png"]  # no temporary file left
+
+
+def test_the_replaced_file_keeps_its_permissions(tmp_path: Path) -> None:
+    """The new file had 0666 less the umask whatever the old one had (0640 became 0644 under umask 022)."""
+    path = tmp_path / "align.txt"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_atomic(path, b"new")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_bytes() == b"new"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_beside_it(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "out.html"
+    path.write_text("old")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic_file.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, b"new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.html"]
