@@ -64,6 +64,20 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(run, tmp_path, cap
     assert not (tmp_path / "out.txt.partial").exists()
 
 
+def test_an_output_that_is_a_symbolic_link_is_written_through(run, tmp_path):
+    """OUTPUT.partial renamed onto a link replaced the link with a plain file, leaving the file it named
+    as it was (attention, plot, align and evaluate outputs write through links)."""
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    (tmp_path / "shared").mkdir()
+    target, link = tmp_path / "shared" / "out.txt", tmp_path / "out.txt"
+    target.write_text("old translations\n", encoding="utf-8")
+    link.symlink_to(target)
+    assert main(["translate", str(run), "--input", str(source), "--output", str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and len(target.read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.txt", "out.txt", "shared"]
+
+
 def test_an_output_in_a_new_folder_is_written_there(run, tmp_path):
     """evaluate --output and align --out make the folder; translate failed after loading the run, with
     the errno message of OUTPUT.partial."""

@@ -123,12 +123,15 @@ def run(args: argparse.Namespace) -> int:
 def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     """--output and the OUTPUT.partial written until it is complete, after the checks that need no model;
     (None, None) for stdout. A device or a pipe (/dev/stdout, a FIFO) is written in place, without
-    OUTPUT.partial: it holds nothing to keep."""
+    OUTPUT.partial: it holds nothing to keep. A symbolic link is written through (the file it names is
+    replaced, with its .partial beside it; the link stays), as `write_atomic` writes the other outputs."""
     if args.output is None:
         check_stdout("translate", output_flag="--output")
         return None, None
     output = Path(args.output)
     check_not_an_input(output, "--output", [("--input", args.input)])
+    if output.is_symlink():
+        output = output.resolve()
     partial = output.with_name(output.name + PARTIAL)
     return output, partial if check_replaced_output(output, overwrite=args.overwrite, beside=(partial,)) else None
 
