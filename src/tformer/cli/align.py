@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None:
         check_stdout("align", output_flag="--out")
-    if args.out is not None:
+    else:
         check_not_an_input(args.out, "--out", [("--src", args.src), ("--tgt", args.tgt)])
         check_output_file(args.out)
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))

@@ -249,6 +249,7 @@ def _train_staged(
     from tformer.training.loop import CheckpointSaveError, TrainingInterrupted
     from tformer.training.run import start_run
 
+    kept = f"the new run was discarded; {out} keeps the previous run unchanged"
     try:
         # the old run's encoded training data, hard-linked, when the new one would encode the same
         trainer = start_run(experiment, staging, quiet=quiet, encoded_from=out, **options)
@@ -256,10 +257,9 @@ def _train_staged(
         return trainer.train()
     except KeyboardInterrupt as interrupt:
         shutil.rmtree(staging, ignore_errors=True)
-        raise TrainingInterrupted(f"the new run was discarded; {out} keeps the previous run unchanged") from interrupt
+        raise TrainingInterrupted(kept) from interrupt
     except CheckpointSaveError as error:  # what the staged run "kept" is removed with it
         shutil.rmtree(staging, ignore_errors=True)
-        kept = f"the new run was discarded; {out} keeps the previous run unchanged"
         raise CheckpointSaveError(error.failure, kept) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

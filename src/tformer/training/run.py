@@ -163,7 +163,10 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
                 "with --byte_fallback=true, or leave out data.tokenizer and let tformer train one"
             )
         check_embedding_sharing(share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
-        unused = [f"data.{key}={getattr(data, key)}" for key in TOKENIZER_TRAINING_KEYS if _changed(data, key)]
+        defaults = {item.name: item.default for item in dataclasses.fields(DataConfig)}
+        unused = [
+            f"data.{key}={getattr(data, key)}" for key in TOKENIZER_TRAINING_KEYS if getattr(data, key) != defaults[key]
+        ]
         if unused:  # set (by a recipe or by hand), but a given tokenizer has its own
             verb = "plays" if len(unused) == 1 else "play"
             say(f"tokenizer: {data.tokenizer} is used as it is, so {', '.join(unused)} {verb} no part")
@@ -185,11 +188,6 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
 
 # the [data] keys that only shape a tokenizer tformer trains itself
 TOKENIZER_TRAINING_KEYS = ("vocab_size", "tokenizer_model", "joint_vocab", "tokenizer_max_pairs", "character_coverage")
-
-
-def _changed(data: DataConfig, key: str) -> bool:
-    """Whether `key` differs from DataConfig's default."""
-    return getattr(data, key) != next(item.default for item in dataclasses.fields(DataConfig) if item.name == key)
 
 
 def check_embedding_sharing(share_embeddings: bool, *, joint: bool, tokenizer_dir: str | None = None) -> None:
