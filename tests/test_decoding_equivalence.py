@@ -305,3 +305,28 @@ def test_max_length_floors_a_times_the_source_length_exactly(a, length, expected
 
     config = DecodeConfig(max_len_a=a, max_len_b=0)
     assert max_output_lengths(torch.tensor([length]), config, limit=10**6).tolist() == [expected]
+
+
+def test_a_step_returns_the_exact_log_softmax_of_the_logits_the_model_gave() -> None:
+    """The step normalises the model's logits in place (no second rows x vocabulary table): the values
+    are those of a fresh `log_softmax`, bit for bit, including a row of a multi-position output."""
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9])
+    seen = []
+    decode = model.decode
+
+    def keeping_decode(*args, **kwargs):
+        logits = decode(*args, **kwargs)
+        seen.append((logits.clone(), logits[:, -1].data_ptr()))
+        return logits
+
+    model.decode = keeping_decode
+    decoder = IncrementalDecoder(
+        model, src, mask, rows_per_sentence=1, capacity=4, want_attention=False, shared_memory=True
+    )
+    with torch.no_grad():
+        for t in range(3):
+            log_probs, _ = decoder.step(torch.full((3,), BOS if t == 0 else 5))
+            logits, address = seen[-1]
+            assert torch.equal(log_probs, torch.log_softmax(logits[:, -1], dim=-1))
+            assert log_probs.data_ptr() == address  # written over the logits, not into a new table

@@ -132,3 +132,30 @@ def test_a_compiled_step_inside_a_packing_block_ignores_the_packed_copies() -> N
         assert packed
         got = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=compiled)
     assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+
+
+def test_the_fused_relu_gives_relu_of_the_product_bit_for_bit() -> None:
+    layer = Linear(64, 96)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = torch.relu(layer(x))
+        assert torch.equal(layer.forward_relu(x), plain)  # unpacked: F.linear, then F.relu
+        with packed_weights(layer):
+            assert torch.equal(layer.forward_relu(x), torch.relu(layer(x)))
+            assert (layer.forward_relu(x) == 0).any() and (layer.forward_relu(x) > 0).any()
+
+
+def test_a_packed_feed_forward_runs_no_separate_relu() -> None:
+    """Inside the block the ReLU is oneDNN's post-op of fc1's product: no ReLU operator runs, and the
+    block's output is the unfused one's."""
+    model = small_model()
+    feed_forward = model.decoder.layers[0].feed_forward
+    x = torch.randn(4, 3, model.config.d_model, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain = feed_forward(x)
+        with packed_weights(model), torch.profiler.profile() as profile:
+            fused = feed_forward(x)
+    names = {event.name for event in profile.events()}
+    assert "aten::relu" not in names and "aten::clamp_min" not in names
+    assert any("_linear_pointwise" in name for name in names)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

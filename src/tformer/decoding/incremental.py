@@ -90,7 +90,9 @@ class IncrementalDecoder:
             return_attention=self.want_attention,
         )
         logits_R1V = out[0] if self.want_attention else out
-        log_probs_RV = torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
+        logits_RV = logits_R1V[:, -1].float()  # fp32 logits: the model's own tensor, used by no one else
+        # in place: the step's largest table (rows x vocabulary) is written once, not copied into a new one
+        log_probs_RV = torch.log_softmax(logits_RV, dim=-1, out=logits_RV)
         attention_RS = out[2][-1][:, :, -1].float().mean(dim=1) if self.want_attention else None
         return log_probs_RV, attention_RS
 

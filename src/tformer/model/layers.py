@@ -29,8 +29,11 @@ class FeedForward(nn.Module):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        hidden_BTF = self.activation_dropout(self.activation(self.fc1(x_BTD)))
-        return self.fc2(hidden_BTF)
+        if self.activation is F.relu and self.fc1.packed is not None:  # inference on CPU: one fused product
+            activated_BTF = self.fc1.forward_relu(x_BTD)
+        else:
+            activated_BTF = self.activation(self.fc1(x_BTD))
+        return self.fc2(self.activation_dropout(activated_BTF))
 
 
 class Residual(nn.Module):
