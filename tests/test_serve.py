@@ -102,6 +102,17 @@ def test_concurrent_requests_are_batched_and_equal_offline_translation(run, serv
         ('{"sentences": ["a"], "max_length": 4.0}', 422, "max_length: Input should be a valid integer"),
         # valid JSON, not text: a lone surrogate (the tokenizer could not take it: a plain-text 500 before)
         ('{"sentences": ["\\ud800 the cat"]}', 422, "sentence 0 holds an unpaired surrogate (U+D800)"),
+        # bodies FastAPI cannot parse for a reason other than JSON syntax: all "There was an error parsing
+        # the body" before, which left a client guessing
+        pytest.param(
+            '{"sentences": ["caf\u00e9"]}'.encode("latin-1"),
+            400,
+            "the request body is not valid UTF-8: byte 0xE9 at offset 19 (invalid continuation byte); send the "
+            "JSON encoded as UTF-8",
+            id="latin-1-body",
+        ),
+        pytest.param('{"sentences": ' + "[" * 3000 + "]" * 3000 + "}", 400, "nested too deeply", id="deep-nesting"),
+        pytest.param('{"beam": ' + "9" * 5000 + "}", 400, "holds a number of over 4300 digits", id="5000-digits"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_lives_on(server, content, status, message):

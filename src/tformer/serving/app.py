@@ -1,8 +1,8 @@
 """The HTTP API: `POST /translate`, `GET /health` (liveness), `GET /ready` (readiness), docs at /docs.
 
-Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON 400, a body
-of the wrong shape or impossible decode settings 422, too many sentences, a sentence too long (in
-characters or in tokens), a body too large or a worst-case decode over `max_decode_tokens` 413; 503
+Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON (or not UTF-8)
+400, a body of the wrong shape or impossible decode settings 422, too many sentences, a sentence too
+long (in characters or in tokens), a body too large or a worst-case decode over `max_decode_tokens` 413; 503
 while shutting down, and 503 with `Retry-After` when `max_queue` requests are waiting already. A request
 whose client disconnects before its decoding window starts is dropped from the queue (its answer, 499,
 goes nowhere). An unexpected failure while decoding is a 500 for the requests of that window only; the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -155,7 +156,9 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         """Starlette's own errors (404, 405, a body over the limit) in the API's one-field format."""
-        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+        message = _unreadable_body(error.__cause__) if error.status_code == 400 else None
+        detail = message or str(error.detail)
+        return JSONResponse({"error": detail}, status_code=error.status_code, headers=error.headers)
 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
 
@@ -222,12 +225,29 @@ def create_app(
 
 
 _ERRORS = {
-    400: "the body is not valid JSON",
+    400: "the body is not valid JSON, or not UTF-8",
     413: "too many sentences, a sentence too long, a body too large, or a worst case over --max-decode-tokens",
     422: "a body of the wrong shape, text that is not valid Unicode, or decode settings that cannot be honoured",
     500: "decoding failed (the requests decoded with the same settings in that window get it too)",
     503: "the server is shutting down, or busy: --max-queue requests waiting (with Retry-After)",
 }
+
+
+def _unreadable_body(cause: BaseException | None) -> str | None:
+    """What is wrong with a body that FastAPI could not parse as JSON for a reason other than its syntax
+    (it answers all of them "There was an error parsing the body"); None for a cause not known here."""
+    if isinstance(cause, UnicodeDecodeError):  # json.loads reads bytes as UTF-8 (or UTF-16/32 by their BOM)
+        byte = cause.object[cause.start]
+        encoding = cause.encoding.upper()
+        return (
+            f"the request body is not valid {encoding}: byte 0x{byte:02X} at offset {cause.start} "
+            f"({cause.reason}); send the JSON encoded as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON for this API: it is nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"the request body holds a number of over {sys.get_int_max_str_digits()} digits; send small integers"
+    return None
 
 
 class ClientGoneError(Exception):
