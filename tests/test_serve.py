@@ -87,6 +87,10 @@ def test_concurrent_requests_are_batched_and_equal_offline_translation(run, serv
         ('{"sentences": ["a"', 400, "not valid JSON"),
         ('{"sentences": "hello"}', 422, "sentences: Input should be a valid list"),
         ("{}", 422, "sentences: Field required"),
+        # the body as a whole: "body: Field required" and "body: Input should be a valid dictionary" before
+        ("", 422, 'the request body is empty; send a JSON object such as {"sentences": ["..."]}'),
+        ("null", 422, 'the request body must be a JSON object such as {"sentences": ["..."]}, not null'),
+        ('["a", "b"]', 422, 'must be a JSON object such as {"sentences": ["..."]}, not an array'),
         ('{"sentences": ["a"], "colour": 1}', 422, "colour: Extra inputs are not permitted"),
         ('{"sentences": []}', 422, "at least one sentence"),
         ('{"sentences": ["a", "b", "c", "d", "e"]}', 413, "5 sentences in one request; the limit is 4"),
@@ -122,6 +126,25 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_lives_on(server, content, sta
     assert message in response.json()["error"]
     assert "\n" not in response.json()["error"]
     assert httpx.get(f"{url}/health").status_code == 200 and process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "got"),
+    [
+        ({"content-type": "application/x-www-form-urlencoded"}, "content-type: application/x-www-form-urlencoded"),
+        ({"content-type": "text/plain"}, "content-type: text/plain"),
+        ({}, "no content-type"),
+    ],
+)
+def test_a_body_not_sent_as_json_gets_415_saying_which_header_to_send(server, headers, got):
+    """`curl -d BODY` sends a form's content type: the answer was a 422 saying the body "should be a valid
+    dictionary or object to extract fields from", which did not point at the missing header."""
+    url, _ = server
+    response = httpx.post(f"{url}/translate", content=b'{"sentences": ["hello dog"]}', headers=headers)
+    assert response.status_code == 415
+    assert response.json() == {
+        "error": f"send the body as JSON with the header content-type: application/json (got {got})"
+    }
 
 
 def test_oversized_body_is_refused_and_docs_are_served(server):

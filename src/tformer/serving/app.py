@@ -1,12 +1,12 @@
 """The HTTP API: `POST /translate`, `GET /health` (liveness), `GET /ready` (readiness), docs at /docs.
 
 Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON (or not UTF-8)
-400, a body of the wrong shape or impossible decode settings 422, too many sentences, a sentence too
-long (in characters or in tokens), a body too large or a worst-case decode over `max_decode_tokens` 413; 503
-while shutting down, and 503 with `Retry-After` when `max_queue` requests are waiting already. A request
-whose client disconnects before its decoding window starts is dropped from the queue (its answer, 499,
-goes nowhere). An unexpected failure while decoding is a 500 for the requests of that window only; the
-server keeps serving.
+400, a body not sent as JSON 415, a body of the wrong shape or impossible decode settings 422, too many
+sentences, a sentence too long (in characters or in tokens), a body too large or a worst-case decode over
+`max_decode_tokens` 413; 503 while shutting down, and 503 with `Retry-After` when `max_queue` requests
+are waiting already. A request whose client disconnects before its decoding window starts is dropped from
+the queue (its answer, 499, goes nowhere). An unexpected failure while decoding is a 500 for the requests
+of that window only; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -147,6 +147,10 @@ def create_app(
         problems = error.errors()
         if any(problem.get("type") == "json_invalid" for problem in problems):
             return JSONResponse({"error": "the request body is not valid JSON"}, status_code=400)
+        for problem in problems:
+            if tuple(problem.get("loc", ())) == ("body",):  # the body as a whole, not one of its fields
+                status, message = _whole_body_problem(problem, request.headers.get("content-type"))
+                return JSONResponse({"error": message}, status_code=status)
         parts = []
         for problem in problems[:3]:
             where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
@@ -227,10 +231,36 @@ def create_app(
 _ERRORS = {
     400: "the body is not valid JSON, or not UTF-8",
     413: "too many sentences, a sentence too long, a body too large, or a worst case over --max-decode-tokens",
+    415: "the body is not sent as JSON (content-type: application/json)",
     422: "a body of the wrong shape, text that is not valid Unicode, or decode settings that cannot be honoured",
     500: "decoding failed (the requests decoded with the same settings in that window get it too)",
     503: "the server is shutting down, or busy: --max-queue requests waiting (with Retry-After)",
 }
+
+
+EXAMPLE_BODY = '{"sentences": ["..."]}'
+
+
+def _whole_body_problem(problem: dict[str, Any], content_type: str | None) -> tuple[int, str]:
+    """Status and message for a body that is not a JSON object: pydantic's "body: Input should be a valid
+    dictionary or object to extract fields from" did not tell `curl -d` users (whose body goes as a form)
+    to add the JSON content type, nor a client sending a list what to send instead."""
+    value = problem.get("input")
+    if isinstance(value, bytes):  # FastAPI parses JSON only under a JSON content type; it passed the bytes on
+        got = f"content-type: {content_type}" if content_type else "no content-type"
+        return 415, f"send the body as JSON with the header content-type: application/json (got {got})"
+    if problem.get("type") == "missing":
+        return 422, f"the request body is empty; send a JSON object such as {EXAMPLE_BODY}"
+    kinds = {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+    }
+    kind = kinds.get(type(value), "not an object")
+    return 422, f"the request body must be a JSON object such as {EXAMPLE_BODY}, not {kind}"
 
 
 def _unreadable_body(cause: BaseException | None) -> str | None:
