@@ -222,6 +222,35 @@ def test_a_sampling_server_draws_nbest_samples_whatever_the_beam(run):
     assert "2 sentences x 20 samples x up to 8 output tokens" in too_many.json()["error"]
 
 
+def test_a_sampling_request_gets_the_samples_it_gets_alone_whatever_it_waited_with(run):
+    """A sample's draws depend on its sentence's row in the batch: concurrent sampling requests decoded in one
+    call got samples that depended on which other requests shared their window, not those of `tformer
+    translate` on the same sentences (nor the same twice). Each sampling job is now decoded on its own."""
+    import asyncio
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    sampling = dataclasses.replace(loaded.experiment.decode, sampling=True, beam_size=1, nbest=2)
+    app = create_app(loaded.model, loaded.tokenizer, sampling, config=ServeConfig(max_wait_ms=500))
+    requests = [[SENTENCES[0]], [SENTENCES[1], SENTENCES[2]], [SENTENCES[3]]]
+
+    async def together():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                posts = (client.post("/translate", json={"sentences": sentences}) for sentences in requests)
+                return await asyncio.gather(*posts), app.state.batcher.windows
+
+    responses, windows = asyncio.run(together())
+    assert windows == 1  # all three waited in one window
+    translator = Translator(loaded.model, loaded.tokenizer, sampling)
+    for sentences, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.json()
+        got = [[(c["text"], c["score"]) for c in t["nbest"]] for t in response.json()["translations"]]
+        assert got == [[(t.text, t.score) for t in nbest] for nbest in translator.translate(sentences)]
+
+
 def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_front(run):
     """Nothing bounded a request's decoding work: 16 long sentences at beam 8 held the one worker, and every
     other client, for minutes. Now its worst case (sentences x beam x max output length) must fit."""

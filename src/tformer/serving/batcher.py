@@ -9,8 +9,9 @@ tokens); the results go back to each job's future in input order. While the work
 wait in the queue and form the next window. A job cancelled before its window starts (its client went
 away) is dropped from the window, not decoded.
 
-Batching never changes a result: decoding is independent of the batch a sentence shares (the decoding
-module's guarantee, checked by tests/test_serve.py against offline translation).
+Batching never changes a result: beam search and greedy decoding are independent of the batch a sentence
+shares (the decoding module's guarantee, checked by tests/test_serve.py against offline translation), and
+a sampling job, whose draws depend on the rows of its batch, is decoded on its own.
 
 On CPU in fp32 the model's weights are packed for oneDNN once, at `start()`, and kept until `stop()`
 (tformer.model.packed; a server's weights never change), instead of once per window.
@@ -173,12 +174,14 @@ class Batcher:
         return jobs, False
 
     def _decode(self, jobs: list[_Job]) -> list[list[list[Translation]] | BaseException]:
-        """Runs on the worker thread: one Translator call per distinct DecodeConfig in the window."""
-        groups: dict[DecodeConfig, list[int]] = {}
+        """Runs on the worker thread: one Translator call per distinct DecodeConfig in the window, and one per
+        sampling job: a sample's draws depend on its sentence's row in the batch, so a sampling job shares
+        its call with no other, lest its answer depend on the requests it happened to wait with."""
+        groups: dict[tuple[DecodeConfig, int | None], list[int]] = {}
         for index, job in enumerate(jobs):
-            groups.setdefault(job.config, []).append(index)
+            groups.setdefault((job.config, index if job.config.sampling else None), []).append(index)
         outcomes: list[Any] = [None] * len(jobs)
-        for config, members in groups.items():
+        for (config, _), members in groups.items():
             lines = [sentence for index in members for sentence in jobs[index].sentences]
             try:
                 translator = Translator(
