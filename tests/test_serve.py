@@ -463,7 +463,13 @@ def test_sentences_at_every_limit_fit_the_body_limit_however_json_escapes_them(r
     assert response.status_code == 200, response.text
 
 
-def test_a_failure_while_decoding_is_a_json_500_and_the_server_goes_on(run, monkeypatch):
+def test_a_failure_while_decoding_is_a_json_500_logged_with_its_traceback_and_the_server_goes_on(
+    run, monkeypatch, caplog
+):
+    """The 500 was the only trace of a failure: the server's log said nothing, so an operator could not
+    tell what failed nor where. It now logs the traceback."""
+    import logging
+
     from fastapi.testclient import TestClient
 
     import tformer.serving.batcher as batcher_module
@@ -478,12 +484,15 @@ def test_a_failure_while_decoding_is_a_json_500_and_the_server_goes_on(run, monk
     monkeypatch.setattr(batcher_module, "Translator", FailingOnBoom)
     loaded = load_run(run)
     app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
         failed = client.post("/translate", json={"sentences": ["boom"]})
         fine = client.post("/translate", json={"sentences": [SENTENCES[0]]})
     assert failed.status_code == 500
     assert failed.json() == {"error": "decoding failed: RuntimeError: simulated failure"}
     assert fine.status_code == 200
+    (record,) = [record for record in caplog.records if record.name.startswith("tformer.serving")]
+    assert record.getMessage() == "decoding failed (a request of 1 sentences)"
+    assert "simulated failure" in caplog.text and "in translate" in caplog.text  # the traceback, to its frame
 
 
 class Held:

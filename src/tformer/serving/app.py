@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -99,6 +100,7 @@ class ApiError(Exception):
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)  # on stderr in `tformer serve`, through logging's last-resort handler
 RETRY_AFTER_S = 1  # what a busy server asks a client (or a load balancer) to wait before trying again
 
 
@@ -213,6 +215,8 @@ def create_app(
             raise ApiError(422, str(error).splitlines()[0]) from None
         except Exception as error:  # a failure while decoding (out of memory, a bug): still the API's format
             reason = str(error).splitlines()[0] if str(error) else ""
+            # the client gets one line; the operator, who saw nothing at all before, the traceback
+            log.error("decoding failed (a request of %d sentences)", len(request.sentences), exc_info=error)
             raise ApiError(500, f"decoding failed: {type(error).__name__}: {reason}") from None
         return TranslateResponse(
             translations=[
