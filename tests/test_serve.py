@@ -495,6 +495,33 @@ def test_a_failure_while_decoding_is_a_json_500_logged_with_its_traceback_and_th
     assert "simulated failure" in caplog.text and "in translate" in caplog.text  # the traceback, to its frame
 
 
+def test_an_unexpected_error_outside_decoding_is_a_json_500_and_the_server_goes_on(run):
+    """An error before decoding (here the tokenizer failing) reached Starlette, whose answer was a plain-text
+    "Internal Server Error", not the API's JSON."""
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(loaded.tokenizer, name)
+
+        def encode_source(self, text):
+            if "boom" in text:
+                raise KeyError("simulated")
+            return loaded.tokenizer.encode_source(text)
+
+    app = create_app(loaded.model, Failing(), loaded.experiment.decode, config=ServeConfig())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        failed = client.post("/translate", json={"sentences": ["boom"]})
+        fine = client.post("/translate", json={"sentences": [SENTENCES[0]]})
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "internal error (KeyError); see the server's log"}
+    assert fine.status_code == 200
+
+
 class Held:
     """A Translator stand-in for batcher.py that holds the worker in `translate` until `release` is set."""
 

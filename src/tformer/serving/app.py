@@ -166,6 +166,14 @@ def create_app(
         detail = message or str(error.detail)
         return JSONResponse({"error": detail}, status_code=error.status_code, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        """A bug outside decoding (whose failures are caught in `translate`): Starlette answered a plain-text
+        "Internal Server Error". Starlette re-raises the error after this answer, so uvicorn logs it."""
+        return JSONResponse(
+            {"error": f"internal error ({type(error).__name__}); see the server's log"}, status_code=500
+        )
+
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
 
     @app.get("/health")
