@@ -681,3 +681,68 @@ def test_a_request_cancelled_by_the_shutdown_gets_a_json_503(run, monkeypatch):
     asyncio.run(shutdown_while_decoding())
     assert request.status == 503
     assert request.json() == {"error": "the server shut down before this request was decoded"}
+
+
+def test_a_failure_around_a_window_is_that_windows_500_and_the_next_request_is_served(run, monkeypatch):
+    """An error outside the per-settings decoding (here the whole window's `_decode`) ended the scheduler,
+    and every later request waited forever while /health and /ready still said 200."""
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+    from tformer.serving.batcher import Batcher
+
+    decode = Batcher._decode
+    calls = []
+
+    def failing_once(self, jobs):
+        calls.append(len(jobs))
+        if len(calls) == 1:
+            raise RuntimeError("simulated window failure")
+        return decode(self, jobs)
+
+    monkeypatch.setattr(Batcher, "_decode", failing_once)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        failed = client.post("/translate", json={"sentences": [SENTENCES[0]]})
+        fine = client.post("/translate", json={"sentences": [SENTENCES[0]]})
+        ready = client.get("/ready")
+    assert failed.status_code == 500 and "simulated window failure" in failed.json()["error"]
+    assert fine.status_code == 200 and ready.status_code == 200
+
+
+def test_a_dead_scheduler_answers_its_waiting_jobs_and_makes_the_server_not_ready(run, monkeypatch, caplog):
+    """If the scheduler itself ends on an error, its requests get a 503 saying so (not an endless wait),
+    the error is logged, /ready turns 503 for the load balancer, and shutdown still completes."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+    from tformer.serving.batcher import Batcher
+
+    async def broken_collect(self, first):
+        raise RuntimeError("simulated scheduler bug")
+
+    monkeypatch.setattr(Batcher, "_collect", broken_collect)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
+        first = client.post("/translate", json={"sentences": [SENTENCES[0]]})
+        later = client.post("/translate", json={"sentences": [SENTENCES[0]]})
+        ready = client.get("/ready")
+        health = client.head("/health")
+    expected = {"error": "the server's batcher stopped after an internal error; restart the server"}
+    assert first.status_code == 503 and first.json() == expected
+    assert later.status_code == 503 and later.json() == expected
+    assert ready.status_code == 503 and "restart the server" in ready.json()["error"]
+    assert health.status_code == 200  # liveness: the process answers
+    assert "simulated scheduler bug" in caplog.text
+
+
+def test_probes_answer_head_as_well_as_get(server):
+    """Some load balancers probe with HEAD, which was a 405."""
+    url, _ = server
+    for path in ("/health", "/ready"):
+        response = httpx.head(url + path, timeout=10)
+        assert response.status_code == 200 and response.content == b""

@@ -33,7 +33,7 @@ from tformer.config import DecodeConfig
 from tformer.decoding.constraints import check_banned_ids
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.pipeline import TokenizerLike
-from tformer.serving.batcher import Batcher, BatcherBusyError, BatcherClosedError
+from tformer.serving.batcher import BATCHER_FAILED, Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
 
 
@@ -176,15 +176,19 @@ def create_app(
 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
     async def health() -> dict[str, Any]:
         """Liveness and load: the model's name, the jobs waiting and the windows decoded so far."""
         return {"status": "ok", "model": name, "pending": batcher.pending, "windows": batcher.windows}
 
-    @app.get("/ready", responses={503: {"description": "not ready: starting or shutting down"}})
+    @app.api_route(
+        "/ready", methods=["GET", "HEAD"], responses={503: {"description": "not ready: starting or shutting down"}}
+    )
     async def ready() -> dict[str, str]:
         """Readiness, for a load balancer: 200 once the model is loaded and the batcher takes requests,
         503 before that and while shutting down (/health is liveness: 200 whenever the process answers)."""
+        if batcher.failed:
+            raise ApiError(503, f"not ready: {BATCHER_FAILED}")
         if not batcher.accepting:
             raise ApiError(503, "not ready: the server is starting or shutting down")
         return {"status": "ready"}

@@ -27,6 +27,7 @@ after it are refused with `BatcherClosedError`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ class _Job:
 
 _STOP = None  # the sentinel that ends the scheduler, queued behind every earlier job
 
+log = logging.getLogger(__name__)
+BATCHER_FAILED = "the server's batcher stopped after an internal error; restart the server"
+
 
 class Batcher:
     """The model's only user while serving: requests in from the event loop, translations out."""
@@ -85,6 +89,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Job | None] | None = None
         self._waiting: set[asyncio.Future] = set()  # futures of the queued jobs not yet cancelled
         self._scheduler: asyncio.Task | None = None
+        self._window: list[_Job] = []  # the jobs being decoded
         self._worker: ThreadPoolExecutor | None = None
         self._closing = False
         self._packing = ExitStack()  # holds the packed weights from start() to stop()
@@ -97,8 +102,8 @@ class Batcher:
 
     @property
     def accepting(self) -> bool:
-        """Started and not stopping: a job submitted now will be decoded."""
-        return self._scheduler is not None and not self._closing
+        """Started, not stopping, and its scheduler alive: a job submitted now will be decoded."""
+        return self._scheduler is not None and not self._scheduler.done() and not self._closing
 
     async def start(self) -> None:
         """Create the queue, the worker and the scheduler task in the running event loop."""
@@ -106,14 +111,33 @@ class Batcher:
         self._queue = asyncio.Queue()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tformer-decode")
         self._scheduler = asyncio.create_task(self._schedule(), name="tformer-batcher")
+        self._scheduler.add_done_callback(self._fail_waiting_jobs)
+
+    @property
+    def failed(self) -> bool:
+        """The scheduler ended on an error, not on `stop()`: no job would ever be decoded."""
+        return self._scheduler is not None and self._scheduler.done() and not self._closing
+
+    def _fail_waiting_jobs(self, scheduler: asyncio.Task) -> None:
+        """If the scheduler ends other than by `stop()`, log why and answer every job it left, queued or in
+        its window, instead of leaving their requests waiting forever."""
+        if self._closing:
+            return
+        if not scheduler.cancelled() and scheduler.exception() is not None:
+            log.error("the batcher stopped on an error; restart the server", exc_info=scheduler.exception())
+        for future in [*self._waiting, *(job.future for job in self._window)]:
+            if not future.done():
+                future.set_exception(BatcherClosedError(BATCHER_FAILED))
 
     async def stop(self) -> None:
         """Finish every queued job, then end the scheduler and the worker."""
         if self._scheduler is None or self._closing:
             return
+        failed = self.failed
         self._closing = True
-        await self._queue.put(_STOP)
-        await self._scheduler
+        if not failed:  # a failed scheduler has answered its jobs already
+            await self._queue.put(_STOP)
+            await self._scheduler
         self._worker.shutdown(wait=True)
         self._packing.close()
 
@@ -121,6 +145,8 @@ class Batcher:
         """The n-best list of every sentence, decoded in a window with whatever else is waiting."""
         if self._closing or self._queue is None:
             raise BatcherClosedError("the server is shutting down")
+        if self.failed:  # nothing would decode the job: refuse it instead of letting it wait forever
+            raise BatcherClosedError(BATCHER_FAILED)
         if self.pending >= self.max_queue:
             raise BatcherBusyError(f"the server is busy ({self.pending} requests waiting); retry shortly")
         future = asyncio.get_running_loop().create_future()
@@ -141,7 +167,11 @@ class Batcher:
             jobs = [job for job in jobs if not job.future.done()]  # cancelled while waiting: the client left
             if not jobs:
                 continue
-            outcomes = await loop.run_in_executor(self._worker, self._decode, jobs)
+            self._window = jobs
+            try:
+                outcomes = await loop.run_in_executor(self._worker, self._decode, jobs)
+            except Exception as error:  # a failure around the decoding itself: this window's jobs get it
+                outcomes = [error] * len(jobs)
             self.windows += 1
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if job.future.done():  # cancelled while its window was decoding
@@ -150,6 +180,7 @@ class Batcher:
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
+            self._window = []
 
     async def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         """The jobs of one window, and whether the stop sentinel was met."""
