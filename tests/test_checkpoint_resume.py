@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
 from tformer.training import checkpoint as ckpt
-from tformer.training import load_run, resume_run, start_run
+from tformer.training import load_run, loop, resume_run, start_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,6 +97,33 @@ def test_resume_between_logging_steps_writes_the_same_metrics(tmp_path: Path) ->
     whole, cut = _without_timing(_rows(tmp_path / "whole")), _without_timing(_rows(tmp_path / "cut"))
     assert [row["step"] for row in whole] == [4, 8] and "train_loss" in whole[0] and "valid_loss" in whole[1]
     assert cut == whole
+
+
+def test_tokens_per_s_after_a_resume_counts_only_the_steps_trained_since(tmp_path: Path, monkeypatch) -> None:
+    """The logging window a checkpoint keeps holds the tokens of steps trained before the interruption,
+    whose time the resumed process never measured: the rate of the first row after a resume is the
+    tokens trained since the resume over the time since, not the whole window's tokens over that time."""
+    clock = {"now": 0.0}  # a clock that advances one second per training step, and never otherwise
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    real_train_step = loop.train_step
+
+    def one_second_step(*args, **kwargs):
+        clock["now"] += 1.0
+        return real_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", one_second_step)
+    corpus = write_corpus(tmp_path, n_train=60)
+    settings = ("train.log_every=4", "train.save_every=3", "train.valid_every=100", "train.max_steps=4")
+    start_run(tiny_experiment(corpus, *settings), tmp_path / "whole", quiet=True).train()
+    start_run(tiny_experiment(corpus, *settings[:-1], "train.max_steps=3"), tmp_path / "cut", quiet=True).train()
+    tokens_before = ckpt.load_trainer_state(tmp_path / "cut" / "checkpoints" / "step-00000003")["log_window"]
+    resume_run(tmp_path / "cut", overrides=["train.max_steps=4"], quiet=True).train()
+
+    (whole,) = _rows(tmp_path / "whole")
+    (cut,) = _rows(tmp_path / "cut")
+    tokens_of_step_4 = 4 * whole["tokens_per_s"] - tokens_before["tokens"]  # the whole run: 4 steps in 4 s
+    assert cut["tokens_per_s"] == pytest.approx(tokens_of_step_4)  # 1 step in 1 s
+    assert cut["train_loss"] == whole["train_loss"]  # the loss still averages the whole window
 
 
 def test_sigkilled_training_process_resumes_to_the_same_weights(tmp_path: Path) -> None:

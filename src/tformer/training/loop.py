@@ -146,6 +146,9 @@ class Trainer:
         self._pending: list[tuple[int, Tensor, Tensor, int, Tensor | None]] = []
         self._window = _log_window(None)
         self._window_start = time.monotonic()
+        # tokens trained since _window_start by this process: a resumed window also holds steps trained
+        # before the interruption, whose time this process never measured
+        self._window_tokens_timed = 0
         self._last_saved_step = -1
         self._shown_signature = False
 
@@ -407,6 +410,7 @@ class Trainer:
             self._window["loss"] += sum(losses)
             self._window["nll"] += sum(nlls)
             self._window["tokens"] += int(sum(counts))
+            self._window_tokens_timed += int(sum(counts))
             if norms:
                 self._window["grad_norm"] = float(norms[-1])
             self._pending.clear()
@@ -417,12 +421,12 @@ class Trainer:
         row = {
             "train_loss": window["loss"] / window["tokens"],
             "train_nll": window["nll"] / window["tokens"],
-            "tokens_per_s": window["tokens"] / max(now - self._window_start, 1e-9),
+            "tokens_per_s": self._window_tokens_timed / max(now - self._window_start, 1e-9),
         }
         if window["grad_norm"] is not None:
             row["grad_norm"] = window["grad_norm"]
         self._window = _log_window(None)
-        self._window_start = now
+        self._window_start, self._window_tokens_timed = now, 0
         return row
 
     def _what_was_kept(self) -> str:
