@@ -161,6 +161,20 @@ def test_not_a_run(tmp_path: Path) -> None:
         load_run(tmp_path / "empty")
 
 
+def test_a_checkpoint_given_for_a_run_names_the_run_that_holds_it(trained: Path, capsys) -> None:
+    """`train --resume` and `average` continue or average a run; given one of its checkpoints instead (the
+    path `translate` and `evaluate` accept), they name the run directory to give."""
+    from tformer.cli.main import main
+
+    checkpoint = trained / "checkpoints" / "step-00000006"
+    for command in (["train", "--out", str(checkpoint), "--resume"], ["average", str(checkpoint), "--last", "2"]):
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{checkpoint} is one checkpoint of the run {trained}, not a run directory; give {trained}" in err
+        assert err.count("\n") == 1
+
+
 def _dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", ""])
     process.wait()

@@ -21,6 +21,8 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     run_dir = Path(run_dir)
     if last < 1:
         raise ckpt.CheckpointError(f"--last must be at least 1, got {last}")
+    if given_checkpoint := ckpt.checkpoint_given_for_run(run_dir):
+        raise ckpt.CheckpointError(given_checkpoint)
     if not run_dir.is_dir() or not ckpt.is_run_dir(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no {ckpt.CHECKPOINTS_DIR}/)")
     available = ckpt.step_checkpoints(run_dir)

@@ -198,6 +198,18 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "latest").is_file() or (Path(path) / CHECKPOINTS_DIR).is_dir()
 
 
+def checkpoint_given_for_run(path: Path) -> str | None:
+    """Where a command wants a run directory but `path` is one checkpoint (`translate` and `evaluate` take
+    either): the line that says so and names the run that holds it; None for anything else."""
+    path = Path(path)
+    if not (path / EXPERIMENT_FILE).is_file():
+        return None
+    run = path.parent.parent
+    if path.parent.name == CHECKPOINTS_DIR and is_run_dir(run):
+        return f"{path} is one checkpoint of the run {run}, not a run directory; give {run}"
+    return f"{path} is one checkpoint, not a run directory"
+
+
 def read_pointer_name(run_dir: Path, which: str) -> str | None:
     path = Path(run_dir) / which
     if not path.is_file():

@@ -321,6 +321,8 @@ def _last_checkpoint(run_dir: Path) -> Path:
     if not Path(run_dir).is_dir():
         raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
     if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
+        if given_checkpoint := ckpt.checkpoint_given_for_run(run_dir):
+            raise RunDirectoryError(f"nothing to resume: {given_checkpoint}")
         way_out = "; start afresh with --overwrite" if replaceable(run_dir) else ", nor anything of a run: check --out"
         raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
     checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
