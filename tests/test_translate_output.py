@@ -3,6 +3,11 @@ leaves its whole translated lines under a name that says so; an existing FILE is
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +46,27 @@ def test_a_job_that_stops_leaves_its_translated_lines_in_output_partial_not_in_o
     assert len(output.read_text(encoding="utf-8").splitlines()) == 11
     assert output.read_text(encoding="utf-8").splitlines()[:8] == kept.splitlines()  # the same lines
     assert not (tmp_path / "out.txt.partial").exists()
+
+
+def test_sigterm_says_how_many_lines_output_partial_keeps(run, tmp_path):
+    """`kill` and `timeout` send SIGTERM: like Ctrl-C, the job ends with one line naming what it kept."""
+    output = tmp_path / "out.txt"
+    command = [sys.executable, "-m", "tformer.cli.main", "translate", str(run), "--output", str(output), "--beam", "1"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True)
+    job.stdin.write(f"{SENTENCES[0]}\n{SENTENCES[1]}\n")  # the input stays open: the job waits for more
+    job.stdin.flush()
+    partial = tmp_path / "out.txt.partial"
+    deadline = time.monotonic() + 120
+    while job.poll() is None and time.monotonic() < deadline:
+        if partial.exists() and partial.read_text(encoding="utf-8").count("\n") == 2:
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err
+    assert err == f"interrupted: the translations of the first 2 input lines are in {partial}\n"
+    assert len(partial.read_text(encoding="utf-8").splitlines()) == 2 and not output.exists()
 
 
 def test_an_existing_output_is_kept_unless_overwrite_is_given(run, tmp_path, capsys):

@@ -28,12 +28,11 @@ import argparse
 import glob
 import os
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tformer.cli.termination import sigterm_as_interrupt
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 
 if TYPE_CHECKING:
@@ -121,13 +120,8 @@ def run(args: argparse.Namespace) -> int:
     taken like Ctrl-C: the run says what it kept and an --overwrite removes its hidden directory. A
     process waiting in a collective takes it when the collective returns, which it does as soon as
     another process has stopped (torchrun kills any left after 30 s)."""
-    if threading.current_thread() is not threading.main_thread():
+    with sigterm_as_interrupt():
         return _run_either(args)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _run_either(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_either(args: argparse.Namespace) -> int:
@@ -153,10 +147,6 @@ def _run_one_of_several(args: argparse.Namespace) -> int:
         return 1
     finally:
         leave_process_group()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace) -> int:

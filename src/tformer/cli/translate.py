@@ -8,7 +8,8 @@ With --nbest K (or --set decode.nbest=K), each input line gives K lines `index |
 
 --output FILE is written as FILE.partial, renamed to FILE once every line is translated: a job that
 stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the chunks finished
-before it (up to 256 lines each), whole lines only, and never a FILE that looks complete. An existing FILE
+before it (up to 256 lines each), whole lines only, and never a FILE that looks complete; an error, Ctrl-C
+or SIGTERM (what kill and timeout send) ends with one line that says how many. An existing FILE
 (or FILE.partial) is kept unless --overwrite is given.
 """
 
@@ -31,6 +32,7 @@ from tformer.cli.decode_options import (
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
+from tformer.cli.termination import sigterm_as_interrupt
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 PARTIAL = ".partial"  # suffix of --output while it is written
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     written = 0  # input lines whose translations are written
     try:
         with ExitStack() as stack:
+            stack.enter_context(sigterm_as_interrupt())  # `kill` and `timeout` say what was kept, as Ctrl-C does
             source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
             if partial:  # a new folder is made, as evaluate and align make theirs
                 partial.parent.mkdir(parents=True, exist_ok=True)
