@@ -132,7 +132,11 @@ def test_another_runtime_error_keeps_its_traceback(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["translate", "run", "--beam", "x"], "tformer translate: argument --beam: invalid int value: 'x'"),
+        (["translate", "run", "--beam", "x"], "tformer translate: argument --beam: not an integer: 'x'"),
+        (["translate", "run", "--beam", "0"], "tformer translate: argument --beam: must be at least 1; got 0"),
+        (["translate", "run", "--nbest", "-2"], "tformer translate: argument --nbest: must be at least 1; got -2"),
+        (["evaluate", "run", "--beam", "0"], "tformer evaluate: argument --beam: must be at least 1; got 0"),
+        (["attention", "run", "x", "--beam", "0"], "tformer attention: argument --beam: must be at least 1; got 0"),
         (["translate"], "tformer translate: the following arguments are required: RUN_DIR"),
         ([], "tformer: the following arguments are required: COMMAND"),
         (["trnslate"], "tformer: argument COMMAND: invalid choice: 'trnslate'"),

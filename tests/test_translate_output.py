@@ -115,9 +115,15 @@ def test_an_output_in_a_new_folder_is_written_there(run, tmp_path):
 
 def test_a_bad_input_path_leaves_no_partial_output(run, tmp_path, capsys):
     output = tmp_path / "out.txt"
-    assert main(["translate", str(run), "--input", str(tmp_path / "missing.txt"), "--output", str(output)]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    missing = tmp_path / "missing.txt"
+    assert main(["translate", str(run), "--input", str(missing), "--output", str(output)]) == 2
+    assert capsys.readouterr().err == f"error: --input {missing}: no such file\n"
     assert list(tmp_path.iterdir()) == []
+    assert main(["translate", str(run), "--input", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --input {tmp_path} is a directory; give a text file, one sentence per line\n"
+    )
 
 
 def test_nbest_above_the_beam_names_the_flag_to_change(run, tmp_path, capsys):

@@ -14,6 +14,14 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+def positive_integer(text: str) -> int:
+    """1 or more (a beam size, a number of best translations)."""
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {text}")
+    return value
+
+
 def seed_below(bits: int) -> Callable[[str], int]:
     """The type of a seed flag whose consumers take seeds in [0, 2**bits)."""
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from tformer.cli.argument_types import positive_integer
 from tformer.cli.output_paths import check_output_file
 from tformer.viz.attention_kinds import KINDS
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, help="only this layer (0-based; negative counts from the end)")
     parser.add_argument("--head", type=int, help="only this head (0-based)")
     parser.add_argument("--kind", choices=KINDS, action="append", help="only these kinds of attention (repeatable)")
-    parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
+    parser.add_argument("--beam", type=positive_integer, help="beam size (default: the run's decode.beam_size)")
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )

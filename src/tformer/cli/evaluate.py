@@ -20,6 +20,7 @@ import json
 import warnings
 from pathlib import Path
 
+from tformer.cli.argument_types import positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
     apply_decode_arguments,
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference translations, aligned with --src; several files (--ref A B or --ref A --ref B): "
         "several references per line",
     )
-    parser.add_argument("--beam", type=int, help="beam size (default: the run's decode.beam_size)")
+    parser.add_argument("--beam", type=positive_integer, help="beam size (default: the run's decode.beam_size)")
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )

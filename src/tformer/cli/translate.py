@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
+from tformer.cli.argument_types import positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
     apply_decode_arguments,
@@ -48,10 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", default=None, help="output file, written as OUTPUT.partial until complete (default: stdout)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode config)")
+    parser.add_argument(
+        "--beam", type=positive_integer, default=None, help="beam size (default: the run's decode config)"
+    )
     parser.add_argument(
         "--nbest",
-        type=int,
+        type=positive_integer,
         default=None,
         help="print the K best as 'index ||| text ||| score' (beam search: a beam of K or more; sampling: K "
         "samples; default: the best alone, as text)",
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.training.checkpoint import load_run
 
     settings = decode_settings(args.decode_settings)
+    _check_input(args.input)
     output, partial = _output_files(args)
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
@@ -121,6 +125,16 @@ def run(args: argparse.Namespace) -> int:
     if partial:
         os.replace(partial, output)
     return 0
+
+
+def _check_input(path: str | None) -> None:
+    """--input names a file that exists, said before the model is loaded (instead of an `[Errno 2]` after)."""
+    if path is None:
+        return
+    if not Path(path).exists():
+        raise ValueError(f"--input {path}: no such file")
+    if Path(path).is_dir():
+        raise ValueError(f"--input {path} is a directory; give a text file, one sentence per line")
 
 
 def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
