@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -750,3 +751,26 @@ def test_only_rank_0_prints_the_closing_line(
     printed = capsys.readouterr().out
     expected = f"run {out}: step 3, reached max_steps=3\n"
     assert printed == (2 * expected if rank == 0 else "")
+
+
+def test_a_run_that_stops_between_log_rows_prints_the_loss_of_its_last_steps(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A run shorter than train.log_every printed no loss at all; the stop line now gives the loss of the
+    steps no row covers: the same number a row at that step gives in a run that logs every step."""
+    argv = [arg for arg in _train_args(workspace, tmp_path / "a", "--max-steps", "3") if arg != "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    stopped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stopped at step")]
+    match = re.fullmatch(
+        r"stopped at step 3: reached max_steps=3 \(loss (\S+) over step 3, which no log row covers\);.*", stopped[0]
+    )
+    assert match, stopped
+    every_step = [*_train_args(workspace, tmp_path / "b", "--max-steps", "3"), "--set", "train.log_every=1"]
+    assert main(every_step) == 0
+    rows = {row["step"]: row for row in map(json.loads, (tmp_path / "b" / ckpt.METRICS_FILE).read_text().splitlines())}
+    assert float(match.group(1)) == pytest.approx(rows[3]["train_loss"], abs=5e-4)
+    rows_a = {
+        row["step"]: row for row in map(json.loads, (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines())
+    }
+    assert "train_loss" not in rows_a.get(3, {})  # printed only: the log keeps its rows every log_every steps

@@ -268,7 +268,7 @@ class Trainer:
                 self.lock.release()
         self.distributed.barrier()  # rank 0 has written the last checkpoint before any process returns
         last = self.final_run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
-        progress.message(f"stopped at step {self.step}: {stop_reason}; last checkpoint {last}")
+        progress.message(f"stopped at step {self.step}: {stop_reason}{self._unlogged_loss()}; last checkpoint {last}")
         best = self.early_stopping
         return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
 
@@ -428,6 +428,18 @@ class Trainer:
         self._window = _log_window(None)
         self._window_start, self._window_tokens_timed = now, 0
         return row
+
+    def _unlogged_loss(self) -> str:
+        """The training loss of the steps since the last log row, which a run that stops between rows would
+        otherwise never show (a run shorter than train.log_every showed none at all); '' when there are
+        none. It is printed only: metrics.jsonl keeps one row every log_every steps, so that a resumed run's
+        rows are those of the uninterrupted run. (The final checkpoint's save has read every pending loss.)"""
+        tokens = self._window["tokens"]
+        if tokens == 0:
+            return ""
+        first = self.step - self.step % self.train_config.log_every + 1
+        steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
+        return f" (loss {self._window['loss'] / tokens:.3f} over {steps}, which no log row covers)"
 
     def _what_was_kept(self) -> str:
         """What an interrupted run leaves: its last complete checkpoint, which a resume continues from."""
