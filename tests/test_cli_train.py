@@ -654,6 +654,16 @@ def test_ensembles_in_translate_and_evaluate(
     assert main(_train_args(workspace, other, "--vocab-size", "40", "--set", "train.max_steps=2")) == 0
     _fails_cleanly(capsys, [*evaluate, "--ensemble", str(other)], "trained with a different tokenizer")
 
+    # the other direction, with the same tokenizer: accepted before, its average of log-probabilities garbage
+    backwards = tmp_path / "backwards"
+    swapped = _train_args(workspace, backwards, "--set", "train.max_steps=2", "--tokenizer", str(first / "tokenizer"))
+    swapped[swapped.index("--train-src") + 1], swapped[swapped.index("--train-tgt") + 1] = (
+        str(workspace["train_tgt"]),
+        str(workspace["train_src"]),
+    )
+    assert main(swapped) == 0
+    _fails_cleanly(capsys, [*evaluate, "--ensemble", str(backwards)], "the opposite direction of")
+
 
 def test_train_and_resume_leave_the_process_group_after_success(
     workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch

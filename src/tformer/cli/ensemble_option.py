@@ -1,10 +1,12 @@
 """`--ensemble RUN_DIR ...` for the commands that decode (translate, evaluate): decode with the average of
 several models' log-probabilities (decoding/ensemble.py), like fairseq's `--path a.pt:b.pt` and Marian's
-`--models a.npz b.npz`. The members must have been trained with the same tokenizer."""
+`--models a.npz b.npz`. The members must have been trained with the same tokenizer, and not from the
+other run's target files to its source files."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,5 +45,23 @@ def model_with_ensemble(loaded: LoadedRun, args: argparse.Namespace, device: str
                 f"--ensemble {path} was trained with a different tokenizer than {loaded.checkpoint_dir}; "
                 "ensemble members must share one (train them with --tokenizer DIR)"
             )
+        reversed_files = _training_files(member.experiment)
+        if reversed_files is not None and reversed_files[::-1] == _training_files(loaded.experiment):
+            raise ValueError(
+                f"--ensemble {path} was trained from {reversed_files[0]} to {reversed_files[1]}, the opposite "
+                f"direction of {loaded.checkpoint_dir}; ensemble members must translate the same way"
+            )
         members.append(member.model)
     return EnsembleModel(members)
+
+
+def _training_files(experiment: Any) -> tuple[str, str] | None:
+    """The run's (source, target) training files as its config names them, or None when it has none (an
+    imported model) or both are one file. A shared (joint) tokenizer cannot tell a run trained the other
+    way round from one trained this way; the files can, when both runs name the same two."""
+    data = experiment.data
+    if data.train_src is None or data.train_tgt is None:
+        return None
+    base = Path(data.data_dir or "")
+    files = (os.path.normpath(base / data.train_src), os.path.normpath(base / data.train_tgt))
+    return None if files[0] == files[1] else files
