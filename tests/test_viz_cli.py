@@ -54,6 +54,12 @@ def test_attention_user_errors(trained_run: tuple[Path, dict[str, Path]], tmp_pa
     assert main(["attention", str(run), "ka", "--out", str(tmp_path / "maps.svg")]) == 2
     assert main(["attention", str(run), "ka", "--out", str(tmp_path / "maps.png"), "--head", "7"]) == 2
     assert "head 7 does not exist" in capsys.readouterr().err
+    for empty in ("", "   "):  # drew the maps of eos alone, as if a sentence had been given
+        assert main(["attention", str(run), empty, "--out", str(tmp_path / "empty.png")]) == 2
+        assert (
+            capsys.readouterr().err == "error: the sentence is empty; give the source sentence to translate and draw\n"
+        )
+        assert not (tmp_path / "empty.png").exists()
 
 
 @pytest.mark.parametrize("extra", [[], ["--target", "cat"]], ids=["sentence", "target"])

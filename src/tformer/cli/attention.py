@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     for name, text in (("the sentence", args.sentence), ("--target", args.target)):
         if text is not None:
             _check_utf8(name, text)
+    if not args.sentence.strip():  # no token to attend from: the maps would be of eos alone
+        raise AttentionPlotError("the sentence is empty; give the source sentence to translate and draw")
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     decode = loaded.experiment.decode
     if args.beam is not None:
