@@ -215,11 +215,15 @@ def test_export_refuses_a_non_empty_output_and_ctranslate2_refuses_separate_voca
 
 
 def configured_outputs(model, tokenizer, **options) -> list[list[int]]:
-    """generate() with the exported generation_config's settings (only the length limit is given)."""
+    """generate() with the exported generation_config's settings (only the length limit is given, unless
+    `max_new_tokens=None`: then that of generation_config.json too)."""
+    options = {"max_new_tokens": MAX_NEW} | options
+    if options["max_new_tokens"] is None:
+        del options["max_new_tokens"]
     outputs = []
     for sentence in SENTENCES:
         with torch.no_grad():
-            sequence = model.generate(**tokenizer([sentence], return_tensors="pt"), max_new_tokens=MAX_NEW, **options)
+            sequence = model.generate(**tokenizer([sentence], return_tensors="pt"), **options)
         tokens = sequence[0].tolist()[1:]
         eos = model.config.eos_token_id
         outputs.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
@@ -261,6 +265,24 @@ def test_no_length_normalisation_is_hf_length_penalty_zero(tmp_path):
     assert beam == configured_outputs(hf_model, hf_tokenizer)
 
 
+@pytest.mark.parametrize("max_len_b", [MAX_NEW, 64, 200], ids=["below", "at", "above"])
+def test_generate_without_a_length_argument_stops_where_tformer_stops(tmp_path, max_len_b):
+    """generation_config.json's max_length is tformer's limit, clamped as tformer clamps it: max_positions
+    (64) predicted tokens after the decoder start token, not one fewer."""
+    decode = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=max_len_b, length_normalization="average")
+    run = make_run(tmp_path / "run", decode=decode)
+    export_hf(run, tmp_path / "hf")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["max_length"] == min(max_len_b, 64) + 1
+    loaded = load_run(run)
+    hf_model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    greedy = tformer_outputs(loaded, dataclasses.replace(decode, beam_size=1))
+    assert max(len(tokens) for tokens in greedy) == min(max_len_b, 64), "some output must reach the limit"
+    assert greedy == configured_outputs(hf_model, hf_tokenizer, num_beams=1, max_new_tokens=None)
+    assert tformer_outputs(loaded, decode) == configured_outputs(hf_model, hf_tokenizer, max_new_tokens=None)
+
+
 def test_gnmt_or_coverage_penalised_beam_search_is_exported_with_a_warning(tmp_path):
     gnmt = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="gnmt")
     with pytest.warns(UserWarning, match="no GNMT length penalty.*beam outputs will differ"):
@@ -294,9 +316,9 @@ def test_a_limit_that_grows_with_the_source_is_exported_with_a_one_line_warning(
     # the command line prints a warning as one line, like an error: no file name, no source line
     warned = [line for line in done.stderr.splitlines() if "length limit" in line or "export(" in line]
     assert warned == [
-        "warning: Hugging Face has no length limit that grows with the source: generate() stops at "
-        "max_length=64, not at tformer's 1.2 x source length + 10; outputs that reach tformer's limit differ "
-        "unless you pass generate() that max_new_tokens"
+        "warning: Hugging Face has no length limit that grows with the source: generate() stops after 64 "
+        "tokens (max_length=65), not at tformer's 1.2 x source length + 10; outputs that reach tformer's limit "
+        "differ unless you pass generate() that max_new_tokens"
     ]
     fixed = dataclasses.replace(growing, max_len_a=0.0)
     with warnings.catch_warnings():

@@ -71,7 +71,7 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
     """The run's decode settings where Hugging Face has the same ones. HF's length penalty is tformer's
     `length_normalization="average"` (and "none" is its length_penalty 0); GNMT's penalty has no HF
     counterpart. HF's lengths count the decoder start token: max_length is max_len_b + 1 when the limit
-    is fixed (max_len_a = 0; else the model's max_positions), min_length is tformer's min_len + 1.
+    is fixed (max_len_a = 0; else max_positions + 1, tformer's cap), min_length is tformer's min_len + 1.
     Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them.
     Sampling is HF's do_sample with the same temperature, top-k (0: none) and top-p, applied in that
     order in both."""
@@ -92,8 +92,9 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
         )
     if decode.max_len_a != 0:
         warnings.warn(
-            f"Hugging Face has no length limit that grows with the source: generate() stops at max_length="
-            f"{max_positions}, not at tformer's {decode.max_len_a} x source length + {decode.max_len_b}; outputs that "
+            f"Hugging Face has no length limit that grows with the source: generate() stops after {max_positions} "
+            f"tokens (max_length={max_positions + 1}), not at tformer's {decode.max_len_a} x source length + "
+            f"{decode.max_len_b}; outputs that "
             "reach tformer's limit differ unless you pass generate() that max_new_tokens",
             stacklevel=3,
         )
@@ -105,9 +106,10 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
         search["length_penalty"] = 0.0 if decode.length_normalization == "none" else decode.length_penalty
         search["early_stopping"] = decode.early_stopping
     # a fixed limit (max_len_a = 0) is HF's max_length, decoder start included; one that grows with the
-    # source has no HF counterpart, so the model's own limit is written
+    # source has no HF counterpart, so the model's own limit is written. Both are clamped as tformer
+    # clamps them: up to max_positions predicted tokens, after the decoder start token
     fixed = decode.max_len_a == 0
-    max_length = min(decode.max_len_b + 1, max_positions) if fixed else max_positions
+    max_length = (min(decode.max_len_b, max_positions) if fixed else max_positions) + 1
     return GenerationConfig(
         decoder_start_token_id=ids.bos_id,
         bos_token_id=ids.bos_id,
