@@ -17,7 +17,7 @@ from tformer.cli.main import main
 from tformer.config import DecodeConfig, ExperimentConfig, preset
 from tformer.data.tokenizer import Tokenizer
 from tformer.decoding import generate
-from tformer.interop.hf_export import export_hf, generation_config
+from tformer.interop.hf_export import export_ctranslate2, export_hf, generation_config
 from tformer.interop.marian import SpecialIds
 from tformer.model import Transformer
 from tformer.training.checkpoint import LoadedRun, load_run, save_checkpoint, step_name, write_pointer
@@ -42,19 +42,22 @@ def make_run(
     joint: bool = True,
     decode: DecodeConfig | None = None,
     byte_fallback: bool = False,
+    scale: float = 0.2,
+    eos_bias: float = 2.0,
     **overrides,
 ) -> Path:
-    """A run directory holding a random, peaked tiny model and a tokenizer trained on a few sentences."""
+    """A run directory holding a random, peaked tiny model and a tokenizer trained on a few sentences
+    (`scale`: how far the weights are perturbed; `eos_bias`: added to eos's final-logits bias)."""
     vocab_size = 70 + (256 if byte_fallback else 0)
     tokenizer = Tokenizer.train(SOURCES, TARGETS, vocab_size=vocab_size, joint=joint, byte_fallback=byte_fallback)
     options = dict(sinusoidal_layout="concatenated", final_logits_bias=True, max_positions=64, share_embeddings=joint)
     config = preset(
         "tiny", src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, **options | overrides
     )
-    model = perturbed(Transformer(config, seed=2), seed=2, scale=0.2).eval()
+    model = perturbed(Transformer(config, seed=2), seed=2, scale=scale).eval()
     if model.final_logits_bias is not None:
         with torch.no_grad():
-            model.final_logits_bias[tokenizer.eos_id] += 2.0  # some outputs end before the length limit
+            model.final_logits_bias[tokenizer.eos_id] += eos_bias  # some outputs end before the length limit
     decode = decode or DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average")
     name = step_name(1)
     save_checkpoint(
@@ -157,6 +160,88 @@ def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output, share_
     results = translator.translate_batch(sources, beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
     expected = tformer_outputs(loaded, DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW))
     assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(tokens) for tokens in expected]
+
+
+def test_ctranslate2_beam_search_with_a_length_penalty_is_tformers_with_early_stopping(tmp_path):
+    """translate_batch(length_penalty=alpha) is tformer's "average" normalisation (eos counted in the
+    length) with early_stopping = true: the same n-best lists with the same scores. Its beam search has no
+    counterpart of early_stopping = false with a penalty, which the export names in its warning."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    decode = DecodeConfig(
+        beam_size=3, nbest=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average", length_penalty=0.6,
+        early_stopping=True,
+    )  # fmt: skip
+    run = make_run(tmp_path / "run", decode=decode, scale=0.5, eos_bias=8.0)  # outputs of varied lengths
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_ctranslate2(run, tmp_path / "ct2")
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
+    loaded = load_run(run)
+    tokenizer = loaded.tokenizer
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 10, (12,), generator=generator).tolist()
+    sources = [[*torch.randint(4, tokenizer.src_vocab_size, (n,), generator=generator).tolist(), 2] for n in lengths]
+    results = translator.translate_batch(
+        [tokenizer.id_to_source_piece(ids) for ids in sources], beam_size=3, num_hypotheses=3, length_penalty=0.6,
+        max_decoding_length=MAX_NEW, min_decoding_length=0, return_scores=True,
+    )  # fmt: skip
+    outputs = {}
+    for early_stopping in (True, False):
+        config = dataclasses.replace(decode, early_stopping=early_stopping)
+        outputs[early_stopping] = [
+            generate(loaded.model, torch.tensor([ids]), src_pad_mask=None, bos_id=1, eos_id=2, config=config)[0]
+            for ids in sources
+        ]
+    lengths = set()
+    for nbest, result in zip(outputs[True], results, strict=True):
+        assert [tokenizer.id_to_target_piece(h.tokens) for h in nbest] == result.hypotheses
+        assert [h.score for h in nbest] == pytest.approx(result.scores, abs=1e-4)
+        lengths |= {len(h.tokens) for h in nbest}
+    assert {0, MAX_NEW} < lengths, "cover hypotheses ending with eos (some of several tokens) and cut ones"
+    assert [[h.tokens for h in nbest] for nbest in outputs[False]] != [
+        [h.tokens for h in nbest] for nbest in outputs[True]
+    ]
+    with pytest.warns(UserWarning, match="early_stopping=false with a length penalty"):
+        export_ctranslate2(
+            make_run(tmp_path / "late", decode=dataclasses.replace(decode, early_stopping=False)), tmp_path / "late-ct2"
+        )
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"length_normalization": "gnmt"}, "length_normalization='gnmt': its length_penalty is tformer's 'average'"),
+        (
+            {"length_normalization": "none", "early_stopping": False},
+            "no length penalty with early_stopping=true or nbest > 1",
+        ),
+        ({"no_repeat_ngram_size": 2, "min_len": 2}, "min_len, no_repeat_ngram_size in beam search: it renormalises"),
+        (
+            {"beam_size": 1, "nbest": 1, "max_len_a": 1.2},
+            "max_len_a=1.2: its max_decoding_length does not grow with the source",
+        ),
+    ],
+)
+def test_ctranslate2_export_warns_in_one_line_about_settings_it_cannot_reproduce(tmp_path, changes, reason):
+    import subprocess
+    import sys
+
+    decode = DecodeConfig(
+        beam_size=3, nbest=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average", early_stopping=True
+    )
+    run = make_run(tmp_path / "run", decode=dataclasses.replace(decode, **changes))
+    command = [sys.executable, "-m", "tformer.cli.main", "export", str(run), "--to", "ctranslate2"]
+    done = subprocess.run([*command, "--out", str(tmp_path / "ct2")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and warned[0].startswith("warning: CTranslate2's translate_batch cannot reproduce")
+    assert reason in warned[0] and "Hugging Face" not in warned[0]
+    greedy = dataclasses.replace(
+        decode, beam_size=1, nbest=1, min_len=2, no_repeat_ngram_size=2
+    )  # greedy picks the same tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_ctranslate2(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "greedy-ct2")
 
 
 def test_byte_pieces_survive_export_to_hf_and_ctranslate2_and_import_back(tmp_path):

@@ -58,13 +58,67 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
     out = fresh_directory(out)
     from ctranslate2.converters import TransformersConverter
 
+    differences = ctranslate2_differences(loaded.experiment.decode)
+    if differences:
+        warnings.warn(
+            f"CTranslate2's translate_batch cannot reproduce this run's decoding ({'; '.join(differences)}), so "
+            "its outputs may differ from tformer's; docs/interop.md lists the settings that give the same ones",
+            stacklevel=2,
+        )
     with tempfile.TemporaryDirectory() as hf_dir, written_atomically(out) as temporary:
-        export_hf(run, Path(hf_dir) / "hf", which=which)
-        with _start_token_loader():
+        with warnings.catch_warnings():  # they are about generate() and generation_config.json, unused here
+            warnings.simplefilter("ignore")
+            export_hf(run, Path(hf_dir) / "hf", which=which)
+        with _start_token_loader(), warnings.catch_warnings():
+            # MarianTokenizer's advice; the conversion reads only its vocabulary
+            warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
             TransformersConverter(str(Path(hf_dir) / "hf"), copy_files=[SOURCE_SPM, TARGET_SPM]).convert(
                 str(temporary), force=True
             )
     return out
+
+
+def ctranslate2_differences(decode: DecodeConfig) -> list[str]:
+    """The run's decode settings that no `translate_batch` argument reproduces, each with the reason.
+
+    CTranslate2's `length_penalty` is tformer's "average" normalisation (the length counts eos, as here),
+    but its beam search stops a sentence once `beam_size` hypotheses ended (tformer's early_stopping =
+    true), or, with length_penalty 0, once the best beam ended (tformer's 1-best with early_stopping =
+    false). It bans tokens (minimum length, n-gram ban, banned ids) on the logits, before the softmax, so
+    the other tokens' log-probabilities are renormalised: greedy picks the same tokens, beam search may
+    not. A length limit is one number for the whole batch."""
+    differences = []
+    if decode.beam_size > 1 and not decode.sampling:
+        penalised = decode.length_normalization != "none" and decode.length_penalty != 0.0
+        if decode.length_normalization == "gnmt" and penalised:
+            differences.append("length_normalization='gnmt': its length_penalty is tformer's 'average'")
+        if penalised and not decode.early_stopping:
+            differences.append(
+                "early_stopping=false with a length penalty: it stops a sentence once beam_size hypotheses "
+                "ended, as early_stopping=true does"
+            )
+        if not penalised and (decode.early_stopping or decode.nbest > 1):
+            differences.append(
+                "no length penalty with early_stopping=true or nbest > 1: it stops a sentence once its best beam ended"
+            )
+        if decode.coverage_penalty > 0:
+            differences.append(f"coverage_penalty={decode.coverage_penalty}: tformer's is not its coverage_penalty")
+        banned = [
+            name
+            for name, value in (
+                ("min_len", decode.min_len),
+                ("no_repeat_ngram_size", decode.no_repeat_ngram_size),
+                ("banned_ids", decode.banned_ids),
+            )
+            if value
+        ]
+        if banned:
+            differences.append(
+                f"{', '.join(banned)} in beam search: it renormalises the log-probabilities of the tokens it allows"
+            )
+    if decode.max_len_a != 0:
+        differences.append(f"max_len_a={decode.max_len_a}: its max_decoding_length does not grow with the source")
+    return differences
 
 
 def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int) -> Any:
