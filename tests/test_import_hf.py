@@ -148,6 +148,29 @@ def test_an_untied_output_projection_is_imported_as_one(tmp_path):
     assert greedy == hf_generate(hf_model, hf_tokenizer, num_beams=1)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_half_precision_weights_are_imported_exactly_as_float32_and_the_summary_says_so(tmp_path, capsys, dtype):
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    transformers.MarianMTModel.from_pretrained(hf_dir).to(getattr(torch, dtype)).save_pretrained(hf_dir)
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    note = "" if dtype == "float32" else f" (weights stored as {dtype} in {hf_dir}, imported exactly as float32)"
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'run'}{note}\n"
+    loaded = load_run(tmp_path / "run")
+    experiment = json.loads((tmp_path / "run" / "checkpoints" / "step-00000000" / "experiment.json").read_text())
+    assert experiment["imported_from"]["stored_dtypes"] == [dtype]
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert torch.equal(loaded.model.src_embedding.weight, hf_model.model.shared.weight)
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(hf_dir)
+    src = hf_tokenizer(SENTENCES[2:3], return_tensors="pt").input_ids
+    tgt = torch.tensor([[loaded.model.config.pad_id, 5, 9, 3, 7, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(src, tgt), hf_model(input_ids=src, decoder_input_ids=tgt).logits, atol=1e-5, rtol=0
+        )
+
+
 def test_import_refuses_what_it_cannot_read(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["import-hf", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2

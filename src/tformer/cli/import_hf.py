@@ -30,6 +30,10 @@ def run(args: argparse.Namespace) -> int:
     require(["transformers"], command="import-hf", extra="hf")
     from tformer.interop.hf_import import import_hf
 
-    out = import_hf(args.hf_dir, args.out)
-    print(f"wrote {out}")
+    imported = import_hf(args.hf_dir, args.out)
+    half = [dtype for dtype in imported.stored_dtypes if dtype != "float32"]
+    note = ""
+    if half:  # Hugging Face (transformers 5) computes in the stored type unless told dtype=torch.float32
+        note = f" (weights stored as {', '.join(half)} in {args.hf_dir}, imported exactly as float32)"
+    print(f"wrote {imported.run_dir}{note}")
     return 0

@@ -7,8 +7,9 @@
 Read: config.json, the weights (model.safetensors, or pytorch_model.bin loaded with
 `torch.load(weights_only=True)`, so nothing is unpickled), generation_config.json when present, and the
 tokenizer files (see `VocabTokenizer`). A model with `tie_word_embeddings=False` keeps its own lm_head
-(tformer's untied output projection). Written: a run directory with one checkpoint, `step-00000000`,
-that `load_run` and every tformer command read like a trained one.
+(tformer's untied output projection). Weights stored as float16 or bfloat16 become float32, exactly.
+Written: a run directory with one checkpoint, `step-00000000`, that `load_run` and every tformer command
+read like a trained one.
 
 Decoding settings are the ones generate() uses (generation_config.json, else config.json's), mapped
 and checked by `tformer.interop.hf_generation`: HF's `bad_words_ids` of single tokens (OPUS-MT bans its
@@ -20,6 +21,7 @@ are refused in one line.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,20 @@ from tformer.model import Transformer
 from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name, write_checkpoint, write_pointer
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Write a tformer run directory at `out` (new or empty) holding the Marian model of `hf_dir`."""
+@dataclass(frozen=True)
+class ImportedRun:
+    """The run directory `import_hf` wrote, and the floating-point types its weights had in the Hugging
+    Face directory (the run holds them as float32; float16 and bfloat16 values convert exactly)."""
+
+    run_dir: Path
+    stored_dtypes: tuple[str, ...]
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
+    """Write a tformer run directory at `out` (new or empty) holding the Marian model of `hf_dir`.
+
+    Weights stored as float16 or bfloat16 are imported as float32: the conversion is exact, and float32
+    is what tformer decodes with on the CPU (half-precision matrix products there are slow or missing)."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
@@ -55,8 +69,12 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     config = model_config_from_marian(hf_config)
     has_file = _has(hf_dir, GENERATION_FILE)
     generation = generation_settings(_read_json(hf_dir / GENERATION_FILE) if has_file else None, raw)
+    weights = _read_weights(hf_dir)
+    stored_dtypes = tuple(
+        sorted({str(t.dtype).removeprefix("torch.") for t in weights.values() if t.is_floating_point()})
+    )
     try:
-        state = marian_to_tformer_state(_with_tied_embeddings(_read_weights(hf_dir), config), config)
+        state = marian_to_tformer_state(_with_tied_embeddings(weights, config), config)
     except KeyError as error:
         raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
     model = Transformer(config)
@@ -77,7 +95,12 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     except ValueError as error:
         raise ValueError(f"{named}: {error}") from None
     experiment = ExperimentConfig(model=config, decode=decode)
-    source = {"format": "hf-marian", "path": str(hf_dir.resolve()), "banned_token_ids": list(decode.banned_ids)}
+    source = {
+        "format": "hf-marian",
+        "path": str(hf_dir.resolve()),
+        "banned_token_ids": list(decode.banned_ids),
+        "stored_dtypes": list(stored_dtypes),
+    }
     with written_atomically(out) as temporary:
         name = step_name(0)
         (temporary / CHECKPOINTS_DIR).mkdir()
@@ -91,7 +114,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
             extra={"imported_from": source},
         )
         write_pointer(temporary, "latest", name)
-    return out
+    return ImportedRun(out, stored_dtypes)
 
 
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
