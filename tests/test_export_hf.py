@@ -330,6 +330,24 @@ def test_export_refuses_a_non_empty_output_and_ctranslate2_refuses_separate_voca
     assert "one vocabulary shared" in capsys.readouterr().err
 
 
+def test_an_out_inside_the_input_is_refused_in_one_line_leaving_the_input_as_it_was(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    commands = [
+        ("export", run, "run", "hf"),
+        ("export", run, "run", "ctranslate2"),
+        ("import-hf", tmp_path / "hf", "Hugging Face", None),
+    ]
+    for command, source, name, to in commands:
+        before = sorted(path.relative_to(source) for path in source.rglob("*"))
+        for out in (source / "out", source / "checkpoints" / "out", source):
+            capsys.readouterr()
+            assert main([command, str(source), *(["--to", to] if to else []), "--out", str(out)]) == 2
+            expected = f"error: --out {out} is inside the {name} directory {source}; choose a directory outside it\n"
+            assert capsys.readouterr().err == expected
+        assert sorted(path.relative_to(source) for path in source.rglob("*")) == before
+
+
 def configured_outputs(model, tokenizer, **options) -> list[list[int]]:
     """generate() with the exported generation_config's settings (only the length limit is given, unless
     `max_new_tokens=None`: then that of generation_config.json too)."""

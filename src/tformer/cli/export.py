@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from tformer.cli.extras import require
-from tformer.cli.output_paths import check_output_dir
+from tformer.cli.output_paths import check_output_dir, check_outside
 
 HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model"
 
@@ -21,12 +21,15 @@ HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run (or checkpoint) directory")
     parser.add_argument("--to", required=True, choices=["hf", "ctranslate2"], help="output format")
-    parser.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    parser.add_argument(
+        "--out", required=True, help="output directory (must not exist, or be empty; not inside RUN_DIR)"
+    )
     parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint (default: best)")
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.out))  # before loading anything: a path under a file is one line
+    check_outside(Path(args.out), "--out", directory=Path(args.run_dir), name="run directory")
     if args.to == "hf":
         require(["transformers"], command="export --to hf", extra="hf")
     else:

@@ -15,18 +15,21 @@ import argparse
 from pathlib import Path
 
 from tformer.cli.extras import require
-from tformer.cli.output_paths import check_output_dir
+from tformer.cli.output_paths import check_output_dir, check_outside
 
 HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run directory"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir", metavar="HF_DIR", help="a local Hugging Face MarianMT model directory")
-    parser.add_argument("--out", required=True, help="run directory to create (must not exist, or be empty)")
+    parser.add_argument(
+        "--out", required=True, help="run directory to create (must not exist, or be empty; not inside HF_DIR)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.out))  # before loading anything: a path under a file is one line
+    check_outside(Path(args.out), "--out", directory=Path(args.hf_dir), name="Hugging Face directory")
     require(["transformers"], command="import-hf", extra="hf")
     from tformer.interop.hf_import import import_hf
 

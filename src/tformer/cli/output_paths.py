@@ -65,3 +65,11 @@ def check_output_dir(path: Path, flag: str = "--out") -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a directory")
     _check_parents(path, flag)
+
+
+def check_outside(path: Path, flag: str, *, directory: Path, name: str) -> None:
+    """`path` is not `directory` (called `name`, the command's input) or inside it: a converter's output
+    written into its input would change what it converts, and be copied, uploaded or deleted with it."""
+    inside = path.resolve()
+    if directory.exists() and (inside == directory.resolve() or directory.resolve() in inside.parents):
+        raise ValueError(f"{flag} {path} is inside the {name} {directory}; choose a directory outside it")
