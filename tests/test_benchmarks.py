@@ -34,8 +34,8 @@ def test_quick_decoding_benchmark_reports_ratios_against_both_rivals() -> None:
     rates = {line["system"]: line["value"] for line in lines if line["metric"] == "target_tokens_per_s"}
     assert set(rates) == {"tformer", "hf", "ctranslate2"} and all(rate > 0 for rate in rates.values())
     ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
-    assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2)
-    assert ratios["ratio_vs_ctranslate2"] == pytest.approx(rates["tformer"] / rates["ctranslate2"], rel=1e-2)
+    assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2, abs=1e-3)
+    assert ratios["ratio_vs_ctranslate2"] == pytest.approx(rates["tformer"] / rates["ctranslate2"], rel=1e-2, abs=1e-3)
 
 
 def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None:
@@ -44,7 +44,7 @@ def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None
     rates = {line["system"]: line["value"] for line in lines if line["metric"] == "tokens_per_s"}
     assert set(rates) == {"tformer", "hf", "torch"} and all(rate > 0 for rate in rates.values())
     ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
-    assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2)
+    assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2, abs=1e-3)
 
 
 def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Path) -> None:
