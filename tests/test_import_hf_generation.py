@@ -111,7 +111,11 @@ def test_the_imported_decoder_uses_the_settings_generate_uses(tmp_path, layout):
     [
         (dict(repetition_penalty=1.3), "repetition_penalty=1.3"),
         (dict(forced_bos_token_id=5), "forced_bos_token_id=5"),
-        (dict(do_sample=True), "do_sample=True"),
+        (dict(do_sample=True, num_beams=4), "do_sample=True with num_beams=4 is beam sampling"),
+        (dict(do_sample=True, num_beams=1, typical_p=0.5), "typical_p=0.5"),
+        (dict(do_sample=True, num_beams=1, min_p=0.1), "min_p=0.1"),
+        (dict(do_sample="yes"), "do_sample='yes' must be true or false"),
+        (dict(do_sample=True, num_beams=1, top_k=2.5), "top_k=2.5 must be an integer"),
         (dict(num_beam_groups=3, diversity_penalty=0.5), "num_beam_groups=3"),
         (dict(encoder_no_repeat_ngram_size=2), "encoder_no_repeat_ngram_size=2"),
         (dict(suppress_tokens=[7]), "suppress_tokens=[7]"),
@@ -179,3 +183,66 @@ def _import_is_refused(tmp_path, capsys, changes: dict, named: str) -> None:
     error = capsys.readouterr().err
     assert error.startswith(f"error: {hf_dir / 'generation_config.json'}: {named}") and error.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (dict(do_sample=True, num_beams=1), dict(temperature=1.0, top_k=50, top_p=1.0)),  # generate()'s defaults
+        (
+            dict(do_sample=True, num_beams=1, temperature=0.7, top_k=0, top_p=0.9),
+            dict(temperature=0.7, top_k=0, top_p=0.9),
+        ),
+        (
+            dict(do_sample=True, num_beams=1, typical_p=1.0, epsilon_cutoff=0.0),
+            dict(temperature=1.0, top_k=50, top_p=1.0),
+        ),
+    ],
+    ids=["defaults", "given", "neutral-extras"],
+)
+def test_a_sampling_model_imports_as_tformers_sampling_with_its_settings(tmp_path, changes, expected):
+    """do_sample was refused as a setting "tformer has no such ...", though tformer samples the same way."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    rewrite(hf_dir / "generation_config.json", **changes)
+    import_hf(hf_dir, tmp_path / "run")
+    decode = load_run(tmp_path / "run").experiment.decode
+    assert decode.sampling and decode.beam_size == 1
+    assert dict(temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p) == expected
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 50, 1.0), (0.6, 7, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.5)]
+)
+def test_tformers_sampling_distribution_is_generates(temperature, top_k, top_p):
+    """The distribution tformer draws from is the one generate()'s warpers leave (temperature, then top-k,
+    then top-p, in that order), in float64: what makes an imported do_sample the same decoder."""
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from tformer.config import DecodeConfig
+    from tformer.decoding.sampling import Sampler
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    config = DecodeConfig(sampling=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    ours = Sampler(config, torch.device("cpu"), rows=6).shaped_log_probs(logits).exp()
+    theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        theirs = TopKLogitsWarper(top_k)(None, theirs)
+    if top_p < 1.0:
+        theirs = TopPLogitsWarper(top_p)(None, theirs)
+    torch.testing.assert_close(ours, theirs.softmax(dim=-1), atol=1e-12, rtol=0)
+    if top_k or top_p < 1.0:
+        assert (ours == 0).any()  # the truncation did cut tokens
+
+
+def test_a_sampling_run_exports_and_imports_back_with_its_settings(tmp_path):
+    from tformer.interop.hf_export import export_hf
+
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    rewrite(hf_dir / "generation_config.json", do_sample=True, num_beams=1, temperature=0.8, top_k=12, top_p=0.95)
+    import_hf(hf_dir, tmp_path / "run")
+    export_hf(tmp_path / "run", tmp_path / "again", which="last")
+    import_hf(tmp_path / "again", tmp_path / "run2")
+    first, second = (load_run(tmp_path / name).experiment.decode for name in ("run", "run2"))
+    assert second.sampling and (second.temperature, second.top_k, second.top_p) == (0.8, 12, 0.95)
+    assert (first.temperature, first.top_k, first.top_p) == (second.temperature, second.top_k, second.top_p)

@@ -8,10 +8,13 @@ How they map: num_beams, length_penalty (tformer's "average" normalisation is Hu
 no_repeat_ngram_size, early_stopping (true or false); min_length and max_length count the decoder start
 token in HF, so tformer's limits are one less (min_new_tokens and max_new_tokens are tformer's as they
 are, and win over min_length and max_length as in HF); single-token `bad_words_ids` become
-`banned_ids`, `forced_eos_token_id` `forced_eos`. A setting that changes generate()'s output and has
-no tformer counterpart (sampling, repetition penalties, a forced first token, several eos tokens,
-multi-token bans, ...) is refused in one line naming it, rather than imported as a different decoder.
-Sampling parameters (temperature, top_k, ...) are ignored as generate() ignores them without do_sample.
+`banned_ids`, `forced_eos_token_id` `forced_eos`. `do_sample` (with one beam) becomes tformer's sampling
+with the same temperature, top_k and top_p, applied in the same order (generate()'s defaults when unset:
+1.0, 50, 1.0); the samples themselves differ, drawn from another random stream. A setting that changes
+generate()'s output and has no tformer counterpart (beam sampling, typical_p, min_p, repetition penalties,
+a forced first token, several eos tokens, multi-token bans, ...) is refused in one line naming it, rather
+than imported as a different decoder. Sampling parameters are ignored without do_sample, as generate()
+ignores them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ GENERATION_FILE = "generation_config.json"
 
 # settings tformer cannot reproduce -> the values with which generate() behaves as if they were unset
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "do_sample": (False,),
     "repetition_penalty": (1.0,),
     "encoder_repetition_penalty": (1.0,),
     "encoder_no_repeat_ngram_size": (0,),
@@ -50,6 +52,15 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "dola_layers": (),
     "watermarking_config": (),
 }
+# ... and those that only sampling reads
+_NEUTRAL_WHEN_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "typical_p": (1.0,),
+    "min_p": (),
+    "top_h": (),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+}
+HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # generate()'s, for unset values
 
 
 def generation_settings(file_settings: dict[str, Any] | None, model_config: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +91,12 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
     # HF's max_length counts the decoder start token; a forced eos is the last of the tokens after it
     max_new = settings.get("max_new_tokens", int(settings.get("max_length", 512)) - 1)
     min_new = settings.get("min_new_tokens", int(settings.get("min_length", 0)) - 1)
+    sampling = settings.get("do_sample", False) is True
+    shaping = {key: settings.get(key, default) for key, default in HF_SAMPLING_DEFAULTS.items()} if sampling else {}
     try:
         return DecodeConfig(
+            sampling=sampling,
+            **shaping,
             beam_size=int(settings.get("num_beams", 1)),
             nbest=1,
             max_len_a=0.0,
@@ -103,6 +118,14 @@ def _check_types(settings: dict[str, Any], *, source: str) -> None:
     for key in ("num_beams", "max_length", "min_length", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size"):
         if key in settings and not _is_integer(settings[key]):
             raise ValueError(f"{source}: {key}={settings[key]!r} must be an integer")
+    if settings.get("do_sample", False) not in (True, False):
+        raise ValueError(f"{source}: do_sample={settings['do_sample']!r} must be true or false")
+    if settings.get("do_sample") is True:
+        for key in ("temperature", "top_p"):
+            if key in settings and not (_is_integer(settings[key]) or isinstance(settings[key], float)):
+                raise ValueError(f"{source}: {key}={settings[key]!r} must be a number")
+        if "top_k" in settings and not _is_integer(settings["top_k"]):
+            raise ValueError(f"{source}: top_k={settings['top_k']!r} must be an integer")
     penalty = settings.get("length_penalty", 1.0)
     if not (_is_integer(penalty) or isinstance(penalty, float)):
         raise ValueError(f"{source}: length_penalty={penalty!r} must be a number")
@@ -122,7 +145,13 @@ def banned_ids(settings: dict[str, Any]) -> list[int]:
 
 
 def _refuse_what_tformer_lacks(settings: dict[str, Any], *, eos_id: int, source: str) -> None:
-    for key, neutral in _NEUTRAL.items():
+    sampling = settings.get("do_sample") is True
+    if sampling and settings.get("num_beams", 1) != 1:
+        raise ValueError(
+            f"{source}: do_sample=True with num_beams={settings['num_beams']} is beam sampling, which tformer "
+            "does not have; set num_beams to 1 (sampling) or do_sample to false (beam search) to import this model"
+        )
+    for key, neutral in {**_NEUTRAL, **(_NEUTRAL_WHEN_SAMPLING if sampling else {})}.items():
         if key in settings and settings[key] not in neutral:
             fix = f"remove it (or set it to {neutral[0]!r})" if neutral else "remove it"
             raise ValueError(
