@@ -42,6 +42,13 @@ from tformer.evaluation import Scores, bleu_metric, tokenization_advice
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.training import checkpoint as ckpt
+from tformer.training.errors import (
+    CheckpointSaveError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    what_was_kept,
+    why_diverged,
+)
 from tformer.training.graphed_step import GraphedSteps
 from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
@@ -51,22 +58,6 @@ from tformer.training.run_lock import RunLock
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
 from tformer.training.validation import EarlyStopping, validation_loss, validation_scores
-
-
-class TrainingDivergedError(ValueError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
-class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (a full disk, say); the message names the checkpoint the run keeps."""
-
-    def __init__(self, failure: str, kept: str) -> None:
-        super().__init__(f"{failure}; {kept}")
-        self.failure = failure  # what failed, without what the run kept
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training; the message (rank 0's; empty on other ranks) says what the run kept."""
 
 
 @dataclass
@@ -260,7 +251,7 @@ class Trainer:
                 if due and self._last_saved_step != self.step:
                     self.save(best=improved)
         except KeyboardInterrupt as interrupt:
-            raise TrainingInterrupted(self._what_was_kept() if self.distributed.is_main else "") from interrupt
+            raise TrainingInterrupted(what_was_kept(self.run_dir) if self.distributed.is_main else "") from interrupt
         finally:
             batches.close()
             progress.close()
@@ -406,7 +397,7 @@ class Trainer:
             norms = [entry[4] for entry in self._pending if entry[4] is not None]
             for step, loss in zip(steps, losses, strict=True):
                 if not np.isfinite(loss):
-                    self._diverged(step)
+                    raise TrainingDivergedError(why_diverged(self.run_dir, step))
             self._window["loss"] += sum(losses)
             self._window["nll"] += sum(nlls)
             self._window["tokens"] += int(sum(counts))
@@ -440,31 +431,6 @@ class Trainer:
         first = self.step - self.step % self.train_config.log_every + 1
         steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
         return f" (loss {self._window['loss'] / tokens:.3f} over {steps}, which no log row covers)"
-
-    def _what_was_kept(self) -> str:
-        """What an interrupted run leaves: its last complete checkpoint, which a resume continues from."""
-        try:
-            name = ckpt.read_pointer_name(self.run_dir, "latest")
-        except (OSError, ckpt.CheckpointError):
-            name = None
-        if name is None:
-            return f"no checkpoint of {self.run_dir} was saved yet, so nothing to resume: start afresh with --overwrite"
-        return (
-            f"the run keeps its last checkpoint, {self.run_dir / ckpt.CHECKPOINTS_DIR / name}; "
-            f"continue it with: tformer train --out {self.run_dir} --resume"
-        )
-
-    def _diverged(self, step: int) -> None:
-        name = ckpt.read_pointer_name(self.run_dir, "latest")
-        where = (
-            f"the last good checkpoint is {self.run_dir / ckpt.CHECKPOINTS_DIR / name}"
-            if name
-            else "no checkpoint was saved"
-        )
-        raise TrainingDivergedError(
-            f"training diverged: the loss became non-finite at step {step}; {where}; "
-            "lower the learning rate or set train.clip_norm"
-        )
 
     def _stop_reason(self) -> str | None:
         config = self.train_config
@@ -516,7 +482,7 @@ class Trainer:
                 ckpt.write_pointer(self.run_dir, "best", name)
         except OSError as error:  # the pointers still name the last complete checkpoint
             raise CheckpointSaveError(
-                f"could not save checkpoint {name} ({error.strerror or error})", self._what_was_kept()
+                f"could not save checkpoint {name} ({error.strerror or error})", what_was_kept(self.run_dir)
             ) from error
         ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
         return path

@@ -1,0 +1,56 @@
+"""How a training run that cannot go on tells its user: the error types, and what their messages say
+the run keeps.
+
+Each message names what the user can do next: the checkpoint a resume continues from (or that there is
+none, so nothing to resume), and for a diverged run the last good checkpoint and what to change. The
+pointers name only complete checkpoints (checkpoint.py), so "latest" is what a run keeps however it
+stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tformer.training import checkpoint as ckpt
+
+
+class TrainingDivergedError(ValueError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, say); the message names the checkpoint the run keeps."""
+
+    def __init__(self, failure: str, kept: str) -> None:
+        super().__init__(f"{failure}; {kept}")
+        self.failure = failure  # what failed, without what the run kept
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; the message (rank 0's; empty on other ranks) says what the run kept."""
+
+
+def what_was_kept(run_dir: Path) -> str:
+    """What an interrupted run leaves: its last complete checkpoint, which a resume continues from."""
+    try:
+        name = ckpt.read_pointer_name(run_dir, "latest")
+    except (OSError, ckpt.CheckpointError):
+        name = None
+    if name is None:
+        return f"no checkpoint of {run_dir} was saved yet, so nothing to resume: start afresh with --overwrite"
+    return (
+        f"the run keeps its last checkpoint, {run_dir / ckpt.CHECKPOINTS_DIR / name}; "
+        f"continue it with: tformer train --out {run_dir} --resume"
+    )
+
+
+def why_diverged(run_dir: Path, step: int) -> str:
+    """The message of the TrainingDivergedError of a run whose loss at `step` was not finite."""
+    name = ckpt.read_pointer_name(run_dir, "latest")
+    where = (
+        f"the last good checkpoint is {run_dir / ckpt.CHECKPOINTS_DIR / name}" if name else "no checkpoint was saved"
+    )
+    return (
+        f"training diverged: the loss became non-finite at step {step}; {where}; "
+        "lower the learning rate or set train.clip_norm"
+    )
