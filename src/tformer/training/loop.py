@@ -50,6 +50,7 @@ from tformer.training.errors import (
     why_diverged,
 )
 from tformer.training.graphed_step import GraphedSteps
+from tformer.training.loss_window import LossWindow
 from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
 from tformer.training.prefetch import BatchSource
@@ -134,12 +135,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training wall time, summed over resumptions
         self._epoch_lengths: dict[int, int] = {}
         self._position = data.stream.state_dict()  # the stream state after the last batch trained on
-        self._pending: list[tuple[int, Tensor, Tensor, int, Tensor | None]] = []
-        self._window = _log_window(None)
-        self._window_start = time.monotonic()
-        # tokens trained since _window_start by this process: a resumed window also holds steps trained
-        # before the interruption, whose time this process never measured
-        self._window_tokens_timed = 0
+        self.window = LossWindow()  # the losses of the steps since the last log row
         self._last_saved_step = -1
         self._shown_signature = False
 
@@ -153,7 +149,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "stream": self.stream_state(),
             "early_stopping": self.early_stopping.state_dict(),
-            "log_window": dict(self._window),  # steps since the last logged row, averaged into the next one
+            "log_window": self.window.state_dict(),  # steps since the last logged row, averaged into the next one
             "rng": {
                 "python": _python_state_to_lists(random.getstate()),
                 "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
@@ -174,7 +170,7 @@ class Trainer:
                 file=sys.stderr,
                 flush=True,
             )
-        self._window = _log_window(state.get("log_window"))  # absent in older checkpoints: an empty window
+        self.window.load_state_dict(state.get("log_window"))  # absent in older checkpoints: an empty window
         rng = state["rng"]
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -230,7 +226,7 @@ class Trainer:
         batches = BatchSource(self.data.stream, background=cuda, pin_memory=cuda)
         progress.message(self.effective_batch())
         started = time.monotonic() - self.elapsed_s
-        self._window_start = time.monotonic()
+        self.window.started = time.monotonic()
         stop_reason = self._stop_reason() if self.step > 0 else None
         try:
             while stop_reason is None:
@@ -239,9 +235,9 @@ class Trainer:
                 self.step += 1
                 lr = learning_rate(self.step, config, d_model=self.experiment.model.d_model)
                 if config.cuda_graphs:
-                    self._pending.append((self.step, *self._graphed_step(micro_batches[0], lr)))
+                    self.window.add(self.step, *self._graphed_step(micro_batches[0], lr))
                 else:
-                    self._pending.append((self.step, *self._eager_step(micro_batches, lr)))
+                    self.window.add(self.step, *self._eager_step(micro_batches, lr))
                 self.elapsed_s = time.monotonic() - started
                 progress.step()
                 improved = self._end_of_step(lr, progress)
@@ -259,7 +255,8 @@ class Trainer:
                 self.lock.release()
         self.distributed.barrier()  # rank 0 has written the last checkpoint before any process returns
         last = self.final_run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
-        progress.message(f"stopped at step {self.step}: {stop_reason}{self._unlogged_loss()}; last checkpoint {last}")
+        unlogged = self.window.unlogged_loss(self.step, config.log_every)  # save has read every pending loss
+        progress.message(f"stopped at step {self.step}: {stop_reason}{unlogged}; last checkpoint {last}")
         best = self.early_stopping
         return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
 
@@ -330,7 +327,7 @@ class Trainer:
                 self._shown_signature = True
             if config.stop_metric in ("bleu", "chrf"):
                 improved = self.early_stopping.update(row[config.stop_metric], self.step)
-        self._window_start += time.monotonic() - validation_started  # tokens/s counts training time only
+        self.window.pause(time.monotonic() - validation_started)
         if any(key.startswith("valid_") or key == "bleu" for key in row):
             shown = {
                 key: round(value, 3)
@@ -380,57 +377,12 @@ class Trainer:
         )
 
     def _flush(self) -> dict[str, float]:
-        """Read pending step losses from the device in one go; fail on the first non-finite one.
-
-        Returns the logging window's averages (and resets it) when called at a logging step."""
-        if self._pending:
-            steps = [entry[0] for entry in self._pending]
-            tokens = torch.tensor([float(entry[3]) for entry in self._pending], dtype=torch.float64)
-            sums = torch.stack(
-                [
-                    torch.stack([entry[1] for entry in self._pending]).double(),
-                    torch.stack([entry[2] for entry in self._pending]).double(),
-                    tokens.to(self.device),
-                ]
-            )
-            losses, nlls, counts = self.distributed.all_reduce_sum(sums).tolist()  # every process's sums
-            norms = [entry[4] for entry in self._pending if entry[4] is not None]
-            for step, loss in zip(steps, losses, strict=True):
-                if not np.isfinite(loss):
-                    raise TrainingDivergedError(why_diverged(self.run_dir, step))
-            self._window["loss"] += sum(losses)
-            self._window["nll"] += sum(nlls)
-            self._window["tokens"] += int(sum(counts))
-            self._window_tokens_timed += int(sum(counts))
-            if norms:
-                self._window["grad_norm"] = float(norms[-1])
-            self._pending.clear()
-        if self.step % self.train_config.log_every != 0 or self._window["tokens"] == 0:
-            return {}
-        now = time.monotonic()
-        window = self._window
-        row = {
-            "train_loss": window["loss"] / window["tokens"],
-            "train_nll": window["nll"] / window["tokens"],
-            "tokens_per_s": self._window_tokens_timed / max(now - self._window_start, 1e-9),
-        }
-        if window["grad_norm"] is not None:
-            row["grad_norm"] = window["grad_norm"]
-        self._window = _log_window(None)
-        self._window_start, self._window_tokens_timed = now, 0
-        return row
-
-    def _unlogged_loss(self) -> str:
-        """The training loss of the steps since the last log row, which a run that stops between rows would
-        otherwise never show (a run shorter than train.log_every showed none at all); '' when there are
-        none. It is printed only: metrics.jsonl keeps one row every log_every steps, so that a resumed run's
-        rows are those of the uninterrupted run. (The final checkpoint's save has read every pending loss.)"""
-        tokens = self._window["tokens"]
-        if tokens == 0:
-            return ""
-        first = self.step - self.step % self.train_config.log_every + 1
-        steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
-        return f" (loss {self._window['loss'] / tokens:.3f} over {steps}, which no log row covers)"
+        """Read the pending step losses (see LossWindow); fail on the first non-finite one. Returns the
+        logging window's averages (and resets it) when called at a logging step."""
+        diverged_at = self.window.read_pending(self.distributed, self.device)
+        if diverged_at is not None:
+            raise TrainingDivergedError(why_diverged(self.run_dir, diverged_at))
+        return self.window.row(self.step, self.train_config.log_every, now=time.monotonic())
 
     def _stop_reason(self) -> str | None:
         config = self.train_config
@@ -496,19 +448,6 @@ def restore_cuda_rng(states: list[Tensor]) -> None:
     `torch.cuda.set_rng_state_all` would index past the last GPU and fail."""
     if states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
-
-
-def _log_window(state: dict[str, Any] | None) -> dict[str, Any]:
-    """The sums of the steps since the last logged row: empty, or as a checkpoint stored them."""
-    if state is None:
-        return {"loss": 0.0, "nll": 0.0, "tokens": 0, "grad_norm": None}
-    grad_norm = state["grad_norm"]
-    return {
-        "loss": float(state["loss"]),
-        "nll": float(state["nll"]),
-        "tokens": int(state["tokens"]),
-        "grad_norm": None if grad_norm is None else float(grad_norm),
-    }
 
 
 def _python_state_to_lists(state: tuple) -> list:
