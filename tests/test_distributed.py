@@ -253,13 +253,13 @@ def test_a_process_that_stops_on_an_error_leaves_the_process_group_before_it_exi
 # process's GPU computed it a little differently, enough to tip early stopping)
 VALIDATING_OTHERWISE = """
 import sys
-import tformer.training.loop as loop
+import tformer.training.validator as validator
 from tformer.cli.main import main
-real, calls = loop.validation_loss, []
+real, calls = validator.validation_loss, []
 def growing(*args, **kwargs):
     calls.append(None)
     return {**real(*args, **kwargs), "valid_loss": 100.0 + len(calls)}
-loop.validation_loss = growing
+validator.validation_loss = growing
 sys.exit(main(sys.argv[1:]))
 """
 

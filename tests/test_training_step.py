@@ -147,7 +147,7 @@ def test_early_stopping_ends_the_run_and_best_points_at_the_best_step(tmp_path: 
     )
     trainer = start_run(experiment, tmp_path / "run", quiet=True)
     measured = iter([3.0, 2.0, 2.5, 2.0, 9.0])
-    trainer._validation_loss = lambda: {"valid_loss": next(measured)}  # the wiring, not the numbers, is tested
+    trainer.validator.loss = lambda: {"valid_loss": next(measured)}  # the wiring, not the numbers, is tested
     result = trainer.train()
     assert result.step == 8 and result.stop_reason.startswith("early stopping: loss did not improve for 2")
     assert (result.best_metric, result.best_step) == (2.0, 4)

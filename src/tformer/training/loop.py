@@ -25,7 +25,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tformer.config import CompileMode, ConfigError, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
-from tformer.decoding.constraints import check_banned_ids
-from tformer.evaluation import Scores, bleu_metric, tokenization_advice
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.training import checkpoint as ckpt
@@ -58,7 +56,8 @@ from tformer.training.progress import Progress
 from tformer.training.run_lock import RunLock
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
-from tformer.training.validation import EarlyStopping, validation_loss, validation_scores
+from tformer.training.validation import EarlyStopping
+from tformer.training.validator import Validator, validation_line
 
 
 @dataclass
@@ -126,10 +125,18 @@ class Trainer:
             raise ConfigError("train.cuda_graphs runs in one process, without --compile model and without --loss-chunk")
         self.graphed_steps: GraphedSteps | None = None  # made when training starts (after a restore)
         self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
-        if self.train_config.bleu_every > 0 and data.valid_references:
-            bleu_metric(self.train_config.bleu_tokenize)  # a missing MeCab fails now, not at the first BLEU
-        # a banned id out of range neither: the first BLEU would fail on it, and every checkpoint keeps it
-        check_banned_ids(experiment.decode, model.config.tgt_vocab_size)
+        self.validator = Validator(
+            experiment=experiment,
+            model=self.model,
+            tokenizer=tokenizer,
+            batches=data.valid_batches,
+            sources=data.valid_sources,
+            references=data.valid_references,
+            early_stopping=self.early_stopping,
+            distributed=self.distributed,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+        )
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step = 0
         self.elapsed_s = 0.0  # training wall time, summed over resumptions
@@ -137,7 +144,6 @@ class Trainer:
         self._position = data.stream.state_dict()  # the stream state after the last batch trained on
         self.window = LossWindow()  # the losses of the steps since the last log row
         self._last_saved_step = -1
-        self._shown_signature = False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -305,76 +311,17 @@ class Trainer:
             row.update(self._flush())
             row["lr"] = lr
             progress.show({"step": self.step, **row})
-        improved = False
-        has_valid = bool(self.data.valid_batches)
         validation_started = time.monotonic()
-        if has_valid and self.step % config.valid_every == 0:
-            self._flush()
-            row.update(self._validation_loss())
-            if config.stop_metric == "loss":
-                improved = self.early_stopping.update(row["valid_loss"], self.step)
-        if has_valid and config.bleu_every > 0 and self.step % config.bleu_every == 0:
-            self._flush()
-            scores = self._validation_scores()
-            row.update(bleu=scores.bleu, bleu_lowercase=scores.bleu_lowercase, chrf=scores.chrf)
-            if not self._shown_signature:
-                progress.message(f"validation BLEU signature: {scores.bleu_signature}")
-                progress.message(f"validation chrF signature: {scores.chrf_signature}")
-                references = self.data.valid_references[: config.bleu_max_sentences]
-                advice = tokenization_advice(list(references), config.bleu_tokenize)
-                if advice:
-                    progress.message(f"warning: {advice}")
-                self._shown_signature = True
-            if config.stop_metric in ("bleu", "chrf"):
-                improved = self.early_stopping.update(row[config.stop_metric], self.step)
+        validated, improved = self.validator.run(self.step, progress, before=self._flush)
         self.window.pause(time.monotonic() - validation_started)
-        if any(key.startswith("valid_") or key == "bleu" for key in row):
-            shown = {
-                key: round(value, 3)
-                for key, value in row.items()
-                if key.startswith("valid_") or key in ("bleu", "chrf")
-            }
-            progress.message(f"step {self.step} validation: {shown}{' (best)' if improved else ''}")
+        if validated:
+            progress.message(validation_line(self.step, validated, improved))
+            row.update(validated)
         if row:
             epoch = self._position["epoch"]
             if self.distributed.is_main:
                 self.metrics.append({"step": self.step, "epoch": epoch, "wall_s": self.elapsed_s, **row})
         return improved
-
-    def _validation_loss(self) -> dict[str, float]:
-        """Rank 0's validation loss, on every process (see `_validation_scores`)."""
-        measured = validation_loss(
-            self.model,
-            self.data.valid_batches,
-            smoothing=self.train_config.label_smoothing,
-            pad_id=self.tokenizer.pad_id,
-            device=self.device,
-            autocast_dtype=self.autocast_dtype,
-        )
-        return dict(zip(measured, self.distributed.broadcast_floats(list(measured.values()), self.device), strict=True))
-
-    def _validation_scores(self) -> Scores:
-        """Rank 0's BLEU and chrF, on every process. Every process validates the same sentences on the same
-        weights, but kernels need not give bit-identical results on different GPUs, and early stopping must
-        decide alike everywhere: a process that stops alone leaves the others waiting in a collective."""
-        scores = self._own_validation_scores()
-        bleu, bleu_lowercase, chrf = self.distributed.broadcast_floats(
-            [scores.bleu, scores.bleu_lowercase, scores.chrf], self.device
-        )
-        return replace(scores, bleu=bleu, bleu_lowercase=bleu_lowercase, chrf=chrf)
-
-    def _own_validation_scores(self) -> Scores:
-        limit = self.train_config.bleu_max_sentences
-        return validation_scores(
-            self.model,
-            self.tokenizer,
-            self.data.valid_sources[:limit],
-            self.data.valid_references[:limit],
-            decode=self.experiment.decode,
-            device=self.device,
-            max_batch_tokens=self.train_config.max_tokens,
-            tokenize=self.train_config.bleu_tokenize,
-        )
 
     def _flush(self) -> dict[str, float]:
         """Read the pending step losses (see LossWindow); fail on the first non-finite one. Returns the
