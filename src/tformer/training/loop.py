@@ -56,6 +56,7 @@ from tformer.training.progress import Progress
 from tformer.training.run_lock import RunLock
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
+from tformer.training.stopping import StoppingCriteria
 from tformer.training.validation import EarlyStopping
 from tformer.training.validator import Validator, validation_line
 
@@ -137,10 +138,12 @@ class Trainer:
             device=self.device,
             autocast_dtype=self.autocast_dtype,
         )
+        self.stopping = StoppingCriteria(
+            self.train_config, self.early_stopping, stream=data.stream, distributed=self.distributed, device=self.device
+        )
         self.metrics = MetricsLog(self.run_dir / ckpt.METRICS_FILE)
         self.step = 0
         self.elapsed_s = 0.0  # training wall time, summed over resumptions
-        self._epoch_lengths: dict[int, int] = {}
         self._position = data.stream.state_dict()  # the stream state after the last batch trained on
         self.window = LossWindow()  # the losses of the steps since the last log row
         self._last_saved_step = -1
@@ -332,29 +335,7 @@ class Trainer:
         return self.window.row(self.step, self.train_config.log_every, now=time.monotonic())
 
     def _stop_reason(self) -> str | None:
-        config = self.train_config
-        if config.max_steps and self.step >= config.max_steps:
-            return f"reached max_steps={config.max_steps}"
-        if config.max_epochs and self._epochs_done() >= config.max_epochs:
-            return f"reached max_epochs={config.max_epochs}"
-        if config.max_time_s and self._elapsed_agreed() >= config.max_time_s:
-            return f"reached max_time_s={config.max_time_s:g}"
-        if self.early_stopping.should_stop:
-            return (
-                f"early stopping: {config.stop_metric} did not improve for {config.patience} evaluations "
-                f"(best {self.early_stopping.best:.4g} at step {self.early_stopping.best_step})"
-            )
-        return None
-
-    def _elapsed_agreed(self) -> float:
-        """Training time as rank 0 measured it, so that every process stops at the same step."""
-        return self.distributed.broadcast_float(self.elapsed_s, self.device)
-
-    def _epochs_done(self) -> int:
-        epoch, index = self._position["epoch"], self._position["index"]
-        if epoch not in self._epoch_lengths:
-            self._epoch_lengths = {epoch: len(self.data.stream.plan(epoch))}
-        return epoch + (1 if index >= self._epoch_lengths[epoch] else 0)
+        return self.stopping.reason(step=self.step, position=self._position, elapsed_s=self.elapsed_s)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, *, best: bool) -> Path:
