@@ -22,14 +22,12 @@ resumed with a different number of processes.
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -53,6 +51,7 @@ from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
 from tformer.training.prefetch import BatchSource
 from tformer.training.progress import Progress
+from tformer.training.rng_state import load_rng_state, rng_state
 from tformer.training.run_lock import RunLock
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
@@ -150,7 +149,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        numpy_state = np.random.get_state()
         return {
             "format_version": ckpt.FORMAT_VERSION,
             "step": self.step,
@@ -159,12 +157,7 @@ class Trainer:
             "stream": self.stream_state(),
             "early_stopping": self.early_stopping.state_dict(),
             "log_window": self.window.state_dict(),  # steps since the last logged row, averaged into the next one
-            "rng": {
-                "python": _python_state_to_lists(random.getstate()),
-                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,13 +173,7 @@ class Trainer:
                 flush=True,
             )
         self.window.load_state_dict(state.get("log_window"))  # absent in older checkpoints: an empty window
-        rng = state["rng"]
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
-        kind, keys, *rest = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        torch.set_rng_state(rng["torch"])
-        restore_cuda_rng(rng["cuda"])
+        load_rng_state(state["rng"])
         if self.distributed.rank > 0:  # the checkpoint holds rank 0's generators; others must differ
             torch.manual_seed(hash((self.train_config.seed, self.distributed.rank, self.step)) % 2**63)
         self._last_saved_step = self.step
@@ -366,18 +353,3 @@ class Trainer:
             ) from error
         ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
         return path
-
-
-def restore_cuda_rng(states: list[Tensor]) -> None:
-    """Give each GPU of this machine the generator state saved for the GPU of the same index.
-
-    A checkpoint holds one state per GPU of the machine that wrote it (none from a machine without CUDA).
-    Resumed where there are fewer GPUs, the states of GPUs this machine lacks are left out:
-    `torch.cuda.set_rng_state_all` would index past the last GPU and fail."""
-    if states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
-
-
-def _python_state_to_lists(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
