@@ -38,13 +38,8 @@ from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.training import checkpoint as ckpt
-from tformer.training.errors import (
-    CheckpointSaveError,
-    TrainingDivergedError,
-    TrainingInterrupted,
-    what_was_kept,
-    why_diverged,
-)
+from tformer.training.errors import CheckpointSaveError as CheckpointSaveError  # the CLI imports it from here
+from tformer.training.errors import TrainingDivergedError, TrainingInterrupted, what_was_kept, why_diverged
 from tformer.training.graphed_step import GraphedSteps
 from tformer.training.loss_window import LossWindow
 from tformer.training.metrics_log import MetricsLog
@@ -53,6 +48,7 @@ from tformer.training.prefetch import BatchSource
 from tformer.training.progress import Progress
 from tformer.training.rng_state import load_rng_state, rng_state
 from tformer.training.run_lock import RunLock
+from tformer.training.saving import save_step_checkpoint
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
 from tformer.training.stopping import StoppingCriteria
@@ -330,26 +326,16 @@ class Trainer:
 
         Every process calls it (the flush is collective); only rank 0 writes."""
         self._flush()
-        name = ckpt.step_name(self.step)
         self._last_saved_step = self.step
         if not self.distributed.is_main:
-            return self.run_dir / ckpt.CHECKPOINTS_DIR / name
-        try:
-            path = ckpt.save_checkpoint(
-                self.run_dir,
-                name,
-                experiment=self.experiment,
-                tokenizer=self.tokenizer,
-                model=self.model,
-                step=self.step,
-                trainer_state=self.state_dict(),
-            )
-            ckpt.write_pointer(self.run_dir, "latest", name)
-            if best:
-                ckpt.write_pointer(self.run_dir, "best", name)
-        except OSError as error:  # the pointers still name the last complete checkpoint
-            raise CheckpointSaveError(
-                f"could not save checkpoint {name} ({error.strerror or error})", what_was_kept(self.run_dir)
-            ) from error
-        ckpt.prune_checkpoints(self.run_dir, keep_last=self.train_config.keep_last)
-        return path
+            return self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self.step)
+        return save_step_checkpoint(
+            self.run_dir,
+            step=self.step,
+            best=best,
+            keep_last=self.train_config.keep_last,
+            experiment=self.experiment,
+            tokenizer=self.tokenizer,
+            model=self.model,
+            trainer_state=self.state_dict(),
+        )
