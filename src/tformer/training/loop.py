@@ -1,14 +1,12 @@
-"""The training loop: steps, logging, validation, early stopping, checkpoints and stopping criteria.
+"""The training loop: one update per step, then what is due at the end of the step, each done by its module.
 
-The hot path (`train_step`) never waits for the device. Losses of recent steps stay on the device in
-a list and are read in one transfer by `_flush`, which runs only at logging steps, before validation
-and before every checkpoint; it is also where a non-finite loss is caught, so a checkpoint is never
-written from a diverged model and the error names the first bad step.
-
-Order at the end of step n: log (every log_every) -> validation loss (every valid_every) and
-BLEU/chrF (every bleu_every) -> stopping criteria -> checkpoint (every save_every, when the stopping
-metric improved, and when the run stops). Every checkpoint is written after everything that may touch
-the random generators at that step, so a run resumed from it continues exactly as the original did.
+Order at the end of step n: log (every log_every) -> validation loss (every valid_every) and BLEU/chrF
+(every bleu_every; validator.py) -> stopping criteria (stopping.py) -> checkpoint (every save_every, when
+the stopping metric improved, and when the run stops; saving.py). Every checkpoint is written after
+everything that may touch the random generators at that step (rng_state.py), so a run resumed from it
+continues exactly as the original did. The hot path never waits for the device: step losses stay on it
+until `_flush` reads them (loss_window.py), at logging steps, before validation and before every
+checkpoint, so a checkpoint is never written from a diverged model (errors.py).
 
 Data parallelism (processes started by torchrun, see docs/training.md): each process reads its own
 share of the batches (BatchStream rank/world_size) and runs the TrainingObjective wrapped in
