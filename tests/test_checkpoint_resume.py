@@ -180,3 +180,32 @@ def test_a_run_from_a_machine_with_more_gpus_resumes_with_the_generators_of_the_
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
     trainer.load_state_dict(state)
     assert len(restored) == 1 and restored[0] is saved[0]
+
+
+def test_the_trainer_state_keeps_the_layout_that_earlier_checkpoints_have(tmp_path: Path) -> None:
+    """Checkpoints of earlier runs must resume: the trainer state's keys, nesting and value types are
+    pinned here (a checkpoint taken between two log rows, with a gradient norm in its logging window)."""
+    settings = ("train.max_steps=2", "train.log_every=4", "train.clip_norm=1.0")
+    start_run(tiny_experiment(write_corpus(tmp_path), *settings), tmp_path / "run", quiet=True).train()
+    state = ckpt.load_trainer_state(tmp_path / "run" / "checkpoints" / "step-00000002")
+
+    assert list(state) == [
+        "format_version", "step", "elapsed_s", "optimizer", "stream", "early_stopping", "log_window", "rng"
+    ]  # fmt: skip
+    assert (state["format_version"], state["step"], type(state["elapsed_s"])) == (ckpt.FORMAT_VERSION, 2, float)
+    assert list(state["optimizer"]) == ["state", "param_groups"]
+    assert {key: type(value) for key, value in state["stream"].items()} == {"epoch": int, "index": int}
+    assert state["early_stopping"] == {"metric": "loss", "best": None, "best_step": 0, "bad_evaluations": 0}
+    window = state["log_window"]
+    assert [(key, type(value)) for key, value in window.items()] == [
+        ("loss", float), ("nll", float), ("tokens", int), ("grad_norm", float)
+    ]  # fmt: skip
+    rng = state["rng"]
+    assert list(rng) == ["python", "numpy", "torch", "cuda"]
+    version, internal, gauss = rng["python"]
+    assert (type(version), type(internal), len(internal), gauss) == (int, list, 625, None)
+    kind, keys, *rest = rng["numpy"]
+    assert (kind, keys.dtype, tuple(keys.shape), [type(value) for value in rest]) == (
+        "MT19937", torch.int64, (624,), [int, int, float]
+    )  # fmt: skip
+    assert rng["torch"].dtype == torch.uint8 and isinstance(rng["cuda"], list)
