@@ -75,6 +75,17 @@ def test_attention_refuses_an_argument_that_is_not_utf8(trained_run, tmp_path: P
     assert not (tmp_path / "maps.png").exists()
 
 
+def test_plot_given_a_checkpoint_names_the_run_that_holds_it(trained_run, tmp_path: Path, capsys) -> None:
+    """It advised training longer (no metrics file in a checkpoint directory)."""
+    run, _ = trained_run
+    checkpoint = next((run / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(["plot", str(checkpoint), "--out", str(tmp_path / "curves.png")]) == 2
+    expected = f"error: {checkpoint} is one checkpoint of the run {run}, not a run directory; give {run}\n"
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_plot(trained_run: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     run, _ = trained_run
     assert main(["plot", str(run), "--out", str(tmp_path / "curves.png")]) == 0

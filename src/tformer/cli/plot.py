@@ -22,5 +22,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: plot writes a PNG image; give a file name ending in .png")
     check_output_file(args.out)
+    if (args.run_dir / "experiment.json").is_file():  # a checkpoint (translate takes one): name its run
+        from tformer.training.checkpoint import checkpoint_given_for_run  # torch, only on this error's path
+
+        raise ValueError(checkpoint_given_for_run(args.run_dir))
     print(save_curves_png(args.run_dir, args.out))
     return 0
