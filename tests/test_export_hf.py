@@ -4,6 +4,7 @@ token for token (greedy and beam), and a CTranslate2 model whose greedy output a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import warnings
 from collections import Counter
@@ -505,3 +506,20 @@ def test_a_sampling_run_is_exported_as_hf_sampling_from_the_same_distribution(tm
     actual = Sampler(decode, torch.device("cpu"), rows=5).shaped_log_probs(logits)
     assert torch.equal(actual.isinf(), expected.isinf())
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_exports_print_their_own_lines_without_transformers_progress_bars(tmp_path, capsys):
+    """transformers drew "Writing model shards" and "Loading weights" bars between the export's lines."""
+    from transformers.utils import logging as transformers_logging
+
+    run = make_run(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    targets = ["hf"]
+    if importlib.util.find_spec("ctranslate2") is not None:
+        assert main(["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+        targets.append("ct2")
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.err and "Writing model shards" not in captured.err, captured.err
+    assert captured.out.splitlines() == [f"wrote {tmp_path / name}" for name in targets]
+    assert transformers_logging.is_progress_bar_enabled()  # put back as it was

@@ -41,11 +41,26 @@ def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
     ids = SpecialIds(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     hf_model = to_marian(loaded.model, ids)
     hf_model.generation_config = generation_config(loaded.experiment.decode, ids, loaded.model.config.max_positions)
-    with written_atomically(out) as temporary:
+    with written_atomically(out) as temporary, without_progress_bars():
         hf_model.save_pretrained(temporary)
         give_plain_mode(Path(temporary) / "model.safetensors", like=Path(temporary) / "config.json")
         tokenizer.write_marian_files(temporary, model_max_length=loaded.model.config.max_positions)
     return out
+
+
+@contextlib.contextmanager
+def without_progress_bars() -> Iterator[None]:
+    """Hide transformers' progress bars ("Writing model shards", "Loading weights": a one-file model is
+    written in a blink, and the bars only bury the export's own lines) while converting."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
@@ -69,7 +84,7 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
         with warnings.catch_warnings():  # they are about generate() and generation_config.json, unused here
             warnings.simplefilter("ignore")
             export_hf(run, Path(hf_dir) / "hf", which=which)
-        with _start_token_loader(), warnings.catch_warnings():
+        with _start_token_loader(), warnings.catch_warnings(), without_progress_bars():
             # MarianTokenizer's advice; the conversion reads only its vocabulary
             warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
             TransformersConverter(str(Path(hf_dir) / "hf"), copy_files=[SOURCE_SPM, TARGET_SPM]).convert(
