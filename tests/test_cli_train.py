@@ -751,7 +751,7 @@ def test_only_rank_0_prints_the_closing_line(
 ) -> None:
     """Every process of a torchrun run ends `tformer train`; only rank 0 prints "run DIR: step N, ..."
     (a fake rank of a 2-process group stands in for torchrun; training is faked too)."""
-    monkeypatch.setattr(runtime, "init_distributed", lambda device: Distributed(rank=rank, world_size=2))
+    monkeypatch.setattr(runtime, "init_distributed", lambda device, rendezvous: Distributed(rank=rank, world_size=2))
     monkeypatch.setattr(training_run, "start_run", lambda *args, **kwargs: _FakeTrainer())
     monkeypatch.setattr(training_run, "resume_run", lambda *args, **kwargs: _FakeTrainer())
     monkeypatch.setattr(

@@ -102,11 +102,11 @@ def test_processes_with_different_tokenizers_refuse_to_train(tmp_path: Path) -> 
         check_same_tokenizer(tokenizer, _Disagreeing(rank=1, world_size=2), torch.device("cpu"))
 
 
-def _launch(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.CompletedProcess]:
+def _launch(argvs: list[list[str]], *, cwd: Path, timeout: float = 60) -> list[subprocess.CompletedProcess]:
     """Python processes of one torchrun-style job, process r given argvs[r] (`-m tformer.cli.main ...`,
     or a program that runs it; as if each machine were given its own command); returns each one's exit
     status and output."""
-    return _finish(_start(argvs, cwd=cwd))
+    return _finish(_start(argvs, cwd=cwd), timeout=timeout)
 
 
 def _start(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.Popen]:
@@ -134,11 +134,11 @@ def _start(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.Popen]:
     ]
 
 
-def _finish(processes: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+def _finish(processes: list[subprocess.Popen], *, timeout: float = 60) -> list[subprocess.CompletedProcess]:
     results = []
     try:
         for process in processes:
-            stdout, stderr = process.communicate(timeout=60)  # a few seconds, unless the processes hang
+            stdout, stderr = process.communicate(timeout=timeout)  # a few seconds, unless the processes hang
             results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     finally:
         for process in processes:
@@ -182,6 +182,31 @@ def test_when_one_process_fails_the_others_say_so_in_one_line(tmp_path: Path) ->
     )
     assert (out / "latest").read_text().strip() == "step-00000002"  # the checkpoint before the failure stays
     assert load_run(out, which="last").step == 2
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_process_that_fails_before_the_processes_join_stops_the_others_at_once(
+    tmp_path: Path, failing_rank: int
+) -> None:
+    """A config file missing on one machine fails there before the process group is joined; the others
+    used to wait for it in the join until its timeout (30 minutes), without a word."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    missing = tmp_path / "only-on-the-other-machine.toml"
+    argvs = [_train_argv(corpus, out), _train_argv(corpus, out)]
+    argvs[failing_rank] += ["--config", str(missing)]
+    started = time.monotonic()
+    results = _launch([["-m", "tformer.cli.main", *argv] for argv in argvs], cwd=tmp_path, timeout=30)
+    assert time.monotonic() - started < 20
+    failing, healthy = results[failing_rank], results[1 - failing_rank]
+    assert failing.returncode == 2
+    assert failing.stderr.startswith(f"error: config file not found: {missing}")
+    assert (healthy.returncode, healthy.stderr) == (
+        1,
+        f"error: process {1 - failing_rank} stops: another process of this run failed or was stopped "
+        "(its own message says why)\n",
+    )
+    assert not out.exists()
 
 
 def test_processes_given_different_settings_refuse_to_train_naming_the_setting(tmp_path: Path) -> None:

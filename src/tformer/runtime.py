@@ -7,14 +7,19 @@ parallelism wraps the training objective, not the model, in DistributedDataParal
 
 Processes are started by `torchrun`, which sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR /
 MASTER_PORT); `init_distributed` reads them. Without them there is one process and nothing to set up.
+`Rendezvous` lets a process that fails before the processes join tell the others, which would otherwise
+wait for it until the process group's timeout (30 minutes).
 Global torch flags are set by `configure_backends`, called when a run starts, never at import time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -93,16 +98,79 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+class PeerStoppedError(RuntimeError):
+    """Another process of the run stopped before the processes joined; its own message says why."""
+
+
 def lost_contact(error: BaseException) -> bool:
     """Whether `error` is the process group's report that a collective could not complete because the
     other end is gone or silent: gloo raises a plain RuntimeError that carries its source path
-    (".../gloo/transport/tcp/pair.cc: Connection closed by peer"), NCCL and the store a DistError. In a
-    multi-process run this nearly always follows another process's failure, which that process reports."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo/transport/" in str(error))
+    (".../gloo/transport/tcp/pair.cc: Connection closed by peer"), NCCL and the store a DistError, and
+    Rendezvous a PeerStoppedError. In a multi-process run this nearly always follows another process's
+    failure, which that process reports."""
+    if isinstance(error, (dist.DistError, PeerStoppedError)):
+        return True
+    return isinstance(error, RuntimeError) and "gloo/transport/" in str(error)
 
 
-def init_distributed(device_name: str) -> Distributed:
-    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU).
+class Rendezvous:
+    """The job's key-value store (torchrun's, or rank 0's without torchrun), reached before anything that
+    may fail in one process only: reading a config file or a checkpoint that one machine lacks, say.
+
+    The process group is joined once the settings are known (they choose NCCL or gloo), and joining
+    blocks, uninterruptibly, until every process joins. A process that failed before would leave the
+    others waiting there for the group's timeout (30 minutes; on one machine torchrun kills them after
+    30 s). Instead, each process announces here either that it is ready to join (`wait_for_all`) or
+    that it stops (`abandon`); the ready ones poll, and a stop ends every one of them at once with
+    PeerStoppedError. (Polling, not the store's blocking wait: that one takes no SIGTERM while it waits,
+    and warns on stderr each time it times out.)"""
+
+    POLL_S = 0.1
+
+    def __init__(self) -> None:
+        self.root_store, self.rank, self.world_size = next(dist.rendezvous("env://"))
+        # keys of this attempt only: torchrun's store outlives the workers it restarts
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = dist.PrefixStore(f"tformer/{attempt}", self.root_store)
+        self.joined = False
+
+    def wait_for_all(self, timeout: timedelta = dist.default_pg_timeout) -> None:
+        """Return once every process is ready to join; raise PeerStoppedError as soon as one has stopped."""
+        if self.store.add("ready", 1) == self.world_size:
+            self.store.compare_set("outcome", "", "join")
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not self.store.check(["outcome"]):
+            if time.monotonic() > deadline:
+                raise PeerStoppedError(f"not every process of this run was ready to join within {timeout}")
+            time.sleep(self.POLL_S)
+        outcome = self.store.get("outcome").decode()
+        if outcome != "join":
+            self._leave()
+            raise PeerStoppedError(f"process {outcome} stopped before the processes joined")
+        self.joined = True
+
+    def abandon(self) -> None:
+        """Tell the processes waiting in `wait_for_all` that this one stops (nothing once it has joined:
+        the others then learn of it from the process group)."""
+        if self.joined:
+            return
+        with contextlib.suppress(dist.DistError):  # the store is gone (its host stopped): they learn of it there
+            self.store.compare_set("outcome", "", str(self.rank))  # unless another process stopped first
+            self._leave()
+
+    def _leave(self, linger_s: float = 10.0) -> None:
+        """Done with the store. Rank 0 waits (at most `linger_s`) until every other process is: the store
+        lives in rank 0 (or in torchrun on its machine, which ends with it), and a process whose store
+        goes away while it polls prints a C++ stack trace."""
+        self.store.add("left", 1)
+        deadline = time.monotonic() + linger_s
+        while self.rank == 0 and self.store.add("left", 0) < self.world_size and time.monotonic() < deadline:
+            time.sleep(self.POLL_S)
+
+
+def init_distributed(device_name: str, rendezvous: Rendezvous | None = None) -> Distributed:
+    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU); with a
+    `rendezvous`, through its store, once every process is ready to join.
 
     `device_name` is train.device; with several processes on GPUs each uses cuda:LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,7 +181,14 @@ def init_distributed(device_name: str) -> Distributed:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        if rendezvous is None:
+            dist.init_process_group(backend=backend)
+        else:
+            rendezvous.wait_for_all()
+            # the store as init_process_group's own env:// rendezvous would give it
+            store = dist.PrefixStore("default_pg", rendezvous.root_store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     return Distributed(rank=rank, local_rank=local_rank, world_size=world_size)
 
 

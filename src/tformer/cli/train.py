@@ -36,7 +36,7 @@ from tformer.cli.termination import sigterm_as_interrupt
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 
 if TYPE_CHECKING:
-    from tformer.runtime import Distributed
+    from tformer.runtime import Distributed, Rendezvous
     from tformer.training.loop import TrainResult
 
 HELP = "train a translation model (new run, --resume, or --overwrite)"
@@ -130,14 +130,17 @@ def _run_either(args: argparse.Namespace) -> int:
 
 def _run_one_of_several(args: argparse.Namespace) -> int:
     """Under torchrun, a process that fails says why and exits; the others learn of it only when their
-    next collective fails. They say so in one line, not with the transport's traceback. However it
-    ends, the process leaves the process group before it exits."""
-    from tformer.runtime import leave_process_group, lost_contact
+    next collective fails, or, before the processes have joined, from the rendezvous store at once.
+    They say so in one line, not with the transport's traceback. However it ends, the process leaves
+    the process group before it exits."""
+    from tformer.runtime import Rendezvous, leave_process_group, lost_contact
 
+    rendezvous = Rendezvous()  # first: nothing that may fail in this process alone comes before it
     try:
-        return _run(args)
-    except RuntimeError as error:
-        if not lost_contact(error):
+        return _run(args, rendezvous)
+    except BaseException as error:
+        rendezvous.abandon()  # processes still waiting to join stop now, not at the join's timeout
+        if not (isinstance(error, RuntimeError) and lost_contact(error)):
             raise
         print(
             f"error: process {os.environ.get('RANK', '?')} stops: another process of this run failed or was "
@@ -149,7 +152,7 @@ def _run_one_of_several(args: argparse.Namespace) -> int:
         leave_process_group()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     from tformer.training.run import start_run
     from tformer.training.run_directory import check_new_run_dir
     from tformer.training.run_lock import RunLock
@@ -158,9 +161,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.loss_chunk < 0:
         raise ConfigError(f"--loss-chunk must be 0 (off) or positive, got {args.loss_chunk}")
     if args.resume:
-        return _resume(args)
+        return _resume(args, rendezvous)
     experiment = _experiment(args)
-    options = _runtime(args, experiment.train.device)
+    options = _runtime(args, experiment.train.device, rendezvous)
     if not args.overwrite or not out.exists():
         result = start_run(experiment, out, quiet=args.quiet, **options).train()
         options["distributed"].shutdown()  # after a failure the process just exits: a barrier could hang
@@ -272,13 +275,13 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return apply_overrides(values, args.set)
 
 
-def _resume(args: argparse.Namespace) -> int:
+def _resume(args: argparse.Namespace, rendezvous: Rendezvous | None) -> int:
     """Whatever the command sets is laid over the run's own experiment: repeating the original command
     and giving only what changes both work, and a model or data setting that differs is named."""
     from tformer.training.run import resume_run, resumed_experiment
 
     expected = resumed_experiment(args.out, _given_settings(args))
-    options = _runtime(args, expected.train.device)
+    options = _runtime(args, expected.train.device, rendezvous)
     trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
     result = trainer.train()
     options["distributed"].shutdown()
@@ -292,9 +295,9 @@ def _report(distributed: Distributed, line: str) -> None:
         print(line)
 
 
-def _runtime(args: argparse.Namespace, device: str) -> dict[str, Any]:
+def _runtime(args: argparse.Namespace, device: str, rendezvous: Rendezvous | None) -> dict[str, Any]:
     """How the run executes (not what it computes): process group, compilation, loss chunking."""
     from tformer.runtime import init_distributed
 
-    distributed: Distributed = init_distributed(device)
+    distributed: Distributed = init_distributed(device, rendezvous)
     return {"distributed": distributed, "compile_mode": args.compile, "loss_chunk": args.loss_chunk}
