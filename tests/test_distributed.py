@@ -209,6 +209,19 @@ def test_a_process_that_fails_before_the_processes_join_stops_the_others_at_once
     assert not out.exists()
 
 
+def test_overwrite_under_torchrun_is_refused_by_every_process(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["-m", "tformer.cli.main", *_train_argv(corpus, out, "--overwrite")]
+    for result in _launch([argv, argv], cwd=tmp_path):
+        assert (result.returncode, result.stderr) == (
+            2,
+            "error: --overwrite runs in one process; remove RUN_DIR first to start a run with torchrun\n",
+        )
+    assert out.is_dir() and not any(out.iterdir())
+
+
 def test_processes_given_different_settings_refuse_to_train_naming_the_setting(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path)
     out = tmp_path / "run"

@@ -15,7 +15,7 @@ A default below applies where neither the config file nor --set gives the key (w
                it (a hidden .NAME.overwrite-PID directory) and takes RUN_DIR's place only when training
                ends, so a failed or interrupted new run never destroys the old one (and its hidden
                directory is removed; those of processes killed outright are removed by the next
-               --overwrite).
+               --overwrite). One process only: under torchrun, remove RUN_DIR instead.
 
 Several processes (one per GPU, on one or many machines) are started with torchrun, e.g.
   torchrun --nproc-per-node 8 -m tformer.cli.main train --config run.toml --out RUN_DIR
