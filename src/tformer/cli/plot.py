@@ -17,14 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tformer.viz.curves import save_curves_png
+    from tformer.viz.curves import MetricsError, save_curves_png
 
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: plot writes a PNG image; give a file name ending in .png")
     check_output_file(args.out)
-    if (args.run_dir / "experiment.json").is_file():  # a checkpoint (translate takes one): name its run
+    try:
+        print(save_curves_png(args.run_dir, args.out))
+    except MetricsError:
+        # a checkpoint (translate takes one) holds no metrics: name the run that does, not a short run's advice
         from tformer.training.checkpoint import checkpoint_given_for_run  # torch, only on this error's path
 
-        raise ValueError(checkpoint_given_for_run(args.run_dir))
-    print(save_curves_png(args.run_dir, args.out))
+        if given_checkpoint := checkpoint_given_for_run(args.run_dir):
+            raise ValueError(given_checkpoint) from None
+        raise
     return 0
