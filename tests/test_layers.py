@@ -29,9 +29,10 @@ def perturb(module: nn.Module, seed: int) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.5)
 
 
-def copy_attention(target: nn.MultiheadAttention, q_weight, q_bias, kv_weight, kv_bias, out: nn.Linear) -> None:
-    target.in_proj_weight.copy_(torch.cat([q_weight, kv_weight]))
-    target.in_proj_bias.copy_(torch.cat([q_bias, kv_bias]))
+def copy_attention(target: nn.MultiheadAttention, in_weight, in_bias, out: nn.Linear) -> None:
+    """torch's in_proj stacks W^Q, W^K, W^V as tformer's qkv_proj does (cross-attention: q_proj over kv_proj)."""
+    target.in_proj_weight.copy_(in_weight)
+    target.in_proj_bias.copy_(in_bias)
     target.out_proj.weight.copy_(out.weight)
     target.out_proj.bias.copy_(out.bias)
 
@@ -56,9 +57,7 @@ def test_encoder_layer_equals_torch_transformer_encoder_layer(norm_position: str
     ).eval()
     with torch.no_grad():
         attention = ours.self_attention
-        q_weight, kv_weight = attention.qkv_proj.weight.split([D, 2 * D])
-        q_bias, kv_bias = attention.qkv_proj.bias.split([D, 2 * D])
-        copy_attention(reference.self_attn, q_weight, q_bias, kv_weight, kv_bias, attention.out_proj)
+        copy_attention(reference.self_attn, attention.qkv_proj.weight, attention.qkv_proj.bias, attention.out_proj)
         copy_feed_forward_and_norms(reference, ours, ["self_attention_residual", "feed_forward_residual"])
     x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     keep = padding([7, 4], 7)
@@ -77,15 +76,13 @@ def test_decoder_layer_equals_torch_transformer_decoder_layer(norm_position: str
     ).eval()
     with torch.no_grad():
         self_attention, cross_attention = ours.self_attention, ours.cross_attention
-        q_weight, kv_weight = self_attention.qkv_proj.weight.split([D, 2 * D])
-        q_bias, kv_bias = self_attention.qkv_proj.bias.split([D, 2 * D])
-        copy_attention(reference.self_attn, q_weight, q_bias, kv_weight, kv_bias, self_attention.out_proj)
+        copy_attention(
+            reference.self_attn, self_attention.qkv_proj.weight, self_attention.qkv_proj.bias, self_attention.out_proj
+        )
         copy_attention(
             reference.multihead_attn,
-            cross_attention.q_proj.weight,
-            cross_attention.q_proj.bias,
-            cross_attention.kv_proj.weight,
-            cross_attention.kv_proj.bias,
+            torch.cat([cross_attention.q_proj.weight, cross_attention.kv_proj.weight]),
+            torch.cat([cross_attention.q_proj.bias, cross_attention.kv_proj.bias]),
             cross_attention.out_proj,
         )
         copy_feed_forward_and_norms(
