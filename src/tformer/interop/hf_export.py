@@ -26,7 +26,7 @@ from tformer.config import DecodeConfig
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.marian import SpecialIds, check_exportable, to_marian
 from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
-from tformer.training.checkpoint import give_plain_mode, load_run
+from tformer.training.checkpoint import LoadedRun, give_plain_mode, load_run
 
 
 def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
@@ -34,7 +34,11 @@ def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
     empty); returns `out`. Models Marian cannot express are refused with a one-line ValueError."""
     loaded = load_run(run, which=which)
     check_exportable(loaded.model.config)
-    out = fresh_directory(out)
+    return _write_hf(loaded, fresh_directory(out))
+
+
+def _write_hf(loaded: LoadedRun, out: Path) -> Path:
+    """The MarianMT directory of an exportable run already loaded, written at `out` (fresh)."""
     tokenizer = loaded.tokenizer
     if not isinstance(tokenizer, VocabTokenizer):
         tokenizer = VocabTokenizer.from_tokenizer(tokenizer)
@@ -83,7 +87,7 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
     with tempfile.TemporaryDirectory() as hf_dir, written_atomically(out) as temporary:
         with warnings.catch_warnings():  # they are about generate() and generation_config.json, unused here
             warnings.simplefilter("ignore")
-            export_hf(run, Path(hf_dir) / "hf", which=which)
+            _write_hf(loaded, fresh_directory(Path(hf_dir) / "hf"))  # the run loaded above, not read again
         with _start_token_loader(), warnings.catch_warnings(), without_progress_bars():
             # MarianTokenizer's advice; the conversion reads only its vocabulary
             warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
