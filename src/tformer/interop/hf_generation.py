@@ -122,12 +122,12 @@ def _check_types(settings: dict[str, Any], *, source: str) -> None:
         raise ValueError(f"{source}: do_sample={settings['do_sample']!r} must be true or false")
     if settings.get("do_sample") is True:
         for key in ("temperature", "top_p"):
-            if key in settings and not (_is_integer(settings[key]) or isinstance(settings[key], float)):
+            if key in settings and not _is_number(settings[key]):
                 raise ValueError(f"{source}: {key}={settings[key]!r} must be a number")
         if "top_k" in settings and not _is_integer(settings["top_k"]):
             raise ValueError(f"{source}: top_k={settings['top_k']!r} must be an integer")
     penalty = settings.get("length_penalty", 1.0)
-    if not (_is_integer(penalty) or isinstance(penalty, float)):
+    if not _is_number(penalty):
         raise ValueError(f"{source}: length_penalty={penalty!r} must be a number")
     bad_words = settings.get("bad_words_ids", [])
     if not (isinstance(bad_words, list) and all(isinstance(words, list) for words in bad_words)) or not all(
@@ -138,6 +138,10 @@ def _check_types(settings: dict[str, Any], *, source: str) -> None:
 
 def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_integer(value) or isinstance(value, float)
 
 
 def banned_ids(settings: dict[str, Any]) -> list[int]:
