@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed, init_distributed
 from tformer.training import load_run, resume_run, start_run
 from tformer.training.agreement import check_same_experiment
+from tformer.training.loop import Trainer
 from tformer.training.run import check_same_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -353,3 +355,34 @@ def test_sigterm_passed_on_by_torchrun_ends_the_run_with_the_line_naming_its_che
     lost = "error: process 1 stops: another process of this run failed or was stopped (its own message says why)\n"
     assert (other.returncode, other.stderr) in ((130, "interrupted\n"), (1, lost))
     assert load_run(out, which="last").checkpoint_dir == last
+
+
+class _Stream:
+    """The part of a BatchStream that `Trainer.load_stream_state` uses."""
+
+    def __init__(self) -> None:
+        self.state = {"epoch": 0, "index": 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = dict(state)
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.state)
+
+
+@pytest.mark.parametrize(("world_size", "index", "local", "skipped"), [(3, 8, 3, 1), (4, 5, 2, 3), (2, 8, 4, 0)])
+def test_a_resume_that_skips_batches_says_how_many(world_size, index, local, skipped, capsys) -> None:
+    trainer = SimpleNamespace(
+        distributed=Distributed(rank=0, world_size=world_size), data=SimpleNamespace(stream=_Stream()), quiet=False
+    )
+    Trainer.load_stream_state(trainer, {"epoch": 2, "index": index})
+    assert trainer.data.stream.state == {"epoch": 2, "index": local}
+    err = capsys.readouterr().err
+    if skipped:
+        assert err == (
+            f"resume: {world_size} processes continue epoch 2 at global batch {local * world_size} "
+            f"(a multiple of {world_size}), skipping {skipped} batch(es) after the {index} trained "
+            "(none is read twice)\n"
+        )
+    else:
+        assert err == ""

@@ -182,7 +182,17 @@ class Trainer:
         when W does not divide `index` (the process count changed), the next multiple of W is used, so
         up to W - 1 batches of that epoch are skipped and none is read twice."""
         world_size = self.distributed.world_size
-        local = {"epoch": int(state["epoch"]), "index": math.ceil(int(state["index"]) / world_size)}
+        epoch, index = int(state["epoch"]), int(state["index"])
+        local = {"epoch": epoch, "index": math.ceil(index / world_size)}
+        skipped = local["index"] * world_size - index
+        if skipped and not self.quiet:
+            print(
+                f"resume: {world_size} processes continue epoch {epoch} at global batch {index + skipped} "
+                f"(a multiple of {world_size}), skipping {skipped} batch(es) after the {index} trained "
+                "(none is read twice)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.data.stream.load_state_dict(local)
         self._position = self.data.stream.state_dict()
 
