@@ -62,6 +62,20 @@ def test_a_given_tokenizer_says_which_tokenizer_settings_play_no_part(
     assert f"tokenizer: {tmp_path / 'tok'} is used as it is, so data.vocab_size=99 plays no part\n" in err
 
 
+def test_a_tokenizer_with_fewer_pieces_than_asked_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """data.vocab_size is an upper bound; a small text gave far fewer pieces without a word about it."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    capsys.readouterr()
+    settings = ("data.vocab_size=8000", "train.max_steps=1")
+    trainer = start_run(tiny_experiment(corpus, *settings, valid=False), tmp_path / "run", quiet=False)
+    pieces = trainer.tokenizer.src_vocab_size
+    assert pieces < 8000
+    err = capsys.readouterr().err
+    assert f"tokenizer: the training text yields {pieces:,} pieces, fewer than data.vocab_size=8,000\n" in err
+    start_run(tiny_experiment(corpus, f"data.vocab_size={pieces}", "train.max_steps=1"), tmp_path / "b", quiet=False)
+    assert "fewer than data.vocab_size" not in capsys.readouterr().err  # exactly as many as asked: nothing said
+
+
 def test_separate_vocabularies_train_with_separate_embeddings(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, n_train=40)
     settings = ("data.joint_vocab=false", "model.share_embeddings=false", "train.max_steps=1")

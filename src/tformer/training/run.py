@@ -174,7 +174,7 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
     sources, targets = sample_pairs(corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=seed)
     if len(sources) < len(corpus.sources):
         say(f"tokenizer: trained on {len(sources):,} of {len(corpus.sources):,} pairs (data.tokenizer_max_pairs)")
-    return Tokenizer.train(
+    tokenizer = Tokenizer.train(
         sources,
         targets,
         vocab_size=data.vocab_size,
@@ -184,6 +184,10 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
         byte_fallback=data.byte_fallback,
         seed=seed,
     )
+    largest = max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size)
+    if largest < data.vocab_size:  # vocab_size is an upper bound: a small text has fewer pieces to offer
+        say(f"tokenizer: the training text yields {largest:,} pieces, fewer than data.vocab_size={data.vocab_size:,}")
+    return tokenizer
 
 
 # the [data] keys that only shape a tokenizer tformer trains itself
