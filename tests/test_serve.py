@@ -746,3 +746,58 @@ def test_probes_answer_head_as_well_as_get(server):
     for path in ("/health", "/ready"):
         response = httpx.head(url + path, timeout=10)
         assert response.status_code == 200 and response.content == b""
+
+
+def test_the_api_s_routes_methods_documentation_and_405s_are_those_documented(run):
+    """Pins what the other tests leave open: the routes with their methods, summaries, descriptions and
+    documented error statuses in the OpenAPI schema, the app's title, the /health body, and a wrong
+    method's JSON 405 with its Allow header."""
+    from fastapi.testclient import TestClient
+
+    from tformer import __version__
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig(), name="pinned")
+    with TestClient(app) as client:
+        schema = client.get("/openapi.json").json()
+        health = client.get("/health")
+        wrong_method = client.get("/translate")
+        wrong_probe_method = client.put("/ready")
+    assert schema["info"] == {
+        "title": "tformer translation",
+        "description": "Translate sentences with a tformer model; concurrent requests are decoded together.",
+        "version": __version__,
+    }
+    operations = {
+        (path, method): (operation["summary"], operation["description"].split("\n")[0], sorted(operation["responses"]))
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    }
+    health_doc = ("Health", "Liveness and load: the model's name, the jobs waiting and the windows decoded so far.")
+    ready_doc = (
+        "Ready",
+        "Readiness, for a load balancer: 200 once the model is loaded and the batcher takes requests,",
+    )
+    assert operations == {
+        ("/health", "get"): (*health_doc, ["200"]),
+        ("/health", "head"): (*health_doc, ["200"]),
+        ("/ready", "get"): (*ready_doc, ["200", "503"]),
+        ("/ready", "head"): (*ready_doc, ["200", "503"]),
+        ("/translate", "post"): (
+            "Translate",
+            "Translate every sentence; the response lists them in request order.",
+            ["200", "400", "413", "415", "422", "500", "503"],
+        ),
+    }
+    translate_errors = schema["paths"]["/translate"]["post"]["responses"]
+    assert translate_errors["415"] == {"description": "the body is not sent as JSON (content-type: application/json)"}
+    assert schema["paths"]["/ready"]["get"]["responses"]["503"] == {
+        "description": "not ready: starting or shutting down"
+    }
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "model": "pinned", "pending": 0, "windows": 0}
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "Method Not Allowed"}
+    assert wrong_probe_method.status_code == 405  # Starlette lists the methods of a set, in any order
+    assert sorted(wrong_probe_method.headers["allow"].split(", ")) == ["GET", "HEAD"]
