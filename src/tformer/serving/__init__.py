@@ -4,7 +4,8 @@ run on uvicorn from a socket bound beforehand (`tformer.serving.server`).
 See docs/serving.md for the API, the limits and the batching window.
 """
 
-from tformer.serving.app import ServeConfig, create_app
+from tformer.serving.app import create_app
 from tformer.serving.batcher import Batcher, BatcherClosedError
+from tformer.serving.limits import ServeConfig
 
 __all__ = ["Batcher", "BatcherClosedError", "ServeConfig", "create_app"]
