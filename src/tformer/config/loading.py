@@ -1,0 +1,111 @@
+"""Strict loading: a config dataclass from a dict (unknown keys and values of the wrong type refused
+with a message that lists the valid keys), TOML files with one-line errors, and `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from tformer.config.checks import ConfigError
+from tformer.recipes import RECIPES_DIR, recipe_names, recipe_path
+
+ConfigT = TypeVar("ConfigT")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def config_from_dict(
+    cls: type[ConfigT], values: dict[str, Any], *, section: str = "", also_valid: Sequence[str] = ()
+) -> ConfigT:
+    """Build a config dataclass, refusing unknown keys and values of the wrong type.
+
+    `also_valid` names keys the caller has already taken out of `values` (such as [model] preset), so
+    that the list of valid keys in the error is every key a user may write."""
+    valid = [*also_valid, *field_names(cls)]
+    where = f" in [{section}]" if section else ""
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}{where}; valid keys: {', '.join(valid)}")
+    hints = typing.get_type_hints(cls)
+    checked = {key: _check_type(key, value, hints[key], where) for key, value in values.items()}
+    return cls(**checked)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning syntax errors into one-line ConfigErrors. A path that does not exist
+    but names one of the recipes shipped with tformer (`multi30k_en_de`, `configs/tiny_copy.toml`) reads
+    that recipe."""
+    path = Path(path)
+    if not path.exists():
+        path = recipe_path(path) or path
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        recipes = ", ".join(recipe_names())
+        raise ConfigError(
+            f"config file not found: {path}; or give one of tformer's own recipes by name: {recipes}"
+            f" (files in {RECIPES_DIR})"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a TOML file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: invalid UTF-8 at byte {error.start + 1}; re-encode the file as UTF-8") from None
+    try:  # a byte-order mark (as Windows editors write) is an encoding artefact, dropped as corpus.py drops it
+        return tomllib.loads(text.removeprefix("\ufeff"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `--set section.key=value` into (["section", "key"], value); the value is TOML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    dotted_key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as relu or pre is taken as a string
+    return dotted_key.strip().split("."), value
+
+
+def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}{where} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [option for option in options if option is not type(None)]
+        return _check_type(key, value, inner[0], where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}{where} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}{where} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}{where} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}{where} must be a string; got {value!r}")
+        return value
+    return value
