@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -239,6 +240,51 @@ def test_a_failed_average_leaves_nothing_behind(run_copy: Path, tmp_path: Path, 
             average_checkpoints(run_copy, last=2, out=out)
     assert sorted((run_copy / "checkpoints").iterdir()) == checkpoints
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+from tformer.cli.main import main
+limit, commands = json.loads(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+print(json.dumps([main(command) for command in commands]))
+"""
+
+
+@pytest.mark.parametrize("fails", [ckpt.WEIGHTS_FILE, ckpt.STATE_FILE])
+def test_a_full_disk_while_writing_weights_or_trainer_state_is_one_line(run_copy: Path, tmp_path: Path, fails) -> None:
+    """safetensors and torch.save report a write that fails with errors of their own (a SafetensorError, a
+    RuntimeError "unexpected pos"), not OSError: a checkpoint save on a full disk ended in a traceback
+    instead of naming the checkpoint the run keeps, and so did average and export. Simulated with a file-size
+    limit that the file `fails` exceeds and every smaller file of a checkpoint fits in."""
+    step6 = run_copy / "checkpoints" / "step-00000006"
+    sizes = {path.name: path.stat().st_size for path in step6.rglob("*") if path.is_file()}
+    limit = (max(size for size in sizes.values() if size < sizes[fails]) + sizes[fails]) // 2
+    commands = [["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"]]
+    expected = [
+        f"error: could not save checkpoint step-00000008 (File too large); the run keeps its last checkpoint, "
+        f"{step6}; continue it with: tformer train --out {run_copy} --resume"
+    ]
+    if fails == ckpt.WEIGHTS_FILE:  # neither writes a trainer state
+        commands.append(["average", str(run_copy), "--last", "2", "--out", str(tmp_path / "averaged")])
+        expected.append(f"error: [Errno 27] File too large: '{tmp_path / 'averaged' / ckpt.WEIGHTS_FILE}'")
+        if importlib.util.find_spec("transformers"):
+            commands.append(["export", str(run_copy), "--to", "hf", "--out", str(tmp_path / "hf")])
+            expected.append(f"error: [Errno 27] File too large: '{tmp_path / 'hf' / ckpt.WEIGHTS_FILE}'")
+    checkpoints = sorted(path.name for path in (run_copy / "checkpoints").iterdir())
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, json.dumps([limit, commands])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr  # a traceback ends the process
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
+    assert json.loads(done.stdout.splitlines()[-1]) == [2] * len(commands) and errors == expected, done.stderr
+    assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000006"
+    assert sorted(path.name for path in (run_copy / "checkpoints").iterdir()) == checkpoints
+    assert list(tmp_path.iterdir()) == [run_copy]  # nothing half-written beside the outputs
 
 
 def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:

@@ -26,7 +26,7 @@ from tformer.config import DecodeConfig
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.marian import SpecialIds, check_exportable, to_marian
 from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
-from tformer.training.checkpoint import LoadedRun, give_plain_mode, load_run
+from tformer.training.checkpoint import LoadedRun, failed_write_as_os_error, give_plain_mode, load_run
 
 
 def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
@@ -46,7 +46,8 @@ def _write_hf(loaded: LoadedRun, out: Path) -> Path:
     hf_model = to_marian(loaded.model, ids)
     hf_model.generation_config = generation_config(loaded.experiment.decode, ids, loaded.model.config.max_positions)
     with written_atomically(out) as temporary, without_progress_bars():
-        hf_model.save_pretrained(temporary)
+        with failed_write_as_os_error(out / "model.safetensors"):
+            hf_model.save_pretrained(temporary)
         give_plain_mode(Path(temporary) / "model.safetensors", like=Path(temporary) / "config.json")
         tokenizer.write_marian_files(temporary, model_max_length=loaded.model.config.max_positions)
     return out

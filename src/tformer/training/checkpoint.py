@@ -21,9 +21,12 @@ with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +105,12 @@ def write_checkpoint(
     try:
         write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
         tokenizer.to_files(temporary / TOKENIZER_DIR)
-        save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        with failed_write_as_os_error(final / WEIGHTS_FILE):
+            save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
         give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
-        if trainer_state is not None:
-            torch.save(trainer_state, temporary / STATE_FILE)
+        if trainer_state is not None:  # into a file of ours, so that torch's error of a failed write holds its OSError
+            with open(temporary / STATE_FILE, "wb") as handle, failed_write_as_os_error(final / STATE_FILE):
+                torch.save(trainer_state, handle)
         for path in temporary.rglob("*"):
             if path.is_file():
                 _fsync_file(path)
@@ -334,6 +339,26 @@ def give_plain_mode(path: Path, *, like: Path) -> None:
     Copying a sibling's mode gives exactly what open() gives (umask and any default ACL) without
     changing the process's umask, which other threads may rely on at the same moment."""
     os.chmod(path, like.stat().st_mode & 0o777)
+
+
+@contextlib.contextmanager
+def failed_write_as_os_error(path: Path) -> Iterator[None]:
+    """A write that fails (a full disk, a file-size limit) is an OSError, which the callers report in one
+    line (saving.py with the checkpoint the run keeps); safetensors raises its own error instead, whose
+    message ends "(os error 28)", and torch.save a RuntimeError raised while handling the OSError of the
+    file object's write. Raise that OSError, naming `path`; any other error goes on as it is."""
+    try:
+        yield
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+    except RuntimeError as error:
+        cause = error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from None
 
 
 # ---------------------------------------------------------------------------------------------- fsync
