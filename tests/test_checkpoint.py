@@ -18,6 +18,7 @@ from safetensors import safe_open
 from training_helpers import tiny_experiment, write_corpus
 
 import tformer
+from tformer.cli.main import main
 from tformer.data.tokenizer import Tokenizer
 from tformer.training import CheckpointError, load_run, resume_run, start_run
 from tformer.training import checkpoint as ckpt
@@ -301,6 +302,17 @@ def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
         average_checkpoints(run_copy, last=2)
     with pytest.raises(CheckpointError, match="has 3 step checkpoints; ask for --last 3 or fewer"):
         average_checkpoints(run_copy, last=4, out=run_copy.parent / "avg")
+
+
+def test_average_of_a_run_without_checkpoints_says_so(run_copy: Path, capsys) -> None:
+    """A run stopped before its first save (its checkpoints/ empty) was told "has 0 step checkpoints; ask for
+    --last 0 or fewer", which --last refuses."""
+    for path in (run_copy / "checkpoints").iterdir():
+        shutil.rmtree(path)
+    (run_copy / "latest").unlink()
+    (run_copy / "best").unlink()
+    assert main(["average", str(run_copy), "--last", "1"]) == 2
+    assert capsys.readouterr().err == f"error: {run_copy} holds no step checkpoint yet, so nothing to average\n"
 
 
 def test_average_refuses_checkpoints_with_another_tokenizer(run_copy: Path) -> None:

@@ -26,6 +26,8 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     if not run_dir.is_dir() or not ckpt.is_run_dir(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no {ckpt.CHECKPOINTS_DIR}/)")
     available = ckpt.step_checkpoints(run_dir)
+    if not available:  # a run stopped before its first save
+        raise ckpt.CheckpointError(f"{run_dir} holds no step checkpoint yet, so nothing to average")
     if len(available) < last:
         raise ckpt.CheckpointError(
             f"{run_dir} has {len(available)} step checkpoints; ask for --last {len(available)} or fewer"
