@@ -330,6 +330,17 @@ def test_average_refuses_checkpoints_with_another_tokenizer(run_copy: Path) -> N
     assert not (run_copy / "checkpoints" / "averaged-last2-step-00000006").exists()
 
 
+@pytest.mark.parametrize("step", [4, 6])
+def test_average_names_a_damaged_tokenizer_as_damaged(run_copy: Path, step: int) -> None:
+    """A truncated spm.model in either checkpoint averaged was reported as "step-00000004 has a different
+    tokenizer than step-00000006": the checkpoints were of one run, and the file to look at went unnamed."""
+    path = run_copy / "checkpoints" / f"step-0000000{step}" / "tokenizer" / "spm.model"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"^{path} is not a valid sentencepiece model"):
+        average_checkpoints(run_copy, last=2)
+    assert not (run_copy / "checkpoints" / "averaged-last2-step-00000006").exists()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_written_files_get_the_mode_open_gives(run_copy: Path, umask: int) -> None:
     """safetensors writes 0600 files; a checkpoint's weights must be as readable as the files beside them."""

@@ -39,12 +39,14 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         raise ckpt.CheckpointError(f"{out} already exists; averaging never overwrites, choose another --out")
     model = Transformer(experiment.model)
     totals: dict[str, torch.Tensor] = {}
-    tokenizer = _tokenizer_files(chosen[-1])
+    tokenizer = ckpt.load_tokenizer(chosen[-1])  # a damaged one is named as such, not as another tokenizer
+    tokenizer_files = _tokenizer_files(chosen[-1])
     for directory in chosen:
         other, _ = ckpt.read_experiment(directory)
         if other.model != experiment.model:
             raise ckpt.CheckpointError(f"{directory} has a different model configuration than {chosen[-1]}")
-        if _tokenizer_files(directory) != tokenizer:  # ids that name other pieces: an average of unrelated rows
+        if _tokenizer_files(directory) != tokenizer_files:  # ids that name other pieces: an average of unrelated rows
+            ckpt.load_tokenizer(directory)  # as above
             raise ckpt.CheckpointError(f"{directory} has a different tokenizer than {chosen[-1]}")
         ckpt.load_weights(model, directory)
         for name, tensor in model.state_dict().items():
@@ -55,7 +57,7 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     return ckpt.write_checkpoint(
         out,
         experiment=experiment,
-        tokenizer=ckpt.load_tokenizer(chosen[-1]),
+        tokenizer=tokenizer,
         model=model,
         step=step,
         trainer_state=None,
