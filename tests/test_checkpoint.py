@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece
 import torch
 from safetensors import safe_open
 from training_helpers import tiny_experiment, write_corpus
@@ -138,6 +139,33 @@ def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path
         load_run(run_copy, which="last")
     message = str(error.value)
     assert expected in message and "\n" not in message
+
+
+def test_a_tokenizer_cut_short_where_sentencepiece_still_reads_it_is_refused(run_copy: Path) -> None:
+    """sentencepiece reads a model file cut between two of its fields as a smaller model: the tokenizer of a
+    checkpoint copied short loaded with fewer pieces, or without its normalisation rules, and translate
+    and evaluate went on with other splits (other translations, silently). The fingerprint saved in
+    experiment.json gives it away, for every command that reads the checkpoint."""
+    directory = run_copy / "checkpoints" / "step-00000006" / ckpt.TOKENIZER_DIR
+    model = (directory / "spm.model").read_bytes()
+    cut = max(n for n in range(1, len(model)) if _sentencepiece_reads(model[:n]))  # all the pieces, for one
+    (directory / "spm.model").write_bytes(model[:cut])
+    expected = f"{directory}: the tokenizer files are not those this checkpoint was saved with"
+    for read in (
+        lambda: load_run(run_copy, which="last"),
+        lambda: average_checkpoints(run_copy, last=2),
+        lambda: resume_run(run_copy, quiet=True),
+    ):
+        with pytest.raises(CheckpointError, match=f"^{expected}"):
+            read()
+
+
+def _sentencepiece_reads(proto: bytes) -> bool:
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError:
+        return False
+    return True
 
 
 def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
@@ -325,6 +353,10 @@ def test_average_refuses_checkpoints_with_another_tokenizer(run_copy: Path) -> N
     other = Tokenizer.train(lines, lines, vocab_size=size, model_type="bpe", joint=True, seed=0)
     assert other.src_vocab_size == size
     other.to_files(run_copy / "checkpoints" / "step-00000004" / ckpt.TOKENIZER_DIR)
+    description = run_copy / "checkpoints" / "step-00000004" / ckpt.EXPERIMENT_FILE  # as the other run saved it
+    description.write_text(
+        json.dumps({**json.loads(description.read_text()), "tokenizer_fingerprint": other.fingerprint()})
+    )
     with pytest.raises(CheckpointError, match=r"step-00000004 has a different tokenizer than .*step-00000006"):
         average_checkpoints(run_copy, last=2)
     assert not (run_copy / "checkpoints" / "averaged-last2-step-00000006").exists()

@@ -7,7 +7,8 @@ A run directory:
       metrics.jsonl                 one JSON object per logged step (see metrics_log.py)
       .lock                         locked while a process trains into the run (see run_lock.py)
       checkpoints/step-00001000/
-        experiment.json             format_version, tformer version, step, the ExperimentConfig
+        experiment.json             format_version, tformer version, step, the ExperimentConfig,
+                                    the fingerprint of the tokenizer files (checked when they are read)
         tokenizer/                  Tokenizer.to_files
         model.safetensors           weights, every shared (tied) tensor stored once
         trainer_state.pt            optimizer, step, RNG states, data position, early stopping
@@ -50,6 +51,7 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 POINTERS = ("latest", "best")
+TOKENIZER_FINGERPRINT = "tokenizer_fingerprint"  # the key in experiment.json
 
 
 class CheckpointError(ValueError):
@@ -103,7 +105,8 @@ def write_checkpoint(
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
-        write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=extra)
+        recorded = {TOKENIZER_FINGERPRINT: tokenizer.fingerprint(), **(extra or {})}  # see load_tokenizer
+        write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=recorded)
         tokenizer.to_files(temporary / TOKENIZER_DIR)
         with failed_write_as_os_error(final / WEIGHTS_FILE):
             save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
@@ -288,8 +291,28 @@ def load_tokenizer(checkpoint_dir: Path) -> Tokenizer | VocabTokenizer:
     if not directory.is_dir():
         raise CheckpointError(f"missing checkpoint directory: {directory}")
     if (directory / VOCAB_TOKENIZER_MARKER).is_file():  # an imported Marian tokenizer (tformer.interop)
-        return VocabTokenizer.from_files(directory)
-    return Tokenizer.from_files(directory)
+        tokenizer: Tokenizer | VocabTokenizer = VocabTokenizer.from_files(directory)
+    else:
+        tokenizer = Tokenizer.from_files(directory)
+    # sentencepiece reads a model file cut short between two of its fields as a smaller model (fewer pieces,
+    # or no normalisation rules) that splits text differently: compare with the fingerprint saved beside it
+    recorded = _recorded(Path(checkpoint_dir), TOKENIZER_FINGERPRINT)
+    if recorded is not None and recorded != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{directory}: the tokenizer files are not those this checkpoint was saved with (damaged or replaced: "
+            f"their fingerprint differs from {EXPERIMENT_FILE}'s)"
+        )
+    return tokenizer
+
+
+def _recorded(checkpoint_dir: Path, key: str) -> Any:
+    """A value that `write_checkpoint` recorded in experiment.json (None in checkpoints written before it
+    did, or where the file cannot be read: read_experiment says why)."""
+    try:
+        document = json.loads((checkpoint_dir / EXPERIMENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return document.get(key) if isinstance(document, dict) else None
 
 
 def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
