@@ -405,6 +405,27 @@ def test_a_failed_checkpoint_save_names_the_checkpoint_the_run_keeps(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".old.")]
 
 
+def test_a_full_disk_while_logging_names_the_checkpoint_the_run_keeps(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """A metrics.jsonl row that could not be written (a full disk) ended the run with "error: [Errno 28] No
+    space left on device", naming neither the file nor the checkpoint that a resume continues from."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    kept = ckpt.read_pointer_name(run, "latest")
+
+    def disk_full(self, row):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop.MetricsLog, "append", disk_full)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "100", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: could not write {run / ckpt.METRICS_FILE} (No space left on device); the run keeps its last "
+        f"checkpoint, {run / ckpt.CHECKPOINTS_DIR / kept}; continue it with: tformer train --out {run} --resume\n"
+    )
+    assert ckpt.read_pointer_name(run, "latest") == kept
+
+
 def test_overwrite_names_the_checkpoints_where_the_replacing_run_ends_up(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -19,7 +19,8 @@ class TrainingDivergedError(ValueError):
 
 
 class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (a full disk, say); the message names the checkpoint the run keeps."""
+    """Writing a checkpoint, or a row of metrics.jsonl, failed (a full disk, say); the message names the
+    checkpoint the run keeps."""
 
     def __init__(self, failure: str, kept: str) -> None:
         super().__init__(f"{failure}; {kept}")

@@ -314,8 +314,17 @@ class Trainer:
         if row:
             epoch = self._position["epoch"]
             if self.distributed.is_main:
-                self.metrics.append({"step": self.step, "epoch": epoch, "wall_s": self.elapsed_s, **row})
+                self._log_row({"step": self.step, "epoch": epoch, "wall_s": self.elapsed_s, **row})
         return improved
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """Append a row to metrics.jsonl; a write that fails (a full disk) stops the run as a failed save
+        does, naming the checkpoint it keeps."""
+        try:
+            self.metrics.append(row)
+        except OSError as error:
+            failure = f"could not write {self.metrics.path} ({error.strerror or error})"
+            raise CheckpointSaveError(failure, what_was_kept(self.run_dir)) from error
 
     def _flush(self) -> dict[str, float]:
         """Read the pending step losses (see LossWindow); fail on the first non-finite one. Returns the
