@@ -45,3 +45,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_beside_it(tmp_path
     with pytest.raises(OSError, match="No space left"):
         write_atomic(path, b"new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.html"]
+
+
+def test_a_failed_write_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    """The OSError of a write or an fsync names no file: `tformer plot` on a full disk said only
+    "error: [Errno 28] No space left on device", and a resume that rewrote metrics.jsonl the same."""
+    path = tmp_path / "curves.png"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic_file.os, "fsync", disk_full)
+    with pytest.raises(OSError) as raised:
+        write_atomic(path, b"new")
+    assert str(raised.value) == f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '{path}'"
+    assert list(tmp_path.iterdir()) == []

@@ -33,7 +33,9 @@ def write_atomic(path: Path, data: bytes) -> Path:
         if path.is_file():
             os.chmod(temporary, path.stat().st_mode & 0o7777)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:  # name the file
+            raise OSError(error.errno, error.strerror, str(given)) from None
         raise
     return given

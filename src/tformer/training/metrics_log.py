@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from tformer.atomic_file import write_atomic
 
 
 class MetricsLog:
@@ -48,9 +49,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [row for row in self.rows() if _step_at_most(row.get("step", 0), step)]
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        os.replace(temporary, self.path)
+        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode("utf-8"))
 
 
 def _step_at_most(value: Any, step: int) -> bool:
