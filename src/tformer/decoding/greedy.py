@@ -25,10 +25,10 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.constraints import StepConstraints, prefix_tensor
-from tformer.decoding.incremental import check_inputs, decoding_capacity, take_rows
+from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
 from tformer.decoding.lengths import length_penalty, max_output_lengths
 from tformer.decoding.search_types import Hypothesis
-from tformer.decoding.static_step import make_decoder, uses_static_step
+from tformer.decoding.static_step import StaticStepDecoder, make_decoder, uses_static_step
 
 CHECK_EVERY = 4  # steps between "all finished?" checks, the loop's only host synchronisations
 
@@ -89,8 +89,6 @@ def decode_paths(
     src_pad_mask = check_inputs(model, src_ids, src_pad_mask)
     B, S = src_ids.shape
     n = paths_per_sentence
-    R = B * n
-    device = src_ids.device
     src_lengths_B = src_pad_mask.sum(dim=1)
     max_len_R = max_output_lengths(src_lengths_B, config, limit=model.config.max_positions).repeat_interleave(n)
     T = int(max_len_R.max())
@@ -106,17 +104,24 @@ def decode_paths(
         compile_step=config.compile_step,
     )
     vocab_size = model.config.tgt_vocab_size
-    constraints = StepConstraints(
-        config,
-        eos_id=eos_id,
-        vocab_size=vocab_size,
-        prefix_RP=prefix_tensor(
-            prefix, n_sentences=B, rows_per_sentence=n, eos_id=eos_id, vocab_size=vocab_size, device=device
-        ),
+    prefix_RP = prefix_tensor(
+        prefix, n_sentences=B, rows_per_sentence=n, eos_id=eos_id, vocab_size=vocab_size, device=src_ids.device
     )
+    constraints = StepConstraints(config, eos_id=eos_id, vocab_size=vocab_size, prefix_RP=prefix_RP)
+    state = _start(max_len_R, T, S, bos_id, eos_id, with_attention=return_attention)
+    done = _follow_paths(decoder, constraints, state, T, eos_id, choose)
+    return _hypotheses(
+        done, src_lengths_B, config, n_sentences=B, paths_per_sentence=n, with_attention=return_attention
+    )
+
+
+def _start(max_len_R: Tensor, T: int, S: int, bos_id: int, eos_id: int, *, with_attention: bool) -> PathState:
+    """Every row at bos, with nothing chosen or scored yet."""
+    R = max_len_R.shape[0]
+    device = max_len_R.device
     history_RH = torch.full((R, T + 1), eos_id, dtype=torch.long, device=device)
     history_RH[:, 0] = bos_id
-    state = PathState(
+    return PathState(
         row=torch.arange(R, device=device),
         max_len=max_len_R,
         history=history_RH,
@@ -124,40 +129,71 @@ def decode_paths(
         n_tokens=torch.zeros(R, dtype=torch.long, device=device),
         ended_eos=torch.zeros(R, dtype=torch.bool, device=device),
         finished=torch.zeros(R, dtype=torch.bool, device=device),
-        attention=torch.zeros((R, T, S) if return_attention else (R, 0, 0), device=device),
+        attention=torch.zeros((R, T, S) if with_attention else (R, 0, 0), device=device),
     )
+
+
+def _follow_paths(
+    decoder: IncrementalDecoder | StaticStepDecoder,
+    constraints: StepConstraints,
+    state: PathState,
+    T: int,
+    eos_id: int,
+    choose: Callable[[Tensor, Tensor], Tensor],
+) -> list[PathState]:
+    """The decoding loop: up to T steps of one token per row. Returns the states of every row, in the
+    groups in which they left the batch (the last group: the rows still there at the end)."""
     done: list[PathState] = []  # states of rows that left the batch
     last_R = state.history[:, 0]
     for t in range(T):
         log_probs_RV, attention_RS = decoder.step(last_R)
         log_probs_RV = constraints.apply(log_probs_RV, t, state.history[:, : t + 1], state.max_len)
-        token_R = choose(log_probs_RV, state.row)
-        active_R = ~state.finished
-        is_eos_R = token_R == eos_id
-        state.log_prob += torch.where(active_R, log_probs_RV.gather(1, token_R[:, None])[:, 0], 0.0)
-        state.history[:, t + 1] = torch.where(active_R, token_R, eos_id)
-        state.n_tokens += active_R & ~is_eos_R
-        state.ended_eos |= active_R & is_eos_R
-        if attention_RS is not None:
-            state.attention[:, t] = attention_RS
-        state.finished |= active_R & (is_eos_R | (t + 1 >= state.max_len))
-        last_R = token_R
+        last_R = choose(log_probs_RV, state.row)
+        _extend(state, t, last_R, log_probs_RV, attention_RS, eos_id)
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T:
             finished = state.finished.tolist()  # the periodic host synchronisation
             if all(finished):
                 break
             if any(finished) and decoder.can_drop_rows:
-                keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device)
-                leave = torch.tensor([i for i, f in enumerate(finished) if f], device=device)
-                done.append(take_rows(state, leave))
-                state = take_rows(state, keep)
-                decoder.select(keep)
-                constraints.select(keep)
-                last_R = last_R.index_select(0, keep)
+                state, last_R = _leave(state, finished, last_R, done, decoder, constraints)
     done.append(state)
-    return _hypotheses(
-        done, src_lengths_B, config, n_sentences=B, paths_per_sentence=n, with_attention=return_attention
-    )
+    return done
+
+
+def _extend(
+    state: PathState, t: int, token_R: Tensor, log_probs_RV: Tensor, attention_RS: Tensor | None, eos_id: int
+) -> None:
+    """Step t's chosen tokens into `state`, in place. A finished row stays as it was: its history gets
+    eos (already there), its score and length do not change."""
+    active_R = ~state.finished
+    is_eos_R = token_R == eos_id
+    state.log_prob += torch.where(active_R, log_probs_RV.gather(1, token_R[:, None])[:, 0], 0.0)
+    state.history[:, t + 1] = torch.where(active_R, token_R, eos_id)
+    state.n_tokens += active_R & ~is_eos_R
+    state.ended_eos |= active_R & is_eos_R
+    if attention_RS is not None:
+        state.attention[:, t] = attention_RS
+    state.finished |= active_R & (is_eos_R | (t + 1 >= state.max_len))
+
+
+def _leave(
+    state: PathState,
+    finished: list[bool],
+    last_R: Tensor,
+    done: list[PathState],
+    decoder: IncrementalDecoder | StaticStepDecoder,
+    constraints: StepConstraints,
+) -> tuple[PathState, Tensor]:
+    """Move the finished rows' states to `done` and drop their rows from the batch (and the decoder's
+    cache). Returns the remaining rows' state and last tokens."""
+    device = last_R.device
+    keep = torch.tensor([i for i, f in enumerate(finished) if not f], device=device)
+    leave = torch.tensor([i for i, f in enumerate(finished) if f], device=device)
+    done.append(take_rows(state, leave))
+    state = take_rows(state, keep)
+    decoder.select(keep)
+    constraints.select(keep)
+    return state, last_R.index_select(0, keep)
 
 
 def _hypotheses(
