@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ from tformer.decoding.greedy import CHECK_EVERY
 from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
 from tformer.decoding.lengths import length_penalty, max_output_lengths
 from tformer.decoding.search_types import Hypothesis
-from tformer.decoding.static_step import StaticStepDecoder, make_decoder, uses_static_step
+from tformer.decoding.static_step import CapturedStep, StaticStepDecoder, make_decoder, uses_static_step
 from tformer.decoding.top_k import top_k
 
 NEG_INF = -float("inf")
@@ -75,7 +75,6 @@ def beam_search(
     src_pad_mask = check_inputs(model, src_ids, src_pad_mask)
     B, S = src_ids.shape
     N = config.beam_size
-    device = src_ids.device
     src_lengths_B = src_pad_mask.sum(dim=1)
     max_len_B = max_output_lengths(src_lengths_B, config, limit=model.config.max_positions)
     T = int(max_len_B.max())
@@ -95,32 +94,41 @@ def beam_search(
         reorders_rows=True,
         compile_step=config.compile_step,
     )
-    constraints = StepConstraints(
-        config,
-        eos_id=eos_id,
-        vocab_size=model.config.tgt_vocab_size,
-        prefix_RP=prefix_tensor(
-            prefix,
-            n_sentences=B,
-            rows_per_sentence=N,
-            eos_id=eos_id,
-            vocab_size=model.config.tgt_vocab_size,
-            device=device,
-        ),
+    vocab_size = model.config.tgt_vocab_size
+    prefix_RP = prefix_tensor(
+        prefix, n_sentences=B, rows_per_sentence=N, eos_id=eos_id, vocab_size=vocab_size, device=src_ids.device
     )
-    state = _start(B, N, S, T, bos_id, max_len_B, src_pad_mask, use_coverage, return_attention, device)
+    constraints = StepConstraints(config, eos_id=eos_id, vocab_size=vocab_size, prefix_RP=prefix_RP)
+    state = _start(B, N, S, T, bos_id, max_len_B, src_pad_mask, use_coverage, return_attention, src_ids.device)
     results: list[list[Hypothesis]] = [[] for _ in range(B)]
-    if static and constraints.without_history:
-        _collect(_search_in_whole_steps(decoder, constraints, state, T, eos_id, config), results, config)
-        return results
+    if static and constraints.without_history:  # one function per step: a CUDA graph on a GPU
+        state = _search_in_whole_steps(decoder, constraints, state, T, eos_id, config)
+    else:
+        state = _search_step_by_step(decoder, constraints, state, T, eos_id, config, results, widen=not static)
+    _collect(state, results, config)
+    return results
+
+
+def _search_step_by_step(
+    decoder: IncrementalDecoder | StaticStepDecoder,
+    constraints: StepConstraints,
+    state: BeamState,
+    T: int,
+    eos_id: int,
+    config: DecodeConfig,
+    results: list[list[Hypothesis]],
+    *,
+    widen: bool,
+) -> BeamState:
+    """The decoding loop, one `decoder.step` and one `_step` at a time. `widen`: the decoder starts with
+    one row per sentence. Sentences that leave the batch are collected into `results`; returns the
+    state of those still in it."""
+    N = config.beam_size
     last_R = state.history[:, :, 0].reshape(-1)
-    length_1 = torch.zeros(1, dtype=torch.long, device=device)  # t + 1 during step t, on the device
+    length_1 = torch.zeros(1, dtype=torch.long, device=last_R.device)  # t + 1 during step t, on the device
     for t in range(T):
-        if t == 0 and not static:  # one row per sentence, then every beam continues it
-            log_probs_BV, attention_BS = decoder.step(last_R[::N])
-            decoder.widen(N)
-            log_probs_RV = log_probs_BV.repeat_interleave(N, dim=0)
-            attention_RS = None if attention_BS is None else attention_BS.repeat_interleave(N, dim=0)
+        if t == 0 and widen:  # one row per sentence, then every beam continues it
+            log_probs_RV, attention_RS = _first_step_widened(decoder, last_R, N)
         else:
             log_probs_RV, attention_RS = decoder.step(last_R)
         Bc = state.scores.shape[0]
@@ -134,8 +142,17 @@ def beam_search(
                 break
             if any(done) and decoder.can_drop_rows:
                 state, last_R = _leave(state, done, last_R, results, config, decoder, constraints)
-    _collect(state, results, config)
-    return results
+    return state
+
+
+def _first_step_widened(decoder: IncrementalDecoder, last_R: Tensor, N: int) -> tuple[Tensor, Tensor | None]:
+    """Step 0 on each sentence's first row only (all N beams are bos), then widen the decoder to N rows
+    per sentence; the outputs are repeated for the N beams (only the first may expand: see `_start`)."""
+    log_probs_BV, attention_BS = decoder.step(last_R[::N])
+    decoder.widen(N)
+    log_probs_RV = log_probs_BV.repeat_interleave(N, dim=0)
+    attention_RS = None if attention_BS is None else attention_BS.repeat_interleave(N, dim=0)
+    return log_probs_RV, attention_RS
 
 
 @dataclass
@@ -162,21 +179,7 @@ def _search_in_whole_steps(
     Returns the state that holds the finished lists."""
     decoder.check_room(T)  # its steps run in one recorded function, never through decoder.step
     buffers = decoder.step_buffers
-    key = (*fresh.history.shape, eos_id, config.length_penalty, config.length_normalization, config.min_len)
-    key += (config.forced_eos, config.early_stopping)
-    key += tuple(config.banned_ids)
-    search = buffers.searches.get(key)
-    if search is None:
-        # the search owns its buffers: `fresh` may hold the caller's tensors (the source mask), which the
-        # next batch of this shape must not overwrite
-        owned = BeamState(**{item.name: getattr(fresh, item.name).clone() for item in dataclasses.fields(BeamState)})
-        search = buffers.searches[key] = WholeStepSearch(
-            owned, torch.zeros(1, dtype=torch.long, device=fresh.done.device)
-        )
-    for item in dataclasses.fields(BeamState):  # a new batch: its start state into the buffers
-        getattr(search.state, item.name).copy_(getattr(fresh, item.name))
-    search.length_1.zero_()
-    buffers.tokens_R.copy_(fresh.history[:, :, 0].reshape(-1))  # bos
+    search = _whole_step_search(buffers, fresh, eos_id, config)
 
     def whole_step() -> None:
         search.length_1.add_(1)
@@ -200,6 +203,27 @@ def _search_in_whole_steps(
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T and all(search.state.done.tolist()):
             break
     return search.state
+
+
+def _whole_step_search(buffers: CapturedStep, fresh: BeamState, eos_id: int, config: DecodeConfig) -> WholeStepSearch:
+    """The buffers of this shape and these settings (made at their first use), loaded with `fresh`, the
+    start state of a new batch, and with bos as the next input tokens."""
+    key = (*fresh.history.shape, eos_id, config.length_penalty, config.length_normalization, config.min_len)
+    key += (config.forced_eos, config.early_stopping)
+    key += tuple(config.banned_ids)
+    search = buffers.searches.get(key)
+    if search is None:
+        # the search owns its buffers: `fresh` may hold the caller's tensors (the source mask), which the
+        # next batch of this shape must not overwrite
+        owned = BeamState(**{item.name: getattr(fresh, item.name).clone() for item in dataclasses.fields(BeamState)})
+        search = buffers.searches[key] = WholeStepSearch(
+            owned, torch.zeros(1, dtype=torch.long, device=fresh.done.device)
+        )
+    for item in dataclasses.fields(BeamState):  # a new batch: its start state into the buffers
+        getattr(search.state, item.name).copy_(getattr(fresh, item.name))
+    search.length_1.zero_()
+    buffers.tokens_R.copy_(fresh.history[:, :, 0].reshape(-1))  # bos
+    return search
 
 
 def _leave(state, done, last_R, results, config, decoder, constraints) -> tuple[BeamState, Tensor]:
@@ -250,6 +274,15 @@ def _gather_beams(x_BN_: Tensor, index_BK: Tensor) -> Tensor:
     return x_BN_.gather(1, index)
 
 
+class Candidates(NamedTuple):
+    """A step's 2N best continuations of each sentence, best first."""
+
+    scores_BK: Tensor  # log-probabilities: the beam's score + the new token's
+    beam_BK: Tensor  # the beam each one continues
+    token_BK: Tensor  # its new token
+    history_BKH: Tensor  # the beam's history, with the new token at position t + 1
+
+
 def _step(
     state: BeamState,
     log_probs_RV: Tensor,
@@ -261,63 +294,121 @@ def _step(
 ) -> Tensor:
     """One beam-search step t on `state`, whose tensors are updated in place (they may be the fixed
     buffers of a CUDA graph); `length_1` holds t + 1 on the device. Returns the next input tokens (R,)."""
+    N = state.scores.shape[1]
+    # 1. the best 2N continuations of each sentence
+    candidates = _candidates(state, log_probs_RV, length_1)
+    # 2. candidates among the first N that end here (eos, or the maximum length) join the finished lists
+    is_eos_BK = candidates.token_BK == eos_id
+    ends_BK = is_eos_BK | (state.max_len <= length_1)[:, None]
+    rank_K = torch.arange(2 * N, device=candidates.scores_BK.device)
+    finalise_BK = ends_BK & (rank_K < N) & (candidates.scores_BK > NEG_INF) & ~state.done[:, None]
+    penalty_1 = length_penalty(length_1, config)
+    penalised_BK, attention_BKTS = _finished_scores(state, candidates, attention_RS, penalty_1, length_1, config)
+    finished_BK = penalised_BK.masked_fill(~finalise_BK, NEG_INF)
+    _keep_best_finished(state, candidates, finished_BK, is_eos_BK, attention_BKTS, length_1)
+    # 3. the N best continuations that go on become the beams
+    running_scores_BN, tokens_R = _continue_beams(state, candidates, ends_BK, decoder)
+    # 4. per-sentence termination
+    _update_done(state, running_scores_BN, penalty_1, length_1, config)
+    return tokens_R
+
+
+def _candidates(state: BeamState, log_probs_RV: Tensor, length_1: Tensor) -> Candidates:
+    """The best 2N continuations of each sentence: per beam first (the beam's score shifts its whole
+    row, so it is added after the top-k), then across its beams."""
     B, N = state.scores.shape
     V = log_probs_RV.shape[1]
-    # 1. the best 2N continuations of each sentence: per beam first (the beam's score shifts its whole
-    # row, so it is added after the top-k), then across its beams
     per_beam_log_probs_RK, per_beam_tokens_RK = top_k(log_probs_RV, min(2 * N, V))
     per_beam_log_probs_BNK = per_beam_log_probs_RK.view(B, N, -1)
     per_beam_tokens_BNK = per_beam_tokens_RK.view(B, N, -1)
     per_beam_scores_BNK = per_beam_log_probs_BNK + state.scores[:, :, None]
-    cand_scores_BK, flat_BK = per_beam_scores_BNK.view(B, -1).topk(2 * N, dim=-1)
-    cand_beam_BK = torch.div(flat_BK, per_beam_scores_BNK.shape[2], rounding_mode="floor")
-    cand_token_BK = per_beam_tokens_BNK.view(B, -1).gather(1, flat_BK)
-    cand_history_BKH = _gather_beams(state.history, cand_beam_BK)
-    cand_history_BKH.index_copy_(2, length_1, cand_token_BK[:, :, None])
-    # 2. candidates that end here
-    is_eos_BK = cand_token_BK == eos_id
-    ends_BK = is_eos_BK | (state.max_len <= length_1)[:, None]
-    rank_K = torch.arange(2 * N, device=flat_BK.device)
-    finalise_BK = ends_BK & (rank_K < N) & (cand_scores_BK > NEG_INF) & ~state.done[:, None]
-    penalty_1 = length_penalty(length_1, config)
-    penalised_BK = cand_scores_BK / penalty_1
-    cand_attention = None
-    if attention_RS is not None:
-        parent_attention_BNS = attention_RS.view(B, N, -1)
-        if config.coverage_penalty > 0:
-            coverage_BNS = state.coverage + parent_attention_BNS
-            penalised_BK = penalised_BK + _coverage_penalty(_gather_beams(coverage_BNS, cand_beam_BK), state, config)
-            state.coverage.copy_(coverage_BNS)
-        if state.attention.shape[2] > 0:
-            state.attention.index_copy_(2, length_1 - 1, parent_attention_BNS[:, :, None])
-            cand_attention = _gather_beams(state.attention, cand_beam_BK)
-    merged_BM = torch.cat([state.fin_scores, penalised_BK.masked_fill(~finalise_BK, NEG_INF)], dim=1)
+    scores_BK, flat_BK = per_beam_scores_BNK.view(B, -1).topk(2 * N, dim=-1)
+    beam_BK = torch.div(flat_BK, per_beam_scores_BNK.shape[2], rounding_mode="floor")
+    token_BK = per_beam_tokens_BNK.view(B, -1).gather(1, flat_BK)
+    history_BKH = _gather_beams(state.history, beam_BK)
+    history_BKH.index_copy_(2, length_1, token_BK[:, :, None])
+    return Candidates(scores_BK, beam_BK, token_BK, history_BKH)
+
+
+def _finished_scores(
+    state: BeamState,
+    candidates: Candidates,
+    attention_RS: Tensor | None,
+    penalty_1: Tensor,
+    length_1: Tensor,
+    config: DecodeConfig,
+) -> tuple[Tensor, Tensor | None]:
+    """The candidates' scores as finished hypotheses, log_prob / lp(length) (+ coverage penalty), and
+    their attention maps (None unless asked for). The step's cross-attention (`attention_RS`, made while
+    reading the beams' last tokens) is added to the beams' coverage and attention maps in `state`."""
+    B, N = state.scores.shape
+    penalised_BK = candidates.scores_BK / penalty_1
+    if attention_RS is None:
+        return penalised_BK, None
+    attention_BKTS = None
+    parent_attention_BNS = attention_RS.view(B, N, -1)
+    if config.coverage_penalty > 0:
+        coverage_BNS = state.coverage + parent_attention_BNS
+        coverage_BKS = _gather_beams(coverage_BNS, candidates.beam_BK)
+        penalised_BK = penalised_BK + _coverage_penalty(coverage_BKS, state, config)
+        state.coverage.copy_(coverage_BNS)
+    if state.attention.shape[2] > 0:
+        state.attention.index_copy_(2, length_1 - 1, parent_attention_BNS[:, :, None])
+        attention_BKTS = _gather_beams(state.attention, candidates.beam_BK)
+    return penalised_BK, attention_BKTS
+
+
+def _keep_best_finished(
+    state: BeamState,
+    candidates: Candidates,
+    finished_BK: Tensor,
+    is_eos_BK: Tensor,
+    attention_BKTS: Tensor | None,
+    length_1: Tensor,
+) -> None:
+    """Merge the candidates that finish (score > -inf in `finished_BK`) into each sentence's finished
+    list and keep its N best, best first."""
+    N = state.fin_scores.shape[1]
+    merged_BM = torch.cat([state.fin_scores, finished_BK], dim=1)
     fin_scores_BN, keep_BN = merged_BM.topk(N, dim=1)
     state.fin_scores.copy_(fin_scores_BN)
-    state.fin_history.copy_(_gather_beams(torch.cat([state.fin_history, cand_history_BKH], dim=1), keep_BN))
-    state.fin_log_probs.copy_(torch.cat([state.fin_log_probs, cand_scores_BK], dim=1).gather(1, keep_BN))
+    state.fin_history.copy_(_gather_beams(torch.cat([state.fin_history, candidates.history_BKH], dim=1), keep_BN))
+    state.fin_log_probs.copy_(torch.cat([state.fin_log_probs, candidates.scores_BK], dim=1).gather(1, keep_BN))
     n_tokens_BK = length_1 - is_eos_BK.long()
     state.fin_n_tokens.copy_(torch.cat([state.fin_n_tokens, n_tokens_BK], dim=1).gather(1, keep_BN))
     state.fin_eos.copy_(torch.cat([state.fin_eos, is_eos_BK], dim=1).gather(1, keep_BN))
-    if cand_attention is not None:
-        state.fin_attention.copy_(_gather_beams(torch.cat([state.fin_attention, cand_attention], dim=1), keep_BN))
-    # 3. the N best continuations that go on become the beams
-    running_scores_BN, chosen_BN = cand_scores_BK.masked_fill(ends_BK, NEG_INF).topk(N, dim=1)
-    parent_BN = cand_beam_BK.gather(1, chosen_BN)
+    if attention_BKTS is not None:
+        state.fin_attention.copy_(_gather_beams(torch.cat([state.fin_attention, attention_BKTS], dim=1), keep_BN))
+
+
+def _continue_beams(
+    state: BeamState, candidates: Candidates, ends_BK: Tensor, decoder: IncrementalDecoder | StaticStepDecoder
+) -> tuple[Tensor, Tensor]:
+    """The N best candidates that do not end become the beams; the decoder's rows (its KV cache) follow
+    their parents. Returns the new beams' scores (B, N) and tokens, the next inputs (R,)."""
+    B, N = state.scores.shape
+    running_scores_BN, chosen_BN = candidates.scores_BK.masked_fill(ends_BK, NEG_INF).topk(N, dim=1)
+    parent_BN = candidates.beam_BK.gather(1, chosen_BN)
     rows_R = (parent_BN + torch.arange(B, device=parent_BN.device)[:, None] * N).view(-1)
     decoder.reorder(rows_R)
-    state.history.copy_(_gather_beams(cand_history_BKH, chosen_BN))
+    state.history.copy_(_gather_beams(candidates.history_BKH, chosen_BN))
     state.scores.copy_(running_scores_BN)
     if state.coverage.shape[2] > 0:
         state.coverage.copy_(_gather_beams(state.coverage, parent_BN))
     if state.attention.shape[2] > 0:
         state.attention.copy_(_gather_beams(state.attention, parent_BN))
-    # 4. per-sentence termination
+    return running_scores_BN, candidates.token_BK.gather(1, chosen_BN).view(-1)
+
+
+def _update_done(
+    state: BeamState, running_scores_BN: Tensor, penalty_1: Tensor, length_1: Tensor, config: DecodeConfig
+) -> None:
+    """A sentence is done at its maximum length, or when it holds N finished hypotheses and (unless
+    `early_stopping`) its best running beam, normalised at its current length, does not beat the worst."""
     best_running_B = running_scores_BN[:, 0] / penalty_1
     full_B = state.fin_scores[:, -1] > NEG_INF
     settled_B = full_B if config.early_stopping else full_B & (best_running_B <= state.fin_scores[:, -1])
     state.done |= (state.max_len <= length_1) | settled_B
-    return cand_token_BK.gather(1, chosen_BN).view(-1)
 
 
 def _coverage_penalty(coverage_BKS: Tensor, state: BeamState, config: DecodeConfig) -> Tensor:
