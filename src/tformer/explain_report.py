@@ -51,23 +51,42 @@ def worked_score(w: Walkthrough, head: int = 0, query: int = 1, key: int = 0) ->
 
 
 def render(w: Walkthrough) -> str:
-    """The whole walk-through as text."""
-    c, a, b = w.config, w.attention, w.encoder_block
-    src, tin, tout = w.source_tokens, w.decoder_inputs, w.decoder_targets
-    H, K = c.n_heads, c.head_dim
+    """The whole walk-through as text: steps 1 to 11, then the checks against tformer's modules."""
     out = [
-        f"A Transformer with d_model={c.d_model}, {H} heads of {K} dimensions, d_ff={c.d_ff}, "
+        *input_lines(w),
+        *self_attention_lines(w),
+        *encoder_block_lines(w),
+        *decoder_attention_lines(w),
+        *training_lines(w),
+        *decoding_lines(w),
+        heading("checks", "each step equals what tformer's modules compute (max |difference|)"),
+    ]
+    out += [f"  {value:.1e}  {name}" for name, value in w.checks.items()]
+    return "\n".join(out) + "\n"
+
+
+def input_lines(w: Walkthrough) -> list[str]:
+    """The model and the pair, then step 1: the vectors the encoder starts from."""
+    c, src = w.config, w.source_tokens
+    return [
+        f"A Transformer with d_model={c.d_model}, {c.n_heads} heads of {c.head_dim} dimensions, d_ff={c.d_ff}, "
         f"one encoder and one decoder layer, weights from seed {w.seed}.",
-        f"Source: {' '.join(src)}    target: {' '.join(tout)}",
+        f"Source: {' '.join(src)}    target: {' '.join(w.decoder_targets)}",
         heading(1, f"input vectors: token embedding x sqrt({c.d_model}) + sinusoidal position"),
         "token embedding:",
         table(w.embeddings_SD, src, dims(c.d_model)),
         "position (sinusoidal_table):",
         table(w.positions_SD, src, dims(c.d_model)),
         "x = embedding + position:",
-        table(b.input_SD, src, dims(c.d_model)),
-        heading(2, f"queries, keys, values: SelfAttention.qkv_proj, split into {H} heads of {K}"),
+        table(w.encoder_block.input_SD, src, dims(c.d_model)),
     ]
+
+
+def self_attention_lines(w: Walkthrough) -> list[str]:
+    """Steps 2 to 6: the encoder's self-attention, head by head, then in matrix form."""
+    c, a, src = w.config, w.attention, w.source_tokens
+    H, K = c.n_heads, c.head_dim
+    out = [heading(2, f"queries, keys, values: SelfAttention.qkv_proj, split into {H} heads of {K}")]
     for h in range(H):
         for name, values in (("q", a.q_HSK), ("k", a.k_HSK), ("v", a.v_HSK)):
             out += [f"head {h} {name}:", table(values[h], src, dims(K, name))]
@@ -87,25 +106,46 @@ def render(w: Walkthrough) -> str:
         table(a.concat_SD, src, dims(c.d_model)),
         "out_proj(concat) = the self-attention output:",
         table(a.output_SD, src, dims(c.d_model)),
+    ]
+    return out
+
+
+def encoder_block_lines(w: Walkthrough) -> list[str]:
+    """Step 7: the residual connections, layer norms and feed-forward around the self-attention."""
+    b, src, labels = w.encoder_block, w.source_tokens, dims(w.config.d_model)
+    return [
         heading(7, "one encoder block: h = layer norm(x + attention(x)), then layer norm(h + feed-forward(h))"),
         "after the attention residual and layer norm:",
-        table(b.after_attention_SD, src, dims(c.d_model)),
+        table(b.after_attention_SD, src, labels),
         "feed-forward output fc2(relu(fc1(.))):",
-        table(b.feed_forward_SD, src, dims(c.d_model)),
+        table(b.feed_forward_SD, src, labels),
         "block output (the encoder's memory):",
-        table(b.output_SD, src, dims(c.d_model)),
+        table(b.output_SD, src, labels),
+    ]
+
+
+def decoder_attention_lines(w: Walkthrough) -> list[str]:
+    """Steps 8 and 9: the decoder's masked self-attention and its cross-attention to the source."""
+    tin, src = w.decoder_inputs, w.source_tokens
+    out = [
         heading(8, "masked decoder self-attention: position t reads decoder inputs 0..t"),
         "causal mask (1 = may attend):",
         table(w.causal.mask_TT.double(), tin, tin, decimals=0),
     ]
-    for h in range(H):
+    for h in range(w.config.n_heads):
         out += [f"head {h} weights (zero above the diagonal):", table(w.causal.weights_HTT[h], tin, tin)]
     out.append(heading(9, "cross-attention: decoder queries, keys and values from the encoder output"))
-    for h in range(H):
+    for h in range(w.config.n_heads):
         out += [f"head {h} weights (rows: decoder inputs, columns: source):", table(w.cross.weights_HTS[h], tin, src)]
-    loss, eps, V = w.loss, w.loss.smoothing, c.tgt_vocab_size
+    return out
+
+
+def training_lines(w: Walkthrough) -> list[str]:
+    """Step 10: the loss of the pair, label smoothing, one Adam step, the paper's learning rate."""
+    tin, tout = w.decoder_inputs, w.decoder_targets
+    loss, eps, V = w.loss, w.loss.smoothing, w.config.tgt_vocab_size
     rows = np.stack([loss.target_probability_T.numpy(), loss.nll_T.numpy(), loss.smoothed_T.numpy()], axis=1)
-    out += [
+    return [
         heading(10, "cross-entropy training: teacher forcing, label smoothing, the learning-rate schedule"),
         "at each position: the probability of the correct next token, -log of it, and the smoothed loss:",
         table(Tensor(rows), [f"{i} -> {t}" for i, t in zip(tin, tout, strict=True)], ["p(next)", "-log p", "smoothed"]),
@@ -120,11 +160,7 @@ def render(w: Walkthrough) -> str:
         "the warm-up steps, then decays as 1/sqrt(step); for the base model (d_model 512, warmup 4000):",
         "  " + "   ".join(f"step {step}: {rate:.1e}" for step, rate in loss.schedule.items()),
         "(to keep the toy short, its Adam steps here and in step 11 take plain cross-entropy at a constant lr)",
-        *decoding_lines(w),
-        heading("checks", "each step equals what tformer's modules compute (max |difference|)"),
     ]
-    out += [f"  {value:.1e}  {name}" for name, value in w.checks.items()]
-    return "\n".join(out) + "\n"
 
 
 def decoding_lines(w: Walkthrough) -> list[str]:
