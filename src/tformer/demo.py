@@ -12,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tformer.config import DataConfig, DecodeConfig, ExperimentConfig, TrainConfig, preset
-from tformer.data.numbers import make_number_splits, write_number_corpus
+from tformer.data.numbers import NumberSplits, make_number_splits, write_number_corpus
 from tformer.decoding.pipeline import Translator
 from tformer.evaluation import score
 from tformer.training import checkpoint
 from tformer.training.average import average_checkpoints
-from tformer.training.checkpoint import load_run
+from tformer.training.checkpoint import LoadedRun, load_run
 from tformer.training.run import start_run
 from tformer.training.run_directory import check_new_run_dir
 from tformer.viz.attention_maps import save_cross_attention_png
@@ -100,6 +101,35 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     experiment = demo_experiment(data_dir, config)
     advice = DEMO_RUN_DIR_ADVICE
     check_new_run_dir(run_dir, advice=advice, files_advice=advice, others_advice=advice)
+    splits = _write_numbers(data_dir, config, say)
+    trainer = start_run(experiment, run_dir, quiet=quiet, checked=True)
+    training_started = time.monotonic()
+    trainer.train()
+    train_seconds = time.monotonic() - training_started
+    _average_into_best(run_dir, config.average_last, say)
+    run = load_run(run_dir, which="best")
+    sources = [english for _, english, _ in splits.test]
+    references = [german for _, _, german in splits.test]
+    hypotheses, exact, chrf = _evaluate(run, sources, references)
+    attention_png = save_cross_attention_png(
+        run.model, run.tokenizer, sources[0], run_dir / "cross_attention.png", decode_config=run.experiment.decode
+    )
+    say(f"cross-attention of {sources[0]!r} saved to {attention_png}")
+    result = DemoResult(
+        run_dir=run_dir,
+        exact_match=exact,
+        chrf=chrf,
+        n_test=len(references),
+        train_seconds=train_seconds,
+        total_seconds=time.monotonic() - started,
+        attention_png=attention_png,
+    )
+    _report(result, splits.test, hypotheses, config.n_examples)
+    return result
+
+
+def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None]) -> NumberSplits:
+    """Draw the training, validation and test numbers and write them as parallel text files."""
     splits = make_number_splits(
         n_train=config.n_train,
         n_valid=config.n_valid,
@@ -109,40 +139,25 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     )
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
     write_number_corpus(splits, data_dir)
-    trainer = start_run(experiment, run_dir, quiet=quiet, checked=True)
-    training_started = time.monotonic()
-    trainer.train()
-    train_seconds = time.monotonic() - training_started
+    return splits
 
-    # Averaging the last checkpoints smooths the noise of the last updates (98.6% -> 99.75% exact match
-    # in one measured run); the average becomes the run's "best" checkpoint, which translate loads.
-    n_averaged = min(config.average_last, len(checkpoint.step_checkpoints(run_dir)))
+
+def _average_into_best(run_dir: Path, average_last: int, say: Callable[[str], None]) -> None:
+    """Averaging the last checkpoints smooths the noise of the last updates (98.6% -> 99.75% exact match
+    in one measured run); the average becomes the run's "best" checkpoint, which translate loads."""
+    n_averaged = min(average_last, len(checkpoint.step_checkpoints(run_dir)))
     averaged = average_checkpoints(run_dir, last=n_averaged)
     checkpoint.write_pointer(run_dir, "best", averaged.name)
     say(f"averaged the last {n_averaged} checkpoints into {averaged}")
-    run = load_run(run_dir, which="best")
+
+
+def _evaluate(run: LoadedRun, sources: list[str], references: list[str]) -> tuple[list[str], float, float]:
+    """Translate the test numbers with the run's decode settings: the translations, their exact-match
+    rate and chrF."""
     translator = Translator(run.model, run.tokenizer, run.experiment.decode, max_batch_tokens=8192)
-    sources = [english for _, english, _ in splits.test]
-    references = [german for _, _, german in splits.test]
     hypotheses = translator.translate_texts(sources)  # the searches run under torch.inference_mode
     exact = sum(h == r for h, r in zip(hypotheses, references, strict=True)) / len(references)
-    scores = score(hypotheses, references)
-
-    attention_png = save_cross_attention_png(
-        run.model, run.tokenizer, sources[0], run_dir / "cross_attention.png", decode_config=run.experiment.decode
-    )
-    say(f"cross-attention of {sources[0]!r} saved to {attention_png}")
-    result = DemoResult(
-        run_dir=run_dir,
-        exact_match=exact,
-        chrf=scores.chrf,
-        n_test=len(references),
-        train_seconds=train_seconds,
-        total_seconds=time.monotonic() - started,
-        attention_png=attention_png,
-    )
-    _report(result, splits.test, hypotheses, config.n_examples)
-    return result
+    return hypotheses, exact, score(hypotheses, references).chrf
 
 
 def _report(result: DemoResult, test, hypotheses: list[str], n_examples: int) -> None:
