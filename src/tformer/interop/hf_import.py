@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -36,6 +36,9 @@ from tformer.interop.marian import marian_to_tformer_state, model_config_from_ma
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
 from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name, write_checkpoint, write_pointer
+
+if TYPE_CHECKING:
+    from transformers import MarianConfig
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,34 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     out = fresh_directory(out)
+    raw, hf_config = _read_marian_config(hf_dir)
+    config = model_config_from_marian(hf_config)
+    has_file = _has(hf_dir, GENERATION_FILE)
+    generation = generation_settings(_read_json(hf_dir / GENERATION_FILE) if has_file else None, raw)
+    weights = _read_weights(hf_dir)
+    stored_dtypes = tuple(
+        sorted({str(t.dtype).removeprefix("torch.") for t in weights.values() if t.is_floating_point()})
+    )
+    model = _marian_model(weights, config, hf_dir)
+    tokenizer = _marian_tokenizer(hf_dir, hf_config, config, bos_id=decoder_start_id(generation, hf_config))
+    named = hf_dir / (GENERATION_FILE if has_file else "config.json")
+    decode = decode_config(generation, max_positions=config.max_positions, eos_id=tokenizer.eos_id, source=str(named))
+    try:  # refused now, naming the file, not by every translation of the imported run
+        check_banned_ids(decode, config.tgt_vocab_size)
+    except ValueError as error:
+        raise ValueError(f"{named}: {error}") from None
+    source = {
+        "format": "hf-marian",
+        "path": str(hf_dir.resolve()),
+        "banned_token_ids": list(decode.banned_ids),
+        "stored_dtypes": list(stored_dtypes),
+    }
+    _write_run(out, ExperimentConfig(model=config, decode=decode), tokenizer, model, imported_from=source)
+    return ImportedRun(out, stored_dtypes)
+
+
+def _read_marian_config(hf_dir: Path) -> tuple[dict[str, Any], MarianConfig]:
+    """config.json as read (generation settings may come from it) and as transformers' MarianConfig."""
     from transformers import MarianConfig
 
     raw = _read_json(hf_dir / "config.json")
@@ -66,13 +97,11 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
     except Exception as error:  # transformers checks the fields with errors of its own (and of huggingface_hub)
         reason = " ".join(str(error).split())  # a message over several lines, as one
         raise ValueError(f"{hf_dir / 'config.json'}: not a MarianMT configuration ({reason})") from None
-    config = model_config_from_marian(hf_config)
-    has_file = _has(hf_dir, GENERATION_FILE)
-    generation = generation_settings(_read_json(hf_dir / GENERATION_FILE) if has_file else None, raw)
-    weights = _read_weights(hf_dir)
-    stored_dtypes = tuple(
-        sorted({str(t.dtype).removeprefix("torch.") for t in weights.values() if t.is_floating_point()})
-    )
+    return raw, hf_config
+
+
+def _marian_model(weights: dict[str, Tensor], config: ModelConfig, hf_dir: Path) -> Transformer:
+    """A tformer Transformer holding Marian's weights, renamed; missing or misshapen ones are refused."""
     try:
         state = marian_to_tformer_state(_with_tied_embeddings(weights, config), config)
     except KeyError as error:
@@ -80,7 +109,12 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
     model = Transformer(config)
     _check_shapes(state, model.state_dict(), hf_dir)
     model.load_state_dict(state, strict=True)
-    tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=decoder_start_id(generation, hf_config))
+    return model
+
+
+def _marian_tokenizer(hf_dir: Path, hf_config: MarianConfig, config: ModelConfig, *, bos_id: int) -> VocabTokenizer:
+    """The directory's tokenizer, checked against config.json's special ids and the model's vocabularies."""
+    tokenizer = VocabTokenizer.from_marian_dir(hf_dir, bos_id=bos_id)
     if tokenizer.eos_id != hf_config.eos_token_id or tokenizer.pad_id != hf_config.pad_token_id:
         raise ValueError(
             f"{hf_dir}: the tokenizer's eos/pad ids ({tokenizer.eos_id}, {tokenizer.pad_id}) differ from "
@@ -88,19 +122,13 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
         )
     if tokenizer.src_vocab_size > config.src_vocab_size or tokenizer.tgt_vocab_size > config.tgt_vocab_size:
         raise ValueError(f"{hf_dir}: the vocabulary files hold more ids than the model's embeddings")
-    named = hf_dir / (GENERATION_FILE if has_file else "config.json")
-    decode = decode_config(generation, max_positions=config.max_positions, eos_id=tokenizer.eos_id, source=str(named))
-    try:  # refused now, naming the file, not by every translation of the imported run
-        check_banned_ids(decode, config.tgt_vocab_size)
-    except ValueError as error:
-        raise ValueError(f"{named}: {error}") from None
-    experiment = ExperimentConfig(model=config, decode=decode)
-    source = {
-        "format": "hf-marian",
-        "path": str(hf_dir.resolve()),
-        "banned_token_ids": list(decode.banned_ids),
-        "stored_dtypes": list(stored_dtypes),
-    }
+    return tokenizer
+
+
+def _write_run(
+    out: Path, experiment: ExperimentConfig, tokenizer: VocabTokenizer, model: Transformer, *, imported_from: dict
+) -> None:
+    """The run directory: one checkpoint, step 0, which "latest" points to; written whole or not at all."""
     with written_atomically(out) as temporary:
         name = step_name(0)
         (temporary / CHECKPOINTS_DIR).mkdir()
@@ -111,10 +139,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
             model=model.eval(),
             step=0,
             trainer_state=None,
-            extra={"imported_from": source},
+            extra={"imported_from": imported_from},
         )
         write_pointer(temporary, "latest", name)
-    return ImportedRun(out, stored_dtypes)
 
 
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
