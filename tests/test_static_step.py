@@ -302,3 +302,18 @@ def test_sampling_on_the_static_step_draws_what_the_default_step_draws_when_path
     lengths = {len(tokens) for n in default for tokens in n}
     assert max(lengths) - min(lengths) > 4, "paths should end at different periodic checks"
     assert run(dataclasses.replace(config, static_step=True)) == default
+
+
+def test_the_compiled_and_the_eager_static_step_keep_their_own_buffers_and_graphs():
+    """A shape's CUDA graphs record the step compiled or not: a batch decoded with the other compile_step
+    must not replay them (it did: the kept step of a shape was found without looking at the setting)."""
+    model = peaked_model()
+    src, mask = padded_batch([5, 3], seed=0)
+
+    def buffers(compile_step: bool):
+        options = dict(rows_per_sentence=2, capacity=6, reorders_rows=True, compile_step=compile_step)
+        return StaticStepDecoder(model, src, mask, **options).step_buffers
+
+    eager, compiled = buffers(False), buffers(True)
+    assert eager is not compiled
+    assert buffers(False) is eager and buffers(True) is compiled  # each setting reuses its own

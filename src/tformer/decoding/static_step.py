@@ -135,11 +135,14 @@ class CapturedStep:
 _CAPTURED: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, CapturedStep]] = weakref.WeakKeyDictionary()
 
 
-def captured_step(model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor) -> CapturedStep:
-    """The model's CapturedStep of this shape, made if new."""
+def captured_step(
+    model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor, compile_step: bool = False
+) -> CapturedStep:
+    """The model's CapturedStep of this shape and `compile_step`, made if new (its CUDA graphs record the
+    step compiled or not, so the two settings never share one)."""
     capacity = min(capacity, model.config.max_positions)
     reference = model.tgt_embedding.weight
-    key = (rows, *mask_MS.shape, capacity, reference.device, reference.dtype, reference.data_ptr())
+    key = (rows, *mask_MS.shape, capacity, reference.device, reference.dtype, reference.data_ptr(), compile_step)
     steps = _CAPTURED.setdefault(model, OrderedDict())
     if key in steps:
         steps.move_to_end(key)
@@ -177,6 +180,7 @@ class StaticStepDecoder:
             capacity=capacity,
             memory_kv=memory_kv,
             mask_MS=src_pad_mask_BS,
+            compile_step=compile_step,
         )
         self.step_buffers.load(memory_kv, src_pad_mask_BS)
         self.cache = self.step_buffers.cache
