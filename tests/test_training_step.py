@@ -153,3 +153,35 @@ def test_early_stopping_ends_the_run_and_best_points_at_the_best_step(tmp_path: 
     assert (result.best_metric, result.best_step) == (2.0, 4)
     assert ckpt.read_pointer_name(tmp_path / "run", "best") == "step-00000004"
     assert ckpt.read_pointer_name(tmp_path / "run", "latest") == "step-00000008"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_data_parallel_step_never_waits_for_the_gpu(tmp_path: Path) -> None:
+    """The data-parallel step sums the target tokens of every process on the device. Made with
+    torch.tensor(value, device=cuda), the count was a blocking copy from the host: at every step the host
+    waited for all the kernels it had queued. One process stands for the group (its all-reduce is the
+    identity); a Distributed of two processes takes the data-parallel path."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tformer.runtime import Distributed
+    from tformer.training.step import TrainingObjective
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30), seed=3).to(device).train()
+        objective = DistributedDataParallel(TrainingObjective(model), device_ids=[device.index])
+        optimizer = build_optimizer(model, TrainConfig(), device=device)
+        batch = collate(_pairs(4, seed=2), [0, 1, 2, 3], pad_id=0, bos_id=1, eos_id=2).to(device)
+        options = dict(lr=1e-3, smoothing=0.1, pad_id=0, clip_norm=1.0, device=device)
+        for step in range(13):  # DDP times its first 10 iterations (and builds its buckets): not checked
+            torch.cuda.set_sync_debug_mode("error" if step == 12 else "default")
+            try:
+                train_step(
+                    model, optimizer, [batch], **options, objective=objective, distributed=Distributed(world_size=2)
+                )
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        dist.destroy_process_group()

@@ -101,7 +101,8 @@ def train_step(
     data_parallel = isinstance(uncompiled, DistributedDataParallel)
     divisor: Tensor | float = total_tokens
     if data_parallel and distributed is not None and distributed.enabled:
-        global_tokens = distributed.all_reduce_sum(torch.tensor(float(total_tokens), device=device))
+        # filled on the device: torch.tensor(value, device=cuda) copies from the host and waits for the GPU
+        global_tokens = distributed.all_reduce_sum(torch.full((), float(total_tokens), device=device))
         divisor = global_tokens / distributed.world_size  # DDP's average then divides by world_size
     loss_sum = torch.zeros((), device=device)
     nll_sum = torch.zeros((), device=device)
