@@ -48,8 +48,9 @@ PY
 
 train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
-  echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager"
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, and no host sync in a DDP step"
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
+    tests/test_training_step.py -k "cuda or gpu" 2>&1 | tail -n 4
   run decode_cuda_base_beam_cache 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
   run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
   run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
