@@ -253,3 +253,23 @@ def test_cuda_graphs_refuse_what_they_cannot_record(tmp_path):
     experiment = tiny_experiment(corpus, "train.cuda_graphs=true")
     with pytest.raises(ConfigError, match="without --loss-chunk"):
         start_run(experiment, tmp_path / "run", quiet=True, loss_chunk=4)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_dropout_draws_new_masks_at_every_replay_on_the_gpu(device):
+    """A recorded step replays its kernels with the random generator's offset advanced, so each replay
+    draws new dropout masks (attention dropout in the fused kernel included). At learning rate 0 the
+    weights stay as they are, so the same batch gives another loss at every step only through dropout."""
+    device = torch.device(device)
+    config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.3, attention_dropout=0.3)
+    model = Transformer(config, seed=2).to(device).train()
+    step = GraphedTrainStep(
+        model, build_optimizer(model, TrainConfig(), device=device), batch_shape=(4, 6, 5), smoothing=0.1,
+        special_ids=(PAD, BOS, EOS), clip_norm=0.0, device=device, autocast_dtype=None,
+    )  # fmt: skip
+    batch = _batch(0).to(device)
+    losses = [float(step(batch, lr=0.0).loss_sum) for _ in range(WARMUP_STEPS + 3)]  # warm-up, record, 2 replays
+    assert len(set(losses[WARMUP_STEPS:])) == 3, losses
