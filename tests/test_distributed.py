@@ -51,7 +51,9 @@ def _worker(rank: int, world_size: int, port: int, corpus: dict, run_dir: Path) 
     distributed = init_distributed("cpu")
     try:
         experiment = tiny_experiment(corpus, *SETTINGS, valid=False)
-        start_run(experiment, run_dir, quiet=True, distributed=distributed).train()
+        trainer = start_run(experiment, run_dir, quiet=True, distributed=distributed)
+        assert trainer.objective.broadcast_buffers is False  # nothing to re-send before every forward
+        trainer.train()
     except BaseException:
         dist.destroy_process_group()
         raise

@@ -112,7 +112,10 @@ class Trainer:
         # DDP and torch.compile wrap the objective, never the model: its state-dict keys stay the same.
         objective: torch.nn.Module = TrainingObjective(self.model)
         if self.distributed.enabled:
-            objective = DistributedDataParallel(objective, device_ids=[self.device.index] if cuda else None)
+            # no buffer broadcast before every forward: the only buffers, the sinusoidal tables, are computed
+            # alike in every process and never change
+            device_ids = [self.device.index] if cuda else None
+            objective = DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
         self.objective = compile_objective(objective, self.device) if compile_mode == "model" else objective
         self.optimizer = build_optimizer(self.model, self.train_config, device=self.device)
         if self.train_config.cuda_graphs and (self.distributed.enabled or compile_mode == "model" or loss_chunk):
