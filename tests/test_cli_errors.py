@@ -140,6 +140,9 @@ def test_another_runtime_error_keeps_its_traceback(monkeypatch) -> None:
         (["translate"], "tformer translate: the following arguments are required: RUN_DIR"),
         ([], "tformer: the following arguments are required: COMMAND"),
         (["trnslate"], "tformer: argument COMMAND: invalid choice: 'trnslate'"),
+        (["translate", "run", "--bogus"], "tformer translate: unrecognized arguments: --bogus"),
+        (["train", "--out", "x", "--maxsteps", "5", "y"], "tformer train: unrecognized arguments: --maxsteps 5 y"),
+        (["--bogus", "info"], "tformer: unrecognized arguments: --bogus"),
     ],
 )
 def test_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

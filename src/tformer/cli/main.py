@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
@@ -60,13 +61,27 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class CommandParser(OneLineErrorParser):
+    """The parser of one command. Every word after the command's name is its own, so a word it does not
+    know is its error (`tformer COMMAND: unrecognized arguments: ...`); argparse would hand it back to
+    the top-level parser, whose error names neither the command nor the help that lists its flags."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="tformer",
         description="The Transformer of 'Attention Is All You Need': train, translate, evaluate, explain, serve.",
     )
     parser.add_argument("--version", action="version", version=f"tformer {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for name, module in COMMANDS:
         # the module docstrings are laid out by hand (paragraphs, example commands): keep their lines
         sub = subparsers.add_parser(
