@@ -396,3 +396,22 @@ def test_written_files_get_the_mode_open_gives(run_copy: Path, umask: int) -> No
     assert expected == 0o666 & ~umask
     for path in (written / ckpt.WEIGHTS_FILE, written / ckpt.STATE_FILE, averaged / ckpt.WEIGHTS_FILE):
         assert oct(stat.S_IMODE(path.stat().st_mode)) == oct(expected), path
+
+
+def test_a_metrics_file_that_is_a_directory_is_named_with_what_to_do(run_copy: Path, tmp_path: Path, capsys) -> None:
+    """A directory where metrics.jsonl belongs ended a resume with a bare "error: [Errno 21] Is a directory:
+    'RUN/metrics.jsonl'", and `plot` advised training longer."""
+    metrics = run_copy / ckpt.METRICS_FILE
+    metrics.unlink()
+    metrics.mkdir()
+    for command in (
+        ["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"],
+        ["plot", str(run_copy), "--out", str(tmp_path / "curves.png")],
+    ):
+        capsys.readouterr()
+        assert main(command) == 2
+        assert (
+            capsys.readouterr().err
+            == f"error: {metrics} is a directory, where a run keeps its metrics; remove or rename it\n"
+        )
+    assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000006" and not (tmp_path / "curves.png").exists()

@@ -94,3 +94,37 @@ def test_a_directory_holding_only_a_lock_file_takes_a_new_run(tmp_path: Path) ->
     (run / LOCK_FILE).touch()  # what a run killed before it wrote anything leaves
     experiment = tiny_experiment(corpus, "train.max_steps=1", valid=False)
     assert start_run(experiment, run, quiet=True).train().step == 1
+
+
+def test_a_lock_file_that_is_a_directory_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A directory where the lock file belongs ended every train into the run with a bare "error: [Errno 21]
+    Is a directory: 'RUN/.lock'"."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2", valid=False), run, quiet=True).train()
+    (run / LOCK_FILE).unlink()
+    (run / LOCK_FILE).mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / LOCK_FILE).mkdir()
+    before = _digest(run)
+    arguments = ["train", "--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"])]
+    arguments += ["--preset", "tiny", "--vocab-size", "48", "--max-steps", "2", "--device", "cpu", "--quiet"]
+    for directory, mode in ((run, "--resume"), (run, "--overwrite"), (tmp_path / "new", None)):
+        capsys.readouterr()
+        assert main([*arguments, "--out", str(directory), *([mode] if mode else [])]) == 2
+        lock = directory / LOCK_FILE
+        assert (
+            capsys.readouterr().err
+            == f"error: {lock} is a directory, where a run keeps its lock file; remove or rename it\n"
+        )
+    assert _digest(run) == before and (run / LOCK_FILE).is_dir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "new",
+        "run",
+        "train.src",
+        "train.tgt",
+        "valid.src",
+        "valid.tgt",
+    ]

@@ -48,6 +48,8 @@ class MetricsLog:
         a row whose step is not a number cannot be placed, and is dropped too."""
         if not self.path.exists():
             return
+        if self.path.is_dir():  # reading it would fail with a bare "Is a directory"
+            raise ValueError(f"{self.path} is a directory, where a run keeps its metrics; remove or rename it")
         kept = [row for row in self.rows() if _step_at_most(row.get("step", 0), step)]
         write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode("utf-8"))
 

@@ -36,7 +36,11 @@ class RunLock:
         self._handle: IO[bytes] | None = None
         if fcntl is None:
             return
-        handle = open(self.run_dir / LOCK_FILE, "ab")  # noqa: SIM115 (held open for as long as the lock)
+        path = self.run_dir / LOCK_FILE
+        try:
+            handle = open(path, "ab")  # noqa: SIM115 (held open for as long as the lock)
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a directory, where a run keeps its lock file; remove or rename it") from None
         try:
             fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:

@@ -53,6 +53,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         raise MetricsError(f"{path} does not exist; give a run directory or its metrics.jsonl")
     if path.is_dir():
         path = path / METRICS_FILE
+    if path.is_dir():
+        raise MetricsError(f"{path} is a directory, where a run keeps its metrics; remove or rename it")
     if not path.is_file():
         raise MetricsError(
             f"no metrics file at {path}: `tformer train` writes a line every train.log_every steps, so a run "
