@@ -175,12 +175,18 @@ def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
         resume_run(run_copy, quiet=True)
 
 
-def test_damaged_metrics_lines_are_dropped_when_resuming(run_copy: Path) -> None:
+def test_damaged_metrics_lines_are_dropped_when_resuming_and_counted(run_copy: Path, capsys) -> None:
+    """The resume dropped the lines it could not read without a word."""
     metrics = run_copy / ckpt.METRICS_FILE
     logged = metrics.read_bytes()
-    metrics.write_bytes(logged + b'\xbf\xff garbage\n[1, 2]\n"text"\n{"step": "7"}\n{"step": 5, "train_lo')
-    resume_run(run_copy, quiet=True)  # drops the rows past the checkpoint, and the unreadable ones
+    later = b'{"step": 7, "train_loss": 1.0}\n\n'  # past the checkpoint: dropped as always, not counted
+    metrics.write_bytes(logged + later + b'\xbf\xff garbage\n[1, 2]\n"text"\n{"step": "7"}\n{"step": 5, "train_lo')
+    resume_run(run_copy)  # drops the rows past the checkpoint, and the unreadable ones
     assert metrics.read_bytes() == logged
+    dropped = f"resume: dropped 5 lines of {metrics} that could not be read as metrics rows (damaged, or cut short"
+    assert capsys.readouterr().err.count(dropped) == 1
+    resume_run(run_copy)
+    assert "dropped" not in capsys.readouterr().err
 
 
 def test_not_a_run(tmp_path: Path) -> None:

@@ -210,7 +210,15 @@ class Trainer:
             path = Path(checkpoint_dir) / ckpt.STATE_FILE
             raise ckpt.CheckpointError(f"{path}: trainer state does not fit this run ({error})") from None
         if self.distributed.is_main:
-            self.metrics.truncate_after(self.step)
+            dropped = self.metrics.truncate_after(self.step)
+            if dropped and not self.quiet:
+                lines = "line" if dropped == 1 else "lines"
+                print(
+                    f"resume: dropped {dropped} {lines} of {self.metrics.path} that could not be read as metrics "
+                    "rows (damaged, or cut short when a run was killed)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def effective_batch(self) -> str:
         """One line: processes x token budget x accumulation = padded token slots per update."""

@@ -31,31 +31,42 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         """The logged rows; lines that are not a JSON object (blank, cut short by a crash, or damaged
         into bytes that are not even UTF-8) are skipped."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict[str, Any]], int]:
+        """The logged rows, and the number of lines skipped that were not blank."""
         if not self.path.exists():
-            return []
-        rows = []
+            return [], 0
+        rows, skipped = [], 0
         for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # blank, or a line cut short by a crash
+                skipped += bool(line.strip())  # blank, or a line cut short by a crash
+                continue
             if isinstance(row, dict):
                 rows.append(row)
-        return rows
+            else:
+                skipped += 1
+        return rows, skipped
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> int:
         """Keep only rows up to `step` (atomically), e.g. when resuming from the checkpoint at `step`;
-        a row whose step is not a number cannot be placed, and is dropped too."""
+        a row whose step is not a number cannot be placed, and is dropped too. Returns the number of lines
+        dropped that were not rows of a known step (damaged), for the resumed run to say so."""
         if not self.path.exists():
-            return
+            return 0
         if self.path.is_dir():  # reading it would fail with a bare "Is a directory"
             raise ValueError(f"{self.path} is a directory, where a run keeps its metrics; remove or rename it")
-        kept = [row for row in self.rows() if _step_at_most(row.get("step", 0), step)]
+        rows, unreadable = self._read()
+        placed = [row for row in rows if _is_step(row.get("step", 0))]
+        kept = [row for row in placed if row.get("step", 0) <= step]
         write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode("utf-8"))
+        return unreadable + len(rows) - len(placed)
 
 
-def _step_at_most(value: Any, step: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value <= step
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _json_number(value: Any) -> Any:
