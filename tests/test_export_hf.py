@@ -276,6 +276,43 @@ def test_ctranslate2_export_warns_in_one_line_about_settings_it_cannot_reproduce
         export_ctranslate2(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "greedy-ct2")
 
 
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from tformer.cli.main import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_full_disk_while_writing_the_ctranslate2_model_names_the_file(tmp_path):
+    """CTranslate2 writes model.bin with plain writes, whose error names no file: an export on a full disk
+    said only "error: [Errno 27] File too large". Simulated with a file-size limit that model.bin exceeds and
+    every file of the Hugging Face directory converted fits in."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ctranslate2")
+    run = make_run(tmp_path / "run")
+    export_hf(run, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_ctranslate2(run, tmp_path / "ct2")
+    model_bin = (tmp_path / "ct2" / "model.bin").stat().st_size
+    largest = max(path.stat().st_size for path in (tmp_path / "hf").iterdir())
+    assert largest < model_bin
+    command = ["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "full")]
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str((largest + model_bin) // 2), *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
+    assert done.returncode == 2 and errors == [f"error: [Errno 27] File too large: '{tmp_path / 'full' / 'model.bin'}'"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ct2", "hf", "run"]  # nothing half-written left
+
+
 def test_byte_pieces_survive_export_to_hf_and_ctranslate2_and_import_back(tmp_path):
     """A data.byte_fallback tokenizer: MarianTokenizer reads its byte pieces from the same spm files and
     vocab.json, so unseen characters get tformer's ids and decode back; import-hf keeps them too."""

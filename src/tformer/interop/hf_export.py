@@ -92,10 +92,25 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
         with _start_token_loader(), warnings.catch_warnings(), without_progress_bars():
             # MarianTokenizer's advice; the conversion reads only its vocabulary
             warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
-            TransformersConverter(str(Path(hf_dir) / "hf"), copy_files=[SOURCE_SPM, TARGET_SPM]).convert(
-                str(temporary), force=True
-            )
+            with _failed_write_named(temporary, out):
+                TransformersConverter(str(Path(hf_dir) / "hf"), copy_files=[SOURCE_SPM, TARGET_SPM]).convert(
+                    str(temporary), force=True
+                )
     return out
+
+
+@contextlib.contextmanager
+def _failed_write_named(temporary: Path, out: Path) -> Iterator[None]:
+    """CTranslate2 writes its files with plain writes, whose OSError (a full disk) names no file: name the
+    one it was writing, the newest in `temporary`, by its place in `out`."""
+    try:
+        yield
+    except OSError as error:
+        written = [path for path in temporary.iterdir() if path.is_file()]
+        if error.filename is not None or error.errno is None or not written:
+            raise
+        newest = max(written, key=lambda path: path.stat().st_mtime_ns)
+        raise OSError(error.errno, error.strerror, str(out / newest.name)) from None
 
 
 def ctranslate2_differences(decode: DecodeConfig) -> list[str]:
