@@ -175,6 +175,57 @@ def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
         resume_run(run_copy, quiet=True)
 
 
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(
+    "damage, message, earlier",
+    [
+        (ckpt.WEIGHTS_FILE, "{step6}/model.safetensors: corrupt or truncated weights", "earlier checkpoint"),
+        (ckpt.STATE_FILE, "{step6}/trainer_state.pt: corrupt or truncated trainer state", "earlier checkpoint"),
+        ("missing state", "missing checkpoint file: {step6}/trainer_state.pt", "earlier checkpoint"),
+        ("missing experiment", "{run}: pointer names step-00000006, but {step6}/experiment.json", "earlier checkpoint"),
+        ("pointer", "{run}/latest: corrupt pointer file", "checkpoint"),
+    ],
+)
+def test_a_resume_from_a_damaged_checkpoint_says_how_to_resume_from_an_earlier_one(
+    run_copy: Path, capsys, damage, message, earlier
+) -> None:
+    """The error named the damaged file but not what to do: it now names the newest earlier checkpoint
+    that reads whole (not step-00000004, whose trainer state is cut short too) and the commands that resume
+    from it, and resumes from nothing by itself. With the pointer damaged, any checkpoint is earlier."""
+    step4, step6 = (run_copy / "checkpoints" / name for name in ("step-00000004", "step-00000006"))
+    _cut_short(step4 / ckpt.STATE_FILE)
+    if damage == "pointer":
+        (run_copy / "latest").write_bytes(b"\x81")
+        _cut_short(step6 / ckpt.STATE_FILE)
+    elif damage.startswith("missing"):
+        (step6 / (ckpt.STATE_FILE if damage == "missing state" else ckpt.EXPERIMENT_FILE)).unlink()
+    else:
+        _cut_short(step6 / damage)
+    command = ["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"]
+    before = sorted(path.name for path in (run_copy / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(step6=step6, run=run_copy)}") and err.count("\n") == 1, err
+    assert err.endswith(
+        f"; the newest {earlier} that reads whole is step-00000002: to resume from it, run: "
+        f"echo step-00000002 > {run_copy / 'latest'} && tformer train --out {run_copy} --resume\n"
+    ), err
+    assert sorted(path.name for path in (run_copy / "checkpoints").iterdir()) == before
+    (run_copy / "latest").write_text("step-00000002\n")  # as the message says
+    assert main(command) == 0
+
+
+def test_a_resume_with_no_earlier_checkpoint_that_reads_whole_says_only_what_is_damaged(run_copy: Path) -> None:
+    for step in ckpt.step_checkpoints(run_copy):
+        _cut_short(step / ckpt.STATE_FILE)
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: corrupt or truncated trainer state \(\w+\)$"):
+        resume_run(run_copy, quiet=True)
+
+
 def test_damaged_metrics_lines_are_dropped_when_resuming_and_counted(run_copy: Path, capsys) -> None:
     """The resume dropped the lines it could not read without a word."""
     metrics = run_copy / ckpt.METRICS_FILE

@@ -10,10 +10,12 @@ the same seed; torch's generator (dropout) is then offset by the rank so the pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from tformer.config import (
     experiment_from_dict,
     experiment_to_dict,
 )
-from tformer.data.tokenizer import Tokenizer, sample_pairs
+from tformer.data.tokenizer import Tokenizer, TokenizerError, sample_pairs
 from tformer.model import Transformer, count_parameters
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
@@ -240,20 +242,22 @@ def resume_run(
     its model and data must match the run's, and its train and decode sections are used. The number
     of processes may differ from the run's (see Trainer.load_stream_state)."""
     distributed = distributed or Distributed()
-    checkpoint = _last_checkpoint(run_dir)
+    with _earlier_checkpoint_advised(run_dir):
+        checkpoint = _last_checkpoint(run_dir)
     lock = RunLock(run_dir) if distributed.is_main else None
     try:
-        return _resumed_trainer(
-            run_dir,
-            checkpoint,
-            overrides=overrides,
-            expected=expected,
-            lock=lock,
-            quiet=quiet,
-            distributed=distributed,
-            compile_mode=compile_mode,
-            loss_chunk=loss_chunk,
-        )
+        with _earlier_checkpoint_advised(run_dir):
+            return _resumed_trainer(
+                run_dir,
+                checkpoint,
+                overrides=overrides,
+                expected=expected,
+                lock=lock,
+                quiet=quiet,
+                distributed=distributed,
+                compile_mode=compile_mode,
+                loss_chunk=loss_chunk,
+            )
     except BaseException:
         if lock is not None:
             lock.release()
@@ -308,7 +312,8 @@ def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig
     the run without the defaults of keys it leaves out. A [model] preset stands for its values, so a
     different preset is a changed model. Pass the result to `resume_run(expected=...)`, which refuses
     a model or data that differ from the run's and takes the train and decode sections."""
-    stored, _ = ckpt.read_experiment(_last_checkpoint(run_dir))
+    with _earlier_checkpoint_advised(run_dir):
+        stored, _ = ckpt.read_experiment(_last_checkpoint(run_dir))
     values = experiment_to_dict(stored)
     for section, table in given.items():
         if section not in values or not isinstance(table, dict):
@@ -331,6 +336,45 @@ def _last_checkpoint(run_dir: Path) -> Path:
         raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
     checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
     return checkpoint
+
+
+@contextlib.contextmanager
+def _earlier_checkpoint_advised(run_dir: Path) -> Iterator[None]:
+    """A checkpoint that `latest` names but that cannot be read (a copy cut short, a disk error) stops the
+    resume in one line naming the file; add the newest earlier checkpoint that reads whole and the commands
+    that resume from it. Never resume from it unasked: that trains the steps after it again."""
+    try:
+        yield
+    except (ckpt.CheckpointError, TokenizerError) as error:
+        try:
+            latest = ckpt.read_pointer_name(run_dir, "latest")
+        except ckpt.CheckpointError:  # the pointer itself is damaged
+            latest = None
+        earlier = _newest_complete_checkpoint(run_dir, before=latest)
+        if earlier is None:
+            raise
+        pointer, out = shlex.quote(str(Path(run_dir) / "latest")), shlex.quote(str(run_dir))
+        raise ckpt.CheckpointError(
+            f"{error}; the newest {'earlier ' if latest else ''}checkpoint that reads whole is {earlier.name}: "
+            f"to resume from it, run: echo {earlier.name} > {pointer} && tformer train --out {out} --resume"
+        ) from None
+
+
+def _newest_complete_checkpoint(run_dir: Path, *, before: str | None) -> Path | None:
+    """The newest step checkpoint older than the one named `before` (any, for None) whose files all read
+    as a resume reads them; None where there is none."""
+    for checkpoint in reversed(ckpt.step_checkpoints(run_dir)):
+        if before is not None and checkpoint.name >= before:
+            continue
+        try:
+            experiment, _ = ckpt.read_experiment(checkpoint)
+            ckpt.load_tokenizer(checkpoint)
+            ckpt.load_weights(Transformer(experiment.model), checkpoint)
+            ckpt.load_trainer_state(checkpoint)
+        except (ckpt.CheckpointError, TokenizerError):
+            continue
+        return checkpoint
+    return None
 
 
 def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:
