@@ -24,6 +24,7 @@ from tformer.data.tokenizer import Tokenizer
 from tformer.training import CheckpointError, load_run, resume_run, start_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.average import average_checkpoints
+from tformer.training.saving import remove_later_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +225,44 @@ def test_a_resume_with_no_earlier_checkpoint_that_reads_whole_says_only_what_is_
         _cut_short(step / ckpt.STATE_FILE)
     with pytest.raises(CheckpointError, match=r"trainer_state\.pt: corrupt or truncated trainer state \(\w+\)$"):
         resume_run(run_copy, quiet=True)
+
+
+def test_a_resume_removes_the_checkpoints_newer_than_the_one_it_continues_from(run_copy: Path, capsys) -> None:
+    """A process killed between writing step-00000006 and moving `latest` (and `best`) to it leaves it newer
+    than `latest`. A resumed run that stopped before step 6 kept it, and pruning and `average --last K`
+    counted it although it is no part of the run: here pruning (keep_last 2) kept it as one of the newest two,
+    and `average --last 2` averaged it with step-00000005."""
+    for pointer in ckpt.POINTERS:
+        ckpt.write_pointer(run_copy, pointer, "step-00000004")
+    resume_run(run_copy, overrides=["train.max_steps=5", "train.keep_last=2", "train.valid_every=100"]).train()
+    err = capsys.readouterr().err
+    assert err.count("resume: removed step-00000006, newer than step-00000004 that the run continues from") == 1
+    assert [path.name for path in ckpt.step_checkpoints(run_copy)] == ["step-00000004", "step-00000005"]
+    assert ckpt.read_pointer_name(run_copy, "best") == "step-00000004"
+    averaged = average_checkpoints(run_copy, last=2)
+    assert json.loads((averaged / ckpt.EXPERIMENT_FILE).read_text())["averaged_from"] == [
+        "step-00000004",
+        "step-00000005",
+    ]
+    assert not [path for path in (run_copy / "checkpoints").iterdir() if path.name.startswith(".")]
+
+
+def test_a_best_pointer_to_a_removed_checkpoint_moves_to_the_best_the_resumed_run_knows(run_copy: Path) -> None:
+    """`latest` set back by hand (to step-00000002, say, as a damaged step-00000006 advises) leaves `best`
+    naming a checkpoint the resume removes: it moves to the best checkpoint of the state resumed from, or is
+    removed where that checkpoint is gone (commands that read the best then read latest)."""
+    best_step = torch.load(run_copy / "checkpoints" / "step-00000004" / ckpt.STATE_FILE)["early_stopping"]["best_step"]
+    ckpt.write_pointer(run_copy, "latest", "step-00000004")
+    line = remove_later_checkpoints(run_copy, step=4, best_step=best_step)
+    assert line.endswith(f"; best now names {ckpt.step_name(best_step)}") and "removed step-00000006," in line
+    assert ckpt.read_pointer_name(run_copy, "best") == ckpt.step_name(best_step)
+    for pointer in ckpt.POINTERS:
+        ckpt.write_pointer(run_copy, pointer, "step-00000004" if pointer == "best" else "step-00000002")
+    line = remove_later_checkpoints(run_copy, step=2, best_step=0)
+    assert line.startswith("resume: removed step-00000004, newer than step-00000002") and "best named" in line
+    assert not (run_copy / "best").exists() and load_run(run_copy).checkpoint_dir.name == "step-00000002"
+    assert [path.name for path in ckpt.step_checkpoints(run_copy)] == ["step-00000002"]
+    assert remove_later_checkpoints(run_copy, step=2, best_step=0) is None
 
 
 def test_damaged_metrics_lines_are_dropped_when_resuming_and_counted(run_copy: Path, capsys) -> None:

@@ -46,7 +46,7 @@ from tformer.training.prefetch import BatchSource
 from tformer.training.progress import Progress
 from tformer.training.rng_state import load_rng_state, rng_state
 from tformer.training.run_lock import RunLock
-from tformer.training.saving import save_step_checkpoint
+from tformer.training.saving import remove_later_checkpoints, save_step_checkpoint
 from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
 from tformer.training.stopping import StoppingCriteria
@@ -200,7 +200,8 @@ class Trainer:
         self._position = self.data.stream.state_dict()
 
     def restore(self, checkpoint_dir: Path) -> None:
-        """Continue from a checkpoint of this run: weights, optimizer, data position, RNG, metrics log."""
+        """Continue from a checkpoint of this run: weights, optimizer, data position, RNG, metrics log (the
+        rows and the step checkpoints after it are removed: saving.remove_later_checkpoints)."""
         ckpt.load_weights(self.model, checkpoint_dir)
         try:
             self.load_state_dict(ckpt.load_trainer_state(checkpoint_dir))
@@ -219,6 +220,9 @@ class Trainer:
                     file=sys.stderr,
                     flush=True,
                 )
+            removed = remove_later_checkpoints(self.run_dir, step=self.step, best_step=self.early_stopping.best_step)
+            if removed and not self.quiet:
+                print(removed, file=sys.stderr, flush=True)
 
     def effective_batch(self) -> str:
         """One line: processes x token budget x accumulation = padded token slots per update."""

@@ -3,10 +3,14 @@
 The checkpoint is written whole first (checkpoint.py writes it atomically), then `latest` (and `best`)
 are moved to it, and only then are old checkpoints pruned. A failure on the way (a full disk, say)
 leaves the pointers naming the last complete checkpoint; the CheckpointSaveError says which.
+A process killed between writing a checkpoint and moving `latest` leaves that checkpoint newer than
+`latest`; a resumed run removes it (remove_later_checkpoints) before it saves any of its own.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +54,42 @@ def save_step_checkpoint(
         ) from error
     ckpt.prune_checkpoints(run_dir, keep_last=keep_last)
     return path
+
+
+def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str | None:
+    """Remove the step checkpoints newer than `step`, the one a resumed run continues from: they are no
+    part of the run it continues (a process killed before it moved `latest` left one; setting `latest`
+    back by hand leaves those after it), yet `average --last K` and pruning would count them until the run
+    wrote over them. A `best` pointer that names one moves to `best_step`'s checkpoint (the best the resumed
+    run knows), or is removed where that is gone. Returns the line that says so, or None."""
+    later = [path for path in ckpt.step_checkpoints(run_dir) if _step_of(path.name) > step]
+    if not later:
+        return None
+    names = [path.name for path in later]
+    try:
+        best = ckpt.read_pointer_name(run_dir, "best")
+    except ckpt.CheckpointError:
+        best = None  # damaged: left as it is, for the commands that read it to name
+    moved = ""
+    if best in names:
+        kept = ckpt.step_name(best_step)
+        if 0 < best_step <= step and (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
+            ckpt.write_pointer(run_dir, "best", kept)
+            moved = f"; best now names {kept}"
+        else:
+            (Path(run_dir) / "best").unlink()
+            moved = "; best named one of them and is removed (commands that read the best read latest)"
+    for path in later:  # out of sight at once; a kill during rmtree leaves a hidden directory pruning removes
+        hidden = path.parent / f".old-{path.name}-{os.getpid()}"
+        os.replace(path, hidden)
+        shutil.rmtree(hidden)
+    return (
+        f"resume: removed {', '.join(names)}, newer than {ckpt.step_name(step)} that the run continues from "
+        f"(left by a run killed before it moved latest, or by latest set back){moved}"
+    )
+
+
+def _step_of(name: str) -> int:
+    """The step of a `step-NNNNNNNN` checkpoint name; -1 for another name."""
+    number = name.removeprefix("step-")
+    return int(number) if number.isdigit() else -1
