@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,25 @@ def test_info_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys:
     assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path} is neither a run directory nor a checkpoint (no experiment.json)\n"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("model.safetensors", "{step}/model.safetensors: corrupt or truncated weights (Error while deserializing"),
+        ("tokenizer/spm.model", "{step}/tokenizer/spm.model is not a valid sentencepiece model (corrupt or truncated)"),
+    ],
+)
+def test_info_of_a_run_with_damaged_files_names_them(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str, message: str
+) -> None:
+    """info showed the model of a checkpoint whose weights or tokenizer were cut short, and exited 0: it
+    now checks what translate reads (the weights by their header alone), for the checkpoint it shows."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    step = run / "checkpoints" / "step-00000004"
+    path = step / damage
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 10])
+    assert main(["info", str(run), "--which", "last"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message.format(step=step)}") and err.count("\n") == 1, err
+    assert _info(capsys, str(run / "checkpoints" / "step-00000002"))["step"] == 2

@@ -1,7 +1,9 @@
 """Show a preset's, a config file's or a trained run's model shape and parameter count.
 
 RUN_DIR (a run directory or one of its checkpoints) shows the model the run trained, with the step of the
-checkpoint read (--which: best or last) and the run's checkpoints.
+checkpoint read (--which: best or last) and the run's checkpoints. The files of the checkpoint read are
+checked as translate checks them (the weights by their header only, so it takes no longer for a large
+model), and a damaged one is named; the other checkpoints listed are not read.
 
 --config FILE reads the [model] section of an experiment TOML file (as `tformer train --config` does);
 the vocabulary size comes from --vocab-size, else the file's data.vocab_size (the size of the tokenizer
@@ -83,6 +85,8 @@ def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
     """The model a run trained (its vocabulary sizes are the tokenizer's), and where it was read from."""
     from tformer.training.checkpoint import (
         POINTERS,
+        check_weights,
+        load_tokenizer,
         read_experiment,
         read_pointer_name,
         resolve_checkpoint,
@@ -91,6 +95,8 @@ def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
 
     checkpoint, run_dir = resolve_checkpoint(path, which=which)
     experiment, step = read_experiment(checkpoint)
+    load_tokenizer(checkpoint)  # the files translate reads, checked: a damaged checkpoint is named, not shown
+    check_weights(checkpoint)
     described: dict[str, Any] = {"checkpoint": str(checkpoint), "step": step}
     if run_dir is not None:
         described["run"] = str(run_dir)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from tformer import __version__
@@ -327,6 +327,19 @@ def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
     except RuntimeError as error:
         reason = " ".join(str(error).split())[:200]
         raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
+
+
+def check_weights(checkpoint_dir: Path) -> None:
+    """Refuse a model.safetensors that load_weights would refuse as missing, corrupt or cut short, reading
+    only its header (which must describe the whole file): as fast for a large model as for a small one."""
+    path = Path(checkpoint_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
 
 
 def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
