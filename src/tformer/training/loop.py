@@ -19,6 +19,7 @@ resumed with a different number of processes.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -52,6 +53,15 @@ from tformer.training.step import TrainingObjective, train_step
 from tformer.training.stopping import StoppingCriteria
 from tformer.training.validation import EarlyStopping
 from tformer.training.validator import Validator, validation_line
+
+# DDP sends the model's buffers from rank 0 before every forward unless told not to; the only buffers, the
+# sinusoidal tables, are computed alike in every process and never change. torch 2.13 renamed the keyword
+# (broadcast_buffers, which then warns, became forward_sync_buffers).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass
@@ -112,10 +122,8 @@ class Trainer:
         # DDP and torch.compile wrap the objective, never the model: its state-dict keys stay the same.
         objective: torch.nn.Module = TrainingObjective(self.model)
         if self.distributed.enabled:
-            # no buffer broadcast before every forward: the only buffers, the sinusoidal tables, are computed
-            # alike in every process and never change
             device_ids = [self.device.index] if cuda else None
-            objective = DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+            objective = DistributedDataParallel(objective, device_ids=device_ids, **_NO_BUFFER_SYNC)
         self.objective = compile_objective(objective, self.device) if compile_mode == "model" else objective
         self.optimizer = build_optimizer(self.model, self.train_config, device=self.device)
         if self.train_config.cuda_graphs and (self.distributed.enabled or compile_mode == "model" or loss_chunk):
