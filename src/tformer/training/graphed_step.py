@@ -96,8 +96,9 @@ class GraphedTrainStep:
         self.tgt_in_BT = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
         self.tgt_out_BT = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
         self.divisor = torch.ones((), device=device)
-        self.loss_sum = torch.zeros((), device=device)
-        self.nll_sum = torch.zeros((), device=device)
+        sum_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # as train_step's sums
+        self.loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
+        self.nll_sum = torch.zeros((), dtype=sum_dtype, device=device)
         self.grad_norm = torch.zeros((), dtype=next(model.parameters()).dtype, device=device)
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None

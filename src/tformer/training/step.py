@@ -104,8 +104,10 @@ def train_step(
         # filled on the device: torch.tensor(value, device=cuda) copies from the host and waits for the GPU
         global_tokens = distributed.all_reduce_sum(torch.full((), float(total_tokens), device=device))
         divisor = global_tokens / distributed.world_size  # DDP's average then divides by world_size
-    loss_sum = torch.zeros((), device=device)
-    nll_sum = torch.zeros((), device=device)
+    # the loss's own dtype (label_smoothed_loss: float32 or wider), so that float64 sums are not rounded
+    sum_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
+    nll_sum = torch.zeros((), dtype=sum_dtype, device=device)
     optimizer.zero_grad(set_to_none=True)
     for index, batch in enumerate(micro_batches):
         pinned = batch.pin_memory() if needs_pinning(batch, device) else batch
