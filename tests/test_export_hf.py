@@ -468,6 +468,17 @@ def test_gnmt_or_coverage_penalised_beam_search_is_exported_with_a_warning(tmp_p
         export_hf(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "hf-greedy")
 
 
+def test_a_ban_of_eos_is_left_out_with_a_warning():
+    """generate() drops an [eos] entry of bad_words_ids, so the export leaves it out and says so."""
+    ids = SpecialIds(bos_id=1, eos_id=2, pad_id=0)
+    decode = DecodeConfig(beam_size=1, banned_ids=(2, 5))
+    with pytest.warns(UserWarning, match="never bans eos"):
+        assert generation_config(decode, ids, max_positions=64).bad_words_ids == [[5]]
+    only_eos = DecodeConfig(beam_size=1, banned_ids=(2,))
+    with pytest.warns(UserWarning, match="never bans eos"):
+        assert generation_config(only_eos, ids, max_positions=64).bad_words_ids is None
+
+
 def test_forced_eos_is_exported_as_hf_forced_eos_token_id():
     ids = SpecialIds(bos_id=1, eos_id=2, pad_id=0)
     forced = DecodeConfig(beam_size=3, length_normalization="average", forced_eos=True)

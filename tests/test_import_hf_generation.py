@@ -152,6 +152,25 @@ def test_accepted_settings_decode_like_generate(tmp_path, changes):
     assert ours == hf_generate(hf_model, transformers.MarianTokenizer.from_pretrained(hf_dir))
 
 
+def test_a_ban_of_eos_is_dropped_as_generate_drops_it(tmp_path):
+    """generate() never bans eos (its NoBadWordsLogitsProcessor drops an `[eos]` entry of bad_words_ids), so
+    the import keeps only the other bans: banning eos would cut no sentence short and give other tokens."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    pad = generation["bad_words_ids"][0][0]
+    rewrite(hf_dir / "generation_config.json", bad_words_ids=[[0], [pad]], num_beams=1)  # eos is 0
+    import_hf(hf_dir, tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
+    assert loaded.experiment.decode.banned_ids == (pad,)
+    ours = [
+        t[0].tokens for t in Translator(loaded.model, loaded.tokenizer, loaded.experiment.decode).translate(SENTENCES)
+    ]
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    theirs = hf_generate(hf_model, transformers.MarianTokenizer.from_pretrained(hf_dir))
+    assert ours == theirs
+    assert any(len(tokens) < generation["max_length"] - 2 for tokens in theirs), "some sentence should end early"
+
+
 @pytest.mark.parametrize(
     ("changes", "named"),
     [

@@ -161,9 +161,9 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
     `length_normalization="average"` (and "none" is its length_penalty 0); GNMT's penalty has no HF
     counterpart. HF's lengths count the decoder start token: max_length is max_len_b + 1 when the limit
     is fixed (max_len_a = 0; else max_positions + 1, tformer's cap), min_length is tformer's min_len + 1.
-    Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them.
-    Sampling is HF's do_sample with the same temperature, top-k (0: none) and top-p, applied in that
-    order in both."""
+    Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them (but
+    eos: generate() never bans it, so a ban of eos is left out with a warning). Sampling is HF's
+    do_sample with the same temperature, top-k (0: none) and top-p, applied in that order in both."""
     from transformers import GenerationConfig
 
     beam_search = decode.beam_size > 1 and not decode.sampling
@@ -187,6 +187,12 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
             "reach tformer's limit differ unless you pass generate() that max_new_tokens",
             stacklevel=3,
         )
+    if ids.eos_id in decode.banned_ids:
+        warnings.warn(
+            f"Hugging Face never bans eos (generate() drops an [eos] entry of bad_words_ids): the export leaves "
+            f"out tformer's ban of eos (id {ids.eos_id}), so HF's sentences may end where tformer's go on",
+            stacklevel=3,
+        )
     search: dict[str, Any] = {"num_beams": 1}  # HF refuses to save a beam setting in a greedy config
     if decode.sampling:  # tformer's sampling draws one path per sample whatever beam_size says
         search.update(do_sample=True, temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p)
@@ -206,7 +212,7 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
         pad_token_id=ids.pad_id,
         forced_eos_token_id=ids.eos_id if decode.forced_eos else None,
         no_repeat_ngram_size=decode.no_repeat_ngram_size,
-        bad_words_ids=[[token] for token in decode.banned_ids] or None,
+        bad_words_ids=[[token] for token in decode.banned_ids if token != ids.eos_id] or None,
         min_length=decode.min_len + 1,
         max_length=max_length,
         **search,

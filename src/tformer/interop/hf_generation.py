@@ -7,14 +7,14 @@ them (no MarianConfig default is added). `generation_settings` follows that rule
 How they map: num_beams, length_penalty (tformer's "average" normalisation is Hugging Face's),
 no_repeat_ngram_size, early_stopping (true or false); min_length and max_length count the decoder start
 token in HF, so tformer's limits are one less (min_new_tokens and max_new_tokens are tformer's as they
-are, and win over min_length and max_length as in HF); single-token `bad_words_ids` become
-`banned_ids`, `forced_eos_token_id` `forced_eos`. `do_sample` (with one beam) becomes tformer's sampling
-with the same temperature, top_k and top_p, applied in the same order (generate()'s defaults when unset:
-1.0, 50, 1.0); the samples themselves differ, drawn from another random stream. A setting that changes
-generate()'s output and has no tformer counterpart (beam sampling, typical_p, min_p, repetition penalties,
-a forced first token, several eos tokens, multi-token bans, ...) is refused in one line naming it, rather
-than imported as a different decoder. Sampling parameters are ignored without do_sample, as generate()
-ignores them.
+are, and win over min_length and max_length as in HF); single-token `bad_words_ids` become `banned_ids`
+(but eos, which generate() never bans), `forced_eos_token_id` `forced_eos`. `do_sample` (with one beam)
+becomes tformer's sampling with the same temperature, top_k and top_p, applied in the same order
+(generate()'s defaults when unset: 1.0, 50, 1.0); the samples themselves differ, drawn from another
+random stream. A setting that changes generate()'s output and has no tformer counterpart (beam sampling,
+typical_p, min_p, repetition penalties, a forced first token, several eos tokens, multi-token bans, ...)
+is refused in one line naming it, rather than imported as a different decoder. Sampling parameters are
+ignored without do_sample, as generate() ignores them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
             length_normalization="average",
             length_penalty=float(settings.get("length_penalty", 1.0)),
             no_repeat_ngram_size=int(settings.get("no_repeat_ngram_size", 0)),
-            banned_ids=tuple(banned_ids(settings)),
+            banned_ids=tuple(banned_ids(settings, eos_id=eos_id)),
         )
     except ValueError as error:  # a value out of range (num_beams 0, say): DecodeConfig names its own setting
         raise ValueError(f"{source}: {error}") from None
@@ -144,8 +144,10 @@ def _is_number(value: Any) -> bool:
     return _is_integer(value) or isinstance(value, float)
 
 
-def banned_ids(settings: dict[str, Any]) -> list[int]:
-    return sorted({words[0] for words in settings.get("bad_words_ids", [])})
+def banned_ids(settings: dict[str, Any], *, eos_id: int) -> list[int]:
+    """The single tokens of `bad_words_ids`, less eos: generate() drops an `[eos]` entry (its
+    NoBadWordsLogitsProcessor never bans eos), so sentences still end."""
+    return sorted({words[0] for words in settings.get("bad_words_ids", [])} - {eos_id})
 
 
 def _refuse_what_tformer_lacks(settings: dict[str, Any], *, eos_id: int, source: str) -> None:
