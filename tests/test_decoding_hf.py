@@ -68,3 +68,31 @@ def test_beam_matches_hf(models, alpha, ngram, min_len):
         endings |= {len(h.tokens) < MAX_NEW for h in hypotheses}
     if ngram == 0:  # (with the n-gram ban every hypothesis of this model ends with eos)
         assert endings == {True, False}, "the test should cover hypotheses ending with eos and at the maximum length"
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_prefix_matches_hf_decoder_input_ids(models, beams):
+    """A prefix is HF's decoder prompt: its limits count only the tokens after it, and its beam score leaves
+    out the prefix's log-probability (so only alpha = 0 gives the same beams, scores apart by a constant)."""
+    model, hf_model = models
+    src, mask = padded_batch([7, 4, 9, 5], seed=13)
+    prefix = [5, 9]
+    config = DecodeConfig(
+        beam_size=beams, nbest=beams, max_len_a=0.0, max_len_b=MAX_NEW, min_len=5, length_normalization="average",
+        length_penalty=0.0, no_repeat_ngram_size=2,
+    )  # fmt: skip
+    ours = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config, prefix=[prefix] * 4)
+    with torch.no_grad():
+        theirs = hf_model.generate(
+            input_ids=src, attention_mask=mask.long(), decoder_input_ids=torch.tensor([[BOS, *prefix]] * 4),
+            num_beams=beams, num_return_sequences=beams, do_sample=False, max_new_tokens=MAX_NEW - len(prefix),
+            min_new_tokens=5 - len(prefix), length_penalty=0.0, no_repeat_ngram_size=2, output_scores=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    hf_sequences = [hf_tokens(row) for row in theirs.sequences.tolist()]  # the prompt, then the new tokens
+    assert [h.tokens for hypotheses in ours for h in hypotheses] == hf_sequences
+    if beams > 1:
+        for index, hypotheses in enumerate(ours):
+            hf_scores = theirs.sequences_scores.tolist()[index * beams : (index + 1) * beams]
+            offsets = [h.score - score for h, score in zip(hypotheses, hf_scores, strict=True)]
+            assert offsets == pytest.approx([offsets[0]] * beams, abs=1e-4) and offsets[0] < 0
