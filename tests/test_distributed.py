@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
@@ -377,6 +377,7 @@ def test_a_resume_that_skips_batches_says_how_many(world_size, index, local, ski
     trainer = SimpleNamespace(
         distributed=Distributed(rank=0, world_size=world_size), data=SimpleNamespace(stream=_Stream()), quiet=False
     )
+    trainer._say = MethodType(Trainer._say, trainer)
     Trainer.load_stream_state(trainer, {"epoch": 2, "index": index})
     assert trainer.data.stream.state == {"epoch": 2, "index": local}
     err = capsys.readouterr().err

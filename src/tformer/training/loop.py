@@ -170,12 +170,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_stream_state(state["stream"])
         replaced = self.early_stopping.load_state_dict(state["early_stopping"])
-        if replaced is not None and not self.quiet:
-            print(
+        if replaced is not None:
+            self._say(
                 f"train.stop_metric changed from {replaced} to {self.early_stopping.metric}: early stopping "
-                f"starts afresh (the best {replaced} so far does not count)",
-                file=sys.stderr,
-                flush=True,
+                f"starts afresh (the best {replaced} so far does not count)"
             )
         self.window.load_state_dict(state.get("log_window"))  # absent in older checkpoints: an empty window
         load_rng_state(state["rng"])
@@ -196,13 +194,11 @@ class Trainer:
         epoch, index = int(state["epoch"]), int(state["index"])
         local = {"epoch": epoch, "index": math.ceil(index / world_size)}
         skipped = local["index"] * world_size - index
-        if skipped and not self.quiet:
-            print(
+        if skipped:
+            self._say(
                 f"resume: {world_size} processes continue epoch {epoch} at global batch {index + skipped} "
                 f"(a multiple of {world_size}), skipping {skipped} batch(es) after the {index} trained "
-                "(none is read twice)",
-                file=sys.stderr,
-                flush=True,
+                "(none is read twice)"
             )
         self.data.stream.load_state_dict(local)
         self._position = self.data.stream.state_dict()
@@ -220,17 +216,20 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path}: trainer state does not fit this run ({error})") from None
         if self.distributed.is_main:
             dropped = self.metrics.truncate_after(self.step)
-            if dropped and not self.quiet:
+            if dropped:
                 lines = "line" if dropped == 1 else "lines"
-                print(
+                self._say(
                     f"resume: dropped {dropped} {lines} of {self.metrics.path} that could not be read as metrics "
-                    "rows (damaged, or cut short when a run was killed)",
-                    file=sys.stderr,
-                    flush=True,
+                    "rows (damaged, or cut short when a run was killed)"
                 )
             removed = remove_later_checkpoints(self.run_dir, step=self.step, best_step=self.early_stopping.best_step)
-            if removed and not self.quiet:
-                print(removed, file=sys.stderr, flush=True)
+            if removed:
+                self._say(removed)
+
+    def _say(self, line: str) -> None:
+        """A line on stderr about what resuming did, unless quiet (and from rank 0 only: see `quiet`)."""
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
 
     def effective_batch(self) -> str:
         """One line: processes x token budget x accumulation = padded token slots per update."""
