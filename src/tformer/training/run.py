@@ -242,11 +242,10 @@ def resume_run(
     its model and data must match the run's, and its train and decode sections are used. The number
     of processes may differ from the run's (see Trainer.load_stream_state)."""
     distributed = distributed or Distributed()
-    with _earlier_checkpoint_advised(run_dir):
+    with _earlier_checkpoint_advised(run_dir):  # the run lock's errors are no CheckpointError: they pass as they are
         checkpoint = _last_checkpoint(run_dir)
-    lock = RunLock(run_dir) if distributed.is_main else None
-    try:
-        with _earlier_checkpoint_advised(run_dir):
+        lock = RunLock(run_dir) if distributed.is_main else None
+        try:
             return _resumed_trainer(
                 run_dir,
                 checkpoint,
@@ -258,10 +257,10 @@ def resume_run(
                 compile_mode=compile_mode,
                 loss_chunk=loss_chunk,
             )
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
 
 def _resumed_trainer(
