@@ -268,3 +268,21 @@ def test_a_file_edited_while_a_new_run_sets_up_is_not_cached_under_its_new_bytes
     )
     resume_run(run, overrides=["train.max_steps=3"], quiet=True)
     assert 200 in encoded_sizes  # the edited text was encoded again, not taken from the cache of the old text
+
+
+def test_a_resume_on_a_changed_corpus_file_names_it_and_says_what_the_new_text_keeps(tmp_path: Path, capsys) -> None:
+    """The run goes on with the new text, as documented, but not silently: the epoch under way is cut
+    from other pairs, and pairs the new text loses (an emptied line) are counted as at the run's start."""
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2", valid=False), run).train()
+    capsys.readouterr()
+    resume_run(run, overrides=["train.max_steps=3"])
+    assert "changed since" not in capsys.readouterr().err  # same files: nothing to say
+    lines = corpus["train_tgt"].read_text(encoding="utf-8").splitlines()
+    corpus["train_tgt"].write_text("\n".join(["", *lines[1:]]) + "\n", encoding="utf-8")
+    resume_run(run, overrides=["train.max_steps=4"])
+    err = capsys.readouterr().err.splitlines()
+    changed = [line for line in err if "changed since" in line]
+    assert len(changed) == 1 and str(corpus["train_tgt"]) in changed[0] and str(corpus["train_src"]) not in changed[0]
+    assert "training data: kept 199 of 200 pairs (skipped 1 with an empty side, 0 over the length limit)" in err

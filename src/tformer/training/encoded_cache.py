@@ -79,6 +79,19 @@ def load(run_dir: Path, key: CorpusKey) -> CachedCorpus | None:
         return None
 
 
+def stored_digests(run_dir: Path) -> list[tuple[str, str]]:
+    """The (source, target) digests of the training files that `run_dir`'s caches were made from: what
+    those files held when the run last encoded them."""
+    found = []
+    for key_file in sorted((Path(run_dir) / CACHE_DIR).glob("train-*/key.json")):
+        try:
+            key = json.loads(key_file.read_text(encoding="utf-8"))["key"]
+            found.append((str(key["source_digest"]), str(key["target_digest"])))
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged cache tells nothing
+            continue
+    return found
+
+
 def _well_formed(rows: TokenRows) -> bool:
     """Whether damaged arrays that still load (another dtype, offsets out of order, as after a crash or a
     hand edit) would be read as sentences: they would fail in the middle of training instead."""

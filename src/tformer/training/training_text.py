@@ -112,8 +112,10 @@ def _training_pairs(
             if cached.skipped_overlong:
                 say(_skipped_over_max_positions("train", cached.skipped_overlong, max_positions))
             return cached.pairs
+        _say_changed_files(run_dir, digests, data, say)
     if train_text is None:
         train_text = read_training_text(data)
+        say(f"training data: {train_text.summary}")
     pairs, kept = _encode(
         tokenizer, train_text.sources, train_text.targets, max_positions=max_positions, say=say, name="train"
     )
@@ -123,6 +125,20 @@ def _training_pairs(
         if problem is not None:
             say(f"warning: the encoded training data could not be saved ({problem}); a resume will encode it again")
     return pairs
+
+
+def _say_changed_files(run_dir: Path, digests: tuple[str, str], data: DataConfig, say: Say) -> None:
+    """A resume goes on with the text the training files hold now; say so when they are not what the run
+    encoded before (its cache tells), since the epoch under way is then cut from other pairs."""
+    earlier = encoded_cache.stored_digests(run_dir)
+    if not earlier or digests in earlier:
+        return
+    paths = (data.train_src, data.train_tgt)
+    changed = " and ".join(str(path) for path, now, then in zip(paths, digests, earlier[0], strict=True) if now != then)
+    say(
+        f"warning: {changed} changed since this run encoded the training data; it goes on with the text there "
+        "now (the rest of this epoch is cut from it, so it repeats some pairs and skips others)"
+    )
 
 
 def _corpus_key(
