@@ -74,6 +74,16 @@ def test_utf16_or_binary_files_are_refused_naming_the_line(tmp_path: Path) -> No
         read_lines(binary)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_text_beyond_ascii_is_named_as_utf16(tmp_path: Path, encoding: str) -> None:
+    """What Windows editors save as "Unicode": with a byte-order mark, or with letters beyond ASCII, UTF-16
+    is invalid UTF-8 before any NUL is seen, and the advice must still name the encoding to convert from."""
+    path = tmp_path / "utf16.de"
+    path.write_bytes("Männer\nÄpfel\n".encode(encoding))
+    with pytest.raises(CorpusError, match=r"utf16\.de:1: .*looks like UTF-16.*iconv -f UTF-16 -t UTF-8"):
+        read_lines(path)
+
+
 def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=r"file not found: .*nope\.en"):
         read_lines(tmp_path / "nope.en")

@@ -68,6 +68,14 @@ def test_utf16_input_is_refused_not_translated_as_text_with_nuls(tmp_path: Path)
         list(ready_chunks(source.fileno(), max_lines=10))
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_input_beyond_ascii_is_named_as_utf16(tmp_path: Path, encoding: str) -> None:
+    path = tmp_path / "utf16.txt"
+    path.write_bytes("Äpfel\nMänner\n".encode(encoding))
+    with open(path, "rb") as source, pytest.raises(ValueError, match=r"input line 1 .*looks like UTF-16.*iconv"):
+        list(ready_chunks(source.fileno(), max_lines=10))
+
+
 def test_translate_refuses_to_write_over_its_input_and_leaves_it_alone(tmp_path: Path, capsys) -> None:
     text = tmp_path / "same.txt"
     text.write_text("a sentence\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import os
 import select
 from collections.abc import Iterator
 
-from tformer.data.corpus import BOM, GZIP_MAGIC, NUL_BYTE_ADVICE
+from tformer.data.corpus import BOM, GZIP_MAGIC, NUL_BYTE_ADVICE, looks_like_utf16
 
 READ_BYTES = 1 << 16
 
@@ -56,6 +56,8 @@ def _decoded(raw: bytes, number: int) -> str:
             raise ValueError(
                 "the input is gzip-compressed: decompress it first, e.g. zcat FILE.gz | tformer translate RUN_DIR"
             ) from None
+        if looks_like_utf16(raw, error):
+            raise ValueError(f"input line {number} is not valid UTF-8: the input {NUL_BYTE_ADVICE}") from None
         raise ValueError(
             f"input line {number} is not valid UTF-8 (byte {error.start + 1}: {raw[error.start : error.start + 1]!r}); "
             "convert the input to UTF-8 (e.g. with iconv)"

@@ -26,6 +26,13 @@ GZIP_MAGIC = b"\x1f\x8b"
 BOM = "\ufeff"  # a byte-order mark: an encoding artefact, not text
 # why a NUL byte in text is refused: UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
 NUL_BYTE_ADVICE = "looks like UTF-16 or binary data, not UTF-8 text; convert it (e.g. iconv -f UTF-16 -t UTF-8)"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def looks_like_utf16(data: bytes, error: UnicodeDecodeError) -> bool:
+    """Whether bytes that are not UTF-8 are UTF-16 (what Windows editors save as "Unicode"): a UTF-16
+    byte-order mark, or a NUL beside the first invalid byte, as every ASCII letter of UTF-16 has."""
+    return data.startswith(UTF16_BOMS) or b"\x00" in data[: error.start + 2]
 
 
 class CorpusError(ValueError):
@@ -83,6 +90,8 @@ def read_text(path: str | Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
+        if looks_like_utf16(data, error):
+            raise CorpusError(f"{path}:{line}: invalid UTF-8: the file {NUL_BYTE_ADVICE}") from None
         raise CorpusError(f"{path}:{line}: invalid UTF-8 ({error.reason}); re-encode the file as UTF-8") from None
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
