@@ -807,3 +807,24 @@ def test_a_run_that_stops_between_log_rows_prints_the_loss_of_its_last_steps(
         row["step"]: row for row in map(json.loads, (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines())
     }
     assert "train_loss" not in rows_a.get(3, {})  # printed only: the log keeps its rows every log_every steps
+
+
+def test_references_that_normalisation_changes_are_warned_about_by_evaluate_and_validation(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Translations are NFKC text: references with full-width punctuation score low however good the
+    translation; evaluate and the run's validation now say why, in one line each."""
+    lines = workspace["valid_tgt"].read_text(encoding="utf-8").splitlines()
+    full_width = tmp_path / "valid.tgt"
+    full_width.write_text("".join(f"{line}！\n" for line in lines), encoding="utf-8")
+    with pytest.warns(UserWarning, match="normalisation") as warned:
+        assert main(["evaluate", str(trained), "--src", str(workspace["valid_src"]), "--ref", str(full_width)]) == 0
+    advice = [str(warning.message) for warning in warned if "normalisation" in str(warning.message)]
+    assert len(advice) == 1 and f"{len(lines)} of {len(lines)} references" in advice[0] and "'！' -> '!'" in advice[0]
+    capsys.readouterr()
+    argv = _train_args(workspace, tmp_path / "run", "--max-steps", "3")
+    argv[argv.index(str(workspace["valid_tgt"]))] = str(full_width)
+    argv.remove("--quiet")
+    assert main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "normalisation" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ")

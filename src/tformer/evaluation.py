@@ -7,7 +7,9 @@ BLEU splits text into words with sacreBLEU's `13a` tokenisation by default; text
 spaces needs another (`zh` for Chinese, `ja-mecab` for Japanese, `ko-mecab` for Korean, `char`):
 under `13a` a whole Chinese or Japanese sentence is one word, so even a perfect translation can score
 0. `tokenization_advice` says so when the references look like such text. chrF reads characters and
-needs no tokenisation.
+needs no tokenisation. Translations come out in the form the tokenizer normalises text to (NFKC:
+full-width punctuation becomes ASCII, `…` three periods): `normalization_advice` says so when many
+references hold characters that no translation can then match.
 
 SacreBLEU's own check for tokenized hypotheses (100 or more ending in " .") logs three lines on every
 BLEU computed, twice per validation while training; here it is one warning line, given once.
@@ -17,16 +19,19 @@ from __future__ import annotations
 
 import unicodedata
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
 from tformer.config import BLEU_TOKENIZE
+from tformer.data.tokenizer import normalize
 
 EXTRAS = {"ja-mecab": "ja", "ko-mecab": "ko"}  # tokenisations that need `pip install 'sacrebleu[XX]'`
 UNSPACED_SCRIPTS = ("CJK UNIFIED IDEOGRAPH", "HIRAGANA", "KATAKANA", "THAI")  # written without spaces
 UNSPACED_SHARE = 0.5  # of the references' letters, above which `13a`/`intl` BLEU means little
+NORMALIZED_SHARE = 0.01  # of the references, from which characters normalisation changes are worth a warning
 TOKENIZED_LINES = 100  # hypotheses ending in " ." from which sacreBLEU suspects tokenized text
 TOKENIZED_WARNING = (
     "100 or more translations end in a tokenized period (' .'): BLEU expects detokenized text, so "
@@ -108,4 +113,22 @@ def tokenization_advice(references: list[str], tokenize: str) -> str:
         f"the references are mostly Chinese, Japanese or Thai, written without spaces, which BLEU's {tokenize} "
         "tokenisation reads as one word per sentence (near 0 even for good translations): score BLEU with "
         "zh (Chinese), ja-mecab (Japanese) or char (--tokenize, or train.bleu_tokenize while training)"
+    )
+
+
+def normalization_advice(references: list[str]) -> str:
+    """A one-line warning when at least NORMALIZED_SHARE of the references hold characters that the
+    tokenizer's normalisation changes (full-width punctuation in Chinese, `…`): translations never
+    hold them, so even a perfect one loses BLEU and chrF there; "" otherwise. Spacing is not counted:
+    neither metric reads it."""
+    changed = [text for text in references if normalize(text).split() != text.split()]
+    if not changed or len(changed) < NORMALIZED_SHARE * len(references):
+        return ""
+    characters = Counter(c for text in changed for c in text if not c.isspace() and normalize(c) != c)
+    shown = ", ".join(f"{c!r} -> {normalize(c)!r}" for c, _ in characters.most_common(3))
+    return (
+        f"{len(changed)} of {len(references)} references hold characters that the tokenizer's normalisation "
+        f"(Unicode NFKC) changes{f' ({shown})' if shown else ''}; translations never hold them, so even a "
+        "perfect one loses BLEU and chrF there: to compare like with like, score against references passed "
+        "through tformer.data.tokenizer.normalize"
     )

@@ -69,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.data.corpus import CorpusError, read_lines
+    from tformer.data.tokenizer import Tokenizer
     from tformer.decoding.pipeline import Translator
-    from tformer.evaluation import bleu_metric, score, tokenization_advice
+    from tformer.evaluation import bleu_metric, normalization_advice, score, tokenization_advice
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
@@ -87,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.run_dir, which=args.which, device=device)
     tokenize = args.tokenize or loaded.experiment.train.bleu_tokenize
     bleu_metric(tokenize)  # a missing MeCab is reported before translating
-    advice = tokenization_advice(reference_sets[0], tokenize)
-    if advice:
-        warnings.warn(advice, UserWarning, stacklevel=1)
+    advice = [tokenization_advice(reference_sets[0], tokenize)]
+    if isinstance(loaded.tokenizer, Tokenizer):  # an imported Marian tokenizer has its own normalisation
+        advice.append(normalization_advice(reference_sets[0]))
+    for line in filter(None, advice):
+        warnings.warn(line, UserWarning, stacklevel=1)
     decode = apply_decode_settings(loaded.experiment.decode, settings)
     if args.beam is not None:
         decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
