@@ -84,6 +84,20 @@ def test_utf16_text_beyond_ascii_is_named_as_utf16(tmp_path: Path, encoding: str
         read_lines(path)
 
 
+def test_lines_ended_by_carriage_returns_alone_are_refused(tmp_path: Path) -> None:
+    """Classic Mac OS line ends (what Excel for Mac still writes as "CSV (Macintosh)"): the whole file was
+    one line, so two such files of short sentences trained on a single pair, "kept all 1 pairs"."""
+    src, tgt = tmp_path / "mac.en", tmp_path / "mac.de"
+    src.write_bytes(b"one\rtwo\rthree\r")
+    tgt.write_bytes(b"eins\rzwei\rdrei\r")
+    with pytest.raises(CorpusError, match=r"mac\.en: lines end in a carriage return alone .*tr '\\r' '\\n'"):
+        read_parallel(src, tgt)
+    one_line = write(tmp_path / "one.en", ["a line\r"])  # CRLF, and a lone CR at a line's end: fine
+    assert read_lines(one_line) == ["a line"]
+    (tmp_path / "single.en").write_bytes(b"a single line ended by CR\r")
+    assert read_lines(tmp_path / "single.en") == ["a single line ended by CR"]
+
+
 def test_missing_file_and_directory_are_named(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=r"file not found: .*nope\.en"):
         read_lines(tmp_path / "nope.en")

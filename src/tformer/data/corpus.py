@@ -10,7 +10,8 @@ name, or a file someone gunzipped but did not rename, still reads correctly, and
 inferred from file names. Files are read whole; this suits corpora of up to a few hundred megabytes.
 
 Lines are split on "\\n" only (never `str.splitlines`, which also splits on U+2028, U+0085 and other
-separators that occur inside real sentences and would silently misalign the two sides), then stripped.
+separators that occur inside real sentences and would silently misalign the two sides), then stripped
+(so CRLF ends read as LF ends). A file whose lines end in CR alone is refused: read so, it is one line.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ def read_text(path: str | Path) -> str:
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise CorpusError(f"{path}:{line}: a NUL byte: the file {NUL_BYTE_ADVICE}")
+    if "\n" not in text and "\r" in text.rstrip("\r"):  # else read as one line, holding the whole file
+        raise CorpusError(
+            f"{path}: lines end in a carriage return alone (classic Mac OS, Excel's 'CSV (Macintosh)'), not "
+            f"a newline; convert them, e.g. tr '\\r' '\\n' < {path} > FIXED"
+        )
     return text.removeprefix(BOM)
 
 
