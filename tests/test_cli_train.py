@@ -828,3 +828,26 @@ def test_references_that_normalisation_changes_are_warned_about_by_evaluate_and_
     assert main(argv) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "normalisation" in line]
     assert len(warned) == 1 and warned[0].startswith("warning: ")
+
+
+def test_a_pipe_given_as_training_text_is_refused_in_one_line(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--train-src <(cut -f1 corpus.tsv)` names /dev/fd/N, a pipe: it was resolved to a path that does not
+    exist ("file not found: /proc/PID/fd/pipe:[N]"), and as a named FIFO it is read more than once (the
+    digest, then the text, then a --resume), so the run would wait forever or read an empty second pass."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, workspace["train_src"].read_bytes()[:1000])
+        argv = _train_args(workspace, tmp_path / "run")
+        argv[argv.index(str(workspace["train_src"]))] = f"/dev/fd/{read_end}"
+        _fails_cleanly(capsys, argv, f"data.train_src /dev/fd/{read_end} is a pipe")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    fifo = tmp_path / "fifo.src"
+    os.mkfifo(fifo)
+    argv = _train_args(workspace, tmp_path / "run")
+    argv[argv.index(str(workspace["valid_tgt"]))] = str(fifo)
+    _fails_cleanly(capsys, argv, f"data.valid_tgt {fifo} is a pipe")
+    assert not (tmp_path / "run").exists()

@@ -221,8 +221,17 @@ def _skipped_over_max_positions(name: str, skipped: int, max_positions: int) -> 
 
 
 def absolute_data_paths(data: DataConfig) -> DataConfig:
-    """Resolve relative paths against data.data_dir (or the working directory), once, at the start."""
+    """Resolve relative paths against data.data_dir (or the working directory), once, at the start; a
+    pipe is refused, since a run reads its text more than once (a digest, the text, and a resume)."""
     base = Path(data.data_dir) if data.data_dir is not None else Path.cwd()
+    for name in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+        path = None if getattr(data, name) is None else base / getattr(data, name)
+        # (a directory is named as such where it is read)
+        if path is not None and path.exists() and not path.is_file() and not path.is_dir():
+            raise ConfigError(
+                f"data.{name} {getattr(data, name)} is a pipe or a device, not a file (as <(...) gives): a run "
+                "reads its text more than once, and a --resume again; write it to a file first"
+            )
     fields = ("train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer")
     absolute = {name: str((base / getattr(data, name)).resolve()) for name in fields if getattr(data, name) is not None}
     if data.data_dir is not None:
