@@ -4,7 +4,10 @@ Each step, for every sentence (all tensors, no Python loop over hypotheses):
 1. add the next-token log-probabilities of its N beams to the beams' scores and take the best 2N of the
    N x V continuations (2N, so that N survive even if N of them end with eos);
 2. candidates among the first N that end (eos, or the sentence's maximum length) join the finished list,
-   scored log_prob / lp(length) (+ coverage penalty); the N best finished are kept;
+   scored log_prob / lp(length) (+ coverage penalty); the N best finished are kept. (Only the first N:
+   the textbook beam keeps the N best candidates and those of them that end are finished; the other N
+   are there only to refill the running beams. Every candidate of step t has predicted t + 1 tokens,
+   its eos included: that is its length);
 3. the N best candidates that did not end become the beams; the KV cache is reordered by index;
 4. the sentence is done when its maximum length is reached, or when it holds N finished hypotheses and
    the best running beam, normalised at its current length, no longer beats the worst of them (with
@@ -16,7 +19,7 @@ batch at the periodic "all finished?" check, the loop's only host synchronisatio
 prefix the whole step is one function of fixed buffers, replayed as one CUDA graph on a GPU).
 
 Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabulary, H history
-(bos + T steps), T steps, S source length.
+(bos + T steps), T steps, S source length. (K and H are not the head dim and heads of the model files.)
 """
 
 from __future__ import annotations
@@ -292,16 +295,22 @@ def _step(
     config: DecodeConfig,
     decoder: IncrementalDecoder | StaticStepDecoder,
 ) -> Tensor:
-    """One beam-search step t on `state`, whose tensors are updated in place (they may be the fixed
-    buffers of a CUDA graph); `length_1` holds t + 1 on the device. Returns the next input tokens (R,)."""
+    """One beam-search step t on `state`: extend every beam by one token, move the candidates that end
+    into the finished lists, keep the N best that go on as the new beams, and mark the sentences that are
+    done (the numbered steps of the module docstring). The tensors of `state` are updated in place (they
+    may be the fixed buffers of a CUDA graph); `length_1` holds t + 1 on the device. Returns the next
+    input tokens (R,)."""
     N = state.scores.shape[1]
     # 1. the best 2N continuations of each sentence
     candidates = _candidates(state, log_probs_RV, length_1)
     # 2. candidates among the first N that end here (eos, or the maximum length) join the finished lists
+    # (the first N are the textbook beam; the other N only refill the running beams, as in Hugging Face);
+    # a -inf candidate (a banned token) and a sentence already done add nothing
     is_eos_BK = candidates.token_BK == eos_id
     ends_BK = is_eos_BK | (state.max_len <= length_1)[:, None]
     rank_K = torch.arange(2 * N, device=candidates.scores_BK.device)
     finalise_BK = ends_BK & (rank_K < N) & (candidates.scores_BK > NEG_INF) & ~state.done[:, None]
+    # every candidate of step t has predicted t + 1 tokens (its eos included): lp(t + 1) divides them all
     penalty_1 = length_penalty(length_1, config)
     penalised_BK, attention_BKTS = _finished_scores(state, candidates, attention_RS, penalty_1, length_1, config)
     finished_BK = penalised_BK.masked_fill(~finalise_BK, NEG_INF)
@@ -404,7 +413,10 @@ def _update_done(
     state: BeamState, running_scores_BN: Tensor, penalty_1: Tensor, length_1: Tensor, config: DecodeConfig
 ) -> None:
     """A sentence is done at its maximum length, or when it holds N finished hypotheses and (unless
-    `early_stopping`) its best running beam, normalised at its current length, does not beat the worst."""
+    `early_stopping`) its best running beam, normalised at its current length, does not beat the worst.
+
+    Finished scores are sorted best first, so slot N-1 (`fin_scores[:, -1]`) is the worst kept, and it is
+    finite only once all N slots are filled."""
     best_running_B = running_scores_BN[:, 0] / penalty_1
     full_B = state.fin_scores[:, -1] > NEG_INF
     settled_B = full_B if config.early_stopping else full_B & (best_running_B <= state.fin_scores[:, -1])
