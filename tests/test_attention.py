@@ -51,6 +51,28 @@ def test_three_forms_agree_in_float64(mask_name: str) -> None:
         assert torch.all(weights.masked_select(~mask.expand_as(weights)) == 0)
 
 
+def test_attention_on_numbers_worked_by_hand() -> None:
+    """One query, two keys, d_k = 4 (so sqrt(d_k) = 2):
+    q = (1, 1, 0, 0), k0 = (0, 0, 0, 0), k1 = (2 ln 3, 0, 0, 0): scores q·k / 2 = 0 and ln 3;
+    softmax: e^0 : e^(ln 3) = 1 : 3, so weights 1/4 and 3/4; values v0 = (4, 0, 0, 0), v1 = (0, 4, 0, 0):
+    output 1/4 v0 + 3/4 v1 = (1, 3, 0, 0). With key 1 masked, all the weight goes to key 0: v0."""
+    ln3 = torch.log(torch.tensor(3.0, dtype=torch.float64))
+    q = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]], dtype=torch.float64)  # 1 1 1 4
+    k = torch.tensor([[[[0.0, 0.0, 0.0, 0.0], [2 * ln3, 0.0, 0.0, 0.0]]]], dtype=torch.float64)  # 1 1 2 4
+    v = torch.tensor([[[[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0]]]], dtype=torch.float64)
+    scores, weights, loop = attention_loop_steps(q, k, v)
+    torch.testing.assert_close(scores[0, 0, 0], torch.stack([torch.zeros((), dtype=torch.float64), ln3]))
+    torch.testing.assert_close(weights[0, 0, 0], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    expected = torch.tensor([1.0, 3.0, 0.0, 0.0], dtype=torch.float64)
+    matrix, matrix_weights = attention_matrix(q, k, v)
+    for output in (loop, matrix, attention_fused(q, k, v)):
+        torch.testing.assert_close(output[0, 0, 0], expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(matrix_weights, weights, atol=1e-12, rtol=0)
+    only_key_0 = torch.tensor([True, False])[None, None, None, :]
+    for output in (attention_loop(q, k, v, only_key_0), attention_fused(q, k, v, only_key_0)):
+        torch.testing.assert_close(output[0, 0, 0], v[0, 0, 0], atol=1e-12, rtol=0)
+
+
 def test_causal_flag_equals_explicit_causal_mask() -> None:
     q, k, v = random_qkv()
     k, v = k[:, :, :T], v[:, :, :T]
