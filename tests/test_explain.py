@@ -117,8 +117,16 @@ def test_seed_changes_the_numbers_and_is_reproducible(result: Walkthrough) -> No
 def test_report_prints_every_step_and_figures_decode(result: Walkthrough, tmp_path: Path) -> None:
     text = render(result)
     steps = ("== 1.", "== 3.", "== 6.", "== 8.", "== 9.", "== 10.", "label smoothing", "warmup", "== 11.", "== checks")
-    for step in (*steps, "worked example"):
+    for step in (*steps, "worked example", "teacher forcing", "masks.additive_mask", "project_output"):
         assert step in text
+    # the written-out softmax and weighted sum of step 4 and 5 add up to the numbers of their tables
+    softmax_line = text.split("e^(", 1)[1].splitlines()[0]
+    weight, value = float(softmax_line.split("=")[-1]), float(result.attention.weights_HSS[0, 1].max())
+    assert weight == pytest.approx(value, abs=5e-4)
+    sum_line = text.split("weight x value:\n", 1)[1].splitlines()[0]
+    terms, total = sum_line.split("=")
+    products = [float(a) * float(b) for a, b in (t.strip(" ()").split(")(") for t in terms.split(" + "))]
+    assert sum(products) == pytest.approx(float(total), abs=5e-3)
     paths = save_figures(result, tmp_path)
     assert [path.name for path in paths] == [
         "positional_encoding.png",

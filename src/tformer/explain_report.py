@@ -50,6 +50,31 @@ def worked_score(w: Walkthrough, head: int = 0, query: int = 1, key: int = 0) ->
     )
 
 
+def worked_softmax(w: Walkthrough, head: int = 0, query: int = 1) -> str:
+    """One row of weights written out: each exponentiated score over the sum of them all."""
+    scores = [float(s) for s in w.attention.scores_HSS[head, query]]
+    key = int(w.attention.weights_HSS[head, query].argmax())
+    denominator = " + ".join(f"e^({s:.3f})" for s in scores)
+    return (
+        f"worked example, head {head}, query {w.source_tokens[query]!r}, key {w.source_tokens[key]!r}:\n"
+        f"  e^({scores[key]:.3f}) / [{denominator}] = {float(w.attention.weights_HSS[head, query, key]):.3f}"
+    )
+
+
+def worked_sum(w: Walkthrough, head: int = 0, query: int = 1, dimension: int = 0) -> str:
+    """One number of a query's output written out: the weights times that dimension of each value."""
+    a = w.attention
+    terms = " + ".join(
+        f"({float(weight):.3f})({float(value):.3f})"
+        for weight, value in zip(a.weights_HSS[head, query], a.v_HSK[head, :, dimension], strict=True)
+    )
+    return (
+        f"worked example, head {head}, query {w.source_tokens[query]!r}, dimension o{dimension}: "
+        "sum over the keys of weight x value:\n"
+        f"  {terms} = {float(a.heads_HSK[head, query, dimension]):.3f}"
+    )
+
+
 def render(w: Walkthrough) -> str:
     """The whole walk-through as text: steps 1 to 11, then the checks against tformer's modules."""
     out = [
@@ -95,9 +120,11 @@ def self_attention_lines(w: Walkthrough) -> list[str]:
     for h in range(H):
         out += [f"head {h} scores:", table(a.scores_HSS[h], src, src)]
     out.append(heading(4, "softmax of each row: how much each query takes from each key"))
+    out.append(worked_softmax(w))
     for h in range(H):
         out += [f"head {h} weights (rows sum to 1):", table(a.weights_HSS[h], src, src)]
     out.append(heading(5, "weighted sum of the value vectors: each query's output"))
+    out.append(worked_sum(w))
     for h in range(H):
         out += [f"head {h} output:", table(a.heads_HSK[h], src, dims(K, "o"))]
     out += [
@@ -131,10 +158,14 @@ def decoder_attention_lines(w: Walkthrough) -> list[str]:
         heading(8, "masked decoder self-attention: position t reads decoder inputs 0..t"),
         "causal mask (1 = may attend):",
         table(w.causal.mask_TT.double(), tin, tin, decimals=0),
+        "where the mask is 0, the most negative float is added to the score before the softmax",
+        "(masks.additive_mask), so e^score, and with it the weight, is 0:",
     ]
     for h in range(w.config.n_heads):
         out += [f"head {h} weights (zero above the diagonal):", table(w.causal.weights_HTT[h], tin, tin)]
     out.append(heading(9, "cross-attention: decoder queries, keys and values from the encoder output"))
+    out.append("queries: the decoder's state after step 8 (with its residual and layer norm);")
+    out.append("keys and values: the encoder's output of step 7, so every target position reads the whole source:")
     for h in range(w.config.n_heads):
         out += [f"head {h} weights (rows: decoder inputs, columns: source):", table(w.cross.weights_HTS[h], tin, src)]
     return out
@@ -147,6 +178,11 @@ def training_lines(w: Walkthrough) -> list[str]:
     rows = np.stack([loss.target_probability_T.numpy(), loss.nll_T.numpy(), loss.smoothed_T.numpy()], axis=1)
     return [
         heading(10, "cross-entropy training: teacher forcing, label smoothing, the learning-rate schedule"),
+        f"teacher forcing: the decoder reads the reference shifted right ({' '.join(tin)}), and every",
+        f"position predicts the next reference token ({' '.join(tout)}) in one pass. After the",
+        "decoder block's feed-forward sub-layer, residual and layer norm (as in step 7), the output",
+        "projection (the target embedding, transposed: Transformer.project_output) turns each position's",
+        f"vector into {V} logits, one per token, and a softmax turns those into the next token's probabilities.",
         "at each position: the probability of the correct next token, -log of it, and the smoothed loss:",
         table(Tensor(rows), [f"{i} -> {t}" for i, t in zip(tin, tout, strict=True)], ["p(next)", "-log p", "smoothed"]),
         f"loss = mean(-log p) = {loss.loss:.4f}   (a uniform guess over {V} tokens: {np.log(V):.4f})",
@@ -196,13 +232,25 @@ OUTLINED = [patheffects.withStroke(linewidth=2, foreground="black")]  # white te
 
 
 def annotated(
-    ax: Axes, values: Tensor, rows: Sequence[str], cols: Sequence[str], title: str, *, decimals: int = 2, **imshow
+    ax: Axes,
+    values: Tensor,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str,
+    *,
+    decimals: int = 2,
+    axis_names: tuple[str, str] | None = None,
+    **imshow,
 ) -> None:
+    """A heat map with its numbers written in; `axis_names` (rows, columns), e.g. ("query", "key")."""
     data = values.detach().double().numpy()
     ax.imshow(data, aspect="auto", interpolation="nearest", **imshow)
     ax.set_xticks(range(len(cols)), labels=cols, rotation=90 if len(cols) > 4 else 0, fontsize=8)
     ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
     ax.set_title(title, fontsize=9)
+    if axis_names is not None:
+        ax.set_ylabel(axis_names[0], fontsize=8)
+        ax.set_xlabel(axis_names[1], fontsize=8)
     if data.size <= 64:
         for (i, j), value in np.ndenumerate(data):
             ax.text(
@@ -227,8 +275,11 @@ def self_attention_figure(w: Walkthrough) -> Figure:
     a, src = w.attention, w.source_tokens
     figure, axes = figure_grid(w.config.n_heads, 2, "encoder self-attention: scores, then softmax")
     for h in range(w.config.n_heads):
-        annotated(axes[h, 0], a.scores_HSS[h], src, src, f"head {h}: q·k / sqrt(d_k)", cmap="coolwarm")
-        annotated(axes[h, 1], a.weights_HSS[h], src, src, f"head {h}: softmax", cmap="viridis", vmin=0, vmax=1)
+        names = ("query", "key")
+        title = f"head {h}: q·k / sqrt(d_k)"
+        annotated(axes[h, 0], a.scores_HSS[h], src, src, title, axis_names=names, cmap="coolwarm")
+        title = f"head {h}: softmax (rows sum to 1)"
+        annotated(axes[h, 1], a.weights_HSS[h], src, src, title, axis_names=names, cmap="viridis", vmin=0, vmax=1)
     return figure
 
 
@@ -250,13 +301,18 @@ def encoder_block_figure(w: Walkthrough) -> Figure:
 def decoder_figure(w: Walkthrough) -> Figure:
     tin, src, H = w.decoder_inputs, w.source_tokens, w.config.n_heads
     figure, axes = figure_grid(2, H + 1, "decoder: causal mask, masked self-attention, cross-attention")
+    self_names = ("query (decoder input)", "key (decoder input)")
+    cross_names = ("query (decoder input)", "key (source)")
+    mask_title = "causal mask (1 = may attend)"
     annotated(
-        axes[0, 0], w.causal.mask_TT.double(), tin, tin, "causal mask (1 = may attend)", cmap="Greys_r", decimals=0
+        axes[0, 0], w.causal.mask_TT.double(), tin, tin, mask_title, axis_names=self_names, cmap="Greys_r", decimals=0
     )
     axes[1, 0].axis("off")
     for h in range(H):
-        annotated(axes[0, h + 1], w.causal.weights_HTT[h], tin, tin, f"masked self-attn, head {h}", vmin=0, vmax=1)
-        annotated(axes[1, h + 1], w.cross.weights_HTS[h], tin, src, f"cross-attention, head {h}", vmin=0, vmax=1)
+        title = f"masked self-attn, head {h}"
+        annotated(axes[0, h + 1], w.causal.weights_HTT[h], tin, tin, title, axis_names=self_names, vmin=0, vmax=1)
+        title = f"cross-attention, head {h}"
+        annotated(axes[1, h + 1], w.cross.weights_HTS[h], tin, src, title, axis_names=cross_names, vmin=0, vmax=1)
     return figure
 
 
