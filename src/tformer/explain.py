@@ -248,9 +248,9 @@ def decoder_steps(model: Transformer, tgt_in_1T: Tensor, memory_1SD: Tensor) -> 
     T = tgt_in_1T.shape[1]
     y_1TD = model.tgt_embedding(tgt_in_1T) + model.decoder.positions(T)
     read_1TD = layer.self_attention_residual.before(y_1TD)
-    q, k, v = (split_heads(t, attention.n_heads) for t in attention.qkv_proj(read_1TD).chunk(3, dim=-1))
+    q_1HTK, k_1HTK, v_1HTK = (split_heads(t, attention.n_heads) for t in attention.qkv_proj(read_1TD).chunk(3, dim=-1))
     mask_11TT = causal_mask(T)
-    output_1HTK, weights_1HTT = attention_matrix(q, k, v, mask_11TT)
+    output_1HTK, weights_1HTT = attention_matrix(q_1HTK, k_1HTK, v_1HTK, mask_11TT)
     self_out_1TD = attention.out_proj(merge_heads(output_1HTK))
     causal = CausalSteps(
         y_TD=y_1TD[0],

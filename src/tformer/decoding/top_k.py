@@ -14,7 +14,7 @@ its chunk's maximum <= m <= v. So every entry larger than v is kept, and at leas
 kept: the kept entries' k largest values are the row's. Among equal values the indices chosen may differ
 from `torch.topk`'s (whose choice among ties is itself unspecified).
 
-Shape legend: R rows, V vocabulary, C chunks, k kept.
+Shape legend: R rows, V vocabulary, C chunks, k kept, M candidate entries (k x CHUNK, plus a partial chunk).
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ class Encoder(nn.Module):
             nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
         )
 
-    def forward(self, tokens_BSD: Tensor, *, src_pad_mask_BS: Tensor, need_weights: bool) -> tuple[Tensor, list]:
-        x_BSD = self.dropout(tokens_BSD + self.positions(tokens_BSD.shape[1]))
+    def forward(self, embedded_BSD: Tensor, *, src_pad_mask_BS: Tensor, need_weights: bool) -> tuple[Tensor, list]:
+        x_BSD = self.dropout(embedded_BSD + self.positions(embedded_BSD.shape[1]))
         mask = key_mask(src_pad_mask_BS)  # always applied: checking for "no padding" would sync the device
         weights = []
         for layer in self.layers:
@@ -86,7 +86,7 @@ class Decoder(nn.Module):
 
     def forward(
         self,
-        tokens_BTD: Tensor,
+        embedded_BTD: Tensor,
         *,
         memory_kv: list[tuple[Tensor, Tensor]],
         src_pad_mask_BS: Tensor | None,
@@ -94,29 +94,29 @@ class Decoder(nn.Module):
         cache: DecoderCache | StaticDecoderCache | BeamDecoderCache | None,
         need_weights: bool,
     ) -> tuple[Tensor, list, list]:
-        T = tokens_BTD.shape[1]
+        T = embedded_BTD.shape[1]
         static = isinstance(cache, StaticDecoderCache)
         # The first two branches serve fast decoding only (the fixed-shape step that CUDA graphs and
         # torch.compile replay; beam search's never-reordered cache). Training, teacher forcing and plain
         # cached decoding take the last one.
         if static:  # one new token whose position is a device tensor; keys span the whole capacity
             assert T == 1 and tgt_pad_mask is None, "a static cache decodes one token at a time, unpadded"
-            x_BTD = self.dropout(tokens_BTD + self.positions.at(cache.position_1))
+            x_BTD = self.dropout(embedded_BTD + self.positions.at(cache.position_1))
             is_causal, self_mask = False, cache.visible_keys()
         elif isinstance(cache, BeamDecoderCache):  # one new token per beam; keys of every slot, masked
             assert T == 1 and tgt_pad_mask is None, "a beam cache decodes one token at a time, unpadded"
-            x_BTD = self.dropout(tokens_BTD + self.positions(T, cache.length))
-            is_causal, self_mask = False, cache.start_step(tokens_BTD.shape[0])
+            x_BTD = self.dropout(embedded_BTD + self.positions(T, cache.length))
+            is_causal, self_mask = False, cache.start_step(embedded_BTD.shape[0])
         else:
             offset = 0 if cache is None else cache.length
-            x_BTD = self.dropout(tokens_BTD + self.positions(T, offset))
+            x_BTD = self.dropout(embedded_BTD + self.positions(T, offset))
             # Without a cache, queries and keys are the same T positions and torch's causal flag is exact.
             # With one, the T queries are the last of offset + T keys, so the mask is built explicitly.
             is_causal = cache is None and tgt_pad_mask is None
             self_mask = None
             if not is_causal and (T > 1 or tgt_pad_mask is not None):
                 pad = None if tgt_pad_mask is None else key_mask(tgt_pad_mask)
-                self_mask = combine(causal_mask(T, offset + T, device=tokens_BTD.device), pad)
+                self_mask = combine(causal_mask(T, offset + T, device=embedded_BTD.device), pad)
         memory_mask = None if src_pad_mask_BS is None else key_mask(src_pad_mask_BS)
         self_weights, cross_weights = [], []
         for index, layer in enumerate(self.layers):

@@ -14,7 +14,7 @@ vocabulary `chunk` positions at a time. Each chunk runs under activation checkpo
 freed as soon as its loss is summed and recomputed during backward, so at most one chunk's N x V
 logits (and their gradient) exist at any moment instead of the whole batch's.
 
-Shape legend: B batch, T target length, D model dim, V vocabulary, N = B * T.
+Shape legend: B batch, T target length, D model dim, V vocabulary, N = B * T positions, C positions of a chunk.
 """
 
 from __future__ import annotations
