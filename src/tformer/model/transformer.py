@@ -257,7 +257,8 @@ class Transformer(nn.Module):
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, AttentionMaps]:
         """Teacher-forced logits_BTV: position t, having read tgt_ids up to t, predicts the next token,
-        tgt_out[t] (docs/CONVENTIONS.md)."""
+        tgt_out[t] (docs/CONVENTIONS.md). Right padding needs no `tgt_pad_mask`: under the causal mask a
+        real position never reads the pads after it, and the loss ignores the padded positions."""
         if src_pad_mask is None:
             src_pad_mask = padding_mask(src_ids, self.config.pad_id)
         encoded = self.encode(src_ids, src_pad_mask=src_pad_mask, return_attention=return_attention)
