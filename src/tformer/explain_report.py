@@ -111,7 +111,11 @@ def self_attention_lines(w: Walkthrough) -> list[str]:
     """Steps 2 to 6: the encoder's self-attention, head by head, then in matrix form."""
     c, a, src = w.config, w.attention, w.source_tokens
     H, K = c.n_heads, c.head_dim
-    out = [heading(2, f"queries, keys, values: SelfAttention.qkv_proj, split into {H} heads of {K}")]
+    out = [
+        heading(2, f"queries, keys, values: SelfAttention.qkv_proj, split into {H} heads of {K}"),
+        f"q = x W^Q + b^Q, and k and v likewise (one {c.d_model} x {3 * c.d_model} projection, qkv_proj); head h takes",
+        f"dimensions {K}h .. {K}h+{K - 1} of each (split_heads) and attends on its own in steps 3 to 5:",
+    ]
     for h in range(H):
         for name, values in (("q", a.q_HSK), ("k", a.k_HSK), ("v", a.v_HSK)):
             out += [f"head {h} {name}:", table(values[h], src, dims(K, name))]
