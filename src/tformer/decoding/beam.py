@@ -8,7 +8,8 @@ Each step, for every sentence (all tensors, no Python loop over hypotheses):
    the textbook beam keeps the N best candidates and those of them that end are finished; the other N
    are there only to refill the running beams. Every candidate of step t has predicted t + 1 tokens,
    its eos included: that is its length);
-3. the N best candidates that did not end become the beams; the KV cache is reordered by index;
+3. the N best candidates that did not end become the beams; the KV cache follows each to its parent
+   beam (`BeamDecoderCache` moves only a table of which slot holds each beam's history);
 4. the sentence is done when its maximum length is reached, or when it holds N finished hypotheses and
    the best running beam, normalised at its current length, no longer beats the worst of them (with
    `early_stopping`, as soon as it holds N finished hypotheses).
