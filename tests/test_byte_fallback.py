@@ -14,6 +14,7 @@ from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
 from tformer.config import ConfigError, DataConfig, load_experiment
+from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
 from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize
 from tformer.training import checkpoint as ckpt
 from tformer.training import start_run
@@ -112,6 +113,29 @@ def test_the_config_key_defaults_to_false_and_is_validated() -> None:
         load_experiment(None, ["data.byte_fallback=1"])
     with pytest.raises(ConfigError, match=r"data\.vocab_size must be at least 261 with data\.byte_fallback = true"):
         DataConfig(byte_fallback=True, vocab_size=260)
+
+
+def test_the_config_names_the_smallest_byte_fallback_vocabulary_from_its_parts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The config refuses what the tokenizer would refuse (the same bound, 4 special + 256 byte pieces +
+    1 learned piece), reports that bound even below the plain minimum of 8, and says what to change."""
+    assert smallest_vocab_size(byte_fallback=True) == 261 == SPECIAL_PIECES + BYTE_PIECES + 1
+    DataConfig(byte_fallback=True, vocab_size=261)
+    for too_small in (260, 5):
+        with pytest.raises(ConfigError) as info:
+            DataConfig(byte_fallback=True, vocab_size=too_small)
+        assert str(info.value) == (
+            "data.vocab_size must be at least 261 with data.byte_fallback = true (4 special + 256 byte pieces + "
+            f"1 learned piece), got {too_small}: add 256 to the vocab_size you would use without byte fallback, "
+            "or set data.byte_fallback = false"
+        )
+    with pytest.raises(TokenizerError, match=r"at least 261 \("):
+        Tokenizer.train(SOURCES, TARGETS, vocab_size=260, byte_fallback=True)
+    code = main(["train", "--out", str(tmp_path / "run"), "--vocab-size", "5", "--set", "data.byte_fallback=true"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and error.startswith("error: data.vocab_size must be at least 261 ")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_given_tokenizer_without_byte_pieces_is_refused(tmp_path: Path) -> None:

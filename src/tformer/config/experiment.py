@@ -14,6 +14,7 @@ from tformer.config.checks import ConfigError, check_choices, check_finite, chec
 from tformer.config.decode import DecodeConfig
 from tformer.config.loading import config_from_dict, config_to_dict, load_toml, parse_override
 from tformer.config.model import PRESETS, ModelConfig
+from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
 
 TokenizerModel = Literal["bpe", "unigram"]
 ScheduleName = Literal["inverse_sqrt", "peak"]
@@ -60,17 +61,19 @@ class DataConfig:
         check_choices(self, "data")
         if (self.valid_src is None) != (self.valid_tgt is None):
             raise ConfigError("give both data.valid_src and data.valid_tgt, or neither")
+        if self.byte_fallback and self.vocab_size < smallest_vocab_size(byte_fallback=True):
+            raise ConfigError(
+                f"data.vocab_size must be at least {smallest_vocab_size(byte_fallback=True)} with "
+                f"data.byte_fallback = true ({SPECIAL_PIECES} special + {BYTE_PIECES} byte pieces + 1 learned piece), "
+                f"got {self.vocab_size}: add {BYTE_PIECES} to the vocab_size you would use without byte fallback, "
+                "or set data.byte_fallback = false"
+            )
         if self.vocab_size < 8:
             raise ConfigError(f"data.vocab_size must be at least 8, got {self.vocab_size}")
         if self.tokenizer_max_pairs < 0:
             raise ConfigError(f"data.tokenizer_max_pairs must be 0 (all pairs) or more, got {self.tokenizer_max_pairs}")
         if not 0.98 <= self.character_coverage <= 1.0:  # sentencepiece's own bounds
             raise ConfigError(f"data.character_coverage must be between 0.98 and 1.0, got {self.character_coverage}")
-        if self.byte_fallback and self.vocab_size < 4 + 256 + 1:
-            raise ConfigError(
-                f"data.vocab_size must be at least 261 with data.byte_fallback = true (4 special pieces, 256 byte "
-                f"pieces and 1 more), got {self.vocab_size}"
-            )
         check_int64(self, "data")
 
 

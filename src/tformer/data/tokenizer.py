@@ -33,6 +33,8 @@ from typing import Literal
 import numpy as np
 import sentencepiece as spm
 
+from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
+
 ModelType = Literal["bpe", "unigram"]
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -43,8 +45,6 @@ TGT_FILE = "spm.tgt.model"
 _WHITESPACE = re.compile(r"\s+")
 # sentencepiece's refusal when the characters to keep outnumber the vocabulary ("1000 vs 3005.")
 _TOO_MANY_CHARACTERS = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
-SPECIAL_PIECES = 4  # pad, bos, eos, unk
-BYTE_PIECES = 256  # one per byte value, with byte_fallback
 
 
 class TokenizerError(ValueError):
@@ -94,7 +94,7 @@ class Tokenizer:
         seen) as their UTF-8 bytes instead of <unk>, so every text round-trips."""
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-        smallest = SPECIAL_PIECES + (BYTE_PIECES if byte_fallback else 0) + 1
+        smallest = smallest_vocab_size(byte_fallback=byte_fallback)
         if vocab_size < smallest:
             byte_pieces = f" + {BYTE_PIECES} byte pieces" if byte_fallback else ""
             raise TokenizerError(
