@@ -707,7 +707,8 @@ def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """--resume lays what the command gives over the run's own settings, not over the defaults: a data
-    flag repeated with its value is accepted, and a really different value is named, key and values."""
+    flag repeated with its value is accepted, and a really different value is named, key and values, with
+    the other keys that differ and the presets the user chose rather than the d_model they imply."""
     run = Path(shutil.copytree(trained, tmp_path / "run"))
     resume = ["train", "--out", str(run), "--resume", "--quiet"]
     assert main([*resume, "--train-src", str(workspace["train_src"]), "--max-steps", "7"]) == 0
@@ -715,9 +716,21 @@ def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
     assert main([*resume, "--vocab-size", "48", "--preset", "tiny", "--max-steps", "8"]) == 0
     assert "step 8, reached max_steps=8" in capsys.readouterr().out
     before = _digest(run)
+    small_config = tmp_path / "small.toml"  # a recipe's [model] table, as `--config multi30k_en_de` gives it
+    small_config.write_text('[model]\npreset = "small"\ndropout = 0.3\n')
     cases = [
         (["--vocab-size", "200"], "error: --resume: data.vocab_size is 200 but the run has 48; a resumed run keeps"),
-        (["--preset", "base"], "error: --resume: model.d_model is 512 but the run has 32"),
+        (
+            ["--preset", "base"],
+            "error: --resume: the command asks for preset base's shape but the run has preset tiny's: model.d_model "
+            "is 512 but the run has 32 (and model.n_heads, model.d_ff, model.n_encoder_layers, model.n_decoder_layers, "
+            "model.dropout differ); a resumed run keeps its model and data (only train.* and decode.* may change): "
+            "leave model and data settings out of the command (and out of its --config file) to keep the run's, or "
+            "train with the changed ones into another --out\n",
+        ),
+        (["--config", str(small_config)], "the command asks for preset small's shape but the run has preset tiny's"),
+        (["--set", "model.d_model=48"], "the run has preset tiny's shape: model.d_model is 48 but the run has 32; a"),
+        (["--preset", "tiny", "--set", "model.dropout=0.2"], "error: --resume: model.dropout is 0.2 but the run has"),
         (["--train-src", str(workspace["valid_src"])], "error: --resume: data.train_src is '"),
         (["--set", "model.nonsense=1"], "unknown key(s) nonsense in [model]; valid keys: preset, "),
     ]

@@ -51,6 +51,7 @@ from tformer.config.model import (
     PositionalEncoding,
     SinusoidalLayout,
     preset,
+    preset_of,
 )
 
 __all__ = [
@@ -89,4 +90,5 @@ __all__ = [
     "load_toml",
     "parse_override",
     "preset",
+    "preset_of",
 ]

@@ -86,6 +86,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_of(config: ModelConfig) -> str | None:
+    """The preset whose shape `config` has (its dropout and the keys no preset sets may differ), or None:
+    what a message can call a model given as `--preset` or `[model] preset`, since a config stores the
+    values alone."""
+    for name, values in PRESETS.items():
+        if all(getattr(config, key) == value for key, value in values.items() if key != "dropout"):
+            return name
+    return None
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset's ModelConfig, with any field overridden."""
     if name not in PRESETS:

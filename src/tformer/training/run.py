@@ -27,10 +27,12 @@ from tformer.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
+    ModelConfig,
     apply_overrides,
     expand_preset,
     experiment_from_dict,
     experiment_to_dict,
+    preset_of,
 )
 from tformer.data.tokenizer import Tokenizer, TokenizerError, sample_pairs
 from tformer.model import Transformer, count_parameters
@@ -385,13 +387,36 @@ def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:
         pad_id=stored.model.pad_id,
     )
     pairs = [("model", stored.model, filled), ("data", stored.data, absolute_data_paths(given.data))]
-    for section, old, new in pairs:
-        for key, value in dataclasses.asdict(old).items():
-            if getattr(new, key) != value:
-                raise ConfigError(
-                    f"--resume: {section}.{key} is {getattr(new, key)!r} but the run has {value!r}; "
-                    "a resumed run keeps its model and data (only train.* and decode.* may change)"
-                )
+    changed = [
+        (f"{section}.{key}", getattr(new, key), value)
+        for section, old, new in pairs
+        for key, value in dataclasses.asdict(old).items()
+        if getattr(new, key) != value
+    ]
+    if not changed:
+        return
+    (first, value, stored_value), others = changed[0], [name for name, _, _ in changed[1:]]
+    also = f" (and {', '.join(others)} differ{'s' if len(others) == 1 else ''})" if others else ""
+    raise ConfigError(
+        f"--resume: {_presets_named(stored.model, filled) if first.startswith('model.') else ''}"
+        f"{first} is {value!r} but the run has {stored_value!r}{also}; a resumed run keeps its model and data "
+        "(only train.* and decode.* may change): leave model and data settings out of the command (and out of "
+        "its --config file) to keep the run's, or train with the changed ones into another --out"
+    )
+
+
+def _presets_named(stored: ModelConfig, given: ModelConfig) -> str:
+    """The presets behind two models of different shapes, since the user chose a preset, not a d_model:
+    "the command asks for preset small's shape but the run has preset tiny's: " (or one side of it);
+    empty where neither has a preset's shape or both have the same one."""
+    asked, run = preset_of(given), preset_of(stored)
+    if asked == run:
+        return ""
+    if run is None:
+        return f"the command asks for preset {asked}'s shape but the run's is no preset's: "
+    if asked is None:
+        return f"the run has preset {run}'s shape: "
+    return f"the command asks for preset {asked}'s shape but the run has preset {run}'s: "
 
 
 def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
