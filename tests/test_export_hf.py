@@ -556,6 +556,39 @@ def test_a_sampling_run_is_exported_as_hf_sampling_from_the_same_distribution(tm
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
 
 
+def test_nbest_is_exported_as_num_return_sequences_and_imported_back(tmp_path):
+    """generation_config.json held no n-best setting: generate() returned one sequence where tformer gives
+    nbest, and an import read nbest = 1 back. Now generate() returns tformer's n-best lists, token for token."""
+    from tformer.interop.hf_import import import_hf
+
+    decode = DecodeConfig(beam_size=4, nbest=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="average")
+    run = make_run(tmp_path / "run", decode=decode)
+    export_hf(run, tmp_path / "hf")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["num_beams"], generation["num_return_sequences"]) == (4, 3)
+    loaded = load_run(run)
+    hf_model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    eos = loaded.tokenizer.eos_id
+    for sentence in SENTENCES:
+        src = torch.tensor([[*loaded.tokenizer.encode_source(sentence), eos]])
+        (ours,) = generate(
+            loaded.model, src, src_pad_mask=None, bos_id=loaded.tokenizer.bos_id, eos_id=eos, config=decode
+        )
+        with torch.no_grad():
+            sequences = hf_model.generate(**hf_tokenizer([sentence], return_tensors="pt")).tolist()
+        theirs = [tokens[1 : tokens.index(eos, 1) if eos in tokens[1:] else None] for tokens in sequences]
+        assert [hypothesis.tokens for hypothesis in ours] == theirs
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    assert load_run(tmp_path / "again").experiment.decode.nbest == 3
+    samples = DecodeConfig(beam_size=1, sampling=True, nbest=5, max_len_a=0.0)  # n samples, one beam
+    export_hf(make_run(tmp_path / "sampling", decode=samples), tmp_path / "hf-sampling")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf-sampling")
+    assert (generation.do_sample, generation.num_beams, generation.num_return_sequences) == (True, 1, 5)
+    import_hf(tmp_path / "hf-sampling", tmp_path / "again-sampling")
+    assert load_run(tmp_path / "again-sampling").experiment.decode.nbest == 5
+
+
 def test_exports_print_their_own_lines_without_transformers_progress_bars(tmp_path, capsys):
     """transformers drew "Writing model shards" and "Loading weights" bars between the export's lines."""
     from transformers.utils import logging as transformers_logging

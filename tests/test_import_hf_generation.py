@@ -180,10 +180,25 @@ def test_a_ban_of_eos_is_dropped_as_generate_drops_it(tmp_path):
         (dict(bad_words_ids=5), "bad_words_ids=5 must be a list of lists of token ids"),
         (dict(bad_words_ids=[5]), "bad_words_ids=[5] must be a list of lists of token ids"),
         (dict(num_beams=0), "beam_size must be at least 1, got 0"),
+        (dict(num_return_sequences="2"), "num_return_sequences='2' must be an integer"),
+        # generate() refuses these too: more sequences than beams, or several from greedy search
+        (dict(num_beams=4, num_return_sequences=5), "nbest must be between 1 and beam_size (4), got 5"),
+        (dict(num_beams=1, num_return_sequences=2), "nbest must be between 1 and beam_size (1), got 2"),
         # imported, the run refused every translation: its decoder checks the ids against the vocabulary
         (dict(bad_words_ids=[[99999]]), "decode.banned_ids holds 99999, outside this model's target vocabulary"),
     ],
-    ids=["list-beams", "string-length", "string-penalty", "number-bans", "flat-bans", "zero-beams", "ban-outside"],
+    ids=[
+        "list-beams",
+        "string-length",
+        "string-penalty",
+        "number-bans",
+        "flat-bans",
+        "zero-beams",
+        "string-nbest",
+        "nbest-over-beams",
+        "greedy-nbest",
+        "ban-outside",
+    ],
 )
 def test_settings_of_the_wrong_type_are_refused_naming_the_file(tmp_path, capsys, changes, named):
     """A setting of the wrong type was a TypeError traceback (or an int() message naming no file)."""

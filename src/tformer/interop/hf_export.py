@@ -163,7 +163,10 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
     is fixed (max_len_a = 0; else max_positions + 1, tformer's cap), min_length is tformer's min_len + 1.
     Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them (but
     eos: generate() never bans it, so a ban of eos is left out with a warning). Sampling is HF's
-    do_sample with the same temperature, top-k (0: none) and top-p, applied in that order in both."""
+    do_sample with the same temperature, top-k (0: none) and top-p, applied in that order in both.
+    nbest is num_return_sequences: the n best beams, or n samples. Not written, as HF has no such setting
+    and they change no token: the seed (generate() draws from torch's global generator, and its samples
+    differ from tformer's whatever the seed), static_step and compile_step (how tformer runs a step)."""
     from transformers import GenerationConfig
 
     beam_search = decode.beam_size > 1 and not decode.sampling
@@ -193,7 +196,8 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
             f"out tformer's ban of eos (id {ids.eos_id}), so HF's sentences may end where tformer's go on",
             stacklevel=3,
         )
-    search: dict[str, Any] = {"num_beams": 1}  # HF refuses to save a beam setting in a greedy config
+    # HF refuses to save a beam setting in a greedy config; nbest is 1 there (DecodeConfig's rule is HF's)
+    search: dict[str, Any] = {"num_beams": 1, "num_return_sequences": decode.nbest}
     if decode.sampling:  # tformer's sampling draws one path per sample whatever beam_size says
         search.update(do_sample=True, temperature=decode.temperature, top_k=decode.top_k, top_p=decode.top_p)
     elif beam_search:

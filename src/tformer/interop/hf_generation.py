@@ -4,17 +4,17 @@ Which settings: `MarianMTModel.from_pretrained` reads generation_config.json whe
 and then no generation key of config.json; without it, it reads config.json's keys as the file holds
 them (no MarianConfig default is added). `generation_settings` follows that rule.
 
-How they map: num_beams, length_penalty (tformer's "average" normalisation is Hugging Face's),
-no_repeat_ngram_size, early_stopping (true or false); min_length and max_length count the decoder start
-token in HF, so tformer's limits are one less (min_new_tokens and max_new_tokens are tformer's as they
-are, and win over min_length and max_length as in HF); single-token `bad_words_ids` become `banned_ids`
-(but eos, which generate() never bans), `forced_eos_token_id` `forced_eos`. `do_sample` (with one beam)
-becomes tformer's sampling with the same temperature, top_k and top_p, applied in the same order
-(generate()'s defaults when unset: 1.0, 50, 1.0); the samples themselves differ, drawn from another
-random stream. A setting that changes generate()'s output and has no tformer counterpart (beam sampling,
-typical_p, min_p, repetition penalties, a forced first token, several eos tokens, multi-token bans, ...)
-is refused in one line naming it, rather than imported as a different decoder. Sampling parameters are
-ignored without do_sample, as generate() ignores them.
+How they map: num_beams, num_return_sequences (tformer's nbest), length_penalty (tformer's "average"
+normalisation is Hugging Face's), no_repeat_ngram_size, early_stopping (true or false); min_length and
+max_length count the decoder start token in HF, so tformer's limits are one less (min_new_tokens and
+max_new_tokens are tformer's as they are, and win over min_length and max_length as in HF); single-token
+`bad_words_ids` become `banned_ids` (but eos, which generate() never bans), `forced_eos_token_id`
+`forced_eos`. `do_sample` (with one beam) becomes tformer's sampling with the same temperature, top_k
+and top_p, applied in the same order (generate()'s defaults when unset: 1.0, 50, 1.0); the samples
+themselves differ, drawn from another random stream. A setting that changes generate()'s output and has
+no tformer counterpart (beam sampling, typical_p, min_p, repetition penalties, a forced first token,
+several eos tokens, multi-token bans, ...) is refused in one line naming it, rather than imported as a
+different decoder. Sampling parameters are ignored without do_sample, as generate() ignores them.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
             sampling=sampling,
             **shaping,
             beam_size=int(settings.get("num_beams", 1)),
-            nbest=1,
+            nbest=int(settings.get("num_return_sequences", 1)),
             max_len_a=0.0,
             max_len_b=max(1, min(int(max_new), max_positions)),
             forced_eos=settings.get("forced_eos_token_id") is not None,
@@ -115,7 +115,8 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
 
 def _check_types(settings: dict[str, Any], *, source: str) -> None:
     """The settings read below have the types generate() takes (a JSON file may hold anything)."""
-    for key in ("num_beams", "max_length", "min_length", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size"):
+    integers = ("num_beams", "num_return_sequences", "max_length", "min_length", "max_new_tokens", "min_new_tokens")
+    for key in (*integers, "no_repeat_ngram_size"):
         if key in settings and not _is_integer(settings[key]):
             raise ValueError(f"{source}: {key}={settings[key]!r} must be an integer")
     if settings.get("do_sample", False) not in (True, False):
