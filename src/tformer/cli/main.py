@@ -136,11 +136,24 @@ def program(argv: list[str] | None = None) -> NoReturn:
     whose peer has gone are destroyed while still joinable, and about one such exit in eight aborted
     ("terminate called without an active exception", SIGABRT) instead of exiting with its status."""
     code = main(argv)
+    _forget_caught_interrupt()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _forget_caught_interrupt() -> None:
+    """Run as `python -m tformer`, CPython 3.11 ended an interrupted command by SIGINT, not with the status
+    130 that `main` returned, when the interrupt came at an unlucky moment (3 of 40 SIGTERMs in the first
+    1.5 s of `train`, 1 in 40 later on, as a checkpoint's validation imports decoding): a KeyboardInterrupt
+    (Ctrl-C, or SIGTERM in train and translate) that leaves a string `exec`/`eval` (the methods a dataclass
+    makes as a module is imported: thousands while torch loads) sets a "KeyboardInterrupt unhandled" flag,
+    caught or not, and Py_RunMain kills the process by SIGINT at exit when it is set. The next string exec
+    clears it; `main` returned, so no interrupt is unhandled. (The `tformer` script exits another way, with
+    its status.)"""
+    exec("pass", {})
 
 
 if __name__ == "__main__":
