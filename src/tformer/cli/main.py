@@ -28,6 +28,7 @@ from tformer.cli import (
     train,
     translate,
 )
+from tformer.cli.termination import import_torch
 
 # torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
 # check of a tensor whose byte count overflows 64 bits (translate --beam 10**18)
@@ -51,6 +52,7 @@ COMMANDS: list[tuple[str, ModuleType]] = [
     ("export", export),
     ("import-hf", import_hf),
 ]
+TORCH_FREE_COMMANDS = ("download",)  # every other command loads torch first, whole (see `import_torch`)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command not in TORCH_FREE_COMMANDS:
+            import_torch()
         return int(args.run(args) or 0)
     except KeyboardInterrupt as interrupt:  # a TrainingInterrupted says what the run kept
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)

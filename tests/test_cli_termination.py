@@ -1,0 +1,89 @@
+"""Interrupts held back while torch is imported (tformer.cli.termination.interrupts_held)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tformer
+from tformer.cli.termination import interrupts_held
+
+SOURCE = str(Path(tformer.__file__).resolve().parents[1])  # the tformer these tests import
+
+# Sends Ctrl-C's signal to the process the first time anything looks for numpy.matrixlib: inside torch's
+# import, whose C extension imports numpy and drops a KeyboardInterrupt raised there.
+INTERRUPT_INSIDE_NUMPY_IMPORT = """\
+import os, signal, sys
+class InterruptOnce:
+    sent = False
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy.matrixlib" and not InterruptOnce.sent:
+            InterruptOnce.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, InterruptOnce())
+"""
+
+
+def test_an_interrupt_inside_the_block_is_raised_when_it_ends() -> None:
+    reached_the_end = False
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached_the_end = True
+    assert reached_the_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_sigterm_goes_to_the_handler_that_was_there_before() -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+    try:
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tformer_with_an_interrupt_in_torchs_import(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_INSIDE_NUMPY_IMPORT)
+    return subprocess.run(
+        [sys.executable, "-m", "tformer", *argv],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SOURCE])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_ctrl_c_while_torch_loads_exits_130_in_one_line(tmp_path: Path) -> None:
+    """It was lost inside torch's import, numpy was left half-imported, and the command went on (here it
+    printed the preset and exited 0; `train` failed later with a traceback)."""
+    done = _tformer_with_an_interrupt_in_torchs_import(tmp_path, "info", "--preset", "tiny")
+    assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
+
+
+def test_download_does_not_load_torch(tmp_path: Path) -> None:
+    """The one command that needs no torch does not wait for it (the hook above never fires)."""
+    argv = ["download", "multi30k", "--out", str(tmp_path / "data"), "--base-url", "http://127.0.0.1:9/"]
+    done = _tformer_with_an_interrupt_in_torchs_import(tmp_path, *argv)
+    assert done.returncode == 2 and "error: could not download" in done.stderr, done.stderr
+    probe = f"from tformer.cli.main import main; main({argv!r}); import sys; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": SOURCE},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.stdout.splitlines()[-1] == "False", done.stderr
