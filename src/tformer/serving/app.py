@@ -22,6 +22,9 @@ from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from tformer import __version__
 from tformer.config import DecodeConfig
@@ -85,14 +88,10 @@ def _lifespan(batcher: Batcher) -> Callable[[FastAPI], AbstractAsyncContextManag
 def _add_probes(app: FastAPI, batcher: Batcher, *, name: str) -> None:
     """`/health` and `/ready`, for people and load balancers."""
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
     async def health() -> dict[str, Any]:
         """Liveness and load: the model's name, the jobs waiting and the windows decoded so far."""
         return {"status": "ok", "model": name, "pending": batcher.pending, "windows": batcher.windows}
 
-    @app.api_route(
-        "/ready", methods=["GET", "HEAD"], responses={503: {"description": "not ready: starting or shutting down"}}
-    )
     async def ready() -> dict[str, str]:
         """Readiness, for a load balancer: 200 once the model is loaded and the batcher takes requests,
         503 before that and while shutting down (/health is liveness: 200 whenever the process answers)."""
@@ -101,6 +100,29 @@ def _add_probes(app: FastAPI, batcher: Batcher, *, name: str) -> None:
         if not batcher.accepting:
             raise ApiError(503, "not ready: the server is starting or shutting down")
         return {"status": "ready"}
+
+    _add_probe(app, "/health", health)
+    _add_probe(app, "/ready", ready, responses={503: {"description": "not ready: starting or shutting down"}})
+
+
+PROBE_METHODS = ("GET", "HEAD")  # HEAD: what some load balancers probe with
+
+
+class _ProbeRoute(APIRoute):
+    """One method of a probe's path. Each method is a route of its own, so that each gets its own OpenAPI
+    operation id (FastAPI gives a route one id, however many methods it answers: GET and HEAD in one
+    route had the same id, and FastAPI warned "Duplicate Operation ID"). Starlette answers a method that
+    no route of a path takes from the first of them, so this 405 lists every method of the path."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in PROBE_METHODS:
+            raise StarletteHTTPException(405, headers={"Allow": ", ".join(PROBE_METHODS)})
+        await super().handle(scope, receive, send)
+
+
+def _add_probe(app: FastAPI, path: str, endpoint: Callable, **options: Any) -> None:
+    for method in PROBE_METHODS:
+        app.router.add_api_route(path, endpoint, methods=[method], route_class_override=_ProbeRoute, **options)
 
 
 def _add_translate(

@@ -1,0 +1,44 @@
+"""The HTTP API's routing as a client or an operator's tooling meets it, in process (FastAPI's TestClient):
+the OpenAPI schema a client generator reads, and the answers to paths, methods, query strings and body
+encodings that the API does not take."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from test_export_hf import make_run
+
+from tformer.training.checkpoint import load_run
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(make_run(tmp_path_factory.mktemp("serve_http") / "run"))
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    with TestClient(app) as client:
+        yield client
+
+
+def test_the_openapi_schema_gives_each_operation_its_own_id_without_a_warning(client):
+    """/health and /ready answered GET and HEAD in one route, which FastAPI gives one operation id: both
+    operations of each probe had the same id (a client generator refuses or overwrites one), and FastAPI
+    warned "Duplicate Operation ID" whenever the schema was built."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        client.app.openapi_schema = None  # built anew, as on the first request for it
+        schema = client.app.openapi()
+    ids = [operation["operationId"] for methods in schema["paths"].values() for operation in methods.values()]
+    assert len(ids) == 5 and len(set(ids)) == len(ids), ids
+    for path in ("/health", "/ready"):
+        assert sorted(schema["paths"][path]) == ["get", "head"]
+        assert client.get(path).status_code == 200 and client.head(path).status_code == 200
+        wrong_method = client.put(path)
+        assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+        assert sorted(wrong_method.headers["allow"].split(", ")) == ["GET", "HEAD"]
