@@ -158,7 +158,7 @@ def test_oversized_body_is_refused_and_docs_are_served(server):
 
     chunked = httpx.post(f"{url}/translate", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]
-    assert httpx.get(f"{url}/nowhere").json() == {"error": "Not Found"}  # every error in the one format
+    assert httpx.get(f"{url}/nowhere").json()["error"].startswith("no such path: /nowhere; ")  # the one format
     schema = httpx.get(f"{url}/openapi.json").json()
     assert "/translate" in schema["paths"] and "/health" in schema["paths"]
     assert httpx.get(f"{url}/docs").status_code == 200

@@ -42,3 +42,21 @@ def test_the_openapi_schema_gives_each_operation_its_own_id_without_a_warning(cl
         wrong_method = client.put(path)
         assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
         assert sorted(wrong_method.headers["allow"].split(", ")) == ["GET", "HEAD"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/translate/"), ("GET", "/health/"), ("GET", "/ready/")])
+def test_a_trailing_slash_is_a_404_naming_the_path_without_it_not_a_redirect(client, method, path):
+    """`POST /translate/` was a 307 to /translate with an empty body: a client that does not follow redirects
+    (curl without -L, httpx by default) got no translation and no error saying why, and the redirect's
+    absolute Location, built from the Host header, pointed to plain http behind a TLS proxy."""
+    response = client.request(method, path, json={"sentences": ["hello dog"]}, follow_redirects=False)
+    assert response.status_code == 404 and "location" not in response.headers
+    assert response.json() == {"error": f"no such path: {path}; send it to {path[:-1]}, without the trailing slash"}
+
+
+def test_an_unknown_path_is_a_404_listing_the_api_s_paths(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": "no such path: /nowhere; the API has GET /health, GET /ready, POST /translate (docs at /docs)"
+    }

@@ -66,6 +66,7 @@ def create_app(
         version=__version__,
         description="Translate sentences with a tformer model; concurrent requests are decoded together.",
         lifespan=_lifespan(batcher),
+        redirect_slashes=False,  # `POST /translate/` is a 404 saying what to send (errors.py), not a 307
     )
     app.state.batcher = batcher
     add_error_handlers(app)

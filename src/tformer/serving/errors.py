@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -67,6 +68,8 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     """Starlette's own errors (404, 405, a body over the limit) in the API's one-field format."""
     message = _unreadable_body(error.__cause__) if error.status_code == 400 else None
+    if error.status_code == 404:
+        message = _no_such_path(request)
     detail = message or str(error.detail)
     return JSONResponse({"error": detail}, status_code=error.status_code, headers=error.headers)
 
@@ -75,6 +78,22 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     """A bug outside decoding (whose failures are caught in `translate`): Starlette answered a plain-text
     "Internal Server Error". Starlette re-raises the error after this answer, so uvicorn logs it."""
     return JSONResponse({"error": f"internal error ({type(error).__name__}); see the server's log"}, status_code=500)
+
+
+def _no_such_path(request: Request) -> str:
+    """What to send instead of a path no route takes: the path without its trailing slash, when that is one
+    of the API's (the app does not redirect: a 307 left a client that does not follow redirects with an
+    empty answer), else the API's paths, which Starlette's "Not Found" did not list."""
+    path = request.url.path
+    methods: dict[str, list[str]] = {}
+    for route in request.app.routes:
+        if isinstance(route, APIRoute):
+            methods.setdefault(route.path, []).extend(sorted(route.methods - {"HEAD"}))
+    if path.endswith("/") and path.rstrip("/") in methods:
+        return f"no such path: {path}; send it to {path.rstrip('/')}, without the trailing slash"
+    api = ", ".join(f"{method} {route}" for route, names in methods.items() for method in names)
+    docs = f" (docs at {request.app.docs_url})" if request.app.docs_url else ""
+    return f"no such path: {path}; the API has {api}{docs}"
 
 
 def _whole_body_problem(problem: dict[str, Any], content_type: str | None) -> tuple[int, str]:
