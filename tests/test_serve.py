@@ -422,6 +422,34 @@ def test_busy_port_and_unknown_host_are_one_line_errors(run, no_server, capsys):
     assert_one_error_line(capsys, "error: cannot listen on 999.1.1.1:0: ", "check --host")
 
 
+def test_a_port_taken_between_bind_and_listen_is_a_one_line_error(run, monkeypatch, capsys):
+    """Two servers started on one port at about the same time both bind it (SO_REUSEADDR lets sockets that
+    do not listen yet share an address), and the one that listens second failed inside uvicorn, once its
+    model was loaded: a traceback, then `error: [Errno 98] Address already in use`, with no hint."""
+    import tformer.serving.server as server_module
+
+    bind, others, ports = server_module.bind, [], []
+
+    def bind_then_lose_the_race(host: str, port: int) -> socket.socket:
+        listener = bind(host, port)
+        other = socket.socket()  # another server on the port, ready first
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(listener.getsockname())
+        other.listen()
+        others.append(other)
+        ports.append(other.getsockname()[1])
+        return listener
+
+    monkeypatch.setattr(server_module, "bind", bind_then_lose_the_race)
+    try:
+        assert main(["serve", str(run), "--port", "0"]) == 2
+    finally:
+        for other in others:
+            other.close()
+    (port,) = ports
+    assert_one_error_line(capsys, f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another")
+
+
 def read_line(stream, timeout_s: float) -> str:
     """The next line of a child's pipe, or "" if none comes within timeout_s (instead of blocking)."""
     readable, _, _ = select.select([stream], [], [], timeout_s)

@@ -48,21 +48,34 @@ def bind(host: str, port: int) -> socket.socket:
         listener.bind(address)
     except OSError as error:
         listener.close()
-        reason = error.strerror or str(error)
-        raise OSError(f"cannot listen on {where}: {reason}; {BIND_HINTS.get(error.errno, DEFAULT_HINT)}") from None
+        raise _cannot_listen(where, error) from None
     return listener
+
+
+def _cannot_listen(where: str, error: OSError) -> OSError:
+    reason = error.strerror or str(error)
+    return OSError(f"cannot listen on {where}: {reason}; {BIND_HINTS.get(error.errno, DEFAULT_HINT)}")
 
 
 class _AnnouncingServer(uvicorn.Server):
     """uvicorn's server, printing `ready_line` on stderr once it accepts connections: uvicorn logs its own
-    "running on" line neither for sockets passed in nor at log level warning, so users saw nothing."""
+    "running on" line neither for sockets passed in nor at log level warning, so users saw nothing.
+
+    Listening may still fail after `bind`: two servers started on one port at about the same time both bind
+    it (SO_REUSEADDR lets sockets that do not listen yet share an address), and the second to listen gets
+    EADDRINUSE. uvicorn does not catch that for sockets passed in (a traceback, and the app's lifespan left
+    running); here it is the same one-line OSError as `bind`'s."""
 
     def __init__(self, config: uvicorn.Config, *, ready_line: str) -> None:
         super().__init__(config)
         self.ready_line = ready_line
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        try:
+            await super().startup(sockets=sockets)
+        except OSError as error:  # listen() failed: the port was taken since `bind`
+            await self.lifespan.shutdown()  # stops the batcher; uvicorn left the app's lifespan running
+            raise _cannot_listen(host_port(self.config.host, self.config.port), error) from None
         if self.started:
             print(self.ready_line, file=sys.stderr, flush=True)
 
