@@ -819,7 +819,9 @@ def test_the_api_s_routes_methods_documentation_and_405s_are_those_documented(ru
         ),
     }
     translate_errors = schema["paths"]["/translate"]["post"]["responses"]
-    assert translate_errors["415"] == {"description": "the body is not sent as JSON (content-type: application/json)"}
+    assert translate_errors["415"] == {
+        "description": "the body is not sent as JSON (content-type: application/json), or is sent compressed"
+    }
     assert schema["paths"]["/ready"]["get"]["responses"]["503"] == {
         "description": "not ready: starting or shutting down"
     }

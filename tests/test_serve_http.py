@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from test_export_hf import make_run
+from test_export_hf import SENTENCES, make_run
 
 from tformer.training.checkpoint import load_run
 
@@ -60,3 +60,22 @@ def test_an_unknown_path_is_a_404_listing_the_api_s_paths(client):
     assert response.json() == {
         "error": "no such path: /nowhere; the API has GET /health, GET /ready, POST /translate (docs at /docs)"
     }
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "GZIP"])
+def test_a_compressed_body_is_a_415_saying_to_send_it_uncompressed(client, encoding):
+    """A gzip body (some clients compress large uploads) was read as it came: a 400 saying the body "is not
+    valid UTF-8: byte 0x8B at offset 1 ... send the JSON encoded as UTF-8", which sent the client looking at
+    its text instead of its compression. RFC 9110 15.5.16: 415, with the encodings taken in Accept-Encoding."""
+    import gzip
+    import json
+
+    body = gzip.compress(json.dumps({"sentences": SENTENCES[:1]}).encode())
+    headers = {"content-type": "application/json", "content-encoding": encoding}
+    response = client.post("/translate", content=body, headers=headers)
+    assert response.status_code == 415 and response.headers["accept-encoding"] == "identity"
+    assert response.json() == {
+        "error": f"the request body is compressed (content-encoding: {encoding.lower()}); send it uncompressed"
+    }
+    identity = client.post("/translate", json={"sentences": SENTENCES[:1]}, headers={"content-encoding": "identity"})
+    assert identity.status_code == 200

@@ -1,12 +1,12 @@
 """The HTTP API: `POST /translate`, `GET /health` (liveness), `GET /ready` (readiness), docs at /docs.
 
 Every user error is a 4xx with one JSON field, `error`, holding one line: malformed JSON (or not UTF-8)
-400, a body not sent as JSON 415, a body of the wrong shape or impossible decode settings 422, too many
-sentences, a sentence too long (in characters or in tokens), a body too large or a worst-case decode over
-`max_decode_tokens` 413; 503 while shutting down, and 503 with `Retry-After` when `max_queue` requests
-are waiting already. A request whose client disconnects before its decoding window starts is dropped from
-the queue (its answer, 499, goes nowhere). An unexpected failure while decoding is a 500 for the requests
-of that window only; the server keeps serving.
+400, a body not sent as JSON or sent compressed 415, a body of the wrong shape or impossible decode
+settings 422, too many sentences, a sentence too long (in characters or in tokens), a body too large or
+a worst-case decode over `max_decode_tokens` 413; 503 while shutting down, and 503 with `Retry-After`
+when `max_queue` requests are waiting already. A request whose client disconnects before its decoding
+window starts is dropped from the queue (its answer, 499, goes nowhere). An unexpected failure while
+decoding is a 500 for the requests of that window only; the server keeps serving.
 
 The request checks and their limits are in `limits.py`, the error format in `errors.py`, the bodies in
 `schema.py`; this module wires them into routes.
@@ -32,6 +32,7 @@ from tformer.decoding.constraints import check_banned_ids
 from tformer.decoding.pipeline import TokenizerLike, Translation
 from tformer.serving.batcher import BATCHER_FAILED, Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
+from tformer.serving.content_encoding import IdentityEncodingOnly
 from tformer.serving.errors import ERRORS, ApiError, add_error_handlers
 from tformer.serving.limits import ServeConfig, check_decode_budget, check_limits, decode_config, source_lengths
 from tformer.serving.schema import Candidate, SentenceTranslation, TranslateRequest, TranslateResponse
@@ -71,6 +72,7 @@ def create_app(
     app.state.batcher = batcher
     add_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(IdentityEncodingOnly)
     _add_probes(app, batcher, name=name)
     _add_translate(app, batcher, tokenizer, decode, config, max_positions=model.config.max_positions)
     return app
