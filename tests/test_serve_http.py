@@ -79,3 +79,13 @@ def test_a_compressed_body_is_a_415_saying_to_send_it_uncompressed(client, encod
     }
     identity = client.post("/translate", json={"sentences": SENTENCES[:1]}, headers={"content-encoding": "identity"})
     assert identity.status_code == 200
+
+
+def test_a_query_parameter_on_translate_is_a_422_not_ignored(client):
+    """`POST /translate?beam=5` decoded with the server's beam, silently: the query string was not read,
+    though an unknown field in the body is refused for that very reason."""
+    response = client.post("/translate?beam=5&colour=red", json={"sentences": SENTENCES[:1]})
+    assert response.status_code == 422
+    assert response.json() == {
+        "error": "POST /translate reads no query parameters (got beam, colour); send the options in the JSON body"
+    }

@@ -146,6 +146,10 @@ def _add_translate(
     )
     async def translate(request: TranslateRequest, http: Request) -> TranslateResponse:
         """Translate every sentence; the response lists them in request order."""
+        if http.query_params:  # ignored, `?beam=5` left the client believing it had beam 5
+            names = ", ".join(dict.fromkeys(http.query_params.keys()))
+            message = f"POST /translate reads no query parameters (got {names}); send the options in the JSON body"
+            raise ApiError(422, message)
         check_limits(request.sentences, config)
         settings = decode_config(decode, request, config, max_positions)
         lengths = source_lengths(request.sentences, tokenizer, max_positions)

@@ -29,7 +29,8 @@ ERRORS = {
     400: "the body is not valid JSON, or not UTF-8",
     413: "too many sentences, a sentence too long, a body too large, or a worst case over --max-decode-tokens",
     415: "the body is not sent as JSON (content-type: application/json), or is sent compressed",
-    422: "a body of the wrong shape, text that is not valid Unicode, or decode settings that cannot be honoured",
+    422: "a body of the wrong shape, a query string, text that is not valid Unicode, or decode settings that "
+    "cannot be honoured",
     500: "decoding failed (the requests decoded with the same settings in that window get it too)",
     503: "the server is shutting down, or busy: --max-queue requests waiting (with Retry-After)",
 }
