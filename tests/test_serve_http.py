@@ -89,3 +89,15 @@ def test_a_query_parameter_on_translate_is_a_422_not_ignored(client):
     assert response.json() == {
         "error": "POST /translate reads no query parameters (got beam, colour); send the options in the JSON body"
     }
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-32"])
+def test_json_with_a_bom_or_in_utf_16_or_32_is_read_as_in_utf_8(client, encoding):
+    """Pins a choice (docs/serving.md): RFC 8259 asks senders for UTF-8 without a BOM, lets a parser ignore
+    a BOM, and leaves other encodings to the parser; the server reads what Python's json reads (UTF-16 and
+    UTF-32, told apart by their BOM or their zero bytes), which no UTF-8 JSON text can be mistaken for."""
+    body = '{"sentences": ["hello dog", "caf\u00e9 \U0001f600"]}'
+    utf8 = client.post("/translate", content=body.encode(), headers={"content-type": "application/json"})
+    other = client.post("/translate", content=body.encode(encoding), headers={"content-type": "application/json"})
+    assert utf8.status_code == 200 and other.status_code == 200
+    assert other.json() == utf8.json()
