@@ -828,6 +828,6 @@ def test_the_api_s_routes_methods_documentation_and_405s_are_those_documented(ru
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "model": "pinned", "pending": 0, "windows": 0}
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
-    assert wrong_method.json() == {"error": "Method Not Allowed"}
+    assert wrong_method.json() == {"error": "GET /translate: method not allowed; use POST"}
     assert wrong_probe_method.status_code == 405  # Starlette lists the methods of a set, in any order
     assert sorted(wrong_probe_method.headers["allow"].split(", ")) == ["GET", "HEAD"]

@@ -40,7 +40,8 @@ def test_the_openapi_schema_gives_each_operation_its_own_id_without_a_warning(cl
         assert sorted(schema["paths"][path]) == ["get", "head"]
         assert client.get(path).status_code == 200 and client.head(path).status_code == 200
         wrong_method = client.put(path)
-        assert wrong_method.status_code == 405 and wrong_method.json() == {"error": "Method Not Allowed"}
+        assert wrong_method.status_code == 405
+        assert wrong_method.json() == {"error": f"PUT {path}: method not allowed; use GET or HEAD"}
         assert sorted(wrong_method.headers["allow"].split(", ")) == ["GET", "HEAD"]
 
 
@@ -101,3 +102,14 @@ def test_json_with_a_bom_or_in_utf_16_or_32_is_read_as_in_utf_8(client, encoding
     other = client.post("/translate", content=body.encode(encoding), headers={"content-type": "application/json"})
     assert utf8.status_code == 200 and other.status_code == 200
     assert other.json() == utf8.json()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"), [("GET", "/translate", "POST"), ("POST", "/ready", "GET or HEAD")]
+)
+def test_a_wrong_method_is_a_405_saying_which_to_use(client, method, path, allowed):
+    """`curl localhost:8000/translate` (a GET, as a browser sends) answered {"error": "Method Not Allowed"},
+    which named neither the method to use nor the one sent."""
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.json() == {"error": f"{method} {path}: method not allowed; use {allowed}"}

@@ -71,6 +71,9 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     message = _unreadable_body(error.__cause__) if error.status_code == 400 else None
     if error.status_code == 404:
         message = _no_such_path(request)
+    if error.status_code == 405 and error.headers and "Allow" in error.headers:  # "Method Not Allowed" named none
+        allowed = " or ".join(sorted(error.headers["Allow"].split(", ")))
+        message = f"{request.method} {request.url.path}: method not allowed; use {allowed}"
     detail = message or str(error.detail)
     return JSONResponse({"error": detail}, status_code=error.status_code, headers=error.headers)
 
