@@ -25,6 +25,7 @@ from training_helpers import tiny_experiment, write_corpus
 from tformer import runtime
 from tformer.cli import train as train_cli
 from tformer.cli.main import main
+from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
 from tformer.training import loop, training_text
@@ -203,6 +204,56 @@ def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     for _ in range(2):
         _fails_cleanly(capsys, _train_args(workspace, out, "--set", "train.max_tokens=3"), "raise train.max_tokens")
         assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("misaligned", "has 6 lines but"),
+        ("missing", "file not found"),
+        ("undecodable", "invalid UTF-8"),
+    ],
+)
+def test_a_bad_validation_file_fails_before_the_training_text_is_read(
+    workspace: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    problem: str,
+    message: str,
+) -> None:
+    """The validation files were read after the tokenizer was trained and the training text encoded:
+    on a large corpus, minutes before a misaligned or undecodable file was found."""
+    valid_tgt = tmp_path / "valid.tgt"
+    if problem == "misaligned":
+        valid_tgt.write_text(workspace["valid_tgt"].read_text(encoding="utf-8") + "one line more\n", encoding="utf-8")
+    elif problem == "undecodable":
+        valid_tgt.write_bytes(b"caf\xe9\n" * 6)  # Latin-1
+
+    def read_too_late(*args, **kwargs) -> None:  # the tokenizer is trained on it next
+        raise AssertionError("the training text was read before the validation files")
+
+    monkeypatch.setattr(training_run, "read_training_text", read_too_late)
+    _fails_cleanly(capsys, _train_args(workspace, tmp_path / "run", "--valid-tgt", str(valid_tgt)), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_data_reads_the_validation_files_before_the_training_text(
+    workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a resume calls (without text already read): a resume whose encoded cache no longer matches
+    the training files encoded the whole corpus before it read the validation files."""
+    valid_tgt = tmp_path / "valid.tgt"
+    valid_tgt.write_text("one line\n", encoding="utf-8")
+    experiment = tiny_experiment({**workspace, "valid_tgt": valid_tgt})
+    tokenizer = Tokenizer.train(["ka lo mi"], ["cat dog"], vocab_size=48)
+
+    def encoding_first(*args, **kwargs) -> None:
+        raise AssertionError("the training text was encoded before the validation files were read")
+
+    monkeypatch.setattr(training_text, "_training_pairs", encoding_first)
+    with pytest.raises(ValueError, match="has 1; the files must be aligned"):
+        training_text.prepare_data(experiment, tokenizer, say=print)
 
 
 def test_bad_checkpoints_and_evaluation_inputs(

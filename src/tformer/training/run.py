@@ -49,7 +49,14 @@ from tformer.training.run_directory import (
     replaceable,
 )
 from tformer.training.run_lock import RunLock
-from tformer.training.training_text import Say, TrainingText, absolute_data_paths, prepare_data, read_training_text
+from tformer.training.training_text import (
+    Say,
+    TrainingText,
+    absolute_data_paths,
+    prepare_data,
+    read_training_text,
+    read_validation_text,
+)
 
 
 def start_run(
@@ -115,6 +122,7 @@ def _new_trainer(
         raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
     if data.tokenizer is None:
         check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
+    valid_text = read_validation_text(data)  # small: its errors come before the training text is even read
     corpus = read_training_text(data)
     say(f"training data: {corpus.summary}")
     tokenizer = _run_tokenizer(
@@ -140,6 +148,7 @@ def _new_trainer(
         say=say,
         run_dir=run_dir,
         train_text=corpus,
+        valid_text=valid_text,
         distributed=distributed,
         encoded_from=encoded_from,
     )

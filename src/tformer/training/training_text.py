@@ -13,7 +13,7 @@ import numpy as np
 
 from tformer.config import ConfigError, DataConfig, ExperimentConfig
 from tformer.data.batching import BatchStream, filter_overlong, sorted_batches
-from tformer.data.corpus import file_digest, read_parallel
+from tformer.data.corpus import ParallelCorpus, file_digest, read_parallel
 from tformer.data.encoded import EncodedPairs, encode_rows
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed
@@ -30,6 +30,7 @@ def prepare_data(
     say: Say,
     run_dir: Path | None = None,
     train_text: TrainingText | None = None,
+    valid_text: ParallelCorpus | None = None,
     distributed: Distributed | None = None,
     encoded_from: Path | None = None,
 ) -> TrainingData:
@@ -37,9 +38,10 @@ def prepare_data(
     validation pairs into fixed batches (all of them, on every process). With `run_dir` the training
     pairs come from its encoded cache when it matches (see `tformer.training.encoded_cache`), or from
     the matching cache of the run `encoded_from` (linked into `run_dir`), and the main process caches
-    them there when neither matches; `train_text` is the training text already read."""
+    them there when neither matches; `train_text` and `valid_text` are the text already read."""
     distributed = distributed or Distributed()
     data, train = experiment.data, experiment.train
+    valid = valid_text if valid_text is not None else read_validation_text(data)  # first: a bad file fails early
     special = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     pairs = _training_pairs(
         experiment,
@@ -62,9 +64,8 @@ def prepare_data(
     )
     if stream.dropped:
         say(f"train: skipped {len(stream.dropped)} pairs longer than train.max_tokens={train.max_tokens}")
-    if data.valid_src is None or data.valid_tgt is None:
+    if valid is None:
         return TrainingData(stream=stream)
-    valid = read_parallel(data.valid_src, data.valid_tgt, max_chars=data.max_chars, strict=data.strict)
     if valid.report.kept < valid.report.total_lines:  # pairs skipped here are neither validated nor scored
         say(f"validation data: {valid.report.summary()}")
     valid_pairs, kept = _encode(
@@ -172,6 +173,15 @@ def read_training_text(data: DataConfig) -> TrainingText:
     if digests is None:  # read after all: the file appeared after its digest was tried
         digests = (file_digest(data.train_src), file_digest(data.train_tgt))
     return TrainingText(corpus.sources, corpus.targets, digests, corpus.report.summary())
+
+
+def read_validation_text(data: DataConfig) -> ParallelCorpus | None:
+    """The validation pairs, or None without a validation set. A run reads them before its slow steps
+    (training a tokenizer, encoding the corpus), so that a missing, undecodable or misaligned file fails
+    at once, not minutes later."""
+    if data.valid_src is None or data.valid_tgt is None:
+        return None
+    return read_parallel(data.valid_src, data.valid_tgt, max_chars=data.max_chars, strict=data.strict)
 
 
 def _digests(data: DataConfig) -> tuple[str, str] | None:
