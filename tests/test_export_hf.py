@@ -368,6 +368,32 @@ def test_export_refuses_a_non_empty_output_and_ctranslate2_refuses_separate_voca
     assert "one vocabulary shared" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["current directory", "symbolic link"])
+def test_an_empty_out_given_as_the_current_directory_or_a_link_is_written_in_place(tmp_path, monkeypatch, given):
+    """An existing empty --out is accepted; given as "." or as a link to a directory it was removed and
+    replaced by a rename, which fails there with an errno line ("Invalid argument: '.'", "Not a directory")."""
+    run = make_run(tmp_path / "run")
+    for command, source, to in (("export", run, "hf"), ("import-hf", tmp_path / "first" / "hf", None)):
+        target = tmp_path / f"{command}-target"
+        target.mkdir()
+        if given == "current directory":
+            monkeypatch.chdir(target)
+            out = Path(".")
+        else:
+            out = tmp_path / f"{command}-link"
+            out.symlink_to(target)
+        if command == "import-hf":
+            assert main(["export", str(run), "--to", "hf", "--out", str(source)]) == 0
+        assert main([command, str(source.resolve()), *(["--to", to] if to else []), "--out", str(out)]) == 0
+        assert out.resolve() == target.resolve() and out.is_symlink() == (given == "symbolic link")
+        if command == "export":
+            ids = transformers.MarianTokenizer.from_pretrained(target)(SENTENCES[0]).input_ids[:-1]
+        else:
+            assert sorted(path.name for path in target.iterdir()) == ["checkpoints", "latest"]
+            ids = load_run(target).tokenizer.encode_source(SENTENCES[0])
+        assert ids == load_run(run).tokenizer.encode_source(SENTENCES[0])
+
+
 def test_an_out_inside_the_input_is_refused_in_one_line_leaving_the_input_as_it_was(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
