@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+from safetensors.torch import save_file
 
 from tformer.cli.main import main
 from tformer.decoding.pipeline import Translator
@@ -180,6 +181,43 @@ def test_import_refuses_what_it_cannot_read(tmp_path, capsys):
     assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
     assert "holds no weights" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_sharded_weights_are_imported_like_one_file_and_a_missing_shard_is_named(tmp_path, capsys, weights):
+    """save_pretrained(max_shard_size=...) writes model-0000i-of-0000n files and an index (weight_map: name ->
+    file); the import said the directory "holds no weights"."""
+    whole = write_marian_dir(tmp_path / "whole", weights=weights)
+    hf_dir = tmp_path / "sharded"
+    hf_dir.mkdir()
+    for path in whole.iterdir():
+        if not path.name.startswith(("model", "pytorch_model")):
+            (hf_dir / path.name).write_bytes(path.read_bytes())
+    state = transformers.MarianMTModel.from_pretrained(whole).state_dict()
+    names = sorted(name for name in state if "embed_positions" not in name and name != "model.shared.weight")
+    shards = [names[i::3] for i in range(3)]
+    suffix = "safetensors" if weights == "safetensors" else "bin"
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file = f"{'model' if weights == 'safetensors' else 'pytorch_model'}-0000{index}-of-00003.{suffix}"
+        tensors = {name: state[name].clone().contiguous() for name in shard}
+        if weights == "safetensors":
+            save_file(tensors, hf_dir / file, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, hf_dir / file)
+        weight_map |= dict.fromkeys(shard, file)
+    index_name = "model.safetensors.index.json" if weights == "safetensors" else "pytorch_model.bin.index.json"
+    (hf_dir / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert main(["import-hf", str(whole), "--out", str(tmp_path / "from_whole")]) == 0
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "from_shards")]) == 0
+    expected, actual = load_run(tmp_path / "from_whole").model.state_dict(), load_run(tmp_path / "from_shards").model
+    for name, tensor in actual.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    (hf_dir / file).unlink()
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"error: {hf_dir / index_name} names {file}, which is not in {hf_dir}\n"
+    assert not (tmp_path / "missing").exists()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])

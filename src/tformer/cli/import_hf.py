@@ -4,9 +4,9 @@
     tformer import-hf opus-mt-en-de --out runs/opus-en-de
     echo "How are you?" | tformer translate runs/opus-en-de
 
-The directory needs config.json, model.safetensors or pytorch_model.bin (read without unpickling),
-source.spm, target.spm and vocab.json; decoding settings come from generation_config.json. See
-docs/interop.md.
+The directory needs config.json, model.safetensors or pytorch_model.bin (read without unpickling; or
+their shards and index.json), source.spm, target.spm and vocab.json; decoding settings come from
+generation_config.json. See docs/interop.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
     echo "Hello world" | tformer translate runs/opus-en-de
 
 Read: config.json, the weights (model.safetensors, or pytorch_model.bin loaded with
-`torch.load(weights_only=True)`, so nothing is unpickled), generation_config.json when present, and the
+`torch.load(weights_only=True)`, so nothing is unpickled; or their shards, as an index.json names them),
+generation_config.json when present, and the
 tokenizer files (see `VocabTokenizer`). A model with `tie_word_embeddings=False` keeps its own lm_head
 (tformer's untied output projection). Weights stored as float16 or bfloat16 become float32, exactly.
 Written: a run directory with one checkpoint, `step-00000000`, that `load_run` and every tformer command
@@ -145,21 +146,46 @@ def _write_run(
 
 
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
-    if _has(hf_dir, "model.safetensors"):
+    """One weights file, or the shards an index.json names (save_pretrained's max_shard_size); safetensors
+    first, as transformers prefers it."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if _has(hf_dir, single):
+            return _read_weight_file(hf_dir / single)
+        if _has(hf_dir, index):
+            return _read_shards(hf_dir, index)
+    raise ValueError(
+        f"{hf_dir} holds no weights (model.safetensors or pytorch_model.bin, or shards with their index.json)"
+    )
+
+
+def _read_shards(hf_dir: Path, index: str) -> dict[str, Tensor]:
+    weight_map = _read_json(hf_dir / index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ValueError(f"{hf_dir / index}: no weight_map from tensor names to file names")
+    state: dict[str, Tensor] = {}
+    for file in sorted(set(weight_map.values())):
+        if Path(file).name != file or not _has(hf_dir, file):  # a shard outside the directory is not read
+            raise ValueError(f"{hf_dir / index} names {file}, which is not in {hf_dir}")
+        state.update(_read_weight_file(hf_dir / file))
+    return state
+
+
+def _read_weight_file(path: Path) -> dict[str, Tensor]:
+    if path.name.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(hf_dir / "model.safetensors")
+            return load_file(path)
         except SafetensorError as error:  # a damaged file: its header or data does not add up
-            raise ValueError(f"{hf_dir / 'model.safetensors'}: corrupt or truncated ({error})") from None
-    if _has(hf_dir, "pytorch_model.bin"):
-        try:
-            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for a damaged or unsafe file
-            reason = type(error).__name__
-            raise ValueError(f"{hf_dir / 'pytorch_model.bin'}: cannot be read safely ({reason})") from None
-    raise ValueError(f"{hf_dir} holds no weights (model.safetensors or pytorch_model.bin)")
+            raise ValueError(f"{path}: corrupt or truncated ({error})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or unsafe file
+        raise ValueError(f"{path}: cannot be read safely ({type(error).__name__})") from None
 
 
 def _check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor], hf_dir: Path) -> None:
