@@ -220,6 +220,18 @@ def test_sharded_weights_are_imported_like_one_file_and_a_missing_shard_is_named
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("content", [[torch.zeros(2)], {"final_logits_bias": 3}], ids=["list", "int"])
+def test_a_pytorch_model_bin_that_is_not_a_state_dict_is_refused_in_one_line(tmp_path, capsys, content):
+    """torch.load(weights_only=True) reads any list or dict of plain values: they gave an AttributeError."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="bin")
+    torch.save(content, hf_dir / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    expected = f"error: {hf_dir / 'pytorch_model.bin'}: not a state dict (tensor names to tensors)\n"
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_a_damaged_safetensors_file_is_refused_in_one_line(tmp_path, capsys, damage):
     hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")

@@ -183,9 +183,13 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
         except SafetensorError as error:  # a damaged file: its header or data does not add up
             raise ValueError(f"{path}: corrupt or truncated ({error})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or unsafe file
         raise ValueError(f"{path}: cannot be read safely ({type(error).__name__})") from None
+    # weights_only reads any list or dict of plain values too
+    if not isinstance(state, dict) or not all(isinstance(tensor, Tensor) for tensor in state.values()):
+        raise ValueError(f"{path}: not a state dict (tensor names to tensors)")
+    return state
 
 
 def _check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor], hf_dir: Path) -> None:
