@@ -186,6 +186,9 @@ def test_a_ban_of_eos_is_dropped_as_generate_drops_it(tmp_path):
         (dict(num_beams=1, num_return_sequences=2), "nbest must be between 1 and beam_size (1), got 2"),
         # imported, the run refused every translation: its decoder checks the ids against the vocabulary
         (dict(bad_words_ids=[[99999]]), "decode.banned_ids holds 99999, outside this model's target vocabulary"),
+        # generate() refuses them as well (max_new_tokens when it loads the file): they were imported as 1 token
+        (dict(max_new_tokens=0), "max_new_tokens=0 must be at least 1"),
+        (dict(max_length=1), "max_length=1 must be at least 2 (it counts the decoder start token)"),
     ],
     ids=[
         "list-beams",
@@ -198,6 +201,8 @@ def test_a_ban_of_eos_is_dropped_as_generate_drops_it(tmp_path):
         "nbest-over-beams",
         "greedy-nbest",
         "ban-outside",
+        "no-new-tokens",
+        "start-token-only",
     ],
 )
 def test_settings_of_the_wrong_type_are_refused_naming_the_file(tmp_path, capsys, changes, named):

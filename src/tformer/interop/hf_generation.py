@@ -88,6 +88,14 @@ def decode_config(settings: dict[str, Any], *, max_positions: int, eos_id: int, 
             f"{source}: early_stopping={early_stopping!r} is not supported; tformer's beam search "
             "stops as Hugging Face's early_stopping=false or true (set one of them)"
         )
+    # generate() refuses these: no token to generate (max_new_tokens when it reads the file, max_length in
+    # generate(), as the decoder start token alone fills it)
+    if settings.get("max_new_tokens", 1) < 1:
+        raise ValueError(f"{source}: max_new_tokens={settings['max_new_tokens']} must be at least 1")
+    if "max_new_tokens" not in settings and settings.get("max_length", 2) < 2:
+        raise ValueError(
+            f"{source}: max_length={settings['max_length']} must be at least 2 (it counts the decoder start token)"
+        )
     # HF's max_length counts the decoder start token; a forced eos is the last of the tokens after it
     max_new = settings.get("max_new_tokens", int(settings.get("max_length", 512)) - 1)
     min_new = settings.get("min_new_tokens", int(settings.get("min_length", 0)) - 1)
