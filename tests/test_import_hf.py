@@ -309,3 +309,15 @@ def test_an_architecture_tformer_lacks_is_refused_naming_the_setting(tmp_path, c
     error = capsys.readouterr().err
     assert error.startswith("error: cannot import: ") and message in error and error.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_json_tformer_cannot_build_names_the_file(tmp_path, capsys):
+    """d_model not divisible by the head count: the message named tformer's fields, not the file."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "d_model": 30}))
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    expected = f"error: {hf_dir / 'config.json'}: d_model (30) must be divisible by n_heads (4)\n"
+    assert capsys.readouterr().err == expected
+    assert not (tmp_path / "run").exists()

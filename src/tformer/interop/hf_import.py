@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from tformer.config import ExperimentConfig, ModelConfig
+from tformer.config.checks import ConfigError
 from tformer.decoding.constraints import check_banned_ids
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decoder_start_id, generation_settings
@@ -61,7 +62,10 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     out = fresh_directory(out)
     raw, hf_config = _read_marian_config(hf_dir)
-    config = model_config_from_marian(hf_config)
+    try:
+        config = model_config_from_marian(hf_config)
+    except ConfigError as error:  # a value tformer's ModelConfig refuses (d_model not divisible by the heads)
+        raise ValueError(f"{hf_dir / 'config.json'}: {error}") from None
     has_file = _has(hf_dir, GENERATION_FILE)
     generation = generation_settings(_read_json(hf_dir / GENERATION_FILE) if has_file else None, raw)
     weights = _read_weights(hf_dir)
