@@ -511,3 +511,59 @@ def test_a_metrics_file_that_is_a_directory_is_named_with_what_to_do(run_copy: P
             == f"error: {metrics} is a directory, where a run keeps its metrics; remove or rename it\n"
         )
     assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000006" and not (tmp_path / "curves.png").exists()
+
+
+def _set_in_every_checkpoint(run: Path, **model: int) -> None:
+    for description in (run / "checkpoints").glob(f"*/{ckpt.EXPERIMENT_FILE}"):
+        document = json.loads(description.read_text())
+        document["experiment"]["model"].update(model)
+        description.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            {"d_model": 48},
+            "61 of 65 tensors differ in shape (first src_embedding.weight: [48, 32] in the weights, [48, 48] in the "
+            "model)",
+        ),
+        (
+            {"n_encoder_layers": 1, "n_decoder_layers": 3},
+            "20 tensors the model needs are missing (first decoder.layers.2.self_attention.qkv_proj.weight); "
+            "12 stored tensors are not in the model (first encoder.layers.1.feed_forward.fc1.bias)",
+        ),
+    ],
+    ids=["shape", "layers"],
+)
+def test_weights_of_another_shape_are_summed_up_in_one_whole_line_by_every_reader(
+    run_copy: Path, tmp_path: Path, capsys, model: dict[str, int], expected: str
+) -> None:
+    """torch's size-mismatch error lists every tensor over many lines; it was squeezed into one and cut at 200
+    characters, mid-shape ("... the shape in current model is torch.Size([48, 4"), and `info` showed the
+    edited model without a word. Every command that reads a checkpoint says how the weights and
+    experiment.json disagree, in one line that ends with what to do."""
+    _set_in_every_checkpoint(run_copy, **model)
+    weights = run_copy / "checkpoints" / "{step}" / ckpt.WEIGHTS_FILE
+    source = tmp_path / "input.txt"
+    source.write_text("ka lo\n", encoding="utf-8")
+    commands = {
+        "step-00000006": [
+            ["info", str(run_copy), "--which", "last"],
+            ["translate", str(run_copy), "--which", "last", "--input", str(source)],
+            ["evaluate", str(run_copy), "--which", "last", "--src", str(source), "--ref", str(source)],
+            ["serve", str(run_copy), "--port", "0"],
+            ["export", str(run_copy), "--which", "last", "--to", "hf", "--out", str(tmp_path / "hf")],
+            ["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"],
+        ],
+        "step-00000004": [["average", str(run_copy), "--last", "2"]],
+    }
+    for step, readers in commands.items():
+        for command in readers:
+            capsys.readouterr()
+            assert main(command) == 2, command
+            assert capsys.readouterr().err == (
+                f"error: {str(weights).format(step=step)}: weights do not match the model in experiment.json: "
+                f"{expected}; the run's files disagree: put back the experiment.json saved with these weights "
+                "(or the weights saved with it)\n"
+            ), command

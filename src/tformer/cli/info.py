@@ -96,7 +96,7 @@ def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
     checkpoint, run_dir = resolve_checkpoint(path, which=which)
     experiment, step = read_experiment(checkpoint)
     load_tokenizer(checkpoint)  # the files translate reads, checked: a damaged checkpoint is named, not shown
-    check_weights(checkpoint)
+    check_weights(checkpoint, experiment.model)  # names and shapes too, as translate would find them
     described: dict[str, Any] = {"checkpoint": str(checkpoint), "step": step}
     if run_dir is not None:
         described["run"] = str(run_dir)

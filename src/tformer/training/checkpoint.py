@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from tformer import __version__
-from tformer.config import ExperimentConfig, experiment_from_dict, experiment_to_dict
+from tformer.config import ExperimentConfig, ModelConfig, experiment_from_dict, experiment_to_dict
 from tformer.data.tokenizer import Tokenizer
 from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
 from tformer.interop.marian_tokenizer import VocabTokenizer
@@ -324,14 +324,16 @@ def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
         load_model(model, path, strict=True)
     except SafetensorError as error:
         raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
-    except RuntimeError as error:
-        reason = " ".join(str(error).split())[:200]
+    except RuntimeError as error:  # torch's message lists every tensor, over many lines: summarise it in one
+        disagreement = weights_disagreement(model, path)
+        reason = disagreement or " ".join(str(error).split())
         raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
 
 
-def check_weights(checkpoint_dir: Path) -> None:
-    """Refuse a model.safetensors that load_weights would refuse as missing, corrupt or cut short, reading
-    only its header (which must describe the whole file): as fast for a large model as for a small one."""
+def check_weights(checkpoint_dir: Path, model_config: ModelConfig | None = None) -> None:
+    """Refuse a model.safetensors that load_weights would refuse as missing, corrupt or cut short, or (given
+    the model's config) as holding tensors of other names or shapes, reading only its header (which must
+    describe the whole file): as fast for a large model as for a small one."""
     path = Path(checkpoint_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
@@ -340,6 +342,44 @@ def check_weights(checkpoint_dir: Path) -> None:
             pass
     except SafetensorError as error:
         raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
+    if model_config is not None:
+        with torch.device("meta"):  # shapes only: no memory, however large the model
+            model = Transformer(model_config)
+        disagreement = weights_disagreement(model, path)
+        if disagreement is not None:
+            raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {disagreement}")
+
+
+def weights_disagreement(model: torch.nn.Module, path: Path) -> str | None:
+    """How the tensors named in a safetensors header differ from `model`'s, in one line that ends with what
+    to do; None where names and shapes all agree. A tensor the model shares under several names (tied
+    embeddings) is stored under one of them."""
+    with safe_open(path, "pt") as weights:
+        stored = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118 (not iterable)
+    expected = model.state_dict(keep_vars=True)
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    missing = [names[0] for names in aliases.values() if not any(name in stored for name in names)]
+    unexpected = [name for name in stored if name not in expected]  # in the header's (sorted) order
+    reshaped = [name for name in expected if name in stored and stored[name] != list(expected[name].shape)]
+    if not (missing or unexpected or reshaped):
+        return None
+    parts = []
+    if reshaped:
+        first = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of {len(stored)} tensors differ in shape (first {first}: {stored[first]} in the "
+            f"weights, {list(expected[first].shape)} in the model)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} tensors the model needs are missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} stored tensors are not in the model (first {unexpected[0]})")
+    return (
+        f"{'; '.join(parts)}; the run's files disagree: put back the {EXPERIMENT_FILE} saved with these weights "
+        f"(or the weights saved with it)"
+    )
 
 
 def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
