@@ -422,6 +422,43 @@ def test_busy_port_and_unknown_host_are_one_line_errors(run, no_server, capsys):
     assert_one_error_line(capsys, "error: cannot listen on 999.1.1.1:0: ", "check --host")
 
 
+def test_an_ipv6_host_in_brackets_is_named_with_one_pair(run, no_server, capsys):
+    """`--host [::1]`, as an address is written in a URL, was handed to getaddrinfo brackets and all, and the
+    error doubled them: "cannot listen on [[::1]]:0"."""
+    assert main(["serve", str(run), "--host", "[fe80::zz]", "--port", "0"]) == 2
+    assert_one_error_line(capsys, "error: cannot listen on [fe80::zz]:0: ", "check --host")
+    assert main(["serve", str(run), "--host", "fe80::zz", "--port", "0"]) == 2
+    assert_one_error_line(capsys, "error: cannot listen on [fe80::zz]:0: ", "check --host")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_listens_with_or_without_brackets(run, monkeypatch, capsys, host):
+    """Both spellings bind ::1, announce http://[::1]:PORT and warn of nothing (it is the loopback)."""
+    import tformer.serving.server as server_module
+
+    seen = []
+
+    def record(app, listener, *, graceful_timeout, ready_line):  # instead of serving until killed
+        seen.append((listener.family, listener.getsockname()[:2], ready_line))
+
+    monkeypatch.setattr(server_module, "serve", record)
+    assert main(["serve", str(run), "--host", host, "--port", "0"]) == 0
+    ((family, (address, port), ready_line),) = seen
+    assert family == socket.AF_INET6 and address == "::1" and port > 0
+    assert ready_line.startswith(f"serving {run} on http://[::1]:{port} (")
+    assert capsys.readouterr().err == ""
+
+
 def test_a_port_taken_between_bind_and_listen_is_a_one_line_error(run, monkeypatch, capsys):
     """Two servers started on one port at about the same time both bind it (SO_REUSEADDR lets sockets that
     do not listen yet share an address), and the one that listens second failed inside uvicorn, once its

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     require(["fastapi", "uvicorn"], command="serve", extra="serve")  # before importing tformer.serving
     from tformer.runtime import resolve_device
     from tformer.serving import ServeConfig, create_app
-    from tformer.serving.server import bind, host_port, serve
+    from tformer.serving.server import bind, host_port, plain_host, serve
     from tformer.training.checkpoint import load_run
 
     config = ServeConfig(
@@ -63,11 +63,12 @@ def run(args: argparse.Namespace) -> int:
         max_decode_tokens=args.max_decode_tokens,
     )
     _check_listen_options(args)
+    host = plain_host(args.host)  # [::1] as ::1, for the loopback check and the lines below too
     settings = decode_settings(args.decode_settings)
     device = resolve_device(args.device, setting="--device")  # before loading: a bad device is one line
-    with bind(args.host, args.port) as listener:  # before loading too: a busy port fails at once
-        if args.host not in LOOPBACK:
-            print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    with bind(host, args.port) as listener:  # before loading too: a busy port fails at once
+        if host not in LOOPBACK:
+            print(f"warning: serving on {host}, reachable from other machines", file=sys.stderr)
         loaded = load_run(args.run_dir, device=device)
         name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
         decode = apply_decode_settings(loaded.experiment.decode, settings)  # what a request does not choose
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         if capped:
             print(capped, file=sys.stderr)
         app = create_app(loaded.model, loaded.tokenizer, decode, config=config, device=device, name=name)
-        address = host_port(args.host, listener.getsockname()[1])  # the real port, also for --port 0
+        address = host_port(host, listener.getsockname()[1])  # the real port, also for --port 0
         endpoints = "POST /translate, GET /health, GET /ready, /docs"
         ready = f"serving {args.run_dir} on http://{address} ({endpoints}; Ctrl-C to stop)"
         serve(app, listener, graceful_timeout=args.graceful_timeout, ready_line=ready)

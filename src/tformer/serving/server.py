@@ -27,14 +27,24 @@ DEFAULT_HINT = "choose another --port (or --host)"
 UNKNOWN_HOST_HINT = "check --host: give an address or name of this machine (127.0.0.1, 0.0.0.0, localhost)"
 
 
+def plain_host(host: str) -> str:
+    """An IPv6 address as the socket functions take it: `[::1]`, as written in a URL, is `::1`."""
+    if host.startswith("[") and host.endswith("]") and ":" in host:
+        return host[1:-1]
+    return host
+
+
 def host_port(host: str, port: int) -> str:
-    """`host:port` as it goes in a URL: an IPv6 address needs brackets."""
+    """`host:port` as it goes in a URL: an IPv6 address needs brackets (one pair, given with them or not)."""
+    host = plain_host(host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port, not yet listening (uvicorn listens on it); OSError with an
-    actionable one-line message when the host does not resolve or the address cannot be bound."""
+    actionable one-line message when the host does not resolve or the address cannot be bound. An IPv6
+    address may be given in brackets."""
+    host = plain_host(host)
     where = host_port(host, port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
