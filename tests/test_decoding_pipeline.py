@@ -9,6 +9,7 @@ import torch
 from test_decoding_equivalence import BOS, EOS, PAD, peaked_model
 
 from tformer.config import DecodeConfig
+from tformer.data.tokenizer import Tokenizer
 from tformer.decoding import generate
 from tformer.decoding.pipeline import Translation, Translator
 
@@ -72,6 +73,15 @@ def test_too_long_line_is_a_value_error_naming_the_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
     with pytest.raises(ValueError, match=r"line 2 has 71 tokens.*translate its first .* with --truncate"):
         list(translator.translate(["ok", "a" * 70]))
+
+
+def test_a_lone_surrogate_is_a_value_error_naming_the_line_and_the_index():
+    """Through the real tokenizer: sentencepiece's bare RuntimeError ("Unable to cast Python instance of type
+    <class 'str'> to C++ type '?'") said neither which line nor where in it."""
+    tokenizer = Tokenizer.train(LINES * 4, LINES * 4, vocab_size=36)
+    translator = Translator(peaked_model(), tokenizer, DecodeConfig(beam_size=1), chunk_lines=2)
+    with pytest.raises(ValueError, match=r"^input line 3: text holds an unpaired surrogate \(U\+DCFF\) at index 2; "):
+        translator.translate_texts(["ab", "cd", "ef\udcff"])
 
 
 def test_truncate_translates_a_too_long_line_cut_to_the_model_and_warns():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,34 @@ def test_normalize_is_idempotent(text: str) -> None:
 
 def test_normalize_folds_compatibility_forms_and_whitespace() -> None:
     assert normalize("  ﬁne\u00a0\tday \u2581 x ") == "fine day x"
+
+
+SURROGATE = "text holds an unpaired surrogate (U+{:04X}) at index {}; give valid Unicode"
+
+
+def test_a_lone_surrogate_is_a_value_error_naming_where_it_is(joint: Tokenizer) -> None:
+    """Text decoded with errors="surrogateescape" (or a "\\ud800" escape in JSON) holds lone surrogates, which
+    sentencepiece refused with a bare RuntimeError: "Unable to cast Python instance of type <class 'str'> to
+    C++ type '?'" (and the batch methods with "TypeError: List elements must be str or bytes")."""
+    marian = VocabTokenizer.from_tokenizer(joint)
+    for encode in (
+        joint.encode_source,
+        joint.encode_target,
+        joint.source_pieces,
+        joint.target_pieces,
+        marian.encode_source,
+        marian.encode_target,
+    ):
+        with pytest.raises(TokenizerError, match=f"^{re.escape(SURROGATE.format(0xD800, 4))}"):
+            encode("Zwei\ud800 Männer")
+        with pytest.raises(TokenizerError, match=re.escape(SURROGATE.format(0xDCC3, 3))):
+            encode("Ein" + b"\xc3 M".decode("utf-8", "surrogateescape"))
+    for encode_all in (joint.encode_sources, joint.encode_targets):
+        with pytest.raises(TokenizerError, match=f"^texts\\[1\\]: {re.escape(SURROGATE.format(0xDFFF, 0))}"):
+            encode_all(["Zwei Männer", "\udfff"])
+    with pytest.raises(ValueError, match=re.escape(SURROGATE.format(0xD83D, 2))):
+        normalize("ab\ud83d")
+    assert joint.encode_source("Zwei Männer 😀") == joint.encode_source("Zwei Männer \U0001f600")  # a pair is fine
 
 
 def test_unseen_characters_become_unk(joint: Tokenizer) -> None:

@@ -53,8 +53,35 @@ class TokenizerError(ValueError):
 
 def normalize(text: str) -> str:
     """The canonical form of `text` that encoding then decoding reproduces exactly."""
+    refuse_surrogates(text)
     text = unicodedata.normalize("NFKC", text).replace("\u2581", " ")
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def refuse_surrogates(text: str) -> None:
+    """A one-line error for a lone surrogate (what bytes decoded with errors="surrogateescape" become, or a
+    "\\ud800" escape in JSON), which sentencepiece refuses with a bare "Unable to cast" RuntimeError.
+    Costs nothing for ASCII text (a flag) and one UTF-8 encoding, in C, for the rest."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TokenizerError(
+            f"text holds an unpaired surrogate (U+{ord(text[error.start]):04X}) at index {error.start}; give valid "
+            "Unicode (decode its bytes in their own encoding, or with errors='replace')"
+        ) from None
+
+
+def _normalize_each(texts: Iterable[str]) -> list[str]:
+    """`normalize` of every text; a refusal names the text by its index in `texts`."""
+    normalized = []
+    for index, text in enumerate(texts):
+        try:
+            normalized.append(normalize(text))
+        except TokenizerError as error:
+            raise TokenizerError(f"texts[{index}]: {error}") from None
+    return normalized
 
 
 class Tokenizer:
@@ -185,10 +212,10 @@ class Tokenizer:
 
     def encode_sources(self, texts: Iterable[str]) -> list[list[int]]:
         """Batch encoding: one call into sentencepiece for the whole list is several times faster."""
-        return self._src.encode([normalize(text) for text in texts])
+        return self._src.encode(_normalize_each(texts))
 
     def encode_targets(self, texts: Iterable[str]) -> list[list[int]]:
-        return self._tgt.encode([normalize(text) for text in texts])
+        return self._tgt.encode(_normalize_each(texts))
 
     def decode_source(self, ids: Iterable[int]) -> str:
         return self._decode(self._src, ids)

@@ -92,7 +92,7 @@ class Translator:
     def _translate_chunk(self, chunk: list[str], first_line: int) -> list[list[Translation]]:
         eos_id = self.tokenizer.eos_id
         limit = self.model.config.max_positions
-        encoded = [[*self.tokenizer.encode_source(line), eos_id] for line in chunk]
+        encoded = [[*self._encoded(line, first_line + index + 1), eos_id] for index, line in enumerate(chunk)]
         for index, ids in enumerate(encoded):
             if len(ids) <= limit:
                 continue
@@ -109,6 +109,12 @@ class Translator:
                 for batch in self._batches(encoded, sentences):
                     self._translate_batch(batch, encoded, results)
         return results
+
+    def _encoded(self, line: str, number: int) -> list[int]:
+        try:
+            return self.tokenizer.encode_source(line)
+        except ValueError as error:  # a tokenizer's refusal (a lone surrogate at some index): name the line
+            raise DecodingError(f"input line {number}: {error}") from None
 
     def _translate_batch(self, batch: list[int], encoded: list[list[int]], results: list[list[Translation]]) -> None:
         """Decode the sentences `batch` (indices into `encoded`) and store their n-best lists in `results`."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from tformer.data.tokenizer import Tokenizer, TokenizerError
+from tformer.data.tokenizer import Tokenizer, TokenizerError, refuse_surrogates
 
 MARKER_FILE = "vocab_tokenizer.json"
 SOURCE_SPM, TARGET_SPM = "source.spm", "target.spm"
@@ -214,6 +214,7 @@ class VocabTokenizer:
         return zlib.crc32(json.dumps([tables, specials]).encode(), checksum)
 
     def _encode(self, model: spm.SentencePieceProcessor, vocab: dict[str, int], text: str) -> list[int]:
+        refuse_surrogates(text)
         code: list[str] = []
         if text.startswith(">>") and (end := text.find("<<")) != -1:  # a target-language code, as Marian
             code, text = [text[: end + 2]], text[end + 2 :]
