@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,41 @@ def test_byte_order_mark_and_missing_final_newline(tmp_path: Path) -> None:
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufefffirst\nsecond".encode())
     assert read_lines(path) == ["first", "second"]
+
+
+def test_byte_order_marks_starting_later_lines_are_kept_with_a_warning_saying_how_to_remove_them(
+    tmp_path: Path,
+) -> None:
+    """`cat a.txt b.txt`, each starting with a byte-order mark, leaves one at the start of b's first line,
+    where it was read as part of that line's first word (its own piece, or <unk>). It is kept (normalize
+    keeps U+FEFF, and a tokenizer trained on such text has a piece for it: dropping it would change how
+    saved tokenizers split text), with a warning that names the line and the fix."""
+    path = tmp_path / "joined.txt"
+    path.write_bytes("\ufefffirst\nsecond\n\ufeffthird\nfourth \ufeffinside\n\ufefffifth\r\n\ufeffsixth".encode())
+    with pytest.warns(UserWarning) as caught:
+        assert read_lines(path) == [
+            "first",
+            "second",
+            "\ufeffthird",
+            "fourth \ufeffinside",
+            "\ufefffifth",
+            "\ufeffsixth",
+        ]
+    (warning,) = caught
+    assert str(warning.message) == (
+        f"{path}:3 (and 2 more lines): starts with a byte-order mark (U+FEFF), as where files that each begin with "
+        "one were joined; it is read as part of the line's first word. Remove them: "
+        f"sed 's/^\\xEF\\xBB\\xBF//' {path} > FIXED"
+    )
+    compressed = tmp_path / "joined.gz"
+    compressed.write_bytes(gzip.compress("a\n\ufeffb\n".encode()))
+    with pytest.warns(UserWarning, match=r"^\S+joined\.gz:2: starts with .* Remove them: zcat \S+joined\.gz \| sed "):
+        read_lines(compressed)
+    for text in ("\ufefffirst\nsecond\n", "first \ufeff\nsecond\ufeff\n"):  # the file's own, or inside lines
+        path.write_bytes(text.encode())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            read_lines(path)
 
 
 def test_line_count_mismatch_names_both_files_and_counts(tmp_path: Path) -> None:

@@ -127,11 +127,28 @@ def test_a_byte_order_mark_at_the_start_of_the_input_is_dropped(tmp_path: Path) 
     `tformer translate --input` must too (kept, it made the first word an unknown piece)."""
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufeffthe cat\r\n\ufeffkept inside\n".encode())
-    with open(path, "rb") as source:
+    with open(path, "rb") as source, pytest.warns(UserWarning, match="^input line 2 starts with a byte-order mark"):
         assert list(ready_chunks(source.fileno(), max_lines=10)) == [["the cat", "\ufeffkept inside"]]
     path.write_bytes("\ufeffno newline".encode())
     with open(path, "rb") as source:
         assert list(ready_chunks(source.fileno(), max_lines=10)) == [["no newline"]]
+
+
+def test_byte_order_marks_starting_later_lines_are_warned_of_once(tmp_path: Path, capsys) -> None:
+    """Inputs joined with `cat`, each starting with a byte-order mark: the marks after the first line are
+    translated as part of their line's first word, as training text keeps them; one warning says so."""
+    path = tmp_path / "joined.txt"
+    path.write_bytes("\ufeffone\ntwo\n\ufeffthree\n\ufefffour".encode())
+    with open(path, "rb") as source, pytest.warns(UserWarning) as caught:
+        assert list(ready_chunks(source.fileno(), max_lines=2)) == [["one", "two"], ["\ufeffthree", "\ufefffour"]]
+    assert [str(warning.message) for warning in caught] == [
+        "input line 3 starts with a byte-order mark (U+FEFF), as where files that each begin with one were joined; "
+        "it is translated as part of the line's first word (not said again for later lines). Remove them: "
+        "sed 's/^\\xEF\\xBB\\xBF//' FILE"
+    ]
+    path.write_bytes("one\n\ufefftwo".encode())  # the last line, without its newline
+    with open(path, "rb") as source, pytest.warns(UserWarning, match="^input line 2 starts with a byte-order mark"):
+        assert list(ready_chunks(source.fileno(), max_lines=2)) == [["one", "\ufefftwo"]]
 
 
 def test_gzip_input_is_refused_with_advice_to_decompress(tmp_path: Path) -> None:

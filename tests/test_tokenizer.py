@@ -118,6 +118,12 @@ def test_a_lone_surrogate_is_a_value_error_naming_where_it_is(joint: Tokenizer) 
     assert joint.encode_source("Zwei Männer 😀") == joint.encode_source("Zwei Männer \U0001f600")  # a pair is fine
 
 
+def test_normalize_keeps_a_byte_order_mark() -> None:
+    """U+FEFF is no whitespace and NFKC keeps it, so tokenizers trained on text that held it have a piece for
+    it: dropping it here would change how they split text. The corpus reader warns of it instead."""
+    assert normalize("\ufeffka lo \ufeffmi") == "\ufeffka lo \ufeffmi"
+
+
 def test_unseen_characters_become_unk(joint: Tokenizer) -> None:
     assert joint.unk_id in joint.encode_source("€")
 

@@ -8,7 +8,9 @@ full chunks. Bytes are read from the descriptor directly (a buffered text stream
 select cannot see), split on newlines and decoded strictly, so invalid UTF-8 is reported with its line.
 A UTF-8 byte-order mark at the start of the input (as Windows editors write) is dropped, as the corpus
 reader drops it from training text: it is an encoding artefact, and if kept it would make the first
-line's first word an unknown piece and change its translation. Gzip-compressed input is refused with
+line's first word an unknown piece and change its translation. One at the start of a later line (files
+that each begin with one, joined with `cat`) is kept, as the corpus reader keeps it, with a warning that
+says how to remove it. Gzip-compressed input is refused with
 advice to decompress it (the corpus reader, which reads whole files, takes it as it is).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import select
+import warnings
 from collections.abc import Iterator
 
 from tformer.data.corpus import BOM, GZIP_MAGIC, NUL_BYTE_ADVICE, looks_like_utf16
@@ -30,6 +33,7 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
     pending = b""  # the start of a line whose newline has not arrived
     number = 0  # lines decoded so far
     at_end = False
+    warned = False  # of a byte-order mark inside the input: once is enough
     while not at_end or lines:
         # read while there is room; block for input only while there is nothing to translate
         if not at_end and len(lines) < max_lines and select.select([fd], [], [], None if not lines else 0)[0]:
@@ -39,13 +43,31 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
                 for raw in complete:
                     number += 1
                     lines.append(_decoded(raw, number))
+                    warned = warned or _warned_of_bom(lines[-1], number)
                 continue
             at_end = True
             if pending:
                 lines.append(_decoded(pending, number + 1))
+                warned = warned or _warned_of_bom(lines[-1], number + 1)
         if lines:
             yield lines[:max_lines]
             del lines[:max_lines]
+
+
+def _warned_of_bom(line: str, number: int) -> bool:
+    """Warn, and say so, if a line after the first starts with a byte-order mark (files that each begin with
+    one, joined with `cat`): it is kept, as the corpus reader keeps it in training text, and read as part of
+    the line's first word."""
+    if not line.startswith(BOM):
+        return False
+    warnings.warn(
+        f"input line {number} starts with a byte-order mark (U+FEFF), as where files that each begin with one were "
+        "joined; it is translated as part of the line's first word (not said again for later lines). Remove them: "
+        "sed 's/^\\xEF\\xBB\\xBF//' FILE",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _decoded(raw: bytes, number: int) -> str:

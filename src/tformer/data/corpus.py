@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import warnings
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ def read_text(path: str | Path) -> str:
         raise CorpusError(f"expected a file but got a directory: {path}") from None
     except OSError as error:
         raise CorpusError(f"cannot read {path}: {error.strerror or error}") from None
-    if data.startswith(GZIP_MAGIC):
+    gzipped = data.startswith(GZIP_MAGIC)
+    if gzipped:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as error:
@@ -102,7 +104,28 @@ def read_text(path: str | Path) -> str:
             f"{path}: lines end in a carriage return alone (classic Mac OS, Excel's 'CSV (Macintosh)'), not "
             f"a newline; convert them, e.g. tr '\\r' '\\n' < {path} > FIXED"
         )
+    _warn_of_inner_boms(path, text, gzipped=gzipped)
     return text.removeprefix(BOM)
+
+
+def _warn_of_inner_boms(path: Path, text: str, *, gzipped: bool) -> None:
+    """Warn of lines, after the first, that start with a byte-order mark: files that each begin with one,
+    joined with `cat`. It is kept (tokenizers trained on such text have a piece for it, and dropping it
+    would change how they split text), so it stays glued to the line's first word: say how to remove it."""
+    index = text.find("\n" + BOM)
+    if index == -1:
+        return
+    line = text.count("\n", 0, index) + 2
+    count = text.count("\n" + BOM)
+    others = f" (and {count - 1} more line{'s' if count > 2 else ''})" if count > 1 else ""
+    remove = "sed 's/^\\xEF\\xBB\\xBF//'"
+    remove = f"zcat {path} | {remove} | gzip > FIXED.gz" if gzipped else f"{remove} {path} > FIXED"
+    warnings.warn(
+        f"{path}:{line}{others}: starts with a byte-order mark (U+FEFF), as where files that each begin with one "
+        f"were joined; it is read as part of the line's first word. Remove them: {remove}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def split_lines(text: str) -> list[str]:
