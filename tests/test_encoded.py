@@ -286,3 +286,16 @@ def test_a_resume_on_a_changed_corpus_file_names_it_and_says_what_the_new_text_k
     changed = [line for line in err if "changed since" in line]
     assert len(changed) == 1 and str(corpus["train_tgt"]) in changed[0] and str(corpus["train_src"]) not in changed[0]
     assert "training data: kept 199 of 200 pairs (skipped 1 with an empty side, 0 over the length limit)" in err
+
+
+def test_quiet_keeps_the_warnings(tmp_path: Path, capsys) -> None:
+    """--quiet hides progress and log lines, not a warning: a resume on a changed training file says so."""
+    corpus = write_corpus(tmp_path)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2", valid=False), run, quiet=True).train()
+    assert capsys.readouterr().err == ""
+    lines = corpus["train_tgt"].read_text(encoding="utf-8").splitlines()
+    corpus["train_tgt"].write_text("\n".join(["", *lines[1:]]) + "\n", encoding="utf-8")
+    resume_run(run, overrides=["train.max_steps=3"], quiet=True)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {corpus['train_tgt']} changed since"), err

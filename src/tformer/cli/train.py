@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall-clock training budget of the whole run, resumptions included (default: 0, no limit)",
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines (warnings still show)")
     parser.add_argument(
         "--compile",
         nargs="?",

@@ -243,7 +243,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
         config = self.train_config
-        progress = Progress(total_steps=config.max_steps or None, initial_step=self.step, quiet=self.quiet)
+        progress = Progress(
+            total_steps=config.max_steps or None,
+            initial_step=self.step,
+            quiet=self.quiet,
+            main_process=self.distributed.is_main,
+        )
         cuda = self.device.type == "cuda"
         batches = BatchSource(self.data.stream, background=cuda, pin_memory=cuda)
         progress.message(self.effective_batch())

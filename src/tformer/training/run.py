@@ -40,6 +40,7 @@ from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training.agreement import check_same_experiment, check_shared_run_dir
 from tformer.training.loop import Trainer
+from tformer.training.progress import shown
 from tformer.training.run_directory import (
     RunDirectoryError,
     check_new_run_dir,
@@ -111,7 +112,7 @@ def _new_trainer(
     loss_chunk: int,
     encoded_from: Path | None,
 ) -> Trainer:
-    say = _sayer(quiet or not distributed.is_main)
+    say = _sayer(quiet=quiet, main_process=distributed.is_main)
     data = absolute_data_paths(experiment.data)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
@@ -286,7 +287,7 @@ def _resumed_trainer(
     compile_mode: CompileMode,
     loss_chunk: int,
 ) -> Trainer:
-    say = _sayer(quiet or not distributed.is_main)
+    say = _sayer(quiet=quiet, main_process=distributed.is_main)
     experiment, step = ckpt.read_experiment(checkpoint)
     if expected is not None:
         _check_same_run(experiment, expected)
@@ -441,9 +442,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _sayer(quiet: bool) -> Say:
+def _sayer(*, quiet: bool, main_process: bool) -> Say:
+    """Setup's lines on stderr (see `progress.shown`: --quiet keeps only the warnings)."""
+
     def say(text: str) -> None:
-        if not quiet:
+        if shown(text, quiet=quiet, main_process=main_process):
             print(text, file=sys.stderr, flush=True)
 
     return say
