@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tformer.model import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
-from tformer.model.attention import attention_loop_steps
+from tformer.model.attention import attend, attention_loop_steps
 from tformer.model.masks import additive_mask, causal_mask, key_mask
 
 B, H, T, S, K = 2, 3, 5, 7, 4
@@ -79,6 +79,16 @@ def test_causal_flag_equals_explicit_causal_mask() -> None:
     flagged = attention_fused(q, k, v, is_causal=True)
     explicit, _ = attention_matrix(q, k, v, causal_mask(T))
     torch.testing.assert_close(flagged, explicit, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attend_refuses_a_mask_beside_is_causal(need_weights: bool) -> None:
+    """The matrix form (weights wanted) put the causal mask in place of the one passed, silently; the fused
+    kernel refuses both. Either way now: one clear error."""
+    q, k, v = random_qkv()
+    k, v = k[:, :, :T], v[:, :, :T]
+    with pytest.raises(ValueError, match="a mask or is_causal, not both"):
+        attend(q, k, v, key_mask(padding([5, 3], T)), dropout_p=0.0, need_weights=need_weights, is_causal=True)
 
 
 def test_fully_masked_row_stays_finite() -> None:

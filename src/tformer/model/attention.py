@@ -124,7 +124,11 @@ def attend(
     is_causal: bool = False,
     matrix_form: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The fused kernel, or the matrix form when the caller wants the weights back (or `matrix_form`)."""
+    """The fused kernel, or the matrix form when the caller wants the weights back (or `matrix_form`).
+    `is_causal` stands for the causal mask, so it takes no `mask` beside it (torch's kernel refuses both;
+    the matrix form would drop the mask)."""
+    if is_causal and mask is not None:
+        raise ValueError("attend takes a mask or is_causal, not both: combine them into one mask")
     if need_weights or matrix_form:
         if is_causal:
             mask = causal_mask(q_BHTK.shape[2], k_BHSK.shape[2], device=q_BHTK.device)
