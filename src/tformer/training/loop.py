@@ -44,7 +44,7 @@ from tformer.training.loss_window import LossWindow
 from tformer.training.metrics_log import MetricsLog
 from tformer.training.optimizer import build_optimizer
 from tformer.training.prefetch import BatchSource
-from tformer.training.progress import Progress
+from tformer.training.progress import Progress, shown
 from tformer.training.rng_state import load_rng_state, rng_state
 from tformer.training.run_lock import RunLock
 from tformer.training.saving import remove_later_checkpoints, save_step_checkpoint
@@ -227,8 +227,8 @@ class Trainer:
                 self._say(removed)
 
     def _say(self, line: str) -> None:
-        """A line on stderr about what resuming did, unless quiet (and from rank 0 only: see `quiet`)."""
-        if not self.quiet:
+        """A line on stderr about what resuming did, shown as setup's lines are (`progress.shown`)."""
+        if shown(line, quiet=self.quiet, main_process=self.distributed.is_main):
             print(line, file=sys.stderr, flush=True)
 
     def effective_batch(self) -> str:
