@@ -21,7 +21,7 @@ import select
 import warnings
 from collections.abc import Iterator
 
-from tformer.data.corpus import BOM, GZIP_MAGIC, NUL_BYTE_ADVICE, looks_like_utf16
+from tformer.data.corpus import BOM, GZIP_MAGIC, JOINED_BOM, NUL_BYTE_ADVICE, REMOVE_BOMS, looks_like_utf16
 
 READ_BYTES = 1 << 16
 
@@ -61,9 +61,8 @@ def _warned_of_bom(line: str, number: int) -> bool:
     if not line.startswith(BOM):
         return False
     warnings.warn(
-        f"input line {number} starts with a byte-order mark (U+FEFF), as where files that each begin with one were "
-        "joined; it is translated as part of the line's first word (not said again for later lines). Remove them: "
-        "sed 's/^\\xEF\\xBB\\xBF//' FILE",
+        f"input line {number} {JOINED_BOM}; it is translated as part of the line's first word (not said again for "
+        f"later lines). Remove them: {REMOVE_BOMS} FILE",
         UserWarning,
         stacklevel=2,
     )

@@ -29,6 +29,9 @@ BOM = "\ufeff"  # a byte-order mark: an encoding artefact, not text
 # why a NUL byte in text is refused: UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
 NUL_BYTE_ADVICE = "looks like UTF-16 or binary data, not UTF-8 text; convert it (e.g. iconv -f UTF-16 -t UTF-8)"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# a byte-order mark starting a later line: what joining files that each begin with one leaves, and its fix
+JOINED_BOM = "starts with a byte-order mark (U+FEFF), as where files that each begin with one were joined"
+REMOVE_BOMS = "sed 's/^\\xEF\\xBB\\xBF//'"
 
 
 def looks_like_utf16(data: bytes, error: UnicodeDecodeError) -> bool:
@@ -118,11 +121,9 @@ def _warn_of_inner_boms(path: Path, text: str, *, gzipped: bool) -> None:
     line = text.count("\n", 0, index) + 2
     count = text.count("\n" + BOM)
     others = f" (and {count - 1} more line{'s' if count > 2 else ''})" if count > 1 else ""
-    remove = "sed 's/^\\xEF\\xBB\\xBF//'"
-    remove = f"zcat {path} | {remove} | gzip > FIXED.gz" if gzipped else f"{remove} {path} > FIXED"
+    remove = f"zcat {path} | {REMOVE_BOMS} | gzip > FIXED.gz" if gzipped else f"{REMOVE_BOMS} {path} > FIXED"
     warnings.warn(
-        f"{path}:{line}{others}: starts with a byte-order mark (U+FEFF), as where files that each begin with one "
-        f"were joined; it is read as part of the line's first word. Remove them: {remove}",
+        f"{path}:{line}{others}: {JOINED_BOM}; it is read as part of the line's first word. Remove them: {remove}",
         UserWarning,
         stacklevel=3,
     )
