@@ -26,7 +26,7 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF
 
 from tformer.config import BLEU_TOKENIZE
-from tformer.data.tokenizer import normalize
+from tformer.data.tokenizer import Tokenizer, normalize
 
 EXTRAS = {"ja-mecab": "ja", "ko-mecab": "ko"}  # tokenisations that need `pip install 'sacrebleu[XX]'`
 UNSPACED_SCRIPTS = ("CJK UNIFIED IDEOGRAPH", "HIRAGANA", "KATAKANA", "THAI")  # written without spaces
@@ -132,3 +132,12 @@ def normalization_advice(references: list[str]) -> str:
         "perfect one loses BLEU and chrF there: to compare like with like, score against references passed "
         "through tformer.data.tokenizer.normalize"
     )
+
+
+def reference_advice(references: list[str], tokenize: str, tokenizer: object) -> list[str]:
+    """The warnings that the references call for before they are scored: `tokenization_advice`, and
+    `normalization_advice` for a tformer tokenizer (an imported Marian one normalises by its own rule)."""
+    advice = [tokenization_advice(references, tokenize)]
+    if isinstance(tokenizer, Tokenizer):
+        advice.append(normalization_advice(references))
+    return [line for line in advice if line]

@@ -69,9 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.data.corpus import CorpusError, read_lines
-    from tformer.data.tokenizer import Tokenizer
     from tformer.decoding.pipeline import Translator
-    from tformer.evaluation import bleu_metric, normalization_advice, score, tokenization_advice
+    from tformer.evaluation import bleu_metric, reference_advice, score
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint import load_run
 
@@ -88,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.run_dir, which=args.which, device=device)
     tokenize = args.tokenize or loaded.experiment.train.bleu_tokenize
     bleu_metric(tokenize)  # a missing MeCab is reported before translating
-    advice = [tokenization_advice(reference_sets[0], tokenize)]
-    if isinstance(loaded.tokenizer, Tokenizer):  # an imported Marian tokenizer has its own normalisation
-        advice.append(normalization_advice(reference_sets[0]))
-    for line in filter(None, advice):
+    for line in reference_advice(reference_sets[0], tokenize, loaded.tokenizer):
         warnings.warn(line, UserWarning, stacklevel=1)
     decode = apply_decode_settings(loaded.experiment.decode, settings)
     if args.beam is not None:

@@ -19,7 +19,7 @@ from tformer.config import ExperimentConfig
 from tformer.data.batching import Batch
 from tformer.data.tokenizer import Tokenizer
 from tformer.decoding.constraints import check_banned_ids
-from tformer.evaluation import Scores, bleu_metric, normalization_advice, tokenization_advice
+from tformer.evaluation import Scores, bleu_metric, reference_advice
 from tformer.runtime import Distributed
 from tformer.training.progress import Progress
 from tformer.training.validation import EarlyStopping, validation_loss, validation_scores
@@ -113,10 +113,7 @@ class Validator:
         progress.message(f"validation BLEU signature: {scores.bleu_signature}")
         progress.message(f"validation chrF signature: {scores.chrf_signature}")
         references = self.references[: self.config.bleu_max_sentences]
-        advice = [tokenization_advice(list(references), self.config.bleu_tokenize)]
-        if isinstance(self.tokenizer, Tokenizer):  # an imported Marian tokenizer has its own normalisation
-            advice.append(normalization_advice(list(references)))
-        for line in filter(None, advice):
+        for line in reference_advice(list(references), self.config.bleu_tokenize, self.tokenizer):
             progress.message(f"warning: {line}")
         self._shown_signature = True
 
