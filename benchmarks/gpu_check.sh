@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
-# new: the GPU tests of the CUDA graphs, then what no GPU has measured: the default decoding step since
-#        session 4 (beams share their sentence's memory; beam search on the never-reordered beam cache),
-#        decoding with the compiled static step (--compile-step), the graphed training step with compiled layers against Marian compiled per
-#        layer (512x64x64, 128x64x64), a kernel profile of static-step decoding, the graphed step against
-#        Marian compiled whole; about 10-15 minutes (compile times), so over two calls (DEADLINE skips);
+# new: what no GPU has measured, the issues' goals first: decoding with the compiled static step
+#        (--compile-step), the graphed training step with compiled layers against Marian compiled per layer
+#        (512x64x64), the GPU tests of the CUDA graphs, the same step at 128x64x64, the default decoding step
+#        since session 4 (beams share their sentence's memory; the never-reordered beam cache), a kernel
+#        profile of static-step decoding, the graphed step against Marian compiled whole; about 10-15 minutes
+#        (compile times), so over two calls (DEADLINE skips);
 # graphs: the CUDA-graph runs of session 3 again (decoding base/small, graphed training step), ~3 minutes;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
 #        decoding base and small (tformer, HF generate), about 4 minutes on one H200;
@@ -47,14 +48,14 @@ PY
 }
 
 train=(benchmarks/train.py --device cuda --repeats 3)
-if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
+if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, the issues' goals first
+  run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
+  run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
   echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, and no host sync in a DDP step"
   timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
     tests/test_training_step.py -k "cuda or gpu" 2>&1 | tail -n 4
-  run decode_cuda_base_beam_cache 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
-  run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
-  run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
   run train_cuda_base_128x64x64_graph_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile --systems tformer,hf
+  run decode_cuda_base_beam_cache 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
   run decode_cuda_base_static_profile 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
   run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
 fi
