@@ -145,9 +145,9 @@ def test_a_batch_of_another_shape_is_refused():
         step(_batch(0, shape=(4, 7, 5)), lr=1e-3)
 
 
-def _compare_shapes(device: torch.device, dtype: torch.dtype, tolerance: float) -> None:
+def _compare_shapes(device: torch.device, dtype: torch.dtype, tolerance: float, *, compare_key_biases: bool) -> None:
     """GraphedSteps pads batches of many shapes into a few rounded ones (one graph each on a GPU); the
-    updates are train_step's on the unpadded batches."""
+    updates are train_step's on the unpadded batches (in float32, all but the key biases: _without_key_bias)."""
     config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
     eager = Transformer(config, seed=7).to(device=device, dtype=dtype).train()
     graphed = copy.deepcopy(eager)
@@ -165,16 +165,33 @@ def _compare_shapes(device: torch.device, dtype: torch.dtype, tolerance: float) 
         torch.testing.assert_close(got.loss_sum, expected.loss_sum, rtol=tolerance, atol=tolerance)
     assert sorted(steps.steps) == [(32, 8, 8), (32, 16, 8)]
     for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
+        if not compare_key_biases:
+            a, b = _without_key_bias(name, a, config.d_model), _without_key_bias(name, b, config.d_model)
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
 
 
+def _without_key_bias(name: str, parameter: torch.Tensor, d_model: int) -> torch.Tensor:
+    """The parameter less its key-bias entries. A key bias adds the same q.b_k to every score of a query,
+    which softmax cancels: its true gradient is zero, so the computed one is rounding noise that depends on
+    the reduction order (padded or not), and Adam scales noise as large as eps into whole +-lr steps."""
+    if name.endswith("self_attention.qkv_proj.bias"):  # [queries | keys | values]
+        return torch.cat([parameter[:d_model], parameter[2 * d_model :]])
+    if name.endswith("cross_attention.kv_proj.bias"):  # [keys | values]
+        return parameter[d_model:]
+    return parameter
+
+
 def test_batches_of_any_shape_are_padded_into_a_few_graphed_shapes():
-    _compare_shapes(torch.device("cpu"), torch.float64, 1e-9)
+    _compare_shapes(torch.device("cpu"), torch.float64, 1e-9, compare_key_biases=True)
+
+
+def test_padded_shapes_in_float32_change_only_the_key_biases_noise():
+    _compare_shapes(torch.device("cpu"), torch.float32, 1e-4, compare_key_biases=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
 def test_batches_of_any_shape_are_padded_into_a_few_graphed_shapes_on_the_gpu():
-    _compare_shapes(torch.device("cuda"), torch.float32, 1e-4)
+    _compare_shapes(torch.device("cuda"), torch.float32, 1e-4, compare_key_biases=False)
 
 
 def test_the_trainer_with_cuda_graphs_trains_like_the_eager_trainer(tmp_path):
