@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
-# new: what no GPU has measured, the issues' goals first: decoding with the compiled static step
-#        (--compile-step), the graphed training step with compiled layers against Marian compiled per layer
-#        (512x64x64), the GPU tests of the CUDA graphs, the same step at 128x64x64, the default decoding step
-#        since session 4 (beams share their sentence's memory; the never-reordered beam cache), a kernel
-#        profile of static-step decoding, the graphed step against Marian compiled whole; about 10-15 minutes
-#        (compile times), so over two calls (DEADLINE skips);
-# graphs: the CUDA-graph runs of session 3 again (decoding base/small, graphed training step), ~3 minutes;
+# new: what no GPU has measured yet (after session 13): the GPU tests of the CUDA graphs, a kernel profile
+#        of the compiled beam-4 decoding step, the graphed training step against Marian compiled whole
+#        (--compile model), the compiled decoding step on `small`; about 8-10 minutes (compile times);
+# graphs: the CUDA-graph runs measured in sessions 3 and 13 again (compiled static decoding step, graphed
+#        training step with compiled layers, default and static decoding steps, graphed eager step), ~15 min;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
 #        decoding base and small (tformer, HF generate), about 4 minutes on one H200;
 # compiled: training base 512x64x64 with the whole model compiled (CUDA graphs), then base 512x64x64 and
@@ -48,18 +46,19 @@ PY
 }
 
 train=(benchmarks/train.py --device cuda --repeats 3)
-if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, the issues' goals first
+if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
+  echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, and no host sync in a DDP step"
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
+    tests/test_training_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  run decode_cuda_base_compiled_beam4_profile 200 benchmarks/decode.py --device cuda --preset base --sentences 256 --beams 4 --systems tformer --compile-step --profile
+  run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
+  run decode_cuda_small_compiled 200 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf --compile-step
+fi
+if [ "$STAGE" = graphs ] || [ "$STAGE" = all ]; then  # the CUDA-graph runs measured before (sessions 3 and 13)
   run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
   run train_cuda_base_512x64x64_graph_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf
-  echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, and no host sync in a DDP step"
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
-    tests/test_training_step.py -k "cuda or gpu" 2>&1 | tail -n 4
   run train_cuda_base_128x64x64_graph_compiled 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile --systems tformer,hf
   run decode_cuda_base_beam_cache 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf
-  run decode_cuda_base_static_profile 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step --profile
-  run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
-fi
-if [ "$STAGE" = graphs ] || [ "$STAGE" = all ]; then  # measured once (session 3): the CUDA-graph paths
   run decode_cuda_base_static 120 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --static-step
   run train_cuda_base_128x64x64_graph 60 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --systems tformer,hf
   run train_cuda_base_512x64x64_graph 80 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --systems tformer,hf
