@@ -48,8 +48,8 @@ PY
 train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
   echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, and no host sync in a DDP step"
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
-    tests/test_training_step.py -k "cuda or gpu" 2>&1 | tail -n 4
+  timeout 150 "$PY" -m pytest -o addopts="" -q -rfE -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
+    tests/test_training_step.py -k "cuda or gpu" 2>&1 | tail -n 8
   run decode_cuda_base_compiled_beam4_profile 200 benchmarks/decode.py --device cuda --preset base --sentences 256 --beams 4 --systems tformer --compile-step --profile
   run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
   run decode_cuda_small_compiled 200 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf --compile-step
@@ -73,7 +73,7 @@ if [ "$STAGE" = eager ] || [ "$STAGE" = all ]; then
 fi
 if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then  # the tests that only run on a GPU
   echo "== pytest (GPU tests)"
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_static_step.py tests/test_distributed.py 2>&1 | tail -n 5
+  timeout 300 "$PY" -m pytest -o addopts="" -q -rfE -p no:cacheprovider tests/test_static_step.py tests/test_distributed.py 2>&1 | tail -n 8
 fi
 if [ "$STAGE" = compiled ] || [ "$STAGE" = all ]; then
   run train_cuda_base_512x64x64_compiled_model 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --compile model --systems tformer,hf
