@@ -1,0 +1,109 @@
+"""What README.md and docs/*.md name exists: the tests, files and benchmark records they cite, the flags of
+the commands they show, the config keys they name, and the list of commands. Prose is not checked, only
+names a reader would type or look up."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from tformer.cli.main import COMMANDS, build_parser
+from tformer.config.experiment import ExperimentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# `section.key` spans in the docs that are not config keys: a file name and a key the docs show as refused.
+NOT_CONFIG_KEYS = {"model.safetensors", "model.nonsense"}
+
+
+def lines_of_docs():
+    for path in DOCS:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            yield f"{path.relative_to(REPO)}:{number}", line
+
+
+def command_flags() -> dict[str, set[str]]:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: {o for a in sub._actions for o in a.option_strings} for name, sub in subparsers.choices.items()}
+
+
+def test_every_test_the_docs_cite_exists() -> None:
+    missing = []
+    for where, line in lines_of_docs():
+        for file, name in re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", line):
+            path = REPO / "tests" / file
+            if not path.is_file():
+                missing.append(f"{where}: tests/{file}")
+            elif name and not re.search(rf"^\s*(?:async )?def {name}\(|^class {name}\b", path.read_text(), re.M):
+                missing.append(f"{where}: tests/{file}::{name}")
+    assert missing == []
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    """Paths under src/, tests/, benchmarks/ and docs/ (a `*` in one must match a file)."""
+    missing = []
+    for where, line in lines_of_docs():
+        for path in re.findall(r"(?<![\w/.])((?:src|tests|benchmarks|docs)/[\w./*{},-]*[\w*])", line):
+            if "{" in path:  # decode_cpu_{small,base}_batch1_...: each alternative
+                head, alternatives, tail = re.match(r"(.*)\{(.*)\}(.*)", path).groups()
+                paths = [head + alternative + tail for alternative in alternatives.split(",")]
+            else:
+                paths = [path]
+            for one in paths:
+                if not (any(REPO.glob(one)) if "*" in one else (REPO / one).exists()):
+                    missing.append(f"{where}: {one}")
+    assert missing == []
+
+
+def test_every_flag_shown_for_a_command_exists() -> None:
+    """`tformer COMMAND ... --flag` in the docs, also on the continuation lines of a command shown over
+    several lines (after a trailing backslash, or a usage line's indented `[--flag ...]` lines)."""
+    flags = command_flags()
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    command = re.compile(rf"tformer(?:\.cli\.main)?\s+({names})(?![\w-])([^|;#`\n]*)")
+    unknown, current = [], None
+    for where, line in lines_of_docs():
+        match = command.search(line)
+        if match:
+            current, shown = match.group(1), match.group(2)
+        elif current and re.match(r"\s+\[?--", line):
+            shown = line
+        else:
+            current = None
+            continue
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", shown.split("#")[0]):
+            if flag not in flags[current]:
+                unknown.append(f"{where}: tformer {current} {flag}")
+    assert unknown == []
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    """`model.KEY`, `data.KEY`, `train.KEY` and `decode.KEY` inside backticks."""
+    config = ExperimentConfig()
+    sections = ("model", "data", "train", "decode")
+    keys = {section: {field.name for field in dataclasses.fields(getattr(config, section))} for section in sections}
+    unknown = []
+    for where, line in lines_of_docs():
+        for span in re.findall(r"`([^`]+)`", line):
+            for section, key in re.findall(r"(?<![\w./-])(model|data|train|decode)\.([a-z_]+)(?![\w(.])", span):
+                if key not in keys[section] and f"{section}.{key}" not in NOT_CONFIG_KEYS:
+                    unknown.append(f"{where}: {section}.{key}")
+    assert unknown == []
+
+
+def test_the_readme_lists_every_command() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"lists every command: `([^`]+)`", readme.replace("\n", " "))
+    assert listed and listed.group(1).split() == [name for name, _ in COMMANDS]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
+def test_links_between_the_docs_resolve(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    broken = [link for link in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in link]
+    assert [link for link in broken if not (path.parent / link).exists()] == []
