@@ -35,3 +35,17 @@ def test_every_option_with_a_default_states_it() -> None:
             if "default" not in (action.help or ""):
                 silent.append(f"tformer {name} {action.option_strings[-1]} (default {action.default!r})")
     assert not silent, "options whose --help does not state their default: " + ", ".join(silent)
+
+
+def test_the_set_help_of_serve_names_what_applies_after_it() -> None:
+    """translate and evaluate have decoding flags (--beam, --length-penalty, ...) that apply after --set;
+    serve has none, and a request's fields are what override its [decode] settings."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {
+        name: next(a.help for a in subparsers.choices[name]._actions if "--set" in a.option_strings)
+        for name in ("translate", "evaluate", "serve")
+    }
+    assert helps["translate"].endswith("the other decoding flags apply after it")
+    assert helps["evaluate"] == helps["translate"]
+    assert helps["serve"].endswith("a request's beam, nbest and max_length apply after it")

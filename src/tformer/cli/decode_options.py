@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from tformer.config import ConfigError, DecodeConfig, config_from_dict, config_to_dict, parse_override
 
 
-def add_decode_settings_argument(parser: argparse.ArgumentParser) -> None:
-    """--set decode.KEY=VALUE (repeatable), read by `decode_settings`."""
+def add_decode_settings_argument(
+    parser: argparse.ArgumentParser, *, then: str = "the other decoding flags apply after it"
+) -> None:
+    """--set decode.KEY=VALUE (repeatable), read by `decode_settings`; `then` says what applies after it."""
     parser.add_argument(
         "--set",
         action="append",
@@ -18,7 +20,7 @@ def add_decode_settings_argument(parser: argparse.ArgumentParser) -> None:
         dest="decode_settings",
         metavar="decode.KEY=VALUE",
         help="change one of the run's [decode] settings for this command (any key, docs/decoding.md), e.g. "
-        "--set decode.sampling=true --set decode.top_k=10; repeatable; the other decoding flags apply after it",
+        f"--set decode.sampling=true --set decode.top_k=10; repeatable; {then}",
     )
 
 

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--graceful-timeout", type=float, default=30.0, help="seconds to finish requests on exit (default: 30)"
     )
-    add_decode_settings_argument(parser)
+    add_decode_settings_argument(parser, then="a request's beam, nbest and max_length apply after it")
 
 
 def run(args: argparse.Namespace) -> int:
