@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
@@ -94,6 +95,29 @@ def test_every_config_key_the_docs_name_exists() -> None:
                 if key not in keys[section] and f"{section}.{key}" not in NOT_CONFIG_KEYS:
                     unknown.append(f"{where}: {section}.{key}")
     assert unknown == []
+
+
+def test_every_python_name_the_docs_give_exists() -> None:
+    """`tformer.x.y` and `tformer.x.y.Name`: a module, then attributes (a module whose optional extra is
+    not installed is skipped)."""
+    missing = []
+    for where, line in lines_of_docs():
+        for name in re.findall(r"\btformer(?:\.[A-Za-z_]\w*)+", line):
+            parts, found = name.split("."), None
+            for split in range(len(parts), 0, -1):
+                try:
+                    found = importlib.import_module(".".join(parts[:split]))
+                    break
+                except ModuleNotFoundError as error:
+                    if not (error.name or "").startswith("tformer"):  # an extra that is not installed
+                        break
+            if found is None:
+                continue
+            for attribute in parts[split:]:
+                found = getattr(found, attribute, None)
+            if found is None:
+                missing.append(f"{where}: {name}")
+    assert missing == []
 
 
 def test_the_readme_lists_every_command() -> None:
