@@ -103,7 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         choices=["layers", "model"],
         help="torch.compile each encoder/decoder layer in place (--compile alone, or layers), or the whole model "
-        "and loss with CUDA graphs on a GPU (model: fastest when batch shapes repeat); default: no compilation",
+        "and loss with CUDA graphs on a GPU (model: a new recording per batch shape, so it suits shapes that repeat); "
+        "default: no compilation",
     )
     parser.add_argument(
         "--loss-chunk",
