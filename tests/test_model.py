@@ -230,6 +230,14 @@ def test_strict_config_loading() -> None:
     assert config_from_dict(ModelConfig, {"dropout": 0}).dropout == 0.0
 
 
+@pytest.mark.parametrize(("key", "value"), [("n_heads", 0), ("d_model", -1), ("d_model", 0), ("n_heads", -4)])
+def test_a_size_below_one_is_named_before_divisibility(key: str, value: int) -> None:
+    """n_heads = 0 was a ZeroDivisionError (a traceback on the command line), d_model = -1 a complaint
+    about divisibility (-1 % 8 is 7 in Python): the size itself is what is wrong."""
+    with pytest.raises(ConfigError, match=f"^{key} must be positive, got {value}$"):
+        preset("tiny", **{key: value})
+
+
 def test_too_long_input_is_a_clear_error(tiny_model: Transformer) -> None:
     too_long = torch.full((1, tiny_model.config.max_positions + 1), 5)
     with pytest.raises(ValueError, match="exceeds max_positions"):

@@ -49,6 +49,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_finite(self, "model")
         check_choices(self, "model")
+        # sizes first: n_heads = 0 would make the divisibility check below a ZeroDivisionError
+        for name in ("d_model", "n_heads", "d_ff", "src_vocab_size", "tgt_vocab_size", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads != 0:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -56,9 +60,6 @@ class ModelConfig:
                 "share_embeddings=true needs src_vocab_size == tgt_vocab_size "
                 f"(got {self.src_vocab_size} and {self.tgt_vocab_size}); set share_embeddings=false"
             )
-        for name in ("d_model", "n_heads", "d_ff", "src_vocab_size", "tgt_vocab_size", "max_positions"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("n_encoder_layers", "n_decoder_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
