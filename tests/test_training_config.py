@@ -59,6 +59,41 @@ def test_bad_settings_are_config_errors_naming_the_fix(overrides: list[str], mes
         load_experiment(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [
+        (["model.d_modle=64"], "; did you mean d_model?"),
+        (["model.D_MODEL=64"], "; did you mean d_model?"),
+        (["modle.d_model=64"], "; did you mean model?"),
+        (["decode.topk=3"], "; did you mean top_k?"),
+        (["train.warmup=10"], "; did you mean warmup_steps or warmup_ramp?"),
+        (["model.layers=2"], "; did you mean n_encoder_layers or n_decoder_layers?"),
+        (
+            ["train.max_step=3", "train.smoothing=0.2"],
+            "; did you mean max_steps (for max_step), label_smoothing (for smoothing)?",
+        ),
+        (["train.beam_size=2"], "; beam_size belongs in [decode]"),
+        (["model.seed=2"], "; seed belongs in [train] or [decode]"),
+        (["data.preset=tiny"], "; preset belongs in [model]"),
+    ],
+)
+def test_a_misspelt_or_misplaced_key_is_named_after_the_valid_ones(overrides: list[str], hint: str) -> None:
+    """A typo gets the key it probably meant, and a key of another section that section, at the end of
+    the error (the list of valid keys stays where scripts and users find it)."""
+    with pytest.raises(ConfigError) as error:
+        load_experiment(None, overrides)
+    assert str(error.value).endswith(hint) and "valid " in str(error.value).removesuffix(hint)
+
+
+def test_an_unknown_key_with_no_close_one_gets_no_guess(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text("[trian]\nmax_steps = 3\n")
+    with pytest.raises(ConfigError, match=r"^unknown section\(s\) trian; valid sections: .*; did you mean train\?$"):
+        load_experiment(path)
+    with pytest.raises(ConfigError, match=r"valid keys: [a-z_, ]+$"):
+        load_experiment(None, ["model.nonsense=1"])
+
+
 def test_unknown_section_in_a_file(tmp_path: Path) -> None:
     path = tmp_path / "x.toml"
     path.write_text("[optimizer]\nlr = 1\n")

@@ -12,7 +12,14 @@ from typing import Any, Literal
 
 from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64
 from tformer.config.decode import DecodeConfig
-from tformer.config.loading import config_from_dict, config_to_dict, load_toml, parse_override
+from tformer.config.loading import (
+    config_from_dict,
+    config_to_dict,
+    did_you_mean,
+    field_names,
+    load_toml,
+    parse_override,
+)
 from tformer.config.model import PRESETS, ModelConfig
 from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
 
@@ -175,7 +182,10 @@ def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     """An ExperimentConfig from nested tables; `[model] preset = "tiny"` picks the base shape."""
     unknown = sorted(set(values) - set(EXPERIMENT_SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(EXPERIMENT_SECTIONS)}")
+        raise ConfigError(
+            f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(EXPERIMENT_SECTIONS)}"
+            f"{did_you_mean(unknown, list(EXPERIMENT_SECTIONS))}"
+        )
     sections: dict[str, Any] = {}
     for name, cls in EXPERIMENT_SECTIONS.items():
         table = values.get(name, {})
@@ -184,8 +194,14 @@ def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
         also_valid: tuple[str, ...] = ()
         if name == "model":
             table, also_valid = expand_preset(table), ("preset",)
-        sections[name] = config_from_dict(cls, table, section=name, also_valid=also_valid)
+        others = {other: _section_keys(other) for other in EXPERIMENT_SECTIONS if other != name}
+        sections[name] = config_from_dict(cls, table, section=name, also_valid=also_valid, other_sections=others)
     return ExperimentConfig(**sections)
+
+
+def _section_keys(section: str) -> list[str]:
+    """Every key a section accepts, [model] preset included."""
+    return [*(("preset",) if section == "model" else ()), *field_names(EXPERIMENT_SECTIONS[section])]
 
 
 def expand_preset(model_table: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +228,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
         if section not in EXPERIMENT_SECTIONS:
             raise ConfigError(
                 f"unknown section {section!r} in --set {text}; valid sections: {', '.join(EXPERIMENT_SECTIONS)}"
+                f"{did_you_mean([section], list(EXPERIMENT_SECTIONS))}"
             )
         result.setdefault(section, {})[key] = value
     return result

@@ -4,10 +4,11 @@ with a message that lists the valid keys), TOML files with one-line errors, and 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -22,20 +23,54 @@ def field_names(cls: type) -> list[str]:
 
 
 def config_from_dict(
-    cls: type[ConfigT], values: dict[str, Any], *, section: str = "", also_valid: Sequence[str] = ()
+    cls: type[ConfigT],
+    values: dict[str, Any],
+    *,
+    section: str = "",
+    also_valid: Sequence[str] = (),
+    other_sections: Mapping[str, Sequence[str]] | None = None,
 ) -> ConfigT:
     """Build a config dataclass, refusing unknown keys and values of the wrong type.
 
     `also_valid` names keys the caller has already taken out of `values` (such as [model] preset), so
-    that the list of valid keys in the error is every key a user may write."""
+    that the list of valid keys in the error is every key a user may write. `other_sections` (section
+    name -> its keys) lets the error say where a key written in the wrong section belongs."""
     valid = [*also_valid, *field_names(cls)]
     where = f" in [{section}]" if section else ""
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)}{where}; valid keys: {', '.join(valid)}")
+        hint = did_you_mean(unknown, valid, other_sections or {})
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}{where}; valid keys: {', '.join(valid)}{hint}")
     hints = typing.get_type_hints(cls)
     checked = {key: _check_type(key, value, hints[key], where) for key, value in values.items()}
     return cls(**checked)
+
+
+def did_you_mean(unknown: Sequence[str], valid: Sequence[str], other_sections: Mapping[str, Sequence[str]] = {}) -> str:
+    """ "; did you mean d_model?" for a misspelt key or section, and "; beam_size belongs in [decode]" for
+    a key of another section; empty when nothing is close. It ends the error, after the list of valid
+    names, so that the list stays where it always was."""
+    moved, guesses = [], []
+    for name in unknown:
+        elsewhere = [section for section, keys in other_sections.items() if name in keys]
+        if elsewhere:
+            moved.append(f"; {name} belongs in {' or '.join(f'[{section}]' for section in elsewhere)}")
+        elif close := _close_names(name, valid):
+            guesses.append(" or ".join(close) + (f" (for {name})" if len(unknown) > 1 else ""))
+    return "".join(moved) + (f"; did you mean {', '.join(guesses)}?" if guesses else "")
+
+
+def _close_names(name: str, valid: Sequence[str]) -> list[str]:
+    """The valid names that `name` may have meant: the same in another case; else those it begins or
+    ends as a whole word (warmup: warmup_steps, warmup_ramp), at most three; else the closest spelling."""
+    lower = name.lower()
+    same = [option for option in valid if option.lower() == lower]
+    if same:
+        return same
+    words = [option for option in valid if option.startswith(f"{lower}_") or option.endswith(f"_{lower}")]
+    if 1 <= len(words) <= 3:
+        return words
+    return difflib.get_close_matches(lower, valid, n=1, cutoff=0.7)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
