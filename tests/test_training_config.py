@@ -208,6 +208,14 @@ def test_configs_built_in_python_refuse_values_outside_their_choices(build, mess
         build()
 
 
+def test_a_vocabulary_sentencepiece_cannot_train_is_refused_with_the_config() -> None:
+    """data.vocab_size = 10**11 passed the config and stopped the run after the training text was read,
+    with sentencepiece's own message (INVALID_ARGUMENT: cannot parse "100000000000" as int)."""
+    with pytest.raises(ConfigError, match=r"^data.vocab_size must be below 2\*\*31 .*got 2147483648;"):
+        load_experiment(None, ["data.vocab_size=2147483648"])
+    assert DataConfig(vocab_size=2**31 - 1).vocab_size == 2**31 - 1  # sentencepiece takes it, as a bound
+
+
 def test_an_unlimited_time_stored_as_infinity_still_loads() -> None:
     """Earlier versions accepted --max-time inf and wrote Infinity into experiment.json; such runs must keep
     loading (inf means no limit, as 0 does)."""

@@ -77,6 +77,11 @@ class DataConfig:
             )
         if self.vocab_size < 8:
             raise ConfigError(f"data.vocab_size must be at least 8, got {self.vocab_size}")
+        if self.vocab_size >= 2**31:  # sentencepiece's trainer reads it as a 32-bit int, after the text is read
+            raise ConfigError(
+                f"data.vocab_size must be below 2**31 (sentencepiece's limit), got {self.vocab_size}; it is an upper "
+                "bound: a corpus gives the pieces it has"
+            )
         if self.tokenizer_max_pairs < 0:
             raise ConfigError(f"data.tokenizer_max_pairs must be 0 (all pairs) or more, got {self.tokenizer_max_pairs}")
         if not 0.98 <= self.character_coverage <= 1.0:  # sentencepiece's own bounds
