@@ -175,6 +175,12 @@ def test_bad_training_inputs(
         (_train_args(workspace, a_file / "run", "--train-src", missing_src), "cannot create the run directory"),
         (_train_args(workspace, new, "--train-tgt", str(short)), "has 1; the files must be aligned"),
         (_train_args(workspace, new, "--set", "train.max_step=3"), "unknown key(s) max_step in [train]"),
+        # a run takes them from its tokenizer: a value given would play no part, silently
+        (_train_args(workspace, new, "--set", "model.pad_id=3"), "model.pad_id cannot be set: a run takes its"),
+        (
+            _train_args(workspace, new, "--set", "model.src_vocab_size=300", "--set", "model.tgt_vocab_size=300"),
+            "model.src_vocab_size, model.tgt_vocab_size cannot be set",
+        ),
         (["train", "--config", str(bad_config), "--out", str(new)], "unknown section(s) optimizer"),
         (_train_args(workspace, trained), "already holds a run; pass --resume to continue it or --overwrite"),
         (["train", "--out", str(tmp_path / "none"), "--resume"], "nothing to resume"),
@@ -808,10 +814,17 @@ def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
         (["--preset", "tiny", "--set", "model.dropout=0.2"], "error: --resume: model.dropout is 0.2 but the run has"),
         (["--train-src", str(workspace["valid_src"])], "error: --resume: data.train_src is '"),
         (["--set", "model.nonsense=1"], "unknown key(s) nonsense in [model]; valid keys: preset, "),
+        # taken from the run's tokenizer when the command leaves them out, so a value given must be the run's
+        (["--set", "model.pad_id=3"], "error: --resume: model.pad_id is 3 but the run has 0, its tokenizer's"),
+        (
+            ["--set", "model.src_vocab_size=40", "--set", "model.tgt_vocab_size=40"],
+            "error: --resume: model.src_vocab_size is 40 but the run has 48, its tokenizer's",
+        ),
     ]
     for extra, message in cases:
         _fails_cleanly(capsys, [*resume, *extra], message)
     assert _digest(run) == before
+    assert training_run.resumed_experiment(run, {"model": {"pad_id": 0, "src_vocab_size": 48}}).model.pad_id == 0
 
 
 def test_train_help_keeps_the_layout_of_its_description(capsys: pytest.CaptureFixture) -> None:

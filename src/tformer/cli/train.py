@@ -262,7 +262,11 @@ def _train_staged(
 
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
     """Config file, then plain flags, then --set overrides, over the defaults."""
-    return experiment_from_dict(_given_settings(args))
+    from tformer.training.run import check_no_tokenizer_keys
+
+    given = _given_settings(args)
+    check_no_tokenizer_keys(given)
+    return experiment_from_dict(given)
 
 
 def _given_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -315,6 +315,25 @@ def _resumed_trainer(
     return trainer
 
 
+# the [model] keys a run takes from its tokenizer, whatever a command or config file says
+FROM_TOKENIZER = ("src_vocab_size", "tgt_vocab_size", "pad_id")
+
+
+def check_no_tokenizer_keys(given: dict[str, Any]) -> None:
+    """Refuse model.src_vocab_size, tgt_vocab_size and pad_id in the settings of a new run (nested tables
+    from its config file, flags and --set): the run replaces them with its tokenizer's, so a value given
+    would play no part, silently."""
+    model = given.get("model")
+    keys = [key for key in FROM_TOKENIZER if isinstance(model, dict) and key in model]
+    if keys:
+        names = ", ".join(f"model.{key}" for key in keys)
+        raise ConfigError(
+            f"{names} cannot be set: a run takes its vocabulary sizes and pad_id from its tokenizer; leave "
+            f"{'it' if len(keys) == 1 else 'them'} out of the command and its --config file (data.vocab_size sets "
+            "the size of the tokenizer tformer trains)"
+        )
+
+
 def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig:
     """The experiment that a `--resume` command describes: the run's own, with the command's settings
     (nested tables from its config file, flags and --set) laid over it.
@@ -331,7 +350,15 @@ def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig
             values[section] = table  # experiment_from_dict names what is wrong with it
             continue
         values[section] = {**values[section], **(expand_preset(table) if section == "model" else table)}
-    return experiment_from_dict(values)
+    experiment = experiment_from_dict(values)
+    for key in FROM_TOKENIZER:  # `_check_same_run` fills these in from the run: a value given is compared here
+        value, stored_value = getattr(experiment.model, key), getattr(stored.model, key)
+        if value != stored_value:
+            raise ConfigError(
+                f"--resume: model.{key} is {value!r} but the run has {stored_value!r}, its tokenizer's; leave it "
+                "out of the command (and out of its --config file)"
+            )
+    return experiment
 
 
 def _last_checkpoint(run_dir: Path) -> Path:
@@ -390,12 +417,7 @@ def _newest_complete_checkpoint(run_dir: Path, *, before: str | None) -> Path | 
 
 def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:
     """Refuse to resume with a different model or data than the run was started with."""
-    filled = dataclasses.replace(
-        given.model,
-        src_vocab_size=stored.model.src_vocab_size,
-        tgt_vocab_size=stored.model.tgt_vocab_size,
-        pad_id=stored.model.pad_id,
-    )
+    filled = dataclasses.replace(given.model, **{key: getattr(stored.model, key) for key in FROM_TOKENIZER})
     pairs = [("model", stored.model, filled), ("data", stored.data, absolute_data_paths(given.data))]
     changed = [
         (f"{section}.{key}", getattr(new, key), value)
