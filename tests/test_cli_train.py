@@ -175,6 +175,11 @@ def test_bad_training_inputs(
         (_train_args(workspace, a_file / "run", "--train-src", missing_src), "cannot create the run directory"),
         (_train_args(workspace, new, "--train-tgt", str(short)), "has 1; the files must be aligned"),
         (_train_args(workspace, new, "--set", "train.max_step=3"), "unknown key(s) max_step in [train]"),
+        # refused before the data is read (the missing file would be named otherwise), not built until memory ends
+        (
+            _train_args(workspace, new, "--train-src", missing_src, "--set", "model.n_decoder_layers=100000000000"),
+            "GiB of memory, most of them for model.n_decoder_layers",
+        ),
         # a run takes them from its tokenizer: a value given would play no part, silently
         (_train_args(workspace, new, "--set", "model.pad_id=3"), "model.pad_id cannot be set: a run takes its"),
         (

@@ -11,6 +11,7 @@ import torch
 from tformer.config import ConfigError, ModelConfig, config_from_dict, preset
 from tformer.model import Transformer, count_parameters
 from tformer.model.embeddings import sinusoidal_table
+from tformer.model.size import model_elements
 
 
 def test_changing_future_target_tokens_leaves_earlier_logits_unchanged(tiny_model: Transformer) -> None:
@@ -266,3 +267,32 @@ def test_xavier_bounds_follow_the_fused_mark_not_the_shape() -> None:
         blocks = fused.weight.split(D, dim=0)
         assert len(blocks) == n and all(block.abs().max() <= bound(D, D) for block in blocks)
         assert fused.weight.abs().max() > bound(n * D, D)  # initialised block by block, not as one matrix
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(share_embeddings=False, tgt_vocab_size=70, tie_output=False, final_logits_bias=True),
+        dict(positional_encoding="learned", norm_position="pre"),
+    ],
+)
+def test_model_elements_counts_what_the_built_model_holds(overrides: dict) -> None:
+    config = preset("tiny", **{"src_vocab_size": 50, "tgt_vocab_size": 50, "max_positions": 30, **overrides})
+    model = Transformer(config)
+    held = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert sum(model_elements(config).values()) == held
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (dict(n_encoder_layers=10**11), "model.n_encoder_layers"),
+        (dict(max_positions=10**12), "model.max_positions"),
+        (dict(src_vocab_size=10**12, tgt_vocab_size=10**12), "the vocabulary sizes"),
+    ],
+)
+def test_a_model_larger_than_memory_is_refused_before_a_layer_is_built(overrides: dict, named: str) -> None:
+    """n_encoder_layers = 10**11 built small layers one by one until the machine's memory was gone."""
+    with pytest.raises(ConfigError, match=f"GiB of memory, most of them for {named} "):
+        Transformer(preset("tiny", **{"src_vocab_size": 50, "tgt_vocab_size": 50, **overrides}))

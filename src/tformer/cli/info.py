@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         config, described = preset(name, src_vocab_size=vocab_size, tgt_vocab_size=vocab_size), {"preset": name}
     try:
         model = Transformer(config)
-    except (RuntimeError, MemoryError) as error:  # e.g. an embedding of 10^11 rows: the allocator refuses
+    # e.g. an embedding of 10^11 rows: refused for its size (the config itself is valid) or by the allocator
+    except (ConfigError, RuntimeError, MemoryError) as error:
         reason = str(error).splitlines()[0]
         raise ValueError(f"cannot build this model here to count its parameters: {reason}") from None
     print(json.dumps({**described, "parameters": count_parameters(model), **config_to_dict(config)}))

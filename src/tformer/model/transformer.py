@@ -24,6 +24,7 @@ from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, Toke
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
 from tformer.model.packed import Linear, linear
+from tformer.model.size import check_fits_in_memory
 
 
 @dataclass
@@ -142,6 +143,7 @@ class Transformer(nn.Module):
     """Encoder, decoder and output projection, with the embedding sharing the config asks for."""
 
     def __init__(self, config: ModelConfig, *, seed: int = 0) -> None:
+        check_fits_in_memory(config)  # before any layer: an impossible model would take all memory first
         super().__init__()
         self.config = config
         self.src_embedding = TokenEmbedding(

@@ -34,8 +34,10 @@ from tformer.config import (
     experiment_to_dict,
     preset_of,
 )
+from tformer.config.pieces import smallest_vocab_size
 from tformer.data.tokenizer import Tokenizer, TokenizerError, sample_pairs
 from tformer.model import Transformer, count_parameters
+from tformer.model.size import check_fits_in_memory
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
 from tformer.training.agreement import check_same_experiment, check_shared_run_dir
@@ -123,6 +125,9 @@ def _new_trainer(
         raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
     if data.tokenizer is None:
         check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
+    # the smallest vocabulary a tokenizer can have: a model too large even with it is refused before the data is read
+    smallest = smallest_vocab_size(byte_fallback=data.byte_fallback)
+    check_fits_in_memory(dataclasses.replace(experiment.model, src_vocab_size=smallest, tgt_vocab_size=smallest))
     valid_text = read_validation_text(data)  # small: its errors come before the training text is even read
     corpus = read_training_text(data)
     say(f"training data: {corpus.summary}")

@@ -1,0 +1,58 @@
+"""How many numbers a Transformer holds, counted from its config before it is built, so that a model
+that cannot fit in memory is refused in one line instead of being built layer by layer until the
+machine runs out (`--set model.n_encoder_layers=100000000000` used up every byte of a 23 GiB machine
+before anything failed)."""
+
+from __future__ import annotations
+
+import os
+
+from tformer.config import ConfigError, ModelConfig
+
+FLOAT32_BYTES = 4  # a model is built in float32 on the CPU, whatever it is trained in
+
+
+def model_elements(config: ModelConfig) -> dict[str, int]:
+    """The numbers each part of `Transformer(config)` holds: its parameters (a shared matrix once) and the
+    sinusoidal tables, which are buffers. Named by the settings that size them, for the error."""
+    d, f = config.d_model, config.d_ff
+    feed_forward = 2 * d * f + f + d
+    encoder_layer = (4 * d * d + 4 * d) + feed_forward + 2 * (2 * d)  # self-attention, 2 LayerNorms
+    decoder_layer = 2 * (4 * d * d + 4 * d) + feed_forward + 3 * (2 * d)  # self- and cross-attention, 3 LayerNorms
+    final_norms = 2 * (2 * d) if config.norm_position == "pre" else 0
+    vocabulary = config.src_vocab_size * d
+    vocabulary += 0 if config.share_embeddings else config.tgt_vocab_size * d
+    vocabulary += 0 if config.tie_output else config.tgt_vocab_size * d
+    vocabulary += config.tgt_vocab_size if config.final_logits_bias else 0
+    return {
+        "model.n_encoder_layers": config.n_encoder_layers * encoder_layer,
+        "model.n_decoder_layers": config.n_decoder_layers * decoder_layer + final_norms,
+        "model.max_positions": 2 * config.max_positions * d,  # the encoder's and the decoder's tables
+        "the vocabulary sizes": vocabulary,
+    }
+
+
+def check_fits_in_memory(config: ModelConfig) -> None:
+    """Refuse a model whose float32 numbers alone exceed this machine's memory (it could be neither
+    built nor trained), naming the setting that makes it so large. Where the memory size is unknown,
+    nothing is checked."""
+    parts = model_elements(config)
+    needed = FLOAT32_BYTES * sum(parts.values())
+    available = physical_memory()
+    if available is None or needed <= available:
+        return
+    largest = max(parts, key=lambda name: parts[name])
+    raise ConfigError(
+        f"this model holds {sum(parts.values()):,} numbers ({needed / 2**30:,.1f} GiB in float32), more than this "
+        f"machine's {available / 2**30:,.1f} GiB of memory, most of them for {largest} "
+        f"({config.d_model=}, {config.n_encoder_layers=}, {config.n_decoder_layers=}, {config.d_ff=}, "
+        f"{config.max_positions=})".replace("config.", "")
+    )
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
