@@ -51,6 +51,20 @@ def test_info_errors_are_one_line(flags: list[str], message: str, capsys: pytest
     assert capsys.readouterr().err == message + "\n"
 
 
+@pytest.mark.parametrize("given", ["tiny_copy", "configs/tiny_copy.toml", "file"])
+def test_info_given_a_config_file_as_run_dir_names_the_flag(
+    given: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tformer info tiny_copy` said only that no such run directory exists."""
+    if given == "file":
+        given = str(tmp_path / "run.toml")
+        Path(given).write_text('[model]\npreset = "tiny"\n')
+    assert main(["info", given]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {given} is a config file, not a run: show its model with tformer info --config {given}\n"
+    )
+
+
 def test_info_config_file_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[model]\npreset = "tiny"\nd_modle = 64\n')

@@ -19,6 +19,7 @@ from typing import Any
 
 from tformer.cli.output_paths import check_stdout
 from tformer.config import PRESETS, ConfigError, ModelConfig, config_to_dict, load_experiment, preset
+from tformer.recipes import recipe_path
 
 HELP = "show the shape and parameter count of a model preset, a config file's [model] or a trained run"
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         if args.preset or args.config or args.vocab_size is not None:
             raise ConfigError("give a RUN_DIR, or --preset / --config (with --vocab-size), not both")
+        _refuse_a_config_file(args.run_dir)
         config, described = _run_model(args.run_dir, args.which)
     elif args.vocab_size is not None and args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
@@ -72,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot build this model here to count its parameters: {reason}") from None
     print(json.dumps({**described, "parameters": count_parameters(model), **config_to_dict(config)}))
     return 0
+
+
+def _refuse_a_config_file(path: Path) -> None:
+    """`tformer info tiny_copy` or `tformer info run.toml` means a config file: say how to show one,
+    instead of that it is no run directory."""
+    if (path.is_file() and path.suffix == ".toml") or (not path.exists() and recipe_path(path) is not None):
+        raise ConfigError(f"{path} is a config file, not a run: show its model with tformer info --config {path}")
 
 
 def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
