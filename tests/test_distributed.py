@@ -389,3 +389,28 @@ def test_a_resume_that_skips_batches_says_how_many(world_size, index, local, ski
         )
     else:
         assert err == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cuda_asked_for_on_a_machine_without_one_is_a_one_line_error_under_torchrun(tmp_path: Path) -> None:
+    """Every process used to fail in torch.cuda.set_device with an AttributeError's traceback."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    argv = ["-m", "tformer.cli.main", *_train_argv(corpus, out), "--device", "cuda"]
+    for result in _launch([argv, argv], cwd=tmp_path):
+        assert (result.returncode, result.stderr) == (
+            2,
+            "error: train.device=cuda but no CUDA device is available; use train.device=cpu\n",
+        )
+    assert not out.exists()
+
+
+def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    message = r"^process 2 has LOCAL_RANK=2 and would use cuda:2, but this machine has 2 CUDA device\(s\): start"
+    with pytest.raises(ConfigError, match=message):
+        init_distributed("cuda")

@@ -177,7 +177,14 @@ def init_distributed(device_name: str, rendezvous: Rendezvous | None = None) -> 
     if world_size <= 1:
         return Distributed()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    # a device this machine lacks is a one-line ConfigError here, as in one process, not torch's traceback
+    cuda = resolve_device(device_name).type == "cuda"
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"process {rank} has LOCAL_RANK={local_rank} and would use cuda:{local_rank}, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s): start at most one process per GPU (torchrun "
+            "--nproc-per-node), or train on the CPU with train.device=cpu"
+        )
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
