@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import MethodType, SimpleNamespace
 
@@ -27,7 +28,7 @@ import tformer
 from tformer.cli.main import main
 from tformer.config import ConfigError
 from tformer.data.tokenizer import Tokenizer
-from tformer.runtime import Distributed, init_distributed
+from tformer.runtime import Distributed, Rendezvous, init_distributed
 from tformer.training import load_run, resume_run, start_run
 from tformer.training.agreement import check_same_experiment
 from tformer.training.loop import Trainer
@@ -113,7 +114,8 @@ def _launch(argvs: list[list[str]], *, cwd: Path, timeout: float = 60) -> list[s
     return _finish(_start(argvs, cwd=cwd), timeout=timeout)
 
 
-def _start(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.Popen]:
+def _start(argvs: list[list[str]], *, cwd: Path, only: int | None = None) -> list[subprocess.Popen]:
+    """The processes of the job (`only`: just that rank's, as if the others never started)."""
     port, world_size = _free_port(), len(argvs)
     source = str(Path(tformer.__file__).resolve().parents[1])
     return [
@@ -135,6 +137,7 @@ def _start(argvs: list[list[str]], *, cwd: Path) -> list[subprocess.Popen]:
             text=True,
         )
         for rank, argv in enumerate(argvs)
+        if only is None or rank == only
     ]
 
 
@@ -414,3 +417,48 @@ def test_more_processes_than_gpus_is_a_one_line_error(monkeypatch: pytest.Monkey
     message = r"^process 2 has LOCAL_RANK=2 and would use cuda:2, but this machine has 2 CUDA device\(s\): start"
     with pytest.raises(ConfigError, match=message):
         init_distributed("cuda")
+
+
+# `python -c STARTED train ...`: tformer train that says when torch is imported (SIGTERM is held until then)
+STARTED = """
+import sys
+import torch
+print("started", flush=True)
+from tformer.cli.main import program
+program(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("alone", [0, 1])
+def test_a_process_whose_peers_never_start_takes_sigterm_while_it_waits_for_them(tmp_path: Path, alone: int) -> None:
+    """Started without torchrun and without the other process, rank 0 waited in torch's store for it (rank 1
+    for rank 0's store) for 30 minutes, taking neither Ctrl-C nor SIGTERM."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    argv = ["-c", STARTED, *_train_argv(corpus, out)]
+    (process,) = _start([argv, argv], cwd=tmp_path, only=alone)
+    assert process.stdout is not None and process.stdout.readline() == "started\n"
+    time.sleep(2)  # in the rendezvous by now
+    process.send_signal(signal.SIGTERM)
+    (result,) = _finish([process], timeout=20)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_whose_peers_never_start_gives_up_in_one_line(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    advice = r" within 0:00:00.500000; start every process of the job \(torchrun starts them"
+    if rank == 1:
+        message = rf"^process 0 of this run \(MASTER_ADDR=127.0.0.1, MASTER_PORT=\d+\) did not start{advice}"
+        with pytest.raises(ConfigError, match=message):
+            Rendezvous(timeout=timedelta(seconds=0.5))
+        return
+    rendezvous = Rendezvous(timeout=timedelta(seconds=5))
+    message = rf"^only 1 of the WORLD_SIZE=2 processes of this run were ready to join{advice}"
+    with pytest.raises(ConfigError, match=message):
+        rendezvous.wait_for_all(timeout=timedelta(seconds=0.5))

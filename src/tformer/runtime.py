@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,8 +128,8 @@ class Rendezvous:
 
     POLL_S = 0.1
 
-    def __init__(self) -> None:
-        self.root_store, self.rank, self.world_size = next(dist.rendezvous("env://"))
+    def __init__(self, timeout: timedelta = dist.default_pg_timeout) -> None:
+        self.root_store, self.rank, self.world_size = _job_store(timeout)
         # keys of this attempt only: torchrun's store outlives the workers it restarts
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.store = dist.PrefixStore(f"tformer/{attempt}", self.root_store)
@@ -141,7 +142,11 @@ class Rendezvous:
         deadline = time.monotonic() + timeout.total_seconds()
         while not self.store.check(["outcome"]):
             if time.monotonic() > deadline:
-                raise PeerStoppedError(f"not every process of this run was ready to join within {timeout}")
+                ready = self.store.add("ready", 0)
+                raise ConfigError(
+                    f"only {ready} of the WORLD_SIZE={self.world_size} processes of this run were ready to join "
+                    f"within {timeout}; {START_THEM_ALL}"
+                )
             time.sleep(self.POLL_S)
         outcome = self.store.get("outcome").decode()
         if outcome != "join":
@@ -166,6 +171,51 @@ class Rendezvous:
         deadline = time.monotonic() + linger_s
         while self.rank == 0 and self.store.add("left", 0) < self.world_size and time.monotonic() < deadline:
             time.sleep(self.POLL_S)
+
+
+START_THEM_ALL = "start every process of the job (torchrun starts them: --nproc-per-node, --nnodes)"
+
+
+def _job_store(timeout: timedelta) -> tuple[dist.Store, int, int]:
+    """The job's store, this process's rank and the world size, from the environment torchrun sets.
+
+    Under torchrun its agent hosts the store, already running, and `dist.rendezvous` connects at once.
+    Without torchrun (processes started by hand or by a scheduler's launcher) rank 0 hosts it, and
+    `dist.rendezvous` waits inside torch, where neither Ctrl-C nor SIGTERM is taken, until every process
+    has connected (rank 0) or rank 0's store is up (the others): a job started with fewer processes than
+    WORLD_SIZE, or without rank 0, could be stopped only by SIGKILL for 30 minutes. So rank 0 starts its
+    store without waiting, the others poll for it here, and `Rendezvous.wait_for_all` waits for all."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return next(dist.rendezvous("env://", timeout=timeout))
+    rank, world_size, host, port = (_environment(name) for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    hosting = int(rank) == 0
+    if not hosting:
+        _wait_for_listener(host, int(port), timeout)
+    store = dist.TCPStore(
+        host, int(port), int(world_size), is_master=hosting, timeout=timeout, wait_for_workers=False, multi_tenant=True
+    )
+    return store, int(rank), int(world_size)
+
+
+def _environment(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"environment variable {name} is not set; {START_THEM_ALL}")
+    return value
+
+
+def _wait_for_listener(host: str, port: int, timeout: timedelta) -> None:
+    """Return once something accepts connections at (host, port), polling where signals are taken."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"process 0 of this run (MASTER_ADDR={host}, MASTER_PORT={port}) did not start within {timeout}; "
+                f"{START_THEM_ALL}"
+            )
+        time.sleep(Rendezvous.POLL_S)
 
 
 def init_distributed(device_name: str, rendezvous: Rendezvous | None = None) -> Distributed:
