@@ -190,8 +190,10 @@ def test_the_trainer_state_keeps_the_layout_that_earlier_checkpoints_have(tmp_pa
     state = ckpt.load_trainer_state(tmp_path / "run" / "checkpoints" / "step-00000002")
 
     assert list(state) == [
-        "format_version", "step", "elapsed_s", "optimizer", "stream", "early_stopping", "log_window", "rng"
+        "format_version", "step", "elapsed_s", "optimizer", "stream", "effective_batch", "early_stopping",
+        "log_window", "rng",
     ]  # fmt: skip
+    assert state["effective_batch"] == [1, 256, 1]  # processes, train.max_tokens, train.accumulate
     assert (state["format_version"], state["step"], type(state["elapsed_s"])) == (ckpt.FORMAT_VERSION, 2, float)
     assert list(state["optimizer"]) == ["state", "param_groups"]
     assert {key: type(value) for key, value in state["stream"].items()} == {"epoch": int, "index": int}
@@ -209,3 +211,29 @@ def test_the_trainer_state_keeps_the_layout_that_earlier_checkpoints_have(tmp_pa
         "MT19937", torch.int64, (624,), [int, int, float]
     )  # fmt: skip
     assert rng["torch"].dtype == torch.uint8 and isinstance(rng["cuda"], list)
+
+
+def test_a_resume_with_another_effective_batch_says_so_and_how_to_keep_it(tmp_path: Path, capsys) -> None:
+    """As when a run of 2 processes resumes in 1: its updates would read half as many tokens, unannounced."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=2", "train.accumulate=2", valid=False)
+    start_run(experiment, tmp_path / "run", quiet=True).train()
+    capsys.readouterr()
+    resume_run(tmp_path / "run", overrides=["train.max_steps=3", "train.accumulate=1"]).train()
+    assert (
+        "resume: the effective batch changes from 1 process(es) x 256 x 2 = 512 to 1 x 256 x 1 = 256 padded token "
+        "slots per update; --set train.accumulate=2 keeps 512\n"
+    ) in capsys.readouterr().err
+    resume_run(tmp_path / "run", overrides=["train.max_steps=4"]).train()  # the same: nothing to say
+    assert "effective batch changes" not in capsys.readouterr().err
+
+
+def test_the_effective_batch_change_names_the_accumulation_that_keeps_it_where_one_does() -> None:
+    change = loop.effective_batch_change
+    assert change(None, [1, 256, 1]) is None  # a checkpoint from before the trainer state kept it
+    assert change([2, 256, 1], [1, 256, 2]) is None  # another make-up of the same token slots
+    assert change([8, 4096, 1], [4, 4096, 1]).endswith(
+        "= 16,384 padded token slots per update; --set train.accumulate=2 keeps 32,768"
+    )
+    # no accumulation halves the batch, nor makes 3 processes' of 2
+    assert change([2, 256, 1], [4, 256, 1]).endswith("= 1,024 padded token slots per update")
+    assert change([3, 256, 1], [2, 256, 1]).endswith("= 512 padded token slots per update")

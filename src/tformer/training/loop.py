@@ -160,6 +160,7 @@ class Trainer:
             "elapsed_s": self.elapsed_s,
             "optimizer": self.optimizer.state_dict(),
             "stream": self.stream_state(),
+            "effective_batch": self.batch_shape(),  # a resume with other numbers says so
             "early_stopping": self.early_stopping.state_dict(),
             "log_window": self.window.state_dict(),  # steps since the last logged row, averaged into the next one
             "rng": rng_state(),
@@ -169,6 +170,9 @@ class Trainer:
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_stream_state(state["stream"])
+        changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
+        if changed:
+            self._say(changed)
         replaced = self.early_stopping.load_state_dict(state["early_stopping"])
         if replaced is not None:
             self._say(
@@ -230,6 +234,10 @@ class Trainer:
         """A line on stderr about what resuming did, shown as setup's lines are (`progress.shown`)."""
         if shown(line, quiet=self.quiet, main_process=self.distributed.is_main):
             print(line, file=sys.stderr, flush=True)
+
+    def batch_shape(self) -> list[int]:
+        """[processes, train.max_tokens, train.accumulate]: what the effective batch is made of."""
+        return [self.distributed.world_size, self.train_config.max_tokens, self.train_config.accumulate]
 
     def effective_batch(self) -> str:
         """One line: processes x token budget x accumulation = padded token slots per update."""
@@ -383,3 +391,20 @@ class Trainer:
             model=self.model,
             trainer_state=self.state_dict(),
         )
+
+
+def effective_batch_change(before: list[int] | None, now: list[int]) -> str | None:
+    """The line a resume shows when the effective batch differs from the checkpoint's (another number of
+    processes, most often), with the train.accumulate that keeps it where there is one; None when the
+    number of token slots per update is the same."""
+    if before is None or math.prod(before) == math.prod(now):
+        return None
+    (processes, max_tokens, accumulate), total = before, math.prod(before)
+    line = (
+        f"resume: the effective batch changes from {processes} process(es) x {max_tokens} x {accumulate} = "
+        f"{total:,} to {now[0]} x {now[1]} x {now[2]} = {math.prod(now):,} padded token slots per update"
+    )
+    keeping, remainder = divmod(total, now[0] * now[1])
+    if keeping > 0 and remainder == 0:
+        line += f"; --set train.accumulate={keeping} keeps {total:,}"
+    return line
