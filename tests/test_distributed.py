@@ -374,8 +374,15 @@ class _Stream:
     def state_dict(self) -> dict[str, int]:
         return dict(self.state)
 
+    def global_batches(self, epoch: int) -> int:
+        return 11  # every epoch's plan
 
-@pytest.mark.parametrize(("world_size", "index", "local", "skipped"), [(3, 8, 3, 1), (4, 5, 2, 3), (2, 8, 4, 0)])
+
+@pytest.mark.parametrize(
+    ("world_size", "index", "local", "skipped"),
+    # at the end of the epoch's 11 batches nothing is left to skip (the message used to say 1 and 3)
+    [(3, 8, 3, 1), (4, 5, 2, 3), (2, 8, 4, 0), (2, 11, 6, 0), (4, 10, 3, 1), (4, 9, 3, 2)],
+)
 def test_a_resume_that_skips_batches_says_how_many(world_size, index, local, skipped, capsys) -> None:
     trainer = SimpleNamespace(
         distributed=Distributed(rank=0, world_size=world_size), data=SimpleNamespace(stream=_Stream()), quiet=False

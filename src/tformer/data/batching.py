@@ -229,6 +229,14 @@ class BatchStream:
             )
         return mine
 
+    def global_batches(self, epoch: int) -> int:
+        """How many batches `epoch`'s plan has over all ranks, the tail that `shard` trims included."""
+        return len(
+            plan_batches(
+                self.lengths, max_tokens=self.max_tokens, seed=self.seed, epoch=epoch, drop_overlong=self.drop_overlong
+            )
+        )
+
     def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
         while True:
             batches = self.plan(self.epoch)

@@ -193,14 +193,16 @@ class Trainer:
     def load_stream_state(self, state: dict[str, int]) -> None:
         """Continue at global batch `index` of the epoch. Rank r of W reads global batches r, r + W, ...;
         when W does not divide `index` (the process count changed), the next multiple of W is used, so
-        up to W - 1 batches of that epoch are skipped and none is read twice."""
+        up to W - 1 batches of that epoch are skipped (none where the epoch has no more) and none is read twice."""
         world_size = self.distributed.world_size
         epoch, index = int(state["epoch"]), int(state["index"])
         local = {"epoch": epoch, "index": math.ceil(index / world_size)}
         skipped = local["index"] * world_size - index
         if skipped:
+            skipped = max(0, min(skipped, self.data.stream.global_batches(epoch) - index))
+        if skipped:
             self._say(
-                f"resume: {world_size} processes continue epoch {epoch} at global batch {index + skipped} "
+                f"resume: {world_size} processes continue epoch {epoch} at global batch {local['index'] * world_size} "
                 f"(a multiple of {world_size}), skipping {skipped} batch(es) after the {index} trained "
                 "(none is read twice)"
             )
