@@ -237,3 +237,22 @@ def test_the_effective_batch_change_names_the_accumulation_that_keeps_it_where_o
     # no accumulation halves the batch, nor makes 3 processes' of 2
     assert change([2, 256, 1], [4, 256, 1]).endswith("= 1,024 padded token slots per update")
     assert change([3, 256, 1], [2, 256, 1]).endswith("= 512 padded token slots per update")
+
+
+def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(tmp_path: Path, monkeypatch) -> None:
+    """Under torchrun another process's failure reaches rank 0 as torchrun's SIGTERM, most often while it
+    writes the checkpoint of the step the others have finished. The interrupt cut the save between the
+    checkpoint and `latest`: the run kept the checkpoint of a whole train.save_every before (or none)."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=6", "train.save_every=2", valid=False)
+    trainer = start_run(experiment, tmp_path / "run", quiet=True)
+    write_pointer = ckpt.write_pointer
+
+    def interrupted(run_dir: Path, which: str, name: str) -> None:
+        if name == "step-00000004":
+            os.kill(os.getpid(), signal.SIGINT)
+        write_pointer(run_dir, which, name)
+
+    monkeypatch.setattr(ckpt, "write_pointer", interrupted)
+    with pytest.raises(loop.TrainingInterrupted, match=r"keeps its last checkpoint, .*step-00000004;"):
+        trainer.train()
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-00000004"

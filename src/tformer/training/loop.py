@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from tformer.cli.termination import interrupts_held
 from tformer.config import CompileMode, ConfigError, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
@@ -378,21 +379,25 @@ class Trainer:
     def save(self, *, best: bool) -> Path:
         """Write the checkpoint of the current step, move the pointers, prune old checkpoints.
 
-        Every process calls it (the flush is collective); only rank 0 writes."""
+        Every process calls it (the flush is collective); only rank 0 writes. Ctrl-C and SIGTERM wait until
+        the checkpoint is written and `latest` names it (a second or so): under torchrun, another process's
+        failure reaches rank 0 as torchrun's SIGTERM most often while it writes, since the others do not wait
+        for that, and the run then kept the checkpoint a whole train.save_every before instead."""
         self._flush()
         self._last_saved_step = self.step
         if not self.distributed.is_main:
             return self.run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self.step)
-        return save_step_checkpoint(
-            self.run_dir,
-            step=self.step,
-            best=best,
-            keep_last=self.train_config.keep_last,
-            experiment=self.experiment,
-            tokenizer=self.tokenizer,
-            model=self.model,
-            trainer_state=self.state_dict(),
-        )
+        with interrupts_held():
+            return save_step_checkpoint(
+                self.run_dir,
+                step=self.step,
+                best=best,
+                keep_last=self.train_config.keep_last,
+                experiment=self.experiment,
+                tokenizer=self.tokenizer,
+                model=self.model,
+                trainer_state=self.state_dict(),
+            )
 
 
 def effective_batch_change(before: list[int] | None, now: list[int]) -> str | None:
