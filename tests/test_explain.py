@@ -145,3 +145,27 @@ def test_cli_prints_the_walkthrough_and_writes_figures(tmp_path: Path, capsys: p
     output = capsys.readouterr().out
     assert "q·k / sqrt(4)" in output and "softmax" in output
     assert len(list((tmp_path / "figs").glob("*.png"))) == 6
+
+
+def test_an_interrupted_figure_write_keeps_the_file_that_was_there(
+    result: Walkthrough, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while `explain --out` writes its figures: matplotlib had opened the file itself and cut it
+    short, so the figure drawn before was lost and a truncated PNG took its place."""
+    from matplotlib.figure import Figure
+
+    before = b"the figure of an earlier run"
+    (tmp_path / "positional_encoding.png").write_bytes(before)
+
+    def interrupted(figure: Figure, target: object, **kwargs: object) -> None:
+        if isinstance(target, (str, Path)):
+            Path(target).write_bytes(b"\x89PNG cut short")
+        else:
+            target.write(b"\x89PNG cut short")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_figures(result, tmp_path)
+    assert (tmp_path / "positional_encoding.png").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["positional_encoding.png"]  # no partial file

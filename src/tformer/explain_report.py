@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from tformer.explain import VOCABULARY, Walkthrough
+from tformer.viz.png_file import save_png
 from tformer.viz.positional import save_positional_png
 
 
@@ -376,6 +377,5 @@ def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
         ("cross_entropy.png", loss_figure),
         ("decoding.png", decoding_figure),
     ):
-        make(w).savefig(out_dir / name, dpi=100, format="png")
-        written.append(out_dir / name)
+        written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the file there before
     return written

@@ -21,7 +21,6 @@ are drawn in the default font with fallbacks for the scripts it lacks (`tformer.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,12 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from tformer.atomic_file import write_atomic
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.model import Transformer
 from tformer.viz.attention_kinds import KINDS
-from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing
+from tformer.viz.fonts import TextFonts, fonts_for, warn_missing
+from tformer.viz.png_file import save_png
 
 PNG_DPI = 100
 # Larger pictures take minutes and gigabytes to lay out and draw (4 bytes a pixel), and few viewers open
@@ -240,12 +239,7 @@ def save_figure(figure: Figure, path: str | Path, *, dpi: int = PNG_DPI) -> Path
     """Write a PNG. Figures are built with matplotlib's object API (no pyplot), so no backend or
     global figure registry is involved and nothing needs closing. Characters without a glyph are
     reported by the caller, once (`warn_missing`), not by matplotlib once each."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = io.BytesIO()
-    with no_glyph_warnings():
-        figure.savefig(image, dpi=dpi, format="png")
-    return write_atomic(path, image.getvalue())  # a failed write keeps the file that was there
+    return save_png(figure, path, dpi=dpi)  # a failed or interrupted write keeps the file that was there
 
 
 def save_attention_png(

@@ -11,7 +11,6 @@ one warning naming it, and a log in which no curve has a finite value is a `Metr
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import warnings
@@ -22,8 +21,8 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from tformer.atomic_file import write_atomic
-from tformer.viz.fonts import fonts_for, no_glyph_warnings, warn_missing
+from tformer.viz.fonts import fonts_for, warn_missing
+from tformer.viz.png_file import save_png
 
 METRICS_FILE = "metrics.jsonl"
 WALL_KEYS = ("wall_s", "wall_time", "elapsed_s", "elapsed")
@@ -172,9 +171,4 @@ def curves_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
 def save_curves_png(run_dir_or_file: str | Path, path: str | Path) -> Path:
     rows = read_metrics(run_dir_or_file)
     figure = curves_figure(rows, title=f"{Path(run_dir_or_file)} ({len(rows)} rows)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = io.BytesIO()
-    with no_glyph_warnings():
-        figure.savefig(image, dpi=100, format="png")
-    return write_atomic(path, image.getvalue())  # a failed write keeps the file that was there
+    return save_png(figure, path)  # a failed or interrupted write keeps the file that was there

@@ -12,6 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from tformer.model.embeddings import sinusoidal_table
+from tformer.viz.png_file import save_png
 
 
 def wave_kind(dimension: int, d_model: int, layout: str) -> str:
@@ -49,7 +50,4 @@ def positional_figure(
 def save_positional_png(
     path: str | Path, *, n_positions: int = 100, d_model: int = 64, layout: str = "interleaved"
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    positional_figure(n_positions, d_model, layout=layout).savefig(path, dpi=100, format="png")
-    return path
+    return save_png(positional_figure(n_positions, d_model, layout=layout), path)
