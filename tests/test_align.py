@@ -162,3 +162,23 @@ def test_align_refuses_to_write_over_its_input(
         == f"error: --out {out} is the {flag} file: writing would erase it; choose another file\n"
     )
     assert out.read_text(encoding="utf-8") == "ab cd\n"
+
+
+def test_align_keeps_an_existing_out_unless_overwrite(
+    copy_model: tuple[Transformer, Tokenizer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier --out (alignments of a large corpus, say: hours to make again) is kept, as translate and
+    evaluate keep an existing --output; it was replaced without a word."""
+    run = saved_run(copy_model, tmp_path / "run")
+    for side in ("src", "tgt"):
+        (tmp_path / side).write_text("ab cd\n", encoding="utf-8")
+    out = tmp_path / "earlier.align"
+    out.write_text("0-1 1-0\n", encoding="utf-8")
+    arguments = ["align", str(run), "--src", str(tmp_path / "src"), "--tgt", str(tmp_path / "tgt"), "--out", str(out)]
+    assert main(arguments) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out: {out} exists; pass --overwrite to replace it, or choose another file\n"
+    )
+    assert out.read_text(encoding="utf-8") == "0-1 1-0\n"
+    assert main([*arguments, "--overwrite"]) == 0
+    assert out.read_text(encoding="utf-8") == "0-0 1-1\n"

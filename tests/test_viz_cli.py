@@ -154,6 +154,7 @@ def test_a_write_that_fails_keeps_the_file_that_was_there(trained_run: tuple[Pat
             str(corpus["valid_tgt"]),
             "--out",
             str(outputs[3]),
+            "--overwrite",  # an existing --out is kept without it
         ],
     ]
     done = subprocess.run(

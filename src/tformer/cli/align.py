@@ -5,6 +5,9 @@ The model reads each given target (teacher forcing); subword attention is summed
 pieces and averaged over a target word's; each target word links to the source word it attends to most.
 The attention used is the average of all heads of one decoder layer: the penultimate by default
 (`--layer` picks another; negative counts from the end). See docs/explain.md.
+
+--out FILE is written once every pair is aligned, beside FILE and renamed into place; an existing FILE
+is kept unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tformer.cli.output_paths import check_not_an_input, check_output_file, check_stdout
+from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 
 HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
 
@@ -23,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
     parser.add_argument("--tgt", type=Path, required=True, help="target sentences, aligned with --src")
     parser.add_argument("--out", type=Path, help="write the alignments here (default: standard output)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--layer", type=int, help="decoder layer to read (default: the penultimate)")
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         check_stdout("align", output_flag="--out")
     else:
         check_not_an_input(args.out, "--out", [("--src", args.src), ("--tgt", args.tgt)])
-        check_output_file(args.out)
+        check_replaced_output(args.out, overwrite=args.overwrite, flag="--out")  # before loading the model
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     lines = align_files(loaded.model, loaded.tokenizer, args.src, args.tgt, layer=args.layer)
     if args.out is None:

@@ -46,17 +46,20 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
     _check_parents(path, flag)
 
 
-def check_replaced_output(output: Path, *, overwrite: bool, beside: tuple[Path, ...] = ()) -> bool:
-    """--output before the work that fills it: a file that can be written (`check_output_file`) and that,
-    with the files written `beside` it until it is complete, holds nothing unless `overwrite`. Returns
+def check_replaced_output(
+    output: Path, *, overwrite: bool, beside: tuple[Path, ...] = (), flag: str = "--output"
+) -> bool:
+    """--output (or the `flag` given) before the work that fills it: a file that can be written
+    (`check_output_file`) and that, with the files written `beside` it until it is complete, holds
+    nothing unless `overwrite`. Returns
     False for a device or a pipe (/dev/stdout, a FIFO), which holds nothing to keep and is written in
     place; True for a file (or none yet), to be written beside and renamed."""
-    check_output_file(output, "--output")
+    check_output_file(output, flag)
     if output.exists() and not output.is_file():
         return False
     for path in (output, *beside):
         if path.exists() and not overwrite:
-            raise ValueError(f"--output: {path} exists; pass --overwrite to replace it, or choose another file")
+            raise ValueError(f"{flag}: {path} exists; pass --overwrite to replace it, or choose another file")
     return True
 
 
