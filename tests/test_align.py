@@ -182,3 +182,30 @@ def test_align_keeps_an_existing_out_unless_overwrite(
     assert out.read_text(encoding="utf-8") == "0-1 1-0\n"
     assert main([*arguments, "--overwrite"]) == 0
     assert out.read_text(encoding="utf-8") == "0-0 1-1\n"
+
+
+def test_align_names_a_line_too_long_for_the_model_before_writing_any(
+    copy_model: tuple[Transformer, Tokenizer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line longer than the model's positions stopped align at the batch that held it, with the batches
+    before already on standard output, in a message that named neither the file nor the line (and advised
+    raising model.max_positions, which a trained model cannot)."""
+    model, tokenizer = copy_model
+    run = saved_run(copy_model, tmp_path / "run")
+    limit = model.config.max_positions
+    word = next(word for word in WORDS if len(tokenizer.encode_target(word)) == 1)
+    fits = " ".join([word] * (limit - 1))  # with <s> (or </s> on the source side): exactly the limit
+    too_long = f"{fits} {word}"
+    (tmp_path / "short").write_text("ab cd\n" * 41, encoding="utf-8")
+    (tmp_path / "long").write_text("ab cd\n" * 40 + too_long + "\n", encoding="utf-8")
+    for flags in (["--src", "long", "--tgt", "short"], ["--src", "short", "--tgt", "long"]):
+        arguments = [str(tmp_path / flag) if not flag.startswith("--") else flag for flag in flags]
+        assert main(["align", str(run), *arguments]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        expected = f"{tmp_path / 'long'} line 41 has {limit + 1} tokens; the model accepts at most {limit}: shorten it"
+        assert captured.err == f"error: {expected}\n"
+    (tmp_path / "fits").write_text(fits + "\n", encoding="utf-8")
+    (tmp_path / "one").write_text("ab\n", encoding="utf-8")
+    assert main(["align", str(run), "--src", str(tmp_path / "fits"), "--tgt", str(tmp_path / "one")]) == 0
+    assert main(["align", str(run), "--src", str(tmp_path / "one"), "--tgt", str(tmp_path / "fits")]) == 0

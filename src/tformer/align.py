@@ -135,6 +135,21 @@ def read_lines(path: str | Path) -> list[str]:
     return corpus.read_lines(path)
 
 
+def check_lengths(
+    model: Transformer, tokenizer, sources: tuple[str | Path, list[str]], targets: tuple[str | Path, list[str]]
+) -> None:
+    """Every line fits the model's positions with its </s> (source) or <s> (target), checked before the first
+    alignment is written: a long line found in a later batch stopped the job with part of the output
+    written, in a message that named neither the file nor the line."""
+    limit = model.config.max_positions
+    for (path, lines), encode in ((sources, tokenizer.encode_sources), (targets, tokenizer.encode_targets)):
+        for number, ids in enumerate(encode(lines), start=1):
+            if len(ids) + 1 > limit:
+                raise AlignmentError(
+                    f"{path} line {number} has {len(ids) + 1} tokens; the model accepts at most {limit}: shorten it"
+                )
+
+
 def align_files(
     model: Transformer, tokenizer, src_path: str | Path, tgt_path: str | Path, *, layer: int | None = None
 ) -> Iterator[str]:
@@ -144,6 +159,7 @@ def align_files(
         raise AlignmentError(
             f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}; give parallel files"
         )
+    check_lengths(model, tokenizer, (src_path, sources), (tgt_path, targets))
     for start in range(0, len(sources), BATCH_SIZE):
         chunk = list(zip(sources[start : start + BATCH_SIZE], targets[start : start + BATCH_SIZE], strict=True))
         for links in align_pairs(model, tokenizer, chunk, layer=layer):
