@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tformer.config import preset
+from tformer.config import DecodeConfig, preset
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
 from tformer.viz import attention_maps
@@ -127,6 +127,33 @@ def test_save_cross_attention_png_translates_and_labels_with_pieces(tmp_path: Pa
     assert attention.source_labels == [*tokenizer.source_pieces("one two"), "</s>"]
     assert attention.output_labels == [*tokenizer.target_pieces("two one"), "</s>"]
     assert attention.input_labels == ["<s>", *tokenizer.target_pieces("two one")]
+
+
+def test_a_translation_cut_off_at_the_length_limit_is_drawn_as_it_was_decoded(tmp_path: Path) -> None:
+    """A translation decoded up to the model's max_positions tokens (no eos: an undertrained model, or a
+    long sentence) was read back as <s> + every token, one position more than the model has, and
+    `tformer attention` failed with "target length 7 exceeds max_positions=6". The decoder read <s> and
+    all but the last token; each row is the step that predicted a token, and none predicted eos."""
+    sentences = ["one two three", "three two one", "two two one three"] * 5
+    tokenizer = Tokenizer.train(sentences, sentences, vocab_size=20)
+    size = tokenizer.src_vocab_size
+    model = Transformer(preset("tiny", src_vocab_size=size, tgt_vocab_size=size, max_positions=6), seed=0).eval()
+    no_eos = DecodeConfig(beam_size=1, min_len=100)  # decoding runs to the limit
+    attention = sentence_attention(model, tokenizer, "one two", decode_config=no_eos)
+    tokens = attention_maps.translate_ids(model, tokenizer, "one two", no_eos)
+    assert len(tokens) == 6
+    assert attention.input_labels == tokenizer.id_to_target_piece([tokenizer.bos_id, *tokens[:5]])
+    assert attention.output_labels == tokenizer.id_to_target_piece(tokens)
+    assert attention.decoder_self.shape[-2:] == (6, 6) and attention.cross.shape[-2] == 6
+    assert_png(save_attention_png(attention, tmp_path / "cut.png"))
+    long = "one two three one two three"
+    with_bos, with_eos = len(tokenizer.encode_target(long)) + 1, len(tokenizer.encode_source(long)) + 1
+    with pytest.raises(
+        AttentionPlotError, match=rf"^the target has {with_bos} tokens with <s>; the model accepts at most 6"
+    ):
+        sentence_attention(model, tokenizer, "one two", target_text=long)
+    with pytest.raises(AttentionPlotError, match=rf"^the sentence has {with_eos} tokens; the model accepts at most 6"):
+        sentence_attention(model, tokenizer, long)
 
 
 def test_dollar_signs_in_tokens_and_sentences_are_drawn_as_text(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def teacher_forced_attention(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(encoder_self LHSS, decoder_self LHTT, cross LHTS) for one pair.
 
-    `src_ids` is the full source (eos included); `tgt_ids` the target tokens without bos and eos.
+    `src_ids` is the full source (eos included); `tgt_ids` the target tokens the decoder reads after bos.
     """
     parameter = next(model.parameters())
     src_1S = torch.tensor([list(src_ids)], dtype=torch.long, device=parameter.device)
@@ -130,17 +130,32 @@ def sentence_attention(
     target_text: str | None = None,
     decode_config: DecodeConfig | None = None,
 ) -> SentenceAttention:
-    """Attention maps for `source_text` and its translation (decoded), or the given `target_text`."""
+    """Attention maps for `source_text` and its translation (decoded), or the given `target_text`.
+
+    A translation that decoding cut off at the model's length limit (`max_positions` tokens, no eos) has
+    no row predicting eos: its last token was predicted but never read, so the decoder reads <s> and
+    the tokens before it, as it did while decoding."""
+    limit = model.config.max_positions
     src_ids = [*tokenizer.encode_source(source_text), tokenizer.eos_id]
+    if len(src_ids) > limit:
+        raise AttentionPlotError(
+            f"the sentence has {len(src_ids)} tokens; the model accepts at most {limit}: shorten it"
+        )
     if target_text is None:
         tgt_ids = translate_ids(model, tokenizer, source_text, decode_config)
     else:
         tgt_ids = tokenizer.encode_target(target_text)
-    encoder_self, decoder_self, cross = teacher_forced_attention(model, src_ids, tgt_ids, bos_id=tokenizer.bos_id)
+        if len(tgt_ids) + 1 > limit:
+            raise AttentionPlotError(
+                f"the target has {len(tgt_ids) + 1} tokens with <s>; the model accepts at most {limit}: shorten it"
+            )
+    read_ids = tgt_ids[: limit - 1]  # the decoder's inputs after <s>: all of them unless cut off at the limit
+    predicted_ids = [*tgt_ids, tokenizer.eos_id] if len(tgt_ids) < limit else tgt_ids
+    encoder_self, decoder_self, cross = teacher_forced_attention(model, src_ids, read_ids, bos_id=tokenizer.bos_id)
     return SentenceAttention(
         source_labels=tokenizer.id_to_source_piece(src_ids),
-        input_labels=tokenizer.id_to_target_piece([tokenizer.bos_id, *tgt_ids]),
-        output_labels=tokenizer.id_to_target_piece([*tgt_ids, tokenizer.eos_id]),
+        input_labels=tokenizer.id_to_target_piece([tokenizer.bos_id, *read_ids]),
+        output_labels=tokenizer.id_to_target_piece(predicted_ids),
         encoder_self=encoder_self,
         decoder_self=decoder_self,
         cross=cross,
