@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -426,6 +427,20 @@ def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
         average_checkpoints(run_copy, last=2)
     with pytest.raises(CheckpointError, match="has 3 step checkpoints; ask for --last 3 or fewer"):
         average_checkpoints(run_copy, last=4, out=run_copy.parent / "avg")
+
+
+def test_average_leaves_out_checkpoints_newer_than_latest(run_copy: Path, capsys) -> None:
+    """`latest` set back by hand (docs/training.md: to continue from before a diverged stretch) names the
+    run the user keeps; its last K checkpoints were averaged with the abandoned ones after it."""
+    (run_copy / "latest").write_text("step-00000004\n", encoding="utf-8")
+    out = run_copy.parent / "averaged"
+    left_out = re.escape(f"left out step-00000006: newer than step-00000004, which {run_copy / 'latest'} names")
+    with pytest.warns(UserWarning, match=f"^{left_out}$"):
+        assert main(["average", str(run_copy), "--last", "2", "--out", str(out)]) == 0
+    assert json.loads((out / ckpt.EXPERIMENT_FILE).read_text())["averaged_from"] == ["step-00000002", "step-00000004"]
+    with pytest.warns(UserWarning, match=left_out):
+        assert main(["average", str(run_copy), "--last", "3", "--out", str(out.with_name("three"))]) == 2
+    assert capsys.readouterr().err == f"error: {run_copy} has 2 step checkpoints; ask for --last 2 or fewer\n"
 
 
 def test_average_of_a_run_without_checkpoints_says_so(run_copy: Path, capsys) -> None:

@@ -3,6 +3,10 @@
 The paper averages the last 5 checkpoints of its base models (and 20 of its big ones). The result is a
 self-describing checkpoint that `translate` and `evaluate` accept like any other; nothing existing is
 modified or overwritten.
+
+The last K are counted back from the checkpoint RUN_DIR/latest names: checkpoints newer than it (left
+behind by setting `latest` back by hand, docs/training.md) are not part of the run and are left out,
+with a warning.
 """
 
 from __future__ import annotations

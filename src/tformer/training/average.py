@@ -7,6 +7,7 @@ and an existing output directory is never overwritten. Sums are taken in float64
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         raise ckpt.CheckpointError(given_checkpoint)
     if not run_dir.is_dir() or not ckpt.is_run_dir(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no {ckpt.CHECKPOINTS_DIR}/)")
-    available = ckpt.step_checkpoints(run_dir)
+    available = _run_checkpoints(run_dir)
     if not available:  # a run stopped before its first save
         raise ckpt.CheckpointError(f"{run_dir} holds no step checkpoint yet, so nothing to average")
     if len(available) < last:
@@ -63,6 +64,24 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         trainer_state=None,
         extra={"averaged_from": [directory.name for directory in chosen]},
     )
+
+
+def _run_checkpoints(run_dir: Path) -> list[Path]:
+    """The step checkpoints of the run that `latest` continues, oldest first. Those newer than `latest`
+    (`latest` set back by hand to leave a diverged stretch behind, or a save whose pointer never moved)
+    are not part of it: a resume removes them, and the average leaves them out, with a warning."""
+    available = ckpt.step_checkpoints(run_dir)
+    latest = ckpt.read_pointer_name(run_dir, "latest")
+    if latest is None or not latest.startswith("step-"):
+        return available
+    later = [directory.name for directory in available if directory.name > latest]
+    if later:
+        warnings.warn(
+            f"left out {', '.join(later)}: newer than {latest}, which {run_dir / 'latest'} names",
+            UserWarning,
+            stacklevel=3,
+        )
+    return [directory for directory in available if directory.name <= latest]
 
 
 def _tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
