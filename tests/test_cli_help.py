@@ -49,3 +49,12 @@ def test_the_set_help_of_serve_names_what_applies_after_it() -> None:
     assert helps["translate"].endswith("the other decoding flags apply after it")
     assert helps["evaluate"] == helps["translate"]
     assert helps["serve"].endswith("a request's beam, nbest and max_length apply after it")
+
+
+def test_attention_help_says_a_negative_head_counts_from_the_end(capsys) -> None:
+    """`--head -1` draws the last head, as `--layer -1` the last layer; the help said only "0-based"."""
+    with pytest.raises(SystemExit):
+        main(["attention", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--head HEAD only this head (0-based; negative counts from the end)" in shown
+    assert "--layer LAYER only this layer (0-based; negative counts from the end)" in shown

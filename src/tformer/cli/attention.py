@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="FILE.png or FILE.html")
     parser.add_argument("--target", help="draw attention for this translation instead of decoding one")
     parser.add_argument("--layer", type=int, help="only this layer (0-based; negative counts from the end)")
-    parser.add_argument("--head", type=int, help="only this head (0-based)")
+    parser.add_argument("--head", type=int, help="only this head (0-based; negative counts from the end)")
     parser.add_argument("--kind", choices=KINDS, action="append", help="only these kinds of attention (repeatable)")
     parser.add_argument("--beam", type=positive_integer, help="beam size (default: the run's decode.beam_size)")
     parser.add_argument(
