@@ -99,6 +99,23 @@ def test_asking_for_a_missing_layer_head_or_kind_is_a_user_error(tiny_model: Tra
         attention_figure(attention, kinds=("decoder_cross",))
 
 
+def test_a_missing_layer_is_named_by_its_stack_when_encoder_and_decoder_differ() -> None:
+    """Two encoder layers and one decoder layer: `--layer 1` was refused with "this model has layers 0..0",
+    which hid the encoder's second layer (drawn with --kind encoder_self)."""
+    model = Transformer(preset("tiny", src_vocab_size=20, tgt_vocab_size=20, n_decoder_layers=1), seed=0).eval()
+    attention = fake_attention(model, [5, EOS], [9])
+    message = r"^decoder layer 1 does not exist; this model has decoder layers 0\.\.0$"
+    with pytest.raises(AttentionPlotError, match=message):
+        attention_figure(attention, layer=1)
+    with pytest.raises(AttentionPlotError, match=message):
+        attention_html(attention, layer=1)
+    with pytest.raises(
+        AttentionPlotError, match=r"^encoder layer 2 does not exist; this model has encoder layers 0\.\.1$"
+    ):
+        attention_figure(attention, layer=2, kinds=("encoder_self",))
+    attention_figure(attention, layer=1, kinds=("encoder_self",))
+
+
 def embedded_pngs(page: str) -> list[bytes]:
     return [base64.b64decode(data) for data in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
 

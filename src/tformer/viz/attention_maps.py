@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.model import Transformer
-from tformer.viz.attention_kinds import KINDS
+from tformer.viz.attention_kinds import KINDS, STACKS
 from tformer.viz.fonts import TextFonts, fonts_for, warn_missing
 from tformer.viz.png_file import save_png
 
@@ -227,7 +227,11 @@ def attention_figure(
     fonts = fonts or label_fonts(attention)
     for kind in kinds:
         attention.maps(kind)
-    rows = [(kind, index) for kind in kinds for index in select_indices(attention.maps(kind).shape[0], layer, "layer")]
+    rows = [
+        (kind, index)
+        for kind in kinds
+        for index in select_indices(attention.maps(kind).shape[0], layer, f"{STACKS[kind]} layer")
+    ]
     heads = select_indices(attention.maps(kinds[0]).shape[1], head, "head")
     width, height = panel_inches(attention, kinds)
     figsize = (max(5.5, width * len(heads)), (height + 0.4) * len(rows) + 0.7)

@@ -12,6 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from tformer.atomic_file import write_atomic
+from tformer.viz.attention_kinds import STACKS
 from tformer.viz.attention_maps import (
     KIND_TITLES,
     KINDS,
@@ -78,7 +79,7 @@ def attention_html(
     for kind in kinds:
         maps = attention.maps(kind)
         parts.append(f"<h2>{html.escape(KIND_TITLES[kind])}</h2>")
-        for layer_index in select_indices(maps.shape[0], layer, "layer"):
+        for layer_index in select_indices(maps.shape[0], layer, f"{STACKS[kind]} layer"):
             parts.append(f"<h3>layer {layer_index}</h3><div class='layer'>")
             for head_index in select_indices(maps.shape[1], head, "head"):
                 uri = png_data_uri(head_figure(attention, kind, layer_index, head_index, families=fonts.families))
