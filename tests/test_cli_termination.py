@@ -1,4 +1,4 @@
-"""Interrupts held back while torch is imported (tformer.cli.termination.interrupts_held)."""
+"""Interrupts held back while torch is imported (tformer.termination.interrupts_held)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tformer
-from tformer.cli.termination import interrupts_held
+from tformer.termination import interrupts_held
 
 SOURCE = str(Path(tformer.__file__).resolve().parents[1])  # the tformer these tests import
 

@@ -28,7 +28,7 @@ from tformer.cli import (
     train,
     translate,
 )
-from tformer.cli.termination import import_torch
+from tformer.termination import import_torch
 
 # torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
 # check of a tensor whose byte count overflows 64 bits (translate --beam 10**18)

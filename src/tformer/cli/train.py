@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tformer.cli.termination import sigterm_as_interrupt
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
+from tformer.termination import sigterm_as_interrupt
 
 if TYPE_CHECKING:
     from tformer.runtime import Distributed, Rendezvous

@@ -33,7 +33,7 @@ from tformer.cli.decode_options import (
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
-from tformer.cli.termination import sigterm_as_interrupt
+from tformer.termination import sigterm_as_interrupt
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 PARTIAL = ".partial"  # suffix of --output while it is written

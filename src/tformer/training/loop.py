@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tformer.cli.termination import interrupts_held
 from tformer.config import CompileMode, ConfigError, ExperimentConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
+from tformer.termination import interrupts_held
 from tformer.training import checkpoint as ckpt
 from tformer.training.errors import CheckpointSaveError as CheckpointSaveError  # the CLI imports it from here
 from tformer.training.errors import TrainingDivergedError, TrainingInterrupted, what_was_kept, why_diverged
