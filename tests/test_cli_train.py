@@ -957,3 +957,22 @@ def test_a_pipe_given_as_training_text_is_refused_in_one_line(
     argv[argv.index(str(workspace["valid_tgt"]))] = str(fifo)
     _fails_cleanly(capsys, argv, f"data.valid_tgt {fifo} is a pipe")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_ends_before_its_warmup_is_warned_about_even_under_quiet(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """max_steps below warmup_steps (a short run with the paper's 4000 warm-up steps): the learning rate
+    only rises and never reaches the maximum the schedule was set for; one warning line says so."""
+    capsys.readouterr()
+    assert main(_train_args(workspace, tmp_path / "short", "--max-steps", "2")) == 0  # warmup_steps = 3
+    printed = capsys.readouterr()
+    warned = [line for line in (printed.out + printed.err).splitlines() if "warmup_steps" in line]
+    assert warned == [
+        "warning: train.warmup_steps=3 is above train.max_steps=2: the learning rate rises for the whole run and "
+        "never reaches its maximum; set train.warmup_steps to a fraction of max_steps (e.g. --set "
+        "train.warmup_steps=1)"
+    ]
+    assert main(_train_args(workspace, tmp_path / "long", "--max-steps", "3")) == 0  # reaches it at step 3
+    printed = capsys.readouterr()
+    assert "warmup_steps" not in printed.out + printed.err

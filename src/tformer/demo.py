@@ -39,6 +39,7 @@ class DemoConfig:
     balanced_fraction: float = 0.1  # share of training numbers drawn digit-balanced (see make_number_splits)
     average_last: int = 5  # checkpoints (one per 100 steps) averaged into the final model, as paper §6.1
     train_steps: int = 1_300
+    warmup_steps: int = 200  # below train_steps: the learning rate reaches its peak and decays
     train_seconds: float = 150.0  # a cap for slow machines; 1,300 steps take about 2 minutes on 2 cores
     seed: int = 0
     n_examples: int = 8
@@ -73,7 +74,7 @@ def demo_experiment(data_dir: Path, config: DemoConfig) -> ExperimentConfig:
             max_time_s=config.train_seconds,
             schedule="peak",
             peak_lr=2e-3,
-            warmup_steps=200,
+            warmup_steps=config.warmup_steps,
             label_smoothing=0.0,
             clip_norm=1.0,
             seed=config.seed,
@@ -177,5 +178,12 @@ def _report(result: DemoResult, test, hypotheses: list[str], n_examples: int) ->
 def quick_config() -> DemoConfig:
     """A seconds-long version for tests: same pipeline, far less data and training."""
     return dataclasses.replace(
-        DemoConfig(), n_train=3_000, n_valid=50, n_test=100, train_steps=20, train_seconds=10.0, n_examples=3
+        DemoConfig(),
+        n_train=3_000,
+        n_valid=50,
+        n_test=100,
+        train_steps=20,
+        warmup_steps=5,
+        train_seconds=10.0,
+        n_examples=3,
     )

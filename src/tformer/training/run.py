@@ -28,6 +28,7 @@ from tformer.config import (
     DataConfig,
     ExperimentConfig,
     ModelConfig,
+    TrainConfig,
     apply_overrides,
     expand_preset,
     experiment_from_dict,
@@ -52,6 +53,7 @@ from tformer.training.run_directory import (
     replaceable,
 )
 from tformer.training.run_lock import RunLock
+from tformer.training.schedule import warmup_advice
 from tformer.training.training_text import (
     Say,
     TrainingText,
@@ -115,6 +117,7 @@ def _new_trainer(
     encoded_from: Path | None,
 ) -> Trainer:
     say = _sayer(quiet=quiet, main_process=distributed.is_main)
+    _warn_about_warmup(experiment.train, say)
     data = absolute_data_paths(experiment.data)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
@@ -298,6 +301,7 @@ def _resumed_trainer(
         _check_same_run(experiment, expected)
         experiment = dataclasses.replace(experiment, train=expected.train, decode=expected.decode)
     experiment = _resume_overrides(experiment, overrides)
+    _warn_about_warmup(experiment.train, say)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
     tokenizer = ckpt.load_tokenizer(checkpoint)
@@ -461,6 +465,12 @@ def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) ->
         if not text.strip().startswith(("train.", "decode.")):
             raise ConfigError(f"--resume keeps the run's model and data; only train.* and decode.* may change: {text}")
     return experiment_from_dict(apply_overrides(experiment_to_dict(experiment), overrides))
+
+
+def _warn_about_warmup(train: TrainConfig, say: Say) -> None:
+    advice = warmup_advice(train)
+    if advice is not None:
+        say(advice)
 
 
 def _seed_everything(seed: int) -> None:

@@ -36,3 +36,16 @@ def learning_rate(step: int, train: TrainConfig, *, d_model: int) -> float:
     if train.schedule == "peak":
         return peak_lr(step, peak=train.peak_lr, warmup=train.warmup_steps)
     return inverse_sqrt_lr(step, d_model=d_model, warmup=train.warmup_steps, scale=train.lr_scale)
+
+
+def warmup_advice(train: TrainConfig) -> str | None:
+    """A warning when the run ends before its warm-up does: the learning rate then rises for the whole run
+    and never reaches the maximum the schedule was chosen for (a short run's max_steps with the paper's
+    4000 warm-up steps is the usual way to get there)."""
+    if not train.warmup_ramp or train.max_steps == 0 or train.warmup_steps <= train.max_steps:
+        return None
+    return (
+        f"warning: train.warmup_steps={train.warmup_steps} is above train.max_steps={train.max_steps}: the "
+        "learning rate rises for the whole run and never reaches its maximum; set train.warmup_steps to a "
+        f"fraction of max_steps (e.g. --set train.warmup_steps={max(1, train.max_steps // 10)})"
+    )
