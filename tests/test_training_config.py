@@ -224,3 +224,16 @@ def test_an_unlimited_time_stored_as_infinity_still_loads() -> None:
     stored = json.loads(json.dumps(experiment_to_dict(load_experiment(None, ["train.max_time_s=inf"]))))
     assert stored["train"]["max_time_s"] == float("inf")
     assert experiment_from_dict(stored).train.max_time_s == float("inf")
+
+
+def test_a_section_check_read_from_a_file_or_set_names_its_section() -> None:
+    """train.seed and decode.seed both exist: "seed must be in [0, 2**63)" left the user to guess which;
+    read through --set (or a file), a check that starts with a key names the key's section."""
+    with pytest.raises(ConfigError, match=re.escape("decode.seed must be in [0, 2**63), got -1")):
+        load_experiment(None, ["decode.seed=-1"])
+    with pytest.raises(ConfigError, match=re.escape("model.dropout must be in [0, 1), got 2.0")):
+        load_experiment(None, ["model.dropout=2.0"])
+    with pytest.raises(ConfigError, match=r"^train\.seed must be in \[0, 2\*\*32\), got -1$"):  # not train.train.
+        load_experiment(None, ["train.seed=-1"])
+    with pytest.raises(ConfigError, match=r"^seed must be in"):  # the Python API names the key as written
+        DecodeConfig(seed=-1)

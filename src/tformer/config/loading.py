@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import types
 import typing
@@ -43,7 +44,20 @@ def config_from_dict(
         raise ConfigError(f"unknown key(s) {', '.join(unknown)}{where}; valid keys: {', '.join(valid)}{hint}")
     hints = typing.get_type_hints(cls)
     checked = {key: _check_type(key, value, hints[key], where) for key, value in values.items()}
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except ConfigError as error:
+        raise ConfigError(named_in_section(str(error), section, field_names(cls))) from None
+
+
+def named_in_section(message: str, section: str, keys: Sequence[str]) -> str:
+    """A config class's own check names a key alone ("seed must be in ..."), as its Python users write it;
+    read from a file or --set, which key it is depends on the section (train.seed and decode.seed both
+    exist), so the message that starts with a key gets its section: "decode.seed must be in ..."."""
+    first_word = re.match(r"\w+", message)
+    if not section or first_word is None or first_word.group() not in keys:
+        return message
+    return f"{section}.{message}"
 
 
 def did_you_mean(unknown: Sequence[str], valid: Sequence[str], other_sections: Mapping[str, Sequence[str]] = {}) -> str:
