@@ -237,3 +237,15 @@ def test_a_section_check_read_from_a_file_or_set_names_its_section() -> None:
         load_experiment(None, ["train.seed=-1"])
     with pytest.raises(ConfigError, match=r"^seed must be in"):  # the Python API names the key as written
         DecodeConfig(seed=-1)
+
+
+def test_a_file_name_toml_reads_as_a_number_is_refused_with_how_to_quote_it() -> None:
+    """`--set data.train_src=2016` (a file called 2016) reaches the config as the integer 2016; the error
+    says how to write it as a string, in a file and through the shell."""
+    with pytest.raises(ConfigError) as refused:
+        load_experiment(None, ["data.train_src=2016"])
+    assert str(refused.value) == (
+        'train_src in [data] must be a string; got 2016; write it in quotes: train_src = "2016" in a file, '
+        "--set 'data.train_src=\"2016\"' on the command line"
+    )
+    assert load_experiment(None, ['data.train_src="2016"']).data.train_src == "2016"

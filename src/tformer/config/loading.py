@@ -155,6 +155,16 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}{where} must be a string; got {value!r}")
+            raise ConfigError(f"{key}{where} must be a string; got {value!r}{_quoting_advice(key, value, where)}")
         return value
     return value
+
+
+def _quoting_advice(key: str, value: Any, where: str) -> str:
+    """How to write a name TOML reads as a number (a file called 2016) as a string: in quotes, and on the
+    command line inside shell quotes too, which the shell would otherwise take away."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    section = re.search(r"\[(\w+)\]", where)
+    dotted = f"{section.group(1)}.{key}" if section else key
+    return f'; write it in quotes: {key} = "{value}" in a file, --set \'{dotted}="{value}"\' on the command line'
