@@ -36,7 +36,7 @@ from tformer.training.run import check_same_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SETTINGS = ("train.max_steps=4", "train.save_every=2", "train.log_every=2", "model.dropout=0.0")
+SETTINGS = ("train.max_steps=4", "train.warmup_steps=2", "train.save_every=2", "train.log_every=2", "model.dropout=0.0")
 
 
 def _free_port() -> int:
@@ -158,7 +158,19 @@ def _finish(processes: list[subprocess.Popen], *, timeout: float = 60) -> list[s
 def _train_argv(corpus: dict, out: Path, *extra: str) -> list[str]:
     experiment = ["--set", "model.preset=tiny", "--vocab-size", "48", "--max-tokens", "256", "--device", "cpu"]
     data = ["--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"])]
-    return ["train", *data, *experiment, "--max-steps", "4", "--quiet", "--out", str(out), *extra]
+    return [
+        "train",
+        *data,
+        *experiment,
+        "--max-steps",
+        "4",
+        "--set",
+        "train.warmup_steps=2",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # `python -c FAILING_AT_STEP_3 train ...`: tformer train, failing in its third step (as out of memory would)

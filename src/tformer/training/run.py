@@ -117,7 +117,6 @@ def _new_trainer(
     encoded_from: Path | None,
 ) -> Trainer:
     say = _sayer(quiet=quiet, main_process=distributed.is_main)
-    _warn_about_warmup(experiment.train, say)
     data = absolute_data_paths(experiment.data)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
@@ -131,6 +130,7 @@ def _new_trainer(
     # the smallest vocabulary a tokenizer can have: a model too large even with it is refused before the data is read
     smallest = smallest_vocab_size(byte_fallback=data.byte_fallback)
     check_fits_in_memory(dataclasses.replace(experiment.model, src_vocab_size=smallest, tgt_vocab_size=smallest))
+    _warn_about_warmup(experiment.train, say)  # once the settings are known to be ones it trains with
     valid_text = read_validation_text(data)  # small: its errors come before the training text is even read
     corpus = read_training_text(data)
     say(f"training data: {corpus.summary}")
@@ -301,9 +301,9 @@ def _resumed_trainer(
         _check_same_run(experiment, expected)
         experiment = dataclasses.replace(experiment, train=expected.train, decode=expected.decode)
     experiment = _resume_overrides(experiment, overrides)
-    _warn_about_warmup(experiment.train, say)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
+    _warn_about_warmup(experiment.train, say)
     tokenizer = ckpt.load_tokenizer(checkpoint)
     model = Transformer(experiment.model)
     training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)
