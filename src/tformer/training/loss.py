@@ -1,13 +1,25 @@
 """Label-smoothed cross-entropy over the target tokens, padding ignored (paper section 5.4).
 
-With smoothing eps over a vocabulary of V, the target distribution puts 1 - eps on the reference token
-and eps / V on every token (the reference included), which is what
-`torch.nn.functional.cross_entropy(label_smoothing=eps)` computes:
+Label smoothing (the paper's eps_ls = 0.1, `train.label_smoothing`) trains each position t against a
+softened target distribution q_t instead of the one-hot reference y_t. Over a vocabulary of V tokens,
 
-    loss_t = (1 - eps) * -log p(y_t) + eps * mean_v -log p(v)
+    q_t(v) = (1 - eps) * [v == y_t] + eps / V
 
-The loss comes back as a *sum* with its token count, never a mean, so that gradient accumulation
-over micro-batches and averaging across processes divide once by the true total and stay exact.
+that is, 1 - eps + eps / V on the reference token and eps / V on every other one (pad included, as
+in torch). The cross-entropy against q_t splits into the usual negative log-likelihood and the
+cross-entropy against the uniform distribution, which is how it is computed below:
+
+    loss_t = -sum_v q_t(v) * log p(v) = (1 - eps) * -log p(y_t) + eps * mean_v -log p(v)
+
+This is what `torch.nn.functional.cross_entropy(label_smoothing=eps)` computes (tests compare them).
+The plain NLL, -log p(y_t), is returned beside it: the paper notes that smoothing "hurts perplexity",
+so perplexity is reported from the NLL, not from the smoothed loss.
+
+Padding: a position whose target is `pad_id` contributes nothing (neither term) and is not counted.
+The loss comes back as a *sum* with its token count, never a mean: the caller divides by the target
+tokens of the whole update (training/step.py), so that the loss is per target token, and gradient
+accumulation over micro-batches and averaging across processes divide once by the true total and stay
+exact (a mean of per-batch means would give each token of a batch with few tokens more weight).
 
 `chunked_label_smoothed_loss` computes the same sums from the final hidden states, projecting to the
 vocabulary `chunk` positions at a time. Each chunk runs under activation checkpointing: its logits are
@@ -44,8 +56,9 @@ def label_smoothed_loss(logits_BTV: Tensor, target_BT: Tensor, *, smoothing: flo
     log_probs_NV = F.log_softmax(logits_BTV.flatten(0, 1).to(dtype), dim=-1)
     target_N = target_BT.flatten()
     keep_N = target_N != pad_id
+    # -log p(y_t); the clamp only keeps gather's index valid for a negative pad_id, whose rows where() drops
     nll_N = -log_probs_NV.gather(1, target_N.clamp(min=0)[:, None]).squeeze(1)
-    uniform_N = -log_probs_NV.mean(dim=-1)
+    uniform_N = -log_probs_NV.mean(dim=-1)  # cross-entropy against the uniform distribution 1 / V
     loss_N = (1.0 - smoothing) * nll_N + smoothing * uniform_N
     zero = log_probs_NV.new_zeros(())
     # where(), not multiplication by the mask: a non-finite value at a padded position must not leak.
