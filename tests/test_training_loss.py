@@ -34,6 +34,44 @@ def test_loss_matches_torch_cross_entropy_with_ignore_index(smoothing: float) ->
     assert int(sums.n_tokens) == int((target_BT != 0).sum()) == 15 - 2 - 4
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_loss_is_the_cross_entropy_against_the_papers_smoothed_targets(smoothing: float) -> None:
+    """Section 5.4 written out: q(v) = (1 - eps) [v == y] + eps / V, loss = -sum_v q(v) log p(v) over
+    the positions whose target is not padding, and n_tokens counts exactly those positions."""
+    generator = torch.Generator().manual_seed(2)
+    V = 7
+    logits_BTV = torch.randn(2, 4, V, generator=generator, dtype=torch.float64) * 2
+    target_BT = torch.tensor([[5, 3, 6, 0], [4, 0, 0, 0]])  # pad = 0 closes each row
+    expected_loss = expected_nll = 0.0
+    for b, t in itertools.product(range(2), range(4)):
+        y = int(target_BT[b, t])
+        if y == 0:
+            continue
+        p = logits_BTV[b, t].softmax(dim=-1)
+        q = [(1 - smoothing) * (v == y) + smoothing / V for v in range(V)]
+        expected_loss -= sum(q[v] * math.log(p[v]) for v in range(V))
+        expected_nll -= math.log(p[y])
+    sums = label_smoothed_loss(logits_BTV, target_BT, smoothing=smoothing, pad_id=0)
+    assert float(sums.loss_sum) == pytest.approx(expected_loss, rel=1e-12)
+    assert float(sums.nll_sum) == pytest.approx(expected_nll, rel=1e-12)
+    assert int(sums.n_tokens) == 4
+
+
+def test_loss_gradient_matches_torch_and_is_zero_at_padding() -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits_BTV = torch.randn(3, 5, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    target_BT = torch.randint(1, 11, (3, 5), generator=generator)
+    target_BT[1, 2:] = 0
+    label_smoothed_loss(logits_BTV, target_BT, smoothing=0.1, pad_id=0).loss_sum.backward()
+    ours = logits_BTV.grad.clone()
+    logits_BTV.grad = None
+    F.cross_entropy(
+        logits_BTV.flatten(0, 1), target_BT.flatten(), ignore_index=0, label_smoothing=0.1, reduction="sum"
+    ).backward()
+    torch.testing.assert_close(ours, logits_BTV.grad, rtol=1e-12, atol=1e-15)
+    assert torch.equal(ours[1, 2:], torch.zeros_like(ours[1, 2:]))  # padded positions are not trained
+
+
 def test_loss_ignores_non_finite_logits_at_padding() -> None:
     logits_BTV = torch.zeros(1, 3, 4)
     logits_BTV[0, 2] = float("nan")
