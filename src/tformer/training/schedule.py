@@ -1,13 +1,19 @@
-"""Learning-rate schedules. `step` counts optimizer updates from 1.
+"""Learning-rate schedules. `step` counts optimizer updates from 1 (step^-0.5 has no value at 0).
 
-inverse_sqrt (paper, eq. 3):  lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+inverse_sqrt (paper section 5.3, eq. 3):
+                              lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
 peak:                         lr = peak * step / warmup           for step <= warmup
                               lr = peak * sqrt(warmup / step)     afterwards
 
-Both rise linearly for `warmup` steps and then decay with the inverse square root of the step; the
-peak form states the top learning rate directly instead of deriving it from d_model. Both are
-continuous at step = warmup, where they reach their maximum. Without the ramp (train.warmup_ramp =
-false, the "no warm-up" ablation) the rate holds that maximum from step 1 until step = warmup.
+In eq. 3 the second argument of min is the smaller one while step < warmup: the rate rises linearly,
+by d_model^-0.5 * warmup^-1.5 per step; from step = warmup on the first is, and the rate decays with
+the inverse square root of the step. The two meet at step = warmup, the maximum, d_model^-0.5 *
+warmup^-0.5: the paper's base model (d_model 512, warmup_steps 4000) peaks at about 7.0e-4, the big
+one (d_model 1024) at about 4.9e-4. `scale` (train.lr_scale) multiplies the whole curve.
+
+The peak form is the same curve with its top stated directly instead of derived from d_model: eq. 3
+is the peak form with peak = scale * d_model^-0.5 * warmup^-0.5. Without the ramp (train.warmup_ramp
+= false, the "no warm-up" ablation) either rate holds its maximum from step 1 until step = warmup.
 """
 
 from __future__ import annotations
