@@ -1,6 +1,8 @@
-"""Shared test helpers: tiny models with deterministic, non-trivial weights."""
+"""Shared test helpers: tiny models with deterministic, non-trivial weights; the paper's learning rate."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,3 +16,8 @@ def perturbed(model: Transformer, seed: int = 0, scale: float = 0.1) -> Transfor
         for parameter in model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
     return model
+
+
+def paper_lr(step: int, *, d_model: int, warmup: int, scale: float = 1.0) -> float:
+    """Eq. 3 of the paper, written independently of tformer.training.schedule."""
+    return scale / math.sqrt(d_model) * min(1.0 / math.sqrt(step), step / warmup / math.sqrt(warmup))

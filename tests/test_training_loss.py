@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import paper_lr
 
 from tformer.config import TrainConfig, preset
 from tformer.model import Transformer
@@ -97,6 +98,12 @@ def test_inverse_sqrt_schedule_is_the_papers_formula() -> None:
         expected = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
         assert inverse_sqrt_lr(step, d_model=d_model, warmup=warmup) == pytest.approx(expected, rel=1e-15)
     assert inverse_sqrt_lr(4000, d_model=512, warmup=4000, scale=2.0) == pytest.approx(2 * 512**-0.5 * 4000**-0.5)
+    # the base model's schedule (d_model 512, 4000 warm-up steps), worked out by hand: it starts near 1.7e-7,
+    # peaks near 7.0e-4 at step 4000 and has fallen to 1.4e-4 by step 100,000 (big, d_model 1024: 4.9e-4 peak)
+    assert inverse_sqrt_lr(1, d_model=512, warmup=4000) == pytest.approx(1.7469281e-7, rel=1e-7)
+    assert inverse_sqrt_lr(4000, d_model=512, warmup=4000) == pytest.approx(6.9877124e-4, rel=1e-7)
+    assert inverse_sqrt_lr(100_000, d_model=512, warmup=4000) == pytest.approx(1.3975425e-4, rel=1e-7)
+    assert inverse_sqrt_lr(4000, d_model=1024, warmup=4000) == pytest.approx(4.9410588e-4, rel=1e-7)
     # linear warm-up, peak at warmup, then the inverse square root of the step
     assert inverse_sqrt_lr(2000, d_model=512, warmup=4000) == pytest.approx(
         inverse_sqrt_lr(4000, d_model=512, warmup=4000) / 2
@@ -132,6 +139,38 @@ def test_without_the_ramp_the_peak_holds_from_the_first_step(schedule: str) -> N
     assert learning_rate(1, ramped, d_model=256) == pytest.approx(peak / 500)
     for step in (501, 2000, 40_000):  # the same decay once the warm-up would have ended
         assert learning_rate(step, flat, d_model=256) == learning_rate(step, ramped, d_model=256)
+
+
+@pytest.mark.parametrize("d_model", [32, 512, 1024])
+@pytest.mark.parametrize("warmup", [1, 2, 7, 4000])
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_inverse_sqrt_schedule_is_eq_3(d_model: int, warmup: int, scale: float) -> None:
+    train = TrainConfig(warmup_steps=warmup, lr_scale=scale)
+    steps = sorted({*range(1, 3 * min(warmup, 50) + 2), warmup - 1, warmup, warmup + 1, 2 * warmup, 10**5} - {0})
+    for step in steps:
+        expected = paper_lr(step, d_model=d_model, warmup=warmup, scale=scale)
+        assert learning_rate(step, train, d_model=d_model) == pytest.approx(expected, rel=1e-14, abs=0), step
+    # rises to its maximum scale * (d_model * warmup)^-1/2 at step = warmup, falls after
+    top = scale / math.sqrt(d_model * warmup)
+    assert learning_rate(warmup, train, d_model=d_model) == pytest.approx(top, rel=1e-14)
+    assert max(learning_rate(s, train, d_model=d_model) for s in steps) == pytest.approx(top, rel=1e-14)
+
+
+@pytest.mark.parametrize("warmup", [1, 3, 4000])
+def test_peak_schedule_and_no_ramp_match_their_formulas(warmup: int) -> None:
+    peak = 7e-4
+    steps = sorted({*range(1, 20), warmup - 1, warmup, warmup + 1, 3 * warmup, 10**5} - {0})
+    for step in steps:
+        expected = peak * step / warmup if step <= warmup else peak / math.sqrt(step / warmup)
+        train = TrainConfig(schedule="peak", peak_lr=peak, warmup_steps=warmup)
+        assert learning_rate(step, train, d_model=512) == pytest.approx(expected, rel=1e-14, abs=0), step
+        # without the ramp the rate holds the maximum until warm-up would have ended
+        flat = TrainConfig(schedule="peak", peak_lr=peak, warmup_steps=warmup, warmup_ramp=False)
+        expected_flat = peak if step <= warmup else expected
+        assert learning_rate(step, flat, d_model=512) == pytest.approx(expected_flat, rel=1e-14, abs=0)
+        flat_paper = TrainConfig(warmup_steps=warmup, warmup_ramp=False)
+        expected_paper = paper_lr(max(step, warmup), d_model=512, warmup=warmup)
+        assert learning_rate(step, flat_paper, d_model=512) == pytest.approx(expected_paper, rel=1e-14, abs=0)
 
 
 def test_optimizer_is_adam_with_the_papers_settings() -> None:

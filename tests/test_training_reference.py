@@ -16,12 +16,10 @@ what tformer's `share_embeddings = true, tie_output = false` and `final_logits_b
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import perturbed
+from helpers import paper_lr, perturbed
 from torch import Tensor, nn
 
 from tformer.config import TrainConfig, preset
@@ -49,11 +47,6 @@ PARAM_ATOL = 1e-11
 # both models hold rounding noise of about 3e-17 there, which Adam divides by eps = 1e-9: such a
 # parameter drifts by up to lr * 3e-8 a step in either model (the 4 steps' lrs sum to 0.38).
 KEY_BIAS_ATOL = 3e-8
-
-
-def paper_lr(step: int, *, d_model: int, warmup: int, scale: float = 1.0) -> float:
-    """Eq. 3 of the paper, written independently of tformer.training.schedule."""
-    return scale / math.sqrt(d_model) * min(1.0 / math.sqrt(step), step / warmup / math.sqrt(warmup))
 
 
 def random_pairs(n: int, *, src_vocab: int, tgt_vocab: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -214,35 +207,3 @@ def test_updates_match_plain_pytorch_on_marian(
         # bias in three (2 more tensors per attention), each cross-attention K|V in two (1 more)
         split = 4 * config.n_encoder_layers + 6 * config.n_decoder_layers
         assert len(params) == sum(p.requires_grad for p in ours.parameters()) + split
-
-
-@pytest.mark.parametrize("d_model", [32, 512, 1024])
-@pytest.mark.parametrize("warmup", [1, 2, 7, 4000])
-@pytest.mark.parametrize("scale", [1.0, 2.0])
-def test_inverse_sqrt_schedule_is_eq_3(d_model: int, warmup: int, scale: float) -> None:
-    train = TrainConfig(warmup_steps=warmup, lr_scale=scale)
-    steps = sorted({*range(1, 3 * min(warmup, 50) + 2), warmup - 1, warmup, warmup + 1, 2 * warmup, 10**5} - {0})
-    for step in steps:
-        expected = paper_lr(step, d_model=d_model, warmup=warmup, scale=scale)
-        assert learning_rate(step, train, d_model=d_model) == pytest.approx(expected, rel=1e-14, abs=0), step
-    # rises to its maximum scale * (d_model * warmup)^-1/2 at step = warmup, falls after
-    top = scale / math.sqrt(d_model * warmup)
-    assert learning_rate(warmup, train, d_model=d_model) == pytest.approx(top, rel=1e-14)
-    assert max(learning_rate(s, train, d_model=d_model) for s in steps) == pytest.approx(top, rel=1e-14)
-
-
-@pytest.mark.parametrize("warmup", [1, 3, 4000])
-def test_peak_schedule_and_no_ramp_match_their_formulas(warmup: int) -> None:
-    peak = 7e-4
-    steps = sorted({*range(1, 20), warmup - 1, warmup, warmup + 1, 3 * warmup, 10**5} - {0})
-    for step in steps:
-        expected = peak * step / warmup if step <= warmup else peak / math.sqrt(step / warmup)
-        train = TrainConfig(schedule="peak", peak_lr=peak, warmup_steps=warmup)
-        assert learning_rate(step, train, d_model=512) == pytest.approx(expected, rel=1e-14, abs=0), step
-        # without the ramp the rate holds the maximum until warm-up would have ended
-        flat = TrainConfig(schedule="peak", peak_lr=peak, warmup_steps=warmup, warmup_ramp=False)
-        expected_flat = peak if step <= warmup else expected
-        assert learning_rate(step, flat, d_model=512) == pytest.approx(expected_flat, rel=1e-14, abs=0)
-        flat_paper = TrainConfig(warmup_steps=warmup, warmup_ramp=False)
-        expected_paper = paper_lr(max(step, warmup), d_model=512, warmup=warmup)
-        assert learning_rate(step, flat_paper, d_model=512) == pytest.approx(expected_paper, rel=1e-14, abs=0)
