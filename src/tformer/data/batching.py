@@ -1,13 +1,19 @@
 """Token-budget batching with length bucketing (fairseq's `--max-tokens`), collation, and a resumable
 stream of batches for training.
 
-A batch's cost is the number of token slots it occupies once padded:
+The paper (section 5.1): "Sentence pairs were batched together by approximate sequence length. Each
+training batch contained a set of sentence pairs containing approximately 25000 source tokens and 25000
+target tokens." A batch is therefore sized by tokens, not by a number of sentences: many short pairs or
+few long ones. Here the budget `max_tokens` bounds the token slots a batch occupies once padded, so
+`max_tokens = 25000` holds at most 25000 source and at most 25000 target tokens, padding included.
+(The paper's batch is one update over its 8 GPUs; here an update reads processes x max_tokens x
+train.accumulate slots, docs/training.md.) A batch's cost is:
 
     batch_cost(n, max_src_len, max_tgt_len) = n * max(max_src_len + 1, max_tgt_len + 1)
 
-(+1 for the eos appended to sources and the bos/eos added to the target). Taking the larger side bounds
-both the encoder's B x S and the decoder's B x T tensors, so `max_tokens` caps activation memory
-whichever side is longer. Pairs are sorted by length before batches are cut, so each batch holds
+(+1 for the eos appended to sources, and for the bos of tgt_in / the eos of tgt_out). Taking the
+larger side bounds both the encoder's B x S and the decoder's B x T tensors, so `max_tokens` caps
+activation memory whichever side is longer. Pairs are sorted by length before batches are cut, so each batch holds
 sentences of similar length and little padding; the order of batches is then shuffled.
 
 Everything random derives from (seed, epoch): plans are regenerated, never stored, and a resumed run
@@ -38,8 +44,16 @@ class Batch:
 
     src_ids  B S: tokens + [eos]      tgt_in  B T: [bos] + tokens      tgt_out  B T: tokens + [eos]
     indices  B:   positions of the pairs in the dataset (kept on the CPU by `to`, for host bookkeeping).
-    `n_src_tokens` / `n_tgt_tokens` count non-pad positions; they are counted on the CPU at collate time
-    so that normalising a loss by them never waits for a device.
+
+    Teacher forcing: `tgt_in` is `tgt_out` shifted right by one (the paper's "output embeddings are
+    offset by one position", section 3.1). Decoder position t reads the reference tokens before t, never
+    the model's own guesses, and is trained to predict `tgt_out[:, t]`; with the causal mask, every
+    position of every sentence is trained in one pass. For y = [y1, y2]: tgt_in [bos, y1, y2], tgt_out
+    [y1, y2, eos].
+
+    `n_src_tokens` / `n_tgt_tokens` count non-pad positions (`n_tgt_tokens`: those of `tgt_out`, the
+    positions the loss is averaged over); they are counted on the CPU at collate time so that
+    normalising a loss by them never waits for a device.
     """
 
     src_ids: Tensor
@@ -88,7 +102,8 @@ def collate(
     src_ids = pairs.sources.padded(rows_B, first=None, last=eos_id, pad_id=pad_id)
     tgt_in = pairs.targets.padded(rows_B, first=bos_id, last=None, pad_id=pad_id)
     tgt_out = pairs.targets.padded(rows_B, first=None, last=eos_id, pad_id=pad_id)
-    # real (non-pad) positions: each row's ids plus its eos (source) or its bos / eos (target)
+    # real (non-pad) positions: each row's ids plus its eos (in src_ids; in tgt_out, where the loss counts
+    # them: tgt_in's bos is an input, never a target, and takes the place of that eos in the count)
     n_src = int(pairs.sources.row_lengths(rows_B).sum()) + len(rows_B)
     n_tgt = int(pairs.targets.row_lengths(rows_B).sum()) + len(rows_B)
     return Batch(src_ids, tgt_in, tgt_out, torch.from_numpy(rows_B.copy()), n_src, n_tgt)
