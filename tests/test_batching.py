@@ -45,6 +45,30 @@ def test_collate_follows_the_conventions() -> None:
     assert batch.n_tgt_tokens == int((batch.tgt_out != PAD).sum())
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(st.integers(3, 50), max_size=6), st.lists(st.integers(3, 50), max_size=6)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_collate_is_teacher_forcing_written_out(pairs) -> None:
+    """Each row padded by hand: the decoder reads [bos] + y and predicts y + [eos], so tgt_in is tgt_out
+    shifted right by one, and n_tgt_tokens counts the positions of tgt_out that are not padding."""
+    batch = collate(pairs, list(range(len(pairs))), pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    S, T = max(len(x) for x, _ in pairs) + 1, max(len(y) for _, y in pairs) + 1
+
+    def padded(row: list[int], width: int) -> list[int]:
+        return row + [PAD] * (width - len(row))
+
+    assert batch.src_ids.tolist() == [padded([*x, EOS], S) for x, _ in pairs]
+    assert batch.tgt_in.tolist() == [padded([BOS, *y], T) for _, y in pairs]
+    assert batch.tgt_out.tolist() == [padded([*y, EOS], T) for _, y in pairs]
+    assert batch.n_tgt_tokens == sum(len(y) + 1 for _, y in pairs) == int((batch.tgt_out != PAD).sum())
+    assert batch.n_src_tokens == sum(len(x) + 1 for x, _ in pairs) == int((batch.src_ids != PAD).sum())
+
+
 def test_to_keeps_counts_and_indices_on_the_host() -> None:
     batch = collate([([4], [4])] * 3 + [([5], [6])], [3], pad_id=PAD, bos_id=BOS, eos_id=EOS)
     moved = batch.to("cpu", non_blocking=True)
@@ -71,6 +95,18 @@ def test_every_pair_once_and_no_batch_over_budget(lengths, max_tokens, seed, epo
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     assert all(batch and cost_of(batch, lengths) <= max_tokens for batch in batches)
     assert plan_batches(lengths, max_tokens=max_tokens, seed=seed, epoch=epoch) == batches
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths_strategy, budget_strategy)
+def test_every_collated_batch_fits_the_budget_in_its_real_tensors(lengths, max_tokens) -> None:
+    """The budget measured on what the model receives, not by `batch_cost`: neither the encoder's B x S
+    input nor the decoder's B x T one holds more than max_tokens slots, padding included."""
+    pairs = [([7] * s, [8] * t) for s, t in lengths]
+    for rows in plan_batches(lengths, max_tokens=max_tokens, seed=0, epoch=0):
+        batch = collate(pairs, rows, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+        assert batch.src_ids.numel() <= max_tokens and batch.tgt_in.numel() <= max_tokens
+        assert max(batch.src_ids.numel(), batch.tgt_in.numel()) == cost_of(rows, lengths)
 
 
 @settings(max_examples=40, deadline=None)
