@@ -57,8 +57,10 @@ class TrainingObjective(nn.Module):
     def forward(
         self, src_ids: Tensor, tgt_in: Tensor, tgt_out: Tensor, *, smoothing: float, pad_id: int, loss_chunk: int = 0
     ) -> tuple[Tensor, Tensor]:
-        """(summed smoothed loss, summed NLL) over the target tokens; `loss_chunk` > 0 projects to the
-        vocabulary that many positions at a time (see `chunked_label_smoothed_loss`)."""
+        """(summed smoothed loss, summed NLL) over the target tokens, by teacher forcing: the decoder reads
+        `tgt_in` (B T, [bos] + tokens) under the causal mask, and position t is scored against `tgt_out[:, t]`
+        (B T, tokens + [eos]), every position in one pass; `src_ids` is B S. `loss_chunk` > 0 projects to
+        the vocabulary that many positions at a time (see `chunked_label_smoothed_loss`)."""
         if loss_chunk > 0:
             hidden_BTD = self.model.decoder_states(src_ids, tgt_in)
             sums = chunked_label_smoothed_loss(
@@ -121,7 +123,7 @@ def train_step(
                     on_device.src_ids, on_device.tgt_in, on_device.tgt_out,
                     smoothing=smoothing, pad_id=pad_id, loss_chunk=loss_chunk,
                 )  # fmt: skip
-            (batch_loss / divisor).backward()
+            (batch_loss / divisor).backward()  # the gradient of the loss per target token of the whole update
         loss_sum += batch_loss.detach()
         nll_sum += batch_nll.detach()
     grad_norm = None
