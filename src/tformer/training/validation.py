@@ -33,7 +33,9 @@ def validation_loss(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, float]:
-    """valid_loss (label-smoothed, per token), valid_nll and valid_ppl = exp(valid_nll)."""
+    """valid_loss (label-smoothed), valid_nll and valid_ppl = exp(valid_nll), each per target token of
+    the whole set. Perplexity comes from the NLL: the smoothed loss cannot fall below the entropy of the
+    smoothed targets (training/loss.py), so a perfect model would still score above 0 on it."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -49,7 +51,8 @@ def validation_loss(
         tokens += batch.n_tgt_tokens
     model.train(was_training)
     nll = nll_sum.item() / tokens
-    return {"valid_loss": loss_sum.item() / tokens, "valid_nll": nll, "valid_ppl": math.exp(min(nll, 700.0))}
+    perplexity = math.exp(min(nll, 700.0))  # math.exp overflows past 709; a diverged model's ppl stays a number
+    return {"valid_loss": loss_sum.item() / tokens, "valid_nll": nll, "valid_ppl": perplexity}
 
 
 @torch.no_grad()
