@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from helpers import paper_lr
 
 from tformer.config import TrainConfig, preset
+from tformer.data.batching import collate
 from tformer.model import Transformer
 from tformer.training.loss import label_smoothed_loss
 from tformer.training.optimizer import build_optimizer
 from tformer.training.schedule import inverse_sqrt_lr, learning_rate, peak_lr
+from tformer.training.validation import validation_loss
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
@@ -80,6 +82,26 @@ def test_loss_ignores_non_finite_logits_at_padding() -> None:
     sums = label_smoothed_loss(logits_BTV, target_BT, smoothing=0.1, pad_id=0)
     assert math.isclose(float(sums.loss_sum), 2 * math.log(4), rel_tol=1e-6)
     assert float(sums.loss_sum.float()) == pytest.approx(float(sums.nll_sum))  # uniform: smoothing changes nothing
+
+
+def test_validation_loss_is_per_target_token_of_the_whole_set() -> None:
+    """Batches with 3 and 13 target tokens: the validation loss is torch's mean over all 16 tokens (not
+    the mean of the two batches' means), and perplexity is exp of the mean NLL."""
+    model = Transformer(preset("tiny", src_vocab_size=20, tgt_vocab_size=20), seed=0).double().train()
+    pairs = [([5, 6], [7, 8]), ([9], [10]), ([11, 12, 13], [14, 15, 16, 17, 18]), ([4, 4], [19, 4, 5, 6])]
+    batches = [collate(pairs, rows, pad_id=0, bos_id=1, eos_id=2) for rows in ([0], [1, 2, 3])]
+    assert [batch.n_tgt_tokens for batch in batches] == [3, 13]
+    measured = validation_loss(model, batches, smoothing=0.1, pad_id=0, device=torch.device("cpu"), autocast_dtype=None)
+    assert model.training  # put back as it was
+    model.eval()
+    with torch.no_grad():
+        logits_NV = torch.cat([model(b.src_ids, b.tgt_in).flatten(0, 1) for b in batches])
+    target_N = torch.cat([b.tgt_out.flatten() for b in batches])
+    smoothed = F.cross_entropy(logits_NV, target_N, ignore_index=0, label_smoothing=0.1)
+    nll = F.cross_entropy(logits_NV, target_N, ignore_index=0)
+    assert measured["valid_loss"] == pytest.approx(float(smoothed), rel=1e-12)
+    assert measured["valid_nll"] == pytest.approx(float(nll), rel=1e-12)
+    assert measured["valid_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-12)
 
 
 def test_loss_sums_add_up_across_micro_batches() -> None:
