@@ -1,8 +1,9 @@
 """Training metrics as JSON lines in RUN_DIR/metrics.jsonl: one object per logged step.
 
 Keys (present when measured at that step): step, epoch, wall_s (training seconds, summed over
-resumptions), train_loss (label-smoothed, per target token), train_nll, lr, tokens_per_s (target
-tokens), grad_norm, valid_loss, valid_nll, valid_ppl, bleu, bleu_lowercase, chrf.
+resumptions), train_loss (label-smoothed) and train_nll, per target token over all the steps since the
+previous row, lr (this step's), tokens_per_s (target tokens), grad_norm (this step's, before clipping;
+only with train.clip_norm > 0), valid_loss, valid_nll, valid_ppl, bleu, bleu_lowercase, chrf.
 
 Each row is flushed as soon as it is written, so a killed run loses nothing it had logged; a resumed
 run first drops the rows past the checkpoint it continues from, so the file reads as one clean run.
