@@ -1,4 +1,5 @@
-"""Checkpoint averaging (paper section 6.1: the base model averages its last 5 checkpoints).
+"""Checkpoint averaging (paper section 6.1: the base models average their last 5 checkpoints, written
+at 10-minute intervals, the big models their last 20).
 
 The average of the last K step checkpoints of a run is written as a new, self-describing checkpoint
 directory (experiment, tokenizer, weights; no trainer state). Existing checkpoints are never touched
