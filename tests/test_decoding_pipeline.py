@@ -131,3 +131,21 @@ def test_the_heap_is_trimmed_after_every_chunk_so_a_long_job_stays_flat(monkeypa
     next(stream)
     assert trims == [1]  # after the first chunk, before its first line is handed out
     assert len(list(stream)) == len(LINES) - 1 and trims == [1, 1, 1]  # 8 lines: chunks of 3, 3, 2
+
+
+def test_one_string_is_refused_not_translated_character_by_character():
+    """A string is an iterable of its characters: `translate_texts("hello")` translated "h", "e", "l", ...
+    as five lines and returned five translations, with no sign of the mistake."""
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
+    with pytest.raises(TypeError, match=r"^lines must be an iterable of strings, not one str: wrap it in a list"):
+        translator.translate_texts("hello")
+    with pytest.raises(TypeError, match=r"^lines must be an iterable of strings, not one bytes"):
+        translator.translate(b"hello")  # refused at the call, not at the first next()
+    with pytest.raises(TypeError, match=r"^a chunk must be an iterable of strings, not one str"):
+        list(translator.translate_chunks(["hello", "world"]))
+
+
+def test_a_line_that_is_not_text_is_a_type_error_naming_the_line():
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
+    with pytest.raises(TypeError, match=r"^input line 2 is a NoneType, not a str"):
+        translator.translate_texts(["ab", None])

@@ -26,6 +26,14 @@ from tformer.decoding.search_types import DecodingError
 from tformer.model.packed import packed_weights
 
 
+def lines_of(lines: Iterable[Any], what: str) -> Iterable[Any]:
+    """`lines` itself, after refusing one string (or bytes) where an iterable of them is wanted: iterating
+    over a string gives its characters, which would each be translated as a line of its own."""
+    if isinstance(lines, str | bytes):
+        raise TypeError(f"{what} must be an iterable of strings, not one {type(lines).__name__}: wrap it in a list")
+    return lines
+
+
 class TokenizerLike(Protocol):
     pad_id: int
     bos_id: int
@@ -72,14 +80,15 @@ class Translator:
         self.truncate = truncate
 
     def translate(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
-        """The n-best list of every line, in input order, produced chunk by chunk."""
-        iterator = iter(lines)
-        yield from self.translate_chunks(iter(lambda: list(islice(iterator, self.chunk_lines)), []))
+        """The n-best list of every line, in input order, produced chunk by chunk. `lines` is an iterable
+        of strings (a list, an open file); one string alone is refused, not translated character by character."""
+        iterator = iter(lines_of(lines, "lines"))  # checked now, not at the first next()
+        return self.translate_chunks(iter(lambda: list(islice(iterator, self.chunk_lines)), []))
 
     def translate_chunks(self, chunks: Iterable[list[str]]) -> Iterator[list[Translation]]:
         """`translate` for input already cut into chunks (each translated as a whole, then yielded)."""
         first_line = 0
-        for chunk in chunks:
+        for chunk in lines_of(chunks, "chunks"):
             results = self._translate_chunk(chunk, first_line)
             release_free_memory()  # the chunk's tensors are freed: keep a long job's footprint flat
             yield from results
@@ -90,6 +99,7 @@ class Translator:
         return [translations[0].text for translations in self.translate(lines)]
 
     def _translate_chunk(self, chunk: list[str], first_line: int) -> list[list[Translation]]:
+        chunk = list(lines_of(chunk, "a chunk"))
         eos_id = self.tokenizer.eos_id
         limit = self.model.config.max_positions
         encoded = [[*self._encoded(line, first_line + index + 1), eos_id] for index, line in enumerate(chunk)]
@@ -111,6 +121,8 @@ class Translator:
         return results
 
     def _encoded(self, line: str, number: int) -> list[int]:
+        if not isinstance(line, str):
+            raise TypeError(f"input line {number} is a {type(line).__name__}, not a str: give the lines as text")
         try:
             return self.tokenizer.encode_source(line)
         except ValueError as error:  # a tokenizer's refusal (a lone surrogate at some index): name the line
