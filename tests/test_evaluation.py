@@ -117,3 +117,12 @@ def test_tokenized_hypotheses_give_one_warning_line(caplog: pytest.LogCaptureFix
     assert len(caught) == 1 and "\n" not in str(caught[0].message)
     assert caplog.records == []
     assert scores.bleu == pytest.approx(100.0) and "tok:13a" in scores.bleu_signature
+
+
+def test_one_string_is_refused_not_scored_character_by_character() -> None:
+    """`score("a cat", "a cat")` scored each character as a segment of its own (chrF 100, BLEU of
+    one-letter segments) and returned numbers that looked like an answer."""
+    with pytest.raises(TypeError, match=r"^hypotheses must be a list of strings \(one per segment\), not one str"):
+        score("a cat sat", ["a cat sat"])
+    with pytest.raises(TypeError, match=r"^references must be a list of strings"):
+        score(["a cat sat"], ["a cat sat"], "a cat sat")

@@ -66,6 +66,9 @@ def score(hypotheses: list[str], references: list[str], *more_references: list[s
     """BLEU (words split by sacreBLEU's `tokenize`), lowercased BLEU and chrF of `hypotheses` against
     aligned `references`, and against every further set of aligned references given (multi-reference)."""
     reference_sets = [references, *more_references]
+    for name, lines in [("hypotheses", hypotheses), *(("references", aligned) for aligned in reference_sets)]:
+        if isinstance(lines, str):  # sacreBLEU would score each of its characters as a segment
+            raise TypeError(f"{name} must be a list of strings (one per segment), not one str: wrap it in a list")
     for number, aligned in enumerate(reference_sets, start=1):
         if len(hypotheses) != len(aligned):
             references_found = f"reference set {number} has {len(aligned)}" if more_references else len(aligned)
