@@ -149,3 +149,21 @@ def test_a_line_that_is_not_text_is_a_type_error_naming_the_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
     with pytest.raises(TypeError, match=r"^input line 2 is a NoneType, not a str"):
         translator.translate_texts(["ab", None])
+
+
+def test_translating_leaves_the_models_modes_as_they_were():
+    """The Translator put the caller's model in eval mode for good: a model translated between training
+    steps (a notebook checking progress) went on training without dropout. Each call now decodes in eval
+    mode and gives every module its own mode back, the same translations as from a model in eval mode."""
+    model = peaked_model()
+    expected = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2)).translate_texts(LINES)
+    model.train()
+    model.encoder.eval()  # a frozen part stays frozen
+    translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2))
+    assert model.training
+    assert translator.translate_texts(LINES) == expected
+    assert model.training and model.decoder.training and not model.encoder.training
+    assert not any(module.training for module in model.encoder.modules())
+    with pytest.raises(ValueError, match="line 2 has"):  # also after an error
+        translator.translate_texts(["ab", "a" * 70])
+    assert model.training and model.decoder.training and not model.encoder.training

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
@@ -34,6 +35,19 @@ def lines_of(lines: Iterable[Any], what: str) -> Iterable[Any]:
     return lines
 
 
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """`model` in eval mode inside the block; after it every module has the mode it had before (also after
+    an error), so that decoding leaves a model in training, or with some modules frozen in eval, as it was."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class TokenizerLike(Protocol):
     pad_id: int
     bos_id: int
@@ -52,7 +66,10 @@ class Translation:
 
 
 class Translator:
-    """A model, its tokenizer and a DecodeConfig, ready to translate lines of text."""
+    """A model, its tokenizer and a DecodeConfig, ready to translate lines of text.
+
+    The model's mode is left as it was: each call decodes in eval mode (dropout off) and then gives every module
+    back the mode it had, so a model still being trained can be translated with between steps."""
 
     def __init__(
         self,
@@ -71,7 +88,7 @@ class Translator:
             raise DecodingError(
                 f"max_batch_tokens and chunk_lines must be positive; got {max_batch_tokens}, {chunk_lines}"
             )
-        self.model = model.to(device).eval()
+        self.model = model.to(device)
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
@@ -115,7 +132,8 @@ class Translator:
         results: list[list[Translation]] = [list(empty) for _ in chunk]
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
         if sentences:
-            with packed_weights(self.model):  # once for the chunk's batches (generate would pack per batch)
+            # packed once for the chunk's batches (generate would pack per batch)
+            with evaluating(self.model), packed_weights(self.model):
                 for batch in self._batches(encoded, sentences):
                     self._translate_batch(batch, encoded, results)
         return results
