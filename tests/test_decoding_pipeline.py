@@ -167,3 +167,13 @@ def test_translating_leaves_the_models_modes_as_they_were():
     with pytest.raises(ValueError, match="line 2 has"):  # also after an error
         translator.translate_texts(["ab", "a" * 70])
     assert model.training and model.decoder.training and not model.encoder.training
+
+
+def test_the_translator_decodes_where_the_model_is_unless_told_otherwise():
+    """The default device was "cpu": a model on a GPU given without `device` was moved to the CPU, in
+    place, under its owner's feet. Now the default is the model's own device."""
+    with torch.device("meta"):  # a device other than the CPU that any machine has
+        model = peaked_model()
+    translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2))
+    assert translator.device == torch.device("meta")
+    assert next(model.parameters()).device == torch.device("meta")

@@ -77,17 +77,21 @@ class Translator:
         tokenizer: TokenizerLike,
         config: DecodeConfig,
         *,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         max_batch_tokens: int = 4096,
         chunk_lines: int = 256,
         truncate: bool = False,
     ) -> None:
-        """`truncate`: a line longer than the model accepts is cut to its first pieces (with a warning)
-        instead of stopping the job with a DecodingError."""
+        """`device`: where to decode; the model is moved there (`model.to(device)`, in place, as for any
+        `nn.Module`); None (the default) decodes where the model's weights are. `truncate`: a line longer
+        than the model accepts is cut to its first pieces (with a warning) instead of stopping the job
+        with a DecodingError."""
         if max_batch_tokens < 1 or chunk_lines < 1:
             raise DecodingError(
                 f"max_batch_tokens and chunk_lines must be positive; got {max_batch_tokens}, {chunk_lines}"
             )
+        if device is None:
+            device = next(model.parameters()).device
         self.model = model.to(device)
         self.tokenizer = tokenizer
         self.config = config
