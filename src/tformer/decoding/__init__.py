@@ -42,6 +42,8 @@ def generate(
     (`compile_step`, which chooses its own kernels), fp32 weights on the CPU are packed for oneDNN for
     the call (a caller decoding many batches can hold `packed_weights(model)` around all of them).
     """
+    if not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
     search = sample if config.sampling else greedy_search if config.beam_size == 1 else beam_search
     with nullcontext() if config.compile_step else packed_weights(model):
         return search(

@@ -76,7 +76,7 @@ def beam_search(
     return_attention: bool = False,
 ) -> list[list[Hypothesis]]:
     """The `config.nbest` best of `config.beam_size` beams per sentence, best first."""
-    src_pad_mask = check_inputs(model, src_ids, src_pad_mask)
+    src_pad_mask = check_inputs(model, src_ids, src_pad_mask, bos_id=bos_id, eos_id=eos_id, config=config)
     B, S = src_ids.shape
     N = config.beam_size
     src_lengths_B = src_pad_mask.sum(dim=1)

@@ -86,7 +86,7 @@ def decode_paths(
     choose: Callable[[Tensor, Tensor], Tensor],
 ) -> list[list[Hypothesis]]:
     """Follow `paths_per_sentence` independent paths per sentence, each token picked by `choose`."""
-    src_pad_mask = check_inputs(model, src_ids, src_pad_mask)
+    src_pad_mask = check_inputs(model, src_ids, src_pad_mask, bos_id=bos_id, eos_id=eos_id, config=config)
     B, S = src_ids.shape
     n = paths_per_sentence
     src_lengths_B = src_pad_mask.sum(dim=1)

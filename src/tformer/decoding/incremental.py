@@ -17,7 +17,8 @@ src_pad_mask)`, `project_memory(memory)`, `new_cache(*, batch_size, capacity)` r
 `memory_kv`, `reorder(indices)`, `select(indices)` and `select_memory(indices)` (optionally
 `new_beam_cache(*, sentences, beams, capacity)` returning one like it), `decode(tokens, *, memory,
 src_pad_mask, cache, return_attention)` whose query rows are a multiple of the memory's, and
-`config.max_positions` / `config.pad_id`.
+`config.max_positions` / `config.pad_id` / `config.tgt_vocab_size` (and `config.src_vocab_size`, if it has
+one, against which the source ids are checked).
 
 Shape legend: B sentences, R rows (sentences x rows per sentence), M memory entries, S source length,
 V vocabulary.
@@ -26,11 +27,13 @@ V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tformer.config import DecodeConfig
 from tformer.decoding.search_types import DecodingError
 
 
@@ -134,16 +137,60 @@ def take_rows(state: Any, index: Tensor) -> Any:
     return dataclasses.replace(state, **changes)
 
 
-def check_inputs(model: Any, src_ids_BS: Tensor, src_pad_mask_BS: Tensor | None) -> Tensor:
-    """The source mask to use (from the model's pad id when not given); refuse a model in training mode."""
+def check_arguments(
+    model: Any, src_ids_BS: Any, src_pad_mask_BS: Any, *, bos_id: Any, eos_id: Any, config: Any
+) -> None:
+    """Refuse, in one line that names the argument, what a search cannot decode: checks of types, shapes
+    and devices only, which read nothing back from the device (`check_inputs` also checks the ids)."""
+    if not isinstance(config, DecodeConfig):
+        raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
     if getattr(model, "training", False):
         raise DecodingError("the model is in training mode (dropout on); call model.eval() before decoding")
-    if src_ids_BS.dim() != 2 or src_ids_BS.shape[0] == 0:
-        raise DecodingError(f"src_ids must be a non-empty (batch, length) tensor; got shape {tuple(src_ids_BS.shape)}")
+    if not isinstance(src_ids_BS, Tensor):
+        raise TypeError(f"src_ids must be a torch.Tensor of token ids, got {type(src_ids_BS).__name__}")
+    if src_ids_BS.dtype not in (torch.long, torch.int32):
+        raise TypeError(f"src_ids must hold integer token ids (torch.long), got {src_ids_BS.dtype}")
+    if src_ids_BS.dim() != 2 or 0 in src_ids_BS.shape:
+        raise DecodingError(
+            f"src_ids must be a non-empty (batch, length) tensor; got shape {tuple(src_ids_BS.shape)}"
+            + (" (one sentence: src_ids[None])" if src_ids_BS.dim() == 1 and len(src_ids_BS) else "")
+        )
+    weights = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    if weights is not None and weights.device != src_ids_BS.device:
+        raise DecodingError(
+            f"src_ids are on {src_ids_BS.device} but the model is on {weights.device}: "
+            f"move them with src_ids.to({str(weights.device)!r})"
+        )
+    if src_pad_mask_BS is not None:
+        if not isinstance(src_pad_mask_BS, Tensor) or src_pad_mask_BS.dtype != torch.bool:
+            what = src_pad_mask_BS.dtype if isinstance(src_pad_mask_BS, Tensor) else type(src_pad_mask_BS).__name__
+            raise TypeError(f"src_pad_mask must be a bool tensor (True for real tokens), got {what}")
+        if src_pad_mask_BS.shape != src_ids_BS.shape:
+            raise DecodingError(
+                f"src_pad_mask shape {tuple(src_pad_mask_BS.shape)} differs from src_ids {tuple(src_ids_BS.shape)}"
+            )
+        if src_pad_mask_BS.device != src_ids_BS.device:
+            raise DecodingError(f"src_pad_mask is on {src_pad_mask_BS.device} but src_ids on {src_ids_BS.device}")
+    vocab_size = model.config.tgt_vocab_size
+    for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
+        if not hasattr(value, "__index__") or not 0 <= operator.index(value) < vocab_size:
+            raise DecodingError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+
+
+def check_inputs(
+    model: Any, src_ids_BS: Tensor, src_pad_mask_BS: Tensor | None, *, bos_id: int, eos_id: int, config: DecodeConfig
+) -> Tensor:
+    """The source mask to use (from the model's pad id when not given), after `check_arguments` and a check
+    that every id is in the source vocabulary: out of it, the embedding lookup fails deep inside torch (on
+    a GPU with a device-side assert that leaves the device unusable). One host synchronisation."""
+    check_arguments(model, src_ids_BS, src_pad_mask_BS, bos_id=bos_id, eos_id=eos_id, config=config)
+    vocab_size = getattr(model.config, "src_vocab_size", None)
+    low, high = torch.stack(torch.aminmax(src_ids_BS)).tolist() if vocab_size is not None else (0, 0)
+    if vocab_size is not None and (low < 0 or high >= vocab_size):
+        raise DecodingError(
+            f"src_ids must be token ids in [0, {vocab_size}) (the model's source vocabulary), "
+            f"got ids from {low} to {high}"
+        )
     if src_pad_mask_BS is None:
         return src_ids_BS != model.config.pad_id
-    if src_pad_mask_BS.shape != src_ids_BS.shape:
-        raise DecodingError(
-            f"src_pad_mask shape {tuple(src_pad_mask_BS.shape)} differs from src_ids {tuple(src_ids_BS.shape)}"
-        )
     return src_pad_mask_BS

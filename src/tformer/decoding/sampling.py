@@ -20,6 +20,7 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.greedy import decode_paths
+from tformer.decoding.incremental import check_arguments
 from tformer.decoding.search_types import Hypothesis
 
 
@@ -73,6 +74,7 @@ def sample(
     return_attention: bool = False,
 ) -> list[list[Hypothesis]]:
     """`config.nbest` samples per sentence, best score first."""
+    check_arguments(model, src_ids, src_pad_mask, bos_id=bos_id, eos_id=eos_id, config=config)  # before the Sampler
     return decode_paths(
         model,
         src_ids,
