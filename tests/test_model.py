@@ -296,3 +296,32 @@ def test_a_model_larger_than_memory_is_refused_before_a_layer_is_built(overrides
     """n_encoder_layers = 10**11 built small layers one by one until the machine's memory was gone."""
     with pytest.raises(ConfigError, match=f"GiB of memory, most of them for {named} "):
         Transformer(preset("tiny", **{"src_vocab_size": 50, "tgt_vocab_size": 50, **overrides}))
+
+
+def test_inputs_of_the_wrong_kind_are_refused_by_name(tiny_model: Transformer) -> None:
+    """Each of these ended in a traceback from inside torch ("tuple index out of range", "Expected tensor
+    for argument #1 'indices' to have one of the following scalar types", "where expected condition to
+    be a boolean tensor"), and a target batch of another size was broadcast over the memory and gave
+    logits for pairs that do not exist."""
+    src, tgt = torch.tensor([[5, 6, 7, 2]]), torch.tensor([[1, 5, 6]])
+    with pytest.raises(
+        ValueError, match=r"^src_ids must be a \(batch, length\) tensor, got shape \(4,\) \(one sentence"
+    ):
+        tiny_model(src[0], tgt[0])
+    with pytest.raises(TypeError, match=r"^tgt_ids must hold integer token ids \(torch.long\), got torch.float32"):
+        tiny_model(src, tgt.float())
+    with pytest.raises(TypeError, match=r"^src_ids must be a torch.Tensor of token ids, got list"):
+        tiny_model.encode([[5, 6, 2]])
+    with pytest.raises(ValueError, match=r"^src_ids has 1 rows but tgt_ids 2: give one target row per source row"):
+        tiny_model(src, tgt.repeat(2, 1))
+    with pytest.raises(
+        TypeError, match=r"^src_pad_mask must be a bool tensor \(True for real tokens\), got torch.int64"
+    ):
+        tiny_model.encode(src, src_pad_mask=torch.ones_like(src))
+    with pytest.raises(ValueError, match=r"^src_pad_mask shape \(1, 7\) differs from src_ids \(1, 4\)"):
+        tiny_model.encode(src, src_pad_mask=torch.ones(1, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"^tgt_pad_mask must be a bool tensor"):
+        tiny_model(src, tgt, tgt_pad_mask=torch.ones_like(tgt))
+    with pytest.raises(TypeError, match=r"^config must be a ModelConfig \(e.g. tformer.config.preset\('tiny', ...\)\)"):
+        Transformer("tiny")
+    assert tiny_model(src.int(), tgt.int()).shape == (1, 3, 40)  # int32 ids are ids too

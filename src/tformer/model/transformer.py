@@ -143,6 +143,10 @@ class Transformer(nn.Module):
     """Encoder, decoder and output projection, with the embedding sharing the config asks for."""
 
     def __init__(self, config: ModelConfig, *, seed: int = 0) -> None:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(
+                f"config must be a ModelConfig (e.g. tformer.config.preset('tiny', ...)), got {type(config).__name__}"
+            )
         check_fits_in_memory(config)  # before any layer: an impossible model would take all memory first
         super().__init__()
         self.config = config
@@ -200,6 +204,8 @@ class Transformer(nn.Module):
         self, src_ids: Tensor, *, src_pad_mask: Tensor | None = None, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """memory_BSD for src_ids_BS; with `return_attention`, also the per-layer B H S S weights."""
+        check_ids(src_ids, "src_ids")
+        check_mask(src_pad_mask, "src_pad_mask", like=src_ids, like_name="src_ids")
         self._check_length(src_ids.shape[1], "source")
         if src_pad_mask is None:
             src_pad_mask = padding_mask(src_ids, self.config.pad_id)
@@ -227,6 +233,9 @@ class Transformer(nn.Module):
         the length. A `BeamDecoderCache` (see `new_beam_cache`) takes one token per beam, its rows being
         sentences x beams, and masks each beam's self-attention to its own ancestors.
         """
+        check_ids(tgt_ids, "tgt_ids")
+        check_mask(tgt_pad_mask, "tgt_pad_mask")
+        check_mask(src_pad_mask, "src_pad_mask")
         if not isinstance(cache, StaticDecoderCache):
             offset = 0 if cache is None else cache.length
             self._check_length(offset + tgt_ids.shape[1], "target")
@@ -261,6 +270,7 @@ class Transformer(nn.Module):
         """Teacher-forced logits_BTV: position t, having read tgt_ids up to t, predicts the next token,
         tgt_out[t] (docs/CONVENTIONS.md). Right padding needs no `tgt_pad_mask`: under the causal mask a
         real position never reads the pads after it, and the loss ignores the padded positions."""
+        check_pair(src_ids, tgt_ids)
         if src_pad_mask is None:
             src_pad_mask = padding_mask(src_ids, self.config.pad_id)
         encoded = self.encode(src_ids, src_pad_mask=src_pad_mask, return_attention=return_attention)
@@ -287,6 +297,8 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Teacher-forced final decoder states hidden_BTD: `forward` without the output projection, so
         that a training loss can project to the vocabulary a chunk of positions at a time."""
+        check_pair(src_ids, tgt_ids)
+        check_mask(tgt_pad_mask, "tgt_pad_mask")
         if src_pad_mask is None:
             src_pad_mask = padding_mask(src_ids, self.config.pad_id)
         memory_BSD = self.encode(src_ids, src_pad_mask=src_pad_mask)
@@ -354,6 +366,43 @@ class Transformer(nn.Module):
                 f"{side} length {length} exceeds max_positions={self.config.max_positions}; "
                 "shorten the input or raise model.max_positions"
             )
+
+
+def check_ids(ids: Tensor, name: str) -> None:
+    """Refuse, naming the argument, what the embedding lookup would refuse from deep inside torch (or, for
+    a 1-D tensor, index wrongly): token ids are a (batch, length) integer tensor. Reads nothing back from
+    the device; the ids' range is checked by decoding (`tformer.decoding.incremental.check_inputs`)."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.long, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(
+            f"{name} must be a (batch, length) tensor, got shape {tuple(ids.shape)}"
+            + (f" (one sentence: {name}[None])" if ids.dim() == 1 else "")
+        )
+
+
+def check_mask(mask: Tensor | None, name: str, *, like: Tensor | None = None, like_name: str = "") -> None:
+    """A padding mask is a bool tensor (True for real tokens), of the shape of `like` when given."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor (True for real tokens), got {what}")
+    if like is not None and mask.shape != like.shape:
+        raise ValueError(f"{name} shape {tuple(mask.shape)} differs from {like_name} {tuple(like.shape)}")
+
+
+def check_pair(src_ids: Tensor, tgt_ids: Tensor) -> None:
+    """Teacher forcing reads one target row per source row: a batch of another size was broadcast over the
+    memory (as decoding's beams are) and gave logits for pairs that do not exist."""
+    check_ids(src_ids, "src_ids")
+    check_ids(tgt_ids, "tgt_ids")
+    if src_ids.shape[0] != tgt_ids.shape[0]:
+        raise ValueError(
+            f"src_ids has {src_ids.shape[0]} rows but tgt_ids {tgt_ids.shape[0]}: give one target row per source row"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
