@@ -177,3 +177,46 @@ def test_the_translator_decodes_where_the_model_is_unless_told_otherwise():
     translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2))
     assert translator.device == torch.device("meta")
     assert next(model.parameters()).device == torch.device("meta")
+
+
+def test_translators_over_one_model_take_turns_across_threads(monkeypatch):
+    """Decoding changes the model for the time of a chunk (eval mode, packed weights, the static step's
+    buffers): a thread that ended its chunk gave a model in training its mode back while another thread was
+    still decoding with it, which then refused it as a model in training mode. Translators over one model
+    now take turns, a chunk at a time, and each thread gets what it gets alone."""
+    import threading
+
+    model = peaked_model()
+    expected = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2)).translate_texts(LINES)
+    model.train()
+    inside, first_inside, release = [], threading.Event(), threading.Event()
+
+    def slow_generate(*args, **kwargs):
+        inside.append(1)
+        first_inside.set()
+        release.wait(timeout=10)  # the first caller holds on here until the other thread has tried to start
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr("tformer.decoding.pipeline.generate", slow_generate)
+    results, overlaps = {}, []
+
+    def work(name):
+        translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2), max_batch_tokens=10**6)
+        results[name] = translator.translate_texts(LINES)
+
+    first = threading.Thread(target=work, args=("first",))
+    first.start()
+    assert first_inside.wait(timeout=10)
+    second = threading.Thread(target=work, args=("second",))
+    second.start()
+    second.join(timeout=0.5)
+    overlaps.append(len(inside))  # the second thread must not have started decoding meanwhile
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert overlaps == [1]
+    assert results == {"first": expected, "second": expected}
+    assert model.training

@@ -11,7 +11,9 @@ translations, without decoding (so every line has an n-best list of the same len
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +35,18 @@ def lines_of(lines: Iterable[Any], what: str) -> Iterable[Any]:
     if isinstance(lines, str | bytes):
         raise TypeError(f"{what} must be an iterable of strings, not one {type(lines).__name__}: wrap it in a list")
     return lines
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.Lock:
+    """The one lock of `model` that every Translator over it takes while it decodes a chunk: decoding
+    changes the model for the time of a chunk (eval mode, packed weights, the static step's buffers), so
+    threads sharing a model take turns instead of undoing each other's changes."""
+    with _MODEL_LOCKS_LOCK:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())
 
 
 @contextmanager
@@ -69,7 +83,10 @@ class Translator:
     """A model, its tokenizer and a DecodeConfig, ready to translate lines of text.
 
     The model's mode is left as it was: each call decodes in eval mode (dropout off) and then gives every module
-    back the mode it had, so a model still being trained can be translated with between steps."""
+    back the mode it had, so a model still being trained can be translated with between steps.
+
+    Thread-safe: Translators (one shared, or several over one model) called from several threads take turns,
+    a chunk at a time, on the model's lock (`model_lock`); each call's results are those it gets alone."""
 
     def __init__(
         self,
@@ -137,7 +154,7 @@ class Translator:
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
         if sentences:
             # packed once for the chunk's batches (generate would pack per batch)
-            with evaluating(self.model), packed_weights(self.model):
+            with model_lock(self.model), evaluating(self.model), packed_weights(self.model):
                 for batch in self._batches(encoded, sentences):
                     self._translate_batch(batch, encoded, results)
         return results
