@@ -62,6 +62,16 @@ def test_round_trip_and_tied_tensors_stored_once(trained: Path) -> None:
     assert best.checkpoint_dir.name == ckpt.read_pointer_name(trained, "best")
 
 
+def test_a_loaded_run_reads_in_one_line(trained: Path) -> None:
+    """Shown in a notebook, the default repr listed every layer of the model and every setting of the
+    experiment: dozens of lines for a tiny model, hundreds for `base`."""
+    loaded = load_run(trained, which="last")
+    text = repr(loaded)
+    assert "\n" not in text and len(text) < 300
+    assert text.startswith(f"LoadedRun({str(loaded.checkpoint_dir)!r}, step=6, model=Transformer(tiny, ")
+    assert "parameters, torch.float32 on cpu), tokenizer=Tokenizer(" in text
+
+
 def _damage_weights(run: Path) -> str:
     path = run / "checkpoints" / "step-00000006" / ckpt.WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:100])

@@ -220,3 +220,10 @@ def test_translators_over_one_model_take_turns_across_threads(monkeypatch):
     assert overlaps == [1]
     assert results == {"first": expected, "second": expected}
     assert model.training
+
+
+def test_a_translator_reads_in_one_line():
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=2), max_batch_tokens=64)
+    assert repr(translator).startswith("Translator(Transformer on cpu, <test_decoding_pipeline.CharTokenizer ")
+    assert "DecodeConfig(beam_size=2, " in repr(translator)
+    assert repr(translator).endswith(", max_batch_tokens=64, chunk_lines=256, truncate=False)")

@@ -117,6 +117,12 @@ class Translator:
         self.chunk_lines = chunk_lines
         self.truncate = truncate
 
+    def __repr__(self) -> str:
+        return (
+            f"Translator({type(self.model).__name__} on {self.device}, {self.tokenizer!r}, {self.config!r}, "
+            f"max_batch_tokens={self.max_batch_tokens}, chunk_lines={self.chunk_lines}, truncate={self.truncate})"
+        )
+
     def translate(self, lines: Iterable[str]) -> Iterator[list[Translation]]:
         """The n-best list of every line, in input order, produced chunk by chunk. `lines` is an iterable
         of strings (a list, an open file); one string alone is refused, not translated character by character."""

@@ -37,11 +37,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from tformer import __version__
-from tformer.config import ExperimentConfig, ModelConfig, experiment_from_dict, experiment_to_dict
+from tformer.config import ExperimentConfig, ModelConfig, experiment_from_dict, experiment_to_dict, preset_of
 from tformer.data.tokenizer import Tokenizer
 from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
 from tformer.interop.marian_tokenizer import VocabTokenizer
-from tformer.model import Transformer
+from tformer.model import Transformer, count_parameters
 
 FORMAT_VERSION = 1
 EXPERIMENT_FILE = "experiment.json"
@@ -60,12 +60,23 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedRun:
+    """What `load_run` gives: the model (in eval mode), its tokenizer, and the experiment it was trained with."""
+
     model: Transformer
     tokenizer: Tokenizer | VocabTokenizer
     experiment: ExperimentConfig
     step: int
     run_dir: Path | None
     checkpoint_dir: Path
+
+    def __repr__(self) -> str:
+        """One line: the default listed every layer of the model and every setting of the experiment."""
+        weights = next(self.model.parameters())
+        return (
+            f"LoadedRun({str(self.checkpoint_dir)!r}, step={self.step}, model=Transformer("
+            f"{preset_of(self.model.config) or 'custom'}, {count_parameters(self.model):,} parameters, "
+            f"{weights.dtype} on {weights.device}), tokenizer={self.tokenizer!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- saving
