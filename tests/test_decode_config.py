@@ -60,3 +60,26 @@ def test_a_banned_id_outside_the_vocabulary_is_a_decoding_error(tiny_model: Tran
     outside = dataclasses.replace(config, banned_ids=(3, 40))
     with pytest.raises(DecodingError, match=r"decode.banned_ids holds 40, outside this model's target vocabulary"):
         generate(tiny_model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=outside)
+
+
+def test_a_value_of_the_wrong_type_built_in_python_is_a_config_error_naming_the_key() -> None:
+    """A file's values were checked for their types, a config built in Python was not:
+    DecodeConfig(beam_size="4") failed with "'<' not supported between instances of 'str' and 'int'",
+    DecodeConfig(beam_size=4.0) was accepted and failed inside the search, sampling=1 was taken as on."""
+    from tformer.config import DataConfig, TrainConfig, preset
+
+    with pytest.raises(ConfigError, match=r"^decode.beam_size must be an integer; got '4' \(str\)$"):
+        DecodeConfig(beam_size="4")
+    with pytest.raises(ConfigError, match=r"^decode.beam_size must be an integer; got 4.0 \(float\)$"):
+        DecodeConfig(beam_size=4.0)
+    with pytest.raises(ConfigError, match=r"^decode.sampling must be True or False; got 1 \(int\)$"):
+        DecodeConfig(sampling=1)
+    with pytest.raises(ConfigError, match=r"^train.max_time_s must be a number; got '60' \(str\)$"):
+        TrainConfig(max_time_s="60")
+    with pytest.raises(ConfigError, match=r"^data.train_src must be a string or None; got 3 \(int\)$"):
+        DataConfig(train_src=3)
+    with pytest.raises(ConfigError, match=r"^model.d_model must be an integer; got 512.0 \(float\)$"):
+        dataclasses.replace(preset("tiny"), d_model=512.0)
+    numpy_like = DecodeConfig(beam_size=torch.tensor(3).item(), nbest=torch.tensor(2))  # anything __index__
+    assert numpy_like.nbest == 2 and type(numpy_like.nbest) is int
+    assert TrainConfig(max_time_s=60).max_time_s == 60  # an int is a number

@@ -16,6 +16,7 @@ from tformer.config.checks import (
     check_choices,
     check_finite,
     check_int64,
+    check_types,
 )
 from tformer.config.decode import DecodeConfig, LengthNormalization
 from tformer.config.experiment import (
@@ -80,6 +81,7 @@ __all__ = [
     "check_choices",
     "check_finite",
     "check_int64",
+    "check_types",
     "config_from_dict",
     "config_to_dict",
     "expand_preset",

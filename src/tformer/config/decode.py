@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64
+from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64, check_types
 
 LengthNormalization = Literal["gnmt", "average", "none"]
 
@@ -44,6 +44,7 @@ class DecodeConfig:
     compile_step: bool = False  # with static_step: torch.compile the step before it is recorded (docs/decoding.md)
 
     def __post_init__(self) -> None:
+        check_types(self, "decode")
         check_finite(self, "decode")
         check_choices(self, "decode")
         if self.beam_size < 1:

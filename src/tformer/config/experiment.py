@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64
+from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64, check_types
 from tformer.config.decode import DecodeConfig
 from tformer.config.loading import (
     config_from_dict,
@@ -65,6 +65,7 @@ class DataConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         check_choices(self, "data")
         if (self.valid_src is None) != (self.valid_tgt is None):
             raise ConfigError("give both data.valid_src and data.valid_tgt, or neither")
@@ -132,6 +133,7 @@ class TrainConfig:
     cuda_graphs: bool = False  # each batch shape's step recorded as a CUDA graph (docs/training.md)
 
     def __post_init__(self) -> None:
+        check_types(self, "train")
         check_finite(self, "train")
         check_choices(self, "train")
         if self.cuda_graphs and self.accumulate != 1:

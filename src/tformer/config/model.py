@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64
+from tformer.config.checks import ConfigError, check_choices, check_finite, check_int64, check_types
 from tformer.config.loading import config_from_dict
 
 Activation = Literal["relu", "gelu", "silu", "swish"]
@@ -47,6 +47,7 @@ class ModelConfig:
     pad_id: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         check_finite(self, "model")
         check_choices(self, "model")
         # sizes first: n_heads = 0 would make the divisibility check below a ZeroDivisionError
