@@ -93,6 +93,23 @@ def test_normalize_folds_compatibility_forms_and_whitespace() -> None:
 SURROGATE = "text holds an unpaired surrogate (U+{:04X}) at index {}; give valid Unicode"
 
 
+def test_one_string_where_several_are_wanted_and_a_text_that_is_no_string_are_type_errors(joint: Tokenizer) -> None:
+    """encode_sources("a cat") encoded each character as a sentence of its own, Tokenizer.train("...", "...")
+    trained on single characters, and encode_source(None) was an AttributeError from inside normalize."""
+    with pytest.raises(TypeError, match=r"^texts must be an iterable of strings, not one str: wrap it in a list"):
+        joint.encode_sources("a cat")
+    with pytest.raises(TypeError, match=r"^texts must be an iterable of strings, not one str"):
+        joint.encode_targets("a cat")
+    with pytest.raises(TypeError, match=r"^sources must be an iterable of strings, not one str"):
+        Tokenizer.train("a cat sat", ["a cat sat"], vocab_size=30)
+    with pytest.raises(TypeError, match=r"^targets must be an iterable of strings, not one str"):
+        Tokenizer.train(["a cat sat"], "a cat sat", vocab_size=30)
+    with pytest.raises(TypeError, match=r"^text must be a str, got NoneType"):
+        joint.encode_source(None)
+    with pytest.raises(TypeError, match=r"^texts\[1\]: text must be a str, got bytes"):
+        joint.encode_sources(["a cat", b"a dog"])
+
+
 def test_a_lone_surrogate_is_a_value_error_naming_where_it_is(joint: Tokenizer) -> None:
     """Text decoded with errors="surrogateescape" (or a "\\ud800" escape in JSON) holds lone surrogates, which
     sentencepiece refused with a bare RuntimeError: "Unable to cast Python instance of type <class 'str'> to

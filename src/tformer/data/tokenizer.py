@@ -62,6 +62,8 @@ def refuse_surrogates(text: str) -> None:
     """A one-line error for a lone surrogate (what bytes decoded with errors="surrogateescape" become, or a
     "\\ud800" escape in JSON), which sentencepiece refuses with a bare "Unable to cast" RuntimeError.
     Costs nothing for ASCII text (a flag) and one UTF-8 encoding, in C, for the rest."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     if text.isascii():
         return
     try:
@@ -75,13 +77,22 @@ def refuse_surrogates(text: str) -> None:
 
 def _normalize_each(texts: Iterable[str]) -> list[str]:
     """`normalize` of every text; a refusal names the text by its index in `texts`."""
+    refuse_one_text(texts, "texts")
     normalized = []
     for index, text in enumerate(texts):
         try:
             normalized.append(normalize(text))
         except TokenizerError as error:
             raise TokenizerError(f"texts[{index}]: {error}") from None
+        except TypeError as error:
+            raise TypeError(f"texts[{index}]: {error}") from None
     return normalized
+
+
+def refuse_one_text(texts: Iterable[str], name: str) -> None:
+    """Where several texts are wanted, one string would be taken as its characters, each a text of its own."""
+    if isinstance(texts, str | bytes):
+        raise TypeError(f"{name} must be an iterable of strings, not one {type(texts).__name__}: wrap it in a list")
 
 
 class Tokenizer:
@@ -119,6 +130,8 @@ class Tokenizer:
         rarest characters beyond it are left out (encoded as <unk>). 1.0 keeps them all.
         `byte_fallback`: 256 more pieces, one per byte value, spell the characters left out (or never
         seen) as their UTF-8 bytes instead of <unk>, so every text round-trips."""
+        refuse_one_text(sources, "sources")
+        refuse_one_text(targets, "targets")
         if model_type not in ("bpe", "unigram"):
             raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
         smallest = smallest_vocab_size(byte_fallback=byte_fallback)
