@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tformer.align as align_module
 from tformer.align import (
     AlignmentError,
     align_files,
@@ -209,3 +210,22 @@ def test_align_names_a_line_too_long_for_the_model_before_writing_any(
     (tmp_path / "one").write_text("ab\n", encoding="utf-8")
     assert main(["align", str(run), "--src", str(tmp_path / "fits"), "--tgt", str(tmp_path / "one")]) == 0
     assert main(["align", str(run), "--src", str(tmp_path / "one"), "--tgt", str(tmp_path / "fits")]) == 0
+
+
+def test_a_pair_whose_pieces_do_not_map_is_named_by_its_number_in_the_whole_list(
+    copy_model: tuple[Transformer, Tokenizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error counted pairs from the batch's start plus every pair aligned before (so pair 35, in the
+    second batch of 32, was called pair 67); it is the pair's 1-based number in the list (a file's line)."""
+    model, tokenizer = copy_model
+    sentences = random_sentences(random.Random(2), 40)
+    real, calls = align_module.piece_words, []
+
+    def breaking_pair_35(pieces):  # two calls a pair (source, then target): the 69th is pair 35's source
+        calls.append(None)
+        words = real(pieces)
+        return [*words, words[-1] + 1] if len(calls) == 69 else words
+
+    monkeypatch.setattr(align_module, "piece_words", breaking_pair_35)
+    with pytest.raises(AlignmentError, match=r"^pair 35: subword pieces do not map onto whitespace words$"):
+        align_pairs(model, tokenizer, [(s, s) for s in sentences])
