@@ -80,7 +80,10 @@ def start_run(
 
     `distributed`, `compile_mode` and `loss_chunk` are how it runs, not what it computes (see Trainer).
     `encoded_from`: another run (the one an --overwrite replaces) whose encoded training data this run
-    takes, hard-linked into its own directory, when its files, tokenizer and settings are the same."""
+    takes, hard-linked into its own directory, when its files, tokenizer and settings are the same.
+
+    It seeds Python's, numpy's and torch's global random generators with train.seed (dropout draws from
+    torch's), so a notebook's own random draws after it follow from that seed too."""
     distributed = distributed or Distributed()
     if not checked:
         check_new_run_dir(run_dir)
