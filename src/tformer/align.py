@@ -115,9 +115,7 @@ def align_pairs(
                 src_words = piece_words(tokenizer.source_pieces(source))
                 tgt_words = piece_words(tokenizer.target_pieces(target))
                 if src_words[-1] + 1 != len(source.split(" ")) or tgt_words[-1] + 1 != len(target.split(" ")):
-                    raise AlignmentError(
-                        f"pair {len(results) + 1}: subword pieces do not map onto whitespace words"
-                    )
+                    raise AlignmentError(f"pair {len(results) + 1}: subword pieces do not map onto whitespace words")
                 # drop the source </s> column and the row that predicts the target </s>
                 scores_JI = word_scores(cross_TS[:-1, :-1], src_words, tgt_words)
                 results.append(hard_alignment(scores_JI))
