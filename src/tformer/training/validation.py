@@ -71,11 +71,9 @@ def validation_scores(
     `decode` says)."""
     from tformer.decoding.pipeline import Translator  # decoding imports training-free modules only
 
-    was_training = model.training
-    model.eval()
+    # Translator decodes in eval mode and gives every module its mode back afterwards
     translator = Translator(model, tokenizer, decode, device=device, max_batch_tokens=max_batch_tokens)
     hypotheses = translator.translate_texts(list(sources))
-    model.train(was_training)
     return score(hypotheses, list(references), tokenize=tokenize)
 
 
