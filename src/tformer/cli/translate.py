@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument(
-        "--beam", type=positive_integer, default=None, help="beam size (default: the run's decode config)"
+        "--beam",
+        type=positive_integer,
+        default=None,
+        help="beam size (default: the run's decode config; one too large for the memory is refused: "
+        "docs/decoding.md, Memory)",
     )
     parser.add_argument(
         "--nbest",

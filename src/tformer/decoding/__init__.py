@@ -18,7 +18,9 @@ from tformer.config import DecodeConfig
 from tformer.decoding.beam import beam_search
 from tformer.decoding.ensemble import EnsembleModel
 from tformer.decoding.greedy import greedy_search
+from tformer.decoding.incremental import check_arguments
 from tformer.decoding.lengths import length_penalty, max_output_lengths
+from tformer.decoding.memory import sentences_per_batch
 from tformer.decoding.sampling import sample
 from tformer.decoding.search_types import DecodingError, Hypothesis
 from tformer.model.packed import packed_weights
@@ -41,9 +43,31 @@ def generate(
     `model` is a `Transformer` in eval mode or an `EnsembleModel`. Unless the step is compiled
     (`compile_step`, which chooses its own kernels), fp32 weights on the CPU are packed for oneDNN for
     the call (a caller decoding many batches can hold `packed_weights(model)` around all of them).
+
+    A batch whose search would take more than half of the memory (tformer.decoding.memory) is decoded a
+    few sentences at a time (the results are the same: a sentence's output does not depend on its batch);
+    a search too large for even one sentence (a huge beam) is refused with a DecodingError before it starts.
     """
-    if not isinstance(config, DecodeConfig):
-        raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+    check_arguments(model, src_ids, src_pad_mask, bos_id=bos_id, eos_id=eos_id, config=config)
+    B, S = src_ids.shape
+    per_batch = sentences_per_batch(
+        model, config, source_length=S, device=src_ids.device, return_attention=return_attention
+    )
+    if per_batch is not None and per_batch < B and (prefix is None or len(prefix) == B):
+        return [
+            nbest
+            for start in range(0, B, per_batch)
+            for nbest in generate(
+                model,
+                src_ids[start : start + per_batch],
+                src_pad_mask=None if src_pad_mask is None else src_pad_mask[start : start + per_batch],
+                bos_id=bos_id,
+                eos_id=eos_id,
+                config=config,
+                prefix=None if prefix is None else prefix[start : start + per_batch],
+                return_attention=return_attention,
+            )
+        ]
     search = sample if config.sampling else greedy_search if config.beam_size == 1 else beam_search
     with nullcontext() if config.compile_step else packed_weights(model):
         return search(

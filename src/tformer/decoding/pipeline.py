@@ -25,6 +25,7 @@ import torch
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.decoding.heap import release_free_memory
+from tformer.decoding.memory import sentences_per_batch
 from tformer.decoding.search_types import DecodingError
 from tformer.model.packed import packed_weights
 
@@ -159,6 +160,9 @@ class Translator:
         results: list[list[Translation]] = [list(empty) for _ in chunk]
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
         if sentences:
+            # a beam too large for the machine is refused before any of the chunk is decoded
+            longest = max(len(encoded[index]) for index in sentences)
+            sentences_per_batch(self.model, self.config, source_length=longest, device=self.device)
             # packed once for the chunk's batches (generate would pack per batch)
             with model_lock(self.model), evaluating(self.model), packed_weights(self.model):
                 for batch in self._batches(encoded, sentences):
