@@ -27,6 +27,7 @@ import torch
 from tformer.data import corpus
 from tformer.data.tokenizer import normalize
 from tformer.model import Transformer
+from tformer.model.modes import evaluating
 
 WORD_START = "\u2581"
 BATCH_SIZE = 32
@@ -99,10 +100,8 @@ def align_pairs(
 ) -> list[list[tuple[int, int]]]:
     """Hard word alignments of each (source, target) sentence pair; an empty side gives no links."""
     chosen = layer_index(model.config.n_decoder_layers, layer)
-    was_training = model.training
-    model.eval()
     results: list[list[tuple[int, int]]] = []
-    try:
+    with evaluating(model):
         for start in range(0, len(pairs), BATCH_SIZE):
             batch = [(normalize(s), normalize(t)) for s, t in pairs[start : start + BATCH_SIZE]]
             src = [[*tokenizer.encode_source(s), tokenizer.eos_id] for s, _ in batch]
@@ -119,8 +118,6 @@ def align_pairs(
                 # drop the source </s> column and the row that predicts the target </s>
                 scores_JI = word_scores(cross_TS[:-1, :-1], src_words, tgt_words)
                 results.append(hard_alignment(scores_JI))
-    finally:
-        model.train(was_training)
     return results
 
 

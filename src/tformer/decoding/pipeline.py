@@ -15,7 +15,6 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ from tformer.decoding import generate
 from tformer.decoding.heap import release_free_memory
 from tformer.decoding.memory import sentences_per_batch
 from tformer.decoding.search_types import DecodingError
+from tformer.model.modes import evaluating
 from tformer.model.packed import packed_weights
 
 
@@ -48,19 +48,6 @@ def model_lock(model: Any) -> threading.Lock:
     threads sharing a model take turns instead of undoing each other's changes."""
     with _MODEL_LOCKS_LOCK:
         return _MODEL_LOCKS.setdefault(model, threading.Lock())
-
-
-@contextmanager
-def evaluating(model: Any) -> Iterator[None]:
-    """`model` in eval mode inside the block; after it every module has the mode it had before (also after
-    an error), so that decoding leaves a model in training, or with some modules frozen in eval, as it was."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class TokenizerLike(Protocol):

@@ -19,6 +19,7 @@ from tformer.config import DecodeConfig
 from tformer.data.batching import Batch
 from tformer.data.tokenizer import Tokenizer
 from tformer.evaluation import Scores, score
+from tformer.model.modes import evaluating
 from tformer.training.loss import label_smoothed_loss
 from tformer.training.step import autocast_context
 
@@ -36,20 +37,18 @@ def validation_loss(
     """valid_loss (label-smoothed), valid_nll and valid_ppl = exp(valid_nll), each per target token of
     the whole set. Perplexity comes from the NLL: the smoothed loss cannot fall below the entropy of the
     smoothed targets (training/loss.py), so a perfect model would still score above 0 on it."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    nll_sum = torch.zeros((), device=device, dtype=torch.float64)
-    tokens = 0
-    for batch in batches:
-        on_device = batch.to(device)
-        with autocast_context(device, autocast_dtype):
-            logits_BTV = model(on_device.src_ids, on_device.tgt_in)
-        sums = label_smoothed_loss(logits_BTV, on_device.tgt_out, smoothing=smoothing, pad_id=pad_id)
-        loss_sum += sums.loss_sum
-        nll_sum += sums.nll_sum
-        tokens += batch.n_tgt_tokens
-    model.train(was_training)
+    with evaluating(model):
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        nll_sum = torch.zeros((), device=device, dtype=torch.float64)
+        tokens = 0
+        for batch in batches:
+            on_device = batch.to(device)
+            with autocast_context(device, autocast_dtype):
+                logits_BTV = model(on_device.src_ids, on_device.tgt_in)
+            sums = label_smoothed_loss(logits_BTV, on_device.tgt_out, smoothing=smoothing, pad_id=pad_id)
+            loss_sum += sums.loss_sum
+            nll_sum += sums.nll_sum
+            tokens += batch.n_tgt_tokens
     nll = nll_sum.item() / tokens
     perplexity = math.exp(min(nll, 700.0))  # math.exp overflows past 709; a diverged model's ppl stays a number
     return {"valid_loss": loss_sum.item() / tokens, "valid_nll": nll, "valid_ppl": perplexity}

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
 from tformer.model import Transformer
+from tformer.model.modes import evaluating
 from tformer.viz.attention_kinds import KINDS, STACKS
 from tformer.viz.fonts import TextFonts, fonts_for, warn_missing
 from tformer.viz.png_file import save_png
@@ -92,12 +93,8 @@ def teacher_forced_attention(
     parameter = next(model.parameters())
     src_1S = torch.tensor([list(src_ids)], dtype=torch.long, device=parameter.device)
     tgt_in_1T = torch.tensor([[bos_id, *tgt_ids]], dtype=torch.long, device=parameter.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         _, maps = model(src_1S, tgt_in_1T, return_attention=True)
-    finally:
-        model.train(was_training)
 
     def stack(per_layer: list[torch.Tensor]) -> np.ndarray:
         return torch.stack([weights[0] for weights in per_layer]).float().cpu().numpy()
