@@ -35,6 +35,7 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.search_types import DecodingError
+from tformer.model.transformer import check_bool_mask, check_id_tensor
 
 
 def repeat_rows(tree: Any, repeats: int) -> Any:
@@ -146,10 +147,7 @@ def check_arguments(
         raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
     if getattr(model, "training", False):
         raise DecodingError("the model is in training mode (dropout on); call model.eval() before decoding")
-    if not isinstance(src_ids_BS, Tensor):
-        raise TypeError(f"src_ids must be a torch.Tensor of token ids, got {type(src_ids_BS).__name__}")
-    if src_ids_BS.dtype not in (torch.long, torch.int32):
-        raise TypeError(f"src_ids must hold integer token ids (torch.long), got {src_ids_BS.dtype}")
+    check_id_tensor(src_ids_BS, "src_ids")
     if src_ids_BS.dim() != 2 or 0 in src_ids_BS.shape:
         raise DecodingError(
             f"src_ids must be a non-empty (batch, length) tensor; got shape {tuple(src_ids_BS.shape)}"
@@ -162,9 +160,7 @@ def check_arguments(
             f"move them with src_ids.to({str(weights.device)!r})"
         )
     if src_pad_mask_BS is not None:
-        if not isinstance(src_pad_mask_BS, Tensor) or src_pad_mask_BS.dtype != torch.bool:
-            what = src_pad_mask_BS.dtype if isinstance(src_pad_mask_BS, Tensor) else type(src_pad_mask_BS).__name__
-            raise TypeError(f"src_pad_mask must be a bool tensor (True for real tokens), got {what}")
+        check_bool_mask(src_pad_mask_BS, "src_pad_mask")
         if src_pad_mask_BS.shape != src_ids_BS.shape:
             raise DecodingError(
                 f"src_pad_mask shape {tuple(src_pad_mask_BS.shape)} differs from src_ids {tuple(src_ids_BS.shape)}"
