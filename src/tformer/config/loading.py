@@ -43,7 +43,7 @@ def config_from_dict(
         hint = did_you_mean(unknown, valid, other_sections or {})
         raise ConfigError(f"unknown key(s) {', '.join(unknown)}{where}; valid keys: {', '.join(valid)}{hint}")
     hints = typing.get_type_hints(cls)
-    checked = {key: _check_type(key, value, hints[key], where) for key, value in values.items()}
+    checked = {key: _check_type(key, value, hints[key], section) for key, value in values.items()}
     try:
         return cls(**checked)
     except ConfigError as error:
@@ -128,7 +128,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return dotted_key.strip().split("."), value
 
 
-def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
+def _check_type(key: str, value: Any, hint: Any, section: str) -> Any:
+    where = f" in [{section}]" if section else ""
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
@@ -140,7 +141,7 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [option for option in options if option is not type(None)]
-        return _check_type(key, value, inner[0], where)
+        return _check_type(key, value, inner[0], section)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}{where} must be true or false; got {value!r}")
@@ -155,16 +156,15 @@ def _check_type(key: str, value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}{where} must be a string; got {value!r}{_quoting_advice(key, value, where)}")
+            raise ConfigError(f"{key}{where} must be a string; got {value!r}{_quoting_advice(key, value, section)}")
         return value
     return value
 
 
-def _quoting_advice(key: str, value: Any, where: str) -> str:
+def _quoting_advice(key: str, value: Any, section: str) -> str:
     """How to write a name TOML reads as a number (a file called 2016) as a string: in quotes, and on the
     command line inside shell quotes too, which the shell would otherwise take away."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return ""
-    section = re.search(r"\[(\w+)\]", where)
-    dotted = f"{section.group(1)}.{key}" if section else key
+    dotted = f"{section}.{key}" if section else key
     return f'; write it in quotes: {key} = "{value}" in a file, --set \'{dotted}="{value}"\' on the command line'
