@@ -244,11 +244,10 @@ class Trainer:
 
     def effective_batch(self) -> str:
         """One line: processes x token budget x accumulation = padded token slots per update."""
-        config, world_size = self.train_config, self.distributed.world_size
-        total = world_size * config.max_tokens * config.accumulate
+        world_size, max_tokens, accumulate = self.batch_shape()
         return (
-            f"effective batch: {world_size} process(es) x {config.max_tokens} tokens (train.max_tokens) x "
-            f"{config.accumulate} (train.accumulate) = up to {total:,} padded token slots per update"
+            f"effective batch: {world_size} process(es) x {max_tokens} tokens (train.max_tokens) x "
+            f"{accumulate} (train.accumulate) = up to {math.prod(self.batch_shape()):,} padded token slots per update"
         )
 
     # ------------------------------------------------------------------ the loop
