@@ -6,12 +6,14 @@ A CUDA graph records the kernels of one step once and replays all of them with a
 that, every tensor the step reads or writes must keep its address and shape from one step to the next:
 
 - the cache is a `StaticDecoderCache` (full capacity, the position of the next token held on the
-  device and advanced by the step itself, a mask over the positions not yet written);
+  device and advanced by the step itself, a mask over the positions not yet written), or for beam search
+  a `StaticBeamDecoderCache` (the same, with each beam's keys in its own slot and an ancestry table);
 - the step reads its tokens from one fixed buffer and writes its log-probabilities into another;
 - sentences never leave the batch (a finished row keeps computing; the search ignores its output),
   and beam search gives every beam its own row from the first step on;
 - beam search's reordering of the cache is part of the step: `reorder` only records which rows to
-  take (composing with any reorder still pending), and the next step applies it before decoding.
+  take (composing with any reorder still pending), and the next step applies it to the ancestry table
+  before decoding (keys and values never move).
 
 Capturing a graph costs a few eager steps, so the buffers and the graph of a shape (rows, source length,
 cache capacity) are kept with the model (`CapturedStep`, the last few shapes) and reused by the next
@@ -102,9 +104,16 @@ class CapturedStep:
     reads the model's parameters at their addresses, so in-place weight updates are seen, new tensors
     are not (the key holds the parameters' address and dtype)."""
 
-    def __init__(self, model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor) -> None:
+    def __init__(
+        self, model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor, reorders_rows: bool
+    ) -> None:
+        """`reorders_rows`: beam search's cache, rows sentences x beams (one memory entry per sentence)."""
         device = model.tgt_embedding.weight.device
-        self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
+        if reorders_rows:
+            sentences = mask_MS.shape[0]
+            self.cache = model.new_static_beam_cache(sentences=sentences, beams=rows // sentences, capacity=capacity)
+        else:
+            self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
         self.cache.memory_kv = [tuple(torch.zeros_like(item) for item in layer) for layer in memory_kv]
         self.mask_MS = torch.zeros_like(mask_MS)  # one memory entry per sentence, shared by its rows
         self.tokens_R = torch.zeros(rows, dtype=torch.long, device=device)
@@ -114,12 +123,8 @@ class CapturedStep:
         self.searches: dict[tuple, Any] = {}  # whole search steps over these buffers (decoding/beam.py)
 
     def mutable(self) -> list[Tensor]:
-        """What a step writes: the position, the pending reorder, the cache's keys and values."""
-        return [
-            self.cache.position_1,
-            self.rows_R,
-            *(t for layer in self.cache.layers for t in (layer.k_BHLK, layer.v_BHLK)),
-        ]
+        """What a step writes: the pending reorder and the cache (its position, keys and values, ancestry)."""
+        return [self.rows_R, *self.cache.buffers()]
 
     def load(self, memory_kv: Any, mask_MS: Tensor) -> None:
         """Start a new batch: its memory and mask into the buffers, the position back to 0, no pending
@@ -136,20 +141,30 @@ _CAPTURED: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, CapturedStep]] = we
 
 
 def captured_step(
-    model: Any, *, rows: int, capacity: int, memory_kv: Any, mask_MS: Tensor, compile_step: bool = False
+    model: Any,
+    *,
+    rows: int,
+    capacity: int,
+    memory_kv: Any,
+    mask_MS: Tensor,
+    reorders_rows: bool,
+    compile_step: bool = False,
 ) -> CapturedStep:
-    """The model's CapturedStep of this shape and `compile_step`, made if new (its CUDA graphs record the
-    step compiled or not, so the two settings never share one)."""
+    """The model's CapturedStep of this shape, cache kind and `compile_step`, made if new (its CUDA graphs
+    record the step compiled or not, so the two settings never share one)."""
     capacity = min(capacity, model.config.max_positions)
     reference = model.tgt_embedding.weight
-    key = (rows, *mask_MS.shape, capacity, reference.device, reference.dtype, reference.data_ptr(), compile_step)
+    key = (rows, *mask_MS.shape, capacity, reference.device, reference.dtype, reference.data_ptr())
+    key += (reorders_rows, compile_step)
     steps = _CAPTURED.setdefault(model, OrderedDict())
     if key in steps:
         steps.move_to_end(key)
     else:
         while len(steps) >= SHAPES_KEPT:
             steps.popitem(last=False)
-        steps[key] = CapturedStep(model, rows=rows, capacity=capacity, memory_kv=memory_kv, mask_MS=mask_MS)
+        steps[key] = CapturedStep(
+            model, rows=rows, capacity=capacity, memory_kv=memory_kv, mask_MS=mask_MS, reorders_rows=reorders_rows
+        )
     return steps[key]
 
 
@@ -180,6 +195,7 @@ class StaticStepDecoder:
             capacity=capacity,
             memory_kv=memory_kv,
             mask_MS=src_pad_mask_BS,
+            reorders_rows=reorders_rows,
             compile_step=compile_step,
         )
         self.step_buffers.load(memory_kv, src_pad_mask_BS)
@@ -219,13 +235,15 @@ class StaticStepDecoder:
 
     def step_in_place(self) -> Tensor:
         """The step on the tokens already in the input buffer, run eagerly (what a graph records): apply
-        the pending reorder (the identity when there is none), decode, advance the position."""
+        the pending reorder (the identity when there is none) to a beam search's cache, decode (which
+        advances the position)."""
         buffers = self.step_buffers
-        buffers.cache.reorder(buffers.rows_R)
+        if self.reorders_rows:
+            buffers.cache.reorder(buffers.rows_R)
+            buffers.rows_R.copy_(buffers.identity_R)  # applied; the next step keeps the rows unless told otherwise
         logits_R1V = self.model.decode(
             buffers.tokens_R[:, None], memory=None, src_pad_mask=buffers.mask_MS, cache=buffers.cache
         )
-        buffers.rows_R.copy_(buffers.identity_R)  # applied; the next step keeps the rows unless told otherwise
         return torch.log_softmax(logits_R1V[:, -1].float(), dim=-1)
 
     def reorder(self, rows_R: Tensor) -> None:

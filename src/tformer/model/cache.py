@@ -22,7 +22,9 @@ history, and attention masks by it (so a reorder moves a small integer table, no
 the device that the step itself advances, and every step attends over all `capacity` positions with a
 mask that hides the ones not yet written. It cannot refuse a step past its capacity itself: that would
 read the device's position on the host, a synchronisation inside the step a CUDA graph records. Its
-driver counts steps on the host instead (`StaticStepDecoder.check_room`).
+driver counts steps on the host instead (`StaticStepDecoder.check_room`). `StaticBeamDecoderCache` is
+the same for beam search, with the beam cache's slots and ancestry table (a reorder moves the table,
+never the keys and values).
 
 Shape legend: B batch (sentences x beams; in the beam cache, sentences), N beams, H heads, L cache
 capacity, P filled positions x beams, S source length, K head dim, R rows, M memory entries.
@@ -144,20 +146,16 @@ class StaticLayerCache:
 
     def append(self, k_BH1K: Tensor, v_BH1K: Tensor) -> tuple[Tensor, Tensor]:
         """Write the one new position at `position_1` and return the whole buffers (the decoder's
-        `StaticDecoderCache.visible_keys` mask hides the positions not yet written)."""
+        `StaticDecoderCache.start_step` mask hides the positions not yet written)."""
         self.k_BHLK.index_copy_(2, self.position_1, k_BH1K)
         self.v_BHLK.index_copy_(2, self.position_1, v_BH1K)
         return self.k_BHLK, self.v_BHLK
 
-    def reorder(self, indices_B: Tensor) -> None:
-        """Row i takes what row indices_B[i] had, copied back into the same storage."""
-        self.k_BHLK.copy_(self.k_BHLK.index_select(0, indices_B))
-        self.v_BHLK.copy_(self.v_BHLK.index_select(0, indices_B))
-
 
 @dataclass
 class StaticDecoderCache:
-    """A decoder cache whose tensors keep their addresses and shapes for a whole search."""
+    """A decoder cache whose tensors keep their addresses and shapes for a whole search (greedy
+    decoding and sampling: rows never change places; beam search uses `StaticBeamDecoderCache`)."""
 
     layers: list[StaticLayerCache]
     position_1: Tensor  # (1,) long: the position of the next token, advanced in place by each step
@@ -176,17 +174,95 @@ class StaticDecoderCache:
     def capacity(self) -> int:
         return self.key_positions_L.shape[0]
 
-    def visible_keys(self) -> Tensor:
+    def buffers(self) -> list[Tensor]:
+        """Every tensor a step writes: the position, each layer's keys and values."""
+        return [self.position_1, *(t for layer in self.layers for t in (layer.k_BHLK, layer.v_BHLK))]
+
+    def start_step(self) -> Tensor:
         """(1, 1, 1, L) "may attend" mask of the new token: every position up to its own."""
         return (self.key_positions_L <= self.position_1)[None, None, None, :]
 
     def advance(self) -> None:
         self.position_1.add_(1)
 
-    def reorder(self, indices_B: Tensor) -> None:
-        """As `DecoderCache.reorder`, but the rows are copied back into the same tensors."""
-        for layer in self.layers:
-            layer.reorder(indices_B)
+
+@dataclass
+class StaticBeamLayerCache:
+    """`BeamLayerCache` at fixed addresses and full capacity: beam j of sentence b writes the key and value
+    of position p at [b, :, p, j], p being the device's `position_1`."""
+
+    k_BHLNK: Tensor
+    v_BHLNK: Tensor
+    position_1: Tensor  # shared with the StaticBeamDecoderCache
+
+    def append(self, k_RH1K: Tensor, v_RH1K: Tensor) -> tuple[Tensor, Tensor]:
+        """Write each beam's new key and value (R = B x N rows) into its own slot and return every
+        sentence's keys and values of the whole capacity, (B, H, L x N, K), position-major (the decoder's
+        `StaticBeamDecoderCache.start_step` mask picks each beam's ancestors among them)."""
+        B, H, L, N, K = self.k_BHLNK.shape
+        self.k_BHLNK.index_copy_(2, self.position_1, k_RH1K.reshape(B, N, H, 1, K).permute(0, 2, 3, 1, 4))
+        self.v_BHLNK.index_copy_(2, self.position_1, v_RH1K.reshape(B, N, H, 1, K).permute(0, 2, 3, 1, 4))
+        return self.k_BHLNK.view(B, H, L * N, K), self.v_BHLNK.view(B, H, L * N, K)
+
+
+@dataclass
+class StaticBeamDecoderCache:
+    """Beam search's fixed-shape cache: `BeamDecoderCache`'s never-moved keys and values and ancestry
+    table, at fixed addresses and full capacity, with the position on the device (`StaticDecoderCache`).
+
+    A reorder gathers the small ancestry table (B x N x L integers) instead of copying every layer's keys
+    and values of every row (on a GPU, that copy was a sixth of a `base` beam-4 step). Each step attends
+    over all L x N keys of a sentence, masked to the beam's ancestors at the positions written so far.
+    Entries past the position (a previous batch's) are never read: the mask hides them until this batch's
+    step at that position overwrites them."""
+
+    layers: list[StaticBeamLayerCache]
+    position_1: Tensor  # (1,) long: the position of the next token, advanced in place by each step
+    key_positions_L: Tensor  # 0 .. L-1
+    ancestry_BNL: Tensor  # long: the beam slot holding each position of each beam's history
+    slots_N: Tensor  # 0 .. N-1
+    memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def allocate(cls, layout: CacheLayout, *, sentences: int, beams: int) -> StaticBeamDecoderCache:
+        shape = (sentences, layout.n_heads, layout.capacity, beams, layout.head_dim)
+        position_1 = torch.zeros(1, dtype=torch.long, device=layout.device)
+        layers = [StaticBeamLayerCache(k, v, position_1) for k, v in layout.key_value_buffers(shape, zeros=True)]
+        return cls(
+            layers=layers,
+            position_1=position_1,
+            key_positions_L=torch.arange(layout.capacity, device=layout.device),
+            ancestry_BNL=torch.zeros((sentences, beams, layout.capacity), dtype=torch.long, device=layout.device),
+            slots_N=torch.arange(beams, device=layout.device),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.key_positions_L.shape[0]
+
+    def buffers(self) -> list[Tensor]:
+        """Every tensor a step writes: the position, the ancestry table, each layer's keys and values."""
+        layers = (t for layer in self.layers for t in (layer.k_BHLNK, layer.v_BHLNK))
+        return [self.position_1, self.ancestry_BNL, *layers]
+
+    def start_step(self) -> Tensor:
+        """Mark the new position as each beam's own slot and return the (B, 1, N, L x N) "may attend" mask
+        of each sentence's N queries over its keys: a beam's ancestor's slot at every position so far."""
+        B, N, L = self.ancestry_BNL.shape
+        new_L = self.key_positions_L == self.position_1
+        self.ancestry_BNL.copy_(torch.where(new_L, self.slots_N[:, None], self.ancestry_BNL))
+        written_L1 = (self.key_positions_L <= self.position_1)[:, None]
+        return ((self.ancestry_BNL[:, :, :, None] == self.slots_N) & written_L1).view(B, 1, N, L * N)
+
+    def advance(self) -> None:
+        self.position_1.add_(1)
+
+    def reorder(self, indices_R: Tensor) -> None:
+        """Row i (beam i % N of sentence i // N) continues the history of row indices_R[i], a row of the
+        same sentence: only the ancestry table moves, copied back into the same storage."""
+        B, N, L = self.ancestry_BNL.shape
+        parent_BNL = (indices_R.view(B, N) % N)[:, :, None].expand(B, N, L)
+        self.ancestry_BNL.copy_(self.ancestry_BNL.gather(1, parent_BNL))
 
 
 @dataclass

@@ -20,12 +20,20 @@ import torch
 from torch import Tensor, nn
 
 from tformer.config import ModelConfig
-from tformer.model.cache import BeamDecoderCache, CacheLayout, DecoderCache, StaticDecoderCache
+from tformer.model.cache import (
+    BeamDecoderCache,
+    CacheLayout,
+    DecoderCache,
+    StaticBeamDecoderCache,
+    StaticDecoderCache,
+)
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
 from tformer.model.packed import Linear, linear
 from tformer.model.size import check_fits_in_memory
+
+AnyCache = DecoderCache | StaticDecoderCache | StaticBeamDecoderCache | BeamDecoderCache
 
 
 @dataclass
@@ -93,18 +101,18 @@ class Decoder(nn.Module):
         memory_kv: list[tuple[Tensor, Tensor]],
         src_pad_mask_BS: Tensor | None,
         tgt_pad_mask: Tensor | None,
-        cache: DecoderCache | StaticDecoderCache | BeamDecoderCache | None,
+        cache: AnyCache | None,
         need_weights: bool,
     ) -> tuple[Tensor, list, list]:
         T = embedded_BTD.shape[1]
-        static = isinstance(cache, StaticDecoderCache)
+        static = isinstance(cache, (StaticDecoderCache, StaticBeamDecoderCache))
         # The first two branches serve fast decoding only (the fixed-shape step that CUDA graphs and
         # torch.compile replay; beam search's never-reordered cache). Training, teacher forcing and plain
         # cached decoding take the last one.
         if static:  # one new token whose position is a device tensor; keys span the whole capacity
             assert T == 1 and tgt_pad_mask is None, "a static cache decodes one token at a time, unpadded"
             x_BTD = self.dropout(embedded_BTD + self.positions.at(cache.position_1))
-            is_causal, self_mask = False, cache.visible_keys()
+            is_causal, self_mask = False, cache.start_step()
         elif isinstance(cache, BeamDecoderCache):  # one new token per beam; keys of every slot, masked
             assert T == 1 and tgt_pad_mask is None, "a beam cache decodes one token at a time, unpadded"
             x_BTD = self.dropout(embedded_BTD + self.positions(T, cache.length))
@@ -222,7 +230,7 @@ class Transformer(nn.Module):
         memory: Tensor | None,
         src_pad_mask: Tensor | None,
         tgt_pad_mask: Tensor | None = None,
-        cache: DecoderCache | StaticDecoderCache | BeamDecoderCache | None = None,
+        cache: AnyCache | None = None,
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor], list[Tensor]]:
         """logits_BTV for the target prefix tgt_ids_BT, attending to `memory` (B S D).
@@ -232,12 +240,13 @@ class Transformer(nn.Module):
         then covers every key position so far, shape (B, cache.length + T). A `StaticDecoderCache`
         (see `new_static_cache`) takes one token per row and no `tgt_pad_mask`; its capacity bounds
         the length. A `BeamDecoderCache` (see `new_beam_cache`) takes one token per beam, its rows being
-        sentences x beams, and masks each beam's self-attention to its own ancestors.
+        sentences x beams, and masks each beam's self-attention to its own ancestors; a
+        `StaticBeamDecoderCache` (see `new_static_beam_cache`) does the same at fixed shapes.
         """
         check_ids(tgt_ids, "tgt_ids")
         check_mask(tgt_pad_mask, "tgt_pad_mask")
         check_mask(src_pad_mask, "src_pad_mask")
-        if not isinstance(cache, StaticDecoderCache):
+        if not isinstance(cache, (StaticDecoderCache, StaticBeamDecoderCache)):
             offset = 0 if cache is None else cache.length
             self._check_length(offset + tgt_ids.shape[1], "target")
         if cache is not None and cache.memory_kv:
@@ -349,6 +358,10 @@ class Transformer(nn.Module):
     def new_static_cache(self, *, batch_size: int, capacity: int) -> StaticDecoderCache:
         """A fixed-shape decoder cache for a decoding step captured once and replayed (CUDA graphs)."""
         return StaticDecoderCache.allocate(self._cache_layout(capacity), batch_size=batch_size)
+
+    def new_static_beam_cache(self, *, sentences: int, beams: int, capacity: int) -> StaticBeamDecoderCache:
+        """`new_static_cache` for beam search: rows sentences x beams, reordered by an ancestry table."""
+        return StaticBeamDecoderCache.allocate(self._cache_layout(capacity), sentences=sentences, beams=beams)
 
     def _cache_layout(self, capacity: int) -> CacheLayout:
         reference = self.tgt_embedding.weight
