@@ -2,7 +2,7 @@
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
 # new: what no GPU has measured yet (after session 14): the GPU tests of the CUDA graphs, the compiled
-#        decoding step on `base` (beam search's static cache never copied, attention as fused sums) and its
+#        decoding step on `base` (beam search's static cache never copied, top-k by chunks) and its
 #        kernel profile, the graphed training step against Marian compiled whole (--compile model), the
 #        compiled decoding step on `small`; about 10-12 minutes (compile times);
 # graphs: the CUDA-graph runs measured in sessions 3 and 13 again (compiled static decoding step, graphed

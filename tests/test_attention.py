@@ -1,4 +1,4 @@
-"""The forms of scaled dot-product attention agree with each other and with torch's own."""
+"""The three forms of scaled dot-product attention agree with each other and with torch's own."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tformer.model import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
-from tformer.model.attention import attend, attention_by_sums, attention_loop_steps, compiled_few_queries
+from tformer.model.attention import attend, attention_loop_steps
 from tformer.model.masks import additive_mask, causal_mask, key_mask
 
 B, H, T, S, K = 2, 3, 5, 7, 4
@@ -177,37 +177,3 @@ def test_rows_sharing_a_memory_row_get_what_rows_with_their_own_copy_get(need_we
         torch.testing.assert_close(shared[1], own[1], atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="cannot share"):
         attention(x[:5], memory_kv=attention.project_memory(memory), mask=None)
-
-
-@pytest.mark.parametrize("mask_name", list(MASKS))
-def test_attention_by_sums_is_the_matrix_form(mask_name: str) -> None:
-    """The multiply-and-sum form of a compiled decoding step: the matrix form's numbers (float64 to its
-    rounding; float32 to float32's, eager and compiled)."""
-    q, k, v = random_qkv(5)
-    mask = MASKS[mask_name]
-    expected, _ = attention_matrix(q, k, v, mask)
-    torch.testing.assert_close(attention_by_sums(q, k, v, mask), expected, rtol=0, atol=1e-12)
-    q, k, v = q.float(), k.float(), v.float()
-    expected = expected.float()
-    torch.testing.assert_close(attention_by_sums(q, k, v, mask), expected, rtol=0, atol=1e-6)
-    with torch.no_grad():
-        compiled = torch.compile(attention_by_sums, dynamic=False)(q, k, v, mask)
-    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-6)
-
-
-def test_only_a_compiled_decoding_step_takes_the_sums() -> None:
-    """`attend` takes `attention_by_sums` only while torch.compile traces a few queries without gradient
-    or dropout: eager code and training (compiled or not) keep torch's fused kernel."""
-
-    def taken(q_BHTK: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
-        return torch.tensor(compiled_few_queries(q_BHTK, dropout_p=dropout_p, is_causal=is_causal))
-
-    compiled = torch.compile(taken, dynamic=False)
-    step_queries, many_queries = torch.zeros(4, 8, 4, 16), torch.zeros(4, 8, 17, 16)
-    with torch.no_grad():
-        assert not taken(step_queries)  # eager
-        assert compiled(step_queries)
-        assert not compiled(many_queries)
-        assert not compiled(step_queries, 0.1)
-        assert not compiled(step_queries, 0.0, True)
-    assert not compiled(step_queries)  # with gradients: training

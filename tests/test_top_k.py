@@ -18,11 +18,16 @@ def chunked_sizes(k: int) -> list[int]:
     return [smallest, smallest + 37, 3 * smallest + 5]
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("k", [1, 4, 8])
-def test_top_k_equals_torch_topk_on_distinct_values(k: int) -> None:
+def test_top_k_equals_torch_topk_on_distinct_values(k: int, device: str) -> None:
     generator = torch.Generator().manual_seed(k)
     for V in chunked_sizes(k):
         values_RV = torch.randn(13, V, generator=generator, dtype=torch.float64).float().log_softmax(dim=-1)
+        values_RV = values_RV.to(device)
         expected = values_RV.topk(k, dim=-1)
         best, index = top_k(values_RV, k)
         assert torch.equal(best, expected.values)

@@ -7,11 +7,8 @@
 2. `attention_matrix`: the same in matrix form; returns the weights so they can be plotted.
 3. `attention_fused`: torch's `scaled_dot_product_attention` (flash / memory-efficient kernels),
    the default for training and inference.
-4. `attention_by_sums`: the matrix form with each product written as a multiply-and-sum, for the few
-   queries of a decoding step under torch.compile (`compiled_few_queries`), which fuses it into a few
-   small kernels where the fused kernel costs 9-16 us a call on an H200 for a few microseconds of work.
 
-All four take the boolean "may attend" mask of `tformer.model.masks` and agree to float64 precision
+All three take the boolean "may attend" mask of `tformer.model.masks` and agree to float64 precision
 (tests/test_attention.py).
 
 Shape legend: B batch, H heads, T query length, S key length, K head dim, D model dim; in `attend_rows`,
@@ -106,29 +103,6 @@ def attention_fused(
     )
 
 
-def attention_by_sums(q_BHTK: Tensor, k_BHSK: Tensor, v_BHSK: Tensor, mask: Tensor | None = None) -> Tensor:
-    """softmax(Q K^T / sqrt(d_k) + mask) V, each product a broadcast multiply summed over the shared
-    dimension, computed in float32 at least (bfloat16 inputs too; returned in q's dtype). Meant for
-    torch.compile, which fuses each multiply into its sum; run eagerly it holds a (B, H, T, S, K) product."""
-    dtype = torch.promote_types(q_BHTK.dtype, torch.float32)
-    q_BHT1K, k_BH1SK = q_BHTK[:, :, :, None, :].to(dtype), k_BHSK[:, :, None, :, :].to(dtype)
-    scores_BHTS = (q_BHT1K * k_BH1SK).sum(dim=-1) / math.sqrt(q_BHTK.shape[-1])
-    bias = additive_mask(mask, dtype)
-    if bias is not None:
-        scores_BHTS = scores_BHTS + bias
-    weights_BHTS1 = torch.softmax(scores_BHTS, dim=-1)[:, :, :, :, None]
-    output_BHTK = (weights_BHTS1 * v_BHSK[:, :, None, :, :].to(dtype)).sum(dim=-2)
-    return output_BHTK.to(q_BHTK.dtype)
-
-
-def compiled_few_queries(q_BHTK: Tensor, *, dropout_p: float, is_causal: bool) -> bool:
-    """Whether `attend` takes `attention_by_sums`: the few queries of a decoding step (at most FEW_QUERIES
-    per key row, no gradient, no dropout) traced by torch.compile (inductor fuses its sums; eagerly they
-    would be slow). Training, compiled or not, keeps the fused kernel."""
-    few = q_BHTK.shape[2] <= FEW_QUERIES and dropout_p == 0.0 and not is_causal
-    return few and not torch.is_grad_enabled() and torch.compiler.is_compiling()
-
-
 def split_heads(x_BTD: Tensor, n_heads: int) -> Tensor:
     B, T, D = x_BTD.shape
     return x_BTD.view(B, T, n_heads, D // n_heads).transpose(1, 2)  # B H T K
@@ -150,9 +124,8 @@ def attend(
     is_causal: bool = False,
     matrix_form: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The fused kernel, or the matrix form when the caller wants the weights back (or `matrix_form`), or
-    the sums of `attention_by_sums` for a decoding step's few queries under torch.compile. `is_causal`
-    stands for the causal mask, so it takes no `mask` beside it (torch's kernel refuses both;
+    """The fused kernel, or the matrix form when the caller wants the weights back (or `matrix_form`).
+    `is_causal` stands for the causal mask, so it takes no `mask` beside it (torch's kernel refuses both;
     the matrix form would drop the mask)."""
     if is_causal and mask is not None:
         raise ValueError("attend takes a mask or is_causal, not both: combine them into one mask")
@@ -161,8 +134,6 @@ def attend(
             mask = causal_mask(q_BHTK.shape[2], k_BHSK.shape[2], device=q_BHTK.device)
         output, weights = attention_matrix(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p)
         return output, weights if need_weights else None
-    if compiled_few_queries(q_BHTK, dropout_p=dropout_p, is_causal=is_causal):
-        return attention_by_sums(q_BHTK, k_BHSK, v_BHSK, mask), None
     output = attention_fused(q_BHTK, k_BHSK, v_BHSK, mask, dropout_p=dropout_p, is_causal=is_causal)
     return output, None
 
