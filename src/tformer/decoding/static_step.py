@@ -19,8 +19,9 @@ Capturing a graph costs a few eager steps, so the buffers and the graph of a sha
 cache capacity) are kept with the model (`CapturedStep`, the last few shapes) and reused by the next
 batch of that shape: a batch copies its memory keys/values and source mask into the buffers, puts the
 position back to 0 and replays the same graph. (Shapes are not rounded up to share graphs: padding the
-source would change the attention's summation order, and the step would no longer match the default
-step to the last bit it does now.)
+source would be extra masked keys in every cross-attention, more work for every step of every batch.) The
+step gives the default step's tokens, and its scores to float rounding (it attends over the whole capacity
+where the default step attends over the positions so far: tests/test_static_step.py).
 
 Beam search goes further when its constraints do not depend on the history (no n-gram ban, no forced
 prefix): its whole step (this decoding step, the constraints, the choice of beams, the finished lists,
