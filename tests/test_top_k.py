@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tformer.decoding.beam as beam_module
+import tformer.decoding.beam_step as beam_step_module
 from tformer.config import DecodeConfig, preset
 from tformer.decoding import generate
 from tformer.decoding.top_k import CHUNK, MIN_CHUNKS_PER_KEPT, top_k
@@ -77,5 +77,5 @@ def test_beam_search_over_a_large_vocabulary_equals_the_search_with_torch_topk(m
         return [[(h.tokens, h.score) for h in nbest] for nbest in results]
 
     chunked = search()
-    monkeypatch.setattr(beam_module, "top_k", lambda values_RV, k: values_RV.topk(k, dim=-1))
+    monkeypatch.setattr(beam_step_module, "top_k", lambda values_RV, k: values_RV.topk(k, dim=-1))
     assert search() == chunked
