@@ -28,7 +28,9 @@ from tformer.data.tokenizer import Tokenizer
 from tformer.decoding.pipeline import Translator
 from tformer.model import Transformer
 from tformer.serving.load import send_all, server_process
-from tformer.training.checkpoint import load_run, save_checkpoint, step_name, write_pointer
+from tformer.training.checkpoint import step_name
+from tformer.training.checkpoint_load import load_run
+from tformer.training.checkpoint_save import save_checkpoint, write_pointer
 
 
 def parse_args():

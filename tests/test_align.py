@@ -27,7 +27,8 @@ from tformer.cli.main import main
 from tformer.config import ExperimentConfig, preset
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
-from tformer.training.checkpoint import save_checkpoint, step_name, write_pointer
+from tformer.training.checkpoint import step_name
+from tformer.training.checkpoint_save import save_checkpoint, write_pointer
 
 WORDS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "abc", "fed", "hij", "mop"]
 

@@ -17,7 +17,7 @@ from tformer.config import ConfigError, DataConfig, load_experiment
 from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
 from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize
 from tformer.training import checkpoint as ckpt
-from tformer.training import start_run
+from tformer.training import checkpoint_load, start_run
 
 SOURCES = ["Two young, White males are outside near many bushes.", "A little girl climbing into a playhouse!"]
 TARGETS = ["Zwei junge weiße Männer sind im Freien.", "Ein kleines Mädchen klettert in ein Spielhaus."]
@@ -155,17 +155,17 @@ def test_a_run_trained_with_byte_fallback_saves_reloads_and_resumes(tmp_path: Pa
         "--set", "data.byte_fallback=true", "--set", "train.warmup_steps=2", "--quiet",
     ]  # fmt: skip
     assert main(train) == 0
-    loaded = ckpt.load_run(run)
+    loaded = checkpoint_load.load_run(run)
     assert loaded.experiment.data.byte_fallback and loaded.tokenizer.byte_fallback
     assert loaded.tokenizer.decode_target(loaded.tokenizer.encode_target("ka 😀 lo")) == "ka 😀 lo"
     (tmp_path / "in.txt").write_text("ka 😀 lo\n", encoding="utf-8")
     translate = ["translate", str(run), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt")]
     assert main(translate) == 0
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--quiet"]) == 0
-    assert ckpt.load_run(run, which="last").experiment.data.byte_fallback
+    assert checkpoint_load.load_run(run, which="last").experiment.data.byte_fallback
     # a run saved before the key existed reads as byte_fallback = false
     for description in run.glob(f"checkpoints/*/{ckpt.EXPERIMENT_FILE}"):
         document = json.loads(description.read_text(encoding="utf-8"))
         del document["experiment"]["data"]["byte_fallback"]
         description.write_text(json.dumps(document), encoding="utf-8")
-    assert ckpt.load_run(run).experiment.data.byte_fallback is False
+    assert checkpoint_load.load_run(run).experiment.data.byte_fallback is False

@@ -22,7 +22,7 @@ from training_helpers import tiny_experiment, write_corpus
 import tformer
 from tformer.cli.main import main
 from tformer.data.tokenizer import Tokenizer
-from tformer.training import CheckpointError, load_run, resume_run, start_run
+from tformer.training import CheckpointError, checkpoint_save, load_run, resume_run, start_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.average import average_checkpoints
 from tformer.training.saving import remove_later_checkpoints
@@ -244,7 +244,7 @@ def test_a_resume_removes_the_checkpoints_newer_than_the_one_it_continues_from(r
     counted it although it is no part of the run: here pruning (keep_last 2) kept it as one of the newest two,
     and `average --last 2` averaged it with step-00000005."""
     for pointer in ckpt.POINTERS:
-        ckpt.write_pointer(run_copy, pointer, "step-00000004")
+        checkpoint_save.write_pointer(run_copy, pointer, "step-00000004")
     resume_run(run_copy, overrides=["train.max_steps=5", "train.keep_last=2", "train.valid_every=100"]).train()
     err = capsys.readouterr().err
     assert err.count("resume: removed step-00000006, newer than step-00000004 that the run continues from") == 1
@@ -263,12 +263,12 @@ def test_a_best_pointer_to_a_removed_checkpoint_moves_to_the_best_the_resumed_ru
     naming a checkpoint the resume removes: it moves to the best checkpoint of the state resumed from, or is
     removed where that checkpoint is gone (commands that read the best then read latest)."""
     best_step = torch.load(run_copy / "checkpoints" / "step-00000004" / ckpt.STATE_FILE)["early_stopping"]["best_step"]
-    ckpt.write_pointer(run_copy, "latest", "step-00000004")
+    checkpoint_save.write_pointer(run_copy, "latest", "step-00000004")
     line = remove_later_checkpoints(run_copy, step=4, best_step=best_step)
     assert line.endswith(f"; best now names {ckpt.step_name(best_step)}") and "removed step-00000006," in line
     assert ckpt.read_pointer_name(run_copy, "best") == ckpt.step_name(best_step)
     for pointer in ckpt.POINTERS:
-        ckpt.write_pointer(run_copy, pointer, "step-00000004" if pointer == "best" else "step-00000002")
+        checkpoint_save.write_pointer(run_copy, pointer, "step-00000004" if pointer == "best" else "step-00000002")
     line = remove_later_checkpoints(run_copy, step=2, best_step=0)
     assert line.startswith("resume: removed step-00000004, newer than step-00000002") and "best named" in line
     assert not (run_copy / "best").exists() and load_run(run_copy).checkpoint_dir.name == "step-00000002"
@@ -324,7 +324,7 @@ def test_interrupted_writes_are_invisible_and_cleaned_up(run_copy: Path) -> None
     (leftover / ckpt.WEIGHTS_FILE).write_bytes(b"half a file")
     assert load_run(run_copy, which="last").step == 6
     assert ckpt.step_checkpoints(run_copy)[-1].name == "step-00000006"
-    ckpt.prune_checkpoints(run_copy, keep_last=0)
+    checkpoint_save.prune_checkpoints(run_copy, keep_last=0)
     assert not leftover.exists()
 
 
@@ -336,19 +336,19 @@ def test_pruning_leaves_what_a_live_process_is_writing(run_copy: Path) -> None:
         replacing = run_copy / "checkpoints" / f".old-step-00000006-{writer.pid}"
         for directory in (averaging, replacing):
             directory.mkdir()
-        assert ckpt.prune_checkpoints(run_copy, keep_last=0) == []
+        assert checkpoint_save.prune_checkpoints(run_copy, keep_last=0) == []
         assert averaging.is_dir() and replacing.is_dir()
     finally:
         writer.kill()
         writer.wait()
-    assert sorted(ckpt.prune_checkpoints(run_copy, keep_last=0)) == sorted([averaging, replacing])
+    assert sorted(checkpoint_save.prune_checkpoints(run_copy, keep_last=0)) == sorted([averaging, replacing])
 
 
 def test_rewriting_an_existing_checkpoint_name_replaces_it_whole(run_copy: Path) -> None:
     loaded = load_run(run_copy, which="last")
     with torch.no_grad():
         loaded.model.encoder.layers[0].feed_forward.fc1.bias.fill_(0.5)
-    ckpt.save_checkpoint(
+    checkpoint_save.save_checkpoint(
         run_copy,
         "step-00000006",
         experiment=loaded.experiment,
@@ -369,7 +369,7 @@ def test_a_failed_average_leaves_nothing_behind(run_copy: Path, tmp_path: Path, 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_model", full_disk)
+    monkeypatch.setattr(checkpoint_save, "save_model", full_disk)
     checkpoints = sorted((run_copy / "checkpoints").iterdir())
     for out in (None, tmp_path / "elsewhere" / "averaged"):
         with pytest.raises(OSError, match="No space left on device"):
@@ -501,7 +501,7 @@ def test_written_files_get_the_mode_open_gives(run_copy: Path, umask: int) -> No
     previous = os.umask(umask)
     try:
         (run_copy / "probe").write_text("")  # what a plain open() gives under this umask
-        written = ckpt.save_checkpoint(
+        written = checkpoint_save.save_checkpoint(
             run_copy,
             "step-00000008",
             experiment=loaded.experiment,

@@ -21,7 +21,7 @@ from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
 from tformer.training import checkpoint as ckpt
-from tformer.training import load_run, loop, resume_run, start_run
+from tformer.training import checkpoint_load, checkpoint_save, load_run, loop, resume_run, start_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +116,7 @@ def test_tokens_per_s_after_a_resume_counts_only_the_steps_trained_since(tmp_pat
     settings = ("train.log_every=4", "train.save_every=3", "train.valid_every=100", "train.max_steps=4")
     start_run(tiny_experiment(corpus, *settings), tmp_path / "whole", quiet=True).train()
     start_run(tiny_experiment(corpus, *settings[:-1], "train.max_steps=3"), tmp_path / "cut", quiet=True).train()
-    tokens_before = ckpt.load_trainer_state(tmp_path / "cut" / "checkpoints" / "step-00000003")["log_window"]
+    tokens_before = checkpoint_load.load_trainer_state(tmp_path / "cut" / "checkpoints" / "step-00000003")["log_window"]
     resume_run(tmp_path / "cut", overrides=["train.max_steps=4"], quiet=True).train()
 
     (whole,) = _rows(tmp_path / "whole")
@@ -187,7 +187,7 @@ def test_the_trainer_state_keeps_the_layout_that_earlier_checkpoints_have(tmp_pa
     pinned here (a checkpoint taken between two log rows, with a gradient norm in its logging window)."""
     settings = ("train.max_steps=2", "train.log_every=4", "train.clip_norm=1.0")
     start_run(tiny_experiment(write_corpus(tmp_path), *settings), tmp_path / "run", quiet=True).train()
-    state = ckpt.load_trainer_state(tmp_path / "run" / "checkpoints" / "step-00000002")
+    state = checkpoint_load.load_trainer_state(tmp_path / "run" / "checkpoints" / "step-00000002")
 
     assert list(state) == [
         "format_version", "step", "elapsed_s", "optimizer", "stream", "effective_batch", "early_stopping",
@@ -245,14 +245,14 @@ def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(
     checkpoint and `latest`: the run kept the checkpoint of a whole train.save_every before (or none)."""
     experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=6", "train.save_every=2", valid=False)
     trainer = start_run(experiment, tmp_path / "run", quiet=True)
-    write_pointer = ckpt.write_pointer
+    write_pointer = checkpoint_save.write_pointer
 
     def interrupted(run_dir: Path, which: str, name: str) -> None:
         if name == "step-00000004":
             os.kill(os.getpid(), signal.SIGINT)
         write_pointer(run_dir, which, name)
 
-    monkeypatch.setattr(ckpt, "write_pointer", interrupted)
+    monkeypatch.setattr(checkpoint_save, "write_pointer", interrupted)
     with pytest.raises(loop.TrainingInterrupted, match=r"keeps its last checkpoint, .*step-00000004;"):
         trainer.train()
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-00000004"

@@ -28,7 +28,7 @@ from tformer.cli.main import main
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
-from tformer.training import loop, training_text
+from tformer.training import checkpoint_save, loop, training_text
 from tformer.training import run as training_run
 from tformer.training.loop import TrainResult
 
@@ -437,7 +437,7 @@ def test_a_failed_checkpoint_save_names_the_checkpoint_the_run_keeps(
 ) -> None:
     """A full disk during a save was "error: [Errno 28] No space left on device": which checkpoint the run
     kept, and that --resume continues it, went unsaid (and an --overwrite's staged run is discarded)."""
-    real_save = ckpt.save_checkpoint
+    real_save = checkpoint_save.save_checkpoint
     saves: list[str] = []
 
     def second_save_fails(run_dir, name, **kwargs):
@@ -446,7 +446,7 @@ def test_a_failed_checkpoint_save_names_the_checkpoint_the_run_keeps(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(run_dir, name, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", second_save_fails)
+    monkeypatch.setattr(checkpoint_save, "save_checkpoint", second_save_fails)
     run = tmp_path / "full"
     capsys.readouterr()
     assert main(_train_args(workspace, run)) == 2
@@ -455,11 +455,11 @@ def test_a_failed_checkpoint_save_names_the_checkpoint_the_run_keeps(
     assert f"the run keeps its last checkpoint, {run / ckpt.CHECKPOINTS_DIR / saves[0]}; " in err
     assert f"continue it with: tformer train --out {run} --resume" in err and err.count("\n") == 1
     assert ckpt.read_pointer_name(run, "latest") == saves[0]
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_save, "save_checkpoint", real_save)
     assert main(_train_args(workspace, run, "--resume")) == 0  # the advice works
 
     saves.clear()
-    monkeypatch.setattr(ckpt, "save_checkpoint", second_save_fails)
+    monkeypatch.setattr(checkpoint_save, "save_checkpoint", second_save_fails)
     old = Path(shutil.copytree(trained, tmp_path / "old"))
     before = _digest(old)
     _fails_cleanly(capsys, _train_args(workspace, old, "--overwrite"), f"the new run was discarded; {old} keeps")

@@ -21,7 +21,9 @@ from tformer.decoding import generate
 from tformer.interop.hf_export import export_ctranslate2, export_hf, generation_config
 from tformer.interop.marian import SpecialIds
 from tformer.model import Transformer
-from tformer.training.checkpoint import LoadedRun, load_run, save_checkpoint, step_name, write_pointer
+from tformer.training.checkpoint import step_name
+from tformer.training.checkpoint_load import LoadedRun, load_run
+from tformer.training.checkpoint_save import save_checkpoint, write_pointer
 
 transformers = pytest.importorskip("transformers")
 

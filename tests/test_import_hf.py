@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tformer.cli.main import main
 from tformer.decoding.pipeline import Translator
 from tformer.interop.marian_tokenizer import VocabTokenizer
-from tformer.training.checkpoint import load_run
+from tformer.training.checkpoint_load import load_run
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ from test_import_hf import SENTENCES, hf_generate, write_marian_dir
 
 from tformer.decoding.pipeline import Translator
 from tformer.interop.hf_import import import_hf
-from tformer.training.checkpoint import load_run
+from tformer.training.checkpoint_load import load_run
 
 transformers = pytest.importorskip("transformers")
 

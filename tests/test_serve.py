@@ -23,7 +23,7 @@ from test_export_hf import SENTENCES, make_run
 from tformer.cli.main import main
 from tformer.decoding.pipeline import Translator
 from tformer.serving.load import send_all, server_process
-from tformer.training.checkpoint import load_run
+from tformer.training.checkpoint_load import load_run
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")

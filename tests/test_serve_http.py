@@ -9,7 +9,7 @@ import warnings
 import pytest
 from test_export_hf import SENTENCES, make_run
 
-from tformer.training.checkpoint import load_run
+from tformer.training.checkpoint_load import load_run
 
 pytest.importorskip("fastapi")
 

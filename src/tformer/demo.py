@@ -20,9 +20,9 @@ from tformer.config import DataConfig, DecodeConfig, ExperimentConfig, TrainConf
 from tformer.data.numbers import NumberSplits, make_number_splits, write_number_corpus
 from tformer.decoding.pipeline import Translator
 from tformer.evaluation import score
-from tformer.training import checkpoint
+from tformer.training import checkpoint, checkpoint_save
 from tformer.training.average import average_checkpoints
-from tformer.training.checkpoint import LoadedRun, load_run
+from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.run import start_run
 from tformer.training.run_directory import check_new_run_dir
 from tformer.viz.attention_maps import save_cross_attention_png
@@ -149,7 +149,7 @@ def _average_into_best(run_dir: Path, average_last: int, say: Callable[[str], No
     in one measured run); the average becomes the run's "best" checkpoint, which translate loads."""
     n_averaged = min(average_last, len(checkpoint.step_checkpoints(run_dir)))
     averaged = average_checkpoints(run_dir, last=n_averaged)
-    checkpoint.write_pointer(run_dir, "best", averaged.name)
+    checkpoint_save.write_pointer(run_dir, "best", averaged.name)
     say(f"averaged the last {n_averaged} checkpoints into {averaged}")
 
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.align import align_files
     from tformer.atomic_file import write_atomic
     from tformer.runtime import resolve_device
-    from tformer.training.checkpoint import load_run
+    from tformer.training.checkpoint_load import load_run
 
     if args.out is None:
         check_stdout("align", output_flag="--out")

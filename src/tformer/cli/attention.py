@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
-    from tformer.training.checkpoint import load_run
+    from tformer.training.checkpoint_load import load_run
     from tformer.viz.attention_maps import AttentionPlotError, save_attention_png, sentence_attention
     from tformer.viz.html import save_attention_html
 

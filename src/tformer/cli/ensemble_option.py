@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from tformer.training.checkpoint import LoadedRun
+    from tformer.training.checkpoint_load import LoadedRun
 
 
 def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def model_with_ensemble(loaded: LoadedRun, args: argparse.Namespace, device: str
     if not args.ensemble:
         return loaded.model
     from tformer.decoding.ensemble import EnsembleModel
-    from tformer.training.checkpoint import load_run
+    from tformer.training.checkpoint_load import load_run
 
     which = getattr(args, "which", "best")
     members = [loaded.model]

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.decoding.pipeline import Translator
     from tformer.evaluation import bleu_metric, reference_advice, score
     from tformer.runtime import resolve_device
-    from tformer.training.checkpoint import load_run
+    from tformer.training.checkpoint_load import load_run
 
     check_stdout("evaluate")  # the scores are printed
     settings = decode_settings(args.decode_settings)

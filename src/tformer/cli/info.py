@@ -93,15 +93,9 @@ def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
 
 def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
     """The model a run trained (its vocabulary sizes are the tokenizer's), and where it was read from."""
-    from tformer.training.checkpoint import (
-        POINTERS,
-        check_weights,
-        load_tokenizer,
-        read_experiment,
-        read_pointer_name,
-        resolve_checkpoint,
-        step_checkpoints,
-    )
+    from tformer.training.checkpoint import POINTERS, read_pointer_name, step_checkpoints
+    from tformer.training.checkpoint_load import load_tokenizer, read_experiment, resolve_checkpoint
+    from tformer.training.checkpoint_weights import check_weights
 
     checkpoint, run_dir = resolve_checkpoint(path, which=which)
     experiment, step = read_experiment(checkpoint)

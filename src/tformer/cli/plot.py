@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         print(save_curves_png(args.run_dir, args.out))
     except MetricsError:
         # a checkpoint (translate takes one) holds no metrics: name the run that does, not a short run's advice
-        from tformer.training.checkpoint import checkpoint_given_for_run  # torch, only on this error's path
+        from tformer.training.checkpoint_load import checkpoint_given_for_run  # torch, only on this error's path
 
         if given_checkpoint := checkpoint_given_for_run(args.run_dir):
             raise ValueError(given_checkpoint) from None

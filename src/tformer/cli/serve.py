@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
     from tformer.serving import ServeConfig, create_app
     from tformer.serving.server import bind, host_port, plain_host, serve
-    from tformer.training.checkpoint import load_run
+    from tformer.training.checkpoint_load import load_run
 
     config = ServeConfig(
         max_sentences=args.max_sentences,

@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tformer.decoding.pipeline import Translator
     from tformer.runtime import resolve_device
-    from tformer.training.checkpoint import load_run
+    from tformer.training.checkpoint_load import load_run
 
     settings = decode_settings(args.decode_settings)
     _check_input(args.input)

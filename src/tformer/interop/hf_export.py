@@ -26,7 +26,8 @@ from tformer.config import DecodeConfig
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.marian import SpecialIds, check_exportable, to_marian
 from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
-from tformer.training.checkpoint import LoadedRun, failed_write_as_os_error, give_plain_mode, load_run
+from tformer.training.checkpoint_load import LoadedRun, load_run
+from tformer.training.checkpoint_save import failed_write_as_os_error, give_plain_mode
 
 
 def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:

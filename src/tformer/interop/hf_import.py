@@ -37,7 +37,8 @@ from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decode
 from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
-from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name, write_checkpoint, write_pointer
+from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name
+from tformer.training.checkpoint_save import write_checkpoint, write_pointer
 
 if TYPE_CHECKING:
     from transformers import MarianConfig

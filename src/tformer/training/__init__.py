@@ -5,7 +5,8 @@ result = trainer.train()
 run = load_run(run_dir)                       # model (eval mode), tokenizer, experiment
 """
 
-from tformer.training.checkpoint import CheckpointError, LoadedRun, load_run
+from tformer.training.checkpoint import CheckpointError
+from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.loop import Trainer, TrainingData, TrainingDivergedError, TrainingInterrupted, TrainResult
 from tformer.training.loss import LossSums, label_smoothed_loss
 from tformer.training.run import resume_run, start_run

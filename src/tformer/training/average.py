@@ -15,6 +15,7 @@ import torch
 
 from tformer.model import Transformer
 from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_load, checkpoint_save
 
 
 def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | None = None) -> Path:
@@ -23,7 +24,7 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     run_dir = Path(run_dir)
     if last < 1:
         raise ckpt.CheckpointError(f"--last must be at least 1, got {last}")
-    if given_checkpoint := ckpt.checkpoint_given_for_run(run_dir):
+    if given_checkpoint := checkpoint_load.checkpoint_given_for_run(run_dir):
         raise ckpt.CheckpointError(given_checkpoint)
     if not run_dir.is_dir() or not ckpt.is_run_dir(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no {ckpt.CHECKPOINTS_DIR}/)")
@@ -35,28 +36,28 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
             f"{run_dir} has {len(available)} step checkpoints; ask for --last {len(available)} or fewer"
         )
     chosen = available[-last:]
-    experiment, step = ckpt.read_experiment(chosen[-1])
+    experiment, step = checkpoint_load.read_experiment(chosen[-1])
     out = Path(out) if out is not None else run_dir / ckpt.CHECKPOINTS_DIR / f"averaged-last{last}-{chosen[-1].name}"
     if out.exists():
         raise ckpt.CheckpointError(f"{out} already exists; averaging never overwrites, choose another --out")
     model = Transformer(experiment.model)
     totals: dict[str, torch.Tensor] = {}
-    tokenizer = ckpt.load_tokenizer(chosen[-1])  # a damaged one is named as such, not as another tokenizer
+    tokenizer = checkpoint_load.load_tokenizer(chosen[-1])  # a damaged one is named as such, not as another tokenizer
     tokenizer_files = _tokenizer_files(chosen[-1])
     for directory in chosen:
-        other, _ = ckpt.read_experiment(directory)
+        other, _ = checkpoint_load.read_experiment(directory)
         if other.model != experiment.model:
             raise ckpt.CheckpointError(f"{directory} has a different model configuration than {chosen[-1]}")
         if _tokenizer_files(directory) != tokenizer_files:  # ids that name other pieces: an average of unrelated rows
-            ckpt.load_tokenizer(directory)  # as above
+            checkpoint_load.load_tokenizer(directory)  # as above
             raise ckpt.CheckpointError(f"{directory} has a different tokenizer than {chosen[-1]}")
-        ckpt.load_weights(model, directory)
+        checkpoint_load.load_weights(model, directory)
         for name, tensor in model.state_dict().items():
             totals[name] = totals.get(name, 0) + tensor.double()
     reference = model.state_dict()
     model.load_state_dict({name: (total / last).to(reference[name].dtype) for name, total in totals.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    return ckpt.write_checkpoint(
+    return checkpoint_save.write_checkpoint(
         out,
         experiment=experiment,
         tokenizer=tokenizer,

@@ -38,6 +38,7 @@ from tformer.model import Transformer
 from tformer.runtime import Distributed, compile_layers, compile_objective, configure_backends, resolve_device
 from tformer.termination import interrupts_held
 from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_load
 from tformer.training.errors import CheckpointSaveError as CheckpointSaveError  # the CLI imports it from here
 from tformer.training.errors import TrainingDivergedError, TrainingInterrupted, what_was_kept, why_diverged
 from tformer.training.graphed_step import GraphedSteps
@@ -213,9 +214,9 @@ class Trainer:
     def restore(self, checkpoint_dir: Path) -> None:
         """Continue from a checkpoint of this run: weights, optimizer, data position, RNG, metrics log (the
         rows and the step checkpoints after it are removed: saving.remove_later_checkpoints)."""
-        ckpt.load_weights(self.model, checkpoint_dir)
+        checkpoint_load.load_weights(self.model, checkpoint_dir)
         try:
-            self.load_state_dict(ckpt.load_trainer_state(checkpoint_dir))
+            self.load_state_dict(checkpoint_load.load_trainer_state(checkpoint_dir))
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, ckpt.CheckpointError):
                 raise

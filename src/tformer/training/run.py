@@ -41,6 +41,7 @@ from tformer.model import Transformer, count_parameters
 from tformer.model.size import check_fits_in_memory
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_load
 from tformer.training.agreement import check_same_experiment, check_shared_run_dir
 from tformer.training.loop import Trainer
 from tformer.training.progress import shown
@@ -299,7 +300,7 @@ def _resumed_trainer(
     loss_chunk: int,
 ) -> Trainer:
     say = _sayer(quiet=quiet, main_process=distributed.is_main)
-    experiment, step = ckpt.read_experiment(checkpoint)
+    experiment, step = checkpoint_load.read_experiment(checkpoint)
     if expected is not None:
         _check_same_run(experiment, expected)
         experiment = dataclasses.replace(experiment, train=expected.train, decode=expected.decode)
@@ -307,7 +308,7 @@ def _resumed_trainer(
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
     _warn_about_warmup(experiment.train, say)
-    tokenizer = ckpt.load_tokenizer(checkpoint)
+    tokenizer = checkpoint_load.load_tokenizer(checkpoint)
     model = Transformer(experiment.model)
     training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)
     trainer = Trainer(
@@ -355,7 +356,7 @@ def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig
     different preset is a changed model. Pass the result to `resume_run(expected=...)`, which refuses
     a model or data that differ from the run's and takes the train and decode sections."""
     with _earlier_checkpoint_advised(run_dir):
-        stored, _ = ckpt.read_experiment(_last_checkpoint(run_dir))
+        stored, _ = checkpoint_load.read_experiment(_last_checkpoint(run_dir))
     values = experiment_to_dict(stored)
     for section, table in given.items():
         if section not in values or not isinstance(table, dict):
@@ -380,11 +381,11 @@ def _last_checkpoint(run_dir: Path) -> Path:
     if not Path(run_dir).is_dir():
         raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
     if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
-        if given_checkpoint := ckpt.checkpoint_given_for_run(run_dir):
+        if given_checkpoint := checkpoint_load.checkpoint_given_for_run(run_dir):
             raise RunDirectoryError(f"nothing to resume: {given_checkpoint}")
         way_out = "; start afresh with --overwrite" if replaceable(run_dir) else ", nor anything of a run: check --out"
         raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
-    checkpoint, _ = ckpt.resolve_checkpoint(run_dir, which="last")
+    checkpoint, _ = checkpoint_load.resolve_checkpoint(run_dir, which="last")
     return checkpoint
 
 
@@ -417,10 +418,10 @@ def _newest_complete_checkpoint(run_dir: Path, *, before: str | None) -> Path | 
         if before is not None and checkpoint.name >= before:
             continue
         try:
-            experiment, _ = ckpt.read_experiment(checkpoint)
-            ckpt.load_tokenizer(checkpoint)
-            ckpt.load_weights(Transformer(experiment.model), checkpoint)
-            ckpt.load_trainer_state(checkpoint)
+            experiment, _ = checkpoint_load.read_experiment(checkpoint)
+            checkpoint_load.load_tokenizer(checkpoint)
+            checkpoint_load.load_weights(Transformer(experiment.model), checkpoint)
+            checkpoint_load.load_trainer_state(checkpoint)
         except (ckpt.CheckpointError, TokenizerError):
             continue
         return checkpoint

@@ -1,6 +1,6 @@
 """Saving a training step's checkpoint into its run: the checkpoint, then the pointers, then pruning.
 
-The checkpoint is written whole first (checkpoint.py writes it atomically), then `latest` (and `best`)
+The checkpoint is written whole first (checkpoint_save.py writes it atomically), then `latest` (and `best`)
 are moved to it, and only then are old checkpoints pruned. A failure on the way (a full disk, say)
 leaves the pointers naming the last complete checkpoint; the CheckpointSaveError says which.
 A process killed between writing a checkpoint and moving `latest` leaves that checkpoint newer than
@@ -18,6 +18,7 @@ from tformer.config import ExperimentConfig
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
 from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_save
 from tformer.training.errors import CheckpointSaveError, what_was_kept
 
 
@@ -36,7 +37,7 @@ def save_step_checkpoint(
     last `keep_last` step checkpoints (0 keeps all; never one a pointer names); returns its directory."""
     name = ckpt.step_name(step)
     try:
-        path = ckpt.save_checkpoint(
+        path = checkpoint_save.save_checkpoint(
             run_dir,
             name,
             experiment=experiment,
@@ -45,14 +46,14 @@ def save_step_checkpoint(
             step=step,
             trainer_state=trainer_state,
         )
-        ckpt.write_pointer(run_dir, "latest", name)
+        checkpoint_save.write_pointer(run_dir, "latest", name)
         if best:
-            ckpt.write_pointer(run_dir, "best", name)
+            checkpoint_save.write_pointer(run_dir, "best", name)
     except OSError as error:  # the pointers still name the last complete checkpoint
         raise CheckpointSaveError(
             f"could not save checkpoint {name} ({error.strerror or error})", what_was_kept(run_dir)
         ) from error
-    ckpt.prune_checkpoints(run_dir, keep_last=keep_last)
+    checkpoint_save.prune_checkpoints(run_dir, keep_last=keep_last)
     return path
 
 
@@ -74,7 +75,7 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
     if best in names:
         kept = ckpt.step_name(best_step)
         if 0 < best_step <= step and (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
-            ckpt.write_pointer(run_dir, "best", kept)
+            checkpoint_save.write_pointer(run_dir, "best", kept)
             moved = f"; best now names {kept}"
         else:
             (Path(run_dir) / "best").unlink()

@@ -1,0 +1,194 @@
+"""Loading a run or one checkpoint: finding it, then reading its experiment, tokenizer, weights and
+trainer state, each checked so that a damaged or foreign file is named rather than half-used.
+
+`load_run` is what translating needs (model, tokenizer, experiment); resuming a run also reads the
+trainer state (`load_trainer_state`). Nothing here unpickles a file a user may receive from someone
+else: weights are safetensors, the trainer state is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model
+
+from tformer import __version__
+from tformer.config import ExperimentConfig, experiment_from_dict, preset_of
+from tformer.data.tokenizer import Tokenizer
+from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
+from tformer.interop.marian_tokenizer import VocabTokenizer
+from tformer.model import Transformer, count_parameters
+from tformer.training.checkpoint import (
+    CHECKPOINTS_DIR,
+    EXPERIMENT_FILE,
+    FORMAT_VERSION,
+    STATE_FILE,
+    TOKENIZER_DIR,
+    TOKENIZER_FINGERPRINT,
+    WEIGHTS_FILE,
+    CheckpointError,
+    is_run_dir,
+    read_pointer_name,
+)
+from tformer.training.checkpoint_weights import weights_disagreement
+
+
+@dataclass
+class LoadedRun:
+    """What `load_run` gives: the model (in eval mode), its tokenizer, and the experiment it was trained with."""
+
+    model: Transformer
+    tokenizer: Tokenizer | VocabTokenizer
+    experiment: ExperimentConfig
+    step: int
+    run_dir: Path | None
+    checkpoint_dir: Path
+
+    def __repr__(self) -> str:
+        """One line: the default listed every layer of the model and every setting of the experiment."""
+        weights = next(self.model.parameters())
+        return (
+            f"LoadedRun({str(self.checkpoint_dir)!r}, step={self.step}, model=Transformer("
+            f"{preset_of(self.model.config) or 'custom'}, {count_parameters(self.model):,} parameters, "
+            f"{weights.dtype} on {weights.device}), tokenizer={self.tokenizer!r})"
+        )
+
+
+def checkpoint_given_for_run(path: Path) -> str | None:
+    """Where a command wants a run directory but `path` is one checkpoint (`translate` and `evaluate` take
+    either): the line that says so and names the run that holds it; None for anything else."""
+    path = Path(path)
+    if not (path / EXPERIMENT_FILE).is_file():
+        return None
+    run = path.parent.parent
+    if path.parent.name == CHECKPOINTS_DIR and is_run_dir(run):
+        return f"{path} is one checkpoint of the run {run}, not a run directory; give {run}"
+    return f"{path} is one checkpoint, not a run directory"
+
+
+def resolve_checkpoint(path: str | Path, *, which: str = "best") -> tuple[Path, Path | None]:
+    """(checkpoint dir, run dir or None) for a run dir (via its `which` pointer) or a checkpoint dir.
+
+    A run without a `best` checkpoint (no validation set, or none measured yet when it stopped: the best is
+    chosen at validation) resolves "best" to its last checkpoint."""
+    if which not in ("best", "last"):
+        raise CheckpointError(f"which must be 'best' or 'last', got {which!r}")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such run or checkpoint directory: {path}")
+    if (path / EXPERIMENT_FILE).exists():
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS_DIR else None
+        return path, run_dir
+    if not is_run_dir(path):
+        raise CheckpointError(f"{path} is neither a run directory nor a checkpoint (no {EXPERIMENT_FILE})")
+    name = read_pointer_name(path, "best") if which == "best" else None
+    name = name or read_pointer_name(path, "latest")
+    if name is None:
+        raise CheckpointError(f"{path} holds no finished checkpoint yet (no 'latest' pointer)")
+    checkpoint = path / CHECKPOINTS_DIR / name
+    if not (checkpoint / EXPERIMENT_FILE).exists():
+        raise CheckpointError(f"{path}: pointer names {name}, but {checkpoint / EXPERIMENT_FILE} is missing")
+    return checkpoint, path
+
+
+def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
+    """The ExperimentConfig and step recorded in a checkpoint, after checking its format version."""
+    path = Path(checkpoint_dir) / EXPERIMENT_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
+    if not isinstance(document, dict) or "format_version" not in document:
+        raise CheckpointError(f"{path}: not a tformer checkpoint description (no format_version)")
+    version = document["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version} (written by tformer {document.get('tformer_version')}) "
+            f"is not supported; this tformer {__version__} reads format_version {FORMAT_VERSION}"
+        )
+    if not isinstance(document.get("experiment"), dict):
+        raise CheckpointError(f"{path}: invalid experiment description: 'experiment' must be a table of sections")
+    try:
+        return experiment_from_dict(document["experiment"]), int(document["step"])
+    except (KeyError, TypeError, ValueError) as error:
+        writer = document.get("tformer_version")
+        if writer is not None and writer != __version__:  # e.g. a key that a newer tformer added
+            raise CheckpointError(
+                f"{path}: written by tformer {writer}, which this tformer {__version__} cannot read: {error}"
+            ) from None
+        raise CheckpointError(f"{path}: invalid experiment description: {error}") from None
+
+
+def load_tokenizer(checkpoint_dir: Path) -> Tokenizer | VocabTokenizer:
+    directory = Path(checkpoint_dir) / TOKENIZER_DIR
+    if not directory.is_dir():
+        raise CheckpointError(f"missing checkpoint directory: {directory}")
+    if (directory / VOCAB_TOKENIZER_MARKER).is_file():  # an imported Marian tokenizer (tformer.interop)
+        tokenizer: Tokenizer | VocabTokenizer = VocabTokenizer.from_files(directory)
+    else:
+        tokenizer = Tokenizer.from_files(directory)
+    # sentencepiece reads a model file cut short between two of its fields as a smaller model (fewer pieces,
+    # or no normalisation rules) that splits text differently: compare with the fingerprint saved beside it
+    recorded = _recorded(Path(checkpoint_dir), TOKENIZER_FINGERPRINT)
+    if recorded is not None and recorded != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{directory}: the tokenizer files are not those this checkpoint was saved with (damaged or replaced: "
+            f"their fingerprint differs from {EXPERIMENT_FILE}'s)"
+        )
+    return tokenizer
+
+
+def _recorded(checkpoint_dir: Path, key: str) -> Any:
+    """A value that `write_checkpoint` recorded in experiment.json (None in checkpoints written before it
+    did, or where the file cannot be read: read_experiment says why)."""
+    try:
+        document = json.loads((checkpoint_dir / EXPERIMENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return document.get(key) if isinstance(document, dict) else None
+
+
+def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
+    """Fill `model` from model.safetensors; every key must match (shared tensors stored once)."""
+    path = Path(checkpoint_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    try:
+        load_model(model, path, strict=True)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
+    except RuntimeError as error:  # torch's message lists every tensor, over many lines: summarise it in one
+        disagreement = weights_disagreement(model, path)
+        reason = disagreement or " ".join(str(error).split())
+        raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
+
+
+def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file; all mean the same here
+        raise CheckpointError(f"{path}: corrupt or truncated trainer state ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a trainer state of format_version {FORMAT_VERSION}")
+    return state
+
+
+def load_run(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
+    """Model (in eval mode), tokenizer and experiment of a run dir (its best or last checkpoint) or of
+    one checkpoint dir; everything needed to translate, nothing else."""
+    checkpoint, run_dir = resolve_checkpoint(path, which=which)
+    experiment, step = read_experiment(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    model = Transformer(experiment.model)
+    load_weights(model, checkpoint)
+    return LoadedRun(model.to(device).eval(), tokenizer, experiment, step, run_dir, checkpoint)

@@ -1,0 +1,204 @@
+"""Writing checkpoints and pointers atomically, and pruning old checkpoints (the layout: checkpoint.py).
+
+A checkpoint is written into a hidden sibling (`checkpoints/.tmp-NAME-PID`), every file fsynced, then
+renamed into place; a pointer file is replaced with `os.replace`. So a crash at any moment leaves the
+old checkpoint or the new one, never a half-written one under a real name, and `prune_checkpoints`
+clears what a crashed writer left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_model
+
+from tformer import __version__
+from tformer.config import ExperimentConfig, experiment_to_dict
+from tformer.data.tokenizer import Tokenizer
+from tformer.model import Transformer
+from tformer.training.checkpoint import (
+    CHECKPOINTS_DIR,
+    EXPERIMENT_FILE,
+    FORMAT_VERSION,
+    POINTERS,
+    STATE_FILE,
+    TOKENIZER_DIR,
+    TOKENIZER_FINGERPRINT,
+    WEIGHTS_FILE,
+    read_pointer_name,
+    step_checkpoints,
+)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    name: str,
+    *,
+    experiment: ExperimentConfig,
+    tokenizer: Tokenizer,
+    model: Transformer,
+    step: int,
+    trainer_state: dict[str, Any] | None,
+) -> Path:
+    """Write checkpoint `name` under RUN_DIR/checkpoints atomically; an existing one of that name
+    (left by a run that crashed before moving its pointer) is replaced only once the new one is complete."""
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / name
+    return write_checkpoint(
+        final, experiment=experiment, tokenizer=tokenizer, model=model, step=step, trainer_state=trainer_state
+    )
+
+
+def write_checkpoint(
+    final: Path,
+    *,
+    experiment: ExperimentConfig,
+    tokenizer: Tokenizer,
+    model: Transformer,
+    step: int,
+    trainer_state: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory at `final` via a fsynced temporary sibling and a rename."""
+    parent, name = final.parent, final.name
+    temporary = parent / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        recorded = {TOKENIZER_FINGERPRINT: tokenizer.fingerprint(), **(extra or {})}  # see load_tokenizer
+        write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=recorded)
+        tokenizer.to_files(temporary / TOKENIZER_DIR)
+        with failed_write_as_os_error(final / WEIGHTS_FILE):
+            save_model(model, str(temporary / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        give_plain_mode(temporary / WEIGHTS_FILE, like=temporary / EXPERIMENT_FILE)
+        if trainer_state is not None:  # into a file of ours, so that torch's error of a failed write holds its OSError
+            with open(temporary / STATE_FILE, "wb") as handle, failed_write_as_os_error(final / STATE_FILE):
+                torch.save(trainer_state, handle)
+        for path in temporary.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _fsync_dir(temporary / TOKENIZER_DIR)
+        _fsync_dir(temporary)
+    except BaseException:  # a full disk, say: the half-written copy would only take space (outside a run, for good)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = parent / f".old-{name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(temporary, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(temporary, final)
+    _fsync_dir(parent)
+    return final
+
+
+def write_experiment(
+    path: Path, experiment: ExperimentConfig, *, step: int, extra: dict[str, Any] | None = None
+) -> None:
+    document = {
+        "format_version": FORMAT_VERSION,
+        "tformer_version": __version__,
+        "step": step,
+        **(extra or {}),
+        "experiment": experiment_to_dict(experiment),
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def write_pointer(run_dir: Path, which: str, name: str) -> None:
+    """Point RUN_DIR/<which> at checkpoint `name`, atomically."""
+    assert which in POINTERS, which
+    run_dir = Path(run_dir)
+    temporary = run_dir / f".{which}.tmp"
+    temporary.write_text(name + "\n", encoding="utf-8")
+    _fsync_file(temporary)
+    os.replace(temporary, run_dir / which)
+    _fsync_dir(run_dir)
+
+
+def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
+    """Delete step checkpoints beyond the newest `keep_last` (0 keeps all), never one a pointer names,
+    and any temporary directory a crashed writer left behind (not one that a live process, such as a
+    `tformer average` run meanwhile, is writing). Returns what was deleted."""
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    if not parent.is_dir():
+        return []
+    protected = {read_pointer_name(run_dir, which) for which in POINTERS} - {None}
+    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-")) and abandoned(path)]
+    steps = step_checkpoints(run_dir)
+    if keep_last > 0:
+        removed += [path for path in steps[:-keep_last] if path.name not in protected]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def abandoned(temporary: Path) -> bool:
+    """Whether the writer of a `.tmp-NAME-PID` or `.old-NAME-PID` directory is gone (or is this process,
+    which is writing nothing now)."""
+    pid = temporary.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return False  # it exists, under another user
+    except (ProcessLookupError, OverflowError):
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- files
+def give_plain_mode(path: Path, *, like: Path) -> None:
+    """Give `path` the permission bits of `like`, a file written by a plain open() in the same directory.
+
+    safetensors writes a private temporary file (mode 0600) and renames it into place, so without this
+    the weights alone would be unreadable to the group and others that can read the rest of the run.
+    Copying a sibling's mode gives exactly what open() gives (umask and any default ACL) without
+    changing the process's umask, which other threads may rely on at the same moment."""
+    os.chmod(path, like.stat().st_mode & 0o777)
+
+
+@contextlib.contextmanager
+def failed_write_as_os_error(path: Path) -> Iterator[None]:
+    """A write that fails (a full disk, a file-size limit) is an OSError, which the callers report in one
+    line (saving.py with the checkpoint the run keeps); safetensors raises its own error instead, whose
+    message ends "(os error 28)", and torch.save a RuntimeError raised while handling the OSError of the
+    file object's write. Raise that OSError, naming `path`; any other error goes on as it is."""
+    try:
+        yield
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+    except RuntimeError as error:
+        cause = error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from None
+
+
+# ---------------------------------------------------------------------------------------------- fsync
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
