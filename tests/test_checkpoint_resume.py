@@ -21,7 +21,7 @@ from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
 from tformer.training import checkpoint as ckpt
-from tformer.training import checkpoint_load, checkpoint_save, load_run, loop, resume_run, start_run
+from tformer.training import checkpoint_load, checkpoint_save, load_run, loop, resume_run, start_run, trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,7 +228,7 @@ def test_a_resume_with_another_effective_batch_says_so_and_how_to_keep_it(tmp_pa
 
 
 def test_the_effective_batch_change_names_the_accumulation_that_keeps_it_where_one_does() -> None:
-    change = loop.effective_batch_change
+    change = trainer_state.effective_batch_change
     assert change(None, [1, 256, 1]) is None  # a checkpoint from before the trainer state kept it
     assert change([2, 256, 1], [1, 256, 2]) is None  # another make-up of the same token slots
     assert change([8, 4096, 1], [4, 4096, 1]).endswith(

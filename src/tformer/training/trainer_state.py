@@ -1,0 +1,164 @@
+"""The part of the Trainer that a checkpoint holds and a resume restores.
+
+`Trainer` (loop.py) inherits these methods: `state_dict` is the trainer state a checkpoint keeps
+(optimizer, step, data position, early stopping, the logging window, RNG states), `load_state_dict` and
+`restore` continue a run from it, and the lines they print say what a resume changed (another number of
+processes, another stop metric). The data position is stored as a global batch index within the epoch
+(`stream_state`), so a run may be resumed with a different number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tformer.runtime import Distributed
+from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_load
+from tformer.training.loss_window import LossWindow
+from tformer.training.metrics_log import MetricsLog
+from tformer.training.progress import shown
+from tformer.training.rng_state import load_rng_state, rng_state
+from tformer.training.saving import remove_later_checkpoints
+from tformer.training.validation import EarlyStopping
+
+if TYPE_CHECKING:
+    from tformer.config import TrainConfig
+    from tformer.model import Transformer
+    from tformer.training.loop import TrainingData
+
+
+class TrainerState:
+    """The trainer state's methods, for `Trainer`, which sets these attributes in its __init__."""
+
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    data: TrainingData
+    run_dir: Path
+    train_config: TrainConfig
+    distributed: Distributed
+    quiet: bool
+    early_stopping: EarlyStopping
+    metrics: MetricsLog
+    window: LossWindow
+    step: int
+    elapsed_s: float
+    _position: dict[str, int]  # the stream state after the last batch trained on
+    _last_saved_step: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "optimizer": self.optimizer.state_dict(),
+            "stream": self.stream_state(),
+            "effective_batch": self.batch_shape(),  # a resume with other numbers says so
+            "early_stopping": self.early_stopping.state_dict(),
+            "log_window": self.window.state_dict(),  # steps since the last logged row, averaged into the next one
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_stream_state(state["stream"])
+        changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
+        if changed:
+            self._say(changed)
+        replaced = self.early_stopping.load_state_dict(state["early_stopping"])
+        if replaced is not None:
+            self._say(
+                f"train.stop_metric changed from {replaced} to {self.early_stopping.metric}: early stopping "
+                f"starts afresh (the best {replaced} so far does not count)"
+            )
+        self.window.load_state_dict(state.get("log_window"))  # absent in older checkpoints: an empty window
+        load_rng_state(state["rng"])
+        if self.distributed.rank > 0:  # the checkpoint holds rank 0's generators; others must differ
+            torch.manual_seed(hash((self.train_config.seed, self.distributed.rank, self.step)) % 2**63)
+        self._last_saved_step = self.step
+
+    def stream_state(self) -> dict[str, int]:
+        """The data position as {"epoch", "index"}: `index` counts the *global* batches of the epoch's
+        plan already trained on (over all processes), which means the same for any number of processes."""
+        return {"epoch": self._position["epoch"], "index": self._position["index"] * self.distributed.world_size}
+
+    def load_stream_state(self, state: dict[str, int]) -> None:
+        """Continue at global batch `index` of the epoch. Rank r of W reads global batches r, r + W, ...;
+        when W does not divide `index` (the process count changed), the next multiple of W is used, so
+        up to W - 1 batches of that epoch are skipped (none where the epoch has no more) and none is read twice."""
+        world_size = self.distributed.world_size
+        epoch, index = int(state["epoch"]), int(state["index"])
+        local = {"epoch": epoch, "index": math.ceil(index / world_size)}
+        skipped = local["index"] * world_size - index
+        if skipped:
+            skipped = max(0, min(skipped, self.data.stream.global_batches(epoch) - index))
+        if skipped:
+            self._say(
+                f"resume: {world_size} processes continue epoch {epoch} at global batch {local['index'] * world_size} "
+                f"(a multiple of {world_size}), skipping {skipped} batch(es) after the {index} trained "
+                "(none is read twice)"
+            )
+        self.data.stream.load_state_dict(local)
+        self._position = self.data.stream.state_dict()
+
+    def restore(self, checkpoint_dir: Path) -> None:
+        """Continue from a checkpoint of this run: weights, optimizer, data position, RNG, metrics log (the
+        rows and the step checkpoints after it are removed: saving.remove_later_checkpoints)."""
+        checkpoint_load.load_weights(self.model, checkpoint_dir)
+        try:
+            self.load_state_dict(checkpoint_load.load_trainer_state(checkpoint_dir))
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, ckpt.CheckpointError):
+                raise
+            path = Path(checkpoint_dir) / ckpt.STATE_FILE
+            raise ckpt.CheckpointError(f"{path}: trainer state does not fit this run ({error})") from None
+        if self.distributed.is_main:
+            dropped = self.metrics.truncate_after(self.step)
+            if dropped:
+                lines = "line" if dropped == 1 else "lines"
+                self._say(
+                    f"resume: dropped {dropped} {lines} of {self.metrics.path} that could not be read as metrics "
+                    "rows (damaged, or cut short when a run was killed)"
+                )
+            removed = remove_later_checkpoints(self.run_dir, step=self.step, best_step=self.early_stopping.best_step)
+            if removed:
+                self._say(removed)
+
+    def _say(self, line: str) -> None:
+        """A line on stderr about what resuming did, shown as setup's lines are (`progress.shown`)."""
+        if shown(line, quiet=self.quiet, main_process=self.distributed.is_main):
+            print(line, file=sys.stderr, flush=True)
+
+    def batch_shape(self) -> list[int]:
+        """[processes, train.max_tokens, train.accumulate]: what the effective batch is made of."""
+        return [self.distributed.world_size, self.train_config.max_tokens, self.train_config.accumulate]
+
+    def effective_batch(self) -> str:
+        """One line: processes x token budget x accumulation = padded token slots per update."""
+        world_size, max_tokens, accumulate = self.batch_shape()
+        return (
+            f"effective batch: {world_size} process(es) x {max_tokens} tokens (train.max_tokens) x "
+            f"{accumulate} (train.accumulate) = up to {math.prod(self.batch_shape()):,} padded token slots per update"
+        )
+
+
+def effective_batch_change(before: list[int] | None, now: list[int]) -> str | None:
+    """The line a resume shows when the effective batch differs from the checkpoint's (another number of
+    processes, most often), with the train.accumulate that keeps it where there is one; None when the
+    number of token slots per update is the same."""
+    if before is None or math.prod(before) == math.prod(now):
+        return None
+    (processes, max_tokens, accumulate), total = before, math.prod(before)
+    line = (
+        f"resume: the effective batch changes from {processes} process(es) x {max_tokens} x {accumulate} = "
+        f"{total:,} to {now[0]} x {now[1]} x {now[2]} = {math.prod(now):,} padded token slots per update"
+    )
+    keeping, remainder = divmod(total, now[0] * now[1])
+    if keeping > 0 and remainder == 0:
+        line += f"; --set train.accumulate={keeping} keeps {total:,}"
+    return line
