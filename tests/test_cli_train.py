@@ -29,6 +29,7 @@ from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_save, loop, training_text
+from tformer.training import resume as training_resume
 from tformer.training import run as training_run
 from tformer.training.loop import TrainResult
 
@@ -829,7 +830,7 @@ def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
     for extra, message in cases:
         _fails_cleanly(capsys, [*resume, *extra], message)
     assert _digest(run) == before
-    assert training_run.resumed_experiment(run, {"model": {"pad_id": 0, "src_vocab_size": 48}}).model.pad_id == 0
+    assert training_resume.resumed_experiment(run, {"model": {"pad_id": 0, "src_vocab_size": 48}}).model.pad_id == 0
 
 
 def test_train_help_keeps_the_layout_of_its_description(capsys: pytest.CaptureFixture) -> None:
@@ -880,9 +881,9 @@ def test_only_rank_0_prints_the_closing_line(
     (a fake rank of a 2-process group stands in for torchrun; training is faked too)."""
     monkeypatch.setattr(runtime, "init_distributed", lambda device, rendezvous: Distributed(rank=rank, world_size=2))
     monkeypatch.setattr(training_run, "start_run", lambda *args, **kwargs: _FakeTrainer())
-    monkeypatch.setattr(training_run, "resume_run", lambda *args, **kwargs: _FakeTrainer())
+    monkeypatch.setattr(training_resume, "resume_run", lambda *args, **kwargs: _FakeTrainer())
     monkeypatch.setattr(
-        training_run, "resumed_experiment", lambda run_dir, given: tiny_experiment(write_corpus(tmp_path))
+        training_resume, "resumed_experiment", lambda run_dir, given: tiny_experiment(write_corpus(tmp_path))
     )
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--quiet"]) == 0

@@ -283,7 +283,7 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _resume(args: argparse.Namespace, rendezvous: Rendezvous | None) -> int:
     """Whatever the command sets is laid over the run's own experiment: repeating the original command
     and giving only what changes both work, and a model or data setting that differs is named."""
-    from tformer.training.run import resume_run, resumed_experiment
+    from tformer.training.resume import resume_run, resumed_experiment
 
     expected = resumed_experiment(args.out, _given_settings(args))
     options = _runtime(args, expected.train.device, rendezvous)

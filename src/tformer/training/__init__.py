@@ -9,7 +9,8 @@ from tformer.training.checkpoint import CheckpointError
 from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.loop import Trainer, TrainingData, TrainingDivergedError, TrainingInterrupted, TrainResult
 from tformer.training.loss import LossSums, label_smoothed_loss
-from tformer.training.run import resume_run, start_run
+from tformer.training.resume import resume_run
+from tformer.training.run import start_run
 from tformer.training.run_directory import RunDirectoryError
 from tformer.training.schedule import inverse_sqrt_lr, learning_rate, peak_lr
 

@@ -1,0 +1,243 @@
+"""Resuming a training run: rebuild its Trainer from the run's last checkpoint, with the settings a
+`--resume` command may change (train.* and decode.*), and refuse the ones it may not (model and data).
+
+A resumed run restores python's, numpy's and torch's generators from its checkpoint (Trainer.restore),
+so it continues exactly as the uninterrupted run would have. A checkpoint that cannot be read stops the
+resume in one line that names the newest earlier one that can, and how to resume from it. Starting a
+new run is run.py's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shlex
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tformer.config import (
+    CompileMode,
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    apply_overrides,
+    expand_preset,
+    experiment_from_dict,
+    experiment_to_dict,
+    preset_of,
+)
+from tformer.data.tokenizer import TokenizerError
+from tformer.model import Transformer
+from tformer.runtime import Distributed, resolve_device
+from tformer.training import checkpoint as ckpt
+from tformer.training import checkpoint_load
+from tformer.training.agreement import check_same_experiment
+from tformer.training.loop import Trainer
+from tformer.training.run import FROM_TOKENIZER, sayer, warn_about_warmup
+from tformer.training.run_directory import RunDirectoryError, replaceable
+from tformer.training.run_lock import RunLock
+from tformer.training.training_text import absolute_data_paths, prepare_data
+
+
+def resume_run(
+    run_dir: Path,
+    *,
+    overrides: Sequence[str] = (),
+    expected: ExperimentConfig | None = None,
+    quiet: bool = False,
+    distributed: Distributed | None = None,
+    compile_mode: CompileMode = "none",
+    loss_chunk: int = 0,
+) -> Trainer:
+    """A Trainer that continues `run_dir` from its last checkpoint.
+
+    Either `overrides` change train.* and decode.* keys of the stored experiment (e.g. a larger
+    train.max_steps), or `expected` is the experiment of the command that started the run, repeated:
+    its model and data must match the run's, and its train and decode sections are used. The number
+    of processes may differ from the run's (see Trainer.load_stream_state)."""
+    distributed = distributed or Distributed()
+    with _earlier_checkpoint_advised(run_dir):  # the run lock's errors are no CheckpointError: they pass as they are
+        checkpoint = _last_checkpoint(run_dir)
+        lock = RunLock(run_dir) if distributed.is_main else None
+        try:
+            return _resumed_trainer(
+                run_dir,
+                checkpoint,
+                overrides=overrides,
+                expected=expected,
+                lock=lock,
+                quiet=quiet,
+                distributed=distributed,
+                compile_mode=compile_mode,
+                loss_chunk=loss_chunk,
+            )
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+
+def _resumed_trainer(
+    run_dir: Path,
+    checkpoint: Path,
+    *,
+    overrides: Sequence[str],
+    expected: ExperimentConfig | None,
+    lock: RunLock | None,
+    quiet: bool,
+    distributed: Distributed,
+    compile_mode: CompileMode,
+    loss_chunk: int,
+) -> Trainer:
+    say = sayer(quiet=quiet, main_process=distributed.is_main)
+    experiment, step = checkpoint_load.read_experiment(checkpoint)
+    if expected is not None:
+        _check_same_run(experiment, expected)
+        experiment = dataclasses.replace(experiment, train=expected.train, decode=expected.decode)
+    experiment = _resume_overrides(experiment, overrides)
+    device = resolve_device(experiment.train.device, distributed)
+    check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
+    warn_about_warmup(experiment.train, say)
+    tokenizer = checkpoint_load.load_tokenizer(checkpoint)
+    model = Transformer(experiment.model)
+    training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)
+    trainer = Trainer(
+        experiment=experiment,
+        model=model,
+        tokenizer=tokenizer,
+        data=training_data,
+        run_dir=run_dir,
+        quiet=quiet,
+        distributed=distributed,
+        compile_mode=compile_mode,
+        loss_chunk=loss_chunk,
+        lock=lock,
+    )
+    trainer.restore(checkpoint)
+    say(f"resuming {run_dir} from {checkpoint.name} (step {step})")
+    return trainer
+
+
+def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig:
+    """The experiment that a `--resume` command describes: the run's own, with the command's settings
+    (nested tables from its config file, flags and --set) laid over it.
+
+    A command that gives only what changes, or repeats the one that started the run, thus describes
+    the run without the defaults of keys it leaves out. A [model] preset stands for its values, so a
+    different preset is a changed model. Pass the result to `resume_run(expected=...)`, which refuses
+    a model or data that differ from the run's and takes the train and decode sections."""
+    with _earlier_checkpoint_advised(run_dir):
+        stored, _ = checkpoint_load.read_experiment(_last_checkpoint(run_dir))
+    values = experiment_to_dict(stored)
+    for section, table in given.items():
+        if section not in values or not isinstance(table, dict):
+            values[section] = table  # experiment_from_dict names what is wrong with it
+            continue
+        values[section] = {**values[section], **(expand_preset(table) if section == "model" else table)}
+    experiment = experiment_from_dict(values)
+    for key in FROM_TOKENIZER:  # `_check_same_run` fills these in from the run: a value given is compared here
+        value, stored_value = getattr(experiment.model, key), getattr(stored.model, key)
+        if value != stored_value:
+            raise ConfigError(
+                f"--resume: model.{key} is {value!r} but the run has {stored_value!r}, its tokenizer's; leave it "
+                "out of the command (and out of its --config file)"
+            )
+    return experiment
+
+
+def _last_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a resumed run continues from, or a one-line error saying why there is none."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise RunDirectoryError(f"nothing to resume: {run_dir} is a file, not a run directory")
+    if not Path(run_dir).is_dir():
+        raise RunDirectoryError(f"nothing to resume: {run_dir} does not exist")
+    if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
+        if given_checkpoint := checkpoint_load.checkpoint_given_for_run(run_dir):
+            raise RunDirectoryError(f"nothing to resume: {given_checkpoint}")
+        way_out = "; start afresh with --overwrite" if replaceable(run_dir) else ", nor anything of a run: check --out"
+        raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
+    checkpoint, _ = checkpoint_load.resolve_checkpoint(run_dir, which="last")
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _earlier_checkpoint_advised(run_dir: Path) -> Iterator[None]:
+    """A checkpoint that `latest` names but that cannot be read (a copy cut short, a disk error) stops the
+    resume in one line naming the file; add the newest earlier checkpoint that reads whole and the commands
+    that resume from it. Never resume from it unasked: that trains the steps after it again."""
+    try:
+        yield
+    except (ckpt.CheckpointError, TokenizerError) as error:
+        try:
+            latest = ckpt.read_pointer_name(run_dir, "latest")
+        except ckpt.CheckpointError:  # the pointer itself is damaged
+            latest = None
+        earlier = _newest_complete_checkpoint(run_dir, before=latest)
+        if earlier is None:
+            raise
+        pointer, out = shlex.quote(str(Path(run_dir) / "latest")), shlex.quote(str(run_dir))
+        raise ckpt.CheckpointError(
+            f"{error}; the newest {'earlier ' if latest else ''}checkpoint that reads whole is {earlier.name}: "
+            f"to resume from it, run: echo {earlier.name} > {pointer} && tformer train --out {out} --resume"
+        ) from None
+
+
+def _newest_complete_checkpoint(run_dir: Path, *, before: str | None) -> Path | None:
+    """The newest step checkpoint older than the one named `before` (any, for None) whose files all read
+    as a resume reads them; None where there is none."""
+    for checkpoint in reversed(ckpt.step_checkpoints(run_dir)):
+        if before is not None and checkpoint.name >= before:
+            continue
+        try:
+            experiment, _ = checkpoint_load.read_experiment(checkpoint)
+            checkpoint_load.load_tokenizer(checkpoint)
+            checkpoint_load.load_weights(Transformer(experiment.model), checkpoint)
+            checkpoint_load.load_trainer_state(checkpoint)
+        except (ckpt.CheckpointError, TokenizerError):
+            continue
+        return checkpoint
+    return None
+
+
+def _check_same_run(stored: ExperimentConfig, given: ExperimentConfig) -> None:
+    """Refuse to resume with a different model or data than the run was started with."""
+    filled = dataclasses.replace(given.model, **{key: getattr(stored.model, key) for key in FROM_TOKENIZER})
+    pairs = [("model", stored.model, filled), ("data", stored.data, absolute_data_paths(given.data))]
+    changed = [
+        (f"{section}.{key}", getattr(new, key), value)
+        for section, old, new in pairs
+        for key, value in dataclasses.asdict(old).items()
+        if getattr(new, key) != value
+    ]
+    if not changed:
+        return
+    (first, value, stored_value), others = changed[0], [name for name, _, _ in changed[1:]]
+    also = f" (and {', '.join(others)} differ{'s' if len(others) == 1 else ''})" if others else ""
+    raise ConfigError(
+        f"--resume: {_presets_named(stored.model, filled) if first.startswith('model.') else ''}"
+        f"{first} is {value!r} but the run has {stored_value!r}{also}; a resumed run keeps its model and data "
+        "(only train.* and decode.* may change): leave model and data settings out of the command (and out of "
+        "its --config file) to keep the run's, or train with the changed ones into another --out"
+    )
+
+
+def _presets_named(stored: ModelConfig, given: ModelConfig) -> str:
+    """The presets behind two models of different shapes, since the user chose a preset, not a d_model:
+    "the command asks for preset small's shape but the run has preset tiny's: " (or one side of it);
+    empty where neither has a preset's shape or both have the same one."""
+    asked, run = preset_of(given), preset_of(stored)
+    if asked == run:
+        return ""
+    if run is None:
+        return f"the command asks for preset {asked}'s shape but the run's is no preset's: "
+    if asked is None:
+        return f"the run has preset {run}'s shape: "
+    return f"the command asks for preset {asked}'s shape but the run has preset {run}'s: "
+
+
+def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    for text in overrides:
+        if not text.strip().startswith(("train.", "decode.")):
+            raise ConfigError(f"--resume keeps the run's model and data; only train.* and decode.* may change: {text}")
+    return experiment_from_dict(apply_overrides(experiment_to_dict(experiment), overrides))
