@@ -147,6 +147,29 @@ def test_cli_prints_the_walkthrough_and_writes_figures(tmp_path: Path, capsys: p
     assert len(list((tmp_path / "figs").glob("*.png"))) == 6
 
 
+def test_cli_keeps_the_figures_of_an_earlier_out_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """explain --out replaced the figures a directory held without a word, while align, translate and
+    evaluate keep an existing output unless --overwrite."""
+    figures = tmp_path / "figs"
+    figures.mkdir()
+    earlier = figures / "decoding.png"
+    earlier.write_bytes(b"an earlier figure")
+    assert main(["explain", "--out", str(figures)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: --out: {earlier} exists; pass --overwrite to replace them, or choose another directory\n"
+    )
+    assert captured.out == ""  # refused before the walk-through is printed
+    assert sorted(figures.iterdir()) == [earlier] and earlier.read_bytes() == b"an earlier figure"
+    assert main(["explain", "--out", str(figures), "--overwrite"]) == 0
+    assert len(list(figures.glob("*.png"))) == 6 and earlier.read_bytes() != b"an earlier figure"
+    capsys.readouterr()
+    assert main(["explain", "--out", str(figures)]) == 2
+    assert "exists (and 5 more of the files it writes); pass --overwrite" in capsys.readouterr().err
+
+
 def test_an_interrupted_figure_write_keeps_the_file_that_was_there(
     result: Walkthrough, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

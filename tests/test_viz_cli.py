@@ -141,10 +141,10 @@ def test_a_write_that_fails_keeps_the_file_that_was_there(trained_run: tuple[Pat
     outputs = [tmp_path / name for name in ("maps.png", "maps.html", "curves.png", "links.txt")]
     for path in outputs:
         path.write_text("earlier\n")
-    commands = [
-        ["attention", str(run), "ka lo mi", "--out", str(outputs[0])],
-        ["attention", str(run), "ka lo mi", "--out", str(outputs[1])],
-        ["plot", str(run), "--out", str(outputs[2])],
+    commands = [  # an existing --out is kept without --overwrite
+        ["attention", str(run), "ka lo mi", "--out", str(outputs[0]), "--overwrite"],
+        ["attention", str(run), "ka lo mi", "--out", str(outputs[1]), "--overwrite"],
+        ["plot", str(run), "--out", str(outputs[2]), "--overwrite"],
         [
             "align",
             str(run),
@@ -154,7 +154,7 @@ def test_a_write_that_fails_keeps_the_file_that_was_there(trained_run: tuple[Pat
             str(corpus["valid_tgt"]),
             "--out",
             str(outputs[3]),
-            "--overwrite",  # an existing --out is kept without it
+            "--overwrite",
         ],
     ]
     done = subprocess.run(
@@ -164,6 +164,27 @@ def test_a_write_that_fails_keeps_the_file_that_was_there(trained_run: tuple[Pat
     assert done.stderr.count("error: [Errno 27] File too large") == 4, done.stderr
     assert [path.read_text() for path in outputs] == ["earlier\n"] * 4
     assert sorted(tmp_path.iterdir()) == sorted(outputs)
+
+
+@pytest.mark.parametrize("command", ["attention.png", "attention.html", "plot"])
+def test_a_figure_keeps_an_existing_out_unless_overwrite(
+    trained_run: tuple[Path, dict[str, Path]], tmp_path: Path, capsys, command: str
+) -> None:
+    """attention and plot replaced an existing --out without a word, while align (and translate, evaluate)
+    keep one unless --overwrite: a figure drawn from an earlier run or checkpoint was lost."""
+    run, _ = trained_run
+    name, _, suffix = command.partition(".")
+    out = tmp_path / f"earlier.{suffix or 'png'}"
+    out.write_bytes(b"an earlier figure")
+    arguments = ["attention", str(run), "ka lo mi"] if name == "attention" else ["plot", str(run)]
+    assert main([*arguments, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --out: {out} exists; pass --overwrite to replace it, or choose another file\n"
+    assert captured.out == ""  # refused before the model is loaded or anything is drawn
+    assert out.read_bytes() == b"an earlier figure"
+    assert main([*arguments, "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() != b"an earlier figure"
+    assert sorted(tmp_path.iterdir()) == [out]
 
 
 def test_plot_refuses_a_file_name_it_would_not_write_as_named(tmp_path: Path, capsys) -> None:

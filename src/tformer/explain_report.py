@@ -5,7 +5,7 @@ Nothing here computes the model: every number comes from the Walkthrough's tenso
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -366,16 +366,22 @@ def decoding_figure(w: Walkthrough) -> Figure:
     return figure
 
 
+FIGURES: dict[str, Callable[[Walkthrough], Figure]] = {
+    "self_attention.png": self_attention_figure,
+    "encoder_block.png": encoder_block_figure,
+    "decoder_attention.png": decoder_figure,
+    "cross_entropy.png": loss_figure,
+    "decoding.png": decoding_figure,
+}
+POSITIONAL_FIGURE = "positional_encoding.png"
+FIGURE_NAMES = (POSITIONAL_FIGURE, *FIGURES)  # every file save_figures writes
+
+
 def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
+    """Write the walk-through's figures (FIGURE_NAMES) into `out_dir`, made if needed, replacing any there."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [save_positional_png(out_dir / "positional_encoding.png")]
-    for name, make in (
-        ("self_attention.png", self_attention_figure),
-        ("encoder_block.png", encoder_block_figure),
-        ("decoder_attention.png", decoder_figure),
-        ("cross_entropy.png", loss_figure),
-        ("decoding.png", decoding_figure),
-    ):
+    written = [save_positional_png(out_dir / POSITIONAL_FIGURE)]
+    for name, make in FIGURES.items():
         written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the file there before
     return written

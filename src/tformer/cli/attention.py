@@ -3,6 +3,8 @@ decoder (masked) self-attention and cross-attention, with the subword tokens on 
 
 The output format follows the file name: .png draws one grid (a row per kind and layer, a column per
 head); .html writes one self-contained page (every head its own embedded PNG, no external files).
+The file is drawn in memory, written beside its name and renamed into place; an existing file is kept
+unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from tformer.cli.argument_types import positive_integer
-from tformer.cli.output_paths import check_output_file
+from tformer.cli.output_paths import check_replaced_output
 from tformer.viz.attention_kinds import KINDS
 
 HELP = "draw every layer and head of attention for one translated sentence (PNG or HTML)"
@@ -23,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
     parser.add_argument("sentence", help="the source sentence to translate")
     parser.add_argument("--out", type=Path, required=True, help="FILE.png or FILE.html")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--target", help="draw attention for this translation instead of decoding one")
     parser.add_argument("--layer", type=int, help="only this layer (0-based; negative counts from the end)")
     parser.add_argument("--head", type=int, help="only this head (0-based; negative counts from the end)")
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     suffix = args.out.suffix.lower()
     if suffix not in FORMATS:
         raise AttentionPlotError(f"--out must end in .png or .html, got {args.out.name!r}")
-    check_output_file(args.out)
+    check_replaced_output(args.out, overwrite=args.overwrite, flag="--out")  # before loading the model
     for name, text in (("the sentence", args.sentence), ("--target", args.target)):
         if text is not None:
             _check_utf8(name, text)

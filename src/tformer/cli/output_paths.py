@@ -63,6 +63,18 @@ def check_replaced_output(
     return True
 
 
+def check_replaced_files(directory: Path, names: Iterable[str], *, overwrite: bool, flag: str = "--out") -> None:
+    """--out DIR (or the `flag` given), into which a command writes the files `names`: a directory that can
+    be made or written into (`check_output_dir`), which holds none of them unless `overwrite`."""
+    check_output_dir(directory, flag)
+    existing = [directory / name for name in names if (directory / name).exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the files it writes)" if len(existing) > 1 else ""
+        raise ValueError(
+            f"{flag}: {existing[0]} exists{more}; pass --overwrite to replace them, or choose another directory"
+        )
+
+
 def check_output_dir(path: Path, flag: str = "--out") -> None:
     """`path` can be a directory to write files into: it is not a file, and it exists or can be made."""
     if path.exists() and not path.is_dir():

@@ -1,12 +1,15 @@
 """Plot a run's training curves from RUN_DIR/metrics.jsonl: training and validation loss, BLEU and
-chrF, and the learning rate, over optimizer steps (top row) and wall-clock training time (bottom row)."""
+chrF, and the learning rate, over optimizer steps (top row) and wall-clock training time (bottom row).
+
+--out is drawn in memory, written beside its name and renamed into place; an existing file is kept unless
+--overwrite is given."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tformer.cli.output_paths import check_output_file
+from tformer.cli.output_paths import check_replaced_output
 
 HELP = "plot loss, BLEU/chrF and learning rate of a run over steps and wall-clock time"
 
@@ -14,6 +17,7 @@ HELP = "plot loss, BLEU/chrF and learning rate of a run over steps and wall-cloc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: plot writes a PNG image; give a file name ending in .png")
-    check_output_file(args.out)
+    check_replaced_output(args.out, overwrite=args.overwrite, flag="--out")
     try:
         print(save_curves_png(args.run_dir, args.out))
     except MetricsError:
