@@ -974,6 +974,33 @@ def test_a_run_that_ends_before_its_warmup_is_warned_about_even_under_quiet(
         "never reaches its maximum; set train.warmup_steps to a fraction of max_steps (e.g. --set "
         "train.warmup_steps=1)"
     ]
-    assert main(_train_args(workspace, tmp_path / "long", "--max-steps", "3")) == 0  # reaches it at step 3
+    assert main(_train_args(workspace, tmp_path / "long", "--max-steps", "4")) == 0  # reaches it at step 3
     printed = capsys.readouterr()
     assert "warmup_steps" not in printed.out + printed.err
+
+
+def test_a_run_that_ends_as_its_warmup_does_is_warned_about_as_well(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """max_steps equal to warmup_steps was not warned about, though its learning rate rises for the whole
+    run as well, reaching the maximum the schedule was set for only at the last update and never decaying
+    (one step more of warm-up was warned about)."""
+    capsys.readouterr()
+    assert main(_train_args(workspace, tmp_path / "run", "--max-steps", "3")) == 0  # warmup_steps = 3
+    printed = capsys.readouterr()
+    warned = [line for line in (printed.out + printed.err).splitlines() if "warmup_steps" in line]
+    assert warned == [
+        "warning: train.warmup_steps=3 equals train.max_steps=3: the learning rate rises for the whole run and "
+        "reaches its maximum only at the last step; set train.warmup_steps to a fraction of max_steps (e.g. --set "
+        "train.warmup_steps=1)"
+    ]
+
+
+@pytest.mark.parametrize(("max_steps", "warmup_steps", "warned"), [(1, 1, False), (1, 2, True), (2, 2, True)])
+def test_a_one_step_run_at_its_peak_is_not_warned_about(max_steps: int, warmup_steps: int, warned: bool) -> None:
+    """A one-step run with warmup_steps 1 updates at the peak, and the advice could only repeat its setting."""
+    from tformer.config import TrainConfig
+    from tformer.training.schedule import warmup_advice
+
+    train = TrainConfig(max_steps=max_steps, warmup_steps=warmup_steps)
+    assert (warmup_advice(train) is not None) == warned

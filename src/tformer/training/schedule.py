@@ -45,13 +45,19 @@ def learning_rate(step: int, train: TrainConfig, *, d_model: int) -> float:
 
 
 def warmup_advice(train: TrainConfig) -> str | None:
-    """A warning when the run ends before its warm-up does: the learning rate then rises for the whole run
-    and never reaches the maximum the schedule was chosen for (a short run's max_steps with the paper's
-    4000 warm-up steps is the usual way to get there)."""
-    if not train.warmup_ramp or train.max_steps == 0 or train.warmup_steps <= train.max_steps:
+    """A warning when the run ends before its warm-up does, or as it ends: the learning rate then rises for
+    the whole run and never reaches the maximum the schedule was chosen for, or reaches it only for the last
+    update and never decays (a short run's max_steps with the paper's 4000 warm-up steps is the usual way
+    to get there). A one-step run is not warned about with warmup_steps 1: its one update is at the peak."""
+    steps, warmup = train.max_steps, train.warmup_steps
+    if not train.warmup_ramp or steps == 0 or warmup < steps or warmup == steps == 1:
         return None
+    if warmup == steps:
+        relation, outcome = "equals", "reaches its maximum only at the last step"
+    else:
+        relation, outcome = "is above", "never reaches its maximum"
     return (
-        f"warning: train.warmup_steps={train.warmup_steps} is above train.max_steps={train.max_steps}: the "
-        "learning rate rises for the whole run and never reaches its maximum; set train.warmup_steps to a "
-        f"fraction of max_steps (e.g. --set train.warmup_steps={max(1, train.max_steps // 10)})"
+        f"warning: train.warmup_steps={warmup} {relation} train.max_steps={steps}: the learning rate rises for "
+        f"the whole run and {outcome}; set train.warmup_steps to a fraction of max_steps (e.g. --set "
+        f"train.warmup_steps={max(1, steps // 10)})"
     )
