@@ -91,3 +91,28 @@ def test_info_of_a_run_with_damaged_files_names_them(
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message.format(step=step)}") and err.count("\n") == 1, err
     assert _info(capsys, str(run / "checkpoints" / "step-00000002"))["step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--preset", "tiny", "--vocab-size", "3"], "data.vocab_size must be at least 8, got 3"),
+        (["--vocab-size", "0"], "data.vocab_size must be at least 8, got 0"),
+        (["--config", "tiny_copy", "--vocab-size", "7"], "data.vocab_size must be at least 8, got 7"),
+        (["--config", "{byte_fallback}", "--vocab-size", "100"], "data.vocab_size must be at least 261 with data."),
+    ],
+)
+def test_info_refuses_a_vocabulary_train_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], message: str
+) -> None:
+    """`info --preset tiny --vocab-size 3` showed a model no run can have (training needs a tokenizer of at
+    least 8 pieces, more with data.byte_fallback): it is refused in the line train gives, naming the flag."""
+    config = tmp_path / "byte_fallback.toml"
+    config.write_text("[data]\nbyte_fallback = true\nvocab_size = 300\n", encoding="utf-8")
+    size = arguments[-1]
+    assert main(["info", *(argument.format(byte_fallback=config) for argument in arguments)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: --vocab-size {size} is one tformer train refuses: {message}")
+    assert captured.err.count("\n") == 1 and captured.out == ""
+    assert main(["info", "--preset", "tiny", "--vocab-size", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["src_vocab_size"] == 8

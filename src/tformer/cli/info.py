@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from tformer.cli.output_paths import check_stdout
-from tformer.config import PRESETS, ConfigError, ModelConfig, config_to_dict, load_experiment, preset
+from tformer.config import (
+    PRESETS,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    config_to_dict,
+    load_experiment,
+    preset,
+)
 from tformer.recipes import recipe_path
 
 HELP = "show the shape and parameter count of a model preset, a config file's [model] or a trained run"
@@ -45,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vocab-size",
         type=int,
-        help=f"joint vocabulary size (default: the config's data.vocab_size, else {DEFAULT_VOCAB_SIZE})",
+        help="joint vocabulary size, one train accepts (at least 8; more with data.byte_fallback; default: the "
+        f"config's data.vocab_size, else {DEFAULT_VOCAB_SIZE})",
     )
 
 
@@ -58,13 +67,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give a RUN_DIR, or --preset / --config (with --vocab-size), not both")
         _refuse_a_config_file(args.run_dir)
         config, described = _run_model(args.run_dir, args.which)
-    elif args.vocab_size is not None and args.vocab_size < 1:
-        raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size}")
     elif args.config is not None:
         config, described = _config_file_model(args.config, args.vocab_size), {"config": str(args.config)}
     else:
         name = args.preset or DEFAULT_PRESET
-        vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size
+        vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else _trainable(args.vocab_size, DataConfig())
         config, described = preset(name, src_vocab_size=vocab_size, tgt_vocab_size=vocab_size), {"preset": name}
     try:
         model = Transformer(config)
@@ -87,8 +94,18 @@ def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
     """The [model] of an experiment file, with the vocabulary a run of it would get (training sets the
     vocabulary sizes from its tokenizer, so the file's own model.*_vocab_size are not what a run uses)."""
     experiment = load_experiment(path)
-    size = experiment.data.vocab_size if vocab_size is None else vocab_size
+    size = experiment.data.vocab_size if vocab_size is None else _trainable(vocab_size, experiment.data)
     return dataclasses.replace(experiment.model, src_vocab_size=size, tgt_vocab_size=size)
+
+
+def _trainable(vocab_size: int, data: DataConfig) -> int:
+    """--vocab-size, refused as `tformer train` refuses it as data.vocab_size with the `data` settings (at
+    least 8 pieces; more with data.byte_fallback): no run has a model of that vocabulary to show."""
+    try:
+        dataclasses.replace(data, vocab_size=vocab_size)
+    except ConfigError as error:
+        raise ConfigError(f"--vocab-size {vocab_size} is one tformer train refuses: {error}") from None
+    return vocab_size
 
 
 def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
