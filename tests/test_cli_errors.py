@@ -43,7 +43,10 @@ def test_info_shows_the_model_of_a_config_file(tmp_path: Path, capsys: pytest.Ca
             "error: config file not found: missing.toml; or give one of tformer's own recipes by name:"
             f" {', '.join(recipe_names())} (files in {RECIPES_DIR})",
         ),
-        (["--vocab-size", "0"], "error: --vocab-size must be positive, got 0"),
+        (
+            ["--vocab-size", "0"],
+            "error: --vocab-size 0 is one tformer train refuses: data.vocab_size must be at least 8, got 0",
+        ),
     ],
 )
 def test_info_errors_are_one_line(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,7 +96,8 @@ def test_a_config_file_with_a_byte_order_mark_reads_as_without(tmp_path: Path, c
 def test_info_on_a_model_too_large_to_build_here_is_one_line(capsys) -> None:
     from tformer.cli.main import main
 
-    assert main(["info", "--preset", "tiny", "--vocab-size", "100000000000"]) == 2
+    # (a vocabulary train accepts, 2e9 pieces, in a base model: about 3.8 TiB)
+    assert main(["info", "--preset", "base", "--vocab-size", "2000000000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot build this model here") and err.count("\n") == 1
 
