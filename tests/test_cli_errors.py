@@ -155,6 +155,15 @@ def test_another_runtime_error_keeps_its_traceback(monkeypatch) -> None:
         (["translate", "run", "--nbest", "-2"], "tformer translate: argument --nbest: must be at least 1; got -2"),
         (["evaluate", "run", "--beam", "0"], "tformer evaluate: argument --beam: must be at least 1; got 0"),
         (["attention", "run", "x", "--beam", "0"], "tformer attention: argument --beam: must be at least 1; got 0"),
+        # the Translator's own "max_batch_tokens and chunk_lines must be positive; got 0, 256" named no flag
+        (
+            ["translate", "run", "--max-batch-tokens", "0"],
+            "tformer translate: argument --max-batch-tokens: must be at least 1; got 0",
+        ),
+        (
+            ["evaluate", "run", "--max-batch-tokens", "-5"],
+            "tformer evaluate: argument --max-batch-tokens: must be at least 1; got -5",
+        ),
         (["translate"], "tformer translate: the following arguments are required: RUN_DIR"),
         ([], "tformer: the following arguments are required: COMMAND"),
         (["trnslate"], "tformer: argument COMMAND: invalid choice: 'trnslate'"),

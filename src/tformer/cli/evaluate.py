@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=4096, help="token budget of a decoding batch (default: 4096)"
+        "--max-batch-tokens",
+        type=positive_integer,
+        default=4096,
+        help="token budget of a decoding batch (default: 4096)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     add_decode_arguments(parser)

@@ -63,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="print the K best as 'index ||| text ||| score' (beam search: a beam of K or more; sampling: K "
         "samples; default: the best alone, as text)",
     )
-    parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per batch (default: 4096)")
+    parser.add_argument(
+        "--max-batch-tokens", type=positive_integer, default=4096, help="source tokens per batch (default: 4096)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_decode_arguments(parser)
     add_ensemble_argument(parser)
