@@ -80,3 +80,14 @@ def test_a_used_out_directory_is_refused_with_advice_that_demo_can_follow(
         f"error: {run_dir} already holds files; choose another --out, or delete it to run the demo there again\n"
     )
     assert [path.name for path in run_dir.iterdir()] == ["notes.txt"]
+
+
+def test_an_out_directory_under_a_file_is_refused_in_one_line_that_names_it(tmp_path: Path, capsys) -> None:
+    """demo --out FILE/run started (printing what it would generate) and ended with
+    "[Errno 20] Not a directory: 'FILE/run/data'", naming no flag."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n", encoding="utf-8")
+    assert main(["demo", "--quick", "--out", str(a_file / "run")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --out {a_file / 'run'}: {a_file} is a file, not a directory\n"
+    assert a_file.read_text(encoding="utf-8") == "mine\n" and sorted(tmp_path.iterdir()) == [a_file]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tformer.cli.argument_types import integer, seed_below
+from tformer.cli.output_paths import check_output_dir
 
 if TYPE_CHECKING:
     from tformer.demo import DemoConfig
@@ -53,6 +54,7 @@ def seconds(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from tformer.demo import run_demo
 
+    check_output_dir(args.out)  # a path under a file (or unwritable) is one line that names --out
     run_demo(args.out, _demo_config(args), quiet=args.quiet)  # checks everything before writing
     return 0
 
