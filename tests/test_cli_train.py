@@ -1004,3 +1004,15 @@ def test_a_one_step_run_at_its_peak_is_not_warned_about(max_steps: int, warmup_s
 
     train = TrainConfig(max_steps=max_steps, warmup_steps=warmup_steps)
     assert (warmup_advice(train) is not None) == warned
+
+
+def test_a_max_chars_below_one_is_refused_with_the_other_settings_naming_it(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--set data.max_chars=0 passed the config's checks, so the run began (and warned about its warm-up)
+    before the corpus reader refused it as "max_chars must be at least 1", naming no section."""
+    capsys.readouterr()
+    assert main(_train_args(workspace, tmp_path / "run", "--max-steps", "1", "--set", "data.max_chars=0")) == 2
+    printed = capsys.readouterr()
+    assert printed.err == "error: data.max_chars must be at least 1, got 0\n" and printed.out == ""
+    assert not (tmp_path / "run").exists()

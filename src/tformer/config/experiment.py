@@ -83,6 +83,8 @@ class DataConfig:
                 f"data.vocab_size must be below 2**31 (sentencepiece's limit), got {self.vocab_size}; it is an upper "
                 "bound: a corpus gives the pieces it has"
             )
+        if self.max_chars < 1:  # the reader refused it too, after a run had begun, naming no section
+            raise ConfigError(f"data.max_chars must be at least 1, got {self.max_chars}")
         if self.tokenizer_max_pairs < 0:
             raise ConfigError(f"data.tokenizer_max_pairs must be 0 (all pairs) or more, got {self.tokenizer_max_pairs}")
         if not 0.98 <= self.character_coverage <= 1.0:  # sentencepiece's own bounds
