@@ -133,6 +133,8 @@ def test_bad_out_and_timeout_fail_before_any_download(tmp_path: Path, capsys: py
         (["--out", str(a_file / "sub")], f"error: --out {a_file / 'sub'}: not a directory ({a_file})"),
         (["--out", str(tmp_path / "new"), "--timeout", "0"], "error: --timeout must be a positive number"),
         (["--out", str(tmp_path / "new"), "--timeout", "nan"], "error: --timeout must be a positive number"),
+        # it said "unknown language(s) ; choose from ...", an empty list of unknown ones
+        (["--out", str(tmp_path / "new"), "--languages", " , "], "error: no language given; choose from en, de, fr"),
     ]
     for extra, message in cases:
         assert main(["download", "multi30k", "--base-url", nowhere, *extra]) == 2

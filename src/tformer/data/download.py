@@ -45,7 +45,9 @@ def download_multi30k(
     `checksums=None` skips the SHA-256 check (for a mirror holding other content, such as a test's).
     """
     unknown = sorted(set(languages) - set(MULTI30K_LANGUAGES))
-    if unknown or not languages:
+    if not languages:  # `--languages ,` or `--languages ""`
+        raise DownloadError(f"no language given; choose from {', '.join(MULTI30K_LANGUAGES)} (e.g. --languages en,de)")
+    if unknown:
         raise DownloadError(f"unknown language(s) {', '.join(unknown)}; choose from {', '.join(MULTI30K_LANGUAGES)}")
     if urllib.parse.urlsplit(base_url).scheme not in ("http", "https", "file"):
         raise DownloadError(f"base URL must start with https://, http:// or file://, got {base_url!r}")
