@@ -307,6 +307,21 @@ def test_max_length_floors_a_times_the_source_length_exactly(a, length, expected
     assert max_output_lengths(torch.tensor([length]), config, limit=10**6).tolist() == [expected]
 
 
+@pytest.mark.parametrize(("a", "b"), [(1e20, 0), (1e308, 0), (1.2, 2**63 - 1), (1e300, 2**62)])
+def test_a_limit_past_64_bits_is_the_models_limit_not_one_token(a: float, b: int) -> None:
+    """max_len_a 1e20 (or max_len_b near 2**63) overflowed the conversion to int64: the length wrapped to a
+    negative number, which the clamp made 1, so every translation was cut to one token without a word;
+    max_len_a 1e308 made the memory estimate's floor of infinity an OverflowError traceback."""
+    from tformer.decoding import max_output_lengths
+    from tformer.decoding.memory import decoding_bytes
+
+    config = DecodeConfig(max_len_a=a, max_len_b=b)
+    assert max_output_lengths(torch.tensor([1, 5, 90]), config, limit=64).tolist() == [64, 64, 64]
+    model = peaked_model()
+    limit = dataclasses.replace(config, max_len_a=0.0, max_len_b=model.config.max_positions)
+    assert decoding_bytes(model, config, source_length=9) == decoding_bytes(model, limit, source_length=9)
+
+
 def test_a_step_returns_the_exact_log_softmax_of_the_logits_the_model_gave() -> None:
     """The step normalises the model's logits in place (no second rows x vocabulary table): the values
     are those of a fresh `log_softmax`, bit for bit, including a row of a multi-position output."""

@@ -35,6 +35,8 @@ def max_output_lengths(src_lengths_B: Tensor, config: DecodeConfig, *, limit: in
 
     The source length counts the source's real tokens, its eos included.
     """
-    # in float64: max_len_a in float32 (1.3 -> 1.29999995) would floor 1.3 x 90 to 116, not 117
-    lengths_B = (config.max_len_a * src_lengths_B.double()).floor().long() + config.max_len_b
-    return lengths_B.clamp(min=1, max=limit)
+    # in float64: max_len_a in float32 (1.3 -> 1.29999995) would floor 1.3 x 90 to 116, not 117. Clamped
+    # before the conversion to integers: a product or sum past 2**63 (max_len_a 1e20, max_len_b 2**63 - 1)
+    # wrapped around to a negative length, which the clamp then made 1 token
+    lengths_B = (config.max_len_a * src_lengths_B.double()).floor() + float(config.max_len_b)
+    return lengths_B.clamp(min=1, max=limit).long()

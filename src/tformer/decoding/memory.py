@@ -51,7 +51,8 @@ def decoding_bytes(model: Any, config: DecodeConfig, *, source_length: int, retu
     """An upper bound on the bytes that decoding ONE sentence of `source_length` tokens (padding included)
     takes, with `config` (see the module docstring for what is counted)."""
     S, n = source_length, rows_per_sentence(config)
-    T = max(1, min(math.floor(config.max_len_a * S) + config.max_len_b, model.config.max_positions))
+    limit = model.config.max_positions
+    T = max(1, min(math.floor(min(config.max_len_a * S, limit)) + config.max_len_b, limit))  # a x S may be inf
     beam = n > 1 and not config.sampling
     maps = return_attention or (beam and config.coverage_penalty > 0)
     beam_cache = beam and not maps and hasattr(model, "new_beam_cache")
