@@ -240,7 +240,8 @@ def test_a_sampling_request_gets_the_samples_it_gets_alone_whatever_it_waited_wi
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 posts = (client.post("/translate", json={"sentences": sentences}) for sentences in requests)
-                return await asyncio.gather(*posts), app.state.batcher.windows
+                responses = await asyncio.gather(*posts)
+        return responses, app.state.batcher.windows  # counted once the window ended (its answers come sooner)
 
     responses, windows = asyncio.run(together())
     assert windows == 1  # all three waited in one window
@@ -746,6 +747,70 @@ def test_a_request_cancelled_by_the_shutdown_gets_a_json_503(run, monkeypatch):
     asyncio.run(shutdown_while_decoding())
     assert request.status == 503
     assert request.json() == {"error": "the server shut down before this request was decoded"}
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        # same settings: the small request arrived first; the large one joined its window 0.5 s later
+        ("small", {"beam": None}),
+        # other settings: the large request arrived first, and the small one was decoded after it
+        ("large", {"beam": 1}),
+    ],
+)
+def test_a_small_request_is_answered_without_waiting_for_a_large_one_in_its_window(run, monkeypatch, first, then):
+    """A window's requests were all answered when the whole window was decoded: a one-sentence request that
+    shared its window with a large one (0.08 s alone, 64 sentences at beam 8 beside it) took the large one's
+    0.55 s. The cheaper work of a window is now decoded first and each request answered as soon as its own
+    sentences are. Here the large request's decoding is held until the small one has its answer."""
+    import asyncio
+
+    import tformer.serving.batcher as batcher_module
+    from tformer.serving import ServeConfig, create_app
+
+    large_lines = [f"{sentence} {sentence}" for sentence in SENTENCES]  # 10 to 30 tokens each
+    release = threading.Event()
+
+    class HoldingLarge(batcher_module.Translator):
+        def translate(self, lines):
+            lines = list(lines)
+            if set(lines) & set(large_lines):
+                release.wait(30)
+            return super().translate(lines)
+
+    monkeypatch.setattr(batcher_module, "Translator", HoldingLarge)
+    loaded = load_run(run)
+    config = ServeConfig(max_wait_ms=500, max_batch_tokens=40, max_decode_tokens=10**6)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=config)
+    small = {"sentences": [SENTENCES[1]], **{k: v for k, v in then.items() if v is not None}}
+    large = {"sentences": large_lines[:2] if first == "large" else large_lines}
+
+    async def together():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                bodies = [small, large] if first == "small" else [large, small]
+                first_post = asyncio.create_task(client.post("/translate", json=bodies[0]))
+                await asyncio.sleep(0.05)
+                second_post = asyncio.create_task(client.post("/translate", json=bodies[1]))
+                small_post = first_post if first == "small" else second_post
+                try:
+                    small_answer = await asyncio.wait_for(asyncio.shield(small_post), 10)
+                    windows = app.state.batcher.windows
+                finally:
+                    release.set()
+                large_answer = await (second_post if first == "small" else first_post)
+                return small_answer, large_answer, windows
+
+    small_answer, large_answer, windows = asyncio.run(together())
+    assert windows == 0  # answered while its window, shared with the large request, was still decoding
+    assert small_answer.status_code == 200 and large_answer.status_code == 200
+    for body, answer in ((small, small_answer), (large, large_answer)):
+        expected = offline(loaded, body)
+        got = answer.json()["translations"]
+        assert [[c["text"] for c in t["nbest"]] for t in got] == [[text for text, _ in n] for n in expected]
+        scores = [c["score"] for t in got for c in t["nbest"]]
+        assert scores == pytest.approx([score for n in expected for _, score in n], abs=1e-5)  # padding's rounding
 
 
 def test_a_failure_around_a_window_is_that_windows_500_and_the_next_request_is_served(run, monkeypatch):

@@ -3,10 +3,12 @@
 Each request becomes a job (its sentences, its decode settings, a future) on an asyncio queue. The
 scheduler task takes the first waiting job, then keeps collecting for at most `max_wait_ms`, or until
 the jobs collected hold `max_batch_tokens` source tokens, and hands the whole window to a single worker
-thread, the only one that touches the model. There, jobs with the same decode settings are translated
-by one `Translator` call (sorted by length, cut into batches of at most `max_batch_tokens` padded
-tokens); the results go back to each job's future in input order. While the worker decodes, new jobs
-wait in the queue and form the next window. A job cancelled before its window starts (its client went
+thread, the only one that touches the model. There, jobs with the same decode settings share a
+`Translator` call (sorted by length, cut into batches of at most `max_batch_tokens` padded tokens) while
+it holds at most `max_batch_tokens` source tokens; the calls run cheapest first, and each job's future
+gets its translations, in input order, as soon as its call ends, so that a small request does not wait
+for a large one that shares its window. While the worker decodes, new jobs wait in the queue and form
+the next window. A job cancelled before its window starts (its client went
 away) is dropped from the window, not decoded.
 
 Batching never changes a result: beam search and greedy decoding are independent of the batch a sentence
@@ -27,15 +29,17 @@ after it are refused with `BatcherClosedError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tformer.config import DecodeConfig
+from tformer.decoding.memory import rows_per_sentence
 from tformer.decoding.pipeline import TokenizerLike, Translation, Translator
 from tformer.model.packed import packed_weights
 
@@ -54,6 +58,15 @@ class _Job:
     config: DecodeConfig
     n_tokens: int
     future: asyncio.Future
+
+
+@dataclass
+class _Call:
+    """Jobs (indices into a window) decoded by one Translator call, and their source tokens."""
+
+    config: DecodeConfig
+    members: list[int] = field(default_factory=list)
+    tokens: int = 0
 
 
 _STOP = None  # the sentinel that ends the scheduler, queued behind every earlier job
@@ -174,12 +187,7 @@ class Batcher:
                 outcomes = [error] * len(jobs)
             self.windows += 1
             for job, outcome in zip(jobs, outcomes, strict=True):
-                if job.future.done():  # cancelled while its window was decoding
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+                _answer(job, outcome)  # each was answered as its call ended, unless the window failed around it
             self._window = []
 
     async def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
@@ -205,32 +213,72 @@ class Batcher:
         return jobs, False
 
     def _decode(self, jobs: list[_Job]) -> list[list[list[Translation]] | BaseException]:
-        """Runs on the worker thread: one Translator call per distinct DecodeConfig in the window, and one per
-        sampling job: a sample's draws depend on its sentence's row in the batch, so a sampling job shares
-        its call with no other, lest its answer depend on the requests it happened to wait with."""
-        groups: dict[tuple[DecodeConfig, int | None], list[int]] = {}
-        for index, job in enumerate(jobs):
-            groups.setdefault((job.config, index if job.config.sampling else None), []).append(index)
+        """Runs on the worker thread: the window's jobs in Translator calls (`_calls`), the cheapest first,
+        each job answered as soon as its call is decoded (not once the whole window is: a one-sentence
+        request beside a large one would wait for the large one). Returns every job's outcome, as answered."""
         outcomes: list[Any] = [None] * len(jobs)
-        for (config, _), members in groups.items():
-            lines = [sentence for index in members for sentence in jobs[index].sentences]
-            try:
-                translator = Translator(
-                    self.model,
-                    self.tokenizer,
-                    config,
-                    device=self.device,
-                    max_batch_tokens=self.max_batch_tokens,
-                    chunk_lines=max(1, len(lines)),
-                )
-                results = list(translator.translate(lines))
-            except Exception as error:  # reported to these requests only; the server keeps serving
-                for index in members:
-                    outcomes[index] = error
-                continue
-            start = 0
-            for index in members:
-                count = len(jobs[index].sentences)
-                outcomes[index] = results[start : start + count]
-                start += count
+        for call in self._calls(jobs):
+            for index, outcome in zip(call.members, self._decode_call(jobs, call), strict=True):
+                outcomes[index] = outcome
+                self._answer_soon(jobs[index], outcome)
         return outcomes
+
+    def _decode_call(self, jobs: list[_Job], call: _Call) -> list[list[list[Translation]] | BaseException]:
+        """The n-best lists of each job of `call`, from one Translator call; its error for each, if it fails."""
+        lines = [sentence for index in call.members for sentence in jobs[index].sentences]
+        try:
+            translator = Translator(
+                self.model,
+                self.tokenizer,
+                call.config,
+                device=self.device,
+                max_batch_tokens=self.max_batch_tokens,
+                chunk_lines=max(1, len(lines)),
+            )
+            results = list(translator.translate(lines))
+        except Exception as error:  # reported to these requests only; the server keeps serving
+            return [error] * len(call.members)
+        outcomes: list[list[list[Translation]] | BaseException] = []
+        start = 0
+        for index in call.members:
+            count = len(jobs[index].sentences)
+            outcomes.append(results[start : start + count])
+            start += count
+        return outcomes
+
+    def _calls(self, jobs: list[_Job]) -> list[_Call]:
+        """The window's jobs (indices) grouped into Translator calls, cheapest first. Jobs with the same
+        decode settings share a call while it holds at most `max_batch_tokens` source tokens (a larger job
+        has one of its own), taken from the cheapest (source tokens x rows per sentence) up, so that a small
+        job is not decoded, nor answered, after a large one. A sampling job shares its call with no other:
+        a sample's draws depend on its sentence's row in the batch, and its answer must not depend on the
+        requests it happened to wait with. Grouping changes no result: beam search and greedy decoding are
+        independent of the batch a sentence shares."""
+        order = sorted(range(len(jobs)), key=lambda i: (jobs[i].n_tokens * rows_per_sentence(jobs[i].config), i))
+        calls: list[_Call] = []
+        open_calls: dict[DecodeConfig, _Call] = {}  # the last call of each setting, which may take more jobs
+        for index in order:
+            job = jobs[index]
+            call = open_calls.get(job.config)
+            if job.config.sampling or call is None or call.tokens + job.n_tokens > self.max_batch_tokens:
+                call = open_calls[job.config] = _Call(job.config)
+                calls.append(call)
+            call.members.append(index)
+            call.tokens += job.n_tokens
+        return calls
+
+    def _answer_soon(self, job: _Job, outcome: list[list[Translation]] | BaseException) -> None:
+        """From the worker thread: give `job` its outcome on the event loop (unless its client has gone)."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending, nobody waits
+            job.future.get_loop().call_soon_threadsafe(_answer, job, outcome)
+
+
+def _answer(job: _Job, outcome: list[list[Translation]] | BaseException | None) -> None:
+    """Settle the job's future with `outcome`, unless it is settled already (answered, or cancelled because
+    its client left)."""
+    if job.future.done() or outcome is None:
+        return
+    if isinstance(outcome, BaseException):
+        job.future.set_exception(outcome)
+    else:
+        job.future.set_result(outcome)
