@@ -449,7 +449,7 @@ def test_an_ipv6_host_listens_with_or_without_brackets(run, monkeypatch, capsys,
 
     seen = []
 
-    def record(app, listener, *, graceful_timeout, ready_line):  # instead of serving until killed
+    def record(app, listener, *, graceful_timeout, ready_line, on_force_exit):  # instead of serving until killed
         seen.append((listener.family, listener.getsockname()[:2], ready_line))
 
     monkeypatch.setattr(server_module, "serve", record)
@@ -508,6 +508,67 @@ def test_startup_line_gives_the_url_and_the_real_port(run):
         process.terminate()
         process.wait(timeout=30)
         process.stderr.close()
+
+
+HELD_SERVER = """
+import sys, threading, time
+from pathlib import Path
+import tformer.serving.batcher as batcher_module
+from tformer.cli.main import program
+
+class Held(batcher_module.Translator):  # each decoding call takes 3 s, and says when it starts
+    def translate(self, lines):
+        Path(sys.argv[1]).touch()
+        time.sleep(3)
+        return super().translate(lines)
+
+batcher_module.Translator = Held
+program(["serve", *sys.argv[2:]])
+"""
+
+
+def test_a_second_ctrl_c_exits_after_the_window_under_way_without_a_traceback(run, tmp_path):
+    """A second Ctrl-C (uvicorn's forced exit) skipped the app's shutdown: the lifespan, cancelled as the event
+    loop closed, logged the traceback of a CancelledError. The server now drops the requests still queued
+    (a 503 each), finishes the window under way (a thread cannot be stopped) and exits with status 0."""
+    started = tmp_path / "decoding"
+    command = [sys.executable, "-c", HELD_SERVER, str(started), str(run), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    answers: dict[str, httpx.Response] = {}
+    try:
+        url = re.search(r"on (http://\S+) ", read_line(process.stderr, timeout_s=60))[1]
+
+        def post(name: str, body: dict) -> None:
+            answers[name] = httpx.post(f"{url}/translate", json=body, timeout=30)
+
+        decoding = threading.Thread(target=post, args=("decoding", {"sentences": [SENTENCES[0]]}))
+        decoding.start()
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "the first request was never decoded"
+            time.sleep(0.02)
+        queued = threading.Thread(target=post, args=("queued", {"sentences": [SENTENCES[1]]}))
+        queued.start()
+        while httpx.get(f"{url}/health").json()["pending"] < 1:
+            assert time.monotonic() < deadline, "the second request never waited"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=30)
+        decoding.join(timeout=30)
+        queued.join(timeout=30)
+        stderr = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert status == 0
+    assert answers["decoding"].status_code == 200
+    assert answers["queued"].status_code == 503
+    assert answers["queued"].json() == {"error": "the server shut down before this request was decoded"}
 
 
 def test_sentences_at_every_limit_fit_the_body_limit_however_json_escapes_them(run):

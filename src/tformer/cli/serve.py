@@ -9,6 +9,7 @@ connections, finishes the requests in flight, then exits. See docs/serving.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from tformer.cli.decode_options import add_decode_settings_argument, apply_decode_settings, decode_settings
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     require(["fastapi", "uvicorn"], command="serve", extra="serve")  # before importing tformer.serving
     from tformer.runtime import resolve_device
     from tformer.serving import ServeConfig, create_app
+    from tformer.serving.app import SHUT_DOWN
     from tformer.serving.server import bind, host_port, plain_host, serve
     from tformer.training.checkpoint_load import load_run
 
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         address = host_port(host, listener.getsockname()[1])  # the real port, also for --port 0
         endpoints = "POST /translate, GET /health, GET /ready, /docs"
         ready = f"serving {args.run_dir} on http://{address} ({endpoints}; Ctrl-C to stop)"
-        serve(app, listener, graceful_timeout=args.graceful_timeout, ready_line=ready)
+        drop_waiting = functools.partial(app.state.batcher.drop_waiting, SHUT_DOWN)  # on a second Ctrl-C
+        serve(app, listener, graceful_timeout=args.graceful_timeout, ready_line=ready, on_force_exit=drop_waiting)
     return 0
 
 

@@ -40,6 +40,7 @@ from tformer.serving.schema import Candidate, SentenceTranslation, TranslateRequ
 T = TypeVar("T")
 log = logging.getLogger(__name__)  # on stderr in `tformer serve`, through logging's last-resort handler
 RETRY_AFTER_S = 1  # what a busy server asks a client (or a load balancer) to wait before trying again
+SHUT_DOWN = "the server shut down before this request was decoded"
 
 
 def create_app(
@@ -174,7 +175,7 @@ async def _decoded(
     except asyncio.CancelledError:
         # uvicorn cancels the requests still running when --graceful-timeout runs out; uncaught, the
         # cancellation reached uvicorn, which answered with a plain-text 500. The API's 503 instead.
-        raise ApiError(503, "the server shut down before this request was decoded") from None
+        raise ApiError(503, SHUT_DOWN) from None
     except ValueError as error:  # a DecodingError: the request cannot be decoded as asked
         raise ApiError(422, str(error).splitlines()[0]) from None
     except Exception as error:  # a failure while decoding (out of memory, a bug): still the API's format

@@ -154,6 +154,13 @@ class Batcher:
         self._worker.shutdown(wait=True)
         self._packing.close()
 
+    def drop_waiting(self, reason: str) -> None:
+        """Answer every job still waiting for a window with BatcherClosedError(reason) instead of decoding it
+        (a forced shutdown: `stop()` then waits for the window under way alone)."""
+        for future in list(self._waiting):
+            if not future.done():
+                future.set_exception(BatcherClosedError(reason))
+
     async def translate(self, sentences: list[str], config: DecodeConfig, *, n_tokens: int) -> list[list[Translation]]:
         """The n-best list of every sentence, decoded in a window with whatever else is waiting."""
         if self._closing or self._queue is None:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -76,9 +77,12 @@ class _AnnouncingServer(uvicorn.Server):
     EADDRINUSE. uvicorn does not catch that for sockets passed in (a traceback, and the app's lifespan left
     running); here it is the same one-line OSError as `bind`'s."""
 
-    def __init__(self, config: uvicorn.Config, *, ready_line: str) -> None:
+    def __init__(
+        self, config: uvicorn.Config, *, ready_line: str, on_force_exit: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self.ready_line = ready_line
+        self.on_force_exit = on_force_exit
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         try:
@@ -89,11 +93,29 @@ class _AnnouncingServer(uvicorn.Server):
         if self.started:
             print(self.ready_line, file=sys.stderr, flush=True)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown; after a second Ctrl-C (a forced exit) also the app's: uvicorn skips it then, and
+        the app's lifespan, cancelled as the event loop closed, logged a traceback of its CancelledError.
+        `on_force_exit` first drops the work not yet started, so that only the work under way is waited for."""
+        await super().shutdown(sockets=sockets)
+        if self.force_exit and self.started:
+            if self.on_force_exit is not None:
+                self.on_force_exit()
+            await self.lifespan.shutdown()
 
-def serve(app: Any, listener: socket.socket, *, graceful_timeout: float, ready_line: str) -> None:
-    """Serve `app` on the bound `listener` until Ctrl-C or SIGTERM, then finish the requests in flight."""
+
+def serve(
+    app: Any,
+    listener: socket.socket,
+    *,
+    graceful_timeout: float,
+    ready_line: str,
+    on_force_exit: Callable[[], None] | None = None,
+) -> None:
+    """Serve `app` on the bound `listener` until Ctrl-C or SIGTERM, then finish the requests in flight; a
+    second Ctrl-C stops waiting for them, calls `on_force_exit` and shuts the app down at once."""
     host, port = listener.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
-    server = _AnnouncingServer(config, ready_line=ready_line)
+    server = _AnnouncingServer(config, ready_line=ready_line, on_force_exit=on_force_exit)
     with contextlib.suppress(KeyboardInterrupt):  # the Ctrl-C uvicorn handled, re-raised once it shut down
         server.run(sockets=[listener])
