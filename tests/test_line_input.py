@@ -159,3 +159,23 @@ def test_gzip_input_is_refused_with_advice_to_decompress(tmp_path: Path) -> None
     path.write_bytes(gzip.compress(b"a sentence\n"))
     with open(path, "rb") as source, pytest.raises(ValueError, match=r"^the input is gzip-compressed: .*zcat"):
         list(ready_chunks(source.fileno(), max_lines=10))
+
+
+def test_a_long_line_is_read_in_time_linear_in_its_length(tmp_path: Path, monkeypatch) -> None:
+    """The start of a line still without its newline was joined to each read and split again, so reading one
+    long line copied it once per read: a 20 MB line (a file whose lines end in CR alone, minified text) took
+    2.9 s to read, 5 MB 0.16 s, and 200 MB would take minutes before its one-line refusal. Here a line of
+    16 MB read 4 kB at a time (4,096 reads): about 32 GB copied before, 16 MB now."""
+    import time
+
+    import tformer.cli.line_input as line_input
+
+    monkeypatch.setattr(line_input, "READ_BYTES", 4096)
+    path = tmp_path / "one-long-line.txt"
+    path.write_bytes(b"hello dog " * 1_600_000 + b"\nnext\n")
+    with open(path, "rb") as source:
+        start = time.perf_counter()
+        chunks = list(ready_chunks(source.fileno(), max_lines=10))
+        elapsed = time.perf_counter() - start
+    assert [len(line) for chunk in chunks for line in chunk] == [16_000_000, 4]
+    assert elapsed < 2.0, f"{elapsed:.1f} s to read a 16 MB line"

@@ -30,7 +30,8 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
     """Chunks of at most `max_lines` lines (without their line ends) read from `fd`, each yielded as soon
     as the input has no further line ready; the last line may lack its newline."""
     lines: list[str] = []
-    pending = b""  # the start of a line whose newline has not arrived
+    pending = bytearray()  # the start of a line whose newline has not arrived (grown in place: a long line
+    # joined to each read and split again was copied once per read, quadratic in its length)
     number = 0  # lines decoded so far
     at_end = False
     warned = False  # of a byte-order mark inside the input: once is enough
@@ -39,7 +40,7 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
         if not at_end and len(lines) < max_lines and select.select([fd], [], [], None if not lines else 0)[0]:
             data = os.read(fd, READ_BYTES)
             if data:
-                *complete, pending = (pending + data).split(b"\n")
+                complete = _complete_lines(pending, data)
                 for raw in complete:
                     number += 1
                     lines.append(_decoded(raw, number))
@@ -47,11 +48,22 @@ def ready_chunks(fd: int, max_lines: int) -> Iterator[list[str]]:
                 continue
             at_end = True
             if pending:
-                lines.append(_decoded(pending, number + 1))
+                lines.append(_decoded(bytes(pending), number + 1))
                 warned = warned or _warned_of_bom(lines[-1], number + 1)
         if lines:
             yield lines[:max_lines]
             del lines[:max_lines]
+
+
+def _complete_lines(pending: bytearray, data: bytes) -> list[bytes]:
+    """The lines that `data` completes, the first of them starting with `pending`; `pending` is left holding
+    the start of the next line. Only `data` is searched for newlines, so a long line costs its length."""
+    *complete, rest = data.split(b"\n")
+    if complete:
+        complete[0] = bytes(pending + complete[0])
+        pending.clear()
+    pending += rest
+    return complete
 
 
 def _warned_of_bom(line: str, number: int) -> bool:
