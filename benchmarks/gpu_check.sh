@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
-# new: what no GPU has measured yet (after session 14): the GPU tests of the CUDA graphs, the compiled
-#        decoding step on `base` (beam search's static cache never copied, top-k by chunks) and its
-#        kernel profile, the graphed training step against Marian compiled whole (--compile model), the
-#        compiled decoding step on `small`; about 10-12 minutes (compile times);
+# new: what no GPU has measured yet (after session 14): the GPU tests of the CUDA graphs (the padded graphed
+#        training steps' comparison, fixed after session 14's run), a kernel profile of the compiled beam-4
+#        decoding step with beam search's static cache, the compiled decoding step on `small`, and `base`
+#        again (a second measurement of session 14's 51.5k); about 8-10 minutes (compile times);
 # graphs: the CUDA-graph runs measured in sessions 3 and 13 again (compiled static decoding step, graphed
 #        training step with compiled layers, default and static decoding steps, graphed eager step), ~15 min;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
@@ -50,11 +50,10 @@ train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
   echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, no host sync in a DDP step"
   timeout 150 "$PY" -m pytest -o addopts="" -q -rfE -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
-    tests/test_training_step.py tests/test_attention.py -k "cuda or gpu" 2>&1 | grep -v "Warning\|warn" | tail -n 60
-  run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
+    tests/test_training_step.py tests/test_top_k.py -k "cuda or gpu" 2>&1 | grep -v "Warning\|warn" | tail -n 60
   run decode_cuda_base_compiled_beam4_profile 200 benchmarks/decode.py --device cuda --preset base --sentences 256 --beams 4 --systems tformer --compile-step --profile
-  run train_cuda_base_512x64x64_graph_vs_compiled 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
   run decode_cuda_small_compiled 200 benchmarks/decode.py --device cuda --preset small --sentences 256 --systems tformer,hf --compile-step
+  run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
 fi
 if [ "$STAGE" = graphs ] || [ "$STAGE" = all ]; then  # the CUDA-graph runs measured before (sessions 3 and 13)
   run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
