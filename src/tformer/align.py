@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tformer.data import corpus
+from tformer.data.piece_floor import floor_of, surely_longer
 from tformer.data.tokenizer import normalize
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
@@ -137,12 +138,22 @@ def check_lengths(
     alignment is written: a long line found in a later batch stopped the job with part of the output
     written, in a message that named neither the file nor the line."""
     limit = model.config.max_positions
-    for (path, lines), encode in ((sources, tokenizer.encode_sources), (targets, tokenizer.encode_targets)):
-        for number, ids in enumerate(encode(lines), start=1):
+    sides = ((sources, tokenizer.encode_sources, "source"), (targets, tokenizer.encode_targets, "target"))
+    for (path, lines), encode, side in sides:
+        # a line that surely is too long is refused unencoded (a line of megabytes takes gigabytes to encode),
+        # after the lines before it are measured, so the first too long is the one named
+        floor = floor_of(tokenizer, side)
+        first = next((i for i, line in enumerate(lines) if surely_longer(floor, line, limit - 1)), None)
+        for number, ids in enumerate(encode(lines[:first]), start=1):
             if len(ids) + 1 > limit:
                 raise AlignmentError(
                     f"{path} line {number} has {len(ids) + 1} tokens; the model accepts at most {limit}: shorten it"
                 )
+        if first is not None:
+            raise AlignmentError(
+                f"{path} line {first + 1} has more than {limit} tokens ({len(lines[first]):,} characters); the model "
+                f"accepts at most {limit}: shorten it"
+            )
 
 
 def align_files(

@@ -22,6 +22,7 @@ never the machine's core count.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import unicodedata
@@ -34,6 +35,7 @@ import numpy as np
 import sentencepiece as spm
 
 from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
+from tformer.data.piece_floor import PieceFloor, piece_floor
 
 ModelType = Literal["bpe", "unigram"]
 
@@ -190,6 +192,15 @@ class Tokenizer:
     def byte_fallback(self) -> bool:
         """Whether characters that are not pieces are spelled as byte pieces (on both sides) rather than <unk>."""
         return all(model.is_byte(model.piece_to_id("<0x00>")) for model in (self._src, self._tgt))
+
+    @functools.cached_property
+    def source_floor(self) -> PieceFloor:
+        """What the source vocabulary says about the fewest pieces a line can take (`surely_longer`)."""
+        return piece_floor(self._src)
+
+    @functools.cached_property
+    def target_floor(self) -> PieceFloor:
+        return self.source_floor if self._joint else piece_floor(self._tgt)
 
     @property
     def src_vocab_size(self) -> int:

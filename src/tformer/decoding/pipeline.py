@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from tformer.config import DecodeConfig
+from tformer.data.piece_floor import floor_of, surely_longer
 from tformer.decoding import generate
 from tformer.decoding.heap import release_free_memory
 from tformer.decoding.memory import sentences_per_batch
@@ -132,17 +133,7 @@ class Translator:
 
     def _translate_chunk(self, chunk: list[str], first_line: int) -> list[list[Translation]]:
         chunk = list(lines_of(chunk, "a chunk"))
-        eos_id = self.tokenizer.eos_id
-        limit = self.model.config.max_positions
-        encoded = [[*self._encoded(line, first_line + index + 1), eos_id] for index, line in enumerate(chunk)]
-        for index, ids in enumerate(encoded):
-            if len(ids) <= limit:
-                continue
-            where = f"input line {first_line + index + 1} has {len(ids)} tokens; the model accepts at most {limit}"
-            if not self.truncate:
-                raise DecodingError(f"{where}: shorten it, or translate its first {limit} with --truncate")
-            warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=2)
-            encoded[index] = [*ids[: limit - 1], eos_id]
+        encoded = [self._fitted(line, first_line + index + 1) for index, line in enumerate(chunk)]
         empty = [Translation(text="", tokens=[], score=0.0)] * self.config.nbest
         results: list[list[Translation]] = [list(empty) for _ in chunk]
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
@@ -156,9 +147,28 @@ class Translator:
                     self._translate_batch(batch, encoded, results)
         return results
 
-    def _encoded(self, line: str, number: int) -> list[int]:
+    def _fitted(self, line: str, number: int) -> list[int]:
+        """The ids of input line `number`, with eos, refused (or cut, with truncate) if longer than the model
+        accepts. A line that surely is (`surely_longer`) is refused before it is encoded: encoding a line of
+        megabytes takes gigabytes."""
+        limit = self.model.config.max_positions
         if not isinstance(line, str):
             raise TypeError(f"input line {number} is a {type(line).__name__}, not a str: give the lines as text")
+        if not self.truncate and surely_longer(floor_of(self.tokenizer, "source"), line, limit - 1):
+            raise DecodingError(
+                f"input line {number} has more than {limit} tokens ({len(line):,} characters); the model accepts "
+                f"at most {limit}: shorten it, or translate its first {limit} with --truncate"
+            )
+        ids = [*self._encoded(line, number), self.tokenizer.eos_id]
+        if len(ids) <= limit:
+            return ids
+        where = f"input line {number} has {len(ids)} tokens; the model accepts at most {limit}"
+        if not self.truncate:
+            raise DecodingError(f"{where}: shorten it, or translate its first {limit} with --truncate")
+        warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=3)
+        return [*ids[: limit - 1], self.tokenizer.eos_id]
+
+    def _encoded(self, line: str, number: int) -> list[int]:
         try:
             return self.tokenizer.encode_source(line)
         except ValueError as error:  # a tokenizer's refusal (a lone surrogate at some index): name the line

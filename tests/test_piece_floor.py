@@ -1,0 +1,112 @@
+"""A line that surely takes more pieces than the model accepts is refused before it is encoded (encoding a
+line of megabytes took gigabytes), and the floor never refuses a line that fits."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+from test_decoding_equivalence import peaked_model
+
+from tformer.align import AlignmentError, check_lengths
+from tformer.config import DecodeConfig
+from tformer.data.piece_floor import surely_longer
+from tformer.data.tokenizer import Tokenizer
+from tformer.decoding.pipeline import Translator
+from tformer.decoding.search_types import DecodingError
+from tformer.serving.errors import ApiError
+from tformer.serving.limits import source_lengths
+
+WORDS = ["one", "two", "three", "hundred", "thousand", "seven", "twelve", "forty"]
+
+
+def tokenizer(*, byte_fallback: bool) -> Tokenizer:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choices(WORDS, k=6)) for _ in range(300)]
+    return Tokenizer.train(lines, lines, vocab_size=300 if byte_fallback else 40, byte_fallback=byte_fallback)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["unk", "byte_fallback"])
+def trained(request: pytest.FixtureRequest) -> Tokenizer:
+    return tokenizer(byte_fallback=request.param)
+
+
+class Unencodable:
+    """A tokenizer's floor, and an encoding that fails the test for a long line."""
+
+    def __init__(self, trained: Tokenizer) -> None:
+        self.source_floor = self.target_floor = trained.source_floor
+        self.pad_id, self.bos_id, self.eos_id = trained.pad_id, trained.bos_id, trained.eos_id
+
+    def encode_source(self, text: str) -> list[int]:
+        if len(text) > 100:
+            raise AssertionError(f"a line of {len(text)} characters was encoded")
+        return [4] * len(text.split())
+
+    encode_target = encode_source
+
+    def encode_sources(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode_source(text) for text in texts]
+
+    encode_targets = encode_sources
+
+
+def test_translate_refuses_a_huge_line_without_encoding_it(trained: Tokenizer) -> None:
+    model = peaked_model()
+    limit = model.config.max_positions
+    translator = Translator(model, Unencodable(trained), DecodeConfig())
+    line = "one hundred twelve " * 100_000
+    expected = f"input line 1 has more than {limit} tokens ({len(line):,} characters); the model accepts at most "
+    expected += f"{limit}: shorten it, or translate its first {limit} with --truncate"
+    with pytest.raises(DecodingError, match=rf"^{re.escape(expected)}$"):
+        list(translator.translate([line]))
+
+
+def test_align_and_the_server_refuse_a_huge_line_without_encoding_it(trained: Tokenizer, tmp_path: Path) -> None:
+    model = peaked_model()
+    limit = model.config.max_positions
+    line = "seven" * 100_000
+    with pytest.raises(AlignmentError, match=rf"^src line 2 has more than {limit} tokens \(500,000 characters\)"):
+        check_lengths(model, Unencodable(trained), (Path("src"), ["", line]), (Path("tgt"), ["", ""]))
+    with pytest.raises(AlignmentError, match=rf"^tgt line 1 has more than {limit} tokens"):
+        check_lengths(model, Unencodable(trained), (Path("src"), [""]), (Path("tgt"), [line]))
+    with pytest.raises(ApiError, match=rf"^sentence 0 has more than {limit} tokens \(500,000 characters\); the model"):
+        source_lengths([line], Unencodable(trained), limit)
+
+
+def test_an_earlier_line_too_long_is_named_first(trained: Tokenizer) -> None:
+    """The floor refuses before encoding, but not before the lines ahead of it are measured."""
+    model = peaked_model()
+    limit = model.config.max_positions
+    over = " ".join(["one"] * limit)  # over the limit by its exact length, under the floor's bound
+    with pytest.raises(AlignmentError, match=rf"^src line 1 has {limit + 1} tokens"):
+        check_lengths(model, trained, (Path("src"), [over, "one" * 100_000]), (Path("tgt"), ["", ""]))
+
+
+def fitting_lines(length: int) -> list[str]:
+    """Long lines that fit a model of few positions: whitespace collapses, unknown characters merge into one
+    <unk> without byte fallback, NFKC composes a letter and its accent into one character."""
+    return [
+        "one" + " \t\u2581\u00a0" * length + "two",
+        "\u4e2d" * length,
+        " ".join(["\u4e2d\u6587" * length] * 3),
+        "e\u0301" * length,
+        "\u03c9\u0314\u0342\u0345" * length,
+    ]
+
+
+def test_the_floor_never_refuses_a_line_that_fits(trained: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked with windows of 16 characters, so that short lines are cut into many."""
+    monkeypatch.setattr("tformer.data.piece_floor.WINDOW", 16)
+    floor = trained.source_floor
+    rng = random.Random(1)
+    alphabet = [*"onetwhrudsvlfy", " ", "\u4e2d", "e\u0301", "\ufdfa", "\u2581", "\t"]
+    texts = fitting_lines(30_000) + ["".join(rng.choices(alphabet, k=rng.randrange(1, 400))) for _ in range(300)]
+    for text in texts:
+        pieces = len(trained.encode_source(text))
+        for allowed in (1, 3, 10, 50, pieces - 1, pieces):
+            if allowed >= pieces:
+                assert not surely_longer(floor, text, allowed), (text[:40], pieces, allowed)
+    assert surely_longer(floor, "one " * 10_000, 1000)
