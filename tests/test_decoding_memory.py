@@ -41,17 +41,18 @@ def test_a_beam_too_large_for_the_memory_is_refused_in_one_line_before_decoding(
     model = peaked_model()
     monkeypatch.setattr(model, "encode", lambda *args, **kwargs: pytest.fail("decoding started"))
     translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=100_000, nbest=1))
-    with pytest.raises(DecodingError, match=r"beam 100000 \(--beam\) needs about [\d,.]+ GiB") as error:
+    with pytest.raises(DecodingError, match=r"beam 100000 \(DecodeConfig.beam_size\) needs about [\d,.]+ GiB") as error:
         translator.translate_texts(["hello world"])
     message = str(error.value)
     assert "\n" not in message
     assert "0.5 GiB decoding may use (half of the 1.0 GiB" in message
-    assert message.endswith("use a smaller --beam")
+    assert message.endswith("use a smaller DecodeConfig.beam_size")
     src = torch.tensor([[4, 5, EOS]])
-    with pytest.raises(DecodingError, match="--beam"):  # generate refuses too (the attention command's path)
+    with pytest.raises(DecodingError, match=r"DecodeConfig\.beam_size"):  # generate refuses too (attention's path)
         generate(model, src, src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=100_000))
     sampled = DecodeConfig(sampling=True, nbest=10_000_000)
-    with pytest.raises(DecodingError, match=r"nbest 10000000 \(--nbest\) samples .* use a smaller --nbest$"):
+    expected = r"nbest 10000000 \(DecodeConfig\.nbest\) samples .* use a smaller DecodeConfig\.nbest$"
+    with pytest.raises(DecodingError, match=expected):
         generate(model, src, src_pad_mask=None, bos_id=BOS, eos_id=EOS, config=sampled)
 
 

@@ -275,6 +275,32 @@ def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_fron
     }
 
 
+def test_a_beam_too_large_for_the_memory_is_named_as_the_caller_set_it(run, monkeypatch, tmp_path, capsys):
+    """The memory refusal names the request's field over HTTP and the flag on the command line (both came from
+    one message naming translate's --beam)."""
+    from fastapi.testclient import TestClient
+    from test_decoding_memory import fake_memory
+
+    from tformer.serving import ServeConfig, create_app
+
+    fake_memory(monkeypatch, 2**30)
+    loaded = load_run(run)
+    app = create_app(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.experiment.decode,
+        config=ServeConfig(max_beam=10**6, max_decode_tokens=10**12),
+    )
+    with TestClient(app) as client:
+        response = client.post("/translate", json={"sentences": SENTENCES[:1], "beam": 500_000})
+    assert response.status_code == 422
+    assert re.search(r"with beam 500000 \(beam\) needs about .* use a smaller beam$", response.json()["error"])
+    (tmp_path / "in.txt").write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    options = ["--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt")]
+    assert main(["translate", str(run), *options, "--beam", "500000"]) == 2
+    assert re.search(r"beam 500000 \(--beam\) needs about .* use a smaller --beam\n$", capsys.readouterr().err)
+
+
 def test_ready_is_200_while_the_batcher_takes_requests_and_503_before_and_after(run):
     """/health was the only probe: a load balancer could not tell a live server from one ready to serve."""
     import asyncio

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ValueError, OSError) as error:  # user errors: one line, no traceback
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if hasattr(error, "setting") and hasattr(error, "named"):  # a SearchTooLargeError: name the flag
+            message = error.named(_decode_flag(args, error.setting))
         print(f"error: {message}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
@@ -118,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: out of memory ({reason}); a smaller beam, batch or model needs less", file=sys.stderr)
         return 2
+
+
+def _decode_flag(args: argparse.Namespace, setting: str) -> str:
+    """How the command line sets a DecodeConfig field: its own flag (--beam, --nbest) if the command has
+    one, else --set decode.FIELD."""
+    flag = {"beam_size": "beam", "nbest": "nbest"}.get(setting)
+    return f"--{flag}" if flag and hasattr(args, flag) else f"--set decode.{setting}"
 
 
 def _out_of_memory(error: BaseException) -> bool:

@@ -92,6 +92,27 @@ def decoding_budget(device: torch.device | str) -> tuple[int, int] | None:
     return total // 2, total
 
 
+class SearchTooLargeError(DecodingError):
+    """A search too large for the memory even for one sentence. The message names the setting as Python
+    does (`DecodeConfig.beam_size`); `named` says it with the name the caller gave it (a CLI flag, a
+    request field), so the estimate is made here alone."""
+
+    def __init__(self, config: DecodeConfig, *, source_length: int, needed: int, allowed: int, total: int) -> None:
+        self.setting = "nbest" if config.sampling else "beam_size"  # the DecodeConfig field to lower
+        self.value = config.nbest if config.sampling else config.beam_size
+        self.source_length, self.needed, self.allowed, self.total = source_length, needed, allowed, total
+        super().__init__(self.named(f"DecodeConfig.{self.setting}"))
+
+    def named(self, name: str) -> str:
+        """The one-line refusal, with `name` for the setting the caller set."""
+        what = f"nbest {self.value} ({name}) samples" if self.setting == "nbest" else f"beam {self.value} ({name})"
+        return (
+            f"decoding one sentence of {self.source_length} tokens with {what} needs about "
+            f"{self.needed / 2**30:,.1f} GiB, more than the {self.allowed / 2**30:,.1f} GiB decoding may use (half of "
+            f"the {self.total / 2**30:,.1f} GiB of memory here): use a smaller {name}"
+        )
+
+
 def sentences_per_batch(
     model: Any, config: DecodeConfig, *, source_length: int, device: torch.device | str, return_attention: bool = False
 ) -> int | None:
@@ -103,12 +124,7 @@ def sentences_per_batch(
     allowed, total = budget
     one = decoding_bytes(model, config, source_length=source_length, return_attention=return_attention)
     if one > allowed:
-        what = f"nbest {config.nbest} (--nbest) samples" if config.sampling else f"beam {config.beam_size} (--beam)"
-        raise DecodingError(
-            f"decoding one sentence of {source_length} tokens with {what} needs about {one / 2**30:,.1f} GiB, "
-            f"more than the {allowed / 2**30:,.1f} GiB decoding may use (half of the {total / 2**30:,.1f} GiB "
-            f"of memory here): use a smaller {'--nbest' if config.sampling else '--beam'}"
-        )
+        raise SearchTooLargeError(config, source_length=source_length, needed=one, allowed=allowed, total=total)
     return allowed // one
 
 

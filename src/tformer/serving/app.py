@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 from tformer import __version__
 from tformer.config import DecodeConfig
 from tformer.decoding.constraints import check_banned_ids
+from tformer.decoding.memory import SearchTooLargeError
 from tformer.decoding.pipeline import TokenizerLike, Translation
 from tformer.serving.batcher import BATCHER_FAILED, Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
@@ -176,6 +177,8 @@ async def _decoded(
         # uvicorn cancels the requests still running when --graceful-timeout runs out; uncaught, the
         # cancellation reached uvicorn, which answered with a plain-text 500. The API's 503 instead.
         raise ApiError(503, SHUT_DOWN) from None
+    except SearchTooLargeError as error:  # named by the request's field, not translate's flag
+        raise ApiError(422, error.named("nbest" if error.setting == "nbest" else "beam")) from None
     except ValueError as error:  # a DecodingError: the request cannot be decoded as asked
         raise ApiError(422, str(error).splitlines()[0]) from None
     except Exception as error:  # a failure while decoding (out of memory, a bug): still the API's format
