@@ -106,6 +106,12 @@ def test_concurrent_requests_are_batched_and_equal_offline_translation(run, serv
         ('{"sentences": ["a"], "max_length": 4.0}', 422, "max_length: Input should be a valid integer"),
         # valid JSON, not text: a lone surrogate (the tokenizer could not take it: a plain-text 500 before)
         ('{"sentences": ["\\ud800 the cat"]}', 422, "sentence 0 holds an unpaired surrogate (U+D800)"),
+        # a NUL, as translate refuses it in its input: UTF-16 text (or binary data) read as UTF-8
+        (
+            '{"sentences": ["t\\u0000h\\u0000e\\u0000"]}',
+            422,
+            "sentence 0 holds a NUL character (U+0000): it looks like UTF-16",
+        ),
         # bodies FastAPI cannot parse for a reason other than JSON syntax: all "There was an error parsing
         # the body" before, which left a client guessing
         pytest.param(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from tformer.config import DecodeConfig
+from tformer.data.corpus import NUL_BYTE_ADVICE
 from tformer.data.piece_floor import floor_of, surely_longer
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.pipeline import TokenizerLike
@@ -46,6 +47,10 @@ class ServeConfig:
         return self.max_sentences * (self.max_chars * 12 + 8) + 4096
 
 
+# a NUL in a sentence is what UTF-16 text read as UTF-8 (or binary data) gives, as in translate's input
+NUL_ADVICE = f"{NUL_BYTE_ADVICE} before sending it"
+
+
 def check_limits(sentences: list[str], config: ServeConfig) -> None:
     if not sentences:
         raise ApiError(422, "sentences: give at least one sentence")
@@ -60,6 +65,8 @@ def check_limits(sentences: list[str], config: ServeConfig) -> None:
             code = ord(sentence[error.start])
             message = f"sentence {index} holds an unpaired surrogate (U+{code:04X}); send valid Unicode"
             raise ApiError(422, message) from None
+        if "\x00" in sentence:  # as translate refuses a NUL in its input: text mis-decoded, not a sentence
+            raise ApiError(422, f"sentence {index} holds a NUL character (U+0000): it {NUL_ADVICE}")
 
 
 def source_lengths(sentences: list[str], tokenizer: TokenizerLike, max_positions: int) -> list[int]:
