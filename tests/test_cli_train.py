@@ -199,6 +199,36 @@ def test_bad_training_inputs(
     assert _digest(trained) == before
 
 
+def test_errors_name_the_flag_the_user_typed_and_the_key_a_set_gave(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks name config keys; a user who typed --device cuda is told about --device, not train.device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    new = tmp_path / "new"
+    cases = [
+        (
+            _train_args(workspace, new, "--device", "cuda"),
+            "error: --device cuda but no CUDA device is available; use --device cpu",
+        ),
+        (
+            _train_args(workspace, new, "--set", 'train.device="cuda"'),
+            "error: train.device=cuda but no CUDA device is available; use train.device=cpu",
+        ),
+        (  # --set comes after the flag: the value refused is the --set's
+            _train_args(workspace, new, "--device", "cpu", "--set", 'train.device="cuda"'),
+            "error: train.device=cuda but no CUDA",
+        ),
+        (_train_args(workspace, new, "--max-time", "-5"), "error: --max-time must be 0 (off) or positive, got -5.0"),
+        (
+            _train_args(workspace, new, "--max-steps", "0", "--set", "train.max_epochs=0"),
+            "set at least one of --max-steps, train.max_epochs",
+        ),
+    ]
+    for argv, message in cases:
+        _fails_cleanly(capsys, argv, message)
+    assert not new.exists()
+
+
 def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
