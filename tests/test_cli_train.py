@@ -229,6 +229,29 @@ def test_errors_name_the_flag_the_user_typed_and_the_key_a_set_gave(
     assert not new.exists()
 
 
+def test_a_tokenizer_that_is_not_a_directory_is_refused_before_the_data_is_read(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A missing --tokenizer (or a file, or a directory without one) was found once the training text was read
+    (a missing training file is named otherwise), a missing one as 'no tokenizer in X'."""
+    new, missing_src = tmp_path / "new", str(tmp_path / "missing.src")
+    a_file, empty = tmp_path / "spm.model", tmp_path / "empty"
+    a_file.write_text("not a directory\n")
+    empty.mkdir()
+    cases = [
+        (tmp_path / "none", f"error: --tokenizer {tmp_path / 'none'}: no such directory; give the directory of a"),
+        (a_file, f"error: --tokenizer {a_file} is a file; give the directory that holds the tokenizer"),
+        (empty, f"error: --tokenizer {empty}: no tokenizer in it (expected spm.model, or spm.src.model and"),
+    ]
+    for tokenizer, message in cases:
+        _fails_cleanly(
+            capsys, _train_args(workspace, new, "--train-src", missing_src, "--tokenizer", str(tokenizer)), message
+        )
+    set_key = ["--set", f'data.tokenizer="{tmp_path / "none"}"']
+    _fails_cleanly(capsys, _train_args(workspace, new, *set_key), f"error: data.tokenizer {tmp_path / 'none'}: no such")
+    assert not new.exists()
+
+
 def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -28,7 +28,7 @@ from tformer.config import (
     TrainConfig,
 )
 from tformer.config.pieces import smallest_vocab_size
-from tformer.data.tokenizer import Tokenizer, sample_pairs
+from tformer.data.tokenizer import JOINT_FILE, SRC_FILE, TGT_FILE, Tokenizer, sample_pairs
 from tformer.model import Transformer, count_parameters
 from tformer.model.size import check_fits_in_memory
 from tformer.runtime import Distributed, resolve_device
@@ -110,6 +110,7 @@ def _new_trainer(
 ) -> Trainer:
     say = sayer(quiet=quiet, main_process=distributed.is_main)
     data = absolute_data_paths(experiment.data)
+    check_tokenizer_dir(data.tokenizer)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(dataclasses.replace(experiment, data=data), distributed, device)
     check_shared_run_dir(run_dir, distributed, device)  # rank 0 created it before the check's collectives
@@ -165,6 +166,22 @@ def _new_trainer(
         loss_chunk=loss_chunk,
         lock=lock,
     )
+
+
+def check_tokenizer_dir(directory: str | None) -> None:
+    """data.tokenizer names a directory holding a tokenizer, said before anything starts: it was found out
+    only once the training text was read, a missing directory as 'no tokenizer in X'."""
+    if directory is None:
+        return
+    path = Path(directory)
+    if not path.exists():
+        raise ConfigError(f"data.tokenizer {directory}: no such directory; give the directory of a tokenizer")
+    if not path.is_dir():
+        raise ConfigError(f"data.tokenizer {directory} is a file; give the directory that holds the tokenizer")
+    if not (path / JOINT_FILE).exists() and not ((path / SRC_FILE).exists() and (path / TGT_FILE).exists()):
+        raise ConfigError(
+            f"data.tokenizer {directory}: no tokenizer in it (expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE})"
+        )
 
 
 def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: bool, seed: int, say: Say) -> Tokenizer:
