@@ -7,6 +7,7 @@ import io
 import json
 import re
 import select
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,26 @@ def test_attention_refuses_an_argument_that_is_not_utf8(trained_run, tmp_path: P
     name = "--target" if extra else "the sentence"
     assert capsys.readouterr().err == f"error: {name} is not valid UTF-8 (character 10); give it in UTF-8\n"
     assert not (tmp_path / "maps.png").exists()
+
+
+def test_plot_of_a_run_that_stopped_before_its_first_log_says_what_to_do(trained_run, tmp_path: Path, capsys) -> None:
+    """It said only "a run that stopped before its first log": now the run's step, train.log_every and how to
+    get a log (the run here: 40 steps, made to log every 100)."""
+    run, _ = trained_run
+    short = tmp_path / "short"
+    shutil.copytree(run, short)
+    (short / "metrics.jsonl").unlink()
+    for described in (short / "checkpoints").glob("*/experiment.json"):
+        document = json.loads(described.read_text(encoding="utf-8"))
+        document["experiment"]["train"]["log_every"] = 100
+        described.write_text(json.dumps(document), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["plot", str(short), "--out", str(tmp_path / "curves.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {short} has no metrics to plot: the run stopped at step 40, before its first log (train.log_every "
+        f"is 100); train it longer (tformer train --out {short} --resume --max-steps 100 --max-time 0), or train "
+        "with --set train.log_every=40 or less\n"
+    )
 
 
 def test_plot_given_a_checkpoint_names_the_run_that_holds_it(trained_run, tmp_path: Path, capsys) -> None:

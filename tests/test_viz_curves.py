@@ -72,6 +72,10 @@ def test_missing_or_empty_metrics_is_a_user_error(tmp_path: Path) -> None:
     write_metrics(tmp_path, [])
     with pytest.raises(MetricsError, match="holds no metrics rows"):
         read_metrics(tmp_path)
+    other = tmp_path / "notes.txt"  # "holds no metrics rows yet" said to wait for rows that never come
+    other.write_text("hello\n")
+    with pytest.raises(MetricsError, match=r"notes.txt is not the metrics.jsonl of a run \(no line of it is a JSON"):
+        read_metrics(other)
 
 
 def test_a_curve_logged_only_as_nan_is_left_out_with_one_warning(tmp_path: Path) -> None:

@@ -34,5 +34,30 @@ def run(args: argparse.Namespace) -> int:
 
         if given_checkpoint := checkpoint_given_for_run(args.run_dir):
             raise ValueError(given_checkpoint) from None
+        if too_short := _stopped_before_its_first_log(args.run_dir):
+            raise ValueError(too_short) from None
         raise
     return 0
+
+
+def _stopped_before_its_first_log(path: Path) -> str | None:
+    """For a run directory without metrics whose last checkpoint is earlier than its first log: the line
+    that says so, with the run's numbers and what to do; None for anything else (the reader's own
+    message then stands)."""
+    from tformer.training.checkpoint import METRICS_FILE, is_run_dir
+    from tformer.training.checkpoint_load import CheckpointError, read_experiment, resolve_checkpoint
+
+    if not is_run_dir(path) or (path / METRICS_FILE).exists():
+        return None
+    try:
+        experiment, step = read_experiment(resolve_checkpoint(path, which="last")[0])
+    except (CheckpointError, OSError):
+        return None
+    log_every = experiment.train.log_every
+    if step >= log_every:
+        return None
+    return (
+        f"{path} has no metrics to plot: the run stopped at step {step}, before its first log (train.log_every is "
+        f"{log_every}); train it longer (tformer train --out {path} --resume --max-steps {log_every} --max-time 0), "
+        f"or train with --set train.log_every={max(1, step)} or less"
+    )

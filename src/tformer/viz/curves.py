@@ -68,6 +68,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             continue
         if isinstance(row, dict):
             rows.append(row)
+    if not rows and path.name != METRICS_FILE:  # some other file: "no rows yet" would say to wait for them
+        raise MetricsError(
+            f"{path} is not the {METRICS_FILE} of a run (no line of it is a JSON object); give a run directory or "
+            f"its {METRICS_FILE}"
+        )
     if not rows:
         raise MetricsError(f"{path} holds no metrics rows yet")
     return rows
