@@ -134,7 +134,7 @@ def test_the_config_names_the_smallest_byte_fallback_vocabulary_from_its_parts(
         Tokenizer.train(SOURCES, TARGETS, vocab_size=260, byte_fallback=True)
     code = main(["train", "--out", str(tmp_path / "run"), "--vocab-size", "5", "--set", "data.byte_fallback=true"])
     error = capsys.readouterr().err
-    assert code == 2 and error.count("\n") == 1 and error.startswith("error: data.vocab_size must be at least 261 ")
+    assert code == 2 and error.count("\n") == 1 and error.startswith("error: --vocab-size must be at least 261 ")
     assert not (tmp_path / "run").exists()
 
 

@@ -662,7 +662,7 @@ def test_overwrite_refuses_to_delete_the_data_the_new_run_reads(
         shutil.copy(workspace[name.replace(".", "_")], run / name)
     before = _digest(run)
     argv = [*_train_args(workspace, run, "--overwrite"), "--train-src", str(run / "train.src")]
-    _fails_cleanly(capsys, argv, f"--overwrite would delete {(run / 'train.src').resolve()} (data.train_src)")
+    _fails_cleanly(capsys, argv, f"--overwrite would delete {(run / 'train.src').resolve()} (--train-src)")
     assert _digest(run) == before
 
 
@@ -859,7 +859,7 @@ def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
     small_config = tmp_path / "small.toml"  # a recipe's [model] table, as `--config multi30k_en_de` gives it
     small_config.write_text('[model]\npreset = "small"\ndropout = 0.3\n')
     cases = [
-        (["--vocab-size", "200"], "error: --resume: data.vocab_size is 200 but the run has 48; a resumed run keeps"),
+        (["--vocab-size", "200"], "error: --resume: --vocab-size is 200 but the run has 48; a resumed run keeps"),
         (
             ["--preset", "base"],
             "error: --resume: the command asks for preset base's shape but the run has preset tiny's: model.d_model "
@@ -871,7 +871,7 @@ def test_resume_accepts_unchanged_settings_and_names_a_changed_one(
         (["--config", str(small_config)], "the command asks for preset small's shape but the run has preset tiny's"),
         (["--set", "model.d_model=48"], "the run has preset tiny's shape: model.d_model is 48 but the run has 32; a"),
         (["--preset", "tiny", "--set", "model.dropout=0.2"], "error: --resume: model.dropout is 0.2 but the run has"),
-        (["--train-src", str(workspace["valid_src"])], "error: --resume: data.train_src is '"),
+        (["--train-src", str(workspace["valid_src"])], "error: --resume: --train-src is '"),
         (["--set", "model.nonsense=1"], "unknown key(s) nonsense in [model]; valid keys: preset, "),
         # taken from the run's tokenizer when the command leaves them out, so a value given must be the run's
         (["--set", "model.pad_id=3"], "error: --resume: model.pad_id is 3 but the run has 0, its tokenizer's"),
@@ -908,7 +908,7 @@ def test_non_finite_numbers_are_one_line_errors_naming_the_key(
 ) -> None:
     new = tmp_path / "new"
     cases = [
-        (_train_args(workspace, new, "--max-time", "nan"), "train.max_time_s must be a finite number, got nan"),
+        (_train_args(workspace, new, "--max-time", "nan"), "--max-time must be a finite number, got nan"),
         (_train_args(workspace, new, "--set", "train.peak_lr=nan"), "train.peak_lr must be a finite number"),
         (_train_args(workspace, new, "--set", "decode.length_penalty=nan"), "decode.length_penalty must be a finite"),
         (
@@ -1001,7 +1001,7 @@ def test_a_pipe_given_as_training_text_is_refused_in_one_line(
         os.write(write_end, workspace["train_src"].read_bytes()[:1000])
         argv = _train_args(workspace, tmp_path / "run")
         argv[argv.index(str(workspace["train_src"]))] = f"/dev/fd/{read_end}"
-        _fails_cleanly(capsys, argv, f"data.train_src /dev/fd/{read_end} is a pipe")
+        _fails_cleanly(capsys, argv, f"--train-src /dev/fd/{read_end} is a pipe")
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -1009,7 +1009,7 @@ def test_a_pipe_given_as_training_text_is_refused_in_one_line(
     os.mkfifo(fifo)
     argv = _train_args(workspace, tmp_path / "run")
     argv[argv.index(str(workspace["valid_tgt"]))] = str(fifo)
-    _fails_cleanly(capsys, argv, f"data.valid_tgt {fifo} is a pipe")
+    _fails_cleanly(capsys, argv, f"--valid-tgt {fifo} is a pipe")
     assert not (tmp_path / "run").exists()
 
 

@@ -249,7 +249,7 @@ def test_processes_given_different_settings_refuse_to_train_naming_the_setting(t
     for rank, (result, here) in enumerate(zip(results, (4, 3), strict=True)):
         assert result.returncode == 2, result.stderr
         assert result.stderr == (
-            f"error: process {rank}: train.max_steps differs between the processes of this run (here {here}); "
+            f"error: process {rank}: --max-steps differs between the processes of this run (here {here}); "
             "give every machine the same command, and the same files at the same paths\n"
         )
     assert not out.exists()
@@ -422,7 +422,7 @@ def test_cuda_asked_for_on_a_machine_without_one_is_a_one_line_error_under_torch
     for result in _launch([argv, argv], cwd=tmp_path):
         assert (result.returncode, result.stderr) == (
             2,
-            "error: train.device=cuda but no CUDA device is available; use train.device=cpu\n",
+            "error: --device cuda but no CUDA device is available; use --device cpu\n",
         )
     assert not out.exists()
 
