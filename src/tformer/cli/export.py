@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tformer.cli.extras import require
 from tformer.cli.output_paths import check_output_dir, check_outside
+from tformer.termination import sigterm_as_interrupt
 
 HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model"
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.interop.hf_export import export_ctranslate2, export_hf
 
     export = export_hf if args.to == "hf" else export_ctranslate2
-    out = export(args.run_dir, args.out, which=args.which)
+    with sigterm_as_interrupt():  # `kill` and `timeout` leave no staging directory behind, as Ctrl-C does
+        out = export(args.run_dir, args.out, which=args.which)
     print(f"wrote {out}")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tformer.cli.extras import require
 from tformer.cli.output_paths import check_output_dir, check_outside
+from tformer.termination import sigterm_as_interrupt
 
 HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run directory"
 
@@ -33,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     require(["transformers"], command="import-hf", extra="hf")
     from tformer.interop.hf_import import import_hf
 
-    imported = import_hf(args.hf_dir, args.out)
+    with sigterm_as_interrupt():  # `kill` and `timeout` leave no staging directory behind, as Ctrl-C does
+        imported = import_hf(args.hf_dir, args.out)
     half = [dtype for dtype in imported.stored_dtypes if dtype != "float32"]
     note = ""
     if half:  # Hugging Face (transformers 5) computes in the stored type unless told dtype=torch.float32
