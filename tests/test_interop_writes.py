@@ -84,3 +84,53 @@ def test_an_interrupted_export_or_import_leaves_nothing_behind(tmp_path, command
     assert error.splitlines()[-1] == "interrupted"
     assert entries(tmp_path) == before
     assert [name for name in entries(temporary) if name.startswith("tmp")] == []  # tempfile's (not torch's cache)
+
+
+def full_disk(*args, **kwargs) -> None:
+    raise OSError(28, "No space left on device", "written")
+
+
+@pytest.mark.parametrize("command", ["hf", "import-hf"])
+def test_a_write_failing_half_way_leaves_no_directory_it_made(tmp_path, capsys, monkeypatch, command):
+    """--out below directories that do not exist yet: the export made them before writing, and a write that
+    failed (a full disk) left them, empty, behind."""
+    run = make_run(tmp_path / "run")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    if command == "hf":
+        monkeypatch.setattr("tformer.interop.marian_tokenizer.VocabTokenizer.write_marian_files", full_disk)
+        arguments = ["export", str(run), "--to", "hf"]
+    else:
+        monkeypatch.setattr("tformer.interop.hf_import.write_pointer", full_disk)
+        arguments = ["import-hf", str(tmp_path / "hf")]
+    before = entries(tmp_path)
+    capsys.readouterr()
+    assert main([*arguments, "--out", str(tmp_path / "new" / "deeper" / "out")]) == 2
+    assert capsys.readouterr().err == "error: [Errno 28] No space left on device: 'written'\n"
+    assert entries(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["hf", "import-hf"])
+def test_a_move_into_an_existing_empty_out_failing_half_way_leaves_it_empty(tmp_path, capsys, monkeypatch, command):
+    """An existing empty --out is filled by moving the staged entries into it one by one: when a move
+    failed, the entries moved before it stayed, a half-filled --out."""
+    run = make_run(tmp_path / "run")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    replace = os.replace
+    moves: list[str] = []
+
+    def second_move_fails(source: str | Path, target: str | Path) -> None:
+        if Path(target).parent == out:
+            moves.append(Path(target).name)
+            if len(moves) == 2:
+                raise OSError(5, "Input/output error", str(target))
+        replace(source, target)
+
+    monkeypatch.setattr("os.replace", second_move_fails)
+    arguments = ["export", str(run), "--to", "hf"] if command == "hf" else ["import-hf", str(tmp_path / "hf")]
+    before = entries(tmp_path)
+    capsys.readouterr()
+    assert main([*arguments, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: [Errno 5] Input/output error")
+    assert len(moves) == 2 and entries(out) == [] and entries(tmp_path) == before

@@ -8,6 +8,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from tformer.termination import interrupts_held
+
 
 def fresh_directory(out: str | Path) -> Path:
     """`out` as a Path, after checking that it does not exist or is an empty directory."""
@@ -20,25 +22,61 @@ def fresh_directory(out: str | Path) -> Path:
 @contextlib.contextmanager
 def written_atomically(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` only when the block finished without an error, so
-    an interrupted conversion never leaves a half-written directory under the real name.
+    an interrupted conversion never leaves a half-written directory under the real name. On an error, the
+    directories made above `out` for it (a new --out inside folders that did not exist) are removed too.
 
     An existing (empty) `out` is kept, not replaced: it may be the current directory (".") or a symbolic
     link to a directory, which a rename cannot replace. The temporary is then made inside it and its
-    entries are moved up, one rename each, when complete."""
+    entries are moved up, one rename each, when complete (`_move_entries`: all of them or none)."""
     existing = out.is_dir()  # empty: checked by fresh_directory
+    made: list[Path] = []
     if existing:
         temporary = out / f".tmp-{os.getpid()}"
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        made = _make_parents(out)
         temporary = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
     try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
         yield temporary
         if existing:
-            for entry in temporary.iterdir():
-                os.replace(entry, out / entry.name)
+            _move_entries(temporary, out)
         else:
             os.replace(temporary, out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        _remove_empty(made)
+        raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Make the missing folders above `out`; returns the ones made, innermost first."""
+    missing = [parent for parent in out.absolute().parents if not parent.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove `directories` (innermost first) while they are empty: what another process put there stays."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def _move_entries(temporary: Path, out: Path) -> None:
+    """Move every entry of `temporary` into `out`, or none: a move that fails takes the ones made before
+    it back, and Ctrl-C or SIGTERM waits until the moves (or their undoing) are over."""
+    moved: list[str] = []
+    with interrupts_held():
+        try:
+            for entry in sorted(temporary.iterdir()):
+                os.replace(entry, out / entry.name)
+                moved.append(entry.name)
+        except BaseException:
+            for name in moved:
+                os.replace(out / name, temporary / name)
+            raise
