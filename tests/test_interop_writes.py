@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,37 @@ def test_a_move_into_an_existing_empty_out_failing_half_way_leaves_it_empty(tmp_
     assert main([*arguments, "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: [Errno 5] Input/output error")
     assert len(moves) == 2 and entries(out) == [] and entries(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["hf", "ctranslate2", "import-hf"])
+def test_every_file_written_is_on_disk_before_the_output_gets_its_name(tmp_path, monkeypatch, command):
+    """The export renamed its staging directory to --out without an fsync: after a power cut the complete
+    looking directory could hold empty or truncated files (checkpoints are fsynced; exports were not).
+    Files are told apart by inode, which a rename keeps."""
+    if command == "ctranslate2":
+        pytest.importorskip("ctranslate2")
+    run = make_run(tmp_path / "run")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / "out"
+    synced: list[int] = []
+    fsync, replace = os.fsync, os.replace
+    synced_when_named: set[int] = set()
+
+    def recorded(descriptor: int) -> None:
+        synced.append(os.fstat(descriptor).st_ino)
+        fsync(descriptor)
+
+    def renamed(source: str | Path, target: str | Path) -> None:
+        if Path(target) == out:
+            synced_when_named.update(synced)
+        replace(source, target)
+
+    monkeypatch.setattr("os.fsync", recorded)
+    monkeypatch.setattr("os.replace", renamed)
+    arguments = ["export", str(run), "--to", command] if command != "import-hf" else ["import-hf", str(tmp_path / "hf")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the export's own about decoding settings
+        assert main([*arguments, "--out", str(out)]) == 0
+    unsynced = [path for path in (out, *out.rglob("*")) if path.stat().st_ino not in synced_when_named]
+    assert unsynced == []
+    assert synced[-1] == tmp_path.stat().st_ino  # then the rename itself

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tformer.termination import interrupts_held
+from tformer.training.checkpoint_save import fsync_dir, fsync_tree
 
 
 def fresh_directory(out: str | Path) -> Path:
@@ -21,8 +22,9 @@ def fresh_directory(out: str | Path) -> Path:
 
 @contextlib.contextmanager
 def written_atomically(out: Path) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to `out` only when the block finished without an error, so
-    an interrupted conversion never leaves a half-written directory under the real name. On an error, the
+    """A temporary sibling of `out`, renamed to `out` only when the block finished without an error and
+    everything in it is on the disk (fsynced, as checkpoints are), so an interrupted conversion, or a crash
+    of the machine, never leaves a half-written directory under the real name. On an error, the
     directories made above `out` for it (a new --out inside folders that did not exist) are removed too.
 
     An existing (empty) `out` is kept, not replaced: it may be the current directory (".") or a symbolic
@@ -39,10 +41,12 @@ def written_atomically(out: Path) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         yield temporary
+        fsync_tree(temporary)  # on the disk before it has its name: a crash then leaves it whole or unnamed
         if existing:
             _move_entries(temporary, out)
         else:
             os.replace(temporary, out)
+        fsync_dir(out if existing else out.parent)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         _remove_empty(made)

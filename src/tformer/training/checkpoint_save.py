@@ -84,11 +84,7 @@ def write_checkpoint(
         if trainer_state is not None:  # into a file of ours, so that torch's error of a failed write holds its OSError
             with open(temporary / STATE_FILE, "wb") as handle, failed_write_as_os_error(final / STATE_FILE):
                 torch.save(trainer_state, handle)
-        for path in temporary.rglob("*"):
-            if path.is_file():
-                _fsync_file(path)
-        _fsync_dir(temporary / TOKENIZER_DIR)
-        _fsync_dir(temporary)
+        fsync_tree(temporary)
     except BaseException:  # a full disk, say: the half-written copy would only take space (outside a run, for good)
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -99,7 +95,7 @@ def write_checkpoint(
         shutil.rmtree(trash)
     else:
         os.replace(temporary, final)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return final
 
 
@@ -122,9 +118,9 @@ def write_pointer(run_dir: Path, which: str, name: str) -> None:
     run_dir = Path(run_dir)
     temporary = run_dir / f".{which}.tmp"
     temporary.write_text(name + "\n", encoding="utf-8")
-    _fsync_file(temporary)
+    fsync_file(temporary)
     os.replace(temporary, run_dir / which)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
@@ -191,12 +187,24 @@ def failed_write_as_os_error(path: Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- fsync
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Have the file's data on the disk (a rename after it then never names a file that a crash emptied)."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under `directory`, and `directory` itself, before it is renamed into place."""
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fsync_file(path)
+        elif path.is_dir() and not path.is_symlink():
+            fsync_dir(path)
+    fsync_dir(directory)
+
+
+def fsync_dir(path: Path) -> None:
+    """Have the directory's entries (a rename into it) on the disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
