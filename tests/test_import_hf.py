@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tformer.cli.main import main
 from tformer.decoding.pipeline import Translator
@@ -320,4 +320,40 @@ def test_a_config_json_tformer_cannot_build_names_the_file(tmp_path, capsys):
     assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
     expected = f"error: {hf_dir / 'config.json'}: d_model (30) must be divisible by n_heads (4)\n"
     assert capsys.readouterr().err == expected
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("missing", "the weights lack model.decoder.layers.1.fc2.bias; is this a MarianMT checkpoint?"),
+        (
+            "layer beyond config.json",
+            "the weights hold model.encoder.layers.2.fc1.weight, which config.json's MarianMT model has no place for",
+        ),
+        (
+            "not Marian's",
+            "the weights hold model.encoder.layernorm_embedding.bias (and 1 more), which config.json's MarianMT "
+            "model has no place for",
+        ),
+    ],
+)
+def test_weights_missing_or_beyond_what_config_json_describes_are_refused_in_one_line(
+    tmp_path, capsys, change, expected
+):
+    """Weights config.json has no place for (a third layer when it says two, a BART layer norm) were dropped
+    without a word: the imported model computed something else than the weights' own."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    state = load_file(hf_dir / "model.safetensors")
+    if change == "missing":
+        del state["model.decoder.layers.1.fc2.bias"]
+    elif change == "layer beyond config.json":
+        state["model.encoder.layers.2.fc1.weight"] = torch.zeros(64, 32)
+    else:
+        state |= {f"model.encoder.layernorm_embedding.{name}": torch.zeros(32) for name in ("weight", "bias")}
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {hf_dir}: {expected}") and message.count("\n") == 1
     assert not (tmp_path / "run").exists()

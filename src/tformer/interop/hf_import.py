@@ -34,7 +34,7 @@ from tformer.config.checks import ConfigError
 from tformer.decoding.constraints import check_banned_ids
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decoder_start_id, generation_settings
-from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian
+from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian, tformer_to_marian_state
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
 from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name
@@ -107,12 +107,13 @@ def _read_marian_config(hf_dir: Path) -> tuple[dict[str, Any], MarianConfig]:
 
 
 def _marian_model(weights: dict[str, Tensor], config: ModelConfig, hf_dir: Path) -> Transformer:
-    """A tformer Transformer holding Marian's weights, renamed; missing or misshapen ones are refused."""
+    """A tformer Transformer holding Marian's weights, renamed; missing, unused or misshapen ones are refused."""
     try:
         state = marian_to_tformer_state(_with_tied_embeddings(weights, config), config)
     except KeyError as error:
         raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
     model = Transformer(config)
+    _check_unused(weights, set(tformer_to_marian_state(model.state_dict(), config)), hf_dir)
     _check_shapes(state, model.state_dict(), hf_dir)
     model.load_state_dict(state, strict=True)
     return model
@@ -195,6 +196,32 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(tensor, Tensor) for tensor in state.values()):
         raise ValueError(f"{path}: not a state dict (tensor names to tensors)")
     return state
+
+
+# Names a Marian file may hold that the conversion does not read: the positions' sinusoidal tables (every
+# model recomputes them) and the copies of an embedding that Marian ties to another one.
+SPARE_NAMES = frozenset(
+    {
+        "model.encoder.embed_positions.weight",
+        "model.decoder.embed_positions.weight",
+        "model.shared.weight",
+        "model.encoder.embed_tokens.weight",
+        "model.decoder.embed_tokens.weight",
+        "lm_head.weight",
+    }
+)
+
+
+def _check_unused(weights: dict[str, Tensor], read: set[str], hf_dir: Path) -> None:
+    """Weights config.json has no place for (layers beyond its count, another model's parameters) are
+    refused by name: dropping them would import another function than the weights'."""
+    unused = sorted(set(weights) - read - SPARE_NAMES)
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise ValueError(
+            f"{hf_dir}: the weights hold {unused[0]}{more}, which config.json's MarianMT model has no place for; "
+            "are config.json and the weights of the same model?"
+        )
 
 
 def _check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor], hf_dir: Path) -> None:
