@@ -182,7 +182,7 @@ def test_export_then_import_round_trip_gives_the_same_logits(tmp_path, tie_outpu
 @pytest.mark.parametrize(
     ("tie_output", "share_embeddings"), [(True, True), (False, True), (True, False), (False, False)]
 )
-def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output, share_embeddings):
+def test_ctranslate2_export_matches_greedy_and_beam_decoding(tmp_path, tie_output, share_embeddings):
     ctranslate2 = pytest.importorskip("ctranslate2")
     overrides = dict(sinusoidal_layout="interleaved", tie_output=tie_output, share_embeddings=share_embeddings)
     run = make_run(tmp_path / "run", **overrides)
@@ -194,6 +194,29 @@ def test_ctranslate2_export_matches_greedy_decoding(tmp_path, tie_output, share_
     results = translator.translate_batch(sources, beam_size=1, max_decoding_length=MAX_NEW, min_decoding_length=0)
     expected = tformer_outputs(loaded, DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW))
     assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(tokens) for tokens in expected]
+    # docs/interop.md's two beam settings with the same best hypothesis, at 4 beams
+    for alpha, normalization, early_stopping in ((0.6, "average", True), (0.0, "none", False)):
+        results = translator.translate_batch(
+            sources, beam_size=4, length_penalty=alpha, max_decoding_length=MAX_NEW, min_decoding_length=0,
+            return_scores=True,
+        )  # fmt: skip
+        config = DecodeConfig(
+            beam_size=4, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization=normalization, length_penalty=alpha,
+            early_stopping=early_stopping,
+        )  # fmt: skip
+        best = [tformer_best(loaded, sentence, config) for sentence in SENTENCES]
+        assert [r.hypotheses[0] for r in results] == [tokenizer.id_to_target_piece(h.tokens) for h in best]
+        assert [r.scores[0] for r in results] == pytest.approx([h.score for h in best], abs=1e-4)
+
+
+def tformer_best(loaded: LoadedRun, sentence: str, config: DecodeConfig):
+    """tformer's best hypothesis for one sentence."""
+    tokenizer = loaded.tokenizer
+    src = torch.tensor([[*tokenizer.encode_source(sentence), tokenizer.eos_id]])
+    (nbest,) = generate(
+        loaded.model, src, src_pad_mask=None, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, config=config
+    )
+    return nbest[0]
 
 
 def test_ctranslate2_beam_search_with_a_length_penalty_is_tformers_with_early_stopping(tmp_path):
