@@ -111,6 +111,7 @@ def hf_outputs(model, tokenizer, *, beams: int, alpha: float = 1.0, ngram: int =
         {"joint": False},
         {"tie_output": False},
         {"tie_output": False, "joint": False, "sinusoidal_layout": "interleaved"},
+        {"final_logits_bias": False, "scale_embeddings": False, "n_decoder_layers": 1, "activation": "gelu"},
     ],
     ids=str,
 )
