@@ -135,7 +135,9 @@ def test_validation_set_with_no_pair_in_the_token_budget_is_refused(
     ]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: every validation pair needs more than train.max_tokens=24")
+    # the command line typed --max-tokens, so the error names the flag (the Python call above, the key)
+    assert err.startswith("error: every validation pair needs more than --max-tokens 24 token slots")
+    assert err.strip().endswith("raise --max-tokens")
     assert len(err.strip().splitlines()) == 1
 
 
