@@ -355,17 +355,23 @@ def _train_model(
     return spm.SentencePieceProcessor(model_proto=writer.getvalue())
 
 
-def _load_model(path: Path) -> spm.SentencePieceProcessor:
+def read_sentencepiece(path: Path, *, called: str) -> spm.SentencePieceProcessor:
+    """The sentencepiece model in `path`, or a TokenizerError that names the file (`called`: what an
+    unreadable file is called in the message, "tokenizer model" or "sentencepiece model")."""
     try:
         proto = path.read_bytes()
     except OSError as error:
-        raise TokenizerError(f"cannot read tokenizer model {path}: {error.strerror or error}") from None
+        raise TokenizerError(f"cannot read {called} {path}: {error.strerror or error}") from None
     if not proto:  # sentencepiece takes empty bytes for "no model" and fails at the first use instead
         raise TokenizerError(f"{path} is empty: not a valid sentencepiece model (corrupt or truncated)")
     try:
-        model = spm.SentencePieceProcessor(model_proto=proto)
+        return spm.SentencePieceProcessor(model_proto=proto)
     except RuntimeError:
         raise TokenizerError(f"{path} is not a valid sentencepiece model (corrupt or truncated)") from None
+
+
+def _load_model(path: Path) -> spm.SentencePieceProcessor:
+    model = read_sentencepiece(path, called="tokenizer model")
     absent = [name for name, i in zip(("pad", "bos", "eos", "unk"), _special_ids(model), strict=True) if i < 0]
     if absent:
         raise TokenizerError(

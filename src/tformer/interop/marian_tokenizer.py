@@ -26,7 +26,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from tformer.data.tokenizer import Tokenizer, TokenizerError, refuse_surrogates
+from tformer.data.tokenizer import Tokenizer, TokenizerError, read_sentencepiece, refuse_surrogates
 
 MARKER_FILE = "vocab_tokenizer.json"
 SOURCE_SPM, TARGET_SPM = "source.spm", "target.spm"
@@ -84,8 +84,8 @@ class VocabTokenizer:
                 f"{directory}: the decoder start id {bos_id} (decoder_start_token_id in generation_config.json or "
                 f"config.json) is not an id of {target_file.name}"
             )
-        source = _load_spm(directory / SOURCE_SPM)
-        target = _load_spm(directory / TARGET_SPM)
+        source = read_sentencepiece(directory / SOURCE_SPM, called="sentencepiece model")
+        target = read_sentencepiece(directory / TARGET_SPM, called="sentencepiece model")
         return cls(source, target, vocab, target_vocab, bos_id=bos_id, **ids)
 
     @classmethod
@@ -116,7 +116,8 @@ class VocabTokenizer:
             ids = {name: int(marker[name]) for name in ("bos_id", "eos_id", "pad_id", "unk_id")}
         except (KeyError, TypeError, ValueError):
             raise TokenizerError(f"{directory / MARKER_FILE}: missing or invalid special ids") from None
-        source, target = _load_spm(directory / SOURCE_SPM), _load_spm(directory / TARGET_SPM)
+        source = read_sentencepiece(directory / SOURCE_SPM, called="sentencepiece model")
+        target = read_sentencepiece(directory / TARGET_SPM, called="sentencepiece model")
         return cls(source, target, vocab, target_vocab, **ids)
 
     def to_files(self, directory: str | Path) -> list[Path]:
@@ -256,19 +257,6 @@ def _model_proto(tokenizer: Tokenizer, side: str) -> bytes:
     with tempfile.TemporaryDirectory() as directory:
         paths = tokenizer.to_files(directory)
         return (paths[0] if side == "source" or tokenizer.joint else paths[1]).read_bytes()
-
-
-def _load_spm(path: Path) -> spm.SentencePieceProcessor:
-    try:
-        proto = path.read_bytes()
-    except OSError as error:
-        raise TokenizerError(f"cannot read sentencepiece model {path}: {error.strerror or error}") from None
-    if not proto:  # sentencepiece takes empty bytes for "no model" and fails at the first use instead
-        raise TokenizerError(f"{path} is empty: not a valid sentencepiece model (corrupt or truncated)")
-    try:
-        return spm.SentencePieceProcessor(model_proto=proto)
-    except RuntimeError:
-        raise TokenizerError(f"{path} is not a valid sentencepiece model (corrupt or truncated)") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
