@@ -913,7 +913,7 @@ def test_non_finite_numbers_are_one_line_errors_naming_the_key(
         (_train_args(workspace, new, "--set", "decode.length_penalty=nan"), "decode.length_penalty must be a finite"),
         (
             ["translate", str(trained), "--input", str(workspace["valid_src"]), "--length-penalty", "inf"],
-            "decode.length_penalty must be a finite number, got inf",
+            "--length-penalty must be a finite number, got inf",  # the flag typed, as train names its flags
         ),
     ]
     for argv, message in cases:

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from tformer.cli.argument_types import positive_integer
+from tformer.cli.decode_options import decode_flags_named
 from tformer.cli.output_paths import check_replaced_output
 from tformer.viz.attention_kinds import KINDS
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.run_dir, which=args.which, device=resolve_device(args.device, setting="--device"))
     decode = loaded.experiment.decode
     if args.beam is not None:
-        decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
+        with decode_flags_named(args):  # --beam 10**22: an error names --beam, not decode.beam_size
+            decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
     attention = sentence_attention(
         loaded.model, loaded.tokenizer, args.sentence, target_text=args.target, decode_config=decode
     )

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+from tformer.cli.typed_names import errors_named_as_typed, flag_option, typed_flags
 from tformer.config import ConfigError, DecodeConfig, config_from_dict, config_to_dict, parse_override
+
+# the decoding flags that set a [decode] key (argparse dest -> (section, key)), where a command has them
+DECODE_FLAG_KEYS = {
+    "beam": ("decode", "beam_size"),
+    "nbest": ("decode", "nbest"),
+    "length_penalty": ("decode", "length_penalty"),
+}
 
 
 def add_decode_settings_argument(
@@ -78,3 +87,26 @@ def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> De
     if args.length_penalty is not None:
         config = dataclasses.replace(config, length_penalty=args.length_penalty)
     return config
+
+
+@contextmanager
+def decode_flags_named(args: argparse.Namespace) -> Iterator[None]:
+    """Around the applying of the decoding flags (after --set): a ConfigError names each key that a flag
+    set by that flag (--length-penalty nan: "--length-penalty must be a finite number"), not as
+    decode.KEY, which the user never typed."""
+    with errors_named_as_typed(args, DECODE_FLAG_KEYS):
+        yield
+
+
+def decode_setting_name(args: argparse.Namespace, field: str) -> str:
+    """How the command line sets DecodeConfig.`field`, for an error about its value: the flag that set
+    it (--beam), else the --set that did (--set decode.beam_size), else (the run's own value) the
+    command's flag for it if it has one, else --set decode.FIELD."""
+    key = f"decode.{field}"
+    typed = typed_flags(args, DECODE_FLAG_KEYS).get(key)
+    if typed is not None:
+        return typed
+    if field in decode_settings(getattr(args, "decode_settings", [])):
+        return f"--set {key}"
+    dest = next((dest for dest, (_, name) in DECODE_FLAG_KEYS.items() if name == field), None)
+    return flag_option(dest) if dest is not None and hasattr(args, dest) else f"--set {key}"

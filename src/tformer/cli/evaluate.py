@@ -25,6 +25,7 @@ from tformer.cli.decode_options import (
     add_decode_arguments,
     apply_decode_arguments,
     apply_decode_settings,
+    decode_flags_named,
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
@@ -93,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     for line in reference_advice(reference_sets[0], tokenize, loaded.tokenizer):
         warnings.warn(line, UserWarning, stacklevel=1)
     decode = apply_decode_settings(loaded.experiment.decode, settings)
-    if args.beam is not None:
-        decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
-    decode = apply_decode_arguments(decode, args)
+    with decode_flags_named(args):  # the flags come after --set: an error names the flag that set the key
+        if args.beam is not None:
+            decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
+        decode = apply_decode_arguments(decode, args)
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
         model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate

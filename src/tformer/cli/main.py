@@ -28,6 +28,7 @@ from tformer.cli import (
     train,
     translate,
 )
+from tformer.cli.decode_options import decode_setting_name
 from tformer.termination import import_torch
 
 # torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # user errors: one line, no traceback
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if hasattr(error, "setting") and hasattr(error, "named"):  # a SearchTooLargeError: name the flag
-            message = error.named(_decode_flag(args, error.setting))
+            message = error.named(decode_setting_name(args, error.setting))
         print(f"error: {message}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
@@ -120,13 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: out of memory ({reason}); a smaller beam, batch or model needs less", file=sys.stderr)
         return 2
-
-
-def _decode_flag(args: argparse.Namespace, setting: str) -> str:
-    """How the command line sets a DecodeConfig field: its own flag (--beam, --nbest) if the command has
-    one, else --set decode.FIELD."""
-    flag = {"beam_size": "beam", "nbest": "nbest"}.get(setting)
-    return f"--{flag}" if flag and hasattr(args, flag) else f"--set decode.{setting}"
 
 
 def _out_of_memory(error: BaseException) -> bool:

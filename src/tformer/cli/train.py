@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tformer.cli.typed_names import errors_named_as_typed
 from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
 from tformer.termination import sigterm_as_interrupt
 
@@ -127,24 +127,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_either(args: argparse.Namespace) -> int:
-    try:
-        return _run_one_of_several(args) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else _run(args)
-    except ConfigError as error:
-        raise ConfigError(named_as_typed(str(error), args)) from None
-
-
-def named_as_typed(message: str, args: argparse.Namespace) -> str:
-    """`message` with each config key that a flag of the command line set named by that flag: the checks
-    name keys (train.device=cuda), which a user who typed --device cuda never wrote. A key that a --set
-    (which comes after the flags) or only the config file gave keeps its name."""
+    # the checks name config keys: each key that a flag set is named by that flag, unless a --set (which
+    # comes after the flags) replaced it
     overridden = {entry.split("=", 1)[0].strip() for entry in args.set}
-    for flag, (section, key) in FLAG_KEYS.items():
-        if getattr(args, flag, None) is None or f"{section}.{key}" in overridden:
-            continue
-        option = "--" + flag.replace("_", "-")
-        message = re.sub(rf"\b{section}\.{key}=(?=\S)", f"{option} ", message)
-        message = re.sub(rf"\b{section}\.{key}\b", option, message)
-    return message
+    with errors_named_as_typed(args, FLAG_KEYS, overridden=overridden):
+        return _run_one_of_several(args) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else _run(args)
 
 
 def _run_one_of_several(args: argparse.Namespace) -> int:

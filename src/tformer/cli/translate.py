@@ -29,10 +29,12 @@ from tformer.cli.decode_options import (
     add_decode_arguments,
     apply_decode_arguments,
     apply_decode_settings,
+    decode_flags_named,
     decode_settings,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
+from tformer.config import DecodeConfig
 from tformer.termination import sigterm_as_interrupt
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
@@ -82,22 +84,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
     config = apply_decode_settings(loaded.experiment.decode, settings)
-    if args.beam is not None:
-        config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
-    if args.nbest is not None:
-        # (beam search returns at most beam_size; DecodeConfig's own error names beam_size, not the flag)
-        if args.nbest > config.beam_size and not config.sampling:
-            if args.beam is not None:
-                beam = f"--beam {args.beam}"
-            elif "beam_size" in settings:
-                beam = f"--set decode.beam_size={config.beam_size}"
-            else:
-                beam = f"the run's decode.beam_size {config.beam_size}"
-            raise ValueError(
-                f"--nbest {args.nbest} needs a beam of at least {args.nbest}, not {beam}: give --beam {args.nbest}"
-            )
-        config = dataclasses.replace(config, nbest=args.nbest)
-    config = apply_decode_arguments(config, args)
+    with decode_flags_named(args):  # the flags come after --set: an error names the flag that set the key
+        config = _apply_flags(config, settings, args)
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
@@ -131,6 +119,27 @@ def run(args: argparse.Namespace) -> int:
     if partial:
         os.replace(partial, output)
     return 0
+
+
+def _apply_flags(config: DecodeConfig, settings: dict[str, object], args: argparse.Namespace) -> DecodeConfig:
+    """The decode settings (the run's, with --set's `settings`) with --beam, --nbest and the decoding
+    flags applied; --nbest over the beam is refused naming where the beam came from."""
+    if args.beam is not None:
+        config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
+    if args.nbest is not None:
+        # (beam search returns at most beam_size; DecodeConfig's own error names beam_size, not the flag)
+        if args.nbest > config.beam_size and not config.sampling:
+            if args.beam is not None:
+                beam = f"--beam {args.beam}"
+            elif "beam_size" in settings:
+                beam = f"--set decode.beam_size={config.beam_size}"
+            else:
+                beam = f"the run's decode.beam_size {config.beam_size}"
+            raise ValueError(
+                f"--nbest {args.nbest} needs a beam of at least {args.nbest}, not {beam}: give --beam {args.nbest}"
+            )
+        config = dataclasses.replace(config, nbest=args.nbest)
+    return apply_decode_arguments(config, args)
 
 
 def _check_input(path: str | None) -> None:
