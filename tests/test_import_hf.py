@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tformer.cli.main import main
 from tformer.decoding.pipeline import Translator
+from tformer.interop.hf_import import import_hf
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.training.checkpoint_load import load_run
 
@@ -170,6 +171,24 @@ def test_half_precision_weights_are_imported_exactly_as_float32_and_the_summary_
         torch.testing.assert_close(
             loaded.model(src, tgt), hf_model(input_ids=src, decoder_input_ids=tgt).logits, atol=1e-5, rtol=0
         )
+
+
+def test_import_of_a_missing_path_or_a_file_names_the_argument(tmp_path: Path, capsys) -> None:
+    """A path that does not exist, or a file (config.json itself), was 'not a Hugging Face model directory (no
+    config.json)': it is said as other commands say it of their directories, naming HF_DIR, before anything."""
+    config = tmp_path / "config.json"
+    config.write_text("{}", encoding="utf-8")
+    missing = tmp_path / "nope"
+    cases = [
+        (missing, f"HF_DIR {missing}: no such directory; give the directory of a Hugging Face model"),
+        (config, f"HF_DIR {config} is a file; give the directory that holds the Hugging Face model"),
+    ]
+    for path, message in cases:
+        assert main(["import-hf", str(path), "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    with pytest.raises(ValueError, match=r": no such directory; give the directory of a Hugging Face model$"):
+        import_hf(missing, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_import_refuses_what_it_cannot_read(tmp_path, capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tformer.cli.extras import require
 from tformer.cli.output_paths import check_output_dir, check_outside
+from tformer.input_paths import check_input_dir
 from tformer.termination import sigterm_as_interrupt
 
 HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run directory"
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input_dir(args.hf_dir, f"HF_DIR {args.hf_dir}", holding="Hugging Face model")  # named as an argument
     check_output_dir(Path(args.out))  # before loading anything: a path under a file is one line
     check_outside(Path(args.out), "--out", directory=Path(args.hf_dir), name="Hugging Face directory")
     require(["transformers"], command="import-hf", extra="hf")

@@ -32,6 +32,7 @@ from torch import Tensor
 from tformer.config import ExperimentConfig, ModelConfig
 from tformer.config.checks import ConfigError
 from tformer.decoding.constraints import check_banned_ids
+from tformer.input_paths import check_input_dir
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decoder_start_id, generation_settings
 from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian, tformer_to_marian_state
@@ -58,7 +59,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
 
     Weights stored as float16 or bfloat16 are imported as float32: the conversion is exact, and float32
     is what tformer decodes with on the CPU (half-precision matrix products there are slow or missing)."""
-    hf_dir = Path(hf_dir)
+    hf_dir = check_input_dir(hf_dir, str(hf_dir), holding="Hugging Face model")
     if not (hf_dir / "config.json").is_file():
         raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     out = fresh_directory(out)

@@ -29,6 +29,7 @@ from tformer.config import (
 )
 from tformer.config.pieces import smallest_vocab_size
 from tformer.data.tokenizer import JOINT_FILE, SRC_FILE, TGT_FILE, Tokenizer, sample_pairs
+from tformer.input_paths import check_input_dir
 from tformer.model import Transformer, count_parameters
 from tformer.model.size import check_fits_in_memory
 from tformer.runtime import Distributed, resolve_device
@@ -173,11 +174,7 @@ def check_tokenizer_dir(directory: str | None) -> None:
     only once the training text was read, a missing directory as 'no tokenizer in X'."""
     if directory is None:
         return
-    path = Path(directory)
-    if not path.exists():
-        raise ConfigError(f"data.tokenizer {directory}: no such directory; give the directory of a tokenizer")
-    if not path.is_dir():
-        raise ConfigError(f"data.tokenizer {directory} is a file; give the directory that holds the tokenizer")
+    path = check_input_dir(directory, f"data.tokenizer {directory}", holding="tokenizer", error=ConfigError)
     if not (path / JOINT_FILE).exists() and not ((path / SRC_FILE).exists() and (path / TGT_FILE).exists()):
         raise ConfigError(
             f"data.tokenizer {directory}: no tokenizer in it (expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE})"

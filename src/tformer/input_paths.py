@@ -1,0 +1,18 @@
+"""Checks of an input directory before the work that reads it, so that a path that does not exist or is a
+file fails at once, in one line that names it as it was given, instead of as a missing file inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def check_input_dir(path: str | Path, name: str, *, holding: str, error: type[ValueError] = ValueError) -> Path:
+    """`path` as a Path, after checking that it is an existing directory. `name` says how it was given (a flag
+    or key with its value: "--tokenizer DIR", "HF_DIR DIR"); `holding` what the directory holds ("tokenizer",
+    "Hugging Face model"), for the advice; `error` is the exception raised (a ValueError)."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{name}: no such directory; give the directory of a {holding}")
+    if not path.is_dir():
+        raise error(f"{name} is a file; give the directory that holds the {holding}")
+    return path
