@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 
 import pytest
@@ -143,6 +144,17 @@ def test_one_string_is_refused_not_translated_character_by_character():
         translator.translate(b"hello")  # refused at the call, not at the first next()
     with pytest.raises(TypeError, match=r"^a chunk must be an iterable of strings, not one str"):
         list(translator.translate_chunks(["hello", "world"]))
+
+
+def test_a_nul_character_is_a_value_error_naming_the_line_as_translate_and_the_server_refuse_it():
+    """Translator translated a line holding a NUL, which tformer translate and the server refuse: it is what
+    UTF-16 text or binary data read as UTF-8 gives, never a sentence. Nothing of the chunk is decoded."""
+    tokenizer = Tokenizer.train(LINES * 4, LINES * 4, vocab_size=36)  # it encodes a NUL (as an unknown piece)
+    translator = Translator(peaked_model(), tokenizer, DecodeConfig(beam_size=1), chunk_lines=2)
+    advice = "looks like UTF-16 or binary data, not UTF-8 text; convert it (e.g. iconv -f UTF-16 -t UTF-8)"
+    message = rf"^input line 3 holds a NUL character \(U\+0000\): it {re.escape(advice)}$"
+    with pytest.raises(ValueError, match=message):
+        translator.translate_texts(["ab", "cd", "e\x00f"])
 
 
 def test_a_line_that_is_not_text_is_a_type_error_naming_the_line():

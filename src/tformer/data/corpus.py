@@ -20,7 +20,7 @@ import gzip
 import hashlib
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,16 @@ UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # a byte-order mark starting a later line: what joining files that each begin with one leaves, and its fix
 JOINED_BOM = "starts with a byte-order mark (U+FEFF), as where files that each begin with one were joined"
 REMOVE_BOMS = "sed 's/^\\xEF\\xBB\\xBF//'"
+
+
+def check_no_nul(
+    text: str, name: str, *, advice: str = NUL_BYTE_ADVICE, error: Callable[[str], Exception] = ValueError
+) -> None:
+    """Refuse `text` (`name`: "input line 3", "sentence 2") holding a NUL character: it is what UTF-16 text or
+    binary data read as UTF-8 gives, never a sentence (training data cannot hold one either). `advice` says
+    what to do; `error` makes the exception from the message (a ValueError by default)."""
+    if "\x00" in text:
+        raise error(f"{name} holds a NUL character (U+0000): it {advice}")
 
 
 def looks_like_utf16(data: bytes, error: UnicodeDecodeError) -> bool:

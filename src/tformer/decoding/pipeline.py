@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from tformer.config import DecodeConfig
+from tformer.data.corpus import check_no_nul
 from tformer.data.piece_floor import floor_of, surely_longer
 from tformer.decoding import generate
 from tformer.decoding.heap import release_free_memory
@@ -154,6 +155,7 @@ class Translator:
         limit = self.model.config.max_positions
         if not isinstance(line, str):
             raise TypeError(f"input line {number} is a {type(line).__name__}, not a str: give the lines as text")
+        check_no_nul(line, f"input line {number}", error=DecodingError)  # as translate and the server refuse it
         if not self.truncate and surely_longer(floor_of(self.tokenizer, "source"), line, limit - 1):
             raise DecodingError(
                 f"input line {number} has more than {limit} tokens ({len(line):,} characters); the model accepts "

@@ -4,6 +4,7 @@ before it reaches the batcher, each with an `ApiError` that says which limit and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from tformer.config import DecodeConfig
-from tformer.data.corpus import NUL_BYTE_ADVICE
+from tformer.data.corpus import NUL_BYTE_ADVICE, check_no_nul
 from tformer.data.piece_floor import floor_of, surely_longer
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.pipeline import TokenizerLike
@@ -65,8 +66,8 @@ def check_limits(sentences: list[str], config: ServeConfig) -> None:
             code = ord(sentence[error.start])
             message = f"sentence {index} holds an unpaired surrogate (U+{code:04X}); send valid Unicode"
             raise ApiError(422, message) from None
-        if "\x00" in sentence:  # as translate refuses a NUL in its input: text mis-decoded, not a sentence
-            raise ApiError(422, f"sentence {index} holds a NUL character (U+0000): it {NUL_ADVICE}")
+        # as translate and Translator refuse a NUL in their input: text mis-decoded, not a sentence
+        check_no_nul(sentence, f"sentence {index}", advice=NUL_ADVICE, error=functools.partial(ApiError, 422))
 
 
 def source_lengths(sentences: list[str], tokenizer: TokenizerLike, max_positions: int) -> list[int]:
