@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(Path(args.out))  # first, as every command does: a path under a file is one line
     check_input_dir(args.hf_dir, f"HF_DIR {args.hf_dir}", holding="Hugging Face model")  # named as an argument
-    check_output_dir(Path(args.out))  # before loading anything: a path under a file is one line
     check_outside(Path(args.out), "--out", directory=Path(args.hf_dir), name="Hugging Face directory")
     require(["transformers"], command="import-hf", extra="hf")
     from tformer.interop.hf_import import import_hf
