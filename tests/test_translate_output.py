@@ -144,6 +144,25 @@ def test_nbest_above_the_beam_names_the_flag_to_change(run, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 4 * len(SENTENCES)
 
 
+def test_beam_under_a_set_nbest_is_refused_naming_both(run, tmp_path, capsys):
+    """--beam 2 lowered the nbest that --set decode.nbest=3 asked for to 2, printing the 2 best without a word:
+    it is refused naming both as typed; --beam still lowers the run's own nbest, and --nbest replaces the --set."""
+    source = tmp_path / "in.txt"
+    source.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    translate = ["translate", str(run), "--input", str(source), "--beam", "2"]
+    assert main([*translate, "--set", "decode.nbest=3"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --set decode.nbest=3 needs a beam of at least 3, not --beam 2: give --beam 3, or a smaller "
+        "decode.nbest\n"
+    )
+    assert main([*translate, "--set", "decode.nbest=3", "--nbest", "2"]) == 0  # the flag replaces the --set
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main([*translate, "--set", "decode.nbest=2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main([*translate, "--set", "decode.sampling=true", "--set", "decode.nbest=3"]) == 0  # samples: any beam
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
 def test_set_decode_nbest_prints_the_k_best_as_nbest_does(run, tmp_path, capsys):
     """--set decode.nbest=2 decoded two hypotheses per line but printed only the best, as plain text."""
     source = tmp_path / "in.txt"

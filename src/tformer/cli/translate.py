@@ -125,7 +125,9 @@ def _apply_flags(config: DecodeConfig, settings: dict[str, object], args: argpar
     """The decode settings (the run's, with --set's `settings`) with --beam, --nbest and the decoding
     flags applied; --nbest over the beam is refused naming where the beam came from."""
     if args.beam is not None:
-        config = dataclasses.replace(config, beam_size=args.beam, nbest=min(config.nbest, args.beam))
+        _check_set_nbest_fits(config, settings, args)
+        nbest = config.nbest if config.sampling else min(config.nbest, args.beam)  # samples: any number, any beam
+        config = dataclasses.replace(config, beam_size=args.beam, nbest=nbest)
     if args.nbest is not None:
         # (beam search returns at most beam_size; DecodeConfig's own error names beam_size, not the flag)
         if args.nbest > config.beam_size and not config.sampling:
@@ -140,6 +142,17 @@ def _apply_flags(config: DecodeConfig, settings: dict[str, object], args: argpar
             )
         config = dataclasses.replace(config, nbest=args.nbest)
     return apply_decode_arguments(config, args)
+
+
+def _check_set_nbest_fits(config: DecodeConfig, settings: dict[str, object], args: argparse.Namespace) -> None:
+    """--beam lowers the run's nbest to the beam, but not one that --set decode.nbest asked for (unless
+    --nbest replaces it): a beam search returns at most the beam, so it is refused naming both as typed."""
+    if args.nbest is not None or "nbest" not in settings or config.sampling or config.nbest <= args.beam:
+        return
+    raise ValueError(
+        f"--set decode.nbest={config.nbest} needs a beam of at least {config.nbest}, not --beam {args.beam}: "
+        f"give --beam {config.nbest}, or a smaller decode.nbest"
+    )
 
 
 def _check_input(path: str | None) -> None:
