@@ -82,3 +82,35 @@ def test_a_beam_too_large_for_the_memory_is_named_as_typed(
     assert re.fullmatch(too_large.format("--set decode.beam_size"), capsys.readouterr().err)
     assert main([*argv, "--set", "decode.beam_size=500000", "--beam", "500001"]) == 2
     assert re.fullmatch(too_large.format("--beam"), capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_a_set_value_that_a_flag_replaces_is_never_checked(
+    run: Path, source: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--set decode.length_penalty=nan --length-penalty 1 failed on the --set's nan, which the flag replaces:
+    the --set was checked before the flags were applied. The merged settings are checked once."""
+    argv = _commands(run, source)[command]
+    assert main([*argv, "--set", "decode.length_penalty=nan", "--length-penalty", "1"]) == 0
+    assert main([*argv, "--set", "decode.beam_size=0", "--beam", "2"]) == 0
+    capsys.readouterr()
+    _fails_with(
+        capsys,
+        [*argv, "--set", "decode.length_penalty=1", "--length-penalty", "nan"],
+        "--length-penalty must be a finite number, got nan",
+    )
+
+
+def test_translate_checks_nbest_against_the_beam_that_replaces_the_set_one(
+    run: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--set decode.beam_size=2 --set decode.nbest=3 --beam 3 was refused for the beam of 2 that --beam replaces."""
+    argv = _commands(run, source)["translate"]
+    assert main([*argv, "--set", "decode.beam_size=2", "--set", "decode.nbest=3", "--beam", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    _fails_with(
+        capsys,
+        [*argv, "--set", "decode.beam_size=2", "--set", "decode.nbest=3"],
+        "--set decode.nbest=3 needs a beam of at least 3, not --set decode.beam_size=2: give --beam 3, or a smaller "
+        "decode.nbest",
+    )

@@ -79,14 +79,33 @@ def apply_decode_settings(config: DecodeConfig, settings: dict[str, object]) -> 
     return config_from_dict(DecodeConfig, {**config_to_dict(config), **settings}, section="decode")
 
 
-def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
-    """The run's decode settings with the flags of `add_decode_arguments` applied (--set is applied before,
-    with `apply_decode_settings`, so that the commands' own --beam and --nbest come after it too)."""
+def decode_argument_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The [decode] keys that the flags of `add_decode_arguments` set, by key (--static-step: static_step)."""
+    changes: dict[str, object] = {}
     if args.static_step or args.compile_step:
-        config = dataclasses.replace(config, static_step=True, compile_step=args.compile_step or config.compile_step)
+        changes["static_step"] = True
+    if args.compile_step:
+        changes["compile_step"] = True
     if args.length_penalty is not None:
-        config = dataclasses.replace(config, length_penalty=args.length_penalty)
-    return config
+        changes["length_penalty"] = args.length_penalty
+    return changes
+
+
+def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
+    """`config` with the flags of `add_decode_arguments` applied."""
+    return dataclasses.replace(config, **decode_argument_changes(args))  # type: ignore[arg-type]
+
+
+def merged_decode_config(
+    run: DecodeConfig, settings: dict[str, object], changes: dict[str, object], args: argparse.Namespace
+) -> DecodeConfig:
+    """The run's decode settings with --set's `settings`, then the command's own flags (`changes`, by key:
+    --beam's beam_size) and those of `add_decode_arguments` in their place, checked once, merged: a value
+    that a flag replaced is never checked. An error names a key that a flag set by that flag, a --set's by
+    its key (decode.length_penalty)."""
+    values = {**config_to_dict(run), **settings, **changes, **decode_argument_changes(args)}
+    with errors_named_as_typed(args, DECODE_FLAG_KEYS):
+        return config_from_dict(DecodeConfig, values, section="decode")
 
 
 @contextmanager

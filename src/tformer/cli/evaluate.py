@@ -15,19 +15,12 @@ the command warns when the references look like that.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import warnings
 from pathlib import Path
 
 from tformer.cli.argument_types import positive_integer
-from tformer.cli.decode_options import (
-    add_decode_arguments,
-    apply_decode_arguments,
-    apply_decode_settings,
-    decode_flags_named,
-    decode_settings,
-)
+from tformer.cli.decode_options import add_decode_arguments, decode_settings, merged_decode_config
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import BLEU_TOKENIZE
@@ -93,11 +86,9 @@ def run(args: argparse.Namespace) -> int:
     bleu_metric(tokenize)  # a missing MeCab is reported before translating
     for line in reference_advice(reference_sets[0], tokenize, loaded.tokenizer):
         warnings.warn(line, UserWarning, stacklevel=1)
-    decode = apply_decode_settings(loaded.experiment.decode, settings)
-    with decode_flags_named(args):  # the flags come after --set: an error names the flag that set the key
-        if args.beam is not None:
-            decode = dataclasses.replace(decode, beam_size=args.beam, nbest=1)
-        decode = apply_decode_arguments(decode, args)
+    # the flags come after --set, and the merged settings are checked once: an error names what was typed
+    changes = {} if args.beam is None else {"beam_size": args.beam, "nbest": 1}  # the best alone is scored
+    decode = merged_decode_config(loaded.experiment.decode, settings, changes, args)
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
         model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate

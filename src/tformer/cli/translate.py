@@ -16,7 +16,6 @@ or SIGTERM (what kill and timeout send) ends with one line that says how many. A
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -25,16 +24,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from tformer.cli.argument_types import positive_integer
-from tformer.cli.decode_options import (
-    add_decode_arguments,
-    apply_decode_arguments,
-    apply_decode_settings,
-    decode_flags_named,
-    decode_settings,
-)
+from tformer.cli.decode_options import add_decode_arguments, decode_settings, merged_decode_config
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
-from tformer.config import DecodeConfig
+from tformer.config import config_to_dict
 from tformer.termination import sigterm_as_interrupt
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
@@ -83,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     output, partial = _output_files(args)
     device = resolve_device(args.device, setting="--device")
     loaded = load_run(args.run_dir, which=args.which, device=device)
-    config = apply_decode_settings(loaded.experiment.decode, settings)
-    with decode_flags_named(args):  # the flags come after --set: an error names the flag that set the key
-        config = _apply_flags(config, settings, args)
+    # the flags come after --set, and the merged settings are checked once: an error names what was typed
+    changes = _search_changes({**config_to_dict(loaded.experiment.decode), **settings}, settings, args)
+    config = merged_decode_config(loaded.experiment.decode, settings, changes, args)
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
@@ -121,38 +114,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _apply_flags(config: DecodeConfig, settings: dict[str, object], args: argparse.Namespace) -> DecodeConfig:
-    """The decode settings (the run's, with --set's `settings`) with --beam, --nbest and the decoding
-    flags applied; --nbest over the beam is refused naming where the beam came from."""
-    if args.beam is not None:
-        _check_set_nbest_fits(config, settings, args)
-        nbest = config.nbest if config.sampling else min(config.nbest, args.beam)  # samples: any number, any beam
-        config = dataclasses.replace(config, beam_size=args.beam, nbest=nbest)
+def _search_changes(values: dict[str, Any], settings: dict[str, object], args: argparse.Namespace) -> dict[str, Any]:
+    """--beam and --nbest as changes to the decode settings `values` (the run's, with --set's `settings`):
+    --beam lowers the run's own nbest to the beam (a beam search returns at most the beam), but an nbest
+    that was asked for over the beam is refused naming both as typed (DecodeConfig's own error names
+    beam_size)."""
+    changes = {key: value for key, value in (("beam_size", args.beam), ("nbest", args.nbest)) if value is not None}
+    if _nbest_over_the_beam({**values, **changes}):
+        _refuse_an_asked_nbest({**values, **changes}, settings, args)
+        if args.beam is not None:  # the run's own nbest
+            changes["nbest"] = args.beam
+    return changes
+
+
+def _nbest_over_the_beam(values: dict[str, Any]) -> bool:
+    """A beam search asked for more than the beam returns (sampling draws nbest paths, whatever the beam);
+    a value of the wrong type or under 1 is left to the check of the merged settings, which names it."""
+    nbest, beam, sampling = values["nbest"], values["beam_size"], values["sampling"]
+    return type(nbest) is int and type(beam) is int and sampling is False and 1 <= beam < nbest
+
+
+def _refuse_an_asked_nbest(values: dict[str, Any], settings: dict[str, object], args: argparse.Namespace) -> None:
+    """An nbest over the beam (`values`) that --nbest or --set decode.nbest asked for, refused naming both."""
+    nbest, beam = values["nbest"], _beam_as_typed(values, settings, args)
     if args.nbest is not None:
-        # (beam search returns at most beam_size; DecodeConfig's own error names beam_size, not the flag)
-        if args.nbest > config.beam_size and not config.sampling:
-            if args.beam is not None:
-                beam = f"--beam {args.beam}"
-            elif "beam_size" in settings:
-                beam = f"--set decode.beam_size={config.beam_size}"
-            else:
-                beam = f"the run's decode.beam_size {config.beam_size}"
-            raise ValueError(
-                f"--nbest {args.nbest} needs a beam of at least {args.nbest}, not {beam}: give --beam {args.nbest}"
-            )
-        config = dataclasses.replace(config, nbest=args.nbest)
-    return apply_decode_arguments(config, args)
+        raise ValueError(f"--nbest {nbest} needs a beam of at least {nbest}, not {beam}: give --beam {nbest}")
+    if "nbest" in settings:
+        raise ValueError(
+            f"--set decode.nbest={nbest} needs a beam of at least {nbest}, not {beam}: give --beam {nbest}, "
+            "or a smaller decode.nbest"
+        )
 
 
-def _check_set_nbest_fits(config: DecodeConfig, settings: dict[str, object], args: argparse.Namespace) -> None:
-    """--beam lowers the run's nbest to the beam, but not one that --set decode.nbest asked for (unless
-    --nbest replaces it): a beam search returns at most the beam, so it is refused naming both as typed."""
-    if args.nbest is not None or "nbest" not in settings or config.sampling or config.nbest <= args.beam:
-        return
-    raise ValueError(
-        f"--set decode.nbest={config.nbest} needs a beam of at least {config.nbest}, not --beam {args.beam}: "
-        f"give --beam {config.nbest}, or a smaller decode.nbest"
-    )
+def _beam_as_typed(values: dict[str, Any], settings: dict[str, object], args: argparse.Namespace) -> str:
+    """Where the beam came from, as typed: --beam N, --set decode.beam_size=N or the run's."""
+    if args.beam is not None:
+        return f"--beam {args.beam}"
+    if "beam_size" in settings:
+        return f"--set decode.beam_size={values['beam_size']}"
+    return f"the run's decode.beam_size {values['beam_size']}"
 
 
 def _check_input(path: str | None) -> None:
