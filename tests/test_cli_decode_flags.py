@@ -114,3 +114,13 @@ def test_translate_checks_nbest_against_the_beam_that_replaces_the_set_one(
         "--set decode.nbest=3 needs a beam of at least 3, not --set decode.beam_size=2: give --beam 3, or a smaller "
         "decode.nbest",
     )
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_the_advice_names_the_flag_that_sets_the_key(
+    run: Path, source: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--set decode.compile_step=true alone was advised to `set static_step = true`, which is neither a flag
+    nor a --set: the command's --static-step is named."""
+    argv = [*_commands(run, source)[command], "--set", "decode.compile_step=true"]
+    _fails_with(capsys, argv, "decode.compile_step compiles the static step: give --static-step as well")

@@ -21,6 +21,16 @@ def test_banned_ids_load_from_toml_lists_and_reject_bad_values() -> None:
         experiment_from_dict({"decode": {"banned_ids": "5"}})
 
 
+def test_the_advice_to_set_a_key_names_it_with_its_section() -> None:
+    """--set decode.compile_step=true (train, serve) was advised to `set static_step = true`, a key without the
+    section that --set needs; Python's DecodeConfig keeps the bare key."""
+    with pytest.raises(ConfigError, match=r"^compile_step compiles the static step: set static_step = true as well$"):
+        DecodeConfig(compile_step=True)
+    advice = r"^decode\.compile_step compiles the static step: set decode\.static_step=true as well$"
+    with pytest.raises(ConfigError, match=advice):
+        experiment_from_dict({"decode": {"compile_step": True}})
+
+
 @pytest.mark.parametrize("field", ["beam_size", "max_len_b", "min_len", "top_k"])
 def test_an_integer_beyond_64_bits_is_a_config_error(field: str) -> None:
     """translate --beam 10**22 or --set decode.max_len_b=10**22 were OverflowError tracebacks from torch."""

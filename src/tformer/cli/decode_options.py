@@ -17,6 +17,9 @@ DECODE_FLAG_KEYS = {
     "length_penalty": ("decode", "length_penalty"),
 }
 
+# a config check's advice to set a [decode] key -> the flag of `add_decode_arguments` that sets it
+ADVICE_FLAGS = {"set decode.static_step=true": "give --static-step"}
+
 
 def add_decode_settings_argument(
     parser: argparse.ArgumentParser, *, then: str = "the other decoding flags apply after it"
@@ -105,7 +108,18 @@ def merged_decode_config(
     its key (decode.length_penalty)."""
     values = {**config_to_dict(run), **settings, **changes, **decode_argument_changes(args)}
     with errors_named_as_typed(args, DECODE_FLAG_KEYS):
-        return config_from_dict(DecodeConfig, values, section="decode")
+        try:
+            return config_from_dict(DecodeConfig, values, section="decode")
+        except ConfigError as error:
+            raise ConfigError(advice_as_flags(str(error))) from None
+
+
+def advice_as_flags(message: str) -> str:
+    """A config check's advice to set a key ("set decode.static_step=true") given as the flag of
+    `add_decode_arguments` that sets it ("give --static-step"), for the commands that have those flags."""
+    for advice, flag in ADVICE_FLAGS.items():
+        message = message.replace(advice, flag)
+    return message
 
 
 @contextmanager

@@ -53,9 +53,18 @@ def config_from_dict(
 def named_in_section(message: str, section: str, keys: Sequence[str]) -> str:
     """A config class's own check names a key alone ("seed must be in ..."), as its Python users write it;
     read from a file or --set, which key it is depends on the section (train.seed and decode.seed both
-    exist), so the message that starts with a key gets its section: "decode.seed must be in ..."."""
+    exist), so the message that starts with a key gets its section: "decode.seed must be in ...", and
+    its advice to set a key ("set static_step = true") names it as --set takes it: "set
+    decode.static_step=true"."""
+    if not section:
+        return message
+    message = re.sub(
+        r"\bset (\w+) = (\S+)",
+        lambda advice: f"set {section}.{advice[1]}={advice[2]}" if advice[1] in keys else advice[0],
+        message,
+    )
     first_word = re.match(r"\w+", message)
-    if not section or first_word is None or first_word.group() not in keys:
+    if first_word is None or first_word.group() not in keys:
         return message
     return f"{section}.{message}"
 
