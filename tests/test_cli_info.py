@@ -116,3 +116,16 @@ def test_info_refuses_a_vocabulary_train_refuses(
     assert captured.err.count("\n") == 1 and captured.out == ""
     assert main(["info", "--preset", "tiny", "--vocab-size", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["src_vocab_size"] == 8
+
+
+def test_vocab_size_replaces_the_files_own_before_it_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`info --config bad.toml --vocab-size 100` failed on the file's data.vocab_size = 3, which the flag replaces
+    (train accepts it): the flag is applied before the file is checked, as train applies it."""
+    config = tmp_path / "bad.toml"
+    config.write_text('[model]\npreset = "tiny"\n[data]\nvocab_size = 3\n', encoding="utf-8")
+    assert main(["info", "--config", str(config), "--vocab-size", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["src_vocab_size"] == 100
+    assert main(["info", "--config", str(config)]) == 2  # the file's own value is still checked
+    assert capsys.readouterr().err == "error: data.vocab_size must be at least 8, got 3\n"

@@ -6,8 +6,9 @@ checked as translate checks them (the weights by their header only, so it takes 
 model), and a damaged one is named; the other checkpoints listed are not read.
 
 --config FILE reads the [model] section of an experiment TOML file (as `tformer train --config` does);
-the vocabulary size comes from --vocab-size, else the file's data.vocab_size (the size of the tokenizer
-a run trains: an upper bound, since a small corpus may give fewer pieces)."""
+the vocabulary size comes from --vocab-size (which replaces the file's data.vocab_size before the file is
+checked, as train's does), else the file's data.vocab_size (the size of the tokenizer a run trains: an
+upper bound, since a small corpus may give fewer pieces)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from tformer.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    apply_overrides,
     config_to_dict,
-    load_experiment,
+    experiment_from_dict,
+    load_toml,
     preset,
 )
 from tformer.recipes import recipe_path
@@ -92,10 +95,29 @@ def _refuse_a_config_file(path: Path) -> None:
 
 def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
     """The [model] of an experiment file, with the vocabulary a run of it would get (training sets the
-    vocabulary sizes from its tokenizer, so the file's own model.*_vocab_size are not what a run uses)."""
-    experiment = load_experiment(path)
-    size = experiment.data.vocab_size if vocab_size is None else _trainable(vocab_size, experiment.data)
+    vocabulary sizes from its tokenizer, so the file's own model.*_vocab_size are not what a run uses).
+    --vocab-size replaces the file's data.vocab_size before the file is checked, as `tformer train` does."""
+    values = load_toml(path)
+    if vocab_size is not None:
+        values = _with_vocab_size(values, vocab_size)
+    try:
+        experiment = experiment_from_dict(values)
+    except ConfigError as error:
+        if vocab_size is not None and str(error).startswith("data.vocab_size "):
+            raise ConfigError(f"--vocab-size {vocab_size} is one tformer train refuses: {error}") from None
+        raise
+    size = experiment.data.vocab_size  # --vocab-size's, where it is given
     return dataclasses.replace(experiment.model, src_vocab_size=size, tgt_vocab_size=size)
+
+
+def _with_vocab_size(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """A config file's tables with data.vocab_size replaced by --vocab-size (a [data] that is no table is
+    left for the check to name)."""
+    values = apply_overrides(values, [])  # a copy with every table as a dict
+    data = values.setdefault("data", {})
+    if isinstance(data, dict):
+        data["vocab_size"] = vocab_size
+    return values
 
 
 def _trainable(vocab_size: int, data: DataConfig) -> int:
