@@ -279,16 +279,16 @@ def test_the_compiled_static_step_decodes_as_the_default_step(device, monkeypatc
 def test_compile_step_needs_the_static_step_and_the_flags_set_both():
     import argparse
 
-    from tformer.cli.decode_options import add_decode_arguments, apply_decode_arguments
+    from tformer.cli.decode_options import add_decode_arguments, merged_decode_config
     from tformer.config import ConfigError
 
     with pytest.raises(ConfigError, match="set static_step = true"):
         DecodeConfig(compile_step=True)
     parser = argparse.ArgumentParser()
     add_decode_arguments(parser)
-    config = apply_decode_arguments(DecodeConfig(), parser.parse_args(["--compile-step"]))
+    config = merged_decode_config(DecodeConfig(), {}, {}, parser.parse_args(["--compile-step"]))
     assert config.static_step and config.compile_step
-    config = apply_decode_arguments(DecodeConfig(), parser.parse_args(["--static-step"]))
+    config = merged_decode_config(DecodeConfig(), {}, {}, parser.parse_args(["--static-step"]))
     assert config.static_step and not config.compile_step
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -92,11 +91,6 @@ def decode_argument_changes(args: argparse.Namespace) -> dict[str, object]:
     if args.length_penalty is not None:
         changes["length_penalty"] = args.length_penalty
     return changes
-
-
-def apply_decode_arguments(config: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
-    """`config` with the flags of `add_decode_arguments` applied."""
-    return dataclasses.replace(config, **decode_argument_changes(args))  # type: ignore[arg-type]
 
 
 def merged_decode_config(
