@@ -186,6 +186,21 @@ class StaticDecoderCache:
         self.position_1.add_(1)
 
 
+def ancestors_mask(ancestry_BnT: Tensor, slots_N: Tensor) -> Tensor:
+    """The (B, 1, n, T x N) "may attend" mask of n beams' queries over their sentence's keys of T positions
+    x N slots, position-major: at position p, beam i sees only the slot ancestry_BnT[b, i, p] (the beam
+    caches' ancestry table)."""
+    B, n, T = ancestry_BnT.shape
+    return (ancestry_BnT[:, :, :, None] == slots_N).view(B, 1, n, T * slots_N.shape[0])
+
+
+def reordered_ancestry(ancestry_BNT: Tensor, indices_R: Tensor) -> Tensor:
+    """The ancestry table after a reorder: row i (beam i % N of sentence i // N) continues the history of
+    row indices_R[i], a row of the same sentence, so it takes that beam's slots."""
+    B, N, T = ancestry_BNT.shape
+    return ancestry_BNT.gather(1, (indices_R.view(B, N) % N)[:, :, None].expand(B, N, T))
+
+
 @dataclass
 class StaticBeamLayerCache:
     """`BeamLayerCache` at fixed addresses and full capacity: beam j of sentence b writes the key and value
@@ -248,11 +263,11 @@ class StaticBeamDecoderCache:
     def start_step(self) -> Tensor:
         """Mark the new position as each beam's own slot and return the (B, 1, N, L x N) "may attend" mask
         of each sentence's N queries over its keys: a beam's ancestor's slot at every position so far."""
-        B, N, L = self.ancestry_BNL.shape
+        N = self.slots_N.shape[0]
         new_L = self.key_positions_L == self.position_1
         self.ancestry_BNL.copy_(torch.where(new_L, self.slots_N[:, None], self.ancestry_BNL))
-        written_L1 = (self.key_positions_L <= self.position_1)[:, None]
-        return ((self.ancestry_BNL[:, :, :, None] == self.slots_N) & written_L1).view(B, 1, N, L * N)
+        written_P = (self.key_positions_L <= self.position_1).repeat_interleave(N)  # P = L x N, position-major
+        return ancestors_mask(self.ancestry_BNL, self.slots_N) & written_P
 
     def advance(self) -> None:
         self.position_1.add_(1)
@@ -260,9 +275,7 @@ class StaticBeamDecoderCache:
     def reorder(self, indices_R: Tensor) -> None:
         """Row i (beam i % N of sentence i // N) continues the history of row indices_R[i], a row of the
         same sentence: only the ancestry table moves, copied back into the same storage."""
-        B, N, L = self.ancestry_BNL.shape
-        parent_BNL = (indices_R.view(B, N) % N)[:, :, None].expand(B, N, L)
-        self.ancestry_BNL.copy_(self.ancestry_BNL.gather(1, parent_BNL))
+        self.ancestry_BNL.copy_(reordered_ancestry(self.ancestry_BNL, indices_R))
 
 
 @dataclass
@@ -332,19 +345,16 @@ class BeamDecoderCache:
         the n = rows / B queries of each sentence (N, or 1 in the first step: beam 0 stands for all) over
         the P = (length + 1) x N keys of their sentence."""
         B, N, _ = self.ancestry_BNL.shape
-        n = rows // B
         t = self.length
         slots_N = torch.arange(N, device=self.ancestry_BNL.device)
         self.ancestry_BNL[:, :, t] = slots_N
-        return (self.ancestry_BNL[:, :n, : t + 1, None] == slots_N).view(B, 1, n, (t + 1) * N)
+        return ancestors_mask(self.ancestry_BNL[:, : rows // B, : t + 1], slots_N)
 
     def reorder(self, indices_R: Tensor) -> None:
         """Row i (beam i % N of sentence i // N) continues the history of row indices_R[i], a row of the
         same sentence: only the ancestry table moves."""
-        B, N, _ = self.ancestry_BNL.shape
         t = self.length
-        parent_BN = indices_R.view(B, N) % N
-        self.ancestry_BNL[:, :, :t] = self.ancestry_BNL[:, :, :t].gather(1, parent_BN[:, :, None].expand(B, N, t))
+        self.ancestry_BNL[:, :, :t] = reordered_ancestry(self.ancestry_BNL[:, :, :t], indices_R)
 
     def select(self, indices_R: Tensor) -> None:
         """Keep rows indices_R: whole sentences (all N rows of each, in order), as when they leave."""
