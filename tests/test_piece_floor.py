@@ -12,7 +12,7 @@ from test_decoding_equivalence import peaked_model
 
 from tformer.align import AlignmentError, check_lengths
 from tformer.config import DecodeConfig
-from tformer.data.piece_floor import surely_longer
+from tformer.data.piece_floor import WINDOW, PieceFloor, surely_longer, surely_too_long
 from tformer.data.tokenizer import Tokenizer
 from tformer.decoding.pipeline import Translator
 from tformer.decoding.search_types import DecodingError
@@ -110,3 +110,22 @@ def test_the_floor_never_refuses_a_line_that_fits(trained: Tokenizer, monkeypatc
             if allowed >= pieces:
                 assert not surely_longer(floor, text, allowed), (text[:40], pieces, allowed)
     assert surely_longer(floor, "one " * 10_000, 1000)
+
+
+def test_the_floor_is_read_only_for_a_line_longer_than_a_window() -> None:
+    """Reading a vocabulary's floor takes tens of ms (32k pieces); translate, align and the server ask
+    `surely_too_long` about every line, and ordinary lines never need it."""
+
+    class CountingTokenizer:
+        reads = 0
+
+        @property
+        def source_floor(self) -> PieceFloor:
+            CountingTokenizer.reads += 1
+            return PieceFloor(longest=4, dropped=None)
+
+    tokenizer = CountingTokenizer()
+    assert not surely_too_long(tokenizer, "source", "x" * WINDOW, 10)
+    assert CountingTokenizer.reads == 0
+    assert surely_too_long(tokenizer, "source", "x" * (WINDOW + 1), 10)
+    assert CountingTokenizer.reads == 1

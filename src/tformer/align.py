@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tformer.data import corpus
-from tformer.data.piece_floor import floor_of, surely_longer
+from tformer.data.piece_floor import surely_too_long
 from tformer.data.tokenizer import normalize
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
@@ -142,8 +142,7 @@ def check_lengths(
     for (path, lines), encode, side in sides:
         # a line that surely is too long is refused unencoded (a line of megabytes takes gigabytes to encode),
         # after the lines before it are measured, so the first too long is the one named
-        floor = floor_of(tokenizer, side)
-        first = next((i for i, line in enumerate(lines) if surely_longer(floor, line, limit - 1)), None)
+        first = next((i for i, line in enumerate(lines) if surely_too_long(tokenizer, side, line, limit - 1)), None)
         for number, ids in enumerate(encode(lines[:first]), start=1):
             if len(ids) + 1 > limit:
                 raise AlignmentError(

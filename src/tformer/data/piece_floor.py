@@ -61,6 +61,13 @@ def floor_of(tokenizer: Any, side: Literal["source", "target"]) -> PieceFloor | 
     return getattr(tokenizer, f"{side}_floor", None)
 
 
+def surely_too_long(tokenizer: Any, side: Literal["source", "target"], text: str, pieces: int) -> bool:
+    """`surely_longer` with the tokenizer's floor for `side`, looked up only for a text of more than one
+    window: the floor reads the whole vocabulary (tens of ms for 32k pieces, once per tokenizer), which
+    a run of ordinary lines never needs."""
+    return len(text) > WINDOW and surely_longer(floor_of(tokenizer, side), text, pieces)
+
+
 def surely_longer(floor: PieceFloor | None, text: str, pieces: int) -> bool:
     """True only if `text` encodes into more than `pieces` pieces; False when it may not (or when there
     is no floor): then encode it and measure. A text of at most one window, or of `longest` x `pieces`

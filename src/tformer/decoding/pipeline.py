@@ -23,7 +23,7 @@ import torch
 
 from tformer.config import DecodeConfig
 from tformer.data.corpus import check_no_nul
-from tformer.data.piece_floor import floor_of, surely_longer
+from tformer.data.piece_floor import surely_too_long
 from tformer.decoding import generate
 from tformer.decoding.heap import release_free_memory
 from tformer.decoding.memory import sentences_per_batch
@@ -150,13 +150,13 @@ class Translator:
 
     def _fitted(self, line: str, number: int) -> list[int]:
         """The ids of input line `number`, with eos, refused (or cut, with truncate) if longer than the model
-        accepts. A line that surely is (`surely_longer`) is refused before it is encoded: encoding a line of
+        accepts. A line that surely is (`surely_too_long`) is refused before it is encoded: encoding a line of
         megabytes takes gigabytes."""
         limit = self.model.config.max_positions
         if not isinstance(line, str):
             raise TypeError(f"input line {number} is a {type(line).__name__}, not a str: give the lines as text")
         check_no_nul(line, f"input line {number}", error=DecodingError)  # as translate and the server refuse it
-        if not self.truncate and surely_longer(floor_of(self.tokenizer, "source"), line, limit - 1):
+        if not self.truncate and surely_too_long(self.tokenizer, "source", line, limit - 1):
             raise DecodingError(
                 f"input line {number} has more than {limit} tokens ({len(line):,} characters); the model accepts "
                 f"at most {limit}: shorten it, or translate its first {limit} with --truncate"

@@ -13,7 +13,7 @@ import torch
 
 from tformer.config import DecodeConfig
 from tformer.data.corpus import NUL_BYTE_ADVICE, check_no_nul
-from tformer.data.piece_floor import floor_of, surely_longer
+from tformer.data.piece_floor import surely_too_long
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.pipeline import TokenizerLike
 from tformer.serving.errors import ApiError
@@ -73,9 +73,9 @@ def check_limits(sentences: list[str], config: ServeConfig) -> None:
 def source_lengths(sentences: list[str], tokenizer: TokenizerLike, max_positions: int) -> list[int]:
     """Each sentence's length in source tokens, eos included; 413 for one the model cannot take."""
     lengths = []
-    floor = floor_of(tokenizer, "source")
     for index, sentence in enumerate(sentences):
-        if surely_longer(floor, sentence, max_positions - 1):  # refused unencoded, as translate refuses it
+        # refused unencoded, as translate refuses it
+        if surely_too_long(tokenizer, "source", sentence, max_positions - 1):
             message = f"sentence {index} has more than {max_positions} tokens ({len(sentence):,} characters)"
             raise ApiError(413, f"{message}; the model accepts at most {max_positions}")
         length = len(tokenizer.encode_source(sentence)) + 1  # + eos
