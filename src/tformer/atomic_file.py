@@ -1,6 +1,7 @@
 """Files that appear whole or not at all: written beside their name, then renamed into place, so that a
 failure while writing (a full disk, an interruption) leaves the file that was there before, never a
-truncated one in its place."""
+truncated one in its place. The fsync helpers put a file or a whole directory tree on the disk before
+such a rename (checkpoints, exports)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,28 @@ def write_atomic(path: Path, data: bytes) -> Path:
             raise OSError(error.errno, error.strerror, str(given)) from None
         raise
     return given
+
+
+def fsync_file(path: Path) -> None:
+    """Have the file's data on the disk (a rename after it then never names a file that a crash emptied)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under `directory`, and `directory` itself, before it is renamed into place."""
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fsync_file(path)
+        elif path.is_dir() and not path.is_symlink():
+            fsync_dir(path)
+    fsync_dir(directory)
+
+
+def fsync_dir(path: Path) -> None:
+    """Have the directory's entries (a rename into it) on the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

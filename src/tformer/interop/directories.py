@@ -8,8 +8,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from tformer.atomic_file import fsync_dir, fsync_tree
 from tformer.termination import interrupts_held
-from tformer.training.checkpoint_save import fsync_dir, fsync_tree
 
 
 def fresh_directory(out: str | Path) -> Path:

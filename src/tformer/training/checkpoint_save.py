@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from tformer import __version__
+from tformer.atomic_file import fsync_dir, fsync_file, fsync_tree
 from tformer.config import ExperimentConfig, experiment_to_dict
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
@@ -184,29 +185,3 @@ def failed_write_as_os_error(path: Path) -> Iterator[None]:
         if not isinstance(cause, OSError):
             raise
         raise OSError(cause.errno, cause.strerror, str(path)) from None
-
-
-# ---------------------------------------------------------------------------------------------- fsync
-def fsync_file(path: Path) -> None:
-    """Have the file's data on the disk (a rename after it then never names a file that a crash emptied)."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_tree(directory: Path) -> None:
-    """fsync every file and folder under `directory`, and `directory` itself, before it is renamed into place."""
-    for path in directory.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            fsync_file(path)
-        elif path.is_dir() and not path.is_symlink():
-            fsync_dir(path)
-    fsync_dir(directory)
-
-
-def fsync_dir(path: Path) -> None:
-    """Have the directory's entries (a rename into it) on the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
