@@ -169,3 +169,41 @@ def test_every_file_written_is_on_disk_before_the_output_gets_its_name(tmp_path,
     unsynced = [path for path in (out, *out.rglob("*")) if path.stat().st_ino not in synced_when_named]
     assert unsynced == []
     assert synced[-1] == tmp_path.stat().st_ino  # then the rename itself
+
+
+@pytest.mark.parametrize("out_exists", [False, True], ids=["new-out", "empty-out"])
+def test_a_conversion_killed_outright_does_not_block_the_next_one(tmp_path, capsys, out_exists):
+    """SIGKILL (or the memory killer) ends an export before any clean-up runs: its staging directory stayed
+    (.tmp-PID inside an existing empty --out, .tmp-OUT-PID beside a new one), and the first made the empty
+    --out look taken, so the next export into it was refused. A staging directory whose process is gone
+    is now removed first; one whose writer still runs (pid 1 here) is left alone."""
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "out"
+    if out_exists:
+        out.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", held_write_script("hf"), "export", str(run), "--to", "hf", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline() == "writing\n"
+        process.kill()
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    staging = out / f".tmp-{process.pid}" if out_exists else tmp_path / f".tmp-out-{process.pid}"
+    assert staging.is_dir()  # what the killed export left
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "hf", "--out", str(out)]) == 0
+    assert not staging.exists()
+    assert (out / "config.json").is_file() and not [name for name in entries(out) if name.startswith(".tmp-")]
+    assert not [name for name in entries(tmp_path) if name.startswith(".tmp-")]
+
+    live = tmp_path / "taken"
+    (live / ".tmp-1").mkdir(parents=True)  # pid 1 always runs
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", "hf", "--out", str(live)]) == 2
+    assert "already exists and is not an empty directory" in capsys.readouterr().err
+    assert entries(live) == [".tmp-1"]

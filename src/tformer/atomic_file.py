@@ -1,7 +1,8 @@
 """Files that appear whole or not at all: written beside their name, then renamed into place, so that a
 failure while writing (a full disk, an interruption) leaves the file that was there before, never a
 truncated one in its place. The fsync helpers put a file or a whole directory tree on the disk before
-such a rename (checkpoints, exports)."""
+such a rename (checkpoints, exports); `abandoned` tells the staging directory of a writer that was killed
+from one still being written."""
 
 from __future__ import annotations
 
@@ -65,3 +66,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def abandoned(temporary: Path) -> bool:
+    """Whether the writer of a `.tmp-NAME-PID` or `.old-NAME-PID` directory is gone (or is this process,
+    which is writing nothing now)."""
+    pid = temporary.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return False  # it exists, under another user
+    except (ProcessLookupError, OverflowError):
+        return True
+    return False

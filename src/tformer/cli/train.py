@@ -201,7 +201,7 @@ def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
     """Hidden directories of earlier --overwrite runs of RUN_DIR whose process is gone (killed with
     SIGKILL, or by SIGTERM during a step that could not be interrupted) hold a whole run each that nothing
     else will ever use: remove them before staging a new one."""
-    from tformer.training.checkpoint_save import abandoned
+    from tformer.atomic_file import abandoned
 
     for staging in sorted(out.parent.glob(f".{glob.escape(out.name)}.overwrite-*")):
         if staging.is_dir() and abandoned(staging):

@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from tformer.atomic_file import fsync_dir, fsync_tree
+from tformer.atomic_file import abandoned, fsync_dir, fsync_tree
 from tformer.termination import interrupts_held
 
 
 def fresh_directory(out: str | Path) -> Path:
-    """`out` as a Path, after checking that it does not exist or is an empty directory."""
+    """`out` as a Path, after checking that it does not exist or is an empty directory.
+
+    The staging directories of a conversion into `out` that was killed outright (SIGKILL, the machine's
+    memory killer: no clean-up ran) are removed first, when their process is gone: `.tmp-PID` inside an
+    existing `out`, `.tmp-OUT-PID` beside it. Left, the first would make the empty `out` look taken."""
     out = Path(out)
+    _remove_abandoned_stagings(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory; choose a new --out")
     return out
+
+
+def _remove_abandoned_stagings(out: Path) -> None:
+    """Remove the staging directories that `written_atomically` made for `out` in a process now gone."""
+    inside = list(out.glob(".tmp-*")) if out.is_dir() else []
+    beside = list(out.parent.glob(f".tmp-{glob.escape(out.name)}-*"))
+    for staging in inside + beside:
+        pid = staging.name.rsplit("-", 1)[-1]
+        if staging.parent == out and staging.name != f".tmp-{pid}":
+            continue  # not a name written_atomically gives: the user's own
+        if pid.isdigit() and staging.is_dir() and not staging.is_symlink() and abandoned(staging):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

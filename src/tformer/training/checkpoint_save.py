@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from tformer import __version__
-from tformer.atomic_file import fsync_dir, fsync_file, fsync_tree
+from tformer.atomic_file import abandoned, fsync_dir, fsync_file, fsync_tree
 from tformer.config import ExperimentConfig, experiment_to_dict
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
@@ -139,21 +139,6 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     for path in removed:
         shutil.rmtree(path)
     return removed
-
-
-def abandoned(temporary: Path) -> bool:
-    """Whether the writer of a `.tmp-NAME-PID` or `.old-NAME-PID` directory is gone (or is this process,
-    which is writing nothing now)."""
-    pid = temporary.name.rsplit("-", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except PermissionError:
-        return False  # it exists, under another user
-    except (ProcessLookupError, OverflowError):
-        return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------------- files
