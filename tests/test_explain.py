@@ -192,3 +192,17 @@ def test_an_interrupted_figure_write_keeps_the_file_that_was_there(
         save_figures(result, tmp_path)
     assert (tmp_path / "positional_encoding.png").read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["positional_encoding.png"]  # no partial file
+
+
+def test_score_colours_are_centred_on_zero(result: Walkthrough) -> None:
+    """The scores' diverging map (coolwarm) was stretched between each head's own lowest and highest
+    score, so its neutral colour sat at their midpoint, not at 0, and positive scores came out blue."""
+    from tformer.explain_report import self_attention_figure
+
+    figure = self_attention_figure(result)
+    limit = float(result.attention.scores_HSS.abs().max())
+    for ax in figure.axes[0::2]:  # the score panels; the softmax panels beside them keep 0 .. 1
+        norm = ax.images[0].norm
+        assert (norm.vmin, norm.vmax) == pytest.approx((-limit, limit))
+    for ax in figure.axes[1::2]:
+        assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0, 1)

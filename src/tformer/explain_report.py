@@ -279,10 +279,13 @@ def figure_grid(n_rows: int, n_cols: int, title: str, *, panel: float = 3.2) -> 
 def self_attention_figure(w: Walkthrough) -> Figure:
     a, src = w.attention, w.source_tokens
     figure, axes = figure_grid(w.config.n_heads, 2, "encoder self-attention: scores, then softmax")
+    # scores: a diverging map centred on 0 (red positive, blue negative), the same scale for every head
+    limit = float(a.scores_HSS.abs().max())
     for h in range(w.config.n_heads):
         names = ("query", "key")
         title = f"head {h}: q·k / sqrt(d_k)"
-        annotated(axes[h, 0], a.scores_HSS[h], src, src, title, axis_names=names, cmap="coolwarm")
+        scores = {"cmap": "coolwarm", "vmin": -limit, "vmax": limit}
+        annotated(axes[h, 0], a.scores_HSS[h], src, src, title, axis_names=names, **scores)
         title = f"head {h}: softmax (rows sum to 1)"
         annotated(axes[h, 1], a.weights_HSS[h], src, src, title, axis_names=names, cmap="viridis", vmin=0, vmax=1)
     return figure
