@@ -42,7 +42,7 @@ PNG_DPI = 100
 # Larger pictures take minutes and gigabytes to lay out and draw (4 bytes a pixel), and few viewers open
 # them; older matplotlib versions cannot draw 2**16 pixels or more on a side at all. Every layer and head
 # of a base model (6 + 6 layers, 8 heads) fits up to about 55 pieces: 40 pieces (7920 x 18610 pixels)
-# drew in 46 s with 1.2 GB on 2 CPU cores, 100 pieces (18480 x 42300) are refused.
+# drew in 46 s with 1.2 GB on 2 CPU cores, 100 pieces (18480 x 42370) are refused.
 MAX_PIXELS = 2**28
 MAX_SIDE_PIXELS = 2**16 - 1
 KIND_TITLES = {
