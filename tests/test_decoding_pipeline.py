@@ -100,6 +100,32 @@ def test_truncate_translates_a_too_long_line_cut_to_the_model_and_warns():
         assert [translations[0].tokens] == [tokens for tokens, _ in reference(model, line, config)[:1]]
 
 
+def test_truncate_encodes_only_the_head_of_a_long_line_and_gets_the_same_pieces(monkeypatch):
+    """With truncate, a line of megabytes was encoded whole (sentencepiece took ~1 GB for 20 MB) only to
+    keep its first max_positions - 1 pieces: now a prefix cut at a space is, and the pieces translated
+    are exactly the first ones of the whole line's."""
+    tokenizer = Tokenizer.train(LINES * 4, LINES * 4, vocab_size=36)
+    model = peaked_model()
+    limit = model.config.max_positions
+    long_line = " ".join(LINES) * 5_000  # ~380 k characters
+    seen = []
+    encode = tokenizer._src.encode
+
+    def recording(text, *args, **kwargs):
+        seen.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer._src, "encode", recording)
+    translator = Translator(model, tokenizer, DecodeConfig(beam_size=1, max_len_b=3), truncate=True)
+    with pytest.warns(UserWarning, match=f"line 1 has more than {limit} tokens.*translated its first {limit - 1}"):
+        assert len(list(translator.translate([long_line]))) == 1
+    assert max(seen) < 10 * limit  # a prefix of the line, not its 380 k characters
+    monkeypatch.undo()
+    expected = [*tokenizer.encode_source(long_line)[: limit - 1], EOS]
+    with pytest.warns(UserWarning, match="translated its first"):
+        assert translator._fitted(long_line, 1) == expected
+
+
 def test_an_empty_line_translates_to_an_empty_line_without_decoding(monkeypatch):
     calls = []
     monkeypatch.setattr("tformer.decoding.pipeline.generate", lambda *args, **kwargs: calls.append(1))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import random
 import re
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -292,3 +294,85 @@ def test_a_run_trains_its_tokenizer_with_data_character_coverage(tmp_path: Path)
     assert trainer.tokenizer.src_vocab_size <= 300
     with pytest.raises(ConfigError, match=r"data\.character_coverage must be between 0\.98 and 1\.0"):
         DataConfig(character_coverage=1.5)
+
+
+def _mixed_line(rng: random.Random, words: int) -> str:
+    """A line of words and whitespace of every kind: ASCII and unseen letters (byte pieces or <unk>),
+    compatibility forms that NFKC spells with a space (U+00A8), the whitespace marker, combining marks
+    after a space, and long runs without any space."""
+    chunks = ["Two young", "Männer", "\u4e00\u4e8c", "\U0001f600", "\u00a8x", "a\u2581b", "\u0301", "ﬁ", "Ｗ"]
+    spaces = [" ", "  ", "\t", "\u00a0", "\u3000", "\u2003", "\x1c"]
+    parts = []
+    for _ in range(words):
+        kind = rng.random()
+        if kind < 0.05:  # a run without spaces, longer than a first prefix
+            parts.append("".join(rng.choices(ALPHABET + "\u4e00", k=rng.randint(50, 400))))
+        else:
+            parts.append(rng.choice(chunks) if kind < 0.3 else "".join(rng.choices(ALPHABET, k=rng.randint(1, 9))))
+        parts.append(rng.choice(spaces))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_the_head_of_a_line_is_exactly_the_first_pieces_of_the_whole(model_type: str, byte_fallback: bool) -> None:
+    """encode_source_head (translate --truncate) encodes a prefix cut before a space, not a line of
+    megabytes whole: its pieces are the first ones of the whole line's, at least as many as asked."""
+    vocab_size = 420 if byte_fallback else 160
+    tokenizer = Tokenizer.train(
+        SOURCES * 3, TARGETS * 3, vocab_size=vocab_size, model_type=model_type, byte_fallback=byte_fallback
+    )
+    rng = random.Random(0)
+    headed = 0
+    for trial in range(60):
+        line = _mixed_line(rng, words=rng.randint(1, 300))
+        if trial % 10 == 0:
+            line = line.replace(" ", "")  # fewer spaces, or none
+        full = tokenizer.encode_source(line)
+        for pieces in (1, 7, 63, 255):
+            head = tokenizer.encode_source_head(line, pieces)
+            assert head == full[: len(head)]
+            assert len(head) >= pieces or head == full
+            headed += len(head) < len(full)
+    assert headed > 100  # most lines were cut, not encoded whole
+
+
+def test_a_vocabulary_with_pieces_across_spaces_encodes_the_head_from_the_whole_line() -> None:
+    """A model trained with split_by_whitespace=false (by hand: tformer never does) has pieces spanning a
+    space, so a prefix cut at a space could be split differently: the whole line is encoded then."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([normalize(s) for s in SOURCES * 20]),
+        model_writer=writer,
+        vocab_size=150,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        split_by_whitespace=False,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    model = spm.SentencePieceProcessor(model_proto=writer.getvalue())
+    assert any("\u2581" in model.id_to_piece(i)[1:] for i in range(model.get_piece_size()))
+    tokenizer = Tokenizer(model)
+    line = " ".join(SOURCES * 30)
+    seen: list[int] = []
+    tokenizer._src = _Recording(model, seen)
+    assert tokenizer.encode_source_head(line, 5) == model.encode(normalize(line))
+    assert seen == [len(normalize(line))]
+
+
+class _Recording:
+    """A sentencepiece model that records how many characters each encode is given."""
+
+    def __init__(self, model: spm.SentencePieceProcessor, seen: list[int]) -> None:
+        self._model, self._seen = model, seen
+
+    def encode(self, text, *args, **kwargs):
+        self._seen.append(len(text))
+        return self._model.encode(text, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)

@@ -35,7 +35,7 @@ import numpy as np
 import sentencepiece as spm
 
 from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
-from tformer.data.piece_floor import PieceFloor, piece_floor
+from tformer.data.piece_floor import MARKER, PieceFloor, piece_floor
 
 ModelType = Literal["bpe", "unigram"]
 
@@ -45,6 +45,7 @@ SRC_FILE = "spm.src.model"
 TGT_FILE = "spm.tgt.model"
 
 _WHITESPACE = re.compile(r"\s+")
+HEAD_CHARACTERS = 8  # characters per piece wanted, in the first prefix `encode_source_head` tries
 # sentencepiece's refusal when the characters to keep outnumber the vocabulary ("1000 vs 3005.")
 _TOO_MANY_CHARACTERS = re.compile(r"smaller than required_chars\. \d+ vs (\d+)")
 
@@ -202,6 +203,10 @@ class Tokenizer:
     def target_floor(self) -> PieceFloor:
         return self.source_floor if self._joint else piece_floor(self._tgt)
 
+    @functools.cached_property
+    def _source_splits_at_spaces(self) -> bool:
+        return _splits_at_spaces(self._src)
+
     @property
     def src_vocab_size(self) -> int:
         return self._src.get_piece_size()
@@ -233,6 +238,26 @@ class Tokenizer:
 
     def encode_target(self, text: str) -> list[int]:
         return self._tgt.encode(normalize(text))
+
+    def encode_source_head(self, text: str, pieces: int) -> list[int]:
+        """The first pieces of `encode_source(text)`, at least `pieces` of them (all of it if it has fewer),
+        found by encoding a prefix of `text` cut before a whitespace character, twice as long each time
+        until it is enough: the ids are exactly `encode_source(text)[:len(ids)]`, but a line of megabytes
+        is not encoded whole (that takes about 50 bytes of memory per character) to keep its first few
+        hundred pieces. Exact because a piece never spans a space (`_splits_at_spaces`): the pieces of a
+        prefix ending at a word are the line's own, up to there. A vocabulary with pieces across spaces
+        (sentencepiece's split_by_whitespace=false), or a text without whitespace, is encoded whole."""
+        refuse_surrogates(text)  # anywhere in the line, as encoding it whole would
+        size = max(pieces, 1) * HEAD_CHARACTERS
+        while size < len(text) and self._source_splits_at_spaces:
+            space = _WHITESPACE.search(text, size)
+            if space is None:
+                break
+            ids = self._src.encode(normalize(text[: space.start()]))
+            if len(ids) >= pieces:
+                return ids
+            size = 2 * space.end()
+        return self.encode_source(text)
 
     def encode_sources(self, texts: Iterable[str]) -> list[list[int]]:
         """Batch encoding: one call into sentencepiece for the whole list is several times faster."""
@@ -380,6 +405,21 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
             f"--unk_id={UNK_ID}, or leave out the tokenizer directory and let tformer train one"
         )
     return model
+
+
+def _splits_at_spaces(model: spm.SentencePieceProcessor) -> bool:
+    """Whether no piece of `model` can span a space: every piece holding the whitespace marker starts with
+    it (none has it inside or at its end, as split_by_whitespace=false or treat_whitespace_as_suffix would
+    give), and the marker alone is a piece (else a run of unknown characters around a space is one <unk>).
+    Then sentencepiece (BPE and unigram alike) splits a text into the pieces of its words, each on its
+    own. Unused pieces count too: BPE may build one on the way and split it up afterwards."""
+    if model.piece_to_id(MARKER) == model.unk_id():
+        return False
+    special = (model.is_control, model.is_unknown, model.is_byte)
+    return not any(
+        MARKER in model.id_to_piece(index)[1:] and not any(test(index) for test in special)
+        for index in range(model.get_piece_size())
+    )
 
 
 def _special_ids(model: spm.SentencePieceProcessor) -> tuple[int, int, int, int]:

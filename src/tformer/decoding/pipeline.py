@@ -161,17 +161,27 @@ class Translator:
                 f"input line {number} has more than {limit} tokens ({len(line):,} characters); the model accepts "
                 f"at most {limit}: shorten it, or translate its first {limit} with --truncate"
             )
-        ids = [*self._encoded(line, number), self.tokenizer.eos_id]
+        ids = [*self._encoded(line, number, limit), self.tokenizer.eos_id]
         if len(ids) <= limit:
             return ids
-        where = f"input line {number} has {len(ids)} tokens; the model accepts at most {limit}"
+        count = f"more than {limit}" if self._headed else len(ids)
+        where = f"input line {number} has {count} tokens; the model accepts at most {limit}"
         if not self.truncate:
             raise DecodingError(f"{where}: shorten it, or translate its first {limit} with --truncate")
         warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=3)
         return [*ids[: limit - 1], self.tokenizer.eos_id]
 
-    def _encoded(self, line: str, number: int) -> list[int]:
+    @property
+    def _headed(self) -> bool:
+        """Whether a line is encoded only as far as truncating it needs (`Tokenizer.encode_source_head`)."""
+        return self.truncate and hasattr(self.tokenizer, "encode_source_head")
+
+    def _encoded(self, line: str, number: int, limit: int) -> list[int]:
+        """The line's ids; with truncate, only its first `limit` or more where the tokenizer can stop early
+        (exactly the first ones of the whole line's), so a line of megabytes is not encoded whole."""
         try:
+            if self._headed:
+                return self.tokenizer.encode_source_head(line, limit)
             return self.tokenizer.encode_source(line)
         except ValueError as error:  # a tokenizer's refusal (a lone surrogate at some index): name the line
             raise DecodingError(f"input line {number}: {error}") from None
