@@ -15,8 +15,9 @@ from tformer.termination import interrupts_held
 
 SOURCE = str(Path(tformer.__file__).resolve().parents[1])  # the tformer these tests import
 
-# Sends Ctrl-C's signal to the process the first time anything looks for numpy.matrixlib: inside torch's
-# import, whose C extension imports numpy and drops a KeyboardInterrupt raised there.
+# Sends Ctrl-C's signal (or TFORMER_TEST_SIGNAL's) to the process the first time anything looks for
+# numpy.matrixlib: inside torch's import, whose C extension imports numpy and drops a KeyboardInterrupt
+# raised there.
 INTERRUPT_INSIDE_NUMPY_IMPORT = """\
 import os, signal, sys
 class InterruptOnce:
@@ -24,7 +25,7 @@ class InterruptOnce:
     def find_spec(self, name, path=None, target=None):
         if name == "numpy.matrixlib" and not InterruptOnce.sent:
             InterruptOnce.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("TFORMER_TEST_SIGNAL", "SIGINT")))
         return None
 sys.meta_path.insert(0, InterruptOnce())
 """
@@ -51,12 +52,14 @@ def test_a_held_sigterm_goes_to_the_handler_that_was_there_before() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _tformer_with_an_interrupt_in_torchs_import(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+def _tformer_with_an_interrupt_in_torchs_import(
+    tmp_path: Path, *argv: str, signal_name: str = "SIGINT"
+) -> subprocess.CompletedProcess:
     (tmp_path / "sitecustomize.py").write_text(INTERRUPT_INSIDE_NUMPY_IMPORT)
     return subprocess.run(
         [sys.executable, "-m", "tformer", *argv],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SOURCE])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SOURCE]), "TFORMER_TEST_SIGNAL": signal_name},
         capture_output=True,
         text=True,
         timeout=120,
@@ -68,6 +71,15 @@ def test_ctrl_c_while_torch_loads_exits_130_in_one_line(tmp_path: Path) -> None:
     """It was lost inside torch's import, numpy was left half-imported, and the command went on (here it
     printed the preset and exited 0; `train` failed later with a traceback)."""
     done = _tformer_with_an_interrupt_in_torchs_import(tmp_path, "info", "--preset", "tiny")
+    assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
+
+
+def test_sigterm_while_torch_loads_is_an_interrupt_in_the_commands_that_take_it_so(tmp_path: Path) -> None:
+    """translate took a SIGTERM like Ctrl-C (status 130, "interrupted") only once it was translating: one
+    held while torch loaded was sent on to the default handler and the process died of it (status -15,
+    no word)."""
+    argv = ["translate", str(tmp_path / "no-run"), "--input", str(tmp_path / "no-input")]
+    done = _tformer_with_an_interrupt_in_torchs_import(tmp_path, *argv, signal_name="SIGTERM")
     assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from types import ModuleType
 from typing import NoReturn
 
@@ -29,7 +30,7 @@ from tformer.cli import (
     translate,
 )
 from tformer.cli.decode_options import decode_setting_name
-from tformer.termination import import_torch
+from tformer.termination import import_torch, sigterm_as_interrupt
 
 # torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
 # check of a tensor whose byte count overflows 64 bits (translate --beam 10**18)
@@ -54,6 +55,8 @@ COMMANDS: list[tuple[str, ModuleType]] = [
     ("import-hf", import_hf),
 ]
 TORCH_FREE_COMMANDS = ("download",)  # every other command loads torch first, whole (see `import_torch`)
+# the commands that take SIGTERM like Ctrl-C (`sigterm_as_interrupt`): from the start, torch's import included
+SIGTERM_INTERRUPTS = ("train", "translate", "export", "import-hf")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -100,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command not in TORCH_FREE_COMMANDS:
-            import_torch()
-        return int(args.run(args) or 0)
+        # a SIGTERM held while torch loads is then an interrupt too, not the end of the process (status -15)
+        with sigterm_as_interrupt() if args.command in SIGTERM_INTERRUPTS else nullcontext():
+            if args.command not in TORCH_FREE_COMMANDS:
+                import_torch()
+            return int(args.run(args) or 0)
     except KeyboardInterrupt as interrupt:  # a TrainingInterrupted says what the run kept
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         return 130
