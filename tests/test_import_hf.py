@@ -150,6 +150,21 @@ def test_an_untied_output_projection_is_imported_as_one(tmp_path):
     assert greedy == hf_generate(hf_model, hf_tokenizer, num_beams=1)
 
 
+def test_a_resume_of_an_imported_run_is_refused_in_one_line(tmp_path, capsys):
+    """An imported run names no training text: `train --resume` of it (which `plot` of it suggests) failed
+    with an AssertionError traceback in prepare_data; it is refused in one line, the run left as it was."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    run = tmp_path / "run"
+    assert main(["import-hf", str(hf_dir), "--out", str(run)]) == 0
+    before = sorted(p.name for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "10"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: nothing to resume in {run}: it was not trained by tformer train")
+    assert message.count("\n") == 1
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_half_precision_weights_are_imported_exactly_as_float32_and_the_summary_says_so(tmp_path, capsys, dtype):
     hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")

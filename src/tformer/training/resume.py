@@ -158,7 +158,19 @@ def _last_checkpoint(run_dir: Path) -> Path:
         way_out = "; start afresh with --overwrite" if replaceable(run_dir) else ", nor anything of a run: check --out"
         raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
     checkpoint, _ = checkpoint_load.resolve_checkpoint(run_dir, which="last")
+    _refuse_untrained(run_dir, checkpoint)
     return checkpoint
+
+
+def _refuse_untrained(run_dir: Path, checkpoint: Path) -> None:
+    """A run that `tformer import-hf` wrote names no training text and holds no optimizer state: there is
+    nothing to continue, so say so in one line rather than fail on the missing data paths."""
+    experiment, _ = checkpoint_load.read_experiment(checkpoint)
+    if experiment.data.train_src is None or experiment.data.train_tgt is None:
+        raise RunDirectoryError(
+            f"nothing to resume in {run_dir}: it was not trained by tformer train (an import-hf model: no "
+            "training data, no optimizer state); translate, evaluate, serve or export it as it is"
+        )
 
 
 @contextlib.contextmanager
