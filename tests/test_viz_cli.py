@@ -108,6 +108,21 @@ def test_plot_of_a_run_that_stopped_before_its_first_log_says_what_to_do(trained
     )
 
 
+def test_plot_of_an_imported_run_says_it_was_never_trained_here(trained_run, tmp_path: Path, capsys) -> None:
+    """It said the run 'stopped at step 0, before its first log' and advised `train --resume`, which an
+    import-hf run cannot do (it names no training text)."""
+    pytest.importorskip("transformers")
+    run, _ = trained_run
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    imported = tmp_path / "imported"
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(imported)]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(imported), "--out", str(tmp_path / "curves.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {imported} has no metrics to plot: it was imported (tformer import-hf), not trained by tformer train\n"
+    )
+
+
 def test_plot_given_a_checkpoint_names_the_run_that_holds_it(trained_run, tmp_path: Path, capsys) -> None:
     """It advised training longer (no metrics file in a checkpoint directory)."""
     run, _ = trained_run

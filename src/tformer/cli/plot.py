@@ -53,6 +53,8 @@ def _stopped_before_its_first_log(path: Path) -> str | None:
         experiment, step = read_experiment(resolve_checkpoint(path, which="last")[0])
     except (CheckpointError, OSError):
         return None
+    if experiment.data.train_src is None:  # written by import-hf: never trained here, nothing to resume
+        return f"{path} has no metrics to plot: it was imported (tformer import-hf), not trained by tformer train"
     log_every = experiment.train.log_every
     if step >= log_every:
         return None
