@@ -62,6 +62,22 @@ def test_round_trip_and_tied_tensors_stored_once(trained: Path) -> None:
     assert best.checkpoint_dir.name == ckpt.read_pointer_name(trained, "best")
 
 
+def test_a_run_decodes_with_the_settings_of_its_latest_checkpoint(run_copy: Path) -> None:
+    """A resume with new decoding settings (--set decode.beam_size=3) wrote them into its checkpoints, but
+    translate, evaluate, serve and export load the best checkpoint, older, whose settings were still the
+    old ones: the change was ignored. The weights stay the best's; one checkpoint dir keeps its own."""
+    resume_run(run_copy, overrides=["decode.beam_size=3", "train.max_steps=8"], quiet=True).train()
+    (run_copy / "best").write_text("step-00000004\n")  # the best is older than the resume
+    loaded = load_run(run_copy)
+    assert loaded.checkpoint_dir.name == "step-00000004" and loaded.step == 4
+    assert loaded.experiment.decode.beam_size == 3
+    assert load_run(loaded.checkpoint_dir).experiment.decode.beam_size == 2
+    assert load_run(run_copy, which="last").experiment.decode.beam_size == 3
+    (run_copy / "checkpoints" / "step-00000008" / ckpt.EXPERIMENT_FILE).write_text("{")
+    with pytest.warns(UserWarning, match="decoding with step-00000004's settings, not the latest checkpoint's: "):
+        assert load_run(run_copy).experiment.decode.beam_size == 2
+
+
 def test_a_loaded_run_reads_in_one_line(trained: Path) -> None:
     """Shown in a notebook, the default repr listed every layer of the model and every setting of the
     experiment: dozens of lines for a tiny model, hundreds for `base`."""
