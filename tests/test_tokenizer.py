@@ -269,6 +269,12 @@ def test_character_coverage_leaves_the_rarest_characters_out() -> None:
         TokenizerError, match=r"need \d+ pieces.*at least that, or lower character_coverage further \(down to 0\.98\)"
     ):
         Tokenizer.train(sentences, sentences, vocab_size=300, character_coverage=0.9995)
+    # at sentencepiece's lowest coverage there is nothing further to lower: vocab_size alone is advised
+    uniform = ["".join(chr(0x4E00 + (7 * i + 13 * j) % 600) for j in range(30)) for i in range(200)]
+    with pytest.raises(TokenizerError, match=r"need \d+ pieces") as info:
+        Tokenizer.train(uniform, uniform, vocab_size=300, character_coverage=0.98)
+    assert "lower character_coverage" not in str(info.value)
+    assert str(info.value).endswith("at least that (character_coverage is already at its lowest, 0.98)")
     # 98%: the rarest characters are left out and become <unk>, the common ones still round-trip
     tokenizer = Tokenizer.train(sentences, sentences, vocab_size=1000, character_coverage=0.98)
     assert tokenizer.src_vocab_size <= 1000

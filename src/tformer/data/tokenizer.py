@@ -371,10 +371,12 @@ def _train_model(
             included, left_out = f"the {SPECIAL_PIECES} special ones", "<unk>"
             if byte_fallback:
                 included, left_out = f"{included} and the {BYTE_PIECES} byte pieces", "byte pieces"
+            advice = f", or lower character_coverage {lower} to leave the rarest characters out as {left_out}"
+            if character_coverage <= 0.98:  # already sentencepiece's lowest: nothing more to leave out
+                advice = " (character_coverage is already at its lowest, 0.98)"
             reason = (
                 f"the characters that make up character_coverage={character_coverage} of the text need "
-                f"{too_many_characters[1]} pieces, {included} included; raise vocab_size to at least "
-                f"that, or lower character_coverage {lower} to leave the rarest characters out as {left_out}"
+                f"{too_many_characters[1]} pieces, {included} included; raise vocab_size to at least that{advice}"
             )
         raise TokenizerError(f"cannot train the {name} tokenizer with vocab_size={vocab_size}: {reason}") from None
     return spm.SentencePieceProcessor(model_proto=writer.getvalue())
