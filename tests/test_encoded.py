@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from training_helpers import tiny_experiment, write_corpus
 
+from tformer.config import DataConfig
 from tformer.data import encoded as encoded_module
 from tformer.data.batching import BatchStream, collate
 from tformer.data.encoded import EncodedPairs, TokenRows, encode_rows, id_dtype
@@ -286,6 +287,17 @@ def test_a_resume_on_a_changed_corpus_file_names_it_and_says_what_the_new_text_k
     changed = [line for line in err if "changed since" in line]
     assert len(changed) == 1 and str(corpus["train_tgt"]) in changed[0] and str(corpus["train_src"]) not in changed[0]
     assert "training data: kept 199 of 200 pairs (skipped 1 with an empty side, 0 over the length limit)" in err
+
+
+def test_a_changed_file_given_as_source_and_target_is_named_once(tmp_path: Path) -> None:
+    """One file as both sides (a copy task): the warning names it once, not as "F and F changed"."""
+    key_dir = tmp_path / encoded_cache.CACHE_DIR / "train-0"
+    key_dir.mkdir(parents=True)
+    (key_dir / "key.json").write_text('{"key": {"source_digest": "old", "target_digest": "old"}}', encoding="utf-8")
+    said: list[str] = []
+    data = DataConfig(train_src=str(tmp_path / "text"), train_tgt=str(tmp_path / "text"))
+    training_text._say_changed_files(tmp_path, ("new", "new"), data, said.append)
+    assert len(said) == 1 and said[0].startswith(f"warning: {tmp_path / 'text'} changed since"), said
 
 
 def test_quiet_keeps_the_warnings(tmp_path: Path, capsys) -> None:

@@ -135,7 +135,10 @@ def _say_changed_files(run_dir: Path, digests: tuple[str, str], data: DataConfig
     if not earlier or digests in earlier:
         return
     paths = (data.train_src, data.train_tgt)
-    changed = " and ".join(str(path) for path, now, then in zip(paths, digests, earlier[0], strict=True) if now != then)
+    # a file given as both source and target is named once
+    changed = " and ".join(
+        dict.fromkeys(str(path) for path, now, then in zip(paths, digests, earlier[0], strict=True) if now != then)
+    )
     say(
         f"warning: {changed} changed since this run encoded the training data; it goes on with the text there "
         "now (the rest of this epoch is cut from it, so it repeats some pairs and skips others)"
