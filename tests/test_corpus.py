@@ -128,6 +128,12 @@ def test_lines_ended_by_carriage_returns_alone_are_refused(tmp_path: Path) -> No
     tgt.write_bytes(b"eins\rzwei\rdrei\r")
     with pytest.raises(CorpusError, match=r"mac\.en: lines end in a carriage return alone .*tr '\\r' '\\n'"):
         read_parallel(src, tgt)
+    # the same with one final newline (`echo >> FILE`, an editor's "insert final newline"): still one line
+    (tmp_path / "mac_lf.en").write_bytes(b"one\rtwo\rthree\n")
+    with pytest.raises(CorpusError, match=r"mac_lf\.en: lines end in a carriage return alone"):
+        read_lines(tmp_path / "mac_lf.en")
+    (tmp_path / "stray.en").write_bytes(b"one\r\ntw\ro\r\nthree\n")  # a stray CR in a CRLF file: kept in its line
+    assert read_lines(tmp_path / "stray.en") == ["one", "tw\ro", "three"]
     one_line = write(tmp_path / "one.en", ["a line\r"])  # CRLF, and a lone CR at a line's end: fine
     assert read_lines(one_line) == ["a line"]
     (tmp_path / "single.en").write_bytes(b"a single line ended by CR\r")

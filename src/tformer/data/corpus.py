@@ -11,7 +11,8 @@ inferred from file names. Files are read whole; this suits corpora of up to a fe
 
 Lines are split on "\\n" only (never `str.splitlines`, which also splits on U+2028, U+0085 and other
 separators that occur inside real sentences and would silently misalign the two sides), then stripped
-(so CRLF ends read as LF ends). A file whose lines end in CR alone is refused: read so, it is one line.
+(so CRLF ends read as LF ends). A file whose lines end in CR alone (even with one final newline) is
+refused: read so, it is one line.
 """
 
 from __future__ import annotations
@@ -112,13 +113,25 @@ def read_text(path: str | Path) -> str:
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise CorpusError(f"{path}:{line}: a NUL byte: the file {NUL_BYTE_ADVICE}")
-    if "\n" not in text and "\r" in text.rstrip("\r"):  # else read as one line, holding the whole file
+    if _lines_end_in_cr(text):  # else read as one line, holding the whole file (or most of it)
         raise CorpusError(
             f"{path}: lines end in a carriage return alone (classic Mac OS, Excel's 'CSV (Macintosh)'), not "
             f"a newline; convert them, e.g. tr '\\r' '\\n' < {path} > FIXED"
         )
     _warn_of_inner_boms(path, text, gzipped=gzipped)
     return text.removeprefix(BOM)
+
+
+def _lines_end_in_cr(text: str) -> bool:
+    """Whether the lines of `text` end in a carriage return alone: it has no newline but a CR inside, or more
+    lone CRs than newlines, as a classic Mac OS file given one final newline (`echo >> FILE`, an editor's
+    "insert final newline") has. A stray CR inside a line of a LF or CRLF file is not enough."""
+    if "\r" not in text:
+        return False
+    if "\n" not in text:
+        return "\r" in text.rstrip("\r")
+    newlines = text.count("\n")
+    return text.count("\r") - text.count("\r\n") > newlines
 
 
 def _warn_of_inner_boms(path: Path, text: str, *, gzipped: bool) -> None:
