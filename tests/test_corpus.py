@@ -163,6 +163,19 @@ def test_empty_and_long_pairs_are_skipped_and_counted(tmp_path: Path) -> None:
     assert "kept 2 of 5" in corpus.report.summary()
 
 
+def test_a_side_of_space_markers_alone_is_empty(tmp_path: Path) -> None:
+    """U+2581 (sentencepiece's space marker, as in pre-tokenised text) is a space to the tokenizer: a side of
+    only markers and whitespace encodes to no piece, so it is skipped and counted as an empty one (translate
+    gives such a line an empty translation), and strict mode names it."""
+    src = write(tmp_path / "m.en", ["keep", "\u2581", "\u2581 \u2581", "\u2581ok", "fine"])
+    tgt = write(tmp_path / "m.de", ["behalten", "leer", "leer", "gut", "\u2581\u00a0\u2581"])
+    corpus = read_parallel(src, tgt)
+    assert corpus.sources == ["keep", "\u2581ok"]
+    assert corpus.report == CorpusReport(total_lines=5, kept=2, skipped_empty=3, skipped_long=0)
+    with pytest.raises(CorpusError, match=r"m\.en:2: empty sentence"):
+        read_parallel(src, tgt, strict=True)
+
+
 def test_strict_mode_names_the_offending_line(tmp_path: Path) -> None:
     src = write(tmp_path / "f.en", ["keep", "also"])
     tgt = write(tmp_path / "f.de", ["behalten", ""])

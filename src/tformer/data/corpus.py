@@ -27,6 +27,7 @@ from pathlib import Path
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = "\ufeff"  # a byte-order mark: an encoding artefact, not text
+SPACE_MARKER = "\u2581"  # sentencepiece's whitespace marker: tformer.data.tokenizer.normalize makes it a space
 # why a NUL byte in text is refused: UTF-16 text decodes as "valid" UTF-8 with a NUL in every other byte
 NUL_BYTE_ADVICE = "looks like UTF-16 or binary data, not UTF-8 text; convert it (e.g. iconv -f UTF-16 -t UTF-8)"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -215,9 +216,9 @@ def _filter_pairs(
     targets: list[str] = []
     skipped_empty = skipped_long = 0
     for source, target, (src_where, tgt_where) in rows:
-        if not source or not target:
+        if _blank(source) or _blank(target):
             if strict:
-                side = src_where if not source else tgt_where
+                side = src_where if _blank(source) else tgt_where
                 raise CorpusError(
                     f"{side}: empty sentence (data.strict = true); remove the pair, or set data.strict = false "
                     "to skip such pairs"
@@ -241,6 +242,13 @@ def _filter_pairs(
         )
     report = CorpusReport(total, len(sources), skipped_empty, skipped_long)
     return ParallelCorpus(sources, targets, report)
+
+
+def _blank(line: str) -> bool:
+    """Whether a stripped line is empty as the tokenizer sees it: nothing, or only whitespace and U+2581 (the
+    space marker of sentencepiece, which tokenizer.normalize makes a space), which encodes to no piece at all.
+    Only a line that starts with the marker pays for more than a look at its first character."""
+    return not line or (line[0] == SPACE_MARKER and not line.replace(SPACE_MARKER, " ").strip())
 
 
 def _check_max_chars(max_chars: int) -> None:
