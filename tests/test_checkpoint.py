@@ -78,6 +78,24 @@ def test_a_run_decodes_with_the_settings_of_its_latest_checkpoint(run_copy: Path
         assert load_run(run_copy).experiment.decode.beam_size == 2
 
 
+def test_evaluate_scores_a_run_with_the_bleu_tokenize_of_its_latest_checkpoint(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume that set train.bleu_tokenize (13a to char, as docs/training.md advises for Chinese) wrote it
+    into its checkpoints, but evaluate, which defaults to the run's value, read the best checkpoint's, older:
+    the run was scored with 13a, or with char under --which last, depending on the checkpoint."""
+    resume_run(run_copy, overrides=["train.bleu_tokenize=char", "train.max_steps=8"], quiet=True).train()
+    (run_copy / "best").write_text("step-00000004\n")  # the best is older than the resume
+    assert load_run(run_copy).experiment.train.bleu_tokenize == "char"
+    assert load_run(run_copy / "checkpoints" / "step-00000004").experiment.train.bleu_tokenize == "13a"
+    text = tmp_path / "one.txt"
+    text.write_text("one two\n")
+    capsys.readouterr()
+    args = ["evaluate", str(run_copy), "--src", str(text), "--ref", str(text), "--device", "cpu", "--json"]
+    assert main([*args, "--set", "decode.max_len_a=0", "--set", "decode.max_len_b=3"]) == 0
+    assert "|tok:char|" in json.loads(capsys.readouterr().out)["bleu_signature"]
+
+
 def test_a_loaded_run_reads_in_one_line(trained: Path) -> None:
     """Shown in a notebook, the default repr listed every layer of the model and every setting of the
     experiment: dozens of lines for a tiny model, hundreds for `base`."""

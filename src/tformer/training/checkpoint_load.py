@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 from tformer import __version__
-from tformer.config import DecodeConfig, ExperimentConfig, experiment_from_dict, preset_of
+from tformer.config import ExperimentConfig, experiment_from_dict, preset_of
 from tformer.data.tokenizer import Tokenizer
 from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
 from tformer.interop.marian_tokenizer import VocabTokenizer
@@ -188,27 +188,30 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     """Model (in eval mode), tokenizer and experiment of a run dir (its best or last checkpoint) or of
     one checkpoint dir; everything needed to translate, nothing else.
 
-    A run dir's decoding settings are its latest checkpoint's, whichever checkpoint gives the weights: a
-    resume may change them (`train --resume --set decode.beam_size=1`), and its best checkpoint, older,
-    still holds the settings it was saved with. One checkpoint dir keeps its own."""
+    A run dir's decoding and training settings are its latest checkpoint's, whichever checkpoint gives the
+    weights: a resume may change them (`train --resume --set decode.beam_size=1`, `--set
+    train.bleu_tokenize=zh`, which `evaluate` scores with), and its best checkpoint, older, still holds the
+    settings it was saved with. One checkpoint dir keeps its own."""
     checkpoint, run_dir = resolve_checkpoint(path, which=which)
     experiment, step = read_experiment(checkpoint)
     if Path(path) == run_dir:
-        experiment = replace(experiment, decode=latest_decode_config(run_dir, checkpoint, experiment.decode))
+        experiment = latest_settings(run_dir, checkpoint, experiment)
     tokenizer = load_tokenizer(checkpoint)
     model = Transformer(experiment.model)
     load_weights(model, checkpoint)
     return LoadedRun(model.to(device).eval(), tokenizer, experiment, step, run_dir, checkpoint)
 
 
-def latest_decode_config(run_dir: Path, loaded: Path, loaded_decode: DecodeConfig) -> DecodeConfig:
-    """The decoding settings of the run's latest checkpoint (what its last train command set); those of
-    the `loaded` checkpoint when it is the latest, or, with a warning, when the latest cannot be read."""
+def latest_settings(run_dir: Path, loaded: Path, experiment: ExperimentConfig) -> ExperimentConfig:
+    """`experiment` (the `loaded` checkpoint's) with the [train] and [decode] settings of the run's latest
+    checkpoint (what its last train command set); as it is when `loaded` is the latest, or, with a warning,
+    when the latest cannot be read."""
     try:
         latest = read_pointer_name(run_dir, "latest")
         if latest is None or latest == loaded.name:
-            return loaded_decode
-        return read_experiment(run_dir / CHECKPOINTS_DIR / latest)[0].decode
+            return experiment
+        newest = read_experiment(run_dir / CHECKPOINTS_DIR / latest)[0]
     except CheckpointError as error:
         warnings.warn(f"decoding with {loaded.name}'s settings, not the latest checkpoint's: {error}", stacklevel=3)
-        return loaded_decode
+        return experiment
+    return replace(experiment, train=newest.train, decode=newest.decode)
