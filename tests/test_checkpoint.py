@@ -214,6 +214,24 @@ def _sentencepiece_reads(proto: bytes) -> bool:
     return True
 
 
+def test_a_resume_with_a_damaged_best_pointer_is_refused_before_it_trains(run_copy: Path, capsys) -> None:
+    """A `best` pointer emptied (a copy cut short) was read only when the resumed run pruned after its first
+    save: the run trained to that save, wrote it and stopped with the pointer's error, and so again at every
+    resume. It is now refused before anything is trained, with the ways to mend it."""
+    (run_copy / "best").write_bytes(b"")
+    before = sorted(path.name for path in (run_copy / "checkpoints").iterdir())
+    capsys.readouterr()
+    command = ["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"]
+    assert main([*command, "--set", "train.valid_every=100"]) == 2  # no validation to write a new best
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume {run_copy}: {run_copy / 'best'}: corrupt pointer file"), err
+    assert err.count("\n") == 1 and f"rm {run_copy / 'best'}" in err
+    assert sorted(path.name for path in (run_copy / "checkpoints").iterdir()) == before
+    (run_copy / "best").unlink()
+    assert main([*command, "--set", "train.valid_every=100"]) == 0
+    assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000008"
+
+
 def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
     path = run_copy / "checkpoints" / "step-00000006" / ckpt.STATE_FILE
     path.write_bytes(path.read_bytes()[:200])

@@ -159,7 +159,23 @@ def _last_checkpoint(run_dir: Path) -> Path:
         raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
     checkpoint, _ = checkpoint_load.resolve_checkpoint(run_dir, which="last")
     _refuse_untrained(run_dir, checkpoint)
+    _refuse_damaged_best(run_dir)
     return checkpoint
+
+
+def _refuse_damaged_best(run_dir: Path) -> None:
+    """A damaged `best` pointer (a copy cut short, an edit) names no checkpoint, so pruning cannot tell which
+    one to keep: the resumed run trained to its first save, wrote it and stopped there, again at every resume.
+    Refuse before anything is trained, saying how to mend it."""
+    try:
+        ckpt.read_pointer_name(run_dir, "best")
+    except ckpt.CheckpointError as error:
+        pointer = shlex.quote(str(Path(run_dir) / "best"))
+        raise RunDirectoryError(
+            f"cannot resume {run_dir}: {error}, so its first save could not tell which checkpoint to keep as the "
+            f"best; write the best checkpoint's name into it (echo step-NNNNNNNN > {pointer}) or remove it (rm "
+            f"{pointer}: commands that read the best then read latest, until a better validation writes it again)"
+        ) from None
 
 
 def _refuse_untrained(run_dir: Path, checkpoint: Path) -> None:
