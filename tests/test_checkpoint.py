@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -503,6 +504,22 @@ def test_average_leaves_out_checkpoints_newer_than_latest(run_copy: Path, capsys
     with pytest.warns(UserWarning, match=left_out):
         assert main(["average", str(run_copy), "--last", "3", "--out", str(out.with_name("three"))]) == 2
     assert capsys.readouterr().err == f"error: {run_copy} has 2 step checkpoints; ask for --last 2 or fewer\n"
+
+
+def test_average_says_when_its_checkpoints_are_not_consecutive(run_copy: Path) -> None:
+    """Pruning keeps the checkpoint `best` names however old: a run resumed with train.keep_last=1 held its
+    old best and its newest checkpoint, and `average --last 2` silently averaged the two, hundreds of steps
+    apart, as if they were its last two. Here step-00000004 is gone as pruning leaves it (save_every=2)."""
+    shutil.rmtree(run_copy / "checkpoints" / "step-00000004")
+    gap = re.escape(
+        "step-00000002 and step-00000006 are not consecutive checkpoints: those saved between them (from "
+        "step-00000004, train.save_every=2) are gone, pruned by train.keep_last"
+    )
+    with pytest.warns(UserWarning, match=f"^{gap}"):
+        average_checkpoints(run_copy, last=2, out=run_copy.parent / "two")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consecutive ones: no warning
+        average_checkpoints(run_copy, last=1, out=run_copy.parent / "one")
 
 
 def test_average_of_a_run_without_checkpoints_says_so(run_copy: Path, capsys) -> None:

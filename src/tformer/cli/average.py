@@ -6,7 +6,8 @@ modified or overwritten.
 
 The last K are counted back from the checkpoint RUN_DIR/latest names: checkpoints newer than it (left
 behind by setting `latest` back by hand, docs/training.md) are not part of the run and are left out,
-with a warning.
+with a warning. Pruning (train.keep_last) keeps the checkpoint `best` names however old, so a K above
+train.keep_last can reach back to it past the pruned ones: a warning says so, naming the gap.
 """
 
 from __future__ import annotations

@@ -44,8 +44,12 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     totals: dict[str, torch.Tensor] = {}
     tokenizer = checkpoint_load.load_tokenizer(chosen[-1])  # a damaged one is named as such, not as another tokenizer
     tokenizer_files = _tokenizer_files(chosen[-1])
+    previous: tuple[Path, int] | None = None
     for directory in chosen:
-        other, _ = checkpoint_load.read_experiment(directory)
+        other, other_step = checkpoint_load.read_experiment(directory)
+        if previous is not None:
+            _warn_about_a_gap(*previous, directory, other_step, save_every=other.train.save_every)
+        previous = (directory, other_step)
         if other.model != experiment.model:
             raise ckpt.CheckpointError(f"{directory} has a different model configuration than {chosen[-1]}")
         if _tokenizer_files(directory) != tokenizer_files:  # ids that name other pieces: an average of unrelated rows
@@ -84,6 +88,21 @@ def _run_checkpoints(run_dir: Path) -> list[Path]:
             stacklevel=3,
         )
     return [directory for directory in available if directory.name <= latest]
+
+
+def _warn_about_a_gap(earlier: Path, earlier_step: int, later: Path, later_step: int, *, save_every: int) -> None:
+    """Warn where the run saved a checkpoint between two chosen ones that is gone: pruning (train.keep_last)
+    keeps the checkpoint `best` names however old, so with fewer newest checkpoints than --last K the
+    average took in an old best, hundreds of steps before the others, as if it were one of the last K."""
+    missing = (earlier_step // save_every + 1) * save_every  # every multiple of save_every is saved
+    if missing < later_step:
+        warnings.warn(
+            f"{earlier.name} and {later.name} are not consecutive checkpoints: those saved between them (from "
+            f"{ckpt.step_name(missing)}, train.save_every={save_every}) are gone, pruned by train.keep_last, "
+            f"which keeps the best checkpoint however old; the average spans steps {earlier_step} to {later_step}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
