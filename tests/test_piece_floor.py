@@ -59,7 +59,7 @@ def test_translate_refuses_a_huge_line_without_encoding_it(trained: Tokenizer) -
     translator = Translator(model, Unencodable(trained), DecodeConfig())
     line = "one hundred twelve " * 100_000
     expected = f"input line 1 has more than {limit} tokens ({len(line):,} characters); the model accepts at most "
-    expected += f"{limit}: shorten it, or translate its first {limit} with --truncate"
+    expected += f"{limit}: shorten it, or translate its first {limit - 1} pieces and eos with --truncate"
     with pytest.raises(DecodingError, match=rf"^{re.escape(expected)}$"):
         list(translator.translate([line]))
 

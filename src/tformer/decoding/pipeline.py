@@ -159,7 +159,7 @@ class Translator:
         if not self.truncate and surely_too_long(self.tokenizer, "source", line, limit - 1):
             raise DecodingError(
                 f"input line {number} has more than {limit} tokens ({len(line):,} characters); the model accepts "
-                f"at most {limit}: shorten it, or translate its first {limit} with --truncate"
+                f"at most {limit}: shorten it, or translate its first {limit - 1} pieces and eos with --truncate"
             )
         ids = [*self._encoded(line, number, limit), self.tokenizer.eos_id]
         if len(ids) <= limit:
@@ -167,7 +167,9 @@ class Translator:
         count = f"more than {limit}" if self._headed else len(ids)
         where = f"input line {number} has {count} tokens; the model accepts at most {limit}"
         if not self.truncate:
-            raise DecodingError(f"{where}: shorten it, or translate its first {limit} with --truncate")
+            raise DecodingError(
+                f"{where}: shorten it, or translate its first {limit - 1} pieces and eos with --truncate"
+            )
         warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=3)
         return [*ids[: limit - 1], self.tokenizer.eos_id]
 
