@@ -146,7 +146,7 @@ def test_early_stopping_state_names_its_metric() -> None:
     loss = EarlyStopping("loss", patience=2)
     loss.update(3.0, 1), loss.update(3.5, 2)
     bleu = EarlyStopping("bleu", patience=2)
-    assert bleu.load_state_dict(loss.state_dict()) == "loss"
+    assert bleu.load_state_dict(loss.state_dict()).startswith("train.stop_metric changed from loss to bleu")
     assert (bleu.best, bleu.best_step, bleu.bad_evaluations) == (None, 0, 0)
     assert bleu.update(0.5, 3)  # any BLEU is a first best, not compared with a loss of 3.0
 
@@ -168,6 +168,45 @@ def test_resume_with_a_new_stop_metric_starts_early_stopping_afresh(
     assert changed.early_stopping.metric == "chrf" and changed.early_stopping.best is None
     err = capsys.readouterr().err
     assert "train.stop_metric changed from loss to chrf: early stopping starts afresh" in err
+
+
+def test_early_stopping_state_names_the_settings_its_metric_was_measured_with() -> None:
+    """A BLEU measured with beam 4 and one measured with beam 1 (or a loss with and without label
+    smoothing) do not compare: the state keeps the settings, and other ones start it afresh."""
+    old = EarlyStopping("bleu", patience=2, measured_with={"decode.beam_size": 4, "train.bleu_tokenize": "13a"})
+    old.update(20.0, 4), old.update(19.0, 8)
+    same = EarlyStopping("bleu", patience=2, measured_with=dict(old.measured_with))
+    assert same.load_state_dict(old.state_dict()) is None and same == old
+    other = EarlyStopping("bleu", patience=2, measured_with={"decode.beam_size": 1, "train.bleu_tokenize": "13a"})
+    message = other.load_state_dict(old.state_dict())
+    assert message == (
+        "decode.beam_size changed since the best bleu so far (20 at step 4) was measured: early stopping "
+        "starts afresh, comparing only values measured the new way"
+    )
+    assert (other.best, other.best_step, other.bad_evaluations) == (None, 0, 0)
+    older_format = {key: value for key, value in old.state_dict().items() if key != "measured_with"}
+    assert other.load_state_dict(older_format) is None and other.best == 20.0  # as measured this way
+    added = EarlyStopping("bleu", patience=2, measured_with={**old.measured_with, "decode.new_setting": 1})
+    assert added.load_state_dict(old.state_dict()) is None  # a setting a later tformer adds changes nothing
+
+
+def test_resume_that_changes_how_the_stop_metric_is_measured_starts_early_stopping_afresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A resume with --set train.label_smoothing=0 compared the new, unsmoothed validation losses with the
+    best smoothed one (higher by the smoothing's entropy term): no step could beat it for a while, and
+    with train.patience the run stopped early. A decode setting leaves a loss's state alone."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    start_run(tiny_experiment(corpus, "train.max_steps=4"), tmp_path / "run", quiet=True).train()
+    decode_only = resume_run(tmp_path / "run", overrides=["decode.beam_size=1", "train.max_steps=8"])
+    assert decode_only.early_stopping.best_step == 4
+    assert "early stopping starts afresh" not in capsys.readouterr().err
+
+    changed = resume_run(tmp_path / "run", overrides=["train.label_smoothing=0.0", "train.max_steps=8"])
+    assert changed.early_stopping.best is None
+    err = capsys.readouterr().err
+    assert "train.label_smoothing changed since the best loss so far (" in err
+    assert "early stopping starts afresh, comparing only values measured the new way" in err
 
 
 def test_checkpoints_without_the_new_trainer_state_keys_still_resume(tmp_path: Path) -> None:

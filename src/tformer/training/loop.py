@@ -53,7 +53,7 @@ from tformer.training.schedule import learning_rate
 from tformer.training.step import TrainingObjective, train_step
 from tformer.training.stopping import StoppingCriteria
 from tformer.training.trainer_state import TrainerState
-from tformer.training.validation import EarlyStopping
+from tformer.training.validation import EarlyStopping, metric_settings
 from tformer.training.validator import Validator, validation_line
 
 # DDP sends the model's buffers from rank 0 before every forward unless told not to; the only buffers, the
@@ -131,7 +131,10 @@ class Trainer(TrainerState):
         if self.train_config.cuda_graphs and (self.distributed.enabled or compile_mode == "model" or loss_chunk):
             raise ConfigError("train.cuda_graphs runs in one process, without --compile model and without --loss-chunk")
         self.graphed_steps: GraphedSteps | None = None  # made when training starts (after a restore)
-        self.early_stopping = EarlyStopping(self.train_config.stop_metric, self.train_config.patience)
+        stop_metric = self.train_config.stop_metric
+        self.early_stopping = EarlyStopping(
+            stop_metric, self.train_config.patience, metric_settings(stop_metric, experiment)
+        )
         self.validator = Validator(
             experiment=experiment,
             model=self.model,

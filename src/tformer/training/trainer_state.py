@@ -70,12 +70,9 @@ class TrainerState:
         changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
         if changed:
             self._say(changed)
-        replaced = self.early_stopping.load_state_dict(state["early_stopping"])
-        if replaced is not None:
-            self._say(
-                f"train.stop_metric changed from {replaced} to {self.early_stopping.metric}: early stopping "
-                f"starts afresh (the best {replaced} so far does not count)"
-            )
+        restarted = self.early_stopping.load_state_dict(state["early_stopping"])
+        if restarted is not None:
+            self._say(restarted)
         self.window.load_state_dict(state.get("log_window"))  # absent in older checkpoints: an empty window
         load_rng_state(state["rng"])
         if self.distributed.rank > 0:  # the checkpoint holds rank 0's generators; others must differ

@@ -7,15 +7,16 @@ train mode afterwards; neither draws from the global random generators unless de
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from tformer.config import DecodeConfig
+from tformer.config import DecodeConfig, ExperimentConfig
 from tformer.data.batching import Batch
 from tformer.data.tokenizer import Tokenizer
 from tformer.evaluation import Scores, score
@@ -76,12 +77,35 @@ def validation_scores(
     return score(hypotheses, list(references), tokenize=tokenize)
 
 
+# Decoding settings that change how fast validation translates, never what: a change of them on resume
+# keeps early stopping's best BLEU/chrF (nbest: validation scores the best hypothesis alone).
+SPEED_ONLY_DECODE_SETTINGS = ("static_step", "compile_step", "nbest")
+
+
+def metric_settings(metric: str, experiment: ExperimentConfig) -> dict[str, Any]:
+    """The settings that `metric` (loss | bleu | chrf) as validation measures it depends on, by
+    "section.key": a resume that changes one of them measures it another way, so the best value so far
+    no longer compares (a loss with other label smoothing, a BLEU of other beams or tokenisation)."""
+    train = experiment.train
+    if metric == "loss":
+        return {"train.label_smoothing": train.label_smoothing}
+    settings: dict[str, Any] = {"train.bleu_max_sentences": train.bleu_max_sentences}
+    if metric == "bleu":
+        settings["train.bleu_tokenize"] = train.bleu_tokenize
+    for setting in fields(experiment.decode):
+        if setting.name not in SPEED_ONLY_DECODE_SETTINGS:
+            settings[f"decode.{setting.name}"] = getattr(experiment.decode, setting.name)
+    return json.loads(json.dumps(settings))  # tuples as lists: as a checkpoint's trainer state gives them back
+
+
 @dataclass
 class EarlyStopping:
-    """Best value of `metric` so far and how many evaluations in a row failed to beat it."""
+    """Best value of `metric` so far and how many evaluations in a row failed to beat it, and the settings
+    it was measured with (`metric_settings`)."""
 
     metric: str  # bleu | chrf | loss (higher is better for bleu and chrf)
     patience: int  # stop after this many evaluations without improvement; 0 never stops
+    measured_with: dict[str, Any] = field(default_factory=dict)
     best: float | None = None
     best_step: int = 0
     bad_evaluations: int = 0
@@ -106,19 +130,34 @@ class EarlyStopping:
     def state_dict(self) -> dict[str, Any]:
         return {
             "metric": self.metric,
+            "measured_with": self.measured_with,
             "best": self.best,
             "best_step": self.best_step,
             "bad_evaluations": self.bad_evaluations,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> str | None:
-        """Restore the state of the same metric and return None; a state of another metric (the run was
-        resumed with a new train.stop_metric) says nothing about this one, so start afresh and return
-        the stored metric's name. A state without a name (older checkpoints) counts as this metric's."""
+        """Restore the state of the same metric measured the same way and return None. A state of another
+        metric (a resume with a new train.stop_metric), or of this one measured with other settings (a
+        resume with --set train.label_smoothing=0 under the loss, decode.beam_size=1 under BLEU), says
+        nothing about the values to come: start afresh and return why, in one line. Older checkpoints'
+        states (without a metric's name, or its settings) count as this metric's, measured this way."""
         stored = str(state.get("metric", self.metric))
         if stored != self.metric:
             self.best, self.best_step, self.bad_evaluations = None, 0, 0
-            return stored
+            return (
+                f"train.stop_metric changed from {stored} to {self.metric}: early stopping starts afresh "
+                f"(the best {stored} so far does not count)"
+            )
+        before = state.get("measured_with") or {}
+        changed = [key for key, value in self.measured_with.items() if key in before and before[key] != value]
+        if changed:
+            self.best, self.best_step, self.bad_evaluations = None, 0, 0
+            best = "none yet" if state["best"] is None else f"{float(state['best']):.4g} at step {state['best_step']}"
+            return (
+                f"{', '.join(changed)} changed since the best {self.metric} so far ({best}) was measured: early "
+                "stopping starts afresh, comparing only values measured the new way"
+            )
         self.best = None if state["best"] is None else float(state["best"])
         self.best_step, self.bad_evaluations = int(state["best_step"]), int(state["bad_evaluations"])
         return None
