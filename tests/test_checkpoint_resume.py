@@ -197,7 +197,13 @@ def test_the_trainer_state_keeps_the_layout_that_earlier_checkpoints_have(tmp_pa
     assert (state["format_version"], state["step"], type(state["elapsed_s"])) == (ckpt.FORMAT_VERSION, 2, float)
     assert list(state["optimizer"]) == ["state", "param_groups"]
     assert {key: type(value) for key, value in state["stream"].items()} == {"epoch": int, "index": int}
-    assert state["early_stopping"] == {"metric": "loss", "best": None, "best_step": 0, "bad_evaluations": 0}
+    assert state["early_stopping"] == {
+        "metric": "loss",
+        "measured_with": {"train.label_smoothing": 0.1},  # absent in older checkpoints: counts as measured this way
+        "best": None,
+        "best_step": 0,
+        "bad_evaluations": 0,
+    }
     window = state["log_window"]
     assert [(key, type(value)) for key, value in window.items()] == [
         ("loss", float), ("nll", float), ("tokens", int), ("grad_norm", float)
