@@ -247,17 +247,18 @@ class Tokenizer:
         hundred pieces. Exact because a piece never spans a space (`_splits_at_spaces`): the pieces of a
         prefix ending at a word are the line's own, up to there. A vocabulary with pieces across spaces
         (sentencepiece's split_by_whitespace=false), or a text without whitespace, is encoded whole."""
-        refuse_surrogates(text)  # anywhere in the line, as encoding it whole would
         size = max(pieces, 1) * HEAD_CHARACTERS
-        while size < len(text) and self._source_splits_at_spaces:
-            space = _WHITESPACE.search(text, size)
-            if space is None:
-                break
-            ids = self._src.encode(normalize(text[: space.start()]))
-            if len(ids) >= pieces:
-                return ids
-            size = 2 * space.end()
-        return self.encode_source(text)
+        if size < len(text) and self._source_splits_at_spaces:
+            refuse_surrogates(text)  # anywhere in the line, as encoding it whole would
+            while size < len(text):
+                space = _WHITESPACE.search(text, size)
+                if space is None:
+                    break
+                ids = self._src.encode(normalize(text[: space.start()]))
+                if len(ids) >= pieces:
+                    return ids
+                size = 2 * space.end()
+        return self.encode_source(text)  # a short line (every line of most inputs): checked once, by normalize
 
     def encode_sources(self, texts: Iterable[str]) -> list[list[int]]:
         """Batch encoding: one call into sentencepiece for the whole list is several times faster."""
