@@ -159,7 +159,7 @@ class Translator:
         if not self.truncate and surely_too_long(self.tokenizer, "source", line, limit - 1):
             raise DecodingError(
                 f"input line {number} has more than {limit} tokens ({len(line):,} characters); the model accepts "
-                f"at most {limit}: shorten it, or translate its first {limit - 1} pieces and eos with --truncate"
+                f"at most {limit}: {_too_long_advice(limit)}"
             )
         ids = [*self._encoded(line, number, limit), self.tokenizer.eos_id]
         if len(ids) <= limit:
@@ -167,9 +167,7 @@ class Translator:
         count = f"more than {limit}" if self._headed else len(ids)
         where = f"input line {number} has {count} tokens; the model accepts at most {limit}"
         if not self.truncate:
-            raise DecodingError(
-                f"{where}: shorten it, or translate its first {limit - 1} pieces and eos with --truncate"
-            )
+            raise DecodingError(f"{where}: {_too_long_advice(limit)}")
         warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=3)
         return [*ids[: limit - 1], self.tokenizer.eos_id]
 
@@ -219,3 +217,8 @@ class Translator:
             batch.append(index)
         if batch:
             yield batch
+
+
+def _too_long_advice(limit: int) -> str:
+    """What to do with a line of more than `limit` tokens (eos included), said by both of its refusals."""
+    return f"shorten it, or translate its first {limit - 1} pieces and eos with --truncate"
