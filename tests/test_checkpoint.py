@@ -284,6 +284,27 @@ def test_a_resume_from_a_damaged_checkpoint_says_how_to_resume_from_an_earlier_o
     assert main(command) == 0
 
 
+def test_a_resume_from_an_averaged_checkpoint_names_the_newest_training_checkpoint(run_copy: Path, capsys) -> None:
+    """`latest` pointed at an average (by hand) stopped the resume at "missing checkpoint file:
+    .../trainer_state.pt" alone: the search for an earlier checkpoint took only names before
+    "averaged-..." (none of the step-* ones), so nothing was advised. It now says an average holds weights
+    only and names the newest training checkpoint, which may be newer than the average's name sorts."""
+    averaged = average_checkpoints(run_copy, last=2)
+    (run_copy / "latest").write_text(f"{averaged.name}\n")
+    command = ["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"]
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: missing checkpoint file: {averaged / ckpt.STATE_FILE}; latest names {averaged.name}, not a "
+        "checkpoint of training steps (an average holds weights only); the newest training checkpoint that reads "
+        f"whole is step-00000006: to resume from it, run: echo step-00000006 > {run_copy / 'latest'} && tformer "
+        f"train --out {run_copy} --resume\n"
+    ), err
+    (run_copy / "latest").write_text("step-00000006\n")  # as the message says
+    assert main(command) == 0
+
+
 def test_a_resume_with_no_earlier_checkpoint_that_reads_whole_says_only_what_is_damaged(run_copy: Path) -> None:
     for step in ckpt.step_checkpoints(run_copy):
         _cut_short(step / ckpt.STATE_FILE)

@@ -201,13 +201,20 @@ def _earlier_checkpoint_advised(run_dir: Path) -> Iterator[None]:
             latest = ckpt.read_pointer_name(run_dir, "latest")
         except ckpt.CheckpointError:  # the pointer itself is damaged
             latest = None
-        earlier = _newest_complete_checkpoint(run_dir, before=latest)
+        # an average (tformer average) holds weights only: any training checkpoint may follow it
+        of_training = latest is not None and latest.startswith("step-")
+        earlier = _newest_complete_checkpoint(run_dir, before=latest if of_training else None)
         if earlier is None:
             raise
         pointer, out = shlex.quote(str(Path(run_dir) / "latest")), shlex.quote(str(run_dir))
+        if latest is not None and not of_training:
+            why = f"latest names {latest}, not a checkpoint of training steps (an average holds weights only)"
+            found = f"{why}; the newest training checkpoint that reads whole is {earlier.name}"
+        else:
+            found = f"the newest {'earlier ' if latest else ''}checkpoint that reads whole is {earlier.name}"
         raise ckpt.CheckpointError(
-            f"{error}; the newest {'earlier ' if latest else ''}checkpoint that reads whole is {earlier.name}: "
-            f"to resume from it, run: echo {earlier.name} > {pointer} && tformer train --out {out} --resume"
+            f"{error}; {found}: to resume from it, run: echo {earlier.name} > {pointer} && "
+            f"tformer train --out {out} --resume"
         ) from None
 
 
