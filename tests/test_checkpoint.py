@@ -75,7 +75,9 @@ def test_a_run_decodes_with_the_settings_of_its_latest_checkpoint(run_copy: Path
     assert load_run(loaded.checkpoint_dir).experiment.decode.beam_size == 2
     assert load_run(run_copy, which="last").experiment.decode.beam_size == 3
     (run_copy / "checkpoints" / "step-00000008" / ckpt.EXPERIMENT_FILE).write_text("{")
-    with pytest.warns(UserWarning, match="decoding with step-00000004's settings, not the latest checkpoint's: "):
+    with pytest.warns(
+        UserWarning, match=r"using step-00000004's \[decode\] and \[train\] settings, not the latest checkpoint's: "
+    ):
         assert load_run(run_copy).experiment.decode.beam_size == 2
 
 

@@ -212,6 +212,8 @@ def latest_settings(run_dir: Path, loaded: Path, experiment: ExperimentConfig) -
             return experiment
         newest = read_experiment(run_dir / CHECKPOINTS_DIR / latest)[0]
     except CheckpointError as error:
-        warnings.warn(f"decoding with {loaded.name}'s settings, not the latest checkpoint's: {error}", stacklevel=3)
+        warnings.warn(
+            f"using {loaded.name}'s [decode] and [train] settings, not the latest checkpoint's: {error}", stacklevel=3
+        )
         return experiment
     return replace(experiment, train=newest.train, decode=newest.decode)
