@@ -203,6 +203,26 @@ def test_when_one_process_fails_the_others_say_so_in_one_line(tmp_path: Path) ->
     assert load_run(out, which="last").step == 2
 
 
+def test_a_diverged_run_says_what_it_keeps_once_not_in_every_process(tmp_path: Path) -> None:
+    """Every process finds the non-finite loss at the same step (it is summed over all of them), and each
+    printed the whole message: with 8 GPUs, 8 copies of the same advice. Rank 0 says it; the others say
+    only where the run diverged, as they print only `interrupted` on Ctrl-C."""
+    corpus = write_corpus(tmp_path)
+    argv = [
+        "-m",
+        "tformer.cli.main",
+        *_train_argv(corpus, tmp_path / "run", "--set", "train.schedule=peak", "--set", "train.peak_lr=1e30"),
+    ]
+    main, other = _launch([argv, argv], cwd=tmp_path)
+    assert main.returncode == other.returncode == 2
+    assert main.stderr.startswith("error: training diverged: the loss became non-finite at step ")
+    assert main.stderr.endswith("; no checkpoint was saved; lower the learning rate or set train.clip_norm\n")
+    step = main.stderr.split("at step ")[1].split(";")[0]
+    assert other.stderr == (
+        f"error: process 1 stops: training diverged at step {step} (process 0's message says what to do)\n"
+    )
+
+
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_a_process_that_fails_before_the_processes_join_stops_the_others_at_once(
     tmp_path: Path, failing_rank: int

@@ -45,8 +45,13 @@ def what_was_kept(run_dir: Path) -> str:
     )
 
 
-def why_diverged(run_dir: Path, step: int) -> str:
-    """The message of the TrainingDivergedError of a run whose loss at `step` was not finite."""
+def why_diverged(run_dir: Path, step: int, *, rank: int = 0) -> str:
+    """The message of the TrainingDivergedError of a run whose loss at `step` was not finite. Every
+    process of a multi-process run finds it at the same step (the loss is summed over all of them), so
+    only rank 0 says what the run keeps and what to change; the others say where it happened, in the
+    words of the other processes' stops (cli/train.py), as they print only `interrupted` on Ctrl-C."""
+    if rank > 0:
+        return f"process {rank} stops: training diverged at step {step} (process 0's message says what to do)"
     name = ckpt.read_pointer_name(run_dir, "latest")
     where = (
         f"the last good checkpoint is {run_dir / ckpt.CHECKPOINTS_DIR / name}" if name else "no checkpoint was saved"
