@@ -203,6 +203,34 @@ def test_when_one_process_fails_the_others_say_so_in_one_line(tmp_path: Path) ->
     assert load_run(out, which="last").step == 2
 
 
+# `python -c FULL_DISK train ...`: tformer train on a disk that has no room for a checkpoint
+FULL_DISK = """
+import errno, os, sys
+import tformer.training.checkpoint_save as checkpoint_save
+from tformer.cli.main import program
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+checkpoint_save.save_checkpoint = full
+program(sys.argv[1:])
+"""
+
+
+def test_a_run_of_several_processes_that_kept_no_checkpoint_is_not_told_to_use_overwrite(tmp_path: Path) -> None:
+    """Its failure advised `start afresh with --overwrite`, which every process of a torchrun job then
+    refuses (`--overwrite runs in one process`)."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    argv = ["-c", FULL_DISK, *_train_argv(corpus, out, "--set", "train.save_every=2")]
+    main, other = _launch([argv, argv], cwd=tmp_path)
+    assert (main.returncode, main.stderr) == (
+        2,
+        "error: could not save checkpoint step-00000002 (No space left on device); no checkpoint of "
+        f"{out} was saved yet, so nothing to resume: start afresh after removing {out} (--overwrite runs in "
+        "one process)\n",
+    )
+    assert other.returncode == 1 and other.stderr.startswith("error: process 1 stops: another process")
+
+
 def test_a_diverged_run_says_what_it_keeps_once_not_in_every_process(tmp_path: Path) -> None:
     """Every process finds the non-finite loss at the same step (it is summed over all of them), and each
     printed the whole message: with 8 GPUs, 8 copies of the same advice. Rank 0 says it; the others say

@@ -31,14 +31,17 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped training; the message (rank 0's; empty on other ranks) says what the run kept."""
 
 
-def what_was_kept(run_dir: Path) -> str:
-    """What an interrupted run leaves: its last complete checkpoint, which a resume continues from."""
+def what_was_kept(run_dir: Path, *, processes: int = 1) -> str:
+    """What an interrupted run leaves: its last complete checkpoint, which a resume continues from. A run
+    of several `processes` that kept none is started afresh in an emptied RUN_DIR: --overwrite, which a
+    run of one process takes, is refused under torchrun."""
     try:
         name = ckpt.read_pointer_name(run_dir, "latest")
     except (OSError, ckpt.CheckpointError):
         name = None
     if name is None:
-        return f"no checkpoint of {run_dir} was saved yet, so nothing to resume: start afresh with --overwrite"
+        afresh = "with --overwrite" if processes == 1 else f"after removing {run_dir} (--overwrite runs in one process)"
+        return f"no checkpoint of {run_dir} was saved yet, so nothing to resume: start afresh {afresh}"
     return (
         f"the run keeps its last checkpoint, {run_dir / ckpt.CHECKPOINTS_DIR / name}; "
         f"continue it with: tformer train --out {run_dir} --resume"

@@ -191,7 +191,9 @@ class Trainer(TrainerState):
                 if due and self._last_saved_step != self.step:
                     self.save(best=improved)
         except KeyboardInterrupt as interrupt:
-            raise TrainingInterrupted(what_was_kept(self.run_dir) if self.distributed.is_main else "") from interrupt
+            raise TrainingInterrupted(
+                what_was_kept(self.run_dir, processes=self.distributed.world_size) if self.distributed.is_main else ""
+            ) from interrupt
         finally:
             batches.close()
             progress.close()
@@ -268,7 +270,8 @@ class Trainer(TrainerState):
             self.metrics.append(row)
         except OSError as error:
             failure = f"could not write {self.metrics.path} ({error.strerror or error})"
-            raise CheckpointSaveError(failure, what_was_kept(self.run_dir)) from error
+            kept = what_was_kept(self.run_dir, processes=self.distributed.world_size)
+            raise CheckpointSaveError(failure, kept) from error
 
     def _flush(self) -> dict[str, float]:
         """Read the pending step losses (see LossWindow); fail on the first non-finite one. Returns the
@@ -303,4 +306,5 @@ class Trainer(TrainerState):
                 tokenizer=self.tokenizer,
                 model=self.model,
                 trainer_state=self.state_dict(),
+                processes=self.distributed.world_size,
             )

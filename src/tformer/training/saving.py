@@ -32,9 +32,11 @@ def save_step_checkpoint(
     tokenizer: Tokenizer,
     model: Transformer,
     trainer_state: dict[str, Any],
+    processes: int = 1,
 ) -> Path:
     """Write the checkpoint of `step`, point `latest` (and `best` when `best`) at it, prune all but the
-    last `keep_last` step checkpoints (0 keeps all; never one a pointer names); returns its directory."""
+    last `keep_last` step checkpoints (0 keeps all; never one a pointer names); returns its directory.
+    `processes`, the run's, is for the advice of a failed save (errors.what_was_kept)."""
     name = ckpt.step_name(step)
     try:
         path = checkpoint_save.save_checkpoint(
@@ -51,7 +53,7 @@ def save_step_checkpoint(
             checkpoint_save.write_pointer(run_dir, "best", name)
     except OSError as error:  # the pointers still name the last complete checkpoint
         raise CheckpointSaveError(
-            f"could not save checkpoint {name} ({error.strerror or error})", what_was_kept(run_dir)
+            f"could not save checkpoint {name} ({error.strerror or error})", what_was_kept(run_dir, processes=processes)
         ) from error
     checkpoint_save.prune_checkpoints(run_dir, keep_last=keep_last)
     return path
