@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -205,3 +206,37 @@ def test_optimizer_is_adam_with_the_papers_settings() -> None:
     decayed = build_optimizer(model, TrainConfig(weight_decay=0.01), device=torch.device("cpu"))
     assert all(p.dim() >= 2 for p in decayed.param_groups[0]["params"])
     assert decayed.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        (dict(), None),
+        (dict(schedule="peak", peak_lr=1e-3), None),  # the recipes' schedule
+        (dict(lr_scale=2.0), None),
+        (dict(peak_lr=1e-3), "train.peak_lr=0.001 plays no part under train.schedule=inverse_sqrt"),
+        (dict(schedule="peak", lr_scale=2.0), "train.lr_scale=2 plays no part under train.schedule=peak"),
+    ],
+)
+def test_a_rate_setting_of_the_schedule_not_in_use_is_warned_about(settings: dict, warned: str | None) -> None:
+    """`--set train.peak_lr=1e-3` under the default inverse_sqrt schedule, or `--set train.lr_scale=2` under a
+    recipe's peak one, changed no learning rate and said nothing: the run trained at the rate it meant to change."""
+    from tformer.training.run import warn_about_schedule
+
+    train = TrainConfig(max_steps=10_000, warmup_steps=100, **settings)
+    changed = dataclasses.replace(train, peak_lr=2 * train.peak_lr, lr_scale=2 * train.lr_scale)
+    unused = "peak_lr" if train.schedule == "inverse_sqrt" else "lr_scale"
+    # the setting named plays no part in the rates, which is what the warning says
+    unchanged = dataclasses.replace(changed, **{unused: getattr(train, unused)})
+    assert [learning_rate(s, changed, d_model=64) for s in (1, 100, 400)] != [
+        learning_rate(s, train, d_model=64) for s in (1, 100, 400)
+    ]
+    assert [learning_rate(s, unchanged, d_model=64) for s in (1, 100, 400)] == [
+        learning_rate(s, changed, d_model=64) for s in (1, 100, 400)
+    ]
+    said: list[str] = []
+    warn_about_schedule(train, said.append)
+    if warned is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(f"warning: {warned}"), said

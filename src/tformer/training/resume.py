@@ -34,7 +34,7 @@ from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_load
 from tformer.training.agreement import check_same_experiment
 from tformer.training.loop import Trainer
-from tformer.training.run import FROM_TOKENIZER, sayer, warn_about_warmup
+from tformer.training.run import FROM_TOKENIZER, sayer, warn_about_schedule
 from tformer.training.run_directory import RunDirectoryError, replaceable
 from tformer.training.run_lock import RunLock
 from tformer.training.training_text import absolute_data_paths, prepare_data
@@ -98,7 +98,7 @@ def _resumed_trainer(
     experiment = _resume_overrides(experiment, overrides)
     device = resolve_device(experiment.train.device, distributed)
     check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
-    warn_about_warmup(experiment.train, say)
+    warn_about_schedule(experiment.train, say)
     tokenizer = checkpoint_load.load_tokenizer(checkpoint)
     model = Transformer(experiment.model)
     training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)

@@ -43,7 +43,7 @@ from tformer.training.run_directory import (
     remove_unused,
 )
 from tformer.training.run_lock import RunLock
-from tformer.training.schedule import warmup_advice
+from tformer.training.schedule import unused_schedule_setting, warmup_advice
 from tformer.training.training_text import (
     Say,
     TrainingText,
@@ -124,7 +124,7 @@ def _new_trainer(
     # the smallest vocabulary a tokenizer can have: a model too large even with it is refused before the data is read
     smallest = smallest_vocab_size(byte_fallback=data.byte_fallback)
     check_fits_in_memory(dataclasses.replace(experiment.model, src_vocab_size=smallest, tgt_vocab_size=smallest))
-    warn_about_warmup(experiment.train, say)  # once the settings are known to be ones it trains with
+    warn_about_schedule(experiment.train, say)  # once the settings are known to be ones it trains with
     valid_text = read_validation_text(data)  # small: its errors come before the training text is even read
     corpus = read_training_text(data)
     say(f"training data: {corpus.summary}")
@@ -270,10 +270,12 @@ def check_no_tokenizer_keys(given: dict[str, Any]) -> None:
         )
 
 
-def warn_about_warmup(train: TrainConfig, say: Say) -> None:
-    advice = warmup_advice(train)
-    if advice is not None:
-        say(advice)
+def warn_about_schedule(train: TrainConfig, say: Say) -> None:
+    """The learning-rate settings that will not do what they seem to: a warm-up the run never finishes, a
+    rate setting of the schedule not in use."""
+    for advice in (warmup_advice(train), unused_schedule_setting(train)):
+        if advice is not None:
+            say(advice)
 
 
 def _seed_everything(seed: int) -> None:

@@ -18,6 +18,7 @@ is the peak form with peak = scale * d_model^-0.5 * warmup^-0.5. Without the ram
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tformer.config import TrainConfig
@@ -61,3 +62,23 @@ def warmup_advice(train: TrainConfig) -> str | None:
         f"the whole run and {outcome}; set train.warmup_steps to a fraction of max_steps (e.g. --set "
         f"train.warmup_steps={max(1, steps // 10)})"
     )
+
+
+def unused_schedule_setting(train: TrainConfig) -> str | None:
+    """A warning when the rate's size is set for the schedule the run does not use: `train.peak_lr` plays no
+    part in "inverse_sqrt" (whose peak follows from d_model, warmup_steps and lr_scale), `train.lr_scale`
+    none in "peak". Both have defaults, so without it `--set train.peak_lr=1e-3` under the default schedule,
+    or `--set train.lr_scale=2` under a recipe's "peak" one, would train at the rate it meant to change."""
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    if train.schedule == "inverse_sqrt" and train.peak_lr != defaults["peak_lr"]:
+        return (
+            f"warning: train.peak_lr={train.peak_lr:g} plays no part under train.schedule=inverse_sqrt, whose "
+            "maximum is train.lr_scale * (d_model * train.warmup_steps)^-0.5; set train.schedule=peak to warm up "
+            "to train.peak_lr instead"
+        )
+    if train.schedule == "peak" and train.lr_scale != defaults["lr_scale"]:
+        return (
+            f"warning: train.lr_scale={train.lr_scale:g} plays no part under train.schedule=peak, whose maximum is "
+            f"train.peak_lr={train.peak_lr:g}; set train.peak_lr={train.peak_lr * train.lr_scale:g} to scale it"
+        )
+    return None
