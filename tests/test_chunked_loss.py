@@ -62,3 +62,46 @@ def test_decoder_states_project_to_the_forward_logits(tiny_model: Transformer) -
     tgt = torch.randint(4, 40, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(tiny_model.project_output(tiny_model.decoder_states(src, tgt)), tiny_model(src, tgt))
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 0.3])
+@pytest.mark.parametrize("chunk", [0, 1, 5])
+def test_a_chunked_accumulated_step_equals_torch_cross_entropy_over_one_batch(chunk: int, clip_norm: float) -> None:
+    """train_step over micro-batches of 9 and 41 target tokens (with --loss-chunk or without, clipped or
+    not) against one batch of all 50 done by hand: torch's cross_entropy mean over its tokens (not the mean
+    of the two micro-batches' means, which would weigh a token of the small one 4.6 times as much) and
+    clip_grad_norm_ on the whole gradient, in float64."""
+    from torch import nn
+
+    from tformer.config import TrainConfig
+    from tformer.data.batching import collate
+    from tformer.training.optimizer import build_optimizer
+    from tformer.training.step import train_step
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(7):
+        s, t = (int(torch.randint(1, n, (1,), generator=generator)) for n in (9, 12))
+        pairs.append(tuple(torch.randint(4, 30, (n,), generator=generator).tolist() for n in (s, t)))
+    special = dict(pad_id=0, bos_id=1, eos_id=2)
+    micro = [collate(pairs, [0], **special), collate(pairs, [1, 2, 3, 4, 5, 6], **special)]
+    whole = collate(pairs, list(range(7)), **special)
+    assert [batch.n_tgt_tokens for batch in micro] == [9, 41]
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30, dropout=0.0), seed=3).double()
+    reference = copy.deepcopy(model)
+    logits = reference(whole.src_ids, whole.tgt_in).flatten(0, 1)
+    loss = torch.nn.functional.cross_entropy(logits, whole.tgt_out.flatten(), ignore_index=0, label_smoothing=0.1)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(reference.parameters(), clip_norm if clip_norm else float("inf"))
+    assert clip_norm == 0 or norm > clip_norm  # clipping acts
+    optimizer = build_optimizer(model, TrainConfig(), device=torch.device("cpu"))
+    result = train_step(
+        model, optimizer, micro, lr=0.0, smoothing=0.1, pad_id=0, clip_norm=clip_norm, device=torch.device("cpu"),
+        loss_chunk=chunk,
+    )  # fmt: skip
+    assert result.n_tgt_tokens == 50
+    torch.testing.assert_close(result.loss_sum / 50, loss.detach(), rtol=1e-14, atol=0)
+    if clip_norm:
+        torch.testing.assert_close(result.grad_norm, norm, rtol=1e-14, atol=0)
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-15, msg=name)
