@@ -209,6 +209,7 @@ CONFIGS = {
     "beam-ngram-minlen": DecodeConfig(beam_size=4, nbest=2, no_repeat_ngram_size=2, min_len=3, max_len_b=12),
     "beam-coverage-gnmt": DecodeConfig(beam_size=2, coverage_penalty=0.3, length_penalty=1.0, max_len_b=10),
     "greedy-ngram": DecodeConfig(beam_size=1, no_repeat_ngram_size=2, max_len_b=14, max_len_a=0.0),
+    "sampling": DecodeConfig(sampling=True, nbest=3, temperature=2.0, top_k=20, seed=5, max_len_b=12),
 }
 
 
@@ -234,8 +235,10 @@ def test_cached_search_gives_the_tokens_of_uncached_search(name):
                 assert all(h.tokens[: len(forced)] == forced for h in hypotheses)
 
 
-@pytest.mark.parametrize("name", ["greedy", "beam", "beam-ngram-minlen", "greedy-ngram"])
+@pytest.mark.parametrize("name", ["greedy", "beam", "beam-ngram-minlen", "greedy-ngram", "sampling"])
 def test_sentence_decodes_the_same_alone_and_in_any_batch(name):
+    """Also sampling: a sentence's samples under a seed do not depend on its batch's size, its row or the
+    padding (its draws used to be the batch's row-th of one shared stream)."""
     config = CONFIGS[name]
     model = peaked_model()
     lengths = [7, 4, 9, 5, 2, 8]

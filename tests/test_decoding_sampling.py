@@ -10,7 +10,7 @@ from test_decoding_equivalence import BOS, EOS, padded_batch, peaked_model
 
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
-from tformer.decoding.sampling import Sampler
+from tformer.decoding.sampling import Sampler, row_keys
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
 
@@ -20,7 +20,7 @@ def sampling(**overrides) -> DecodeConfig:
 
 
 def shaped(**overrides) -> torch.Tensor:
-    return Sampler(sampling(**overrides), torch.device("cpu"), rows=1).shaped_log_probs(PROBS.log()).exp()
+    return Sampler(sampling(**overrides), torch.arange(1)).shaped_log_probs(PROBS.log()).exp()
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
@@ -80,7 +80,7 @@ def test_temperature_top_k_top_p_shapes():
 
 
 def test_draws_follow_the_shaped_distribution():
-    sampler = Sampler(sampling(top_k=3, seed=1), torch.device("cpu"), rows=20000)
+    sampler = Sampler(sampling(top_k=3, seed=1), torch.arange(20000))
     draws = sampler(PROBS.log().expand(20000, -1).contiguous(), torch.arange(20000))
     frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
     expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
@@ -91,16 +91,39 @@ def test_draws_follow_the_shaped_distribution():
 def test_a_rows_draw_does_not_depend_on_the_other_rows_in_the_batch():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
     config = sampling(seed=4, temperature=2.0)
-    all_rows = Sampler(config, torch.device("cpu"), rows=6)(logits, torch.arange(6))
+    all_rows = Sampler(config, torch.arange(6))(logits, torch.arange(6))
     some = torch.tensor([1, 4, 5])
-    fewer_rows = Sampler(config, torch.device("cpu"), rows=6)(logits[some], some)
+    fewer_rows = Sampler(config, torch.arange(6))(logits[some], some)
     assert torch.equal(fewer_rows, all_rows[some])
 
 
 def test_draws_never_pick_a_token_that_top_k_cut():
     """Inverting the cumulative distribution lands only on tokens with a probability: never on the cut
     first token (cumulative 0) nor on the cut last one (its cumulative equals the one before)."""
-    sampler = Sampler(sampling(top_k=2, seed=0), torch.device("cpu"), rows=4000)
+    sampler = Sampler(sampling(top_k=2, seed=0), torch.arange(4000))
     log_probs = torch.tensor([[0.1, 0.6, 0.3, 1e-9]]).log().expand(4000, -1).contiguous()
     draws = sampler(log_probs, torch.arange(4000))
     assert set(draws.tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("across", ["steps", "samples", "sentences"])
+def test_the_hashed_uniform_numbers_are_evenly_spread(across):
+    """A row's number at a step is a hash, not a generator's draw: 20,000 of them, over one path's steps,
+    over the samples of one sentence or over sentences, fall evenly into 20 bins (chi-square below its
+    1e-6 quantile for 19 degrees of freedom, 64.4) and hardly repeat (24 bits: a few collisions expected)."""
+    n = 20_000
+    if across == "steps":
+        keys_R = row_keys(torch.tensor([[5, 9, 2]]), torch.ones(1, 3, dtype=torch.bool), seed=3, paths_per_sentence=1)
+        sampler = Sampler(sampling(), keys_R)
+        uniform = torch.cat([sampler.uniforms(torch.tensor([0]), step) for step in range(n)])
+    elif across == "samples":
+        keys_R = row_keys(torch.tensor([[5, 9, 2]]), torch.ones(1, 3, dtype=torch.bool), seed=3, paths_per_sentence=n)
+        uniform = Sampler(sampling(), keys_R).uniforms(torch.arange(n), 0)
+    else:
+        src = torch.stack([torch.arange(n) // 100, torch.arange(n) % 100, torch.full((n,), EOS)], dim=1)
+        keys_R = row_keys(src, torch.ones(n, 3, dtype=torch.bool), seed=3, paths_per_sentence=1)
+        uniform = Sampler(sampling(), keys_R).uniforms(torch.arange(n), 0)
+    assert uniform.min() >= 0.0 and uniform.max() < 1.0
+    counts = torch.bincount((uniform * 20).long(), minlength=20).double()
+    assert ((counts - n / 20) ** 2 / (n / 20)).sum() < 64.4
+    assert len(set(uniform.tolist())) > 0.99 * n

@@ -44,7 +44,7 @@ def hf_probs(logits_RV: torch.Tensor, *, temperature: float, top_k: int, top_p: 
 
 
 def sampler(rows: int, *, seed: int = 0, **settings) -> Sampler:
-    return Sampler(DecodeConfig(sampling=True, seed=seed, **settings), torch.device("cpu"), rows=rows)
+    return Sampler(DecodeConfig(sampling=True, seed=seed, **settings), torch.arange(rows))
 
 
 def tformer_probs(logits_RV: torch.Tensor, **settings) -> torch.Tensor:

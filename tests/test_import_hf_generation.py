@@ -263,7 +263,7 @@ def test_tformers_sampling_distribution_is_generates(temperature, top_k, top_p):
 
     logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
     config = DecodeConfig(sampling=True, temperature=temperature, top_k=top_k, top_p=top_p)
-    ours = Sampler(config, torch.device("cpu"), rows=6).shaped_log_probs(logits).exp()
+    ours = Sampler(config, torch.arange(6)).shaped_log_probs(logits).exp()
     theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k:
         theirs = TopKLogitsWarper(top_k)(None, theirs)

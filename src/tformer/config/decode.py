@@ -62,7 +62,7 @@ class DecodeConfig:
                 raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.compile_step and not self.static_step:
             raise ConfigError("compile_step compiles the static step: set static_step = true as well")
-        if not 0 <= self.seed < 2**63:  # torch.Generator takes a signed 64-bit seed
+        if not 0 <= self.seed < 2**63:  # a signed 64-bit seed, as torch.Generator takes (the sampler hashes it)
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         banned = self.banned_ids
         if not isinstance(banned, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in banned):
