@@ -19,6 +19,9 @@ def test_banned_ids_load_from_toml_lists_and_reject_bad_values() -> None:
         DecodeConfig(banned_ids=(-1,))
     with pytest.raises(ConfigError, match="banned_ids must be a list of token ids"):
         experiment_from_dict({"decode": {"banned_ids": "5"}})
+    # TOML's true is no token id (Python counts it as the integer 1: it banned bos, silently)
+    with pytest.raises(ConfigError, match=r"banned_ids must be a list of token ids \(integers >= 0\), got \[True\]"):
+        experiment_from_dict({"decode": {"banned_ids": [True]}})
 
 
 def test_the_advice_to_set_a_key_names_it_with_its_section() -> None:

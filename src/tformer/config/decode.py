@@ -65,7 +65,12 @@ class DecodeConfig:
         if not 0 <= self.seed < 2**63:  # a signed 64-bit seed, as torch.Generator takes (the sampler hashes it)
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         banned = self.banned_ids
-        if not isinstance(banned, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in banned):
+        if not isinstance(banned, list | tuple) or not all(_is_token_id(i) for i in banned):
             raise ConfigError(f"banned_ids must be a list of token ids (integers >= 0), got {banned!r}")
         object.__setattr__(self, "banned_ids", tuple(banned))  # from TOML/JSON it arrives as a list
         check_int64(self, "decode")
+
+
+def _is_token_id(value: object) -> bool:
+    """An integer >= 0; not a bool, which Python counts as an integer (TOML's `true` is no token id)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
