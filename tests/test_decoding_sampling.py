@@ -79,6 +79,17 @@ def test_temperature_top_k_top_p_shapes():
     torch.testing.assert_close(shaped(top_p=0.81), torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-46, 1e-300])
+def test_a_temperature_near_zero_draws_the_most_probable_token(temperature):
+    """Divided by 1e-40 every float32 log-probability was -inf: the distribution was NaN and every draw
+    token 0 (pad); 1e-46 is 0 in float32. The limit of a temperature going to 0 is greedy search."""
+    torch.testing.assert_close(shaped(temperature=temperature), torch.tensor([[1.0, 0, 0, 0]]), atol=0, rtol=0)
+    sampler = Sampler(sampling(temperature=temperature), torch.arange(50))
+    assert sampler(PROBS.log().expand(50, -1).contiguous(), torch.arange(50)).tolist() == [0] * 50
+    sampler = Sampler(sampling(temperature=temperature), torch.arange(50))
+    assert sampler(PROBS.log().flip(1).expand(50, -1).contiguous(), torch.arange(50)).tolist() == [3] * 50
+
+
 def test_draws_follow_the_shaped_distribution():
     sampler = Sampler(sampling(top_k=3, seed=1), torch.arange(20000))
     draws = sampler(PROBS.log().expand(20000, -1).contiguous(), torch.arange(20000))

@@ -78,8 +78,13 @@ class Sampler:
 
     def shaped_log_probs(self, logits_RV: Tensor) -> Tensor:
         """The log-probabilities tokens are drawn from: scaled, then truncated to top-k and top-p.
-        Logits or log-probabilities give the same result (a per-row shift cancels)."""
-        logits_RV = logits_RV / self.temperature
+        Logits or log-probabilities give the same result (a per-row shift cancels). The row's largest
+        logit is taken away before the division: a tiny temperature (1e-40) made every logit over it -inf,
+        and the distribution NaN, drawing token 0 (pad) at every step; shifted, the largest stays 0, and a
+        temperature near 0 draws the most probable token, as its limit does (one that the logits' dtype
+        holds only as 0 or a subnormal, 1e-46 in float32, divides as its smallest normal number)."""
+        temperature = max(self.temperature, torch.finfo(logits_RV.dtype).tiny)
+        logits_RV = (logits_RV - logits_RV.amax(dim=-1, keepdim=True)) / temperature
         if 0 < self.top_k < logits_RV.shape[1]:
             kth_R1 = logits_RV.topk(self.top_k, dim=-1).values[:, -1:]
             logits_RV = logits_RV.masked_fill(logits_RV < kth_R1, -float("inf"))
