@@ -228,14 +228,18 @@ def test_a_sampling_server_draws_nbest_samples_whatever_the_beam(run):
     assert "2 sentences x 20 samples x up to 8 output tokens" in too_many.json()["error"]
 
 
-def test_a_sampling_request_gets_the_samples_it_gets_alone_whatever_it_waited_with(run):
-    """A sample's draws depend on its sentence's row in the batch: concurrent sampling requests decoded in one
-    call got samples that depended on which other requests shared their window, not those of `tformer
-    translate` on the same sentences (nor the same twice). Each sampling job is now decoded on its own."""
+def test_a_sampling_request_gets_the_samples_it_gets_alone_whatever_it_waited_with(run, monkeypatch):
+    """Concurrent sampling requests decoded in one call got samples that depended on which other requests
+    shared their window (a sample's draws depended on its sentence's row in the batch), not those of
+    `tformer translate` on the same sentences. Sampling jobs were then decoded on their own; now a sentence's
+    draws hash the sentence, not its row, and jobs of the same settings share a call again, as here."""
     import asyncio
 
     from tformer.serving import ServeConfig, create_app
+    from tformer.serving.batcher import Batcher
 
+    grouped, calls_of = [], Batcher._calls
+    monkeypatch.setattr(Batcher, "_calls", lambda self, jobs: grouped.append(calls_of(self, jobs)) or grouped[-1])
     loaded = load_run(run)
     sampling = dataclasses.replace(loaded.experiment.decode, sampling=True, beam_size=1, nbest=2)
     app = create_app(loaded.model, loaded.tokenizer, sampling, config=ServeConfig(max_wait_ms=500))
@@ -251,11 +255,15 @@ def test_a_sampling_request_gets_the_samples_it_gets_alone_whatever_it_waited_wi
 
     responses, windows = asyncio.run(together())
     assert windows == 1  # all three waited in one window
+    assert [len(calls) for calls in grouped] == [1]  # and, of the same settings, were decoded in one call
     translator = Translator(loaded.model, loaded.tokenizer, sampling)
     for sentences, response in zip(requests, responses, strict=True):
         assert response.status_code == 200, response.json()
-        got = [[(c["text"], c["score"]) for c in t["nbest"]] for t in response.json()["translations"]]
-        assert got == [[(t.text, t.score) for t in nbest] for nbest in translator.translate(sentences)]
+        got = response.json()["translations"]
+        expected = list(translator.translate(sentences))
+        assert [[c["text"] for c in t["nbest"]] for t in got] == [[t.text for t in nbest] for nbest in expected]
+        scores = [c["score"] for t in got for c in t["nbest"]]
+        assert scores == pytest.approx([t.score for nbest in expected for t in nbest], abs=1e-5)  # padding's rounding
 
 
 def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_front(run):

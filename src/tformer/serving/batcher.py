@@ -11,9 +11,9 @@ for a large one that shares its window. While the worker decodes, new jobs wait 
 the next window. A job cancelled before its window starts (its client went
 away) is dropped from the window, not decoded.
 
-Batching never changes a result: beam search and greedy decoding are independent of the batch a sentence
-shares (the decoding module's guarantee, checked by tests/test_serve.py against offline translation), and
-a sampling job, whose draws depend on the rows of its batch, is decoded on its own.
+Batching never changes a result: beam search, greedy decoding and sampling are independent of the batch
+a sentence shares (the decoding module's guarantee, checked by tests/test_serve.py against offline
+translation).
 
 On CPU in fp32 the model's weights are packed for oneDNN once, at `start()`, and kept until `stop()`
 (tformer.model.packed; a server's weights never change), instead of once per window.
@@ -257,17 +257,16 @@ class Batcher:
         """The window's jobs (indices) grouped into Translator calls, cheapest first. Jobs with the same
         decode settings share a call while it holds at most `max_batch_tokens` source tokens (a larger job
         has one of its own), taken from the cheapest (source tokens x rows per sentence) up, so that a small
-        job is not decoded, nor answered, after a large one. A sampling job shares its call with no other:
-        a sample's draws depend on its sentence's row in the batch, and its answer must not depend on the
-        requests it happened to wait with. Grouping changes no result: beam search and greedy decoding are
-        independent of the batch a sentence shares."""
+        job is not decoded, nor answered, after a large one. Grouping changes no result: beam search, greedy
+        decoding and sampling (whose draws hash the sentence, not its row) are independent of the batch a
+        sentence shares."""
         order = sorted(range(len(jobs)), key=lambda i: (jobs[i].n_tokens * rows_per_sentence(jobs[i].config), i))
         calls: list[_Call] = []
         open_calls: dict[DecodeConfig, _Call] = {}  # the last call of each setting, which may take more jobs
         for index in order:
             job = jobs[index]
             call = open_calls.get(job.config)
-            if job.config.sampling or call is None or call.tokens + job.n_tokens > self.max_batch_tokens:
+            if call is None or call.tokens + job.n_tokens > self.max_batch_tokens:
                 call = open_calls[job.config] = _Call(job.config)
                 calls.append(call)
             call.members.append(index)
