@@ -11,6 +11,7 @@ import torch
 from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
+from tformer.config import preset
 from tformer.model import Transformer, count_parameters
 from tformer.training import load_run, start_run
 
@@ -129,3 +130,26 @@ def test_vocab_size_replaces_the_files_own_before_it_is_checked(
     assert json.loads(capsys.readouterr().out)["src_vocab_size"] == 100
     assert main(["info", "--config", str(config)]) == 2  # the file's own value is still checked
     assert capsys.readouterr().err == "error: data.vocab_size must be at least 8, got 3\n"
+
+
+def test_a_config_that_names_a_tokenizer_shows_that_tokenizers_vocabulary(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run uses the tokenizer data.tokenizer names as it is, so its model has that tokenizer's vocabulary;
+    `info --config` showed data.vocab_size's (8000 by default, or --vocab-size's), and a parameter count the
+    run would not have. The directory is found as train finds it, under data.data_dir."""
+    loaded = load_run(trained, which="last")
+    checkpoint = trained / "checkpoints" / "step-00000004"
+    config = tmp_path / "given_tokenizer.toml"
+    config.write_text(f'[model]\npreset = "tiny"\n[data]\ndata_dir = "{checkpoint}"\ntokenizer = "tokenizer"\n')
+    for vocab_size in ([], ["--vocab-size", "5000"]):
+        shown = _info(capsys, "--config", str(config), *vocab_size)
+        assert (shown["src_vocab_size"], shown["tgt_vocab_size"]) == (
+            loaded.tokenizer.src_vocab_size,
+            loaded.tokenizer.tgt_vocab_size,
+        )
+        sizes = {"src_vocab_size": shown["src_vocab_size"], "tgt_vocab_size": shown["tgt_vocab_size"]}
+        assert shown["parameters"] == count_parameters(Transformer(preset("tiny", **sizes)))
+    config.write_text('[model]\npreset = "tiny"\n[data]\ntokenizer = "no-such-directory"\n')
+    assert main(["info", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("error: data.tokenizer ")

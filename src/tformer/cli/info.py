@@ -8,7 +8,8 @@ model), and a damaged one is named; the other checkpoints listed are not read.
 --config FILE reads the [model] section of an experiment TOML file (as `tformer train --config` does);
 the vocabulary size comes from --vocab-size (which replaces the file's data.vocab_size before the file is
 checked, as train's does), else the file's data.vocab_size (the size of the tokenizer a run trains: an
-upper bound, since a small corpus may give fewer pieces)."""
+upper bound, since a small corpus may give fewer pieces); where the file names a tokenizer (data.tokenizer),
+which a run uses as it is, that tokenizer's sizes."""
 
 from __future__ import annotations
 
@@ -106,8 +107,25 @@ def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
         if vocab_size is not None and str(error).startswith("data.vocab_size "):
             raise ConfigError(f"--vocab-size {vocab_size} is one tformer train refuses: {error}") from None
         raise
+    if experiment.data.tokenizer is not None:
+        return _with_tokenizer_sizes(experiment.model, experiment.data)
     size = experiment.data.vocab_size  # --vocab-size's, where it is given
     return dataclasses.replace(experiment.model, src_vocab_size=size, tgt_vocab_size=size)
+
+
+def _with_tokenizer_sizes(model: ModelConfig, data: DataConfig) -> ModelConfig:
+    """The model with the vocabulary of the tokenizer data.tokenizer names (found as train finds it,
+    under data.data_dir), which a run uses as it is: its data.vocab_size (and --vocab-size) play no part."""
+    from tformer.data.tokenizer import Tokenizer
+    from tformer.training.run import check_tokenizer_dir
+    from tformer.training.training_text import absolute_data_paths
+
+    directory = absolute_data_paths(data).tokenizer
+    check_tokenizer_dir(directory)
+    tokenizer = Tokenizer.from_files(directory)
+    return dataclasses.replace(
+        model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, pad_id=tokenizer.pad_id
+    )
 
 
 def _with_vocab_size(values: dict[str, Any], vocab_size: int) -> dict[str, Any]:
