@@ -249,3 +249,20 @@ def test_a_file_name_toml_reads_as_a_number_is_refused_with_how_to_quote_it() ->
         "--set 'data.train_src=\"2016\"' on the command line"
     )
     assert load_experiment(None, ['data.train_src="2016"']).data.train_src == "2016"
+
+
+@pytest.mark.parametrize("key", ["data_dir", "train_src", "train_tgt", "tokenizer"])
+def test_an_empty_data_path_is_refused_naming_the_key(key: str) -> None:
+    """`--set data.train_src=` (or --train-src "") gave the empty path, read as the working directory:
+    "expected a file but got a directory: /home/...", naming no key; data_dir="" read the working directory
+    without saying so. A run stores its paths absolute, so no stored run holds an empty one."""
+    with pytest.raises(ConfigError, match=rf"^data\.{key} is empty: give a path, or leave it out$"):
+        load_experiment(None, [f"data.{key}="])
+
+
+def test_an_empty_data_path_given_by_its_flag_is_named_by_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tformer.cli.main import main
+
+    assert main(["train", "--train-src", "", "--train-tgt", "b.txt", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "error: --train-src is empty: give a path, or leave it out\n"
+    assert not (tmp_path / "run").exists()

@@ -67,6 +67,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_types(self, "data")
         check_choices(self, "data")
+        for name in ("data_dir", "train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer"):
+            if getattr(self, name) == "":  # read as the working directory; a run stores its paths absolute
+                raise ConfigError(f"data.{name} is empty: give a path, or leave it out")
         if (self.valid_src is None) != (self.valid_tgt is None):
             raise ConfigError("give both data.valid_src and data.valid_tgt, or neither")
         if self.byte_fallback and self.vocab_size < smallest_vocab_size(byte_fallback=True):
