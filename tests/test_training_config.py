@@ -249,6 +249,10 @@ def test_a_file_name_toml_reads_as_a_number_is_refused_with_how_to_quote_it() ->
         "--set 'data.train_src=\"2016\"' on the command line"
     )
     assert load_experiment(None, ['data.train_src="2016"']).data.train_src == "2016"
+    # a name TOML reads as a date or a time gets the same advice, written as it was typed
+    for typed in ("2016-01-01", "1979-05-27T07:32:00", "07:32:00"):
+        with pytest.raises(ConfigError, match=re.escape(f"--set 'data.train_src=\"{typed}\"' on the command line")):
+            load_experiment(None, [f"data.train_src={typed}"])
 
 
 @pytest.mark.parametrize("key", ["data_dir", "train_src", "train_tgt", "tokenizer"])

@@ -4,6 +4,7 @@ with a message that lists the valid keys), TOML files with one-line errors, and 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import re
 import tomllib
@@ -171,9 +172,11 @@ def _check_type(key: str, value: Any, hint: Any, section: str) -> Any:
 
 
 def _quoting_advice(key: str, value: Any, section: str) -> str:
-    """How to write a name TOML reads as a number (a file called 2016) as a string: in quotes, and on the
-    command line inside shell quotes too, which the shell would otherwise take away."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """How to write a name TOML reads as a number (a file called 2016) or a date (2016-01-01) as a string: in
+    quotes, and on the command line inside shell quotes too, which the shell would otherwise take away."""
+    if isinstance(value, datetime.date | datetime.time):
+        value = value.isoformat()  # as TOML writes it (str() puts a space for the T of a date-time)
+    elif isinstance(value, bool) or not isinstance(value, int | float):
         return ""
     dotted = f"{section}.{key}" if section else key
     return f'; write it in quotes: {key} = "{value}" in a file, --set \'{dotted}="{value}"\' on the command line'
