@@ -214,6 +214,12 @@ def test_stream_errors_early() -> None:
     with pytest.raises(OverlongPairsError):
         stream([([1] * 40, [1])])
     assert stream([([1] * 40, [1]), ([1], [1])], drop_overlong=True).dropped == [0]
+    # every pair dropped: the advice was "0 batch(es) ... fewer than world_size=1; lower max_tokens"
+    with pytest.raises(
+        OverlongPairsError,
+        match=r"^every pair needs more than max_tokens=30 on its own \(the shortest needs 41\); raise max_tokens$",
+    ):
+        stream([([1] * 40, [1]), ([1] * 45, [1])], drop_overlong=True)
     with pytest.raises(ValueError, match="fewer than world_size=4"):
         stream(make_pairs(3), max_tokens=1000, world_size=4)
     with pytest.raises(ValueError, match="invalid batch stream state"):

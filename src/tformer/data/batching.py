@@ -228,6 +228,12 @@ class BatchStream:
         self.rank, self.world_size = rank, world_size
         self.drop_overlong = drop_overlong
         self.dropped = filter_overlong(self.lengths, max_tokens)[1]
+        if len(self.dropped) == len(self.pairs):  # else: "0 batches, fewer than world_size; lower max_tokens"
+            shortest = int(_single_costs(_as_array(self.lengths)).min())
+            raise OverlongPairsError(
+                f"every pair needs more than max_tokens={max_tokens} on its own (the shortest needs {shortest}); "
+                "raise max_tokens"
+            )
         self.epoch, self.index = 0, 0
         self.plan(0)  # fail now, not at the first step, on overlong pairs or too few batches
 
