@@ -153,3 +153,17 @@ def test_a_config_that_names_a_tokenizer_shows_that_tokenizers_vocabulary(
     config.write_text('[model]\npreset = "tiny"\n[data]\ntokenizer = "no-such-directory"\n')
     assert main(["info", "--config", str(config)]) == 2
     assert capsys.readouterr().err.startswith("error: data.tokenizer ")
+
+
+def test_a_config_train_refuses_for_its_vocabulary_keys_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file setting model.src_vocab_size or model.pad_id, which train refuses (a run takes them from its
+    tokenizer), was shown as a model (with pad_id 3, the sizes replaced): info now refuses it in train's words."""
+    config = tmp_path / "vocabulary_keys.toml"
+    config.write_text('[model]\npreset = "tiny"\npad_id = 3\nsrc_vocab_size = 100\n', encoding="utf-8")
+    assert main(["info", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: model.src_vocab_size, model.pad_id cannot be set: a run takes its vocabulary sizes and pad_id from its "
+        "tokenizer"
+    )

@@ -96,9 +96,12 @@ def _refuse_a_config_file(path: Path) -> None:
 
 def _config_file_model(path: Path, vocab_size: int | None) -> ModelConfig:
     """The [model] of an experiment file, with the vocabulary a run of it would get (training sets the
-    vocabulary sizes from its tokenizer, so the file's own model.*_vocab_size are not what a run uses).
+    vocabulary sizes and pad_id from its tokenizer, and refuses a file that sets them, as this does).
     --vocab-size replaces the file's data.vocab_size before the file is checked, as `tformer train` does."""
+    from tformer.training.run import check_no_tokenizer_keys
+
     values = load_toml(path)
+    check_no_tokenizer_keys(values)
     if vocab_size is not None:
         values = _with_vocab_size(values, vocab_size)
     try:
