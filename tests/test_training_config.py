@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -269,4 +270,22 @@ def test_an_empty_data_path_given_by_its_flag_is_named_by_it(tmp_path: Path, cap
 
     assert main(["train", "--train-src", "", "--train-tgt", "b.txt", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == "error: --train-src is empty: give a path, or leave it out\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("section", ["model = 3", "model = [1, 2]", 'model = "tiny"'])
+def test_a_section_given_as_no_table_is_refused_when_a_setting_is_added_to_it(
+    section: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file's `model = 3` with `--set model.d_model=64` (or --preset, a shorthand for model.preset) was a
+    TypeError traceback ('int' object does not support item assignment); alone it was refused in one line."""
+    from tformer.cli.main import main
+
+    config = tmp_path / "no_table.toml"
+    config.write_text(f"{section}\n", encoding="utf-8")
+    value = repr(tomllib.loads(section)["model"])
+    with pytest.raises(ConfigError, match=rf"^\[model\] must be a table of key = value pairs, got {re.escape(value)}$"):
+        load_experiment(config, ["model.d_model=64"])
+    assert main(["train", "--config", str(config), "--preset", "tiny", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("error: [model] must be a table of key = value pairs, got ")
     assert not (tmp_path / "run").exists()

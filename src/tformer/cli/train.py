@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tformer.cli.typed_names import errors_named_as_typed
-from tformer.config import PRESETS, ConfigError, ExperimentConfig, apply_overrides, experiment_from_dict, load_toml
+from tformer.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    experiment_from_dict,
+    load_toml,
+    set_key,
+)
 from tformer.termination import sigterm_as_interrupt
 
 if TYPE_CHECKING:
@@ -281,7 +289,7 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     for flag, (section, key) in FLAG_KEYS.items():
         value: Any = getattr(args, flag)
         if value is not None:
-            values.setdefault(section, {})[key] = value
+            set_key(values, section, key, value)
     return apply_overrides(values, args.set)
 
 

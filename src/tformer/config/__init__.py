@@ -36,6 +36,7 @@ from tformer.config.experiment import (
     experiment_from_dict,
     experiment_to_dict,
     load_experiment,
+    set_key,
 )
 from tformer.config.loading import (
     config_from_dict,
@@ -93,4 +94,5 @@ __all__ = [
     "parse_override",
     "preset",
     "preset_of",
+    "set_key",
 ]

@@ -202,7 +202,7 @@ def experiment_from_dict(values: dict[str, Any]) -> ExperimentConfig:
     for name, cls in EXPERIMENT_SECTIONS.items():
         table = values.get(name, {})
         if not isinstance(table, dict):
-            raise ConfigError(f"[{name}] must be a table of key = value pairs, got {table!r}")
+            raise ConfigError(not_a_table(name, table))
         also_valid: tuple[str, ...] = ()
         if name == "model":
             table, also_valid = expand_preset(table), ("preset",)
@@ -227,6 +227,19 @@ def expand_preset(model_table: dict[str, Any]) -> dict[str, Any]:
     return {**PRESETS[base], **table}
 
 
+def not_a_table(section: str, value: Any) -> str:
+    return f"[{section}] must be a table of key = value pairs, got {value!r}"
+
+
+def set_key(values: dict[str, Any], section: str, key: str, value: Any) -> None:
+    """values[section][key] = value, in place; a section that a config file gave as no table (`model = 3`)
+    is refused as experiment_from_dict refuses it, not with a TypeError."""
+    table = values.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(not_a_table(section, table))
+    table[key] = value
+
+
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of nested `values` with each `section.key=value` set (e.g. `train.max_steps=100`)."""
     result = {name: dict(table) if isinstance(table, dict) else table for name, table in values.items()}
@@ -242,7 +255,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
                 f"unknown section {section!r} in --set {text}; valid sections: {', '.join(EXPERIMENT_SECTIONS)}"
                 f"{did_you_mean([section], list(EXPERIMENT_SECTIONS))}"
             )
-        result.setdefault(section, {})[key] = value
+        set_key(result, section, key, value)
     return result
 
 
