@@ -936,7 +936,7 @@ def test_only_rank_0_prints_the_closing_line(
     monkeypatch.setattr(training_run, "start_run", lambda *args, **kwargs: _FakeTrainer())
     monkeypatch.setattr(training_resume, "resume_run", lambda *args, **kwargs: _FakeTrainer())
     monkeypatch.setattr(
-        training_resume, "resumed_experiment", lambda run_dir, given: tiny_experiment(write_corpus(tmp_path))
+        training_resume, "resumed_experiment", lambda run_dir, given, processes: tiny_experiment(write_corpus(tmp_path))
     )
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--quiet"]) == 0

@@ -289,6 +289,33 @@ def test_overwrite_under_torchrun_is_refused_by_every_process(tmp_path: Path) ->
     assert out.is_dir() and not any(out.iterdir())
 
 
+def test_a_torchrun_job_refused_its_directory_is_told_to_remove_it_not_to_use_overwrite(tmp_path: Path) -> None:
+    """A new run into a directory holding a run, or what a run killed before its first checkpoint leaves,
+    and a resume of the latter, advised --overwrite, which every process of a torchrun job refuses (above):
+    they now say to remove the directory."""
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "train_loss": 4.0}\n')
+    new = ["-m", "tformer.cli.main", *_train_argv(corpus, out)]
+    resume = ["-m", "tformer.cli.main", *_train_argv(corpus, out, "--resume")]
+    one = "(--overwrite runs in one process)"
+    cases = [
+        (new, f"{out} already holds files; no checkpoint to resume: remove them {one}, or choose another --out"),
+        (
+            resume,
+            f"nothing to resume in {out}: it holds no finished checkpoint; start afresh after removing {out} {one}",
+        ),
+    ]
+    for argv, message in cases:
+        for result in _launch([argv, argv], cwd=tmp_path):
+            assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+    (out / "latest").write_text("step-00000004\n")  # a run's, as far as a new run's check looks
+    for result in _launch([new, new], cwd=tmp_path):
+        message = f"{out} already holds a run; pass --resume to continue it, or remove it to start afresh {one}"
+        assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+
+
 def test_processes_given_different_settings_refuse_to_train_naming_the_setting(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path)
     out = tmp_path / "run"

@@ -139,7 +139,12 @@ def _run_either(args: argparse.Namespace) -> int:
     # comes after the flags) replaced it
     overridden = {entry.split("=", 1)[0].strip() for entry in args.set}
     with errors_named_as_typed(args, FLAG_KEYS, overridden=overridden):
-        return _run_one_of_several(args) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else _run(args)
+        return _run_one_of_several(args) if _processes() > 1 else _run(args)
+
+
+def _processes() -> int:
+    """How many processes run this command: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _run_one_of_several(args: argparse.Namespace) -> int:
@@ -168,7 +173,7 @@ def _run_one_of_several(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     from tformer.training.run import start_run
-    from tformer.training.run_directory import check_new_run_dir
+    from tformer.training.run_directory import check_new_run_dir, new_run_advice
     from tformer.training.run_lock import RunLock
 
     out: Path = args.out
@@ -177,8 +182,10 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     if args.resume:
         return _resume(args, rendezvous)
     experiment = _experiment(args)
-    options = _runtime(args, experiment.train.device, rendezvous)
+    # the checks of --out come before the processes join: one that stops alone there leaves none waiting
     if not args.overwrite or not out.exists():
+        check_new_run_dir(out, **new_run_advice(processes=_processes()))
+        options = _runtime(args, experiment.train.device, rendezvous)
         result = start_run(experiment, out, quiet=args.quiet, **options).train()
         options["distributed"].shutdown()  # after a failure the process just exits: a barrier could hang
         _report(options["distributed"], f"run {out}: step {result.step}, {result.stop_reason}")
@@ -187,8 +194,9 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
         raise ConfigError(f"--overwrite replaces a run directory, but {out} is a file")
     _check_replaceable(out)
     _check_data_outside(experiment, out)
-    if options["distributed"].enabled:
+    if _processes() > 1:
         raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
+    options = _runtime(args, experiment.train.device, rendezvous)
     _remove_abandoned_stagings(out, quiet=args.quiet)
     staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
     check_new_run_dir(staging)
@@ -298,7 +306,7 @@ def _resume(args: argparse.Namespace, rendezvous: Rendezvous | None) -> int:
     and giving only what changes both work, and a model or data setting that differs is named."""
     from tformer.training.resume import resume_run, resumed_experiment
 
-    expected = resumed_experiment(args.out, _given_settings(args))
+    expected = resumed_experiment(args.out, _given_settings(args), processes=_processes())
     options = _runtime(args, expected.train.device, rendezvous)
     trainer = resume_run(args.out, expected=expected, quiet=args.quiet, **options)
     result = trainer.train()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tformer.training import checkpoint as ckpt
+from tformer.training.run_directory import start_afresh
 
 
 class TrainingDivergedError(ValueError):
@@ -40,7 +41,7 @@ def what_was_kept(run_dir: Path, *, processes: int = 1) -> str:
     except (OSError, ckpt.CheckpointError):
         name = None
     if name is None:
-        afresh = "with --overwrite" if processes == 1 else f"after removing {run_dir} (--overwrite runs in one process)"
+        afresh = start_afresh(run_dir, processes=processes)
         return f"no checkpoint of {run_dir} was saved yet, so nothing to resume: start afresh {afresh}"
     return (
         f"the run keeps its last checkpoint, {run_dir / ckpt.CHECKPOINTS_DIR / name}; "

@@ -35,7 +35,7 @@ from tformer.training import checkpoint_load
 from tformer.training.agreement import check_same_experiment
 from tformer.training.loop import Trainer
 from tformer.training.run import FROM_TOKENIZER, sayer, warn_about_schedule
-from tformer.training.run_directory import RunDirectoryError, replaceable
+from tformer.training.run_directory import RunDirectoryError, replaceable, start_afresh
 from tformer.training.run_lock import RunLock
 from tformer.training.training_text import absolute_data_paths, prepare_data
 
@@ -58,7 +58,7 @@ def resume_run(
     of processes may differ from the run's (see Trainer.load_stream_state)."""
     distributed = distributed or Distributed()
     with _earlier_checkpoint_advised(run_dir):  # the run lock's errors are no CheckpointError: they pass as they are
-        checkpoint = _last_checkpoint(run_dir)
+        checkpoint = _last_checkpoint(run_dir, processes=distributed.world_size)
         lock = RunLock(run_dir) if distributed.is_main else None
         try:
             return _resumed_trainer(
@@ -119,16 +119,17 @@ def _resumed_trainer(
     return trainer
 
 
-def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig:
+def resumed_experiment(run_dir: Path, given: dict[str, Any], *, processes: int = 1) -> ExperimentConfig:
     """The experiment that a `--resume` command describes: the run's own, with the command's settings
     (nested tables from its config file, flags and --set) laid over it.
 
     A command that gives only what changes, or repeats the one that started the run, thus describes
     the run without the defaults of keys it leaves out. A [model] preset stands for its values, so a
     different preset is a changed model. Pass the result to `resume_run(expected=...)`, which refuses
-    a model or data that differ from the run's and takes the train and decode sections."""
+    a model or data that differ from the run's and takes the train and decode sections. `processes`: how
+    many the command runs in (torchrun's), for the advice of a run that has nothing to resume."""
     with _earlier_checkpoint_advised(run_dir):
-        stored, _ = checkpoint_load.read_experiment(_last_checkpoint(run_dir))
+        stored, _ = checkpoint_load.read_experiment(_last_checkpoint(run_dir, processes=processes))
     values = experiment_to_dict(stored)
     for section, table in given.items():
         if section not in values or not isinstance(table, dict):
@@ -146,8 +147,9 @@ def resumed_experiment(run_dir: Path, given: dict[str, Any]) -> ExperimentConfig
     return experiment
 
 
-def _last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a resumed run continues from, or a one-line error saying why there is none."""
+def _last_checkpoint(run_dir: Path, *, processes: int) -> Path:
+    """The checkpoint a resumed run continues from, or a one-line error saying why there is none (and how to
+    start afresh, which depends on how many `processes` run it)."""
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         raise RunDirectoryError(f"nothing to resume: {run_dir} is a file, not a run directory")
     if not Path(run_dir).is_dir():
@@ -155,7 +157,8 @@ def _last_checkpoint(run_dir: Path) -> Path:
     if not ckpt.is_run_dir(run_dir) or ckpt.read_pointer_name(run_dir, "latest") is None:
         if given_checkpoint := checkpoint_load.checkpoint_given_for_run(run_dir):
             raise RunDirectoryError(f"nothing to resume: {given_checkpoint}")
-        way_out = "; start afresh with --overwrite" if replaceable(run_dir) else ", nor anything of a run: check --out"
+        afresh = f"; start afresh {start_afresh(run_dir, processes=processes)}"
+        way_out = afresh if replaceable(run_dir) else ", nor anything of a run: check --out"
         raise RunDirectoryError(f"nothing to resume in {run_dir}: it holds no finished checkpoint{way_out}")
     checkpoint, _ = checkpoint_load.resolve_checkpoint(run_dir, which="last")
     _refuse_untrained(run_dir, checkpoint)

@@ -40,6 +40,7 @@ from tformer.training.run_directory import (
     check_new_run_dir,
     create_run_dir,
     lock_new_run_dir,
+    new_run_advice,
     remove_unused,
 )
 from tformer.training.run_lock import RunLock
@@ -76,11 +77,11 @@ def start_run(
     torch's), so a notebook's own random draws after it follow from that seed too."""
     distributed = distributed or Distributed()
     if not checked:
-        check_new_run_dir(run_dir)
+        check_new_run_dir(run_dir, **new_run_advice(processes=distributed.world_size))
     distributed.barrier()  # every process has checked before rank 0 creates anything
     run_dir = Path(run_dir)
     created = create_run_dir(run_dir) if distributed.is_main else []
-    lock = lock_new_run_dir(run_dir, checked=checked) if distributed.is_main else None
+    lock = lock_new_run_dir(run_dir, checked=checked, processes=distributed.world_size) if distributed.is_main else None
     try:
         return _new_trainer(
             experiment,

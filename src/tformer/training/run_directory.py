@@ -20,6 +20,25 @@ class RunDirectoryError(ValueError):
 NEW_RUN_ADVICE = "pass --resume to continue it or --overwrite to replace it"
 NEW_RUN_FILES_ADVICE = "no checkpoint to resume: pass --overwrite to replace them, or choose another --out"
 NEW_RUN_OTHERS_ADVICE = "no run is there to resume or replace: choose another --out, or remove the files yourself"
+ONE_PROCESS = "(--overwrite runs in one process)"  # why a torchrun job is told to remove RUN_DIR instead
+
+
+def start_afresh(run_dir: Path, *, processes: int) -> str:
+    """How to start a run afresh in `run_dir`: with --overwrite, which every process of a torchrun job
+    refuses, so a job of several `processes` is told to remove the directory first."""
+    return "with --overwrite" if processes == 1 else f"after removing {run_dir} {ONE_PROCESS}"
+
+
+def new_run_advice(*, processes: int) -> dict[str, str]:
+    """`check_new_run_dir`'s ways out for `tformer train` run in `processes` processes (without --overwrite,
+    where there are several)."""
+    if processes == 1:
+        return {}
+    return {
+        "advice": f"pass --resume to continue it, or remove it to start afresh {ONE_PROCESS}",
+        "files_advice": f"no checkpoint to resume: remove them {ONE_PROCESS}, or choose another --out",
+    }
+
 
 # What a run directory holds before its first checkpoint (or after a crash in its first save): what
 # --overwrite replaces although the directory holds no run to resume.
@@ -88,14 +107,14 @@ def create_run_dir(run_dir: Path) -> list[Path]:
     return missing
 
 
-def lock_new_run_dir(run_dir: Path, *, checked: bool) -> RunLock:
+def lock_new_run_dir(run_dir: Path, *, checked: bool, processes: int = 1) -> RunLock:
     """Lock the new run's directory, so that a second process given the same --out is refused; then
     check again that it is empty, since another run may have filled it between the first check and the
     lock. On failure the directory is another run's: nothing in it is touched."""
     lock = RunLock(run_dir)
     if not checked:
         try:
-            check_new_run_dir(run_dir)
+            check_new_run_dir(run_dir, **new_run_advice(processes=processes))
         except RunDirectoryError:
             lock.release()
             raise
