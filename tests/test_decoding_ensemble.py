@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from test_decoding_equivalence import BOS, EOS, padded_batch, peaked_model
 
 from tformer.config import DecodeConfig
-from tformer.decoding import EnsembleModel, generate
+from tformer.decoding import DecodingError, EnsembleModel, generate
 from tformer.decoding.incremental import IncrementalDecoder
 
 
@@ -62,6 +64,23 @@ def test_ensemble_members_must_share_the_vocabulary():
     other = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).eval()
     with pytest.raises(ValueError, match="vocabulary"):
         EnsembleModel([peaked_model(), other])
+
+
+@pytest.mark.parametrize("field", ["src_vocab_size", "pad_id"])
+def test_members_that_disagree_on_the_source_vocabulary_or_pad_id_are_refused_when_built(field):
+    """The ensemble checks source ids (and makes a missing mask) with its first member's config: a second
+    member with a smaller source vocabulary failed deep inside its embedding (a bare IndexError on the CPU,
+    a device-side assert on a GPU), and one with another pad id was decoded with the first one's."""
+    from tformer.config import preset
+    from tformer.model import Transformer
+
+    first = peaked_model()
+    setting = {"src_vocab_size": 30} if field == "src_vocab_size" else {"pad_id": 3}
+    config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, max_positions=64, share_embeddings=False)
+    other = Transformer(dataclasses.replace(config, **setting)).eval()
+    for members in ([first, other], [other, first]):
+        with pytest.raises(DecodingError, match="source vocabulary" if field == "src_vocab_size" else "pad id"):
+            EnsembleModel(members)
 
 
 def test_an_ensemble_refuses_to_decode_once_a_member_is_put_in_training_mode():

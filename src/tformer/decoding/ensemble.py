@@ -5,7 +5,7 @@
 mean_m log_softmax(logits_m); the search's own log_softmax then renormalises that (a normalised
 geometric mean of the models' distributions). With `return_attention` the attention lists hold one
 entry: each member's last layer, averaged over its heads, then over the members. The models must share
-the target vocabulary and special ids; they may differ in shape.
+the source and target vocabularies and the pad id; they may differ in shape.
 
 Shape legend: B batch, T target length, V vocabulary.
 """
@@ -62,9 +62,16 @@ class EnsembleModel(nn.Module):
         super().__init__()
         if not models:
             raise DecodingError("an ensemble needs at least one model")
-        vocab = {model.config.tgt_vocab_size for model in models}
-        if len(vocab) != 1:
-            raise DecodingError(f"ensemble members disagree on the target vocabulary size: {sorted(vocab)}")
+        # the ensemble checks source ids (and makes a missing source mask) with its first member's config:
+        # a member with a smaller source vocabulary met an out-of-range id deep inside its embedding
+        for field, what in (
+            ("tgt_vocab_size", "the target vocabulary size"),
+            ("src_vocab_size", "the source vocabulary size"),
+            ("pad_id", "the pad id"),
+        ):
+            values = {getattr(model.config, field) for model in models}
+            if len(values) != 1:
+                raise DecodingError(f"ensemble members disagree on {what}: {sorted(values)}")
         self.models = nn.ModuleList(models)
         # the shortest member bounds the output length
         self.config = dataclasses.replace(
