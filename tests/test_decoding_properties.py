@@ -26,7 +26,7 @@ from tformer.model import Transformer
 
 BOS, EOS, PAD = 1, 2, 0
 VOCAB = 24
-LIMIT = 40  # max_positions
+LIMIT = 24  # max_positions: max_len_b = 30 is clamped to it
 
 
 def _model() -> Transformer:
@@ -43,7 +43,7 @@ configs = st.builds(
     DecodeConfig,
     beam_size=st.sampled_from([1, 2, 3, 5]),
     max_len_a=st.sampled_from([0.0, 0.5, 1.0]),
-    max_len_b=st.sampled_from([1, 3, 8, 45]),
+    max_len_b=st.sampled_from([1, 3, 8, 30]),
     min_len=st.sampled_from([0, 2, 4]),
     length_penalty=st.sampled_from([0.0, 0.6, 1.5]),
     length_normalization=st.sampled_from(["gnmt", "average", "none"]),
@@ -64,10 +64,13 @@ def _teacher_forced_log_prob(src_S: torch.Tensor, tokens: list[int], ended: bool
         logits = MODEL(src_S[None], torch.tensor([target[:-1]]), src_pad_mask=(src_S != PAD)[None])
     log_probs = logits[0].log_softmax(dim=-1)
     # a forced eos comes at log-probability 0
-    return sum(log_probs[i, token].item() for i, token in enumerate(target[1:]) if i != forced_eos_at)
+    picked_T = log_probs.gather(1, torch.tensor(target[1:])[:, None])[:, 0]
+    if forced_eos_at is not None:
+        picked_T[forced_eos_at] = 0.0
+    return picked_T.sum().item()
 
 
-@settings(max_examples=20, derandomize=True, deadline=None)
+@settings(max_examples=20, derandomize=True, database=None, deadline=None)
 @given(config=configs, batch=sentences, data=st.data())
 def test_every_hypothesis_follows_the_rules_under_combined_options(config, batch, data):
     config = dataclasses.replace(config, nbest=data.draw(st.integers(1, config.beam_size)))
