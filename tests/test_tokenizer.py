@@ -147,6 +147,18 @@ def test_unseen_characters_become_unk(joint: Tokenizer) -> None:
     assert joint.unk_id in joint.encode_source("€")
 
 
+def test_the_spellings_of_the_special_pieces_are_deleted_from_the_training_text() -> None:
+    """Sentencepiece's trainer replaces every "<pad>", "<s>", "</s>" and "<unk>" in its training text (and
+    "<0x00>" to "<0xFF>" with byte fallback) by a word boundary, as its own `spm_train` does: a character
+    that occurs only inside them is no piece, so it becomes <unk> although it is in the training data."""
+    text = ["the cat sat on the mat </s> <unk>", "the <s> dog"]
+    tokenizer = Tokenizer.train(text, text, vocab_size=60)
+    assert [tokenizer.id_to_source_piece([i]) for i in tokenizer.encode_source("<")] == [["▁"], ["<unk>"]]
+    assert tokenizer.decode_source(tokenizer.encode_source("the </s>")) == "the  ⁇ s ⁇"
+    once_more = Tokenizer.train([*text, "a <b>/c"], text, vocab_size=60)  # the same characters elsewhere
+    assert once_more.decode_source(once_more.encode_source("the </s>")) == "the </s>"
+
+
 def test_training_is_deterministic_and_files_round_trip(tmp_path: Path, joint: Tokenizer) -> None:
     again = Tokenizer.train([*SOURCES * 3, " ".join(ALPHABET)], TARGETS * 3, vocab_size=120)
     first = [p.read_bytes() for p in joint.to_files(tmp_path / "a")]

@@ -4,7 +4,9 @@ Normalisation happens here, in Python, in one visible function (`normalize`): NF
 character sentencepiece uses to mark spaces) turned into a space, and every run of whitespace collapsed
 to one space. Sentencepiece itself is trained with the "identity" rule, so it never changes a character
 behind our back. The guarantee is `decode(encode(x)) == normalize(x)` for any text whose characters
-all occurred in the training data (others become <unk>, decoded as " ⁇ "), and for any text at all when
+all occurred in the training data (others become <unk>, decoded as " ⁇ "; a character counts only where it
+occurred outside the spellings of the special pieces, "<pad>", "<s>", "</s>", "<unk>" and with byte fallback
+"<0x00>" to "<0xFF>", which sentencepiece's trainer deletes from its training text), and for any text at all when
 the tokenizer was trained with `byte_fallback`: a character that is not a piece is then spelled as its
 UTF-8 bytes, one piece each (`<0xE7>`), which decoding joins back into the character. The 256 byte
 pieces come right after the special ids (ids 4 to 259) and count towards `vocab_size`.
