@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,44 @@ def test_the_spellings_of_the_special_pieces_are_deleted_from_the_training_text(
     assert tokenizer.decode_source(tokenizer.encode_source("the </s>")) == "the  ⁇ s ⁇"
     once_more = Tokenizer.train([*text, "a <b>/c"], text, vocab_size=60)  # the same characters elsewhere
     assert once_more.decode_source(once_more.encode_source("the </s>")) == "the </s>"
+
+
+HARD_TEXTS = [
+    "😀 ok 👍🏽 👨\u200d👩\u200d👧",  # emoji, a skin tone, zero-width joiners
+    "日本語のテキスト東京",  # no spaces
+    "مرحبا بالعالم שלום עולם",  # right to left
+    "cafe\u0301 café",  # NFD and NFC
+    "ＡＢＣ１２３，？ ﬁ x²",  # NFKC folds these
+    "a\t\tb   c\n d\u2028e\x85f",  # whitespace that NFKC keeps
+    "ctrl\x01\x7f \ufeffbom x\u200by",
+    "Donaudampfschifffahrtsgesellschaftskapitän 0123456789 3.14",
+]
+
+
+def test_an_exported_marian_tokenizer_gives_tformers_ids_for_normalized_text(tmp_path: Path) -> None:
+    """docs/interop.md: MarianTokenizer gives tformer's ids for text passed through `normalize`, not for
+    NFKC text alone: sentencepiece collapses runs of spaces but keeps a tab or a newline (a byte piece here,
+    <unk> without byte fallback), where `normalize` makes it a space. It decodes <unk> as nothing."""
+    transformers = pytest.importorskip("transformers")
+    sources = [*SOURCES, "ein Wort", "Ａ"]  # no character of HARD_TEXTS is needed: byte fallback spells them
+    tokenizer = Tokenizer.train(sources, TARGETS, vocab_size=400, byte_fallback=True, joint=False)
+    VocabTokenizer.from_tokenizer(tokenizer).write_marian_files(tmp_path / "hf")
+    marian = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    for text in HARD_TEXTS:
+        source, target = tokenizer.encode_source(text), tokenizer.encode_target(text)
+        assert marian(normalize(text), add_special_tokens=False).input_ids == source
+        assert marian(text_target=normalize(text), add_special_tokens=False).input_ids == target
+        assert marian.decode(target, skip_special_tokens=True) == tokenizer.decode_target(target) == normalize(text)
+    nfkc = "a\tb"
+    assert unicodedata.normalize("NFKC", nfkc) == nfkc
+    assert marian(nfkc, add_special_tokens=False).input_ids != tokenizer.encode_source(nfkc)
+    without_bytes = Tokenizer.train(sources, TARGETS, vocab_size=200)
+    VocabTokenizer.from_tokenizer(without_bytes).write_marian_files(tmp_path / "unk")
+    ids = without_bytes.encode_target("Zwei € Männer")
+    assert without_bytes.decode_target(ids) == "Zwei  ⁇  Männer"
+    assert transformers.MarianTokenizer.from_pretrained(tmp_path / "unk").decode(ids, skip_special_tokens=True) == (
+        "Zwei  Männer"  # the spaces around the <unk> kept
+    )
 
 
 def test_training_is_deterministic_and_files_round_trip(tmp_path: Path, joint: Tokenizer) -> None:

@@ -4,8 +4,8 @@ The Hugging Face directory holds config.json, model.safetensors, generation_conf
 tokenizer files (source.spm, target.spm, vocab.json, tokenizer_config.json; target_vocab.json for
 separate vocabularies). The sentencepiece models are tformer's own and every piece keeps its id, so
 `MarianTokenizer` produces tformer's ids, with one difference: tformer's Python `normalize()` (NFKC,
-U+2581 read as a space) is not part of the files, so the two agree on NFKC-normalised text (whitespace
-is collapsed by sentencepiece itself in both).
+U+2581 read as a space, whitespace runs made one space) is not part of the files, so the two agree on text
+passed through it (not on NFKC text alone: sentencepiece collapses spaces, but keeps tabs and newlines).
 
 CTranslate2's Marian loader assumes OPUS-MT's layout: decoding starts from a zero embedding and the
 last vocabulary entry is a padding token it drops. A tformer model starts from its bos embedding and
