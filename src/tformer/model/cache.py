@@ -26,8 +26,9 @@ driver counts steps on the host instead (`StaticStepDecoder.check_room`). `Stati
 the same for beam search, with the beam cache's slots and ancestry table (a reorder moves the table,
 never the keys and values).
 
-Shape legend: B batch (sentences x beams; in the beam cache, sentences), N beams, H heads, L cache
-capacity, P filled positions x beams, S source length, K head dim, R rows, M memory entries.
+Shape legend: B batch (sentences x beams; in the beam caches, sentences), N beams, n the query rows of a
+sentence (N, or 1 in the beam cache's first step), H heads, L cache capacity, T positions (those so far,
+or all L), P filled positions x beams, S source length, K head dim, R rows, M memory entries.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ exact (a mean of per-batch means would give each token of a batch with few token
 
 `chunked_label_smoothed_loss` computes the same sums from the final hidden states, projecting to the
 vocabulary `chunk` positions at a time. Each chunk runs under activation checkpointing: its logits are
-freed as soon as its loss is summed and recomputed during backward, so at most one chunk's N x V
-logits (and their gradient) exist at any moment instead of the whole batch's.
+freed as soon as its loss is summed and recomputed during backward, so at most one chunk's C x V
+logits (and their gradient) exist at any moment instead of the whole batch's N x V.
 
 Shape legend: B batch, T target length, D model dim, V vocabulary, N = B * T positions, C positions of a chunk.
 """
