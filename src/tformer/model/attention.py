@@ -169,8 +169,9 @@ def attend_rows(
     # when the heads were split from a projection's output (as they are), so no copy on the way in
     q_MHQK = q_RHTK.transpose(1, 2).reshape(M, n * T, H, K).transpose(1, 2)
     # On the CPU the few folded queries of a decoding step take the matrix form: torch's fused kernel has
-    # a fixed cost of ~100 us per call there, more than the work (4 beams x 128 heads over 32 memory keys
-    # on 2 cores: 274 us fused, 97 us as matrices; with a beam cache's ancestry mask the gap is wider).
+    # a fixed cost of ~100 us per call there, more than the work (4 beam queries over 32 memory keys in
+    # each of 128 sentence x head pairs, on 2 cores: 274 us fused, 97 us as matrices; with a beam cache's
+    # ancestry mask the gap is wider).
     few_cpu_queries = q_MHQK.device.type == "cpu" and n * T <= FEW_QUERIES
     output_MHQK, weights_MHQS = attend(
         q_MHQK, k_MHSK, v_MHSK, mask, dropout_p=dropout_p, need_weights=need_weights, matrix_form=few_cpu_queries

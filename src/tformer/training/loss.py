@@ -51,8 +51,8 @@ class LossSums:
 
 def label_smoothed_loss(logits_BTV: Tensor, target_BT: Tensor, *, smoothing: float, pad_id: int) -> LossSums:
     """Summed smoothed loss and NLL over the positions whose target is not `pad_id`, in float32 or wider:
-    logits that autocast made bf16 are upcast first, since bf16 keeps only about 3 significant digits,
-    too few for a log-softmax over V or a sum over thousands of tokens."""
+    logits that autocast made bf16 are upcast first, since bf16 keeps only 8 significant bits (2 to 3
+    decimal digits), too few for a log-softmax over V or a sum over thousands of tokens."""
     assert logits_BTV.shape[:2] == target_BT.shape, (logits_BTV.shape, target_BT.shape)
     dtype = torch.promote_types(logits_BTV.dtype, torch.float32)
     log_probs_NV = F.log_softmax(logits_BTV.flatten(0, 1).to(dtype), dim=-1)
