@@ -1,4 +1,5 @@
-"""The Transformer itself. Imports only torch (and tformer.config): never training, data or decoding."""
+"""The Transformer itself. Imports only torch, tformer.config and the standard library: never training, data
+or decoding."""
 
 from tformer.model.attention import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
 from tformer.model.cache import DecoderCache, LayerCache, StaticDecoderCache

@@ -23,8 +23,8 @@ def sinusoidal_table(n_positions: int, d_model: int, layout: str = "interleaved"
     """The fixed encoding for positions 0..n_positions-1, shape (P, D), computed in float64."""
     positions_P1 = torch.arange(n_positions, dtype=torch.float64)[:, None]
     # 1 / 10000^(2i / d_model) for i = 0 .. ceil(d_model/2)-1
-    inverse_frequency = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angles_PI = positions_P1 * inverse_frequency[None, :]
+    inverse_frequency_I = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles_PI = positions_P1 * inverse_frequency_I[None, :]
     sines, cosines = torch.sin(angles_PI), torch.cos(angles_PI)
     table_PD = torch.empty(n_positions, d_model, dtype=torch.float64)
     if layout == "interleaved":

@@ -19,7 +19,8 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu}
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = W2 act(W1 x + b1) + b2, applied to each position separately (section 3.3)."""
+    """FFN(x) = W2 act(W1 x + b1) + b2, applied to each position separately (section 3.3, eq. 2, where act
+    is ReLU, max(0, .); GELU and SiLU are options)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -3,6 +3,8 @@
     memory = encode(source)                       # N encoder blocks over the embedded source
     logits = decode(target prefix, memory)        # N decoder blocks, then the output projection
 
+(N as in the paper: the number of blocks, 6 in its base model.)
+
 `encode` and `decode` are separate so that decoding can run the encoder once and the decoder once per
 new token (with a `DecoderCache`). Masks follow `tformer.model.masks`: True means "may attend"; for
 `src_pad_mask` and `tgt_pad_mask` that is True for real tokens and False for padding.
@@ -120,8 +122,9 @@ class Decoder(nn.Module):
         else:
             offset = 0 if cache is None else cache.length
             x_BTD = self.dropout(embedded_BTD + self.positions(T, offset))
-            # Without a cache, queries and keys are the same T positions and torch's causal flag is exact.
-            # With one, the T queries are the last of offset + T keys, so the mask is built explicitly.
+            # Without a cache or padding, queries and keys are the same T positions and torch's causal flag is
+            # exact. With a cache the T queries are the last of offset + T keys, and padding must be masked as
+            # well, so the mask is built explicitly (one new query with no padding needs none: it sees all keys).
             is_causal = cache is None and tgt_pad_mask is None
             self_mask = None
             if not is_causal and (T > 1 or tgt_pad_mask is not None):
@@ -187,9 +190,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
         """Xavier-uniform for every projection matrix (each of the fused Q, K, V blocks on its own),
-        zero biases, normal with std d_model^-1/2 for embeddings (unit variance after the sqrt(d_model) scale)
-        with a zero padding row, and LayerNorm at identity. The same seed gives the same weights,
-        independent of torch's global random state."""
+        zero biases, normal with std d_model^-1/2 for token embeddings (unit variance after the sqrt(d_model)
+        scale) with a zero padding row and for learned positions (not scaled), and LayerNorm at identity.
+        The same seed gives the same weights, independent of torch's global random state."""
         generator = torch.Generator().manual_seed(seed)
         std = self.config.d_model**-0.5
         for module in self.modules():
