@@ -6,6 +6,9 @@ attention scores of shape (B, H, T, S): a padding mask is (B, 1, 1, S), a causal
 The scores never meet a boolean: each attention function passes the mask through `additive_mask`,
 which turns it into 0 / most-negative-finite values, added to the scores before the softmax. A row whose
 keys are all masked therefore gets a uniform (finite) distribution instead of the NaN that -inf would give.
+That holds in float32 and bfloat16, the dtypes tformer computes in: a score is far too small to push the
+most negative value past the end of their range. float16's range ends at -65504, so there a masked score
+below about -16 overflows to -inf (NaN for a row with every key masked, in the matrix and loop forms).
 
 Shape legend: B batch, S source (key) length, T target (query) length, H heads.
 """
