@@ -173,3 +173,32 @@ def test_set_decode_nbest_prints_the_k_best_as_nbest_does(run, tmp_path, capsys)
     assert main([*translate, "--set", "decode.nbest=2"]) == 0
     assert capsys.readouterr().out == expected
     assert len(expected.splitlines()) == 2 * len(SENTENCES)
+
+
+def test_a_beam_too_large_for_a_later_chunk_names_the_flag_and_what_output_partial_keeps(
+    run, tmp_path, capsys, monkeypatch
+):
+    """The refusal of a search too large for the memory names --beam as it does without --output, also when
+    it comes after lines were written (it named DecodeConfig.beam_size there)."""
+    from tformer.cli import line_input
+    from tformer.decoding import pipeline
+    from tformer.decoding.memory import SearchTooLargeError
+
+    ready_chunks = line_input.ready_chunks
+    monkeypatch.setattr(line_input, "ready_chunks", lambda fd, max_lines: ready_chunks(fd, 4))
+
+    def too_large_for_long_lines(model, config, *, source_length, device, return_attention=False):
+        if source_length > 12:  # the memory is faked: nothing large is allocated
+            raise SearchTooLargeError(config, source_length=source_length, needed=2**33, allowed=2**32, total=2**33)
+        return None
+
+    monkeypatch.setattr(pipeline, "sentences_per_batch", too_large_for_long_lines)
+    lines = ["the cat"] * 4 + ["the cat " * 10] + ["the cat"] * 3
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output), "--beam", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: decoding one sentence of") and err.count("\n") == 1, err
+    assert "with beam 2 (--beam) needs" in err and "use a smaller --beam;" in err, err
+    assert "DecodeConfig" not in err, err
+    assert f"the translations of the first 4 input lines are in {output}.partial" in err

@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from tformer.cli.argument_types import positive_integer
-from tformer.cli.decode_options import add_decode_arguments, decode_settings, merged_decode_config
+from tformer.cli.decode_options import (
+    add_decode_arguments,
+    decode_setting_name,
+    decode_settings,
+    merged_decode_config,
+)
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import config_to_dict
@@ -108,10 +113,20 @@ def run(args: argparse.Namespace) -> int:
         kept = f"the translations of the first {written} input lines are in {partial}"
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from None
-        raise ValueError(f"{str(error).splitlines()[0]}; {kept}") from None
+        raise ValueError(f"{_first_line(error, args)}; {kept}") from None
     if partial:
         os.replace(partial, output)
     return 0
+
+
+def _first_line(error: Exception, args: argparse.Namespace) -> str:
+    """The error's message as `main` would print it: a search too large for the memory names the flag
+    that set it (--beam), not the DecodeConfig field its own message names."""
+    from tformer.decoding.memory import SearchTooLargeError
+
+    if isinstance(error, SearchTooLargeError):
+        return error.named(decode_setting_name(args, error.setting))
+    return str(error).splitlines()[0]
 
 
 def _search_changes(values: dict[str, Any], settings: dict[str, object], args: argparse.Namespace) -> dict[str, Any]:
