@@ -24,6 +24,24 @@ def test_scores_equal_sacrebleu_called_directly() -> None:
     assert scores.chrf_signature.startswith("nrefs:1")
 
 
+def test_each_score_has_sacrebleus_own_signature_lowercased_bleu_included() -> None:
+    """The lowercased BLEU had no signature: printed and in --json without one, it could not be told from
+    a cased score in a table. Each signature is the one sacreBLEU gives for the same metric."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    scores = score(HYPOTHESES, REFERENCES)
+    for metric, signature in [
+        (BLEU(), scores.bleu_signature),
+        (BLEU(lowercase=True), scores.bleu_lowercase_signature),
+        (CHRF(), scores.chrf_signature),
+    ]:
+        metric.corpus_score(HYPOTHESES, [REFERENCES])
+        assert signature == str(metric.get_signature())
+    assert "|case:lc|" in scores.bleu_lowercase_signature and "|case:mixed|" in scores.bleu_signature
+    assert f"BLEU lowercase {scores.bleu_lowercase:.2f} ({scores.bleu_lowercase_signature})" in scores.summary()
+    assert scores.to_dict()["bleu_lowercase_signature"] == scores.bleu_lowercase_signature
+
+
 SECOND_REFERENCES = ["A cat sat on the mat.", "a dog barks loudly", "It is raining today."]
 
 

@@ -50,6 +50,7 @@ class Scores:
     chrf: float
     bleu_signature: str
     chrf_signature: str
+    bleu_lowercase_signature: str  # case:lc: a lowercased score is not comparable with a cased one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +58,7 @@ class Scores:
     def summary(self) -> str:
         return (
             f"BLEU {self.bleu:.2f} ({self.bleu_signature})\n"
-            f"BLEU lowercase {self.bleu_lowercase:.2f}\n"
+            f"BLEU lowercase {self.bleu_lowercase:.2f} ({self.bleu_lowercase_signature})\n"
             f"chrF {self.chrf:.2f} ({self.chrf_signature})"
         )
 
@@ -87,6 +88,7 @@ def score(hypotheses: list[str], references: list[str], *more_references: list[s
         chrf=chrf.corpus_score(hypotheses, reference_sets).score,
         bleu_signature=str(bleu.get_signature()),
         chrf_signature=str(chrf.get_signature()),
+        bleu_lowercase_signature=str(bleu_lower.get_signature()),
     )
 
 

@@ -1,6 +1,8 @@
 """Translate a test set with a trained run and score it against references with sacreBLEU.
 
-Prints cased BLEU with its signature, lowercased BLEU and chrF; --json prints one JSON object instead.
+Prints cased BLEU, lowercased BLEU and chrF, each with its sacreBLEU signature; --json prints one JSON object
+instead (keys bleu, bleu_lowercase, chrf and their signatures bleu_signature, bleu_lowercase_signature,
+chrf_signature, with checkpoint, step and ensemble).
 Decoding uses the run's [decode] settings, changed by --set decode.KEY=VALUE, --beam and the flags below.
 Several --ref files score against several references per line (sacreBLEU's multi-reference BLEU and
 chrF). --output keeps the translations, one line per source line (written once all are translated;
