@@ -202,3 +202,19 @@ def test_a_beam_too_large_for_a_later_chunk_names_the_flag_and_what_output_parti
     assert "with beam 2 (--beam) needs" in err and "use a smaller --beam;" in err, err
     assert "DecodeConfig" not in err, err
     assert f"the translations of the first 4 input lines are in {output}.partial" in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail: disk full)")
+@pytest.mark.parametrize("to", ["--output", "stdout"])
+def test_a_failed_write_names_what_was_being_written(run, tmp_path, to):
+    """A full disk said only "error: [Errno 28] No space left on device": not which output. With --output
+    the file's last flush at close failed again after the named error, and its unnamed error won."""
+    source = tmp_path / "in.txt"
+    source.write_text(f"{SENTENCES[0]}\n{SENTENCES[1]}\n", encoding="utf-8")
+    command = [sys.executable, "-m", "tformer.cli.main", "translate", str(run), "--input", str(source), "--beam", "1"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "w") as full:
+        argv = [*command, "--output", "/dev/full"] if to == "--output" else command
+        result = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, env=environment, text=True, timeout=120)
+    where = "/dev/full" if to == "--output" else "standard output"
+    assert (result.returncode, result.stderr) == (2, f"error: could not write {where} (No space left on device)\n")

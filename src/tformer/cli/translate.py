@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 from tformer.cli.argument_types import positive_integer
 from tformer.cli.decode_options import (
@@ -96,13 +96,16 @@ def run(args: argparse.Namespace) -> int:
             source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
             if partial:  # a new folder is made, as evaluate and align make theirs
                 partial.parent.mkdir(parents=True, exist_ok=True)
-            target = stack.enter_context(open(partial or output, "w", encoding="utf-8")) if output else sys.stdout
+            where = str(partial or output or "standard output")
+            target = sys.stdout
+            if output:
+                target = open(partial or output, "w", encoding="utf-8")  # noqa: SIM115 (closed by _close)
+                stack.callback(_close, target, where)
             for index, translations in enumerate(_translations(translator, source)):
                 if not nbest_lines:
-                    target.write(translations[0].text + "\n")
+                    _write(target, [translations[0].text + "\n"], where)
                 else:
-                    target.writelines(f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations)
-                target.flush()
+                    _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
                 written = index + 1
     except (KeyboardInterrupt, ValueError, OSError) as error:
         if partial is None:
@@ -117,6 +120,28 @@ def run(args: argparse.Namespace) -> int:
     if partial:
         os.replace(partial, output)
     return 0
+
+
+def _write(target: TextIO, lines: list[str], where: str) -> None:
+    """Write and flush `lines`; a failed write (a full disk, /dev/full) names what was being written, which
+    the OSError alone does not ("[Errno 28] No space left on device"). A reader that went away (`| head`)
+    is no error: its BrokenPipeError passes as it is."""
+    try:
+        target.writelines(lines)
+        target.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OSError(f"could not write {where} ({error.strerror or error})") from None
+
+
+def _close(target: TextIO, where: str) -> None:
+    """Close the output file: its last flush may fail as a write does (after a failed write, the lines it
+    still holds fail again), and is named as one."""
+    try:
+        target.close()
+    except OSError as error:
+        raise OSError(f"could not write {where} ({error.strerror or error})") from None
 
 
 def _first_line(error: Exception, args: argparse.Namespace) -> str:
