@@ -557,6 +557,22 @@ def test_overwrite_names_the_checkpoints_where_the_replacing_run_ends_up(
     assert (run / ckpt.CHECKPOINTS_DIR / "step-00000002").is_dir()
 
 
+def test_overwrite_through_a_symbolic_link_replaces_the_run_it_names(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--overwrite of a RUN_DIR that is a symbolic link to a run trained the whole new run, then renamed
+    the link away, put the new run where the link was, left the old run untouched and failed with
+    "Cannot call rmtree on a symbolic link" (no path), leaving a hidden `.link.replaced-PID` behind."""
+    real = Path(shutil.copytree(trained, tmp_path / "real"))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    capsys.readouterr()
+    assert main(_train_args(workspace, link, "--overwrite", "--set", "train.max_steps=2")) == 0
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert ckpt.read_pointer_name(real, "latest") == "step-00000002"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_overwrite_takes_the_old_runs_encoded_data_when_it_would_encode_the_same(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ) -> None:

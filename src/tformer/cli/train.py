@@ -192,6 +192,9 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
         return 0
     if not out.is_dir():
         raise ConfigError(f"--overwrite replaces a run directory, but {out} is a file")
+    # a symbolic link to a run: replace the run it names and keep the link (renaming the link itself away
+    # put the new run in its place, left the old run where it was and failed on rmtree of the link)
+    out = out.resolve() if out.is_symlink() else out
     _check_replaceable(out)
     _check_data_outside(experiment, out)
     if _processes() > 1:
