@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import re
 from contextlib import redirect_stdout
@@ -91,3 +92,25 @@ def test_an_out_directory_under_a_file_is_refused_in_one_line_that_names_it(tmp_
     captured = capsys.readouterr()
     assert captured.err == f"error: --out {a_file / 'run'}: {a_file} is a file, not a directory\n"
     assert a_file.read_text(encoding="utf-8") == "mine\n" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_a_full_disk_while_writing_the_data_names_the_file_and_leaves_out_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk (or `ulimit -f`) while the demo wrote its corpus ended with "error: [Errno 27] File too
+    large", naming no file, and left --out/data/ with the files cut short, so that once space was freed
+    the same command was refused: "already holds files; choose another --out, or delete it"."""
+    run_dir = tmp_path / "parent" / "demo"
+    write_text = Path.write_text
+
+    def fill_the_disk(path: Path, text: str, *args, **kwargs) -> int:
+        if path.name == "train.de":
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fill_the_disk)
+    assert main(["demo", "--quick", "--quiet", "--out", str(run_dir)]) == 2
+    train_de = run_dir / "data" / "train.de"
+    assert capsys.readouterr().err == f"error: [Errno {errno.ENOSPC}] No space left on device: '{train_de}'\n"
+    assert list(tmp_path.iterdir()) == []

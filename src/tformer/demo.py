@@ -9,7 +9,9 @@ training numbers (0 to 999,999) but never appear in training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -140,7 +142,19 @@ def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None
         balanced_fraction=config.balanced_fraction,
     )
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
-    write_number_corpus(splits, data_dir)
+    missing = []  # --out and its parents that the data creates, deepest first
+    for path in (data_dir, *data_dir.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    try:
+        write_number_corpus(splits, data_dir)
+    except OSError:  # a full disk: what was written would make the same command refuse --out once space is freed
+        shutil.rmtree(data_dir, ignore_errors=True)  # --out was checked empty: data/ is the demo's own
+        for directory in missing:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
     return splits
 
 

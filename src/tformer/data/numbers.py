@@ -138,7 +138,12 @@ def write_number_corpus(splits: NumberSplits, directory: str | Path) -> dict[str
     for split, triples in (("train", splits.train), ("valid", splits.valid), ("test", splits.test)):
         for language, column in (("en", 1), ("de", 2)):
             path = directory / f"{split}.{language}"
-            path.write_text("".join(f"{triple[column]}\n" for triple in triples), encoding="utf-8")
+            try:
+                path.write_text("".join(f"{triple[column]}\n" for triple in triples), encoding="utf-8")
+            except OSError as error:  # a full disk's error from write() names no file
+                if error.filename is not None or error.errno is None:
+                    raise
+                raise OSError(error.errno, error.strerror, str(path)) from None
             written[f"{split}.{language}"] = path
     return written
 
