@@ -64,3 +64,23 @@ def test_a_terminal_that_is_both_input_and_output_is_not_refused() -> None:
     finally:
         os.close(controller)
         os.close(terminal)
+
+
+@pytest.mark.parametrize(("read_only", "why"), [(True, "a read-only file system"), (False, "permission denied")])
+def test_an_output_directory_that_cannot_be_written_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], read_only: bool, why: str
+) -> None:
+    """A directory on a read-only mount (root's case too, whom no permission stops) was refused as
+    "(permission denied)", which sends the user to chmod, where nothing can help."""
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: False)
+    real_statvfs = os.statvfs
+
+    def statvfs(path: str | os.PathLike[str]) -> os.statvfs_result:
+        result = list(real_statvfs(path))
+        result[8] = os.ST_RDONLY if read_only else 0  # f_flag
+        return os.statvfs_result(result)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    capsys.readouterr()
+    assert main(["explain", "--out", str(tmp_path / "figures")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'figures'}: cannot write into {tmp_path} ({why})\n"

@@ -24,8 +24,15 @@ def _check_parents(path: Path, flag: str) -> None:
             if not ancestor.is_dir():
                 raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")
             if not os.access(ancestor, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {path}: cannot write into {ancestor} (permission denied)")
+                why = "a read-only file system" if _read_only(ancestor) else "permission denied"
+                raise ValueError(f"{flag} {path}: cannot write into {ancestor} ({why})")
             return
+
+
+def _read_only(directory: Path) -> bool:
+    """Whether `directory` lies on a file system mounted read-only (a DVD, a read-only bind mount), where
+    no permission the user could change would let them write."""
+    return hasattr(os, "statvfs") and bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
 
 
 def check_not_an_input(output: Path, flag: str, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
