@@ -1034,3 +1034,36 @@ def test_the_api_s_routes_methods_documentation_and_405s_are_those_documented(ru
     assert wrong_method.json() == {"error": "GET /translate: method not allowed; use POST"}
     assert wrong_probe_method.status_code == 405  # Starlette lists the methods of a set, in any order
     assert sorted(wrong_probe_method.headers["allow"].split(", ")) == ["GET", "HEAD"]
+
+
+def test_a_request_sharing_a_call_with_one_too_large_for_the_memory_is_still_decoded(run, monkeypatch):
+    """The memory check ran once per Translator call, on the longest sentence of all the requests sharing
+    it: a one-word request that waited with a long sentence at the same beam got the long one's 422, though
+    alone it was decoded. The check is now made for each request before it is queued."""
+    import asyncio
+
+    from test_decoding_memory import fake_memory
+
+    from tformer.decoding.memory import decoding_bytes
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    decode = loaded.experiment.decode
+    short, long = [SENTENCES[3]], [SENTENCES[2]]
+    length = len(loaded.tokenizer.encode_source(long[0])) + 1  # + eos
+    # decoding may use one byte less than the long sentence needs at the run's beam; the short one fits
+    fake_memory(monkeypatch, 2 * (decoding_bytes(loaded.model, decode, source_length=length) - 1))
+    app = create_app(loaded.model, loaded.tokenizer, decode, config=ServeConfig(max_wait_ms=500))
+
+    async def together():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                posts = (client.post("/translate", json={"sentences": sentences}) for sentences in (short, long))
+                return await asyncio.gather(*posts)
+
+    small, large = asyncio.run(together())
+    assert large.status_code == 422 and "use a smaller beam" in large.json()["error"]
+    assert small.status_code == 200, small.json()
+    expected = Translator(loaded.model, loaded.tokenizer, decode).translate(short)
+    assert [t["text"] for t in small.json()["translations"]] == [nbest[0].text for nbest in expected]

@@ -35,7 +35,14 @@ from tformer.serving.batcher import BATCHER_FAILED, Batcher, BatcherBusyError, B
 from tformer.serving.body_limit import BodySizeLimit
 from tformer.serving.content_encoding import IdentityEncodingOnly
 from tformer.serving.errors import ERRORS, ApiError, add_error_handlers
-from tformer.serving.limits import ServeConfig, check_decode_budget, check_limits, decode_config, source_lengths
+from tformer.serving.limits import (
+    ServeConfig,
+    check_decode_budget,
+    check_limits,
+    check_memory,
+    decode_config,
+    source_lengths,
+)
 from tformer.serving.schema import Candidate, SentenceTranslation, TranslateRequest, TranslateResponse
 
 T = TypeVar("T")
@@ -156,6 +163,7 @@ def _add_translate(
         settings = decode_config(decode, request, config, max_positions)
         lengths = source_lengths(request.sentences, tokenizer, max_positions)
         check_decode_budget(lengths, settings, config, max_positions)
+        check_memory(lengths, settings, batcher.model, batcher.device)  # per request: not a call's longest
         work = batcher.translate(request.sentences, settings, n_tokens=sum(lengths))
         results = await _decoded(work, http, n_sentences=len(request.sentences))
         return _response(results)

@@ -15,6 +15,7 @@ from tformer.config import DecodeConfig
 from tformer.data.corpus import NUL_BYTE_ADVICE, check_no_nul
 from tformer.data.piece_floor import surely_too_long
 from tformer.decoding.lengths import max_output_lengths
+from tformer.decoding.memory import SearchTooLargeError, sentences_per_batch
 from tformer.decoding.pipeline import TokenizerLike
 from tformer.serving.errors import ApiError
 from tformer.serving.schema import TranslateRequest
@@ -101,6 +102,20 @@ def check_decode_budget(src_lengths: list[int], settings: DecodeConfig, config: 
             f"x up to {int(max_lengths.max())} output tokens); the limit is {config.max_decode_tokens} "
             f"(--max-decode-tokens): send fewer sentences, {fewer} or a max_length",
         )
+
+
+def check_memory(src_lengths: list[int], settings: DecodeConfig, model: Any, device: str | torch.device) -> None:
+    """Refuse a request whose longest sentence is too large for the memory at its beam (or nbest samples),
+    before it is queued. Translator makes the same check once per call, on the longest sentence of every
+    request sharing the call: made there alone, it refused a short request along with a long one it had
+    been batched with. A request that passes here passes there, whatever shares its call."""
+    longest = max((length for length in src_lengths if length > 1), default=None)  # 1: eos alone, not decoded
+    if longest is None:
+        return
+    try:
+        sentences_per_batch(model, settings, source_length=longest, device=device)
+    except SearchTooLargeError as error:  # named by the request's field, not translate's flag
+        raise ApiError(422, error.named("nbest" if error.setting == "nbest" else "beam")) from None
 
 
 def decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeConfig, limit: int) -> DecodeConfig:
