@@ -13,7 +13,7 @@ away) is dropped from the window, not decoded.
 
 Batching never changes a result: beam search, greedy decoding and sampling are independent of the batch
 a sentence shares (the decoding module's guarantee, checked by tests/test_serve.py against offline
-translation).
+translation), up to near-ties within float rounding (docs/serving.md).
 
 On CPU in fp32 the model's weights are packed for oneDNN once, at `start()`, and kept until `stop()`
 (tformer.model.packed; a server's weights never change), instead of once per window.
