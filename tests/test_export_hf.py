@@ -278,6 +278,7 @@ def test_ctranslate2_beam_search_with_a_length_penalty_is_tformers_with_early_st
             {"beam_size": 1, "nbest": 1, "max_len_a": 1.2},
             "max_len_a=1.2: its max_decoding_length does not grow with the source",
         ),
+        ({"forced_eos": True}, "forced_eos: it forces no eos at max_decoding_length"),
     ],
 )
 def test_ctranslate2_export_warns_in_one_line_about_settings_it_cannot_reproduce(tmp_path, changes, reason):
@@ -300,6 +301,27 @@ def test_ctranslate2_export_warns_in_one_line_about_settings_it_cannot_reproduce
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         export_ctranslate2(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "greedy-ct2")
+
+
+def test_ctranslate2_has_no_forced_eos_which_the_export_names_and_greedy_search_stops_a_token_sooner(tmp_path):
+    """tformer's forced_eos ends a cut sentence with eos in its last place; translate_batch cuts it at
+    max_decoding_length without eos, one token longer. Greedy search gives tformer's tokens with
+    max_decoding_length = max_len_b - 1, as the export's warning says."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    decode = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW, forced_eos=True)
+    run = make_run(tmp_path / "run", decode=decode, eos_bias=-5.0)  # every output reaches the limit
+    with pytest.warns(UserWarning, match="forced_eos: it forces no eos") as warned:
+        export_ctranslate2(run, tmp_path / "ct2")
+    assert len([w for w in warned if "CTranslate2" in str(w.message)]) == 1
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu")
+    loaded = load_run(run)
+    tokenizer = loaded.tokenizer
+    sources = [[*tokenizer.source_pieces(s), tokenizer.id_to_source_piece([tokenizer.eos_id])[0]] for s in SENTENCES]
+    expected = [tokenizer.id_to_target_piece(tokens) for tokens in tformer_outputs(loaded, decode)]
+    assert {len(pieces) for pieces in expected} == {MAX_NEW - 1}
+    for limit, same in ((MAX_NEW, False), (MAX_NEW - 1, True)):
+        results = translator.translate_batch(sources, beam_size=1, max_decoding_length=limit, min_decoding_length=0)
+        assert ([r.hypotheses[0] for r in results] == expected) is same
 
 
 FILE_SIZE_LIMIT = """

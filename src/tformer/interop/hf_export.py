@@ -122,7 +122,8 @@ def ctranslate2_differences(decode: DecodeConfig) -> list[str]:
     true), or, with length_penalty 0, once the best beam ended (tformer's 1-best with early_stopping =
     false). It bans tokens (minimum length, n-gram ban, banned ids) on the logits, before the softmax, so
     the other tokens' log-probabilities are renormalised: greedy picks the same tokens, beam search may
-    not. A length limit is one number for the whole batch."""
+    not. It has no forced eos: a sentence that reaches max_decoding_length ends there without eos. A
+    length limit is one number for the whole batch."""
     differences = []
     if decode.beam_size > 1 and not decode.sampling:
         penalised = decode.length_normalization != "none" and decode.length_penalty != 0.0
@@ -152,6 +153,11 @@ def ctranslate2_differences(decode: DecodeConfig) -> list[str]:
             differences.append(
                 f"{', '.join(banned)} in beam search: it renormalises the log-probabilities of the tokens it allows"
             )
+    if decode.forced_eos:
+        differences.append(
+            "forced_eos: it forces no eos at max_decoding_length, where a sentence it cuts ends without one "
+            "and one token longer (greedy search gives tformer's tokens with max_decoding_length = max_len_b - 1)"
+        )
     if decode.max_len_a != 0:
         differences.append(f"max_len_a={decode.max_len_a}: its max_decoding_length does not grow with the source")
     return differences
