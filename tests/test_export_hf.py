@@ -511,20 +511,22 @@ def test_no_length_normalisation_is_hf_length_penalty_zero(tmp_path):
     assert beam == configured_outputs(hf_model, hf_tokenizer)
 
 
-@pytest.mark.parametrize("max_len_b", [MAX_NEW, 64, 200], ids=["below", "at", "above"])
+@pytest.mark.parametrize("max_len_b", [0, MAX_NEW, 64, 200], ids=["zero", "below", "at", "above"])
 def test_generate_without_a_length_argument_stops_where_tformer_stops(tmp_path, max_len_b):
-    """generation_config.json's max_length is tformer's limit, clamped as tformer clamps it: max_positions
-    (64) predicted tokens after the decoder start token, not one fewer."""
+    """generation_config.json's max_length is tformer's limit, clamped as tformer clamps it: 1 to
+    max_positions (64) predicted tokens after the decoder start token (max_length = 1, for max_len_b = 0,
+    made generate() refuse to run)."""
     decode = DecodeConfig(beam_size=3, max_len_a=0.0, max_len_b=max_len_b, length_normalization="average")
     run = make_run(tmp_path / "run", decode=decode)
     export_hf(run, tmp_path / "hf")
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert generation["max_length"] == min(max_len_b, 64) + 1
+    limit = max(1, min(max_len_b, 64))
+    assert generation["max_length"] == limit + 1
     loaded = load_run(run)
     hf_model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
     hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
     greedy = tformer_outputs(loaded, dataclasses.replace(decode, beam_size=1))
-    assert max(len(tokens) for tokens in greedy) == min(max_len_b, 64), "some output must reach the limit"
+    assert max(len(tokens) for tokens in greedy) == limit, "some output must reach the limit"
     assert greedy == configured_outputs(hf_model, hf_tokenizer, num_beams=1, max_new_tokens=None)
     assert tformer_outputs(loaded, decode) == configured_outputs(hf_model, hf_tokenizer, max_new_tokens=None)
 

@@ -167,7 +167,8 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
     """The run's decode settings where Hugging Face has the same ones. HF's length penalty is tformer's
     `length_normalization="average"` (and "none" is its length_penalty 0); GNMT's penalty has no HF
     counterpart. HF's lengths count the decoder start token: max_length is max_len_b + 1 when the limit
-    is fixed (max_len_a = 0; else max_positions + 1, tformer's cap), min_length is tformer's min_len + 1.
+    is fixed (max_len_a = 0; else max_positions + 1, tformer's cap; max_len_b is clamped to [1,
+    max_positions] as tformer clamps it), min_length is tformer's min_len + 1.
     Banned tokens are single-token `bad_words_ids`, banned after the softmax as tformer bans them (but
     eos: generate() never bans it, so a ban of eos is left out with a warning). Sampling is HF's
     do_sample with the same temperature, top-k (0: none) and top-p, applied in that order in both.
@@ -213,9 +214,10 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
         search["early_stopping"] = decode.early_stopping
     # a fixed limit (max_len_a = 0) is HF's max_length, decoder start included; one that grows with the
     # source has no HF counterpart, so the model's own limit is written. Both are clamped as tformer
-    # clamps them: up to max_positions predicted tokens, after the decoder start token
+    # clamps them: 1 to max_positions predicted tokens, after the decoder start token (max_len_b = 0
+    # predicts one token in tformer; HF's max_length = 1 would make generate() refuse to run)
     fixed = decode.max_len_a == 0
-    max_length = (min(decode.max_len_b, max_positions) if fixed else max_positions) + 1
+    max_length = (max(1, min(decode.max_len_b, max_positions)) if fixed else max_positions) + 1
     return GenerationConfig(
         decoder_start_token_id=ids.bos_id,
         bos_token_id=ids.bos_id,
