@@ -406,6 +406,18 @@ def test_what_marian_cannot_express_is_refused_in_one_line(tmp_path, capsys, ove
     assert error.count("\n") == 1 and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("to", ["hf", "ctranslate2"])
+def test_a_banned_id_outside_the_vocabulary_is_refused_in_one_line_writing_nothing(tmp_path, capsys, to):
+    """tformer refuses to translate with such a ban, and generate() refuses the bad_words_ids entry it
+    became; the export said nothing and wrote a directory that could not generate."""
+    decode = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_NEW, banned_ids=(5, 9999))
+    run = make_run(tmp_path / "run", decode=decode)
+    assert main(["export", str(run), "--to", to, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot export: decode.banned_ids holds 9999, outside this model's target")
+    assert error.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_export_refuses_a_non_empty_output_and_ctranslate2_refuses_separate_vocabularies(tmp_path, capsys):
     run = make_run(tmp_path / "run", joint=False)
     (tmp_path / "taken").mkdir()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tformer.config import DecodeConfig
+from tformer.decoding.constraints import check_banned_ids
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.marian import SpecialIds, check_exportable, to_marian
 from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
@@ -34,8 +35,19 @@ def export_hf(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
     """Write the run's model and tokenizer as a MarianMT directory at `out` (which must not exist or be
     empty); returns `out`. Models Marian cannot express are refused with a one-line ValueError."""
     loaded = load_run(run, which=which)
-    check_exportable(loaded.model.config)
+    _check_run(loaded)
     return _write_hf(loaded, fresh_directory(out))
+
+
+def _check_run(loaded: LoadedRun) -> None:
+    """Refuse, in one line and before anything is written, a model Marian cannot express and decode
+    settings tformer itself refuses to translate with: a banned id outside the target vocabulary would
+    be written as a bad_words_ids entry that generate() rejects."""
+    check_exportable(loaded.model.config)
+    try:
+        check_banned_ids(loaded.experiment.decode, loaded.model.config.tgt_vocab_size)
+    except ValueError as error:
+        raise ValueError(f"cannot export: {error}") from None
 
 
 def _write_hf(loaded: LoadedRun, out: Path) -> Path:
@@ -73,7 +85,7 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
     """Export the run to Hugging Face format in a temporary directory, then convert that with
     `ctranslate2.converters.TransformersConverter`; the sentencepiece models are copied alongside."""
     loaded = load_run(run, which=which)
-    check_exportable(loaded.model.config)
+    _check_run(loaded)
     if not loaded.tokenizer.joint:
         raise ValueError("CTranslate2's Marian converter needs one vocabulary shared by source and target")
     out = fresh_directory(out)
