@@ -556,6 +556,23 @@ def test_gnmt_or_coverage_penalised_beam_search_is_exported_with_a_warning(tmp_p
         export_hf(make_run(tmp_path / "greedy", decode=greedy), tmp_path / "hf-greedy")
 
 
+def test_gnmt_without_a_length_penalty_is_exported_silently_and_decodes_like_tformer(tmp_path):
+    """GNMT's lp(n) = ((5 + n) / 6) ** 0 is 1: HF's length_penalty 0 gives the same scores, so the export
+    must not warn that beam outputs will differ (it did); generate() with the file's settings agrees."""
+    decode = DecodeConfig(
+        beam_size=3, max_len_a=0.0, max_len_b=MAX_NEW, length_normalization="gnmt", length_penalty=0.0,
+        no_repeat_ngram_size=2,
+    )  # fmt: skip
+    run = make_run(tmp_path / "run", decode=decode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_hf(run, tmp_path / "hf")
+    loaded = load_run(run)
+    hf_model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    assert tformer_outputs(loaded, decode) == configured_outputs(hf_model, hf_tokenizer)
+
+
 def test_a_ban_of_eos_is_left_out_with_a_warning():
     """generate() drops an [eos] entry of bad_words_ids, so the export leaves it out and says so."""
     ids = SpecialIds(bos_id=1, eos_id=2, pad_id=0)

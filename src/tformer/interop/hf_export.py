@@ -190,7 +190,8 @@ def generation_config(decode: DecodeConfig, ids: SpecialIds, max_positions: int)
     from transformers import GenerationConfig
 
     beam_search = decode.beam_size > 1 and not decode.sampling
-    if decode.length_normalization == "gnmt" and beam_search:
+    # GNMT's penalty with alpha = 0 is 1 whatever the length: HF's length_penalty 0, the same scores
+    if decode.length_normalization == "gnmt" and decode.length_penalty != 0.0 and beam_search:
         warnings.warn(
             "Hugging Face has no GNMT length penalty: the export uses its average normalisation "
             f"(length_penalty={decode.length_penalty}), so its beam outputs will differ from tformer's",
