@@ -279,6 +279,11 @@ def test_ctranslate2_beam_search_with_a_length_penalty_is_tformers_with_early_st
             "max_len_a=1.2: its max_decoding_length does not grow with the source",
         ),
         ({"forced_eos": True}, "forced_eos: it forces no eos at max_decoding_length"),
+        (
+            {"sampling": True, "top_k": 5, "temperature": 0.7},
+            "sampling: it draws other samples than tformer's, and only when asked (sampling_topk=5, sampling_topp=1.0, "
+            "sampling_temperature=0.7; its default is greedy search)",
+        ),
     ],
 )
 def test_ctranslate2_export_warns_in_one_line_about_settings_it_cannot_reproduce(tmp_path, changes, reason):

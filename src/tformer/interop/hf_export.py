@@ -134,9 +134,15 @@ def ctranslate2_differences(decode: DecodeConfig) -> list[str]:
     true), or, with length_penalty 0, once the best beam ended (tformer's 1-best with early_stopping =
     false). It bans tokens (minimum length, n-gram ban, banned ids) on the logits, before the softmax, so
     the other tokens' log-probabilities are renormalised: greedy picks the same tokens, beam search may
-    not. It has no forced eos: a sentence that reaches max_decoding_length ends there without eos. A
-    length limit is one number for the whole batch."""
+    not. Sampling is translate_batch's only when asked, with draws of its own. It has no forced eos: a
+    sentence that reaches max_decoding_length ends there without eos. A length limit is one number for
+    the whole batch."""
     differences = []
+    if decode.sampling:  # translate_batch's defaults (sampling_topk=1) search greedily
+        differences.append(
+            f"sampling: it draws other samples than tformer's, and only when asked (sampling_topk={decode.top_k}, "
+            f"sampling_topp={decode.top_p}, sampling_temperature={decode.temperature}; its default is greedy search)"
+        )
     if decode.beam_size > 1 and not decode.sampling:
         penalised = decode.length_normalization != "none" and decode.length_penalty != 0.0
         if decode.length_normalization == "gnmt" and penalised:
