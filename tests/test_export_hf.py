@@ -459,6 +459,25 @@ def test_an_empty_out_given_as_the_current_directory_or_a_link_is_written_in_pla
         assert ids == load_run(run).tokenizer.encode_source(SENTENCES[0])
 
 
+@pytest.mark.parametrize("command", ["export", "import-hf"])
+def test_an_out_that_is_a_dangling_symbolic_link_is_refused_in_one_line_first(tmp_path, capsys, command):
+    """A link to nothing cannot become the directory: the conversion ran whole and then failed to rename
+    its staging directory onto the link ('[Errno 20] Not a directory: ...')."""
+    run = make_run(tmp_path / "run")
+    source = run if command == "export" else tmp_path / "hf"
+    if command == "import-hf":
+        export_hf(run, source)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    arguments = [command, str(source), "--out", str(tmp_path / "link")] + (
+        ["--to", "hf"] if command == "export" else []
+    )
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    link, target = tmp_path / "link", tmp_path / "nowhere"
+    assert error == f"error: --out {link} is a symbolic link to {target}, which does not exist; give a directory\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted({"run", "link", source.name})
+
+
 def test_an_out_inside_the_input_is_refused_in_one_line_leaving_the_input_as_it_was(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0

@@ -86,6 +86,10 @@ def check_output_dir(path: Path, flag: str = "--out") -> None:
     """`path` can be a directory to write files into: it is not a file, and it exists or can be made."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a directory")
+    if path.is_symlink() and not path.exists():  # no directory can be made where the link is
+        raise ValueError(
+            f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; give a directory"
+        )
     _check_parents(path, flag)
 
 
