@@ -3,8 +3,9 @@
     342021 -> "three hundred forty-two thousand twenty-one" -> "dreihundertzweiundvierzigtausendeinundzwanzig"
 
 It needs no download, any amount of it is free, and it exercises what translation needs: reordering
-("forty-two" -> "zweiundvierzig"), compounding, and long-range agreement. The test and validation
-numbers never occur in training, so a model must generalise rather than memorise.
+("forty-two" -> "zweiundvierzig"), compounding, and forms that depend on context ("one" is "eins" standing
+alone and at the end, as in "einhunderteins", but "ein" inside a word: "einundzwanzig", "einhunderteintausend").
+The test and validation numbers never occur in training, so a model must generalise rather than memorise.
 
 Forms, taken from `num2words` with two normalisations:
 - English drops "and" and commas (num2words' British "one hundred and one thousand, two hundred"
