@@ -13,6 +13,7 @@ import torch
 
 from tformer.config import DecodeConfig, preset
 from tformer.data.tokenizer import Tokenizer
+from tformer.decoding import generate
 from tformer.model import Transformer
 from tformer.viz import attention_maps
 from tformer.viz.attention_maps import (
@@ -171,6 +172,35 @@ def test_a_translation_cut_off_at_the_length_limit_is_drawn_as_it_was_decoded(tm
         sentence_attention(model, tokenizer, "one two", target_text=long)
     with pytest.raises(AttentionPlotError, match=rf"^the sentence has {with_eos} tokens; the model accepts at most 6"):
         sentence_attention(model, tokenizer, long)
+
+
+@pytest.mark.parametrize("forced_eos", [False, True], ids=["cut-at-max-len", "ends-with-eos"])
+def test_a_translation_cut_off_at_its_decoding_max_length_has_no_eos_row(forced_eos: bool) -> None:
+    """A translation cut off at the decode settings' maximum length (max_len_a * S + max_len_b, below the
+    model's max_positions) ends without eos, but the maps added a row labelled </s> that decoding never
+    computed. The rows are now those of generate(return_attention=True): the last layer's head average
+    equals the decoded hypothesis's attention, row for row, with a </s> row only when it ended with eos."""
+    sentences = ["one two three", "three two one", "two two one three"] * 5
+    tokenizer = Tokenizer.train(sentences, sentences, vocab_size=20)
+    size = tokenizer.src_vocab_size
+    model = Transformer(preset("tiny", src_vocab_size=size, tgt_vocab_size=size), seed=0).eval()
+    config = DecodeConfig(beam_size=2, max_len_a=0.0, max_len_b=3, min_len=2, forced_eos=forced_eos)
+    attention = sentence_attention(model, tokenizer, "one two", decode_config=config)
+    src = torch.tensor([[*tokenizer.encode_source("one two"), tokenizer.eos_id]])
+    (best, *_), *_ = generate(
+        model,
+        src,
+        src_pad_mask=src != tokenizer.pad_id,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        config=config,
+        return_attention=True,
+    )
+    assert len(best.tokens) == (2 if forced_eos else 3)
+    predicted = [*best.tokens, tokenizer.eos_id] if forced_eos else best.tokens
+    assert attention.output_labels == tokenizer.id_to_target_piece(predicted)
+    assert attention.input_labels == tokenizer.id_to_target_piece([tokenizer.bos_id, *predicted[:-1]])
+    np.testing.assert_allclose(attention.cross[-1].mean(axis=0), best.attention.numpy(), atol=1e-5)
 
 
 def test_dollar_signs_in_tokens_and_sentences_are_drawn_as_text(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
+from tformer.decoding.lengths import max_output_lengths
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
 from tformer.viz.attention_kinds import KINDS, STACKS
@@ -119,6 +120,13 @@ def translate_ids(model: Transformer, tokenizer, source_text: str, decode_config
     return list(hypotheses[0][0].tokens)
 
 
+def decoded_length_limit(source_length: int, decode_config: DecodeConfig | None, *, limit: int) -> int:
+    """The most tokens decoding gives this source (eos not counted): a translation that long ended there,
+    without eos, whatever it would have predicted next. One shorter ended with eos."""
+    config = decode_config or DecodeConfig(beam_size=1)
+    return int(max_output_lengths(torch.tensor([source_length]), config, limit=limit)[0])
+
+
 def sentence_attention(
     model: Transformer,
     tokenizer,
@@ -129,25 +137,27 @@ def sentence_attention(
 ) -> SentenceAttention:
     """Attention maps for `source_text` and its translation (decoded), or the given `target_text`.
 
-    A translation that decoding cut off at the model's length limit (`max_positions` tokens, no eos) has
-    no row predicting eos: its last token was predicted but never read, so the decoder reads <s> and
-    the tokens before it, as it did while decoding."""
+    A translation that decoding cut off at its maximum length (`max_len_a * source length + max_len_b`,
+    at most the model's `max_positions`; no eos) has no row predicting eos: its last token was predicted
+    but never read, so the decoder reads <s> and the tokens before it, as it did while decoding."""
     limit = model.config.max_positions
     src_ids = [*tokenizer.encode_source(source_text), tokenizer.eos_id]
     if len(src_ids) > limit:
         raise AttentionPlotError(
             f"the sentence has {len(src_ids)} tokens; the model accepts at most {limit}: shorten it"
         )
+    cut_off = False  # a given target is a whole translation: the model reads it and predicts eos after it
     if target_text is None:
         tgt_ids = translate_ids(model, tokenizer, source_text, decode_config)
+        cut_off = len(tgt_ids) >= decoded_length_limit(len(src_ids), decode_config, limit=limit)
     else:
         tgt_ids = tokenizer.encode_target(target_text)
         if len(tgt_ids) + 1 > limit:
             raise AttentionPlotError(
                 f"the target has {len(tgt_ids) + 1} tokens with <s>; the model accepts at most {limit}: shorten it"
             )
-    read_ids = tgt_ids[: limit - 1]  # the decoder's inputs after <s>: all of them unless cut off at the limit
-    predicted_ids = [*tgt_ids, tokenizer.eos_id] if len(tgt_ids) < limit else tgt_ids
+    read_ids = tgt_ids[:-1] if cut_off else tgt_ids  # the decoder's inputs after <s>
+    predicted_ids = tgt_ids if cut_off else [*tgt_ids, tokenizer.eos_id]
     encoder_self, decoder_self, cross = teacher_forced_attention(model, src_ids, read_ids, bos_id=tokenizer.bos_id)
     return SentenceAttention(
         source_labels=tokenizer.id_to_source_piece(src_ids),
