@@ -7,7 +7,8 @@ of decoder steps. fp32 on CPU with the same thread count for all; bf16 on GPU.
 
     python benchmarks/decode.py --device cpu --preset small [--quick] [--record auto]
 
-Prints one JSON line per figure: target_tokens_per_s and sentences_per_s per system and search, then
+Prints one JSON line per figure: target_tokens_per_s, sentences_per_s and first_call_s (the untimed
+warm-up run, compilation included; ../../shared/BENCHMARKS.md rule 2) per system and search, then
 ratio_vs_hf and ratio_vs_ctranslate2 for tformer (on target tokens/s).
 """
 
@@ -17,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from common import (
     median,
     print_profiles,
     record_path,
+    synchronize,
     write_record,
 )
 
@@ -204,8 +207,12 @@ def main() -> None:
                 runs["hf"] = hf_system(hf_model, batches, args, beam)
             if "ctranslate2" in systems:
                 runs["ctranslate2"] = ct2_system(hf_model, batches, args, beam, Path(workdir), tokens)
+            first_call_s = {}
             for name, run in runs.items():  # same work: every system must produce exactly tgt_len tokens
+                start = time.perf_counter()  # the untimed warm-up: with --compile-step it compiles, timed apart
                 lengths = set(run())
+                synchronize(args.device)
+                first_call_s[name] = time.perf_counter() - start
                 if lengths != {args.tgt_len}:
                     raise SystemExit(f"{name} beam {beam} produced lengths {sorted(lengths)}, expected {args.tgt_len}")
             times = interleaved_medians(runs, repeats=args.repeats, warmup=0, device=args.device)
@@ -221,6 +228,7 @@ def main() -> None:
                 lines.append(emit(**shared, metric="target_tokens_per_s", value=round(rates[name], 1)))
                 lines.append(emit(**shared, metric="sentences_per_s", value=round(args.sentences / median(seconds), 2)))
                 lines.append(emit(**shared, metric="seconds_all_repeats", value=[round(s, 3) for s in seconds]))
+                lines.append(emit(**shared, metric="first_call_s", value=round(first_call_s[name], 3)))
             if args.device == "cuda":  # peak memory of the torch systems, one more run each
                 for name in ("tformer", "hf"):
                     if name in runs:
@@ -241,7 +249,8 @@ def main() -> None:
             f"{args.src_len} source tokens, batch {args.batch}, exactly {args.tgt_len} new tokens per sentence "
             f"(min = max), {'bf16' if args.device == 'cuda' else f'fp32, {args.threads} threads for every system'}. "
             f"Median of {args.repeats} interleaved repeats after one untimed warm-up run per system (the length "
-            "check); each timed run starts after 1 s idle, so threads a previous system left spinning are idle. "
+            "check, its seconds reported as first_call_s: with --compile-step they include compilation); each "
+            "timed run starts after 1 s idle, so threads a previous system left spinning are idle. "
             "HF: MarianMTModel.generate(num_beams, max_new_tokens=min_new_tokens, length_penalty=1.0); "
             f"attention implementation {getattr(hf_model.config, '_attn_implementation', '?') if hf_model else '-'}. "
             "CTranslate2: the same Marian weights converted with TransformersConverter (a vocabulary-only "
