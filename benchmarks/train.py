@@ -199,9 +199,10 @@ class TorchTransformer(nn.Module):
         table = torch.cat([positions.sin(), positions.cos()], dim=1)
         self.register_buffer("positions", table, persistent=False)
         self.scale = math.sqrt(d)
+        self.dropout = nn.Dropout(config.dropout)  # on the embedded sum, as tformer and Marian do
 
     def embed(self, ids):
-        return self.embedding(ids) * self.scale + self.positions[: ids.shape[1]]
+        return self.dropout(self.embedding(ids) * self.scale + self.positions[: ids.shape[1]])
 
     def forward(self, src, tgt_in):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1], device=tgt_in.device)
@@ -333,9 +334,9 @@ def main() -> None:
             "smoothing 0.1 (padding ignored), backward, clip 1.0, AdamW. torch: nn.Transformer with tied embeddings "
             "and output projection, the same loss, clip and AdamW, its attention and feed-forward-activation "
             "dropout set to the config's (0) and its final LayerNorms removed, so that it does tformer's work. "
-            "Dropout 0.1 on residuals everywhere. With --compile layers every system compiles its layers in "
-            "place with dynamic shapes. Every system uses torch.optim.AdamW(fused=True) (Hugging Face Trainer's "
-            "default optimizer). "
+            "Dropout 0.1 on the embeddings and residuals everywhere. With --compile layers every system compiles "
+            "its layers in place with dynamic shapes. Every system uses torch.optim.AdamW(fused=True) (Hugging Face "
+            "Trainer's default optimizer). "
             f"Peak for MFU: {peak if peak else 'n/a (CPU)'} FLOP/s."
         )
         write_record(path, title=f"Training speed, {args.device}, {args.preset}", env=environment(args.device),

@@ -69,3 +69,29 @@ def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Pat
     assert base.name == f"decode_cpu_base_{today}.md"  # a base run's record is not named as a small one's run2
     assert common.record_path("train", "cpu", str(tmp_path / "x.md")) == tmp_path / "x.md"
     assert common.record_path("train", "cpu", None) is None
+
+
+def test_the_nn_transformer_rival_drops_out_its_embeddings_as_tformer_and_marian_do() -> None:
+    """tformer and Marian apply dropout to the embedded sum (embedding + positions); the rival must too,
+    or it does less work per step than they do (BENCHMARKS.md rule 1)."""
+    import importlib.util
+
+    import torch
+
+    from tformer.config import preset
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("benchmark_train", BENCHMARKS / "train.py")
+        assert spec is not None and spec.loader is not None
+        train = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    config = preset("tiny", src_vocab_size=50, tgt_vocab_size=50, dropout=0.1)
+    model = train.TorchTransformer(config, 50)
+    ids = torch.randint(4, 50, (4, 8))
+    model.train()
+    assert not torch.equal(model.embed(ids), model.embed(ids))
+    model.eval()
+    assert torch.equal(model.embed(ids), model.embed(ids))
