@@ -158,6 +158,13 @@ def _other_shape(run: Path) -> str:
     return "weights do not match"
 
 
+def _deeply_nested_experiment(run: Path) -> str:
+    """json raised RecursionError (not a JSONDecodeError) for it: a traceback, from a file one may receive."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    path.write_text("[" * 100_000)
+    return f"{path}: unreadable or corrupt (RecursionError)"
+
+
 def _binary_pointer(run: Path) -> str:
     (run / "latest").write_bytes(b"\x81\xfe\x00step")
     return f"{run / 'latest'}: corrupt pointer file"
@@ -180,6 +187,7 @@ def _dangling_pointer(run: Path) -> str:
         _other_shape,
         _dangling_pointer,
         _binary_pointer,
+        _deeply_nested_experiment,
     ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:
@@ -684,3 +692,21 @@ def test_weights_of_another_shape_are_summed_up_in_one_whole_line_by_every_reade
                 f"{expected}; the run's files disagree: put back the experiment.json saved with these weights "
                 "(or the weights saved with it)\n"
             ), command
+
+
+def test_metrics_lines_and_cached_corpus_keys_nested_too_deep_for_json_are_skipped(run_copy: Path) -> None:
+    """A line of metrics.jsonl or a key.json of the encoded cache nested deeper than python's recursion limit
+    raised RecursionError through `train --resume` and `plot`: they are damaged lines and caches, like others."""
+    from tformer.training import encoded_cache
+    from tformer.training.metrics_log import MetricsLog
+    from tformer.viz.curves import read_metrics
+
+    metrics = run_copy / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n' + "[" * 100_000 + "\n")
+    assert MetricsLog(metrics).rows() == [{"step": 1, "loss": 2.0}]
+    assert read_metrics(metrics) == [{"step": 1, "loss": 2.0}]
+    before = encoded_cache.stored_digests(run_copy)
+    key = run_copy / encoded_cache.CACHE_DIR / "train-0" / "key.json"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("[" * 100_000)
+    assert encoded_cache.stored_digests(run_copy) == before

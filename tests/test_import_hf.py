@@ -391,3 +391,14 @@ def test_weights_missing_or_beyond_what_config_json_describes_are_refused_in_one
     message = capsys.readouterr().err
     assert message.startswith(f"error: {hf_dir}: {expected}") and message.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "vocab.json"])
+def test_a_json_file_nested_too_deep_is_refused_in_one_line(tmp_path, capsys, name):
+    """json raises RecursionError, not JSONDecodeError, for it: it was a traceback."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    (hf_dir / name).write_text("[" * 100_000)
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: {hf_dir / name}: unreadable or corrupt (RecursionError)\n"
+    assert not (tmp_path / "run").exists()

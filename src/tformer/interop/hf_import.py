@@ -263,7 +263,7 @@ def _has(directory: Path, name: str) -> bool:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested deep
         raise ValueError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path}: expected a JSON object")

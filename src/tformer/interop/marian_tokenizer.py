@@ -264,7 +264,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TokenizerError(f"missing tokenizer file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested deep
         raise TokenizerError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
     if not isinstance(document, dict):
         raise TokenizerError(f"{path}: expected a JSON object")

@@ -104,7 +104,7 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"missing checkpoint file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested deep
         raise CheckpointError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
     if not isinstance(document, dict) or "format_version" not in document:
         raise CheckpointError(f"{path}: not a tformer checkpoint description (no format_version)")
@@ -151,7 +151,7 @@ def _recorded(checkpoint_dir: Path, key: str) -> Any:
     did, or where the file cannot be read: read_experiment says why)."""
     try:
         document = json.loads((checkpoint_dir / EXPERIMENT_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return document.get(key) if isinstance(document, dict) else None
 

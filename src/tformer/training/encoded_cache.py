@@ -75,7 +75,7 @@ def load(run_dir: Path, key: CorpusKey) -> CachedCorpus | None:
         if len(pairs) != meta["pairs"] or not (_well_formed(pairs.sources) and _well_formed(pairs.targets)):
             return None
         return CachedCorpus(pairs, skipped_overlong=int(meta["skipped_overlong"]))
-    except (OSError, EOFError, ValueError, KeyError, TypeError):  # EOFError: np.load of an empty file
+    except (OSError, EOFError, ValueError, KeyError, TypeError, RecursionError):  # EOFError: np.load of an empty file
         return None
 
 
@@ -87,7 +87,7 @@ def stored_digests(run_dir: Path) -> list[tuple[str, str]]:
         try:
             key = json.loads(key_file.read_text(encoding="utf-8"))["key"]
             found.append((str(key["source_digest"]), str(key["target_digest"])))
-        except (OSError, ValueError, KeyError, TypeError):  # a damaged cache tells nothing
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # a damaged cache tells nothing
             continue
     return found
 

@@ -42,7 +42,7 @@ class MetricsLog:
         for line in self.path.read_text(encoding="utf-8", errors="replace").split("\n"):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: a line nested too deep
                 skipped += bool(line.strip())  # blank, or a line cut short by a crash
                 continue
             if isinstance(row, dict):

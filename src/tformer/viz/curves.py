@@ -64,7 +64,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # damaged bytes: skipped lines
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: a line nested too deep
             continue
         if isinstance(row, dict):
             rows.append(row)
