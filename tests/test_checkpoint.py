@@ -158,6 +158,12 @@ def _other_shape(run: Path) -> str:
     return "weights do not match"
 
 
+def _huge_pointer(run: Path) -> str:
+    """It was read whole and its 'name' put in the error: an error line as long as the file."""
+    (run / "latest").write_text("a" * 1_000_000)
+    return f"{run / 'latest'}: corrupt pointer file (expected a checkpoint directory name)"
+
+
 def _deeply_nested_experiment(run: Path) -> str:
     """json raised RecursionError (not a JSONDecodeError) for it: a traceback, from a file one may receive."""
     path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
@@ -188,6 +194,7 @@ def _dangling_pointer(run: Path) -> str:
         _dangling_pointer,
         _binary_pointer,
         _deeply_nested_experiment,
+        _huge_pointer,
     ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:
@@ -195,7 +202,7 @@ def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path
     with pytest.raises(CheckpointError) as error:
         load_run(run_copy, which="last")
     message = str(error.value)
-    assert expected in message and "\n" not in message
+    assert expected in message and "\n" not in message and len(message) < 1000
 
 
 def test_a_tokenizer_cut_short_where_sentencepiece_still_reads_it_is_refused(run_copy: Path) -> None:

@@ -60,14 +60,19 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / "latest").is_file() or (Path(path) / CHECKPOINTS_DIR).is_dir()
 
 
+POINTER_MAX_BYTES = 256  # a directory name and a newline; longer is not a pointer
+
+
 def read_pointer_name(run_dir: Path, which: str) -> str | None:
     path = Path(run_dir) / which
     if not path.is_file():
         return None
+    with path.open("rb") as file:  # a name, not a file to read whole: a received run's pointer may be huge
+        raw = file.read(POINTER_MAX_BYTES + 1)
     try:
-        name = path.read_text(encoding="utf-8").strip()
+        name = raw.decode("utf-8").strip() if len(raw) <= POINTER_MAX_BYTES else ""
     except UnicodeDecodeError:
         name = ""
-    if not name or "/" in name or name.startswith("."):
+    if not name or "/" in name or "\0" in name or name.startswith("."):
         raise CheckpointError(f"{path}: corrupt pointer file (expected a checkpoint directory name)")
     return name
