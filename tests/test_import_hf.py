@@ -357,6 +357,22 @@ def test_a_config_json_tformer_cannot_build_names_the_file(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key", ["encoder_layers", "decoder_layers"])
+def test_a_config_json_too_large_for_the_memory_is_refused_before_anything_is_built(tmp_path, capsys, key):
+    """A received config.json asking for 1e8 layers filled the memory until the process was killed: the
+    weights' per-layer names were built before Transformer(config) checked the model's size. It is now
+    checked first, and the message names the file."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, key: 10**8}))
+    capsys.readouterr()
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {hf_dir / 'config.json'}: this model holds ") and err.count("\n") == 1, err
+    assert "more than this machine's" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

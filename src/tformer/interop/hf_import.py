@@ -38,6 +38,7 @@ from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decode
 from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian, tformer_to_marian_state
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
+from tformer.model.size import check_fits_in_memory
 from tformer.training.checkpoint import CHECKPOINTS_DIR, step_name
 from tformer.training.checkpoint_save import write_checkpoint, write_pointer
 
@@ -66,6 +67,8 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
     raw, hf_config = _read_marian_config(hf_dir)
     try:
         config = model_config_from_marian(hf_config)
+        # before anything is built per layer: 1e8 layers filled the memory until the process was killed
+        check_fits_in_memory(config)
     except ConfigError as error:  # a value tformer's ModelConfig refuses (d_model not divisible by the heads)
         raise ValueError(f"{hf_dir / 'config.json'}: {error}") from None
     has_file = _has(hf_dir, GENERATION_FILE)
