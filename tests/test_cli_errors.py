@@ -182,3 +182,15 @@ def test_argument_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: 
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     command = message.split(":")[0]
     assert err.endswith(f" (see {command} --help)\n")
+
+
+def test_a_very_long_error_keeps_its_start_and_end_and_leaves_out_the_middle(tmp_path: Path, capsys) -> None:
+    """A value quoted from a file (a 1 MB string as model.activation) made a 1 MB error line: the middle is
+    now left out, the start (the setting and what it may be) and the end stay."""
+    config = tmp_path / "long.toml"
+    config.write_text(f'[model]\nactivation = "{"x" * 1_000_000}"\n')
+    assert main(["info", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 1200, len(err)
+    assert err.startswith("error: activation in [model] must be one of relu, gelu, silu, swish; got 'xxx")
+    assert " characters left out) ... " in err and err.endswith("xxx'\n")

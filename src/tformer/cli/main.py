@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         if hasattr(error, "setting") and hasattr(error, "named"):  # a SearchTooLargeError: name the flag
             message = error.named(decode_setting_name(args, error.setting))
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_shortened(message)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
         if not _out_of_memory(error):
@@ -126,6 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: out of memory ({reason}); a smaller beam, batch or model needs less", file=sys.stderr)
         return 2
+
+
+MESSAGE_ENDS = 500  # characters kept at each end of an error message too long to read
+
+
+def _shortened(message: str) -> str:
+    """`message` with its middle left out when it is very long: a value quoted from a received file (a 10 MB
+    string in experiment.json) made a 10 MB error line. Its start names the file and setting, its end the way
+    out: both stay."""
+    if len(message) <= 3 * MESSAGE_ENDS:
+        return message
+    left_out = len(message) - 2 * MESSAGE_ENDS
+    return f"{message[:MESSAGE_ENDS]} ... ({left_out:,} characters left out) ... {message[-MESSAGE_ENDS:]}"
 
 
 def _out_of_memory(error: BaseException) -> bool:
