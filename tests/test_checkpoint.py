@@ -322,6 +322,28 @@ def test_a_resume_from_an_averaged_checkpoint_names_the_newest_training_checkpoi
     assert main(command) == 0
 
 
+def test_a_checkpoint_kept_elsewhere_through_a_link_loses_only_the_link_when_pruned(
+    run_copy: Path, tmp_path: Path, capsys
+) -> None:
+    """A step checkpoint that is a symbolic link (kept on another disk; a received run) stopped the run at its
+    next pruning, "Cannot call rmtree on a symbolic link", naming nothing. Pruning, and a resume's removal of
+    checkpoints newer than `latest`, now remove the link alone: tformer deletes nothing outside the run."""
+    checkpoints = run_copy / "checkpoints"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("step-00000002", "step-00000006"):
+        shutil.move(checkpoints / name, elsewhere / name)
+        (checkpoints / name).symlink_to(elsewhere / name, target_is_directory=True)
+    for pointer in ckpt.POINTERS:
+        checkpoint_save.write_pointer(run_copy, pointer, "step-00000004")  # step 6 is newer than latest
+    command = ["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"]
+    assert main([*command, "--set", "train.keep_last=2"]) == 0, capsys.readouterr().err
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-00000006", "step-00000008"]
+    assert not (checkpoints / "step-00000006").is_symlink()  # the resume's own, written after the link went
+    for name in ("step-00000002", "step-00000006"):  # what the links named is untouched
+        assert (elsewhere / name / ckpt.WEIGHTS_FILE).is_file() and (elsewhere / name / ckpt.STATE_FILE).is_file()
+
+
 def test_a_resume_with_no_earlier_checkpoint_that_reads_whole_says_only_what_is_damaged(run_copy: Path) -> None:
     for step in ckpt.step_checkpoints(run_copy):
         _cut_short(step / ckpt.STATE_FILE)

@@ -93,7 +93,7 @@ def write_checkpoint(
         trash = parent / f".old-{name}-{os.getpid()}"
         os.replace(final, trash)
         os.replace(temporary, final)
-        shutil.rmtree(trash)
+        remove_checkpoint_dir(trash)
     else:
         os.replace(temporary, final)
     fsync_dir(parent)
@@ -137,8 +137,18 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     if keep_last > 0:
         removed += [path for path in steps[:-keep_last] if path.name not in protected]
     for path in removed:
-        shutil.rmtree(path)
+        remove_checkpoint_dir(path)
     return removed
+
+
+def remove_checkpoint_dir(path: Path) -> None:
+    """Delete a checkpoint directory. One that is a symbolic link (a checkpoint kept on another disk, or a
+    received run's) loses only the link: what it names lies outside the run, and tformer deletes nothing
+    there (shutil.rmtree refused the link, which stopped the run at its next pruning)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------------------------------------- files

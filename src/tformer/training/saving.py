@@ -10,7 +10,6 @@ A process killed between writing a checkpoint and moving `latest` leaves that ch
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,7 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
     for path in later:  # out of sight at once; a kill during rmtree leaves a hidden directory pruning removes
         hidden = path.parent / f".old-{path.name}-{os.getpid()}"
         os.replace(path, hidden)
-        shutil.rmtree(hidden)
+        checkpoint_save.remove_checkpoint_dir(hidden)
     return (
         f"resume: removed {', '.join(names)}, newer than {ckpt.step_name(step)} that the run continues from "
         f"(left by a run killed before it moved latest, or by latest set back){moved}"
