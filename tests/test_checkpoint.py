@@ -171,6 +171,16 @@ def _deeply_nested_experiment(run: Path) -> str:
     return f"{path}: unreadable or corrupt (RecursionError)"
 
 
+def _model_too_large_for_the_memory(run: Path) -> str:
+    """A received experiment.json may describe a model no memory holds: refused before it is built (it
+    was, by Transformer), and now naming the file."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    document = json.loads(path.read_text())
+    document["experiment"]["model"]["n_decoder_layers"] = 10**9
+    path.write_text(json.dumps(document))
+    return f"{path}: this model holds "
+
+
 def _binary_pointer(run: Path) -> str:
     (run / "latest").write_bytes(b"\x81\xfe\x00step")
     return f"{run / 'latest'}: corrupt pointer file"
@@ -195,6 +205,7 @@ def _dangling_pointer(run: Path) -> str:
         _binary_pointer,
         _deeply_nested_experiment,
         _huge_pointer,
+        _model_too_large_for_the_memory,
     ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:

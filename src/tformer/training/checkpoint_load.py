@@ -19,11 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 from tformer import __version__
-from tformer.config import ExperimentConfig, experiment_from_dict, preset_of
+from tformer.config import ConfigError, ExperimentConfig, experiment_from_dict, preset_of
 from tformer.data.tokenizer import Tokenizer
 from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer, count_parameters
+from tformer.model.size import check_fits_in_memory
 from tformer.training.checkpoint import (
     CHECKPOINTS_DIR,
     EXPERIMENT_FILE,
@@ -117,7 +118,7 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
     if not isinstance(document.get("experiment"), dict):
         raise CheckpointError(f"{path}: invalid experiment description: 'experiment' must be a table of sections")
     try:
-        return experiment_from_dict(document["experiment"]), int(document["step"])
+        experiment, step = experiment_from_dict(document["experiment"]), int(document["step"])
     except (KeyError, TypeError, ValueError) as error:
         writer = document.get("tformer_version")
         if writer is not None and writer != __version__:  # e.g. a key that a newer tformer added
@@ -125,6 +126,11 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
                 f"{path}: written by tformer {writer}, which this tformer {__version__} cannot read: {error}"
             ) from None
         raise CheckpointError(f"{path}: invalid experiment description: {error}") from None
+    try:  # here, to name the file: a received one may describe a model no memory holds
+        check_fits_in_memory(experiment.model)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return experiment, step
 
 
 def load_tokenizer(checkpoint_dir: Path) -> Tokenizer | VocabTokenizer:
