@@ -125,6 +125,15 @@ def decode_flags_named(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def error_line(error: BaseException, args: argparse.Namespace) -> str:
+    """The first line of an error's message as the command line prints it. A search too large for the memory
+    (a SearchTooLargeError, known by its `setting` and `named`: this module imports no torch) names the flag
+    or --set that set it (--beam), not the DecodeConfig field its own message names."""
+    if hasattr(error, "setting") and hasattr(error, "named"):
+        return error.named(decode_setting_name(args, error.setting))
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def decode_setting_name(args: argparse.Namespace, field: str) -> str:
     """How the command line sets DecodeConfig.`field`, for an error about its value: the flag that set
     it (--beam), else the --set that did (--set decode.beam_size), else (the run's own value) the

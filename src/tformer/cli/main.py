@@ -29,7 +29,7 @@ from tformer.cli import (
     train,
     translate,
 )
-from tformer.cli.decode_options import decode_setting_name
+from tformer.cli.decode_options import error_line
 from tformer.termination import import_torch, sigterm_as_interrupt
 
 # torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     except (ValueError, OSError) as error:  # user errors: one line, no traceback
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if hasattr(error, "setting") and hasattr(error, "named"):  # a SearchTooLargeError: name the flag
-            message = error.named(decode_setting_name(args, error.setting))
-        print(f"error: {_shortened(message)}", file=sys.stderr)
+        print(f"error: {_shortened(error_line(error, args))}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
         if not _out_of_memory(error):
