@@ -19,17 +19,12 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 from tformer.cli.argument_types import positive_integer
-from tformer.cli.decode_options import (
-    add_decode_arguments,
-    decode_setting_name,
-    decode_settings,
-    merged_decode_config,
-)
+from tformer.cli.decode_options import add_decode_arguments, decode_settings, error_line, merged_decode_config
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import config_to_dict
@@ -116,42 +111,36 @@ def run(args: argparse.Namespace) -> int:
         kept = f"the translations of the first {written} input lines are in {partial}"
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from None
-        raise ValueError(f"{_first_line(error, args)}; {kept}") from None
+        raise ValueError(f"{error_line(error, args)}; {kept}") from None
     if partial:
         os.replace(partial, output)
     return 0
 
 
-def _write(target: TextIO, lines: list[str], where: str) -> None:
-    """Write and flush `lines`; a failed write (a full disk, /dev/full) names what was being written, which
-    the OSError alone does not ("[Errno 28] No space left on device"). A reader that went away (`| head`)
-    is no error: its BrokenPipeError passes as it is."""
+@contextmanager
+def _failed_write_named(where: str) -> Iterator[None]:
+    """A failed write (a full disk, /dev/full) names what was being written, which the OSError alone does
+    not ("[Errno 28] No space left on device"). A reader that went away (`| head`) is no error: its
+    BrokenPipeError passes as it is."""
     try:
-        target.writelines(lines)
-        target.flush()
+        yield
     except BrokenPipeError:
         raise
     except OSError as error:
         raise OSError(f"could not write {where} ({error.strerror or error})") from None
 
 
+def _write(target: TextIO, lines: list[str], where: str) -> None:
+    with _failed_write_named(where):
+        target.writelines(lines)
+        target.flush()
+
+
 def _close(target: TextIO, where: str) -> None:
     """Close the output file: its last flush may fail as a write does (after a failed write, the lines it
-    still holds fail again), and is named as one."""
-    try:
+    still holds fail again)."""
+    with _failed_write_named(where):
         target.close()
-    except OSError as error:
-        raise OSError(f"could not write {where} ({error.strerror or error})") from None
-
-
-def _first_line(error: Exception, args: argparse.Namespace) -> str:
-    """The error's message as `main` would print it: a search too large for the memory names the flag
-    that set it (--beam), not the DecodeConfig field its own message names."""
-    from tformer.decoding.memory import SearchTooLargeError
-
-    if isinstance(error, SearchTooLargeError):
-        return error.named(decode_setting_name(args, error.setting))
-    return str(error).splitlines()[0]
 
 
 def _search_changes(values: dict[str, Any], settings: dict[str, object], args: argparse.Namespace) -> dict[str, Any]:
