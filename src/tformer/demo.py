@@ -9,7 +9,6 @@ training numbers (0 to 999,999) but never appear in training.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 import sys
@@ -26,7 +25,7 @@ from tformer.training import checkpoint, checkpoint_save
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.run import start_run
-from tformer.training.run_directory import check_new_run_dir
+from tformer.training.run_directory import check_new_run_dir, missing_directories, remove_empty_directories
 from tformer.viz.attention_maps import save_cross_attention_png
 
 
@@ -142,18 +141,12 @@ def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None
         balanced_fraction=config.balanced_fraction,
     )
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
-    missing = []  # --out and its parents that the data creates, deepest first
-    for path in (data_dir, *data_dir.parents):
-        if path.exists():
-            break
-        missing.append(path)
+    created = missing_directories(data_dir)  # --out and its parents that the data creates
     try:
         write_number_corpus(splits, data_dir)
     except OSError:  # a full disk: what was written would make the same command refuse --out once space is freed
         shutil.rmtree(data_dir, ignore_errors=True)  # --out was checked empty: data/ is the demo's own
-        for directory in missing:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+        remove_empty_directories(created)
         raise
     return splits
 

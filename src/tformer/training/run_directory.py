@@ -95,16 +95,29 @@ def create_run_dir(run_dir: Path) -> list[Path]:
     """Create the run directory before any long setup (reading the data, training the tokenizer), so
     that an unusable --out (read-only, under a file) fails at once. Returns the directories it created:
     the run directory and any missing parents, deepest first."""
-    missing = []
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            break
-        missing.append(path)
+    missing = missing_directories(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise RunDirectoryError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
     return missing
+
+
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what making it creates."""
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing.append(directory)
+    return missing
+
+
+def remove_empty_directories(directories: list[Path]) -> None:
+    """Remove each of `directories` (deepest first) that is empty; one that holds something stays."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def lock_new_run_dir(run_dir: Path, *, checked: bool, processes: int = 1) -> RunLock:
@@ -130,6 +143,4 @@ def remove_unused(run_dir: Path, lock: RunLock, *, created: list[Path]) -> None:
     shutil.rmtree(run_dir / encoded_cache.CACHE_DIR, ignore_errors=True)
     (run_dir / LOCK_FILE).unlink(missing_ok=True)
     lock.release()
-    for directory in created:
-        with contextlib.suppress(OSError):
-            directory.rmdir()
+    remove_empty_directories(created)
