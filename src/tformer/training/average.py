@@ -78,7 +78,7 @@ def _run_checkpoints(run_dir: Path) -> list[Path]:
     are not part of it: a resume removes them, and the average leaves them out, with a warning."""
     available = ckpt.step_checkpoints(run_dir)
     latest = ckpt.read_pointer_name(run_dir, "latest")
-    if latest is None or not latest.startswith("step-"):
+    if latest is None or not ckpt.is_step_name(latest):
         return available
     later = [directory.name for directory in available if directory.name > latest]
     if later:

@@ -49,11 +49,19 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     parent = Path(run_dir) / CHECKPOINTS_DIR
     if not parent.is_dir():
         return []
-    return sorted(path for path in parent.iterdir() if path.is_dir() and path.name.startswith("step-"))
+    return sorted(path for path in parent.iterdir() if path.is_dir() and is_step_name(path.name))
+
+
+STEP_PREFIX = "step-"
 
 
 def step_name(step: int) -> str:
-    return f"step-{step:08d}"
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` is a checkpoint of training steps (not an average, nor a temporary directory)."""
+    return name.startswith(STEP_PREFIX)
 
 
 def is_run_dir(path: Path) -> bool:

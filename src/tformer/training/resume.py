@@ -205,7 +205,7 @@ def _earlier_checkpoint_advised(run_dir: Path) -> Iterator[None]:
         except ckpt.CheckpointError:  # the pointer itself is damaged
             latest = None
         # an average (tformer average) holds weights only: any training checkpoint may follow it
-        of_training = latest is not None and latest.startswith("step-")
+        of_training = latest is not None and ckpt.is_step_name(latest)
         earlier = _newest_complete_checkpoint(run_dir, before=latest if of_training else None)
         if earlier is None:
             raise

@@ -93,5 +93,5 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
 
 def _step_of(name: str) -> int:
     """The step of a `step-NNNNNNNN` checkpoint name; -1 for another name."""
-    number = name.removeprefix("step-")
+    number = name.removeprefix(ckpt.STEP_PREFIX)
     return int(number) if number.isdigit() else -1
