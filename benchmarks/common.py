@@ -25,6 +25,18 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HF_ATTENTION = "sdpa"  # torch's fused attention, named rather than left to transformers' default
+
+
+def hf_rival(model: Any, *, bos_id: int, eos_id: int, pad_id: int) -> Any:
+    """A Hugging Face MarianMTModel with `model`'s weights (`to_marian`), on torch's fused attention where
+    this transformers can be told so (the records name the implementation each run used)."""
+    from tformer.interop.marian import SpecialIds, to_marian
+
+    hf_model = to_marian(model, SpecialIds(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id))
+    if hasattr(hf_model, "set_attn_implementation"):
+        hf_model.set_attn_implementation(HF_ATTENTION)
+    return hf_model
 
 
 def common_arguments(description: str) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from common import (
     common_arguments,
     emit,
     environment,
+    hf_rival,
     interleaved_medians,
     median,
     print_profiles,
@@ -39,7 +40,6 @@ from common import (
 
 from tformer.config import DecodeConfig, preset
 from tformer.decoding import generate
-from tformer.interop.marian import SpecialIds, to_marian
 from tformer.model import Transformer
 from tformer.model.packed import packed_weights
 
@@ -185,7 +185,7 @@ def main() -> None:
     src[:, -1] = EOS
     batches = [chunk.to(args.device) for chunk in src.split(args.batch)]
     hf_model = (
-        to_marian(model, SpecialIds(bos_id=BOS, eos_id=EOS, pad_id=PAD)).to(args.device)
+        hf_rival(model, bos_id=BOS, eos_id=EOS, pad_id=PAD).to(args.device)
         if "hf" in systems or "ctranslate2" in systems
         else None
     )

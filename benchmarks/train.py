@@ -39,6 +39,7 @@ from common import (
     common_arguments,
     emit,
     environment,
+    hf_rival,
     interleaved_medians,
     median,
     print_profiles,
@@ -48,7 +49,6 @@ from common import (
 
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import Batch
-from tformer.interop.marian import SpecialIds, to_marian
 from tformer.model import Transformer, model_flops_per_pair
 from tformer.runtime import compile_layers, compile_objective, configure_backends, peak_flops
 from tformer.training.graphed_step import GraphedTrainStep
@@ -248,11 +248,10 @@ def main() -> None:
     batch = random_batch(args, torch.Generator().manual_seed(0))
     runs: dict[str, Any] = {}
     compile_s: dict[str, float] = {}
+    hf_attention = "-"
     if "hf" in systems:
-        hf_model = to_marian(model, SpecialIds(bos_id=BOS, eos_id=EOS, pad_id=PAD))
-        if hasattr(hf_model, "set_attn_implementation"):
-            hf_model.set_attn_implementation("sdpa")
-        hf_model = hf_model.to(args.device).train()
+        hf_model = hf_rival(model, bos_id=BOS, eos_id=EOS, pad_id=PAD).to(args.device).train()
+        hf_attention = getattr(hf_model.config, "_attn_implementation", "?")
         if args.compile == "layers":
             compile_rival_layers([*hf_model.model.encoder.layers, *hf_model.model.decoder.layers])
         elif args.compile == "model":
@@ -330,8 +329,9 @@ def main() -> None:
                 if args.graph
                 else "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). "
             )
-            + "HF: MarianMTModel from tformer's weights (to_marian), its logits into cross-entropy with label "
-            "smoothing 0.1 (padding ignored), backward, clip 1.0, AdamW. torch: nn.Transformer with tied embeddings "
+            + f"HF: MarianMTModel from tformer's weights (to_marian; attention implementation {hf_attention}), "
+            "its logits into cross-entropy with label smoothing 0.1 (padding ignored), backward, clip 1.0, AdamW. "
+            "torch: nn.Transformer with tied embeddings "
             "and output projection, the same loss, clip and AdamW, its attention and feed-forward-activation "
             "dropout set to the config's (0) and its final LayerNorms removed, so that it does tformer's work. "
             "Dropout 0.1 on the embeddings and residuals everywhere. With --compile layers every system compiles "
