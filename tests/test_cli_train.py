@@ -229,6 +229,22 @@ def test_errors_name_the_flag_the_user_typed_and_the_key_a_set_gave(
     assert not new.exists()
 
 
+def test_a_missing_partner_of_a_typed_flag_is_named_with_its_flag_too(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--valid-src without --valid-tgt said 'give both --valid-src and data.valid_tgt': a key the user of
+    flags never met. The partner is named with its flag too; a config-file user still reads the keys."""
+    new = tmp_path / "new"
+    only_valid_src = [
+        "train", "--out", str(new), "--train-src", str(workspace["train_src"]),
+        "--train-tgt", str(workspace["train_tgt"]), "--valid-src", str(workspace["valid_src"]),
+    ]  # fmt: skip
+    _fails_cleanly(capsys, only_valid_src, "error: give both --valid-src and data.valid_tgt (--valid-tgt), or neither")
+    in_set = [*only_valid_src[:-2], "--set", f'data.valid_src="{workspace["valid_src"]}"']
+    _fails_cleanly(capsys, in_set, "error: give both data.valid_src and data.valid_tgt, or neither")
+    assert not new.exists()
+
+
 def test_a_tokenizer_that_is_not_a_directory_is_refused_before_the_data_is_read(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -37,11 +37,21 @@ def named_as_typed(
     message: str, args: argparse.Namespace, flag_keys: FlagKeys, *, overridden: Collection[str] = ()
 ) -> str:
     """`message` with each key that a flag set named by that flag: "train.device=cuda but ..." becomes
-    "--device cuda but ...", "decode.length_penalty must be ..." becomes "--length-penalty must be ..."."""
-    for name, option in typed_flags(args, flag_keys, overridden=overridden).items():
-        message = re.sub(rf"\b{re.escape(name)}=(?=\S)", f"{option} ", message)
-        message = re.sub(rf"\b{re.escape(name)}\b", option, message)
-    return message
+    "--device cuda but ...", "decode.length_penalty must be ..." becomes "--length-penalty must be ...".
+    When it names a flag so, a key beside it that no setting gave is followed by its flag, if the command
+    has one: "give both --valid-src and data.valid_tgt (--valid-tgt), or neither"."""
+    typed = typed_flags(args, flag_keys, overridden=overridden)
+    renamed = message
+    for name, option in typed.items():
+        renamed = re.sub(rf"\b{re.escape(name)}=(?=\S)", f"{option} ", renamed)
+        renamed = re.sub(rf"\b{re.escape(name)}\b", option, renamed)
+    if renamed == message:
+        return message
+    for dest, (section, key) in flag_keys.items():
+        name = f"{section}.{key}"
+        if name not in typed and name not in overridden and hasattr(args, dest):  # this command has the flag
+            renamed = re.sub(rf"\b{re.escape(name)}\b(?!=)", f"{name} ({flag_option(dest)})", renamed)
+    return renamed
 
 
 @contextmanager
