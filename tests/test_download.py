@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,46 @@ def test_bad_out_and_timeout_fail_before_any_download(tmp_path: Path, capsys: py
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1, err
     assert a_file.read_text() == "keep me\n" and not (tmp_path / "new").exists()
+
+
+def serve_once_each(replies: list[bytes]) -> tuple[str, threading.Thread]:
+    """A localhost server that answers its n-th connection with replies[n], raw bytes, then closes it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        with listener:
+            for reply in replies:
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(65536)
+                    connection.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/", thread
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n\x1f\x8bshort", "the transfer broke off after 7 bytes"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nZZ\r\n", "the transfer broke off"),
+        (b"garbage, not HTTP\r\n\r\n", "not an HTTP reply (BadStatusLine"),
+    ],
+    ids=["cut_off", "cut_off_chunked", "not_http"],
+)
+def test_a_broken_transfer_is_one_line_saying_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reply: bytes, reason: str
+) -> None:
+    """http.client's IncompleteRead and BadStatusLine are no OSError: they escaped as tracebacks."""
+    base, thread = serve_once_each([reply])
+    out = tmp_path / "out"
+    assert main(["download", "multi30k", "--out", str(out), "--base-url", base, "--languages", "en"]) == 2
+    thread.join(timeout=30)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: could not download {base}train.en.gz: {reason}"), err
+    assert err.endswith(
+        "check the network and retry, or fetch the .gz files another way into a directory DIR and "
+        "pass --base-url file:///DIR"
+    ), err
+    assert not out.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import math
 import urllib.error
 import urllib.parse
@@ -82,17 +83,29 @@ def download_multi30k(
     return written
 
 
+# what to do when a file cannot be fetched (no network, a proxy, a mirror down): every such error ends with it
+FETCH_ADVICE = (
+    "check the network and retry, or fetch the .gz files another way into a directory DIR and "
+    "pass --base-url file:///DIR"
+)
+
+
 def fetch(url: str, *, timeout: float) -> bytes:
     """The body at `url`; any network or HTTP failure becomes a one-line DownloadError."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read()
     except urllib.error.HTTPError as error:
-        raise DownloadError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
+        reason = f"HTTP {error.code} {error.reason}"
     except urllib.error.URLError as error:
-        raise DownloadError(f"could not download {url}: {error.reason}") from None
+        reason = str(error.reason)
+    except http.client.IncompleteRead as error:  # the connection closed mid-transfer
+        reason = f"the transfer broke off after {len(error.partial):,} bytes"
+    except http.client.HTTPException as error:  # not an OSError: a reply that is not HTTP
+        reason = f"not an HTTP reply ({type(error).__name__}: {str(error).strip()[:80]!r})"
     except (TimeoutError, OSError, ValueError) as error:
-        raise DownloadError(f"could not download {url}: {error}") from None
+        reason = str(error)
+    raise DownloadError(f"could not download {url}: {reason}; {FETCH_ADVICE}")
 
 
 def _check_out_dir(out_dir: Path) -> None:
