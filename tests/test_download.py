@@ -186,3 +186,13 @@ def test_a_broken_transfer_is_one_line_saying_what_to_do(
         "pass --base-url file:///DIR"
     ), err
     assert not out.exists()
+
+
+def test_help_and_docs_state_the_terms_of_the_data(capsys: pytest.CaptureFixture[str]) -> None:
+    """Multi30k is for research and education only: whoever downloads it is told so before they fetch it."""
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "research and education only, not commercially; cite Elliott et al. 2016" in shown
+    training_md = " ".join((Path(__file__).parents[1] / "docs" / "training.md").read_text(encoding="utf-8").split())
+    assert "terms allow research and educational use only, not commercial" in training_md

@@ -1,4 +1,8 @@
-"""Download a public parallel corpus (at present: Multi30k task 1 raw text) into a directory."""
+"""Download a public parallel corpus (at present: Multi30k task 1 raw text) into a directory.
+
+Multi30k (Elliott et al., 2016, https://github.com/multi30k/dataset) may be used for research and
+education only, not commercially; cite Elliott et al. 2016 when you publish results on it. tformer
+ships none of it: this command fetches it from its authors' repository (or the --base-url mirror)."""
 
 from __future__ import annotations
 
