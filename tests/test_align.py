@@ -230,3 +230,13 @@ def test_a_pair_whose_pieces_do_not_map_is_named_by_its_number_in_the_whole_list
     monkeypatch.setattr(align_module, "piece_words", breaking_pair_35)
     with pytest.raises(AlignmentError, match=r"^pair 35: subword pieces do not map onto whitespace words$"):
         align_pairs(model, tokenizer, [(s, s) for s in sentences])
+
+
+def test_links_count_the_words_as_given_not_as_normalised(copy_model: tuple[Transformer, Tokenizer]) -> None:
+    """fast_align, awesome-align and a reference alignment number the whitespace tokens of the line given.
+    NFKC makes two words of "don´t" and none of a lone "▁": numbered after it, every later link was off."""
+    assert align_module.word_origins("don\u00b4t go") == [0, 0, 1]  # "don ́t go": three words after NFKC
+    assert align_module.word_origins("ab \u2581 cd") == [0, 2]
+    model, tokenizer = copy_model
+    pairs = [("ab cd ef", "ab \u2581 cd ef"), ("\u2581 ab", "ab"), ("ab cd", "ab \u2581")]
+    assert align_pairs(model, tokenizer, pairs) == [[(0, 0), (1, 2), (2, 3)], [(1, 0)], [(0, 0)]]

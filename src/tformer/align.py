@@ -8,10 +8,12 @@ forward pass) and returns its cross-attention. Then:
    the only one in a one-layer decoder), averaged over all its heads. Row j is the step that *predicts*
    target piece j (its decoder input is piece j-1), so it shows where the model looked to write it;
 2. the source </s> column and the final </s> row are dropped;
-3. subwords to words: words are the whitespace tokens of the (normalised) sentence; a piece starting
-   with "▁" begins a word. Attention is *summed* over the pieces of a source word (how much of the
-   row goes to that word) and *averaged* over the pieces of a target word;
-4. hard alignment: each target word is linked to the source word it attends to most.
+3. subwords to words: words are the whitespace tokens of the sentence as given (what fast_align and a
+   reference alignment count), each the one or more words normalisation makes of it (`word_origins`); a
+   piece starting with "▁" begins a normalised word. Attention is *summed* over the pieces of a source
+   word (how much of the row goes to that word) and *averaged* over the pieces of a target word;
+4. hard alignment: each target word is linked to the source word it attends to most (a word normalisation
+   leaves nothing of, a lone "▁", has no piece and no link).
 
 Shape legend: B batch, L layers, H heads, S source pieces, T target pieces, I source words, J target words.
 """
@@ -56,12 +58,19 @@ def word_scores(cross_TS: np.ndarray, src_words_S: Sequence[int], tgt_words_T: S
     scores_JI = np.zeros((n_tgt, n_src))
     np.add.at(scores_JI, np.asarray(tgt_words_T), summed_TI)
     counts_J = np.bincount(np.asarray(tgt_words_T), minlength=n_tgt)
-    return scores_JI / counts_J[:, None]
+    return scores_JI / np.maximum(counts_J, 1)[:, None]  # a word without pieces: a row of zeros, not 0/0
 
 
 def hard_alignment(scores_JI: np.ndarray) -> list[tuple[int, int]]:
     """(source word, target word) pairs: each target word to its highest-scoring source word."""
     return sorted((int(np.argmax(row)), j) for j, row in enumerate(scores_JI))
+
+
+def word_origins(text: str) -> list[int]:
+    """For each word of normalize(text), the index of the whitespace token of `text` it comes from. NFKC
+    makes two words of some tokens (the acute accent of "don´t" becomes a space and a combining accent) and
+    none of a lone "▁": numbered after normalisation, every later word's index was off by one."""
+    return [index for index, token in enumerate(text.split()) for _ in normalize(token).split()]
 
 
 def pharaoh(pairs: Sequence[tuple[int, int]]) -> str:
@@ -104,21 +113,25 @@ def align_pairs(
     results: list[list[tuple[int, int]]] = []
     with evaluating(model):
         for start in range(0, len(pairs), BATCH_SIZE):
-            batch = [(normalize(s), normalize(t)) for s, t in pairs[start : start + BATCH_SIZE]]
+            given = pairs[start : start + BATCH_SIZE]
+            batch = [(normalize(s), normalize(t)) for s, t in given]
             src = [[*tokenizer.encode_source(s), tokenizer.eos_id] for s, _ in batch]
             tgt_in = [[tokenizer.bos_id, *tokenizer.encode_target(t)] for _, t in batch]
             maps = cross_attention_batch(model, src, tgt_in, layer=chosen, pad_id=tokenizer.pad_id)
-            for (source, target), cross_TS in zip(batch, maps, strict=True):
+            for (given_source, given_target), (source, target), cross_TS in zip(given, batch, maps, strict=True):
                 if not source or not target:
                     results.append([])
                     continue
+                src_origins, tgt_origins = word_origins(given_source), word_origins(given_target)
                 src_words = piece_words(tokenizer.source_pieces(source))
                 tgt_words = piece_words(tokenizer.target_pieces(target))
-                if src_words[-1] + 1 != len(source.split(" ")) or tgt_words[-1] + 1 != len(target.split(" ")):
+                if src_words[-1] + 1 != len(src_origins) or tgt_words[-1] + 1 != len(tgt_origins):
                     raise AlignmentError(f"pair {len(results) + 1}: subword pieces do not map onto whitespace words")
+                src_words, tgt_words = [src_origins[w] for w in src_words], [tgt_origins[w] for w in tgt_words]
                 # drop the source </s> column and the row that predicts the target </s>
                 scores_JI = word_scores(cross_TS[:-1, :-1], src_words, tgt_words)
-                results.append(hard_alignment(scores_JI))
+                with_pieces = set(tgt_words)
+                results.append([(i, j) for i, j in hard_alignment(scores_JI) if j in with_pieces])
     return results
 
 
