@@ -196,3 +196,19 @@ def test_help_and_docs_state_the_terms_of_the_data(capsys: pytest.CaptureFixture
     assert "research and education only, not commercially; cite Elliott et al. 2016" in shown
     training_md = " ".join((Path(__file__).parents[1] / "docs" / "training.md").read_text(encoding="utf-8").split())
     assert "terms allow research and educational use only, not commercial" in training_md
+
+
+def test_a_directory_where_a_file_goes_is_refused_before_any_download(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --overwrite, it stopped the writing after everything was fetched, train.en already replaced."""
+    out = tmp_path / "out"
+    (out / "val.en").mkdir(parents=True)
+    (out / "train.en").write_text("keep me\n")
+    nowhere = (tmp_path / "nowhere").as_uri()  # an error about it would mean a download was tried first
+    args = ["download", "multi30k", "--out", str(out), "--base-url", nowhere, "--languages", "en", "--overwrite"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out / 'val.en'} is a directory, where the corpus file goes; move it or choose another --out\n"
+    )
+    assert (out / "train.en").read_text() == "keep me\n"

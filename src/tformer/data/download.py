@@ -57,6 +57,9 @@ def download_multi30k(
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     names = [f"{split}.{language}" for split in MULTI30K_SPLITS for language in languages]
+    if directory := next((out_dir / name for name in names if (out_dir / name).is_dir()), None):
+        # found before any download: writing the set stopped there, with the files before it replaced
+        raise DownloadError(f"{directory} is a directory, where the corpus file goes; move it or choose another --out")
     existing = [name for name in names if (out_dir / name).exists()]
     if existing and not overwrite:
         raise DownloadError(f"{out_dir / existing[0]} already exists ({len(existing)} file(s)); pass --overwrite")
