@@ -212,3 +212,14 @@ def test_a_directory_where_a_file_goes_is_refused_before_any_download(
         f"error: {out / 'val.en'} is a directory, where the corpus file goes; move it or choose another --out\n"
     )
     assert (out / "train.en").read_text() == "keep me\n"
+
+
+def test_a_language_given_twice_is_fetched_and_written_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = make_mirror(tmp_path / "mirror")
+    args = ["download", "multi30k", "--out", str(tmp_path / "out"), "--base-url", base, "--no-verify"]
+    assert main([*args, "--languages", "en,de,en"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == [
+        str(tmp_path / "out" / f"{s}.{lang}") for s in MULTI30K_SPLITS for lang in ("en", "de")
+    ]
+    assert captured.err.count("train.en.gz") == 1
