@@ -223,3 +223,34 @@ def test_a_language_given_twice_is_fetched_and_written_once(tmp_path: Path, caps
         str(tmp_path / "out" / f"{s}.{lang}") for s in MULTI30K_SPLITS for lang in ("en", "de")
     ]
     assert captured.err.count("train.en.gz") == 1
+
+
+def test_a_failed_write_leaves_no_partial_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk filled up at val.de: the files before it stayed, and the rerun refused them as 'already
+    exists' instead of finishing the set. Those it created are removed; one --overwrite replaced stays new."""
+    import tformer.data.download as download_module
+
+    base = make_mirror(tmp_path / "mirror")
+    calls: list[Path] = []
+
+    def full_at_val_de(path: Path, data: bytes) -> Path:
+        calls.append(path)
+        if path.name == "val.de":
+            raise OSError(28, "No space left on device", str(path))
+        return write_atomic(path, data)
+
+    monkeypatch.setattr(download_module, "write_atomic", full_at_val_de)
+    out = tmp_path / "out"
+    args = ["download", "multi30k", "--out", str(out), "--base-url", base, "--languages", "en,de", "--no-verify"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.endswith(f"No space left on device: '{calls[-1]}'\n")
+    assert not out.exists()
+    (out / "kept").mkdir(parents=True)
+    (out / "val.en").write_text("keep me\n")
+    assert main([*args, "--overwrite"]) == 2
+    assert sorted(path.name for path in out.iterdir()) == ["kept", "val.en"]
+    assert (out / "val.en").read_text().startswith("val: A dog")  # replaced as asked, not removed
+    monkeypatch.undo()
+    assert main([*args, "--overwrite"]) == 0

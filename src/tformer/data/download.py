@@ -4,7 +4,9 @@ Upstream stores each file gzipped (`train.en.gz`, `val.en.gz`, `test_2016_flickr
 them decompressed as train.L, val.L and test2016.L. Every file is downloaded and checked (gzip, UTF-8,
 equal line counts across the languages of a split, SHA-256 of the known upstream content) before the
 first one is written, and each is written to a temporary file and renamed, so a failure never leaves a
-half-written or mismatched set behind. Existing files are never replaced unless `overwrite=True`.
+half-written file behind; a write that fails (a full disk) removes the files this call created, so no
+partial set is left (those `overwrite=True` replaced stay replaced). Existing files are never replaced
+unless `overwrite=True`.
 
 The data's terms (from its README): research and educational, non-commercial use; cite Elliott et al.
 2016. It is therefore downloaded on request, never shipped with tformer.
@@ -79,10 +81,27 @@ def download_multi30k(
             counts = ", ".join(f"{language}={count}" for language, count in line_counts.items())
             raise DownloadError(f"{split}: languages have different line counts ({counts}); the mirror is broken")
 
+    return _write_all(out_dir, {name: contents[name] for name in names})
+
+
+def _write_all(out_dir: Path, contents: dict[str, bytes]) -> list[Path]:
+    """Write each file atomically; when one fails (a full disk), remove those this call created, and `out_dir`
+    if it made it: a rerun then finds no partial set to refuse as already there."""
+    made_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in names:
-        written.append(write_atomic(out_dir / name, contents[name]))
+    written, created = [], []
+    try:
+        for name, data in contents.items():
+            is_new = not (out_dir / name).exists()
+            written.append(write_atomic(out_dir / name, data))
+            if is_new:
+                created.append(out_dir / name)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        if made_dir and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return written
 
 
