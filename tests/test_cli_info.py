@@ -72,6 +72,22 @@ def test_info_of_something_that_is_not_a_run_is_one_line(tmp_path: Path, capsys:
     assert err == f"error: {tmp_path} is neither a run directory nor a checkpoint (no experiment.json)\n"
 
 
+def test_a_runs_json_given_as_a_config_file_says_to_give_the_run(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """info --config RUN/checkpoints/step-N/experiment.json said only 'invalid TOML: Invalid statement'."""
+    experiment = trained / "checkpoints" / "step-00000004" / "experiment.json"
+    for command in (
+        ["info", "--config", str(experiment)],
+        ["train", "--config", str(experiment), "--out", str(tmp_path / "x")],
+    ):
+        assert main(command) == 2
+        assert capsys.readouterr().err == (
+            f"error: {experiment} is JSON, not a TOML config file; for the run that holds it, give its directory "
+            "(tformer info RUN_DIR, tformer train --resume RUN_DIR)\n"
+        )
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

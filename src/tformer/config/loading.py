@@ -123,6 +123,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     try:  # a byte-order mark (as Windows editors write) is an encoding artefact, dropped as corpus.py drops it
         return tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as error:
+        if path.suffix == ".json":  # a run's experiment.json or config.json, given as a config file
+            raise ConfigError(
+                f"{path} is JSON, not a TOML config file; for the run that holds it, give its directory "
+                "(tformer info RUN_DIR, tformer train --resume RUN_DIR)"
+            ) from None
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 
 
