@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,21 @@ def test_score_colours_are_centred_on_zero(result: Walkthrough) -> None:
         assert (norm.vmin, norm.vmax) == pytest.approx((-limit, limit))
     for ax in figure.axes[1::2]:
         assert (ax.images[0].norm.vmin, ax.images[0].norm.vmax) == (0, 1)
+
+
+def test_the_input_tables_say_what_their_numbers_are(result: Walkthrough, model: Transformer) -> None:
+    """Step 1's first table was labelled "token embedding", but holds the embedding matrix's rows times
+    sqrt(d_model): a reader checking it against the weights found other numbers."""
+    lines = render(result).splitlines()
+    label = next(i for i, line in enumerate(lines) if line.startswith("token embedding"))
+    assert "x sqrt(8)" in lines[label] and "2.828" in lines[label]
+    printed = [[float(cell) for cell in line.split()[1:]] for line in lines[label + 2 : label + 6]]
+    rows = model.src_embedding.weight.detach()[[VOCABULARY.index(token) for token in result.source_tokens]]
+    torch.testing.assert_close(torch.tensor(printed, dtype=torch.float64), rows * 8**0.5, atol=5e-4, rtol=0)
+    position = lines[label + 6]
+    assert position.startswith("position") and "sin(pos / 10000^(2i/8))" in position
+    printed = [[float(cell) for cell in line.split()[1:]] for line in lines[label + 8 : label + 12]]
+    paper_PD = [
+        [f(pos / 10000 ** (2 * (d // 2) / 8)) for d, f in enumerate([math.sin, math.cos] * 4)] for pos in range(4)
+    ]
+    torch.testing.assert_close(torch.tensor(printed), torch.tensor(paper_PD), atol=5e-4, rtol=0)

@@ -99,9 +99,10 @@ def input_lines(w: Walkthrough) -> list[str]:
         f"one encoder and one decoder layer, weights from seed {w.seed}.",
         f"Source: {' '.join(src)}    target: {' '.join(w.decoder_targets)}",
         heading(1, f"input vectors: token embedding x sqrt({c.d_model}) + sinusoidal position"),
-        "token embedding:",
+        f"token embedding x sqrt({c.d_model}): each token's row of the embedding matrix times {c.d_model**0.5:.3f}:",
         table(w.embeddings_SD, src, dims(c.d_model)),
-        "position (sinusoidal_table):",
+        f"position (sinusoidal_table): PE(pos, 2i) = sin(pos / 10000^(2i/{c.d_model})), "
+        f"PE(pos, 2i+1) = cos(pos / 10000^(2i/{c.d_model})):",
         table(w.positions_SD, src, dims(c.d_model)),
         "x = embedding + position:",
         table(w.encoder_block.input_SD, src, dims(c.d_model)),
