@@ -225,3 +225,20 @@ def test_the_input_tables_say_what_their_numbers_are(result: Walkthrough, model:
         [f(pos / 10000 ** (2 * (d // 2) / 8)) for d, f in enumerate([math.sin, math.cos] * 4)] for pos in range(4)
     ]
     torch.testing.assert_close(torch.tensor(printed), torch.tensor(paper_PD), atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_cli_refuses_a_directory_where_a_figure_goes(
+    tmp_path: Path, capsys: pytest.CaptureFixture, overwrite: list[str]
+) -> None:
+    """A directory named decoding.png in --out: with --overwrite, the walk-through was printed and five
+    figures written before renaming the sixth over the directory failed with an errno message."""
+    figures = tmp_path / "figs"
+    (figures / "decoding.png").mkdir(parents=True)
+    assert main(["explain", "--out", str(figures), *overwrite]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"error: --out: {figures / 'decoding.png'} is a directory, where a file goes; move it, or choose another "
+        "directory\n"
+    )
+    assert captured.out == "" and sorted(figures.iterdir()) == [figures / "decoding.png"]

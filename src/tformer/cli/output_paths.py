@@ -72,9 +72,13 @@ def check_replaced_output(
 
 def check_replaced_files(directory: Path, names: Iterable[str], *, overwrite: bool, flag: str = "--out") -> None:
     """--out DIR (or the `flag` given), into which a command writes the files `names`: a directory that can
-    be made or written into (`check_output_dir`), which holds none of them unless `overwrite`."""
+    be made or written into (`check_output_dir`), which holds none of them unless `overwrite`, and never a
+    directory in the place of one."""
     check_output_dir(directory, flag)
     existing = [directory / name for name in names if (directory / name).exists()]
+    for path in existing:
+        if path.is_dir():  # a file cannot be renamed over it, --overwrite or not
+            raise ValueError(f"{flag}: {path} is a directory, where a file goes; move it, or choose another directory")
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more of the files it writes)" if len(existing) > 1 else ""
         raise ValueError(
