@@ -27,9 +27,9 @@
 
 The arithmetic of steps 3-5 (the dot products and softmax a reader follows by hand) is written out in
 `tformer.model.attention.attention_loop_steps`, called here; the checks in `Walkthrough.checks` show it
-equals the modules' own results. Everything runs in float64, so each check differs by less than 1e-15
-(the tests allow 1e-10). The step numbers are those of the headings `tformer.explain_report.render` prints
-(and of docs/explain.md); printing and figures live in `tformer.explain_report`.
+equals the modules' own results. Everything runs in float64, so each check differs only by rounding, of
+the order of 1e-16 to 1e-15 (the tests allow 1e-10). The step numbers are those of the headings
+`tformer.explain_report.render` prints (and of docs/explain.md); printing and figures live in `tformer.explain_report`.
 
 Shape legend: S source length, T target length, D model dim, H heads, K head dim, F feed-forward dim,
 V vocabulary, N decoding steps.
