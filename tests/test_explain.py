@@ -242,3 +242,12 @@ def test_cli_refuses_a_directory_where_a_figure_goes(
         "directory\n"
     )
     assert captured.out == "" and sorted(figures.iterdir()) == [figures / "decoding.png"]
+
+
+def test_the_decoding_figure_names_its_axes(result: Walkthrough) -> None:
+    """The decoding heat map had tokens on both axes but no axis names, unlike the attention figures: which
+    were the inputs and which the candidates for the next token was left to guess."""
+    from tformer.explain_report import decoding_figure
+
+    ax = decoding_figure(result).axes[0]
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("decoder input → token chosen", "next token")

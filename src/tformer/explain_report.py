@@ -364,9 +364,8 @@ def decoding_figure(w: Walkthrough) -> Figure:
     figure = Figure(figsize=(7.5, 1.2 + 0.6 * len(d.prefixes)), layout="constrained")
     ax = figure.subplots()
     rows = [f"{' '.join(prefix)} → {chosen}" for prefix, chosen in zip(d.prefixes, d.chosen, strict=True)]
-    annotated(
-        ax, d.probabilities_NV, rows, list(VOCABULARY), "greedy decoding: p(next token) at each step", vmin=0, vmax=1
-    )
+    title, names = "greedy decoding: p(next token) at each step", ("decoder input → token chosen", "next token")
+    annotated(ax, d.probabilities_NV, rows, list(VOCABULARY), title, axis_names=names, vmin=0, vmax=1)
     return figure
 
 
