@@ -194,3 +194,36 @@ def test_a_very_long_error_keeps_its_start_and_end_and_leaves_out_the_middle(tmp
     assert err.count("\n") == 1 and len(err) < 1200, len(err)
     assert err.startswith("error: activation in [model] must be one of relu, gelu, silu, swish; got 'xxx")
     assert " characters left out) ... " in err and err.endswith("xxx'\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["translate", ""], "RUN_DIR"),
+        (["translate", "RUN", "--input", ""], "--input"),
+        (["translate", "RUN", "--output", ""], "--output"),
+        (["translate", "RUN", "--ensemble", ""], "--ensemble"),
+        (["evaluate", "RUN", "--src", "", "--ref", "REF"], "--src"),
+        (["evaluate", "RUN", "--src", "SRC", "--ref", "REF", "--output", ""], "--output"),
+        (["explain", "--out", ""], "--out"),
+        (["download", "multi30k", "--out", ""], "--out"),
+        (["export", "", "--to", "hf", "--out", "OUT"], "RUN_DIR"),
+        (["import-hf", "HF", "--out", ""], "--out"),
+        (["train", "--out", ""], "--out"),
+        (["info", ""], "RUN_DIR"),
+        (["plot", "RUN", "--out", ""], "--out"),
+        (["serve", ""], "RUN_DIR"),
+    ],
+)
+def test_an_empty_path_is_refused_naming_its_argument(
+    argv: list[str], named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """An empty path (an unset shell variable: --out "$DIR") was Path(""), the working directory: explain
+    wrote its figures there, download would have written the corpus there, translate read '.' as a run."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: tformer {argv[0]}: argument {named}: an empty path; give a file or directory")
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())

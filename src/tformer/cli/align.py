@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from tformer.cli.argument_types import path_argument
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 
 HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
-    parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
-    parser.add_argument("--tgt", type=Path, required=True, help="target sentences, aligned with --src")
-    parser.add_argument("--out", type=Path, help="write the alignments here (default: standard output)")
+    parser.add_argument(
+        "run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory or one checkpoint directory"
+    )
+    parser.add_argument("--src", type=path_argument, required=True, help="source sentences, one per line")
+    parser.add_argument("--tgt", type=path_argument, required=True, help="target sentences, aligned with --src")
+    parser.add_argument("--out", type=path_argument, help="write the alignments here (default: standard output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--layer", type=int, help="decoder layer to read (default: the penultimate)")
     parser.add_argument(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
+
+EMPTY_PATH = "an empty path; give a file or directory name (is a shell variable unset?)"
 
 
 def integer(text: str) -> int:
@@ -32,3 +35,16 @@ def seed_below(bits: int) -> Callable[[str], int]:
         return value
 
     return seed_value
+
+
+def path_text(text: str) -> str:
+    """A file or directory name, refused when empty: Path("") is the working directory, so an unset shell
+    variable (`--out "$DIR"`) would read or write there."""
+    if not text:
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    return text
+
+
+def path_argument(text: str) -> Path:
+    """`path_text` as a Path."""
+    return Path(path_text(text))

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-from tformer.cli.argument_types import positive_integer
+from tformer.cli.argument_types import path_argument, positive_integer
 from tformer.cli.decode_options import decode_flags_named
 from tformer.cli.output_paths import check_replaced_output
 from tformer.viz.attention_kinds import KINDS
@@ -23,9 +22,11 @@ FORMATS = (".png", ".html")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
+    parser.add_argument(
+        "run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory or one checkpoint directory"
+    )
     parser.add_argument("sentence", help="the source sentence to translate")
-    parser.add_argument("--out", type=Path, required=True, help="FILE.png or FILE.html")
+    parser.add_argument("--out", type=path_argument, required=True, help="FILE.png or FILE.html")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--target", help="draw attention for this translation instead of decoding one")
     parser.add_argument("--layer", type=int, help="only this layer (0-based; negative counts from the end)")

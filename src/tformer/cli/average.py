@@ -13,18 +13,21 @@ train.keep_last can reach back to it past the pruned ones: a warning says so, na
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from tformer.cli.argument_types import path_argument
 from tformer.cli.output_paths import check_output_dir
 
 HELP = "average the weights of a run's last K checkpoints"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run directory")
+    parser.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="a training run directory")
     parser.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest checkpoints")
     parser.add_argument(
-        "--out", type=Path, metavar="DIR", help="new checkpoint directory (default: inside RUN_DIR/checkpoints)"
+        "--out",
+        type=path_argument,
+        metavar="DIR",
+        help="new checkpoint directory (default: inside RUN_DIR/checkpoints)",
     )
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tformer.cli.argument_types import integer, seed_below
+from tformer.cli.argument_types import integer, path_argument, seed_below
 from tformer.cli.output_paths import check_output_dir
 
 if TYPE_CHECKING:
@@ -20,7 +20,9 @@ HELP = "train and evaluate the built-in English -> German number-words translato
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    parser.add_argument(
+        "--out", type=path_argument, default=Path("runs/demo"), help="run directory (default: runs/demo)"
+    )
     parser.add_argument("--train-steps", type=step_count, help="optimizer steps (default: 1300; 0: no step limit)")
     parser.add_argument(
         "--train-seconds", type=seconds, help="cap on training time, for slow machines (default: 150; 0: no cap)"

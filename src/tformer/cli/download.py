@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tformer.cli.argument_types import path_text
 from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256
 
 HELP = "download a public parallel corpus (multi30k)"
@@ -16,7 +17,9 @@ HELP = "download a public parallel corpus (multi30k)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", choices=["multi30k"], help="which corpus to fetch")
-    parser.add_argument("--out", required=True, help="directory to write train.L, val.L, test2016.L into")
+    parser.add_argument(
+        "--out", type=path_text, required=True, help="directory to write train.L, val.L, test2016.L into"
+    )
     parser.add_argument(
         "--base-url",
         default=MULTI30K_BASE_URL,

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tformer.cli.argument_types import path_argument
+
 if TYPE_CHECKING:
     import torch
 
@@ -20,7 +22,7 @@ def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ensemble",
         nargs="+",
-        type=Path,
+        type=path_argument,
         default=[],
         metavar="RUN_DIR",
         help="more runs (or checkpoint directories) decoded together with RUN_DIR: the average of their "

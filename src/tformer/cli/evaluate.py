@@ -21,7 +21,7 @@ import json
 import warnings
 from pathlib import Path
 
-from tformer.cli.argument_types import positive_integer
+from tformer.cli.argument_types import path_argument, positive_integer
 from tformer.cli.decode_options import add_decode_arguments, decode_settings, merged_decode_config
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
@@ -31,11 +31,13 @@ HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory or one checkpoint directory")
-    parser.add_argument("--src", type=Path, required=True, help="source sentences, one per line")
+    parser.add_argument(
+        "run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory or one checkpoint directory"
+    )
+    parser.add_argument("--src", type=path_argument, required=True, help="source sentences, one per line")
     parser.add_argument(
         "--ref",
-        type=Path,
+        type=path_argument,
         nargs="+",
         action="extend",  # --ref A --ref B as --ref A B: argparse's default would keep only B
         required=True,
@@ -62,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "zh, ja-mecab, ko-mecab or char for text written without spaces",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--output", type=Path, help="also write the translations to this file, one per --src line")
+    parser.add_argument(
+        "--output", type=path_argument, help="also write the translations to this file, one per --src line"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 

@@ -8,9 +8,8 @@ figures of an earlier --out in that directory are kept unless --overwrite is giv
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from tformer.cli.argument_types import seed_below
+from tformer.cli.argument_types import path_argument, seed_below
 from tformer.cli.output_paths import check_replaced_files, check_stdout
 
 HELP = "walk through the Transformer on a tiny example, step by step, with every number printed"
@@ -19,7 +18,7 @@ HELP = "walk through the Transformer on a tiny example, step by step, with every
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # torch.Generator takes a signed 64-bit seed
     parser.add_argument("--seed", type=seed_below(63), default=0, help="seed of the toy model's weights (default: 0)")
-    parser.add_argument("--out", type=Path, help="directory to write the figures (PNG) into")
+    parser.add_argument("--out", type=path_argument, help="directory to write the figures (PNG) into")
     parser.add_argument("--overwrite", action="store_true", help="replace figures that --out already holds")
 
 

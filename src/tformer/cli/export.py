@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.argument_types import path_text
 from tformer.cli.extras import require
 from tformer.cli.output_paths import check_output_dir, check_outside
 from tformer.termination import sigterm_as_interrupt
@@ -20,10 +21,13 @@ HELP = "export a run as a Hugging Face MarianMT directory or a CTranslate2 model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run (or checkpoint) directory")
+    parser.add_argument("run_dir", type=path_text, metavar="RUN_DIR", help="a training run (or checkpoint) directory")
     parser.add_argument("--to", required=True, choices=["hf", "ctranslate2"], help="output format")
     parser.add_argument(
-        "--out", required=True, help="output directory (must not exist, or be empty; not inside RUN_DIR)"
+        "--out",
+        type=path_text,
+        required=True,
+        help="output directory (must not exist, or be empty; not inside RUN_DIR)",
     )
     parser.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint (default: best)")
 

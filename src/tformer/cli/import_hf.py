@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.argument_types import path_text
 from tformer.cli.extras import require
 from tformer.cli.output_paths import check_output_dir, check_outside
 from tformer.input_paths import check_input_dir
@@ -23,9 +24,14 @@ HELP = "import a Hugging Face MarianMT (OPUS-MT) directory as a tformer run dire
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("hf_dir", metavar="HF_DIR", help="a local Hugging Face MarianMT model directory")
     parser.add_argument(
-        "--out", required=True, help="run directory to create (must not exist, or be empty; not inside HF_DIR)"
+        "hf_dir", type=path_text, metavar="HF_DIR", help="a local Hugging Face MarianMT model directory"
+    )
+    parser.add_argument(
+        "--out",
+        type=path_text,
+        required=True,
+        help="run directory to create (must not exist, or be empty; not inside HF_DIR)",
     )
 
 

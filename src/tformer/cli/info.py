@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tformer.cli.argument_types import path_argument
 from tformer.cli.output_paths import check_stdout
 from tformer.config import (
     PRESETS,
@@ -41,7 +42,11 @@ DEFAULT_VOCAB_SIZE = 37000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="a run directory or checkpoint: show its model"
+        "run_dir",
+        nargs="?",
+        type=path_argument,
+        metavar="RUN_DIR",
+        help="a run directory or checkpoint: show its model",
     )
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
@@ -50,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", choices=list(PRESETS), help=f"model preset (default: {DEFAULT_PRESET})")
     source.add_argument(
         "--config",
-        type=Path,
+        type=path_argument,
         metavar="FILE",
         help="experiment TOML file (or a shipped recipe's name): show its [model]",
     )

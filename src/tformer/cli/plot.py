@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tformer.cli.argument_types import path_argument
 from tformer.cli.output_paths import check_replaced_output
 
 HELP = "plot loss, BLEU/chrF and learning rate of a run over steps and wall-clock time"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its metrics.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="the PNG file to write")
+    parser.add_argument("run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory (or its metrics.jsonl)")
+    parser.add_argument("--out", type=path_argument, required=True, help="the PNG file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 

@@ -12,6 +12,7 @@ import argparse
 import functools
 import sys
 
+from tformer.cli.argument_types import path_text
 from tformer.cli.decode_options import add_decode_settings_argument, apply_decode_settings, decode_settings
 from tformer.cli.extras import require
 from tformer.config import DecodeConfig
@@ -21,7 +22,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run (or checkpoint) directory")
+    parser.add_argument("run_dir", type=path_text, metavar="RUN_DIR", help="a training run (or checkpoint) directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument(
         "--port", type=int, default=8000, help="port (default: 8000; 0: any free port, printed at startup)"

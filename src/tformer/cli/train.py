@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tformer.cli.argument_types import path_argument
 from tformer.cli.typed_names import errors_named_as_typed
 from tformer.config import (
     PRESETS,
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the description's lists keep their lines
     parser.add_argument(
         "--config",
-        type=Path,
+        type=path_argument,
         help="experiment TOML file, or the name of a recipe shipped with tformer (e.g. tiny_copy)",
     )
     parser.add_argument(
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a key, e.g. train.max_steps=100 (the value is TOML; repeatable)",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run directory")
+    parser.add_argument("--out", type=path_argument, required=True, metavar="RUN_DIR", help="run directory")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue RUN_DIR from its last checkpoint")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR once the new one ends")

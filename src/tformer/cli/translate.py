@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from tformer.cli.argument_types import positive_integer
+from tformer.cli.argument_types import path_text, positive_integer
 from tformer.cli.decode_options import add_decode_arguments, decode_settings, error_line, merged_decode_config
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
@@ -35,13 +35,20 @@ PARTIAL = ".partial"  # suffix of --output while it is written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or one checkpoint directory")
+    parser.add_argument(
+        "run_dir", type=path_text, metavar="RUN_DIR", help="a run directory or one checkpoint directory"
+    )
     parser.add_argument(
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )
-    parser.add_argument("--input", default=None, help="input text file, one sentence per line (default: stdin)")
     parser.add_argument(
-        "--output", default=None, help="output file, written as OUTPUT.partial until complete (default: stdout)"
+        "--input", type=path_text, default=None, help="input text file, one sentence per line (default: stdin)"
+    )
+    parser.add_argument(
+        "--output",
+        type=path_text,
+        default=None,
+        help="output file, written as OUTPUT.partial until complete (default: stdout)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument(
