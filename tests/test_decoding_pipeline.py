@@ -53,6 +53,25 @@ def test_results_come_back_in_input_order_and_match_single_sentence_decoding(max
         assert [t.text for t in translations] == [CharTokenizer().decode_target(tokens) for tokens, _ in expected]
 
 
+def test_a_test_set_of_a_thousand_lines_is_sorted_and_batched_whole(monkeypatch):
+    """A chunk's longest lines make a small last batch that runs the most steps: 256-line chunks cut a
+    1,000-line test set into four such tails, and decoded it 1.12-1.2x slower than one chunk does."""
+    import tformer.decoding.pipeline as pipeline
+
+    batch_sizes = []
+
+    def counting_generate(model, src, **kwargs):
+        batch_sizes.append(src.shape[0])
+        return generate(model, src, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", counting_generate)
+    lines = ["ab"] * 999 + ["the quick brown fox"]
+    translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1, max_len_b=2))
+    results = translator.translate_texts(lines)
+    assert len(results) == 1000 and len(set(results[:999])) == 1
+    assert batch_sizes == [999, 1]  # the 999 short lines together, the long one alone
+
+
 def test_translate_is_lazy_and_translate_texts_gives_the_best():
     model = peaked_model()
     translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2, nbest=2), chunk_lines=2)
@@ -264,4 +283,4 @@ def test_a_translator_reads_in_one_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=2), max_batch_tokens=64)
     assert repr(translator).startswith("Translator(Transformer on cpu, <test_decoding_pipeline.CharTokenizer ")
     assert "DecodeConfig(beam_size=2, " in repr(translator)
-    assert repr(translator).endswith(", max_batch_tokens=64, chunk_lines=256, truncate=False)")
+    assert repr(translator).endswith(", max_batch_tokens=64, chunk_lines=1024, truncate=False)")

@@ -8,7 +8,7 @@ With --nbest K (or --set decode.nbest=K), each input line gives K lines `index |
 
 --output FILE is written as FILE.partial, renamed to FILE once every line is translated: a job that
 stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the chunks finished
-before it (up to 256 lines each), whole lines only, and never a FILE that looks complete; an error, Ctrl-C
+before it (up to 1,024 lines each), whole lines only, and never a FILE that looks complete; an error, Ctrl-C
 or SIGTERM (what kill and timeout send) ends with one line that says how many. An existing FILE
 (or FILE.partial) is kept unless --overwrite is given.
 """
