@@ -128,3 +128,26 @@ def test_a_lock_file_that_is_a_directory_is_named_with_what_to_do(
         "valid.src",
         "valid.tgt",
     ]
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_what_it_names_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A received run whose .lock is a symbolic link had every train into it open the file the link names:
+    one that did not exist was created, outside the run, and one that did was locked."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2", valid=False), run, quiet=True).train()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / LOCK_FILE).unlink()
+    (run / LOCK_FILE).symlink_to(elsewhere / "created")
+    before = _digest(run)
+    capsys.readouterr()
+    command = ["train", "--out", str(run), "--resume", "--max-steps", "4", "--quiet"]
+    assert main(command) == 2
+    lock = run / LOCK_FILE
+    assert capsys.readouterr().err == (
+        f"error: {lock} is a symbolic link, where a run keeps its lock file; remove the link (rm {lock})\n"
+    )
+    assert not list(elsewhere.iterdir()) and _digest(run) == before

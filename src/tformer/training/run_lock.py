@@ -13,6 +13,8 @@ unlocked, as it did before locks.
 from __future__ import annotations
 
 import errno
+import os
+import shlex
 from pathlib import Path
 from typing import IO
 
@@ -37,10 +39,18 @@ class RunLock:
         if fcntl is None:
             return
         path = self.run_dir / LOCK_FILE
-        try:
-            handle = open(path, "ab")  # noqa: SIM115 (held open for as long as the lock)
+        try:  # a link (a received run's) is not followed: that would create or lock a file outside the run
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
         except IsADirectoryError:
             raise ValueError(f"{path} is a directory, where a run keeps its lock file; remove or rename it") from None
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            remove = f"rm {shlex.quote(str(path))}"
+            raise ValueError(
+                f"{path} is a symbolic link, where a run keeps its lock file; remove the link ({remove})"
+            ) from None
+        handle = os.fdopen(descriptor, "ab")  # held open for as long as the lock
         try:
             fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
