@@ -678,6 +678,41 @@ def test_a_metrics_file_that_is_a_directory_is_named_with_what_to_do(run_copy: P
     assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000006" and not (tmp_path / "curves.png").exists()
 
 
+@pytest.mark.parametrize("target", ["notes.txt", "missing.txt"])
+def test_a_metrics_file_that_is_a_link_is_refused_when_resuming(
+    run_copy: Path, tmp_path: Path, capsys, target: str
+) -> None:
+    """A received run whose metrics.jsonl is a symbolic link had a resume rewrite the file it names (emptied of
+    all but metrics rows: a notes file lost every line), or create it, then append rows to it: outside the run."""
+    metrics, elsewhere = run_copy / ckpt.METRICS_FILE, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("keep me\n")
+    metrics.unlink()
+    metrics.symlink_to(elsewhere / target)
+    assert main(["train", "--out", str(run_copy), "--resume", "--max-steps", "8", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {metrics} is a symbolic link (to {elsewhere / target}), where a run keeps its metrics; replace it "
+        "with a copy of the file it names, or remove it\n"
+    )
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["notes.txt"]
+    assert (elsewhere / "notes.txt").read_text() == "keep me\n"
+    assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000006"
+
+
+def test_pointer_files_left_as_links_are_replaced_not_written_through(run_copy: Path, tmp_path: Path) -> None:
+    """A received run whose .latest.tmp (or .best.tmp) was a symbolic link had the next save write the checkpoint's
+    name into the file the link names (a ~/.bashrc replaced by "step-00000008"), then move the link to `latest`."""
+    elsewhere = tmp_path / "notes.txt"
+    elsewhere.write_text("keep me\n")
+    for pointer in ckpt.POINTERS:
+        (run_copy / f".{pointer}.tmp").symlink_to(elsewhere)
+    resume_run(run_copy, overrides=["train.max_steps=8", "train.valid_every=2"], quiet=True).train()
+    assert elsewhere.read_text() == "keep me\n"
+    for pointer in ckpt.POINTERS:
+        assert not (run_copy / pointer).is_symlink() and not (run_copy / f".{pointer}.tmp").exists()
+    assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000008"
+
+
 def _set_in_every_checkpoint(run: Path, **model: int) -> None:
     for description in (run / "checkpoints").glob(f"*/{ckpt.EXPERIMENT_FILE}"):
         document = json.loads(description.read_text())

@@ -114,11 +114,14 @@ def write_experiment(
 
 
 def write_pointer(run_dir: Path, which: str, name: str) -> None:
-    """Point RUN_DIR/<which> at checkpoint `name`, atomically."""
+    """Point RUN_DIR/<which> at checkpoint `name`, atomically. A temporary file left there (by a crash, or a
+    received run's link to a file elsewhere) is removed, never written through: only the run changes."""
     assert which in POINTERS, which
     run_dir = Path(run_dir)
     temporary = run_dir / f".{which}.tmp"
-    temporary.write_text(name + "\n", encoding="utf-8")
+    temporary.unlink(missing_ok=True)
+    with open(temporary, "x", encoding="utf-8") as file:
+        file.write(name + "\n")
     fsync_file(temporary)
     os.replace(temporary, run_dir / which)
     fsync_dir(run_dir)

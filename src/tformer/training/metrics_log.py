@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,11 @@ class MetricsLog:
         """Keep only rows up to `step` (atomically), e.g. when resuming from the checkpoint at `step`;
         a row whose step is not a number cannot be placed, and is dropped too. Returns the number of lines
         dropped that were not rows of a known step (damaged), for the resumed run to say so."""
+        if self.path.is_symlink():  # a received run's: rewriting it, then appending, would change a file elsewhere
+            raise ValueError(
+                f"{self.path} is a symbolic link (to {os.readlink(self.path)}), where a run keeps its metrics; "
+                "replace it with a copy of the file it names, or remove it"
+            )
         if not self.path.exists():
             return 0
         if self.path.is_dir():  # reading it would fail with a bare "Is a directory"
