@@ -18,6 +18,7 @@ import pytest
 import sentencepiece
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from training_helpers import tiny_experiment, write_corpus
 
 import tformer
@@ -591,6 +592,25 @@ def test_average_says_when_its_checkpoints_are_not_consecutive(run_copy: Path) -
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # consecutive ones: no warning
         average_checkpoints(run_copy, last=1, out=run_copy.parent / "one")
+
+
+def test_average_refuses_a_checkpoint_whose_weights_hold_nan(run_copy: Path, capsys) -> None:
+    """A checkpoint holding NaN weights (saved as a run diverged, or damaged) was averaged in without a word:
+    the average held NaN wherever it did, and translated nothing."""
+    weights = run_copy / "checkpoints" / "step-00000004" / ckpt.WEIGHTS_FILE
+    tensors = load_file(weights)
+    first = sorted(tensors)[1]
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, weights, metadata={"format_version": "1"})
+    out = run_copy.parent / "averaged"
+    assert main(["average", str(run_copy), "--last", "2", "--out", str(out)]) == 2
+    count = len(load_run(run_copy).model.state_dict())
+    assert capsys.readouterr().err == (
+        f"error: {weights}: 1 of {count} tensors hold NaN or infinite values (first {first}), as after a run "
+        "diverged; average checkpoints saved before it (a smaller --last, or latest set back)\n"
+    )
+    assert not out.exists()
+    assert main(["average", str(run_copy), "--last", "1", "--out", str(out)]) == 0
 
 
 def test_average_of_a_run_without_checkpoints_says_so(run_copy: Path, capsys) -> None:
