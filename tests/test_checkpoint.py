@@ -269,6 +269,33 @@ def test_damaged_trainer_state_refuses_to_resume(run_copy: Path) -> None:
         resume_run(run_copy, quiet=True)
 
 
+def _first_moment(state: dict) -> dict:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [  # each once reached the user as a traceback, or (another shape) killed the process at the first step
+        (lambda state: _first_moment(state).update(exp_avg=torch.zeros(1)), r"optimizer state \{.*'exp_avg': \[1\]"),
+        (lambda state: _first_moment(state).pop("exp_avg_sq"), r"optimizer state \{'step': \[\], 'exp_avg': \[\d+"),
+        (lambda state: state.update(optimizer=None), "'NoneType' object has no attribute 'copy'"),
+        (lambda state: state.update(early_stopping="best"), "'str' object has no attribute 'get'"),
+        (lambda state: state["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "RNG state size to be 3"),
+        (lambda state: state.update(step=-5), "step -5"),
+    ],
+    ids=["moment_shape", "moment_missing", "optimizer_none", "early_stopping_text", "rng_short", "negative_step"],
+)
+def test_a_trainer_state_of_foreign_contents_refuses_to_resume_in_one_line(run_copy: Path, edit, reason: str) -> None:
+    path = run_copy / "checkpoints" / "step-00000006" / ckpt.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(path))}: trainer state does not fit this run \(.*{reason}"
+    ):
+        resume_run(run_copy, quiet=True)
+
+
 def _cut_short(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 

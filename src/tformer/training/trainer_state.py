@@ -65,7 +65,10 @@ class TrainerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
+        if self.step < 0:
+            raise ValueError(f"step {self.step}")
         self.optimizer.load_state_dict(state["optimizer"])
+        self._check_optimizer_state()
         self.load_stream_state(state["stream"])
         changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
         if changed:
@@ -78,6 +81,20 @@ class TrainerState:
         if self.distributed.rank > 0:  # the checkpoint holds rank 0's generators; others must differ
             torch.manual_seed(hash((self.train_config.seed, self.distributed.rank, self.step)) % 2**63)
         self._last_saved_step = self.step
+
+    def _check_optimizer_state(self) -> None:
+        """Refuse Adam moments that do not fit the parameters they belong to (a damaged or crafted trainer state):
+        the fused kernel read past them, and the process died at the first step (a segmentation fault)."""
+        for group in self.optimizer.param_groups:
+            moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+            for parameter in group["params"]:
+                values = self.optimizer.state.get(parameter)
+                if not values:  # never stepped (frozen, say): Adam starts it afresh
+                    continue
+                shapes = {key: list(getattr(value, "shape", [None])) for key, value in values.items()}
+                expected = {"step": [], **{key: list(parameter.shape) for key in moments}}
+                if shapes != expected:
+                    raise ValueError(f"optimizer state {shapes} for a parameter of shape {list(parameter.shape)}")
 
     def stream_state(self) -> dict[str, int]:
         """The data position as {"epoch", "index"}: `index` counts the *global* batches of the epoch's
@@ -109,7 +126,8 @@ class TrainerState:
         checkpoint_load.load_weights(self.model, checkpoint_dir)
         try:
             self.load_state_dict(checkpoint_load.load_trainer_state(checkpoint_dir))
-        except (KeyError, TypeError, ValueError) as error:
+        # any of these from a damaged or crafted file (an optimizer state that is a list, an RNG state too short)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
             if isinstance(error, ckpt.CheckpointError):
                 raise
             path = Path(checkpoint_dir) / ckpt.STATE_FILE
