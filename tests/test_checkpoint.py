@@ -165,6 +165,13 @@ def _huge_pointer(run: Path) -> str:
     return f"{run / 'latest'}: corrupt pointer file (expected a checkpoint directory name)"
 
 
+def _huge_experiment(run: Path) -> str:
+    """It was read whole: one that is a link to /dev/zero (or a sparse file of terabytes) filled the memory."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    path.write_text(path.read_text() + " " * (2 << 20))  # still a valid description, padded
+    return f"{path}: over 1,048,576 bytes, not a checkpoint description"
+
+
 def _deeply_nested_experiment(run: Path) -> str:
     """json raised RecursionError (not a JSONDecodeError) for it: a traceback, from a file one may receive."""
     path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
@@ -206,6 +213,7 @@ def _dangling_pointer(run: Path) -> str:
         _binary_pointer,
         _deeply_nested_experiment,
         _huge_pointer,
+        _huge_experiment,
         _model_too_large_for_the_memory,
     ],
 )

@@ -102,7 +102,7 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
     """The ExperimentConfig and step recorded in a checkpoint, after checking its format version."""
     path = Path(checkpoint_dir) / EXPERIMENT_FILE
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(_experiment_text(path))
     except FileNotFoundError:
         raise CheckpointError(f"missing checkpoint file: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested deep
@@ -133,6 +133,20 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
     return experiment, step
 
 
+EXPERIMENT_MAX_BYTES = 1 << 20  # a few kilobytes as written; a received one may be huge, or a link to /dev/zero
+
+
+def _experiment_text(path: Path) -> str:
+    """experiment.json's text, read no further than a description can reach (whole, it filled the memory)."""
+    with path.open("rb") as file:
+        raw = file.read(EXPERIMENT_MAX_BYTES + 1)
+    if len(raw) > EXPERIMENT_MAX_BYTES:
+        raise CheckpointError(
+            f"{path}: over {EXPERIMENT_MAX_BYTES:,} bytes, not a checkpoint description (tformer writes kilobytes)"
+        )
+    return raw.decode("utf-8")
+
+
 def load_tokenizer(checkpoint_dir: Path) -> Tokenizer | VocabTokenizer:
     directory = Path(checkpoint_dir) / TOKENIZER_DIR
     if not directory.is_dir():
@@ -156,8 +170,8 @@ def _recorded(checkpoint_dir: Path, key: str) -> Any:
     """A value that `write_checkpoint` recorded in experiment.json (None in checkpoints written before it
     did, or where the file cannot be read: read_experiment says why)."""
     try:
-        document = json.loads((checkpoint_dir / EXPERIMENT_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        document = json.loads(_experiment_text(checkpoint_dir / EXPERIMENT_FILE))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, CheckpointError):
         return None
     return document.get(key) if isinstance(document, dict) else None
 
