@@ -82,6 +82,32 @@ def test_a_run_decodes_with_the_settings_of_its_latest_checkpoint(run_copy: Path
         assert load_run(run_copy).experiment.decode.beam_size == 2
 
 
+def test_a_resume_trains_with_its_own_optimizer_settings_and_the_saved_moments(run_copy: Path) -> None:
+    """docs/training.md says train settings may change on a resume, but --set train.adam_beta2=0.5 (or
+    adam_eps, weight_decay) was ignored: torch's Optimizer.load_state_dict puts back the saved settings, a
+    received file's flags (maximize) too. The settings are now the command's; moments and steps the file's."""
+    state_path = run_copy / "checkpoints" / "step-00000006" / ckpt.STATE_FILE
+    state = torch.load(state_path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["maximize"] = True  # a crafted or foreign file: the ascent would undo training
+    torch.save(state, state_path)
+    changes = ["train.adam_beta2=0.5", "train.adam_eps=1e-6", "train.weight_decay=0.01", "train.max_steps=7"]
+    trainer = resume_run(run_copy, overrides=changes, quiet=True)
+    groups = trainer.optimizer.param_groups
+    assert [group["betas"] for group in groups] == [(0.9, 0.5), (0.9, 0.5)]
+    assert [group["eps"] for group in groups] == [1e-6, 1e-6]
+    assert [group["weight_decay"] for group in groups] == [0.01, 0.0]  # matrices only, as a new run has it
+    assert not any(group["maximize"] for group in groups)
+    saved = state["optimizer"]["state"]
+    loaded = trainer.optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys()
+    for index, moments in saved.items():
+        for key, value in moments.items():
+            assert torch.equal(loaded[index][key], value), (index, key)
+    plain = resume_run(Path(shutil.copytree(run_copy, run_copy.parent / "plain")), quiet=True)
+    assert [group["betas"] for group in plain.optimizer.param_groups] == [(0.9, 0.98), (0.9, 0.98)]
+
+
 def test_evaluate_scores_a_run_with_the_bleu_tokenize_of_its_latest_checkpoint(
     run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

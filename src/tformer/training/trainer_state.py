@@ -67,7 +67,15 @@ class TrainerState:
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
         if self.step < 0:
             raise ValueError(f"step {self.step}")
+        settings = [
+            {key: value for key, value in group.items() if key not in ("params", "lr")}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(state["optimizer"])
+        # the file gives the moments, step counts and learning rate; the settings (betas, eps, weight decay,
+        # flags) stay this run's, which a resume may change (torch's loader would put back the saved ones)
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)
         self._check_optimizer_state()
         self.load_stream_state(state["stream"])
         changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
