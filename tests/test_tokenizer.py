@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from training_helpers import tiny_experiment, write_corpus
 
 from tformer.config import ConfigError, DataConfig
+from tformer.data import tokenizer as tokenizer_module
 from tformer.data.tokenizer import Tokenizer, TokenizerError, normalize, sample_pairs
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.training import start_run
@@ -254,6 +255,25 @@ def test_bad_files_are_reported(tmp_path: Path, joint: Tokenizer) -> None:
         VocabTokenizer.from_files(marian)
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         joint.decode_target([joint.tgt_vocab_size])
+
+
+def test_a_model_file_that_is_a_device_or_too_large_is_refused_unread(
+    tmp_path: Path, joint: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A received run's spm.model linked to /dev/zero was read until the memory ran out (translate, info,
+    evaluate); a huge file was read whole. A device or pipe is refused unread, a file read no further than a
+    model can reach."""
+    (tmp_path / "spm.model").symlink_to("/dev/zero")
+    with pytest.raises(TokenizerError, match=r"^tokenizer model .*spm\.model is not a regular file$"):
+        Tokenizer.from_files(tmp_path)
+    (tmp_path / "spm.model").unlink()
+    joint.to_files(tmp_path)
+    size = (tmp_path / "spm.model").stat().st_size
+    monkeypatch.setattr(tokenizer_module, "SENTENCEPIECE_MAX_BYTES", size - 1)
+    with pytest.raises(TokenizerError, match=r"spm\.model: over .* MiB, not a sentencepiece model"):
+        Tokenizer.from_files(tmp_path)
+    monkeypatch.setattr(tokenizer_module, "SENTENCEPIECE_MAX_BYTES", size)
+    assert Tokenizer.from_files(tmp_path).encode_source("a") == joint.encode_source("a")
 
 
 def test_a_model_trained_with_sentencepieces_default_ids_is_refused_in_one_line(tmp_path: Path) -> None:

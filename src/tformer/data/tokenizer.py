@@ -385,13 +385,24 @@ def _train_model(
     return spm.SentencePieceProcessor(model_proto=writer.getvalue())
 
 
+SENTENCEPIECE_MAX_BYTES = 256 * 2**20  # read no further: a received file may be huge, or endless
+
+
 def read_sentencepiece(path: Path, *, called: str) -> spm.SentencePieceProcessor:
     """The sentencepiece model in `path`, or a TokenizerError that names the file (`called`: what an
     unreadable file is called in the message, "tokenizer model" or "sentencepiece model")."""
+    if path.exists() and not path.is_file():  # a device (a received run's link to /dev/zero), a pipe: never read
+        raise TokenizerError(f"{called} {path} is not a regular file")
     try:
-        proto = path.read_bytes()
+        with path.open("rb") as file:
+            proto = file.read(SENTENCEPIECE_MAX_BYTES + 1)
     except OSError as error:
         raise TokenizerError(f"cannot read {called} {path}: {error.strerror or error}") from None
+    if len(proto) > SENTENCEPIECE_MAX_BYTES:
+        raise TokenizerError(
+            f"{path}: over {SENTENCEPIECE_MAX_BYTES // 2**20} MiB, not a sentencepiece model (one of a million pieces "
+            "takes tens of MiB)"
+        )
     if not proto:  # sentencepiece takes empty bytes for "no model" and fails at the first use instead
         raise TokenizerError(f"{path} is empty: not a valid sentencepiece model (corrupt or truncated)")
     try:
