@@ -177,3 +177,48 @@ def test_rows_sharing_a_memory_row_get_what_rows_with_their_own_copy_get(need_we
         torch.testing.assert_close(shared[1], own[1], atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="cannot share"):
         attention(x[:5], memory_kv=attention.project_memory(memory), mask=None)
+
+
+def test_causal_mask_with_cached_keys_lets_each_query_see_itself_and_earlier_keys() -> None:
+    """Two new queries after three cached keys are positions 3 and 4 of five: query 3 sees keys 0..3,
+    query 4 all five (written out, not derived from the function under test)."""
+    expected = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
+    assert torch.equal(causal_mask(2, 5)[0, 0], expected)
+    assert torch.equal(causal_mask(3)[0, 0], torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_matrix_form_dropout_rescales_the_weights_it_keeps() -> None:
+    """Dropout on the attention weights zeroes some and divides the rest by 1 - p (inverted dropout), so
+    their expectation is the weights. With V the identity, the output is the dropped weights themselves."""
+    q, k, _ = random_qkv()
+    v = torch.eye(S, dtype=torch.float64).expand(B, H, S, S)
+    p = 0.5
+    torch.manual_seed(0)
+    dropped, weights = attention_matrix(q, k, v, dropout_p=p)
+    kept = dropped != 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(dropped[kept], weights[kept] / (1 - p), atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("module", ["self", "cross"])
+def test_attention_dropout_acts_in_training_only(module: str) -> None:
+    """A module in eval mode ignores its dropout (its output equals the dropout-free module's); in
+    training mode the same module's output changes."""
+    d_model, n_heads = 12, 4
+    make = SelfAttention if module == "self" else CrossAttention
+    torch.manual_seed(3)
+    plain = make(d_model, n_heads, dropout=0.0).double().eval()
+    dropping = make(d_model, n_heads, dropout=0.5).double().eval()
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 20, d_model, dtype=torch.float64)
+
+    def run(attention: torch.nn.Module, need_weights: bool) -> torch.Tensor:
+        if module == "self":
+            return attention(x, mask=None, need_weights=need_weights)[0]
+        return attention(x, memory_kv=attention.project_memory(x), mask=None, need_weights=need_weights)[0]
+
+    for need_weights in (False, True):  # the fused kernel and the matrix form
+        torch.testing.assert_close(run(dropping, need_weights), run(plain, need_weights), atol=1e-12, rtol=0)
+    dropping.train()
+    for need_weights in (False, True):
+        assert not torch.allclose(run(dropping, need_weights), run(plain, need_weights), atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tformer.config import preset
-from tformer.model.layers import DecoderLayer, EncoderLayer
+from tformer.model.layers import DecoderLayer, EncoderLayer, FeedForward
 from tformer.model.masks import key_mask
 
 D, H, F = 12, 3, 20
@@ -107,3 +107,16 @@ def test_decoder_layer_equals_torch_transformer_decoder_layer(norm_position: str
             memory_mask=key_mask(memory_keep),
         )
         torch.testing.assert_close(actual, expected, atol=1e-10, rtol=0)
+
+
+def test_activation_dropout_acts_on_the_hidden_layer_before_the_second_projection() -> None:
+    """activation_dropout drops entries of act(W1 x + b1) (fairseq's place for it), so with every entry
+    dropped the feed-forward output is W2 0 + b2 = b2 at every position; in eval mode it is a no-op."""
+    feed_forward = FeedForward(config("post")).double()
+    perturb(feed_forward, seed=4)
+    feed_forward.activation_dropout.p = 1.0
+    x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = feed_forward.train()(x)
+    torch.testing.assert_close(out, feed_forward.fc2.bias.expand(2, 3, D), atol=0, rtol=0)
+    expected = feed_forward.fc2(torch.relu(feed_forward.fc1(x)))
+    torch.testing.assert_close(feed_forward.eval()(x), expected, atol=1e-12, rtol=0)

@@ -159,3 +159,17 @@ def test_a_packed_feed_forward_runs_no_separate_relu() -> None:
     assert "aten::relu" not in names and "aten::clamp_min" not in names
     assert any("_linear_pointwise" in name for name in names)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_packed_forward_keeps_a_feed_forward_activation_other_than_relu(activation: str) -> None:
+    """Only ReLU is fused into the packed product: a GELU or SiLU model computes what it computes unpacked."""
+    model = small_model(activation=activation)
+    src = torch.randint(4, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    tgt = torch.randint(4, 60, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(src, tgt)
+        with packed_weights(model) as packed:
+            assert packed
+            ours = model(src, tgt)
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
