@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from helpers import perturbed
 
 from tformer.config import ConfigError, ModelConfig, config_from_dict, preset
 from tformer.model import Transformer, count_parameters
-from tformer.model.embeddings import sinusoidal_table
+from tformer.model.embeddings import TokenEmbedding, sinusoidal_table
 from tformer.model.size import model_elements
 
 
@@ -194,7 +195,12 @@ def test_attention_maps_are_returned_not_stored(tiny_model: Transformer) -> None
     assert not any(isinstance(v, torch.Tensor) and v.dim() == 4 for m in tiny_model.modules() for v in vars(m).values())
 
 
-def test_cached_decoding_equals_full_forward(tiny_model: Transformer) -> None:
+@pytest.mark.parametrize("positional_encoding", ["sinusoidal", "learned"])
+def test_cached_decoding_equals_full_forward(tiny_model: Transformer, positional_encoding: str) -> None:
+    """The cached steps read the positions after the cached ones, for fixed and learned positions alike."""
+    if positional_encoding == "learned":
+        config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, positional_encoding="learned")
+        tiny_model = perturbed(Transformer(config, seed=1)).eval()
     src = torch.randint(4, 40, (2, 6))
     tgt = torch.randint(4, 40, (2, 7))
     with torch.no_grad():
@@ -325,3 +331,15 @@ def test_inputs_of_the_wrong_kind_are_refused_by_name(tiny_model: Transformer) -
     with pytest.raises(TypeError, match=r"^config must be a ModelConfig \(e.g. tformer.config.preset\('tiny', ...\)\)"):
         Transformer("tiny")
     assert tiny_model(src.int(), tgt.int()).shape == (1, 3, 40)  # int32 ids are ids too
+
+
+def test_token_embedding_sends_the_padding_row_no_gradient() -> None:
+    """The lookup scales by sqrt(d_model) and leaves the pad row's gradient at zero; a real token's row
+    gets sqrt(d_model) per occurrence (the gradient of the sum of the embedded vectors)."""
+    embedding = TokenEmbedding(6, 4, pad_id=0, scale=True).double()
+    torch.nn.init.normal_(embedding.weight)
+    ids = torch.tensor([[5, 2, 0, 0], [2, 2, 3, 0]])
+    torch.testing.assert_close(embedding(ids), embedding.weight[ids] * 2.0, atol=0, rtol=0)
+    embedding(ids).sum().backward()
+    expected = torch.tensor([0.0, 0.0, 3.0, 1.0, 0.0, 1.0], dtype=torch.float64)[:, None].expand(6, 4) * 2.0
+    torch.testing.assert_close(embedding.weight.grad, expected, atol=0, rtol=0)

@@ -47,6 +47,18 @@ def test_top_k_finds_winners_crowded_into_one_chunk_or_the_partial_last_chunk() 
     assert torch.equal(index, expected.indices)
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_top_k_finds_the_winner_alone_in_a_last_chunk_of_one_entry(k: int) -> None:
+    V = MIN_CHUNKS_PER_KEPT * k * CHUNK + 1
+    values_RV = -torch.arange(V, dtype=torch.float32)[None].repeat(2, 1)
+    values_RV[0, -1] = 1.0  # the last entry, alone in its chunk, is the best
+    values_RV[1, -1] = -0.5  # the second best
+    best, index = top_k(values_RV, k)
+    expected = values_RV.topk(k, dim=-1)
+    assert torch.equal(best, expected.values)
+    assert torch.equal(index, expected.indices)
+
+
 def test_top_k_with_ties_keeps_the_same_values_and_indices_that_hold_them() -> None:
     """Rows of many equal values (a forced prefix leaves one finite entry; integers repeat): the values
     are torch.topk's; the indices, possibly others among equal values, are distinct and hold them."""
