@@ -343,3 +343,14 @@ def test_token_embedding_sends_the_padding_row_no_gradient() -> None:
     embedding(ids).sum().backward()
     expected = torch.tensor([0.0, 0.0, 3.0, 1.0, 0.0, 1.0], dtype=torch.float64)[:, None].expand(6, 4) * 2.0
     torch.testing.assert_close(embedding.weight.grad, expected, atol=0, rtol=0)
+
+
+def test_tied_output_projection_is_the_target_embedding_transposed() -> None:
+    """With separate source and target embeddings, tie_output ties the output to the target one."""
+    config = preset("tiny", src_vocab_size=30, tgt_vocab_size=30, share_embeddings=False, tie_output=True)
+    model = Transformer(config, seed=2).double().eval()
+    hidden = torch.randn(2, 3, config.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.project_output(hidden)
+    expected = hidden @ model.separate_tgt_embedding.weight.T
+    torch.testing.assert_close(logits, expected, atol=1e-12, rtol=0)
