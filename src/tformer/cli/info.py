@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from tformer.model import Transformer, count_parameters
 
     check_stdout("info")  # the description is printed
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         vocab_size = DEFAULT_VOCAB_SIZE if args.vocab_size is None else _trainable(args.vocab_size, DataConfig())
         config, described = preset(name, src_vocab_size=vocab_size, tgt_vocab_size=vocab_size), {"preset": name}
     try:
-        model = Transformer(config)
+        with torch.device("meta"):  # shapes only: counting needs no memory and no random numbers
+            model = Transformer(config)
     # e.g. an embedding of 10^11 rows: refused for its size (the config itself is valid) or by the allocator
     except (ConfigError, RuntimeError, MemoryError) as error:
         reason = str(error).splitlines()[0]

@@ -45,7 +45,12 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, max_positions: int, d_model: int, layout: str) -> None:
         super().__init__()
         self.layout = layout
-        self.register_buffer("table_PD", sinusoidal_table(max_positions, d_model, layout).float(), persistent=False)
+        # computed on the CPU, then put where the model is built, except on the meta device (a model built
+        # there holds no numbers until a checkpoint's are loaded into it, but this table is no checkpoint's)
+        with torch.device("cpu"):
+            table_PD = sinusoidal_table(max_positions, d_model, layout).float()
+        device = torch.get_default_device()
+        self.register_buffer("table_PD", table_PD if device.type == "meta" else table_PD.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """After a cast to float64 (`.double()`), the table is the formula's float64 values again, not the

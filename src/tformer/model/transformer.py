@@ -180,7 +180,8 @@ class Transformer(nn.Module):
         )
         self.packed: Tensor | None = None  # the tied output weight, packed inside `packed_weights(model)`
         self.final_logits_bias = nn.Parameter(torch.zeros(config.tgt_vocab_size)) if config.final_logits_bias else None
-        self.reset_parameters(seed)
+        if self.src_embedding.weight.device.type != "meta":  # built on the meta device: no numbers to set yet
+            self.reset_parameters(seed)
 
     @property
     def tgt_embedding(self) -> TokenEmbedding:

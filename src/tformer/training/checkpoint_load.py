@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 
 from tformer import __version__
 from tformer.config import ConfigError, ExperimentConfig, experiment_from_dict, preset_of
@@ -177,18 +177,34 @@ def _recorded(checkpoint_dir: Path, key: str) -> Any:
 
 
 def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
-    """Fill `model` from model.safetensors; every key must match (shared tensors stored once)."""
+    """Fill `model` from model.safetensors; every key must match (shared tensors stored once). A model
+    built on the meta device (`load_run`'s) is given the file's tensors instead of copying into its own."""
     path = Path(checkpoint_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
     try:
-        load_model(model, path, strict=True)
+        if any(parameter.is_meta for parameter in model.parameters()):
+            _assign_weights(model, path)
+        else:
+            load_model(model, path, strict=True)
     except SafetensorError as error:
         raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
     except RuntimeError as error:  # torch's message lists every tensor, over many lines: summarise it in one
         disagreement = weights_disagreement(model, path)
         reason = disagreement or " ".join(str(error).split())
         raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
+
+
+def _assign_weights(model: Transformer, path: Path) -> None:
+    """Give a model built on the meta device the tensors of `path`, in the model's dtypes, copied out of the
+    file's memory map (so that nothing depends on the file afterwards). Keys and shapes are compared first:
+    a tensor that does not fit is never copied."""
+    file_state = load_file(path)
+    expected = model.state_dict()
+    if file_state.keys() != expected.keys() or any(file_state[k].shape != v.shape for k, v in expected.items()):
+        raise RuntimeError("the file's tensors are not the model's")  # load_weights names the difference
+    owned = {name: tensor.to(expected[name].dtype, copy=True) for name, tensor in file_state.items()}
+    model.load_state_dict(owned, strict=True, assign=True)
 
 
 def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
@@ -217,7 +233,8 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     if Path(path) == run_dir:
         experiment = latest_settings(run_dir, checkpoint, experiment)
     tokenizer = load_tokenizer(checkpoint)
-    model = Transformer(experiment.model)
+    with torch.device("meta"):  # no memory and no random numbers for weights that the checkpoint's replace
+        model = Transformer(experiment.model)
     load_weights(model, checkpoint)
     return LoadedRun(model.to(device).eval(), tokenizer, experiment, step, run_dir, checkpoint)
 
