@@ -58,3 +58,14 @@ def test_attention_help_says_a_negative_head_counts_from_the_end(capsys) -> None
     shown = " ".join(capsys.readouterr().out.split())
     assert "--head HEAD only this head (0-based; negative counts from the end)" in shown
     assert "--layer LAYER only this layer (0-based; negative counts from the end)" in shown
+
+
+def test_translate_help_states_the_chunk_size_it_uses(capsys) -> None:
+    """The description said chunks of at most 256 lines while the translator reads 1,024 (CHUNK_LINES)."""
+    from tformer.decoding.pipeline import CHUNK_LINES
+
+    with pytest.raises(SystemExit):
+        main(["translate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"chunks of the lines that are ready (at most {CHUNK_LINES:,})" in shown
+    assert f"up to {CHUNK_LINES:,} lines each" in shown

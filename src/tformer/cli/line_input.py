@@ -1,8 +1,8 @@
 """Lines of UTF-8 text from a file descriptor, in chunks of whatever is ready: translate them now, not
 after `chunk_lines` more lines or the end of input.
 
-A fixed chunk (read 256 lines, then translate) makes `tformer translate` useless as an interactive
-filter: a line typed or sent through a pipe waits for 255 more. Here a chunk ends when no more input is
+A fixed chunk (read 1,024 lines, then translate) makes `tformer translate` useless as an interactive
+filter: a line typed or sent through a pipe waits for 1,023 more. Here a chunk ends when no more input is
 ready (checked with select, without blocking) or when it holds `max_lines`; a file, always ready, gives
 full chunks. Bytes are read from the descriptor directly (a buffered text stream could hold lines that
 select cannot see), split on newlines and decoded strictly, so invalid UTF-8 is reported with its line.

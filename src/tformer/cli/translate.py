@@ -1,6 +1,6 @@
 """Translate text with a trained run: one line in, one line out (stdin to stdout by default).
 
-Input is read and translated in chunks of the lines that are ready (at most 256), and each translation
+Input is read and translated in chunks of the lines that are ready (at most 1,024), and each translation
 is written (and flushed) as soon as its chunk is done, so the command works in a pipe and interactively:
 a line is translated as soon as it arrives. Input must be UTF-8; an empty line gives an empty line.
 With --nbest K (or --set decode.nbest=K), each input line gives K lines `index ||| text ||| score`
