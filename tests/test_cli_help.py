@@ -69,3 +69,17 @@ def test_translate_help_states_the_chunk_size_it_uses(capsys) -> None:
     shown = " ".join(capsys.readouterr().out.split())
     assert f"chunks of the lines that are ready (at most {CHUNK_LINES:,})" in shown
     assert f"up to {CHUNK_LINES:,} lines each" in shown
+
+
+def test_every_device_option_names_the_devices_it_accepts() -> None:
+    """translate's --device said only "torch device", though it refuses what is not auto, cpu, cuda or cuda:N
+    (mps, say) as every other command does."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    vague = [
+        name
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if "--device" in action.option_strings and not all(w in action.help for w in ("auto", "cpu", "cuda:N"))
+    ]
+    assert vague == []

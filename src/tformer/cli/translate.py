@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-tokens", type=positive_integer, default=4096, help="source tokens per batch (default: 4096)"
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     add_decode_arguments(parser)
     add_ensemble_argument(parser)
 
