@@ -49,7 +49,8 @@ class SinusoidalPositions(nn.Module):
         # there holds no numbers until a checkpoint's are loaded into it, but this table is no checkpoint's)
         with torch.device("cpu"):
             table_PD = sinusoidal_table(max_positions, d_model, layout).float()
-        device = torch.get_default_device()
+        # where the model is built (torch.get_default_device() ignores a `with torch.device(...)` before torch 2.8)
+        device = torch.empty(0).device
         self.register_buffer("table_PD", table_PD if device.type == "meta" else table_PD.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
