@@ -93,3 +93,26 @@ def test_an_ensemble_refuses_to_decode_once_a_member_is_put_in_training_mode():
     ensemble.eval()
     assert not first.training and not second.training
     generate(ensemble, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=1))
+
+
+def test_ensemble_attention_is_the_members_last_layer_averaged_over_heads_then_members():
+    first, second = peaked_model(), peaked_model(eos_bias=0.0)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.mul_(0.9)
+    src, mask = padded_batch([6, 3, 8], seed=4)
+    tgt = torch.randint(3, 40, (3, 5), generator=torch.Generator().manual_seed(1))
+    ensemble = EnsembleModel([first, second])
+    with torch.no_grad():
+        _, self_weights, cross_weights = ensemble.decode(
+            tgt, memory=ensemble.encode(src, src_pad_mask=mask), src_pad_mask=mask, return_attention=True
+        )
+        members = [
+            model.decode(tgt, memory=model.encode(src, src_pad_mask=mask), src_pad_mask=mask, return_attention=True)
+            for model in (first, second)
+        ]
+    expected_self = sum(member[1][-1].mean(dim=1, keepdim=True) for member in members) / 2
+    expected_cross = sum(member[2][-1].mean(dim=1, keepdim=True) for member in members) / 2
+    assert len(self_weights) == len(cross_weights) == 1
+    torch.testing.assert_close(self_weights[0], expected_self, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cross_weights[0], expected_cross, atol=1e-6, rtol=0)
