@@ -116,3 +116,20 @@ def test_ensemble_attention_is_the_members_last_layer_averaged_over_heads_then_m
     assert len(self_weights) == len(cross_weights) == 1
     torch.testing.assert_close(self_weights[0], expected_self, atol=1e-6, rtol=0)
     torch.testing.assert_close(cross_weights[0], expected_cross, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_the_member_with_the_fewest_positions_bounds_the_ensembles_output_length(beam):
+    """A member with 12 positions cannot read a 13th token: outputs of an ensemble holding it stop at 12."""
+    from tformer.config import preset
+    from tformer.model import Transformer
+
+    short_config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, max_positions=12, share_embeddings=False)
+    short = Transformer(dataclasses.replace(short_config, sinusoidal_layout="concatenated"), seed=2).eval()
+    for members in ([peaked_model(), short], [short, peaked_model()]):
+        ensemble = EnsembleModel(members)
+        assert ensemble.config.max_positions == 12
+        src, mask = padded_batch([5, 3], seed=1)
+        config = DecodeConfig(beam_size=beam, max_len_a=0.0, max_len_b=50, min_len=50)  # eos banned: runs to the limit
+        result = generate(ensemble, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+        assert [len(nbest[0].tokens) for nbest in result] == [12, 12]
