@@ -14,6 +14,7 @@ from tformer.config import DecodeConfig, preset
 from tformer.decoding import generate
 from tformer.decoding.greedy import CHECK_EVERY
 from tformer.decoding.incremental import IncrementalDecoder
+from tformer.decoding.lengths import max_output_lengths
 from tformer.model import Transformer
 from tformer.model.cache import BeamDecoderCache
 
@@ -348,3 +349,28 @@ def test_a_step_returns_the_exact_log_softmax_of_the_logits_the_model_gave() -> 
             logits, address = seen[-1]
             assert torch.equal(log_probs, torch.log_softmax(logits[:, -1], dim=-1))
             assert log_probs.data_ptr() == address  # written over the logits, not into a new table
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam", "sampling"])
+def test_attention_maps_are_the_teacher_forced_cross_attention_with_a_row_for_eos(name):
+    """One row per step, eos's included when a hypothesis ended with it, each the last decoder layer's
+    cross-attention averaged over heads, over the sentence's real source positions."""
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5, 2])
+    config = {"greedy": DecodeConfig(beam_size=1), "beam": DecodeConfig(beam_size=3, nbest=2)}.get(name, CONFIGS[name])
+    results = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config, return_attention=True)
+    limits = max_output_lengths(mask.sum(dim=1), config, limit=model.config.max_positions).tolist()
+    ended = 0
+    with torch.no_grad():
+        for b, hypotheses in enumerate(results):
+            real_S = src[b][mask[b]][None, :]
+            memory = model.encode(real_S)
+            for hypothesis in hypotheses:
+                steps = len(hypothesis.tokens) + (len(hypothesis.tokens) < limits[b])  # + eos's row
+                tgt = torch.tensor([[BOS, *hypothesis.tokens]])
+                _, _, cross = model.decode(tgt, memory=memory, src_pad_mask=None, return_attention=True)
+                expected = cross[-1][0].mean(dim=0)[:steps]
+                assert hypothesis.attention.shape == expected.shape, (b, hypothesis.tokens)
+                torch.testing.assert_close(hypothesis.attention, expected, atol=1e-4, rtol=0)
+                ended += steps > len(hypothesis.tokens)
+    assert ended > 0
