@@ -138,3 +138,12 @@ def test_the_hashed_uniform_numbers_are_evenly_spread(across):
     counts = torch.bincount((uniform * 20).long(), minlength=20).double()
     assert ((counts - n / 20) ** 2 / (n / 20)).sum() < 64.4
     assert len(set(uniform.tolist())) > 0.99 * n
+
+
+def test_a_sentences_samples_come_best_first():
+    model = peaked_model()
+    src, mask = padded_batch([7, 4, 9, 5], seed=3)
+    result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=sampling(temperature=3.0, seed=7))
+    scores = [[h.score for h in nbest] for nbest in result]
+    assert scores == [sorted(row, reverse=True) for row in scores]
+    assert any(row[0] > row[-1] for row in scores)  # not all ties: the order was tested
