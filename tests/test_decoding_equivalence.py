@@ -374,3 +374,27 @@ def test_attention_maps_are_the_teacher_forced_cross_attention_with_a_row_for_eo
                 torch.testing.assert_close(hypothesis.attention, expected, atol=1e-4, rtol=0)
                 ended += steps > len(hypothesis.tokens)
     assert ended > 0
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam", "sampling"])
+def test_a_long_prefix_is_still_forced_after_other_sentences_left_the_batch(name):
+    """The first sentence (max_len 2) leaves the batch at the check after step CHECK_EVERY, while the second
+    is still within its forced prefix: the prefix must follow its rows."""
+    config = dataclasses.replace(
+        {"greedy": DecodeConfig(beam_size=1), "beam": DecodeConfig(beam_size=3)}.get(name, CONFIGS[name]),
+        max_len_a=1.0,
+        max_len_b=0,
+    )
+    model = peaked_model()
+    src, mask = padded_batch([2, 9], seed=5)
+    prefix = [[], [9, 9, 9, 9, 9, 9, 9]]
+    assert len(prefix[1]) > CHECK_EVERY
+    batch = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config, prefix=prefix)
+    for row in range(2):
+        (alone,) = generate(
+            model, src[row : row + 1, : int(mask[row].sum())], src_pad_mask=None, bos_id=BOS, eos_id=EOS,
+            config=config, prefix=[prefix[row]],
+        )  # fmt: skip
+        assert [h.tokens for h in batch[row]] == [h.tokens for h in alone]
+        assert [h.score for h in batch[row]] == pytest.approx([h.score for h in alone], abs=1e-4)
+    assert all(h.tokens[:7] == prefix[1] for h in batch[1])
