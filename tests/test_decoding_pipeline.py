@@ -72,6 +72,27 @@ def test_a_test_set_of_a_thousand_lines_is_sorted_and_batched_whole(monkeypatch)
     assert batch_sizes == [999, 1]  # the 999 short lines together, the long one alone
 
 
+def test_batches_hold_at_most_max_batch_tokens_padded_tokens_and_are_as_full_as_that_allows(monkeypatch):
+    """Sorted by length, lines of 3, 4 and 5 tokens (eos included) under a budget of 12: (3, 3, 3, 3),
+    then (3, 4) padded to 2 x 4 = 8 (a third line would make 3 x 5 = 15), (5, 5)."""
+    import tformer.decoding.pipeline as pipeline
+
+    shapes = []
+
+    def recording_generate(model, src, **kwargs):
+        shapes.append(tuple(src.shape))
+        return generate(model, src, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", recording_generate)
+    lines = ["ab", "cd", "ef", "gh", "ij", "klm", "nopq", "rstu"]
+    translator = Translator(
+        peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1, max_len_b=2), max_batch_tokens=12
+    )
+    translator.translate_texts(lines)
+    assert shapes == [(4, 3), (2, 4), (2, 5)]
+    assert all(rows * width <= 12 for rows, width in shapes)
+
+
 def test_translate_is_lazy_and_translate_texts_gives_the_best():
     model = peaked_model()
     translator = Translator(model, CharTokenizer(), DecodeConfig(beam_size=2, nbest=2), chunk_lines=2)
