@@ -150,6 +150,30 @@ def test_an_untied_output_projection_is_imported_as_one(tmp_path):
     assert greedy == hf_generate(hf_model, hf_tokenizer, num_beams=1)
 
 
+def test_a_tied_decoder_embedding_stored_only_as_lm_head_is_imported(tmp_path):
+    """Separate source and target embeddings, the output tied to the target's: a file may keep the tied
+    matrix under lm_head.weight alone, and the decoder's embedding must then be read from it."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    hf_model = transformers.MarianMTModel.from_pretrained(hf_dir).eval()
+    raw = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    (hf_dir / "config.json").write_text(json.dumps(raw | {"share_encoder_decoder_embeddings": False}), encoding="utf-8")
+    state = load_file(hf_dir / "model.safetensors")
+    embedding = hf_model.model.shared.weight.detach().clone()
+    for name in ("model.shared.weight", "model.decoder.embed_tokens.weight"):
+        state.pop(name, None)
+    state |= {"model.encoder.embed_tokens.weight": embedding, "lm_head.weight": embedding.clone()}
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    loaded = load_run(tmp_path / "run")
+    assert loaded.model.config.tie_output and not loaded.model.config.share_embeddings
+    src = transformers.MarianTokenizer.from_pretrained(hf_dir)(SENTENCES[2:3], return_tensors="pt").input_ids
+    tgt = torch.tensor([[loaded.model.config.pad_id, 5, 9, 3, 7, 12]])
+    with torch.no_grad():
+        expected = hf_model(input_ids=src, decoder_input_ids=tgt).logits
+        actual = loaded.model(src, tgt)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
 def test_a_resume_of_an_imported_run_is_refused_in_one_line(tmp_path, capsys):
     """An imported run names no training text: `train --resume` of it (which `plot` of it suggests) failed
     with an AssertionError traceback in prepare_data; it is refused in one line, the run left as it was."""
