@@ -97,6 +97,12 @@ def test_advice_when_references_are_written_without_spaces() -> None:
     assert tokenization_advice(["Das ist gut, 猫."], "13a") == ""  # a few such characters in Latin text
 
 
+def test_advice_is_given_once_more_than_half_the_letters_are_written_without_spaces() -> None:
+    """UNSPACED_SHARE: 3 of 5 letters Chinese is mostly Chinese (advice), 2 of 4 is not."""
+    assert "zh (Chinese)" in tokenization_advice(["猫狗鸟 ab"], "13a")
+    assert tokenization_advice(["猫狗 ab"], "13a") == ""
+
+
 def test_advice_when_references_hold_what_normalisation_changes() -> None:
     """Translations come out NFKC-normalised (the tokenizer's normalize), so a reference's full-width
     comma never matches: an exact translation of these references scored BLEU 62 and chrF 50 without
