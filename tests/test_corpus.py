@@ -233,3 +233,21 @@ def test_errors_are_one_line_value_errors(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(CorpusError, match="max_chars must be at least 1"):
         read_tsv(tmp_path / "x", max_chars=0)
+
+
+def test_max_chars_is_inclusive_on_either_side(tmp_path: Path) -> None:
+    """A side of exactly data.max_chars characters is kept; one character more is skipped, on either side."""
+    src = write(tmp_path / "m.en", ["x" * 10, "x" * 11, "short", "x" * 10])
+    tgt = write(tmp_path / "m.de", ["y" * 10, "short", "y" * 11, "short"])
+    corpus = read_parallel(src, tgt, max_chars=10)
+    assert corpus.sources == ["x" * 10, "x" * 10] and corpus.targets == ["y" * 10, "short"]
+    assert corpus.report == CorpusReport(total_lines=4, kept=2, skipped_empty=0, skipped_long=2)
+
+
+def test_a_tsv_line_of_whitespace_alone_is_an_empty_pair(tmp_path: Path) -> None:
+    """A blank line of a CRLF file (a lone CR) or of spaces holds no tab, yet is an empty pair, not an error."""
+    path = tmp_path / "w.tsv"
+    path.write_bytes(b"one\teins\r\n\r\n  \r\ntwo\tzwei\r\n")
+    corpus = read_tsv(path)
+    assert (corpus.sources, corpus.targets) == (["one", "two"], ["eins", "zwei"])
+    assert corpus.report == CorpusReport(total_lines=4, kept=2, skipped_empty=2, skipped_long=0)

@@ -140,6 +140,18 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
     assert restored == loss
 
 
+def test_early_stopping_bleu_equal_is_not_better_and_an_improvement_restarts_the_count() -> None:
+    """The count is of evaluations in a row without improvement: an improvement sets it back to 0. For BLEU
+    (higher is better), as for the loss, a value equal to the best is no improvement."""
+    bleu = EarlyStopping("bleu", patience=2)
+    assert bleu.update(20.0, 1) and not bleu.update(20.0, 2)  # equal: not better
+    assert bleu.bad_evaluations == 1 and (bleu.best, bleu.best_step) == (20.0, 1)
+    assert bleu.update(21.0, 3) and bleu.bad_evaluations == 0
+    assert not bleu.update(19.0, 4) and not bleu.should_stop  # one bad evaluation since the improvement
+    assert not bleu.update(21.0, 5) and bleu.should_stop
+    assert (bleu.best, bleu.best_step) == (21.0, 3)
+
+
 def test_early_stopping_ends_the_run_and_best_points_at_the_best_step(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path, n_train=40)
     experiment = tiny_experiment(
