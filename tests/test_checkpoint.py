@@ -900,3 +900,28 @@ def test_metrics_lines_and_cached_corpus_keys_nested_too_deep_for_json_are_skipp
     key.parent.mkdir(parents=True, exist_ok=True)
     key.write_text("[" * 100_000)
     assert encoded_cache.stored_digests(run_copy) == before
+
+
+def test_pruning_keeps_the_newest_k_and_the_old_best(tmp_path: Path) -> None:
+    """train.keep_last=K deletes all but the newest K step checkpoints, never the one `best` names however
+    old; keep_last=1 keeps the newest alone (besides the best)."""
+    run = tmp_path / "run"
+    for step in range(1, 7):
+        (run / ckpt.CHECKPOINTS_DIR / ckpt.step_name(step)).mkdir(parents=True)
+    checkpoint_save.write_pointer(run, "latest", ckpt.step_name(6))
+    checkpoint_save.write_pointer(run, "best", ckpt.step_name(2))
+    removed = checkpoint_save.prune_checkpoints(run, keep_last=2)
+    assert sorted(path.name for path in removed) == [ckpt.step_name(step) for step in (1, 3, 4)]
+    assert [path.name for path in ckpt.step_checkpoints(run)] == [ckpt.step_name(step) for step in (2, 5, 6)]
+    checkpoint_save.prune_checkpoints(run, keep_last=1)
+    assert [path.name for path in ckpt.step_checkpoints(run)] == [ckpt.step_name(step) for step in (2, 6)]
+
+
+def test_average_of_the_last_three_checkpoints_sums_in_float64(run_copy: Path) -> None:
+    """Three float32 checkpoints: summed in float32, (a + b) + c rounds twice before the division, and some
+    weights come out one unit in the last place away from the float64 average rounded once."""
+    averaged = load_run(average_checkpoints(run_copy, last=3, out=run_copy.parent / "three"))
+    states = [load_run(run_copy / "checkpoints" / f"step-0000000{n}").model.state_dict() for n in (2, 4, 6)]
+    for name, tensor in averaged.model.state_dict().items():
+        expected = (sum(state[name].double() for state in states) / 3).to(tensor.dtype)
+        assert tensor.dtype == states[0][name].dtype and torch.equal(tensor, expected), name

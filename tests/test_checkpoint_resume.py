@@ -262,3 +262,20 @@ def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(
     with pytest.raises(loop.TrainingInterrupted, match=r"keeps its last checkpoint, .*step-00000004;"):
         trainer.train()
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-00000004"
+
+
+def test_the_saved_generator_states_give_the_same_draws_again() -> None:
+    """rng_state then load_rng_state: Python's, numpy's and torch's generators draw again what they drew
+    after the state was taken (each of them, not only torch's, is put back)."""
+    import random
+
+    import numpy as np
+
+    from tformer.training.rng_state import load_rng_state, rng_state
+
+    state = rng_state()
+    drawn = (random.random(), random.gauss(0.0, 1.0), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    load_rng_state(state)
+    again = (random.random(), random.gauss(0.0, 1.0), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    assert again == drawn
