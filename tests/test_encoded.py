@@ -312,3 +312,26 @@ def test_quiet_keeps_the_warnings(tmp_path: Path, capsys) -> None:
     resume_run(run, overrides=["train.max_steps=3"], quiet=True)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: {corpus['train_tgt']} changed since"), err
+
+
+def test_the_cache_key_changes_with_each_thing_the_pairs_depend_on(tmp_path: Path) -> None:
+    """Another tokenizer, data.max_chars, data.strict or model.max_positions encodes other pairs from the
+    same files: each must name another cache directory, else a resume would read pairs of other ids."""
+    from types import SimpleNamespace
+
+    corpus = write_corpus(tmp_path)
+    digests = ("a" * 8, "b" * 8)
+
+    def name(*overrides: str, fingerprint: int = 7) -> str:
+        tokenizer = SimpleNamespace(fingerprint=lambda: fingerprint)
+        return training_text._corpus_key(tiny_experiment(corpus, *overrides), tokenizer, digests).directory_name()
+
+    names = [
+        name(),
+        name(fingerprint=8),
+        name("data.max_chars=999"),
+        name("data.strict=true"),
+        name("model.max_positions=100"),
+    ]
+    assert len(set(names)) == len(names)
+    assert name() == names[0]  # and the same settings name the same directory
