@@ -211,6 +211,17 @@ def test_training_is_deterministic_and_files_round_trip(tmp_path: Path, joint: T
     assert smaller.fingerprint() != joint.fingerprint()
 
 
+def test_separate_vocabularies_fingerprint_both_models() -> None:
+    """Separate tokenizers of the same sources and other targets split targets otherwise: their fingerprints
+    (what an encoded cache is keyed by) differ, not only where the source model does."""
+    one = Tokenizer.train(SOURCES, TARGETS, vocab_size=80, joint=False, model_type="unigram")
+    other = Tokenizer.train(
+        SOURCES, [*TARGETS, "Noch ein ganz anderer Satz."], vocab_size=80, joint=False, model_type="unigram"
+    )
+    assert one.encode_source(SOURCES[0]) == other.encode_source(SOURCES[0])
+    assert one.fingerprint() != other.fingerprint()
+
+
 def test_separate_vocabularies_serialise_as_two_files(tmp_path: Path) -> None:
     tokenizer = Tokenizer.train(SOURCES, TARGETS, vocab_size=80, joint=False, model_type="unigram")
     paths = tokenizer.to_files(tmp_path)
