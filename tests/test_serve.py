@@ -266,6 +266,27 @@ def test_a_sampling_request_gets_the_samples_it_gets_alone_whatever_it_waited_wi
         assert scores == pytest.approx([t.score for nbest in expected for t in nbest], abs=1e-5)  # padding's rounding
 
 
+def test_jobs_share_a_call_up_to_exactly_max_batch_tokens_and_only_with_their_own_settings() -> None:
+    """A window's jobs of one decode setting share a Translator call while it holds at most max_batch_tokens
+    source tokens (equal fits), cheapest first; jobs of other settings get calls of their own."""
+    from tformer.config import DecodeConfig
+    from tformer.serving.batcher import Batcher, _Job
+
+    batcher = Batcher(torch.nn.Linear(1, 1), None, max_batch_tokens=10)
+    beam, greedy = DecodeConfig(beam_size=2), DecodeConfig(beam_size=1)
+    tokens = [(6, beam), (4, beam), (3, greedy), (1, beam)]
+    jobs = [_Job([f"s{index}"], config, n, None) for index, (n, config) in enumerate(tokens)]
+    calls = batcher._calls(jobs)
+    assert [(call.config, call.members, call.tokens) for call in calls] == [
+        (beam, [3, 1], 5), (greedy, [2], 3), (beam, [0], 6)
+    ]  # fmt: skip
+    two = batcher._calls(jobs[:2])
+    assert [(call.members, call.tokens) for call in two] == [([1, 0], 10)]
+    # cheapest by source tokens x rows per sentence: 3 tokens greedy before 2 tokens at beam 4
+    wide = [_Job(["a"], DecodeConfig(beam_size=4), 2, None), _Job(["b"], greedy, 3, None)]
+    assert [call.members for call in batcher._calls(wide)] == [[1], [0]]
+
+
 def test_a_request_whose_worst_case_is_over_max_decode_tokens_is_refused_up_front(run):
     """Nothing bounded a request's decoding work: 16 long sentences at beam 8 held the one worker, and every
     other client, for minutes. Now its worst case (sentences x beam x max output length) must fit."""
