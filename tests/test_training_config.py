@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from tformer.cli import train as train_command
 from tformer.config import (
@@ -289,3 +290,23 @@ def test_a_section_given_as_no_table_is_refused_when_a_setting_is_added_to_it(
     assert main(["train", "--config", str(config), "--preset", "tiny", "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.startswith("error: [model] must be a table of key = value pairs, got ")
     assert not (tmp_path / "run").exists()
+
+
+def test_device_choice_with_cuda_present(monkeypatch) -> None:
+    """auto picks CUDA when present; cuda:N must be below the device count; each process of a multi-GPU
+    run takes the GPU of its local rank (not its global rank). CUDA is faked: only the choice is tested."""
+    from types import SimpleNamespace
+
+    from tformer.config import ConfigError
+    from tformer.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"^train.device=cuda:2, but this machine has 2 CUDA device\(s\)$"):
+        resolve_device("cuda:2")
+    second_node = SimpleNamespace(enabled=True, rank=3, local_rank=1)
+    assert resolve_device("auto", second_node) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", second_node) == torch.device("cpu")
