@@ -310,3 +310,13 @@ def test_device_choice_with_cuda_present(monkeypatch) -> None:
     assert resolve_device("auto", second_node) == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto", second_node) == torch.device("cpu")
+
+
+def test_a_boolean_is_neither_an_integer_nor_a_number() -> None:
+    """Python's True is an int; in a config it is a mistake (max_steps = true), refused with the key named."""
+    from tformer.config.loading import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"^max_steps in \[train\] must be an integer; got True$"):
+        config_from_dict(TrainConfig, {"max_steps": True}, section="train")
+    with pytest.raises(ConfigError, match=r"^peak_lr in \[train\] must be a number; got False$"):
+        config_from_dict(TrainConfig, {"peak_lr": False}, section="train")
