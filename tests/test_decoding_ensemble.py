@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -25,13 +26,19 @@ def test_ensemble_of_one_equals_the_model(beam):
     assert [h.score for n in ensemble for h in n] == pytest.approx([h.score for n in alone for h in n], abs=1e-4)
 
 
-def test_two_members_average_log_probabilities_at_every_step():
+def _two_members_and_a_batch() -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two different models (the second's weights scaled by 0.9), a padded source batch and target prefixes."""
     first, second = peaked_model(), peaked_model(eos_bias=0.0)
     with torch.no_grad():
         for parameter in second.parameters():
             parameter.mul_(0.9)
     src, mask = padded_batch([6, 3, 8], seed=4)
     tgt = torch.randint(3, 40, (3, 5), generator=torch.Generator().manual_seed(1))
+    return first, second, src, mask, tgt
+
+
+def test_two_members_average_log_probabilities_at_every_step():
+    first, second, src, mask, tgt = _two_members_and_a_batch()
     tgt[:, 0] = BOS
     ensemble = EnsembleModel([first, second])
     with torch.no_grad():
@@ -96,12 +103,7 @@ def test_an_ensemble_refuses_to_decode_once_a_member_is_put_in_training_mode():
 
 
 def test_ensemble_attention_is_the_members_last_layer_averaged_over_heads_then_members():
-    first, second = peaked_model(), peaked_model(eos_bias=0.0)
-    with torch.no_grad():
-        for parameter in second.parameters():
-            parameter.mul_(0.9)
-    src, mask = padded_batch([6, 3, 8], seed=4)
-    tgt = torch.randint(3, 40, (3, 5), generator=torch.Generator().manual_seed(1))
+    first, second, src, mask, tgt = _two_members_and_a_batch()
     ensemble = EnsembleModel([first, second])
     with torch.no_grad():
         _, self_weights, cross_weights = ensemble.decode(
