@@ -1,5 +1,6 @@
 """Checks of an input directory before the work that reads it, so that a path that does not exist or is a
-file fails at once, in one line that names it as it was given, instead of as a missing file inside it."""
+file fails at once, in one line that names it as it was given, instead of as a missing file inside it; and
+`read_at_most`, for small files of a run or a model that someone else may have sent."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def check_input_dir(path: str | Path, name: str, *, holding: str, error: type[Va
     if not path.is_dir():
         raise error(f"{name} is a file; give the directory that holds the {holding}")
     return path
+
+
+def read_at_most(path: Path, limit: int) -> bytes | None:
+    """The bytes of `path`, or None when it holds more than `limit`: it is never read further, since a
+    received file may be huge, or a link to an endless device (/dev/zero)."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    return data if len(data) <= limit else None

@@ -58,7 +58,8 @@ def download_multi30k(
         raise DownloadError(f"--timeout must be a positive number of seconds, got {timeout}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    names = [f"{split}.{language}" for split in MULTI30K_SPLITS for language in dict.fromkeys(languages)]
+    languages = list(dict.fromkeys(languages))  # `--languages en,en` fetches and writes en once
+    names = [f"{split}.{language}" for split in MULTI30K_SPLITS for language in languages]
     if directory := next((out_dir / name for name in names if (out_dir / name).is_dir()), None):
         # found before any download: writing the set stopped there, with the files before it replaced
         raise DownloadError(f"{directory} is a directory, where the corpus file goes; move it or choose another --out")
@@ -69,7 +70,7 @@ def download_multi30k(
     contents: dict[str, bytes] = {}
     for split, stem in MULTI30K_SPLITS.items():
         line_counts: dict[str, int] = {}
-        for language in dict.fromkeys(languages):  # `--languages en,en` fetches en once
+        for language in languages:
             url = base_url.rstrip("/") + f"/{stem}.{language}.gz"
             if progress is not None:
                 progress(f"fetching {url}")

@@ -38,6 +38,7 @@ import sentencepiece as spm
 
 from tformer.config.pieces import BYTE_PIECES, SPECIAL_PIECES, smallest_vocab_size
 from tformer.data.piece_floor import MARKER, PieceFloor, piece_floor
+from tformer.input_paths import read_at_most
 
 ModelType = Literal["bpe", "unigram"]
 
@@ -394,11 +395,10 @@ def read_sentencepiece(path: Path, *, called: str) -> spm.SentencePieceProcessor
     if path.exists() and not path.is_file():  # a device (a received run's link to /dev/zero), a pipe: never read
         raise TokenizerError(f"{called} {path} is not a regular file")
     try:
-        with path.open("rb") as file:
-            proto = file.read(SENTENCEPIECE_MAX_BYTES + 1)
+        proto = read_at_most(path, SENTENCEPIECE_MAX_BYTES)
     except OSError as error:
         raise TokenizerError(f"cannot read {called} {path}: {error.strerror or error}") from None
-    if len(proto) > SENTENCEPIECE_MAX_BYTES:
+    if proto is None:
         raise TokenizerError(
             f"{path}: over {SENTENCEPIECE_MAX_BYTES // 2**20} MiB, not a sentencepiece model (one of a million pieces "
             "takes tens of MiB)"

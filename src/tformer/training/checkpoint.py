@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tformer.input_paths import read_at_most
+
 FORMAT_VERSION = 1
 EXPERIMENT_FILE = "experiment.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,10 +77,9 @@ def read_pointer_name(run_dir: Path, which: str) -> str | None:
     path = Path(run_dir) / which
     if not path.is_file():
         return None
-    with path.open("rb") as file:  # a name, not a file to read whole: a received run's pointer may be huge
-        raw = file.read(POINTER_MAX_BYTES + 1)
+    raw = read_at_most(path, POINTER_MAX_BYTES)  # a name, not a file to read whole: a received one may be huge
     try:
-        name = raw.decode("utf-8").strip() if len(raw) <= POINTER_MAX_BYTES else ""
+        name = raw.decode("utf-8").strip() if raw is not None else ""
     except UnicodeDecodeError:
         name = ""
     if not name or "/" in name or "\0" in name or name.startswith("."):

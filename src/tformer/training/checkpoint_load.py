@@ -21,6 +21,7 @@ from safetensors.torch import load_file, load_model
 from tformer import __version__
 from tformer.config import ConfigError, ExperimentConfig, experiment_from_dict, preset_of
 from tformer.data.tokenizer import Tokenizer
+from tformer.input_paths import read_at_most
 from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer, count_parameters
@@ -138,9 +139,8 @@ EXPERIMENT_MAX_BYTES = 1 << 20  # a few kilobytes as written; a received one may
 
 def _experiment_text(path: Path) -> str:
     """experiment.json's text, read no further than a description can reach (whole, it filled the memory)."""
-    with path.open("rb") as file:
-        raw = file.read(EXPERIMENT_MAX_BYTES + 1)
-    if len(raw) > EXPERIMENT_MAX_BYTES:
+    raw = read_at_most(path, EXPERIMENT_MAX_BYTES)
+    if raw is None:
         raise CheckpointError(
             f"{path}: over {EXPERIMENT_MAX_BYTES:,} bytes, not a checkpoint description (tformer writes kilobytes)"
         )
