@@ -68,9 +68,10 @@ def test_round_trip_and_tied_tensors_stored_once(trained: Path) -> None:
 def test_load_run_takes_the_files_tensors_without_initialising_weights_of_its_own(
     trained: Path, run_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """load_run built the model with random weights (Xavier, every matrix; 0.45 s for `base`, 1.6 s for `big`
-    on 2 cores) only to overwrite them. It now builds it on the meta device and takes the file's tensors: the
-    same model (weights, their dtype, the fixed sinusoidal tables, its outputs), with no random weights drawn."""
+    """load_run built the model with random weights (Xavier, every matrix: more work than reading the
+    weights of a `base` or `big` run) only to overwrite them. It now builds it on the meta device and takes
+    the file's tensors: the same model (weights, their dtype, the fixed sinusoidal tables, its outputs), with
+    no random weights drawn."""
     checkpoint = trained / "checkpoints" / "step-00000006"
     experiment = load_run(checkpoint).experiment
     reference = Transformer(experiment.model).eval()
