@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import tformer.data.download as download_module
 from tformer.cli.main import main
 from tformer.data.download import MULTI30K_SPLITS, DownloadError, download_multi30k, write_atomic
 
@@ -254,3 +255,57 @@ def test_a_failed_write_leaves_no_partial_set(
     assert (out / "val.en").read_text().startswith("val: A dog")  # replaced as asked, not removed
     monkeypatch.undo()
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_a_base_url_with_a_query_string_keeps_it_after_the_file_name(tmp_path: Path) -> None:
+    """A mirror's access token (`?token=x`) was followed by `/train.en.gz`: the file name went into the query."""
+    seen: list[str] = []
+    payload = gzip.compress(b"a line\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        with listener:
+            for _ in MULTI30K_SPLITS:
+                connection, _ = listener.accept()
+                with connection:
+                    seen.append(connection.recv(65536).split(b" ")[1].decode())
+                    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+                    connection.sendall(head.encode() + payload)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}/mirror/?token=a%2Fb"
+    download_multi30k(tmp_path / "out", base_url=base, languages=["en"], checksums=None)
+    thread.join(timeout=30)
+    assert seen == [f"/mirror/{stem}.en.gz?token=a%2Fb" for stem in MULTI30K_SPLITS.values()]
+    assert (tmp_path / "out" / "val.en").read_text() == "a line\n"
+
+
+def test_a_reply_or_content_far_larger_than_multi30k_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong or hostile mirror (an endless reply, a small gzip that unpacks to gigabytes) was read into
+    memory whole. The limits are lowered here so that the test sends kilobytes, not megabytes."""
+    monkeypatch.setattr(download_module, "MAX_DOWNLOAD_BYTES", 1000)
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "train.en.gz").write_bytes(b"\x1f\x8b" + os.urandom(1500))
+    assert (
+        main(["download", "multi30k", "--out", str(tmp_path / "o1"), "--base-url", big.as_uri(), "--languages", "en"])
+        == 2
+    )
+    err = capsys.readouterr().err.splitlines()[-1]
+    reason = "sent more than 1,000 bytes, far more than a Multi30k file: a wrong --base-url?"
+    assert err == f"error: {big.as_uri()}/train.en.gz {reason}"
+    monkeypatch.undo()
+    monkeypatch.setattr(download_module, "MAX_TEXT_BYTES", 1000)
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    (bomb / "train.en.gz").write_bytes(gzip.compress(b"x\n" * 5000))  # ~60 bytes that unpack to 10,000
+    assert (
+        main(["download", "multi30k", "--out", str(tmp_path / "o2"), "--base-url", bomb.as_uri(), "--languages", "en"])
+        == 2
+    )
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == f"error: {bomb.as_uri()}/train.en.gz unpacks to more than 1,000 bytes, far more than a Multi30k file"
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

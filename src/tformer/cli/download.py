@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-url",
         default=MULTI30K_BASE_URL,
-        help="mirror URL (http(s):// or file://; default: the multi30k/dataset repository on GitHub)",
+        help="mirror URL, the directory holding the .gz files (http(s):// or file://; a query string stays after "
+        "each file name; default: the multi30k/dataset repository on GitHub)",
     )
     parser.add_argument(
         "--languages",

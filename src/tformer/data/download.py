@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import urllib.error
 import urllib.parse
@@ -27,6 +28,10 @@ from pathlib import Path
 
 from tformer.atomic_file import write_atomic
 from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, MULTI30K_SPLITS
+
+# the largest Multi30k files are ~0.6 MB gzipped and ~2.1 MB of text (train.de, train.fr): far past these is not one
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+MAX_TEXT_BYTES = 256 * 2**20
 
 
 class DownloadError(ValueError):
@@ -71,7 +76,7 @@ def download_multi30k(
     for split, stem in MULTI30K_SPLITS.items():
         line_counts: dict[str, int] = {}
         for language in languages:
-            url = base_url.rstrip("/") + f"/{stem}.{language}.gz"
+            url = file_url(base_url, f"{stem}.{language}.gz")
             if progress is not None:
                 progress(f"fetching {url}")
             data = _decompress(fetch(url, timeout=timeout), url)
@@ -113,11 +118,22 @@ FETCH_ADVICE = (
 )
 
 
+def file_url(base_url: str, name: str) -> str:
+    """`name` in the directory `base_url` names, its query string (a mirror's access token) kept after it:
+    https://host/dir?token=x -> https://host/dir/name?token=x."""
+    parts = urllib.parse.urlsplit(base_url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
+
+
 def fetch(url: str, *, timeout: float) -> bytes:
-    """The body at `url`; any network or HTTP failure becomes a one-line DownloadError."""
+    """The body at `url`, refused past MAX_DOWNLOAD_BYTES; any network or HTTP failure becomes a one-line
+    DownloadError."""
+    limit = MAX_DOWNLOAD_BYTES
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
+            data = response.read(limit + 1)  # a read of at most n bytes ends short at a cut, without an error
+            if len(data) <= limit and getattr(response, "length", None):  # HTTP: Content-Length bytes still due
+                raise http.client.IncompleteRead(data, response.length)
     except urllib.error.HTTPError as error:
         reason = f"HTTP {error.code} {error.reason}"
     except urllib.error.URLError as error:
@@ -128,6 +144,12 @@ def fetch(url: str, *, timeout: float) -> bytes:
         reason = f"not an HTTP reply ({type(error).__name__}: {str(error).strip()[:80]!r})"
     except (TimeoutError, OSError, ValueError) as error:
         reason = str(error)
+    else:
+        if len(data) > limit:
+            raise DownloadError(
+                f"{url} sent more than {limit:,} bytes, far more than a Multi30k file: a wrong --base-url?"
+            )
+        return data
     raise DownloadError(f"could not download {url}: {reason}; {FETCH_ADVICE}")
 
 
@@ -143,12 +165,18 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _decompress(data: bytes, url: str) -> bytes:
+    """The gzip data's content, refused past MAX_TEXT_BYTES (read no further: a small file can unpack to gigabytes)."""
+    limit = MAX_TEXT_BYTES
     if not data.startswith(b"\x1f\x8b"):
         raise DownloadError(f"{url} did not return gzip data (got {len(data)} bytes starting {data[:16]!r})")
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as unpacked:
+            text = unpacked.read(limit + 1)
     except (OSError, EOFError, zlib.error) as error:
         raise DownloadError(f"{url}: corrupt gzip data ({error})") from None
+    if len(text) > limit:
+        raise DownloadError(f"{url} unpacks to more than {limit:,} bytes, far more than a Multi30k file")
+    return text
 
 
 def _check_content(name: str, data: bytes, url: str, checksums: Mapping[str, str] | None) -> None:
