@@ -272,6 +272,22 @@ def resolve_device(name: str, distributed: Distributed | None = None, *, setting
     return device
 
 
+# the dtypes a trained model may decode in (--dtype): float16's range would make the masks' most negative
+# value overflow (tformer.model.masks), so it is not offered
+DECODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_decode_dtype(name: str, device: torch.device, *, setting: str = "--dtype") -> torch.dtype:
+    """The dtype named by `name` (a key of DECODE_DTYPES) for decoding on `device`; bfloat16 is refused on a
+    GPU without it, in one line naming `setting`."""
+    if name not in DECODE_DTYPES:
+        raise ConfigError(f"{setting} {name}: choose {' or '.join(DECODE_DTYPES)}")
+    dtype = DECODE_DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{setting} bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; use float32")
+    return dtype
+
+
 def configure_backends(device: torch.device) -> None:
     """Fast math where it is the norm: TF32 for any fp32 matmul left on the GPU (bf16 autocast covers
     most), cuDNN autotuning off (shapes change with every token-budget batch). Nothing on CPU."""

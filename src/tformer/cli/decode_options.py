@@ -16,6 +16,9 @@ DECODE_FLAG_KEYS = {
     "length_penalty": ("decode", "length_penalty"),
 }
 
+# --dtype's choices (tformer.runtime.DECODE_DTYPES, named here without importing torch)
+DTYPE_NAMES = ("float32", "bfloat16")
+
 # a config check's advice to set a [decode] key -> the flag of `add_decode_arguments` that sets it
 ADVICE_FLAGS = {"set decode.static_step=true": "give --static-step"}
 
@@ -60,6 +63,18 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cut a line longer than the model accepts (model.max_positions pieces) to its first pieces, with a "
         "warning, instead of stopping with an error",
+    )
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="float32",
+        help="the weights' and arithmetic's dtype (default: float32, with the exactness guarantees of "
+        "docs/decoding.md); bfloat16 holds half the memory and is what the GPU speeds of docs/performance.md "
+        "were measured in, but it keeps 2-3 significant digits: scores move, near ties may fall the other way, "
+        "and a sentence's output may then depend on the batch it shares (docs/decoding.md, Precision)",
     )
 
 

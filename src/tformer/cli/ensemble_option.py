@@ -39,9 +39,10 @@ def model_with_ensemble(loaded: LoadedRun, args: argparse.Namespace, device: str
     from tformer.training.checkpoint_load import load_run
 
     which = getattr(args, "which", "best")
+    dtype = next(loaded.model.parameters()).dtype  # every member computes as RUN_DIR does (--dtype)
     members = [loaded.model]
     for path in args.ensemble:
-        member = load_run(path, which=which, device=device)
+        member = load_run(path, which=which, device=device, dtype=dtype)
         if member.tokenizer.fingerprint() != loaded.tokenizer.fingerprint():
             raise ValueError(
                 f"--ensemble {path} was trained with a different tokenizer than {loaded.checkpoint_dir}; "

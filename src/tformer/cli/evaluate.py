@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from tformer.cli.argument_types import path_argument, positive_integer
-from tformer.cli.decode_options import add_decode_arguments, decode_settings, merged_decode_config
+from tformer.cli.decode_options import add_decode_arguments, add_dtype_argument, decode_settings, merged_decode_config
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import BLEU_TOKENIZE
@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="token budget of a decoding batch (default: 4096)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_dtype_argument(parser)
     add_decode_arguments(parser)
     add_ensemble_argument(parser)
     parser.add_argument(
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.data.corpus import CorpusError, read_lines
     from tformer.decoding.pipeline import Translator
     from tformer.evaluation import bleu_metric, reference_advice, score
-    from tformer.runtime import resolve_device
+    from tformer.runtime import resolve_decode_dtype, resolve_device
     from tformer.training.checkpoint_load import load_run
 
     check_stdout("evaluate")  # the scores are printed
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if len(sources) != len(references):
             raise CorpusError(f"{args.src} has {len(sources)} lines but {path} has {len(references)}")
     device = resolve_device(args.device, setting="--device")
-    loaded = load_run(args.run_dir, which=args.which, device=device)
+    dtype = resolve_decode_dtype(args.dtype, device)
+    loaded = load_run(args.run_dir, which=args.which, device=device, dtype=dtype)
     tokenize = args.tokenize or loaded.experiment.train.bleu_tokenize
     bleu_metric(tokenize)  # a missing MeCab is reported before translating
     for line in reference_advice(reference_sets[0], tokenize, loaded.tokenizer):

@@ -13,7 +13,12 @@ import functools
 import sys
 
 from tformer.cli.argument_types import path_text
-from tformer.cli.decode_options import add_decode_settings_argument, apply_decode_settings, decode_settings
+from tformer.cli.decode_options import (
+    add_decode_settings_argument,
+    add_dtype_argument,
+    apply_decode_settings,
+    decode_settings,
+)
 from tformer.cli.extras import require
 from tformer.config import DecodeConfig
 
@@ -28,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=8000, help="port (default: 8000; 0: any free port, printed at startup)"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="source tokens per window (default: 4096)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait to fill a window (default: 5)")
     parser.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default: 64)")
@@ -50,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require(["fastapi", "uvicorn"], command="serve", extra="serve")  # before importing tformer.serving
-    from tformer.runtime import resolve_device
+    from tformer.runtime import resolve_decode_dtype, resolve_device
     from tformer.serving import ServeConfig, create_app
     from tformer.serving.app import SHUT_DOWN
     from tformer.serving.server import bind, host_port, plain_host, serve
@@ -69,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
     host = plain_host(args.host)  # [::1] as ::1, for the loopback check and the lines below too
     settings = decode_settings(args.decode_settings)
     device = resolve_device(args.device, setting="--device")  # before loading: a bad device is one line
+    dtype = resolve_decode_dtype(args.dtype, device)
     with bind(host, args.port) as listener:  # before loading too: a busy port fails at once
         if host not in LOOPBACK:
             print(f"warning: serving on {host}, reachable from other machines", file=sys.stderr)
-        loaded = load_run(args.run_dir, device=device)
+        loaded = load_run(args.run_dir, device=device, dtype=dtype)
         name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
         decode = apply_decode_settings(loaded.experiment.decode, settings)  # what a request does not choose
         capped = _capped_beam_line(decode, max_beam=config.max_beam, beam_from_set="beam_size" in settings)

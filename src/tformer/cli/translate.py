@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from tformer.cli.argument_types import path_text, positive_integer
-from tformer.cli.decode_options import add_decode_arguments, decode_settings, error_line, merged_decode_config
+from tformer.cli.decode_options import (
+    add_decode_arguments,
+    add_dtype_argument,
+    decode_settings,
+    error_line,
+    merged_decode_config,
+)
 from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import config_to_dict
@@ -69,20 +75,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch-tokens", type=positive_integer, default=4096, help="source tokens per batch (default: 4096)"
     )
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+    add_dtype_argument(parser)
     add_decode_arguments(parser)
     add_ensemble_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from tformer.decoding.pipeline import Translator
-    from tformer.runtime import resolve_device
+    from tformer.runtime import resolve_decode_dtype, resolve_device
     from tformer.training.checkpoint_load import load_run
 
     settings = decode_settings(args.decode_settings)
     _check_input(args.input)
     output, partial = _output_files(args)
     device = resolve_device(args.device, setting="--device")
-    loaded = load_run(args.run_dir, which=args.which, device=device)
+    dtype = resolve_decode_dtype(args.dtype, device)
+    loaded = load_run(args.run_dir, which=args.which, device=device, dtype=dtype)
     # the flags come after --set, and the merged settings are checked once: an error names what was typed
     changes = _search_changes({**config_to_dict(loaded.experiment.decode), **settings}, settings, args)
     config = merged_decode_config(loaded.experiment.decode, settings, changes, args)

@@ -220,9 +220,11 @@ def load_trainer_state(checkpoint_dir: Path) -> dict[str, Any]:
     return state
 
 
-def load_run(path: str | Path, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """Model (in eval mode), tokenizer and experiment of a run dir (its best or last checkpoint) or of
-    one checkpoint dir; everything needed to translate, nothing else.
+def load_run(
+    path: str | Path, *, which: str = "best", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedRun:
+    """Model (in eval mode, its weights in `dtype` on `device`), tokenizer and experiment of a run dir (its
+    best or last checkpoint) or of one checkpoint dir; everything needed to translate, nothing else.
 
     A run dir's decoding and training settings are its latest checkpoint's, whichever checkpoint gives the
     weights: a resume may change them (`train --resume --set decode.beam_size=1`, `--set
@@ -236,7 +238,7 @@ def load_run(path: str | Path, *, which: str = "best", device: str | torch.devic
     with torch.device("meta"):  # no memory and no random numbers for weights that the checkpoint's replace
         model = Transformer(experiment.model)
     load_weights(model, checkpoint)
-    return LoadedRun(model.to(device).eval(), tokenizer, experiment, step, run_dir, checkpoint)
+    return LoadedRun(model.to(device=device, dtype=dtype).eval(), tokenizer, experiment, step, run_dir, checkpoint)
 
 
 def latest_settings(run_dir: Path, loaded: Path, experiment: ExperimentConfig) -> ExperimentConfig:
