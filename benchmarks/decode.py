@@ -3,7 +3,8 @@
 Same work for everyone (../../shared/BENCHMARKS.md rule 1): one random-weight model (tformer's, copied
 into Marian with `to_marian`, then converted to CTranslate2), the same random sources, batch size, beam
 size, and a fixed output length (minimum = maximum new tokens), so every system does the same number
-of decoder steps. fp32 on CPU with the same thread count for all; bf16 on GPU.
+of decoder steps. fp32 on CPU with the same thread count for all; bf16 on GPU (`--dtype` chooses another:
+bfloat16 on the CPU too, for tformer and Hugging Face; CTranslate2 has no bfloat16 on the CPU).
 
     python benchmarks/decode.py --device cpu --preset small [--quick] [--record auto]
 
@@ -56,6 +57,12 @@ def parse_args():
     parser.add_argument("--beams", default="1,4", help="comma-separated beam sizes (1 = greedy)")
     parser.add_argument("--systems", default="tformer,hf,ctranslate2", help="comma-separated systems to run")
     parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="every system's (default: float32 on the CPU, bfloat16 on the GPU)",
+    )
+    parser.add_argument(
         "--static-step", action="store_true", help="tformer: the fixed-shape step, a CUDA graph on GPU (static_step)"
     )
     parser.add_argument(
@@ -66,6 +73,9 @@ def parse_args():
     args.sentences = args.sentences or (args.batch if args.quick else 512 if gpu else 64)
     args.src_len = args.src_len or (16 if args.quick else 64 if gpu else 32)
     args.tgt_len = args.tgt_len or args.src_len
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    if args.dtype == "bfloat16" and not gpu and "ctranslate2" in args.systems.split(","):
+        parser.error("CTranslate2 has no bfloat16 on the CPU: leave it out with --systems tformer,hf")
     if args.quick:
         args.repeats = 1
     return args
@@ -79,8 +89,7 @@ def build_model(args) -> Transformer:
         sinusoidal_layout="concatenated",
         max_positions=max(512, args.tgt_len + 1),
     )
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    return Transformer(config, seed=0).to(device=args.device, dtype=dtype).eval()
+    return Transformer(config, seed=0).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
 
 
 def tformer_system(model, batches, args, beam: int):
@@ -164,7 +173,7 @@ def ct2_system(hf_model, batches, args, beam: int, workdir: Path, tokens: list[s
         Converter(str(hf_dir)).convert(str(target), force=True)
     gpu = args.device == "cuda"
     settings = dict(
-        model_dir=str(target), device=args.device, compute_type="bfloat16" if gpu else "float32",
+        model_dir=str(target), device=args.device, compute_type=args.dtype,
         intra_threads=0 if gpu else args.threads, beam=beam, batch=args.batch, length=args.tgt_len,
         batches=[[[tokens[i] for i in row] for row in src.tolist()] for src in batches],
     )  # fmt: skip
@@ -192,7 +201,9 @@ def main() -> None:
     # CTranslate2's Marian loader drops the last vocabulary row (Hugging Face's appended <pad>): name it so,
     # and never use it in sources. CTranslate2 thus projects onto V - 1 tokens, 1/V less output work.
     tokens = ["<blank>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, args.vocab_size - 1)] + ["<pad>"]
-    common: dict[str, Any] = dict(bench="decode", preset=args.preset, device=args.device, batch=args.batch)
+    common: dict[str, Any] = dict(
+        bench="decode", preset=args.preset, device=args.device, dtype=args.dtype, batch=args.batch
+    )
     if args.static_step or args.compile_step:
         common["tformer_static_step"] = True
     if args.compile_step:
@@ -247,7 +258,7 @@ def main() -> None:
         notes = (
             f"Random-weight `{args.preset}` model, vocabulary {args.vocab_size}, {args.sentences} sentences of "
             f"{args.src_len} source tokens, batch {args.batch}, exactly {args.tgt_len} new tokens per sentence "
-            f"(min = max), {'bf16' if args.device == 'cuda' else f'fp32, {args.threads} threads for every system'}. "
+            f"(min = max), {args.dtype}{f', {args.threads} threads for every system' if args.device == 'cpu' else ''}. "
             f"Median of {args.repeats} interleaved repeats after one untimed warm-up run per system (the length "
             "check, its seconds reported as first_call_s: with --compile-step they include compilation); each "
             "timed run starts after 1 s idle, so threads a previous system left spinning are idle. "

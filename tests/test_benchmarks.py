@@ -95,3 +95,19 @@ def test_the_nn_transformer_rival_drops_out_its_embeddings_as_tformer_and_marian
     assert not torch.equal(model.embed(ids), model.embed(ids))
     model.eval()
     assert torch.equal(model.embed(ids), model.embed(ids))
+
+
+def test_quick_decoding_benchmark_runs_in_bfloat16_on_the_cpu_when_asked() -> None:
+    """--dtype bfloat16: tformer and Hugging Face decode in it on the CPU (the lines say so); CTranslate2,
+    which has no bfloat16 on the CPU, is refused by name instead of being run in another dtype."""
+    lines = benchmark_lines("decode.py", "--beams", "1", "--dtype", "bfloat16", "--systems", "tformer,hf")
+    rates = {line["system"]: line["value"] for line in lines if line["metric"] == "target_tokens_per_s"}
+    assert set(rates) == {"tformer", "hf"} and all(line["dtype"] == "bfloat16" for line in lines)
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "decode.py"), "--quick", "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert refused.returncode == 2 and "CTranslate2 has no bfloat16 on the CPU" in refused.stderr
