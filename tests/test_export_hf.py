@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import perturbed
+from safetensors.torch import load_file, save_file
 
 from tformer.cli.main import main
 from tformer.config import DecodeConfig, ExperimentConfig, preset
@@ -177,6 +178,26 @@ def test_export_then_import_round_trip_gives_the_same_logits(tmp_path, tie_outpu
         assert torch.equal(actual, expected)
     else:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_an_untied_output_with_one_embedding_saved_once_as_transformers_4_saves_it_is_imported(tmp_path):
+    """One vocabulary and an untied output: transformers 4 made the encoder's and the decoder's embedding the
+    one `model.shared` module and saved it once, as model.shared.weight. The import stopped with 'the weights
+    lack model.decoder.embed_tokens.weight'; the decoder's embedding is now the shared one, as it was there."""
+    run = make_run(tmp_path / "run", tie_output=False, share_embeddings=True)
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    assert torch.equal(state.pop("model.encoder.embed_tokens.weight"), state["model.shared.weight"])
+    assert torch.equal(state.pop("model.decoder.embed_tokens.weight"), state["model.shared.weight"])
+    save_file(state, weights, metadata={"format": "pt"})
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    original, back = load_run(run), load_run(tmp_path / "back")
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, back.model.config.src_vocab_size, (3, 9), generator=generator)
+    tgt = torch.randint(4, back.model.config.tgt_vocab_size, (3, 7), generator=generator)
+    with torch.no_grad():
+        assert torch.equal(back.model(src, tgt), original.model(src, tgt))
 
 
 # one vocabulary with separate source and target embeddings (share_embeddings=false) converts too

@@ -77,7 +77,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> ImportedRun:
     stored_dtypes = tuple(
         sorted({str(t.dtype).removeprefix("torch.") for t in weights.values() if t.is_floating_point()})
     )
-    model = _marian_model(weights, config, hf_dir)
+    model = _marian_model(weights, config, hf_config, hf_dir)
     tokenizer = _marian_tokenizer(hf_dir, hf_config, config, bos_id=decoder_start_id(generation, hf_config))
     named = hf_dir / (GENERATION_FILE if has_file else "config.json")
     decode = decode_config(generation, max_positions=config.max_positions, eos_id=tokenizer.eos_id, source=str(named))
@@ -110,10 +110,13 @@ def _read_marian_config(hf_dir: Path) -> tuple[dict[str, Any], MarianConfig]:
     return raw, hf_config
 
 
-def _marian_model(weights: dict[str, Tensor], config: ModelConfig, hf_dir: Path) -> Transformer:
+def _marian_model(
+    weights: dict[str, Tensor], config: ModelConfig, hf_config: MarianConfig, hf_dir: Path
+) -> Transformer:
     """A tformer Transformer holding Marian's weights, renamed; missing, unused or misshapen ones are refused."""
     try:
-        state = marian_to_tformer_state(_with_tied_embeddings(weights, config), config)
+        shared_vocab = bool(hf_config.share_encoder_decoder_embeddings)
+        state = marian_to_tformer_state(_with_tied_embeddings(weights, config, shared_vocab=shared_vocab), config)
     except KeyError as error:
         raise ValueError(f"{hf_dir}: the weights lack {error.args[0]}; is this a MarianMT checkpoint?") from None
     model = Transformer(config)
@@ -238,9 +241,13 @@ def _check_shapes(state: dict[str, Tensor], expected: dict[str, Tensor], hf_dir:
             )
 
 
-def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig, *, shared_vocab: bool) -> dict[str, Tensor]:
     """Every embedding name Marian ties, filled from whichever one the file stored (files keep one copy).
-    An untied `lm_head.weight` is a matrix of its own: it stands in for no embedding."""
+    An untied `lm_head.weight` is a matrix of its own: it stands in for no embedding.
+
+    With one vocabulary (`shared_vocab`, share_encoder_decoder_embeddings) and an untied output, transformers
+    5 gives the encoder and the decoder embeddings of their own, but transformers 4 made both the one
+    `model.shared` module and saved it once, as model.shared.weight: a missing decoder embedding is then that."""
     state = dict(state)
     if config.share_embeddings:  # shared and tied (see model_config_from_marian)
         names = ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
@@ -253,6 +260,8 @@ def _with_tied_embeddings(state: dict[str, Tensor], config: ModelConfig) -> dict
         fallbacks = [("encoder", "model.shared.weight")]
         if config.tie_output:
             fallbacks.append(("decoder", "lm_head.weight"))
+        if shared_vocab:
+            fallbacks.append(("decoder", "model.shared.weight"))
         for ours, fallback in fallbacks:
             if fallback in state:
                 state.setdefault(f"model.{ours}.embed_tokens.weight", state[fallback])
