@@ -21,6 +21,17 @@ from tformer.training.step import train_step
 PAD, BOS, EOS = 0, 1, 2
 
 
+@pytest.fixture
+def no_tf32():
+    """Plain fp32 matmuls, whatever an earlier test set. Not monkeypatch.setattr: torch's cuBLAS flags live behind
+    __getattr__ / __setattr__, and pytest >= 9.2 undoes such an attribute with delattr, which torch refuses."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = before
+
+
 def _batch(seed: int, shape: tuple[int, int, int] = (4, 6, 5)) -> Batch:
     B, S, T = shape
     generator = torch.Generator().manual_seed(seed)
@@ -196,8 +207,7 @@ def test_padded_shapes_in_float32_with_the_papers_adam_eps_move_near_zero_gradie
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
-def test_batches_of_any_shape_are_padded_into_a_few_graphed_shapes_on_the_gpu(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # whatever an earlier test set
+def test_batches_of_any_shape_are_padded_into_a_few_graphed_shapes_on_the_gpu(no_tf32):
     _compare_shapes(torch.device("cuda"), torch.float32, 1e-5, adam_eps=FLOAT32_ADAM_EPS)
 
 
@@ -240,7 +250,7 @@ def test_the_trainer_with_cuda_graphs_trains_like_the_eager_trainer(tmp_path):
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
 )
-def test_a_run_with_cuda_graphs_trains_and_resumes_like_an_eager_run(tmp_path, monkeypatch, device):
+def test_a_run_with_cuda_graphs_trains_and_resumes_like_an_eager_run(tmp_path, monkeypatch, no_tf32, device):
     """The Trainer with train.cuda_graphs, on a GPU: batches prefetched and pinned by a background thread
     while steps are recorded, one graph per rounded shape, then a resumed run (the optimizer state loaded
     from the checkpoint, the learning rate still scheduled). In fp32 without TF32, the losses are the
@@ -250,7 +260,6 @@ def test_a_run_with_cuda_graphs_trains_and_resumes_like_an_eager_run(tmp_path, m
     from tformer.training import loop, resume_run, start_run
 
     monkeypatch.setattr(loop, "configure_backends", lambda device: None)  # no TF32: both runs in plain fp32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # whatever an earlier test set
     corpus = write_corpus(tmp_path)
     losses = {}
     for graphs in (False, True):
