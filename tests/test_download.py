@@ -146,8 +146,9 @@ def test_bad_out_and_timeout_fail_before_any_download(tmp_path: Path, capsys: py
     assert a_file.read_text() == "keep me\n" and not (tmp_path / "new").exists()
 
 
-def serve_once_each(replies: list[bytes]) -> tuple[str, threading.Thread]:
-    """A localhost server that answers its n-th connection with replies[n], raw bytes, then closes it."""
+def serve_once_each(replies: list[bytes], paths: list[str] | None = None) -> tuple[str, threading.Thread]:
+    """A localhost server that answers its n-th connection with replies[n], raw bytes, then closes it; the
+    path each request asked for is appended to `paths`."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def answer() -> None:
@@ -155,7 +156,9 @@ def serve_once_each(replies: list[bytes]) -> tuple[str, threading.Thread]:
             for reply in replies:
                 connection, _ = listener.accept()
                 with connection:
-                    connection.recv(65536)
+                    request = connection.recv(65536)
+                    if paths is not None:
+                        paths.append(request.split(b" ")[1].decode())
                     connection.sendall(reply)
 
     thread = threading.Thread(target=answer, daemon=True)
@@ -261,20 +264,9 @@ def test_a_base_url_with_a_query_string_keeps_it_after_the_file_name(tmp_path: P
     """A mirror's access token (`?token=x`) was followed by `/train.en.gz`: the file name went into the query."""
     seen: list[str] = []
     payload = gzip.compress(b"a line\n")
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer() -> None:
-        with listener:
-            for _ in MULTI30K_SPLITS:
-                connection, _ = listener.accept()
-                with connection:
-                    seen.append(connection.recv(65536).split(b" ")[1].decode())
-                    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
-                    connection.sendall(head.encode() + payload)
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{listener.getsockname()[1]}/mirror/?token=a%2Fb"
+    reply = f"HTTP/1.1 200 OK\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+    server, thread = serve_once_each([reply] * len(MULTI30K_SPLITS), seen)
+    base = server + "mirror/?token=a%2Fb"
     download_multi30k(tmp_path / "out", base_url=base, languages=["en"], checksums=None)
     thread.join(timeout=30)
     assert seen == [f"/mirror/{stem}.en.gz?token=a%2Fb" for stem in MULTI30K_SPLITS.values()]
