@@ -98,6 +98,31 @@ def test_serve_starts_with_the_model_in_the_dtype_asked_for(run: Path, monkeypat
     assert started_with == [{torch.bfloat16}, {torch.float32}]
 
 
+def test_a_bfloat16_server_answers_what_bfloat16_translation_gives(run: Path) -> None:
+    """The server's batcher packs float32 weights for oneDNN; a bfloat16 model is decoded as it is."""
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    import httpx
+
+    from tformer.serving import create_app
+
+    loaded = load_run(run, dtype=torch.bfloat16)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode)
+
+    async def ask() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                return await client.post("/translate", json={"sentences": SENTENCES})
+
+    answer = asyncio.run(ask())
+    assert answer.status_code == 200
+    got = [[(c["text"], c["score"]) for c in t["nbest"]] for t in answer.json()["translations"]]
+    translator = Translator(loaded.model, loaded.tokenizer, loaded.experiment.decode)
+    assert got == [[(t.text, t.score) for t in nbest] for nbest in translator.translate(SENTENCES)]
+
+
 def test_the_dtype_names_are_the_runtime_s_and_bfloat16_is_refused_on_a_gpu_without_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
