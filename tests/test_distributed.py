@@ -404,7 +404,9 @@ def test_every_process_takes_rank_0s_validation_so_they_stop_at_the_same_step(tm
     argv = _train_argv(corpus, out, *data, *stopping)
     results = _launch([["-m", "tformer.cli.main", *argv], ["-c", VALIDATING_OTHERWISE, *argv]], cwd=tmp_path)
     assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
-    assert results[0].stdout == f"run {out}: step 4, reached max_steps=4\n"  # rank 0's loss kept improving
+    # torch 2.8 and 2.9's gloo prints "[Gloo] Rank 0 is connected to 1 peer ranks. ..." on stdout as it joins
+    stdout = "".join(line for line in results[0].stdout.splitlines(keepends=True) if not line.startswith("[Gloo] "))
+    assert stdout == f"run {out}: step 4, reached max_steps=4\n"  # rank 0's loss kept improving
 
 
 @pytest.mark.parametrize("elsewhere", ["absent", "made on each machine"])

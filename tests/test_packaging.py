@@ -157,12 +157,12 @@ def test_every_benchmark_record_the_docs_cite_exists() -> None:
     assert cited and sorted(name for name in cited if not (REPO / name).is_file()) == []
 
 
-def test_every_extra_with_transformers_requires_the_torch_transformers_5_works_with() -> None:
-    """transformers 5 (what pip resolves) disables its PyTorch support below torch 2.6 with a log line, not an
-    install error: `pip install -e '.[dev]'` over torch 2.4 or 2.5 installed, and then export, import-hf and
-    ~180 tests failed with "MarianMTModel requires PyTorch >= 2.6"."""
-    extras = PROJECT["project"]["optional-dependencies"]
-    for name, requirements in extras.items():
-        requirements = [requirement.replace(" ", "") for requirement in requirements]
-        if any(requirement.startswith("transformers") for requirement in requirements):
-            assert "torch>=2.6" in requirements, name
+def test_tformer_requires_the_torch_its_multi_process_runs_and_transformers_5_work_with() -> None:
+    """Below torch 2.8 gloo's process group held the GIL while its destructor joined threads that needed it
+    (torch PR 154976): on torch 2.4 and 2.6 a process of a multi-process run hung in leave_process_group,
+    and tests/test_distributed.py with it. transformers 5 (what the extras install) disables its PyTorch
+    support below torch 2.6 with a log line, not an install error."""
+    requirements = [requirement.replace(" ", "") for requirement in PROJECT["project"]["dependencies"]]
+    assert "torch>=2.8" in requirements
+    for name, extra in PROJECT["project"]["optional-dependencies"].items():
+        assert not [requirement for requirement in extra if requirement.startswith("torch")], name  # one floor
