@@ -72,9 +72,21 @@ def _assert_close_weights(run_a: Path, run_b: Path) -> None:
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
 
 
+def spawn_two(worker, args: tuple, *, limit_s: float = 180.0) -> None:
+    """mp.spawn of two processes that stops them and fails the test once `limit_s` have passed: with join=True
+    a deadlock (as gloo's teardown had below torch 2.8) held the test run for ever."""
+    context = mp.spawn(worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=1.0):  # raises, naming the process, if one failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two processes were still running after {limit_s:.0f} s (a deadlock?)")
+
+
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path)
-    mp.spawn(_worker, args=(2, _free_port(), corpus, tmp_path / "ddp"), nprocs=2, join=True)
+    spawn_two(_worker, (2, _free_port(), corpus, tmp_path / "ddp"))
     start_run(
         tiny_experiment(corpus, *SETTINGS, "train.accumulate=2", valid=False), tmp_path / "one", quiet=True
     ).train()
@@ -377,7 +389,7 @@ def test_a_process_that_stops_on_an_error_leaves_the_process_group_before_it_exi
     corpus = write_corpus(tmp_path)
     out = tmp_path / "run"
     argvs = [_train_argv(corpus, out), _train_argv(corpus, out, "--max-steps", "3")]
-    mp.spawn(_cli_worker, args=(_free_port(), argvs, tmp_path), nprocs=2, join=True)
+    spawn_two(_cli_worker, (_free_port(), argvs, tmp_path))
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["2 False", "2 False"]
 
 
