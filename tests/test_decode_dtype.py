@@ -114,6 +114,8 @@ def test_a_bfloat16_server_answers_what_bfloat16_translation_gives(run: Path) ->
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                health = await client.get("/health")
+                assert health.json()["dtype"] == "bfloat16" and health.json()["device"] == "cpu"
                 return await client.post("/translate", json={"sentences": SENTENCES})
 
     answer = asyncio.run(ask())

@@ -1039,7 +1039,10 @@ def test_the_api_s_routes_methods_documentation_and_405s_are_those_documented(ru
         for path, methods in schema["paths"].items()
         for method, operation in methods.items()
     }
-    health_doc = ("Health", "Liveness and load: the model's name, the jobs waiting and the windows decoded so far.")
+    health_doc = (
+        "Health",
+        "Liveness and load: the model's name, device and dtype, the jobs waiting and the windows decoded so far.",
+    )
     ready_doc = (
         "Ready",
         "Readiness, for a load balancer: 200 once the model is loaded and the batcher takes requests,",
@@ -1063,7 +1066,14 @@ def test_the_api_s_routes_methods_documentation_and_405s_are_those_documented(ru
         "description": "not ready: starting or shutting down"
     }
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "model": "pinned", "pending": 0, "windows": 0}
+    assert health.json() == {
+        "status": "ok",
+        "model": "pinned",
+        "device": "cpu",
+        "dtype": "float32",
+        "pending": 0,
+        "windows": 0,
+    }
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
     assert wrong_method.json() == {"error": "GET /translate: method not allowed; use POST"}
     assert wrong_probe_method.status_code == 405  # Starlette lists the methods of a set, in any order

@@ -100,9 +100,12 @@ def _lifespan(batcher: Batcher) -> Callable[[FastAPI], AbstractAsyncContextManag
 def _add_probes(app: FastAPI, batcher: Batcher, *, name: str) -> None:
     """`/health` and `/ready`, for people and load balancers."""
 
+    weights = next(batcher.model.parameters())
+    where = {"device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch.")}  # fixed at start
+
     async def health() -> dict[str, Any]:
-        """Liveness and load: the model's name, the jobs waiting and the windows decoded so far."""
-        return {"status": "ok", "model": name, "pending": batcher.pending, "windows": batcher.windows}
+        """Liveness and load: the model's name, device and dtype, the jobs waiting and the windows decoded so far."""
+        return {"status": "ok", "model": name, **where, "pending": batcher.pending, "windows": batcher.windows}
 
     async def ready() -> dict[str, str]:
         """Readiness, for a load balancer: 200 once the model is loaded and the batcher takes requests,
