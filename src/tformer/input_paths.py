@@ -1,10 +1,12 @@
 """Checks of an input directory before the work that reads it, so that a path that does not exist or is a
 file fails at once, in one line that names it as it was given, instead of as a missing file inside it; and
-`read_at_most`, for small files of a run or a model that someone else may have sent."""
+`read_at_most`, for small files of a run or a model that someone else may have sent (`read_stream_at_most`
+for a stream: a download, or what a gzip file unpacks to)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 
 def check_input_dir(path: str | Path, name: str, *, holding: str, error: type[ValueError] = ValueError) -> Path:
@@ -23,5 +25,10 @@ def read_at_most(path: Path, limit: int) -> bytes | None:
     """The bytes of `path`, or None when it holds more than `limit`: it is never read further, since a
     received file may be huge, or a link to an endless device (/dev/zero)."""
     with path.open("rb") as file:
-        data = file.read(limit + 1)
+        return read_stream_at_most(file, limit)
+
+
+def read_stream_at_most(stream: BinaryIO, limit: int) -> bytes | None:
+    """What `stream` holds, or None when it holds more than `limit` bytes: it is read no further."""
+    data = stream.read(limit + 1)
     return data if len(data) <= limit else None

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tformer.atomic_file import write_atomic
+from tformer.input_paths import read_stream_at_most
 from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, MULTI30K_SPLITS
 
 # the largest Multi30k files are ~0.6 MB gzipped and ~2.1 MB of text (train.de, train.fr): far past these is not one
@@ -131,8 +132,8 @@ def fetch(url: str, *, timeout: float) -> bytes:
     limit = MAX_DOWNLOAD_BYTES
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read(limit + 1)  # a read of at most n bytes ends short at a cut, without an error
-            if len(data) <= limit and getattr(response, "length", None):  # HTTP: Content-Length bytes still due
+            data = read_stream_at_most(response, limit)  # a read of at most n bytes ends short at a cut, silently
+            if data is not None and getattr(response, "length", None):  # HTTP: Content-Length bytes still due
                 raise http.client.IncompleteRead(data, response.length)
     except urllib.error.HTTPError as error:
         reason = f"HTTP {error.code} {error.reason}"
@@ -145,7 +146,7 @@ def fetch(url: str, *, timeout: float) -> bytes:
     except (TimeoutError, OSError, ValueError) as error:
         reason = str(error)
     else:
-        if len(data) > limit:
+        if data is None:
             raise DownloadError(
                 f"{url} sent more than {limit:,} bytes, far more than a Multi30k file: a wrong --base-url?"
             )
@@ -171,10 +172,10 @@ def _decompress(data: bytes, url: str) -> bytes:
         raise DownloadError(f"{url} did not return gzip data (got {len(data)} bytes starting {data[:16]!r})")
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as unpacked:
-            text = unpacked.read(limit + 1)
+            text = read_stream_at_most(unpacked, limit)
     except (OSError, EOFError, zlib.error) as error:
         raise DownloadError(f"{url}: corrupt gzip data ({error})") from None
-    if len(text) > limit:
+    if text is None:
         raise DownloadError(f"{url} unpacks to more than {limit:,} bytes, far more than a Multi30k file")
     return text
 
