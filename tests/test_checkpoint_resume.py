@@ -245,6 +245,35 @@ def test_the_effective_batch_change_names_the_accumulation_that_keeps_it_where_o
     assert change([3, 256, 1], [2, 256, 1]).endswith("= 512 padded token slots per update")
 
 
+def test_a_trainer_trains_once_and_names_resume_run_for_going_on(tmp_path: Path) -> None:
+    """A notebook's second trainer.train() after an interrupt went on without the run's lock (released when
+    the first call ended), after a step cut anywhere (on a GPU, past the batches the prefetch thread had
+    taken): refused, naming what continues the run from its last checkpoint."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=6", "train.save_every=2", valid=False)
+    trainer = start_run(experiment, tmp_path / "run", quiet=True)
+    calls = {"n": 0}
+
+    def interrupt_in_step_4(module: torch.nn.Module, inputs: tuple) -> None:
+        calls["n"] += module.training
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    hook = trainer.model.register_forward_pre_hook(interrupt_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    hook.remove()
+    with pytest.raises(
+        RuntimeError, match=r"trained already \(to step 4\); a Trainer trains once: continue the run"
+    ) as refused:
+        trainer.train()
+    assert str(refused.value).endswith(f"with resume_run({str(tmp_path / 'run')!r}).train()")
+    resumed = resume_run(tmp_path / "run", quiet=True)
+    assert resumed.step == 2
+    assert resumed.train().step == 6
+    with pytest.raises(RuntimeError, match="trained already"):  # a finished one too
+        resumed.train()
+
+
 def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(tmp_path: Path, monkeypatch) -> None:
     """Under torchrun another process's failure reaches rank 0 as torchrun's SIGTERM, most often while it
     writes the checkpoint of the step the others have finished. The interrupt cut the save between the

@@ -1,7 +1,7 @@
 """Training: loss, learning-rate schedule, optimizer, the Trainer loop, checkpoints and averaging.
 
 trainer = start_run(experiment, run_dir)      # or resume_run(run_dir)
-result = trainer.train()
+result = trainer.train()                      # once; to go on (after an interrupt too): resume_run(run_dir).train()
 run = load_run(run_dir)                       # model (eval mode), tokenizer, experiment
 """
 

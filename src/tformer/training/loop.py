@@ -156,9 +156,19 @@ class Trainer(TrainerState):
         self._position = data.stream.state_dict()  # the stream state after the last batch trained on
         self.window = LossWindow()  # the losses of the steps since the last log row
         self._last_saved_step = -1
+        self._trained = False  # `train` runs once
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        """Train until a stopping criterion (or an interrupt); once per Trainer. A second call would train
+        without the run's lock (released when the first ends), on from an interrupted step, and on a GPU
+        from batches the first call's background thread had already taken: `resume_run` continues a run."""
+        if self._trained:
+            raise RuntimeError(
+                f"this Trainer has trained already (to step {self.step}); a Trainer trains once: continue "
+                f"the run from its last checkpoint with resume_run({str(self.final_run_dir)!r}).train()"
+            )
+        self._trained = True
         config = self.train_config
         progress = Progress(
             total_steps=config.max_steps or None,
