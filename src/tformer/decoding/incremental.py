@@ -35,7 +35,7 @@ from torch import Tensor
 
 from tformer.config import DecodeConfig
 from tformer.decoding.search_types import DecodingError
-from tformer.model.transformer import check_bool_mask, check_id_tensor
+from tformer.model.inputs import check_bool_mask, check_id_tensor
 
 
 def repeat_rows(tree: Any, repeats: int) -> Any:

@@ -3,7 +3,8 @@ or decoding."""
 
 from tformer.model.attention import CrossAttention, SelfAttention, attention_fused, attention_loop, attention_matrix
 from tformer.model.cache import DecoderCache, LayerCache, StaticDecoderCache
-from tformer.model.transformer import AttentionMaps, Transformer, count_parameters, model_flops_per_pair
+from tformer.model.size import count_parameters, model_flops_per_pair
+from tformer.model.transformer import AttentionMaps, Transformer
 
 __all__ = [
     "AttentionMaps",

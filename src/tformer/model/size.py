@@ -1,11 +1,14 @@
 """How many numbers a Transformer holds, counted from its config before it is built, so that a model
 that cannot fit in memory is refused in one line instead of being built layer by layer until the
 machine runs out (`--set model.n_encoder_layers=100000000000` used up every byte of a 23 GiB machine
-before anything failed)."""
+before anything failed). Also the count of a built model's trainable parameters, and the training FLOPs
+of one sentence pair that MFU is measured against."""
 
 from __future__ import annotations
 
 import os
+
+from torch import nn
 
 from tformer.config import ConfigError, ModelConfig
 
@@ -56,3 +59,23 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_flops_per_pair(config: ModelConfig, source_length: int, target_length: int) -> float:
+    """Training FLOPs for one sentence pair (forward + backward), as in ../shared/BENCHMARKS.md."""
+    d, f = config.d_model, config.d_ff
+    n_e = config.n_encoder_layers * (4 * d * d + 2 * d * f)
+    n_d = config.n_decoder_layers * (8 * d * d + 2 * d * f)
+    n_o = d * config.tgt_vocab_size
+    S, T = source_length, target_length
+    return (
+        6 * (n_e * S + (n_d + n_o) * T)
+        + 12 * config.n_encoder_layers * d * S * S
+        + 6 * config.n_decoder_layers * d * T * T
+        + 12 * config.n_decoder_layers * d * S * T
+    )

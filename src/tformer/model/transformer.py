@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +29,7 @@ from tformer.model.cache import (
     StaticDecoderCache,
 )
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
+from tformer.model.inputs import check_ids, check_mask, check_pair
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
 from tformer.model.packed import Linear, linear
@@ -384,70 +384,3 @@ class Transformer(nn.Module):
                 f"{side} length {length} exceeds max_positions={self.config.max_positions}; "
                 "shorten the input or raise model.max_positions"
             )
-
-
-def check_ids(ids: Tensor, name: str) -> None:
-    """Refuse, naming the argument, what the embedding lookup would refuse from deep inside torch (or, for
-    a 1-D tensor, index wrongly): token ids are a (batch, length) integer tensor. Reads nothing back from
-    the device; the ids' range is checked by decoding (`tformer.decoding.incremental.check_inputs`)."""
-    check_id_tensor(ids, name)
-    if ids.dim() != 2:
-        raise ValueError(
-            f"{name} must be a (batch, length) tensor, got shape {tuple(ids.shape)}"
-            + (f" (one sentence: {name}[None])" if ids.dim() == 1 else "")
-        )
-
-
-def check_id_tensor(ids: Any, name: str) -> None:
-    """Token ids are an integer tensor (whatever its shape; `check_ids` and decoding check that)."""
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dtype not in (torch.long, torch.int32):
-        raise TypeError(f"{name} must hold integer token ids (torch.long), got {ids.dtype}")
-
-
-def check_bool_mask(mask: Any, name: str) -> None:
-    """A padding mask is a bool tensor, True for real tokens (its shape is checked by the caller)."""
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        what = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool tensor (True for real tokens), got {what}")
-
-
-def check_mask(mask: Tensor | None, name: str, *, like: Tensor | None = None, like_name: str = "") -> None:
-    """A padding mask is a bool tensor (True for real tokens), of the shape of `like` when given."""
-    if mask is None:
-        return
-    check_bool_mask(mask, name)
-    if like is not None and mask.shape != like.shape:
-        raise ValueError(f"{name} shape {tuple(mask.shape)} differs from {like_name} {tuple(like.shape)}")
-
-
-def check_pair(src_ids: Tensor, tgt_ids: Tensor) -> None:
-    """Teacher forcing reads one target row per source row: a batch of another size was broadcast over the
-    memory (as decoding's beams are) and gave logits for pairs that do not exist."""
-    check_ids(src_ids, "src_ids")
-    check_ids(tgt_ids, "tgt_ids")
-    if src_ids.shape[0] != tgt_ids.shape[0]:
-        raise ValueError(
-            f"src_ids has {src_ids.shape[0]} rows but tgt_ids {tgt_ids.shape[0]}: give one target row per source row"
-        )
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters, each shared tensor counted once."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def model_flops_per_pair(config: ModelConfig, source_length: int, target_length: int) -> float:
-    """Training FLOPs for one sentence pair (forward + backward), as in ../shared/BENCHMARKS.md."""
-    d, f = config.d_model, config.d_ff
-    n_e = config.n_encoder_layers * (4 * d * d + 2 * d * f)
-    n_d = config.n_decoder_layers * (8 * d * d + 2 * d * f)
-    n_o = d * config.tgt_vocab_size
-    S, T = source_length, target_length
-    return (
-        6 * (n_e * S + (n_d + n_o) * T)
-        + 12 * config.n_encoder_layers * d * S * S
-        + 6 * config.n_decoder_layers * d * T * T
-        + 12 * config.n_decoder_layers * d * S * T
-    )
