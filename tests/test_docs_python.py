@@ -1,5 +1,6 @@
 """The Python block of docs/training.md's "From Python" runs as written (on a small corpus made here, with
-30 steps instead of 300): a reader who copies it into a notebook gets a trained run and a translation."""
+a tenth of its steps): a reader who copies it into a notebook gets a run, trained further by a resume,
+and a translation."""
 
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ def test_the_from_python_block_trains_and_translates(tmp_path: Path, monkeypatch
         for side, language in (("src", "en"), ("tgt", "de")):
             os.replace(corpus[f"{name}_{side}"], tmp_path / f"{name}.{language}")
     block = from_python_block()
-    assert '"train.max_steps=300"' in block
-    block = block.replace('"train.max_steps=300"', '"train.max_steps=30"')
+    for steps in (300, 400):
+        assert f'"train.max_steps={steps}"' in block
+        block = block.replace(f'"train.max_steps={steps}"', f'"train.max_steps={steps // 10}"')
     printed = io.StringIO()
     monkeypatch.chdir(tmp_path)
     with contextlib.redirect_stdout(printed):
         exec(compile(block, "docs/training.md", "exec"), {})
     translations = ast.literal_eval(printed.getvalue().strip().splitlines()[-1])
     assert isinstance(translations, list) and len(translations) == 1 and isinstance(translations[0], str)
-    assert load_run(tmp_path / "runs" / "mine", which="last").step == 30
+    assert load_run(tmp_path / "runs" / "mine", which="last").step == 40  # trained, then resumed
