@@ -125,6 +125,21 @@ def test_same_seed_same_weights_regardless_of_global_rng() -> None:
     assert not torch.equal(first.src_embedding.weight, third.src_embedding.weight)
 
 
+def test_weights_are_fp32_and_the_seeds_whatever_the_default_dtype() -> None:
+    """A notebook's torch.set_default_dtype(torch.float64) built a float64 model with other weights for the
+    same seed (and a run of it saved float64 checkpoints)."""
+    config = preset("tiny", src_vocab_size=30, tgt_vocab_size=30)
+    expected = Transformer(config, seed=5).state_dict()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = Transformer(config, seed=5)
+    finally:
+        torch.set_default_dtype(before)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
 def test_initialisation_is_as_documented() -> None:
     config = preset("small", src_vocab_size=1000, tgt_vocab_size=1000)
     model = Transformer(config, seed=0)

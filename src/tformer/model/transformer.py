@@ -180,6 +180,10 @@ class Transformer(nn.Module):
         )
         self.packed: Tensor | None = None  # the tied output weight, packed inside `packed_weights(model)`
         self.final_logits_bias = nn.Parameter(torch.zeros(config.tgt_vocab_size)) if config.final_logits_bias else None
+        # fp32 whatever torch's default dtype (a notebook's set_default_dtype(torch.float64)): a seed's weights, a
+        # run's checkpoints and the precision it trains in do not depend on it; another dtype: `.to(dtype)` after
+        if torch.get_default_dtype() != torch.float32:
+            self.float()
         if self.src_embedding.weight.device.type != "meta":  # built on the meta device: no numbers to set yet
             self.reset_parameters(seed)
 
