@@ -120,3 +120,26 @@ def test_every_hypothesis_follows_the_rules_under_combined_options(config, batch
                 coverage = h.attention.sum(dim=0).clamp(min=1e-6, max=1.0).log().sum().item()
                 score += config.coverage_penalty * coverage
             assert math.isclose(h.score, score, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_the_same_hypotheses_whatever_torch_s_default_dtype(tiny_model: Transformer) -> None:
+    """Under torch.set_default_dtype(torch.float64) (a notebook's), the length penalty and the searches'
+    score tables were float64: scores differed in the last digits, and a beam search with attention failed
+    deep in torch (index_copy_ of a float32 row into a float64 table)."""
+    src_BS = torch.randint(3, 40, (4, 7), generator=torch.Generator().manual_seed(0))
+
+    def hypotheses(config: DecodeConfig) -> list:
+        nbests = generate(
+            tiny_model, src_BS, src_pad_mask=None, bos_id=1, eos_id=2, config=config, return_attention=True
+        )
+        return [(h.tokens, h.score, h.log_prob, h.attention.dtype, h.attention.tolist()) for n in nbests for h in n]
+
+    configs = [DecodeConfig(beam_size=1), DecodeConfig(beam_size=3, nbest=2, coverage_penalty=0.2)]
+    expected = [hypotheses(config) for config in configs]
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = [hypotheses(config) for config in configs]
+    finally:
+        torch.set_default_dtype(before)
+    assert got == expected

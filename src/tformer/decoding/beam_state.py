@@ -44,7 +44,7 @@ class BeamState:
 def start_state(B, N, S, T, bos_id, max_len_B, src_mask_BS, use_coverage, return_attention, device) -> BeamState:
     history_BNH = torch.zeros((B, N, T + 1), dtype=torch.long, device=device)
     history_BNH[:, :, 0] = bos_id
-    scores_BN = torch.zeros((B, N), device=device)
+    scores_BN = torch.zeros((B, N), dtype=torch.float32, device=device)
     scores_BN[:, 1:] = NEG_INF  # all beams start equal: only the first may expand at step 0
     attention_shape = (B, N, T, S) if return_attention else (B, N, 0, 0)
     return BeamState(
@@ -54,14 +54,14 @@ def start_state(B, N, S, T, bos_id, max_len_B, src_mask_BS, use_coverage, return
         done=torch.zeros(B, dtype=torch.bool, device=device),
         history=history_BNH,
         scores=scores_BN,
-        coverage=torch.zeros((B, N, S) if use_coverage else (B, N, 0), device=device),
-        attention=torch.zeros(attention_shape, device=device),
+        coverage=torch.zeros((B, N, S) if use_coverage else (B, N, 0), dtype=torch.float32, device=device),
+        attention=torch.zeros(attention_shape, dtype=torch.float32, device=device),
         fin_history=history_BNH.clone(),
-        fin_scores=torch.full((B, N), NEG_INF, device=device),
-        fin_log_probs=torch.zeros((B, N), device=device),
+        fin_scores=torch.full((B, N), NEG_INF, dtype=torch.float32, device=device),
+        fin_log_probs=torch.zeros((B, N), dtype=torch.float32, device=device),
         fin_n_tokens=torch.zeros((B, N), dtype=torch.long, device=device),
         fin_eos=torch.zeros((B, N), dtype=torch.bool, device=device),
-        fin_attention=torch.zeros(attention_shape, device=device),
+        fin_attention=torch.zeros(attention_shape, dtype=torch.float32, device=device),
     )
 
 

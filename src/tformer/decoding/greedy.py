@@ -125,11 +125,11 @@ def _start(max_len_R: Tensor, T: int, S: int, bos_id: int, eos_id: int, *, with_
         row=torch.arange(R, device=device),
         max_len=max_len_R,
         history=history_RH,
-        log_prob=torch.zeros(R, device=device),
+        log_prob=torch.zeros(R, dtype=torch.float32, device=device),
         n_tokens=torch.zeros(R, dtype=torch.long, device=device),
         ended_eos=torch.zeros(R, dtype=torch.bool, device=device),
         finished=torch.zeros(R, dtype=torch.bool, device=device),
-        attention=torch.zeros((R, T, S) if with_attention else (R, 0, 0), device=device),
+        attention=torch.zeros((R, T, S) if with_attention else (R, 0, 0), dtype=torch.float32, device=device),
     )
 
 

@@ -23,6 +23,8 @@ from tformer.config import DecodeConfig
 def length_penalty(lengths: Tensor | float, config: DecodeConfig) -> Tensor | float:
     """lp(n) for a tensor (or a number) of hypothesis lengths n."""
     alpha = config.length_penalty
+    if isinstance(lengths, Tensor):
+        lengths = lengths.float()  # fp32 as the scores it divides, whatever torch's default dtype (not float64)
     if config.length_normalization == "none" or alpha == 0.0:
         return torch.ones_like(lengths, dtype=torch.float32) if isinstance(lengths, Tensor) else 1.0
     if config.length_normalization == "gnmt":
