@@ -7,7 +7,7 @@ import string
 
 import pytest
 import torch
-from test_decoding_equivalence import BOS, EOS, PAD, peaked_model
+from test_decoding_equivalence import BOS, EOS, PAD, VOCAB, peaked_model
 
 from tformer.config import DecodeConfig
 from tformer.data.tokenizer import Tokenizer
@@ -227,6 +227,36 @@ def test_a_line_that_is_not_text_is_a_type_error_naming_the_line():
     translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=1))
     with pytest.raises(TypeError, match=r"^input line 2 is a NoneType, not a str"):
         translator.translate_texts(["ab", None])
+
+
+def test_a_config_that_is_not_a_decode_config_is_a_type_error_at_construction():
+    """A run's ExperimentConfig (run.experiment for run.experiment.decode) failed at the first line translated
+    with an AttributeError ('ExperimentConfig' object has no attribute 'nbest')."""
+    from tformer.config import load_experiment
+
+    with pytest.raises(
+        TypeError, match=r"^config must be a DecodeConfig \(a run's is run.experiment.decode\), got Exp"
+    ):
+        Translator(peaked_model(), CharTokenizer(), load_experiment(None, []))
+    with pytest.raises(TypeError, match=r"^config must be a DecodeConfig, got dict$"):
+        Translator(peaked_model(), CharTokenizer(), {"beam_size": 2})
+
+
+def test_a_tokenizer_with_more_source_ids_than_the_model_is_refused_at_construction():
+    """Another run's tokenizer failed only at a line holding an id past the model's embeddings (as source
+    ids out of the vocabulary), and translated the lines that held none. Fewer ids (an imported Marian
+    model's embeddings may hold more than its vocabulary files) are fine."""
+
+    class LargerTokenizer(CharTokenizer):
+        src_vocab_size = tgt_vocab_size = VOCAB + 1
+
+    with pytest.raises(ValueError, match=rf"^the tokenizer's source vocabulary \({VOCAB + 1} ids\) is larger than"):
+        Translator(peaked_model(), LargerTokenizer(), DecodeConfig(beam_size=1))
+
+    class SmallerTokenizer(CharTokenizer):
+        src_vocab_size = tgt_vocab_size = VOCAB - 1
+
+    assert Translator(peaked_model(), SmallerTokenizer(), DecodeConfig(beam_size=1)).translate_texts(["ab"])
 
 
 def test_translating_leaves_the_models_modes_as_they_were():

@@ -98,6 +98,10 @@ class Translator:
         `nn.Module`); None (the default) decodes where the model's weights are. `truncate`: a line longer
         than the model accepts is cut to its first pieces (with a warning) instead of stopping the job
         with a DecodingError."""
+        if not isinstance(config, DecodeConfig):  # else an AttributeError at the first line translated
+            hint = " (a run's is run.experiment.decode)" if hasattr(config, "decode") else ""
+            raise TypeError(f"config must be a DecodeConfig{hint}, got {type(config).__name__}")
+        _check_vocabulary(model, tokenizer)
         if max_batch_tokens < 1 or chunk_lines < 1:
             raise DecodingError(
                 f"max_batch_tokens and chunk_lines must be positive; got {max_batch_tokens}, {chunk_lines}"
@@ -222,6 +226,19 @@ class Translator:
             batch.append(index)
         if batch:
             yield batch
+
+
+def _check_vocabulary(model: Any, tokenizer: TokenizerLike) -> None:
+    """Refuse a tokenizer (another run's) whose source ids the model has no embeddings for: they failed at the
+    first line that held one, as ids out of the model's vocabulary, or not at all where no line did. (A model's
+    vocabulary may be the larger: an imported Marian model's embeddings can hold more ids than its files.)"""
+    tokenizer_size = getattr(tokenizer, "src_vocab_size", None)
+    model_size = getattr(getattr(model, "config", None), "src_vocab_size", None)
+    if tokenizer_size is not None and model_size is not None and tokenizer_size > model_size:
+        raise DecodingError(
+            f"the tokenizer's source vocabulary ({tokenizer_size} ids) is larger than the model's ({model_size}): "
+            "give the tokenizer the model was trained with"
+        )
 
 
 def _too_long_advice(limit: int) -> str:
