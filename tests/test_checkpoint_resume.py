@@ -274,6 +274,24 @@ def test_a_trainer_trains_once_and_names_resume_run_for_going_on(tmp_path: Path)
         resumed.train()
 
 
+def test_a_trainer_made_before_another_trained_the_run_refuses_to_train_it(tmp_path: Path) -> None:
+    """Two resume_run Trainers of one run in a notebook (the lock lets one process in): the second to train
+    went on from its own older step, wrote the metrics rows of steps 5 and 6 twice and replaced the first's
+    checkpoint of step 6. It is refused, naming what continues the run, and the run is as the first left it."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=4", "train.save_every=2", valid=False)
+    start_run(experiment, tmp_path / "run", quiet=True).train()
+    first = resume_run(tmp_path / "run", overrides=["train.max_steps=6"], quiet=True)
+    second = resume_run(tmp_path / "run", overrides=["train.max_steps=8"], quiet=True)
+    assert first.train().step == 6
+    rows = (tmp_path / "run" / ckpt.METRICS_FILE).read_text()
+    with pytest.raises(
+        RuntimeError, match=r"has been trained to step-00000006 since this Trainer was made \(at step 4"
+    ):
+        second.train()
+    assert (tmp_path / "run" / ckpt.METRICS_FILE).read_text() == rows
+    assert resume_run(tmp_path / "run", overrides=["train.max_steps=8"], quiet=True).train().step == 8
+
+
 def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(tmp_path: Path, monkeypatch) -> None:
     """Under torchrun another process's failure reaches rank 0 as torchrun's SIGTERM, most often while it
     writes the checkpoint of the step the others have finished. The interrupt cut the save between the

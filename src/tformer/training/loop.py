@@ -168,6 +168,7 @@ class Trainer(TrainerState):
                 f"this Trainer has trained already (to step {self.step}); a Trainer trains once: continue "
                 f"the run from its last checkpoint with resume_run({str(self.final_run_dir)!r}).train()"
             )
+        self._check_run_unchanged()
         self._trained = True
         config = self.train_config
         progress = Progress(
@@ -215,6 +216,21 @@ class Trainer(TrainerState):
         progress.message(f"stopped at step {self.step}: {stop_reason}{unlogged}; last checkpoint {last}")
         best = self.early_stopping
         return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
+
+    def _check_run_unchanged(self) -> None:
+        """Refuse to train a run that another Trainer of this process (which the run's lock lets in) has
+        trained since this one was made: it went on from its own older step, wrote a second set of metrics
+        rows for the steps trained already and replaced that Trainer's checkpoints."""
+        if self.distributed.enabled:  # one process per rank, each with its own Trainer: the lock guards them
+            return
+        latest = ckpt.read_pointer_name(self.run_dir, "latest")
+        if latest != (ckpt.step_name(self.step) if self.step else None):
+            if self.lock is not None:
+                self.lock.release()
+            raise RuntimeError(
+                f"{self.run_dir} has been trained to {latest} since this Trainer was made (at step {self.step}); "
+                f"continue the run from there with resume_run({str(self.final_run_dir)!r}).train()"
+            )
 
     def _eager_step(self, micro_batches: list[Batch], lr: float) -> tuple[Tensor, Tensor, int, Tensor | None]:
         """One update by `train_step`: (loss sum, NLL sum, target tokens, gradient norm), on the device."""
