@@ -240,3 +240,19 @@ def test_a_rate_setting_of_the_schedule_not_in_use_is_warned_about(settings: dic
         assert said == []
     else:
         assert len(said) == 1 and said[0].startswith(f"warning: {warned}"), said
+
+
+def test_a_loss_or_schedule_given_what_it_cannot_use_is_a_value_error_naming_it() -> None:
+    """Asserts answered a learner's misuse: the targets of another shape (AssertionError), float targets (deep
+    in torch's gather), a smoothing of 1.5 (a loss computed anyway), and a plot's range(n) from step 0."""
+    logits_BTV = torch.randn(2, 3, 10)
+    with pytest.raises(ValueError, match=r"^target_BT must be \(batch, length\) token ids for logits_BTV of shape"):
+        label_smoothed_loss(logits_BTV, torch.ones(3, 2, dtype=torch.long), smoothing=0.1, pad_id=0)
+    with pytest.raises(ValueError, match=r"got torch.float32 of shape \(2, 3\)$"):
+        label_smoothed_loss(logits_BTV, torch.ones(2, 3), smoothing=0.1, pad_id=0)
+    with pytest.raises(ValueError, match=r"^smoothing must be in \[0, 1\), got 1.5$"):
+        label_smoothed_loss(logits_BTV, torch.ones(2, 3, dtype=torch.long), smoothing=1.5, pad_id=0)
+    with pytest.raises(ValueError, match=r"^step and warmup count updates from 1; got step=0, warmup=4000$"):
+        inverse_sqrt_lr(0, d_model=512, warmup=4000)
+    with pytest.raises(ValueError, match=r"got step=3, warmup=0$"):
+        peak_lr(3, peak=1e-3, warmup=0)

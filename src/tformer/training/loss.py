@@ -53,7 +53,13 @@ def label_smoothed_loss(logits_BTV: Tensor, target_BT: Tensor, *, smoothing: flo
     """Summed smoothed loss and NLL over the positions whose target is not `pad_id`, in float32 or wider:
     logits that autocast made bf16 are upcast first, since bf16 keeps only 8 significant bits (2 to 3
     decimal digits), too few for a log-softmax over V or a sum over thousands of tokens."""
-    assert logits_BTV.shape[:2] == target_BT.shape, (logits_BTV.shape, target_BT.shape)
+    if logits_BTV.shape[:2] != target_BT.shape or target_BT.is_floating_point():
+        raise ValueError(
+            f"target_BT must be (batch, length) token ids for logits_BTV of shape {tuple(logits_BTV.shape)}; "
+            f"got {target_BT.dtype} of shape {tuple(target_BT.shape)}"
+        )
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     dtype = torch.promote_types(logits_BTV.dtype, torch.float32)
     log_probs_NV = F.log_softmax(logits_BTV.flatten(0, 1).to(dtype), dim=-1)
     target_N = target_BT.flatten()

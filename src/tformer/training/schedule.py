@@ -24,13 +24,19 @@ import math
 from tformer.config import TrainConfig
 
 
+def check_step(step: int, warmup: int) -> None:
+    """Updates count from 1 (a plot's `range(n)` starts at 0, where the paper's formula divides by zero)."""
+    if step < 1 or warmup < 1:
+        raise ValueError(f"step and warmup count updates from 1; got step={step}, warmup={warmup}")
+
+
 def inverse_sqrt_lr(step: int, *, d_model: int, warmup: int, scale: float = 1.0) -> float:
-    assert step >= 1 and warmup >= 1, (step, warmup)
+    check_step(step, warmup)
     return scale * d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
 
 
 def peak_lr(step: int, *, peak: float, warmup: int) -> float:
-    assert step >= 1 and warmup >= 1, (step, warmup)
+    check_step(step, warmup)
     if step <= warmup:
         return peak * step / warmup
     return peak * math.sqrt(warmup / step)
