@@ -292,6 +292,16 @@ def test_a_trainer_made_before_another_trained_the_run_refuses_to_train_it(tmp_p
     assert resume_run(tmp_path / "run", overrides=["train.max_steps=8"], quiet=True).train().step == 8
 
 
+def test_resume_run_refuses_one_override_string(tmp_path: Path) -> None:
+    """resume_run(RUN_DIR, overrides="train.max_steps=8") read the string's characters as overrides: "only
+    train.* and decode.* may change: t"."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=2", "train.warmup_steps=1", valid=False)
+    start_run(experiment, tmp_path / "run", quiet=True).train()
+    with pytest.raises(TypeError, match=r"^overrides must be a list of 'section.key=value' strings, not one"):
+        resume_run(tmp_path / "run", overrides="train.max_steps=4", quiet=True)
+    assert resume_run(tmp_path / "run", overrides=["train.max_steps=4"], quiet=True).train().step == 4
+
+
 def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(tmp_path: Path, monkeypatch) -> None:
     """Under torchrun another process's failure reaches rank 0 as torchrun's SIGTERM, most often while it
     writes the checkpoint of the step the others have finished. The interrupt cut the save between the

@@ -320,3 +320,11 @@ def test_a_boolean_is_neither_an_integer_nor_a_number() -> None:
         config_from_dict(TrainConfig, {"max_steps": True}, section="train")
     with pytest.raises(ConfigError, match=r"^peak_lr in \[train\] must be a number; got False$"):
         config_from_dict(TrainConfig, {"peak_lr": False}, section="train")
+
+
+def test_one_override_string_is_refused_not_read_character_by_character() -> None:
+    """load_experiment(None, "train.max_steps=8") read the string's characters as overrides: "--set expects
+    key=value, got 't'"."""
+    with pytest.raises(TypeError, match=r"^overrides must be a list of 'section.key=value' strings, not one: \['train"):
+        load_experiment(None, "train.max_steps=8")
+    assert load_experiment(None, ("train.max_steps=8",)).train.max_steps == 8

@@ -36,6 +36,7 @@ from tformer.config.experiment import (
     experiment_from_dict,
     experiment_to_dict,
     load_experiment,
+    override_list,
     set_key,
 )
 from tformer.config.loading import (
@@ -91,6 +92,7 @@ __all__ = [
     "field_names",
     "load_experiment",
     "load_toml",
+    "override_list",
     "parse_override",
     "preset",
     "preset_of",

@@ -240,10 +240,18 @@ def set_key(values: dict[str, Any], section: str, key: str, value: Any) -> None:
     table[key] = value
 
 
+def override_list(overrides: Sequence[str]) -> list[str]:
+    """`overrides` as a list, after refusing one string where a list of them is wanted: iterated, its characters
+    were read as overrides ("--set expects key=value, got 't'")."""
+    if isinstance(overrides, str | bytes):
+        raise TypeError(f"overrides must be a list of 'section.key=value' strings, not one: [{overrides!r}]")
+    return list(overrides)
+
+
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of nested `values` with each `section.key=value` set (e.g. `train.max_steps=100`)."""
     result = {name: dict(table) if isinstance(table, dict) else table for name, table in values.items()}
-    for text in overrides:
+    for text in override_list(overrides):
         keys, value = parse_override(text)
         if len(keys) != 2 or not all(keys):
             raise ConfigError(
@@ -262,7 +270,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """An ExperimentConfig from a TOML file (or defaults when `path` is None) and `--set` overrides."""
     values = load_toml(path) if path is not None else {}
-    return experiment_from_dict(apply_overrides(values, list(overrides)))
+    return experiment_from_dict(apply_overrides(values, override_list(overrides)))
 
 
 def experiment_to_dict(experiment: ExperimentConfig) -> dict[str, Any]:

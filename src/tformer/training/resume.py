@@ -25,6 +25,7 @@ from tformer.config import (
     expand_preset,
     experiment_from_dict,
     experiment_to_dict,
+    override_list,
     preset_of,
 )
 from tformer.data.tokenizer import TokenizerError
@@ -275,7 +276,7 @@ def _presets_named(stored: ModelConfig, given: ModelConfig) -> str:
 
 
 def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    for text in overrides:
+    for text in override_list(overrides):
         if not text.strip().startswith(("train.", "decode.")):
             raise ConfigError(f"--resume keeps the run's model and data; only train.* and decode.* may change: {text}")
     return experiment_from_dict(apply_overrides(experiment_to_dict(experiment), overrides))
