@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from tformer.model import Transformer
 from tformer.model.cache import CacheLayout, DecoderCache
 
 
@@ -44,3 +46,23 @@ def test_select_changes_the_batch_size_and_select_memory_keeps_entries():
     assert torch.equal(cache.memory_kv[0][0], memory_expected)
     cache.reorder(torch.tensor([1, 1]))  # reorder works on the new size
     torch.testing.assert_close(cache.layers[1].k_BHLK[:, :, :3], expected[[1, 1]], rtol=0, atol=0)
+
+
+def test_a_decode_step_of_another_batch_is_refused_before_it_changes_the_cache(tiny_model: Transformer) -> None:
+    """One row of tokens for a cache of two was written into both rows (broadcast) and moved the cache a
+    position on before the cross-attention refused it: the caller's next, right, steps read that."""
+    src_BS = torch.randint(3, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    tgt_BT = torch.randint(3, 40, (2, 4), generator=torch.Generator().manual_seed(1))
+    expected_BTV = tiny_model(src_BS, tgt_BT)
+    cache = tiny_model.new_cache(batch_size=2, capacity=8, memory=tiny_model.encode(src_BS))
+    with pytest.raises(ValueError, match=r"^tgt_ids has 1 rows but the cache 2: give one row per cache row$"):
+        tiny_model.decode(tgt_BT[:1, :1], memory=None, src_pad_mask=None, cache=cache)
+    assert cache.length == 0
+    steps = [tiny_model.decode(tgt_BT[:, t : t + 1], memory=None, src_pad_mask=None, cache=cache) for t in range(4)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected_BTV)
+    three = tiny_model.new_cache(batch_size=3, capacity=8)
+    with pytest.raises(ValueError, match=r"^tgt_ids has 3 rows, not a multiple of the memory's 2$"):
+        tiny_model.decode(
+            torch.ones(3, 1, dtype=torch.long), memory=tiny_model.encode(src_BS), src_pad_mask=None, cache=three
+        )
+    assert three.length == 0

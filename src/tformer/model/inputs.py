@@ -58,3 +58,13 @@ def check_pair(src_ids: Tensor, tgt_ids: Tensor) -> None:
         raise ValueError(
             f"src_ids has {src_ids.shape[0]} rows but tgt_ids {tgt_ids.shape[0]}: give one target row per source row"
         )
+
+
+def check_decoder_rows(tgt_ids: Tensor, *, cache_rows: int | None, memory_rows: int | None) -> None:
+    """Checked before the first layer writes into a cache: a misfit found in a later layer left the cache one
+    position on, its keys written by broadcasting another batch's rows, and every later step read them."""
+    rows = tgt_ids.shape[0]
+    if cache_rows is not None and rows != cache_rows:
+        raise ValueError(f"tgt_ids has {rows} rows but the cache {cache_rows}: give one row per cache row")
+    if memory_rows is not None and rows % memory_rows:
+        raise ValueError(f"tgt_ids has {rows} rows, not a multiple of the memory's {memory_rows}")

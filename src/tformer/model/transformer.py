@@ -29,7 +29,7 @@ from tformer.model.cache import (
     StaticDecoderCache,
 )
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
-from tformer.model.inputs import check_ids, check_mask, check_pair
+from tformer.model.inputs import check_decoder_rows, check_ids, check_mask, check_pair
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
 from tformer.model.packed import Linear, linear
@@ -265,6 +265,11 @@ class Transformer(nn.Module):
             memory_kv = self.project_memory(memory)
             if cache is not None:
                 cache.memory_kv = memory_kv
+        check_decoder_rows(
+            tgt_ids,
+            cache_rows=cache.layers[0].k_BHLK.shape[0] if isinstance(cache, DecoderCache) else None,
+            memory_rows=memory_kv[0][0].shape[0] if memory_kv else None,
+        )
         hidden_BTD, self_weights, cross_weights = self.decoder(
             self.tgt_embedding(tgt_ids),
             memory_kv=memory_kv,
