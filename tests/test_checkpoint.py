@@ -171,6 +171,18 @@ def test_a_loaded_run_reads_in_one_line(trained: Path) -> None:
     assert "parameters, torch.float32 on cpu), tokenizer=Tokenizer(" in text
 
 
+def test_load_run_and_averaging_refuse_arguments_of_the_wrong_kind(run_copy: Path) -> None:
+    """load_run(dtype="bfloat16") (the CLI's name for it) failed in nn.Module.to after the whole checkpoint was
+    read; average_checkpoints(last=True) wrote an "averaged-lastTrue-..." directory, and last=2.5 failed late."""
+    for dtype in ("bfloat16", torch.int64):
+        with pytest.raises(TypeError, match=r"^dtype must be a floating-point torch.dtype such as torch.bfloat16"):
+            load_run(run_copy, dtype=dtype)
+    for last in (True, 2.5):
+        with pytest.raises(TypeError, match=r"^last must be an int \(how many checkpoints\), got"):
+            average_checkpoints(run_copy, last=last)
+    assert not [path for path in (run_copy / ckpt.CHECKPOINTS_DIR).iterdir() if path.name.startswith("averaged")]
+
+
 def _damage_weights(run: Path) -> str:
     path = run / "checkpoints" / "step-00000006" / ckpt.WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:100])

@@ -22,6 +22,8 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     """Average the weights of RUN_DIR's last `last` checkpoints into `out` (default: a new
     RUN_DIR/checkpoints/averaged-last{K}-step-{N} directory). Returns the new directory."""
     run_dir = Path(run_dir)
+    if isinstance(last, bool) or not isinstance(last, int):  # True made "averaged-lastTrue-..."; 2.5 failed late
+        raise TypeError(f"last must be an int (how many checkpoints), got {last!r}")
     if last < 1:
         raise ckpt.CheckpointError(f"--last must be at least 1, got {last}")
     if given_checkpoint := checkpoint_load.checkpoint_given_for_run(run_dir):

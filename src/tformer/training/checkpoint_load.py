@@ -230,6 +230,8 @@ def load_run(
     weights: a resume may change them (`train --resume --set decode.beam_size=1`, `--set
     train.bleu_tokenize=zh`, which `evaluate` scores with), and its best checkpoint, older, still holds the
     settings it was saved with. One checkpoint dir keeps its own."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # else nn.Module.to's, after the reading
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     checkpoint, run_dir = resolve_checkpoint(path, which=which)
     experiment, step = read_experiment(checkpoint)
     if Path(path) == run_dir:
