@@ -162,16 +162,19 @@ def _trainable(vocab_size: int, data: DataConfig) -> int:
 def _run_model(path: Path, which: str) -> tuple[ModelConfig, dict[str, Any]]:
     """The model a run trained (its vocabulary sizes are the tokenizer's), and where it was read from."""
     from tformer.training.checkpoint import POINTERS, read_pointer_name, step_checkpoints
-    from tformer.training.checkpoint_load import load_tokenizer, read_experiment, resolve_checkpoint
+    from tformer.training.checkpoint_load import load_tokenizer, read_experiment, read_resolved
     from tformer.training.checkpoint_weights import check_weights
 
-    checkpoint, run_dir = resolve_checkpoint(path, which=which)
-    experiment, step = read_experiment(checkpoint)
-    load_tokenizer(checkpoint)  # the files translate reads, checked: a damaged checkpoint is named, not shown
-    check_weights(checkpoint, experiment.model)  # names and shapes too, as translate would find them
-    described: dict[str, Any] = {"checkpoint": str(checkpoint), "step": step}
-    if run_dir is not None:
-        described["run"] = str(run_dir)
-        described["checkpoints"] = [directory.name for directory in step_checkpoints(run_dir)]
-        described.update({pointer: read_pointer_name(run_dir, pointer) for pointer in POINTERS})
-    return experiment.model, described
+    def read(checkpoint: Path, run_dir: Path | None) -> tuple[ModelConfig, dict[str, Any]]:
+        experiment, step = read_experiment(checkpoint)
+        load_tokenizer(checkpoint)  # the files translate reads, checked: a damaged checkpoint is named, not shown
+        check_weights(checkpoint, experiment.model)  # names and shapes too, as translate would find them
+        described: dict[str, Any] = {"checkpoint": str(checkpoint), "step": step}
+        if run_dir is not None:
+            described["run"] = str(run_dir)
+            described["checkpoints"] = [directory.name for directory in step_checkpoints(run_dir)]
+            described.update({pointer: read_pointer_name(run_dir, pointer) for pointer in POINTERS})
+        return experiment.model, described
+
+    # read again where a training run pruned the checkpoint, or `train --overwrite` replaced the run, meanwhile
+    return read_resolved(path, which=which, read=read)

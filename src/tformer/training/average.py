@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tformer.config import ExperimentConfig
+from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
 from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_load, checkpoint_save
@@ -30,6 +32,42 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         raise ckpt.CheckpointError(given_checkpoint)
     if not run_dir.is_dir() or not ckpt.is_run_dir(run_dir):
         raise ckpt.CheckpointError(f"{run_dir} is not a run directory (no {ckpt.CHECKPOINTS_DIR}/)")
+
+    def choose() -> tuple[list[Path], list[Path]]:
+        chosen = _chosen_checkpoints(run_dir, last=last)
+        if _output(run_dir, chosen, out).exists():
+            raise ckpt.CheckpointError(
+                f"{_output(run_dir, chosen, out)} already exists; averaging never overwrites, choose another --out"
+            )
+        return chosen, [run_dir, *chosen]
+
+    # a training run prunes the oldest chosen checkpoint at its next save; `train --overwrite` renames a new
+    # run, whose checkpoints have the same names, into RUN_DIR: averaging them all with the old run's is refused
+    chosen, experiment, step, tokenizer, model = checkpoint_load.read_unchanged(run_dir, choose, _average)
+    output = _output(run_dir, chosen, out)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return checkpoint_save.write_checkpoint(
+        output,
+        experiment=experiment,
+        tokenizer=tokenizer,
+        model=model,
+        step=step,
+        trainer_state=None,
+        extra={"averaged_from": [directory.name for directory in chosen]},
+    )
+
+
+def _output(run_dir: Path, chosen: list[Path], out: str | Path | None) -> Path:
+    """Where the average of `chosen` goes: `out`, or by default beside the checkpoints, named after the newest."""
+    return (
+        Path(out)
+        if out is not None
+        else run_dir / ckpt.CHECKPOINTS_DIR / f"averaged-last{len(chosen)}-{chosen[-1].name}"
+    )
+
+
+def _chosen_checkpoints(run_dir: Path, *, last: int) -> list[Path]:
+    """The last `last` step checkpoints of the run, oldest first."""
     available = _run_checkpoints(run_dir)
     if not available:  # a run stopped before its first save
         raise ckpt.CheckpointError(f"{run_dir} holds no step checkpoint yet, so nothing to average")
@@ -37,11 +75,13 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         raise ckpt.CheckpointError(
             f"{run_dir} has {len(available)} step checkpoints; ask for --last {len(available)} or fewer"
         )
-    chosen = available[-last:]
+    return available[-last:]
+
+
+def _average(chosen: list[Path]) -> tuple[list[Path], ExperimentConfig, int, Tokenizer, Transformer]:
+    """The average of the `chosen` checkpoints' weights, in a model, with the newest one's experiment, step
+    and tokenizer."""
     experiment, step = checkpoint_load.read_experiment(chosen[-1])
-    out = Path(out) if out is not None else run_dir / ckpt.CHECKPOINTS_DIR / f"averaged-last{last}-{chosen[-1].name}"
-    if out.exists():
-        raise ckpt.CheckpointError(f"{out} already exists; averaging never overwrites, choose another --out")
     model = Transformer(experiment.model)
     totals: dict[str, torch.Tensor] = {}
     tokenizer = checkpoint_load.load_tokenizer(chosen[-1])  # a damaged one is named as such, not as another tokenizer
@@ -62,17 +102,8 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         for name, tensor in model.state_dict().items():
             totals[name] = totals.get(name, 0) + tensor.double()
     reference = model.state_dict()
-    model.load_state_dict({name: (total / last).to(reference[name].dtype) for name, total in totals.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return checkpoint_save.write_checkpoint(
-        out,
-        experiment=experiment,
-        tokenizer=tokenizer,
-        model=model,
-        step=step,
-        trainer_state=None,
-        extra={"averaged_from": [directory.name for directory in chosen]},
-    )
+    model.load_state_dict({name: (total / len(chosen)).to(reference[name].dtype) for name, total in totals.items()})
+    return chosen, experiment, step, tokenizer, model
 
 
 def _refuse_non_finite(model: Transformer, directory: Path) -> None:
@@ -102,7 +133,7 @@ def _run_checkpoints(run_dir: Path) -> list[Path]:
         warnings.warn(
             f"left out {', '.join(later)}: newer than {latest}, which {run_dir / 'latest'} names",
             UserWarning,
-            stacklevel=3,
+            stacklevel=6,  # the caller of average_checkpoints
         )
     return [directory for directory in available if directory.name <= latest]
 
@@ -118,7 +149,7 @@ def _warn_about_a_gap(earlier: Path, earlier_step: int, later: Path, later_step:
             f"{ckpt.step_name(missing)}, train.save_every={save_every}) are gone, pruned by train.keep_last, "
             f"which keeps the best checkpoint however old; the average spans steps {earlier_step} to {later_step}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=5,  # the caller of average_checkpoints
         )
 
 

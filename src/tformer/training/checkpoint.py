@@ -27,6 +27,7 @@ checkpoint_weights.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tformer.input_paths import read_at_most
@@ -85,3 +86,15 @@ def read_pointer_name(run_dir: Path, which: str) -> str | None:
     if not name or "/" in name or "\0" in name or name.startswith("."):
         raise CheckpointError(f"{path}: corrupt pointer file (expected a checkpoint directory name)")
     return name
+
+
+def directory_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the directory `path` names now; None where it names none. A reader compares it
+    before and after reading a checkpoint's files one by one: a training run prunes checkpoints, and
+    `train --overwrite` renames a new run into RUN_DIR, whose checkpoints have the same names as the old
+    run's, while another command reads them."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +36,7 @@ from tformer.training.checkpoint import (
     TOKENIZER_FINGERPRINT,
     WEIGHTS_FILE,
     CheckpointError,
+    directory_identity,
     is_run_dir,
     read_pointer_name,
 )
@@ -232,15 +234,65 @@ def load_run(
     settings it was saved with. One checkpoint dir keeps its own."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # else nn.Module.to's, after the reading
         raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
-    checkpoint, run_dir = resolve_checkpoint(path, which=which)
-    experiment, step = read_experiment(checkpoint)
-    if Path(path) == run_dir:
-        experiment = latest_settings(run_dir, checkpoint, experiment)
-    tokenizer = load_tokenizer(checkpoint)
-    with torch.device("meta"):  # no memory and no random numbers for weights that the checkpoint's replace
-        model = Transformer(experiment.model)
-    load_weights(model, checkpoint)
-    return LoadedRun(model.to(device=device, dtype=dtype).eval(), tokenizer, experiment, step, run_dir, checkpoint)
+
+    def read(checkpoint: Path, run_dir: Path | None) -> LoadedRun:
+        experiment, step = read_experiment(checkpoint)
+        if Path(path) == run_dir:
+            experiment = latest_settings(run_dir, checkpoint, experiment)
+        tokenizer = load_tokenizer(checkpoint)
+        with torch.device("meta"):  # no memory and no random numbers for weights that the checkpoint's replace
+            model = Transformer(experiment.model)
+        load_weights(model, checkpoint)
+        return LoadedRun(model, tokenizer, experiment, step, run_dir, checkpoint)
+
+    loaded = read_resolved(path, which=which, read=read)
+    loaded.model = loaded.model.to(device=device, dtype=dtype).eval()
+    return loaded
+
+
+Chosen = TypeVar("Chosen")
+Read = TypeVar("Read")
+
+
+def read_resolved(path: str | Path, *, which: str, read: Callable[[Path, Path | None], Read]) -> Read:
+    """`read(checkpoint, run_dir)` of what `resolve_checkpoint` finds, chosen and read again where it changed
+    meanwhile (read_unchanged)."""
+
+    def choose() -> tuple[tuple[Path, Path | None], list[Path]]:
+        checkpoint, run_dir = resolve_checkpoint(path, which=which)
+        return (checkpoint, run_dir), [checkpoint] if run_dir is None else [checkpoint, run_dir]
+
+    return read_unchanged(Path(path), choose, lambda chosen: read(*chosen))
+
+
+READ_ATTEMPTS = 3  # a run pruned or replaced that often while it is read is a run to read later
+
+
+def read_unchanged(what: Path, choose: Callable[[], tuple[Chosen, list[Path]]], read: Callable[[Chosen], Read]) -> Read:
+    """`read(chosen)` of what `choose` picks, checking that the directories it names are the same before and
+    after: files are read one by one, and meanwhile a training run may prune the checkpoint read, or `train
+    --overwrite` rename a new run into its place, with checkpoints of the same names (its experiment, weights
+    and tokenizer then came from two runs). What changed is chosen and read again; an error raised while
+    nothing changed is the files' own."""
+    for _ in range(READ_ATTEMPTS):
+        chosen, directories = choose()
+        before = [directory_identity(directory) for directory in directories]
+        try:
+            result = read(chosen)
+        except (ValueError, OSError):
+            if _unchanged(directories, before):
+                raise
+            continue
+        if _unchanged(directories, before):
+            return result
+    raise CheckpointError(
+        f"{what} changed while it was read, {READ_ATTEMPTS} times (a training run pruning its checkpoints, or "
+        "`train --overwrite` replacing the run); run the command again"
+    )
+
+
+def _unchanged(directories: list[Path], before: list[tuple[int, int] | None]) -> bool:
+    return None not in before and [directory_identity(directory) for directory in directories] == before
 
 
 def latest_settings(run_dir: Path, loaded: Path, experiment: ExperimentConfig) -> ExperimentConfig:
@@ -254,7 +306,8 @@ def latest_settings(run_dir: Path, loaded: Path, experiment: ExperimentConfig) -
         newest = read_experiment(run_dir / CHECKPOINTS_DIR / latest)[0]
     except CheckpointError as error:
         warnings.warn(
-            f"using {loaded.name}'s [decode] and [train] settings, not the latest checkpoint's: {error}", stacklevel=3
+            f"using {loaded.name}'s [decode] and [train] settings, not the latest checkpoint's: {error}",
+            stacklevel=7,  # load_run's caller, through read and read_resolved's retries
         )
         return experiment
     return replace(experiment, train=newest.train, decode=newest.decode)
