@@ -17,7 +17,7 @@ from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
 from tformer.training import checkpoint as ckpt
-from tformer.training import checkpoint_load, load_run, start_run
+from tformer.training import checkpoint_load, checkpoint_save, load_run, start_run
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint_save import write_pointer
 
@@ -159,3 +159,24 @@ def test_a_run_that_keeps_changing_while_it_is_read_is_named_in_one_line(runs: t
     monkeypatch.setattr(checkpoint_load, "read_experiment", replaced_every_time)
     with pytest.raises(ckpt.CheckpointError, match=r"changed while it was read, 3 times .* run the command again$"):
         load_run(run)
+
+
+def test_a_pruned_checkpoint_vanishes_at_once_rather_than_file_by_file(runs: tuple[Path, Path], monkeypatch) -> None:
+    """Pruning deleted a checkpoint in place, file by file: `average` or `info` listing the run meanwhile found
+    a step checkpoint with some of its files, and failed on the missing ones as if the checkpoint were
+    damaged. It is now renamed out of sight first."""
+    run, _ = runs
+    for pointer in ckpt.POINTERS:
+        write_pointer(run, pointer, "step-00000004")
+    listed_while_deleting = []
+    rmtree = shutil.rmtree
+
+    def deleting(path: Path, *args, **kwargs) -> None:
+        listed_while_deleting.extend(directory.name for directory in ckpt.step_checkpoints(run))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_save.shutil, "rmtree", deleting)
+    removed = checkpoint_save.prune_checkpoints(run, keep_last=1)
+    assert [path.name for path in removed] == ["step-00000002"]
+    assert listed_while_deleting == ["step-00000004"]
+    assert sorted(path.name for path in (run / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step-00000004"]

@@ -140,8 +140,19 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     if keep_last > 0:
         removed += [path for path in steps[:-keep_last] if path.name not in protected]
     for path in removed:
-        remove_checkpoint_dir(path)
+        remove_out_of_sight(path)
     return removed
+
+
+def remove_out_of_sight(path: Path) -> None:
+    """Delete a checkpoint directory after renaming it to a hidden name, so that it vanishes at once: a command
+    reading the run meanwhile (`average`, `info`) never lists a half-deleted checkpoint, and one reading its
+    files sees it go and reads again (checkpoint_load.read_unchanged). A kill during the deletion leaves the
+    hidden directory, which the next pruning removes."""
+    hidden = path if path.name.startswith(".") else path.parent / f".old-{path.name}-{os.getpid()}"
+    if hidden != path:
+        os.replace(path, hidden)
+    remove_checkpoint_dir(hidden)
 
 
 def remove_checkpoint_dir(path: Path) -> None:

@@ -9,7 +9,6 @@ A process killed between writing a checkpoint and moving `latest` leaves that ch
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +80,8 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
         else:
             (Path(run_dir) / "best").unlink()
             moved = "; best named one of them and is removed (commands that read the best read latest)"
-    for path in later:  # out of sight at once; a kill during rmtree leaves a hidden directory pruning removes
-        hidden = path.parent / f".old-{path.name}-{os.getpid()}"
-        os.replace(path, hidden)
-        checkpoint_save.remove_checkpoint_dir(hidden)
+    for path in later:
+        checkpoint_save.remove_out_of_sight(path)
     return (
         f"resume: removed {', '.join(names)}, newer than {ckpt.step_name(step)} that the run continues from "
         f"(left by a run killed before it moved latest, or by latest set back){moved}"
