@@ -180,3 +180,22 @@ def test_a_pruned_checkpoint_vanishes_at_once_rather_than_file_by_file(runs: tup
     assert [path.name for path in removed] == ["step-00000002"]
     assert listed_while_deleting == ["step-00000004"]
     assert sorted(path.name for path in (run / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step-00000004"]
+
+
+def test_a_pointer_that_moves_on_while_it_is_read_leads_to_the_checkpoint_it_names_now(
+    runs: tuple[Path, Path], monkeypatch
+) -> None:
+    """load_run read `best`, then training moved `best` on and pruned the checkpoint it had named before
+    load_run looked for it: `pointer names step-00000002, but ... is missing`."""
+    run, _ = runs
+    for pointer in ckpt.POINTERS:
+        write_pointer(run, pointer, "step-00000004")
+    read_pointer_name = checkpoint_load.read_pointer_name
+    stale = iter(["step-00000002"])
+
+    def read_before_the_move(run_dir: Path, which: str) -> str | None:
+        return next(stale, None) or read_pointer_name(run_dir, which)
+
+    shutil.rmtree(run / ckpt.CHECKPOINTS_DIR / "step-00000002")
+    monkeypatch.setattr(checkpoint_load, "read_pointer_name", read_before_the_move)
+    assert load_run(run).checkpoint_dir.name == "step-00000004"

@@ -91,14 +91,21 @@ def resolve_checkpoint(path: str | Path, *, which: str = "best") -> tuple[Path, 
         return path, run_dir
     if not is_run_dir(path):
         raise CheckpointError(f"{path} is neither a run directory nor a checkpoint (no {EXPERIMENT_FILE})")
-    name = read_pointer_name(path, "best") if which == "best" else None
-    name = name or read_pointer_name(path, "latest")
+    name = _pointed(path, which)
     if name is None:
         raise CheckpointError(f"{path} holds no finished checkpoint yet (no 'latest' pointer)")
     checkpoint = path / CHECKPOINTS_DIR / name
+    if not (checkpoint / EXPERIMENT_FILE).exists() and (moved := _pointed(path, which)) not in (None, name):
+        name, checkpoint = moved, path / CHECKPOINTS_DIR / moved  # training moved it on, then pruned what it named
     if not (checkpoint / EXPERIMENT_FILE).exists():
         raise CheckpointError(f"{path}: pointer names {name}, but {checkpoint / EXPERIMENT_FILE} is missing")
     return checkpoint, path
+
+
+def _pointed(run_dir: Path, which: str) -> str | None:
+    """The checkpoint name that `which` ("best", or else "last") finds in the run's pointers."""
+    name = read_pointer_name(run_dir, "best") if which == "best" else None
+    return name or read_pointer_name(run_dir, "latest")
 
 
 def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
