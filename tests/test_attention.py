@@ -108,6 +108,22 @@ def test_additive_mask_polarity() -> None:
     assert bias[0] == 0 and bias[1] == torch.finfo(torch.float32).min
 
 
+def test_a_mask_that_is_not_bool_is_refused_saying_how_to_convert_an_additive_one() -> None:
+    """A float mask (the additive kind torch's nn.MultiheadAttention takes) or an int one failed inside
+    torch's where, in every form; keys and values of different lengths were weighed in part by the loop."""
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    additive = torch.zeros(3, 5).masked_fill(torch.rand(3, 5) > 0.5, float("-inf"))
+    for form in (attention_loop, attention_fused, lambda *a: attention_matrix(*a)[0]):
+        for mask in (additive, torch.ones(3, 5, dtype=torch.long)):
+            with pytest.raises(TypeError, match=r"^an attention mask is a bool tensor, .* converts with `mask == 0`"):
+                form(q, k, v, mask)
+    torch.testing.assert_close(attention_loop(q, k, v, additive == 0), attention_fused(q, k, v, additive == 0))
+    with pytest.raises(ValueError, match=r"^keys \(1, 2, 5, 4\) must have the queries' head dim 4 and as many"):
+        attention_loop(q, k, torch.randn(1, 2, 6, 4))
+    with pytest.raises(ValueError, match=r"head dim 4"):
+        attention_loop(q, torch.randn(1, 2, 5, 3), v)
+
+
 def torch_mha(d_model: int, n_heads: int) -> torch.nn.MultiheadAttention:
     return torch.nn.MultiheadAttention(d_model, n_heads, batch_first=True, dtype=torch.float64).eval()
 

@@ -346,6 +346,18 @@ def test_inputs_of_the_wrong_kind_are_refused_by_name(tiny_model: Transformer) -
     with pytest.raises(TypeError, match=r"^config must be a ModelConfig \(e.g. tformer.config.preset\('tiny', ...\)\)"):
         Transformer("tiny")
     assert tiny_model(src.int(), tgt.int()).shape == (1, 3, 40)  # int32 ids are ids too
+    memory = tiny_model.encode(src)
+    for wrong, error, said in (
+        (
+            memory[..., :-1],
+            ValueError,
+            r"^memory must be \(batch, source length, d_model=32\), .* got shape \(1, 4, 31\)",
+        ),
+        (memory[0], ValueError, r"got shape \(4, 32\)"),
+        (src, TypeError, r"^memory must be a float tensor, the encoder's output \(model.encode\), got torch.int64"),
+    ):
+        with pytest.raises(error, match=said):
+            tiny_model.decode(tgt, memory=wrong, src_pad_mask=None)
 
 
 def test_token_embedding_sends_the_padding_row_no_gradient() -> None:

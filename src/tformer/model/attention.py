@@ -42,6 +42,11 @@ def attention_loop_steps(
     The scores include the mask (most negative finite value where a key may not be seen)."""
     B, H, T, K = q_BHTK.shape
     S = k_BHSK.shape[2]
+    if v_BHSK.shape[2] != S or k_BHSK.shape[3] != K:  # the loop would weigh the first S values, or fail inside
+        raise ValueError(
+            f"keys {tuple(k_BHSK.shape)} must have the queries' head dim {K} and as many positions as the values "
+            f"{tuple(v_BHSK.shape)}"
+        )
     bias = additive_mask(mask, q_BHTK.dtype)
     bias_BHTS = None if bias is None else bias.expand(B, H, T, S)
     all_scores, all_weights, outputs = [], [], []

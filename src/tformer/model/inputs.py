@@ -68,3 +68,16 @@ def check_decoder_rows(tgt_ids: Tensor, *, cache_rows: int | None, memory_rows: 
         raise ValueError(f"tgt_ids has {rows} rows but the cache {cache_rows}: give one row per cache row")
     if memory_rows is not None and rows % memory_rows:
         raise ValueError(f"tgt_ids has {rows} rows, not a multiple of the memory's {memory_rows}")
+
+
+def check_memory(memory: Any, d_model: int) -> None:
+    """The memory `decode` attends to is the encoder's output: (batch, source length, d_model) floats. One of
+    another width failed in torch's matrix product of the cross-attention's keys."""
+    if not isinstance(memory, Tensor) or not memory.is_floating_point():
+        what = memory.dtype if isinstance(memory, Tensor) else type(memory).__name__
+        raise TypeError(f"memory must be a float tensor, the encoder's output (model.encode), got {what}")
+    if memory.dim() != 3 or memory.shape[-1] != d_model:
+        raise ValueError(
+            f"memory must be (batch, source length, d_model={d_model}), the encoder's output, got shape "
+            f"{tuple(memory.shape)}"
+        )

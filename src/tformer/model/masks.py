@@ -54,6 +54,11 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """True -> 0, False -> the most negative finite value of `dtype`; None stays None."""
     if mask is None:
         return None
+    if mask.dtype != torch.bool:  # torch's where failed on it ("expected condition to be a boolean tensor")
+        raise TypeError(
+            f"an attention mask is a bool tensor, True where a query may attend, got {mask.dtype}; an additive "
+            "float mask (0 or -inf, as nn.MultiheadAttention takes) converts with `mask == 0`"
+        )
     zeros = torch.zeros((), dtype=dtype, device=mask.device)
     most_negative = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
     return torch.where(mask, zeros, most_negative)

@@ -29,7 +29,7 @@ from tformer.model.cache import (
     StaticDecoderCache,
 )
 from tformer.model.embeddings import LearnedPositions, SinusoidalPositions, TokenEmbedding
-from tformer.model.inputs import check_decoder_rows, check_ids, check_mask, check_pair
+from tformer.model.inputs import check_decoder_rows, check_ids, check_mask, check_memory, check_pair
 from tformer.model.layers import DecoderLayer, EncoderLayer
 from tformer.model.masks import causal_mask, combine, key_mask, padding_mask
 from tformer.model.packed import Linear, linear
@@ -262,6 +262,7 @@ class Transformer(nn.Module):
         else:
             if memory is None:
                 raise ValueError("decode needs `memory` unless the cache already holds the memory's keys/values")
+            check_memory(memory, self.config.d_model)
             memory_kv = self.project_memory(memory)
             if cache is not None:
                 cache.memory_kv = memory_kv
