@@ -4,6 +4,7 @@ nan) for a plain flag, the key (decode.length_penalty=nan) for a --set; the flag
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,25 @@ def test_a_flag_is_named_as_typed_and_a_set_key_as_its_key(
     big = f"must be a 64-bit integer (below 2**63 in size), got {HUGE}"
     _fails_with(capsys, [*argv, "--beam", HUGE], f"--beam {big}")
     _fails_with(capsys, [*argv, "--set", f"decode.beam_size={HUGE}"], f"decode.beam_size {big}")
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate"])
+def test_a_sampling_setting_for_a_search_is_named_in_one_warning(run: Path, source: Path, command: str) -> None:
+    """`--set decode.top_k=10` without decode.sampling=true decoded with beam search as if it had not been
+    given, saying nothing. (The command line prints a warning as one `warning: ...` line.)"""
+    argv = _commands(run, source)[command]
+    with pytest.warns(UserWarning) as caught:
+        assert main([*argv, "--set", "decode.top_k=10", "--set", "decode.seed=3"]) == 0
+    assert [str(w.message) for w in caught if "sampling" in str(w.message)] == [
+        "--set decode.top_k and --set decode.seed are sampling settings, which beam search (beam 3) ignores: "
+        "add --set decode.sampling=true to sample"
+    ]
+    with pytest.warns(UserWarning, match=r"^--set decode.temperature is a sampling setting, which greedy search"):
+        assert main([*argv, "--beam", "1", "--set", "decode.temperature=0.5"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--set", "decode.top_k=10", "--set", "decode.sampling=true"]) == 0
+    assert not [w for w in caught if "sampling setting" in str(w.message)]
 
 
 def test_translate_nbest_and_attention_beam_are_named_as_typed(

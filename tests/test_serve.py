@@ -453,6 +453,14 @@ def test_set_changes_the_decoding_settings_the_server_starts_with(run, monkeypat
     assert decode.beam_size == load_run(run).experiment.decode.beam_size  # the rest is the run's
 
 
+def test_a_sampling_setting_for_a_searching_server_is_named_in_one_startup_warning(run, monkeypatch):
+    import tformer.serving
+
+    monkeypatch.setattr(tformer.serving, "create_app", lambda *args, **options: (_ for _ in ()).throw(OSError("stop")))
+    with pytest.warns(UserWarning, match=r"^--set decode.top_p is a sampling setting, which beam search \(beam 3\)"):
+        assert main(["serve", str(run), "--port", "0", "--set", "decode.top_p=0.9"]) != 0
+
+
 @pytest.mark.parametrize(
     ("options", "line"),
     [

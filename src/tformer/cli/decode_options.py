@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -18,6 +19,9 @@ DECODE_FLAG_KEYS = {
 
 # --dtype's choices (tformer.runtime.DECODE_DTYPES, named here without importing torch)
 DTYPE_NAMES = ("float32", "bfloat16")
+
+# the [decode] keys that only sampling reads: a search (greedy or beam) ignores them
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 # a config check's advice to set a [decode] key -> the flag of `add_decode_arguments` that sets it
 ADVICE_FLAGS = {"set decode.static_step=true": "give --static-step"}
@@ -118,9 +122,26 @@ def merged_decode_config(
     values = {**config_to_dict(run), **settings, **changes, **decode_argument_changes(args)}
     with errors_named_as_typed(args, DECODE_FLAG_KEYS):
         try:
-            return config_from_dict(DecodeConfig, values, section="decode")
+            config = config_from_dict(DecodeConfig, values, section="decode")
         except ConfigError as error:
             raise ConfigError(advice_as_flags(str(error))) from None
+    warn_unused_sampling_settings(config, settings)
+    return config
+
+
+def warn_unused_sampling_settings(config: DecodeConfig, settings: dict[str, object]) -> None:
+    """One warning line when the command's --set gives a sampling setting (decode.top_k=10) but the command
+    searches: `--set decode.top_k=10` alone decoded with beam search as if it had not been given."""
+    unused = [f"--set decode.{key}" for key in SAMPLING_KEYS if key in settings]
+    if unused and not config.sampling:
+        search = "greedy search" if config.beam_size == 1 else f"beam search (beam {config.beam_size})"
+        named = unused[0] if len(unused) == 1 else f"{', '.join(unused[:-1])} and {unused[-1]}"
+        kind = "is a sampling setting" if len(unused) == 1 else "are sampling settings"
+        warnings.warn(
+            f"{named} {kind}, which {search} ignores: add --set decode.sampling=true to sample",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def advice_as_flags(message: str) -> str:

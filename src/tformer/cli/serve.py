@@ -18,6 +18,7 @@ from tformer.cli.decode_options import (
     add_dtype_argument,
     apply_decode_settings,
     decode_settings,
+    warn_unused_sampling_settings,
 )
 from tformer.cli.extras import require
 from tformer.config import DecodeConfig
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_run(args.run_dir, device=device, dtype=dtype)
         name = loaded.run_dir.name if loaded.run_dir is not None else loaded.checkpoint_dir.name
         decode = apply_decode_settings(loaded.experiment.decode, settings)  # what a request does not choose
+        warn_unused_sampling_settings(decode, settings)
         capped = _capped_beam_line(decode, max_beam=config.max_beam, beam_from_set="beam_size" in settings)
         if capped:
             print(capped, file=sys.stderr)
