@@ -287,6 +287,12 @@ def test_decoding_refuses_a_model_in_training_mode():
     src, mask = padded_batch([3])
     with pytest.raises(ValueError, match="eval"):
         generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=1))
+    model.eval()
+    model.decoder.layers[1].train()  # the model's own flag off, one layer's dropout on: decoded with it
+    with pytest.raises(
+        ValueError, match=r"^model.decoder.layers.1 is in training mode \(dropout on\); call model.eval"
+    ):
+        generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=DecodeConfig(beam_size=1))
 
 
 def test_max_length_follows_a_and_b():

@@ -147,6 +147,11 @@ def check_arguments(
         raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
     if getattr(model, "training", False):
         raise DecodingError("the model is in training mode (dropout on); call model.eval() before decoding")
+    training_part = next((name for name, part in _named_parts(model) if part.training), None)
+    if training_part is not None:  # model.decoder.train() left the model's own flag off and dropout on
+        raise DecodingError(
+            f"model.{training_part} is in training mode (dropout on); call model.eval() before decoding"
+        )
     check_id_tensor(src_ids_BS, "src_ids")
     if src_ids_BS.dim() != 2 or 0 in src_ids_BS.shape:
         raise DecodingError(
@@ -171,6 +176,15 @@ def check_arguments(
     for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
         if not hasattr(value, "__index__") or not 0 <= operator.index(value) < vocab_size:
             raise DecodingError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+
+
+def _named_parts(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The model's submodules that compute, by name: not the lists that only hold others (whose flag nothing
+    reads), none for a model that is not an nn.Module."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    containers = (torch.nn.ModuleList, torch.nn.ModuleDict)
+    return [(name, part) for name, part in model.named_modules() if not isinstance(part, containers)]
 
 
 def check_inputs(
