@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 import sacrebleu
 
@@ -115,6 +117,18 @@ def test_advice_when_references_hold_what_normalisation_changes() -> None:
     assert normalization_advice(REFERENCES) == ""
     assert normalization_advice(["Ein Satz\u00a0: mit  Leerzeichen", "Ça va"]) == ""  # spaces and NFC letters: no cost
     assert normalization_advice(["Das kostet ½ Euro.", *REFERENCES * 40]) == ""  # one line in 121: not worth a warning
+
+
+def test_advice_shows_decomposed_accents_and_spacing_accents_as_they_change() -> None:
+    """Czech references in NFD (decomposed accents, as macOS tools write them) never match the NFC letters
+    of a translation; the advice named no character at all, as each mark alone is left as it is, and
+    showed '´' (used as an apostrophe) as a bare combining mark, hiding the space NFKC puts before it."""
+    czech = [unicodedata.normalize("NFD", "Muž v modré košili."), unicodedata.normalize("NFD", "Žena běží.")]
+    assert score([normalize(text) for text in czech], czech).chrf < 80
+    advice = normalization_advice(czech)
+    assert "decomposed accents, Unicode NFD" in advice and "'z\\u030c' -> 'ž'" in advice and "\n" not in advice
+    assert "'´' -> '\\u0020\\u0301'" in normalization_advice(["L´homme est là."])
+    assert "NFD" not in normalization_advice(["我们今天去公园，天气很好！"])
 
 
 def test_a_tokenisation_whose_packages_are_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

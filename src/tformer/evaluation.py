@@ -129,14 +129,41 @@ def normalization_advice(references: list[str]) -> str:
     changed = [text for text in references if normalize(text).split() != text.split()]
     if not changed or len(changed) < NORMALIZED_SHARE * len(references):
         return ""
-    characters = Counter(c for text in changed for c in text if not c.isspace() and normalize(c) != c)
-    shown = ", ".join(f"{c!r} -> {normalize(c)!r}" for c, _ in characters.most_common(3))
+    clusters = Counter(cluster for text in changed for cluster in _clusters(text) if _nfkc(cluster) != cluster)
+    shown = ", ".join(f"'{_escaped(c)}' -> '{_escaped(_nfkc(c))}'" for c, _ in clusters.most_common(3))
+    decomposed = " (decomposed accents, Unicode NFD)" if any(_nfc(text) != text for text in changed) else ""
     return (
-        f"{len(changed)} of {len(references)} references hold characters that the tokenizer's normalisation "
-        f"(Unicode NFKC) changes{f' ({shown})' if shown else ''}; translations never hold them, so even a "
-        "perfect one loses BLEU and chrF there: to compare like with like, score against references passed "
+        f"{len(changed)} of {len(references)} references hold characters{decomposed} that the tokenizer's "
+        f"normalisation (Unicode NFKC) changes{f' ({shown})' if shown else ''}; translations never hold them, so "
+        "even a perfect one loses BLEU and chrF there: to compare like with like, score against references passed "
         "through tformer.data.tokenizer.normalize"
     )
+
+
+def _clusters(text: str) -> list[str]:
+    """`text` cut into characters, each with the combining marks after it (`e` + U+0301 is one cluster):
+    NFKC changes decomposed accents only as such pairs, never a character alone."""
+    clusters: list[str] = []
+    for c in text:
+        if clusters and unicodedata.combining(c):
+            clusters[-1] += c
+        elif not c.isspace():
+            clusters.append(c)
+    return clusters
+
+
+def _nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _escaped(text: str) -> str:
+    """`text` with its combining marks and spaces spelt out (`e\\u0301`, `\\u0020\\u0301`), which would otherwise
+    look the same as the composed letter, or vanish, in a terminal."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.combining(c) or c.isspace() else c for c in text)
 
 
 def reference_advice(references: list[str], tokenize: str, tokenizer: object) -> list[str]:
