@@ -28,7 +28,7 @@ from tformer.cli.main import main
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed
 from tformer.training import checkpoint as ckpt
-from tformer.training import checkpoint_save, loop, training_text
+from tformer.training import checkpoint_save, load_run, loop, training_text
 from tformer.training import resume as training_resume
 from tformer.training import run as training_run
 from tformer.training.loop import TrainResult
@@ -1079,6 +1079,31 @@ def test_a_run_that_ends_as_its_warmup_does_is_warned_about_as_well(
         "reaches its maximum only at the last step; set train.warmup_steps to a fraction of max_steps (e.g. --set "
         "train.warmup_steps=1)"
     ]
+
+
+def test_a_run_stopped_inside_its_warmup_by_another_limit_is_warned_about_as_it_ends(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A --max-time or --max-epochs budget ending the run inside its warm-up said nothing: a 150-second run
+    with the default 4000 warm-up steps stopped at step 216, its rate still rising, and translated every
+    sentence to nothing. (One epoch here: a budget the test can rely on, unlike time.)"""
+    argv = _train_args(workspace, tmp_path / "short", "--max-steps", "0", "--max-epochs", "1", "--quiet")
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.warmup_steps=1000"]) == 0
+    printed = capsys.readouterr()
+    (warned,) = [line for line in (printed.out + printed.err).splitlines() if "warm-up" in line]
+    steps = load_run(tmp_path / "short", which="last").step
+    assert 1 < steps < 1000
+    assert warned == (
+        f"warning: the run stopped at step {steps}, inside its warm-up (train.warmup_steps=1000): the learning rate "
+        "was still rising and never reached its maximum; give it the time to finish the warm-up, or set "
+        f"train.warmup_steps to a fraction of the steps it trains (e.g. --set train.warmup_steps={max(1, steps // 10)} "
+        "for a run this long)"
+    )
+    argv = _train_args(workspace, tmp_path / "done", "--max-steps", "0", "--max-epochs", "1", "--quiet")
+    assert main([*argv, "--set", f"train.warmup_steps={steps}"]) == 0  # its last update at the peak
+    printed = capsys.readouterr()
+    assert "warm-up" not in printed.out + printed.err
 
 
 @pytest.mark.parametrize(("max_steps", "warmup_steps", "warned"), [(1, 1, False), (1, 2, True), (2, 2, True)])

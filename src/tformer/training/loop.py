@@ -49,7 +49,7 @@ from tformer.training.prefetch import BatchSource
 from tformer.training.progress import Progress
 from tformer.training.run_lock import RunLock
 from tformer.training.saving import save_step_checkpoint
-from tformer.training.schedule import learning_rate
+from tformer.training.schedule import learning_rate, stopped_in_warmup_advice
 from tformer.training.step import TrainingObjective, train_step
 from tformer.training.stopping import StoppingCriteria
 from tformer.training.trainer_state import TrainerState
@@ -214,6 +214,9 @@ class Trainer(TrainerState):
         last = self.final_run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
         unlogged = self.window.unlogged_loss(self.step, config.log_every)  # save has read every pending loss
         progress.message(f"stopped at step {self.step}: {stop_reason}{unlogged}; last checkpoint {last}")
+        advice = stopped_in_warmup_advice(self.step, config)
+        if advice is not None:
+            progress.message(advice)
         best = self.early_stopping
         return TrainResult(self.step, stop_reason, best.best, best.best_step, last)
 

@@ -70,6 +70,22 @@ def warmup_advice(train: TrainConfig) -> str | None:
     )
 
 
+def stopped_in_warmup_advice(step: int, train: TrainConfig) -> str | None:
+    """A warning when a run stopped inside its warm-up for another reason than max_steps (which
+    `warmup_advice` warns about before training): a --max-time or --max-epochs budget, or early stopping,
+    ended it while the learning rate was still rising. A 150-second run with the default 4000 warm-up
+    steps stopped at step 216, at a twentieth of the rate, and translated every sentence to nothing."""
+    warmup = train.warmup_steps
+    if not train.warmup_ramp or step < 1 or step >= warmup or 0 < train.max_steps <= warmup:
+        return None
+    return (
+        f"warning: the run stopped at step {step}, inside its warm-up (train.warmup_steps={warmup}): the learning "
+        f"rate was still rising and never reached its maximum; give it the time to finish the warm-up, or set "
+        f"train.warmup_steps to a fraction of the steps it trains (e.g. --set train.warmup_steps={max(1, step // 10)} "
+        "for a run this long)"
+    )
+
+
 def unused_schedule_setting(train: TrainConfig) -> str | None:
     """A warning when the rate's size is set for the schedule the run does not use: `train.peak_lr` plays no
     part in "inverse_sqrt" (whose peak follows from d_model, warmup_steps and lr_scale), `train.lr_scale`
