@@ -302,6 +302,15 @@ def test_resume_run_refuses_one_override_string(tmp_path: Path) -> None:
     assert resume_run(tmp_path / "run", overrides=["train.max_steps=4"], quiet=True).train().step == 4
 
 
+def test_resume_run_applies_overrides_given_as_an_iterator(tmp_path: Path) -> None:
+    """An iterator of overrides was read through once to check each is train.* or decode.*, and reached
+    apply_overrides empty: the overrides were dropped without a word (the run stopped at its old max_steps)."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=2", "train.warmup_steps=1", valid=False)
+    start_run(experiment, tmp_path / "run", quiet=True).train()
+    trainer = resume_run(tmp_path / "run", overrides=iter(["train.max_steps=3"]), quiet=True)
+    assert trainer.train_config.max_steps == 3
+
+
 def test_an_interrupt_while_a_checkpoint_is_written_waits_until_latest_names_it(tmp_path: Path, monkeypatch) -> None:
     """Under torchrun another process's failure reaches rank 0 as torchrun's SIGTERM, most often while it
     writes the checkpoint of the step the others have finished. The interrupt cut the save between the

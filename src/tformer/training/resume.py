@@ -276,7 +276,8 @@ def _presets_named(stored: ModelConfig, given: ModelConfig) -> str:
 
 
 def _resume_overrides(experiment: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    for text in override_list(overrides):
+    overrides = override_list(overrides)  # once: an iterator checked here would reach apply_overrides empty
+    for text in overrides:
         if not text.strip().startswith(("train.", "decode.")):
             raise ConfigError(f"--resume keeps the run's model and data; only train.* and decode.* may change: {text}")
     return experiment_from_dict(apply_overrides(experiment_to_dict(experiment), overrides))
