@@ -702,6 +702,26 @@ def test_average_says_when_its_checkpoints_are_not_consecutive(run_copy: Path) -
         average_checkpoints(run_copy, last=1, out=run_copy.parent / "one")
 
 
+def test_warnings_of_load_run_and_average_name_the_callers_line(run_copy: Path) -> None:
+    """They are raised a few calls deep (through the retries of a run read while it changes), and a warning
+    whose stacklevel counted those calls named a line of tformer once they changed; they name the caller's."""
+    newest = run_copy / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    settings = newest.read_text()
+    (run_copy / "best").write_text("step-00000004\n")
+    newest.write_text("{")
+    with pytest.warns(UserWarning, match="not the latest checkpoint's") as loading:
+        load_run(run_copy)
+    newest.write_text(settings)
+    (run_copy / "latest").write_text("step-00000004\n")
+    with pytest.warns(UserWarning, match="^left out step-00000006") as leaving_out:
+        average_checkpoints(run_copy, last=1, out=run_copy.parent / "one")
+    (run_copy / "latest").write_text("step-00000006\n")
+    shutil.rmtree(run_copy / "checkpoints" / "step-00000004")
+    with pytest.warns(UserWarning, match="are not consecutive checkpoints") as spanning:
+        average_checkpoints(run_copy, last=2, out=run_copy.parent / "two")
+    assert {record.filename for record in [*loading, *leaving_out, *spanning]} == {__file__}
+
+
 def test_average_refuses_a_checkpoint_whose_weights_hold_nan(run_copy: Path, capsys) -> None:
     """A checkpoint holding NaN weights (saved as a run diverged, or damaged) was averaged in without a word:
     the average held NaN wherever it did, and translated nothing."""

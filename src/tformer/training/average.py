@@ -8,11 +8,11 @@ and an existing output directory is never overwritten. Sums are taken in float64
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 
+from tformer.caller_warnings import warn_caller
 from tformer.config import ExperimentConfig
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
@@ -130,11 +130,7 @@ def _run_checkpoints(run_dir: Path) -> list[Path]:
         return available
     later = [directory.name for directory in available if directory.name > latest]
     if later:
-        warnings.warn(
-            f"left out {', '.join(later)}: newer than {latest}, which {run_dir / 'latest'} names",
-            UserWarning,
-            stacklevel=6,  # the caller of average_checkpoints
-        )
+        warn_caller(f"left out {', '.join(later)}: newer than {latest}, which {run_dir / 'latest'} names")
     return [directory for directory in available if directory.name <= latest]
 
 
@@ -144,12 +140,10 @@ def _warn_about_a_gap(earlier: Path, earlier_step: int, later: Path, later_step:
     average took in an old best, hundreds of steps before the others, as if it were one of the last K."""
     missing = (earlier_step // save_every + 1) * save_every  # every multiple of save_every is saved
     if missing < later_step:
-        warnings.warn(
+        warn_caller(
             f"{earlier.name} and {later.name} are not consecutive checkpoints: those saved between them (from "
             f"{ckpt.step_name(missing)}, train.save_every={save_every}) are gone, pruned by train.keep_last, "
-            f"which keeps the best checkpoint however old; the average spans steps {earlier_step} to {later_step}",
-            UserWarning,
-            stacklevel=5,  # the caller of average_checkpoints
+            f"which keeps the best checkpoint however old; the average spans steps {earlier_step} to {later_step}"
         )
 
 

@@ -9,7 +9,6 @@ else: weights are safetensors, the trainer state is read with `torch.load(weight
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model
 
 from tformer import __version__
+from tformer.caller_warnings import warn_caller
 from tformer.config import ConfigError, ExperimentConfig, experiment_from_dict, preset_of
 from tformer.data.tokenizer import Tokenizer
 from tformer.input_paths import read_at_most
@@ -312,9 +312,6 @@ def latest_settings(run_dir: Path, loaded: Path, experiment: ExperimentConfig) -
             return experiment
         newest = read_experiment(run_dir / CHECKPOINTS_DIR / latest)[0]
     except CheckpointError as error:
-        warnings.warn(
-            f"using {loaded.name}'s [decode] and [train] settings, not the latest checkpoint's: {error}",
-            stacklevel=7,  # load_run's caller, through read and read_resolved's retries
-        )
+        warn_caller(f"using {loaded.name}'s [decode] and [train] settings, not the latest checkpoint's: {error}")
         return experiment
     return replace(experiment, train=newest.train, decode=newest.decode)
