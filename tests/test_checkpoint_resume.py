@@ -292,6 +292,19 @@ def test_a_trainer_made_before_another_trained_the_run_refuses_to_train_it(tmp_p
     assert resume_run(tmp_path / "run", overrides=["train.max_steps=8"], quiet=True).train().step == 8
 
 
+def test_a_trainer_refused_for_a_corrupt_latest_pointer_lets_the_run_go(tmp_path: Path) -> None:
+    """train() read `latest` to refuse a run trained since, and a corrupt pointer raised from there with the
+    run's lock still held: no other process could train the run until the Trainer was garbage-collected."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=2", "train.warmup_steps=1", valid=False)
+    start_run(experiment, tmp_path / "run", quiet=True).train()
+    trainer = resume_run(tmp_path / "run", overrides=["train.max_steps=4"], quiet=True)
+    (tmp_path / "run" / "latest").write_text(".step-00000002\n")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt pointer file"):
+        trainer.train()
+    take_lock = "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    assert subprocess.run([sys.executable, "-c", take_lock, str(tmp_path / "run" / ".lock")]).returncode == 0
+
+
 def test_resume_run_refuses_one_override_string(tmp_path: Path) -> None:
     """resume_run(RUN_DIR, overrides="train.max_steps=8") read the string's characters as overrides: "only
     train.* and decode.* may change: t"."""

@@ -226,14 +226,17 @@ class Trainer(TrainerState):
         rows for the steps trained already and replaced that Trainer's checkpoints."""
         if self.distributed.enabled:  # one process per rank, each with its own Trainer: the lock guards them
             return
-        latest = ckpt.read_pointer_name(self.run_dir, "latest")
-        if latest != (ckpt.step_name(self.step) if self.step else None):
+        try:  # refused, the run is left to the Trainer that continues it: its lock goes too
+            latest = ckpt.read_pointer_name(self.run_dir, "latest")  # a corrupt pointer is refused as well
+            if latest != (ckpt.step_name(self.step) if self.step else None):
+                raise RuntimeError(
+                    f"{self.run_dir} has been trained to {latest} since this Trainer was made (at step "
+                    f"{self.step}); continue the run from there with resume_run({str(self.final_run_dir)!r}).train()"
+                )
+        except BaseException:
             if self.lock is not None:
                 self.lock.release()
-            raise RuntimeError(
-                f"{self.run_dir} has been trained to {latest} since this Trainer was made (at step {self.step}); "
-                f"continue the run from there with resume_run({str(self.final_run_dir)!r}).train()"
-            )
+            raise
 
     def _eager_step(self, micro_batches: list[Batch], lr: float) -> tuple[Tensor, Tensor, int, Tensor | None]:
         """One update by `train_step`: (loss sum, NLL sum, target tokens, gradient norm), on the device."""
