@@ -19,13 +19,13 @@ import sentencepiece
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from training_helpers import tiny_experiment, write_corpus
+from training_helpers import trained_run
 
 import tformer
 from tformer.cli.main import main
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
-from tformer.training import CheckpointError, checkpoint_load, checkpoint_save, load_run, resume_run, start_run
+from tformer.training import CheckpointError, checkpoint_load, checkpoint_save, load_run, resume_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.average import average_checkpoints
 from tformer.training.saving import remove_later_checkpoints
@@ -34,14 +34,8 @@ from tformer.training.saving import remove_later_checkpoints
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run with checkpoints at steps 2, 4 and 6 (read-only: copy it to damage it)."""
-    directory = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(directory, n_train=60)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    experiment = tiny_experiment(corpus, "train.max_steps=6", "train.save_every=2", "train.valid_every=2")
-    start_run(experiment, directory / "run", quiet=True).train()
-    torch.set_num_threads(before)
-    return directory / "run"
+    overrides = ("train.max_steps=6", "train.save_every=2", "train.valid_every=2")
+    return trained_run(tmp_path_factory.mktemp("trained"), *overrides, n_train=60)
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from training_helpers import tiny_experiment, write_corpus
+from training_helpers import trained_run
 
 from tformer.cli.main import main
 from tformer.training import checkpoint as ckpt
-from tformer.training import checkpoint_load, checkpoint_save, load_run, start_run
+from tformer.training import checkpoint_load, checkpoint_save, load_run
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint_save import write_pointer
 
@@ -25,14 +25,8 @@ from tformer.training.checkpoint_save import write_pointer
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run with checkpoints at steps 2 and 4 (read-only: copy it to change it)."""
-    directory = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(directory, n_train=60)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    experiment = tiny_experiment(corpus, "train.max_steps=4", "train.save_every=2", "train.valid_every=2")
-    start_run(experiment, directory / "run", quiet=True).train()
-    torch.set_num_threads(before)
-    return directory / "run"
+    overrides = ("train.max_steps=4", "train.save_every=2", "train.valid_every=2")
+    return trained_run(tmp_path_factory.mktemp("trained"), *overrides, n_train=60)
 
 
 @pytest.fixture

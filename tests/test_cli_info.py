@@ -7,25 +7,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from training_helpers import tiny_experiment, write_corpus
+from training_helpers import trained_run
 
 from tformer.cli.main import main
 from tformer.config import preset
 from tformer.model import Transformer, count_parameters
-from tformer.training import load_run, start_run
+from tformer.training import load_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("info")
-    corpus = write_corpus(directory, n_train=40)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    experiment = tiny_experiment(corpus, "train.max_steps=4", "train.save_every=2", "train.valid_every=2")
-    start_run(experiment, directory / "run", quiet=True).train()
-    torch.set_num_threads(before)
-    return directory / "run"
+    overrides = ("train.max_steps=4", "train.save_every=2", "train.valid_every=2")
+    return trained_run(tmp_path_factory.mktemp("info"), *overrides, n_train=40)
 
 
 def _info(capsys: pytest.CaptureFixture[str], *arguments: str) -> dict:

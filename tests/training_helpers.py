@@ -9,7 +9,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import torch
+
 from tformer.config import ExperimentConfig, load_experiment
+from tformer.training import start_run
 
 SOURCE_WORDS = ["ka", "lo", "mi", "nu", "pe", "ro", "su", "ti", "va", "zo", "be", "do"]
 TARGET_WORDS = ["cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "star", "leaf", "rain", "snow"]
@@ -55,3 +58,16 @@ def tiny_experiment(corpus: dict[str, Path], *overrides: str, valid: bool = True
     if valid:
         settings += [f"data.valid_src='{corpus['valid_src']}'", f"data.valid_tgt='{corpus['valid_tgt']}'"]
     return load_experiment(None, [*settings, *overrides])
+
+
+def trained_run(directory: Path, *overrides: str, n_train: int) -> Path:
+    """DIRECTORY/run, a tiny run over a corpus of `n_train` pairs written beside it, trained on one thread (a
+    module fixture's, which its tests share: copy it to change it)."""
+    corpus = write_corpus(directory, n_train=n_train)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start_run(tiny_experiment(corpus, *overrides), directory / "run", quiet=True).train()
+    finally:
+        torch.set_num_threads(before)
+    return directory / "run"
