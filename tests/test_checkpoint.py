@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import sentencepiece
 import torch
@@ -175,6 +176,8 @@ def test_load_run_and_averaging_refuse_arguments_of_the_wrong_kind(run_copy: Pat
         with pytest.raises(TypeError, match=r"^last must be an int \(how many checkpoints\), got"):
             average_checkpoints(run_copy, last=last)
     assert not [path for path in (run_copy / ckpt.CHECKPOINTS_DIR).iterdir() if path.name.startswith("averaged")]
+    averaged = average_checkpoints(run_copy, last=numpy.int64(2))  # a count from numpy (np.arange) is a count
+    assert averaged.name == "averaged-last2-step-00000006"
 
 
 def _damage_weights(run: Path) -> str:

@@ -8,6 +8,7 @@ and an existing output directory is never overwritten. Sums are taken in float64
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 import torch
@@ -24,8 +25,7 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     """Average the weights of RUN_DIR's last `last` checkpoints into `out` (default: a new
     RUN_DIR/checkpoints/averaged-last{K}-step-{N} directory). Returns the new directory."""
     run_dir = Path(run_dir)
-    if isinstance(last, bool) or not isinstance(last, int):  # True made "averaged-lastTrue-..."; 2.5 failed late
-        raise TypeError(f"last must be an int (how many checkpoints), got {last!r}")
+    last = _count(last)
     if last < 1:
         raise ckpt.CheckpointError(f"--last must be at least 1, got {last}")
     if given_checkpoint := checkpoint_load.checkpoint_given_for_run(run_dir):
@@ -55,6 +55,13 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         trainer_state=None,
         extra={"averaged_from": [directory.name for directory in chosen]},
     )
+
+
+def _count(last: int) -> int:
+    """`last` as an int: True made "averaged-lastTrue-...", 2.5 failed late; numpy's integers are counts too."""
+    if isinstance(last, bool) or not hasattr(type(last), "__index__"):
+        raise TypeError(f"last must be an int (how many checkpoints), got {last!r}")
+    return operator.index(last)
 
 
 def _output(run_dir: Path, chosen: list[Path], out: str | Path | None) -> Path:
