@@ -193,3 +193,18 @@ def test_a_pointer_that_moves_on_while_it_is_read_leads_to_the_checkpoint_it_nam
     shutil.rmtree(run / ckpt.CHECKPOINTS_DIR / "step-00000002")
     monkeypatch.setattr(checkpoint_load, "read_pointer_name", read_before_the_move)
     assert load_run(run).checkpoint_dir.name == "step-00000004"
+
+
+def test_a_directory_gone_before_its_read_began_is_never_taken_as_unchanged(tmp_path: Path) -> None:
+    """Chosen, then pruned before its identity was taken: the read that follows found whatever it found, and
+    "absent before, absent after" must not count as the same directory."""
+    gone = tmp_path / "checkpoints" / "step-00000002"  # chosen, and pruned at once
+    reads = []
+
+    def read(chosen: Path) -> str:
+        reads.append(chosen)
+        return "files of a pruned checkpoint"
+
+    with pytest.raises(ckpt.CheckpointError, match=r"changed while it was read, 3 times"):
+        checkpoint_load.read_unchanged(tmp_path, lambda: (gone, [gone]), read)
+    assert len(reads) == checkpoint_load.READ_ATTEMPTS

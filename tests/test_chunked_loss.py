@@ -105,3 +105,16 @@ def test_a_chunked_accumulated_step_equals_torch_cross_entropy_over_one_batch(ch
         torch.testing.assert_close(result.grad_norm, norm, rtol=1e-14, atol=0)
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-15, msg=name)
+
+
+def test_the_chunked_loss_refuses_what_the_plain_one_refuses_naming_it() -> None:
+    """It asserted (an AssertionError with a tuple) where label_smoothed_loss raises a ValueError naming the
+    argument, and took a smoothing of 1.5."""
+    hidden_BTD, project = torch.randn(2, 3, 4), torch.nn.Linear(4, 10)
+    targets_BT = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^target_BT must be \(batch, length\) token ids for hidden_BTD of shape"):
+        chunked_label_smoothed_loss(hidden_BTD, project, targets_BT.T, smoothing=0.1, pad_id=0, chunk=2)
+    with pytest.raises(ValueError, match=r"^smoothing must be in \[0, 1\), got 1.5$"):
+        chunked_label_smoothed_loss(hidden_BTD, project, targets_BT, smoothing=1.5, pad_id=0, chunk=2)
+    with pytest.raises(ValueError, match=r"^chunk must be at least 1 target position, got 0$"):
+        chunked_label_smoothed_loss(hidden_BTD, project, targets_BT, smoothing=0.1, pad_id=0, chunk=0)

@@ -53,13 +53,7 @@ def label_smoothed_loss(logits_BTV: Tensor, target_BT: Tensor, *, smoothing: flo
     """Summed smoothed loss and NLL over the positions whose target is not `pad_id`, in float32 or wider:
     logits that autocast made bf16 are upcast first, since bf16 keeps only 8 significant bits (2 to 3
     decimal digits), too few for a log-softmax over V or a sum over thousands of tokens."""
-    if logits_BTV.shape[:2] != target_BT.shape or target_BT.is_floating_point():
-        raise ValueError(
-            f"target_BT must be (batch, length) token ids for logits_BTV of shape {tuple(logits_BTV.shape)}; "
-            f"got {target_BT.dtype} of shape {tuple(target_BT.shape)}"
-        )
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    check_loss_arguments(logits_BTV, "logits_BTV", target_BT, smoothing)
     dtype = torch.promote_types(logits_BTV.dtype, torch.float32)
     log_probs_NV = F.log_softmax(logits_BTV.flatten(0, 1).to(dtype), dim=-1)
     target_N = target_BT.flatten()
@@ -77,6 +71,19 @@ def label_smoothed_loss(logits_BTV: Tensor, target_BT: Tensor, *, smoothing: flo
     )
 
 
+def check_loss_arguments(scores_BT_: Tensor, name: str, target_BT: Tensor, smoothing: float) -> None:
+    """What the loss cannot use, refused naming it (it failed deep inside torch's gather, or was computed
+    anyway): targets that are not (batch, length) token ids for the scores' first two dims, a smoothing
+    outside [0, 1)."""
+    if scores_BT_.shape[:2] != target_BT.shape or target_BT.is_floating_point():
+        raise ValueError(
+            f"target_BT must be (batch, length) token ids for {name} of shape {tuple(scores_BT_.shape)}; "
+            f"got {target_BT.dtype} of shape {tuple(target_BT.shape)}"
+        )
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+
+
 def chunked_label_smoothed_loss(
     hidden_BTD: Tensor,
     project: Callable[[Tensor], Tensor],
@@ -87,7 +94,9 @@ def chunked_label_smoothed_loss(
     chunk: int,
 ) -> LossSums:
     """`label_smoothed_loss(project(hidden_BTD), target_BT)` without ever holding all the logits."""
-    assert chunk > 0 and hidden_BTD.shape[:2] == target_BT.shape, (chunk, hidden_BTD.shape, target_BT.shape)
+    check_loss_arguments(hidden_BTD, "hidden_BTD", target_BT, smoothing)
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 target position, got {chunk}")
     hidden_ND, target_N = hidden_BTD.flatten(0, 1), target_BT.flatten()
     loss_sum = nll_sum = None
     for hidden_CD, target_C in zip(hidden_ND.split(chunk), target_N.split(chunk), strict=True):
