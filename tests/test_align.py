@@ -240,3 +240,19 @@ def test_links_count_the_words_as_given_not_as_normalised(copy_model: tuple[Tran
     model, tokenizer = copy_model
     pairs = [("ab cd ef", "ab \u2581 cd ef"), ("\u2581 ab", "ab"), ("ab cd", "ab \u2581")]
     assert align_pairs(model, tokenizer, pairs) == [[(0, 0), (1, 2), (2, 3)], [(1, 0)], [(0, 0)]]
+
+
+def test_align_warns_that_text_without_spaces_is_one_word_a_sentence(
+    copy_model: tuple[Transformer, Tokenizer], tmp_path: Path
+) -> None:
+    """Chinese run together is one whitespace word a sentence, every link to word 0, which aligned silently;
+    the same text split into words, and Latin text with a few such characters, gets no warning."""
+    model, tokenizer = copy_model
+    (tmp_path / "src").write_text("ab cd ef\nmop hij\n", encoding="utf-8")
+    (tmp_path / "zh").write_text("我有八十三万个苹果。\n七千二百三十在GPU上\n", encoding="utf-8")
+    (tmp_path / "segmented").write_text("我 有 八十三万 个 苹果 。\n七千二百三十 在 GPU 上\n", encoding="utf-8")
+    (tmp_path / "mixed").write_text("ab 猫\ncd ef\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"zh is mostly Chinese, Japanese or Thai written without spaces .* jieba"):
+        assert len(list(align_files(model, tokenizer, tmp_path / "src", tmp_path / "zh"))) == 2
+    for quiet in ("segmented", "mixed"):
+        assert align_module.segmentation_advice(tmp_path / quiet, (tmp_path / quiet).read_text().split("\n")) == ""

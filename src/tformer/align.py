@@ -26,14 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tformer.caller_warnings import warn_caller
 from tformer.data import corpus
 from tformer.data.piece_floor import surely_too_long
+from tformer.data.scripts import mostly_unspaced, unspaced_letters
 from tformer.data.tokenizer import normalize
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
 
 WORD_START = "\u2581"
 BATCH_SIZE = 32
+UNSEGMENTED_LETTERS = 6  # letters of an unspaced script per whitespace word, above which text is unsegmented
 
 
 class AlignmentError(ValueError):
@@ -168,6 +171,20 @@ def check_lengths(
             )
 
 
+def segmentation_advice(path: str | Path, lines: Sequence[str]) -> str:
+    """A one-line warning when `lines` are mostly Chinese, Japanese or Thai run together without spaces
+    (segmented words have 1 to 4 such letters): every sentence of it is then one word, linked as a whole."""
+    unspaced, _ = unspaced_letters(lines)
+    words = sum(len(line.split()) for line in lines)
+    if not mostly_unspaced(lines) or unspaced <= UNSEGMENTED_LETTERS * words:
+        return ""
+    return (
+        f"{path} is mostly Chinese, Japanese or Thai written without spaces ({unspaced / words:.0f} such letters a "
+        "word), and alignment words are whitespace tokens: each of its sentences is one word, linked as a whole; "
+        "to align words, split them with spaces first (e.g. jieba for Chinese, MeCab for Japanese)"
+    )
+
+
 def align_files(
     model: Transformer, tokenizer, src_path: str | Path, tgt_path: str | Path, *, layer: int | None = None
 ) -> Iterator[str]:
@@ -178,6 +195,9 @@ def align_files(
             f"{src_path} has {len(sources)} lines but {tgt_path} has {len(targets)}; give parallel files"
         )
     check_lengths(model, tokenizer, (src_path, sources), (tgt_path, targets))
+    for path, lines in ((src_path, sources), (tgt_path, targets)):
+        if advice := segmentation_advice(path, lines):
+            warn_caller(advice)
     for start in range(0, len(sources), BATCH_SIZE):
         chunk = list(zip(sources[start : start + BATCH_SIZE], targets[start : start + BATCH_SIZE], strict=True))
         for links in align_pairs(model, tokenizer, chunk, layer=layer):

@@ -26,11 +26,10 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF
 
 from tformer.config import BLEU_TOKENIZE
+from tformer.data.scripts import mostly_unspaced
 from tformer.data.tokenizer import Tokenizer, normalize
 
 EXTRAS = {"ja-mecab": "ja", "ko-mecab": "ko"}  # tokenisations that need `pip install 'sacrebleu[XX]'`
-UNSPACED_SCRIPTS = ("CJK UNIFIED IDEOGRAPH", "HIRAGANA", "KATAKANA", "THAI")  # written without spaces
-UNSPACED_SHARE = 0.5  # of the references' letters, above which `13a`/`intl` BLEU means little
 NORMALIZED_SHARE = 0.01  # of the references, from which characters normalisation changes are worth a warning
 TOKENIZED_LINES = 100  # hypotheses ending in " ." from which sacreBLEU suspects tokenized text
 TOKENIZED_WARNING = (
@@ -110,9 +109,7 @@ def tokenization_advice(references: list[str], tokenize: str) -> str:
     `tokenize` is one that splits words at spaces (13a, intl); "" otherwise."""
     if tokenize not in ("13a", "intl"):
         return ""
-    letters = [c for text in references for c in text if unicodedata.category(c)[0] == "L"]
-    unspaced = sum(unicodedata.name(c, "").startswith(UNSPACED_SCRIPTS) for c in letters)
-    if not letters or unspaced <= UNSPACED_SHARE * len(letters):
+    if not mostly_unspaced(references):
         return ""
     return (
         f"the references are mostly Chinese, Japanese or Thai, written without spaces, which BLEU's {tokenize} "
