@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 
 import pytest
 import torch
@@ -335,3 +336,18 @@ def test_a_translator_reads_in_one_line():
     assert repr(translator).startswith("Translator(Transformer on cpu, <test_decoding_pipeline.CharTokenizer ")
     assert "DecodeConfig(beam_size=2, " in repr(translator)
     assert repr(translator).endswith(", max_batch_tokens=64, chunk_lines=1024, truncate=False)")
+
+
+def test_characters_read_as_unknown_are_named_once():
+    """A character the tokenizer has no piece for (Chinese beyond data.character_coverage) became <unk> and
+    was lost from the translation without a word; now the first line holding one names them, once, where
+    `translate` and `evaluate` ask for it."""
+    tokenizer = Tokenizer.train(LINES * 4, LINES * 4, vocab_size=36)
+    config = DecodeConfig(beam_size=1, max_len_b=3)
+    translator = Translator(peaked_model(), tokenizer, config, chunk_lines=1, warn_unknown=True)
+    with pytest.warns(UserWarning, match=r"^input line 2 holds characters the tokenizer has no piece for \(猫 鸟\)"):
+        assert len(translator.translate_texts(["abc", "猫 ab 鸟猫", "鸟"])) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        translator.translate_texts(["鸟", "abc"])  # warned once
+        Translator(peaked_model(), tokenizer, config).translate_texts(["猫"])  # validation and serve: not asked

@@ -218,3 +218,16 @@ def test_a_failed_write_names_what_was_being_written(run, tmp_path, to):
         result = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, env=environment, text=True, timeout=120)
     where = "/dev/full" if to == "--output" else "standard output"
     assert (result.returncode, result.stderr) == (2, f"error: could not write {where} (No space left on device)\n")
+
+
+def test_translate_and_evaluate_name_characters_read_as_unknown(run, tmp_path, capsys):
+    """A character the run's tokenizer has no piece for (a Chinese one beyond data.character_coverage) became
+    <unk> silently; both commands now name it in one warning."""
+    source, reference = tmp_path / "in.txt", tmp_path / "ref.txt"
+    source.write_text(f"{SENTENCES[0]}\n猫 {SENTENCES[1]}\n", encoding="utf-8")
+    reference.write_text("a\nb\n", encoding="utf-8")
+    commands = (["translate", "--input", str(source)], ["evaluate", "--src", str(source), "--ref", str(reference)])
+    for command, *flags in commands:
+        with pytest.warns(UserWarning, match=r"^input line 2 holds characters the tokenizer has no piece for \(猫\)"):
+            assert main([command, str(run), *flags, "--beam", "1"]) == 0
+    capsys.readouterr()

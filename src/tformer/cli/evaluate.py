@@ -99,7 +99,13 @@ def run(args: argparse.Namespace) -> int:
     decode = merged_decode_config(loaded.experiment.decode, settings, changes, args)
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
-        model, loaded.tokenizer, decode, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
+        model,
+        loaded.tokenizer,
+        decode,
+        device=device,
+        max_batch_tokens=args.max_batch_tokens,
+        truncate=args.truncate,
+        warn_unknown=True,
     )
     hypotheses = translator.translate_texts(sources)
     if args.output is not None:

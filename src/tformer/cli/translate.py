@@ -97,7 +97,13 @@ def run(args: argparse.Namespace) -> int:
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     model = model_with_ensemble(loaded, args, device)
     translator = Translator(
-        model, loaded.tokenizer, config, device=device, max_batch_tokens=args.max_batch_tokens, truncate=args.truncate
+        model,
+        loaded.tokenizer,
+        config,
+        device=device,
+        max_batch_tokens=args.max_batch_tokens,
+        truncate=args.truncate,
+        warn_unknown=True,
     )
     written = 0  # input lines whose translations are written
     try:

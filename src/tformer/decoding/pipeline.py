@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from tformer.caller_warnings import warn_caller
 from tformer.config import DecodeConfig
 from tformer.data.corpus import check_no_nul
 from tformer.data.piece_floor import surely_too_long
@@ -93,11 +94,13 @@ class Translator:
         max_batch_tokens: int = 4096,
         chunk_lines: int = CHUNK_LINES,
         truncate: bool = False,
+        warn_unknown: bool = False,
     ) -> None:
         """`device`: where to decode; the model is moved there (`model.to(device)`, in place, as for any
         `nn.Module`); None (the default) decodes where the model's weights are. `truncate`: a line longer
         than the model accepts is cut to its first pieces (with a warning) instead of stopping the job
-        with a DecodingError."""
+        with a DecodingError. `warn_unknown`: warn once, at the first line holding any, of characters the
+        tokenizer has no piece for (read as <unk>), as `tformer translate` and `evaluate` do."""
         if not isinstance(config, DecodeConfig):  # else an AttributeError at the first line translated
             hint = " (a run's is run.experiment.decode)" if hasattr(config, "decode") else ""
             raise TypeError(f"config must be a DecodeConfig{hint}, got {type(config).__name__}")
@@ -115,6 +118,7 @@ class Translator:
         self.max_batch_tokens = max_batch_tokens
         self.chunk_lines = chunk_lines
         self.truncate = truncate
+        self._unknown_warned = not warn_unknown  # characters read as <unk> are named once, at the first line
 
     def __repr__(self) -> str:
         return (
@@ -144,6 +148,8 @@ class Translator:
     def _translate_chunk(self, chunk: list[str], first_line: int) -> list[list[Translation]]:
         chunk = list(lines_of(chunk, "a chunk"))
         encoded = [self._fitted(line, first_line + index + 1) for index, line in enumerate(chunk)]
+        if not self._unknown_warned:
+            self._warn_unknown(chunk, encoded, first_line)
         empty = [Translation(text="", tokens=[], score=0.0)] * self.config.nbest
         results: list[list[Translation]] = [list(empty) for _ in chunk]
         sentences = [index for index, ids in enumerate(encoded) if len(ids) > 1]  # not just eos: not empty
@@ -179,6 +185,24 @@ class Translator:
             raise DecodingError(f"{where}: {_too_long_advice(limit)}")
         warnings.warn(f"{where}: translated its first {limit - 1} and eos", UserWarning, stacklevel=3)
         return [*ids[: limit - 1], self.tokenizer.eos_id]
+
+    def _warn_unknown(self, chunk: list[str], encoded: list[list[int]], first_line: int) -> None:
+        """One warning for characters the tokenizer has no piece for (a Chinese character beyond
+        `data.character_coverage`, without byte fallback): read as <unk>, they were lost without a word."""
+        unk_id = getattr(self.tokenizer, "unk_id", None)
+        index = next((i for i, ids in enumerate(encoded) if unk_id is not None and unk_id in ids), None)
+        if index is None:
+            return
+        self._unknown_warned = True
+        pieces = getattr(self.tokenizer, "source_pieces", lambda line: [])(chunk[index])
+        unknown = dict.fromkeys(c for p, i in zip(pieces, encoded[index], strict=False) if i == unk_id for c in p)
+        unknown.pop("\u2581", None)  # a word's start, not a character of it
+        shown = f" ({' '.join(unknown)})" if unknown else ""
+        warn_caller(
+            f"input line {first_line + index + 1} holds characters the tokenizer has no piece for{shown}: the model "
+            "reads them as <unk> and cannot translate them (warned once; a tokenizer trained with "
+            "data.byte_fallback = true keeps every character: docs/training.md)"
+        )
 
     @property
     def _headed(self) -> bool:
