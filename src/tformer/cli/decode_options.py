@@ -6,9 +6,15 @@ import argparse
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
+from tformer.cli.ensemble_option import model_with_ensemble
 from tformer.cli.typed_names import errors_named_as_typed, flag_option, typed_flags
 from tformer.config import ConfigError, DecodeConfig, config_from_dict, config_to_dict, parse_override
+
+if TYPE_CHECKING:
+    from tformer.decoding.pipeline import Translator
+    from tformer.training.checkpoint_load import LoadedRun
 
 # the decoding flags that set a [decode] key (argparse dest -> (section, key)), where a command has them
 DECODE_FLAG_KEYS = {
@@ -142,6 +148,22 @@ def warn_unused_sampling_settings(config: DecodeConfig, settings: dict[str, obje
             UserWarning,
             stacklevel=2,
         )
+
+
+def command_translator(loaded: LoadedRun, config: DecodeConfig, args: argparse.Namespace, device: Any) -> Translator:
+    """What translate and evaluate decode with: RUN_DIR's model (and --ensemble's), `config`, their
+    --max-batch-tokens and --truncate, naming once the input characters the tokenizer reads as <unk>."""
+    from tformer.decoding.pipeline import Translator
+
+    return Translator(
+        model_with_ensemble(loaded, args, device),
+        loaded.tokenizer,
+        config,
+        device=device,
+        max_batch_tokens=args.max_batch_tokens,
+        truncate=args.truncate,
+        warn_unknown=True,
+    )
 
 
 def advice_as_flags(message: str) -> str:

@@ -22,8 +22,14 @@ import warnings
 from pathlib import Path
 
 from tformer.cli.argument_types import path_argument, positive_integer
-from tformer.cli.decode_options import add_decode_arguments, add_dtype_argument, decode_settings, merged_decode_config
-from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
+from tformer.cli.decode_options import (
+    add_decode_arguments,
+    add_dtype_argument,
+    command_translator,
+    decode_settings,
+    merged_decode_config,
+)
+from tformer.cli.ensemble_option import add_ensemble_argument
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import BLEU_TOKENIZE
 
@@ -73,7 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.data.corpus import CorpusError, read_lines
-    from tformer.decoding.pipeline import Translator
     from tformer.evaluation import bleu_metric, reference_advice, score
     from tformer.runtime import resolve_decode_dtype, resolve_device
     from tformer.training.checkpoint_load import load_run
@@ -97,16 +102,7 @@ def run(args: argparse.Namespace) -> int:
     # the flags come after --set, and the merged settings are checked once: an error names what was typed
     changes = {} if args.beam is None else {"beam_size": args.beam, "nbest": 1}  # the best alone is scored
     decode = merged_decode_config(loaded.experiment.decode, settings, changes, args)
-    model = model_with_ensemble(loaded, args, device)
-    translator = Translator(
-        model,
-        loaded.tokenizer,
-        decode,
-        device=device,
-        max_batch_tokens=args.max_batch_tokens,
-        truncate=args.truncate,
-        warn_unknown=True,
-    )
+    translator = command_translator(loaded, decode, args, device)
     hypotheses = translator.translate_texts(sources)
     if args.output is not None:
         _write_lines(args.output, hypotheses)

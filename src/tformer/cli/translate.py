@@ -27,11 +27,12 @@ from tformer.cli.argument_types import path_text, positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
     add_dtype_argument,
+    command_translator,
     decode_settings,
     error_line,
     merged_decode_config,
 )
-from tformer.cli.ensemble_option import add_ensemble_argument, model_with_ensemble
+from tformer.cli.ensemble_option import add_ensemble_argument
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import config_to_dict
 from tformer.termination import sigterm_as_interrupt
@@ -81,7 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tformer.decoding.pipeline import Translator
     from tformer.runtime import resolve_decode_dtype, resolve_device
     from tformer.training.checkpoint_load import load_run
 
@@ -95,16 +95,7 @@ def run(args: argparse.Namespace) -> int:
     changes = _search_changes({**config_to_dict(loaded.experiment.decode), **settings}, settings, args)
     config = merged_decode_config(loaded.experiment.decode, settings, changes, args)
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
-    model = model_with_ensemble(loaded, args, device)
-    translator = Translator(
-        model,
-        loaded.tokenizer,
-        config,
-        device=device,
-        max_batch_tokens=args.max_batch_tokens,
-        truncate=args.truncate,
-        warn_unknown=True,
-    )
+    translator = command_translator(loaded, config, args, device)
     written = 0  # input lines whose translations are written
     try:
         with ExitStack() as stack:
