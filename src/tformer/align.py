@@ -29,7 +29,7 @@ import torch
 from tformer.caller_warnings import warn_caller
 from tformer.data import corpus
 from tformer.data.piece_floor import surely_too_long
-from tformer.data.scripts import mostly_unspaced, unspaced_letters
+from tformer.data.scripts import counts_mostly_unspaced, unspaced_letters
 from tformer.data.tokenizer import normalize
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
@@ -174,9 +174,9 @@ def check_lengths(
 def segmentation_advice(path: str | Path, lines: Sequence[str]) -> str:
     """A one-line warning when `lines` are mostly Chinese, Japanese or Thai run together without spaces
     (segmented words have 1 to 4 such letters): every sentence of it is then one word, linked as a whole."""
-    unspaced, _ = unspaced_letters(lines)
+    unspaced, letters = unspaced_letters(lines)  # one pass over every letter of the file
     words = sum(len(line.split()) for line in lines)
-    if not mostly_unspaced(lines) or unspaced <= UNSEGMENTED_LETTERS * words:
+    if not counts_mostly_unspaced(unspaced, letters) or unspaced <= UNSEGMENTED_LETTERS * words:
         return ""
     return (
         f"{path} is mostly Chinese, Japanese or Thai written without spaces ({unspaced / words:.0f} such letters a "

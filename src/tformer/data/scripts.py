@@ -18,5 +18,9 @@ def unspaced_letters(texts: Iterable[str]) -> tuple[int, int]:
 
 def mostly_unspaced(texts: Iterable[str]) -> bool:
     """More than UNSPACED_SHARE of the letters of `texts` are of a script written without spaces."""
-    unspaced, letters = unspaced_letters(texts)
+    return counts_mostly_unspaced(*unspaced_letters(texts))
+
+
+def counts_mostly_unspaced(unspaced: int, letters: int) -> bool:
+    """`mostly_unspaced` from the counts `unspaced_letters` gives, for a caller that needs them too."""
     return letters > 0 and unspaced > UNSPACED_SHARE * letters

@@ -35,10 +35,8 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
 
     def choose() -> tuple[list[Path], list[Path]]:
         chosen = _chosen_checkpoints(run_dir, last=last)
-        if _output(run_dir, chosen, out).exists():
-            raise ckpt.CheckpointError(
-                f"{_output(run_dir, chosen, out)} already exists; averaging never overwrites, choose another --out"
-            )
+        if (output := _output(run_dir, chosen, out)).exists():
+            raise ckpt.CheckpointError(f"{output} already exists; averaging never overwrites, choose another --out")
         return chosen, [run_dir, *chosen]
 
     # a training run prunes the oldest chosen checkpoint at its next save; `train --overwrite` renames a new
