@@ -270,7 +270,7 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
 def load_experiment(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """An ExperimentConfig from a TOML file (or defaults when `path` is None) and `--set` overrides."""
     values = load_toml(path) if path is not None else {}
-    return experiment_from_dict(apply_overrides(values, override_list(overrides)))
+    return experiment_from_dict(apply_overrides(values, overrides))  # which refuses one string for a list
 
 
 def experiment_to_dict(experiment: ExperimentConfig) -> dict[str, Any]:
