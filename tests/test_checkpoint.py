@@ -506,6 +506,35 @@ def test_a_best_pointer_to_a_removed_checkpoint_moves_to_the_best_the_resumed_ru
     assert remove_later_checkpoints(run_copy, step=2, best_step=0) is None
 
 
+class Killed(BaseException):
+    """A SIGKILL between two pointer writes, simulated: nothing after it runs."""
+
+
+def test_a_kill_between_the_pointer_writes_of_a_best_checkpoint_leaves_best_where_the_resumed_run_knows(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`latest` was moved before `best`: a process killed between the two left `latest` on the new best
+    checkpoint and `best` on an older one, and the resumed run, whose state says the new one is its best,
+    never moved `best` back (nor kept the new one from pruning), so translate read the older weights."""
+    pointer_writes = []
+    write_pointer = checkpoint_save.write_pointer
+
+    def killed_at_the_second(run_dir: Path, which: str, name: str) -> None:
+        pointer_writes.append(which)
+        if len(pointer_writes) == 2:
+            raise Killed
+        write_pointer(run_dir, which, name)
+
+    monkeypatch.setattr(checkpoint_save, "write_pointer", killed_at_the_second)
+    with pytest.raises(Killed):  # the last step, 8, improves (so two pointers move) on CPU, every time
+        resume_run(run_copy, overrides=["train.max_steps=8", "train.save_every=100"]).train()
+    monkeypatch.setattr(checkpoint_save, "write_pointer", write_pointer)
+    resume_run(run_copy, overrides=["train.max_steps=8"]).train()
+    latest = ckpt.read_pointer_name(run_copy, "latest")
+    state = torch.load(run_copy / "checkpoints" / latest / ckpt.STATE_FILE)
+    assert ckpt.read_pointer_name(run_copy, "best") == ckpt.step_name(state["early_stopping"]["best_step"])
+
+
 def test_damaged_metrics_lines_are_dropped_when_resuming_and_counted(run_copy: Path, capsys) -> None:
     """The resume dropped the lines it could not read without a word."""
     metrics = run_copy / ckpt.METRICS_FILE

@@ -1,10 +1,13 @@
 """Saving a training step's checkpoint into its run: the checkpoint, then the pointers, then pruning.
 
-The checkpoint is written whole first (checkpoint_save.py writes it atomically), then `latest` (and `best`)
-are moved to it, and only then are old checkpoints pruned. A failure on the way (a full disk, say)
-leaves the pointers naming the last complete checkpoint; the CheckpointSaveError says which.
+The checkpoint is written whole first (checkpoint_save.py writes it atomically), then `best` (when it is
+the best) and `latest` are moved to it, in that order, and only then are old checkpoints pruned. A failure on
+the way (a full disk, say) leaves `latest` naming the last complete checkpoint; the CheckpointSaveError says
+which.
 A process killed between writing a checkpoint and moving `latest` leaves that checkpoint newer than
-`latest`; a resumed run removes it (remove_later_checkpoints) before it saves any of its own.
+`latest` (and perhaps `best` naming it); a resumed run removes it (remove_later_checkpoints), moving `best`
+back, before it saves any of its own. Were `latest` moved first, a kill before `best` left the resumed run
+believing its best checkpoint was that one while `best` named an older one, for good.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ def save_step_checkpoint(
             step=step,
             trainer_state=trainer_state,
         )
+        if best:  # before latest: a kill between the two leaves a checkpoint newer than latest, which a resume
+            checkpoint_save.write_pointer(run_dir, "best", name)  # removes, moving best back (remove_later_checkpoints)
         checkpoint_save.write_pointer(run_dir, "latest", name)
-        if best:
-            checkpoint_save.write_pointer(run_dir, "best", name)
     except OSError as error:  # the pointers still name the last complete checkpoint
         raise CheckpointSaveError(
             f"could not save checkpoint {name} ({error.strerror or error})", what_was_kept(run_dir, processes=processes)
