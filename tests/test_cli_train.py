@@ -626,11 +626,13 @@ def test_overwrite_removes_the_hidden_directories_of_earlier_overwrites_whose_pr
     trained: Path, workspace: dict[str, Path], tmp_path: Path
 ) -> None:
     """An --overwrite killed outright (SIGKILL, or the OOM killer) leaves its hidden staging directory, a
-    whole run; the next --overwrite of that RUN_DIR removes it, but not one whose process still lives."""
+    whole run, or the replaced run it was deleting; the next --overwrite of that RUN_DIR removes them, but not
+    one whose process still lives (the replaced run was left for good)."""
     run = Path(shutil.copytree(trained, tmp_path / "run"))
     finished = subprocess.Popen([sys.executable, "-c", ""])
     finished.wait()
     gone = Path(shutil.copytree(trained, tmp_path / f".run.overwrite-{finished.pid}"))
+    half_deleted = Path(shutil.copytree(trained, tmp_path / f".run.replaced-{finished.pid}"))  # killed deleting it
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as living:
         alive = tmp_path / f".run.overwrite-{living.pid}"
         alive.mkdir()
@@ -639,8 +641,28 @@ def test_overwrite_removes_the_hidden_directories_of_earlier_overwrites_whose_pr
             assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
         finally:
             living.kill()
-    assert not gone.exists()
+    assert not gone.exists() and not half_deleted.exists()
     assert alive.is_dir() and other_run.is_dir()  # a live writer's, and another RUN_DIR's
+    assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
+
+
+def test_an_interrupt_while_overwrite_puts_the_new_run_in_place_waits_until_it_is_done(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Ctrl-C (or SIGTERM) while --overwrite renamed the runs and deleted the old one stopped it there: between
+    the renames it left no RUN_DIR at all, during the deletion a hidden half-deleted `.run.replaced-PID`."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs) -> None:
+        if ".replaced-" in Path(path).name:
+            signal.raise_signal(signal.SIGINT)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_cli.shutil, "rmtree", interrupted_rmtree)
+    assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
     assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
 
 

@@ -207,23 +207,35 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     old_run = RunLock(out)  # a run that another process is still training is not replaced under it
     try:
         result = _train_staged(experiment, staging, out, quiet=args.quiet, options=options)
-        retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        os.replace(out, retired)
-        os.replace(staging, out)
-        shutil.rmtree(retired)
+        _swap_in(staging, out)
     finally:
         old_run.release()
     print(f"run {out} (replaced the previous run): step {result.step}, {result.stop_reason}")
     return 0
 
 
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished new run in `staging` in the place of the old run in `out`, and delete the old one.
+    Ctrl-C and SIGTERM wait until it is done: one between the two renames left no RUN_DIR at all (both runs
+    hidden beside it), one during the deletion a hidden half-deleted `.NAME.replaced-PID` for good."""
+    from tformer.termination import interrupts_held
+
+    retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    with interrupts_held():
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired)
+
+
 def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
     """Hidden directories of earlier --overwrite runs of RUN_DIR whose process is gone (killed with
     SIGKILL, or by SIGTERM during a step that could not be interrupted) hold a whole run each that nothing
-    else will ever use: remove them before staging a new one."""
+    else will ever use: remove them before staging a new one. So do the replaced runs such a process was
+    deleting when it was killed (`.NAME.replaced-PID`: RUN_DIR holds the run that replaced it)."""
     from tformer.atomic_file import abandoned
 
-    for staging in sorted(out.parent.glob(f".{glob.escape(out.name)}.overwrite-*")):
+    name = glob.escape(out.name)
+    for staging in sorted([*out.parent.glob(f".{name}.overwrite-*"), *out.parent.glob(f".{name}.replaced-*")]):
         if staging.is_dir() and abandoned(staging):
             shutil.rmtree(staging)
             if not quiet:
