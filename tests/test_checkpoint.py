@@ -682,6 +682,37 @@ def test_a_full_disk_while_writing_weights_or_trainer_state_is_one_line(run_copy
     assert list(tmp_path.iterdir()) == [run_copy]  # nothing half-written beside the outputs
 
 
+SIGTERM_WHILE_WRITING_WEIGHTS = """
+import json, os, signal, sys
+from tformer.cli.main import main
+from tformer.training import checkpoint_save
+save_model = checkpoint_save.save_model
+def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # `kill` or `timeout` while the average is written
+    save_model(*args, **kwargs)
+checkpoint_save.save_model = terminated
+print(json.dumps(main(json.loads(sys.argv[1]))))
+"""
+
+
+def test_sigterm_while_average_writes_leaves_nothing_behind(run_copy: Path, tmp_path: Path) -> None:
+    """average ended at once on SIGTERM (status -15), leaving its hidden half-written directory beside
+    --out, where nothing removes it (inside a run, pruning did); it takes SIGTERM like Ctrl-C, as export
+    and import-hf do."""
+    out = tmp_path / "elsewhere" / "averaged"
+    out.parent.mkdir()
+    command = ["average", str(run_copy), "--last", "2", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_WRITING_WEIGHTS, json.dumps(command)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "130", done.stderr
+    assert done.stderr.strip() == "interrupted"
+    assert list(out.parent.iterdir()) == []
+
+
 def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
     out = average_checkpoints(run_copy, last=2)
     assert out == run_copy / "checkpoints" / "averaged-last2-step-00000006"

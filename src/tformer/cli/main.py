@@ -56,7 +56,7 @@ COMMANDS: list[tuple[str, ModuleType]] = [
 ]
 TORCH_FREE_COMMANDS = ("download",)  # every other command loads torch first, whole (see `import_torch`)
 # the commands that take SIGTERM like Ctrl-C (`sigterm_as_interrupt`): from the start, torch's import included
-SIGTERM_INTERRUPTS = ("train", "translate", "export", "import-hf")
+SIGTERM_INTERRUPTS = ("train", "translate", "average", "export", "import-hf")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
