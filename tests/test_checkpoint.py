@@ -713,6 +713,25 @@ def test_sigterm_while_average_writes_leaves_nothing_behind(run_copy: Path, tmp_
     assert list(out.parent.iterdir()) == []
 
 
+def test_average_removes_what_an_average_killed_outright_left_beside_its_out(run_copy: Path, tmp_path: Path) -> None:
+    """A SIGKILL while average wrote left its hidden `.tmp-NAME-PID` beside --out, where no pruning comes:
+    the next average into that --out removes it, but not one whose writer still lives."""
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    out = tmp_path / "elsewhere" / "averaged"
+    killed = Path(
+        shutil.copytree(run_copy / "checkpoints" / "step-00000006", out.parent / f".tmp-averaged-{finished.pid}")
+    )
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as living:
+        alive = out.parent / f".tmp-averaged-{living.pid}"
+        alive.mkdir()
+        try:
+            average_checkpoints(run_copy, last=2, out=out)
+        finally:
+            living.kill()
+    assert not killed.exists() and alive.is_dir() and out.is_dir()
+
+
 def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
     out = average_checkpoints(run_copy, last=2)
     assert out == run_copy / "checkpoints" / "averaged-last2-step-00000006"

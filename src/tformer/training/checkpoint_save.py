@@ -9,6 +9,7 @@ clears what a crashed writer left behind.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -72,6 +73,7 @@ def write_checkpoint(
 ) -> Path:
     """Write a checkpoint directory at `final` via a fsynced temporary sibling and a rename."""
     parent, name = final.parent, final.name
+    remove_abandoned_writes(final)
     temporary = parent / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
@@ -98,6 +100,15 @@ def write_checkpoint(
         os.replace(temporary, final)
     fsync_dir(parent)
     return final
+
+
+def remove_abandoned_writes(final: Path) -> None:
+    """Remove the temporary siblings (`.tmp-NAME-PID`) that writers of `final` killed outright (SIGKILL, the
+    memory killer) left: inside a run pruning removes them, but beside an `average --out` nothing did."""
+    for temporary in final.parent.glob(f".tmp-{glob.escape(final.name)}-*"):
+        pid = temporary.name.rsplit("-", 1)[-1]
+        if temporary.name == f".tmp-{final.name}-{pid}" and temporary.is_dir() and abandoned(temporary):
+            remove_checkpoint_dir(temporary)
 
 
 def write_experiment(
