@@ -208,8 +208,10 @@ def test_when_one_process_fails_the_others_say_so_in_one_line(tmp_path: Path) ->
     healthy, failing = _launch([["-m", "tformer.cli.main", *argv], ["-c", FAILING_AT_STEP_3, *argv]], cwd=tmp_path)
     assert (failing.returncode, failing.stderr) == (2, "error: simulated failure in step 3\n")
     assert healthy.returncode == 1
-    assert healthy.stderr == (
-        "error: process 0 stops: another process of this run failed or was stopped (its own message says why)\n"
+    assert healthy.stderr == (  # what the run keeps: a process killed outright (SIGKILL, OOM) says nothing itself
+        "error: process 0 stops: another process of this run failed or was stopped (its own message says why); "
+        f"the run keeps its last checkpoint, {out / 'checkpoints' / 'step-00000002'}; continue it with: "
+        f"tformer train --out {out} --resume\n"
     )
     assert (out / "latest").read_text().strip() == "step-00000002"  # the checkpoint before the failure stays
     assert load_run(out, which="last").step == 2

@@ -164,12 +164,26 @@ def _run_one_of_several(args: argparse.Namespace) -> int:
             raise
         print(
             f"error: process {os.environ.get('RANK', '?')} stops: another process of this run failed or was "
-            "stopped (its own message says why)",
+            f"stopped (its own message says why){_kept_by_main(args.out)}",
             file=sys.stderr,
         )
         return 1
     finally:
         leave_process_group()
+
+
+def _kept_by_main(out: Path) -> str:
+    """What process 0 adds to its line when another process stopped the run: the checkpoint the run keeps
+    and how to resume it. A process killed outright (SIGKILL, the memory killer) says nothing of its own,
+    so no line said that the run could go on, nor from where. Empty elsewhere, or before a checkpoint."""
+    from tformer.training import checkpoint as ckpt
+    from tformer.training.errors import what_was_kept
+
+    try:
+        kept = os.environ.get("RANK") == "0" and ckpt.read_pointer_name(out, "latest") is not None
+    except (OSError, ckpt.CheckpointError):
+        kept = False
+    return f"; {what_was_kept(out, processes=_processes())}" if kept else ""
 
 
 def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
