@@ -335,6 +335,8 @@ def test_inputs_of_the_wrong_kind_are_refused_by_name(tiny_model: Transformer) -
         tiny_model.encode([[5, 6, 2]])
     with pytest.raises(ValueError, match=r"^src_ids has 1 rows but tgt_ids 2: give one target row per source row"):
         tiny_model(src, tgt.repeat(2, 1))
+    with pytest.raises(ValueError, match=r"^src_ids has 2 rows but tgt_ids 1: give one target row per source row"):
+        tiny_model(src.repeat(2, 1), tgt)
     with pytest.raises(
         TypeError, match=r"^src_pad_mask must be a bool tensor \(True for real tokens\), got torch.int64"
     ):
