@@ -176,6 +176,29 @@ def test_a_pruned_checkpoint_vanishes_at_once_rather_than_file_by_file(runs: tup
     assert sorted(path.name for path in (run / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step-00000004"]
 
 
+def test_a_pruning_killed_while_it_deletes_leaves_a_hidden_directory_that_the_next_pruning_removes(
+    runs: tuple[Path, Path], monkeypatch
+) -> None:
+    """The renamed checkpoint must stay out of sight (hidden) and be recognised as a leftover: a kill during
+    the deletion otherwise left a visible directory in checkpoints/ that no later pruning removed."""
+    run, _ = runs
+    for pointer in ckpt.POINTERS:
+        write_pointer(run, pointer, "step-00000004")
+
+    def killed(path: Path, *args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_save.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint_save.prune_checkpoints(run, keep_last=1)
+    (left,) = [path.name for path in (run / ckpt.CHECKPOINTS_DIR).iterdir() if path.name != "step-00000004"]
+    assert left.startswith(".old-step-00000002-")
+    assert [directory.name for directory in ckpt.step_checkpoints(run)] == ["step-00000004"]
+    checkpoint_save.prune_checkpoints(run, keep_last=1)
+    assert sorted(path.name for path in (run / ckpt.CHECKPOINTS_DIR).iterdir()) == ["step-00000004"]
+
+
 def test_a_pointer_that_moves_on_while_it_is_read_leads_to_the_checkpoint_it_names_now(
     runs: tuple[Path, Path], monkeypatch
 ) -> None:
