@@ -1138,6 +1138,20 @@ def test_a_one_step_run_at_its_peak_is_not_warned_about(max_steps: int, warmup_s
     assert (warmup_advice(train) is not None) == warned
 
 
+def test_a_run_stopped_early_is_warned_about_its_warmup_only_where_the_rate_was_still_rising() -> None:
+    """warmup_ramp = false holds the peak from the first update (no rate ever rose), and a run stopped
+    before its first update has no rate to speak of: neither is told it stopped inside a rising warm-up."""
+    from dataclasses import replace
+
+    from tformer.config import TrainConfig
+    from tformer.training.schedule import stopped_in_warmup_advice
+
+    timed = TrainConfig(max_steps=0, max_time_s=150, warmup_steps=4000)
+    assert stopped_in_warmup_advice(216, timed) is not None
+    assert stopped_in_warmup_advice(216, replace(timed, warmup_ramp=False)) is None
+    assert stopped_in_warmup_advice(0, timed) is None
+
+
 def test_a_max_chars_below_one_is_refused_with_the_other_settings_naming_it(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
