@@ -259,6 +259,11 @@ def test_a_tokenizer_with_more_source_ids_than_the_model_is_refused_at_construct
 
     assert Translator(peaked_model(), SmallerTokenizer(), DecodeConfig(beam_size=1)).translate_texts(["ab"])
 
+    class SameTokenizer(CharTokenizer):
+        src_vocab_size = tgt_vocab_size = VOCAB
+
+    assert Translator(peaked_model(), SameTokenizer(), DecodeConfig(beam_size=1)).translate_texts(["ab"])
+
 
 def test_translating_leaves_the_models_modes_as_they_were():
     """The Translator put the caller's model in eval mode for good: a model translated between training
@@ -351,3 +356,6 @@ def test_characters_read_as_unknown_are_named_once():
         warnings.simplefilter("error")
         translator.translate_texts(["鸟", "abc"])  # warned once
         Translator(peaked_model(), tokenizer, config).translate_texts(["猫"])  # validation and serve: not asked
+    translator = Translator(peaked_model(), tokenizer, config, warn_unknown=True)
+    with pytest.warns(UserWarning, match=r"^input line 1 holds .* no piece for \(鸟 猫 狗\)"):  # one <unk> piece
+        translator.translate_texts(["ab 鸟猫狗"])
