@@ -103,6 +103,11 @@ def test_advice_is_given_once_more_than_half_the_letters_are_written_without_spa
     """UNSPACED_SHARE: 3 of 5 letters Chinese is mostly Chinese (advice), 2 of 4 is not."""
     assert "zh (Chinese)" in tokenization_advice(["猫狗鸟 ab"], "13a")
     assert tokenization_advice(["猫狗 ab"], "13a") == ""
+    assert "zh (Chinese)" in tokenization_advice(["猫狗 1234, 5678!"], "13a")  # digits and punctuation: no letters
+
+
+def test_advice_when_references_are_thai() -> None:
+    assert "zh (Chinese), ja-mecab (Japanese) or char" in tokenization_advice(["แมวนั่งบนเสื่อ"], "13a")
 
 
 def test_advice_when_references_hold_what_normalisation_changes() -> None:
