@@ -10,7 +10,7 @@ import torch
 from helpers import perturbed
 
 from tformer.config import ConfigError, ModelConfig, config_from_dict, preset
-from tformer.model import Transformer, count_parameters
+from tformer.model import Transformer, count_parameters, model_flops_per_pair
 from tformer.model.embeddings import TokenEmbedding, sinusoidal_table
 from tformer.model.size import model_elements
 
@@ -383,3 +383,20 @@ def test_tied_output_projection_is_the_target_embedding_transposed() -> None:
         logits = model.project_output(hidden)
     expected = hidden @ model.separate_tgt_embedding.weight.T
     torch.testing.assert_close(logits, expected, atol=1e-12, rtol=0)
+
+
+def test_flops_per_pair_are_the_forward_products_torch_counts_three_times_plus_attention() -> None:
+    """benchmarks/train.py's MFU divides by model_flops_per_pair, which nothing checked: its weight products
+    are the ones torch's FlopCounterMode counts in a forward pass (times 3: forward and backward), and its
+    attention adds QK^T and AV, 4·d per query-key pair per layer forward (the causal self-attention half of
+    that). S = T here: the formula counts the cross-attention's key and value projections per target token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = preset("tiny", src_vocab_size=50, tgt_vocab_size=60, share_embeddings=False)
+    model = Transformer(config).eval()
+    S = T = 7
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(4, 50, (1, S)), torch.randint(4, 60, (1, T)))
+    d, n_enc, n_dec = config.d_model, config.n_encoder_layers, config.n_decoder_layers
+    attention = 3 * (4 * d * S * S * n_enc + 2 * d * T * T * n_dec + 4 * d * S * T * n_dec)
+    assert model_flops_per_pair(config, S, T) == 3 * counter.get_total_flops() + attention
