@@ -134,6 +134,8 @@ def test_advice_shows_decomposed_accents_and_spacing_accents_as_they_change() ->
     assert "decomposed accents, Unicode NFD" in advice and "'z\\u030c' -> 'ž'" in advice and "\n" not in advice
     assert "'´' -> '\\u0020\\u0301'" in normalization_advice(["L´homme est là."])
     assert "NFD" not in normalization_advice(["我们今天去公园，天气很好！"])
+    # a mark after a space belongs to no letter: it was joined to the word before, showing a 'ｘ\u0301' never there
+    assert "changes ('ｘ' -> 'x', '！' -> '!');" in normalization_advice(["ｘ \u0301y！"])
 
 
 def test_a_tokenisation_whose_packages_are_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

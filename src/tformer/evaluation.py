@@ -139,13 +139,16 @@ def normalization_advice(references: list[str]) -> str:
 
 def _clusters(text: str) -> list[str]:
     """`text` cut into characters, each with the combining marks after it (`e` + U+0301 is one cluster):
-    NFKC changes decomposed accents only as such pairs, never a character alone."""
+    NFKC changes decomposed accents only as such pairs, never a character alone. A mark after a space starts
+    a cluster of its own: it is not the previous word's."""
     clusters: list[str] = []
+    after_space = False
     for c in text:
-        if clusters and unicodedata.combining(c):
+        if clusters and unicodedata.combining(c) and not after_space:
             clusters[-1] += c
         elif not c.isspace():
             clusters.append(c)
+        after_space = c.isspace()
     return clusters
 
 
