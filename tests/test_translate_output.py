@@ -231,3 +231,16 @@ def test_translate_and_evaluate_name_characters_read_as_unknown(run, tmp_path, c
         with pytest.warns(UserWarning, match=r"^input line 2 holds characters the tokenizer has no piece for \(猫\)"):
             assert main([command, str(run), *flags, "--beam", "1"]) == 0
     capsys.readouterr()
+
+
+def test_translate_truncate_reaches_the_translator(run, tmp_path, capsys):
+    """--truncate cuts a line longer than the model accepts (max_positions 64 here) instead of stopping the job:
+    translate and evaluate hand it to the Translator through decode_options.command_translator, which nothing
+    checked, so a helper that dropped it passed every test."""
+    source = tmp_path / "in.txt"
+    source.write_text(" ".join(SENTENCES * 20) + "\n", encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--beam", "1"]) == 2
+    assert "--truncate" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"translated its first 63"):
+        assert main(["translate", str(run), "--input", str(source), "--beam", "1", "--truncate"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
