@@ -1,6 +1,7 @@
 """What README.md and docs/*.md name exists: the tests, files and benchmark records they cite, the flags of
 the commands they show, the config keys they name, and the list of commands. Prose is not checked, only
-names a reader would type or look up."""
+names a reader would type or look up; and that the shape legend of each source file covers the letters of
+its names' shape suffixes."""
 
 from __future__ import annotations
 
@@ -132,3 +133,30 @@ def test_links_between_the_docs_resolve(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     broken = [link for link in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in link]
     assert [link for link in broken if not (path.parent / link).exists()] == []
+
+
+SHAPE_SUFFIX = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)*_([A-Z0-9][A-Za-z0-9]*)\b")  # q_BHTK, context_R1m
+LEGEND = re.compile(r"Shape legend[^:]*:(.*?)(?:\n\n|\"\"\")", re.S)
+
+
+def legend_letters(legend: str) -> set[str]:
+    """The letters a legend defines: `B batch`, `R = B x N rows`, `(n x T queries`."""
+    return set(re.findall(r"(?<![\w.^-])([A-Za-z])(?=,? (?:[a-z(=]|x ))", legend))
+
+
+def test_every_shape_letter_a_file_uses_is_in_its_legend() -> None:
+    """A name's shape suffix (`q_BHTK`) is read with the legend at the top of its file (docs/architecture.md):
+    every letter a file's suffixes use is in its legend, and every file of the model and of decoding that
+    uses shape suffixes has one."""
+    missing = []
+    for path in sorted((REPO / "src" / "tformer").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        used = {letter for suffix in SHAPE_SUFFIX.findall(text) for letter in suffix if letter.isalpha()}
+        legend = LEGEND.search(text)
+        where = path.relative_to(REPO)
+        if legend is None:
+            if used and path.parent.name in ("model", "decoding"):
+                missing.append(f"{where}: no shape legend for {''.join(sorted(used))}")
+        elif used - legend_letters(legend.group(1)):
+            missing.append(f"{where}: {''.join(sorted(used - legend_letters(legend.group(1))))} not in its legend")
+    assert missing == []

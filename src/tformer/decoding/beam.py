@@ -24,7 +24,8 @@ done sentences; the state, its start and its collection are in decoding/beam_sta
 (items 1-4) is `search_step` in decoding/beam_step.py.
 
 Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabulary, H history
-(bos + T steps), T steps, S source length. (K and H are not the head dim and heads of the model files.)
+(bos + T steps), T steps, S source length, P longest prefix. (K and H are not the head dim and heads of the
+model files.)
 """
 
 from __future__ import annotations

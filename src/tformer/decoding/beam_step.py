@@ -7,7 +7,8 @@ of it is tensor work on a `BeamState` (decoding/beam_state.py), updated in place
 synchronisation, so that the same step can run eagerly, compiled, or replayed as one CUDA graph.
 
 Shape legend: B sentences, N beams, R = B x N rows, K = 2N candidates, V vocabulary, H history
-(bos + T steps), T steps, S source length. (K and H are not the head dim and heads of the model files.)
+(bos + T steps), T steps, S source length, M = N + K finished hypotheses and candidates merged. (K and H
+are not the head dim and heads of the model files.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ log-probabilities of allowed tokens are not renormalised (as in fairseq and Hugg
 - forced_eos: at a row's last step (its maximum length) eos is the only token, with log-probability 0
   (Hugging Face's forced_eos_token_id), whatever the other restrictions say.
 
-Shape legend: R rows, V vocabulary, T history length (bos + tokens so far), P longest prefix.
+Shape legend: R rows, B sentences, V vocabulary, T history length (bos + tokens so far), P longest prefix;
+in the n-gram ban, W the n-grams of the history, n the n-gram size and m = n - 1.
 """
 
 from __future__ import annotations

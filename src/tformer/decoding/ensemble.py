@@ -7,7 +7,7 @@ geometric mean of the models' distributions). With `return_attention` the attent
 entry: each member's last layer, averaged over its heads, then over the members. The models must share
 the source and target vocabularies and the pad id; they may differ in shape.
 
-Shape legend: B batch, T target length, V vocabulary.
+Shape legend: B batch, T target length, V vocabulary, M memory entries (one per sentence).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ at the last position, stop at </s>) is written out in `tformer.explain.decoding_
 the same choices with one new position per step (`decoder.step`, over a KV cache), for a batch:
 tests/test_decoding_equivalence.py checks it against search without a cache.
 
-Shape legend: B sentences, R rows (sentences x samples), T steps, H history (bos + T), S source, V vocab.
+Shape legend: B sentences, R rows (sentences x samples), T steps, H history (bos + T), S source, V vocab,
+P longest prefix.
 """
 
 from __future__ import annotations

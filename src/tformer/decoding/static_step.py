@@ -33,7 +33,8 @@ over the whole capacity every time) and exists so that tests can show it compute
 default step computes. Attention maps (`return_attention`, the coverage penalty) and ensembles use the
 default step.
 
-Shape legend: B sentences, R rows (sentences x rows per sentence), S source length, V vocabulary.
+Shape legend: B sentences, R rows (sentences x rows per sentence), M memory entries (one per sentence),
+S source length, V vocabulary.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ All three take the boolean "may attend" mask of `tformer.model.masks` and agree 
 (tests/test_attention.py).
 
 Shape legend: B batch, H heads, T query length, S key length, K head dim, D model dim; in `attend_rows`,
-R query rows and M key rows (R = n x M: n beams of a sentence share its keys).
+R query rows and M key rows (R = n x M: n beams of a sentence share its keys) and Q = n x T queries, those
+of n rows folded over their one key row.
 """
 
 from __future__ import annotations

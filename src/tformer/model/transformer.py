@@ -9,7 +9,8 @@
 new token (with a `DecoderCache`). Masks follow `tformer.model.masks`: True means "may attend"; for
 `src_pad_mask` and `tgt_pad_mask` that is True for real tokens and False for padding.
 
-Shape legend: B batch, S source length, T target length, D model dim, H heads, V vocabulary.
+Shape legend: B batch, S source length, T target length, D model dim, H heads, K head dim, V vocabulary,
+L cache capacity.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ multiplied by the number of processes, because DDP averages gradients: the updat
 single process would make with every process's micro-batches. Gradients are synchronised only on
 the last micro-batch (`no_sync` before).
 
-Shape legend: B batch, S source length, T target length, V vocabulary.
+Shape legend: B batch, S source length, T target length, D model dim, V vocabulary.
 """
 
 from __future__ import annotations
