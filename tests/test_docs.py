@@ -63,6 +63,51 @@ def test_every_path_the_docs_name_exists() -> None:
     assert missing == []
 
 
+def source_file(path: str) -> Path | None:
+    """A `.py` path as the docs write it: from the repository, from src/ (`tformer/model/cache.py`), from the
+    package (`model/cache.py`, `explain.py`), or a file name found once in the package (`greedy.py`)."""
+    for candidate in (REPO / path, REPO / "src" / path, REPO / "src" / "tformer" / path):
+        if candidate.is_file():
+            return candidate
+    found = list((REPO / "src" / "tformer").rglob(path))
+    return found[0] if len(found) == 1 else None
+
+
+def test_every_python_file_the_docs_name_exists() -> None:
+    """`model/embeddings.py` and the like, named from the package as the architecture table names them."""
+    missing = []
+    for where, line in lines_of_docs():
+        for path in re.findall(r"`([\w/.]+\.py)`", line):
+            if source_file(path) is None:
+                missing.append(f"{where}: {path}")
+    assert missing == []
+
+
+def test_every_name_the_docs_give_after_a_file_is_defined_there() -> None:
+    """`model/embeddings.py` `TokenEmbedding`, `SinusoidalPositions`: each name right after a file (and after
+    the names that follow it) is a function, class or constant of that file, `Class.method` a method of it,
+    so that a name moved by a refactoring is not left pointing at its old file."""
+    undefined = []
+    for where, line in lines_of_docs():
+        for chain in re.findall(r"`[\w/.]+\.py`(?:(?:\s+|,\s*|\s+and\s+)`[^`]+`)+", line):
+            text = None
+            for span in re.findall(r"`([^`]+)`", chain):
+                if span.endswith(".py"):
+                    path = source_file(span)
+                    text = None if path is None else path.read_text(encoding="utf-8")
+                    continue
+                name = re.fullmatch(r"([A-Za-z_]\w*)(?:\.(\w+))?(?:\(.*\))?", span)
+                if text is None or name is None:
+                    continue
+                top, attribute = name.groups()
+                found = re.search(rf"^\s*(?:async )?(?:def|class) {top}\b|^{top}\b.*=", text, re.M)
+                if found and attribute:
+                    found = re.search(rf"^\s+(?:async )?def {attribute}\b|^\s+{attribute}\s*[:=]", text, re.M)
+                if not found:
+                    undefined.append(f"{where}: {span} in {path.relative_to(REPO)}")
+    assert undefined == []
+
+
 def test_every_flag_shown_for_a_command_exists() -> None:
     """`tformer COMMAND ... --flag` in the docs, also on the continuation lines of a command shown over
     several lines (after a trailing backslash, or a usage line's indented `[--flag ...]` lines)."""
