@@ -130,6 +130,50 @@ def test_every_flag_shown_for_a_command_exists() -> None:
     assert unknown == []
 
 
+def usage_blocks() -> list[tuple[str, str, str]]:
+    """(where, command, text) of each usage line the docs show as `    tformer COMMAND RUN_DIR [--flag ...]`,
+    with its indented `[--flag ...]` continuation lines."""
+    blocks = []
+    for path in DOCS:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            match = re.match(r"    tformer ([a-z-]+) [A-Z_]+ (\[.*)", line)
+            if match:
+                text, following = match.group(2), number + 1
+                while following < len(lines) and re.match(r"\s+\[--", lines[following]):
+                    text += " " + lines[following].strip()
+                    following += 1
+                blocks.append((f"{path.relative_to(REPO)}:{number + 1}", match.group(1), text))
+    return blocks
+
+
+def same_value(default: object, shown: str) -> bool:
+    """`5` shows a default of 5.0, `cpu` one of "cpu"."""
+    try:
+        return float(shown) == float(default)
+    except (TypeError, ValueError):
+        return str(default) == shown
+
+
+def test_a_usage_line_lists_every_flag_of_its_command_with_its_default() -> None:
+    """A reader takes a usage line for the whole list of options: every flag but --help is in it, and a value
+    shown as a literal (`[--port 8000]`, not `[--beam N]`) is the flag's default."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert usage_blocks()
+    wrong = []
+    for where, command, text in usage_blocks():
+        actions = {o: a for a in subparsers.choices[command]._actions for o in a.option_strings}
+        shown = dict(re.findall(r"(--[a-z][\w-]*)(?: ([^\s\]\[]+))?", text))
+        for flag in sorted({a.option_strings[-1] for a in actions.values()} - set(shown) - {"--help"}):
+            wrong.append(f"{where}: tformer {command} lacks {flag}")
+        for flag, value in shown.items():
+            literal = value and not re.search(r"[A-Z|.]{2}|^[A-Z]+$|\|", value) and "KEY" not in value
+            if flag in actions and literal and not same_value(actions[flag].default, value):
+                wrong.append(f"{where}: tformer {command} {flag} {value}, but its default is {actions[flag].default}")
+    assert wrong == []
+
+
 def test_every_config_key_the_docs_name_exists() -> None:
     """`model.KEY`, `data.KEY`, `train.KEY` and `decode.KEY` inside backticks."""
     config = ExperimentConfig()

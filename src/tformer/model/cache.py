@@ -27,8 +27,9 @@ the same for beam search, with the beam cache's slots and ancestry table (a reor
 never the keys and values).
 
 Shape legend: B batch (sentences x beams; in the beam caches, sentences), N beams, n the query rows of a
-sentence (N, or 1 in the beam cache's first step), H heads, L cache capacity, T positions (those so far,
-or all L), P filled positions x beams, S source length, K head dim, R rows, M memory entries.
+sentence (N, or 1 in the beam cache's first step), H heads, L cache capacity, T positions (those written by
+`append`, those so far, or all L), P filled positions x beams, S source length, K head dim, R rows, M memory
+entries.
 """
 
 from __future__ import annotations
