@@ -225,12 +225,13 @@ class SelfAttention(nn.Module):
         q_BHTK = split_heads(q_BTD, self.n_heads)
         k_BHSK = split_heads(k_BTD, self.n_heads)
         v_BHSK = split_heads(v_BTD, self.n_heads)
-        if cache is not None:
-            k_BHSK, v_BHSK = cache.append(k_BHSK, v_BHSK)
+        # the keys and values of every position so far: with a beam cache, one row per sentence (M), which
+        # the B = n x M query rows of its beams share
+        k_MHSK, v_MHSK = (k_BHSK, v_BHSK) if cache is None else cache.append(k_BHSK, v_BHSK)
         output_BTD, weights = attend_rows(
             q_BHTK,
-            k_BHSK,
-            v_BHSK,
+            k_MHSK,
+            v_MHSK,
             mask,
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,

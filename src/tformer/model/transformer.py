@@ -10,7 +10,8 @@ new token (with a `DecoderCache`). Masks follow `tformer.model.masks`: True mean
 `src_pad_mask` and `tgt_pad_mask` that is True for real tokens and False for padding.
 
 Shape legend: B batch, S source length, T target length, D model dim, H heads, K head dim, V vocabulary,
-L cache capacity.
+L cache capacity. In decoding the target rows may be n times the memory's (the n beams of a sentence share
+its memory row and `src_pad_mask` row).
 """
 
 from __future__ import annotations
