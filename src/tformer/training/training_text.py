@@ -219,13 +219,14 @@ def _encode(
     encoded = EncodedPairs(
         encode_rows(tokenizer.encode_sources, sources), encode_rows(tokenizer.encode_targets, targets)
     )
-    kept_R = np.flatnonzero(encoded.lengths_R2.max(axis=1) + 1 <= max_positions)
+    fits_R = encoded.lengths_R2.max(axis=1) + 1 <= max_positions
+    kept_R = np.flatnonzero(fits_R)
     if len(kept_R) == len(encoded):
         return encoded, kept_R
     say(_skipped_over_max_positions(name, len(encoded) - len(kept_R), max_positions))
     if len(kept_R) == 0:
         raise ConfigError(f"{name}: no pair fits model.max_positions={max_positions}; raise it")
-    return encoded.take(kept_R), kept_R
+    return encoded.keep(fits_R), kept_R
 
 
 def _skipped_over_max_positions(name: str, skipped: int, max_positions: int) -> str:
