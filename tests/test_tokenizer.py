@@ -321,7 +321,7 @@ def test_a_tokenizer_sample_is_aligned_ordered_and_fixed_by_the_seed() -> None:
 def test_a_run_trains_its_tokenizer_on_at_most_tokenizer_max_pairs(tmp_path: Path, capsys) -> None:
     corpus = write_corpus(tmp_path, n_train=200)
     start_run(tiny_experiment(corpus, "data.tokenizer_max_pairs=20", "train.max_steps=1"), tmp_path / "run")
-    assert "tokenizer: trained on 20 of 200 pairs (data.tokenizer_max_pairs)" in capsys.readouterr().err
+    assert "tokenizer: training on 20 of 200 pairs (data.tokenizer_max_pairs)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"data\.tokenizer_max_pairs must be 0"):
         DataConfig(tokenizer_max_pairs=-1)
 

@@ -201,8 +201,11 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
             say(f"tokenizer: {data.tokenizer} is used as it is, so {', '.join(unused)} {verb} no part")
         return tokenizer
     sources, targets = sample_pairs(corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=seed)
+    # said before it starts: on a large corpus the minute or so of sentencepiece's training is otherwise silent
     if len(sources) < len(corpus.sources):
-        say(f"tokenizer: trained on {len(sources):,} of {len(corpus.sources):,} pairs (data.tokenizer_max_pairs)")
+        say(f"tokenizer: training on {len(sources):,} of {len(corpus.sources):,} pairs (data.tokenizer_max_pairs)")
+    else:
+        say(f"tokenizer: training on {len(sources):,} pairs")
     tokenizer = Tokenizer.train(
         sources,
         targets,

@@ -117,6 +117,7 @@ def _training_pairs(
     if train_text is None:
         train_text = read_training_text(data)
         say(f"training data: {train_text.summary}")
+    say(f"train: encoding {len(train_text.sources):,} pairs")  # minutes on millions of pairs: say what it is doing
     pairs, kept = _encode(
         tokenizer, train_text.sources, train_text.targets, max_positions=max_positions, say=say, name="train"
     )
