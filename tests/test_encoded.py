@@ -187,6 +187,24 @@ def test_the_slow_setup_phases_are_announced_before_they_start(tmp_path: Path, c
     assert not any("encoding" in line for line in capsys.readouterr().err.splitlines())
 
 
+def test_a_validation_set_of_more_batches_than_valid_every_is_warned_about(tmp_path: Path, capsys) -> None:
+    """200,000 validation pairs made each validation of a tiny model take 7 minutes on 2 CPU cores,
+    with train.valid_every=200 training steps between them, and nothing said."""
+    corpus = write_corpus(tmp_path, n_valid=200)
+    experiment = tiny_experiment(corpus, "train.max_steps=1", "train.max_tokens=64")
+    start_run(
+        dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, valid_every=1000)), tmp_path / "a"
+    )
+    assert "validation set" not in capsys.readouterr().err
+    start_run(
+        dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, valid_every=3)), tmp_path / "b"
+    )
+    warned = [line for line in capsys.readouterr().err.splitlines() if "validation set" in line]
+    assert len(warned) == 1 and re.match(
+        r"warning: the validation set makes \d+ batches, more than the train.valid_every=3 training steps", warned[0]
+    ), warned
+
+
 def test_a_changed_corpus_file_is_encoded_again(tmp_path: Path, monkeypatch) -> None:
     corpus = write_corpus(tmp_path)
     run = tmp_path / "run"

@@ -78,9 +78,16 @@ def prepare_data(
             f"valid: skipped {len(overlong)} pairs longer than train.max_tokens={train.max_tokens} "
             "in the validation loss (BLEU/chrF still translate them)"
         )
+    valid_batches = sorted_batches(valid_pairs, max_tokens=train.max_tokens, drop_overlong=True, **special)
+    if len(valid_batches) > train.valid_every:  # each batch's forward pass costs about a third of a training step
+        say(
+            f"warning: the validation set makes {len(valid_batches):,} batches, more than the train.valid_every="
+            f"{train.valid_every} training steps between validations, so the run spends much of its time on the "
+            "validation loss; validate on fewer pairs (a few thousand), or raise train.valid_every"
+        )
     return TrainingData(
         stream=stream,
-        valid_batches=sorted_batches(valid_pairs, max_tokens=train.max_tokens, drop_overlong=True, **special),
+        valid_batches=valid_batches,
         valid_sources=[valid.sources[i] for i in kept],
         valid_references=[valid.targets[i] for i in kept],
     )
