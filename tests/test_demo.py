@@ -46,6 +46,20 @@ def test_quick_demo_trains_evaluates_and_saves_a_usable_run(tmp_path: Path, monk
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
 
+def test_a_demo_stopped_early_by_its_time_cap_says_so_with_advice_the_demo_takes(tmp_path: Path, capsys) -> None:
+    """The trainer's own warm-up advice names `--set train.warmup_steps`, which `tformer demo` does not take."""
+    code, _ = run_cli("demo", "--quick", "--train-seconds", "0.001", "--out", str(tmp_path / "demo"))
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "warning: training stopped at step 1 of 20, at the demo's 0.001-second cap (--train-seconds)" in err, err
+    assert "rerun with --train-seconds 0 (no cap)" in err and "--set" not in err, err
+
+
+def test_a_demo_that_trains_every_step_gives_no_time_cap_warning(tmp_path: Path, capsys) -> None:
+    code, _ = run_cli("demo", "--quick", "--train-seconds", "0", "--out", str(tmp_path / "demo"))
+    assert code == 0 and "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

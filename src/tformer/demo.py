@@ -106,6 +106,7 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
     check_new_run_dir(run_dir, advice=advice, files_advice=advice, others_advice=advice)
     splits = _write_numbers(data_dir, config, say)
     trainer = start_run(experiment, run_dir, quiet=quiet, checked=True)
+    trainer.stop_advice = _stopped_at_the_time_cap  # in place of the warm-up advice, which names --set
     training_started = time.monotonic()
     trainer.train()
     train_seconds = time.monotonic() - training_started
@@ -149,6 +150,19 @@ def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None
         remove_empty_directories(created)
         raise
     return splits
+
+
+def _stopped_at_the_time_cap(step: int, train: TrainConfig) -> str | None:
+    """The demo's warning when its time cap (--train-seconds) ended training before its --train-steps: the
+    machine is slower or busier than the one the demo is sized for, so it scores lower (before the end of the
+    warm-up, nothing right at all)."""
+    if train.max_steps == 0 or step >= train.max_steps or train.max_time_s <= 0:
+        return None
+    return (
+        f"warning: training stopped at step {step:,} of {train.max_steps:,}, at the demo's {train.max_time_s:g}-second "
+        "cap (--train-seconds): this machine is slower or busier than the 2 cores the demo is sized for, so the "
+        "model scores lower; rerun with --train-seconds 0 (no cap) to train every step"
+    )
 
 
 def _average_into_best(run_dir: Path, average_last: int, say: Callable[[str], None]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tformer.config import CompileMode, ConfigError, ExperimentConfig
+from tformer.config import CompileMode, ConfigError, ExperimentConfig, TrainConfig
 from tformer.data.batching import Batch, BatchStream
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
@@ -110,6 +111,9 @@ class Trainer(TrainerState):
         # where the run will be when training ends, for the closing message: `run_dir` itself, except for
         # a run trained in a staging directory and then renamed into place (train --overwrite)
         self.final_run_dir = self.run_dir
+        # the warning said when training stops at (step, settings), or None: inside the warm-up by default;
+        # the demo, whose time cap is its own --train-seconds, says it in its own words
+        self.stop_advice: Callable[[int, TrainConfig], str | None] = stopped_in_warmup_advice
         self.distributed = distributed or Distributed()
         self.quiet = quiet or not self.distributed.is_main
         self.device = resolve_device(self.train_config.device, self.distributed)
@@ -214,7 +218,7 @@ class Trainer(TrainerState):
         last = self.final_run_dir / ckpt.CHECKPOINTS_DIR / ckpt.step_name(self._last_saved_step)
         unlogged = self.window.unlogged_loss(self.step, config.log_every)  # save has read every pending loss
         progress.message(f"stopped at step {self.step}: {stop_reason}{unlogged}; last checkpoint {last}")
-        advice = stopped_in_warmup_advice(self.step, config)
+        advice = self.stop_advice(self.step, config)
         if advice is not None:
             progress.message(advice)
         best = self.early_stopping
