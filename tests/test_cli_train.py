@@ -268,6 +268,25 @@ def test_a_tokenizer_that_is_not_a_directory_is_refused_before_the_data_is_read(
     assert not new.exists()
 
 
+def test_a_given_tokenizer_made_for_other_text_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A tokenizer trained on another script read half the training text as <unk>, and the run trained on
+    it without a word; one made for the text (or with a rare <unk>) is not warned about."""
+    corpus = write_corpus(tmp_path, n_train=40, n_valid=4)
+    latin, greek = "abcdefghiklmnoprstuvwxyz", "αβψδεφγηικλμνοπρστυωχξυζ"
+    lines = corpus["train_src"].read_text(encoding="utf-8").splitlines()
+    other = [line.translate(str.maketrans(latin, greek)) for line in lines]
+    Tokenizer.train(other, other, vocab_size=60).to_files(tmp_path / "greek")
+    targets = corpus["train_tgt"].read_text(encoding="utf-8").splitlines()
+    Tokenizer.train(lines, targets, vocab_size=60).to_files(tmp_path / "own")
+    for name, warned in (("greek", True), ("own", False)):
+        experiment = tiny_experiment(corpus, f"data.tokenizer='{tmp_path / name}'", "data.vocab_size=8000")
+        training_run.start_run(experiment, tmp_path / f"run_{name}")
+        error = capsys.readouterr().err
+        for side in ("source", "target"):
+            warning = f"% of the {side} pieces of the training text are <unk>: the tokenizer in {tmp_path / name} has"
+            assert (warning in error) is warned
+
+
 def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

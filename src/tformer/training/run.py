@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,7 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
         if unused:  # set (by a recipe or by hand), but a given tokenizer has its own
             verb = "plays" if len(unused) == 1 else "play"
             say(f"tokenizer: {data.tokenizer} is used as it is, so {', '.join(unused)} {verb} no part")
+        _warn_unknown_share(tokenizer, corpus, data.tokenizer, seed=seed, say=say)
         return tokenizer
     sources, targets = sample_pairs(corpus.sources, corpus.targets, max_pairs=data.tokenizer_max_pairs, seed=seed)
     # said before it starts: on a large corpus the minute or so of sentencepiece's training is otherwise silent
@@ -220,6 +222,32 @@ def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: 
     if largest < data.vocab_size:  # vocab_size is an upper bound: a small text has fewer pieces to offer
         say(f"tokenizer: the training text yields {largest:,} pieces, fewer than data.vocab_size={data.vocab_size:,}")
     return tokenizer
+
+
+UNKNOWN_SAMPLE_PAIRS = 1000  # pairs encoded to measure a given tokenizer's <unk> share: a moment on any corpus
+UNKNOWN_SHARE_WARNED = 0.01  # of a side's pieces: well above the rare characters a coverage below 1.0 leaves out
+
+
+def _warn_unknown_share(tokenizer: Tokenizer, corpus: TrainingText, directory: str, *, seed: int, say: Say) -> None:
+    """A given tokenizer made for other text (another script, another language) reads much of this text as
+    <unk>, and the model then learns to read and write <unk>, without a word: said before the run encodes it."""
+    sources, targets = sample_pairs(corpus.sources, corpus.targets, max_pairs=UNKNOWN_SAMPLE_PAIRS, seed=seed)
+    sides = (
+        ("source", sources, tokenizer.source_pieces, tokenizer.encode_source),
+        ("target", targets, tokenizer.target_pieces, tokenizer.encode_target),
+    )
+    for side, texts, pieces_of, encode in sides:
+        pieces = [(piece, i) for text in texts for piece, i in zip(pieces_of(text), encode(text), strict=True)]
+        unknown = [piece for piece, i in pieces if i == tokenizer.unk_id]
+        if pieces and len(unknown) / len(pieces) > UNKNOWN_SHARE_WARNED:
+            characters = Counter(c for piece in unknown for c in piece if c != "\u2581")
+            shown = " ".join(c for c, _ in characters.most_common(10))
+            say(
+                f"warning: {len(unknown) / len(pieces):.0%} of the {side} pieces of the training text are <unk>: the "
+                f"tokenizer in {directory} has no piece for {len(characters)} of its characters ({shown}), which the "
+                "model cannot learn to read or write; give a tokenizer trained on text in this language (or with "
+                "--byte_fallback=true), or leave out data.tokenizer and let tformer train one"
+            )
 
 
 # the [data] keys that only shape a tokenizer tformer trains itself
