@@ -180,7 +180,22 @@ def check_tokenizer_dir(directory: str | None) -> None:
     if not (path / JOINT_FILE).exists() and not ((path / SRC_FILE).exists() and (path / TGT_FILE).exists()):
         raise ConfigError(
             f"data.tokenizer {directory}: no tokenizer in it (expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE})"
+            f"{_rename_advice(path)}"
         )
+
+
+def _rename_advice(path: Path) -> str:
+    """What to rename, where the directory holds sentencepiece models under other names (en-de.model,
+    source.spm, sentencepiece.bpe.model, as other toolkits write them)."""
+    try:
+        models = sorted(item.name for item in path.iterdir() if item.suffix in (".model", ".spm") and item.is_file())
+    except OSError:  # unreadable: the names cannot help
+        return ""
+    if not models:
+        return ""
+    shown = ", ".join(models[:3]) + (", ..." if len(models) > 3 else "")
+    both, each = JOINT_FILE, f"{SRC_FILE} and {TGT_FILE}"
+    return f"; it holds {shown}: copy a model of both languages to {both}, or one per side to {each}"
 
 
 def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: bool, seed: int, say: Say) -> Tokenizer:
