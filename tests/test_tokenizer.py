@@ -306,6 +306,25 @@ def test_a_model_trained_with_sentencepieces_default_ids_is_refused_in_one_line(
     assert "--pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3" in message
 
 
+def test_separate_models_with_other_special_ids_are_refused_saying_which(tmp_path: Path) -> None:
+    """A source and a target model trained elsewhere with different ids were refused as '(3, 1, 2, 0) vs
+    (0, 1, 2, 3)', naming neither the ids nor the way out."""
+    for name, pad_id, unk_id in (("spm.src.model", 3, 0), ("spm.tgt.model", 0, 3)):
+        writer = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(SOURCES * 3), model_writer=writer, vocab_size=100, pad_id=pad_id, unk_id=unk_id,
+            hard_vocab_limit=False, minloglevel=2,
+        )  # fmt: skip
+        (tmp_path / name).write_bytes(writer.getvalue())
+    with pytest.raises(TokenizerError) as error:
+        Tokenizer.from_files(tmp_path)
+    assert str(error.value) == (
+        "the source and target models disagree on special ids: the source has pad_id=3, bos_id=1, eos_id=2, "
+        "unk_id=0, the target pad_id=0, bos_id=1, eos_id=2, unk_id=3; retrain one of them with the other's ids "
+        "(sentencepiece's --pad_id, --bos_id, --eos_id and --unk_id)"
+    )
+
+
 def test_a_tokenizer_sample_is_aligned_ordered_and_fixed_by_the_seed() -> None:
     sources = [f"s{i}" for i in range(100)]
     targets = [f"t{i}" for i in range(100)]

@@ -43,6 +43,7 @@ from tformer.input_paths import read_at_most
 ModelType = Literal["bpe", "unigram"]
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIAL_NAMES = ("pad", "bos", "eos", "unk")  # in the order of `_special_ids`
 JOINT_FILE = "spm.model"
 SRC_FILE = "spm.src.model"
 TGT_FILE = "spm.tgt.model"
@@ -108,10 +109,11 @@ class Tokenizer:
         self._src = source
         self._tgt = target if target is not None else source
         self._joint = target is None
-        src_ids = _special_ids(self._src)
-        if src_ids != _special_ids(self._tgt):
+        if _special_ids(self._src) != _special_ids(self._tgt):
             raise TokenizerError(
-                f"source and target models disagree on special ids: {src_ids} vs {_special_ids(self._tgt)}"
+                f"the source and target models disagree on special ids: the source has {_named_ids(self._src)}, the "
+                f"target {_named_ids(self._tgt)}; retrain one of them with the other's ids (sentencepiece's --pad_id, "
+                "--bos_id, --eos_id and --unk_id)"
             )
 
     # ---- construction -------------------------------------------------------------------------------
@@ -413,7 +415,7 @@ def read_sentencepiece(path: Path, *, called: str) -> spm.SentencePieceProcessor
 
 def _load_model(path: Path) -> spm.SentencePieceProcessor:
     model = read_sentencepiece(path, called="tokenizer model")
-    absent = [name for name, i in zip(("pad", "bos", "eos", "unk"), _special_ids(model), strict=True) if i < 0]
+    absent = [name for name, i in zip(SPECIAL_NAMES, _special_ids(model), strict=True) if i < 0]
     if absent:
         raise TokenizerError(
             f"{path} has no {'/'.join(absent)} piece ({', '.join(f'{name}_id=-1' for name in absent)}); tformer needs "
@@ -440,3 +442,7 @@ def _splits_at_spaces(model: spm.SentencePieceProcessor) -> bool:
 
 def _special_ids(model: spm.SentencePieceProcessor) -> tuple[int, int, int, int]:
     return model.pad_id(), model.bos_id(), model.eos_id(), model.unk_id()
+
+
+def _named_ids(model: spm.SentencePieceProcessor) -> str:
+    return ", ".join(f"{name}_id={i}" for name, i in zip(SPECIAL_NAMES, _special_ids(model), strict=True))
