@@ -249,12 +249,16 @@ def test_a_tokenizer_that_is_not_a_directory_is_refused_before_the_data_is_read(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """A missing --tokenizer (or a file, or a directory without one) was found once the training text was read
-    (a missing training file is named otherwise), a missing one as 'no tokenizer in X'."""
+    (a missing training file is named otherwise), a missing one as 'no tokenizer in X'; so was a corrupt model."""
     new, missing_src = tmp_path / "new", str(tmp_path / "missing.src")
     a_file, empty = tmp_path / "spm.model", tmp_path / "empty"
     a_file.write_text("not a directory\n")
     empty.mkdir()
+    corrupt = tmp_path / "corrupt"  # refused only once the training text was read
+    corrupt.mkdir()
+    (corrupt / "spm.model").write_bytes(b"not a model")
     cases = [
+        (corrupt, f"error: {corrupt / 'spm.model'} is not a valid sentencepiece model (corrupt or truncated)"),
         (tmp_path / "none", f"error: --tokenizer {tmp_path / 'none'}: no such directory; give the directory of a"),
         (a_file, f"error: --tokenizer {a_file} is a file; give the directory that holds the tokenizer"),
         (empty, f"error: --tokenizer {empty}: no tokenizer in it (expected spm.model, or spm.src.model and"),

@@ -123,6 +123,9 @@ def _new_trainer(
         raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
     if data.tokenizer is None:
         check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
+    given = _given_tokenizer(
+        data, share_embeddings=experiment.model.share_embeddings
+    )  # refused before the text is read
     # the smallest vocabulary a tokenizer can have: a model too large even with it is refused before the data is read
     smallest = smallest_vocab_size(byte_fallback=data.byte_fallback)
     check_fits_in_memory(dataclasses.replace(experiment.model, src_vocab_size=smallest, tgt_vocab_size=smallest))
@@ -130,9 +133,7 @@ def _new_trainer(
     valid_text = read_validation_text(data)  # small: its errors come before the training text is even read
     corpus = read_training_text(data)
     say(f"training data: {corpus.summary}")
-    tokenizer = _run_tokenizer(
-        data, corpus, share_embeddings=experiment.model.share_embeddings, seed=experiment.train.seed, say=say
-    )
+    tokenizer = _run_tokenizer(data, corpus, given, seed=experiment.train.seed, say=say)
     say(f"tokenizer: {tokenizer!r}")
     check_same_tokenizer(tokenizer, distributed, device)
     model_config = dataclasses.replace(
@@ -198,16 +199,27 @@ def _rename_advice(path: Path) -> str:
     return f"; it holds {shown}: copy a model of both languages to {both}, or one per side to {each}"
 
 
-def _run_tokenizer(data: DataConfig, corpus: TrainingText, *, share_embeddings: bool, seed: int, say: Say) -> Tokenizer:
-    """The tokenizer named by data.tokenizer, or one trained on (a sample of) the training text."""
-    if data.tokenizer is not None:
-        tokenizer = Tokenizer.from_files(data.tokenizer)
-        if data.byte_fallback and not tokenizer.byte_fallback:
-            raise ConfigError(
-                f"data.byte_fallback = true, but the tokenizer in {data.tokenizer} has no byte pieces: retrain it "
-                "with --byte_fallback=true, or leave out data.tokenizer and let tformer train one"
-            )
-        check_embedding_sharing(share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
+def _given_tokenizer(data: DataConfig, *, share_embeddings: bool) -> Tokenizer | None:
+    """The tokenizer data.tokenizer names (None: the run trains one), loaded and checked before the text is
+    read: a corrupt file or a model without a pad piece was refused only once a large corpus had been read."""
+    if data.tokenizer is None:
+        return None
+    tokenizer = Tokenizer.from_files(data.tokenizer)
+    if data.byte_fallback and not tokenizer.byte_fallback:
+        raise ConfigError(
+            f"data.byte_fallback = true, but the tokenizer in {data.tokenizer} has no byte pieces: retrain it "
+            "with --byte_fallback=true, or leave out data.tokenizer and let tformer train one"
+        )
+    check_embedding_sharing(share_embeddings, joint=tokenizer.joint, tokenizer_dir=data.tokenizer)
+    return tokenizer
+
+
+def _run_tokenizer(
+    data: DataConfig, corpus: TrainingText, given: Tokenizer | None, *, seed: int, say: Say
+) -> Tokenizer:
+    """The tokenizer named by data.tokenizer (`given`), or one trained on (a sample of) the training text."""
+    if given is not None and data.tokenizer is not None:
+        tokenizer = given
         defaults = {item.name: item.default for item in dataclasses.fields(DataConfig)}
         unused = [
             f"data.{key}={getattr(data, key)}" for key in TOKENIZER_TRAINING_KEYS if getattr(data, key) != defaults[key]
