@@ -325,6 +325,20 @@ def test_separate_models_with_other_special_ids_are_refused_saying_which(tmp_pat
     )
 
 
+def test_special_ids_of_a_model_trained_elsewhere_are_shown(tmp_path: Path, joint: Tokenizer) -> None:
+    """The run's `tokenizer:` line showed only the sizes, so a model with pad at 3 and unk at 0 read like
+    one of tformer's own (pad 0, unk 3)."""
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SOURCES * 3), model_writer=writer, vocab_size=100, pad_id=3, unk_id=0,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    elsewhere = Tokenizer(spm.SentencePieceProcessor(model_proto=writer.getvalue()))
+    size = elsewhere.src_vocab_size
+    assert repr(elsewhere) == f"Tokenizer(joint, src_vocab_size={size}, tgt_vocab_size={size}, pad_id=3, unk_id=0)"
+    assert "_id=" not in repr(joint)
+
+
 def test_a_tokenizer_sample_is_aligned_ordered_and_fixed_by_the_seed() -> None:
     sources = [f"s{i}" for i in range(100)]
     targets = [f"t{i}" for i in range(100)]

@@ -319,7 +319,11 @@ class Tokenizer:
         kind = "joint" if self._joint else "separate"
         byte_fallback = ", byte_fallback=True" if self.byte_fallback else ""
         sizes = f"src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}"
-        return f"Tokenizer({kind}, {sizes}{byte_fallback})"
+        # a model trained elsewhere may place them otherwise: the run's `tokenizer:` line shows where
+        own = (PAD_ID, BOS_ID, EOS_ID, UNK_ID)
+        ids = zip(SPECIAL_NAMES, _special_ids(self._src), own, strict=True)
+        moved = "".join(f", {name}_id={i}" for name, i, default in ids if i != default)
+        return f"Tokenizer({kind}, {sizes}{moved}{byte_fallback})"
 
 
 def sample_pairs(
