@@ -297,6 +297,27 @@ def test_a_given_tokenizer_made_for_other_text_is_warned_about(tmp_path: Path, c
             assert (warning in error) is warned
 
 
+def test_a_resume_says_when_the_tokenizer_it_was_given_changed_since(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A resume goes on with the run's own copy of its tokenizer; one replaced in data.tokenizer since was
+    passed over without a word. A removed one needs no word: the run never reads it again."""
+    sources = workspace["train_src"].read_text(encoding="utf-8").splitlines()
+    targets = workspace["train_tgt"].read_text(encoding="utf-8").splitlines()
+    given, out = tmp_path / "spm", tmp_path / "run"
+    Tokenizer.train(sources, targets, vocab_size=60).to_files(given)
+    assert main(_train_args(workspace, out, "--tokenizer", str(given), "--max-steps", "1")) == 0
+    warning = f"warning: the tokenizer in {given} changed since this run started; the run goes on with its own copy"
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "2", "--quiet"]) == 0
+    assert warning not in capsys.readouterr().err
+    Tokenizer.train(sources, targets, vocab_size=50).to_files(given)
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3", "--quiet"]) == 0
+    assert warning in capsys.readouterr().err
+    shutil.rmtree(given)
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "4", "--quiet"]) == 0
+    assert "warning: the tokenizer" not in capsys.readouterr().err
+
+
 def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -28,7 +28,7 @@ from tformer.config import (
     override_list,
     preset_of,
 )
-from tformer.data.tokenizer import TokenizerError
+from tformer.data.tokenizer import Tokenizer, TokenizerError
 from tformer.model import Transformer
 from tformer.runtime import Distributed, resolve_device
 from tformer.training import checkpoint as ckpt
@@ -38,7 +38,7 @@ from tformer.training.loop import Trainer
 from tformer.training.run import FROM_TOKENIZER, sayer, warn_about_schedule
 from tformer.training.run_directory import RunDirectoryError, replaceable, start_afresh
 from tformer.training.run_lock import RunLock
-from tformer.training.training_text import absolute_data_paths, prepare_data
+from tformer.training.training_text import Say, absolute_data_paths, prepare_data
 
 
 def resume_run(
@@ -101,6 +101,7 @@ def _resumed_trainer(
     check_same_experiment(experiment, distributed, device, extra={"the checkpoint resumed from": checkpoint.name})
     warn_about_schedule(experiment.train, say)
     tokenizer = checkpoint_load.load_tokenizer(checkpoint)
+    _say_changed_tokenizer(experiment.data.tokenizer, tokenizer, say)
     model = Transformer(experiment.model)
     training_data = prepare_data(experiment, tokenizer, say=say, run_dir=run_dir, distributed=distributed)
     trainer = Trainer(
@@ -118,6 +119,22 @@ def _resumed_trainer(
     trainer.restore(checkpoint)
     say(f"resuming {run_dir} from {checkpoint.name} (step {step})")
     return trainer
+
+
+def _say_changed_tokenizer(directory: str | None, tokenizer: Tokenizer, say: Say) -> None:
+    """A resume keeps the tokenizer the run saved (its model learned those ids) whatever data.tokenizer holds
+    now: say so where that is another one, which a user who replaced it would expect to be taken."""
+    if directory is None:
+        return
+    try:
+        same = Tokenizer.from_files(directory).fingerprint() == tokenizer.fingerprint()
+    except TokenizerError:  # removed or unreadable since: the run never needs it again
+        return
+    if not same:
+        say(
+            f"warning: the tokenizer in {directory} changed since this run started; the run goes on with its own "
+            "copy (the ids its model learned): train with the new one into another --out"
+        )
 
 
 def resumed_experiment(run_dir: Path, given: dict[str, Any], *, processes: int = 1) -> ExperimentConfig:
