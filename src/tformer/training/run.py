@@ -123,9 +123,8 @@ def _new_trainer(
         raise ConfigError("train.patience > 0 needs a validation set (data.valid_src and data.valid_tgt)")
     if data.tokenizer is None:
         check_embedding_sharing(experiment.model.share_embeddings, joint=data.joint_vocab)
-    given = _given_tokenizer(
-        data, share_embeddings=experiment.model.share_embeddings
-    )  # refused before the text is read
+    # a given tokenizer is loaded and checked before the text is read
+    given = _given_tokenizer(data, share_embeddings=experiment.model.share_embeddings)
     # the smallest vocabulary a tokenizer can have: a model too large even with it is refused before the data is read
     smallest = smallest_vocab_size(byte_fallback=data.byte_fallback)
     check_fits_in_memory(dataclasses.replace(experiment.model, src_vocab_size=smallest, tgt_vocab_size=smallest))
