@@ -190,10 +190,11 @@ def test_the_trainer_state_keeps_the_layout_that_earlier_checkpoints_have(tmp_pa
     state = checkpoint_load.load_trainer_state(tmp_path / "run" / "checkpoints" / "step-00000002")
 
     assert list(state) == [
-        "format_version", "step", "elapsed_s", "optimizer", "stream", "effective_batch", "early_stopping",
-        "log_window", "rng",
+        "format_version", "step", "elapsed_s", "optimizer", "stream", "effective_batch", "threads",
+        "early_stopping", "log_window", "rng",
     ]  # fmt: skip
     assert state["effective_batch"] == [1, 256, 1]  # processes, train.max_tokens, train.accumulate
+    assert state["threads"] == 1  # torch's CPU threads (the one_thread fixture)
     assert (state["format_version"], state["step"], type(state["elapsed_s"])) == (ckpt.FORMAT_VERSION, 2, float)
     assert list(state["optimizer"]) == ["state", "param_groups"]
     assert {key: type(value) for key, value in state["stream"].items()} == {"epoch": int, "index": int}
@@ -231,6 +232,22 @@ def test_a_resume_with_another_effective_batch_says_so_and_how_to_keep_it(tmp_pa
     ) in capsys.readouterr().err
     resume_run(tmp_path / "run", overrides=["train.max_steps=4"]).train()  # the same: nothing to say
     assert "effective batch changes" not in capsys.readouterr().err
+
+
+def test_a_cpu_resume_with_another_thread_count_says_it_is_no_longer_bit_identical(tmp_path: Path, capsys) -> None:
+    """Found end to end: a run trained with 2 threads and resumed under OMP_NUM_THREADS=1 ended with other
+    weights than the uninterrupted run (sums split over threads round differently), without a word."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=1", valid=False)
+    start_run(experiment, tmp_path / "run", quiet=True).train()  # one thread (the fixture)
+    capsys.readouterr()
+    torch.set_num_threads(2)
+    resume_run(tmp_path / "run", overrides=["train.max_steps=2"]).train()
+    assert (
+        "resume: torch uses 2 CPU thread(s) here, the run trained with 1: the resumed run will not be "
+        "bit-identical to an uninterrupted one; OMP_NUM_THREADS=1 keeps it\n"
+    ) in capsys.readouterr().err
+    resume_run(tmp_path / "run", overrides=["train.max_steps=3"]).train()  # saved with 2 threads: nothing to say
+    assert "CPU thread(s)" not in capsys.readouterr().err
 
 
 def test_the_effective_batch_change_names_the_accumulation_that_keeps_it_where_one_does() -> None:

@@ -10,7 +10,8 @@ A default below applies where neither the config file nor --set gives the key (w
   --resume     continue RUN_DIR from its last checkpoint: repeat the original command with --resume,
                or give only what changes (--max-steps/--max-time/..., --set train.*/decode.*).
                Settings not given keep the run's values; a model or data setting given must equal
-               the run's. On CPU the result equals an uninterrupted run bit for bit.
+               the run's. On CPU the result equals an uninterrupted run bit for bit
+               (with the same number of threads, OMP_NUM_THREADS).
   --overwrite  replace RUN_DIR, all of it (files you added there too). The new run is written next to
                it (a hidden .NAME.overwrite-PID directory) and takes RUN_DIR's place only when training
                ends, so a failed or interrupted new run never destroys the old one (and its hidden

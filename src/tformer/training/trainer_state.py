@@ -58,6 +58,7 @@ class TrainerState:
             "optimizer": self.optimizer.state_dict(),
             "stream": self.stream_state(),
             "effective_batch": self.batch_shape(),  # a resume with other numbers says so
+            "threads": torch.get_num_threads(),  # a CPU resume with another count says so (sums round otherwise)
             "early_stopping": self.early_stopping.state_dict(),
             "log_window": self.window.state_dict(),  # steps since the last logged row, averaged into the next one
             "rng": rng_state(),
@@ -81,6 +82,10 @@ class TrainerState:
         changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
         if changed:
             self._say(changed)
+        if next(self.model.parameters()).device.type == "cpu":
+            changed = thread_count_change(state.get("threads"), torch.get_num_threads())  # absent: older checkpoints
+            if changed:
+                self._say(changed)
         restarted = self.early_stopping.load_state_dict(state["early_stopping"])
         if restarted is not None:
             self._say(restarted)
@@ -185,3 +190,15 @@ def effective_batch_change(before: list[int] | None, now: list[int]) -> str | No
     if keeping > 0 and remainder == 0:
         line += f"; --set train.accumulate={keeping} keeps {total:,}"
     return line
+
+
+def thread_count_change(before: int | None, now: int) -> str | None:
+    """The line a CPU resume shows when torch computes with another number of threads than the checkpoint's
+    run did: matrix products and sums then round differently, so the resumed run is no longer the
+    uninterrupted one bit for bit (it trains as well, on other low bits). None when the count is the same."""
+    if before is None or before == now:
+        return None
+    return (
+        f"resume: torch uses {now} CPU thread(s) here, the run trained with {before}: the resumed run will not be "
+        f"bit-identical to an uninterrupted one; OMP_NUM_THREADS={before} keeps it"
+    )
