@@ -210,12 +210,13 @@ def test_resume_that_changes_how_the_stop_metric_is_measured_starts_early_stoppi
 
 
 def test_checkpoints_without_the_new_trainer_state_keys_still_resume(tmp_path: Path) -> None:
-    """Checkpoints written before the stopping metric's name and the logging window were stored."""
+    """Checkpoints written before the stopping metric's name, the logging window and the thread count were stored."""
     corpus = write_corpus(tmp_path, n_train=40)
     start_run(tiny_experiment(corpus, "train.max_steps=4"), tmp_path / "run", quiet=True).train()
     path = tmp_path / "run" / ckpt.CHECKPOINTS_DIR / ckpt.step_name(4) / ckpt.STATE_FILE
     state = torch.load(path, weights_only=True)
     assert state["early_stopping"].pop("metric") == "loss" and state.pop("log_window")["tokens"] == 0
+    assert isinstance(state.pop("threads"), int)  # stored since resumes with another thread count say so
     torch.save(state, path)
     resumed = resume_run(tmp_path / "run", overrides=["train.max_steps=6"], quiet=True)
     assert resumed.early_stopping.best_step == 4 and resumed.train().step == 6
