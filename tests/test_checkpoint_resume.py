@@ -250,6 +250,17 @@ def test_a_cpu_resume_with_another_thread_count_says_it_is_no_longer_bit_identic
     assert "CPU thread(s)" not in capsys.readouterr().err
 
 
+def test_a_run_off_the_cpu_keeps_no_thread_count(tmp_path: Path) -> None:
+    """A GPU run kept its machine's CPU thread count, and a CPU resume of it was told to set
+    OMP_NUM_THREADS to that count to stay bit-identical, which another device never is."""
+    experiment = tiny_experiment(write_corpus(tmp_path), "train.max_steps=1", valid=False)
+    trainer = start_run(experiment, tmp_path / "run", quiet=True)
+    trainer.train()
+    trainer.model.to("meta")  # any device but the CPU: no GPU needed
+    assert trainer.state_dict()["threads"] is None
+    assert trainer_state.thread_count_change(None, 2) is None and trainer_state.thread_count_change(16, None) is None
+
+
 def test_the_effective_batch_change_names_the_accumulation_that_keeps_it_where_one_does() -> None:
     change = trainer_state.effective_batch_change
     assert change(None, [1, 256, 1]) is None  # a checkpoint from before the trainer state kept it

@@ -58,7 +58,7 @@ class TrainerState:
             "optimizer": self.optimizer.state_dict(),
             "stream": self.stream_state(),
             "effective_batch": self.batch_shape(),  # a resume with other numbers says so
-            "threads": torch.get_num_threads(),  # a CPU resume with another count says so (sums round otherwise)
+            "threads": self._cpu_threads(),  # a CPU resume with another count says so (sums round otherwise)
             "early_stopping": self.early_stopping.state_dict(),
             "log_window": self.window.state_dict(),  # steps since the last logged row, averaged into the next one
             "rng": rng_state(),
@@ -82,10 +82,9 @@ class TrainerState:
         changed = effective_batch_change(state.get("effective_batch"), self.batch_shape())  # absent: older checkpoints
         if changed:
             self._say(changed)
-        if next(self.model.parameters()).device.type == "cpu":
-            changed = thread_count_change(state.get("threads"), torch.get_num_threads())  # absent: older checkpoints
-            if changed:
-                self._say(changed)
+        changed = thread_count_change(state.get("threads"), self._cpu_threads())  # absent: older checkpoints
+        if changed:
+            self._say(changed)
         restarted = self.early_stopping.load_state_dict(state["early_stopping"])
         if restarted is not None:
             self._say(restarted)
@@ -157,6 +156,11 @@ class TrainerState:
             if removed:
                 self._say(removed)
 
+    def _cpu_threads(self) -> int | None:
+        """torch's CPU thread count where the model trains on the CPU, None elsewhere: a GPU run's count plays
+        no part in its sums, and a CPU resume of it told to set OMP_NUM_THREADS to the GPU machine's count."""
+        return torch.get_num_threads() if next(self.model.parameters()).device.type == "cpu" else None
+
     def _say(self, line: str) -> None:
         """A line on stderr about what resuming did, shown as setup's lines are (`progress.shown`)."""
         if shown(line, quiet=self.quiet, main_process=self.distributed.is_main):
@@ -192,11 +196,12 @@ def effective_batch_change(before: list[int] | None, now: list[int]) -> str | No
     return line
 
 
-def thread_count_change(before: int | None, now: int) -> str | None:
+def thread_count_change(before: int | None, now: int | None) -> str | None:
     """The line a CPU resume shows when torch computes with another number of threads than the checkpoint's
     run did: matrix products and sums then round differently, so the resumed run is no longer the
-    uninterrupted one bit for bit (it trains as well, on other low bits). None when the count is the same."""
-    if before is None or before == now:
+    uninterrupted one bit for bit (it trains as well, on other low bits). None when the count is the same, or
+    when either run is not on the CPU (None)."""
+    if before is None or now is None or before == now:
         return None
     return (
         f"resume: torch uses {now} CPU thread(s) here, the run trained with {before}: the resumed run will not be "
