@@ -231,3 +231,29 @@ def test_a_directory_gone_before_its_read_began_is_never_taken_as_unchanged(tmp_
     with pytest.raises(ckpt.CheckpointError, match=r"changed while it was read, 3 times"):
         checkpoint_load.read_unchanged(tmp_path, lambda: (gone, [gone]), read)
     assert len(reads) == checkpoint_load.READ_ATTEMPTS
+
+
+@pytest.mark.parametrize("remover", ["pruning", "average"])
+def test_what_a_killed_writer_left_may_be_removed_by_another_process_meanwhile(
+    runs: tuple[Path, Path], monkeypatch, remover: str
+) -> None:
+    """A run's pruning and an `average` into its checkpoints both remove the `.tmp-` directory an average
+    killed outright left: the one that came second stopped with FileNotFoundError (the run, at its pruning),
+    where the directory it meant to remove was gone, as it wanted. Here the other process removes it between
+    the check that its writer is gone and the deletion."""
+    run, _ = runs
+    left = Path(shutil.copytree(run / "checkpoints" / "step-00000002", run / "checkpoints" / ".tmp-averaged-1-999999"))
+    abandoned = checkpoint_save.abandoned
+
+    def removed_meanwhile(path: Path) -> bool:
+        if path == left and left.exists():
+            shutil.rmtree(left)  # by the other process
+            return True
+        return abandoned(path)
+
+    monkeypatch.setattr(checkpoint_save, "abandoned", removed_meanwhile)
+    if remover == "pruning":
+        checkpoint_save.prune_checkpoints(run, keep_last=0)
+    else:
+        average_checkpoints(run, last=1, out=run / "checkpoints" / "averaged-1")
+    assert not any(path.name.startswith(".") for path in (run / "checkpoints").iterdir())

@@ -108,7 +108,20 @@ def remove_abandoned_writes(final: Path) -> None:
     for temporary in final.parent.glob(f".tmp-{glob.escape(final.name)}-*"):
         pid = temporary.name.rsplit("-", 1)[-1]
         if temporary.name == f".tmp-{final.name}-{pid}" and temporary.is_dir() and abandoned(temporary):
-            remove_checkpoint_dir(temporary)
+            remove_abandoned(temporary)
+
+
+def remove_abandoned(path: Path) -> None:
+    """Delete what a writer now gone left. Another process may find it at the same moment (a run's pruning
+    and an `average` into its checkpoints, two averages into one --out): two deletions of one tree stopped
+    the one that met a file the other had removed (FileNotFoundError; a run's pruning stopped the run). The
+    rename to a name of this process gives it to one of them; the others find it gone, as they wanted."""
+    claimed = path.parent / f".old-{path.name}-{os.getpid()}"
+    try:
+        os.replace(path, claimed)
+    except FileNotFoundError:
+        return
+    remove_checkpoint_dir(claimed)
 
 
 def write_experiment(
@@ -146,13 +159,14 @@ def prune_checkpoints(run_dir: Path, *, keep_last: int) -> list[Path]:
     if not parent.is_dir():
         return []
     protected = {read_pointer_name(run_dir, which) for which in POINTERS} - {None}
-    removed = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-")) and abandoned(path)]
+    left = [path for path in parent.iterdir() if path.name.startswith((".tmp-", ".old-")) and abandoned(path)]
+    for path in left:
+        remove_abandoned(path)
     steps = step_checkpoints(run_dir)
-    if keep_last > 0:
-        removed += [path for path in steps[:-keep_last] if path.name not in protected]
-    for path in removed:
+    old = [path for path in steps[:-keep_last] if path.name not in protected] if keep_last > 0 else []
+    for path in old:
         remove_out_of_sight(path)
-    return removed
+    return left + old
 
 
 def remove_out_of_sight(path: Path) -> None:
