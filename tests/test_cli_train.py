@@ -273,6 +273,12 @@ def test_a_tokenizer_that_is_not_a_directory_is_refused_before_the_data_is_read(
     message = f"error: --tokenizer {named}: no tokenizer in it (expected spm.model, or spm.src.model and spm.tgt.model)"
     message += "; it holds en-de.model: copy a model of both languages to spm.model, or one per side to spm.src.model"
     _fails_cleanly(capsys, _train_args(workspace, new, "--tokenizer", str(named)), message)
+    half = tmp_path / "half"  # one side's model: told to copy a model to the name it already had
+    half.mkdir()
+    (half / "spm.src.model").write_bytes(b"")
+    message = f"error: --tokenizer {half}: no tokenizer in it (expected spm.model, or spm.src.model and spm.tgt.model)"
+    message += "; it holds spm.src.model without spm.tgt.model: add the other side's model as spm.tgt.model"
+    _fails_cleanly(capsys, _train_args(workspace, new, "--tokenizer", str(half)), message)
     set_key = ["--set", f'data.tokenizer="{tmp_path / "none"}"']
     _fails_cleanly(capsys, _train_args(workspace, new, *set_key), f"error: data.tokenizer {tmp_path / 'none'}: no such")
     assert not new.exists()

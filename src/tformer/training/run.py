@@ -186,7 +186,11 @@ def check_tokenizer_dir(directory: str | None) -> None:
 
 def _rename_advice(path: Path) -> str:
     """What to rename, where the directory holds sentencepiece models under other names (en-de.model,
-    source.spm, sentencepiece.bpe.model, as other toolkits write them)."""
+    source.spm, sentencepiece.bpe.model, as other toolkits write them), or the side whose model is missing."""
+    halves = [name for name in (SRC_FILE, TGT_FILE) if (path / name).is_file()]
+    if len(halves) == 1:  # the other name's advice would tell to copy a model to the name it already has
+        missing = TGT_FILE if halves == [SRC_FILE] else SRC_FILE
+        return f"; it holds {halves[0]} without {missing}: add the other side's model as {missing}"
     try:
         models = sorted(item.name for item in path.iterdir() if item.suffix in (".model", ".spm") and item.is_file())
     except OSError:  # unreadable: the names cannot help
