@@ -717,7 +717,8 @@ def test_an_interrupt_while_overwrite_puts_the_new_run_in_place_waits_until_it_i
 
     monkeypatch.setattr(train_cli.shutil, "rmtree", interrupted_rmtree)
     assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 130
-    assert "interrupted" in capsys.readouterr().err
+    captured = capsys.readouterr()  # the interrupt comes after the line saying the swap was done, not instead
+    assert "interrupted" in captured.err and f"run {run} (replaced the previous run): step 2" in captured.out
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
     assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
 

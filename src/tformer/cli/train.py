@@ -222,17 +222,17 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     old_run = RunLock(out)  # a run that another process is still training is not replaced under it
     try:
         result = _train_staged(experiment, staging, out, quiet=args.quiet, options=options)
-        _swap_in(staging, out)
+        _swap_in(staging, out, done=f"run {out} (replaced the previous run): step {result.step}, {result.stop_reason}")
     finally:
         old_run.release()
-    print(f"run {out} (replaced the previous run): step {result.step}, {result.stop_reason}")
     return 0
 
 
-def _swap_in(staging: Path, out: Path) -> None:
-    """Put the finished new run in `staging` in the place of the old run in `out`, and delete the old one.
-    Ctrl-C and SIGTERM wait until it is done: one between the two renames left no RUN_DIR at all (both runs
-    hidden beside it), one during the deletion a hidden half-deleted `.NAME.replaced-PID` for good."""
+def _swap_in(staging: Path, out: Path, *, done: str) -> None:
+    """Put the finished new run in `staging` in the place of the old run in `out`, delete the old one, and
+    print `done`. Ctrl-C and SIGTERM wait until it is said: one between the two renames left no RUN_DIR at all
+    (both runs hidden beside it), one during the deletion a hidden half-deleted `.NAME.replaced-PID` for good,
+    and one taken before the line ended the command with only `interrupted`, though the new run was in place."""
     from tformer.termination import interrupts_held
 
     retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
@@ -240,6 +240,7 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.replace(out, retired)
         os.replace(staging, out)
         shutil.rmtree(retired)
+        print(done)
 
 
 def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
