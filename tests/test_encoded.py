@@ -192,17 +192,19 @@ def test_a_validation_set_of_more_batches_than_valid_every_is_warned_about(tmp_p
     with train.valid_every=200 training steps between them, and nothing said."""
     corpus = write_corpus(tmp_path, n_valid=200)
     experiment = tiny_experiment(corpus, "train.max_steps=1", "train.max_tokens=64")
-    start_run(
-        dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, valid_every=1000)), tmp_path / "a"
-    )
-    assert "validation set" not in capsys.readouterr().err
-    start_run(
-        dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, valid_every=3)), tmp_path / "b"
-    )
-    warned = [line for line in capsys.readouterr().err.splitlines() if "validation set" in line]
-    assert len(warned) == 1 and re.match(
-        r"warning: the validation set makes \d+ batches, more than the train.valid_every=3 training steps", warned[0]
-    ), warned
+
+    def warned_with(valid_every: int) -> list[str]:
+        train = dataclasses.replace(experiment.train, valid_every=valid_every)
+        start_run(dataclasses.replace(experiment, train=train), tmp_path / f"every-{valid_every}")
+        return [line for line in capsys.readouterr().err.splitlines() if "validation set" in line]
+
+    warned = warned_with(1)
+    found = re.match(r"warning: the validation set makes (\d+) batches, more than the train.valid_every=1 ", warned[0])
+    assert len(warned) == 1 and found, warned
+    batches = int(found[1])
+    assert batches > 2
+    assert warned_with(batches) == []  # as many batches as steps between validations: said only beyond that
+    assert len(warned_with(batches - 1)) == 1
 
 
 def test_a_changed_corpus_file_is_encoded_again(tmp_path: Path, monkeypatch) -> None:
