@@ -306,6 +306,27 @@ def test_a_model_trained_with_sentencepieces_default_ids_is_refused_in_one_line(
     assert "--pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3" in message
 
 
+def test_a_model_without_a_bos_piece_is_refused_naming_import_hf_for_marian_models(tmp_path: Path) -> None:
+    """OPUS-MT's source.spm/target.spm have no bos piece (and no pad): a user giving one as the tokenizer was
+    told only to retrain it, though `import-hf` brings the whole Marian model in."""
+    import io
+
+    import sentencepiece as spm
+
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SOURCES * 3), model_writer=writer, vocab_size=100, minloglevel=2, bos_id=-1, eos_id=0,
+        unk_id=1, pad_id=-1,
+    )  # fmt: skip
+    (tmp_path / "spm.model").write_bytes(writer.getvalue())
+    with pytest.raises(TokenizerError) as error:
+        Tokenizer.from_files(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'spm.model'} has no pad/bos piece (pad_id=-1, bos_id=-1)"), message
+    assert message.endswith("a Marian (OPUS-MT) model's file has no bos: `tformer import-hf` imports that model whole")
+    assert "\n" not in message
+
+
 def test_separate_models_with_other_special_ids_are_refused_saying_which(tmp_path: Path) -> None:
     """A source and a target model trained elsewhere with different ids were refused as '(3, 1, 2, 0) vs
     (0, 1, 2, 3)', naming neither the ids nor the way out."""

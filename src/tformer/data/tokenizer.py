@@ -421,10 +421,13 @@ def _load_model(path: Path) -> spm.SentencePieceProcessor:
     model = read_sentencepiece(path, called="tokenizer model")
     absent = [name for name, i in zip(SPECIAL_NAMES, _special_ids(model), strict=True) if i < 0]
     if absent:
+        # Marian's (OPUS-MT's) sentencepiece files have no bos piece: their model comes whole through import-hf
+        marian = "; a Marian (OPUS-MT) model's file has no bos: `tformer import-hf` imports that model whole"
+        marian = marian if "bos" in absent else ""
         raise TokenizerError(
             f"{path} has no {'/'.join(absent)} piece ({', '.join(f'{name}_id=-1' for name in absent)}); tformer needs "
             f"pad, bos, eos and unk: retrain it with --pad_id={PAD_ID} --bos_id={BOS_ID} --eos_id={EOS_ID} "
-            f"--unk_id={UNK_ID}, or leave out the tokenizer directory and let tformer train one"
+            f"--unk_id={UNK_ID}, or leave out the tokenizer directory and let tformer train one{marian}"
         )
     return model
 
