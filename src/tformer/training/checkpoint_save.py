@@ -116,9 +116,8 @@ def remove_abandoned(path: Path) -> None:
     and an `average` into its checkpoints, two averages into one --out): two deletions of one tree stopped
     the one that met a file the other had removed (FileNotFoundError; a run's pruning stopped the run). The
     rename to a name of this process gives it to one of them; the others find it gone, as they wanted."""
-    claimed = path.parent / f".old-{path.name}-{os.getpid()}"
     try:
-        os.replace(path, claimed)
+        claimed = _hidden(path)
     except FileNotFoundError:
         return
     remove_checkpoint_dir(claimed)
@@ -174,10 +173,15 @@ def remove_out_of_sight(path: Path) -> None:
     reading the run meanwhile (`average`, `info`) never lists a half-deleted checkpoint, and one reading its
     files sees it go and reads again (checkpoint_load.read_unchanged). A kill during the deletion leaves the
     hidden directory, which the next pruning removes."""
-    hidden = path if path.name.startswith(".") else path.parent / f".old-{path.name}-{os.getpid()}"
-    if hidden != path:
-        os.replace(path, hidden)
-    remove_checkpoint_dir(hidden)
+    remove_checkpoint_dir(_hidden(path))
+
+
+def _hidden(path: Path) -> Path:
+    """Rename `path` to a hidden name of this process, `.old-NAME-PID` (which pruning removes where a kill
+    leaves it), and return that."""
+    hidden = path.parent / f".old-{path.name}-{os.getpid()}"
+    os.replace(path, hidden)
+    return hidden
 
 
 def remove_checkpoint_dir(path: Path) -> None:
