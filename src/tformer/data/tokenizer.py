@@ -29,6 +29,7 @@ import io
 import re
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,14 @@ def normalize(text: str) -> str:
     refuse_surrogates(text)
     text = unicodedata.normalize("NFKC", text).replace("\u2581", " ")
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def unknown_characters(unknown_pieces: Iterable[str]) -> Counter[str]:
+    """How often each character of pieces read as <unk> occurs, in order of first appearance: the characters
+    a tokenizer has no piece for. The whitespace marker a piece may begin with is not one of them."""
+    characters = Counter(c for piece in unknown_pieces for c in piece)
+    characters.pop(MARKER, None)
+    return characters
 
 
 def refuse_surrogates(text: str) -> None:

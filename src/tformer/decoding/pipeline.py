@@ -25,6 +25,7 @@ from tformer.caller_warnings import warn_caller
 from tformer.config import DecodeConfig
 from tformer.data.corpus import check_no_nul
 from tformer.data.piece_floor import surely_too_long
+from tformer.data.tokenizer import unknown_characters
 from tformer.decoding import generate
 from tformer.decoding.heap import release_free_memory
 from tformer.decoding.memory import sentences_per_batch
@@ -195,8 +196,7 @@ class Translator:
             return
         self._unknown_warned = True
         pieces = getattr(self.tokenizer, "source_pieces", lambda line: [])(chunk[index])
-        unknown = dict.fromkeys(c for p, i in zip(pieces, encoded[index], strict=False) if i == unk_id for c in p)
-        unknown.pop("\u2581", None)  # a word's start, not a character of it
+        unknown = unknown_characters(p for p, i in zip(pieces, encoded[index], strict=False) if i == unk_id)
         shown = f" ({' '.join(unknown)})" if unknown else ""
         warn_caller(
             f"input line {first_line + index + 1} holds characters the tokenizer has no piece for{shown}: the model "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from tformer.config import (
     TrainConfig,
 )
 from tformer.config.pieces import smallest_vocab_size
-from tformer.data.tokenizer import JOINT_FILE, SRC_FILE, TGT_FILE, Tokenizer, sample_pairs
+from tformer.data.tokenizer import JOINT_FILE, SRC_FILE, TGT_FILE, Tokenizer, sample_pairs, unknown_characters
 from tformer.input_paths import check_input_dir
 from tformer.model import Transformer, count_parameters
 from tformer.model.size import check_fits_in_memory
@@ -270,7 +269,7 @@ def _warn_unknown_share(tokenizer: Tokenizer, corpus: TrainingText, directory: s
         pieces = [(piece, i) for text in texts for piece, i in zip(pieces_of(text), encode(text), strict=True)]
         unknown = [piece for piece, i in pieces if i == tokenizer.unk_id]
         if pieces and len(unknown) / len(pieces) > UNKNOWN_SHARE_WARNED:
-            characters = Counter(c for piece in unknown for c in piece if c != "\u2581")
+            characters = unknown_characters(unknown)
             shown = " ".join(c for c, _ in characters.most_common(10))
             say(
                 f"warning: {len(unknown) / len(pieces):.0%} of the {side} pieces of the training text are <unk>: the "
