@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
-#   bash benchmarks/gpu_check.sh new|graphs|eager|tests|compiled|all [DEST]
-# new: what no GPU has measured yet (after session 15): the GPU tests of the CUDA graphs (the padded graphed
-#        training steps' comparison, fixed after session 14's run), a kernel profile of the training step
-#        that #5 needs next (graphed, layers compiled, base 512x64x64, against HF compiled), the compiled
-#        decoding step on `base` again (a second measurement of session 14's 51.5k), then the compiled
-#        beam-4 step's kernel profile and `small`; about 9-11 minutes (compile times);
+#   bash benchmarks/gpu_check.sh new|profiles|graphs|eager|tests|compiled|all [DEST]
+# new: what no GPU has measured yet (session 21): the graphed step recording the objective compiled whole
+#        (`--graph --compile model`) against Marian compiled whole, base 512x64x64, then the GPU tests (the
+#        compiled objective inside the graph among them), then the same at 128x64x64, then that step's
+#        kernel profile; about 9 minutes (compile times);
+# profiles: the kernel profile of the graphed step with compiled layers (base 512x64x64, against HF
+#        compiled), the compiled decoding step on `base` again (a second measurement of session 14's 51.5k),
+#        then the compiled beam-4 step's kernel profile and `small`; about 9-11 minutes (compile times);
 # graphs: the CUDA-graph runs measured in sessions 3 and 13 again (compiled static decoding step, graphed
 #        training step with compiled layers, default and static decoding steps, graphed eager step), ~15 min;
 # eager: training base 512x64x64 and 128x64x64, small 128x64x64 (tformer, HF Marian, nn.Transformer) and
@@ -49,9 +51,18 @@ PY
 
 train=(benchmarks/train.py --device cuda --repeats 3)
 if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, most telling first
-  echo "== pytest: the CUDA graphs (decoding step, whole beam-search step, training step) against eager, no host sync in a DDP step"
-  timeout 150 "$PY" -m pytest -o addopts="" -q -rfE -p no:cacheprovider tests/test_static_step.py tests/test_graphed_step.py \
-    tests/test_training_step.py tests/test_top_k.py -k "cuda or gpu" 2>&1 | grep -v "Warning\|warn" | tail -n 60
+  run train_cuda_base_512x64x64_graph_compiled_model 240 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer,hf
+  if [ "$DEADLINE" -eq 0 ] || [ $(( $(date +%s) + 240 )) -le "$DEADLINE" ]; then
+    echo "== pytest: every GPU test (CUDA graphs of decoding and training steps, the compiled objective recorded, no host sync in a DDP step)"
+    timeout 240 "$PY" -m pytest -o addopts="" -q -rfE -p no:cacheprovider tests/test_graphed_step.py tests/test_static_step.py \
+      tests/test_training_step.py tests/test_top_k.py -k "(cuda or gpu) and not cpu" 2>&1 | grep -v "Warning\|warn" | tail -n 60
+  else
+    echo "-- pytest skipped: the deadline is $(( DEADLINE - $(date +%s) )) s away"
+  fi
+  run train_cuda_base_128x64x64_graph_compiled_model 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile model --systems tformer,hf
+  run train_cuda_base_512x64x64_graph_compiled_model_profile 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer --profile
+fi
+if [ "$STAGE" = profiles ] || [ "$STAGE" = all ]; then  # measured by no GPU yet either (prepared in session 15)
   run train_cuda_base_512x64x64_graph_compiled_profile 220 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf --profile
   run decode_cuda_base_compiled 240 benchmarks/decode.py --device cuda --preset base --sentences 256 --systems tformer,hf --compile-step
   run decode_cuda_base_compiled_beam4_profile 200 benchmarks/decode.py --device cuda --preset base --sentences 256 --beams 4 --systems tformer --compile-step --profile

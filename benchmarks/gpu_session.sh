@@ -3,7 +3,7 @@
 # speed benchmarks (benchmarks/gpu_check.sh) while time remains. Results are packed into
 # $OUT/results.tar.gz after each stage, so a call cut short still returns what finished.
 #   OUT=DIR bash benchmarks/gpu_session.sh DATA_DIR [TRAIN_SECONDS] [BUDGET_SECONDS] [STAGES]
-# STAGES: any of multi30k, new, graphs, eager, tests, compiled (default: multi30k,new,eager,tests,compiled).
+# STAGES: any of multi30k, new, profiles, graphs, eager, tests, compiled (default: multi30k,new,eager,tests,compiled).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA="$(realpath "${1:?data directory}")"
@@ -58,7 +58,7 @@ if [[ "$STAGES" == *multi30k* ]]; then
   fi
   pack
 fi
-for stage in new graphs eager tests compiled; do
+for stage in new profiles graphs eager tests compiled; do
   if [[ "$STAGES" == *$stage* ]]; then
     say "benchmarks: $stage"
     bash benchmarks/gpu_check.sh "$stage" "$WORK/bench" 2>&1 | tee -a "$LOG"

@@ -17,7 +17,8 @@ GPU with mode "reduce-overhead" (CUDA graphs): tformer's `runtime.compile_object
 `torch.compile(model, mode=...)`. Compile time is reported apart. `--graph` runs tformer's step as
 `training.graphed_step.GraphedTrainStep` (the kernels of forward, loss, backward, clipping and AdamW
 recorded once as one CUDA graph); with `--compile` (per layer) tformer's compiled layers are what the graph
-records (fused element-wise kernels, no launches), with `--compile model` only Marian is compiled.
+records (fused element-wise kernels, no launches), with `--compile model` its whole objective compiled
+without CUDA graphs of its own (`compile_objective(..., inside_cuda_graph=True)`), recorded into the step's.
 per figure: tokens_per_s (source + target), target_tokens_per_s, mfu (GPU), peak_memory_mb (GPU),
 compile_s (with --compile), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
 """
@@ -78,7 +79,7 @@ def parse_args():
         "--graph",
         action="store_true",
         help="tformer: the whole step recorded as one CUDA graph (training.graphed_step); with --compile "
-        "(layers) the compiled layers are recorded, with --compile model only Marian is compiled",
+        "the compiled layers, or with --compile model the compiled objective, are what it records",
     )
     parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
     parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
@@ -116,10 +117,12 @@ def tformer_system(model: Transformer, batch: Batch, args) -> Any:
     optimizer = build_optimizer(model, TrainConfig(), device=device)
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     on_device = batch.to(device)
+    compiled = args.compile == "model"
     if args.graph:
+        objective = compile_objective(TrainingObjective(model), device, inside_cuda_graph=True) if compiled else None
         graphed = GraphedTrainStep(
             model, optimizer, batch_shape=(args.sentences, args.src_len, args.tgt_len), smoothing=SMOOTHING,
-            special_ids=(PAD, BOS, EOS), clip_norm=CLIP, device=device, autocast_dtype=autocast,
+            special_ids=(PAD, BOS, EOS), clip_norm=CLIP, device=device, autocast_dtype=autocast, objective=objective,
         )  # fmt: skip
 
         def run_graphed() -> None:
@@ -127,7 +130,7 @@ def tformer_system(model: Transformer, batch: Batch, args) -> Any:
                 graphed(on_device, lr=1e-4)
 
         return run_graphed
-    objective = compile_objective(TrainingObjective(model), device) if args.compile == "model" else None
+    objective = compile_objective(TrainingObjective(model), device) if compiled else None
 
     def run() -> None:
         for _ in range(args.steps):
@@ -325,7 +328,10 @@ def main() -> None:
             + (
                 "tformer: GraphedTrainStep, the same step as train_step (label smoothing 0.1, clip 1.0, AdamW, "
                 "capturable) recorded once as a CUDA graph after 3 eager steps and replayed"
-                + (", its layers compiled (torch.compile per layer). " if args.compile == "layers" else ". ")
+                + {
+                    "layers": ", its layers compiled (torch.compile per layer). ",
+                    "model": ", its model and loss compiled whole (torch.compile, no CUDA graphs of its own). ",
+                }.get(args.compile, ". ")
                 if args.graph
                 else "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). "
             )
@@ -335,8 +341,9 @@ def main() -> None:
             "and output projection, the same loss, clip and AdamW, its attention and feed-forward-activation "
             "dropout set to the config's (0) and its final LayerNorms removed, so that it does tformer's work. "
             "Dropout 0.1 on the embeddings and residuals everywhere. With --compile layers every system compiles "
-            "its layers in place with dynamic shapes. Every system uses torch.optim.AdamW(fused=True) (Hugging Face "
-            "Trainer's default optimizer). "
+            "its layers in place with dynamic shapes; with --compile model Marian and nn.Transformer are compiled "
+            "whole (torch.compile, mode reduce-overhead on a GPU). Every system uses torch.optim.AdamW(fused=True) "
+            "(Hugging Face Trainer's default optimizer). "
             f"Peak for MFU: {peak if peak else 'n/a (CPU)'} FLOP/s."
         )
         write_record(path, title=f"Training speed, {args.device}, {args.preset}", env=environment(args.device),

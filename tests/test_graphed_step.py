@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import threading
 
 import pytest
@@ -14,11 +15,15 @@ import torch
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import Batch
 from tformer.model import Transformer
+from tformer.runtime import compile_objective
 from tformer.training.graphed_step import WARMUP_STEPS, GraphedSteps, GraphedTrainStep, make_capturable
 from tformer.training.optimizer import build_optimizer
-from tformer.training.step import train_step
+from tformer.training.step import TrainingObjective, train_step
 
 PAD, BOS, EOS = 0, 1, 2
+needs_a_c_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C compiler"
+)
 
 
 @pytest.fixture
@@ -58,17 +63,25 @@ def _resumed_optimizer(model: Transformer, train: TrainConfig, device: torch.dev
 
 
 def _compare(
-    device: torch.device, dtype: torch.dtype, autocast: torch.dtype | None, tolerance: float, *, resumed: bool = False
+    device: torch.device,
+    dtype: torch.dtype,
+    autocast: torch.dtype | None,
+    tolerance: float,
+    *,
+    resumed: bool = False,
+    compiled: bool = False,
 ) -> None:
+    """`compiled`: the graphed step records the objective compiled whole (runtime.compile_objective)."""
     config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
     eager = Transformer(config, seed=5).to(device=device, dtype=dtype).train()
     graphed = copy.deepcopy(eager)
     train = TrainConfig(weight_decay=0.01)
     eager_optimizer = build_optimizer(eager, train, device=device)
     make_optimizer = _resumed_optimizer if resumed else build_optimizer
+    objective = compile_objective(TrainingObjective(graphed), device, inside_cuda_graph=True) if compiled else None
     step = GraphedTrainStep(
         graphed, make_optimizer(graphed, train, device=device), batch_shape=(4, 6, 5), smoothing=0.1,
-        special_ids=(PAD, BOS, EOS), clip_norm=0.5, device=device, autocast_dtype=autocast,
+        special_ids=(PAD, BOS, EOS), clip_norm=0.5, device=device, autocast_dtype=autocast, objective=objective,
     )  # fmt: skip
     for index in range(WARMUP_STEPS + 3):  # eager warm-up steps, the recorded step, two replays
         batch = _batch(index)
@@ -92,6 +105,18 @@ def test_the_graphed_step_updates_like_train_step_on_the_cpu():
 def test_the_recorded_graph_updates_like_train_step_on_the_gpu():
     _compare(torch.device("cuda"), torch.float32, None, 1e-4)
     _compare(torch.device("cuda"), torch.float32, torch.bfloat16, 2e-2)
+
+
+@needs_a_c_compiler
+def test_a_graphed_step_with_the_objective_compiled_whole_updates_like_train_step_on_the_cpu():
+    _compare(torch.device("cpu"), torch.float64, None, 1e-9, compiled=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
+def test_the_recorded_graph_of_a_compiled_objective_updates_like_train_step_on_the_gpu(no_tf32):
+    """torch.compile's kernels (no CUDA graphs of its own) recorded into the step's graph with the optimizer."""
+    _compare(torch.device("cuda"), torch.float32, None, 1e-4, compiled=True)
+    _compare(torch.device("cuda"), torch.float32, torch.bfloat16, 2e-2, compiled=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA graph needs a GPU")
@@ -274,6 +299,41 @@ def test_a_run_with_cuda_graphs_trains_and_resumes_like_an_eager_run(tmp_path, m
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=needs_a_c_compiler),
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
+def test_a_run_with_cuda_graphs_and_the_objective_compiled_whole_trains_like_an_eager_run(
+    tmp_path, monkeypatch, no_tf32, device
+):
+    """train.cuda_graphs with --compile model: each rounded shape's graph records the compiled objective
+    (compiled again, as dynamic, for the second shape); in fp32 the losses are the eager run's to rounding."""
+    from training_helpers import tiny_experiment, write_corpus
+
+    from tformer.training import loop, start_run
+
+    monkeypatch.setattr(loop, "configure_backends", lambda device: None)  # no TF32: both runs in plain fp32
+    corpus = write_corpus(tmp_path)
+    losses = {}
+    for graphs in (False, True):
+        run = tmp_path / f"run-{graphs}"
+        settings = [f"train.device={device}", "train.precision=fp32", "model.dropout=0.0", "train.max_steps=6"]
+        experiment = tiny_experiment(corpus, *settings, f"train.cuda_graphs={str(graphs).lower()}")
+        trainer = start_run(experiment, run, quiet=True, compile_mode="model" if graphs else "none")
+        trainer.train()
+        if graphs:
+            assert len(trainer.graphed_steps.steps) >= 2  # batches of more than one rounded shape
+            assert all(step.objective is trainer.objective for step in trainer.graphed_steps.steps.values())
+            assert hasattr(trainer.objective, "_orig_mod")  # compiled
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[graphs] = [row["train_loss"] for row in rows if "train_loss" in row]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_cuda_graphs_refuse_what_they_cannot_record(tmp_path):
     from training_helpers import tiny_experiment, write_corpus
 
@@ -289,19 +349,25 @@ def test_cuda_graphs_refuse_what_they_cannot_record(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+    ("device", "compiled"),
+    [
+        ("cpu", False),
+        pytest.param("cuda", False, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+        pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
 )
-def test_dropout_draws_new_masks_at_every_replay_on_the_gpu(device):
+def test_dropout_draws_new_masks_at_every_replay_on_the_gpu(device, compiled):
     """A recorded step replays its kernels with the random generator's offset advanced, so each replay
-    draws new dropout masks (attention dropout in the fused kernel included). At learning rate 0 the
-    weights stay as they are, so the same batch gives another loss at every step only through dropout."""
+    draws new dropout masks (attention dropout in the fused kernel included; `compiled`: torch.compile's
+    own dropout kernels, the objective compiled whole). At learning rate 0 the weights stay as they are, so
+    the same batch gives another loss at every step only through dropout."""
     device = torch.device(device)
     config = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.3, attention_dropout=0.3)
     model = Transformer(config, seed=2).to(device).train()
+    objective = compile_objective(TrainingObjective(model), device, inside_cuda_graph=True) if compiled else None
     step = GraphedTrainStep(
         model, build_optimizer(model, TrainConfig(), device=device), batch_shape=(4, 6, 5), smoothing=0.1,
-        special_ids=(PAD, BOS, EOS), clip_norm=0.0, device=device, autocast_dtype=None,
+        special_ids=(PAD, BOS, EOS), clip_norm=0.0, device=device, autocast_dtype=None, objective=objective,
     )  # fmt: skip
     batch = _batch(0).to(device)
     losses = [float(step(batch, lr=0.0).loss_sum) for _ in range(WARMUP_STEPS + 3)]  # warm-up, record, 2 replays

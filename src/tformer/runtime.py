@@ -309,15 +309,18 @@ def compile_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_objective(objective: nn.Module, device: torch.device) -> nn.Module:
+def compile_objective(objective: nn.Module, device: torch.device, *, inside_cuda_graph: bool = False) -> nn.Module:
     """`torch.compile` the whole training objective (model and loss, forward and backward) as one graph.
 
     On a GPU with mode "reduce-overhead": the compiled forward and backward are also captured as CUDA
     graphs and replayed, which removes the per-operation launch cost that bounds an eager step at
     moderate batch sizes. A graph is recorded for each new batch shape, so this pays off when shapes
     repeat (fixed-size batches, benchmarks); with token-budget batches of many shapes prefer
-    `compile_layers`. The module's parameters are the model's own: nothing is copied."""
-    return torch.compile(objective, mode="reduce-overhead" if device.type == "cuda" else None)
+    `compile_layers`. `inside_cuda_graph`: the caller records the compiled objective into a CUDA graph of
+    its own (training.graphed_step, which records the whole step, optimizer included), so torch.compile
+    records none (its default mode). The module's parameters are the model's own: nothing is copied."""
+    own_graphs = device.type == "cuda" and not inside_cuda_graph
+    return torch.compile(objective, mode="reduce-overhead" if own_graphs else None)
 
 
 def recording(graph: torch.cuda.CUDAGraph, device: torch.device, *, pool: tuple | None = None) -> torch.cuda.graph:

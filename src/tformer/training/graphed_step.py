@@ -82,12 +82,15 @@ class GraphedTrainStep:
         device: torch.device,
         autocast_dtype: torch.dtype | None,
         pool: tuple | None = None,
+        objective: nn.Module | None = None,
     ) -> None:
         """`special_ids` = (pad, bos, eos); `pool` a memory pool (torch.cuda.graph_pool_handle()) to record
-        into, shared with other GraphedTrainSteps that never run at the same time."""
+        into, shared with other GraphedTrainSteps that never run at the same time; `objective` computes
+        the summed loss and NLL of a batch: `TrainingObjective(model)` by default, or that module compiled
+        whole (`runtime.compile_objective(..., inside_cuda_graph=True)`), whose kernels the graph records."""
         B, S, T = batch_shape
         self.model = model
-        self.objective = TrainingObjective(model)
+        self.objective = TrainingObjective(model) if objective is None else objective
         self.optimizer = make_capturable(optimizer, device)
         self.smoothing, self.clip_norm = smoothing, clip_norm
         self.pad_id, self.bos_id, self.eos_id = special_ids
@@ -207,11 +210,14 @@ class GraphedSteps:
         clip_norm: float,
         device: torch.device,
         autocast_dtype: torch.dtype | None,
+        objective: nn.Module | None = None,
     ) -> None:
+        """`objective` as GraphedTrainStep's, one for every shape (a compiled one compiles again, as
+        dynamic, when the second shape comes)."""
         self.model, self.optimizer = model, optimizer  # each GraphedTrainStep makes it capturable
         self.options = dict(
             smoothing=smoothing, special_ids=special_ids, clip_norm=clip_norm, device=device,
-            autocast_dtype=autocast_dtype,
+            autocast_dtype=autocast_dtype, objective=objective,
         )  # fmt: skip
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.steps: dict[tuple[int, int, int], GraphedTrainStep] = {}

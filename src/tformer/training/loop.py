@@ -130,10 +130,12 @@ class Trainer(TrainerState):
         if self.distributed.enabled:
             device_ids = [self.device.index] if cuda else None
             objective = DistributedDataParallel(objective, device_ids=device_ids, **_NO_BUFFER_SYNC)
-        self.objective = compile_objective(objective, self.device) if compile_mode == "model" else objective
+        if self.train_config.cuda_graphs and (self.distributed.enabled or loss_chunk):
+            raise ConfigError("train.cuda_graphs runs in one process and without --loss-chunk")
+        if compile_mode == "model":  # with cuda_graphs, the graphed steps record the compiled objective
+            objective = compile_objective(objective, self.device, inside_cuda_graph=self.train_config.cuda_graphs)
+        self.objective = objective
         self.optimizer = build_optimizer(self.model, self.train_config, device=self.device)
-        if self.train_config.cuda_graphs and (self.distributed.enabled or compile_mode == "model" or loss_chunk):
-            raise ConfigError("train.cuda_graphs runs in one process, without --compile model and without --loss-chunk")
         self.graphed_steps: GraphedSteps | None = None  # made when training starts (after a restore)
         stop_metric = self.train_config.stop_metric
         self.early_stopping = EarlyStopping(
@@ -274,6 +276,7 @@ class Trainer(TrainerState):
                 clip_norm=config.clip_norm,
                 device=self.device,
                 autocast_dtype=self.autocast_dtype,
+                objective=self.objective,
             )
         result = self.graphed_steps(batch, lr=lr)
         grad_norm = None if result.grad_norm is None else result.grad_norm.clone()
