@@ -14,7 +14,8 @@ system on both devices.
 `--compile` compiles every encoder and decoder layer in place (tformer: `tformer.runtime.compile_layers`;
 Marian: the same per-layer `nn.Module.compile`); `--compile model` compiles the whole model and loss, on a
 GPU with mode "reduce-overhead" (CUDA graphs): tformer's `runtime.compile_objective`, Marian's whole
-`torch.compile(model, mode=...)`. Compile time is reported apart. `--graph` runs tformer's step as
+`torch.compile(model, mode=...)`; `--rivals-compile none|layers|model` compiles the rivals otherwise than
+tformer. Compile time is reported apart. `--graph` runs tformer's step as
 `training.graphed_step.GraphedTrainStep` (the kernels of forward, loss, backward, clipping and AdamW
 recorded once as one CUDA graph); with `--compile` (per layer) tformer's compiled layers are what the graph
 records (fused element-wise kernels, no launches), with `--compile model` its whole objective compiled
@@ -76,6 +77,13 @@ def parse_args():
         help="torch.compile for tformer and Marian: each layer (layers, default) or the whole model (CUDA graphs)",
     )
     parser.add_argument(
+        "--rivals-compile",
+        choices=["same", "none", "layers", "model"],
+        default="same",
+        help="how Marian and nn.Transformer are compiled: as --compile says (same, default), or not at all "
+        "(none: tformer's best step against the rivals as most run them), per layer, or whole",
+    )
+    parser.add_argument(
         "--graph",
         action="store_true",
         help="tformer: the whole step recorded as one CUDA graph (training.graphed_step); with --compile "
@@ -98,6 +106,8 @@ def parse_args():
     except ValueError:
         parser.error(f"--batch must look like 64x32x32, got {args.batch!r}")
     args.steps = args.steps or (1 if args.quick else 20 if gpu else 2)
+    args.rivals_compile = args.compile if args.rivals_compile == "same" else args.rivals_compile
+    args.rivals_compile = None if args.rivals_compile == "none" else args.rivals_compile
     if args.quick:
         args.repeats = 1
     return args
@@ -255,9 +265,9 @@ def main() -> None:
     if "hf" in systems:
         hf_model = hf_rival(model, bos_id=BOS, eos_id=EOS, pad_id=PAD).to(args.device).train()
         hf_attention = getattr(hf_model.config, "_attn_implementation", "?")
-        if args.compile == "layers":
+        if args.rivals_compile == "layers":
             compile_rival_layers([*hf_model.model.encoder.layers, *hf_model.model.decoder.layers])
-        elif args.compile == "model":
+        elif args.rivals_compile == "model":
             hf_model = torch.compile(hf_model, mode="reduce-overhead" if args.device == "cuda" else None)
         runs["hf"] = hf_system(hf_model, batch, args)
     if "tformer" in systems:
@@ -268,9 +278,9 @@ def main() -> None:
     if "torch" in systems:
         torch.manual_seed(0)
         torch_model = TorchTransformer(config, args.vocab_size).to(args.device).train()
-        if args.compile == "layers":
+        if args.rivals_compile == "layers":
             compile_rival_layers([*torch_model.core.encoder.layers, *torch_model.core.decoder.layers])
-        elif args.compile == "model":
+        elif args.rivals_compile == "model":
             torch_model = torch.compile(torch_model, mode="reduce-overhead" if args.device == "cuda" else None)
         runs["torch"] = torch_system(torch_model, batch, args)
     for name, run in runs.items():  # the first call (compilation when --compile) is timed apart
@@ -284,6 +294,7 @@ def main() -> None:
         print_profiles(runs, args.device)
     common: dict[str, Any] = dict(
         bench="train", preset=args.preset, device=args.device, batch=args.batch, compile=args.compile,
+        rivals_compile=args.rivals_compile,
         tformer_graph=args.graph,
         dtype="bf16-autocast" if args.precision == "bf16" else "fp32",
     )  # fmt: skip
@@ -340,10 +351,12 @@ def main() -> None:
             "torch: nn.Transformer with tied embeddings "
             "and output projection, the same loss, clip and AdamW, its attention and feed-forward-activation "
             "dropout set to the config's (0) and its final LayerNorms removed, so that it does tformer's work. "
-            "Dropout 0.1 on the embeddings and residuals everywhere. With --compile layers every system compiles "
-            "its layers in place with dynamic shapes; with --compile model Marian and nn.Transformer are compiled "
-            "whole (torch.compile, mode reduce-overhead on a GPU). Every system uses torch.optim.AdamW(fused=True) "
-            "(Hugging Face Trainer's default optimizer). "
+            "Dropout 0.1 on the embeddings and residuals everywhere. Marian and nn.Transformer "
+            + {
+                "layers": "compile each layer in place with dynamic shapes (as tformer's --compile layers). ",
+                "model": "are compiled whole (torch.compile, mode reduce-overhead on a GPU). ",
+            }.get(args.rivals_compile, "run eagerly (not compiled). ")
+            + "Every system uses torch.optim.AdamW(fused=True) (Hugging Face Trainer's default optimizer). "
             f"Peak for MFU: {peak if peak else 'n/a (CPU)'} FLOP/s."
         )
         write_record(path, title=f"Training speed, {args.device}, {args.preset}", env=environment(args.device),

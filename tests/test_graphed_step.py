@@ -94,7 +94,20 @@ def _compare(
         torch.testing.assert_close(got.loss_sum, expected.loss_sum, rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(got.grad_norm, expected.grad_norm, rtol=tolerance, atol=tolerance)
     for (name, a), b in zip(graphed.named_parameters(), eager.parameters(), strict=True):
+        if compiled:  # other kernels, other rounding: the key biases' zero gradients differ in their noise
+            a, b = _without_key_biases(name, a, b)
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def _without_key_biases(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two runs' values of parameter `name`, the key bias left out of an attention projection's bias. A key
+    bias gets a gradient that is 0 in exact arithmetic (softmax does not see it): Adam turns its rounding
+    noise, which differs from kernel to kernel, into steps of +-lr."""
+    if name.endswith("qkv_proj.bias"):
+        return a.view(3, -1)[0::2], b.view(3, -1)[0::2]  # query and value biases
+    if name.endswith("kv_proj.bias"):
+        return a.view(2, -1)[1], b.view(2, -1)[1]  # value bias
+    return a, b
 
 
 def test_the_graphed_step_updates_like_train_step_on_the_cpu():
@@ -253,12 +266,7 @@ def test_the_trainer_with_cuda_graphs_trains_like_the_eager_trainer(tmp_path):
         runs[graphs] = tmp_path / f"run-{graphs}"
     eager, graphed = load_run(runs[False], which="last"), load_run(runs[True], which="last")
     for (name, a), b in zip(graphed.model.state_dict().items(), eager.model.state_dict().values(), strict=True):
-        # key biases get a gradient that is 0 in exact arithmetic (softmax does not see them): Adam turns its
-        # rounding noise into steps of +-lr, so they are left out
-        if name.endswith("qkv_proj.bias"):
-            a, b = a.view(3, -1)[0::2], b.view(3, -1)[0::2]  # query and value biases
-        elif name.endswith("kv_proj.bias"):
-            a, b = a.view(2, -1)[1], b.view(2, -1)[1]  # value bias
+        a, b = _without_key_biases(name, a, b)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     losses = [
         [json.loads(line).get("train_loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
