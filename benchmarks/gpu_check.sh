@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU speed benchmarks of benchmarks/train.py and benchmarks/decode.py, in order of importance.
 #   bash benchmarks/gpu_check.sh new|profiles|graphs|eager|tests|compiled|all [DEST]
-# new: what no GPU has measured yet (session 21): the graphed step recording the objective compiled whole
+# new: session 21's runs (records *_session21.md): the graphed step recording the objective compiled whole
 #        (`--graph --compile model`) against Marian compiled whole, base 512x64x64, then the GPU tests (the
-#        compiled objective inside the graph among them), then the same at 128x64x64, then that step's
-#        kernel profile; about 9 minutes (compile times);
+#        compiled objective inside the graph among them), then the same at 128x64x64, that step's kernel
+#        profile, and both batches against Marian eager (--rivals-compile none); about 10 minutes;
 # profiles: the kernel profile of the graphed step with compiled layers (base 512x64x64, against HF
 #        compiled), the compiled decoding step on `base` again (a second measurement of session 14's 51.5k),
 #        then the compiled beam-4 step's kernel profile and `small`; about 9-11 minutes (compile times);
@@ -55,12 +55,15 @@ if [ "$STAGE" = new ] || [ "$STAGE" = all ]; then  # what no GPU has run yet, mo
   if [ "$DEADLINE" -eq 0 ] || [ $(( $(date +%s) + 240 )) -le "$DEADLINE" ]; then
     echo "== pytest: every GPU test (CUDA graphs of decoding and training steps, the compiled objective recorded, no host sync in a DDP step)"
     timeout 240 "$PY" -m pytest -o addopts="" -q -rfE -p no:cacheprovider tests/test_graphed_step.py tests/test_static_step.py \
-      tests/test_training_step.py tests/test_top_k.py -k "(cuda or gpu) and not cpu" 2>&1 | grep -v "Warning\|warn" | tail -n 60
+      tests/test_training_step.py tests/test_top_k.py -k "(cuda or gpu) and not cpu" -p no:logging 2>&1 \
+      | grep -v "Warning:\|warnings.warn(\|^DEBUG" | tail -n 60
   else
     echo "-- pytest skipped: the deadline is $(( DEADLINE - $(date +%s) )) s away"
   fi
   run train_cuda_base_128x64x64_graph_compiled_model 150 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile model --systems tformer,hf
   run train_cuda_base_512x64x64_graph_compiled_model_profile 200 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --systems tformer --profile
+  run train_cuda_base_128x64x64_graph_compiled_model_vs_hf_eager 130 "${train[@]}" --preset base --batch 128x64x64 --steps 20 --graph --compile model --rivals-compile none --systems tformer,hf
+  run train_cuda_base_512x64x64_graph_compiled_model_vs_hf_eager 130 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile model --rivals-compile none --systems tformer,hf
 fi
 if [ "$STAGE" = profiles ] || [ "$STAGE" = all ]; then  # measured by no GPU yet either (prepared in session 15)
   run train_cuda_base_512x64x64_graph_compiled_profile 220 "${train[@]}" --preset base --batch 512x64x64 --steps 10 --graph --compile --systems tformer,hf --profile

@@ -114,8 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         choices=["layers", "model"],
         help="torch.compile each encoder/decoder layer in place (--compile alone, or layers), or the whole model "
-        "and loss with CUDA graphs on a GPU (model: a new recording per batch shape, so it suits shapes that repeat); "
-        "default: no compilation",
+        "and loss with CUDA graphs on a GPU (model: a new recording per batch shape, so it suits shapes that repeat; "
+        "with --set train.cuda_graphs=true the step's own graphs record it, the fastest GPU step); default: no "
+        "compilation",
     )
     parser.add_argument(
         "--loss-chunk",
