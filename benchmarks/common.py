@@ -120,6 +120,7 @@ def environment(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "tformer": _tformer_measured(),
         "git_commit": _git("rev-parse", "HEAD"),
         # tracked files only: the record of the run before (not yet committed) does not make the code dirty
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -133,6 +134,18 @@ def environment(device: str) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def _tformer_measured() -> str:
+    """The version and place of the tformer the benchmark imported. The git fields describe this checkout,
+    which is the code measured only when tformer comes from its src/ (`pip install -e .`, PYTHONPATH=src):
+    an installed wheel or another checkout's editable install is measured under this checkout's commit."""
+    import tformer
+
+    package = Path(tformer.__file__).resolve().parent
+    if package == RESULTS_DIR.parent.parent / "src" / "tformer":
+        return f"{tformer.__version__} from this checkout's src/tformer"
+    return f"{tformer.__version__} from {package}, not this checkout (its git fields do not describe it)"
 
 
 def command_line() -> str:

@@ -3,10 +3,12 @@ worker process) runs, decoding produces the fixed output length, and the JSON li
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -50,14 +52,19 @@ def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None
     assert ratios["ratio_vs_hf"] == pytest.approx(rates["tformer"] / rates["hf"], rel=1e-2, abs=1e-3)
 
 
-def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Path) -> None:
-    import datetime as dt
-    import importlib.util
-
+def benchmark_common() -> ModuleType:
+    """benchmarks/common.py, imported as the scripts import it (not a package)."""
     spec = importlib.util.spec_from_file_location("benchmark_common", BENCHMARKS / "common.py")
     assert spec is not None and spec.loader is not None
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
+    return common
+
+
+def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Path) -> None:
+    import datetime as dt
+
+    common = benchmark_common()
     today = dt.date.today().isoformat()
     names = []
     for _ in range(3):
@@ -69,6 +76,22 @@ def test_an_automatic_record_name_never_replaces_an_earlier_record(tmp_path: Pat
     assert base.name == f"decode_cpu_base_{today}.md"  # a base run's record is not named as a small one's run2
     assert common.record_path("train", "cpu", str(tmp_path / "x.md")) == tmp_path / "x.md"
     assert common.record_path("train", "cpu", None) is None
+
+
+def test_a_record_names_the_tformer_it_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The scripts import whichever tformer is installed, but the record's git fields describe the checkout
+    the scripts are in: a wheel, or another checkout's editable install, was measured under this commit."""
+    import tformer
+
+    common = benchmark_common()
+    in_checkout = (BENCHMARKS.parent / "src" / "tformer").resolve() == Path(tformer.__file__).resolve().parent
+    if in_checkout:  # the tests import this checkout's tformer (pip install -e . or PYTHONPATH=src)
+        assert common.environment("cpu")["tformer"] == f"{tformer.__version__} from this checkout's src/tformer"
+    installed = tmp_path / "site-packages" / "tformer"
+    monkeypatch.setattr(tformer, "__file__", str(installed / "__init__.py"))
+    assert common.environment("cpu")["tformer"] == (
+        f"{tformer.__version__} from {installed}, not this checkout (its git fields do not describe it)"
+    )
 
 
 def test_the_nn_transformer_rival_drops_out_its_embeddings_as_tformer_and_marian_do() -> None:
