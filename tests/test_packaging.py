@@ -142,6 +142,13 @@ def test_the_serve_extra_requires_the_pydantic_the_api_is_written_for() -> None:
     assert "pydantic>=2" in [requirement.replace(" ", "") for requirement in extras["serve"]]
 
 
+def test_the_bench_extra_installs_the_client_of_the_serving_benchmark() -> None:
+    """benchmarks/serve.py sends its requests with httpx (tformer.serving.load); only the dev extra installed
+    it, so `pip install 'tformer[serve,bench]'` then the load test of docs/serving.md ended in a traceback."""
+    extras = PROJECT["project"]["optional-dependencies"]
+    assert "httpx>=0.27" in [requirement.replace(" ", "") for requirement in extras["bench"]]
+
+
 def test_the_dev_extra_installs_the_setuptools_the_build_tests_use() -> None:
     """The tests above build the wheel and sdist with the environment's setuptools; the setuptools of a
     fresh Python 3.11 venv (65.5) cannot read this pyproject.toml, and Python 3.12's venvs have none."""
