@@ -164,6 +164,17 @@ def test_every_benchmark_record_the_docs_cite_exists() -> None:
     assert cited and sorted(name for name in cited if not (REPO / name).is_file()) == []
 
 
+def test_the_goal_table_of_the_performance_page_names_records_that_exist() -> None:
+    """The goal table's record column named records by abbreviations (`..._session13.md`) that matched no
+    file, or a file other than the one measured: each name there must be a whole record's name."""
+    text = (REPO / "docs" / "performance.md").read_text(encoding="utf-8")
+    section = text.split("## Where the goals stand", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| #")]
+    names = [name for row in rows for name in re.findall(r"`([^`]+\.md)`", row[3])]
+    assert rows and names
+    assert [name for name in names if not (REPO / "benchmarks" / "results" / name).is_file()] == []
+
+
 def test_tformer_requires_the_torch_its_multi_process_runs_and_transformers_5_work_with() -> None:
     """Below torch 2.8 gloo's process group held the GIL while its destructor joined threads that needed it
     (torch PR 154976): on torch 2.4 and 2.6 a process of a multi-process run hung in leave_process_group,
