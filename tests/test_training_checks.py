@@ -209,6 +209,34 @@ def test_resume_that_changes_how_the_stop_metric_is_measured_starts_early_stoppi
     assert "early stopping starts afresh, comparing only values measured the new way" in err
 
 
+@pytest.mark.parametrize(
+    ("dropped", "overrides", "line"),
+    [
+        (("metric", "measured_with"), ["train.stop_metric=chrf", "train.bleu_every=4"], "changed from loss to chrf"),
+        (("measured_with",), ["train.label_smoothing=0.0"], "train.label_smoothing changed since the best loss"),
+    ],
+)
+def test_an_older_checkpoint_resumed_with_another_stop_metric_starts_early_stopping_afresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture, dropped: tuple[str, ...], overrides: list[str], line: str
+) -> None:
+    """Checkpoints of older tformer keep early stopping's best value without its metric (or its settings): a
+    resume with --set train.stop_metric=bleu took that state as the new metric's, compared BLEUs with the
+    best loss (stopped by patience, 'bleu did not improve (best 5.341 at step 30)'); the checkpoint's
+    experiment.json says how it was measured."""
+    corpus = write_corpus(tmp_path, n_train=40)
+    start_run(tiny_experiment(corpus, "train.max_steps=4"), tmp_path / "run", quiet=True).train()
+    path = tmp_path / "run" / ckpt.CHECKPOINTS_DIR / ckpt.step_name(4) / ckpt.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    for key in dropped:
+        del state["early_stopping"][key]
+    torch.save(state, path)
+    changed = resume_run(tmp_path / "run", overrides=[*overrides, "train.max_steps=8"])
+    assert changed.early_stopping.best is None and changed.early_stopping.best_step == 0
+    assert line in capsys.readouterr().err
+    same = resume_run(tmp_path / "run", overrides=["train.max_steps=8"])
+    assert same.early_stopping.best_step == 4 and "afresh" not in capsys.readouterr().err
+
+
 def test_checkpoints_without_the_new_trainer_state_keys_still_resume(tmp_path: Path) -> None:
     """Checkpoints written before the stopping metric's name, the logging window and the thread count were stored."""
     corpus = write_corpus(tmp_path, n_train=40)

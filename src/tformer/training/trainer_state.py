@@ -24,7 +24,7 @@ from tformer.training.metrics_log import MetricsLog
 from tformer.training.progress import shown
 from tformer.training.rng_state import load_rng_state, rng_state
 from tformer.training.saving import remove_later_checkpoints
-from tformer.training.validation import EarlyStopping
+from tformer.training.validation import EarlyStopping, metric_settings
 
 if TYPE_CHECKING:
     from tformer.config import TrainConfig
@@ -137,7 +137,9 @@ class TrainerState:
         rows and the step checkpoints after it are removed: saving.remove_later_checkpoints)."""
         checkpoint_load.load_weights(self.model, checkpoint_dir)
         try:
-            self.load_state_dict(checkpoint_load.load_trainer_state(checkpoint_dir))
+            self.load_state_dict(
+                _stopping_state_named(checkpoint_load.load_trainer_state(checkpoint_dir), checkpoint_dir)
+            )
         # any of these from a damaged or crafted file (an optimizer state that is a list, an RNG state too short)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
             if isinstance(error, ckpt.CheckpointError):
@@ -194,6 +196,19 @@ def effective_batch_change(before: list[int] | None, now: list[int]) -> str | No
     if keeping > 0 and remainder == 0:
         line += f"; --set train.accumulate={keeping} keeps {total:,}"
     return line
+
+
+def _stopping_state_named(state: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
+    """The trainer state with early stopping's metric and settings named: checkpoints written before they
+    were stored (older tformer) take them from the checkpoint's experiment.json, which a resume with another
+    train.stop_metric would otherwise compare with a best value of the old metric (a loss taken as a BLEU)."""
+    stopping = state.get("early_stopping")
+    if not isinstance(stopping, dict) or ("metric" in stopping and "measured_with" in stopping):
+        return state
+    experiment, _ = checkpoint_load.read_experiment(checkpoint_dir)
+    metric = str(stopping.get("metric", experiment.train.stop_metric))
+    named = {"metric": metric, "measured_with": metric_settings(metric, experiment), **stopping}
+    return {**state, "early_stopping": named}
 
 
 def thread_count_change(before: int | None, now: int | None) -> str | None:

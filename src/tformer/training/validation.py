@@ -140,8 +140,9 @@ class EarlyStopping:
         """Restore the state of the same metric measured the same way and return None. A state of another
         metric (a resume with a new train.stop_metric), or of this one measured with other settings (a
         resume with --set train.label_smoothing=0 under the loss, decode.beam_size=1 under BLEU), says
-        nothing about the values to come: start afresh and return why, in one line. Older checkpoints'
-        states (without a metric's name, or its settings) count as this metric's, measured this way."""
+        nothing about the values to come: start afresh and return why, in one line. A state without a
+        metric's name, or its settings, counts as this metric's, measured this way (a resume of an older
+        checkpoint's fills them in from its experiment.json first: trainer_state._stopping_state_named)."""
         stored = str(state.get("metric", self.metric))
         if stored != self.metric:
             self.best, self.best_step, self.bad_evaluations = None, 0, 0
