@@ -535,6 +535,23 @@ def test_a_kill_between_the_pointer_writes_of_a_best_checkpoint_leaves_best_wher
     assert ckpt.read_pointer_name(run_copy, "best") == ckpt.step_name(state["early_stopping"]["best_step"])
 
 
+def test_a_best_left_behind_by_an_older_tformer_moves_to_the_best_the_resumed_state_knows(
+    run_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An older tformer moved `latest` before `best`: killed between the two, it left `best` on an older
+    checkpoint while the state names the new one its best, and today's resume kept that `best` for good
+    (translate read the older weights). The resume moves it; a best it agrees with is left alone."""
+    state = torch.load(run_copy / "checkpoints" / "step-00000006" / ckpt.STATE_FILE, weights_only=True)
+    best = ckpt.step_name(state["early_stopping"]["best_step"])
+    behind = next(name for name in ("step-00000002", "step-00000004") if name != best)
+    (run_copy / "best").write_text(behind + "\n")
+    resume_run(run_copy)
+    assert ckpt.read_pointer_name(run_copy, "best") == best
+    assert f"resume: best named {behind}, but the run's best is {best} (its trainer state)" in capsys.readouterr().err
+    resume_run(run_copy)
+    assert "best named" not in capsys.readouterr().err and ckpt.read_pointer_name(run_copy, "best") == best
+
+
 def test_damaged_metrics_lines_are_dropped_when_resuming_and_counted(run_copy: Path, capsys) -> None:
     """The resume dropped the lines it could not read without a word."""
     metrics = run_copy / ckpt.METRICS_FILE

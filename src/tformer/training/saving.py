@@ -91,6 +91,24 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
     )
 
 
+def mend_best_pointer(run_dir: Path, *, step: int, best_step: int) -> str | None:
+    """Move `best` to `best_step`'s checkpoint where it names another step checkpoint: an older tformer moved
+    `latest` before `best`, and a process killed between the two left `best` on an older checkpoint while
+    the state it saved names the new one its best; translate read the older weights for good. Returns the
+    line that says so, or None (a best not yet measured, or a pointer naming no step checkpoint, is left)."""
+    kept = ckpt.step_name(best_step)
+    try:
+        best = ckpt.read_pointer_name(run_dir, "best")
+    except ckpt.CheckpointError:
+        return None  # missing or damaged: the resume's own check names it
+    if best is None or not ckpt.is_step_name(best) or best == kept or not 0 < best_step <= step:
+        return None
+    if not (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
+        return None
+    checkpoint_save.write_pointer(run_dir, "best", kept)
+    return f"resume: best named {best}, but the run's best is {kept} (its trainer state): best now names {kept}"
+
+
 def _step_of(name: str) -> int:
     """The step of a `step-NNNNNNNN` checkpoint name; -1 for another name."""
     number = name.removeprefix(ckpt.STEP_PREFIX)

@@ -23,7 +23,7 @@ from tformer.training.loss_window import LossWindow
 from tformer.training.metrics_log import MetricsLog
 from tformer.training.progress import shown
 from tformer.training.rng_state import load_rng_state, rng_state
-from tformer.training.saving import remove_later_checkpoints
+from tformer.training.saving import mend_best_pointer, remove_later_checkpoints
 from tformer.training.validation import EarlyStopping, metric_settings
 
 if TYPE_CHECKING:
@@ -157,6 +157,9 @@ class TrainerState:
             removed = remove_later_checkpoints(self.run_dir, step=self.step, best_step=self.early_stopping.best_step)
             if removed:
                 self._say(removed)
+            mended = mend_best_pointer(self.run_dir, step=self.step, best_step=self.early_stopping.best_step)
+            if mended:
+                self._say(mended)
 
     def _cpu_threads(self) -> int | None:
         """torch's CPU thread count where the model trains on the CPU, None elsewhere: a GPU run's count plays
