@@ -116,6 +116,14 @@ def test_epochs_differ_in_order(seed, epoch) -> None:
     assert plans[0] != plans[1] or plans[1] != plans[2]
 
 
+def test_epochs_differ_in_the_contents_of_batches_of_equal_lengths() -> None:
+    """Ties in length are broken by (seed, epoch): pairs of one length meet other partners each epoch,
+    not only in another order of the same batches."""
+    lengths = [(5, 5)] * 60  # one length: 10 batches of 6
+    contents = [{frozenset(b) for b in plan_batches(lengths, max_tokens=36, seed=3, epoch=e)} for e in range(2)]
+    assert all(len(batch) == 6 for batch in contents[0]) and contents[0] != contents[1]
+
+
 @settings(max_examples=60, deadline=None)
 @given(lengths_strategy, budget_strategy, st.integers(1, 5))
 def test_shards_are_disjoint_equal_and_cover_all_but_the_tail(lengths, max_tokens, world_size) -> None:
@@ -224,3 +232,5 @@ def test_stream_errors_early() -> None:
         stream(make_pairs(3), max_tokens=1000, world_size=4)
     with pytest.raises(ValueError, match="invalid batch stream state"):
         stream(make_pairs(3)).load_state_dict({"epoch": -1, "index": 0})
+    with pytest.raises(ValueError, match="invalid batch stream state"):
+        stream(make_pairs(3)).load_state_dict({"epoch": 0, "index": -1})

@@ -134,6 +134,8 @@ def test_lines_ended_by_carriage_returns_alone_are_refused(tmp_path: Path) -> No
         read_lines(tmp_path / "mac_lf.en")
     (tmp_path / "stray.en").write_bytes(b"one\r\ntw\ro\r\nthree\n")  # a stray CR in a CRLF file: kept in its line
     assert read_lines(tmp_path / "stray.en") == ["one", "tw\ro", "three"]
+    (tmp_path / "stray_crlf.en").write_bytes(b"one\r\ntw\ro\r\nthree\r\n")  # every line CRLF, one stray CR
+    assert read_lines(tmp_path / "stray_crlf.en") == ["one", "tw\ro", "three"]
     one_line = write(tmp_path / "one.en", ["a line\r"])  # CRLF, and a lone CR at a line's end: fine
     assert read_lines(one_line) == ["a line"]
     (tmp_path / "single.en").write_bytes(b"a single line ended by CR\r")
