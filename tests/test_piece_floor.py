@@ -12,7 +12,7 @@ from test_decoding_equivalence import peaked_model
 
 from tformer.align import AlignmentError, check_lengths
 from tformer.config import DecodeConfig
-from tformer.data.piece_floor import WINDOW, PieceFloor, surely_longer, surely_too_long
+from tformer.data.piece_floor import WINDOW, PieceFloor, piece_floor, surely_longer, surely_too_long
 from tformer.data.tokenizer import Tokenizer
 from tformer.decoding.pipeline import Translator
 from tformer.decoding.search_types import DecodingError
@@ -129,3 +129,48 @@ def test_the_floor_is_read_only_for_a_line_longer_than_a_window() -> None:
     assert CountingTokenizer.reads == 0
     assert surely_too_long(tokenizer, "source", "x" * (WINDOW + 1), 10)
     assert CountingTokenizer.reads == 1
+
+
+class FakeVocabulary:
+    """The parts of a SentencePieceProcessor that `piece_floor` reads, for a vocabulary of chosen pieces."""
+
+    def __init__(self, pieces: list[tuple[str, str]]) -> None:
+        self.pieces = pieces  # (piece, kind): kind "normal", "control", "unknown", "unused" or "byte"
+
+    def get_piece_size(self) -> int:
+        return len(self.pieces)
+
+    def id_to_piece(self, index: int) -> str:
+        return self.pieces[index][0]
+
+    def is_byte(self, index: int) -> bool:
+        return self.pieces[index][1] == "byte"
+
+    def is_control(self, index: int) -> bool:
+        return self.pieces[index][1] == "control"
+
+    def is_unknown(self, index: int) -> bool:
+        return self.pieces[index][1] == "unknown"
+
+    def is_unused(self, index: int) -> bool:
+        return self.pieces[index][1] == "unused"
+
+
+def test_the_floor_reads_the_longest_text_piece_and_the_characters_spelled_alone() -> None:
+    """The whitespace marker is not counted in a piece's length; control, unknown and unused pieces spell
+    no text; a whitespace piece is no character of its own (whitespace is never counted)."""
+    pieces = [("<unk>", "unknown"), ("<a-long-control>", "control"), ("<an-unused-piece>", "unused")]
+    pieces += [("\u2581thousand", "normal"), ("\u2581a", "normal"), ("b", "normal"), ("\u3000", "normal")]
+    floor = piece_floor(FakeVocabulary(pieces))
+    assert floor == PieceFloor(longest=8, dropped={ord("a"): None, ord("b"): None})
+    with_bytes = piece_floor(FakeVocabulary([*pieces, ("<0x41>", "byte")]))
+    assert with_bytes == PieceFloor(longest=8, dropped=None)
+
+
+def test_a_line_of_exactly_longest_times_the_pieces_allowed_may_fit() -> None:
+    """Exactly `longest` x `pieces` counted characters fit in `pieces` pieces of `longest`: not refused;
+    one more is."""
+    floor = PieceFloor(longest=2, dropped=None)
+    pieces = WINDOW
+    assert not surely_longer(floor, "x" * (2 * pieces) + " " * 10, pieces)
+    assert surely_longer(floor, "x" * (2 * pieces + 1) + " " * 10, pieces)
