@@ -404,3 +404,41 @@ def test_a_long_prefix_is_still_forced_after_other_sentences_left_the_batch(name
         assert [h.tokens for h in batch[row]] == [h.tokens for h in alone]
         assert [h.score for h in batch[row]] == pytest.approx([h.score for h in alone], abs=1e-4)
     assert all(h.tokens[:7] == prefix[1] for h in batch[1])
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_zero_length_limit_still_allows_one_token(beam_size: int) -> None:
+    """max_len_a = max_len_b = 0 passes the config's checks; the clamp makes it one token, not zero steps
+    (zero would return no hypothesis at all, and beam search's max_len - 1 positions would be -1)."""
+    config = DecodeConfig(beam_size=beam_size, max_len_a=0.0, max_len_b=0)
+    assert max_output_lengths(torch.tensor([1, 7]), config, limit=64).tolist() == [1, 1]
+    model = peaked_model(eos_bias=-100.0)  # never ends by itself: the limit cuts it
+    src, mask = padded_batch([3, 6])
+    result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config)
+    assert [[len(h.tokens) for h in n] for n in result] == [[1], [1]]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_scores_are_the_float32_quotient_of_log_prob_and_length_penalty(beam_size: int) -> None:
+    """The length penalty is computed in float32, as the log-probabilities it divides: a score is the
+    float32 quotient (a float64 penalty gave float64 scores, a few ulps from beam search's)."""
+    from tformer.decoding.lengths import length_penalty
+
+    config = DecodeConfig(beam_size=beam_size, nbest=beam_size, length_penalty=0.6, length_normalization="gnmt")
+    src, mask = padded_batch([5, 8, 3])
+    for n_best in generate(peaked_model(), src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config):
+        for h in n_best:
+            lengths = torch.tensor([len(h.tokens), len(h.tokens) + 1])  # cut at the limit, or ended with eos
+            expected = torch.tensor(h.log_prob, dtype=torch.float32) / length_penalty(lengths, config)
+            assert h.score in expected.tolist()
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_a_prefix_may_force_token_id_0(beam_size: int) -> None:
+    """A prefix token is any id in [0, V) but eos: id 0 (pad here, a real token in some imported
+    vocabularies) is forced like any other, not read as "this row's prefix has ended" (-1)."""
+    model = peaked_model()
+    src, mask = padded_batch([5, 7])
+    config = DecodeConfig(beam_size=beam_size)
+    result = generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=config, prefix=[[0, 6], [7, 0]])
+    assert [n[0].tokens[:2] for n in result] == [[0, 6], [7, 0]]
