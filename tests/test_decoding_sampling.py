@@ -147,3 +147,16 @@ def test_a_sentences_samples_come_best_first():
     scores = [[h.score for h in nbest] for nbest in result]
     assert scores == [sorted(row, reverse=True) for row in scores]
     assert any(row[0] > row[-1] for row in scores)  # not all ties: the order was tested
+
+
+def test_a_temperature_near_zero_draws_the_most_probable_of_many_unlikely_tokens():
+    """Log-probabilities below about -4 (every token of a flat distribution over 100) divided by a
+    temperature near 0 overflow to -inf unless the row's largest is taken away first: the row was NaN."""
+    probs_RV = torch.full((1, 100), 1.0)
+    probs_RV[0, 7] = 1.5
+    log_probs_RV = (probs_RV / probs_RV.sum()).log()
+    sampler = Sampler(sampling(temperature=1e-40), torch.arange(1))
+    expected = torch.zeros(1, 100)
+    expected[0, 7] = 1.0
+    torch.testing.assert_close(sampler.shaped_log_probs(log_probs_RV).exp(), expected, atol=0, rtol=0)
+    assert sampler(log_probs_RV, torch.arange(1)).tolist() == [7]
