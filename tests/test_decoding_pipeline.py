@@ -117,6 +117,20 @@ def test_too_long_line_is_a_value_error_naming_the_line():
         list(translator.translate(["ok", "a" * 70]))
 
 
+def test_a_line_of_exactly_max_positions_tokens_is_translated_whole():
+    """max_positions tokens, eos included, is what the model accepts: neither refused nor cut."""
+    model = peaked_model()
+    limit = model.config.max_positions
+    config = DecodeConfig(beam_size=1, max_len_b=3)
+    line = "ab" * limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (translations,) = Translator(model, CharTokenizer(), config, truncate=True).translate([line[: limit - 1]])
+    assert [translations[0].tokens] == [tokens for tokens, _ in reference(model, line[: limit - 1], config)]
+    with pytest.raises(ValueError, match=f"line 1 has {limit + 1} tokens"):
+        list(Translator(model, CharTokenizer(), config).translate([line[:limit]]))
+
+
 def test_a_lone_surrogate_is_a_value_error_naming_the_line_and_the_index():
     """Through the real tokenizer: sentencepiece's bare RuntimeError ("Unable to cast Python instance of type
     <class 'str'> to C++ type '?'") said neither which line nor where in it."""
