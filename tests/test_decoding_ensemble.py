@@ -52,6 +52,9 @@ def test_two_members_average_log_probabilities_at_every_step():
         for t in range(5):
             log_probs, _ = decoder.step(tgt[:, t])
             torch.testing.assert_close(log_probs, F.log_softmax(mean[:, t], -1), atol=1e-5, rtol=0)
+        # decode itself returns the mean of the members' log-probabilities (not of their logits)
+        whole = ensemble.decode(tgt, memory=ensemble.encode(src, src_pad_mask=mask), src_pad_mask=mask)
+        torch.testing.assert_close(whole, mean, atol=1e-5, rtol=0)
     result = generate(
         ensemble,
         src,

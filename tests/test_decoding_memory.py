@@ -95,3 +95,38 @@ def test_normal_beams_and_batches_are_decoded_in_one_batch_as_before(monkeypatch
 def test_where_the_memory_is_unknown_nothing_is_checked(monkeypatch):
     fake_memory(monkeypatch, None)
     assert sentences_per_batch(peaked_model(), DecodeConfig(beam_size=100_000), source_length=9, device="cpu") is None
+
+
+def _tensor_bytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    return sum(_tensor_bytes(item) for item in tree)
+
+
+def test_the_estimate_for_sampling_holds_one_copy_of_the_source_memory_per_sample():
+    """Samples do not share their sentence's encoder memory (each row reads its own entry): n samples of a
+    long source hold n copies of its keys and values, more than the rest of a one-token search."""
+    from tformer.decoding.incremental import IncrementalDecoder
+
+    model = peaked_model()
+    S, n = 50, 8
+    config = DecodeConfig(sampling=True, beam_size=n, nbest=n, max_len_a=0.0, max_len_b=1)
+    src = torch.randint(4, 40, (1, S), generator=torch.Generator().manual_seed(0))
+    decoder = IncrementalDecoder(
+        model, src, torch.ones_like(src, dtype=torch.bool), rows_per_sentence=n, capacity=1, want_attention=False,
+        shared_memory=False,
+    )  # fmt: skip
+    assert _tensor_bytes(decoder.cache.memory_kv) <= decoding_bytes(model, config, source_length=S)
+
+
+def test_a_search_that_just_fits_is_decoded_one_sentence_at_a_time_and_one_byte_more_is_refused(monkeypatch):
+    """Half of the memory is decoding's: a sentence needing exactly that fits alone; a byte less is refused
+    (not a batch of 0 sentences)."""
+    model = peaked_model()
+    config = DecodeConfig(beam_size=4)
+    one = decoding_bytes(model, config, source_length=9)
+    fake_memory(monkeypatch, 2 * one)
+    assert sentences_per_batch(model, config, source_length=9, device="cpu") == 1
+    fake_memory(monkeypatch, 2 * one - 2)
+    with pytest.raises(DecodingError, match=r"DecodeConfig\.beam_size"):
+        sentences_per_batch(model, config, source_length=9, device="cpu")
