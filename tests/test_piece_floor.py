@@ -174,3 +174,26 @@ def test_a_line_of_exactly_longest_times_the_pieces_allowed_may_fit() -> None:
     pieces = WINDOW
     assert not surely_longer(floor, "x" * (2 * pieces) + " " * 10, pieces)
     assert surely_longer(floor, "x" * (2 * pieces + 1) + " " * 10, pieces)
+
+
+def test_translate_accepts_a_huge_line_of_max_positions_minus_one_pieces() -> None:
+    """The floor is asked about the pieces a line may take before its eos (max_positions - 1): a line of
+    exactly that many of the longest pieces is encoded and translated, not refused."""
+    model = peaked_model()
+    limit = model.config.max_positions
+
+    class LongPieces:
+        source_floor = target_floor = PieceFloor(longest=2 * WINDOW, dropped=None)
+        pad_id, bos_id, eos_id = 0, 1, 2
+
+        def encode_source(self, text: str) -> list[int]:
+            return [4] * -(-len(text) // (2 * WINDOW))
+
+        def decode_target(self, ids: list[int]) -> str:
+            return " ".join(map(str, ids))
+
+    line = "x" * (2 * WINDOW * (limit - 1))
+    (translations,) = Translator(model, LongPieces(), DecodeConfig(beam_size=1, max_len_b=2)).translate([line])
+    assert translations[0].tokens
+    with pytest.raises(DecodingError, match=f"more than {limit} tokens"):
+        list(Translator(model, LongPieces(), DecodeConfig(beam_size=1)).translate([line + "x"]))
