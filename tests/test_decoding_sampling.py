@@ -160,3 +160,17 @@ def test_a_temperature_near_zero_draws_the_most_probable_of_many_unlikely_tokens
     expected[0, 7] = 1.0
     torch.testing.assert_close(sampler.shaped_log_probs(log_probs_RV).exp(), expected, atol=0, rtol=0)
     assert sampler(log_probs_RV, torch.arange(1)).tolist() == [7]
+
+
+def test_seeds_that_differ_only_above_32_bits_give_other_samples():
+    """The seed is a 64-bit number: its high half enters the rows' keys too, so 7 and 7 + 2**32 do not
+    draw the same samples."""
+    src, mask = padded_batch([7, 4, 9], seed=3)
+    keys = [row_keys(src, mask, seed=seed, paths_per_sentence=2) for seed in (7, 7 + 2**32, 7 + 2**62)]
+    assert not torch.equal(keys[0], keys[1]) and not torch.equal(keys[0], keys[2])
+    model = peaked_model()
+    samples = [
+        generate(model, src, src_pad_mask=mask, bos_id=BOS, eos_id=EOS, config=sampling(temperature=3.0, seed=seed))
+        for seed in (7, 7 + 2**32)
+    ]
+    assert [[h.tokens for h in n] for n in samples[0]] != [[h.tokens for h in n] for n in samples[1]]
