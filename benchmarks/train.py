@@ -21,7 +21,7 @@ recorded once as one CUDA graph); with `--compile` (per layer) tformer's compile
 records (fused element-wise kernels, no launches), with `--compile model` its whole objective compiled
 without CUDA graphs of its own (`compile_objective(..., inside_cuda_graph=True)`), recorded into the step's.
 per figure: tokens_per_s (source + target), target_tokens_per_s, mfu (GPU), peak_memory_mb (GPU),
-compile_s (with --compile), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
+first_call_s (on a GPU, or where a system compiles), then ratio_vs_hf and ratio_vs_torch for tformer (on tokens/s).
 """
 
 from __future__ import annotations
@@ -243,6 +243,45 @@ def compile_rival_layers(layers: list[nn.Module]) -> None:
         layer.compile(dynamic=True)
 
 
+def compiled_rival(model: nn.Module, layers: list[nn.Module], args) -> nn.Module:
+    """Marian or nn.Transformer as --rivals-compile says: its `layers` compiled in place, or the whole model
+    compiled (with CUDA graphs on a GPU), or as it is."""
+    if args.rivals_compile == "layers":
+        compile_rival_layers(layers)
+    elif args.rivals_compile == "model":
+        return torch.compile(model, mode="reduce-overhead" if args.device == "cuda" else None)
+    return model
+
+
+def first_call_reported(args) -> bool:
+    """Whether first_call_s is recorded: on a GPU, or where any system compiles (tformer with --compile,
+    the rivals with --rivals-compile): its compile time, reported apart (BENCHMARKS.md rule 2)."""
+    return bool(args.compile or args.rivals_compile) or args.device == "cuda"
+
+
+def tformer_notes(args) -> str:
+    """The record's sentence on tformer's step: graphed or not, and how it is compiled (--compile)."""
+    if args.graph:
+        step = (
+            "tformer: GraphedTrainStep, the same step as train_step (label smoothing 0.1, clip 1.0, AdamW, "
+            "capturable) recorded once as a CUDA graph after 3 eager steps and replayed"
+        )
+        whole = ", its model and loss compiled whole (torch.compile, no CUDA graphs of its own)"
+    else:
+        step = "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW)"
+        whole = ", its model and loss compiled whole (runtime.compile_objective: mode reduce-overhead on a GPU)"
+    compiled = {"layers": ", its layers compiled (torch.compile per layer)", "model": whole}.get(args.compile, "")
+    return f"{step}{compiled}. "
+
+
+def rivals_notes(args) -> str:
+    """The record's sentence on how Marian and nn.Transformer are compiled (--rivals-compile)."""
+    return "Marian and nn.Transformer " + {
+        "layers": "compile each layer in place with dynamic shapes (as tformer's --compile layers). ",
+        "model": "are compiled whole (torch.compile, mode reduce-overhead on a GPU). ",
+    }.get(args.rivals_compile, "run eagerly (not compiled). ")
+
+
 def main() -> None:
     args = parse_args()
     if args.device == "cpu":
@@ -265,10 +304,7 @@ def main() -> None:
     if "hf" in systems:
         hf_model = hf_rival(model, bos_id=BOS, eos_id=EOS, pad_id=PAD).to(args.device).train()
         hf_attention = getattr(hf_model.config, "_attn_implementation", "?")
-        if args.rivals_compile == "layers":
-            compile_rival_layers([*hf_model.model.encoder.layers, *hf_model.model.decoder.layers])
-        elif args.rivals_compile == "model":
-            hf_model = torch.compile(hf_model, mode="reduce-overhead" if args.device == "cuda" else None)
+        hf_model = compiled_rival(hf_model, [*hf_model.model.encoder.layers, *hf_model.model.decoder.layers], args)
         runs["hf"] = hf_system(hf_model, batch, args)
     if "tformer" in systems:
         model = model.to(args.device).train()
@@ -278,12 +314,11 @@ def main() -> None:
     if "torch" in systems:
         torch.manual_seed(0)
         torch_model = TorchTransformer(config, args.vocab_size).to(args.device).train()
-        if args.rivals_compile == "layers":
-            compile_rival_layers([*torch_model.core.encoder.layers, *torch_model.core.decoder.layers])
-        elif args.rivals_compile == "model":
-            torch_model = torch.compile(torch_model, mode="reduce-overhead" if args.device == "cuda" else None)
+        torch_model = compiled_rival(
+            torch_model, [*torch_model.core.encoder.layers, *torch_model.core.decoder.layers], args
+        )
         runs["torch"] = torch_system(torch_model, batch, args)
-    for name, run in runs.items():  # the first call (compilation when --compile) is timed apart
+    for name, run in runs.items():  # the first call (compilation where a system compiles) is timed apart
         start = time.perf_counter()
         run()
         if args.device == "cuda":
@@ -311,7 +346,7 @@ def main() -> None:
         lines.append(
             emit(**common, system=name, metric="step_s_all_repeats", value=[round(s / args.steps, 4) for s in seconds])
         )
-        if args.compile or args.device == "cuda":
+        if first_call_reported(args):
             lines.append(emit(**common, system=name, metric="first_call_s", value=round(compile_s[name], 2)))
         if peak is not None:
             lines.append(emit(**common, system=name, metric="mfu", value=round(flops_per_step / step_s / peak, 4)))
@@ -335,27 +370,16 @@ def main() -> None:
             f"sentences x {args.src_len} source x {args.tgt_len} target random token ids (no padding), {precision}, "
             f"{args.threads if args.device == 'cpu' else '-'} CPU threads. A timed run is {args.steps} full training "
             f"steps; median of {args.repeats} interleaved repeats after one untimed warm-up round (and the untimed "
-            "first call, reported as first_call_s with --compile or on GPU); each timed run starts after 1 s idle. "
-            + (
-                "tformer: GraphedTrainStep, the same step as train_step (label smoothing 0.1, clip 1.0, AdamW, "
-                "capturable) recorded once as a CUDA graph after 3 eager steps and replayed"
-                + {
-                    "layers": ", its layers compiled (torch.compile per layer). ",
-                    "model": ", its model and loss compiled whole (torch.compile, no CUDA graphs of its own). ",
-                }.get(args.compile, ". ")
-                if args.graph
-                else "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). "
-            )
+            "first call, reported as first_call_s when a system compiles or on GPU); each timed run starts after 1 s "
+            "idle. "
+            + tformer_notes(args)
             + f"HF: MarianMTModel from tformer's weights (to_marian; attention implementation {hf_attention}), "
             "its logits into cross-entropy with label smoothing 0.1 (padding ignored), backward, clip 1.0, AdamW. "
             "torch: nn.Transformer with tied embeddings "
             "and output projection, the same loss, clip and AdamW, its attention and feed-forward-activation "
             "dropout set to the config's (0) and its final LayerNorms removed, so that it does tformer's work. "
-            "Dropout 0.1 on the embeddings and residuals everywhere. Marian and nn.Transformer "
-            + {
-                "layers": "compile each layer in place with dynamic shapes (as tformer's --compile layers). ",
-                "model": "are compiled whole (torch.compile, mode reduce-overhead on a GPU). ",
-            }.get(args.rivals_compile, "run eagerly (not compiled). ")
+            "Dropout 0.1 on the embeddings and residuals everywhere. "
+            + rivals_notes(args)
             + "Every system uses torch.optim.AdamW(fused=True) (Hugging Face Trainer's default optimizer). "
             f"Peak for MFU: {peak if peak else 'n/a (CPU)'} FLOP/s."
         )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -92,6 +93,39 @@ def test_a_record_names_the_tformer_it_measured(monkeypatch: pytest.MonkeyPatch,
     assert common.environment("cpu")["tformer"] == (
         f"{tformer.__version__} from {installed}, not this checkout (its git fields do not describe it)"
     )
+
+
+def training_benchmark_args(monkeypatch: pytest.MonkeyPatch, *flags: str) -> tuple[ModuleType, Any]:
+    """benchmarks/train.py, imported as a script imports it, and its arguments for a CPU run with `flags`."""
+    spec = importlib.util.spec_from_file_location("benchmark_train", BENCHMARKS / "train.py")
+    assert spec is not None and spec.loader is not None
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--device", "cpu", *flags])
+    return train, train.parse_args()
+
+
+def test_a_training_record_says_how_each_system_is_compiled_and_times_every_compilation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With --rivals-compile layers and no --compile, Marian compiled at its first call, whose time a CPU
+    record left out (first_call_s only with --compile); a tformer step compiled but not graphed was
+    described as a plain train_step, its compilation named nowhere but the JSON lines."""
+    train, args = training_benchmark_args(monkeypatch, "--rivals-compile", "layers")
+    assert train.first_call_reported(args)
+    assert train.tformer_notes(args) == "tformer: train_step (label smoothing 0.1, clip 1.0, AdamW). "
+    assert train.rivals_notes(args).startswith("Marian and nn.Transformer compile each layer in place")
+    train, args = training_benchmark_args(monkeypatch, "--compile", "--rivals-compile", "none")
+    assert train.first_call_reported(args)
+    assert train.tformer_notes(args).endswith(", its layers compiled (torch.compile per layer). ")
+    assert train.rivals_notes(args) == "Marian and nn.Transformer run eagerly (not compiled). "
+    train, args = training_benchmark_args(monkeypatch, "--compile", "model")
+    assert "its model and loss compiled whole (runtime.compile_objective" in train.tformer_notes(args)
+    assert "are compiled whole" in train.rivals_notes(args)
+    train, args = training_benchmark_args(monkeypatch, "--compile", "model", "--graph")
+    assert "compiled whole (torch.compile, no CUDA graphs of its own). " in train.tformer_notes(args)
+    train, args = training_benchmark_args(monkeypatch)
+    assert not train.first_call_reported(args) and "run eagerly" in train.rivals_notes(args)
 
 
 def test_the_nn_transformer_rival_drops_out_its_embeddings_as_tformer_and_marian_do() -> None:
