@@ -76,3 +76,17 @@ def test_a_compiled_objective_trains_like_the_eager_one() -> None:
         got = train_step(compiled, compiled_opt, [batch], **options, objective=objective).loss_sum
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert list(compiled.state_dict()) == keys  # the model itself is not wrapped
+
+
+def test_an_objective_recorded_into_a_graph_of_its_callers_is_compiled_without_cuda_graphs(monkeypatch) -> None:
+    """On a GPU `compile_objective` records CUDA graphs of its own (mode reduce-overhead), unless the caller
+    records it into its own graph (training.graphed_step): a graph cannot be recorded inside another. The
+    GPU tests see it; this pins the mode on a machine without one."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, *, mode=None: modes.append(mode) or module)
+    objective = TrainingObjective(Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30), seed=0))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_objective(objective, cuda) is objective
+    compile_objective(objective, cuda, inside_cuda_graph=True)
+    compile_objective(objective, cpu)
+    assert modes == ["reduce-overhead", None, None]

@@ -342,6 +342,25 @@ def test_a_run_with_cuda_graphs_and_the_objective_compiled_whole_trains_like_an_
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_trainer_compiles_the_objective_for_its_graphed_steps_without_graphs_of_its_own(
+    tmp_path, monkeypatch, graphs
+):
+    """--compile model alone compiles with CUDA graphs on a GPU; with train.cuda_graphs the graphed steps
+    record the compiled objective, which must then record none of its own (seen here on the CPU)."""
+    from training_helpers import tiny_experiment, write_corpus
+
+    from tformer.training import loop, start_run
+
+    calls = []
+    monkeypatch.setattr(
+        loop, "compile_objective", lambda objective, device, **options: calls.append(options) or objective
+    )
+    experiment = tiny_experiment(write_corpus(tmp_path), f"train.cuda_graphs={str(graphs).lower()}")
+    start_run(experiment, tmp_path / "run", quiet=True, compile_mode="model").lock.release()
+    assert calls == [{"inside_cuda_graph": graphs}]
+
+
 def test_cuda_graphs_refuse_what_they_cannot_record(tmp_path):
     from training_helpers import tiny_experiment, write_corpus
 
