@@ -318,7 +318,7 @@ def test_a_run_with_cuda_graphs_and_the_objective_compiled_whole_trains_like_an_
     tmp_path, monkeypatch, no_tf32, device
 ):
     """train.cuda_graphs with --compile model: each rounded shape's graph records the compiled objective
-    (compiled again, as dynamic, for the second shape); in fp32 the losses are the eager run's to rounding."""
+    (compiled again where a dimension first changes); in fp32 the losses are the eager run's to rounding."""
     from training_helpers import tiny_experiment, write_corpus
 
     from tformer.training import loop, start_run

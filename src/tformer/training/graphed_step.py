@@ -212,8 +212,8 @@ class GraphedSteps:
         autocast_dtype: torch.dtype | None,
         objective: nn.Module | None = None,
     ) -> None:
-        """`objective` as GraphedTrainStep's, one for every shape (a compiled one compiles again, as
-        dynamic, when the second shape comes)."""
+        """`objective` as GraphedTrainStep's, one for every shape (a compiled one compiles again, that
+        dimension dynamic, the first time B, S or T changes: a few times, not once per shape)."""
         self.model, self.optimizer = model, optimizer  # each GraphedTrainStep makes it capturable
         self.options = dict(
             smoothing=smoothing, special_ids=special_ids, clip_norm=clip_norm, device=device,
