@@ -70,14 +70,11 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
     if not later:
         return None
     names = [path.name for path in later]
-    try:
-        best = ckpt.read_pointer_name(run_dir, "best")
-    except ckpt.CheckpointError:
-        best = None  # damaged: left as it is, for the commands that read it to name
+    best = _best_pointer(run_dir)  # damaged: left as it is, for the commands that read it to name
     moved = ""
     if best in names:
-        kept = ckpt.step_name(best_step)
-        if 0 < best_step <= step and (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
+        kept = _best_checkpoint(run_dir, step=step, best_step=best_step)
+        if kept is not None:
             checkpoint_save.write_pointer(run_dir, "best", kept)
             moved = f"; best now names {kept}"
         else:
@@ -96,17 +93,29 @@ def mend_best_pointer(run_dir: Path, *, step: int, best_step: int) -> str | None
     `latest` before `best`, and a process killed between the two left `best` on an older checkpoint while
     the state it saved names the new one its best; translate read the older weights for good. Returns the
     line that says so, or None (a best not yet measured, or a pointer naming no step checkpoint, is left)."""
-    kept = ckpt.step_name(best_step)
-    try:
-        best = ckpt.read_pointer_name(run_dir, "best")
-    except ckpt.CheckpointError:
-        return None  # missing or damaged: the resume's own check names it
-    if best is None or not ckpt.is_step_name(best) or best == kept or not 0 < best_step <= step:
-        return None
-    if not (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
+    best = _best_pointer(run_dir)  # missing or damaged: the resume's own check names it
+    kept = _best_checkpoint(run_dir, step=step, best_step=best_step)
+    if best is None or not ckpt.is_step_name(best) or kept is None or best == kept:
         return None
     checkpoint_save.write_pointer(run_dir, "best", kept)
     return f"resume: best named {best}, but the run's best is {kept} (its trainer state): best now names {kept}"
+
+
+def _best_pointer(run_dir: Path) -> str | None:
+    """The checkpoint name `best` holds; None where it is missing or damaged."""
+    try:
+        return ckpt.read_pointer_name(run_dir, "best")
+    except ckpt.CheckpointError:
+        return None
+
+
+def _best_checkpoint(run_dir: Path, *, step: int, best_step: int) -> str | None:
+    """The name of `best_step`'s checkpoint, the best a run resumed at `step` knows; None where it has none
+    (no best measured yet) or the checkpoint is gone."""
+    kept = ckpt.step_name(best_step)
+    if 0 < best_step <= step and (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
+        return kept
+    return None
 
 
 def _step_of(name: str) -> int:
