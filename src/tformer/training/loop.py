@@ -102,7 +102,8 @@ class Trainer(TrainerState):
         lock: RunLock | None = None,
     ) -> None:
         """`compile_mode` "layers" compiles each layer in place (runtime.compile_layers), "model" the whole
-        training objective with CUDA graphs on a GPU (runtime.compile_objective); `loss_chunk` > 0 computes
+        training objective with CUDA graphs on a GPU (runtime.compile_objective; under train.cuda_graphs
+        without graphs of its own: the graphed steps record it); `loss_chunk` > 0 computes
         the loss that many target positions at a time (loss.chunked_label_smoothed_loss). `lock` (taken by
         start_run and resume_run) keeps other processes out of `run_dir` and is released when `train` ends."""
         self.lock = lock
