@@ -89,7 +89,9 @@ def parse_args():
         help="tformer: the whole step recorded as one CUDA graph (training.graphed_step); with --compile "
         "the compiled layers, or with --compile model the compiled objective, are what it records",
     )
-    parser.add_argument("--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions)")
+    parser.add_argument(
+        "--loss-chunk", type=int, default=0, help="tformer: chunked cross-entropy (target positions; not with --graph)"
+    )
     parser.add_argument("--systems", default="tformer,hf,torch", help="comma-separated systems to run")
     parser.add_argument(
         "--precision",
@@ -105,6 +107,8 @@ def parse_args():
         args.sentences, args.src_len, args.tgt_len = (int(part) for part in args.batch.lower().split("x"))
     except ValueError:
         parser.error(f"--batch must look like 64x32x32, got {args.batch!r}")
+    if args.graph and args.loss_chunk:
+        parser.error("--graph records the whole loss (GraphedTrainStep has no chunked loss): drop --loss-chunk")
     args.steps = args.steps or (1 if args.quick else 20 if gpu else 2)
     args.rivals_compile = args.compile if args.rivals_compile == "same" else args.rivals_compile
     args.rivals_compile = None if args.rivals_compile == "none" else args.rivals_compile

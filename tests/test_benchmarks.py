@@ -128,6 +128,20 @@ def test_a_training_record_says_how_each_system_is_compiled_and_times_every_comp
     assert not train.first_call_reported(args) and "run eagerly" in train.rivals_notes(args)
 
 
+def test_a_graphed_training_benchmark_refuses_a_chunked_loss_it_would_not_measure() -> None:
+    """GraphedTrainStep computes the whole loss: `--graph --loss-chunk 8` measured an unchunked step, and its
+    record (whose JSON lines do not carry the chunk) read as a chunked one."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train.py"), "--device", "cpu", "--graph", "--loss-chunk", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2 and "--graph records the whole loss" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_nn_transformer_rival_drops_out_its_embeddings_as_tformer_and_marian_do() -> None:
     """tformer and Marian apply dropout to the embedded sum (embedding + positions); the rival must too,
     or it does less work per step than they do (BENCHMARKS.md rule 1)."""
