@@ -29,7 +29,7 @@ from tformer.model import Transformer
 from tformer.training import CheckpointError, checkpoint_load, checkpoint_save, load_run, resume_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.average import average_checkpoints
-from tformer.training.saving import remove_later_checkpoints
+from tformer.training.saving import mend_best_pointer, remove_later_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -550,6 +550,33 @@ def test_a_best_left_behind_by_an_older_tformer_moves_to_the_best_the_resumed_st
     assert f"resume: best named {behind}, but the run's best is {best} (its trainer state)" in capsys.readouterr().err
     resume_run(run_copy)
     assert "best named" not in capsys.readouterr().err and ckpt.read_pointer_name(run_copy, "best") == best
+
+
+@pytest.mark.parametrize(
+    ("best", "best_step", "gone"),
+    [
+        ("average-step-00000002-00000004", 4, None),  # the demo's averaged best: chosen on purpose
+        ("step-00000002", 0, None),  # no best measured yet (early stopping started afresh)
+        ("step-00000002", 6, None),  # a best after the step resumed from: not this run's
+        ("step-00000002", 4, "step-00000004"),  # the state's best pruned: nothing better to name
+    ],
+)
+def test_a_best_pointer_is_left_where_the_state_names_no_better_checkpoint(
+    tmp_path: Path, best: str, best_step: int, gone: str | None
+) -> None:
+    """mend_best_pointer moves only a step checkpoint's name, and only to a checkpoint the state knows and
+    the run still holds."""
+    for name in ("step-00000002", "step-00000004", "average-step-00000002-00000004"):
+        (tmp_path / ckpt.CHECKPOINTS_DIR / name).mkdir(parents=True)
+    if gone is not None:
+        (tmp_path / ckpt.CHECKPOINTS_DIR / gone).rmdir()
+    checkpoint_save.write_pointer(tmp_path, "best", best)
+    assert mend_best_pointer(tmp_path, step=4, best_step=best_step) is None
+    assert ckpt.read_pointer_name(tmp_path, "best") == best
+    if gone is None and best_step == 4:
+        checkpoint_save.write_pointer(tmp_path, "best", "step-00000002")
+        assert mend_best_pointer(tmp_path, step=4, best_step=4) is not None
+        assert ckpt.read_pointer_name(tmp_path, "best") == "step-00000004"
 
 
 def test_damaged_metrics_lines_are_dropped_when_resuming_and_counted(run_copy: Path, capsys) -> None:
