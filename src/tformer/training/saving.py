@@ -91,11 +91,13 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
 def mend_best_pointer(run_dir: Path, *, step: int, best_step: int) -> str | None:
     """Move `best` to `best_step`'s checkpoint where it names another step checkpoint: an older tformer moved
     `latest` before `best`, and a process killed between the two left `best` on an older checkpoint while
-    the state it saved names the new one its best; translate read the older weights for good. Returns the
-    line that says so, or None (a best not yet measured, or a pointer naming no step checkpoint, is left)."""
+    the state it saved names the new one, the checkpoint resumed from, its best; translate read the older
+    weights for good. Only that case is mended (`best_step == step`): a `best` pointed elsewhere by hand,
+    a best not yet measured, or a pointer naming no step checkpoint is left. Returns the line that says so,
+    or None."""
     best = _best_pointer(run_dir)  # missing or damaged: the resume's own check names it
     kept = _best_checkpoint(run_dir, step=step, best_step=best_step)
-    if best is None or not ckpt.is_step_name(best) or kept is None or best == kept:
+    if best is None or not ckpt.is_step_name(best) or kept is None or best == kept or best_step != step:
         return None
     checkpoint_save.write_pointer(run_dir, "best", kept)
     return f"resume: best named {best}, but the run's best is {kept} (its trainer state): best now names {kept}"
