@@ -288,23 +288,36 @@ def test_a_run_with_cuda_graphs_trains_and_resumes_like_an_eager_run(tmp_path, m
     while steps are recorded, one graph per rounded shape, then a resumed run (the optimizer state loaded
     from the checkpoint, the learning rate still scheduled). In fp32 without TF32, the losses are the
     eager run's to rounding (padding changes only the order of sums)."""
+    from tformer.training import resume_run
+
+    losses = {}
+    for graphs in (False, True):
+        run = _fp32_run(tmp_path, monkeypatch, device, graphs=graphs).run_dir
+        assert resume_run(run, overrides=["train.max_steps=14"], quiet=True).train().step == 14
+        losses[graphs] = _train_losses(run)
+    assert len(losses[True]) == 14
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def _fp32_run(tmp_path, monkeypatch, device: str, *, graphs: bool, compile_mode: str = "none"):
+    """The Trainer of a tiny 6-step run in plain fp32 (no TF32, no dropout) on `device`, trained, in
+    tmp_path/run-{graphs}, with or without train.cuda_graphs."""
     from training_helpers import tiny_experiment, write_corpus
 
-    from tformer.training import loop, resume_run, start_run
+    from tformer.training import loop, start_run
 
     monkeypatch.setattr(loop, "configure_backends", lambda device: None)  # no TF32: both runs in plain fp32
     corpus = write_corpus(tmp_path)
-    losses = {}
-    for graphs in (False, True):
-        run = tmp_path / f"run-{graphs}"
-        settings = [f"train.device={device}", "train.precision=fp32", "model.dropout=0.0", "train.max_steps=6"]
-        experiment = tiny_experiment(corpus, *settings, f"train.cuda_graphs={str(graphs).lower()}")
-        start_run(experiment, run, quiet=True).train()
-        assert resume_run(run, overrides=["train.max_steps=14"], quiet=True).train().step == 14
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        losses[graphs] = [row["train_loss"] for row in rows if "train_loss" in row]
-    assert len(losses[True]) == 14
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    settings = [f"train.device={device}", "train.precision=fp32", "model.dropout=0.0", "train.max_steps=6"]
+    experiment = tiny_experiment(corpus, *settings, f"train.cuda_graphs={str(graphs).lower()}")
+    trainer = start_run(experiment, tmp_path / f"run-{graphs}", quiet=True, compile_mode=compile_mode)
+    trainer.train()
+    return trainer
+
+
+def _train_losses(run) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["train_loss"] for row in rows if "train_loss" in row]
 
 
 @pytest.mark.parametrize(
@@ -319,25 +332,14 @@ def test_a_run_with_cuda_graphs_and_the_objective_compiled_whole_trains_like_an_
 ):
     """train.cuda_graphs with --compile model: each rounded shape's graph records the compiled objective
     (compiled again where a dimension first changes); in fp32 the losses are the eager run's to rounding."""
-    from training_helpers import tiny_experiment, write_corpus
-
-    from tformer.training import loop, start_run
-
-    monkeypatch.setattr(loop, "configure_backends", lambda device: None)  # no TF32: both runs in plain fp32
-    corpus = write_corpus(tmp_path)
     losses = {}
     for graphs in (False, True):
-        run = tmp_path / f"run-{graphs}"
-        settings = [f"train.device={device}", "train.precision=fp32", "model.dropout=0.0", "train.max_steps=6"]
-        experiment = tiny_experiment(corpus, *settings, f"train.cuda_graphs={str(graphs).lower()}")
-        trainer = start_run(experiment, run, quiet=True, compile_mode="model" if graphs else "none")
-        trainer.train()
+        trainer = _fp32_run(tmp_path, monkeypatch, device, graphs=graphs, compile_mode="model" if graphs else "none")
         if graphs:
             assert len(trainer.graphed_steps.steps) >= 2  # batches of more than one rounded shape
             assert all(step.objective is trainer.objective for step in trainer.graphed_steps.steps.values())
             assert hasattr(trainer.objective, "_orig_mod")  # compiled
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        losses[graphs] = [row["train_loss"] for row in rows if "train_loss" in row]
+        losses[graphs] = _train_losses(trainer.run_dir)
     assert len(losses[True]) == 6
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
