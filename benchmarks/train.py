@@ -333,7 +333,7 @@ def main() -> None:
         print_profiles(runs, args.device)
     common: dict[str, Any] = dict(
         bench="train", preset=args.preset, device=args.device, batch=args.batch, compile=args.compile,
-        rivals_compile=args.rivals_compile,
+        rivals_compile=args.rivals_compile, tformer_loss_chunk=args.loss_chunk,
         tformer_graph=args.graph,
         dtype="bf16-autocast" if args.precision == "bf16" else "fp32",
     )  # fmt: skip

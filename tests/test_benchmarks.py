@@ -47,6 +47,7 @@ def test_quick_decoding_benchmark_reports_ratios_against_both_rivals() -> None:
 def test_quick_training_benchmark_runs_every_system_in_bf16_on_the_cpu() -> None:
     lines = benchmark_lines("train.py", "--precision", "bf16")
     assert lines and all(line["dtype"] == "bf16-autocast" for line in lines)
+    assert all(line["tformer_loss_chunk"] == 0 for line in lines)  # each line says how tformer's loss ran
     rates = {line["system"]: line["value"] for line in lines if line["metric"] == "tokens_per_s"}
     assert set(rates) == {"tformer", "hf", "torch"} and all(rate > 0 for rate in rates.values())
     ratios = {line["metric"]: line["value"] for line in lines if line["metric"].startswith("ratio_vs_")}
