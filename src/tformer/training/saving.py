@@ -95,9 +95,11 @@ def mend_best_pointer(run_dir: Path, *, step: int, best_step: int) -> str | None
     weights for good. Only that case is mended (`best_step == step`): a `best` pointed elsewhere by hand,
     a best not yet measured, or a pointer naming no step checkpoint is left. Returns the line that says so,
     or None."""
+    if best_step != step:
+        return None
     best = _best_pointer(run_dir)  # missing or damaged: the resume's own check names it
     kept = _best_checkpoint(run_dir, step=step, best_step=best_step)
-    if best is None or not ckpt.is_step_name(best) or kept is None or best == kept or best_step != step:
+    if best is None or not ckpt.is_step_name(best) or kept is None or best == kept:
         return None
     checkpoint_save.write_pointer(run_dir, "best", kept)
     return f"resume: best named {best}, but the run's best is {kept} (its trainer state): best now names {kept}"
