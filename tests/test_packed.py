@@ -120,18 +120,54 @@ def test_the_server_packs_once_for_its_life() -> None:
     assert not packed_modules(model)
 
 
-def test_a_compiled_step_inside_a_packing_block_ignores_the_packed_copies() -> None:
-    """torch.compile traces `F.linear` even when the caller holds packed weights (a compiled graph
-    cannot hold oneDNN's opaque copies); the tokens are those of the eager step."""
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_compiled_step_multiplies_with_the_packed_copies(beam_size: int) -> None:
+    """torch.compile cannot hold oneDNN's opaque copies: the compiled step's products are
+    `tformer::packed_linear`, which finds each weight's packed copy at run time. No MKL product runs (a
+    compiled step on the CPU used to multiply with unpacked sgemm, slower than the eager step), and the
+    tokens are the eager step's."""
     model = small_model()
     src = torch.randint(4, 50, (2, 5), generator=torch.Generator().manual_seed(6))
-    eager = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=3, static_step=True)
-    compiled = DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=3, static_step=True, compile_step=True)
+    eager = DecodeConfig(beam_size=beam_size, max_len_a=0.0, max_len_b=4, static_step=True)
+    compiled = DecodeConfig(beam_size=beam_size, max_len_a=0.0, max_len_b=4, static_step=True, compile_step=True)
     expected = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=eager)
-    with packed_weights(model) as packed:
-        assert packed
+    generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=compiled)  # compiles, untraced
+    with torch.profiler.profile() as profile:
         got = generate(model, src, src_pad_mask=None, bos_id=1, eos_id=2, config=compiled)
+    names = [event.name for event in profile.events()]
+    steps = 4
+    # each step: every decoder Linear but the memory's K|V projections (once per source), and the output's
+    linears = sum(isinstance(m, Linear) for m in model.decoder.modules()) - len(model.decoder.layers)
+    assert names.count("tformer::packed_linear") >= steps * (linears + 1)
+    assert not {"aten::addmm", "aten::mm", "aten::linear"} & set(names)
+    assert sum("_linear_pointwise" in name for name in names) >= names.count("tformer::packed_linear")
     assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+
+
+def test_the_packed_linear_operator_uses_a_copy_only_while_a_block_holds_it() -> None:
+    """`tformer::packed_linear` is the packed product bit for bit while `packed_weights` holds the weight's
+    copy (a nested block leaves it to the outer one), and `F.linear` before and after."""
+    layer = Linear(64, 96)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
+    operator = torch.ops.tformer.packed_linear
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.equal(operator(x, layer.weight, layer.bias, False), plain)
+        with packed_weights(layer):
+            packed = layer(x)
+            assert not torch.equal(packed, plain)  # oneDNN's sums: other last bits, so the test can tell
+            with packed_weights(layer):
+                pass
+            assert torch.equal(operator(x, layer.weight, layer.bias, False), packed)
+            assert torch.equal(operator(x, layer.weight, layer.bias, True), torch.relu(packed))
+        assert torch.equal(operator(x, layer.weight, layer.bias, False), plain)
+    assert not packed_module_copies()
+
+
+def packed_module_copies() -> dict:
+    from tformer.model import packed
+
+    return packed._PACKED_COPIES
 
 
 def test_the_fused_relu_gives_relu_of_the_product_bit_for_bit() -> None:

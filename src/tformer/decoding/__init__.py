@@ -9,7 +9,6 @@ call and dropped after it. See docs/decoding.md for the exact scoring rules.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 from torch import Tensor
@@ -40,9 +39,9 @@ def generate(
     """Decode a batch of sources (B, S; padding on the right, `src_pad_mask` True for real tokens).
 
     `prefix` forces the first target tokens of each sentence (one list per sentence, may be empty).
-    `model` is a `Transformer` in eval mode or an `EnsembleModel`. Unless the step is compiled
-    (`compile_step`, which chooses its own kernels), fp32 weights on the CPU are packed for oneDNN for
-    the call (a caller decoding many batches can hold `packed_weights(model)` around all of them).
+    `model` is a `Transformer` in eval mode or an `EnsembleModel`. fp32 weights on the CPU are packed for
+    oneDNN for the call, compiled step (`compile_step`) or not (a caller decoding many batches can hold
+    `packed_weights(model)` around all of them).
 
     A batch whose search would take more than half of the memory (tformer.decoding.memory) is decoded a
     few sentences at a time (the results are the same: a sentence's output does not depend on its batch);
@@ -69,7 +68,7 @@ def generate(
             )
         ]
     search = sample if config.sampling else greedy_search if config.beam_size == 1 else beam_search
-    with nullcontext() if config.compile_step else packed_weights(model):
+    with packed_weights(model):
         return search(
             model,
             src_ids,

@@ -30,10 +30,9 @@ class FeedForward(nn.Module):
         self.activation_dropout = nn.Dropout(config.activation_dropout)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        if self.activation is F.relu and self.fc1.packed is not None:  # inference on CPU: one fused product
-            activated_BTF = self.fc1.forward_relu(x_BTD)
-        else:
-            activated_BTF = self.activation(self.fc1(x_BTD))
+        # ReLU: fc1 applies it (with packed weights, CPU inference, inside its one product)
+        relu = self.activation is F.relu
+        activated_BTF = self.fc1.forward_relu(x_BTD) if relu else self.activation(self.fc1(x_BTD))
         return self.fc2(self.activation_dropout(activated_BTF))
 
 
