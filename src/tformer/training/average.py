@@ -16,6 +16,7 @@ import torch
 from tformer.caller_warnings import warn_caller
 from tformer.config import ExperimentConfig
 from tformer.data.tokenizer import Tokenizer
+from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
 from tformer.training import checkpoint as ckpt
 from tformer.training import checkpoint_load, checkpoint_save
@@ -83,7 +84,7 @@ def _chosen_checkpoints(run_dir: Path, *, last: int) -> list[Path]:
     return available[-last:]
 
 
-def _average(chosen: list[Path]) -> tuple[list[Path], ExperimentConfig, int, Tokenizer, Transformer]:
+def _average(chosen: list[Path]) -> tuple[list[Path], ExperimentConfig, int, Tokenizer | VocabTokenizer, Transformer]:
     """The average of the `chosen` checkpoints' weights, in a model, with the newest one's experiment, step
     and tokenizer."""
     experiment, step = checkpoint_load.read_experiment(chosen[-1])

@@ -26,6 +26,7 @@ from tformer import __version__
 from tformer.atomic_file import abandoned, fsync_dir, fsync_file, fsync_tree
 from tformer.config import ExperimentConfig, experiment_to_dict
 from tformer.data.tokenizer import Tokenizer
+from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer
 from tformer.training.checkpoint import (
     CHECKPOINTS_DIR,
@@ -65,7 +66,7 @@ def write_checkpoint(
     final: Path,
     *,
     experiment: ExperimentConfig,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | VocabTokenizer,
     model: Transformer,
     step: int,
     trainer_state: dict[str, Any] | None,
