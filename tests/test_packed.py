@@ -164,6 +164,20 @@ def test_the_packed_linear_operator_uses_a_copy_only_while_a_block_holds_it() ->
     assert not packed_module_copies()
 
 
+def test_a_compiled_model_under_cpu_autocast_multiplies_in_bfloat16() -> None:
+    """Validation of a compiled model in bf16 on the CPU (torch.no_grad under autocast): autocast casts
+    `F.linear`'s inputs but knows nothing of `tformer::packed_linear`, so the compiled products must stay
+    `F.linear` there; the operator computed them in fp32 and returned fp32 where eager returns bf16."""
+    layer = Linear(64, 96)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(9))
+    compiled = torch.compile(layer, backend="aot_eager")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = layer(x)
+        got = compiled(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+
+
 def packed_module_copies() -> dict:
     from tformer.model import packed
 

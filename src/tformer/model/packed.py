@@ -98,9 +98,11 @@ def linear(
     `F.linear`. With the packed weight oneDNN applies the ReLU to each block of the result as it writes it
     (a "post-op"), instead of a second pass over the whole output; the values are the same.
 
-    While torch.compile traces, `packed` is not looked at: on the CPU in fp32 without autograd the traced
-    product is `tformer::packed_linear`, which finds the packed copy at run time (module docstring)."""
+    While torch.compile traces, `packed` is not looked at: on the CPU in fp32 without autograd or autocast the
+    traced product is `tformer::packed_linear`, which finds the packed copy at run time (module docstring)."""
+    # autocast (bf16 validation of a compiled model) casts F.linear's inputs; it does not know our products
     cpu_fp32 = x_I.device.type == "cpu" and x_I.dtype == torch.float32 and not torch.is_grad_enabled()
+    cpu_fp32 = cpu_fp32 and not torch.is_autocast_enabled("cpu")
     if torch.compiler.is_compiling():
         if cpu_fp32:
             return packed_linear(x_I, weight_OI, bias_O, relu)
