@@ -164,6 +164,20 @@ def test_the_packed_linear_operator_uses_a_copy_only_while_a_block_holds_it() ->
     assert not packed_module_copies()
 
 
+def test_the_packed_linear_operator_never_uses_a_copy_for_another_weight_at_the_same_address() -> None:
+    """A parameter given other numbers inside the block (`.data =`, as `model.to(dtype)` does) freed the
+    numbers the registry's key names, and a new weight allocated at their address was multiplied with the
+    old weight's packed copy (seen within a few allocations). Each entry now keeps the numbers at its key's
+    address alive, so no other tensor can take that address while the entry lives."""
+    layer = Linear(64, 96)
+    with torch.no_grad(), packed_weights(layer):
+        layer.weight.data = torch.zeros(96, 64, dtype=torch.float64)
+        assert [weight.data_ptr() for weight, _ in packed_module_copies().values()] == [
+            address for address, *_ in packed_module_copies()
+        ]
+    assert not packed_module_copies()
+
+
 def test_a_compiled_model_under_cpu_autocast_multiplies_in_bfloat16() -> None:
     """Validation of a compiled model in bf16 on the CPU (torch.no_grad under autocast): autocast casts
     `F.linear`'s inputs but knows nothing of `tformer::packed_linear`, so the compiled products must stay

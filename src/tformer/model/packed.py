@@ -50,8 +50,9 @@ def pack(weight_OI: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight_OI.detach(), ROWS_HINT)
 
 
-# The packed copies that `packed_weights` blocks hold, by their weight (`_weight_key`), each with its weight:
-# held here, the weight cannot be freed and its address given to another tensor while the entry lives.
+# The packed copies that `packed_weights` blocks hold, by their weight (`_weight_key`), each with an alias of its
+# weight's numbers: held here, they cannot be freed and their address given to another tensor while the entry
+# lives, even if the parameter is given other numbers (`.data =`, as `model.to(dtype)` does).
 _PACKED_COPIES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
@@ -151,7 +152,7 @@ def packed_weights(model: object) -> Iterator[bool]:
         for module, weight in modules:  # for compiled steps (`tformer::packed_linear`)
             key = _weight_key(weight)
             if key not in _PACKED_COPIES:  # one weight packed twice (tied by hand): the first copy serves
-                _PACKED_COPIES[key] = (weight, module.packed)
+                _PACKED_COPIES[key] = (weight.detach(), module.packed)
                 registered.append(key)
         yield bool(modules)
     finally:
