@@ -172,9 +172,27 @@ def test_the_packed_linear_operator_never_uses_a_copy_for_another_weight_at_the_
     layer = Linear(64, 96)
     with torch.no_grad(), packed_weights(layer):
         layer.weight.data = torch.zeros(96, 64, dtype=torch.float64)
-        assert [weight.data_ptr() for weight, _ in packed_module_copies().values()] == [
+        assert [weight.data_ptr() for weight, *_ in packed_module_copies().values()] == [
             address for address, *_ in packed_module_copies()
         ]
+    assert not packed_module_copies()
+
+
+def test_a_shared_weight_keeps_its_packed_copy_until_the_last_block_holding_it_ends() -> None:
+    """Two models sharing a weight, packed by two threads (two Translators: an ensemble and one of its
+    members): the blocks end in any order. The first to end removed the weight's registered copy while the
+    other still decoded, whose compiled step then multiplied unpacked (other numbers than its eager step's)."""
+    first, second = Linear(64, 96), Linear(64, 96)
+    second.weight = first.weight
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(12))
+    outer, inner = packed_weights(first), packed_weights(second)
+    with torch.no_grad():
+        outer.__enter__()
+        inner.__enter__()
+        packed = second(x)
+        outer.__exit__(None, None, None)  # the first block ends while the second still holds the weight
+        assert torch.equal(torch.ops.tformer.packed_linear(x, second.weight, second.bias, False), packed)
+        inner.__exit__(None, None, None)
     assert not packed_module_copies()
 
 

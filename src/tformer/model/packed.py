@@ -24,6 +24,7 @@ Shape legend: I input features (any leading dims), O output features.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,8 +53,10 @@ def pack(weight_OI: Tensor) -> Tensor:
 
 # The packed copies that `packed_weights` blocks hold, by their weight (`_weight_key`), each with an alias of its
 # weight's numbers: held here, they cannot be freed and their address given to another tensor while the entry
-# lives, even if the parameter is given other numbers (`.data =`, as `model.to(dtype)` does).
-_PACKED_COPIES: dict[tuple, tuple[Tensor, Tensor]] = {}
+# lives, even if the parameter is given other numbers (`.data =`, as `model.to(dtype)` does). An entry also counts
+# the blocks that hold the weight (two models sharing it, packed in two threads): it lives until the last exits.
+_PACKED_COPIES: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+_PACKED_COPIES_LOCK = threading.Lock()
 
 
 def _weight_key(weight_OI: Tensor) -> tuple:
@@ -139,7 +142,7 @@ def packed_weights(model: object) -> Iterator[bool]:
         weight = module.packable_weight() if hasattr(module, "packable_weight") else None
         if weight is not None and module.packed is None and can_pack(weight):
             modules.append((module, weight))
-    registered = []
+    registered: list[tuple] = []
     try:
         try:
             for module, weight in modules:
@@ -149,14 +152,33 @@ def packed_weights(model: object) -> Iterator[bool]:
             for module, _ in modules:
                 module.packed = None
             modules = []
-        for module, weight in modules:  # for compiled steps (`tformer::packed_linear`)
-            key = _weight_key(weight)
-            if key not in _PACKED_COPIES:  # one weight packed twice (tied by hand): the first copy serves
-                _PACKED_COPIES[key] = (weight.detach(), module.packed)
-                registered.append(key)
+        registered = _register(modules)
         yield bool(modules)
     finally:
-        for key in registered:
-            del _PACKED_COPIES[key]
+        _unregister(registered)
         for module, _ in modules:
             module.packed = None
+
+
+def _register(modules: list[tuple[nn.Module, Tensor]]) -> list[tuple]:
+    """Make the modules' packed copies findable by `tformer::packed_linear` (for compiled steps); the keys to
+    `_unregister`. A weight another block (or module: tied by hand) registered keeps its first copy."""
+    keys = []
+    with _PACKED_COPIES_LOCK:
+        for module, weight in modules:
+            key = _weight_key(weight)
+            numbers, packed, blocks = _PACKED_COPIES.get(key, (weight.detach(), module.packed, 0))
+            _PACKED_COPIES[key] = (numbers, packed, blocks + 1)
+            keys.append(key)
+    return keys
+
+
+def _unregister(keys: list[tuple]) -> None:
+    """Undo `_register`: an entry goes when the last block holding its weight lets it go."""
+    with _PACKED_COPIES_LOCK:
+        for key in keys:
+            numbers, packed, blocks = _PACKED_COPIES[key]
+            if blocks == 1:
+                del _PACKED_COPIES[key]
+            else:
+                _PACKED_COPIES[key] = (numbers, packed, blocks - 1)
