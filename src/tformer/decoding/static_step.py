@@ -28,10 +28,11 @@ prefix): its whole step (this decoding step, the constraints, the choice of beam
 the next tokens) is one function of fixed buffers, recorded as one graph (decoding/beam.py,
 `_search_in_whole_steps`), so a step costs one launch instead of one per tensor operation.
 
-On the CPU the same fixed-shape step runs eagerly. It is slower there than the default step (it attends
-over the whole capacity every time) and exists so that tests can show it computes exactly what the
-default step computes. Attention maps (`return_attention`, the coverage penalty) and ensembles use the
-default step.
+On the CPU the same fixed-shape step runs without a graph. Eager, it is slower there than the default step
+(it attends over the whole capacity every time) and exists so that tests can show it computes exactly what
+the default step computes; compiled (`compile_step`), it multiplies with the oneDNN-packed weights as the
+default step does (model/packed.py: `tformer::packed_linear`). Attention maps (`return_attention`, the
+coverage penalty) and ensembles use the default step.
 
 Shape legend: B sentences, R rows (sentences x rows per sentence), M memory entries (one per sentence),
 S source length, V vocabulary.

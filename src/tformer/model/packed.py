@@ -11,7 +11,7 @@ arithmetic.
 
 Packed copies are only valid while the weights do not change and carry no gradient, so they exist only
 inside `with packed_weights(model):`, and are used only with autograd off (`torch.no_grad` or
-`torch.inference_mode`), for fp32 inputs on the CPU. Outside the block the layers are plain `nn.Linear`.
+`torch.inference_mode`) and no autocast, for fp32 inputs on the CPU. Outside the block the layers are plain `nn.Linear`.
 
 A step compiled by torch.compile cannot hold oneDNN's opaque copies, so on the CPU its products are one
 operator of tformer's own, `tformer::packed_linear(x, weight, bias, relu)`, which the compiler leaves as a
