@@ -276,6 +276,29 @@ def test_the_compiled_static_step_decodes_as_the_default_step(device, monkeypatc
     assert {"step_in_place", "whole_step"} <= set(compiled_functions)
 
 
+def test_the_compiled_step_on_the_cpu_compiles_twice_for_batches_of_many_shapes():
+    """On the CPU the compiled step uses torch's automatic dynamic shapes: the first shape compiles with its
+    sizes, the second with sizes as symbols, which serves every later shape (with fixed sizes each of the
+    five shapes below compiled once more, seconds each, and past torch's recompile limit ran uncompiled).
+    The tokens stay the default step's."""
+    from torch._dynamo.utils import counters
+
+    model = peaked_model()
+    shapes = [[7, 4, 9, 5], [3, 6], [8, 8, 2], [5, 9, 4, 6, 7], [10, 3]]  # rows and source lengths all differ
+    for default in (CONFIGS["greedy"], CONFIGS["beam-minlen-banned"]):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = dataclasses.replace(default, static_step=True, compile_step=True)
+        for seed, lengths in enumerate(shapes):
+            src, mask = padded_batch(lengths, seed=seed)
+            kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS)
+            expected = generate(model, src, config=default, **kwargs)
+            got = generate(model, src, config=compiled, **kwargs)
+            assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+        assert counters["stats"]["unique_graphs"] <= 2, (default.beam_size, dict(counters["stats"]))
+    torch._dynamo.reset()
+
+
 def test_compile_step_needs_the_static_step_and_the_flags_set_both():
     import argparse
 

@@ -65,8 +65,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile-step",
         action="store_true",
-        help="--static-step, compiled with torch.compile before it is recorded (decode.compile_step; the first "
-        "batch of each shape waits for the compiler)",
+        help="--static-step, compiled with torch.compile before it is recorded (decode.compile_step; batches "
+        "wait for the compiler: on a GPU the first of each shape, on the CPU the first two)",
     )
     parser.add_argument(
         "--truncate",

@@ -46,7 +46,13 @@ from tformer.decoding.greedy import CHECK_EVERY
 from tformer.decoding.incremental import IncrementalDecoder, check_inputs, decoding_capacity, take_rows
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.search_types import Hypothesis
-from tformer.decoding.static_step import CapturedStep, StaticStepDecoder, make_decoder, uses_static_step
+from tformer.decoding.static_step import (
+    CapturedStep,
+    StaticStepDecoder,
+    compiled_step,
+    make_decoder,
+    uses_static_step,
+)
 
 
 @torch.inference_mode()
@@ -182,7 +188,7 @@ def _search_in_whole_steps(
         run_step = search.graph.replay
     else:
         # compiled: the decoder's and the search's element-wise work fused into fewer kernels
-        run_step = torch.compile(whole_step, dynamic=False) if config.compile_step else whole_step
+        run_step = compiled_step(whole_step, buffers.tokens_R.device) if config.compile_step else whole_step
         if on_gpu:
             state_tensors = [getattr(search.state, item.name) for item in dataclasses.fields(BeamState)]
             mutable = [*state_tensors, search.length_1, buffers.tokens_R, *buffers.mutable()]

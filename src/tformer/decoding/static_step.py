@@ -55,6 +55,15 @@ from tformer.decoding.incremental import IncrementalDecoder, encoded_memory
 SHAPES_KEPT = 4  # captured steps kept per model (least recently used dropped first)
 
 
+def compiled_step(function: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """`function` compiled by torch.compile (`compile_step`). On a GPU with the sizes of its shape (each shape
+    is recorded as a CUDA graph of its own in any case). On the CPU with torch's automatic dynamic shapes: the
+    first shape compiles with its sizes, the second once more with sizes as symbols, and that serves every
+    later shape; with fixed sizes every new shape compiled again (~8 s for `small`) until torch's recompile
+    limit (8), after which batches ran uncompiled."""
+    return torch.compile(function, dynamic=False if device.type == "cuda" else None)
+
+
 def uses_static_step(model: Any, config: DecodeConfig, *, want_attention: bool) -> bool:
     """Whether a search runs the fixed-shape step: asked for, no attention maps, a single Transformer."""
     return config.static_step and not want_attention and hasattr(model, "new_static_cache")
@@ -233,7 +242,8 @@ class StaticStepDecoder:
         batch whose shape already has a graph only replays it."""
         if self._step_function is None:
             step = self.step_in_place
-            self._step_function = torch.compile(step, dynamic=False) if self.compile_step else step
+            device = self.step_buffers.tokens_R.device
+            self._step_function = compiled_step(step, device) if self.compile_step else step
         return self._step_function
 
     def step_in_place(self) -> Tensor:
