@@ -278,7 +278,8 @@ def test_the_compiled_static_step_decodes_as_the_default_step(device, monkeypatc
 
 def test_the_compiled_step_on_the_cpu_compiles_twice_for_batches_of_many_shapes():
     """On the CPU the compiled step uses torch's automatic dynamic shapes: the first shape compiles with its
-    sizes, the second with sizes as symbols, which serves every later shape (with fixed sizes each of the
+    sizes, the second with sizes as symbols, which serves every later shape of more than one sentence and
+    source token (sizes 1: the test below; with fixed sizes each of the
     five shapes below compiled once more, seconds each, and past torch's recompile limit ran uncompiled).
     The tokens stay the default step's."""
     from torch._dynamo.utils import counters
@@ -296,6 +297,30 @@ def test_the_compiled_step_on_the_cpu_compiles_twice_for_batches_of_many_shapes(
             got = generate(model, src, config=compiled, **kwargs)
             assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
         assert counters["stats"]["unique_graphs"] <= 2, (default.beam_size, dict(counters["stats"]))
+    torch._dynamo.reset()
+
+
+def test_the_compiled_step_on_the_cpu_decodes_one_sentence_and_one_token_batches_as_the_default_step():
+    """Sizes 1 are never symbols (torch specialises 0 and 1): batches of one sentence, and sources of one
+    token, compile apart from the batches with sizes as symbols, a few compilations in all (not two, as
+    docs/decoding.md said), and decode as the default step, with scores to float rounding."""
+    from torch._dynamo.utils import counters
+
+    model = peaked_model()
+    shapes = [[6], [9], [7, 4], [1], [1, 1], [3], [5, 8, 2]]  # one sentence, several, one-token sources
+    for default in (CONFIGS["greedy"], CONFIGS["beam-minlen-banned"]):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = dataclasses.replace(default, static_step=True, compile_step=True)
+        for seed, lengths in enumerate(shapes):
+            src, mask = padded_batch(lengths, seed=seed)
+            kwargs = dict(src_pad_mask=mask, bos_id=BOS, eos_id=EOS)
+            expected = generate(model, src, config=default, **kwargs)
+            got = generate(model, src, config=compiled, **kwargs)
+            assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+            scores = [h.score for n in got for h in n]
+            assert scores == pytest.approx([h.score for n in expected for h in n], abs=1e-4, rel=1e-6)
+        assert 2 < counters["stats"]["unique_graphs"] <= 5, (default.beam_size, dict(counters["stats"]))
     torch._dynamo.reset()
 
 

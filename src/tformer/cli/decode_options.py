@@ -66,7 +66,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile-step",
         action="store_true",
         help="--static-step, compiled with torch.compile before it is recorded (decode.compile_step; batches "
-        "wait for the compiler: on a GPU the first of each shape, on the CPU the first two)",
+        "wait for the compiler: on a GPU the first of each shape, on the CPU the first few)",
     )
     parser.add_argument(
         "--truncate",

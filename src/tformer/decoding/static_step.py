@@ -59,8 +59,9 @@ def compiled_step(function: Callable[[], Any], device: torch.device) -> Callable
     """`function` compiled by torch.compile (`compile_step`). On a GPU with the sizes of its shape (each shape
     is recorded as a CUDA graph of its own in any case). On the CPU with torch's automatic dynamic shapes: the
     first shape compiles with its sizes, the second once more with sizes as symbols, and that serves every
-    later shape; with fixed sizes every new shape compiled again (~8 s for `small`) until torch's recompile
-    limit (8), after which batches ran uncompiled."""
+    later shape with those sizes above 1 (torch never makes a size of 1 a symbol: batches of one sentence, or
+    of one-token sources, compile apart, once each); with fixed sizes every new shape compiled again (~8 s for
+    `small`) until torch's recompile limit (8), after which batches ran uncompiled."""
     return torch.compile(function, dynamic=False if device.type == "cuda" else None)
 
 
