@@ -195,6 +195,8 @@ def _search_in_whole_steps(
             search.graph = GraphedFunction(run_step, mutable=mutable, device=buffers.tokens_R.device)
             run_step = search.graph.replay
     for t in range(T):
+        if not on_gpu:  # no graph to keep one shape: step t reads only the positions written, 0 .. t
+            decoder.cache.show(t + 1)
         run_step()
         if (t + 1) % CHECK_EVERY == 0 and t + 1 < T and all(search.state.done.tolist()):
             break

@@ -122,11 +122,18 @@ class CapturedStep:
     ) -> None:
         """`reorders_rows`: beam search's cache, rows sentences x beams (one memory entry per sentence)."""
         device = model.tgt_embedding.weight.device
+        self.capacity = capacity  # the positions a search may fill
+        # On the CPU one spare position: the window a step reads (the positions written so far, StepWindow)
+        # then never spans the whole buffer, and torch.compile sees the same kind of slice at every step (a
+        # window as long as its buffer would be a contiguous tensor, a compilation of its own).
+        buffer_positions = capacity + (device.type != "cuda")
         if reorders_rows:
             sentences = mask_MS.shape[0]
-            self.cache = model.new_static_beam_cache(sentences=sentences, beams=rows // sentences, capacity=capacity)
+            self.cache = model.new_static_beam_cache(
+                sentences=sentences, beams=rows // sentences, capacity=buffer_positions
+            )
         else:
-            self.cache = model.new_static_cache(batch_size=rows, capacity=capacity)
+            self.cache = model.new_static_cache(batch_size=rows, capacity=buffer_positions)
         self.cache.memory_kv = [tuple(torch.zeros_like(item) for item in layer) for layer in memory_kv]
         self.mask_MS = torch.zeros_like(mask_MS)  # one memory entry per sentence, shared by its rows
         self.tokens_R = torch.zeros(rows, dtype=torch.long, device=device)
@@ -220,8 +227,8 @@ class StaticStepDecoder:
         cannot: its position is on the device, and reading it would be a host synchronisation in the step
         a CUDA graph records (past the end, index_copy_ is a bare IndexError on the CPU and a device-side
         assert, fatal to the process's CUDA context, on a GPU)."""
-        if steps > self.cache.capacity:
-            raise ValueError(f"decoder cache holds {self.cache.capacity} positions; asked for {steps}")
+        if steps > self.step_buffers.capacity:
+            raise ValueError(f"decoder cache holds {self.step_buffers.capacity} positions; asked for {steps}")
 
     def step(self, tokens_R: Tensor) -> tuple[Tensor, None]:
         """fp32 log-probabilities of the next token (R, V); no attention maps. On CUDA the result is the
@@ -231,6 +238,7 @@ class StaticStepDecoder:
         buffers = self.step_buffers
         buffers.tokens_R.copy_(tokens_R)
         if buffers.tokens_R.device.type != "cuda":
+            self.cache.show(self.steps)  # no graph to keep one shape: read only the positions written
             return self._runnable_step()(), None
         if buffers.graph is None:
             device = buffers.tokens_R.device

@@ -139,19 +139,35 @@ class DecoderCache:
 
 
 @dataclass
+class StepWindow:
+    """The positions a step of a fixed-shape cache attends over, shared by the cache and its layers. On a GPU
+    all `capacity` of them, the shape a CUDA graph records once for every step (`positions_T` None). On the
+    CPU, where no graph is recorded, the driver sets `positions_T` before each step to the positions written
+    so far (a view of 0 .. t, `show`): the step then reads only their keys and values, as the default step
+    does, and torch.compile makes their number a symbol (one compiled step for every length)."""
+
+    positions_T: Tensor | None = None
+
+
+@dataclass
 class StaticLayerCache:
     """Self-attention keys and values of one decoder layer, at fixed addresses and full capacity."""
 
     k_BHLK: Tensor
     v_BHLK: Tensor
     position_1: Tensor  # shared with the StaticDecoderCache: where the next token's key and value go
+    window: StepWindow  # shared with the StaticDecoderCache: the positions a step reads
 
     def append(self, k_BH1K: Tensor, v_BH1K: Tensor) -> tuple[Tensor, Tensor]:
-        """Write the one new position at `position_1` and return the whole buffers (the decoder's
-        `StaticDecoderCache.start_step` mask hides the positions not yet written)."""
+        """Write the one new position at `position_1` and return the buffers' positions of the step's window
+        (the whole buffers on a GPU; the decoder's `StaticDecoderCache.start_step` mask hides the positions
+        not yet written)."""
         self.k_BHLK.index_copy_(2, self.position_1, k_BH1K)
         self.v_BHLK.index_copy_(2, self.position_1, v_BH1K)
-        return self.k_BHLK, self.v_BHLK
+        if self.window.positions_T is None:
+            return self.k_BHLK, self.v_BHLK
+        T = self.window.positions_T.shape[0]
+        return self.k_BHLK[:, :, :T], self.v_BHLK[:, :, :T]
 
 
 @dataclass
@@ -162,15 +178,25 @@ class StaticDecoderCache:
     layers: list[StaticLayerCache]
     position_1: Tensor  # (1,) long: the position of the next token, advanced in place by each step
     key_positions_L: Tensor  # 0 .. L-1
+    window: StepWindow  # shared with the layers: the positions a step reads (all, unless `show` says)
     memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, layout: CacheLayout, *, batch_size: int) -> StaticDecoderCache:
         shape = (batch_size, layout.n_heads, layout.capacity, layout.head_dim)
         position_1 = torch.zeros(1, dtype=torch.long, device=layout.device)
-        layers = [StaticLayerCache(k, v, position_1) for k, v in layout.key_value_buffers(shape, zeros=True)]
+        window = StepWindow()
+        buffers = layout.key_value_buffers(shape, zeros=True)
+        layers = [StaticLayerCache(k, v, position_1, window) for k, v in buffers]
         key_positions_L = torch.arange(layout.capacity, device=layout.device)
-        return cls(layers=layers, position_1=position_1, key_positions_L=key_positions_L)
+        return cls(layers=layers, position_1=position_1, key_positions_L=key_positions_L, window=window)
+
+    def show(self, positions: int) -> None:
+        """The next step reads only the first `positions` positions (on the CPU: those written so far, the
+        new one included), not the whole capacity (StepWindow). At least two where there are: a window of
+        one position would be a size torch.compile never makes a symbol (a compilation of its own for every
+        first step); the second is masked as not yet written."""
+        self.window.positions_T = self.key_positions_L[: max(positions, 2)]
 
     @property
     def capacity(self) -> int:
@@ -181,8 +207,10 @@ class StaticDecoderCache:
         return [self.position_1, *(t for layer in self.layers for t in (layer.k_BHLK, layer.v_BHLK))]
 
     def start_step(self) -> Tensor:
-        """(1, 1, 1, L) "may attend" mask of the new token: every position up to its own."""
-        return (self.key_positions_L <= self.position_1)[None, None, None, :]
+        """(1, 1, 1, T) "may attend" mask of the new token over the step's window of T positions (all L, or
+        those `show` names): every position up to its own."""
+        positions_T = self.key_positions_L if self.window.positions_T is None else self.window.positions_T
+        return (positions_T <= self.position_1)[None, None, None, :]
 
     def advance(self) -> None:
         self.position_1.add_(1)
@@ -211,15 +239,20 @@ class StaticBeamLayerCache:
     k_BHLNK: Tensor
     v_BHLNK: Tensor
     position_1: Tensor  # shared with the StaticBeamDecoderCache
+    window: StepWindow  # shared with the StaticBeamDecoderCache: the positions a step reads
 
     def append(self, k_RH1K: Tensor, v_RH1K: Tensor) -> tuple[Tensor, Tensor]:
         """Write each beam's new key and value (R = B x N rows) into its own slot and return every
-        sentence's keys and values of the whole capacity, (B, H, L x N, K), position-major (the decoder's
-        `StaticBeamDecoderCache.start_step` mask picks each beam's ancestors among them)."""
+        sentence's keys and values of the step's window of T positions (the whole capacity L on a GPU),
+        (B, H, T x N, K), position-major (the decoder's `StaticBeamDecoderCache.start_step` mask picks each
+        beam's ancestors among them)."""
         B, H, L, N, K = self.k_BHLNK.shape
         self.k_BHLNK.index_copy_(2, self.position_1, k_RH1K.reshape(B, N, H, 1, K).permute(0, 2, 3, 1, 4))
         self.v_BHLNK.index_copy_(2, self.position_1, v_RH1K.reshape(B, N, H, 1, K).permute(0, 2, 3, 1, 4))
-        return self.k_BHLNK.view(B, H, L * N, K), self.v_BHLNK.view(B, H, L * N, K)
+        if self.window.positions_T is None:
+            return self.k_BHLNK.view(B, H, L * N, K), self.v_BHLNK.view(B, H, L * N, K)
+        T = self.window.positions_T.shape[0]
+        return self.k_BHLNK[:, :, :T].reshape(B, H, T * N, K), self.v_BHLNK[:, :, :T].reshape(B, H, T * N, K)
 
 
 @dataclass
@@ -238,20 +271,30 @@ class StaticBeamDecoderCache:
     key_positions_L: Tensor  # 0 .. L-1
     ancestry_BNL: Tensor  # long: the beam slot holding each position of each beam's history
     slots_N: Tensor  # 0 .. N-1
+    window: StepWindow  # shared with the layers: the positions a step reads (all, unless `show` says)
     memory_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, layout: CacheLayout, *, sentences: int, beams: int) -> StaticBeamDecoderCache:
         shape = (sentences, layout.n_heads, layout.capacity, beams, layout.head_dim)
         position_1 = torch.zeros(1, dtype=torch.long, device=layout.device)
-        layers = [StaticBeamLayerCache(k, v, position_1) for k, v in layout.key_value_buffers(shape, zeros=True)]
+        window = StepWindow()
+        buffers = layout.key_value_buffers(shape, zeros=True)
         return cls(
-            layers=layers,
+            layers=[StaticBeamLayerCache(k, v, position_1, window) for k, v in buffers],
             position_1=position_1,
             key_positions_L=torch.arange(layout.capacity, device=layout.device),
             ancestry_BNL=torch.zeros((sentences, beams, layout.capacity), dtype=torch.long, device=layout.device),
             slots_N=torch.arange(beams, device=layout.device),
+            window=window,
         )
+
+    def show(self, positions: int) -> None:
+        """The next step reads only the first `positions` positions (on the CPU: those written so far, the
+        new one included), not the whole capacity (StepWindow). At least two where there are: a window of
+        one position would be a size torch.compile never makes a symbol (a compilation of its own for every
+        first step); the second is masked as not yet written."""
+        self.window.positions_T = self.key_positions_L[: max(positions, 2)]
 
     @property
     def capacity(self) -> int:
@@ -263,13 +306,15 @@ class StaticBeamDecoderCache:
         return [self.position_1, self.ancestry_BNL, *layers]
 
     def start_step(self) -> Tensor:
-        """Mark the new position as each beam's own slot and return the (B, 1, N, L x N) "may attend" mask
-        of each sentence's N queries over its keys: a beam's ancestor's slot at every position so far."""
+        """Mark the new position as each beam's own slot and return the (B, 1, N, T x N) "may attend" mask
+        of each sentence's N queries over its keys of the step's window of T positions (all L, or those
+        `show` names): a beam's ancestor's slot at every position so far."""
         N = self.slots_N.shape[0]
         new_L = self.key_positions_L == self.position_1
         self.ancestry_BNL.copy_(torch.where(new_L, self.slots_N[:, None], self.ancestry_BNL))
-        written_P = (self.key_positions_L <= self.position_1).repeat_interleave(N)  # P = L x N, position-major
-        return ancestors_mask(self.ancestry_BNL, self.slots_N) & written_P
+        positions_T = self.key_positions_L if self.window.positions_T is None else self.window.positions_T
+        written_P = (positions_T <= self.position_1).repeat_interleave(N)  # P = T x N, position-major
+        return ancestors_mask(self.ancestry_BNL[:, :, : positions_T.shape[0]], self.slots_N) & written_P
 
     def advance(self) -> None:
         self.position_1.add_(1)
