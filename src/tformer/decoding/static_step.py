@@ -28,11 +28,12 @@ prefix): its whole step (this decoding step, the constraints, the choice of beam
 the next tokens) is one function of fixed buffers, recorded as one graph (decoding/beam.py,
 `_search_in_whole_steps`), so a step costs one launch instead of one per tensor operation.
 
-On the CPU the same fixed-shape step runs without a graph. Eager, it is slower there than the default step
-(it attends over the whole capacity every time) and exists so that tests can show it computes exactly what
-the default step computes; compiled (`compile_step`), it multiplies with the oneDNN-packed weights as the
-default step does (model/packed.py: `tformer::packed_linear`). Attention maps (`return_attention`, the
-coverage penalty) and ensembles use the default step.
+On the CPU the same fixed-shape step runs without a graph, so nothing holds its shape still: each step reads
+only the cache positions written so far (model/cache.py, `StepWindow`), as the default step does, where a GPU
+step reads the whole capacity. Compiled (`compile_step`), it multiplies with the oneDNN-packed weights as the
+default step does (model/packed.py: `tformer::packed_linear`) and issues far fewer operators: on the CPU the
+fastest way to decode (docs/performance.md, session 22). Attention maps (`return_attention`, the coverage
+penalty) and ensembles use the default step.
 
 Shape legend: B sentences, R rows (sentences x rows per sentence), M memory entries (one per sentence),
 S source length, V vocabulary.
@@ -58,10 +59,11 @@ SHAPES_KEPT = 4  # captured steps kept per model (least recently used dropped fi
 def compiled_step(function: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     """`function` compiled by torch.compile (`compile_step`). On a GPU with the sizes of its shape (each shape
     is recorded as a CUDA graph of its own in any case). On the CPU with torch's automatic dynamic shapes: the
-    first shape compiles with its sizes, the second once more with sizes as symbols, and that serves every
-    later shape with those sizes above 1 (torch never makes a size of 1 a symbol: batches of one sentence, or
-    of one-token sources, compile apart, once each); with fixed sizes every new shape compiled again (~8 s for
-    `small`) until torch's recompile limit (8), after which batches ran uncompiled."""
+    first step compiles with its sizes, the second once more with the number of positions it reads as a
+    symbol (StepWindow), the second batch shape with its sizes as symbols, and that serves every later shape
+    with those sizes above 1 (torch never makes a size of 1 a symbol: batches of one sentence, or of one-token
+    sources, compile apart, once each); with fixed sizes every new shape compiled again (~8 s for `small`)
+    until torch's recompile limit (8), after which batches ran uncompiled."""
     return torch.compile(function, dynamic=False if device.type == "cuda" else None)
 
 
