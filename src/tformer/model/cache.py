@@ -148,6 +148,17 @@ class StepWindow:
 
     positions_T: Tensor | None = None
 
+    def show(self, key_positions_L: Tensor, positions: int) -> None:
+        """The next step reads only the first `positions` of the cache's positions (on the CPU: those written
+        so far, the new one included). At least two where there are: a window of one position would be a
+        size torch.compile never makes a symbol (a compilation of its own for every first step); the second
+        is masked as not yet written."""
+        self.positions_T = key_positions_L[: max(positions, 2)]
+
+    def positions(self, key_positions_L: Tensor) -> Tensor:
+        """The positions the next step reads: those `show` named, else all of the cache's."""
+        return key_positions_L if self.positions_T is None else self.positions_T
+
 
 @dataclass
 class StaticLayerCache:
@@ -192,11 +203,8 @@ class StaticDecoderCache:
         return cls(layers=layers, position_1=position_1, key_positions_L=key_positions_L, window=window)
 
     def show(self, positions: int) -> None:
-        """The next step reads only the first `positions` positions (on the CPU: those written so far, the
-        new one included), not the whole capacity (StepWindow). At least two where there are: a window of
-        one position would be a size torch.compile never makes a symbol (a compilation of its own for every
-        first step); the second is masked as not yet written."""
-        self.window.positions_T = self.key_positions_L[: max(positions, 2)]
+        """The next step reads only the first `positions` positions, not the whole capacity (StepWindow)."""
+        self.window.show(self.key_positions_L, positions)
 
     @property
     def capacity(self) -> int:
@@ -209,7 +217,7 @@ class StaticDecoderCache:
     def start_step(self) -> Tensor:
         """(1, 1, 1, T) "may attend" mask of the new token over the step's window of T positions (all L, or
         those `show` names): every position up to its own."""
-        positions_T = self.key_positions_L if self.window.positions_T is None else self.window.positions_T
+        positions_T = self.window.positions(self.key_positions_L)
         return (positions_T <= self.position_1)[None, None, None, :]
 
     def advance(self) -> None:
@@ -290,11 +298,8 @@ class StaticBeamDecoderCache:
         )
 
     def show(self, positions: int) -> None:
-        """The next step reads only the first `positions` positions (on the CPU: those written so far, the
-        new one included), not the whole capacity (StepWindow). At least two where there are: a window of
-        one position would be a size torch.compile never makes a symbol (a compilation of its own for every
-        first step); the second is masked as not yet written."""
-        self.window.positions_T = self.key_positions_L[: max(positions, 2)]
+        """The next step reads only the first `positions` positions, not the whole capacity (StepWindow)."""
+        self.window.show(self.key_positions_L, positions)
 
     @property
     def capacity(self) -> int:
@@ -312,7 +317,7 @@ class StaticBeamDecoderCache:
         N = self.slots_N.shape[0]
         new_L = self.key_positions_L == self.position_1
         self.ancestry_BNL.copy_(torch.where(new_L, self.slots_N[:, None], self.ancestry_BNL))
-        positions_T = self.key_positions_L if self.window.positions_T is None else self.window.positions_T
+        positions_T = self.window.positions(self.key_positions_L)
         written_P = (positions_T <= self.position_1).repeat_interleave(N)  # P = T x N, position-major
         return ancestors_mask(self.ancestry_BNL[:, :, : positions_T.shape[0]], self.slots_N) & written_P
 
