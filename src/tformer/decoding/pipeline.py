@@ -60,9 +60,14 @@ def model_lock(model: Any) -> threading.Lock:
 
 
 class TokenizerLike(Protocol):
-    pad_id: int
-    bos_id: int
-    eos_id: int
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
 
     def encode_source(self, text: str) -> list[int]: ...
 
