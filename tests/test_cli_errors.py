@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,15 @@ def test_an_empty_path_is_refused_naming_its_argument(
     err = capsys.readouterr().err
     assert err.startswith(f"error: tformer {argv[0]}: argument {named}: an empty path; give a file or directory")
     assert err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_output_its_encoding_cannot_write_says_what_to_do(monkeypatch, capsys) -> None:
+    """Under PYTHONIOENCODING=ascii (or a C locale with PYTHONUTF8=0, or a Latin-1 one) the error was Python's
+    "'ascii' codec can't encode character '\\xb7' in position 2751", which says neither where nor how to fix it."""
+    import io
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+    assert main(["explain"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: standard output's encoding (ascii) cannot write '·': set ") and err.count("\n") == 1
+    assert "PYTHONIOENCODING=utf-8" in err

@@ -4,6 +4,7 @@ arguments and calls the library. User errors become one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 import warnings
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 0
     except (ValueError, OSError) as error:  # user errors: one line, no traceback
-        print(f"error: {_shortened(error_line(error, args))}", file=sys.stderr)
+        print(f"error: {_shortened(_unwritable_output(error) or error_line(error, args))}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
         if not _out_of_memory(error):
@@ -136,6 +137,23 @@ def _shortened(message: str) -> str:
         return message
     left_out = len(message) - 2 * MESSAGE_ENDS
     return f"{message[:MESSAGE_ENDS]} ... ({left_out:,} characters left out) ... {message[-MESSAGE_ENDS:]}"
+
+
+def _unwritable_output(error: BaseException) -> str | None:
+    """What to do when standard output's encoding cannot write the text (PYTHONIOENCODING=ascii, a C locale
+    with PYTHONUTF8=0, a Latin-1 locale: a translation in German or Chinese); Python's message names the
+    character but not the way out. None for any other error (a UTF-8 output's, which writes every character)."""
+    stdout_encoding = getattr(sys.stdout, "encoding", None)
+    if not isinstance(error, UnicodeEncodeError) or not stdout_encoding:
+        return None
+    encoding = codecs.lookup(stdout_encoding).name
+    if encoding != codecs.lookup(error.encoding).name or encoding == "utf-8":
+        return None
+    character = error.object[error.start : error.start + 1]
+    return (
+        f"standard output's encoding ({stdout_encoding}) cannot write {character!r}: set PYTHONIOENCODING=utf-8 "
+        "(or a UTF-8 locale, e.g. LC_ALL=C.UTF-8), or write to a file (translate --output FILE is UTF-8)"
+    )
 
 
 def _out_of_memory(error: BaseException) -> bool:
