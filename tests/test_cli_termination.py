@@ -99,3 +99,20 @@ def test_download_does_not_load_torch(tmp_path: Path) -> None:
         check=False,
     )
     assert done.stdout.splitlines()[-1] == "False", done.stderr
+
+
+def test_ctrl_c_while_the_command_loads_exits_130_in_one_line(tmp_path: Path) -> None:
+    """An interrupt in the first tenth of a second of `python -m tformer`, as tformer.cli.main imports, was a
+    KeyboardInterrupt traceback and death by SIGINT."""
+    hook = INTERRUPT_INSIDE_NUMPY_IMPORT.replace('"numpy.matrixlib"', '"tformer.cli.decode_options"')
+    (tmp_path / "sitecustomize.py").write_text(hook)
+    done = subprocess.run(
+        [sys.executable, "-m", "tformer", "info", "--preset", "tiny"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SOURCE])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
