@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,4 +116,11 @@ def test_positional_figure_draws_the_model_table(tmp_path: Path) -> None:
 def test_a_dollar_sign_in_the_run_path_is_drawn_as_text(tmp_path: Path) -> None:
     """The title is the run's path; matplotlib read "$^$" in it as TeX and stopped with an error."""
     run = write_metrics(tmp_path / "run$^$", ROWS)
+    assert_png(save_curves_png(run, tmp_path / "curves.png"))
+
+
+def test_a_run_path_that_is_not_utf8_is_drawn(tmp_path: Path) -> None:
+    """A directory named in Latin-1 (b"r\\xf6", Python's "r\\udcf6") stopped matplotlib with a TypeError
+    traceback: a surrogate cannot be drawn. Its bytes are shown as UTF-8 shows them."""
+    run = write_metrics(tmp_path / os.fsdecode(b"r\xf6"), ROWS)
     assert_png(save_curves_png(run, tmp_path / "curves.png"))

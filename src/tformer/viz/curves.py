@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,5 +176,8 @@ def curves_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
 
 def save_curves_png(run_dir_or_file: str | Path, path: str | Path) -> Path:
     rows = read_metrics(run_dir_or_file)
-    figure = curves_figure(rows, title=f"{Path(run_dir_or_file)} ({len(rows)} rows)")
+    # a name that is not UTF-8 (bytes of another encoding, Python's surrogates) cannot be drawn: its bytes shown as
+    # UTF-8, as `ls` shows them (a Latin-1 "ö" as "�"; under PYTHONUTF8=0 LC_ALL=C, a UTF-8 "ö" as itself)
+    shown = os.fsencode(Path(run_dir_or_file)).decode("utf-8", errors="replace")
+    figure = curves_figure(rows, title=f"{shown} ({len(rows)} rows)")
     return save_png(figure, path)  # a failed or interrupted write keeps the file that was there
