@@ -116,3 +116,21 @@ def test_ctrl_c_while_the_command_loads_exits_130_in_one_line(tmp_path: Path) ->
         check=False,
     )
     assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
+
+
+def test_a_removed_current_directory_is_one_line(tmp_path: Path) -> None:
+    """Run from a directory that was removed (`mkdir d; cd d; rmdir ../d`), every command that loads torch
+    failed with "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so", as if torch were broken."""
+    removed = tmp_path / "removed"
+    removed.mkdir()
+    command = f'cd "{removed}" && rmdir "{removed}" && exec "{sys.executable}" -m tformer info --preset tiny'
+    done = subprocess.run(
+        ["sh", "-c", command],
+        env={**os.environ, "PYTHONPATH": SOURCE},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr == "error: the current directory no longer exists (it was removed): cd to one that does\n"

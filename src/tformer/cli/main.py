@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         # a SIGTERM held while torch loads is then an interrupt too, not the end of the process (status -15)
         with sigterm_as_interrupt() if args.command in SIGTERM_INTERRUPTS else nullcontext():
             if args.command not in TORCH_FREE_COMMANDS:
+                _check_working_directory()
                 import_torch()
             return int(args.run(args) or 0)
     except KeyboardInterrupt as interrupt:  # a TrainingInterrupted says what the run kept
@@ -124,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"error: out of memory ({reason}); a smaller beam, batch or model needs less", file=sys.stderr)
         return 2
+
+
+def _check_working_directory() -> None:
+    """Refuse a current directory that was removed (a shell still in it): torch cannot load there, and said
+    so as "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so", as if the installation were broken."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise ValueError("the current directory no longer exists (it was removed): cd to one that does") from None
 
 
 MESSAGE_ENDS = 500  # characters kept at each end of an error message too long to read
