@@ -614,6 +614,45 @@ def test_a_full_disk_while_logging_names_the_checkpoint_the_run_keeps(
     assert ckpt.read_pointer_name(run, "latest") == kept
 
 
+CPU_OUT_OF_MEMORY = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 5734400 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def test_running_out_of_memory_mid_run_names_what_to_lower_and_the_checkpoint_the_run_keeps(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """An out of memory in step 3 was "error: out of memory (...); a smaller beam, batch or model needs
+    less": no training setting named, and the checkpoint of step 2 that --resume continues went unsaid."""
+    real_step = loop.train_step
+    steps: list[int] = []
+
+    def third_step_fails(*args, **kwargs):
+        steps.append(len(steps) + 1)
+        if len(steps) == 3:
+            raise RuntimeError(CPU_OUT_OF_MEMORY)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", third_step_fails)
+    run = tmp_path / "run"
+    _fails_cleanly(capsys, _train_args(workspace, run), "lower --max-tokens (train.max_tokens), pass --loss-chunk")
+    assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
+    steps.clear()
+    assert main(_train_args(workspace, tmp_path / "again")) == 2
+    assert capsys.readouterr().err == (
+        f"error: out of memory ({CPU_OUT_OF_MEMORY}); lower --max-tokens (train.max_tokens), pass --loss-chunk 1024 "
+        f"or train a smaller model; the run keeps its last checkpoint, {tmp_path / 'again' / ckpt.CHECKPOINTS_DIR}"
+        f"/step-00000002; continue it with: tformer train --out {tmp_path / 'again'} --resume\n"
+    )
+
+    steps.clear()
+    old = Path(shutil.copytree(trained, tmp_path / "old"))
+    before = _digest(old)
+    _fails_cleanly(capsys, _train_args(workspace, old, "--overwrite"), f"the new run was discarded; {old} keeps")
+    assert _digest(old) == before
+
+
 def test_overwrite_names_the_checkpoints_where_the_replacing_run_ends_up(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

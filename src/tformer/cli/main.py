@@ -31,11 +31,8 @@ from tformer.cli import (
     translate,
 )
 from tformer.cli.decode_options import error_line
+from tformer.cli.out_of_memory import is_out_of_memory, reason
 from tformer.termination import import_torch, sigterm_as_interrupt
-
-# torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
-# check of a tensor whose byte count overflows 64 bits (translate --beam 10**18)
-OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "Storage size calculation overflowed")
 
 # Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int;
 # importing it and building its parser loads no heavy library (run imports what the command needs).
@@ -120,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_shortened(_unwritable_output(error) or error_line(error, args))}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
-        if not _out_of_memory(error):
+        if not is_out_of_memory(error):
             raise  # a bug: its traceback says where
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"error: out of memory ({reason}); a smaller beam, batch or model needs less", file=sys.stderr)
+        print(f"error: out of memory ({reason(error)}); a smaller beam, batch or model needs less", file=sys.stderr)
         return 2
 
 
@@ -164,15 +160,6 @@ def _unwritable_output(error: BaseException) -> str | None:
         f"standard output's encoding ({stdout_encoding}) cannot write {character!r}: set PYTHONIOENCODING=utf-8 "
         "(or a UTF-8 locale, e.g. LC_ALL=C.UTF-8), or write to a file (translate --output FILE is UTF-8)"
     )
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """Python's MemoryError, torch.OutOfMemoryError (a GPU's), or the plain RuntimeError of torch's CPU
-    allocator, or of a tensor too large to count its bytes (recognised by their messages: this module
-    imports no torch)."""
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return True
-    return any(text in str(error) for text in OUT_OF_MEMORY)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:

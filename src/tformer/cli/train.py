@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tformer.cli.argument_types import path_argument
+from tformer.cli.out_of_memory import is_out_of_memory, reason
 from tformer.cli.typed_names import errors_named_as_typed
 from tformer.config import (
     PRESETS,
@@ -133,8 +134,33 @@ def run(args: argparse.Namespace) -> int:
     taken like Ctrl-C: the run says what it kept and an --overwrite removes its hidden directory. A
     process waiting in a collective takes it when the collective returns, which it does as soon as
     another process has stopped (torchrun kills any left after 30 s)."""
-    with sigterm_as_interrupt():
-        return _run_either(args)
+    replacing = args.overwrite and args.out.exists()  # a failed new run is then discarded, the old one kept
+    try:
+        with sigterm_as_interrupt():
+            return _run_either(args)
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise TrainingOutOfMemoryError(_out_of_memory_line(error, args.out, replacing=replacing)) from None
+
+
+class TrainingOutOfMemoryError(ValueError):
+    """Training ran out of memory; the message names the settings that take less and what the run kept."""
+
+
+def _out_of_memory_line(error: BaseException, out: Path, *, replacing: bool) -> str:
+    """What the main entry point's generic "a smaller beam, batch or model" left out for training: the
+    settings that lower a training step's memory, and that the run keeps its last checkpoint (an out of
+    memory in the middle of a run is no reason to start again)."""
+    from tformer.training.errors import what_was_kept
+
+    line = (
+        f"out of memory ({reason(error)}); lower --max-tokens (train.max_tokens), pass --loss-chunk 1024 "
+        "or train a smaller model"
+    )
+    if replacing:
+        return f"{line}; the new run was discarded; {out} keeps the previous run unchanged"
+    return f"{line}; {what_was_kept(out, processes=_processes())}" if out.is_dir() else line
 
 
 def _run_either(args: argparse.Namespace) -> int:
