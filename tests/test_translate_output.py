@@ -48,6 +48,39 @@ def test_a_job_that_stops_leaves_its_translated_lines_in_output_partial_not_in_o
     assert not (tmp_path / "out.txt.partial").exists()
 
 
+@pytest.mark.parametrize("failing_chunk", [1, 3])
+def test_running_out_of_memory_says_what_output_partial_keeps(run, tmp_path, capsys, monkeypatch, failing_chunk):
+    """An out of memory in the third chunk of 4 lines ended with the generic one line, saying nothing of the
+    8 lines kept in OUTPUT.partial; in the first chunk, it left an empty OUTPUT.partial behind."""
+    from tformer.cli import line_input
+    from tformer.decoding import pipeline
+
+    ready_chunks = line_input.ready_chunks
+    monkeypatch.setattr(line_input, "ready_chunks", lambda fd, max_lines: ready_chunks(fd, 4))
+    translate_chunk = pipeline.Translator._translate_chunk
+    chunks: list[int] = []
+
+    def fails(self, chunk, first_line):
+        chunks.append(first_line)
+        if len(chunks) == failing_chunk:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5734400 bytes.")
+        return translate_chunk(self, chunk, first_line)
+
+    monkeypatch.setattr(pipeline.Translator, "_translate_chunk", fails)
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("".join(f"{SENTENCES[i % len(SENTENCES)]}\n" for i in range(12)), encoding="utf-8")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output), "--beam", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (DefaultCPUAllocator: can't allocate memory: ") and err.count("\n") == 1
+    assert not output.exists()
+    if failing_chunk == 1:
+        assert err.endswith("a smaller beam, batch or model needs less\n")
+        assert not (tmp_path / "out.txt.partial").exists()
+    else:
+        assert err.endswith(f"needs less; the translations of the first 8 input lines are in {output}.partial\n")
+        assert len((tmp_path / "out.txt.partial").read_text(encoding="utf-8").splitlines()) == 8
+
+
 def test_sigterm_says_how_many_lines_output_partial_keeps(run, tmp_path):
     """`kill` and `timeout` send SIGTERM: like Ctrl-C, the job ends with one line naming what it kept."""
     output = tmp_path / "out.txt"

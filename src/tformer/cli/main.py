@@ -31,7 +31,7 @@ from tformer.cli import (
     translate,
 )
 from tformer.cli.decode_options import error_line
-from tformer.cli.out_of_memory import is_out_of_memory, reason
+from tformer.cli.out_of_memory import is_out_of_memory, out_of_memory_line
 from tformer.termination import import_torch, sigterm_as_interrupt
 
 # Each entry: (name, module). The module has HELP (one line), add_arguments(parser) and run(args) -> int;
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as error:  # what was asked for does not fit (--beam 100000, say)
         if not is_out_of_memory(error):
             raise  # a bug: its traceback says where
-        print(f"error: out of memory ({reason(error)}); a smaller beam, batch or model needs less", file=sys.stderr)
+        print(f"error: {out_of_memory_line(error)}", file=sys.stderr)
         return 2
 
 

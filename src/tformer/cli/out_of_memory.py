@@ -6,6 +6,7 @@ from __future__ import annotations
 # torch's RuntimeErrors for a tensor that cannot be allocated: the CPU allocator's refusal, and the size
 # check of a tensor whose byte count overflows 64 bits (translate --beam 10**18)
 OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "Storage size calculation overflowed")
+ADVICE = "a smaller beam, batch or model needs less"  # what lowers a decoding command's memory
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -19,3 +20,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 def reason(error: BaseException) -> str:
     """The first line of the error's message, or its type's name where it has none (a bare MemoryError)."""
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def out_of_memory_line(error: BaseException) -> str:
+    """A decoding command's error line for `error`, without `error: `."""
+    return f"out of memory ({reason(error)}); {ADVICE}"

@@ -33,6 +33,7 @@ from tformer.cli.decode_options import (
     merged_decode_config,
 )
 from tformer.cli.ensemble_option import add_ensemble_argument
+from tformer.cli.out_of_memory import is_out_of_memory, out_of_memory_line
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import config_to_dict
 from tformer.termination import sigterm_as_interrupt
@@ -114,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
                 written = index + 1
-    except (KeyboardInterrupt, ValueError, OSError) as error:
-        if partial is None:
+    except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
+        out_of_memory = is_out_of_memory(error)
+        if partial is None or (isinstance(error, RuntimeError) and not out_of_memory):
             raise
         if written == 0:  # nothing to keep
             partial.unlink(missing_ok=True)
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         kept = f"the translations of the first {written} input lines are in {partial}"
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from None
-        raise ValueError(f"{error_line(error, args)}; {kept}") from None
+        line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
+        raise ValueError(f"{line}; {kept}") from None
     if partial:
         os.replace(partial, output)
     return 0
