@@ -179,7 +179,7 @@ def test_bad_training_inputs(
         # refused before the data is read (the missing file would be named otherwise), not built until memory ends
         (
             _train_args(workspace, new, "--train-src", missing_src, "--set", "model.n_decoder_layers=100000000000"),
-            "GiB of memory, most of them for model.n_decoder_layers",
+            "GiB of memory here, most of them for model.n_decoder_layers",
         ),
         # a run takes them from its tokenizer: a value given would play no part, silently
         (_train_args(workspace, new, "--set", "model.pad_id=3"), "model.pad_id cannot be set: a run takes its"),

@@ -18,9 +18,7 @@ from tformer.decoding.pipeline import Translator
 
 def fake_memory(monkeypatch, total: int | None) -> None:
     """Make `total` bytes the memory decoding sees (None: unknown)."""
-    monkeypatch.setattr("tformer.decoding.memory.physical_memory", lambda: total)
-    monkeypatch.setattr("tformer.decoding.memory._address_space_limit", lambda: None)
-    monkeypatch.setattr("tformer.decoding.memory._cgroup_limit", lambda: None)
+    monkeypatch.setattr("tformer.decoding.memory.memory_here", lambda: total)
 
 
 def counted_searches(monkeypatch) -> list[int]:

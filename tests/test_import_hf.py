@@ -393,7 +393,7 @@ def test_a_config_json_too_large_for_the_memory_is_refused_before_anything_is_bu
     assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {hf_dir / 'config.json'}: this model holds ") and err.count("\n") == 1, err
-    assert "more than this machine's" in err
+    assert "GiB of memory here" in err
     assert not (tmp_path / "run").exists()
 
 

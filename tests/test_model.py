@@ -315,7 +315,7 @@ def test_model_elements_counts_what_the_built_model_holds(overrides: dict) -> No
 )
 def test_a_model_larger_than_memory_is_refused_before_a_layer_is_built(overrides: dict, named: str) -> None:
     """n_encoder_layers = 10**11 built small layers one by one until the machine's memory was gone."""
-    with pytest.raises(ConfigError, match=f"GiB of memory, most of them for {named} "):
+    with pytest.raises(ConfigError, match=f"GiB of memory here, most of them for {named} "):
         Transformer(preset("tiny", **{"src_vocab_size": 50, "tgt_vocab_size": 50, **overrides}))
 
 
@@ -400,3 +400,21 @@ def test_flops_per_pair_are_the_forward_products_torch_counts_three_times_plus_a
     d, n_enc, n_dec = config.d_model, config.n_encoder_layers, config.n_decoder_layers
     attention = 3 * (4 * d * S * S * n_enc + 2 * d * T * T * n_dec + 4 * d * S * T * n_dec)
     assert model_flops_per_pair(config, S, T) == 3 * counter.get_total_flops() + attention
+
+
+@pytest.mark.parametrize("limit", ["cgroup_limit", "address_space_limit"])
+def test_a_model_over_a_containers_memory_limit_is_refused_before_it_is_built(monkeypatch, limit: str) -> None:
+    """Only the machine's physical memory was checked: in a container limited below it, a model too large
+    for the container was built until the kernel killed the process, without a word."""
+    from tformer.model import size
+
+    config = preset("tiny", src_vocab_size=1000, tgt_vocab_size=1000, max_positions=64)
+    needed = size.FLOAT32_BYTES * sum(model_elements(config).values())
+    monkeypatch.setattr(size, "physical_memory", lambda: 1 << 40)
+    monkeypatch.setattr(size, "address_space_limit", lambda: None)
+    monkeypatch.setattr(size, "cgroup_limit", lambda: None)
+    monkeypatch.setattr(size, limit, lambda: needed // 2)
+    with pytest.raises(ConfigError, match=r"GiB in float32\), more than the 0.0 GiB of memory here, most of them for"):
+        Transformer(config)
+    monkeypatch.setattr(size, limit, lambda: needed)
+    Transformer(config)

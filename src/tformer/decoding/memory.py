@@ -35,7 +35,7 @@ import torch
 
 from tformer.config import DecodeConfig
 from tformer.decoding.search_types import DecodingError
-from tformer.model.size import physical_memory
+from tformer.model.size import memory_here
 
 NUMBER_BYTES = 4  # float32 (a model in half precision needs less: the estimate stays an upper bound)
 ID_BYTES = 8  # torch.long
@@ -82,11 +82,10 @@ def decoding_budget(device: torch.device | str) -> tuple[int, int] | None:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
     elif device.type == "cpu":
-        limits = [physical_memory(), _address_space_limit(), _cgroup_limit()]
-        known = [limit for limit in limits if limit is not None]
-        if not known:
+        here = memory_here()
+        if here is None:
             return None
-        total = min(known)
+        total = here
     else:
         return None
     return total // 2, total
@@ -126,21 +125,3 @@ def sentences_per_batch(
     if one > allowed:
         raise SearchTooLargeError(config, source_length=source_length, needed=one, allowed=allowed, total=total)
     return allowed // one
-
-
-def _address_space_limit() -> int | None:
-    try:
-        import resource  # not on Windows
-    except ImportError:
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def _cgroup_limit() -> int | None:
-    try:
-        with open("/sys/fs/cgroup/memory.max") as file:
-            text = file.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None

@@ -36,21 +36,29 @@ def model_elements(config: ModelConfig) -> dict[str, int]:
 
 
 def check_fits_in_memory(config: ModelConfig) -> None:
-    """Refuse a model whose float32 numbers alone exceed this machine's memory (it could be neither
-    built nor trained), naming the setting that makes it so large. Where the memory size is unknown,
-    nothing is checked."""
+    """Refuse a model whose float32 numbers alone exceed the memory here (it could be neither built nor
+    trained), naming the setting that makes it so large. Where the memory size is unknown, nothing is
+    checked. The memory is `memory_here`'s: a container's limit below the machine's let a model too large
+    for it be built until the kernel killed the process, without a word."""
     parts = model_elements(config)
     needed = FLOAT32_BYTES * sum(parts.values())
-    available = physical_memory()
+    available = memory_here()
     if available is None or needed <= available:
         return
     largest = max(parts, key=lambda name: parts[name])
     raise ConfigError(
-        f"this model holds {sum(parts.values()):,} numbers ({needed / 2**30:,.1f} GiB in float32), more than this "
-        f"machine's {available / 2**30:,.1f} GiB of memory, most of them for {largest} "
+        f"this model holds {sum(parts.values()):,} numbers ({needed / 2**30:,.1f} GiB in float32), more than the "
+        f"{available / 2**30:,.1f} GiB of memory here, most of them for {largest} "
         f"({config.d_model=}, {config.n_encoder_layers=}, {config.n_decoder_layers=}, {config.d_ff=}, "
         f"{config.max_positions=})".replace("config.", "")
     )
+
+
+def memory_here() -> int | None:
+    """The bytes this process may hold on the CPU: the least of this machine's physical memory, the process's
+    address-space limit (`ulimit -v`) and its cgroup's limit (a container's); None where none is known."""
+    known = [limit for limit in (physical_memory(), address_space_limit(), cgroup_limit()) if limit is not None]
+    return min(known) if known else None
 
 
 def physical_memory() -> int | None:
@@ -59,6 +67,24 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def address_space_limit() -> int | None:
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def cgroup_limit() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def count_parameters(model: nn.Module) -> int:
