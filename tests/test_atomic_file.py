@@ -60,3 +60,12 @@ def test_a_failed_write_names_the_file(tmp_path: Path, monkeypatch) -> None:
         write_atomic(path, b"new")
     assert str(raised.value) == f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '{path}'"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failed_write_to_a_device_names_it() -> None:
+    """A device is written in place, and its failed write named no file: `tformer evaluate --output /dev/full`
+    and `tformer align --out /dev/full` said only "error: [Errno 28] No space left on device"."""
+    with pytest.raises(OSError) as raised:
+        write_atomic(Path("/dev/full"), b"new")
+    assert str(raised.value) == f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '/dev/full'"

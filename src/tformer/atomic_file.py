@@ -21,8 +21,12 @@ def write_atomic(path: Path, data: bytes) -> Path:
     create it (tempfile.mkstemp's 0600 would make the file private to its owner)."""
     given = Path(path)
     if given.exists() and not given.is_file():
-        with open(given, "wb") as stream:
-            stream.write(data)
+        try:
+            with open(given, "wb") as stream:
+                stream.write(data)
+        except OSError as error:  # /dev/full: a bare "[Errno 28]" would not say which output
+            name_the_file(error, given)
+            raise
         return given
     path = given.resolve() if given.is_symlink() else given
     temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
@@ -37,10 +41,17 @@ def write_atomic(path: Path, data: bytes) -> Path:
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None and error.errno is not None:  # name the file
-            raise OSError(error.errno, error.strerror, str(given)) from None
+        name_the_file(error, given)
         raise
     return given
+
+
+def name_the_file(error: BaseException, path: Path) -> None:
+    """Raise `error` again as an OSError naming `path` where it is one that names no file: a failed write or
+    fsync names none, and its one-line message ("[Errno 5] Input/output error") would not say what could not
+    be written. Any other error is left for the caller to raise."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def fsync_file(path: Path) -> None:
