@@ -686,6 +686,53 @@ def test_a_failed_average_leaves_nothing_behind(run_copy: Path, tmp_path: Path, 
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_failed_rename_into_place_leaves_no_copy_and_keeps_the_existing_checkpoint(
+    run_copy: Path, monkeypatch
+) -> None:
+    """The rename of the complete copy to its name (and the one moving an existing checkpoint of that name
+    aside) ran outside the clean-up: a rename that failed (EIO) left the whole hidden copy, and a failure of
+    the second left the existing checkpoint under a hidden `.old-` name, which pruning deletes."""
+    loaded = load_run(run_copy, which="last")
+    checkpoints = run_copy / "checkpoints"
+    before = {path: path.read_bytes() for path in (checkpoints / "step-00000006").rglob("*") if path.is_file()}
+    replace = os.replace
+
+    def copy_cannot_be_renamed(source: str | Path, target: str | Path) -> None:
+        if Path(source).name.startswith(".tmp-"):
+            raise OSError(5, "Input/output error")
+        replace(source, target)
+
+    monkeypatch.setattr(checkpoint_save.os, "replace", copy_cannot_be_renamed)
+    for name in ("step-00000006", "step-00000008"):  # an existing name, a new one
+        with pytest.raises(OSError) as raised:
+            checkpoint_save.save_checkpoint(
+                run_copy,
+                name,
+                experiment=loaded.experiment,
+                tokenizer=loaded.tokenizer,
+                model=loaded.model,
+                step=6,
+                trainer_state=None,
+            )
+        assert str(raised.value) == f"[Errno 5] Input/output error: '{checkpoints / name}'"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    assert {path: path.read_bytes() for path in (checkpoints / "step-00000006").rglob("*") if path.is_file()} == before
+
+
+def test_a_failed_fsync_of_an_average_names_its_out(run_copy: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The OSError of an fsync names no file: `tformer average` (and `demo`, which averages) said only
+    "error: [Errno 5] Input/output error"."""
+
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    out = tmp_path / "averaged"
+    assert main(["average", str(run_copy), "--last", "2", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 5] Input/output error: '{out}'\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
 FILE_SIZE_LIMIT = """
 import json, resource, signal, sys
 from tformer.cli.main import main

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from tformer import __version__
-from tformer.atomic_file import abandoned, fsync_dir, fsync_file, fsync_tree
+from tformer.atomic_file import abandoned, fsync_dir, fsync_file, fsync_tree, name_the_file
 from tformer.config import ExperimentConfig, experiment_to_dict
 from tformer.data.tokenizer import Tokenizer
 from tformer.interop.marian_tokenizer import VocabTokenizer
@@ -89,18 +89,29 @@ def write_checkpoint(
             with open(temporary / STATE_FILE, "wb") as handle, failed_write_as_os_error(final / STATE_FILE):
                 torch.save(trainer_state, handle)
         fsync_tree(temporary)
-    except BaseException:  # a full disk, say: the half-written copy would only take space (outside a run, for good)
+        _rename_into_place(temporary, final)
+        fsync_dir(parent)
+    except BaseException as error:  # a full disk, say: the copy would only take space (outside a run, for good)
         shutil.rmtree(temporary, ignore_errors=True)
+        name_the_file(error, final)  # a failed fsync names no file
         raise
-    if final.exists():
-        trash = parent / f".old-{name}-{os.getpid()}"
-        os.replace(final, trash)
-        os.replace(temporary, final)
-        remove_checkpoint_dir(trash)
-    else:
-        os.replace(temporary, final)
-    fsync_dir(parent)
     return final
+
+
+def _rename_into_place(temporary: Path, final: Path) -> None:
+    """Rename the complete checkpoint `temporary` to `final`. An existing `final` is moved aside first and
+    removed after, or moved back where the rename fails: left under its hidden name, pruning would delete it."""
+    if not final.exists():
+        os.replace(temporary, final)
+        return
+    trash = final.parent / f".old-{final.name}-{os.getpid()}"
+    os.replace(final, trash)
+    try:
+        os.replace(temporary, final)
+    except BaseException:
+        os.replace(trash, final)
+        raise
+    remove_checkpoint_dir(trash)
 
 
 def remove_abandoned_writes(final: Path) -> None:
