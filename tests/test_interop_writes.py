@@ -111,6 +111,28 @@ def test_a_write_failing_half_way_leaves_no_directory_it_made(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("command", ["hf", "import-hf"])
+def test_a_failed_fsync_names_out_not_the_staging_directory(tmp_path, capsys, monkeypatch, command):
+    """The OSError of an fsync names no file, and import-hf's checkpoint is written inside the staging
+    directory: export said only "error: [Errno 5] Input/output error", and import-hf named a file under
+    `.tmp-OUT-PID`, which the failure removed."""
+    run = make_run(tmp_path / "run")
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("os.fsync", failing_fsync)
+    out = tmp_path / "out"
+    arguments = ["export", str(run), "--to", "hf"] if command == "hf" else ["import-hf", str(tmp_path / "hf")]
+    named = out if command == "hf" else out / "checkpoints" / "step-00000000"
+    before = entries(tmp_path)
+    capsys.readouterr()
+    assert main([*arguments, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: [Errno 5] Input/output error: '{named}'"
+    assert entries(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["hf", "import-hf"])
 def test_a_move_into_an_existing_empty_out_failing_half_way_leaves_it_empty(tmp_path, capsys, monkeypatch, command):
     """An existing empty --out is filled by moving the staged entries into it one by one: when a move
     failed, the entries moved before it stayed, a half-filled --out."""
