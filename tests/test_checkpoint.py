@@ -719,6 +719,24 @@ def test_a_failed_rename_into_place_leaves_no_copy_and_keeps_the_existing_checkp
     assert {path: path.read_bytes() for path in (checkpoints / "step-00000006").rglob("*") if path.is_file()} == before
 
 
+@pytest.mark.parametrize("fails", ["fsync", "replace"])
+def test_a_failed_pointer_write_keeps_the_pointer_and_leaves_no_copy_beside_it(
+    run_copy: Path, monkeypatch, fails
+) -> None:
+    """A pointer whose fsync or rename failed (a full disk) left its `.latest.tmp` in the run directory."""
+    before = sorted(path.name for path in run_copy.iterdir())
+
+    def failing(*args, **kwargs) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint_save.os, fails, failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        checkpoint_save.write_pointer(run_copy, "latest", "step-00000004")
+    monkeypatch.undo()
+    assert ckpt.read_pointer_name(run_copy, "latest") == "step-00000006"
+    assert sorted(path.name for path in run_copy.iterdir()) == before
+
+
 def test_a_failed_fsync_of_an_average_names_its_out(run_copy: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """The OSError of an fsync names no file: `tformer average` (and `demo`, which averages) said only
     "error: [Errno 5] Input/output error"."""

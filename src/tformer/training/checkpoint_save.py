@@ -155,10 +155,14 @@ def write_pointer(run_dir: Path, which: str, name: str) -> None:
     run_dir = Path(run_dir)
     temporary = run_dir / f".{which}.tmp"
     temporary.unlink(missing_ok=True)
-    with open(temporary, "x", encoding="utf-8") as file:
-        file.write(name + "\n")
-    fsync_file(temporary)
-    os.replace(temporary, run_dir / which)
+    try:
+        with open(temporary, "x", encoding="utf-8") as file:
+            file.write(name + "\n")
+        fsync_file(temporary)
+        os.replace(temporary, run_dir / which)
+    except BaseException:  # a full disk: the pointer keeps its name, and no stray copy stays beside it
+        temporary.unlink(missing_ok=True)
+        raise
     fsync_dir(run_dir)
 
 
