@@ -277,3 +277,29 @@ def test_translate_truncate_reaches_the_translator(run, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"translated its first 63"):
         assert main(["translate", str(run), "--input", str(source), "--beam", "1", "--truncate"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_output_is_on_the_disk_before_it_replaces_the_one_there(run, tmp_path, monkeypatch):
+    """OUTPUT.partial was renamed onto --output unsynced: a crash soon after could leave an empty file in
+    place of the translations --overwrite replaced (every other output is fsynced first, `write_atomic`).
+    Files are told apart by inode, which a rename keeps."""
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    output.write_text("translations saved before\n", encoding="utf-8")
+    fsync, replace = os.fsync, os.replace
+    synced: list[int] = []
+    renamed_unsynced: list[str] = []
+
+    def recorded(descriptor: int) -> None:
+        synced.append(os.fstat(descriptor).st_ino)
+        fsync(descriptor)
+
+    def renamed(source: str | Path, target: str | Path) -> None:
+        if Path(target) == output and os.stat(source).st_ino not in synced:
+            renamed_unsynced.append(str(source))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    monkeypatch.setattr(os, "replace", renamed)
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output), "--overwrite"]) == 0
+    assert renamed_unsynced == [] and len(output.read_text(encoding="utf-8").splitlines()) == len(SENTENCES)

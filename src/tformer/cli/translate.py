@@ -6,7 +6,7 @@ a line is translated as soon as it arrives. Input must be UTF-8; an empty line g
 With --nbest K (or --set decode.nbest=K), each input line gives K lines `index ||| text ||| score`
 (index counts input lines from 0).
 
---output FILE is written as FILE.partial, renamed to FILE once every line is translated: a job that
+--output FILE is written as FILE.partial, renamed to FILE once every line is translated (and fsynced): a job that
 stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the chunks finished
 before it (up to 1,024 lines each), whole lines only, and never a FILE that looks complete; an error, Ctrl-C
 or SIGTERM (what kill and timeout send) ends with one line that says how many. An existing FILE
@@ -23,6 +23,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, TextIO
 
+from tformer.atomic_file import fsync_file
 from tformer.cli.argument_types import path_text, positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
@@ -128,8 +129,17 @@ def run(args: argparse.Namespace) -> int:
         line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
         raise ValueError(f"{line}; {kept}") from None
     if partial:
-        os.replace(partial, output)
+        _rename_complete(partial, output)
     return 0
+
+
+def _rename_complete(partial: Path, output: Path) -> None:
+    """Give the complete OUTPUT.partial its name once its lines are on the disk (as `write_atomic` does the
+    other commands' outputs): renamed unsynced, a crash soon after could leave an empty or truncated file in
+    place of the one --overwrite replaced. A failed fsync keeps OUTPUT.partial, and says which file it was."""
+    with _failed_write_named(str(partial)):
+        fsync_file(partial)
+    os.replace(partial, output)
 
 
 @contextmanager
