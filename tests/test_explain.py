@@ -251,3 +251,30 @@ def test_the_decoding_figure_names_its_axes(result: Walkthrough) -> None:
 
     ax = decoding_figure(result).axes[0]
     assert (ax.get_ylabel(), ax.get_xlabel()) == ("decoder input → token chosen", "next token")
+
+
+def test_a_failed_figure_write_leaves_no_partial_set_to_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the third figure left the first two (and --out, which explain made): the same command
+    run again was refused, --out holding figures already."""
+    import errno
+
+    from tformer import explain_report
+
+    save_png, saved = explain_report.save_png, []
+
+    def third_fails(figure: object, path: Path, **kwargs: object) -> Path:
+        saved.append(path)
+        if len(saved) == 2:  # the positional figure is the first, written by another function
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save_png(figure, path, **kwargs)
+
+    monkeypatch.setattr(explain_report, "save_png", third_fails)
+    out = tmp_path / "new" / "figs"
+    assert main(["explain", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: [Errno 28] No space left on device: '{saved[-1]}'\n"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(["explain", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 6

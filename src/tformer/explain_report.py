@@ -5,6 +5,7 @@ Nothing here computes the model: every number comes from the Walkthrough's tenso
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -381,10 +382,27 @@ FIGURE_NAMES = (POSITIONAL_FIGURE, *FIGURES)  # every file save_figures writes
 
 
 def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
-    """Write the walk-through's figures (FIGURE_NAMES) into `out_dir`, made if needed, replacing any there."""
+    """Write the walk-through's figures (FIGURE_NAMES) into `out_dir`, made if needed, replacing any there.
+    A write that fails (a full disk) removes the figures this call added and the folders it made: the first
+    figures, left, made a rerun refuse `--out` as already holding figures, as a partial download did."""
     out_dir = Path(out_dir)
+    made = [directory for directory in (out_dir, *out_dir.parents) if not directory.exists()]  # innermost first
+    added = [out_dir / name for name in FIGURE_NAMES if not (out_dir / name).exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [save_positional_png(out_dir / POSITIONAL_FIGURE)]
-    for name, make in FIGURES.items():
-        written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the file there before
+    try:
+        written = [save_positional_png(out_dir / POSITIONAL_FIGURE)]
+        for name, make in FIGURES.items():
+            written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the file there before
+    except BaseException:
+        _remove_added(added, made)
+        raise
     return written
+
+
+def _remove_added(files: list[Path], directories: list[Path]) -> None:
+    """Remove `files`, then `directories` (innermost first) that are empty: what else is there stays."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
