@@ -751,6 +751,22 @@ def test_a_failed_fsync_of_an_average_names_its_out(run_copy: Path, tmp_path: Pa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
 
 
+def test_an_average_that_cannot_be_written_names_it_not_its_temporary(run_copy: Path, capsys, monkeypatch) -> None:
+    """`tformer average RUN_DIR` on a read-only run named the hidden temporary it could not make
+    (`checkpoints/.tmp-averaged-last2-step-00000006-PID`), not the average."""
+    mkdir = Path.mkdir
+
+    def read_only(self: Path, *args, **kwargs) -> None:
+        if self.name.startswith(".tmp-"):
+            raise OSError(30, "Read-only file system", str(self))
+        mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["average", str(run_copy), "--last", "2"]) == 2
+    average = run_copy / "checkpoints" / "averaged-last2-step-00000006"
+    assert capsys.readouterr().err == f"error: [Errno 30] Read-only file system: '{average}'\n"
+
+
 FILE_SIZE_LIMIT = """
 import json, resource, signal, sys
 from tformer.cli.main import main

@@ -6,6 +6,7 @@ from one still being written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -46,12 +47,20 @@ def write_atomic(path: Path, data: bytes) -> Path:
     return given
 
 
-def name_the_file(error: BaseException, path: Path) -> None:
+def name_the_file(error: BaseException, path: Path, *, staging: Path | None = None) -> None:
     """Raise `error` again as an OSError naming `path` where it is one that names no file: a failed write or
     fsync names none, and its one-line message ("[Errno 5] Input/output error") would not say what could not
-    be written. Any other error is left for the caller to raise."""
-    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+    be written. One that names a file in `staging`, the temporary directory that becomes `path`, names it
+    under `path` instead: the temporary's name says nothing to the user, and the failure removes it. Any
+    other error is left for the caller to raise."""
+    if not isinstance(error, OSError) or error.errno is None:
+        return
+    if error.filename is None:
         raise OSError(error.errno, error.strerror, str(path)) from None
+    if staging is not None and isinstance(error.filename, str):
+        with contextlib.suppress(ValueError):  # a file outside `staging` keeps its name
+            inside = Path(error.filename).relative_to(staging)
+            raise OSError(error.errno, error.strerror, str(path / inside)) from None
 
 
 def fsync_file(path: Path) -> None:

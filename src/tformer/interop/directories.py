@@ -68,21 +68,10 @@ def written_atomically(out: Path) -> Iterator[Path]:
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
         _remove_empty(made)
-        _name_under_out(error, temporary, out)
+        name_the_file(error, out, staging=temporary)  # not the staging directory, which is gone
         raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _name_under_out(error: BaseException, temporary: Path, out: Path) -> None:
-    """Raise `error` naming `out` where it names no file (a failed write or fsync names none), or naming the
-    path under `out` of the file in `temporary` it names (import-hf's checkpoint is written inside it): the
-    staging directory's name says nothing to the user, and it is gone. Any other error is left to the caller."""
-    name_the_file(error, out)
-    if isinstance(error, OSError) and error.errno is not None and isinstance(error.filename, str):
-        with contextlib.suppress(ValueError):  # a file outside the staging directory keeps its name
-            inside = Path(error.filename).relative_to(temporary)
-            raise OSError(error.errno, error.strerror, str(out / inside)) from None
 
 
 def _make_parents(out: Path) -> list[Path]:

@@ -77,8 +77,8 @@ def write_checkpoint(
     remove_abandoned_writes(final)
     temporary = parent / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
     try:
+        temporary.mkdir()
         recorded = {TOKENIZER_FINGERPRINT: tokenizer.fingerprint(), **(extra or {})}  # see load_tokenizer
         write_experiment(temporary / EXPERIMENT_FILE, experiment, step=step, extra=recorded)
         tokenizer.to_files(temporary / TOKENIZER_DIR)
@@ -93,7 +93,7 @@ def write_checkpoint(
         fsync_dir(parent)
     except BaseException as error:  # a full disk, say: the copy would only take space (outside a run, for good)
         shutil.rmtree(temporary, ignore_errors=True)
-        name_the_file(error, final)  # a failed fsync names no file
+        name_the_file(error, final, staging=temporary)  # a failed fsync names no file, nor the user the temporary
         raise
     return final
 
