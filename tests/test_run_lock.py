@@ -151,3 +151,34 @@ def test_a_lock_file_that_is_a_link_is_refused_and_what_it_names_left_alone(
         f"error: {lock} is a symbolic link, where a run keeps its lock file; remove the link (rm {lock})\n"
     )
     assert not list(elsewhere.iterdir()) and _digest(run) == before
+
+
+def test_a_run_on_a_read_only_file_system_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train --resume` of a run on a read-only disk (a DVD, a read-only mount) ended with a bare
+    "error: [Errno 30] Read-only file system: 'RUN/.lock'"."""
+    import errno
+
+    from tformer.training import run_lock
+
+    corpus = write_corpus(tmp_path, n_train=40)
+    run = tmp_path / "run"
+    start_run(tiny_experiment(corpus, "train.max_steps=2", "train.save_every=2", valid=False), run, quiet=True).train()
+    (run / LOCK_FILE).unlink()
+    before = _digest(run)
+    open_file = os.open
+
+    def read_only(path: object, *args: object, **kwargs: object) -> int:
+        if Path(str(path)).name == LOCK_FILE:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return open_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot write into {run} (Read-only file system), where a run keeps its lock file and checkpoints; "
+        "choose a directory that can be written (copy the run there to resume it)\n"
+    )
+    assert _digest(run) == before

@@ -44,6 +44,11 @@ class RunLock:
         except IsADirectoryError:
             raise ValueError(f"{path} is a directory, where a run keeps its lock file; remove or rename it") from None
         except OSError as error:
+            if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a bare errno line said nothing of what to do
+                raise ValueError(
+                    f"cannot write into {self.run_dir} ({error.strerror}), where a run keeps its lock file and "
+                    "checkpoints; choose a directory that can be written (copy the run there to resume it)"
+                ) from None
             if error.errno != errno.ELOOP:
                 raise
             remove = f"rm {shlex.quote(str(path))}"
