@@ -3,6 +3,7 @@ leaves its whole translated lines under a name that says so; an existing FILE is
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -303,3 +304,24 @@ def test_output_is_on_the_disk_before_it_replaces_the_one_there(run, tmp_path, m
     monkeypatch.setattr(os, "replace", renamed)
     assert main(["translate", str(run), "--input", str(source), "--output", str(output), "--overwrite"]) == 0
     assert renamed_unsynced == [] and len(output.read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+
+
+def test_evaluate_prints_its_scores_even_when_its_output_cannot_be_written(run, tmp_path, capsys, monkeypatch):
+    """A full disk at --output: the scores of the whole test set were lost with the translations (the file was
+    written before the scores were printed); now they are printed first, and the error names the file."""
+    import errno
+
+    from tformer import atomic_file
+
+    def full_disk(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic_file, "write_atomic", full_disk)
+    source, output = tmp_path / "src.txt", tmp_path / "hyp.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    command = ["evaluate", str(run), "--src", str(source), "--ref", str(source), "--output", str(output), "--json"]
+    assert main(command) == 2
+    out, err = capsys.readouterr()
+    assert {"bleu", "chrf"} <= set(json.loads(out)), out
+    assert err.startswith("error: ") and str(output) in err and err.count("\n") == 1, err
+    assert not output.exists()

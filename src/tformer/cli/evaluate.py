@@ -20,6 +20,7 @@ import argparse
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tformer.cli.argument_types import path_argument, positive_integer
 from tformer.cli.decode_options import (
@@ -32,6 +33,10 @@ from tformer.cli.decode_options import (
 from tformer.cli.ensemble_option import add_ensemble_argument
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
 from tformer.config import BLEU_TOKENIZE
+
+if TYPE_CHECKING:
+    from tformer.evaluation import Scores
+    from tformer.training.checkpoint_load import LoadedRun
 
 HELP = "translate a test set and report BLEU, lowercased BLEU and chrF"
 
@@ -104,9 +109,14 @@ def run(args: argparse.Namespace) -> int:
     decode = merged_decode_config(loaded.experiment.decode, settings, changes, args)
     translator = command_translator(loaded, decode, args, device)
     hypotheses = translator.translate_texts(sources)
+    scores = score(hypotheses, *reference_sets, tokenize=tokenize)
+    _print_scores(args, loaded, scores)  # first: a --output that cannot be written (a full disk) keeps them
     if args.output is not None:
         _write_lines(args.output, hypotheses)
-    scores = score(hypotheses, *reference_sets, tokenize=tokenize)
+    return 0
+
+
+def _print_scores(args: argparse.Namespace, loaded: LoadedRun, scores: Scores) -> None:
     if args.json:
         members = [str(path) for path in args.ensemble]
         header = {"checkpoint": str(loaded.checkpoint_dir), "step": loaded.step, "ensemble": members}
@@ -116,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
         if args.ensemble:
             print("ensemble with " + ", ".join(str(path) for path in args.ensemble))
         print(scores.summary())
-    return 0
 
 
 def _check_output(args: argparse.Namespace) -> None:
