@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -101,13 +102,23 @@ def test_download_does_not_load_torch(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[-1] == "False", done.stderr
 
 
-def test_ctrl_c_while_the_command_loads_exits_130_in_one_line(tmp_path: Path) -> None:
-    """An interrupt in the first tenth of a second of `python -m tformer`, as tformer.cli.main imports, was a
-    KeyboardInterrupt traceback and death by SIGINT."""
+def _console_script() -> list[str]:
+    """What the `tformer` script pip writes runs: `from MODULE import FUNCTION; sys.exit(FUNCTION())`, with
+    MODULE:FUNCTION as pyproject.toml names them."""
+    project = tomllib.loads((Path(SOURCE).parent / "pyproject.toml").read_text())
+    module, function = project["project"]["scripts"]["tformer"].split(":")
+    return ["-c", f"import sys; from {module} import {function}; sys.argv[0] = 'tformer'; sys.exit({function}())"]
+
+
+@pytest.mark.parametrize("launcher", [["-m", "tformer"], _console_script()], ids=["python -m", "console script"])
+def test_ctrl_c_while_the_command_loads_exits_130_in_one_line(tmp_path: Path, launcher: list[str]) -> None:
+    """An interrupt in the first tenth of a second, as tformer.cli.main imports, was a KeyboardInterrupt
+    traceback and death by SIGINT (the console script imported tformer.cli.main before any of tformer's code
+    ran, so nothing could catch it)."""
     hook = INTERRUPT_INSIDE_NUMPY_IMPORT.replace('"numpy.matrixlib"', '"tformer.cli.decode_options"')
     (tmp_path / "sitecustomize.py").write_text(hook)
     done = subprocess.run(
-        [sys.executable, "-m", "tformer", "info", "--preset", "tiny"],
+        [sys.executable, *launcher, "info", "--preset", "tiny"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), SOURCE])},
         capture_output=True,
