@@ -69,6 +69,20 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it() -> None:
             assert torch.equal(layer(x[:rows]), together[:rows])
 
 
+def test_packed_products_meet_few_row_counts_and_give_each_rows_own_result() -> None:
+    """oneDNN keeps a compiled kernel per row count it meets (two caches of 1,024, ~0.3 MB an entry): rounded
+    up, the 300 row counts below are a few dozen, and the padding rows change no row's result."""
+    layer = Linear(64, 96)
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), packed_weights(layer), torch.profiler.profile(record_shapes=True) as profile:
+        together = layer(x)
+        for rows in range(1, 301):
+            assert torch.equal(layer(x[:rows]), together[:rows])
+        assert torch.equal(layer(x[:35].reshape(5, 7, 64)), together[:35].reshape(5, 7, 96))
+    met = {e.input_shapes[0][0] for e in profile.events() if e.name == "mkldnn::_linear_pointwise"}
+    assert 1 in met and 300 not in met and len(met) <= 56
+
+
 def test_a_torch_that_cannot_pack_decodes_without_packing(monkeypatch) -> None:
     def failing_pack(weight):
         raise RuntimeError("no oneDNN kernel for this CPU")
