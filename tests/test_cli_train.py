@@ -545,6 +545,20 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_a_loop_of_symbolic_links_given_as_data_is_refused_in_one_line(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A link that leads back to itself stopped the run with pathlib's RuntimeError traceback."""
+    loop = tmp_path / "loop.src"
+    loop.symlink_to(loop.name)
+    argv = _train_args(workspace, tmp_path / "run")
+    argv[argv.index(str(workspace["train_src"]))] = str(loop)
+    _fails_cleanly(capsys, argv, f"--train-src {loop} cannot be followed: it is a loop of symbolic links")
+    argv = [*_train_args(workspace, tmp_path / "run"), "--data-dir", str(loop)]
+    _fails_cleanly(capsys, argv, f"--data-dir {loop} cannot be followed")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("bleu_every", [None, "0"], ids=["bleu", "no-bleu"])
 def test_a_banned_id_outside_the_vocabulary_stops_a_new_run_before_it_trains(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, bleu_every: str | None

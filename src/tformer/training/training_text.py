@@ -254,8 +254,20 @@ def absolute_data_paths(data: DataConfig) -> DataConfig:
                 f"data.{name} {getattr(data, name)} is a pipe or a device, not a file (as <(...) gives): a run "
                 "reads its text more than once, and a --resume again; write it to a file first"
             )
-    fields = ("train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer")
-    absolute = {name: str((base / getattr(data, name)).resolve()) for name in fields if getattr(data, name) is not None}
-    if data.data_dir is not None:
-        absolute["data_dir"] = str(base.resolve())
+    absolute = {} if data.data_dir is None else {"data_dir": _resolved(base, f"data.data_dir {data.data_dir}")}
+    for name in ("train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer"):
+        if getattr(data, name) is not None:
+            absolute[name] = _resolved(base / getattr(data, name), f"data.{name} {getattr(data, name)}")
     return dataclasses.replace(data, **absolute)
+
+
+def _resolved(path: Path, named: str) -> str:
+    """`path` made absolute, its links followed; a loop of symbolic links (a link to itself) is refused
+    naming the setting, where Path.resolve raised RuntimeError (OSError from Python 3.13 on)."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError) as error:
+        raise ConfigError(
+            f"{named} cannot be followed: it is a loop of symbolic links (a link that leads back to itself); "
+            "point it at the file or directory meant"
+        ) from error
