@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from training_helpers import tiny_experiment, write_corpus
 from tformer.config import TrainConfig, preset
 from tformer.data.batching import collate
 from tformer.model import Transformer
-from tformer.training import TrainingDivergedError, load_run, start_run
+from tformer.training import Trainer, TrainingDivergedError, load_run, resume_run, start_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.optimizer import build_optimizer
 from tformer.training.step import needs_pinning, train_step
@@ -90,6 +91,41 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert loaded.step == 4 and all(torch.isfinite(p).all() for p in loaded.model.parameters())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [5]  # the row of step 10 was never written
+
+
+def _poisoned_from(trainer: Trainer, first_call: int) -> None:
+    """Make the model's output NaN from its `first_call`-th forward pass on (one per step without validation)."""
+    calls = {"n": 0}
+
+    def poison(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] >= first_call else output
+
+    trainer.model.register_forward_hook(poison)
+
+
+@pytest.mark.parametrize("keep_last", [0, 1])
+def test_a_checkpoint_of_the_step_before_the_non_finite_loss_is_not_named_good(tmp_path: Path, keep_last: int) -> None:
+    """The loss of step n is computed from the weights after step n - 1: their checkpoint, saved at the end
+    of step n - 1, was named "the last good checkpoint", and resumed as advised it diverged again at step n
+    whatever the learning rate. The error names the one before it, and how to go back to it."""
+    corpus = write_corpus(tmp_path)
+    settings = ("train.max_steps=20", "train.log_every=5", "train.save_every=1", f"train.keep_last={keep_last}")
+    trainer = start_run(tiny_experiment(corpus, *settings, valid=False), tmp_path / "run", quiet=True)
+    _poisoned_from(trainer, 7)
+    with pytest.raises(TrainingDivergedError) as raised:
+        trainer.train()
+    message, run = str(raised.value), tmp_path / "run"
+    assert re.search(r"at step 7; the last checkpoint, .*step-00000006, holds the weights that gave", message)
+    assert ckpt.read_pointer_name(run, "latest") == "step-00000006"
+    if keep_last == 1:
+        assert "no earlier one is kept: start afresh with --overwrite" in message
+        return
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'step-00000005'}: " in message
+    assert f"echo step-00000005 > {run / 'latest'} && tformer train --out {run} --resume" in message
+    (run / "latest").write_text("step-00000005\n")  # as the message says, then a resume without the poison
+    result = resume_run(run, overrides=["train.max_steps=8"], quiet=True).train()
+    assert result.step == 8 and result.stop_reason == "reached max_steps=8"
 
 
 def test_stopping_by_epochs_and_by_time(tmp_path: Path) -> None:

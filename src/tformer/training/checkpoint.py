@@ -62,6 +62,12 @@ def step_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
+def step_number(name: str) -> int:
+    """The step of a `step-NNNNNNNN` checkpoint name; -1 for another name."""
+    number = name.removeprefix(STEP_PREFIX)
+    return int(number) if number.isdigit() else -1
+
+
 def is_step_name(name: str) -> bool:
     """Whether `name` is a checkpoint of training steps (not an average, nor a temporary directory)."""
     return name.startswith(STEP_PREFIX)

@@ -318,7 +318,9 @@ class Trainer(TrainerState):
         logging window's averages (and resets it) when called at a logging step."""
         diverged_at = self.window.read_pending(self.distributed, self.device)
         if diverged_at is not None:
-            raise TrainingDivergedError(why_diverged(self.run_dir, diverged_at, rank=self.distributed.rank))
+            distributed = self.distributed
+            why = why_diverged(self.run_dir, diverged_at, rank=distributed.rank, processes=distributed.world_size)
+            raise TrainingDivergedError(why, step=diverged_at)
         return self.window.row(self.step, self.train_config.log_every, now=time.monotonic())
 
     def _stop_reason(self) -> str | None:

@@ -66,7 +66,7 @@ def remove_later_checkpoints(run_dir: Path, *, step: int, best_step: int) -> str
     back by hand leaves those after it), yet `average --last K` and pruning would count them until the run
     wrote over them. A `best` pointer that names one moves to `best_step`'s checkpoint (the best the resumed
     run knows), or is removed where that is gone. Returns the line that says so, or None."""
-    later = [path for path in ckpt.step_checkpoints(run_dir) if _step_of(path.name) > step]
+    later = [path for path in ckpt.step_checkpoints(run_dir) if ckpt.step_number(path.name) > step]
     if not later:
         return None
     names = [path.name for path in later]
@@ -120,9 +120,3 @@ def _best_checkpoint(run_dir: Path, *, step: int, best_step: int) -> str | None:
     if 0 < best_step <= step and (Path(run_dir) / ckpt.CHECKPOINTS_DIR / kept).is_dir():
         return kept
     return None
-
-
-def _step_of(name: str) -> int:
-    """The step of a `step-NNNNNNNN` checkpoint name; -1 for another name."""
-    number = name.removeprefix(ckpt.STEP_PREFIX)
-    return int(number) if number.isdigit() else -1
