@@ -545,6 +545,19 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_finished(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
 
 
+def test_a_diverged_overwrite_names_the_run_it_keeps_not_its_removed_staging(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A replacing run that diverged after a checkpoint named that checkpoint, inside the hidden staging
+    directory it had just removed, as "the last good checkpoint"; RUN_DIR keeps the previous run."""
+    run = Path(shutil.copytree(trained, tmp_path / "run"))
+    before = _digest(run)
+    argv = _train_args(workspace, run, "--overwrite", "--set", "train.peak_lr=1e30", "--set", "train.save_every=1")
+    _fails_cleanly(capsys, argv, f"the new run was discarded; {run} keeps the previous run unchanged")
+    assert _digest(run) == before
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]
+
+
 def test_a_loop_of_symbolic_links_given_as_data_is_refused_in_one_line(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -320,7 +320,8 @@ def _train_staged(
 ) -> TrainResult:
     """Train the replacing run in `staging`; if it fails or is interrupted, remove what it wrote there,
     so that the old run in `out` stays and nothing hidden is left beside it."""
-    from tformer.training.loop import CheckpointSaveError, TrainingInterrupted
+    from tformer.training.errors import DIVERGED_ADVICE, diverged_line
+    from tformer.training.loop import CheckpointSaveError, TrainingDivergedError, TrainingInterrupted
     from tformer.training.run import start_run
 
     kept = f"the new run was discarded; {out} keeps the previous run unchanged"
@@ -335,6 +336,9 @@ def _train_staged(
     except CheckpointSaveError as error:  # what the staged run "kept" is removed with it
         shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointSaveError(error.failure, kept) from error
+    except TrainingDivergedError as error:  # its "last good checkpoint" too
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingDivergedError(diverged_line(error.step, f"{kept}; {DIVERGED_ADVICE}"), step=error.step) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
