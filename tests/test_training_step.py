@@ -176,6 +176,25 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
     assert restored == loss
 
 
+def test_a_non_finite_validation_loss_is_never_the_best(tmp_path: Path) -> None:
+    """The first validation's loss became the best whatever it was: NaN, it named the checkpoint of a
+    broken model `best` (what translate, evaluate and serve read), and no later loss could beat it."""
+    nan = float("nan")
+    loss = EarlyStopping("loss", patience=2)
+    assert not loss.update(nan, 1) and not loss.update(float("inf"), 2) and loss.best is None
+    assert loss.update(3.0, 3) and (loss.best, loss.best_step) == (3.0, 3)
+    corpus = write_corpus(tmp_path)
+    trainer = start_run(tiny_experiment(corpus), tmp_path / "run", quiet=True)  # validates at steps 4 and 8
+
+    def poison(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output if module.training else output * nan  # the validation loss only
+
+    trainer.model.register_forward_hook(poison)
+    result = trainer.train()
+    assert result.step == 8 and result.best_metric is None
+    assert ckpt.read_pointer_name(tmp_path / "run", "best") is None
+
+
 def test_early_stopping_bleu_equal_is_not_better_and_an_improvement_restarts_the_count() -> None:
     """The count is of evaluations in a row without improvement: an improvement sets it back to 0. For BLEU
     (higher is better), as for the loss, a value equal to the best is no improvement."""

@@ -111,8 +111,10 @@ class EarlyStopping:
     bad_evaluations: int = 0
 
     def update(self, value: float, step: int) -> bool:
-        """Record a new measurement; True if it is the best so far."""
-        better = (
+        """Record a new measurement; True if it is the best so far. A NaN or infinite one (a diverged model's
+        loss) never is: as the first measurement it became the best, which no later value beat (NaN
+        compares false), and `best` named the checkpoint of a broken model."""
+        better = math.isfinite(value) and (
             self.best is None
             or (self.metric == "loss" and value < self.best)
             or (self.metric != "loss" and value > self.best)
