@@ -24,6 +24,7 @@ Shape legend: I input features (any leading dims), O output features, M rows (th
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -70,13 +71,15 @@ def _product(x_I: Tensor, weight_OI: Tensor, bias_O: Tensor | None, packed: Tens
     if packed is None:
         y_O = F.linear(x_I, weight_OI, bias_O)
         return F.relu(y_O) if relu else y_O
-    x_MI = x_I.reshape(-1, x_I.shape[-1])
-    rows = x_MI.shape[0]
+    post_op = "relu" if relu else "none"
+    rows = math.prod(x_I.shape[:-1])
     padded_rows = rows_kept(rows)
-    if padded_rows > rows:  # zero rows: a row's result does not depend on the others (module docstring)
-        x_MI = torch.cat([x_MI, x_MI.new_zeros(padded_rows - rows, x_MI.shape[1])])
-    y_MO = torch.ops.mkldnn._linear_pointwise(x_MI, packed, bias_O, "relu" if relu else "none", [], "")
-    return y_MO[:rows].reshape(*x_I.shape[:-1], y_MO.shape[-1])
+    if padded_rows == rows:  # no reshaping on the way: a few microseconds a product, ~5% of a one-sentence step
+        return torch.ops.mkldnn._linear_pointwise(x_I, packed, bias_O, post_op, [], "")
+    # zero rows: a row's result does not depend on the others (module docstring)
+    x_MI = torch.cat([x_I.reshape(rows, -1), x_I.new_zeros(padded_rows - rows, x_I.shape[-1])])
+    y_MO = torch.ops.mkldnn._linear_pointwise(x_MI, packed, bias_O, post_op, [], "")
+    return y_MO[:rows].view(*x_I.shape[:-1], y_MO.shape[-1])
 
 
 def rows_kept(rows: int) -> int:
