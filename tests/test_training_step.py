@@ -195,6 +195,15 @@ def test_a_non_finite_validation_loss_is_never_the_best(tmp_path: Path) -> None:
     assert ckpt.read_pointer_name(tmp_path / "run", "best") is None
 
 
+def test_a_non_finite_best_saved_by_an_earlier_tformer_is_unset_on_resume() -> None:
+    """A checkpoint saved before NaN was refused as the best holds best=NaN: resumed, no later value beat it
+    (every comparison with NaN is false), so `best` stayed on the broken model for the rest of the run."""
+    loss = EarlyStopping("loss", patience=2)
+    saved = {"metric": "loss", "best": float("nan"), "best_step": 4, "bad_evaluations": 1}
+    assert loss.load_state_dict(saved) is None and loss.best is None
+    assert loss.update(3.0, 8) and (loss.best, loss.best_step, loss.bad_evaluations) == (3.0, 8, 0)
+
+
 def test_early_stopping_bleu_equal_is_not_better_and_an_improvement_restarts_the_count() -> None:
     """The count is of evaluations in a row without improvement: an improvement sets it back to 0. For BLEU
     (higher is better), as for the loss, a value equal to the best is no improvement."""

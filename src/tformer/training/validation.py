@@ -163,4 +163,6 @@ class EarlyStopping:
             )
         self.best = None if state["best"] is None else float(state["best"])
         self.best_step, self.bad_evaluations = int(state["best_step"]), int(state["bad_evaluations"])
+        if self.best is not None and not math.isfinite(self.best):  # saved before `update` refused one: unset
+            self.best, self.best_step, self.bad_evaluations = None, 0, 0
         return None
