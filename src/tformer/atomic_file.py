@@ -101,3 +101,20 @@ def abandoned(temporary: Path) -> bool:
     except (ProcessLookupError, OverflowError):
         return True
     return False
+
+
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what making it creates."""
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        missing.append(directory)
+    return missing
+
+
+def remove_empty_directories(directories: list[Path]) -> None:
+    """Remove each of `directories` (deepest first) that is empty; one that holds something stays."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()

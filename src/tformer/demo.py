@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tformer.atomic_file import missing_directories, remove_empty_directories
 from tformer.config import DataConfig, DecodeConfig, ExperimentConfig, TrainConfig, preset
 from tformer.data.numbers import NumberSplits, make_number_splits, write_number_corpus
 from tformer.decoding.pipeline import Translator
@@ -25,7 +26,7 @@ from tformer.training import checkpoint, checkpoint_save
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.run import start_run
-from tformer.training.run_directory import check_new_run_dir, missing_directories, remove_empty_directories
+from tformer.training.run_directory import check_new_run_dir
 from tformer.viz.attention_maps import save_cross_attention_png
 
 

@@ -5,7 +5,6 @@ Nothing here computes the model: every number comes from the Walkthrough's tenso
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from tformer.atomic_file import missing_directories, remove_empty_directories
 from tformer.explain import VOCABULARY, Walkthrough
 from tformer.viz.png_file import save_png
 from tformer.viz.positional import save_positional_png
@@ -386,7 +386,7 @@ def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
     A write that fails (a full disk) removes the figures this call added and the folders it made: the first
     figures, left, made a rerun refuse `--out` as already holding figures, as a partial download did."""
     out_dir = Path(out_dir)
-    made = [directory for directory in (out_dir, *out_dir.parents) if not directory.exists()]  # innermost first
+    made = missing_directories(out_dir)
     added = [out_dir / name for name in FIGURE_NAMES if not (out_dir / name).exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -394,15 +394,8 @@ def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
         for name, make in FIGURES.items():
             written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the file there before
     except BaseException:
-        _remove_added(added, made)
+        for path in added:
+            path.unlink(missing_ok=True)
+        remove_empty_directories(made)  # what else is there stays
         raise
     return written
-
-
-def _remove_added(files: list[Path], directories: list[Path]) -> None:
-    """Remove `files`, then `directories` (innermost first) that are empty: what else is there stays."""
-    for path in files:
-        path.unlink(missing_ok=True)
-    for directory in directories:
-        with contextlib.suppress(OSError):
-            directory.rmdir()

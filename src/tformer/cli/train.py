@@ -159,8 +159,13 @@ def _out_of_memory_line(error: BaseException, out: Path, *, replacing: bool) -> 
         "or train a smaller model"
     )
     if replacing:
-        return f"{line}; the new run was discarded; {out} keeps the previous run unchanged"
+        return f"{line}; {_previous_run_kept(out)}"
     return f"{line}; {what_was_kept(out, processes=_processes())}" if out.is_dir() else line
+
+
+def _previous_run_kept(out: Path) -> str:
+    """What a replacing run (--overwrite) that failed keeps: nothing of its own, the previous run in `out`."""
+    return f"the new run was discarded; {out} keeps the previous run unchanged"
 
 
 def _run_either(args: argparse.Namespace) -> int:
@@ -324,7 +329,7 @@ def _train_staged(
     from tformer.training.loop import CheckpointSaveError, TrainingDivergedError, TrainingInterrupted
     from tformer.training.run import start_run
 
-    kept = f"the new run was discarded; {out} keeps the previous run unchanged"
+    kept = _previous_run_kept(out)
     try:
         # the old run's encoded training data, hard-linked, when the new one would encode the same
         trainer = start_run(experiment, staging, quiet=quiet, encoded_from=out, **options)

@@ -9,7 +9,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from tformer.atomic_file import abandoned, fsync_dir, fsync_tree, name_the_file
+from tformer.atomic_file import (
+    abandoned,
+    fsync_dir,
+    fsync_tree,
+    missing_directories,
+    name_the_file,
+    remove_empty_directories,
+)
 from tformer.termination import interrupts_held
 
 
@@ -53,7 +60,8 @@ def written_atomically(out: Path) -> Iterator[Path]:
     if existing:
         temporary = out / f".tmp-{os.getpid()}"
     else:
-        made = _make_parents(out)
+        made = missing_directories(out.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
         temporary = out.parent / f".tmp-{out.name}-{os.getpid()}"
     try:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -67,27 +75,11 @@ def written_atomically(out: Path) -> Iterator[Path]:
         fsync_dir(out if existing else out.parent)
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
-        _remove_empty(made)
+        remove_empty_directories(made)
         name_the_file(error, out, staging=temporary)  # not the staging directory, which is gone
         raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _make_parents(out: Path) -> list[Path]:
-    """Make the missing folders above `out`; returns the ones made, innermost first."""
-    missing = [parent for parent in out.absolute().parents if not parent.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    """Remove `directories` (innermost first) while they are empty: what another process put there stays."""
-    for directory in directories:
-        try:
-            directory.rmdir()
-        except OSError:
-            return
 
 
 def _move_entries(temporary: Path, out: Path) -> None:

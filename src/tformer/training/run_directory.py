@@ -4,10 +4,10 @@ new run's directory is free, creating and locking it, and removing what a failed
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
+from tformer.atomic_file import missing_directories, remove_empty_directories
 from tformer.training import checkpoint as ckpt
 from tformer.training import encoded_cache
 from tformer.training.run_lock import LOCK_FILE, RunLock
@@ -101,23 +101,6 @@ def create_run_dir(run_dir: Path) -> list[Path]:
     except OSError as error:
         raise RunDirectoryError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
     return missing
-
-
-def missing_directories(path: Path) -> list[Path]:
-    """`path` and those of its parents that do not exist yet, deepest first: what making it creates."""
-    missing = []
-    for directory in (path, *path.parents):
-        if directory.exists():
-            break
-        missing.append(directory)
-    return missing
-
-
-def remove_empty_directories(directories: list[Path]) -> None:
-    """Remove each of `directories` (deepest first) that is empty; one that holds something stays."""
-    for directory in directories:
-        with contextlib.suppress(OSError):
-            directory.rmdir()
 
 
 def lock_new_run_dir(run_dir: Path, *, checked: bool, processes: int = 1) -> RunLock:
