@@ -171,7 +171,8 @@ def test_bad_training_inputs(
         (_train_args(workspace, a_file), f"{a_file} is a file, not a directory; choose another --out"),
         (_train_args(workspace, killed_early), "holds files; no checkpoint to resume: pass --overwrite to replace"),
         (["train", "--out", str(killed_early), "--resume"], "no finished checkpoint; start afresh with --overwrite"),
-        (_train_args(workspace, new, "--train-src", missing_src), "file not found"),
+        # the setting and its flag are named with the path (four data paths, relative to data.data_dir)
+        (_train_args(workspace, new, "--train-src", missing_src), f"data.train_src not found: {missing_src} (set by"),
         # an unusable --out is found before the data is read (and a tokenizer trained on it, for minutes)
         (_train_args(workspace, a_file / "run", "--train-src", missing_src), "cannot create the run directory"),
         (_train_args(workspace, new, "--train-tgt", str(short)), "has 1; the files must be aligned"),
@@ -330,7 +331,7 @@ def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     """The run directory is made (with its parents) before the data is read; a setup that then fails
     removes what it made, parents included, as when nothing was made before the data was read."""
     out = tmp_path / "runs" / "today" / "run"
-    _fails_cleanly(capsys, _train_args(workspace, out, "--train-src", str(tmp_path / "missing.src")), "file not found")
+    _fails_cleanly(capsys, _train_args(workspace, out, "--train-src", str(tmp_path / "missing.src")), "not found")
     assert not (tmp_path / "runs").exists()
     kept = tmp_path / "kept"  # a parent that existed before stays
     kept.mkdir()
@@ -347,7 +348,7 @@ def test_a_failed_setup_leaves_no_parent_directory_of_out_behind(
     "problem, message",
     [
         ("misaligned", "has 6 lines but"),
-        ("missing", "file not found"),
+        ("missing", "data.valid_tgt not found: "),
         ("undecodable", "invalid UTF-8"),
     ],
 )

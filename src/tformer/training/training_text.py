@@ -6,6 +6,7 @@ working directory."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from tformer.config import ConfigError, DataConfig, ExperimentConfig
 from tformer.data.batching import BatchStream, filter_overlong, sorted_batches
-from tformer.data.corpus import ParallelCorpus, file_digest, read_parallel
+from tformer.data.corpus import CorpusError, ParallelCorpus, file_digest, read_parallel
 from tformer.data.encoded import EncodedPairs, encode_rows
 from tformer.data.tokenizer import Tokenizer
 from tformer.runtime import Distributed
@@ -179,6 +180,7 @@ class TrainingText:
 
 def read_training_text(data: DataConfig) -> TrainingText:
     assert data.train_src is not None and data.train_tgt is not None
+    _check_found(data, "train_src", "train_tgt")
     digests = _digests(data)
     corpus = read_parallel(data.train_src, data.train_tgt, max_chars=data.max_chars, strict=data.strict)
     if digests is None:  # read after all: the file appeared after its digest was tried
@@ -192,7 +194,21 @@ def read_validation_text(data: DataConfig) -> ParallelCorpus | None:
     at once, not minutes later."""
     if data.valid_src is None or data.valid_tgt is None:
         return None
+    _check_found(data, "valid_src", "valid_tgt")
     return read_parallel(data.valid_src, data.valid_tgt, max_chars=data.max_chars, strict=data.strict)
+
+
+def _check_found(data: DataConfig, *names: str) -> None:
+    """A data file that does not exist is named with its setting and flag (`file not found: PATH` alone
+    left the user to guess which of four paths, given where)."""
+    for name in names:
+        path = getattr(data, name)
+        if not os.path.exists(path):
+            flag = "--" + name.replace("_", "-")
+            raise CorpusError(
+                f"data.{name} not found: {path} (set by {flag} or data.{name} in the config; a relative path is "
+                "read from data.data_dir, or else the working directory)"
+            )
 
 
 def _digests(data: DataConfig) -> tuple[str, str] | None:
