@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
+import pytest
 import torch
 
 from tformer.model import Transformer
@@ -21,3 +24,14 @@ def perturbed(model: Transformer, seed: int = 0, scale: float = 0.1) -> Transfor
 def paper_lr(step: int, *, d_model: int, warmup: int, scale: float = 1.0) -> float:
     """Eq. 3 of the paper, written independently of tformer.training.schedule."""
     return scale / math.sqrt(d_model) * min(1.0 / math.sqrt(step), step / warmup / math.sqrt(warmup))
+
+
+def non_utf8_directory(parent: Path) -> Path:
+    """A directory under `parent` whose name is not valid UTF-8 (Latin-1 bytes from an old archive), or a
+    skip where the file system refuses such a name (macOS's, Windows')."""
+    path = Path(os.fsdecode(os.fsencode(parent) + b"/caf\xe9"))
+    try:
+        path.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes no name that is not valid UTF-8")
+    return path

@@ -18,6 +18,7 @@ import numpy
 import pytest
 import sentencepiece
 import torch
+from helpers import non_utf8_directory
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from training_helpers import trained_run
@@ -26,7 +27,7 @@ import tformer
 from tformer.cli.main import main
 from tformer.data.tokenizer import Tokenizer
 from tformer.model import Transformer
-from tformer.training import CheckpointError, checkpoint_load, checkpoint_save, load_run, resume_run
+from tformer.training import CheckpointError, checkpoint_load, checkpoint_save, checkpoint_weights, load_run, resume_run
 from tformer.training import checkpoint as ckpt
 from tformer.training.average import average_checkpoints
 from tformer.training.saving import mend_best_pointer, remove_later_checkpoints
@@ -164,6 +165,21 @@ def test_a_loaded_run_reads_in_one_line(trained: Path) -> None:
     assert "\n" not in text and len(text) < 300
     assert text.startswith(f"LoadedRun({str(loaded.checkpoint_dir)!r}, step=6, model=Transformer(tiny, ")
     assert "parameters, torch.float32 on cpu), tokenizer=Tokenizer(" in text
+
+
+def test_a_run_whose_path_is_not_valid_utf8_loads_checks_and_averages(trained: Path, tmp_path: Path) -> None:
+    """safetensors refuses a path that is not valid UTF-8, and tformer called the weights "corrupt or
+    truncated": translate, evaluate, average, export, serve and a resume all failed on a sound run."""
+    run = Path(shutil.copytree(trained, non_utf8_directory(tmp_path) / "run"))
+    checkpoint = run / "checkpoints" / "step-00000006"
+    loaded = load_run(run, which="last")
+    expected = load_run(trained, which="last").model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    checkpoint_load.load_weights(Transformer(loaded.experiment.model), checkpoint)  # into a built model too
+    checkpoint_weights.check_weights(checkpoint, loaded.experiment.model)
+    assert checkpoint_weights.weights_disagreement(loaded.model, checkpoint / ckpt.WEIGHTS_FILE) is None
+    assert load_run(average_checkpoints(run, last=2)).step == 6
 
 
 def test_load_run_and_averaging_refuse_arguments_of_the_wrong_kind(run_copy: Path) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 import torch
+from helpers import non_utf8_directory
 from safetensors.torch import load_file, save_file
 
 from tformer.cli.main import main
@@ -288,6 +290,17 @@ def test_a_pytorch_model_bin_that_is_not_a_state_dict_is_refused_in_one_line(tmp
     expected = f"error: {hf_dir / 'pytorch_model.bin'}: not a state dict (tensor names to tensors)\n"
     assert capsys.readouterr().err == expected
     assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_whose_path_is_not_valid_utf8_is_imported(tmp_path):
+    """safetensors refuses a path that is not valid UTF-8: the import called the weights corrupt."""
+    hf_dir = write_marian_dir(tmp_path / "hf", weights="safetensors")
+    moved = Path(shutil.copytree(hf_dir, non_utf8_directory(tmp_path) / "hf"))
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "expected")]) == 0
+    assert main(["import-hf", str(moved), "--out", str(moved.parent / "run")]) == 0
+    expected = load_run(tmp_path / "expected").model.state_dict()
+    for name, tensor in load_run(moved.parent / "run").model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])

@@ -1,10 +1,14 @@
 """Checks of an input directory before the work that reads it, so that a path that does not exist or is a
 file fails at once, in one line that names it as it was given, instead of as a missing file inside it; and
 `read_at_most`, for small files of a run or a model that someone else may have sent (`read_stream_at_most`
-for a stream: a download, or what a gzip file unpacks to)."""
+for a stream: a download, or what a gzip file unpacks to); `readable_name`, for readers that refuse a
+path that is not valid UTF-8."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,3 +36,23 @@ def read_stream_at_most(stream: BinaryIO, limit: int) -> bytes | None:
     """What `stream` holds, or None when it holds more than `limit` bytes: it is read no further."""
     data = stream.read(limit + 1)
     return data if len(data) <= limit else None
+
+
+@contextlib.contextmanager
+def readable_name(path: Path) -> Iterator[str]:
+    """A name of `path` that safetensors' readers open: they refuse a path that is not valid UTF-8 (a directory
+    named in another encoding, Latin-1 bytes from an old archive), which tformer reported as corrupt weights.
+    Such a file is opened here and read through its descriptor's name, /dev/fd/N: mapped as any other file,
+    with no copy in memory. A valid path is given as it is."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        yield str(path)
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        yield f"/dev/fd/{descriptor}"
+    finally:
+        os.close(descriptor)

@@ -32,7 +32,7 @@ from torch import Tensor
 from tformer.config import ExperimentConfig, ModelConfig
 from tformer.config.checks import ConfigError
 from tformer.decoding.constraints import check_banned_ids
-from tformer.input_paths import check_input_dir
+from tformer.input_paths import check_input_dir, readable_name
 from tformer.interop.directories import fresh_directory, written_atomically
 from tformer.interop.hf_generation import GENERATION_FILE, decode_config, decoder_start_id, generation_settings
 from tformer.interop.marian import marian_to_tformer_state, model_config_from_marian, tformer_to_marian_state
@@ -192,7 +192,8 @@ def _read_weight_file(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            with readable_name(path) as name:
+                return load_file(name)
         except SafetensorError as error:  # a damaged file: its header or data does not add up
             raise ValueError(f"{path}: corrupt or truncated ({error})") from None
     try:

@@ -22,7 +22,7 @@ from tformer import __version__
 from tformer.caller_warnings import warn_caller
 from tformer.config import ConfigError, ExperimentConfig, experiment_from_dict, preset_of
 from tformer.data.tokenizer import Tokenizer
-from tformer.input_paths import read_at_most
+from tformer.input_paths import read_at_most, readable_name
 from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARKER
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer, count_parameters
@@ -192,10 +192,11 @@ def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
     try:
-        if any(parameter.is_meta for parameter in model.parameters()):
-            _assign_weights(model, path)
-        else:
-            load_model(model, path, strict=True)
+        with readable_name(path) as name:
+            if any(parameter.is_meta for parameter in model.parameters()):
+                _assign_weights(model, name)
+            else:
+                load_model(model, name, strict=True)
     except SafetensorError as error:
         raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
     except RuntimeError as error:  # torch's message lists every tensor, over many lines: summarise it in one
@@ -204,10 +205,10 @@ def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
         raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
 
 
-def _assign_weights(model: Transformer, path: Path) -> None:
-    """Give a model built on the meta device the tensors of `path`, in the model's dtypes, copied out of the
-    file's memory map (so that nothing depends on the file afterwards). Keys and shapes are compared first:
-    a tensor that does not fit is never copied."""
+def _assign_weights(model: Transformer, path: str) -> None:
+    """Give a model built on the meta device the tensors of the file `path` names, in the model's dtypes,
+    copied out of the file's memory map (so that nothing depends on the file afterwards). Keys and shapes
+    are compared first: a tensor that does not fit is never copied."""
     file_state = load_file(path)
     expected = model.state_dict()
     if file_state.keys() != expected.keys() or any(file_state[k].shape != v.shape for k, v in expected.items()):

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tformer.config import ModelConfig
+from tformer.input_paths import readable_name
 from tformer.model import Transformer
 from tformer.training.checkpoint import EXPERIMENT_FILE, WEIGHTS_FILE, CheckpointError
 
@@ -23,7 +24,7 @@ def check_weights(checkpoint_dir: Path, model_config: ModelConfig | None = None)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
     try:
-        with safe_open(path, "pt"):
+        with readable_name(path) as name, safe_open(name, "pt"):
             pass
     except SafetensorError as error:
         raise CheckpointError(f"{path}: corrupt or truncated weights ({error})") from None
@@ -39,7 +40,7 @@ def weights_disagreement(model: torch.nn.Module, path: Path) -> str | None:
     """How the tensors named in a safetensors header differ from `model`'s, in one line that ends with what
     to do; None where names and shapes all agree. A tensor the model shares under several names (tied
     embeddings) is stored under one of them."""
-    with safe_open(path, "pt") as weights:
+    with readable_name(path) as name, safe_open(name, "pt") as weights:
         stored = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118 (not iterable)
     expected = model.state_dict(keep_vars=True)
     aliases: dict[int, list[str]] = {}
