@@ -240,3 +240,14 @@ def test_output_its_encoding_cannot_write_says_what_to_do(monkeypatch, capsys) -
     err = capsys.readouterr().err
     assert err.startswith("error: standard output's encoding (ascii) cannot write '·': set ") and err.count("\n") == 1
     assert "PYTHONIOENCODING=utf-8" in err
+
+
+def test_a_path_that_begins_with_a_tilde_is_in_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The shell expands `--out ~/runs/a` but not `--out=~/runs/a` (nor a quoted "~/runs/a"): tformer read
+    and wrote a directory named ~ in the working directory, as most command lines do not."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "~/run"]) == 2
+    assert capsys.readouterr().err == f"error: no such run or checkpoint directory: {tmp_path / 'home' / 'run'}\n"

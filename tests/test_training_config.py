@@ -328,3 +328,22 @@ def test_one_override_string_is_refused_not_read_character_by_character() -> Non
     with pytest.raises(TypeError, match=r"^overrides must be a list of 'section.key=value' strings, not one: \['train"):
         load_experiment(None, "train.max_steps=8")
     assert load_experiment(None, ("train.max_steps=8",)).train.max_steps == 8
+
+
+def test_a_data_path_that_begins_with_a_tilde_is_in_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config file's "~/data/train.de" (no shell expands it) was read as a directory named ~ here."""
+    from tformer.training.training_text import absolute_data_paths
+
+    home = tmp_path.resolve() / "home"  # resolved: the run's paths are, and tmp_path may be under a link
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    data = load_experiment(None, ["data.train_src='~/train.de'", "data.data_dir='~/corpus'"]).data
+    data = absolute_data_paths(dataclasses.replace(data, train_tgt="~/train.en", tokenizer="~/spm"))
+    assert (data.train_src, data.train_tgt, data.tokenizer) == (
+        str(home / "train.de"),
+        str(home / "train.en"),
+        str(home / "spm"),
+    )
+    assert data.data_dir == str(home / "corpus")

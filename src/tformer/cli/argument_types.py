@@ -4,6 +4,7 @@ names the flag (`argument --seed: ...`) rather than the setting the flag sets.""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +40,12 @@ def seed_below(bits: int) -> Callable[[str], int]:
 
 def path_text(text: str) -> str:
     """A file or directory name, refused when empty: Path("") is the working directory, so an unset shell
-    variable (`--out "$DIR"`) would read or write there."""
+    variable (`--out "$DIR"`) would read or write there. A leading ~ is the home directory, as the shell
+    gives it for `--out ~/runs/a` but not for `--out=~/runs/a`, which made a directory named ~ here (one
+    that `rm -rf ~` then removes the wrong way)."""
     if not text:
         raise argparse.ArgumentTypeError(EMPTY_PATH)
-    return text
+    return os.path.expanduser(text)
 
 
 def path_argument(text: str) -> Path:

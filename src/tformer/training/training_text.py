@@ -260,7 +260,9 @@ def _skipped_over_max_positions(name: str, skipped: int, max_positions: int) -> 
 
 def absolute_data_paths(data: DataConfig) -> DataConfig:
     """Resolve relative paths against data.data_dir (or the working directory), once, at the start; a
-    pipe is refused, since a run reads its text more than once (a digest, the text, and a resume)."""
+    pipe is refused, since a run reads its text more than once (a digest, the text, and a resume). A leading
+    ~ is the home directory (a config file's "~/data/train.de" was read as a directory named ~ here)."""
+    data = dataclasses.replace(data, **_home_expanded(data))
     base = Path(data.data_dir) if data.data_dir is not None else Path.cwd()
     for name in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
         path = None if getattr(data, name) is None else base / getattr(data, name)
@@ -275,6 +277,12 @@ def absolute_data_paths(data: DataConfig) -> DataConfig:
         if getattr(data, name) is not None:
             absolute[name] = _resolved(base / getattr(data, name), f"data.{name} {getattr(data, name)}")
     return dataclasses.replace(data, **absolute)
+
+
+def _home_expanded(data: DataConfig) -> dict[str, str]:
+    """The data paths that begin with ~, the home directory put in its place (where it is known)."""
+    names = ("data_dir", "train_src", "train_tgt", "valid_src", "valid_tgt", "tokenizer")
+    return {name: os.path.expanduser(value) for name in names if str(value := getattr(data, name)).startswith("~")}
 
 
 def _resolved(path: Path, named: str) -> str:
