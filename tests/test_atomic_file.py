@@ -69,3 +69,11 @@ def test_a_failed_write_to_a_device_names_it() -> None:
     with pytest.raises(OSError) as raised:
         write_atomic(Path("/dev/full"), b"new")
     assert str(raised.value) == f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '/dev/full'"
+
+
+def test_a_name_near_the_file_systems_limit_is_written(tmp_path: Path) -> None:
+    """The temporary beside a file named with 240 characters (of the usual 255) was longer than any name the
+    file system takes: "File name too long", naming a hidden file the user never gave."""
+    path = tmp_path / ("a" * 236 + ".png")
+    assert write_atomic(path, b"data") == path and path.read_bytes() == b"data"
+    assert [entry.name for entry in tmp_path.iterdir()] == [path.name]

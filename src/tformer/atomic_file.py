@@ -30,7 +30,8 @@ def write_atomic(path: Path, data: bytes) -> Path:
             raise
         return given
     path = given.resolve() if given.is_symlink() else given
-    temporary = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
+    # the name's first 200 characters: a name near the file system's 255 made the temporary's too long
+    temporary = path.parent / f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}.part"
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as file:
