@@ -40,7 +40,7 @@ def weights_disagreement(model: torch.nn.Module, path: Path) -> str | None:
     """How the tensors named in a safetensors header differ from `model`'s, in one line that ends with what
     to do; None where names and shapes all agree. A tensor the model shares under several names (tied
     embeddings) is stored under one of them."""
-    with readable_name(path) as name, safe_open(name, "pt") as weights:
+    with readable_name(path) as openable, safe_open(openable, "pt") as weights:
         stored = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118 (not iterable)
     expected = model.state_dict(keep_vars=True)
     aliases: dict[int, list[str]] = {}
