@@ -113,3 +113,31 @@ def test_a_wrong_method_is_a_405_saying_which_to_use(client, method, path, allow
     response = client.request(method, path)
     assert response.status_code == 405
     assert response.json() == {"error": f"{method} {path}: method not allowed; use {allowed}"}
+
+
+LONG = "9" * 4000  # a value of thousands of characters, under Python's 4300-digit limit for integers
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "start"),
+    [
+        ("POST", "/translate", '{"sentences": ["a"], "beam": ' + LONG + "}", JSON, 422, "beam: at most 8, got 99"),
+        ("POST", "/translate", '{"sentences": ["a"], "nbest": ' + LONG + "}", JSON, 422, "nbest: at most beam"),
+        ("POST", "/translate", '{"sentences": ["a"], "max_length": ' + LONG + "}", JSON, 422, "max_length: at most 64"),
+        ("POST", "/translate", '{"sentences": ["a"], "' + LONG + '": 1}', JSON, 422, "9999"),
+        ("POST", f"/translate?{LONG}=1", '{"sentences": ["a"]}', JSON, 422, "POST /translate reads no query"),
+        ("GET", f"/{LONG}", "", {}, 404, "no such path: /99"),
+        ("POST", "/translate", '{"sentences": ["a"]}', {"content-type": f"text/{LONG}"}, 415, "send the body as JSON"),
+        ("POST", "/translate", "{}", JSON | {"content-encoding": LONG}, 415, "the request body is compressed"),
+    ],
+    ids=["beam", "nbest", "max_length", "unknown-field", "query", "path", "content-type", "content-encoding"],
+)
+def test_a_long_value_the_client_sent_is_quoted_cut_to_a_short_line(client, method, path, body, headers, status, start):
+    """A 4,000-digit beam (or nbest, max_length, a field's name, a path, a header) came back in full in
+    the error: an answer as long as what the client sent, and a line no log or terminal shows whole."""
+    response = client.request(method, path, content=body.encode(), headers=headers)
+    assert response.status_code == status
+    message = response.json()["error"]
+    assert message.startswith(start) and len(message) < 200, message
+    assert "... (4,0" in message

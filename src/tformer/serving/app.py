@@ -34,7 +34,7 @@ from tformer.decoding.pipeline import TokenizerLike, Translation
 from tformer.serving.batcher import BATCHER_FAILED, Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
 from tformer.serving.content_encoding import IdentityEncodingOnly
-from tformer.serving.errors import ERRORS, ApiError, add_error_handlers
+from tformer.serving.errors import ERRORS, ApiError, add_error_handlers, shown
 from tformer.serving.limits import (
     ServeConfig,
     check_decode_budget,
@@ -160,7 +160,8 @@ def _add_translate(
         """Translate every sentence; the response lists them in request order."""
         if http.query_params:  # ignored, `?beam=5` left the client believing it had beam 5
             names = ", ".join(dict.fromkeys(http.query_params.keys()))
-            message = f"POST /translate reads no query parameters (got {names}); send the options in the JSON body"
+            got = f"got {shown(names)}"
+            message = f"POST /translate reads no query parameters ({got}); send the options in the JSON body"
             raise ApiError(422, message)
         check_limits(request.sentences, config)
         settings = decode_config(decode, request, config, max_positions)

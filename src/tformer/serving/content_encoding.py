@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from tformer.serving.errors import shown
+
 IDENTITY = (b"", b"identity")  # no coding at all
 
 
@@ -22,7 +24,7 @@ class IdentityEncodingOnly:
         encoding = dict(scope.get("headers", ())).get(b"content-encoding", b"").strip().lower()
         if scope["type"] == "http" and encoding not in IDENTITY:
             name = encoding.decode("latin-1")
-            message = f"the request body is compressed (content-encoding: {name}); send it uncompressed"
+            message = f"the request body is compressed (content-encoding: {shown(name)}); send it uncompressed"
             response = JSONResponse({"error": message}, status_code=415, headers={"Accept-Encoding": "identity"})
             await response(scope, receive, send)
             return

@@ -37,6 +37,16 @@ ERRORS = {
 
 
 EXAMPLE_BODY = '{"sentences": ["..."]}'
+SHOWN_CHARS = 40  # the most of a value the client sent that an error message quotes
+
+
+def shown(value: object) -> str:
+    """`value` as an error message quotes it: cut to its first SHOWN_CHARS characters and its length, so that
+    an answer stays one short line whatever the client sent (a 4,000-digit beam came back in full)."""
+    text = str(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -61,7 +71,7 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
             return JSONResponse({"error": message}, status_code=status)
     parts = []
     for problem in problems[:3]:
-        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
+        where = ".".join(shown(part) for part in problem.get("loc", ()) if part != "body") or "body"
         parts.append(f"{where}: {problem.get('msg', 'invalid')}")
     return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
@@ -94,10 +104,10 @@ def _no_such_path(request: Request) -> str:
         if isinstance(route, APIRoute):
             methods.setdefault(route.path, []).extend(sorted(route.methods - {"HEAD"}))
     if path.endswith("/") and path.rstrip("/") in methods:
-        return f"no such path: {path}; send it to {path.rstrip('/')}, without the trailing slash"
+        return f"no such path: {shown(path)}; send it to {path.rstrip('/')}, without the trailing slash"
     api = ", ".join(f"{method} {route}" for route, names in methods.items() for method in names)
     docs = f" (docs at {request.app.docs_url})" if request.app.docs_url else ""
-    return f"no such path: {path}; the API has {api}{docs}"
+    return f"no such path: {shown(path)}; the API has {api}{docs}"
 
 
 def _whole_body_problem(problem: dict[str, Any], content_type: str | None) -> tuple[int, str]:
@@ -106,7 +116,7 @@ def _whole_body_problem(problem: dict[str, Any], content_type: str | None) -> tu
     to add the JSON content type, nor a client sending a list what to send instead."""
     value = problem.get("input")
     if isinstance(value, bytes):  # FastAPI parses JSON only under a JSON content type; it passed the bytes on
-        got = f"content-type: {content_type}" if content_type else "no content-type"
+        got = f"content-type: {shown(content_type)}" if content_type else "no content-type"
         return 415, f"send the body as JSON with the header content-type: application/json (got {got})"
     if problem.get("type") == "missing":
         return 422, f"the request body is empty; send a JSON object such as {EXAMPLE_BODY}"

@@ -17,7 +17,7 @@ from tformer.data.piece_floor import surely_too_long
 from tformer.decoding.lengths import max_output_lengths
 from tformer.decoding.memory import SearchTooLargeError, sentences_per_batch
 from tformer.decoding.pipeline import TokenizerLike
-from tformer.serving.errors import ApiError
+from tformer.serving.errors import ApiError, shown
 from tformer.serving.schema import TranslateRequest
 
 
@@ -126,11 +126,13 @@ def decode_config(base: DecodeConfig, request: TranslateRequest, config: ServeCo
         # a sampling server draws nbest samples, whatever the beam; DecodeConfig's own message names beam_size
         if request.nbest > beam and not base.sampling:
             where = "the request's" if request.beam is not None else "the server's"
-            raise ApiError(422, f"nbest: at most beam ({beam}, {where}), got {request.nbest}; send a larger beam")
+            got = shown(request.nbest)
+            raise ApiError(422, f"nbest: at most beam ({beam}, {where}), got {got}; send a larger beam")
         changes["nbest"] = request.nbest
     if request.max_length is not None:
         if request.max_length > limit:
-            raise ApiError(422, f"max_length: at most {limit} (the model's max_positions), got {request.max_length}")
+            got = shown(request.max_length)
+            raise ApiError(422, f"max_length: at most {limit} (the model's max_positions), got {got}")
         changes.update(max_len_a=0.0, max_len_b=request.max_length)
     try:
         return dataclasses.replace(base, **changes)
@@ -144,5 +146,5 @@ def _beam(base: DecodeConfig, request: TranslateRequest, config: ServeConfig) ->
     if request.beam is None:
         return min(base.beam_size, config.max_beam)
     if request.beam > config.max_beam:
-        raise ApiError(422, f"beam: at most {config.max_beam}, got {request.beam}")
+        raise ApiError(422, f"beam: at most {config.max_beam}, got {shown(request.beam)}")
     return request.beam
