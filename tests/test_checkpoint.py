@@ -275,6 +275,23 @@ def _model_too_large_for_the_memory(run: Path) -> str:
     return f"{path}: this model holds "
 
 
+def _step_not_an_integer(run: Path) -> str:
+    """int() read the step: Infinity (which Python's json reads) raised OverflowError, a traceback; 1e300
+    became a step of 301 digits."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    document = json.loads(path.read_text())
+    document["step"] = float("inf")
+    path.write_text(json.dumps(document))
+    return f"{path}: invalid experiment description: step must be an integer >= 0, got inf"
+
+
+def _number_of_thousands_of_digits(run: Path) -> str:
+    """json's ValueError for an integer over 4,300 digits was not caught here: main printed it without the file."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    path.write_text(path.read_text().replace('"step": 6', '"step": ' + "9" * 5000))
+    return f"{path}: unreadable or corrupt (ValueError)"
+
+
 def _binary_pointer(run: Path) -> str:
     (run / "latest").write_bytes(b"\x81\xfe\x00step")
     return f"{run / 'latest'}: corrupt pointer file"
@@ -301,6 +318,8 @@ def _dangling_pointer(run: Path) -> str:
         _huge_pointer,
         _huge_experiment,
         _model_too_large_for_the_memory,
+        _step_not_an_integer,
+        _number_of_thousands_of_digits,
     ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:

@@ -115,7 +115,9 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
         document = json.loads(_experiment_text(path))
     except FileNotFoundError:
         raise CheckpointError(f"missing checkpoint file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested deep
+    except CheckpointError:  # one over the size a description reaches
+        raise
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON, an int of 5,000 digits
         raise CheckpointError(f"{path}: unreadable or corrupt ({type(error).__name__})") from None
     if not isinstance(document, dict) or "format_version" not in document:
         raise CheckpointError(f"{path}: not a tformer checkpoint description (no format_version)")
@@ -128,7 +130,7 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
     if not isinstance(document.get("experiment"), dict):
         raise CheckpointError(f"{path}: invalid experiment description: 'experiment' must be a table of sections")
     try:
-        experiment, step = experiment_from_dict(document["experiment"]), int(document["step"])
+        experiment, step = experiment_from_dict(document["experiment"]), _step(document["step"])
     except (KeyError, TypeError, ValueError) as error:
         writer = document.get("tformer_version")
         if writer is not None and writer != __version__:  # e.g. a key that a newer tformer added
@@ -141,6 +143,14 @@ def read_experiment(checkpoint_dir: Path) -> tuple[ExperimentConfig, int]:
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}") from None
     return experiment, step
+
+
+def _step(value: Any) -> int:
+    """The recorded step, which tformer writes as a JSON integer: int() of any other value raised
+    OverflowError for infinity (a traceback) and read 1e300 or 2.5 as a step."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"step must be an integer >= 0, got {value!r:.40}")
+    return value
 
 
 EXPERIMENT_MAX_BYTES = 1 << 20  # a few kilobytes as written; a received one may be huge, or a link to /dev/zero
@@ -180,7 +190,7 @@ def _recorded(checkpoint_dir: Path, key: str) -> Any:
     did, or where the file cannot be read: read_experiment says why)."""
     try:
         document = json.loads(_experiment_text(checkpoint_dir / EXPERIMENT_FILE))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, CheckpointError):
+    except (OSError, ValueError, RecursionError):  # CheckpointError is a ValueError
         return None
     return document.get(key) if isinstance(document, dict) else None
 
