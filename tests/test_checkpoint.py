@@ -292,6 +292,24 @@ def _number_of_thousands_of_digits(run: Path) -> str:
     return f"{path}: unreadable or corrupt (ValueError)"
 
 
+def _weights_holding_nan(run: Path) -> str:
+    """Loaded as they were: beam search found no translation at all, and translate failed with an IndexError."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.WEIGHTS_FILE
+    tensors = load_file(path)
+    tensors["src_embedding.weight"][3, 0] = float("nan")
+    save_file(tensors, path, metadata={"format_version": "1"})
+    return "tensors hold NaN or infinite values (first src_embedding.weight), as after a run diverged; use a"
+
+
+def _weights_of_integers(run: Path) -> str:
+    """Integers or booleans were copied into the model's float tensors without a word."""
+    path = run / "checkpoints" / "step-00000006" / ckpt.WEIGHTS_FILE
+    tensors = load_file(path)
+    tensors["src_embedding.weight"] = tensors["src_embedding.weight"].to(torch.int64)
+    save_file(tensors, path, metadata={"format_version": "1"})
+    return f"{path}: the tensor src_embedding.weight (I64) holds no floating-point numbers"
+
+
 def _binary_pointer(run: Path) -> str:
     (run / "latest").write_bytes(b"\x81\xfe\x00step")
     return f"{run / 'latest'}: corrupt pointer file"
@@ -320,6 +338,8 @@ def _dangling_pointer(run: Path) -> str:
         _model_too_large_for_the_memory,
         _step_not_an_integer,
         _number_of_thousands_of_digits,
+        _weights_holding_nan,
+        _weights_of_integers,
     ],
 )
 def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path, damage) -> None:

@@ -104,26 +104,13 @@ def _average(chosen: list[Path]) -> tuple[list[Path], ExperimentConfig, int, Tok
             checkpoint_load.load_tokenizer(directory)  # as above
             raise ckpt.CheckpointError(f"{directory} has a different tokenizer than {chosen[-1]}")
         checkpoint_load.load_weights(model, directory)
-        _refuse_non_finite(model, directory)
+        advice = "average checkpoints saved before it (a smaller --last, or latest set back)"
+        checkpoint_load.refuse_non_finite(model, directory, advice=advice)
         for name, tensor in model.state_dict().items():
             totals[name] = totals.get(name, 0) + tensor.double()
     reference = model.state_dict()
     model.load_state_dict({name: (total / len(chosen)).to(reference[name].dtype) for name, total in totals.items()})
     return chosen, experiment, step, tokenizer, model
-
-
-def _refuse_non_finite(model: Transformer, directory: Path) -> None:
-    """A checkpoint whose weights hold NaN or infinities (saved as a run diverged, or damaged) passes them on
-    to the average (a NaN summed is NaN): refuse it, naming it, rather than write an average that translates
-    nothing."""
-    state = model.state_dict()
-    spoilt = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
-    if spoilt:
-        raise ckpt.CheckpointError(
-            f"{directory / ckpt.WEIGHTS_FILE}: {len(spoilt)} of {len(state)} tensors hold NaN or infinite values "
-            f"(first {spoilt[0]}), as after a run diverged; average checkpoints saved before it (a smaller --last, "
-            "or latest set back)"
-        )
 
 
 def _run_checkpoints(run_dir: Path) -> list[Path]:

@@ -40,7 +40,7 @@ from tformer.training.checkpoint import (
     is_run_dir,
     read_pointer_name,
 )
-from tformer.training.checkpoint_weights import weights_disagreement
+from tformer.training.checkpoint_weights import not_floating_point, weights_disagreement
 
 
 @dataclass
@@ -202,6 +202,8 @@ def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
     try:
+        if (wrong := not_floating_point(path)) is not None:
+            raise CheckpointError(f"{path}: the tensor {wrong} holds no floating-point numbers: not a model's weights")
         with readable_name(path) as name:
             if any(parameter.is_meta for parameter in model.parameters()):
                 _assign_weights(model, name)
@@ -213,6 +215,19 @@ def load_weights(model: Transformer, checkpoint_dir: Path) -> None:
         disagreement = weights_disagreement(model, path)
         reason = disagreement or " ".join(str(error).split())
         raise CheckpointError(f"{path}: weights do not match the model in {EXPERIMENT_FILE}: {reason}") from None
+
+
+def refuse_non_finite(model: Transformer, checkpoint_dir: Path, *, advice: str) -> None:
+    """Refuse weights holding NaN or infinities (saved as a run diverged, or damaged): a model that
+    translates nothing (beam search returned no translation at all, and translate failed with an IndexError)
+    and passes them on to an average (a NaN summed is NaN). `advice` ends the line."""
+    state = model.state_dict()
+    spoilt = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if spoilt:
+        raise CheckpointError(
+            f"{Path(checkpoint_dir) / WEIGHTS_FILE}: {len(spoilt)} of {len(state)} tensors hold NaN or infinite "
+            f"values (first {spoilt[0]}), as after a run diverged; {advice}"
+        )
 
 
 def _assign_weights(model: Transformer, path: str) -> None:
@@ -261,6 +276,7 @@ def load_run(
         with torch.device("meta"):  # no memory and no random numbers for weights that the checkpoint's replace
             model = Transformer(experiment.model)
         load_weights(model, checkpoint)
+        refuse_non_finite(model, checkpoint, advice="use a checkpoint saved before it (give its directory)")
         return LoadedRun(model, tokenizer, experiment, step, run_dir, checkpoint)
 
     loaded = read_resolved(path, which=which, read=read)

@@ -66,3 +66,15 @@ def weights_disagreement(model: torch.nn.Module, path: Path) -> str | None:
         f"{'; '.join(parts)}; the run's files disagree: put back the {EXPERIMENT_FILE} saved with these weights "
         f"(or the weights saved with it)"
     )
+
+
+def not_floating_point(path: Path) -> str | None:
+    """The first tensor of a safetensors file that holds no floating-point numbers, with its dtype, read from
+    the header; None where all do, as in every model's weights (integers or booleans were copied into the
+    model's float tensors and translated with)."""
+    with readable_name(path) as openable, safe_open(openable, "pt") as weights:
+        for name in weights.keys():  # noqa: SIM118 (not iterable)
+            dtype = weights.get_slice(name).get_dtype()
+            if not dtype.startswith(("F", "BF")):  # F16, BF16, F32, F64, F8_E4M3, ...
+                return f"{name} ({dtype})"
+    return None
