@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -348,6 +349,25 @@ def test_damaged_checkpoints_give_one_line_errors_naming_the_file(run_copy: Path
         load_run(run_copy, which="last")
     message = str(error.value)
     assert expected in message and "\n" not in message and len(message) < 1000
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_an_experiment_file_that_is_a_named_pipe_is_refused_not_waited_on(run_copy: Path) -> None:
+    """Opening it waited for a writer: every command that loads the run hung without a word (a received tar
+    may hold a FIFO). A writer that opens and closes it at once stands in for the wait here, so that the
+    old code read it as empty instead of hanging the test."""
+    path = run_copy / "checkpoints" / "step-00000006" / ckpt.EXPERIMENT_FILE
+    path.unlink()
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: os.close(os.open(path, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(CheckpointError) as error:
+            load_run(run_copy, which="last")
+    finally:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        writer.join()
+    assert str(error.value) == f"{path}: a named pipe (FIFO), not a checkpoint description"
 
 
 def test_a_tokenizer_cut_short_where_sentencepiece_still_reads_it_is_refused(run_copy: Path) -> None:

@@ -158,6 +158,8 @@ EXPERIMENT_MAX_BYTES = 1 << 20  # a few kilobytes as written; a received one may
 
 def _experiment_text(path: Path) -> str:
     """experiment.json's text, read no further than a description can reach (whole, it filled the memory)."""
+    if path.is_fifo():  # opening one waits for a writer: the command hung, without a word
+        raise CheckpointError(f"{path}: a named pipe (FIFO), not a checkpoint description")
     raw = read_at_most(path, EXPERIMENT_MAX_BYTES)
     if raw is None:
         raise CheckpointError(
