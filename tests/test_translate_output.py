@@ -124,6 +124,64 @@ def test_an_existing_output_is_kept_unless_overwrite_is_given(run, tmp_path, cap
     assert not (tmp_path / "out.txt.partial").exists()
 
 
+def _busy(output: Path) -> str:
+    writing = f"another process is writing {output}.partial now"
+    return f"error: --output {output}: {writing}; wait for it to end, or choose another file\n"
+
+
+def _another_writer_meanwhile(monkeypatch, path: Path, text: str) -> None:
+    """Another process writes `path` while this command loads its model, after its check of existing files."""
+    from tformer.training import checkpoint_load
+
+    load_run = checkpoint_load.load_run
+
+    def load_while_another_writes(*args, **kwargs):
+        path.write_text(text, encoding="utf-8")
+        return load_run(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_load, "load_run", load_while_another_writes)
+
+
+@pytest.mark.parametrize("written", ["out.txt.partial", "out.txt"])
+def test_two_commands_given_one_output_at_once_never_write_into_each_others(
+    run, tmp_path, capsys, monkeypatch, written
+):
+    """Both passed the check of existing files while their models loaded: the second opened the first's
+    OUTPUT.partial, emptied it and wrote into it (or renamed its own over the OUTPUT the first had just
+    completed), and the first to finish named OUTPUT a file holding the other's lines, with status 0."""
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    _another_writer_meanwhile(monkeypatch, tmp_path / written, "the other command's lines\n")
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --output {output}"), err
+    assert (tmp_path / written).read_text(encoding="utf-8") == "the other command's lines\n"
+    if written == "out.txt":  # this command's translations are kept beside it, and the line says where
+        assert f"the translations are in {output}.partial" in err
+        assert len((tmp_path / "out.txt.partial").read_text(encoding="utf-8").splitlines()) == len(SENTENCES)
+    else:
+        assert err == _busy(output)
+        assert not output.exists()
+
+
+def test_overwrite_leaves_an_output_partial_that_another_process_is_writing(run, tmp_path, capsys):
+    import fcntl
+
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    partial = tmp_path / "out.txt.partial"
+    partial.write_text("the other command's lines\n", encoding="utf-8")
+    with open(partial, "a") as writing:  # locked as a translate writing it holds it (a lock of another open file)
+        fcntl.flock(writing, fcntl.LOCK_EX)
+        assert main(["translate", str(run), "--input", str(source), "--output", str(output), "--overwrite"]) == 2
+    assert capsys.readouterr().err == _busy(output)
+    assert partial.read_text(encoding="utf-8") == "the other command's lines\n" and not output.exists()
+    assert (
+        main(["translate", str(run), "--input", str(source), "--output", str(output), "--overwrite"]) == 0
+    )  # it ended
+    assert len(output.read_text(encoding="utf-8").splitlines()) == len(SENTENCES) and not partial.exists()
+
+
 def test_an_output_that_is_a_symbolic_link_is_written_through(run, tmp_path):
     """OUTPUT.partial renamed onto a link replaced the link with a plain file, leaving the file it named
     as it was (attention, plot, align and evaluate outputs write through links)."""

@@ -10,7 +10,8 @@ With --nbest K (or --set decode.nbest=K), each input line gives K lines `index |
 stops (an error, Ctrl-C, a kill) leaves FILE.partial holding the translations of the chunks finished
 before it (up to 1,024 lines each), whole lines only, and never a FILE that looks complete; an error, Ctrl-C
 or SIGTERM (what kill and timeout send) ends with one line that says how many. An existing FILE
-(or FILE.partial) is kept unless --overwrite is given.
+(or FILE.partial) is kept unless --overwrite is given; a FILE.partial that another command is writing
+(locked) is never written.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any, TextIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; OUTPUT.partial is then created exclusively only
+    fcntl = None  # type: ignore[assignment]
 
 from tformer.atomic_file import fsync_file
 from tformer.cli.argument_types import path_text, positive_integer
@@ -99,46 +105,97 @@ def run(args: argparse.Namespace) -> int:
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     translator = command_translator(loaded, config, args, device)
     written = 0  # input lines whose translations are written
-    try:
-        with ExitStack() as stack:
-            stack.enter_context(sigterm_as_interrupt())  # `kill` and `timeout` say what was kept, as Ctrl-C does
-            source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
-            if partial:  # a new folder is made, as evaluate and align make theirs
-                partial.parent.mkdir(parents=True, exist_ok=True)
-            where = str(partial or output or "standard output")
-            target = sys.stdout
-            if output:
-                target = open(partial or output, "w", encoding="utf-8")  # noqa: SIM115 (closed by _close)
-                stack.callback(_close, target, where)
-            for index, translations in enumerate(_translations(translator, source)):
-                if not nbest_lines:
-                    _write(target, [translations[0].text + "\n"], where)
-                else:
-                    _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
-                written = index + 1
-    except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
-        out_of_memory = is_out_of_memory(error)
-        if partial is None or (isinstance(error, RuntimeError) and not out_of_memory):
-            raise
-        if written == 0:  # nothing to keep
-            partial.unlink(missing_ok=True)
-            raise
-        kept = f"the translations of the first {written} input lines are in {partial}"
-        if isinstance(error, KeyboardInterrupt):
-            raise KeyboardInterrupt(kept) from None
-        line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
-        raise ValueError(f"{line}; {kept}") from None
-    if partial:
-        _rename_complete(partial, output)
+    with _claimed(partial, output, overwrite=args.overwrite) as claim:
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(sigterm_as_interrupt())  # `kill` and `timeout` say what was kept, as Ctrl-C does
+                source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
+                where = str(partial or output or "standard output")
+                target = sys.stdout
+                if output:
+                    target = _open_output(claim, output)
+                    stack.callback(_close, target, where)
+                for index, translations in enumerate(_translations(translator, source)):
+                    if not nbest_lines:
+                        _write(target, [translations[0].text + "\n"], where)
+                    else:
+                        _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
+                    written = index + 1
+        except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
+            out_of_memory = is_out_of_memory(error)
+            if partial is None or (isinstance(error, RuntimeError) and not out_of_memory):
+                raise
+            if written == 0:  # nothing to keep
+                partial.unlink(missing_ok=True)
+                raise
+            kept = f"the translations of the first {written} input lines are in {partial}"
+            if isinstance(error, KeyboardInterrupt):
+                raise KeyboardInterrupt(kept) from None
+            line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
+            raise ValueError(f"{line}; {kept}") from None
+        if partial and output:
+            _rename_complete(partial, output, overwrite=args.overwrite)
     return 0
 
 
-def _rename_complete(partial: Path, output: Path) -> None:
+@contextmanager
+def _claimed(partial: Path | None, output: Path | None, *, overwrite: bool) -> Iterator[int | None]:
+    """OUTPUT.partial, created (or, with --overwrite, emptied) and locked (`flock`) by this process until it
+    is renamed: two commands given one --output at once both passed the check of existing files while their
+    models loaded, then wrote into one OUTPUT.partial, and the first to finish renamed it with the other's
+    lines in it. The lock goes with the process however it ends, so a killed writer blocks no one. Yields
+    the locked descriptor (None without OUTPUT.partial: standard output, a device or a pipe)."""
+    if partial is None or output is None:
+        yield None
+        return
+    partial.parent.mkdir(parents=True, exist_ok=True)  # a new folder is made, as evaluate and align make theirs
+    busy = f"--output {output}: another process is writing {partial} now; wait for it to end, or choose another file"
+    try:
+        claim = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL), 0o666)
+    except FileExistsError:
+        raise ValueError(busy) from None  # it was not there when the command started
+    try:
+        try:
+            if fcntl is not None:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(busy) from None
+        if not _names(partial, claim):  # its writer renamed it meanwhile
+            raise ValueError(busy)
+        os.ftruncate(claim, 0)
+        yield claim
+    finally:
+        os.close(claim)  # after the rename: it lets another writer take OUTPUT.partial
+
+
+def _names(path: Path, descriptor: int) -> bool:
+    """Whether `path` is the file open as `descriptor` now."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _open_output(claim: int | None, output: Path) -> TextIO:
+    """The file the translations go to: OUTPUT.partial through a descriptor of its own (closing it keeps the
+    lock, which `_claimed` holds until the rename), else a device or a pipe, written in place."""
+    if claim is not None:
+        return os.fdopen(os.dup(claim), "w", encoding="utf-8")
+    return open(output, "w", encoding="utf-8")
+
+
+def _rename_complete(partial: Path, output: Path, *, overwrite: bool) -> None:
     """Give the complete OUTPUT.partial its name once its lines are on the disk (as `write_atomic` does the
     other commands' outputs): renamed unsynced, a crash soon after could leave an empty or truncated file in
-    place of the one --overwrite replaced. A failed fsync keeps OUTPUT.partial, and says which file it was."""
+    place of the one --overwrite replaced. A failed fsync keeps OUTPUT.partial, and says which file it was;
+    so does an OUTPUT that another process wrote meanwhile, which only --overwrite replaces."""
     with _failed_write_named(str(partial)):
         fsync_file(partial)
+    if output.exists() and not overwrite:
+        raise ValueError(
+            f"--output {output} was written by another process while this one translated; the translations are "
+            f"in {partial} (rename it to replace {output})"
+        )
     os.replace(partial, output)
 
 
