@@ -17,7 +17,7 @@ from training_helpers import tiny_experiment, write_corpus
 
 from tformer.cli.main import main
 from tformer.training import resume_run, start_run
-from tformer.training.run_lock import LOCK_FILE, RunInUseError
+from tformer.training.run_lock import LOCK_FILE, RunInUseError, RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def _digest(directory: Path) -> dict[str, str]:
 
 
 @contextmanager
-def _held_by_another_process(run_dir: Path) -> Iterator[None]:
+def _held_by_another_process(run_dir: Path) -> Iterator[int]:
     """RUN_DIR locked, as a training process locks it, by a process that is then SIGKILLed."""
     holder = subprocess.Popen(
         [
@@ -46,7 +46,7 @@ def _held_by_another_process(run_dir: Path) -> Iterator[None]:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        yield
+        yield holder.pid
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
@@ -58,19 +58,20 @@ def test_a_run_another_process_trains_is_refused_and_left_alone(tmp_path: Path, 
     run = tmp_path / "run"
     start_run(experiment, run, quiet=True).train()
     (run / "checkpoints" / "step-00000002" / "model.safetensors").unlink()  # would fail a resume that ran
-    before = _digest(run)
     arguments = ["train", "--train-src", str(corpus["train_src"]), "--train-tgt", str(corpus["train_tgt"])]
     arguments += ["--preset", "tiny", "--vocab-size", "48", "--max-steps", "2", "--device", "cpu", "--quiet"]
-    in_use = f"error: {run} is in use: another tformer process is training into it; "
-    in_use += "wait for it to end, or choose another --out\n"
-    with _held_by_another_process(run):
+    with _held_by_another_process(run) as holder:
+        before = _digest(run)
+        # the line names the process, and says that no stale lock can be left to remove by hand
+        in_use = f"error: {run} is in use: tformer process {holder} is training into it (its lock goes when it "
+        in_use += "ends, however it ends); wait for it to end, or choose another --out\n"
         for mode in ("--resume", "--overwrite"):
             capsys.readouterr()
             assert main([*arguments, "--out", str(run), mode]) == 2
             assert capsys.readouterr().err == in_use
         with pytest.raises(RunInUseError):
             resume_run(run, quiet=True)
-    assert _digest(run) == before
+        assert _digest(run) == before
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".run.")]  # no staging left
 
 
@@ -182,3 +183,16 @@ def test_a_run_on_a_read_only_file_system_is_named_with_what_to_do(
         "choose a directory that can be written (copy the run there to resume it)\n"
     )
     assert _digest(run) == before
+
+
+def test_a_run_locked_from_another_machine_names_its_host(tmp_path: Path) -> None:
+    """A run directory on a shared filesystem: the PID alone would name a process of this machine."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with _held_by_another_process(run):
+        (run / LOCK_FILE).write_text("4242 gpu-node-7\n", encoding="utf-8")  # as a holder there writes it
+        with pytest.raises(RunInUseError, match=r"in use: tformer process 4242 on gpu-node-7 is training into it"):
+            RunLock(run)
+        (run / LOCK_FILE).write_text("", encoding="utf-8")  # a holder that just locked it, or an older tformer
+        with pytest.raises(RunInUseError, match=r"in use: another tformer process is training into it"):
+            RunLock(run)

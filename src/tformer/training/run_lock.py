@@ -6,15 +6,18 @@ lock is a POSIX record lock (`lockf`) on a hidden file: it belongs to the proces
 after another in one program do not shut each other out, it works on NFS, and the kernel releases it
 when the process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock.
 The file stays (deleting it would let a third process lock a fresh file while a second still holds the
-old one). Where files cannot be locked (no `fcntl`, or a filesystem that refuses locks) the run goes on
-unlocked, as it did before locks.
+old one). The holder writes its PID and host name into the file, so that a process refused names it.
+Where files cannot be locked (no `fcntl`, or a filesystem that refuses locks) the run goes on unlocked,
+as it did before locks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shlex
+import socket
 from pathlib import Path
 from typing import IO
 
@@ -40,7 +43,7 @@ class RunLock:
             return
         path = self.run_dir / LOCK_FILE
         try:  # a link (a received run's) is not followed: that would create or lock a file outside the run
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)
         except IsADirectoryError:
             raise ValueError(f"{path} is a directory, where a run keeps its lock file; remove or rename it") from None
         except OSError as error:
@@ -59,16 +62,33 @@ class RunLock:
         try:
             fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            holder = _holder(handle.fileno())
             handle.close()
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunInUseError(
-                    f"{self.run_dir} is in use: another tformer process is training into it; "
-                    "wait for it to end, or choose another --out"
+                    f"{self.run_dir} is in use: {holder} is training into it (its lock goes when it ends, "
+                    "however it ends); wait for it to end, or choose another --out"
                 ) from None
             return  # locks unsupported here (e.g. ENOLCK): go on unlocked
         self._handle = handle
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, unnamed
+            os.ftruncate(handle.fileno(), 0)
+            os.write(handle.fileno(), f"{os.getpid()} {socket.gethostname()}\n".encode())
 
     def release(self) -> None:
         if self._handle is not None:
+            with contextlib.suppress(OSError):  # the PID and host stay out of a run that is copied or shared
+                os.ftruncate(self._handle.fileno(), 0)
             self._handle.close()  # closing the file releases the process's lock on it
             self._handle = None
+
+
+def _holder(descriptor: int) -> str:
+    """The process that holds the lock, as the lock file names it: "tformer process PID" (with its host
+    where that is another machine, a run directory on a shared filesystem); "another tformer process" where
+    the file names none (written by a tformer before this one, or not yet by a holder that just locked it)."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        pid, host = os.pread(descriptor, 256, 0).decode("utf-8").split()
+        where = "" if host == socket.gethostname() else f" on {host}"
+        return f"tformer process {int(pid)}{where}"
+    return "another tformer process"
