@@ -196,3 +196,37 @@ def test_a_run_locked_from_another_machine_names_its_host(tmp_path: Path) -> Non
         (run / LOCK_FILE).write_text("", encoding="utf-8")  # a holder that just locked it, or an older tformer
         with pytest.raises(RunInUseError, match=r"in use: another tformer process is training into it"):
             RunLock(run)
+
+
+def test_a_lock_file_removed_by_its_holder_while_it_is_locked_is_not_what_the_run_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder removes RUN_DIR/.lock (a failed setup cleans up) between another process's open and lock: that
+    process locked the removed file, which no one else opens, and a third then locked a new one beside it."""
+    from tformer.training import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lockf = run_lock.fcntl.lockf
+    removed = []
+
+    def lock_after_the_holder_removed_it(descriptor: int, operation: int) -> None:
+        if not removed:
+            removed.append((run / LOCK_FILE).unlink())  # the holder's cleanup, then its release
+        lockf(descriptor, operation)
+
+    monkeypatch.setattr(run_lock.fcntl, "lockf", lock_after_the_holder_removed_it)
+    held = RunLock(run)
+    monkeypatch.undo()
+    third = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from tformer.training.run_lock import RunLock; RunLock(sys.argv[1])",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    held.release()
+    assert removed and "RunInUseError" in third.stderr and f"tformer process {os.getpid()}" in third.stderr
