@@ -65,9 +65,9 @@ def test_a_run_another_process_trains_is_refused_and_left_alone(tmp_path: Path, 
         # the line names the process, and says that no stale lock can be left to remove by hand
         in_use = f"error: {run} is in use: tformer process {holder} is training into it (its lock goes when it "
         in_use += "ends, however it ends); wait for it to end, or choose another --out\n"
-        for mode in ("--resume", "--overwrite"):
+        for mode in (["--resume"], ["--overwrite"], []):  # a new run: not 'already holds a run; pass --resume'
             capsys.readouterr()
-            assert main([*arguments, "--out", str(run), mode]) == 2
+            assert main([*arguments, "--out", str(run), *mode]) == 2
             assert capsys.readouterr().err == in_use
         with pytest.raises(RunInUseError):
             resume_run(run, quiet=True)

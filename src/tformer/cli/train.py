@@ -221,7 +221,7 @@ def _kept_by_main(out: Path) -> str:
 
 def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     from tformer.training.run import start_run
-    from tformer.training.run_directory import check_new_run_dir, new_run_advice
+    from tformer.training.run_directory import check_new_run_dir
     from tformer.training.run_lock import RunLock
 
     out: Path = args.out
@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     experiment = _experiment(args)
     # the checks of --out come before the processes join: one that stops alone there leaves none waiting
     if not args.overwrite or not out.exists():
-        check_new_run_dir(out, **new_run_advice(processes=_processes()))
+        _check_new_out(out)
         options = _runtime(args, experiment.train.device, rendezvous)
         result = start_run(experiment, out, quiet=args.quiet, **options).train()
         options["distributed"].shutdown()  # after a failure the process just exits: a barrier could hang
@@ -258,6 +258,20 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
     finally:
         old_run.release()
     return 0
+
+
+def _check_new_out(out: Path) -> None:
+    """--out of a new run: empty or absent. One that a run trains into now is refused as such, naming its
+    process: 'already holds a run; pass --resume' (or files, 'pass --overwrite') led to a second refusal."""
+    from tformer.training.run_directory import RunDirectoryError, check_new_run_dir, new_run_advice
+    from tformer.training.run_lock import LOCK_FILE, RunLock
+
+    try:
+        check_new_run_dir(out, **new_run_advice(processes=_processes()))
+    except RunDirectoryError:
+        if _processes() == 1 and (out / LOCK_FILE).is_file() and not (out / LOCK_FILE).is_symlink():
+            RunLock(out).release()  # refused (RunInUseError) while another process holds it
+        raise
 
 
 def _swap_in(staging: Path, out: Path, *, done: str) -> None:
