@@ -365,8 +365,9 @@ def test_an_experiment_file_that_is_a_named_pipe_is_refused_not_waited_on(run_co
         with pytest.raises(CheckpointError) as error:
             load_run(run_copy, which="last")
     finally:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # the writer's open returns, now or when it comes
         writer.join()
+        os.close(reader)
     assert str(error.value) == f"{path}: a named pipe (FIFO), not a checkpoint description"
 
 
