@@ -759,7 +759,7 @@ def test_a_failed_average_leaves_nothing_behind(run_copy: Path, tmp_path: Path, 
         with pytest.raises(OSError, match="No space left on device"):
             average_checkpoints(run_copy, last=2, out=out)
     assert sorted((run_copy / "checkpoints").iterdir()) == checkpoints
-    assert list((tmp_path / "elsewhere").iterdir()) == []
+    assert not (tmp_path / "elsewhere").exists()  # made for --out, removed with it
 
 
 def test_a_failed_rename_into_place_leaves_no_copy_and_keeps_the_existing_checkpoint(
@@ -825,6 +825,19 @@ def test_a_failed_fsync_of_an_average_names_its_out(run_copy: Path, tmp_path: Pa
     assert main(["average", str(run_copy), "--last", "2", "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: [Errno 5] Input/output error: '{out}'\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_failed_average_leaves_no_folder_it_made(run_copy: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """An --out inside folders that did not exist left them behind, empty, when the write failed."""
+
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    (tmp_path / "kept").mkdir()
+    assert main(["average", str(run_copy), "--last", "2", "--out", str(tmp_path / "kept" / "new" / "avg")]) == 2
+    assert capsys.readouterr().err.startswith("error: [Errno 28] No space left on device")
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_an_average_that_cannot_be_written_names_it_not_its_temporary(run_copy: Path, capsys, monkeypatch) -> None:

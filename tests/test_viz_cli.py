@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import select
 import shutil
@@ -283,3 +284,31 @@ def test_translate_answers_each_line_of_a_pipe_that_stays_open(trained_run: tupl
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+@pytest.mark.parametrize("command", ["attention", "attention.html", "plot", "align", "evaluate", "translate"])
+def test_a_failed_write_leaves_no_folder_it_made(trained_run, tmp_path: Path, monkeypatch, capsys, command) -> None:
+    """A write that failed (a full disk) left the folders made above --out/--output behind, empty; those
+    that were there before stay."""
+    run, corpus = trained_run
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "out.png"
+    src, tgt = str(corpus["valid_src"]), str(corpus["valid_tgt"])
+    bad_input = tmp_path / "in.txt"
+    bad_input.write_bytes(b"\xff\n")  # translate fails on its first line, having made --output's folders
+    arguments = {
+        "attention": ["attention", str(run), "ka lo mi", "--out", str(out)],
+        "attention.html": ["attention", str(run), "ka lo mi", "--out", str(out.with_suffix(".html"))],
+        "plot": ["plot", str(run), "--out", str(out)],
+        "align": ["align", str(run), "--src", src, "--tgt", tgt, "--out", str(out)],
+        "evaluate": ["evaluate", str(run), "--src", src, "--ref", tgt, "--device", "cpu", "--output", str(out)],
+        "translate": ["translate", str(run), "--input", str(bad_input), "--output", str(out)],
+    }[command]
+
+    def full_disk(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(arguments) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert list((tmp_path / "kept").iterdir()) == []

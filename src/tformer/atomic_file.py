@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -119,3 +120,17 @@ def remove_empty_directories(directories: list[Path]) -> None:
     for directory in directories:
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+@contextlib.contextmanager
+def parents_made(path: Path) -> Iterator[None]:
+    """Make the folders above `path` that do not exist yet, for the block that writes it: an error in the block
+    (a full disk, Ctrl-C) removes those of them it left empty, so a failed command leaves no empty folders
+    behind. Folders that were there before stay, empty or not."""
+    made = missing_directories(Path(path).parent)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        remove_empty_directories(made)
+        raise

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tformer.align import align_files
-    from tformer.atomic_file import write_atomic
+    from tformer.atomic_file import parents_made, write_atomic
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint_load import load_run
 
@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         sys.stdout.flush()
         return 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(line + "\n" for line in lines)
-    write_atomic(args.out, text.encode("utf-8"))  # a failed write keeps the file that was there
+    with parents_made(args.out):  # a failed write keeps the file that was there, and leaves no new folder
+        write_atomic(args.out, text.encode("utf-8"))
     print(args.out)
     return 0

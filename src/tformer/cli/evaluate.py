@@ -136,7 +136,7 @@ def _check_output(args: argparse.Namespace) -> None:
 
 def _write_lines(path: Path, lines: list[str]) -> None:
     """`lines` into `path`, which appears only once complete (see `write_atomic`)."""
-    from tformer.atomic_file import write_atomic
+    from tformer.atomic_file import parents_made, write_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
+    with parents_made(path):  # a failed write leaves no new folder
+        write_atomic(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))

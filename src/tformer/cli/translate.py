@@ -29,7 +29,7 @@ try:
 except ImportError:  # Windows: no flock; OUTPUT.partial is then created exclusively only
     fcntl = None  # type: ignore[assignment]
 
-from tformer.atomic_file import fsync_file
+from tformer.atomic_file import fsync_file, missing_directories, remove_empty_directories
 from tformer.cli.argument_types import path_text, positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
@@ -105,36 +105,43 @@ def run(args: argparse.Namespace) -> int:
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     translator = command_translator(loaded, config, args, device)
     written = 0  # input lines whose translations are written
-    with _claimed(partial, output, overwrite=args.overwrite) as claim:
-        try:
-            with ExitStack() as stack:
-                stack.enter_context(sigterm_as_interrupt())  # `kill` and `timeout` say what was kept, as Ctrl-C does
-                source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
-                where = str(partial or output or "standard output")
-                target = sys.stdout
-                if output:
-                    target = _open_output(claim, output)
-                    stack.callback(_close, target, where)
-                for index, translations in enumerate(_translations(translator, source)):
-                    if not nbest_lines:
-                        _write(target, [translations[0].text + "\n"], where)
-                    else:
-                        _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
-                    written = index + 1
-        except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
-            out_of_memory = is_out_of_memory(error)
-            if partial is None or (isinstance(error, RuntimeError) and not out_of_memory):
-                raise
-            if written == 0:  # nothing to keep
-                partial.unlink(missing_ok=True)
-                raise
-            kept = f"the translations of the first {written} input lines are in {partial}"
-            if isinstance(error, KeyboardInterrupt):
-                raise KeyboardInterrupt(kept) from None
-            line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
-            raise ValueError(f"{line}; {kept}") from None
-        if partial and output:
-            _rename_complete(partial, output, overwrite=args.overwrite)
+    made = missing_directories(partial.parent) if partial else []  # removed again if nothing is kept
+    try:
+        with _claimed(partial, output, overwrite=args.overwrite) as claim:
+            try:
+                with ExitStack() as stack:
+                    stack.enter_context(
+                        sigterm_as_interrupt()
+                    )  # `kill` and `timeout` say what was kept, as Ctrl-C does
+                    source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
+                    where = str(partial or output or "standard output")
+                    target = sys.stdout
+                    if output:
+                        target = _open_output(claim, output)
+                        stack.callback(_close, target, where)
+                    for index, translations in enumerate(_translations(translator, source)):
+                        if not nbest_lines:
+                            _write(target, [translations[0].text + "\n"], where)
+                        else:
+                            _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
+                        written = index + 1
+            except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
+                out_of_memory = is_out_of_memory(error)
+                if partial is not None and written == 0:  # nothing to keep
+                    partial.unlink(missing_ok=True)
+                if partial is None or (isinstance(error, RuntimeError) and not out_of_memory) or written == 0:
+                    raise
+                kept = f"the translations of the first {written} input lines are in {partial}"
+                if isinstance(error, KeyboardInterrupt):
+                    raise KeyboardInterrupt(kept) from None
+                line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
+                raise ValueError(f"{line}; {kept}") from None
+            if partial and output:
+                _rename_complete(partial, output, overwrite=args.overwrite)
+    except BaseException:
+        if written == 0:  # nothing kept: neither OUTPUT.partial nor the folders made for it
+            remove_empty_directories(made)
+        raise
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tformer.atomic_file import parents_made
 from tformer.caller_warnings import warn_caller
 from tformer.config import ExperimentConfig
 from tformer.data.tokenizer import Tokenizer
@@ -44,16 +45,16 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     # run, whose checkpoints have the same names, into RUN_DIR: averaging them all with the old run's is refused
     chosen, experiment, step, tokenizer, model = checkpoint_load.read_unchanged(run_dir, choose, _average)
     output = _output(run_dir, chosen, out)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return checkpoint_save.write_checkpoint(
-        output,
-        experiment=experiment,
-        tokenizer=tokenizer,
-        model=model,
-        step=step,
-        trainer_state=None,
-        extra={"averaged_from": [directory.name for directory in chosen]},
-    )
+    with parents_made(output):  # a failed write leaves no new folder
+        return checkpoint_save.write_checkpoint(
+            output,
+            experiment=experiment,
+            tokenizer=tokenizer,
+            model=model,
+            step=step,
+            trainer_state=None,
+            extra={"averaged_from": [directory.name for directory in chosen]},
+        )
 
 
 def _count(last: int) -> int:

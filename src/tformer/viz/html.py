@@ -11,7 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tformer.atomic_file import write_atomic
+from tformer.atomic_file import parents_made, write_atomic
 from tformer.viz.attention_kinds import STACKS
 from tformer.viz.attention_maps import (
     KIND_TITLES,
@@ -101,7 +101,6 @@ def save_attention_html(
     layer: int | None = None,
     head: int | None = None,
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     page = attention_html(attention, kinds=kinds, layer=layer, head=head)
-    return write_atomic(path, page.encode("utf-8"))  # a failed write keeps the file that was there
+    with parents_made(Path(path)):  # a failed write keeps the file that was there, and leaves no new folder
+        return write_atomic(Path(path), page.encode("utf-8"))

@@ -9,16 +9,15 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from tformer.atomic_file import write_atomic
+from tformer.atomic_file import parents_made, write_atomic
 from tformer.viz.fonts import no_glyph_warnings
 
 
 def save_png(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
-    """Write `figure` to `path` (its folder made if needed). Characters without a glyph are reported by
-    the caller, once (`fonts.warn_missing`), not by matplotlib once each."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `figure` to `path` (its folder made if needed, and removed again if the write fails). Characters
+    without a glyph are reported by the caller, once (`fonts.warn_missing`), not by matplotlib once each."""
     image = io.BytesIO()
     with no_glyph_warnings():
         figure.savefig(image, dpi=dpi, format="png")
-    return write_atomic(path, image.getvalue())
+    with parents_made(Path(path)):
+        return write_atomic(Path(path), image.getvalue())
