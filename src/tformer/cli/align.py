@@ -17,6 +17,7 @@ import sys
 
 from tformer.cli.argument_types import path_argument
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
+from tformer.cli.standard_streams import check_standard_input_once, input_file, output_file
 
 HELP = "word alignments (Pharaoh i-j) from cross-attention for a file of sentence pairs"
 
@@ -25,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory or one checkpoint directory"
     )
-    parser.add_argument("--src", type=path_argument, required=True, help="source sentences, one per line")
-    parser.add_argument("--tgt", type=path_argument, required=True, help="target sentences, aligned with --src")
-    parser.add_argument("--out", type=path_argument, help="write the alignments here (default: standard output)")
+    parser.add_argument("--src", type=input_file, required=True, help="source sentences, one per line (-: stdin)")
+    parser.add_argument("--tgt", type=input_file, required=True, help="target sentences, aligned with --src (-: stdin)")
+    parser.add_argument("--out", type=output_file, help="write the alignments here (default, or -: standard output)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--layer", type=int, help="decoder layer to read (default: the penultimate)")
     parser.add_argument(
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from tformer.runtime import resolve_device
     from tformer.training.checkpoint_load import load_run
 
+    check_standard_input_once([("--src", args.src), ("--tgt", args.tgt)])
     if args.out is None:
         check_stdout("align", output_flag="--out")
     else:

@@ -32,6 +32,7 @@ from tformer.cli.decode_options import (
 )
 from tformer.cli.ensemble_option import add_ensemble_argument
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
+from tformer.cli.standard_streams import check_standard_input_once, file_beside_stdout, input_file
 from tformer.config import BLEU_TOKENIZE
 
 if TYPE_CHECKING:
@@ -45,15 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run_dir", type=path_argument, metavar="RUN_DIR", help="a run directory or one checkpoint directory"
     )
-    parser.add_argument("--src", type=path_argument, required=True, help="source sentences, one per line")
+    parser.add_argument("--src", type=input_file, required=True, help="source sentences, one per line (-: stdin)")
     parser.add_argument(
         "--ref",
-        type=path_argument,
+        type=input_file,
         nargs="+",
         action="extend",  # --ref A --ref B as --ref A B: argparse's default would keep only B
         required=True,
         help="reference translations, aligned with --src; several files (--ref A B or --ref A --ref B): "
-        "several references per line",
+        "several references per line (-: stdin)",
     )
     parser.add_argument("--beam", type=positive_integer, help="beam size (default: the run's decode.beam_size)")
     parser.add_argument(
@@ -77,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--output", type=path_argument, help="also write the translations to this file, one per --src line"
+        "--output",
+        type=file_beside_stdout,
+        help="also write the translations to this file, one per --src line (not -: stdout holds the scores)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_stdout("evaluate")  # the scores are printed
     settings = decode_settings(args.decode_settings)
+    check_standard_input_once([("--src", args.src), *(("--ref", path) for path in args.ref)])
     if args.output is not None:
         _check_output(args)
     sources = read_lines(args.src)

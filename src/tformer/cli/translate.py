@@ -1,4 +1,5 @@
-"""Translate text with a trained run: one line in, one line out (stdin to stdout by default).
+"""Translate text with a trained run: one line in, one line out (stdin to stdout by default, or when given as
+`-`: --input -, --output -).
 
 Input is read and translated in chunks of the lines that are ready (at most 1,024), and each translation
 is written (and flushed) as soon as its chunk is done, so the command works in a pipe and interactively:
@@ -21,8 +22,9 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import IO, Any, NoReturn, TextIO
 
 try:
     import fcntl
@@ -42,6 +44,7 @@ from tformer.cli.decode_options import (
 from tformer.cli.ensemble_option import add_ensemble_argument
 from tformer.cli.out_of_memory import is_out_of_memory, out_of_memory_line
 from tformer.cli.output_paths import check_not_an_input, check_replaced_output, check_stdout
+from tformer.cli.standard_streams import STANDARD_INPUT, input_file, output_file
 from tformer.config import config_to_dict
 from tformer.termination import sigterm_as_interrupt
 
@@ -57,13 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--which", choices=["best", "last"], default="best", help="checkpoint of a run directory (default: best)"
     )
     parser.add_argument(
-        "--input", type=path_text, default=None, help="input text file, one sentence per line (default: stdin)"
+        "--input",
+        type=input_file,
+        default=None,
+        help="input text file, one sentence per line (default, or -: stdin)",
     )
     parser.add_argument(
         "--output",
-        type=path_text,
+        type=output_file,
         default=None,
-        help="output file, written as OUTPUT.partial until complete (default: stdout)",
+        help="output file, written as OUTPUT.partial until complete (default, or -: stdout)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument(
@@ -104,45 +110,71 @@ def run(args: argparse.Namespace) -> int:
     config = merged_decode_config(loaded.experiment.decode, settings, changes, args)
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     translator = command_translator(loaded, config, args, device)
-    written = 0  # input lines whose translations are written
+    progress = _Progress()
     made = missing_directories(partial.parent) if partial else []  # removed again if nothing is kept
     try:
         with _claimed(partial, output, overwrite=args.overwrite) as claim:
             try:
-                with ExitStack() as stack:
-                    stack.enter_context(
-                        sigterm_as_interrupt()
-                    )  # `kill` and `timeout` say what was kept, as Ctrl-C does
-                    source = stack.enter_context(open(args.input, "rb")) if args.input else sys.stdin
-                    where = str(partial or output or "standard output")
-                    target = sys.stdout
-                    if output:
-                        target = _open_output(claim, output)
-                        stack.callback(_close, target, where)
-                    for index, translations in enumerate(_translations(translator, source)):
-                        if not nbest_lines:
-                            _write(target, [translations[0].text + "\n"], where)
-                        else:
-                            _write(target, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
-                        written = index + 1
+                _write_translations(translator, args, _Target(claim, output, partial), nbest_lines, progress)
             except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
-                out_of_memory = is_out_of_memory(error)
-                if partial is not None and written == 0:  # nothing to keep
-                    partial.unlink(missing_ok=True)
-                if partial is None or (isinstance(error, RuntimeError) and not out_of_memory) or written == 0:
-                    raise
-                kept = f"the translations of the first {written} input lines are in {partial}"
-                if isinstance(error, KeyboardInterrupt):
-                    raise KeyboardInterrupt(kept) from None
-                line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
-                raise ValueError(f"{line}; {kept}") from None
+                _raise_saying_what_is_kept(error, partial, progress.lines, args)
             if partial and output:
                 _rename_complete(partial, output, overwrite=args.overwrite)
     except BaseException:
-        if written == 0:  # nothing kept: neither OUTPUT.partial nor the folders made for it
+        if progress.lines == 0:  # nothing kept: neither OUTPUT.partial nor the folders made for it
             remove_empty_directories(made)
         raise
     return 0
+
+
+@dataclass
+class _Progress:
+    lines: int = 0  # input lines whose translations are written
+
+
+@dataclass(frozen=True)
+class _Target:
+    claim: int | None  # OUTPUT.partial's locked descriptor (`_claimed`)
+    output: Path | None  # None: standard output
+    partial: Path | None
+
+
+def _write_translations(
+    translator: Any, args: argparse.Namespace, target: _Target, nbest_lines: bool, progress: _Progress
+) -> None:
+    """Translate the input chunk by chunk, writing (and flushing) each chunk's lines as soon as it is done."""
+    with ExitStack() as stack:
+        stack.enter_context(sigterm_as_interrupt())  # `kill` and `timeout` say what was kept, as Ctrl-C does
+        reads_a_file = args.input not in (None, STANDARD_INPUT)  # stdin is read as it is: a socket has no path
+        source = stack.enter_context(open(args.input, "rb")) if reads_a_file else sys.stdin
+        where = str(target.partial or target.output or "standard output")
+        out: TextIO = sys.stdout
+        if target.output:
+            out = _open_output(target.claim, target.output)
+            stack.callback(_close, out, where)
+        for index, translations in enumerate(_translations(translator, source)):
+            if not nbest_lines:
+                _write(out, [translations[0].text + "\n"], where)
+            else:
+                _write(out, [f"{index} ||| {t.text} ||| {t.score:.4f}\n" for t in translations], where)
+            progress.lines = index + 1
+
+
+def _raise_saying_what_is_kept(
+    error: BaseException, partial: Path | None, written: int, args: argparse.Namespace
+) -> NoReturn:
+    """Re-raise a failed or interrupted translation; where OUTPUT.partial holds lines, with one line that
+    says how many (an OUTPUT.partial with none is removed)."""
+    out_of_memory = is_out_of_memory(error)
+    if partial is not None and written == 0:  # nothing to keep
+        partial.unlink(missing_ok=True)
+    if partial is None or (isinstance(error, RuntimeError) and not out_of_memory) or written == 0:
+        raise error
+    kept = f"the translations of the first {written} input lines are in {partial}"
+    if isinstance(error, KeyboardInterrupt):
+        raise KeyboardInterrupt(kept) from None
+    line = out_of_memory_line(error) if out_of_memory else error_line(error, args)
+    raise ValueError(f"{line}; {kept}") from None
 
 
 @contextmanager
@@ -273,9 +305,9 @@ def _beam_as_typed(values: dict[str, Any], settings: dict[str, object], args: ar
     return f"the run's decode.beam_size {values['beam_size']}"
 
 
-def _check_input(path: str | None) -> None:
+def _check_input(path: Path | None) -> None:
     """--input names a file that exists, said before the model is loaded (instead of an `[Errno 2]` after)."""
-    if path is None:
+    if path in (None, STANDARD_INPUT):
         return
     if not Path(path).exists():
         raise ValueError(f"--input {path}: no such file")

@@ -1,0 +1,49 @@
+"""`-` as a text file's name means standard input (or output), as it does to Unix tools: `--input -`,
+`--src -`, `--output -`. One place for it, used by every command that reads or writes text files.
+
+An input `-` becomes /dev/stdin, which every reader that takes a path can open (and which names where a
+line came from in an error); an output `-` becomes None, the command's default: standard output, written
+in place (no OUTPUT.partial beside it). A file named `-` is still reachable as `./-`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from tformer.cli.argument_types import path_text
+
+STANDARD_STREAM = "-"
+STANDARD_INPUT = Path("/dev/stdin")
+
+
+def input_file(text: str) -> Path:
+    """The argparse type of a text file to read: `-` is standard input, refused while the flags are parsed when
+    there is none (started with `<&-`)."""
+    if path_text(text) != STANDARD_STREAM:
+        return Path(text)
+    if sys.stdin is None:
+        raise argparse.ArgumentTypeError("- is standard input, which is closed; give a file, or pipe the text in")
+    return STANDARD_INPUT
+
+
+def output_file(text: str) -> Path | None:
+    """The argparse type of a text file to write: `-` is standard output (None, the flag's default)."""
+    return None if path_text(text) == STANDARD_STREAM else Path(text)
+
+
+def file_beside_stdout(text: str) -> Path:
+    """The argparse type of a text file to write by a command whose standard output holds something else
+    (evaluate's scores): `-` is refused, rather than mixed into it or taken as a file's name."""
+    if path_text(text) == STANDARD_STREAM:
+        raise argparse.ArgumentTypeError("- (standard output) holds the command's results; give a file")
+    return Path(text)
+
+
+def check_standard_input_once(inputs: Iterable[tuple[str, Path | None]]) -> None:
+    """At most one of `inputs` (flag, path) is standard input: it can be read only once, and the second
+    reader would find it empty (`--src - --ref -`)."""
+    flags = [flag for flag, path in inputs if path == STANDARD_INPUT]
+    if len(flags) > 1:
+        raise ValueError(f"{flags[0]} and {flags[1]} are both standard input (-), which can be read once; give files")

@@ -1,0 +1,109 @@
+"""`-` as a text file's name is standard input or output, as Unix tools take it: translate's --input and
+--output, evaluate's --src and --ref, align's --src, --tgt and --out. It was a file named `-`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_export_hf import SOURCES, TARGETS, make_run
+
+from tformer.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("standard_streams") / "run")
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> tuple[Path, Path]:
+    src, tgt = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    src.write_text("".join(line + "\n" for line in SOURCES), encoding="utf-8")
+    tgt.write_text("".join(line + "\n" for line in TARGETS), encoding="utf-8")
+    return src, tgt
+
+
+@pytest.fixture
+def stdin_from() -> Iterator[Callable[[Path], None]]:
+    """Redirect this process's file descriptor 0 (what /dev/stdin opens) to a file, as `< FILE` would."""
+    saved = os.dup(0)
+
+    def redirect(path: Path) -> None:
+        descriptor = os.open(path, os.O_RDONLY)
+        os.dup2(descriptor, 0)
+        os.close(descriptor)
+
+    yield redirect
+    os.dup2(saved, 0)
+    os.close(saved)
+
+
+def test_translate_reads_and_writes_dash_as_standard_streams(run, texts, tmp_path, capsys, monkeypatch) -> None:
+    src, _ = texts
+    monkeypatch.chdir(tmp_path)
+    assert main(["translate", str(run), "--input", str(src), "--beam", "1"]) == 0
+    expected = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(src.read_bytes()), encoding="utf-8"))
+    assert main(["translate", str(run), "--input", "-", "--output", "-", "--beam", "1"]) == 0
+    assert capsys.readouterr().out == expected
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src.txt", "tgt.txt"]  # no `-`, no `-.partial`
+
+
+def test_evaluate_reads_src_or_ref_from_standard_input(run, texts, tmp_path, capsys, stdin_from) -> None:
+    src, tgt = texts
+    evaluate = ["evaluate", str(run), "--device", "cpu", "--beam", "1", "--json"]
+    assert main([*evaluate, "--src", str(src), "--ref", str(tgt)]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    for flags in (["--src", "-", "--ref", str(tgt)], ["--src", str(src), "--ref", str(tgt), "-"]):
+        stdin_from(src if flags[1] == "-" else tgt)
+        assert main([*evaluate, *flags]) == 0
+        scores = json.loads(capsys.readouterr().out)
+        if flags[1] == "-":
+            assert scores["bleu"] == expected["bleu"] and scores["chrf"] == expected["chrf"]
+        else:
+            assert "nrefs:2" in scores["bleu_signature"]
+    assert main([*evaluate, "--src", "-", "--ref", "-"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --src and --ref are both standard input (-), which can be read once; give files\n"
+    )
+    with pytest.raises(SystemExit) as exited:  # argparse's error, while the flags are parsed
+        main([*evaluate, "--src", str(src), "--ref", str(tgt), "--output", "-"])
+    assert exited.value.code == 2
+    assert "argument --output: - (standard output) holds the command's results" in capsys.readouterr().err
+
+
+def test_align_reads_dash_as_standard_input_and_writes_it_as_standard_output(
+    run, texts, tmp_path, capsys, stdin_from, monkeypatch
+) -> None:
+    src, tgt = texts
+    monkeypatch.chdir(tmp_path)
+    assert main(["align", str(run), "--src", str(src), "--tgt", str(tgt)]) == 0
+    expected = capsys.readouterr().out
+    stdin_from(tgt)
+    assert main(["align", str(run), "--src", str(src), "--tgt", "-", "--out", "-"]) == 0
+    assert capsys.readouterr().out == expected
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src.txt", "tgt.txt"]
+
+
+def test_an_output_that_is_the_file_on_standard_input_is_refused(run, texts, capsys, stdin_from) -> None:
+    """`translate --input - --output F < F` would erase F while it is read, as `--input F --output F` would."""
+    src, _ = texts
+    stdin_from(src)
+    assert main(["translate", str(run), "--input", "-", "--output", str(src), "--overwrite"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --output {src} is the --input file: writing would erase it; choose another file\n"
+    )
+
+
+def test_dash_with_standard_input_closed_is_refused_while_the_flags_are_parsed(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", None)  # started with `<&-`
+    with pytest.raises(SystemExit):
+        main(["align", "RUN", "--src", "-", "--tgt", "t.txt"])
+    assert "argument --src: - is standard input, which is closed" in capsys.readouterr().err
