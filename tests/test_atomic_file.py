@@ -77,3 +77,19 @@ def test_a_name_near_the_file_systems_limit_is_written(tmp_path: Path) -> None:
     path = tmp_path / ("a" * 236 + ".png")
     assert write_atomic(path, b"data") == path and path.read_bytes() == b"data"
     assert [entry.name for entry in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_temporary_that_cannot_be_made_is_named_as_the_file_asked_for(tmp_path: Path, monkeypatch) -> None:
+    """A folder that takes no new file (/proc, where access() lets root write) failed naming the hidden
+    temporary (`[Errno 2] ...: '/proc/.foo.1234-5af98718.part'`), not the file the user gave."""
+    open_file = os.open
+
+    def no_new_file(path, flags, *args):
+        if str(path).endswith(".part"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return open_file(path, flags, *args)
+
+    monkeypatch.setattr(atomic_file.os, "open", no_new_file)
+    with pytest.raises(OSError) as raised:
+        write_atomic(tmp_path / "foo", b"text")
+    assert str(raised.value) == f"[Errno 2] No such file or directory: '{tmp_path / 'foo'}'"

@@ -33,7 +33,11 @@ def write_atomic(path: Path, data: bytes) -> Path:
     path = given.resolve() if given.is_symlink() else given
     # the name's first 200 characters: a name near the file system's 255 made the temporary's too long
     temporary = path.parent / f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}.part"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:  # a folder that takes no new file (/proc, /sys): named as given, not as the temporary
+        name_the_file(error, given, staging=temporary)
+        raise
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
