@@ -386,3 +386,25 @@ def test_the_saved_generator_states_give_the_same_draws_again() -> None:
     load_rng_state(state)
     again = (random.random(), random.gauss(0.0, 1.0), np.random.rand(3).tolist(), torch.rand(3).tolist())
     assert again == drawn
+
+
+def test_a_metrics_rewrite_that_fails_on_resume_says_what_to_do(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A full disk while metrics.jsonl was rewritten on resume ended with a bare errno line, saying
+    neither that the run was unchanged nor what to do."""
+    from tformer.training import metrics_log
+
+    corpus = write_corpus(tmp_path, n_train=40)
+    start_run(tiny_experiment(corpus, "train.max_steps=2"), tmp_path / "run", quiet=True).train()
+    before = (tmp_path / "run" / ckpt.METRICS_FILE).read_bytes()
+
+    def full_disk(path: Path, data: bytes) -> Path:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(metrics_log, "write_atomic", full_disk)
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "4", "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] + "\n" == (
+        f"error: could not rewrite {tmp_path / 'run' / ckpt.METRICS_FILE} to drop its rows past step 2 (No space "
+        f"left on device); the run is unchanged: free space on its disk (or make {tmp_path / 'run'} writable), "
+        "then resume again\n"
+    )  # after the warnings of a warmup above max_steps
+    assert (tmp_path / "run" / ckpt.METRICS_FILE).read_bytes() == before

@@ -147,7 +147,7 @@ class TrainerState:
             path = Path(checkpoint_dir) / ckpt.STATE_FILE
             raise ckpt.CheckpointError(f"{path}: trainer state does not fit this run ({error})") from None
         if self.distributed.is_main:
-            dropped = self.metrics.truncate_after(self.step)
+            dropped = self._truncate_metrics()
             if dropped:
                 lines = "line" if dropped == 1 else "lines"
                 self._say(
@@ -160,6 +160,18 @@ class TrainerState:
             mended = mend_best_pointer(self.run_dir, step=self.step, best_step=self.early_stopping.best_step)
             if mended:
                 self._say(mended)
+
+    def _truncate_metrics(self) -> int:
+        """`MetricsLog.truncate_after` the resumed step; a rewrite that fails (a full disk, a read-only run) says
+        what to do: it changed nothing (the file is replaced whole or not at all), and neither did the resume."""
+        try:
+            return self.metrics.truncate_after(self.step)
+        except OSError as error:
+            raise OSError(
+                f"could not rewrite {self.metrics.path} to drop its rows past step {self.step} "
+                f"({error.strerror or error}); the run is unchanged: free space on its disk (or make "
+                f"{self.run_dir} writable), then resume again"
+            ) from None
 
     def _cpu_threads(self) -> int | None:
         """torch's CPU thread count where the model trains on the CPU, None elsewhere: a GPU run's count plays
