@@ -754,3 +754,32 @@ def test_exports_print_their_own_lines_without_transformers_progress_bars(tmp_pa
     assert "it/s" not in captured.err and "Writing model shards" not in captured.err, captured.err
     assert captured.out.splitlines() == [f"wrote {tmp_path / name}" for name in targets]
     assert transformers_logging.is_progress_bar_enabled()  # put back as it was
+
+
+def test_the_ctranslate2_export_makes_its_hf_copy_beside_out_not_in_the_system_temporary_directory(
+    tmp_path, monkeypatch
+):
+    """The intermediate Hugging Face copy went into the system's temporary directory: a full (or missing)
+    /tmp failed the export however much room --out's disk had."""
+    pytest.importorskip("ctranslate2")
+    import tempfile
+
+    run = make_run(tmp_path / "run")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))  # any use of /tmp fails
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_ctranslate2(run, tmp_path / "out" / "ct2")
+    assert (tmp_path / "out" / "ct2" / "model.bin").is_file()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["ct2"]  # the scratch copy is gone
+
+
+def test_a_killed_ctranslate2_exports_scratch_directory_is_removed_by_the_next_export(tmp_path):
+    from tformer.interop.directories import fresh_directory
+
+    dead = 2**22 + 1  # above the kernel's pid_max: no such process
+    (tmp_path / "out").mkdir()
+    for left in (tmp_path / f".tmp-out-scratch-{dead}", tmp_path / "out" / f".tmp-scratch-{dead}"):
+        left.mkdir()
+    assert fresh_directory(tmp_path / "out") == tmp_path / "out"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    assert list((tmp_path / "out").iterdir()) == []

@@ -185,6 +185,11 @@ class Tokenizer:
             return cls(_load_model(src), _load_model(tgt))
         raise TokenizerError(f"no tokenizer in {directory}: expected {JOINT_FILE}, or {SRC_FILE} and {TGT_FILE}")
 
+    def model_proto(self, side: str) -> bytes:
+        """The sentencepiece model of `side` ("source" or "target"; one model for both when joint), serialized
+        as `to_files` writes it: for a converter, which needs no file (nor the system's temporary directory)."""
+        return (self._src if side == "source" else self._tgt).serialized_model_proto()
+
     def to_files(self, directory: str | Path) -> list[Path]:
         """Write the model file(s) into `directory` (created if needed) and return their paths."""
         directory = Path(directory)

@@ -19,6 +19,24 @@ from tformer.atomic_file import (
 )
 from tformer.termination import interrupts_held
 
+SCRATCH = "scratch"  # in the name of `scratch_beside`'s directory
+
+
+@contextlib.contextmanager
+def scratch_beside(temporary: Path) -> Iterator[Path]:
+    """A directory for intermediate files beside `written_atomically`'s `temporary`, removed after the block:
+    on the output's file system, not in the system's temporary directory (which may be small, or full). Its
+    name (`.tmp-OUT-scratch-PID`, or `.tmp-scratch-PID` inside an existing `out`) is one that `fresh_directory`
+    removes once its process is gone, as it removes the staging directories."""
+    head, pid = temporary.name.rsplit("-", 1)
+    scratch = temporary.with_name(f"{head}-{SCRATCH}-{pid}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
 
 def fresh_directory(out: str | Path) -> Path:
     """`out` as a Path, after checking that it does not exist or is an empty directory.
@@ -39,7 +57,7 @@ def _remove_abandoned_stagings(out: Path) -> None:
     beside = list(out.parent.glob(f".tmp-{glob.escape(out.name)}-*"))
     for staging in inside + beside:
         pid = staging.name.rsplit("-", 1)[-1]
-        if staging.parent == out and staging.name != f".tmp-{pid}":
+        if staging.parent == out and staging.name not in (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}"):
             continue  # not a name written_atomically gives: the user's own
         if pid.isdigit() and staging.is_dir() and not staging.is_symlink() and abandoned(staging):
             shutil.rmtree(staging, ignore_errors=True)

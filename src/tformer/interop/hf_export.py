@@ -16,7 +16,6 @@ token from the config, full vocabulary) with Marian's settings (post-norm, no em
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from tformer.config import DecodeConfig
 from tformer.decoding.constraints import check_banned_ids
-from tformer.interop.directories import fresh_directory, written_atomically
+from tformer.interop.directories import fresh_directory, scratch_beside, written_atomically
 from tformer.interop.marian import SpecialIds, check_exportable, to_marian
 from tformer.interop.marian_tokenizer import SOURCE_SPM, TARGET_SPM, VocabTokenizer
 from tformer.training.checkpoint_load import LoadedRun, load_run
@@ -82,7 +81,8 @@ def without_progress_bars() -> Iterator[None]:
 
 
 def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best") -> Path:
-    """Export the run to Hugging Face format in a temporary directory, then convert that with
+    """Export the run to Hugging Face format in a directory beside `out` (on its file system: the system's
+    temporary directory may be small or full), then convert that with
     `ctranslate2.converters.TransformersConverter`; the sentencepiece models are copied alongside."""
     loaded = load_run(run, which=which)
     _check_run(loaded)
@@ -98,7 +98,7 @@ def export_ctranslate2(run: str | Path, out: str | Path, *, which: str = "best")
             "its outputs may differ from tformer's; docs/interop.md lists the settings that give the same ones",
             stacklevel=2,
         )
-    with tempfile.TemporaryDirectory() as hf_dir, written_atomically(out) as temporary:
+    with written_atomically(out) as temporary, scratch_beside(temporary) as hf_dir:
         with warnings.catch_warnings():  # they are about generate() and generation_config.json, unused here
             warnings.simplefilter("ignore")
             _write_hf(loaded, fresh_directory(Path(hf_dir) / "hf"))  # the run loaded above, not read again

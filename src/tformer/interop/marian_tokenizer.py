@@ -91,10 +91,10 @@ class VocabTokenizer:
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer) -> VocabTokenizer:
         """tformer's own tokenizer in Marian's form: the same models, each piece keeping its id."""
-        source = spm.SentencePieceProcessor(model_proto=_model_proto(tokenizer, "source"))
+        source = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto("source"))
         target = source
         if not tokenizer.joint:
-            target = spm.SentencePieceProcessor(model_proto=_model_proto(tokenizer, "target"))
+            target = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto("target"))
         vocab = {piece: i for i, piece in enumerate(tokenizer.id_to_source_piece(range(tokenizer.src_vocab_size)))}
         target_vocab = None
         if not tokenizer.joint:
@@ -249,14 +249,6 @@ def _inverse(vocab: dict[str, int], name: str) -> dict[int, str]:
 def _token_text(value: Any) -> str:
     """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
     return value["content"] if isinstance(value, dict) else str(value)
-
-
-def _model_proto(tokenizer: Tokenizer, side: str) -> bytes:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        paths = tokenizer.to_files(directory)
-        return (paths[0] if side == "source" or tokenizer.joint else paths[1]).read_bytes()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
