@@ -107,3 +107,22 @@ def test_dash_with_standard_input_closed_is_refused_while_the_flags_are_parsed(m
     with pytest.raises(SystemExit):
         main(["align", "RUN", "--src", "-", "--tgt", "t.txt"])
     assert "argument --src: - is standard input, which is closed" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_translate_quietly_with_the_status_of_sigpipe(run, tmp_path) -> None:
+    """`tformer translate RUN < big | head -1` ended with status 0, as if every line had been translated; a
+    Unix tool that a closed pipe stops ends by SIGPIPE (status 141 in the shell), which `set -o pipefail` sees."""
+    import subprocess
+
+    source = tmp_path / "big.txt"
+    source.write_text("the cat sat on the mat\n" * 5000, encoding="utf-8")
+    command = [sys.executable, "-m", "tformer.cli.main", "translate", str(run), "--beam", "1"]
+    with source.open("rb") as stdin:
+        process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.readline().endswith(b"\n")
+        process.stdout.close()  # `head -1` exits
+        assert process.wait(timeout=120) == 141
+        assert process.stderr.read() == b""  # quiet: no traceback, no error line
+    finally:
+        process.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -110,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # a TrainingInterrupted says what the run kept
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error of ours
+    except BrokenPipeError:  # the reader went away (`| head`): end quietly, as SIGPIPE ends a Unix tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        return 0
+        return CLOSED_PIPE_STATUS  # not 0: the work was cut short (which `set -o pipefail` then sees)
     except (ValueError, OSError) as error:  # user errors: one line, no traceback
         print(f"error: {_shortened(_unwritable_output(error) or error_line(error, args))}", file=sys.stderr)
         return 2
@@ -132,6 +133,7 @@ def _check_working_directory() -> None:
         raise ValueError("the current directory no longer exists (it was removed): cd to one that does") from None
 
 
+CLOSED_PIPE_STATUS = 128 + signal.SIGPIPE  # 141: what a shell reports of a tool SIGPIPE ended (`yes | head -1`)
 MESSAGE_ENDS = 500  # characters kept at each end of an error message too long to read
 
 
