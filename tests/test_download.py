@@ -248,6 +248,10 @@ def test_a_failed_write_leaves_no_partial_set(
     monkeypatch.setattr(download_module, "write_atomic", full_at_val_de)
     out = tmp_path / "out"
     args = ["download", "multi30k", "--out", str(out), "--base-url", base, "--languages", "en,de", "--no-verify"]
+    deeper = ["download", "multi30k", "--out", str(tmp_path / "new" / "deeper"), *args[4:]]
+    assert main(deeper) == 2  # the folders made above --out went too: `new` was left behind, empty
+    assert not (tmp_path / "new").exists()
+    capsys.readouterr()
     assert main(args) == 2
     assert capsys.readouterr().err.endswith(f"No space left on device: '{calls[-1]}'\n")
     assert not out.exists()

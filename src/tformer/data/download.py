@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from tformer.atomic_file import write_atomic
+from tformer.atomic_file import missing_directories, remove_empty_directories, write_atomic
 from tformer.input_paths import read_stream_at_most
 from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, MULTI30K_SPLITS
 
@@ -93,8 +93,8 @@ def download_multi30k(
 
 def _write_all(out_dir: Path, contents: dict[str, bytes]) -> list[Path]:
     """Write each file atomically; when one fails (a full disk), remove those this call created, and `out_dir`
-    if it made it: a rerun then finds no partial set to refuse as already there."""
-    made_dir = not out_dir.exists()
+    and the folders above it if it made them: a rerun then finds no partial set to refuse as already there."""
+    made = missing_directories(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, created = [], []
     try:
@@ -106,8 +106,7 @@ def _write_all(out_dir: Path, contents: dict[str, bytes]) -> list[Path]:
     except BaseException:
         for path in created:
             path.unlink(missing_ok=True)
-        if made_dir and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        remove_empty_directories(made)
         raise
     return written
 
