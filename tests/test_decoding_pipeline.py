@@ -373,3 +373,40 @@ def test_characters_read_as_unknown_are_named_once():
     translator = Translator(peaked_model(), tokenizer, config, warn_unknown=True)
     with pytest.warns(UserWarning, match=r"^input line 1 holds .* no piece for \(鸟 猫 狗\)"):  # one <unk> piece
         translator.translate_texts(["ab 鸟猫狗"])
+
+
+FORKED_CHILD = """
+import faulthandler, os, sys, torch
+sys.path[:0] = sys.argv[1:]
+from test_decoding_pipeline import LINES, CharTokenizer
+from test_decoding_equivalence import peaked_model
+from tformer.config import DecodeConfig
+from tformer.decoding.pipeline import Translator
+
+torch.set_num_threads(2)
+translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=2))
+expected = translator.translate_texts(LINES)  # the parent has used torch's thread pool
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(120, exit=True)  # a hung child ends, with status 1, instead of the test hanging
+    same = translator.translate_texts(LINES) == expected
+    print(torch.get_num_threads(), same, flush=True)
+    os._exit(0)
+os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_child_forked_after_translating_translates_on_one_thread_and_does_not_hang():
+    """torch's OpenMP pool does not survive fork: a child forked from a process that had decoded (gunicorn
+    --preload, celery's prefork workers) hung at its first matrix product. Such a child now computes on one
+    thread and gets the parent's translations."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    source = str(Path(__import__("tformer").__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED_CHILD, str(here), source], capture_output=True, text=True, timeout=300
+    )
+    assert (done.returncode, done.stdout) == (0, "1 True\n"), done.stderr[-2000:]

@@ -15,6 +15,7 @@ Global torch flags are set by `configure_backends`, called when a run starts, ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -295,6 +296,15 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = False
+
+
+@functools.cache
+def one_thread_after_fork() -> None:
+    """Make every process forked from this one from now on (`os.fork`, multiprocessing's 'fork', gunicorn
+    --preload, celery's prefork workers) compute on one thread. torch's OpenMP pool does not survive fork: a
+    child of a process that has used it (loading a checkpoint does) hung for ever at its first matrix product
+    on more threads, without a word. Registered once, by `load_run` and `Translator`, never at import."""
+    os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 
 def compile_layers(model: nn.Module) -> nn.Module:

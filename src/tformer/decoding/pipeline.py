@@ -32,6 +32,7 @@ from tformer.decoding.memory import sentences_per_batch
 from tformer.decoding.search_types import DecodingError
 from tformer.model.modes import evaluating
 from tformer.model.packed import packed_weights
+from tformer.runtime import one_thread_after_fork
 
 # lines sorted and batched together: a chunk's longest sentences make its last, smallest batch, decoded for
 # the most steps with the fewest rows, so fewer, larger chunks leave fewer such tails; 1,024 lines hold a test
@@ -125,6 +126,7 @@ class Translator:
         self.chunk_lines = chunk_lines
         self.truncate = truncate
         self._unknown_warned = not warn_unknown  # characters read as <unk> are named once, at the first line
+        one_thread_after_fork()  # a forked child (gunicorn --preload) decodes on one thread rather than hang
 
     def __repr__(self) -> str:
         return (

@@ -27,6 +27,7 @@ from tformer.interop.marian_tokenizer import MARKER_FILE as VOCAB_TOKENIZER_MARK
 from tformer.interop.marian_tokenizer import VocabTokenizer
 from tformer.model import Transformer, count_parameters
 from tformer.model.size import check_fits_in_memory
+from tformer.runtime import one_thread_after_fork
 from tformer.training.checkpoint import (
     CHECKPOINTS_DIR,
     EXPERIMENT_FILE,
@@ -281,6 +282,7 @@ def load_run(
         refuse_non_finite(model, checkpoint, advice="use a checkpoint saved before it (give its directory)")
         return LoadedRun(model, tokenizer, experiment, step, run_dir, checkpoint)
 
+    one_thread_after_fork()  # reading uses torch's thread pool, which a forked child cannot use
     loaded = read_resolved(path, which=which, read=read)
     loaded.model = loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
