@@ -53,6 +53,7 @@ def test_the_wheel_holds_the_recipes_and_runs_them_outside_the_source_tree(tmp_p
         names = set(archive.namelist())
         archive.extractall(tmp_path / "installed")
     assert {f"tformer/configs/{name}.toml" for name in recipe_names()} <= names
+    assert "tformer/py.typed" in names  # PEP 561: a type checker reads the annotations of a program using tformer
     metadata = (tmp_path / "installed" / f"tformer-{__version__}.dist-info" / "METADATA").read_text()
     assert "License-Expression: MIT" in metadata.splitlines()
     assert f"tformer-{__version__}.dist-info/licenses/LICENSE" in names
