@@ -128,3 +128,25 @@ def test_a_full_disk_while_writing_the_data_names_the_file_and_leaves_out_free(
     train_de = run_dir / "data" / "train.de"
     assert capsys.readouterr().err == f"error: [Errno {errno.ENOSPC}] No space left on device: '{train_de}'\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_working_directory_that_cannot_be_written_is_refused_in_one_line_that_suggests_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cd /proc && tformer demo` (the default --out runs/demo, in a directory that access() lets root write
+    but where nothing can be made) ended with "error: [Errno 2] No such file or directory: 'runs'", naming
+    no flag, where train says "cannot create the run directory"."""
+    monkeypatch.chdir(tmp_path)
+    mkdir = Path.mkdir
+
+    def like_proc(path: Path, *args, **kwargs) -> None:
+        if path.absolute().is_relative_to(tmp_path):
+            raise OSError(errno.ENOENT, "No such file or directory", "runs")
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", like_proc)
+    assert main(["demo", "--quick", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "error: cannot create the run directory runs/demo: No such file or directory; choose another --out\n"
+    )
+    assert list(tmp_path.iterdir()) == []

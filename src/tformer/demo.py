@@ -26,7 +26,7 @@ from tformer.training import checkpoint, checkpoint_save
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.run import start_run
-from tformer.training.run_directory import check_new_run_dir
+from tformer.training.run_directory import RunDirectoryError, check_new_run_dir
 from tformer.viz.attention_maps import save_cross_attention_png
 
 
@@ -135,6 +135,15 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
 
 def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None]) -> NumberSplits:
     """Draw the training, validation and test numbers and write them as parallel text files."""
+    created = missing_directories(data_dir)  # --out and its parents that the data creates
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a working directory that access() calls writable but is not (`cd /proc`)
+        remove_empty_directories(created)
+        why = error.strerror or error
+        raise RunDirectoryError(
+            f"cannot create the run directory {data_dir.parent}: {why}; choose another --out"
+        ) from None
     splits = make_number_splits(
         n_train=config.n_train,
         n_valid=config.n_valid,
@@ -143,7 +152,6 @@ def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None
         balanced_fraction=config.balanced_fraction,
     )
     say(f"demo: {config.n_train:,} training pairs, {config.n_test:,} held-out test numbers (0 to 999,999)")
-    created = missing_directories(data_dir)  # --out and its parents that the data creates
     try:
         write_number_corpus(splits, data_dir)
     except OSError:  # a full disk: what was written would make the same command refuse --out once space is freed
