@@ -1191,6 +1191,17 @@ def test_a_pipe_given_as_training_text_is_refused_in_one_line(
     assert not (tmp_path / "run").exists()
 
 
+def test_standard_input_given_as_training_text_is_refused_saying_why(
+    workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--train-src -` (as translate --input - reads standard input) was read as a file named - in the working
+    directory: "not found: CWD/-". A run reads its text more than once, so standard input cannot be its data."""
+    argv = _train_args(workspace, tmp_path / "run")
+    argv[argv.index(str(workspace["train_src"]))] = "-"
+    _fails_cleanly(capsys, argv, "--train-src is - (standard input), which cannot be a run's data: a run reads")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_that_ends_before_its_warmup_is_warned_about_even_under_quiet(
     workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -265,6 +265,11 @@ def absolute_data_paths(data: DataConfig) -> DataConfig:
     data = dataclasses.replace(data, **_home_expanded(data))
     base = Path(data.data_dir) if data.data_dir is not None else Path.cwd()
     for name in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+        if getattr(data, name) == "-":  # read as a file named - in the working directory: "not found"
+            raise ConfigError(
+                f"data.{name} is - (standard input), which cannot be a run's data: a run reads its text more "
+                "than once, and a --resume again; write it to a file first"
+            )
         path = None if getattr(data, name) is None else base / getattr(data, name)
         # (a directory is named as such where it is read)
         if path is not None and path.exists() and not path.is_file() and not path.is_dir():
