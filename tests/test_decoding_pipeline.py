@@ -410,3 +410,25 @@ def test_a_child_forked_after_translating_translates_on_one_thread_and_does_not_
         [sys.executable, "-c", FORKED_CHILD, str(here), source], capture_output=True, text=True, timeout=300
     )
     assert (done.returncode, done.stdout) == (0, "1 True\n"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [DecodeConfig(beam_size=3, nbest=2), DecodeConfig(beam_size=1), DecodeConfig(sampling=True, seed=0)],
+    ids=["beam", "greedy", "sampling"],
+)
+def test_nan_scores_are_a_value_error_naming_the_line_not_an_empty_or_pad_translation(config: DecodeConfig):
+    """NaN weights (or a bfloat16 overflow) made beam search finish no hypothesis, and `translate`,
+    `evaluate` and the server then indexed the empty n-best list (an IndexError traceback); greedy search
+    and sampling returned pad tokens scored NaN as a translation."""
+    model = peaked_model()
+    translations = Translator(model, CharTokenizer(), config, chunk_lines=1).translate(["ab", "cd"])
+    assert next(translations)[0].text  # line 1 is translated; then the weights go bad
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"^input line 2: the model's scores are NaN .*check the checkpoint"):
+        next(translations)
+    model = model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^input line 1: .* a bfloat16 overflow, .*: decode with --dtype float32$"):
+        Translator(model, CharTokenizer(), config).translate_texts(["ab"])

@@ -704,6 +704,27 @@ def test_a_failure_while_decoding_is_a_json_500_logged_with_its_traceback_and_th
     assert "simulated failure" in caplog.text and "in translate" in caplog.text  # the traceback, to its frame
 
 
+def test_nan_scores_are_a_json_500_that_says_why_and_is_logged(run, caplog):
+    """NaN weights (or a bfloat16 overflow) left beam search without a hypothesis, and the response indexed the
+    empty n-best list: "decoding failed: IndexError: list index out of range", which said nothing of why."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from tformer.serving import ServeConfig, create_app
+
+    loaded = load_run(run)
+    with torch.no_grad():
+        for parameter in loaded.model.parameters():
+            parameter.fill_(float("nan"))
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig())
+    with TestClient(app, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
+        failed = client.post("/translate", json={"sentences": [SENTENCES[0]], "beam": 2})
+    assert failed.status_code == 500
+    assert failed.json()["error"].startswith("decoding failed: the model's scores are NaN (not a number)")
+    assert "its weights hold NaN" in caplog.text
+
+
 def test_an_unexpected_error_outside_decoding_is_a_json_500_and_the_server_goes_on(run):
     """An error before decoding (here the tokenizer failing) reached Starlette, whose answer was a plain-text
     "Internal Server Error", not the API's JSON."""

@@ -11,6 +11,7 @@ translations, without decoding (so every line has an n-best list of the same len
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 import weakref
@@ -168,7 +169,7 @@ class Translator:
             # packed once for the chunk's batches (generate would pack per batch)
             with model_lock(self.model), evaluating(self.model), packed_weights(self.model):
                 for batch in self._batches(encoded, sentences):
-                    self._translate_batch(batch, encoded, results)
+                    self._translate_batch(batch, encoded, results, first_line)
         return results
 
     def _fitted(self, line: str, number: int) -> list[int]:
@@ -226,8 +227,11 @@ class Translator:
         except ValueError as error:  # a tokenizer's refusal (a lone surrogate at some index): name the line
             raise DecodingError(f"input line {number}: {error}") from None
 
-    def _translate_batch(self, batch: list[int], encoded: list[list[int]], results: list[list[Translation]]) -> None:
-        """Decode the sentences `batch` (indices into `encoded`) and store their n-best lists in `results`."""
+    def _translate_batch(
+        self, batch: list[int], encoded: list[list[int]], results: list[list[Translation]], first_line: int
+    ) -> None:
+        """Decode the sentences `batch` (indices into `encoded`, whose first is input line `first_line` + 1)
+        and store their n-best lists in `results`."""
         width = len(encoded[batch[-1]])  # sorted by length: the last is the longest
         src = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
         for row, index in enumerate(batch):
@@ -242,9 +246,23 @@ class Translator:
             config=self.config,
         )
         for index, nbest in zip(batch, hypotheses, strict=True):
+            if not nbest or any(math.isnan(h.score) for h in nbest):
+                raise NotANumberError(first_line + index + 1, self._not_a_number())
             results[index] = [
                 Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score) for h in nbest
             ]
+
+    def _not_a_number(self) -> str:
+        """Why a line has no translation when the model's scores for it were NaN (beam search then finishes no
+        hypothesis at all; greedy search and sampling return pad tokens scored NaN)."""
+        dtype = next(self.model.parameters()).dtype
+        if dtype in (torch.float32, torch.float64):
+            why = "its weights hold NaN: check the checkpoint it was loaded from"
+        else:  # bfloat16's and float16's range is soon exceeded
+            why = (
+                f"a {str(dtype).removeprefix('torch.')} overflow, or weights that hold NaN: decode with --dtype float32"
+            )
+        return f"the model's scores are NaN (not a number), so it has no translation; {why}"
 
     def _batches(self, encoded: list[list[int]], indices: list[int]) -> Iterator[list[int]]:
         """`indices` into `encoded`, shortest first, in batches of at most max_batch_tokens padded tokens."""
@@ -257,6 +275,15 @@ class Translator:
             batch.append(index)
         if batch:
             yield batch
+
+
+class NotANumberError(DecodingError):
+    """The model scored input line `line` NaN: a fault of the model or its dtype, not of the line."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"input line {line}: {reason}")
+        self.line = line
+        self.reason = reason
 
 
 def _check_vocabulary(model: Any, tokenizer: TokenizerLike) -> None:

@@ -30,7 +30,7 @@ from tformer import __version__
 from tformer.config import DecodeConfig
 from tformer.decoding.constraints import check_banned_ids
 from tformer.decoding.memory import SearchTooLargeError
-from tformer.decoding.pipeline import TokenizerLike, Translation
+from tformer.decoding.pipeline import NotANumberError, TokenizerLike, Translation
 from tformer.serving.batcher import BATCHER_FAILED, Batcher, BatcherBusyError, BatcherClosedError
 from tformer.serving.body_limit import BodySizeLimit
 from tformer.serving.content_encoding import IdentityEncodingOnly
@@ -191,6 +191,9 @@ async def _decoded(
         raise ApiError(503, SHUT_DOWN) from None
     except SearchTooLargeError as error:  # named by the request's field, not translate's flag
         raise ApiError(422, error.named("nbest" if error.setting == "nbest" else "beam")) from None
+    except NotANumberError as error:  # the model's fault, not the request's (whose line numbers it does not hold)
+        log.error("decoding failed (a request of %d sentences): %s", n_sentences, error.reason)
+        raise ApiError(500, f"decoding failed: {error.reason}") from None
     except ValueError as error:  # a DecodingError: the request cannot be decoded as asked
         raise ApiError(422, str(error).splitlines()[0]) from None
     except Exception as error:  # a failure while decoding (out of memory, a bug): still the API's format
