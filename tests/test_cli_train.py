@@ -769,6 +769,21 @@ def test_overwrite_removes_the_hidden_directories_of_earlier_overwrites_whose_pr
     assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
 
 
+def test_overwrite_of_a_run_whose_name_is_near_the_file_systems_limit_stages_it_under_a_shorter_name(
+    trained: Path, workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    """A RUN_DIR of 240 characters (the limit is 255) failed with "File name too long" naming the hidden
+    `.NAME.overwrite-PID`, which the user never gave: the hidden names now hold NAME's first 200 characters,
+    as write_atomic's do, and the clean-up of an earlier --overwrite killed outright still finds them."""
+    run = Path(shutil.copytree(trained, tmp_path / ("r" * 240)))
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    gone = Path(shutil.copytree(trained, tmp_path / f".{'r' * 200}.overwrite-{finished.pid}"))
+    assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
+    assert not gone.exists() and sorted(tmp_path.iterdir()) == [run]
+    assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
+
+
 def test_an_interrupt_while_overwrite_puts_the_new_run_in_place_waits_until_it_is_done(
     trained: Path, workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -229,3 +229,18 @@ def test_a_conversion_killed_outright_does_not_block_the_next_one(tmp_path, caps
     assert main(["export", str(run), "--to", "hf", "--out", str(live)]) == 2
     assert "already exists and is not an empty directory" in capsys.readouterr().err
     assert entries(live) == [".tmp-1"]
+
+
+def test_an_out_whose_name_is_near_the_file_systems_limit_is_staged_under_a_shorter_name(tmp_path, capsys):
+    """An --out of 248 characters (the limit is 255) failed with "File name too long" naming the staging
+    directory `.tmp-OUT-PID`, which the user never gave: its name now holds OUT's first 200 characters, as
+    write_atomic's temporaries do, and a killed conversion's staging directory is still found and removed."""
+    run = make_run(tmp_path / "run")
+    out = tmp_path / ("o" * 248)
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    stale = tmp_path / f".tmp-{'o' * 200}-{finished.pid}"
+    stale.mkdir()
+    assert main(["export", str(run), "--to", "hf", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (out / "config.json").is_file() and not stale.exists()
+    assert not [name for name in entries(tmp_path) if name.startswith(".tmp-")]

@@ -12,6 +12,10 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+# of a name, in the temporary names made beside it (here, and the staging directories of `tformer train
+# --overwrite` and of the converters): a name near the file system's 255 characters made theirs too long
+NAME_KEPT = 200
+
 
 def write_atomic(path: Path, data: bytes) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it into place: readers see either
@@ -31,8 +35,7 @@ def write_atomic(path: Path, data: bytes) -> Path:
             raise
         return given
     path = given.resolve() if given.is_symlink() else given
-    # the name's first 200 characters: a name near the file system's 255 made the temporary's too long
-    temporary = path.parent / f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}.part"
+    temporary = path.parent / f".{path.name[:NAME_KEPT]}.{os.getpid()}-{secrets.token_hex(4)}.part"
     try:
         handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as error:  # a folder that takes no new file (/proc, /sys): named as given, not as the temporary

@@ -249,7 +249,7 @@ def _run(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
         raise ConfigError("--overwrite runs in one process; remove RUN_DIR first to start a run with torchrun")
     options = _runtime(args, experiment.train.device, rendezvous)
     _remove_abandoned_stagings(out, quiet=args.quiet)
-    staging = out.parent / f".{out.name}.overwrite-{os.getpid()}"
+    staging = out.parent / f"{_hidden_prefix(out, 'overwrite')}{os.getpid()}"
     check_new_run_dir(staging)
     old_run = RunLock(out)  # a run that another process is still training is not replaced under it
     try:
@@ -281,12 +281,21 @@ def _swap_in(staging: Path, out: Path, *, done: str) -> None:
     and one taken before the line ended the command with only `interrupted`, though the new run was in place."""
     from tformer.termination import interrupts_held
 
-    retired = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    retired = out.parent / f"{_hidden_prefix(out, 'replaced')}{os.getpid()}"
     with interrupts_held():
         os.replace(out, retired)
         os.replace(staging, out)
         shutil.rmtree(retired)
         print(done)
+
+
+def _hidden_prefix(out: Path, kind: str) -> str:
+    """`.NAME.KIND-`, the name of a hidden directory beside RUN_DIR before its process id, NAME cut as
+    write_atomic cuts it (a RUN_DIR near the file system's limit failed with "File name too long", naming a
+    directory the user never gave)."""
+    from tformer.atomic_file import NAME_KEPT
+
+    return f".{out.name[:NAME_KEPT]}.{kind}-"
 
 
 def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
@@ -296,8 +305,9 @@ def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
     deleting when it was killed (`.NAME.replaced-PID`: RUN_DIR holds the run that replaced it)."""
     from tformer.atomic_file import abandoned
 
-    name = glob.escape(out.name)
-    for staging in sorted([*out.parent.glob(f".{name}.overwrite-*"), *out.parent.glob(f".{name}.replaced-*")]):
+    patterns = [glob.escape(_hidden_prefix(out, kind)) + "*" for kind in ("overwrite", "replaced")]
+    stagings = [staging for pattern in patterns for staging in out.parent.glob(pattern)]
+    for staging in sorted(stagings):
         if staging.is_dir() and abandoned(staging):
             shutil.rmtree(staging)
             if not quiet:

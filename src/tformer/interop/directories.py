@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tformer.atomic_file import (
+    NAME_KEPT,
     abandoned,
     fsync_dir,
     fsync_tree,
@@ -43,7 +44,8 @@ def fresh_directory(out: str | Path) -> Path:
 
     The staging directories of a conversion into `out` that was killed outright (SIGKILL, the machine's
     memory killer: no clean-up ran) are removed first, when their process is gone: `.tmp-PID` inside an
-    existing `out`, `.tmp-OUT-PID` beside it. Left, the first would make the empty `out` look taken."""
+    existing `out`, `.tmp-OUT-PID` beside it (OUT cut to its first NAME_KEPT characters). Left, the first
+    would make the empty `out` look taken."""
     out = Path(out)
     _remove_abandoned_stagings(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -54,7 +56,7 @@ def fresh_directory(out: str | Path) -> Path:
 def _remove_abandoned_stagings(out: Path) -> None:
     """Remove the staging directories that `written_atomically` made for `out` in a process now gone."""
     inside = list(out.glob(".tmp-*")) if out.is_dir() else []
-    beside = list(out.parent.glob(f".tmp-{glob.escape(out.name)}-*"))
+    beside = list(out.parent.glob(f".tmp-{glob.escape(out.name[:NAME_KEPT])}-*"))
     for staging in inside + beside:
         pid = staging.name.rsplit("-", 1)[-1]
         if staging.parent == out and staging.name not in (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}"):
@@ -80,7 +82,7 @@ def written_atomically(out: Path) -> Iterator[Path]:
     else:
         made = missing_directories(out.parent)
         out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.parent / f".tmp-{out.name}-{os.getpid()}"
+        temporary = out.parent / f".tmp-{out.name[:NAME_KEPT]}-{os.getpid()}"
     try:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
