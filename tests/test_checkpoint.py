@@ -951,6 +951,31 @@ def test_average_removes_what_an_average_killed_outright_left_beside_its_out(run
     assert not killed.exists() and alive.is_dir() and out.is_dir()
 
 
+def test_of_two_averages_into_one_out_at_once_the_second_to_finish_is_refused(
+    run_copy: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Two `average --out SAME` at once: both passed the "already exists" check, and the one to finish second
+    moved the other's result aside and deleted it, succeeding too (or, with other timing, failed with a bare
+    "[Errno 39] Directory not empty"). The second is now refused in one line, and the first's result stays."""
+    import tformer.training.average as average_module
+
+    out = tmp_path / "averaged"
+    average = average_module._average
+
+    def another_average_finishes_meanwhile(chosen):
+        monkeypatch.setattr(average_module, "_average", average)
+        average_checkpoints(run_copy, last=2, out=out)
+        return average(chosen)
+
+    monkeypatch.setattr(average_module, "_average", another_average_finishes_meanwhile)
+    assert main(["average", str(run_copy), "--last", "3", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} was written by another process meanwhile; averaging never overwrites, choose another --out\n"
+    )
+    assert json.loads((out / ckpt.EXPERIMENT_FILE).read_text())["averaged_from"] == ["step-00000004", "step-00000006"]
+    assert sorted(tmp_path.iterdir()) == [out, run_copy]
+
+
 def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
     out = average_checkpoints(run_copy, last=2)
     assert out == run_copy / "checkpoints" / "averaged-last2-step-00000006"

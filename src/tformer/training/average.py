@@ -45,16 +45,24 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     # run, whose checkpoints have the same names, into RUN_DIR: averaging them all with the old run's is refused
     chosen, experiment, step, tokenizer, model = checkpoint_load.read_unchanged(run_dir, choose, _average)
     output = _output(run_dir, chosen, out)
-    with parents_made(output):  # a failed write leaves no new folder
-        return checkpoint_save.write_checkpoint(
-            output,
-            experiment=experiment,
-            tokenizer=tokenizer,
-            model=model,
-            step=step,
-            trainer_state=None,
-            extra={"averaged_from": [directory.name for directory in chosen]},
-        )
+    try:
+        with parents_made(output):  # a failed write leaves no new folder
+            return checkpoint_save.write_checkpoint(
+                output,
+                experiment=experiment,
+                tokenizer=tokenizer,
+                model=model,
+                step=step,
+                trainer_state=None,
+                extra={"averaged_from": [directory.name for directory in chosen]},
+                replace=False,
+            )
+    except FileExistsError as error:  # another average into the same --out, run at the same time, finished first
+        if error.filename != str(output):
+            raise
+        raise ckpt.CheckpointError(
+            f"{output} was written by another process meanwhile; averaging never overwrites, choose another --out"
+        ) from None
 
 
 def _count(last: int) -> int:

@@ -9,6 +9,7 @@ clears what a crashed writer left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -71,8 +72,10 @@ def write_checkpoint(
     step: int,
     trainer_state: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
+    replace: bool = True,
 ) -> Path:
-    """Write a checkpoint directory at `final` via a fsynced temporary sibling and a rename."""
+    """Write a checkpoint directory at `final` via a fsynced temporary sibling and a rename. Without `replace`,
+    a `final` that another process wrote meanwhile is kept: FileExistsError, and nothing written."""
     parent, name = final.parent, final.name
     remove_abandoned_writes(final)
     temporary = parent / f".tmp-{name}-{os.getpid()}"
@@ -89,7 +92,10 @@ def write_checkpoint(
             with open(temporary / STATE_FILE, "wb") as handle, failed_write_as_os_error(final / STATE_FILE):
                 torch.save(trainer_state, handle)
         fsync_tree(temporary)
-        _rename_into_place(temporary, final)
+        if replace:
+            _rename_into_place(temporary, final)
+        else:
+            _rename_new(temporary, final)
         fsync_dir(parent)
     except BaseException as error:  # a full disk, say: the copy would only take space (outside a run, for good)
         shutil.rmtree(temporary, ignore_errors=True)
@@ -112,6 +118,17 @@ def _rename_into_place(temporary: Path, final: Path) -> None:
         os.replace(trash, final)
         raise
     remove_checkpoint_dir(trash)
+
+
+def _rename_new(temporary: Path, final: Path) -> None:
+    """Rename the complete checkpoint `temporary` to `final`, which must not exist: a directory is renamed onto
+    another only where that one is empty, so a checkpoint written there meanwhile stays (FileExistsError)."""
+    try:
+        os.rename(temporary, final)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(final)) from None
+        raise
 
 
 def remove_abandoned_writes(final: Path) -> None:
