@@ -994,10 +994,15 @@ def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
 
 def test_average_leaves_out_checkpoints_newer_than_latest(run_copy: Path, capsys) -> None:
     """`latest` set back by hand (docs/training.md: to continue from before a diverged stretch) names the
-    run the user keeps; its last K checkpoints were averaged with the abandoned ones after it."""
+    run the user keeps; its last K checkpoints were averaged with the abandoned ones after it. The warning
+    said only that (`latest` names an older one), which on a run training now, between a save and the move
+    of `latest` to it, read as if someone had set `latest` back: it now names both causes."""
     (run_copy / "latest").write_text("step-00000004\n", encoding="utf-8")
     out = run_copy.parent / "averaged"
-    left_out = re.escape(f"left out step-00000006: newer than step-00000004, which {run_copy / 'latest'} names")
+    left_out = re.escape(
+        f"left out step-00000006: newer than step-00000004, which {run_copy / 'latest'} names (a run training now "
+        "saves it before it moves latest; else its run stopped before that, or latest was set back by hand)"
+    )
     with pytest.warns(UserWarning, match=f"^{left_out}$"):
         assert main(["average", str(run_copy), "--last", "2", "--out", str(out)]) == 0
     assert json.loads((out / ckpt.EXPERIMENT_FILE).read_text())["averaged_from"] == ["step-00000002", "step-00000004"]

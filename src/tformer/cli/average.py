@@ -4,10 +4,11 @@ The paper averages the last 5 checkpoints of its base models (and 20 of its big 
 self-describing checkpoint that `translate` and `evaluate` accept like any other; nothing existing is
 modified or overwritten.
 
-The last K are counted back from the checkpoint RUN_DIR/latest names: checkpoints newer than it (left
-behind by setting `latest` back by hand, docs/training.md) are not part of the run and are left out,
-with a warning. Pruning (train.keep_last) keeps the checkpoint `best` names however old, so a K above
-train.keep_last can reach back to it past the pruned ones: a warning says so, naming the gap.
+The last K are counted back from the checkpoint RUN_DIR/latest names: checkpoints newer than it (one a run
+training now has saved but not yet named, or left behind by setting `latest` back by hand, docs/training.md)
+are not part of the run and are left out, with a warning. Pruning (train.keep_last) keeps the checkpoint
+`best` names however old, so a K above train.keep_last can reach back to it past the pruned ones: a warning
+says so, naming the gap.
 """
 
 from __future__ import annotations

@@ -132,7 +132,12 @@ def _run_checkpoints(run_dir: Path) -> list[Path]:
         return available
     later = [directory.name for directory in available if directory.name > latest]
     if later:
-        warn_caller(f"left out {', '.join(later)}: newer than {latest}, which {run_dir / 'latest'} names")
+        # not only `latest` set back: a run training now writes each checkpoint whole before it moves `latest`
+        why = (
+            "a run training now saves it before it moves latest; else its run stopped before that, "
+            "or latest was set back by hand"
+        )
+        warn_caller(f"left out {', '.join(later)}: newer than {latest}, which {run_dir / 'latest'} names ({why})")
     return [directory for directory in available if directory.name <= latest]
 
 
