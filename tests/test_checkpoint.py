@@ -976,6 +976,21 @@ def test_of_two_averages_into_one_out_at_once_the_second_to_finish_is_refused(
     assert sorted(tmp_path.iterdir()) == [out, run_copy]
 
 
+def test_an_average_whose_out_is_near_the_file_systems_limit_is_written_beside_a_shorter_name(
+    run_copy: Path, tmp_path: Path
+) -> None:
+    """An --out of 248 characters (the limit is 255) failed with "File name too long": its temporary
+    `.tmp-NAME-PID` was longer. It now holds NAME's first 200 characters, as write_atomic's temporaries do,
+    and one that an average killed outright left is still found and removed."""
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    out = tmp_path / ("a" * 248)
+    killed = tmp_path / f".tmp-{'a' * 200}-{finished.pid}"
+    killed.mkdir()
+    assert average_checkpoints(run_copy, last=2, out=out) == out
+    assert load_run(out).step == 6 and sorted(tmp_path.iterdir()) == [out, run_copy]
+
+
 def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
     out = average_checkpoints(run_copy, last=2)
     assert out == run_copy / "checkpoints" / "averaged-last2-step-00000006"

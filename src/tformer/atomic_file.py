@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # of a name, in the temporary names made beside it (here, and the staging directories of `tformer train
-# --overwrite` and of the converters): a name near the file system's 255 characters made theirs too long
+# --overwrite`, of the converters and of checkpoints and averages): a name near the file system's 255
+# characters made theirs too long
 NAME_KEPT = 200
 
 

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from tformer import __version__
-from tformer.atomic_file import abandoned, fsync_dir, fsync_file, fsync_tree, name_the_file
+from tformer.atomic_file import NAME_KEPT, abandoned, fsync_dir, fsync_file, fsync_tree, name_the_file
 from tformer.config import ExperimentConfig, experiment_to_dict
 from tformer.data.tokenizer import Tokenizer
 from tformer.interop.marian_tokenizer import VocabTokenizer
@@ -78,7 +78,7 @@ def write_checkpoint(
     a `final` that another process wrote meanwhile is kept: FileExistsError, and nothing written."""
     parent, name = final.parent, final.name
     remove_abandoned_writes(final)
-    temporary = parent / f".tmp-{name}-{os.getpid()}"
+    temporary = parent / f".tmp-{name[:NAME_KEPT]}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         temporary.mkdir()
@@ -110,7 +110,7 @@ def _rename_into_place(temporary: Path, final: Path) -> None:
     if not final.exists():
         os.replace(temporary, final)
         return
-    trash = final.parent / f".old-{final.name}-{os.getpid()}"
+    trash = final.parent / f".old-{final.name[:NAME_KEPT]}-{os.getpid()}"
     os.replace(final, trash)
     try:
         os.replace(temporary, final)
@@ -134,9 +134,10 @@ def _rename_new(temporary: Path, final: Path) -> None:
 def remove_abandoned_writes(final: Path) -> None:
     """Remove the temporary siblings (`.tmp-NAME-PID`) that writers of `final` killed outright (SIGKILL, the
     memory killer) left: inside a run pruning removes them, but beside an `average --out` nothing did."""
-    for temporary in final.parent.glob(f".tmp-{glob.escape(final.name)}-*"):
+    name = final.name[:NAME_KEPT]  # as write_checkpoint names its temporary
+    for temporary in final.parent.glob(f".tmp-{glob.escape(name)}-*"):
         pid = temporary.name.rsplit("-", 1)[-1]
-        if temporary.name == f".tmp-{final.name}-{pid}" and temporary.is_dir() and abandoned(temporary):
+        if temporary.name == f".tmp-{name}-{pid}" and temporary.is_dir() and abandoned(temporary):
             remove_abandoned(temporary)
 
 
