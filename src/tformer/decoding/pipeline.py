@@ -258,10 +258,9 @@ class Translator:
         dtype = next(self.model.parameters()).dtype
         if dtype in (torch.float32, torch.float64):
             why = "its weights hold NaN: check the checkpoint it was loaded from"
-        else:  # bfloat16's and float16's range is soon exceeded
-            why = (
-                f"a {str(dtype).removeprefix('torch.')} overflow, or weights that hold NaN: decode with --dtype float32"
-            )
+        else:  # float16's range is soon exceeded; bfloat16 keeps 2-3 significant digits
+            precision = str(dtype).removeprefix("torch.")
+            why = f"weights that hold NaN, or {precision} arithmetic: decode with --dtype float32"
         return f"the model's scores are NaN (not a number), so it has no translation; {why}"
 
     def _batches(self, encoded: list[list[int]], indices: list[int]) -> Iterator[list[int]]:
