@@ -126,3 +126,26 @@ def test_a_reader_that_goes_away_ends_translate_quietly_with_the_status_of_sigpi
         assert process.stderr.read() == b""  # quiet: no traceback, no error line
     finally:
         process.kill()
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate", "align"])
+def test_text_file_flags_expand_a_leading_tilde(tmp_path, capsys, monkeypatch, command) -> None:
+    """`--input=~/in.txt` (which the shell leaves as it is) named a file in a directory called ~ here, as
+    every other path flag did before they expanded it: the flags that also take `-` kept the ~."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "in.txt").write_text("a\n", encoding="utf-8")
+    (home / "out.txt").write_text("kept\n", encoding="utf-8")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    flags = {
+        "translate": ["--input=~/in.txt", "--output=~/out.txt"],
+        "evaluate": ["--src=~/in.txt", "--ref=~/in.txt", "--output=~/out.txt"],
+        "align": ["--src=~/in.txt", "--tgt=~/in.txt", "--out=~/out.txt"],
+    }[command]
+    assert main([command, "RUN", *flags]) == 2  # refused before the run is read: OUTPUT exists
+    flag = "--out" if command == "align" else "--output"
+    assert capsys.readouterr().err == (
+        f"error: {flag}: {home / 'out.txt'} exists; pass --overwrite to replace it, or choose another file\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["home"]  # no directory named ~

@@ -21,8 +21,9 @@ STANDARD_INPUT = Path("/dev/stdin")
 def input_file(text: str) -> Path:
     """The argparse type of a text file to read: `-` is standard input, refused while the flags are parsed when
     there is none (started with `<&-`)."""
-    if path_text(text) != STANDARD_STREAM:
-        return Path(text)
+    path = path_text(text)
+    if path != STANDARD_STREAM:
+        return Path(path)
     if sys.stdin is None:
         raise argparse.ArgumentTypeError("- is standard input, which is closed; give a file, or pipe the text in")
     return STANDARD_INPUT
@@ -30,15 +31,17 @@ def input_file(text: str) -> Path:
 
 def output_file(text: str) -> Path | None:
     """The argparse type of a text file to write: `-` is standard output (None, the flag's default)."""
-    return None if path_text(text) == STANDARD_STREAM else Path(text)
+    path = path_text(text)
+    return None if path == STANDARD_STREAM else Path(path)
 
 
 def file_beside_stdout(text: str) -> Path:
     """The argparse type of a text file to write by a command whose standard output holds something else
     (evaluate's scores): `-` is refused, rather than mixed into it or taken as a file's name."""
-    if path_text(text) == STANDARD_STREAM:
+    path = path_text(text)
+    if path == STANDARD_STREAM:
         raise argparse.ArgumentTypeError("- (standard output) holds the command's results; give a file")
-    return Path(text)
+    return Path(path)
 
 
 def check_standard_input_once(inputs: Iterable[tuple[str, Path | None]]) -> None:
