@@ -31,7 +31,7 @@ try:
 except ImportError:  # Windows: no flock; OUTPUT.partial is then created exclusively only
     fcntl = None  # type: ignore[assignment]
 
-from tformer.atomic_file import fsync_file, missing_directories, remove_empty_directories
+from tformer.atomic_file import fsync_file, parents_made
 from tformer.cli.argument_types import path_text, positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
@@ -111,19 +111,13 @@ def run(args: argparse.Namespace) -> int:
     nbest_lines = args.nbest is not None or "nbest" in settings  # --set decode.nbest=K asks for the K best too
     translator = command_translator(loaded, config, args, device)
     progress = _Progress()
-    made = missing_directories(partial.parent) if partial else []  # removed again if nothing is kept
-    try:
-        with _claimed(partial, output, overwrite=args.overwrite) as claim:
-            try:
-                _write_translations(translator, args, _Target(claim, output, partial), nbest_lines, progress)
-            except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
-                _raise_saying_what_is_kept(error, partial, progress.lines, args)
-            if partial and output:
-                _rename_complete(partial, output, overwrite=args.overwrite)
-    except BaseException:
-        if progress.lines == 0:  # nothing kept: neither OUTPUT.partial nor the folders made for it
-            remove_empty_directories(made)
-        raise
+    with _claimed(partial, output, overwrite=args.overwrite) as claim:
+        try:
+            _write_translations(translator, args, _Target(claim, output, partial), nbest_lines, progress)
+        except (KeyboardInterrupt, ValueError, OSError, MemoryError, RuntimeError) as error:
+            _raise_saying_what_is_kept(error, partial, progress.lines, args)
+        if partial and output:
+            _rename_complete(partial, output, overwrite=args.overwrite)
     return 0
 
 
@@ -187,24 +181,24 @@ def _claimed(partial: Path | None, output: Path | None, *, overwrite: bool) -> I
     if partial is None or output is None:
         yield None
         return
-    partial.parent.mkdir(parents=True, exist_ok=True)  # a new folder is made, as evaluate and align make theirs
     busy = f"--output {output}: another process is writing {partial} now; wait for it to end, or choose another file"
-    try:
-        claim = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL), 0o666)
-    except FileExistsError:
-        raise ValueError(busy) from None  # it was not there when the command started
-    try:
+    with parents_made(partial):  # as evaluate and align make theirs; a failure that keeps no lines removes them
         try:
-            if fcntl is not None:
-                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(busy) from None
-        if not _names(partial, claim):  # its writer renamed it meanwhile
-            raise ValueError(busy)
-        os.ftruncate(claim, 0)
-        yield claim
-    finally:
-        os.close(claim)  # after the rename: it lets another writer take OUTPUT.partial
+            claim = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if overwrite else os.O_EXCL), 0o666)
+        except FileExistsError:
+            raise ValueError(busy) from None  # it was not there when the command started
+        try:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(busy) from None
+            if not _names(partial, claim):  # its writer renamed it meanwhile
+                raise ValueError(busy)
+            os.ftruncate(claim, 0)
+            yield claim
+        finally:
+            os.close(claim)  # after the rename: it lets another writer take OUTPUT.partial
 
 
 def _names(path: Path, descriptor: int) -> bool:
