@@ -131,14 +131,19 @@ def remove_empty_directories(directories: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def parents_made(path: Path) -> Iterator[None]:
-    """Make the folders above `path` that do not exist yet, for the block that writes it: an error in the block
-    (a full disk, Ctrl-C) removes those of them it left empty, so a failed command leaves no empty folders
-    behind. Folders that were there before stay, empty or not."""
-    made = missing_directories(Path(path).parent)
+def directories_made(directory: Path) -> Iterator[None]:
+    """Make `directory` and those of its parents that do not exist yet, for the block that writes into it: an
+    error in the block (a full disk, Ctrl-C) removes those of them it left empty, so a failed command leaves
+    no empty folders behind. Folders that were there before stay, empty or not."""
+    made = missing_directories(Path(directory))
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(directory).mkdir(parents=True, exist_ok=True)
         yield
     except BaseException:
         remove_empty_directories(made)
         raise
+
+
+def parents_made(path: Path) -> contextlib.AbstractContextManager[None]:
+    """`directories_made` of the folder above the file `path`."""
+    return directories_made(Path(path).parent)

@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from tformer.atomic_file import missing_directories, remove_empty_directories
+from tformer.atomic_file import directories_made
 from tformer.explain import VOCABULARY, Walkthrough
 from tformer.viz.png_file import save_png
 from tformer.viz.positional import save_positional_png
@@ -386,16 +386,14 @@ def save_figures(w: Walkthrough, out_dir: str | Path) -> list[Path]:
     A write that fails (a full disk) removes the figures this call added and the folders it made: the first
     figures, left, made a rerun refuse `--out` as already holding figures, as a partial download did."""
     out_dir = Path(out_dir)
-    made = missing_directories(out_dir)
     added = [out_dir / name for name in FIGURE_NAMES if not (out_dir / name).exists()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        written = [save_positional_png(out_dir / POSITIONAL_FIGURE)]
-        for name, make in FIGURES.items():
-            written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the file there before
-    except BaseException:
-        for path in added:
-            path.unlink(missing_ok=True)
-        remove_empty_directories(made)  # what else is there stays
-        raise
+    with directories_made(out_dir):  # what else is there stays
+        try:
+            written = [save_positional_png(out_dir / POSITIONAL_FIGURE)]
+            for name, make in FIGURES.items():
+                written.append(save_png(make(w), out_dir / name))  # an interrupted write keeps the one there before
+        except BaseException:
+            for path in added:
+                path.unlink(missing_ok=True)
+            raise
     return written

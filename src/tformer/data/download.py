@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from tformer.atomic_file import missing_directories, remove_empty_directories, write_atomic
+from tformer.atomic_file import directories_made, write_atomic
 from tformer.input_paths import read_stream_at_most
 from tformer.multi30k import MULTI30K_BASE_URL, MULTI30K_LANGUAGES, MULTI30K_SHA256, MULTI30K_SPLITS
 
@@ -94,20 +94,18 @@ def download_multi30k(
 def _write_all(out_dir: Path, contents: dict[str, bytes]) -> list[Path]:
     """Write each file atomically; when one fails (a full disk), remove those this call created, and `out_dir`
     and the folders above it if it made them: a rerun then finds no partial set to refuse as already there."""
-    made = missing_directories(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written, created = [], []
-    try:
-        for name, data in contents.items():
-            is_new = not (out_dir / name).exists()
-            written.append(write_atomic(out_dir / name, data))
-            if is_new:
-                created.append(out_dir / name)
-    except BaseException:
-        for path in created:
-            path.unlink(missing_ok=True)
-        remove_empty_directories(made)
-        raise
+    with directories_made(out_dir):
+        try:
+            for name, data in contents.items():
+                is_new = not (out_dir / name).exists()
+                written.append(write_atomic(out_dir / name, data))
+                if is_new:
+                    created.append(out_dir / name)
+        except BaseException:
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
     return written
 
 

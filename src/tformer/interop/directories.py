@@ -14,9 +14,8 @@ from tformer.atomic_file import (
     abandoned,
     fsync_dir,
     fsync_tree,
-    missing_directories,
     name_the_file,
-    remove_empty_directories,
+    parents_made,
 )
 from tformer.termination import interrupts_held
 
@@ -76,30 +75,24 @@ def written_atomically(out: Path) -> Iterator[Path]:
     link to a directory, which a rename cannot replace. The temporary is then made inside it and its
     entries are moved up, one rename each, when complete (`_move_entries`: all of them or none)."""
     existing = out.is_dir()  # empty: checked by fresh_directory
-    made: list[Path] = []
-    if existing:
-        temporary = out / f".tmp-{os.getpid()}"
-    else:
-        made = missing_directories(out.parent)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.parent / f".tmp-{out.name[:NAME_KEPT]}-{os.getpid()}"
-    try:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
-        yield temporary
-        fsync_tree(temporary)  # on the disk before it has its name: a crash then leaves it whole or unnamed
-        if existing:
-            _move_entries(temporary, out)
-        else:
-            os.replace(temporary, out)
-        fsync_dir(out if existing else out.parent)
-    except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        remove_empty_directories(made)
-        name_the_file(error, out, staging=temporary)  # not the staging directory, which is gone
-        raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    temporary = out / f".tmp-{os.getpid()}" if existing else out.parent / f".tmp-{out.name[:NAME_KEPT]}-{os.getpid()}"
+    with parents_made(out):  # an existing `out`'s are all there: nothing to make
+        try:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+            yield temporary
+            fsync_tree(temporary)  # on the disk before it has its name: a crash then leaves it whole or unnamed
+            if existing:
+                _move_entries(temporary, out)
+            else:
+                os.replace(temporary, out)
+            fsync_dir(out if existing else out.parent)
+        except BaseException as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            name_the_file(error, out, staging=temporary)  # not the staging directory, which is gone
+            raise
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _move_entries(temporary: Path, out: Path) -> None:
