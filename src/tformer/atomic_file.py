@@ -113,6 +113,15 @@ def abandoned(temporary: Path) -> bool:
     return False
 
 
+def names_open_file(path: Path, descriptor: int, *, follow_symlinks: bool = True) -> bool:
+    """Whether `path` names the file open as `descriptor` now: a lock taken on a file that its holder removed
+    or renamed meanwhile is a lock no other process will ask for (the lock-file identity check)."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path, follow_symlinks=follow_symlinks))
+    except FileNotFoundError:
+        return False
+
+
 def missing_directories(path: Path) -> list[Path]:
     """`path` and those of its parents that do not exist yet, deepest first: what making it creates."""
     missing = []

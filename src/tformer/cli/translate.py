@@ -31,7 +31,7 @@ try:
 except ImportError:  # Windows: no flock; OUTPUT.partial is then created exclusively only
     fcntl = None  # type: ignore[assignment]
 
-from tformer.atomic_file import fsync_file, parents_made
+from tformer.atomic_file import fsync_file, names_open_file, parents_made
 from tformer.cli.argument_types import path_text, positive_integer
 from tformer.cli.decode_options import (
     add_decode_arguments,
@@ -193,20 +193,12 @@ def _claimed(partial: Path | None, output: Path | None, *, overwrite: bool) -> I
                     fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise ValueError(busy) from None
-            if not _names(partial, claim):  # its writer renamed it meanwhile
+            if not names_open_file(partial, claim):  # its writer renamed it meanwhile
                 raise ValueError(busy)
             os.ftruncate(claim, 0)
             yield claim
         finally:
             os.close(claim)  # after the rename: it lets another writer take OUTPUT.partial
-
-
-def _names(path: Path, descriptor: int) -> bool:
-    """Whether `path` is the file open as `descriptor` now."""
-    try:
-        return os.path.samestat(os.fstat(descriptor), os.stat(path))
-    except FileNotFoundError:
-        return False
 
 
 def _open_output(claim: int | None, output: Path) -> TextIO:

@@ -22,6 +22,8 @@ import socket
 from pathlib import Path
 from typing import IO
 
+from tformer.atomic_file import names_open_file
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks of this kind
@@ -48,7 +50,7 @@ class RunLock:
             handle = _open_lock_file(path, self.run_dir)
             if not _locked(handle, self.run_dir):
                 return  # locks unsupported here (e.g. ENOLCK): go on unlocked
-            if _names(path, handle):
+            if names_open_file(path, handle.fileno(), follow_symlinks=False):  # opened without following
                 break
             # its holder removed it between our open and our lock (a failed setup's cleanup, or --overwrite
             # renaming a new run in): the lock is on a file no other process will open; lock the one there now
@@ -114,11 +116,3 @@ def _locked(handle: IO[bytes], run_dir: Path) -> bool:
             ) from None
         return False
     return True
-
-
-def _names(path: Path, handle: IO[bytes]) -> bool:
-    """Whether `path` is still the file open as `handle`."""
-    try:
-        return os.path.samestat(os.fstat(handle.fileno()), os.lstat(path))
-    except FileNotFoundError:
-        return False
