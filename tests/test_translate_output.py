@@ -383,3 +383,17 @@ def test_evaluate_prints_its_scores_even_when_its_output_cannot_be_written(run, 
     assert {"bleu", "chrf"} <= set(json.loads(out)), out
     assert err.startswith("error: ") and str(output) in err and err.count("\n") == 1, err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_an_output_partial_that_is_a_directory_is_named_with_what_to_do(run, tmp_path, capsys, overwrite):
+    """--overwrite failed after loading the run with a bare `[Errno 21] Is a directory`; without it, the line
+    said to pass --overwrite, which only led there."""
+    source, output = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    (tmp_path / "out.txt.partial").mkdir()
+    assert main(["translate", str(run), "--input", str(source), "--output", str(output), *overwrite]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output: {output}.partial is a directory, where {output} is written until complete; move it\n"
+    )
+    assert (tmp_path / "out.txt.partial").is_dir() and not output.exists()

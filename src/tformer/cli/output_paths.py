@@ -65,6 +65,8 @@ def check_replaced_output(
     if output.exists() and not output.is_file():
         return False
     for path in (output, *beside):
+        if path in beside and path.is_dir():  # opened as a file, --overwrite or not: an errno line named it
+            raise ValueError(f"{flag}: {path} is a directory, where {output} is written until complete; move it")
         if path.exists() and not overwrite:
             raise ValueError(f"{flag}: {path} exists; pass --overwrite to replace it, or choose another file")
     return True
