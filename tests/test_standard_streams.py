@@ -149,3 +149,20 @@ def test_text_file_flags_expand_a_leading_tilde(tmp_path, capsys, monkeypatch, c
         f"error: {flag}: {home / 'out.txt'} exists; pass --overwrite to replace it, or choose another file\n"
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["home"]  # no directory named ~
+
+
+def test_an_output_named_as_the_file_standard_output_writes_is_standard_output(run, texts, tmp_path) -> None:
+    """`translate --output /dev/stdout > FILE` was refused ('FILE exists; pass --overwrite'): the link was
+    followed to the file the shell had just emptied for this command, taken as an output to keep."""
+    import subprocess
+
+    src, _ = texts
+    command = [sys.executable, "-m", "tformer.cli.main", "translate", str(run), "--input", str(src), "--beam", "1"]
+    expected = subprocess.run(command, capture_output=True, check=True).stdout
+    out = tmp_path / "out.txt"
+    for output in ("/dev/stdout", str(out)):  # the shell's name for it, or the file's own
+        with out.open("wb") as stdout:
+            finished = subprocess.run([*command, "--output", output], stdout=stdout, stderr=subprocess.PIPE)
+        assert (finished.returncode, finished.stderr) == (0, b"")
+        assert out.read_bytes() == expected
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["out.txt", "src.txt", "tgt.txt"]  # no .partial

@@ -397,3 +397,16 @@ def test_an_output_partial_that_is_a_directory_is_named_with_what_to_do(run, tmp
         f"error: --output: {output}.partial is a directory, where {output} is written until complete; move it\n"
     )
     assert (tmp_path / "out.txt.partial").is_dir() and not output.exists()
+
+
+def test_an_output_name_too_long_for_its_partial_file_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    """A name within 8 bytes of the file system's 255 failed as `[Errno 36] File name too long: '...partial'`,
+    naming a file the user never gave, without saying what to do."""
+    name = "a" * 250
+    assert main(["translate", str(tmp_path / "no_run"), "--output", str(tmp_path / name)]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"error: --output: {name} is written as {name}.partial until it is complete, a name over the 255 bytes a "
+        "file system takes; choose a name of at most 247 bytes\n"
+    )
+    assert list(tmp_path.iterdir()) == []

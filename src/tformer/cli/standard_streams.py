@@ -8,6 +8,7 @@ in place (no OUTPUT.partial beside it). A file named `-` is still reachable as `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,9 +31,19 @@ def input_file(text: str) -> Path:
 
 
 def output_file(text: str) -> Path | None:
-    """The argparse type of a text file to write: `-` is standard output (None, the flag's default)."""
+    """The argparse type of a text file to write: `-` is standard output (None, the flag's default), as is a
+    name of the file standard output already writes (/dev/stdout with `> FILE`: the file, existing, was
+    refused as an output to keep, though the shell had just emptied it for this command)."""
     path = path_text(text)
-    return None if path == STANDARD_STREAM else Path(path)
+    return None if path == STANDARD_STREAM or _is_standard_output(Path(path)) else Path(path)
+
+
+def _is_standard_output(path: Path) -> bool:
+    """Whether `path` names the file, pipe or terminal open as this process's standard output."""
+    try:
+        return sys.stdout is not None and os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such file; a stdout without a descriptor (a notebook)
+        return False
 
 
 def file_beside_stdout(text: str) -> Path:

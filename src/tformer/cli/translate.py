@@ -50,6 +50,7 @@ from tformer.termination import sigterm_as_interrupt
 
 HELP = "translate text with a trained run (stdin to stdout by default)"
 PARTIAL = ".partial"  # suffix of --output while it is written
+NAME_MAX = 255  # bytes of a file's name on Linux, macOS and Windows file systems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,6 +315,11 @@ def _output_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     if output.is_symlink():
         output = output.resolve()
     partial = output.with_name(output.name + PARTIAL)
+    if len(os.fsencode(partial.name)) > NAME_MAX and len(os.fsencode(output.name)) <= NAME_MAX:
+        raise ValueError(
+            f"--output: {output.name} is written as {output.name}{PARTIAL} until it is complete, a name over the "
+            f"{NAME_MAX} bytes a file system takes; choose a name of at most {NAME_MAX - len(PARTIAL)} bytes"
+        )
     return output, partial if check_replaced_output(output, overwrite=args.overwrite, beside=(partial,)) else None
 
 
