@@ -254,3 +254,26 @@ def test_every_layer_and_head_of_a_base_model_for_an_everyday_sentence_is_drawn(
     monkeypatch.setattr(attention_maps, "Figure", figure)
     with pytest.raises(AcceptedError):
         attention_figure(attention)
+
+
+@pytest.mark.parametrize(
+    "translation",
+    ["le renard brun saute par-dessus le chien paresseux pendant que le fermier regarde depuis son porche", "x" * 150],
+)
+def test_a_long_sentence_above_the_maps_is_wrapped_inside_the_picture(tmp_path: Path, translation: str) -> None:
+    """The sentence and its translation were one line of title: an 18-word sentence drawn with --head 0 ran
+    off both sides of the picture, and a sentence without spaces (Chinese, Japanese) would too."""
+    words = "the quick brown fox jumps over the lazy dog while the farmer watches from his old wooden porch"
+    source = [f"▁{word}" for word in words.split()] + ["</s>"]
+    n = len(source)
+    attention = SentenceAttention(
+        source_labels=source,
+        input_labels=["<s>", "▁x"],
+        output_labels=["▁x", "</s>"],
+        encoder_self=np.full((1, 1, n, n), 1 / n),
+        decoder_self=np.full((1, 1, 2, 2), 0.5),
+        cross=np.full((1, 1, 2, n), 1 / n),
+        translation=translation,
+    )
+    pixels = matplotlib.image.imread(save_attention_png(attention, tmp_path / "long.png", kinds=("cross",)))
+    assert np.all(pixels[:, [0, -1], :3] == 1.0)  # nothing drawn across the left or right edge: all white

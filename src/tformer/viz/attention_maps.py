@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 
 from tformer.config import DecodeConfig
 from tformer.decoding import generate
@@ -36,7 +38,7 @@ from tformer.decoding.lengths import max_output_lengths
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
 from tformer.viz.attention_kinds import KINDS, STACKS
-from tformer.viz.fonts import TextFonts, fonts_for, warn_missing
+from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing
 from tformer.viz.png_file import save_png
 
 PNG_DPI = 100
@@ -46,6 +48,8 @@ PNG_DPI = 100
 # drew in 46 s with 1.2 GB on 2 CPU cores, 100 pieces (18480 x 42370) are refused.
 MAX_PIXELS = 2**28
 MAX_SIDE_PIXELS = 2**16 - 1
+TITLE_POINTS = 10  # font size of the sentence above the maps
+TEXT_TO_PATH = TextToPath()  # measures text without drawing it
 KIND_TITLES = {
     "encoder_self": "encoder self-attention",
     "decoder_self": "decoder masked self-attention",
@@ -241,7 +245,10 @@ def attention_figure(
     ]
     heads = select_indices(attention.maps(kinds[0]).shape[1], head, "head")
     width, height = panel_inches(attention, kinds)
-    figsize = (max(5.5, width * len(heads)), (height + 0.4) * len(rows) + 0.7)
+    figure_width = max(5.5, width * len(heads))
+    source = "".join(attention.source_labels).replace("\u2581", " ").replace("</s>", "").strip()
+    title = wrapped(f"{source}  →  {attention.translation}", 72 * figure_width - 20, fonts.families)
+    figsize = (figure_width, (height + 0.4) * len(rows) + 0.7 + 0.2 * title.count("\n"))
     check_picture_size(*figsize, PNG_DPI, panels=len(rows) * len(heads))
     figure = Figure(figsize=figsize, layout="constrained")
     for subfigure, (kind, layer_index) in zip(figure.subfigures(len(rows), 1, squeeze=False)[:, 0], rows, strict=True):
@@ -251,14 +258,39 @@ def attention_figure(
         for ax, head_index in zip(axes, heads, strict=True):
             weights = attention.maps(kind)[layer_index, head_index]
             draw_heatmap(ax, weights, row_labels, col_labels, f"head {head_index}", families=fonts.families)
-    source = "".join(attention.source_labels).replace("\u2581", " ").replace("</s>", "").strip()
     figure.suptitle(
-        f"{source}  →  {attention.translation}\nrows: queries, columns: keys; colour: weight 0 (dark) to 1 (yellow)",
-        fontsize=10,
+        f"{title}\nrows: queries, columns: keys; colour: weight 0 (dark) to 1 (yellow)",
+        fontsize=TITLE_POINTS,
         parse_math=False,
         fontfamily=fonts.families,
     )
     return figure
+
+
+def wrapped(text: str, width_points: float, families: Sequence[str]) -> str:
+    """`text` in lines no wider than `width_points` as drawn at TITLE_POINTS in `families`: broken at spaces,
+    and inside a word too long for a line (unspaced scripts: Chinese, Japanese, Thai). On one line, a
+    sentence of 18 words ran off both sides of a one-head picture. (Matplotlib's own `wrap=True` measures
+    text as TeX, which fails on a "$".)"""
+    font = FontProperties(family=list(families), size=TITLE_POINTS)
+
+    def fits(line: str) -> bool:
+        with no_glyph_warnings():  # the caller reports characters without a glyph once
+            return TEXT_TO_PATH.get_text_width_height_descent(line, font, ismath=False)[0] <= width_points
+
+    lines = [""]
+    for word in text.split(" "):
+        joined = f"{lines[-1]} {word}" if lines[-1] else word
+        if fits(joined):
+            lines[-1] = joined
+            continue
+        if lines[-1]:
+            lines.append("")
+        for character in word:
+            if lines[-1] and not fits(lines[-1] + character):
+                lines.append("")
+            lines[-1] += character
+    return "\n".join(lines)
 
 
 def save_figure(figure: Figure, path: str | Path, *, dpi: int = PNG_DPI) -> Path:
