@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image
@@ -132,6 +133,68 @@ def test_html_is_self_contained_with_one_figure_per_requested_head(tiny_model: T
     zoomed = attention_html(attention, kinds=("cross", "encoder_self"), layer=1, head=0)
     assert zoomed.count("<figure") == 2
     assert "cross-attention (decoder → source), layer 1, head 0" in zoomed
+
+
+class Tables(HTMLParser):
+    """The text of every table cell of a page, table by table and row by row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.in_cell = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append("")
+            self.in_cell = True
+
+    def handle_endtag(self, tag: str) -> None:
+        self.in_cell = self.in_cell and tag not in ("td", "th", "tr", "table")
+
+    def handle_data(self, data: str) -> None:
+        if self.in_cell:
+            self.tables[-1][-1][-1] += data
+
+
+def page_tables(page: str) -> list[list[list[str]]]:
+    parser = Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def test_html_gives_each_maps_weights_as_numbers_with_its_labels(tiny_model: Transformer) -> None:
+    """The page showed the weights as colours only: nothing for a reader who cannot tell them apart, nor
+    for a screen reader. Each map now has a table: query rows, key columns, the model's own numbers."""
+    attention = fake_attention(tiny_model, [5, 6, 7, EOS], [9, 10])
+    tables = page_tables(attention_html(attention, head=1))
+    expected = [
+        (kind, layer)
+        for kind in ("encoder_self", "decoder_self", "cross")
+        for layer in range(attention.maps(kind).shape[0])
+    ]
+    assert len(tables) == len(expected)
+    for table, (kind, layer) in zip(tables, expected, strict=True):
+        row_labels, col_labels = attention.axis_labels(kind)
+        assert table[0] == ["", *col_labels]
+        assert [row[0] for row in table[1:]] == row_labels
+        numbers = np.array([[float(cell) for cell in row[1:]] for row in table[1:]])
+        np.testing.assert_allclose(numbers, attention.maps(kind)[layer, 1], atol=5e-4)
+
+
+def test_html_escapes_tokens_and_keeps_each_in_its_own_writing_direction() -> None:
+    """A received run's pieces are anyone's text: markup in them is shown, never parsed, and a direction
+    control (U+202E) or an Arabic piece no longer reorders the pieces listed after it."""
+    labels = ["<script>alert(1)</script>", "\"'><img src=x onerror=alert(1)>", "\u202eevil", "▁مرحبا", "</s>"]
+    n = len(labels)
+    maps = np.full((1, 1, n, n), 1 / n)
+    page = attention_html(SentenceAttention(labels, labels, labels, maps, maps, maps, translation="<b>x</b>"))
+    assert "<script" not in page and "<img src=x" not in page and "<b>" not in page
+    assert "<bdi>\u202eevil</bdi> <bdi>▁مرحبا</bdi>" in page
+    assert page_tables(page)[0][0] == ["", *labels]
 
 
 def test_save_cross_attention_png_translates_and_labels_with_pieces(tmp_path: Path) -> None:
