@@ -91,6 +91,22 @@ def test_png_grid_has_a_panel_per_layer_and_head_and_zooms(tiny_model: Transform
     assert zoom[1] < full[1]
 
 
+def test_each_png_panel_shows_the_models_weights_with_query_rows_and_key_columns(tiny_model: Transformer) -> None:
+    """What is drawn, not only that a file was written: the panel of (kind, layer, head) holds the model's map
+    as is (row i is query i, column j key j) and its axes carry those queries' and keys' labels in order."""
+    attention = fake_attention(tiny_model, [5, 6, 7, EOS], [9, 10])
+    axes = iter(attention_figure(attention).axes)
+    for kind in ("encoder_self", "decoder_self", "cross"):
+        row_labels, col_labels = attention.axis_labels(kind)
+        for layer_maps in attention.maps(kind):
+            for weights in layer_maps:
+                ax = next(axes)
+                np.testing.assert_array_equal(ax.images[0].get_array(), weights)
+                assert [label.get_text() for label in ax.get_yticklabels()] == row_labels
+                assert [label.get_text() for label in ax.get_xticklabels()] == col_labels
+                assert ax.yaxis_inverted()  # query 0 at the top, as the labels are listed
+
+
 def test_asking_for_a_missing_layer_head_or_kind_is_a_user_error(tiny_model: Transformer) -> None:
     attention = fake_attention(tiny_model, [5, EOS], [9])
     with pytest.raises(AttentionPlotError, match="head 4 does not exist"):
