@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -356,3 +357,16 @@ def test_a_long_sentence_above_the_maps_is_wrapped_inside_the_picture(tmp_path: 
     )
     pixels = matplotlib.image.imread(save_attention_png(attention, tmp_path / "long.png", kinds=("cross",)))
     assert np.all(pixels[:, [0, -1], :3] == 1.0)  # nothing drawn across the left or right edge: all white
+
+
+def test_a_very_long_piece_is_shortened_on_the_axes(tmp_path: Path) -> None:
+    """A received run's tokenizer may have a piece of hundreds of characters: drawn whole, its label took
+    the whole picture, the maps collapsed to nothing (matplotlib warned twice that it could not lay it out)."""
+    labels = ["▁" + "x" * 400, "▁b", "</s>"]
+    maps = np.full((1, 1, 3, 3), 1 / 3)
+    attention = SentenceAttention(labels, labels, labels, maps, maps, maps, translation="y")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_attention_png(attention, tmp_path / "long.png")
+    ax = attention_figure(attention, kinds=("cross",)).axes[0]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["▁" + "x" * 22 + "…", "▁b", "</s>"]

@@ -48,6 +48,7 @@ PNG_DPI = 100
 # drew in 46 s with 1.2 GB on 2 CPU cores, 100 pieces (18480 x 42370) are refused.
 MAX_PIXELS = 2**28
 MAX_SIDE_PIXELS = 2**16 - 1
+MAX_LABEL_CHARACTERS = 24  # sentencepiece pieces are at most 16 characters unless trained otherwise
 TITLE_POINTS = 10  # font size of the sentence above the maps
 TEXT_TO_PATH = TextToPath()  # measures text without drawing it
 KIND_TITLES = {
@@ -198,10 +199,18 @@ def draw_heatmap(
     ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     size = max(5.0, min(9.0, 160.0 / max(len(row_labels), len(col_labels), 1)))
     text = {"parse_math": False, "fontfamily": list(families) if families else None}
-    ax.set_xticks(range(len(col_labels)), labels=col_labels, rotation=90, fontsize=size, **text)
-    ax.set_yticks(range(len(row_labels)), labels=row_labels, fontsize=size, **text)
+    ax.set_xticks(
+        range(len(col_labels)), labels=[shortened(label) for label in col_labels], rotation=90, fontsize=size, **text
+    )
+    ax.set_yticks(range(len(row_labels)), labels=[shortened(label) for label in row_labels], fontsize=size, **text)
     ax.tick_params(length=0)
     ax.set_title(title, fontsize=9, parse_math=False)
+
+
+def shortened(label: str) -> str:
+    """A token label cut to MAX_LABEL_CHARACTERS, with "…": a received run's tokenizer may have pieces of
+    hundreds of characters, and one such label took the whole picture, the maps squeezed to nothing."""
+    return label if len(label) <= MAX_LABEL_CHARACTERS else label[: MAX_LABEL_CHARACTERS - 1] + "…"
 
 
 def label_fonts(attention: SentenceAttention) -> TextFonts:
