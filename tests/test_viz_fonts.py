@@ -58,3 +58,23 @@ def test_characters_no_installed_font_has_give_one_warning(tmp_path: Path, monke
         assert len(messages) == 1, messages
         assert messages[0].startswith("no installed font has 7 of the characters to draw (猫 が 座 る ไ ท ย)")
         assert "\n" not in messages[0]
+
+
+@pytest.mark.parametrize("lays_out_text", [False, True])
+def test_right_to_left_letters_a_matplotlib_cannot_lay_out_give_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lays_out_text: bool
+) -> None:
+    """A matplotlib without libraqm draws Arabic and Hebrew left to right, letters unjoined (they read
+    backwards), and said nothing: one line now says so."""
+    monkeypatch.setattr(fonts, "LAYS_OUT_TEXT", lays_out_text)
+    attention = labelled(["▁كتاب", "</s>"], ["▁ספר", "</s>"])
+    for draw in (
+        lambda: save_attention_png(attention, tmp_path / "a.png"),
+        lambda: save_attention_html(attention, tmp_path / "a.html"),
+    ):
+        messages = drawn_warnings(draw)
+        if lays_out_text:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and "\n" not in messages[0], messages
+            assert "draws 7 right-to-left letters (ك ت ا ب ס פ ר) left to right and unjoined" in messages[0]

@@ -38,7 +38,7 @@ from tformer.decoding.lengths import max_output_lengths
 from tformer.model import Transformer
 from tformer.model.modes import evaluating
 from tformer.viz.attention_kinds import KINDS, STACKS
-from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing
+from tformer.viz.fonts import TextFonts, fonts_for, no_glyph_warnings, warn_missing, warn_unshaped
 from tformer.viz.png_file import save_png
 
 PNG_DPI = 100
@@ -320,6 +320,7 @@ def save_attention_png(
     fonts = label_fonts(attention)
     figure = attention_figure(attention, kinds=kinds, layer=layer, head=head, fonts=fonts)
     warn_missing(fonts.missing)
+    warn_unshaped(fonts.unshaped)
     return save_figure(figure, path)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from tformer.viz.fonts import fonts_for, warn_missing
+from tformer.viz.fonts import fonts_for, warn_missing, warn_unshaped
 from tformer.viz.png_file import save_png
 
 METRICS_FILE = "metrics.jsonl"
@@ -170,6 +170,7 @@ def curves_figure(rows: list[dict[str, Any]], *, title: str = "") -> Figure:
     if title:  # a path, in any script; not TeX: "$" in it is a dollar sign
         fonts = fonts_for([title])
         warn_missing(fonts.missing)
+        warn_unshaped(fonts.unshaped)
         figure.suptitle(title, parse_math=False, fontfamily=fonts.families)
     return figure
 

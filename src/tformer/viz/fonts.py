@@ -10,6 +10,9 @@ glyph), and the characters that no installed font has; `warn_missing` reports th
 Fonts are looked up only for characters the default font lacks, so Latin text costs nothing; each
 font file's character map is read once per process. Matplotlib's own "Last Resort" font is never
 chosen: its glyphs are placeholder boxes.
+
+Matplotlib without complex text layout (libraqm) draws right-to-left letters left to right, unjoined:
+`warn_unshaped` says so in one line, as matplotlib does not.
 """
 
 from __future__ import annotations
@@ -21,17 +24,21 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import matplotlib
 from matplotlib import font_manager, ft2font
 
 PLACEHOLDER_FONTS = ("Last Resort",)  # families whose glyphs are boxes that name the Unicode block
 MISSING_GLYPH_WARNING = r"Glyph \d+ .* missing from font"
 SHOWN_MISSING = 12  # characters a warning lists
+RIGHT_TO_LEFT = ("R", "AL")  # bidirectional classes of Hebrew, Arabic, Syriac, Thaana, N'Ko... letters
+LAYS_OUT_TEXT = hasattr(ft2font, "__libraqm_version__")  # complex text layout: bidi and joining (libraqm)
 
 
 @dataclass(frozen=True)
 class TextFonts:
     families: list[str]  # for `fontfamily=`: the default font first, then fallbacks
     missing: str  # characters no installed font has, each once, in order of first use
+    unshaped: str = ""  # right-to-left letters this matplotlib draws left to right, unjoined (`warn_unshaped`)
 
 
 def fonts_for(texts: Iterable[str]) -> TextFonts:
@@ -47,7 +54,12 @@ def fonts_for(texts: Iterable[str]) -> TextFonts:
         if covered and entry.name not in families:
             families.append(entry.name)
             needed -= covered
-    return TextFonts(families, "".join(c for c in dict.fromkeys(text) if ord(c) in needed))
+    unshaped = (
+        ""
+        if LAYS_OUT_TEXT
+        else "".join(c for c in dict.fromkeys(text) if unicodedata.bidirectional(c) in RIGHT_TO_LEFT)
+    )
+    return TextFonts(families, "".join(c for c in dict.fromkeys(text) if ord(c) in needed), unshaped)
 
 
 def warn_missing(missing: str) -> None:
@@ -58,6 +70,21 @@ def warn_missing(missing: str) -> None:
     warnings.warn(
         f"no installed font has {len(missing)} of the characters to draw ({shown}); they appear as boxes: "
         "install a font that has them (e.g. Noto Sans CJK for Chinese, Japanese and Korean) and draw again",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def warn_unshaped(unshaped: str) -> None:
+    """One warning for right-to-left letters (Arabic, Hebrew) that this matplotlib draws left to right and
+    unjoined, so that they read backwards: it says nothing of it itself."""
+    if not unshaped:
+        return
+    shown = " ".join(unshaped[:SHOWN_MISSING]) + (" ..." if len(unshaped) > SHOWN_MISSING else "")
+    warnings.warn(
+        f"matplotlib {matplotlib.__version__} has no complex text layout: it draws {len(unshaped)} right-to-left "
+        f"letters ({shown}) left to right and unjoined, so they read backwards; matplotlib with libraqm (3.11 or "
+        "later) draws them right",
         UserWarning,
         stacklevel=3,
     )

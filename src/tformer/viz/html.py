@@ -25,7 +25,7 @@ from tformer.viz.attention_maps import (
     panel_inches,
     select_indices,
 )
-from tformer.viz.fonts import no_glyph_warnings, warn_missing
+from tformer.viz.fonts import no_glyph_warnings, warn_missing, warn_unshaped
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
@@ -89,6 +89,7 @@ def attention_html(
     """The page as a string: a section per kind, a row of head figures per layer."""
     fonts = label_fonts(attention)
     warn_missing(fonts.missing)
+    warn_unshaped(fonts.unshaped)
     source = " ".join(label_html(label) for label in attention.source_labels)
     parts = [
         "<!DOCTYPE html>",
