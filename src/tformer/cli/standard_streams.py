@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,16 +33,22 @@ def input_file(text: str) -> Path:
 
 def output_file(text: str) -> Path | None:
     """The argparse type of a text file to write: `-` is standard output (None, the flag's default), as is a
-    name of the file standard output already writes (/dev/stdout with `> FILE`: the file, existing, was
+    name of the regular file standard output already writes (/dev/stdout with `> FILE`: the file, existing, was
     refused as an output to keep, though the shell had just emptied it for this command)."""
     path = path_text(text)
     return None if path == STANDARD_STREAM or _is_standard_output(Path(path)) else Path(path)
 
 
 def _is_standard_output(path: Path) -> bool:
-    """Whether `path` names the file, pipe or terminal open as this process's standard output."""
+    """Whether `path` names the regular file open as this process's standard output (a device or a pipe is
+    written in place as it is, and keeps the name given in messages)."""
     try:
-        return sys.stdout is not None and os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+        status = os.stat(path)
+        return (
+            sys.stdout is not None
+            and stat.S_ISREG(status.st_mode)
+            and os.path.samestat(status, os.fstat(sys.stdout.fileno()))
+        )
     except (OSError, ValueError, AttributeError):  # no such file; a stdout without a descriptor (a notebook)
         return False
 
