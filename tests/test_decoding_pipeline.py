@@ -432,3 +432,17 @@ def test_nan_scores_are_a_value_error_naming_the_line_not_an_empty_or_pad_transl
     model = model.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"^input line 1: .* or bfloat16 arithmetic: decode with --dtype float32$"):
         Translator(model, CharTokenizer(), config).translate_texts(["ab"])
+
+
+def test_a_translator_is_made_where_there_is_no_fork(monkeypatch):
+    """Windows has no fork and no os.register_at_fork: registering the at-fork handler unconditionally made
+    every Translator and load_run fail there with an AttributeError."""
+    from tformer.runtime import one_thread_after_fork
+
+    monkeypatch.delattr("os.register_at_fork")
+    one_thread_after_fork.cache_clear()  # registered already in this process: ask again, as a fresh one would
+    try:
+        translator = Translator(peaked_model(), CharTokenizer(), DecodeConfig(beam_size=2))
+        assert len(translator.translate_texts(LINES)) == len(LINES)
+    finally:
+        one_thread_after_fork.cache_clear()

@@ -303,8 +303,10 @@ def one_thread_after_fork() -> None:
     """Make every process forked from this one from now on (`os.fork`, multiprocessing's 'fork', gunicorn
     --preload, celery's prefork workers) compute on one thread. torch's OpenMP pool does not survive fork: a
     child of a process that has used it (loading a checkpoint does) hung for ever at its first matrix product
-    on more threads, without a word. Registered once, by `load_run` and `Translator`, never at import."""
-    os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+    on more threads, without a word. Registered once, by `load_run` and `Translator`, never at import. (Windows
+    has no fork, nor `os.register_at_fork`: nothing to do there.)"""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
 
 
 def compile_layers(model: nn.Module) -> nn.Module:
