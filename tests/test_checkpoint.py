@@ -1298,3 +1298,20 @@ def test_average_of_the_last_three_checkpoints_sums_in_float64(run_copy: Path) -
     for name, tensor in averaged.model.state_dict().items():
         expected = (sum(state[name].double() for state in states) / 3).to(tensor.dtype)
         assert tensor.dtype == states[0][name].dtype and torch.equal(tensor, expected), name
+
+
+def test_a_live_writers_temporary_that_shares_the_kept_200_characters_stays(tmp_path: Path) -> None:
+    """Two --out names that agree in their first 200 characters (atomic_file.NAME_KEPT) get temporaries of
+    the same form: the clean-up before one write must leave the other's while its writer runs, and remove it
+    once that writer is gone."""
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = tmp_path / f".tmp-{'a' * 200}-{writer.pid}"  # the temporary of --out 'a' * 210, being written
+        other.mkdir()
+        checkpoint_save.remove_abandoned_writes(tmp_path / ("a" * 248))
+        assert other.is_dir()
+    finally:
+        writer.kill()
+        writer.wait()
+    checkpoint_save.remove_abandoned_writes(tmp_path / ("a" * 248))
+    assert not other.exists()
