@@ -110,8 +110,7 @@ def _rename_into_place(temporary: Path, final: Path) -> None:
     if not final.exists():
         os.replace(temporary, final)
         return
-    trash = final.parent / f".old-{final.name[:NAME_KEPT]}-{os.getpid()}"
-    os.replace(final, trash)
+    trash = _hidden(final)
     try:
         os.replace(temporary, final)
     except BaseException:
@@ -213,7 +212,7 @@ def remove_out_of_sight(path: Path) -> None:
 def _hidden(path: Path) -> Path:
     """Rename `path` to a hidden name of this process, `.old-NAME-PID` (which pruning removes where a kill
     leaves it), and return that."""
-    hidden = path.parent / f".old-{path.name}-{os.getpid()}"
+    hidden = path.parent / f".old-{path.name[:NAME_KEPT]}-{os.getpid()}"
     os.replace(path, hidden)
     return hidden
 
