@@ -418,7 +418,7 @@ def test_a_child_forked_after_translating_translates_on_one_thread_and_does_not_
     ids=["beam", "greedy", "sampling"],
 )
 def test_nan_scores_are_a_value_error_naming_the_line_not_an_empty_or_pad_translation(config: DecodeConfig):
-    """NaN weights (or a bfloat16 overflow) made beam search finish no hypothesis, and `translate`,
+    """NaN weights (or bfloat16 arithmetic) made beam search finish no hypothesis, and `translate`,
     `evaluate` and the server then indexed the empty n-best list (an IndexError traceback); greedy search
     and sampling returned pad tokens scored NaN as a translation."""
     model = peaked_model()

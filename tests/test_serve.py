@@ -705,7 +705,7 @@ def test_a_failure_while_decoding_is_a_json_500_logged_with_its_traceback_and_th
 
 
 def test_nan_scores_are_a_json_500_that_says_why_and_is_logged(run, caplog):
-    """NaN weights (or a bfloat16 overflow) left beam search without a hypothesis, and the response indexed the
+    """NaN weights (or bfloat16 arithmetic) left beam search without a hypothesis, and the response indexed the
     empty n-best list: "decoding failed: IndexError: list index out of range", which said nothing of why."""
     import logging
 
