@@ -760,12 +760,16 @@ def test_overwrite_removes_the_hidden_directories_of_earlier_overwrites_whose_pr
         alive = tmp_path / f".run.overwrite-{living.pid}"
         alive.mkdir()
         other_run = Path(shutil.copytree(trained, tmp_path / f".other.overwrite-{finished.pid}"))
+        users = [tmp_path / f".run.overwrite-keep-{finished.pid}", tmp_path / ".run.replaced-keep"]  # not --overwrite's
+        for folder in users:
+            folder.mkdir()
         try:
             assert main(_train_args(workspace, run, "--overwrite", "--set", "train.max_steps=2")) == 0
         finally:
             living.kill()
     assert not gone.exists() and not half_deleted.exists()
     assert alive.is_dir() and other_run.is_dir()  # a live writer's, and another RUN_DIR's
+    assert all(folder.is_dir() for folder in users)
     assert ckpt.read_pointer_name(run, "latest") == "step-00000002"
 
 

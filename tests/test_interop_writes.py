@@ -244,3 +244,18 @@ def test_an_out_whose_name_is_near_the_file_systems_limit_is_staged_under_a_shor
     assert main(["export", str(run), "--to", "hf", "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "config.json").is_file() and not stale.exists()
     assert not [name for name in entries(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_a_hidden_folder_of_the_users_beside_out_is_not_taken_for_a_killed_conversions(tmp_path, capsys):
+    """The clean-up took any `.tmp-OUT-...-N` beside --out whose N named no live process for a staging
+    directory and removed it (`.tmp-hf-keep-99999999`, the user's own); only `.tmp-OUT-PID` is one."""
+    run = make_run(tmp_path / "run")
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    kept = [tmp_path / f".tmp-hf-keep-{finished.pid}", tmp_path / ".tmp-hf-keep"]
+    for folder in kept:
+        folder.mkdir()
+    stale = tmp_path / f".tmp-hf-{finished.pid}"
+    stale.mkdir()
+    assert main(["export", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+    assert all(folder.is_dir() for folder in kept) and not stale.exists()

@@ -100,9 +100,11 @@ def fsync_dir(path: Path) -> None:
 
 def abandoned(temporary: Path) -> bool:
     """Whether the writer of a `.tmp-NAME-PID` or `.old-NAME-PID` directory is gone (or is this process,
-    which is writing nothing now)."""
+    which is writing nothing now); never for a name that does not end in a process number."""
     pid = temporary.name.rsplit("-", 1)[-1]
-    if not pid.isdigit() or int(pid) == os.getpid():
+    if not pid.isdigit():
+        return False  # not a name tformer gives: the user's own, not tformer's to remove
+    if int(pid) == os.getpid():
         return True
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists

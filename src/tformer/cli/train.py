@@ -305,9 +305,11 @@ def _remove_abandoned_stagings(out: Path, *, quiet: bool) -> None:
     deleting when it was killed (`.NAME.replaced-PID`: RUN_DIR holds the run that replaced it)."""
     from tformer.atomic_file import abandoned
 
-    patterns = [glob.escape(_hidden_prefix(out, kind)) + "*" for kind in ("overwrite", "replaced")]
-    stagings = [staging for pattern in patterns for staging in out.parent.glob(pattern)]
+    prefixes = [_hidden_prefix(out, kind) for kind in ("overwrite", "replaced")]
+    stagings = [staging for prefix in prefixes for staging in out.parent.glob(glob.escape(prefix) + "*")]
     for staging in sorted(stagings):
+        if not any(staging.name.removeprefix(prefix).isdigit() for prefix in prefixes):
+            continue  # not a name --overwrite gives (.run.overwrite-keep-123): the user's own
         if staging.is_dir() and abandoned(staging):
             shutil.rmtree(staging)
             if not quiet:

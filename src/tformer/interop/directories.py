@@ -52,14 +52,20 @@ def fresh_directory(out: str | Path) -> Path:
     return out
 
 
+def _beside(out: Path, pid: str) -> str:
+    """The name of the staging directory that process `pid` makes beside a new `out`."""
+    return f".tmp-{out.name[:NAME_KEPT]}-{pid}"
+
+
 def _remove_abandoned_stagings(out: Path) -> None:
     """Remove the staging directories that `written_atomically` made for `out` in a process now gone."""
     inside = list(out.glob(".tmp-*")) if out.is_dir() else []
     beside = list(out.parent.glob(f".tmp-{glob.escape(out.name[:NAME_KEPT])}-*"))
     for staging in inside + beside:
         pid = staging.name.rsplit("-", 1)[-1]
-        if staging.parent == out and staging.name not in (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}"):
-            continue  # not a name written_atomically gives: the user's own
+        given = (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}") if staging.parent == out else (_beside(out, pid),)
+        if staging.name not in given:
+            continue  # not a name written_atomically gives (.tmp-hf-keep-123 beside hf): the user's own
         if pid.isdigit() and staging.is_dir() and not staging.is_symlink() and abandoned(staging):
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -75,7 +81,7 @@ def written_atomically(out: Path) -> Iterator[Path]:
     link to a directory, which a rename cannot replace. The temporary is then made inside it and its
     entries are moved up, one rename each, when complete (`_move_entries`: all of them or none)."""
     existing = out.is_dir()  # empty: checked by fresh_directory
-    temporary = out / f".tmp-{os.getpid()}" if existing else out.parent / f".tmp-{out.name[:NAME_KEPT]}-{os.getpid()}"
+    temporary = out / f".tmp-{os.getpid()}" if existing else out.parent / _beside(out, str(os.getpid()))
     with parents_made(out):  # an existing `out`'s are all there: nothing to make
         try:
             shutil.rmtree(temporary, ignore_errors=True)
