@@ -446,3 +446,14 @@ def test_a_translator_is_made_where_there_is_no_fork(monkeypatch):
         assert len(translator.translate_texts(LINES)) == len(LINES)
     finally:
         one_thread_after_fork.cache_clear()
+
+
+def test_nan_scores_name_the_first_such_line_of_the_input_not_of_the_length_sorted_batch() -> None:
+    """A batch is decoded shortest first: the line named was the shortest with NaN scores (input line 2
+    here), not the first of the input, where a user would look."""
+    model = peaked_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"^input line 1: the model's scores are NaN"):
+        Translator(model, CharTokenizer(), DecodeConfig(beam_size=2)).translate_texts(["abcdef", "ab"])

@@ -245,9 +245,10 @@ class Translator:
             eos_id=self.tokenizer.eos_id,
             config=self.config,
         )
+        unscored = [index for index, nbest in zip(batch, hypotheses, strict=True) if _not_a_number(nbest)]
+        if unscored:  # the batch is sorted by length: name the first such line of the input
+            raise NotANumberError(first_line + min(unscored) + 1, self._not_a_number())
         for index, nbest in zip(batch, hypotheses, strict=True):
-            if not nbest or any(math.isnan(h.score) for h in nbest):
-                raise NotANumberError(first_line + index + 1, self._not_a_number())
             results[index] = [
                 Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score) for h in nbest
             ]
@@ -274,6 +275,11 @@ class Translator:
             batch.append(index)
         if batch:
             yield batch
+
+
+def _not_a_number(nbest: list[Any]) -> bool:
+    """Whether an n-best list is what NaN scores leave: none at all (beam search), or scored NaN."""
+    return not nbest or any(math.isnan(hypothesis.score) for hypothesis in nbest)
 
 
 class NotANumberError(DecodingError):
