@@ -1001,8 +1001,11 @@ def test_average_of_the_last_two_checkpoints(run_copy: Path) -> None:
         assert torch.equal(tensor, expected), name
     assert json.loads((out / ckpt.EXPERIMENT_FILE).read_text())["averaged_from"] == ["step-00000004", "step-00000006"]
     assert load_run(run_copy, which="last").step == 6  # the run itself is untouched
-    with pytest.raises(CheckpointError, match="already exists; averaging never overwrites"):
+    # without --out, the advice was "choose another --out", a flag not given
+    with pytest.raises(CheckpointError, match=r"already exists; averaging never overwrites, use the average already"):
         average_checkpoints(run_copy, last=2)
+    with pytest.raises(CheckpointError, match=r"already exists; averaging never overwrites, choose another --out$"):
+        average_checkpoints(run_copy, last=2, out=out)
     with pytest.raises(CheckpointError, match="has 3 step checkpoints; ask for --last 3 or fewer"):
         average_checkpoints(run_copy, last=4, out=run_copy.parent / "avg")
 

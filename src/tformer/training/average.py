@@ -38,7 +38,7 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
     def choose() -> tuple[list[Path], list[Path]]:
         chosen = _chosen_checkpoints(run_dir, last=last)
         if (output := _output(run_dir, chosen, out)).exists():
-            raise ckpt.CheckpointError(f"{output} already exists; averaging never overwrites, choose another --out")
+            raise ckpt.CheckpointError(f"{output} already exists; averaging never overwrites, {_elsewhere(out)}")
         return chosen, [run_dir, *chosen]
 
     # a training run prunes the oldest chosen checkpoint at its next save; `train --overwrite` renames a new
@@ -61,8 +61,16 @@ def average_checkpoints(run_dir: str | Path, *, last: int, out: str | Path | Non
         if error.filename != str(output):
             raise
         raise ckpt.CheckpointError(
-            f"{output} was written by another process meanwhile; averaging never overwrites, choose another --out"
+            f"{output} was written by another process meanwhile; averaging never overwrites, {_elsewhere(out)}"
         ) from None
+
+
+def _elsewhere(out: str | Path | None) -> str:
+    """What to do when the average's directory exists: another --out, or, where it was the default name (the
+    same checkpoints averaged before), use that one or give an --out."""
+    if out is not None:
+        return "choose another --out"
+    return "use the average already there (the same checkpoints were averaged before), or give --out"
 
 
 def _count(last: int) -> int:
