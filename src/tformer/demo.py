@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tformer.atomic_file import missing_directories, remove_empty_directories
+from tformer.atomic_file import remove_empty_directories
 from tformer.config import DataConfig, DecodeConfig, ExperimentConfig, TrainConfig, preset
 from tformer.data.numbers import NumberSplits, make_number_splits, write_number_corpus
 from tformer.decoding.pipeline import Translator
@@ -26,7 +26,7 @@ from tformer.training import checkpoint, checkpoint_save
 from tformer.training.average import average_checkpoints
 from tformer.training.checkpoint_load import LoadedRun, load_run
 from tformer.training.run import start_run
-from tformer.training.run_directory import RunDirectoryError, check_new_run_dir
+from tformer.training.run_directory import check_new_run_dir, create_run_dir
 from tformer.viz.attention_maps import save_cross_attention_png
 
 
@@ -135,15 +135,9 @@ def run_demo(run_dir: Path, config: DemoConfig = DemoConfig(), *, quiet: bool = 
 
 def _write_numbers(data_dir: Path, config: DemoConfig, say: Callable[[str], None]) -> NumberSplits:
     """Draw the training, validation and test numbers and write them as parallel text files."""
-    created = missing_directories(data_dir)  # --out and its parents that the data creates
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a working directory that access() calls writable but is not (`cd /proc`)
-        remove_empty_directories(created)
-        why = error.strerror or error
-        raise RunDirectoryError(
-            f"cannot create the run directory {data_dir.parent}: {why}; choose another --out"
-        ) from None
+    created = create_run_dir(data_dir.parent)  # --out and its parents that the data creates
+    data_dir.mkdir(exist_ok=True)  # in a directory just made or checked empty
+    created.insert(0, data_dir)
     splits = make_number_splits(
         n_train=config.n_train,
         n_valid=config.n_valid,

@@ -98,8 +98,10 @@ def create_run_dir(run_dir: Path) -> list[Path]:
     missing = missing_directories(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunDirectoryError(f"cannot create the run directory {run_dir}: {error.strerror or error}") from None
+    except OSError as error:  # also a working directory that access() calls writable but is not (`cd /proc`)
+        remove_empty_directories(missing)  # those of its parents made before the failure
+        why = error.strerror or error
+        raise RunDirectoryError(f"cannot create the run directory {run_dir}: {why}; choose another --out") from None
     return missing
 
 
