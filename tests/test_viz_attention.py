@@ -283,20 +283,25 @@ def test_a_translation_cut_off_at_its_decoding_max_length_has_no_eos_row(forced_
     np.testing.assert_allclose(attention.cross[-1].mean(axis=0), best.attention.numpy(), atol=1e-5)
 
 
+def _uniform_attention(source_labels: list[str], *, target: str, translation: str) -> SentenceAttention:
+    """One layer and head of uniform weights over `source_labels`, with the one-piece translation `target`."""
+    n = len(source_labels)
+    return SentenceAttention(
+        source_labels=source_labels,
+        input_labels=["<s>", target],
+        output_labels=[target, "</s>"],
+        encoder_self=np.full((1, 1, n, n), 1 / n),
+        decoder_self=np.full((1, 1, 2, 2), 0.5),
+        cross=np.full((1, 1, 2, n), 1 / n),
+        translation=translation,
+    )
+
+
 def test_dollar_signs_in_tokens_and_sentences_are_drawn_as_text(tmp_path: Path) -> None:
     """Matplotlib reads text between two "$" as TeX: "$^$" stopped the drawing with an error whose first
     line was empty, and "costs $5 or $10" was drawn as maths without its spaces."""
     labels = ["▁costs", "▁$5", "▁or", "▁$10", "▁$^$", "</s>"]
-    n = len(labels)
-    attention = SentenceAttention(
-        source_labels=labels,
-        input_labels=["<s>", "▁$x_"],
-        output_labels=["▁$x_", "</s>"],
-        encoder_self=np.full((1, 1, n, n), 1 / n),
-        decoder_self=np.full((1, 1, 2, 2), 0.5),
-        cross=np.full((1, 1, 2, n), 1 / n),
-        translation="kostet $5 oder $10",
-    )
+    attention = _uniform_attention(labels, target="▁$x_", translation="kostet $5 oder $10")
     assert_png(save_attention_png(attention, tmp_path / "dollars.png"))
     assert "kostet $5 oder $10" in attention_figure(attention).get_suptitle()
     assert "<img" in attention_html(attention)
@@ -345,16 +350,7 @@ def test_a_long_sentence_above_the_maps_is_wrapped_inside_the_picture(tmp_path: 
     off both sides of the picture, and a sentence without spaces (Chinese, Japanese) would too."""
     words = "the quick brown fox jumps over the lazy dog while the farmer watches from his old wooden porch"
     source = [f"▁{word}" for word in words.split()] + ["</s>"]
-    n = len(source)
-    attention = SentenceAttention(
-        source_labels=source,
-        input_labels=["<s>", "▁x"],
-        output_labels=["▁x", "</s>"],
-        encoder_self=np.full((1, 1, n, n), 1 / n),
-        decoder_self=np.full((1, 1, 2, 2), 0.5),
-        cross=np.full((1, 1, 2, n), 1 / n),
-        translation=translation,
-    )
+    attention = _uniform_attention(source, target="▁x", translation=translation)
     pixels = matplotlib.image.imread(save_attention_png(attention, tmp_path / "long.png", kinds=("cross",)))
     assert np.all(pixels[:, [0, -1], :3] == 1.0)  # nothing drawn across the left or right edge: all white
 
