@@ -653,6 +653,38 @@ def test_a_second_ctrl_c_exits_after_the_window_under_way_without_a_traceback(ru
     assert answers["queued"].json() == {"error": "the server shut down before this request was decoded"}
 
 
+def http_answer(connection: socket.socket) -> bytes:
+    """Everything the server sends on `connection` until it closes it."""
+    connection.settimeout(30)
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_body_still_arriving_when_the_graceful_timeout_runs_out_gets_a_json_503_without_a_traceback(run):
+    """A client that sent its headers and half its body held the shutdown for --graceful-timeout; then uvicorn
+    cancelled the request as it waited for the rest, which logged "Exception in ASGI application" with the
+    traceback of a CancelledError and closed the connection without an answer. A request answered meanwhile
+    logs nothing either (its wait for a disconnect is cancelled once it has its answer)."""
+    with server_process(run, options=["--graceful-timeout", "0.5"]) as (url, process):
+        body, json_type = b'{"sentences": ["hello dog"]}', {"content-type": "application/json"}
+        head = "POST /translate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}"
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as connection:
+            connection.sendall(head.encode() + b"\r\n\r\n" + body[:10])
+            time.sleep(0.3)  # the request reaches the app and waits for the rest of its body
+            assert httpx.post(f"{url}/translate", content=body, headers=json_type).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            answer = http_answer(connection)
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = process.stdout.read()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 503 Service Unavailable", answer
+    assert rest.endswith(b'{"error":"the server shut down before this request\'s body was received"}'), answer
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
 def test_sentences_at_every_limit_fit_the_body_limit_however_json_escapes_them(run):
     """4 sentences of 80 emoji are within --max-sentences and --max-chars; json.dumps escapes each emoji as
     a 12-byte surrogate pair, which the body limit must allow (it allowed 8 bytes per character)."""
