@@ -685,6 +685,47 @@ def test_a_body_still_arriving_when_the_graceful_timeout_runs_out_gets_a_json_50
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
+SHORT_HEAD_TIMEOUT_SERVER = """
+import sys
+import tformer.serving.server as server_module
+from tformer.cli.main import program
+
+server_module.REQUEST_HEAD_TIMEOUT_S = 0.5
+program(["serve", *sys.argv[1:]])
+"""
+
+
+def test_a_connection_that_sends_no_whole_request_head_in_time_is_closed(run):
+    """uvicorn has no time limit on a request's line and headers: a connection that sent nothing, headers a
+    byte at a time (slowloris) or, after one answer, the first bytes of a next request was held open for
+    ever (enough of them use up the server's file descriptors). Each is now closed; a request whose head is
+    complete is answered, also on a kept-alive connection and when pipelined."""
+    command = [sys.executable, "-c", SHORT_HEAD_TIMEOUT_SERVER, str(run), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+) ", read_line(process.stderr, timeout_s=60))[1])
+        health = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+        connections = {name: socket.create_connection(("127.0.0.1", port)) for name in ("idle", "partial", "next")}
+        connections["partial"].sendall(b"POST /translate HTTP/1.1\r\nHo")
+        connections["next"].sendall(health + health)  # pipelined: both answered
+        connections["next"].settimeout(30)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200 OK") < 2:
+            answers += connections["next"].recv(65536)
+        connections["next"].sendall(b"GET /hea")  # then the start of a third request, never finished
+        for name, connection in connections.items():
+            with connection:
+                rest = http_answer(connection)  # what comes until the server closes the connection
+                assert b"HTTP/1.1" not in rest and (name == "next" or rest == b""), (name, rest)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log = process.stderr.read()
+        process.stderr.close()
+    assert "Traceback" not in log, log
+
+
 def test_sentences_at_every_limit_fit_the_body_limit_however_json_escapes_them(run):
     """4 sentences of 80 emoji are within --max-sentences and --max-chars; json.dumps escapes each emoji as
     a 12-byte surrogate pair, which the body limit must allow (it allowed 8 bytes per character)."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 # What to change when binding fails, by errno; anything else gets DEFAULT_HINT.
 BIND_HINTS = {
@@ -26,6 +27,7 @@ BIND_HINTS = {
     errno.EADDRNOTAVAIL: "--host must be an address of this machine (127.0.0.1, or 0.0.0.0 for every interface)",
 }
 DEFAULT_HINT = "choose another --port (or --host)"
+REQUEST_HEAD_TIMEOUT_S = 10.0  # for a request's line and headers, from the connection or the answer before
 UNKNOWN_HOST_HINT = "check --host: give an address or name of this machine (127.0.0.1, 0.0.0.0, localhost)"
 
 
@@ -123,6 +125,51 @@ class _AnnouncingServer(uvicorn.Server):
             self.on_force_exit()
 
 
+class _HeadTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol, closing a connection whose next request's line and headers have not all come
+    within REQUEST_HEAD_TIMEOUT_S of the connection or of the answer before. uvicorn has no such limit: a
+    connection that sent nothing, or headers a byte at a time (slowloris), was held open for ever, and its
+    keep-alive timeout stopped at the first byte of the next request; enough of them use up the process's
+    file descriptors. A body is not covered: the app reads it (docs/serving.md)."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_request():
+            self._stop_waiting()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._in_request():  # not a pipelined request begun at once
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _await_head(self) -> None:
+        self._stop_waiting()
+        if not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def _stop_waiting(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_request():
+            self.transport.close()
+
+
 def serve(
     app: Any,
     listener: socket.socket,
@@ -134,7 +181,14 @@ def serve(
     """Serve `app` on the bound `listener` until Ctrl-C or SIGTERM, then finish the requests in flight; a
     second Ctrl-C stops waiting for them, calls `on_force_exit` and shuts the app down at once."""
     host, port = listener.getsockname()[:2]
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_timeout)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=_HeadTimeoutProtocol,
+        log_level="warning",
+        timeout_graceful_shutdown=graceful_timeout,
+    )
     server = _AnnouncingServer(config, ready_line=ready_line, on_force_exit=on_force_exit)
     with contextlib.suppress(KeyboardInterrupt):  # the Ctrl-C uvicorn handled, re-raised once it shut down
         server.run(sockets=[listener])
