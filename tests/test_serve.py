@@ -961,6 +961,38 @@ def test_a_request_whose_client_left_while_queued_is_not_decoded(run, monkeypatc
     assert gone.status == 499 and "closed the connection" in gone.json()["error"]
 
 
+def test_a_request_whose_client_left_after_its_window_started_is_not_decoded_if_its_call_had_not(run, monkeypatch):
+    """A window's jobs were all decoded, also one whose client had gone while an earlier call of the window
+    (other settings, cheaper) was decoding; such a job is now skipped when its own call comes."""
+    import asyncio
+
+    from tformer.serving import ServeConfig, create_app
+
+    held = Held(monkeypatch)
+    loaded = load_run(run)
+    app = create_app(loaded.model, loaded.tokenizer, loaded.experiment.decode, config=ServeConfig(max_wait_ms=500))
+    gone = AsgiRequest({"sentences": [SENTENCES[2]], "beam": 2})  # costlier: decoded after the other
+
+    async def leave_while_the_window_decodes():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                decoding = asyncio.create_task(client.post("/translate", json={"sentences": [SENTENCES[3]], "beam": 1}))
+                leaving = asyncio.create_task(gone(app))
+                await until(lambda: app.state.batcher.pending == 2)  # both in the window, still collecting
+                assert await asyncio.to_thread(held.decoding.wait, 30)
+                assert app.state.batcher.pending == 0  # the window under way holds both
+                gone.leave()
+                await asyncio.wait_for(leaving, 5)
+                held.release.set()
+                return await decoding
+
+    decoded = asyncio.run(leave_while_the_window_decodes())
+    assert decoded.status_code == 200 and gone.status == 499
+    assert held.lines == [SENTENCES[3]]  # never SENTENCES[2]
+    assert app.state.batcher.windows == 1
+
+
 def test_a_request_cancelled_by_the_shutdown_gets_a_json_503(run, monkeypatch):
     """When --graceful-timeout runs out, uvicorn cancels the requests still decoding; the cancellation used
     to reach uvicorn, whose answer was a plain-text 500. Driven here at the ASGI level as uvicorn does it."""

@@ -5,7 +5,7 @@ Every user error is a 4xx with one JSON field, `error`, holding one line: malfor
 settings 422, too many sentences, a sentence too long (in characters or in tokens), a body too large or
 a worst-case decode over `max_decode_tokens` 413; 503 while shutting down, and 503 with `Retry-After`
 when `max_queue` requests are waiting already. A request whose client disconnects before its decoding
-window starts is dropped from the queue (its answer, 499, goes nowhere). An unexpected failure while
+call starts is not decoded (its answer, 499, goes nowhere). An unexpected failure while
 decoding is a 500 for the requests of that window only; the server keeps serving.
 
 The request checks and their limits are in `limits.py`, the error format in `errors.py`, the bodies in

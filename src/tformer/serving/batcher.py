@@ -8,8 +8,7 @@ thread, the only one that touches the model. There, jobs with the same decode se
 it holds at most `max_batch_tokens` source tokens; the calls run cheapest first, and each job's future
 gets its translations, in input order, as soon as its call ends, so that a small request does not wait
 for a large one that shares its window. While the worker decodes, new jobs wait in the queue and form
-the next window. A job cancelled before its window starts (its client went
-away) is dropped from the window, not decoded.
+the next window. A job cancelled before its call starts (its client went away) is not decoded.
 
 Batching never changes a result: beam search, greedy decoding and sampling are independent of the batch
 a sentence shares (the decoding module's guarantee, checked by tests/test_serve.py against offline
@@ -222,9 +221,14 @@ class Batcher:
     def _decode(self, jobs: list[_Job]) -> list[list[list[Translation]] | BaseException]:
         """Runs on the worker thread: the window's jobs in Translator calls (`_calls`), the cheapest first,
         each job answered as soon as its call is decoded (not once the whole window is: a one-sentence
-        request beside a large one would wait for the large one). Returns every job's outcome, as answered."""
+        request beside a large one would wait for the large one). Returns every job's outcome, as answered
+        (None for a job whose client left before its call)."""
         outcomes: list[Any] = [None] * len(jobs)
         for call in self._calls(jobs):
+            # a job whose client left since the window started (its future cancelled) is not decoded
+            call.members = [index for index in call.members if not jobs[index].future.done()]
+            if not call.members:
+                continue
             for index, outcome in zip(call.members, self._decode_call(jobs, call), strict=True):
                 outcomes[index] = outcome
                 self._answer_soon(jobs[index], outcome)
