@@ -53,7 +53,8 @@ def fresh_directory(out: str | Path) -> Path:
 
 
 def _beside(out: Path, pid: str) -> str:
-    """The name of the staging directory that process `pid` makes beside a new `out`."""
+    """The name of the staging directory that process `pid` makes beside a new `out` (its scratch directory
+    inserts SCRATCH before the pid: `scratch_beside`)."""
     return f".tmp-{out.name[:NAME_KEPT]}-{pid}"
 
 
@@ -63,7 +64,8 @@ def _remove_abandoned_stagings(out: Path) -> None:
     beside = list(out.parent.glob(f".tmp-{glob.escape(out.name[:NAME_KEPT])}-*"))
     for staging in inside + beside:
         pid = staging.name.rsplit("-", 1)[-1]
-        given = (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}") if staging.parent == out else (_beside(out, pid),)
+        inside_names = (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}")
+        given = inside_names if staging.parent == out else (_beside(out, pid), _beside(out, f"{SCRATCH}-{pid}"))
         if staging.name not in given:
             continue  # not a name written_atomically gives (.tmp-hf-keep-123 beside hf): the user's own
         if pid.isdigit() and staging.is_dir() and not staging.is_symlink() and abandoned(staging):
