@@ -245,15 +245,15 @@ class Translator:
             eos_id=self.tokenizer.eos_id,
             config=self.config,
         )
-        unscored = [index for index, nbest in zip(batch, hypotheses, strict=True) if _not_a_number(nbest)]
+        unscored = [index for index, nbest in zip(batch, hypotheses, strict=True) if _scored_not_a_number(nbest)]
         if unscored:  # the batch is sorted by length: name the first such line of the input
-            raise NotANumberError(first_line + min(unscored) + 1, self._not_a_number())
+            raise NotANumberError(first_line + min(unscored) + 1, self._why_not_a_number())
         for index, nbest in zip(batch, hypotheses, strict=True):
             results[index] = [
                 Translation(text=self.tokenizer.decode_target(h.tokens), tokens=h.tokens, score=h.score) for h in nbest
             ]
 
-    def _not_a_number(self) -> str:
+    def _why_not_a_number(self) -> str:
         """Why a line has no translation when the model's scores for it were NaN (beam search then finishes no
         hypothesis at all; greedy search and sampling return pad tokens scored NaN)."""
         dtype = next(self.model.parameters()).dtype
@@ -277,7 +277,7 @@ class Translator:
             yield batch
 
 
-def _not_a_number(nbest: list[Any]) -> bool:
+def _scored_not_a_number(nbest: list[Any]) -> bool:
     """Whether an n-best list is what NaN scores leave: none at all (beam search), or scored NaN."""
     return not nbest or any(math.isnan(hypothesis.score) for hypothesis in nbest)
 

@@ -61,7 +61,7 @@ def _beside(out: Path, pid: str) -> str:
 def _remove_abandoned_stagings(out: Path) -> None:
     """Remove the staging directories that `written_atomically` made for `out` in a process now gone."""
     inside = list(out.glob(".tmp-*")) if out.is_dir() else []
-    beside = list(out.parent.glob(f".tmp-{glob.escape(out.name[:NAME_KEPT])}-*"))
+    beside = list(out.parent.glob(glob.escape(_beside(out, "")) + "*"))
     for staging in inside + beside:
         pid = staging.name.rsplit("-", 1)[-1]
         inside_names = (f".tmp-{pid}", f".tmp-{SCRATCH}-{pid}")
